@@ -1,0 +1,33 @@
+//! rekeycast-bench: one binary, one subcommand per area.
+//!
+//! `cargo run --release -p rekeycast-bench -- <area> [--quick]`. Each area prints a readable
+//! table and ends with one line of JSON holding the same figures. Ratios compare two things
+//! measured side by side in the same run; latencies are hdrhistogram percentiles.
+
+use clap::{Parser, Subcommand};
+
+/// rekeycast benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "rekeycast-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    area: Area,
+    /// Reduced sizes that run in under a minute.
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Area {
+    /// Wire format parsing and emitting throughput.
+    Wire,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.area {
+        Area::Wire => wire::run(cli.quick),
+    }
+}
+
+mod wire;

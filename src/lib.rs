@@ -1,0 +1,18 @@
+//! rekeycast: a reliable multicast rekey transport engine.
+//!
+//! A group key server (the GCKS of RFC 4046) batches membership changes into LKH rekey
+//! messages and delivers them to every member over UDP multicast, with RaptorQ FEC, NACKs with
+//! randomized backoff suppression, a cheap BLAKE3 datagram MAC checked before the Ed25519
+//! signature, and TCP/HTTP resync for members that fall out of sync.
+//!
+//! The protocol core is sans-IO: every state machine is fed datagrams and timeouts with the
+//! time as an argument, and owns no socket, clock or thread. See `DESIGN.md` in the project's
+//! shared documents for the architecture; each module's documentation says what it owns.
+//!
+//! Modules present so far:
+//!
+//! - [`wire`]: the datagram and TCP frame formats, parsed and emitted.
+#![forbid(unsafe_code)]
+
+pub mod fuzz_support;
+pub mod wire;
