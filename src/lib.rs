@@ -12,7 +12,9 @@
 //! Modules present so far:
 //!
 //! - [`wire`]: the datagram and TCP frame formats, parsed and emitted.
+//! - [`auth`]: authentication of rekey traffic (so far the chunks' Merkle tree).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod fuzz_support;
 pub mod wire;

@@ -1,0 +1,10 @@
+//! Authentication of rekey traffic: what a member may trust, in which order (RFC 4046 5.2).
+//!
+//! The verifier pipeline (length and header checks, the datagram MAC, the replay window, the
+//! manifest's signature once per message, the member's own chunk) is being built here (issue 7).
+//! Present so far:
+//!
+//! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks, one of the two ways a chunk can
+//!   authenticate itself under the manifest's single signature.
+
+pub mod merkle;
