@@ -4,7 +4,9 @@
 //! manifest's signature once per message, the member's own chunk) is being built here (issue 7).
 //! Present so far:
 //!
+//! - [`mac`]: the 16-byte BLAKE3 datagram MAC, checked before anything else.
 //! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks, one of the two ways a chunk can
 //!   authenticate itself under the manifest's single signature.
 
+pub mod mac;
 pub mod merkle;
