@@ -12,9 +12,11 @@
 //! Modules present so far:
 //!
 //! - [`wire`]: the datagram and TCP frame formats, parsed and emitted.
-//! - [`auth`]: authentication of rekey traffic (so far the chunks' Merkle tree).
+//! - [`auth`]: authentication of rekey traffic: datagram MAC, Merkle tree, manifest signature.
+//! - [`session`]: rekey messages (so far their signed manifest).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod fuzz_support;
+pub mod session;
 pub mod wire;

@@ -1,0 +1,9 @@
+//! Rekey messages and the protocol sessions that carry them.
+//!
+//! This module owns the layout of a rekey message (its signed manifest and its chunks) and,
+//! later, the sans-IO sender and receiver sessions (issue 8). It owns no socket, clock or
+//! thread. Present so far:
+//!
+//! - [`manifest`]: the signed manifest of a rekey message.
+
+pub mod manifest;
