@@ -7,6 +7,8 @@
 //!
 //! Present so far:
 //!
+//! - [`datagram`]: header checks, then the MAC, then the replay and sequence window, with a
+//!   counter for every rejection reason.
 //! - [`mac`]: the 16-byte BLAKE3 datagram MAC, checked before anything else.
 //! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks, one of the two ways a chunk can
 //!   authenticate itself under the manifest's single signature.
@@ -16,6 +18,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 
 use crate::session::manifest::{signed_message, Manifest, SignedManifest};
 
+pub mod datagram;
 pub mod mac;
 pub mod merkle;
 
