@@ -21,13 +21,17 @@ struct Cli {
 enum Area {
     /// Wire format parsing and emitting throughput.
     Wire,
+    /// Verifier pipeline: bad-MAC rejection rate next to raw BLAKE3.
+    Auth,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.area {
         Area::Wire => wire::run(cli.quick),
+        Area::Auth => auth::run(cli.quick),
     }
 }
 
+mod auth;
 mod wire;
