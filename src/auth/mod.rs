@@ -9,6 +9,8 @@
 //!
 //! - [`datagram`]: header checks, then the MAC, then the replay and sequence window, with a
 //!   counter for every rejection reason.
+//! - [`message`]: the manifest's signature once per sequence number, then a chunk's Merkle
+//!   path or signature, with failed signature checks capped per sequence number.
 //! - [`mac`]: the 16-byte BLAKE3 datagram MAC, checked before anything else.
 //! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks, one of the two ways a chunk can
 //!   authenticate itself under the manifest's single signature.
@@ -21,6 +23,7 @@ use crate::session::manifest::{signed_message, Manifest, SignedManifest};
 pub mod datagram;
 pub mod mac;
 pub mod merkle;
+pub mod message;
 
 /// A value whose authenticity has been checked. Only `auth` constructs one.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,5 +5,7 @@
 //! thread. Present so far:
 //!
 //! - [`manifest`]: the signed manifest of a rekey message.
+//! - [`chunk`]: the chunk container (header, payload, Merkle path or signature, padding).
 
+pub mod chunk;
 pub mod manifest;

@@ -1,0 +1,465 @@
+//! The last stages of the verifier pipeline: the manifest's signature, once per sequence
+//! number, then the member's own chunk.
+//!
+//! [`MessageVerifier`] is fed objects that came out of MAC-checked datagrams (FEC-decoded or
+//! taken straight from a source symbol) and returns [`Verified`] manifests and chunks. It
+//! bounds what an insider can make it do (DESIGN.md, security rules): a valid manifest is
+//! checked once per sequence number and then cached, and failed signature checks per sequence
+//! number are capped, so a current member sending valid-MAC garbage cannot make others verify
+//! signatures without bound. Every check made and failed is counted.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use super::{merkle, verify_manifest, AuthError, Verified};
+use crate::session::chunk::{self, Authenticator, ChunkError, ChunkHeader, SignedChunk};
+use crate::session::manifest::{Manifest, ManifestError, SignedManifest};
+
+/// Default cap on failed signature checks per sequence number.
+pub const DEFAULT_SIGNATURE_FAILURE_CAP: u32 = 4;
+/// How many sequence numbers' state (verified manifest, failure count) is kept.
+pub const TRACKED_MESSAGES: usize = 8;
+
+/// A member's chunk whose authenticity has been checked against a verified manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// The chunk's header.
+    pub header: ChunkHeader,
+    /// The chunk's payload (the wrapped keys the message layout put there).
+    pub payload: Vec<u8>,
+}
+
+/// Why a manifest or chunk was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageReject {
+    /// The manifest's bytes do not parse.
+    #[error("malformed manifest: {0}")]
+    MalformedManifest(ManifestError),
+    /// The manifest names another group, SA or sequence number than the datagram it came in.
+    #[error("manifest does not match its datagram")]
+    ManifestMismatch,
+    /// The manifest's epoch is older than one already accepted.
+    #[error("manifest from an older epoch")]
+    OldEpoch,
+    /// A signature check failed.
+    #[error("bad signature")]
+    BadSignature,
+    /// Too many signature checks failed for this sequence number: no more are made.
+    #[error("signature failure cap reached for sequence number {0}")]
+    FailureCapReached(u64),
+    /// The chunk's bytes do not parse.
+    #[error("malformed chunk: {0}")]
+    MalformedChunk(ChunkError),
+    /// The chunk names another message or an index beyond the manifest's chunk count.
+    #[error("chunk does not belong to its manifest")]
+    ChunkMismatch,
+    /// The chunk's Merkle path does not lead to the manifest's root.
+    #[error("bad Merkle path")]
+    BadMerklePath,
+}
+
+/// Counts of signature and chunk checks, made and failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageCounters {
+    /// Ed25519 verifications performed (manifests and chunk signatures).
+    pub signature_checks: u64,
+    /// Of those, how many failed.
+    pub signature_failures: u64,
+    /// Manifests verified (one per sequence number).
+    pub manifests_verified: u64,
+    /// Manifests answered from the cache, with no signature check.
+    pub manifests_cached: u64,
+    /// Manifests rejected before any signature check (malformed, mismatched, old epoch).
+    pub manifests_rejected_unchecked: u64,
+    /// Objects refused because the failure cap of their sequence number was reached.
+    pub over_failure_cap: u64,
+    /// Chunks verified.
+    pub chunks_verified: u64,
+    /// Chunks rejected (malformed, mismatched, bad path or signature).
+    pub chunks_rejected: u64,
+}
+
+#[derive(Debug, Default)]
+struct MessageState {
+    manifest: Option<Verified<Manifest>>,
+    signature_failures: u32,
+}
+
+/// Verifies manifests and chunks for one group under the GCKS's public key.
+#[derive(Debug)]
+pub struct MessageVerifier {
+    gcks_key: VerifyingKey,
+    group_id: u32,
+    spi: u32,
+    epoch: u32,
+    failure_cap: u32,
+    messages: BTreeMap<u64, MessageState>,
+    counters: MessageCounters,
+}
+
+impl MessageVerifier {
+    /// A verifier for a group's messages, starting at `epoch`.
+    pub fn new(gcks_key: VerifyingKey, group_id: u32, spi: u32, epoch: u32) -> Self {
+        Self {
+            gcks_key,
+            group_id,
+            spi,
+            epoch,
+            failure_cap: DEFAULT_SIGNATURE_FAILURE_CAP,
+            messages: BTreeMap::new(),
+            counters: MessageCounters::default(),
+        }
+    }
+
+    /// Sets the cap on failed signature checks per sequence number.
+    pub fn set_failure_cap(&mut self, cap: u32) {
+        self.failure_cap = cap;
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &MessageCounters {
+        &self.counters
+    }
+
+    /// The verified manifest of `seq`, if one was accepted and is still tracked.
+    pub fn manifest(&self, seq: u64) -> Option<&Verified<Manifest>> {
+        self.messages
+            .get(&seq)
+            .and_then(|state| state.manifest.as_ref())
+    }
+
+    /// Verifies the manifest bytes that arrived in a datagram of sequence number `seq`. A
+    /// manifest already verified for `seq` is answered from the cache with no signature check.
+    pub fn verify_manifest(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<&Verified<Manifest>, MessageReject> {
+        let cached = self
+            .messages
+            .get(&seq)
+            .is_some_and(|s| s.manifest.is_some());
+        if cached {
+            self.counters.manifests_cached += 1;
+        } else {
+            self.check_new_manifest(seq, bytes)?;
+        }
+        self.manifest(seq).ok_or(MessageReject::ManifestMismatch)
+    }
+
+    fn check_new_manifest(&mut self, seq: u64, bytes: &[u8]) -> Result<(), MessageReject> {
+        if self.over_cap(seq) {
+            self.counters.over_failure_cap += 1;
+            return Err(MessageReject::FailureCapReached(seq));
+        }
+        let signed = match SignedManifest::parse(bytes) {
+            Ok(signed) => signed,
+            Err(error) => {
+                self.counters.manifests_rejected_unchecked += 1;
+                return Err(MessageReject::MalformedManifest(error));
+            }
+        };
+        let manifest = &signed.manifest;
+        if manifest.group_id != self.group_id || manifest.spi != self.spi || manifest.seq != seq {
+            self.counters.manifests_rejected_unchecked += 1;
+            return Err(MessageReject::ManifestMismatch);
+        }
+        if manifest.epoch < self.epoch {
+            self.counters.manifests_rejected_unchecked += 1;
+            return Err(MessageReject::OldEpoch);
+        }
+        self.counters.signature_checks += 1;
+        match verify_manifest(&self.gcks_key, signed) {
+            Ok(verified) => {
+                self.counters.manifests_verified += 1;
+                self.epoch = self.epoch.max(verified.epoch);
+                self.state(seq).manifest = Some(verified);
+                Ok(())
+            }
+            Err(AuthError::BadSignature) => {
+                self.record_signature_failure(seq);
+                Err(MessageReject::BadSignature)
+            }
+        }
+    }
+
+    /// Verifies a chunk of the message whose manifest is `manifest`.
+    pub fn verify_chunk(
+        &mut self,
+        manifest: &Verified<Manifest>,
+        bytes: &[u8],
+    ) -> Result<Verified<Chunk>, MessageReject> {
+        let outcome = self.check_chunk(manifest, bytes);
+        match &outcome {
+            Ok(_) => self.counters.chunks_verified += 1,
+            Err(_) => self.counters.chunks_rejected += 1,
+        }
+        outcome
+    }
+
+    fn check_chunk(
+        &mut self,
+        manifest: &Verified<Manifest>,
+        bytes: &[u8],
+    ) -> Result<Verified<Chunk>, MessageReject> {
+        let signed = SignedChunk::parse(bytes, manifest.chunk_auth)
+            .map_err(MessageReject::MalformedChunk)?;
+        if signed.header.seq != manifest.seq || signed.header.index >= manifest.chunk_count {
+            return Err(MessageReject::ChunkMismatch);
+        }
+        match &signed.authenticator {
+            Authenticator::MerklePath(path) => {
+                // The chunk index is below chunk_count (a u32), checked above.
+                let index = signed.header.index as usize;
+                let count = manifest.chunk_count as usize;
+                if !merkle::verify(
+                    &manifest.chunk_root,
+                    count,
+                    index,
+                    signed.authenticated,
+                    path,
+                ) {
+                    return Err(MessageReject::BadMerklePath);
+                }
+            }
+            Authenticator::Signature(signature) => {
+                let seq = manifest.seq;
+                if self.over_cap(seq) {
+                    self.counters.over_failure_cap += 1;
+                    return Err(MessageReject::FailureCapReached(seq));
+                }
+                self.counters.signature_checks += 1;
+                let message = chunk::signed_message(signed.authenticated);
+                let signature = Signature::from_bytes(signature);
+                if self.gcks_key.verify_strict(&message, &signature).is_err() {
+                    self.record_signature_failure(seq);
+                    return Err(MessageReject::BadSignature);
+                }
+            }
+        }
+        Ok(Verified(Chunk {
+            header: signed.header,
+            payload: signed.payload.to_vec(),
+        }))
+    }
+
+    fn over_cap(&self, seq: u64) -> bool {
+        self.messages
+            .get(&seq)
+            .is_some_and(|state| state.signature_failures >= self.failure_cap)
+    }
+
+    fn record_signature_failure(&mut self, seq: u64) {
+        self.counters.signature_failures += 1;
+        self.state(seq).signature_failures += 1;
+    }
+
+    /// The state of `seq`, created if needed; the oldest states beyond [`TRACKED_MESSAGES`]
+    /// are forgotten (a forgotten sequence number is stale for the datagram verifier by then).
+    fn state(&mut self, seq: u64) -> &mut MessageState {
+        if !self.messages.contains_key(&seq) {
+            while self.messages.len() >= TRACKED_MESSAGES {
+                self.messages.pop_first();
+            }
+        }
+        self.messages.entry(seq).or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::auth::merkle::MerkleTree;
+    use crate::session::chunk::{encode_authenticated, finish, sign};
+    use crate::session::manifest::ChunkAuth;
+
+    const SYMBOL: usize = 256;
+
+    struct Message {
+        manifest: Vec<u8>,
+        chunks: Vec<Vec<u8>>,
+    }
+
+    fn gcks() -> SigningKey {
+        SigningKey::from_bytes(&[11; 32])
+    }
+
+    fn message(seq: u64, auth: ChunkAuth, chunk_count: u32) -> Message {
+        let key = gcks();
+        let authenticated: Vec<Vec<u8>> = (0..chunk_count)
+            .map(|index| {
+                let header = ChunkHeader {
+                    seq,
+                    index,
+                    first_leaf: index * 10,
+                    last_leaf: index * 10 + 9,
+                };
+                encode_authenticated(&header, format!("payload {index}").as_bytes()).unwrap()
+            })
+            .collect();
+        let tree = MerkleTree::build(authenticated.iter().map(Vec::as_slice)).unwrap();
+        let chunks = authenticated
+            .iter()
+            .enumerate()
+            .map(|(index, bytes)| {
+                let authenticator = match auth {
+                    ChunkAuth::MerklePath => Authenticator::MerklePath(tree.proof(index).unwrap()),
+                    ChunkAuth::Signature => Authenticator::Signature(sign(&key, bytes)),
+                };
+                finish(bytes.clone(), &authenticator, SYMBOL).unwrap()
+            })
+            .collect();
+        let manifest = Manifest {
+            wrap_algorithm: 1,
+            chunk_auth: auth,
+            group_id: 1,
+            spi: 2,
+            seq,
+            epoch: 0,
+            group_size: chunk_count * 10,
+            chunk_count,
+            timestamp_us: 0,
+            chunk_root: match auth {
+                ChunkAuth::MerklePath => tree.root(),
+                ChunkAuth::Signature => [0; 16],
+            },
+            fec_info: vec![1; 12],
+        }
+        .sign(&key)
+        .unwrap();
+        Message { manifest, chunks }
+    }
+
+    fn verifier() -> MessageVerifier {
+        MessageVerifier::new(gcks().verifying_key(), 1, 2, 0)
+    }
+
+    #[test]
+    fn merkle_message_costs_one_signature_check_whatever_the_chunks() {
+        let message = message(5, ChunkAuth::MerklePath, 40);
+        let mut verifier = verifier();
+        for chunk in &message.chunks {
+            let manifest = verifier
+                .verify_manifest(5, &message.manifest)
+                .unwrap()
+                .clone();
+            let verified = verifier.verify_chunk(&manifest, chunk).unwrap();
+            assert_eq!(verified.header.seq, 5);
+        }
+        let counters = verifier.counters();
+        assert_eq!(counters.signature_checks, 1);
+        assert_eq!(counters.manifests_cached, 39);
+        assert_eq!(counters.chunks_verified, 40);
+    }
+
+    #[test]
+    fn signed_chunks_cost_one_check_each() {
+        let message = message(5, ChunkAuth::Signature, 3);
+        let mut verifier = verifier();
+        let manifest = verifier
+            .verify_manifest(5, &message.manifest)
+            .unwrap()
+            .clone();
+        let chunk = verifier
+            .verify_chunk(&manifest, &message.chunks[1])
+            .unwrap();
+        assert_eq!(chunk.header.index, 1);
+        assert_eq!(verifier.counters().signature_checks, 2);
+    }
+
+    #[test]
+    fn a_bad_manifest_signature_is_rejected_and_counted_once() {
+        let message = message(5, ChunkAuth::MerklePath, 4);
+        let mut bad = message.manifest.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let mut verifier = verifier();
+        assert_eq!(
+            verifier.verify_manifest(5, &bad).err(),
+            Some(MessageReject::BadSignature)
+        );
+        assert_eq!(verifier.counters().signature_checks, 1);
+        assert_eq!(verifier.counters().signature_failures, 1);
+        assert!(verifier.manifest(5).is_none());
+        // The good one still verifies afterwards.
+        assert!(verifier.verify_manifest(5, &message.manifest).is_ok());
+    }
+
+    #[test]
+    fn signature_failures_are_capped_per_sequence_number() {
+        let message = message(5, ChunkAuth::MerklePath, 4);
+        let mut verifier = verifier();
+        for attempt in 0..100u8 {
+            let mut bad = message.manifest.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= attempt | 1;
+            assert!(verifier.verify_manifest(5, &bad).is_err());
+        }
+        assert_eq!(
+            verifier.counters().signature_checks,
+            u64::from(DEFAULT_SIGNATURE_FAILURE_CAP)
+        );
+        assert_eq!(verifier.counters().over_failure_cap, 96);
+        // Another sequence number has its own budget.
+        let other = message_for(6);
+        assert!(verifier.verify_manifest(6, &other).is_ok());
+    }
+
+    fn message_for(seq: u64) -> Vec<u8> {
+        message(seq, ChunkAuth::MerklePath, 2).manifest
+    }
+
+    #[test]
+    fn mismatched_manifests_cost_no_signature_check() {
+        let message = message(5, ChunkAuth::MerklePath, 4);
+        let mut verifier = verifier();
+        assert_eq!(
+            verifier.verify_manifest(6, &message.manifest).err(),
+            Some(MessageReject::ManifestMismatch)
+        );
+        let mut other_group = MessageVerifier::new(gcks().verifying_key(), 9, 2, 0);
+        assert!(other_group.verify_manifest(5, &message.manifest).is_err());
+        assert_eq!(verifier.counters().signature_checks, 0);
+        assert_eq!(other_group.counters().signature_checks, 0);
+    }
+
+    #[test]
+    fn tampered_chunks_are_rejected() {
+        let message = message(5, ChunkAuth::MerklePath, 8);
+        let mut verifier = verifier();
+        let manifest = verifier
+            .verify_manifest(5, &message.manifest)
+            .unwrap()
+            .clone();
+        for byte in 0..chunk::HEADER_LEN + 9 {
+            let mut tampered = message.chunks[3].clone();
+            tampered[byte] ^= 0x10;
+            assert!(
+                verifier.verify_chunk(&manifest, &tampered).is_err(),
+                "byte {byte}"
+            );
+        }
+        // A chunk of another message under this manifest.
+        let other = self::message(6, ChunkAuth::MerklePath, 8);
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &other.chunks[3]).err(),
+            Some(MessageReject::ChunkMismatch)
+        );
+        assert_eq!(verifier.counters().chunks_verified, 0);
+    }
+
+    #[test]
+    fn an_older_epoch_is_refused() {
+        let message = message(5, ChunkAuth::MerklePath, 2);
+        let mut verifier = MessageVerifier::new(gcks().verifying_key(), 1, 2, 1);
+        assert_eq!(
+            verifier.verify_manifest(5, &message.manifest).err(),
+            Some(MessageReject::OldEpoch)
+        );
+        assert_eq!(verifier.counters().signature_checks, 0);
+    }
+}
