@@ -5,6 +5,8 @@
 //! bytes it was parsed from. A violated promise panics, which is how a fuzzer or a test reports
 //! it; nothing in the engine calls these functions.
 
+use crate::session::chunk::{encode_authenticated, finish, SignedChunk};
+use crate::session::manifest::{ChunkAuth, SignedManifest};
 use crate::wire::{
     self, frame::FrameRepr, heartbeat::HeartbeatRepr, nack::NackRepr, probe::ProbeReplyRepr,
     symbol::SymbolRepr, DatagramRepr,
@@ -21,6 +23,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("heartbeat", heartbeat),
     ("probe_reply", probe_reply),
     ("tcp_frame", tcp_frame),
+    ("manifest", manifest),
+    ("chunk", chunk),
 ];
 
 fn assert_emits_input(what: &str, input: &[u8], emitted: Result<usize, wire::Error>, buf: &[u8]) {
@@ -95,5 +99,42 @@ pub fn tcp_frame(data: &[u8]) {
         let mut buf = vec![0u8; repr.buffer_len()];
         let emitted = repr.emit(&mut buf);
         assert_emits_input("tcp frame", data, emitted, &buf);
+    }
+}
+
+/// A signed manifest: the parsed contents re-encode to the signed bytes, and those plus the
+/// signature are the input.
+pub fn manifest(data: &[u8]) {
+    if let Ok(signed) = SignedManifest::parse(data) {
+        match signed.manifest.signed_bytes() {
+            Ok(bytes) => {
+                assert_eq!(bytes, signed.signed, "manifest: re-encoding differs");
+                let mut whole = bytes;
+                whole.extend_from_slice(&signed.signature);
+                assert_eq!(whole, data, "manifest: bytes differ");
+            }
+            Err(error) => panic!("manifest: a parsed manifest failed to encode: {error}"),
+        }
+    }
+}
+
+/// A chunk; the first input byte picks the chunk authentication (even: Merkle path, odd:
+/// signature). A parsed chunk re-encodes, with its padding, to the input.
+pub fn chunk(data: &[u8]) {
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
+    let auth = if mode % 2 == 0 {
+        ChunkAuth::MerklePath
+    } else {
+        ChunkAuth::Signature
+    };
+    if let Ok(parsed) = SignedChunk::parse(bytes, auth) {
+        let encoded = encode_authenticated(&parsed.header, parsed.payload)
+            .and_then(|authenticated| finish(authenticated, &parsed.authenticator, bytes.len()));
+        match encoded {
+            Ok(encoded) => assert_eq!(encoded, bytes, "chunk: re-encoding differs"),
+            Err(error) => panic!("chunk: a parsed chunk failed to encode: {error}"),
+        }
     }
 }

@@ -141,13 +141,15 @@ impl Manifest {
 
     /// Encodes the manifest and signs it with the GCKS's key.
     pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, ManifestError> {
-        let mut bytes = self.encode_unsigned()?;
+        let mut bytes = self.signed_bytes()?;
         let signature = key.sign(&signed_message(&bytes));
         bytes.extend_from_slice(&signature.to_bytes());
         Ok(bytes)
     }
 
-    fn encode_unsigned(&self) -> Result<Vec<u8>, ManifestError> {
+    /// The bytes the signature covers (after [`SIGNATURE_CONTEXT`]): the manifest without
+    /// its signature.
+    pub fn signed_bytes(&self) -> Result<Vec<u8>, ManifestError> {
         if self.fec_info.is_empty() || self.fec_info.len() > MAX_FEC_INFO_LEN {
             return Err(ManifestError::InvalidField("fec info length"));
         }
