@@ -14,9 +14,13 @@
 //! - [`wire`]: the datagram and TCP frame formats, parsed and emitted.
 //! - [`auth`]: authentication of rekey traffic: datagram MAC, Merkle tree, manifest signature.
 //! - [`session`]: rekey messages (so far their signed manifest).
+//! - [`lkh`]: the LKH key tree with batch rekeying, and a member's key state.
+//! - [`gsa`]: the Rekey SA and Data SA, and the datagram MAC key of each message.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod fuzz_support;
+pub mod gsa;
+pub mod lkh;
 pub mod session;
 pub mod wire;
