@@ -23,6 +23,8 @@ enum Area {
     Wire,
     /// Verifier pipeline: bad-MAC rejection rate next to raw BLAKE3.
     Auth,
+    /// LKH batch rekeying at 2^20 members: time per batch next to its AES-GCM floor, memory.
+    Lkh,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,8 +32,10 @@ fn main() -> anyhow::Result<()> {
     match cli.area {
         Area::Wire => wire::run(cli.quick),
         Area::Auth => auth::run(cli.quick),
+        Area::Lkh => lkh::run(cli.quick),
     }
 }
 
 mod auth;
+mod lkh;
 mod wire;

@@ -104,17 +104,12 @@ impl Degree {
     /// The deepest level whose every node id is below `u32::MAX` (which stays a sentinel):
     /// the tree never grows deeper.
     pub fn max_depth(self) -> u32 {
-        let mut depth = 0;
-        while self.level_start(depth + 2) <= u64::from(u32::MAX) {
-            depth += 1;
-        }
-        depth
+        MAX_DEPTH[self.0 as usize]
     }
 
     /// The largest node id the tree may use: the last node of [`Degree::max_depth`].
     pub fn max_node(self) -> NodeId {
-        // level_start(max_depth + 1) <= u32::MAX by the definition of max_depth.
-        (self.level_start(self.max_depth() + 1) - 1) as NodeId
+        MAX_NODE[self.0 as usize]
     }
 
     /// A key that sorts nodes left to right: the rank of the node's leftmost descendant at
@@ -133,6 +128,42 @@ impl Degree {
         core::iter::successors(Some(node), move |&n| self.parent(n))
     }
 }
+
+/// `(d^depth - 1) / (d - 1)`, the first id of level `depth`, in a const context.
+const fn level_start_of(d: u64, depth: u32) -> u64 {
+    (d.pow(depth) - 1) / (d - 1)
+}
+
+const fn max_depth_of(d: u64) -> u32 {
+    let mut depth = 0;
+    while level_start_of(d, depth + 2) <= u32::MAX as u64 {
+        depth += 1;
+    }
+    depth
+}
+
+/// [`Degree::max_depth`] by degree (computed at compile time: `child` is on the hot path).
+const MAX_DEPTH: [u32; 17] = {
+    let mut table = [0u32; 17];
+    let mut d = 2;
+    while d <= 16 {
+        table[d] = max_depth_of(d as u64);
+        d += 1;
+    }
+    table
+};
+
+/// [`Degree::max_node`] by degree: the last node of the deepest level, below `u32::MAX` by the
+/// definition of that level.
+const MAX_NODE: [u32; 17] = {
+    let mut table = [0u32; 17];
+    let mut d = 2;
+    while d <= 16 {
+        table[d] = (level_start_of(d as u64, MAX_DEPTH[d] + 1) - 1) as u32;
+        d += 1;
+    }
+    table
+};
 
 impl Default for Degree {
     fn default() -> Self {

@@ -393,25 +393,28 @@ impl KeyTree {
         joins: &[MemberId],
         leaves: &[MemberId],
     ) -> Result<RekeyBatch, LkhError> {
-        // Validate everything before changing anything.
-        let mut leaving = std::collections::HashSet::with_capacity(leaves.len());
-        for &member in leaves {
-            if !self.leaf_of.contains_key(&member) {
-                return Err(LkhError::UnknownMember(member));
-            }
-            if !leaving.insert(member) {
-                return Err(LkhError::Duplicate(member));
-            }
+        // Validate everything before changing anything. Sorted copies find duplicates without
+        // hashing every id (a build from scratch joins a million members in one batch).
+        let mut leaving = leaves.to_vec();
+        leaving.sort_unstable();
+        if let Some(pair) = leaving.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(LkhError::Duplicate(pair[0]));
         }
-        let mut joining = std::collections::HashSet::with_capacity(joins.len());
-        for &member in joins {
-            if self.leaf_of.contains_key(&member) && !leaving.contains(&member) {
-                return Err(LkhError::AlreadyMember(member));
-            }
-            if !joining.insert(member) {
-                return Err(LkhError::Duplicate(member));
-            }
+        if let Some(&member) = leaving.iter().find(|m| !self.leaf_of.contains_key(m)) {
+            return Err(LkhError::UnknownMember(member));
         }
+        let mut joining = joins.to_vec();
+        joining.sort_unstable();
+        if let Some(pair) = joining.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(LkhError::Duplicate(pair[0]));
+        }
+        if let Some(&member) = joining
+            .iter()
+            .find(|m| self.leaf_of.contains_key(m) && leaving.binary_search(m).is_err())
+        {
+            return Err(LkhError::AlreadyMember(member));
+        }
+        drop((leaving, joining));
         let final_count = (self.leaf_of.len() - leaves.len()) as u64 + joins.len() as u64;
         let degree = self.sa.degree;
         // With no free slot left and every leaf at the deepest level the tree is full, so a
@@ -467,9 +470,11 @@ impl KeyTree {
         // 3. Remaining joins fill null slots, then split the shallowest leaves.
         let remaining: Vec<MemberId> = joins_left.copied().collect();
         if !remaining.is_empty() {
+            self.leaf_of.reserve(remaining.len());
             self.grow(&remaining, &mut changed, &mut joined);
         }
         self.truncate_nulls();
+        self.compact();
 
         // 4. Mark, make keys, wrap.
         let marked = self.mark(&changed);
@@ -642,27 +647,38 @@ impl KeyTree {
     }
 
     /// Marks the internal ancestors of every changed node, and the root; returns them in
-    /// ascending order.
+    /// ascending order. A walk stops at an ancestor already marked, so marking costs one step
+    /// per marked node. Small batches keep the marks in a hash set (a batch must not cost time
+    /// in proportion to the tree); large ones in a bitset over all nodes.
     fn mark(&self, changed: &[NodeId]) -> Vec<NodeId> {
         let degree = self.sa.degree;
+        let walk = |mark: &mut dyn FnMut(NodeId) -> bool| {
+            mark(ROOT);
+            for &leaf in changed {
+                let mut node = leaf;
+                while let Some(parent) = degree.parent(node) {
+                    // A pruned (null) ancestor needs no key; its live ancestors above do.
+                    if self.kind(parent) == Kind::Internal && !mark(parent) {
+                        break;
+                    }
+                    node = parent;
+                }
+            }
+        };
+        if changed.len().saturating_mul(64) < self.kinds.len() {
+            let mut set = std::collections::HashSet::with_capacity(changed.len() * 4 + 1);
+            walk(&mut |node| set.insert(node));
+            let mut marked: Vec<NodeId> = set.into_iter().collect();
+            marked.sort_unstable();
+            return marked;
+        }
         let mut bits = vec![0u64; self.kinds.len().div_ceil(64)];
-        let set = |bits: &mut Vec<u64>, node: NodeId| -> bool {
+        walk(&mut |node| {
             let (word, bit) = (node as usize / 64, node % 64);
             let fresh = bits[word] & (1 << bit) == 0;
             bits[word] |= 1 << bit;
             fresh
-        };
-        set(&mut bits, ROOT);
-        for &leaf in changed {
-            let mut node = leaf;
-            while let Some(parent) = degree.parent(node) {
-                // A pruned (null) ancestor needs no key; its live ancestors above still do.
-                if self.kind(parent) == Kind::Internal && !set(&mut bits, parent) {
-                    break;
-                }
-                node = parent;
-            }
-        }
+        });
         let mut marked = Vec::new();
         for (w, &word) in bits.iter().enumerate() {
             let mut word = word;
@@ -691,6 +707,30 @@ impl KeyTree {
         self.versions.resize(len, 0);
         self.kinds.resize(len, Kind::Null);
         self.members.resize(len, MemberId(0));
+    }
+
+    /// Gives back array capacity far beyond the length (after a large growth, whose doubling
+    /// can leave half the capacity unused): the resident bytes per member stay near the
+    /// arrays' real size. Keys are moved by hand so the old buffer is zeroized.
+    fn compact(&mut self) {
+        let len = self.kinds.len();
+        let keep = len + len / 8 + 64;
+        let too_large = |capacity: usize| capacity > len + len / 4 + 64;
+        if too_large(self.keys.capacity()) {
+            let mut shrunk = Vec::with_capacity(keep);
+            shrunk.extend_from_slice(&self.keys);
+            self.keys.zeroize();
+            self.keys = shrunk;
+        }
+        if too_large(self.versions.capacity()) {
+            self.versions.shrink_to(keep);
+        }
+        if too_large(self.kinds.capacity()) {
+            self.kinds.shrink_to(keep);
+        }
+        if too_large(self.members.capacity()) {
+            self.members.shrink_to(keep);
+        }
     }
 
     /// Drops trailing null slots (the tree shrinks). Their keys are already zero. Forgetting

@@ -1,0 +1,260 @@
+//! `lkh`: batch rekeying of a large key tree. For N = 2^20 members (d = 4): building the tree
+//! from scratch, batches with 1% churn (half joins, half leaves) and pure-leave batches of 1,
+//! 64 and 1024, each timed next to its floor, and the resident bytes per member. The floor of
+//! a batch is as many raw AES-256-GCM key wraps as the batch made encryptions (key setup and
+//! sealing 32 bytes with 30 bytes of associated data under a fresh key, which every wrap
+//! needs), timed right after the batch on the same core, so both see the same machine. The measured wrap counts stand beside the expected counts of
+//! the marking algorithm (Li, Yang, Gouda, Lam 2001).
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use ed25519_dalek::SigningKey;
+use hdrhistogram::Histogram;
+use rand::seq::index::sample;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rekeycast::gsa::{RekeySa, WrapAlgorithm};
+use rekeycast::lkh::{Degree, KeyTree, MemberId};
+use serde_json::json;
+
+/// Runs the benchmark and prints its table and JSON line.
+pub fn run(quick: bool) -> anyhow::Result<()> {
+    let log_n = if quick { 14 } else { 20 };
+    let n: u64 = 1 << log_n;
+    let degree = 4u8;
+    let mut rng = ChaCha8Rng::seed_from_u64(0x1CEB00DA);
+
+    let mut floor = Floor::new();
+    println!("lkh: N = 2^{log_n} = {n} members, d = {degree}");
+
+    // Build from scratch: one batch of N joins into an empty tree.
+    let rss_before = resident_bytes()?;
+    let mut tree = KeyTree::new(RekeySa {
+        group_id: 1,
+        spi: 1,
+        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+        degree: Degree::new(degree)?,
+        gcks_public_key: SigningKey::from_bytes(&[9; 32]).verifying_key(),
+        data_sa_lifetime_secs: 3600,
+    })?;
+    let all: Vec<MemberId> = (0..n).map(MemberId).collect();
+    let start = Instant::now();
+    let batch = tree.apply_batch(&all, &[])?;
+    let build = start.elapsed();
+    let build_encryptions = batch.encryptions();
+    drop(batch);
+    // The bench's own list of current members (to draw who leaves), kept outside the RSS
+    // measurement below.
+    let mut members = all;
+    let build_floor_ms = floor.time_ns(build_encryptions) / 1e6;
+    let floor_ns = build_floor_ms * 1e6 / build_encryptions as f64;
+    let rss_after = resident_bytes()?.saturating_sub((members.capacity() * 8) as u64);
+    let rss_per_member = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    let heap_per_member = tree.heap_bytes() as f64 / n as f64;
+    println!(
+        "build: {:.1} ms for {} encryptions (floor {:.1} ms, ratio {:.2})",
+        build.as_secs_f64() * 1e3,
+        build_encryptions,
+        build_floor_ms,
+        build.as_secs_f64() * 1e3 / build_floor_ms
+    );
+    println!(
+        "memory: {rss_per_member:.1} resident bytes per member (RSS delta), {heap_per_member:.1} \
+         heap bytes per member (array capacities and hash table)"
+    );
+
+    let mut next_id = n;
+    let mut rows = Vec::new();
+    println!(
+        "{:<12} {:>6} {:>6} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "batch",
+        "J",
+        "L",
+        "runs",
+        "wraps",
+        "formula",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "floor ms",
+        "ratio"
+    );
+    // 1% churn, half joins and half leaves: J = L = 5243 for N = 2^20 (as in ALGORITHMS.md).
+    let churn = (n as f64 * 0.01 / 2.0).round() as usize;
+    let configs: [(&str, usize, usize, usize); 4] = if quick {
+        [
+            ("churn 1%", churn, churn, 10),
+            ("leave 1", 0, 1, 50),
+            ("leave 64", 0, 64, 20),
+            ("leave 1024", 0, 1024, 5),
+        ]
+    } else {
+        [
+            ("churn 1%", churn, churn, 20),
+            ("leave 1", 0, 1, 200),
+            ("leave 64", 0, 64, 50),
+            ("leave 1024", 0, 1024, 20),
+        ]
+    };
+    for (name, joins, leaves, runs) in configs {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut ratios = Histogram::<u64>::new_with_bounds(1, 1_000_000, 3)?;
+        let mut wraps_total = 0usize;
+        let mut floor_total = 0f64;
+        for _ in 0..runs {
+            let mut picked = sample(&mut rng, members.len(), leaves).into_vec();
+            picked.sort_unstable_by(|a, b| b.cmp(a));
+            let leaving: Vec<MemberId> = picked.iter().map(|&i| members[i]).collect();
+            for i in picked {
+                members.swap_remove(i);
+            }
+            let joining: Vec<MemberId> = (next_id..next_id + joins as u64).map(MemberId).collect();
+            next_id += joins as u64;
+            members.extend_from_slice(&joining);
+            let start = Instant::now();
+            let batch = tree.apply_batch(&joining, &leaving)?;
+            let elapsed = start.elapsed();
+            let floor_time = floor.time_ns(batch.encryptions());
+            histogram.record(elapsed.as_micros().max(1) as u64)?;
+            ratios.record((elapsed.as_nanos() as f64 / floor_time * 1000.0) as u64)?;
+            wraps_total += batch.wraps.len();
+            floor_total += floor_time;
+            drop(batch);
+            if joins < leaves {
+                // Refill (untimed) so that every batch starts from a full tree, as the formula
+                // assumes.
+                let refill: Vec<MemberId> = (next_id..next_id + (leaves - joins) as u64)
+                    .map(MemberId)
+                    .collect();
+                next_id += refill.len() as u64;
+                tree.apply_batch(&refill, &[])?;
+                members.extend_from_slice(&refill);
+            }
+        }
+        let wraps_mean = wraps_total as f64 / runs as f64;
+        let formula = expected_wraps(n, leaves as u64, u64::from(degree), joins == leaves);
+        let floor_ms = floor_total / runs as f64 / 1e6;
+        let p50 = histogram.value_at_quantile(0.5) as f64 / 1e3;
+        let p90 = histogram.value_at_quantile(0.9) as f64 / 1e3;
+        let p99 = histogram.value_at_quantile(0.99) as f64 / 1e3;
+        let max = histogram.max() as f64 / 1e3;
+        let ratio = ratios.value_at_quantile(0.5) as f64 / 1000.0;
+        println!(
+            "{name:<12} {joins:>6} {leaves:>6} {runs:>7} {wraps_mean:>9.1} {formula:>9.1} \
+             {p50:>9.3} {p99:>9.3} {max:>9.3} {floor_ms:>9.3} {ratio:>7.2}"
+        );
+        rows.push(json!({
+            "batch": name, "joins": joins, "leaves": leaves, "runs": runs,
+            "wraps_mean": wraps_mean, "wraps_formula": formula,
+            "batch_ms_p50": p50, "batch_ms_p90": p90, "batch_ms_p99": p99, "batch_ms_max": max,
+            "floor_ms": floor_ms, "ratio_to_floor": ratio,
+        }));
+    }
+    println!(
+        "(ratio: median over runs of batch time / (encryptions x floor); goal <= 2, and < 1 s)"
+    );
+    println!(
+        "floor: one raw AES-256-GCM key wrap (fresh key) = {floor_ns:.1} ns (during the build)"
+    );
+    println!(
+        "{}",
+        json!({
+            "bench": "lkh",
+            "members": n,
+            "degree": degree,
+            "floor_wrap_ns": floor_ns,
+            "build_ms": build.as_secs_f64() * 1e3,
+            "build_encryptions": build_encryptions,
+            "build_ratio_to_floor": build.as_secs_f64() * 1e3 / build_floor_ms,
+            "resident_bytes_per_member": rss_per_member,
+            "heap_bytes_per_member": heap_per_member,
+            "batches": rows,
+        })
+    );
+    Ok(())
+}
+
+/// The floor: raw AES-256-GCM wraps of 32-byte keys, each under another key (key setup
+/// included, as every wrap of a batch is under another key), keys from a small pool that stays
+/// in cache (so the floor is a lower bound).
+struct Floor {
+    keys: Vec<[u8; 32]>,
+    counter: u64,
+}
+
+impl Floor {
+    fn new() -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let keys = (0..4096)
+            .map(|_| {
+                let mut key = [0u8; 32];
+                rng.fill_bytes(&mut key);
+                key
+            })
+            .collect();
+        Self { keys, counter: 0 }
+    }
+
+    /// Nanoseconds `count` raw wraps take.
+    fn time_ns(&mut self, count: usize) -> f64 {
+        let aad = [0x5Au8; 30];
+        let start = Instant::now();
+        for i in 0..count {
+            let cipher = Aes256Gcm::new((&self.keys[i % self.keys.len()]).into());
+            self.counter += 1;
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&self.counter.to_be_bytes());
+            let mut buf = self.keys[(i + 1) % self.keys.len()];
+            let tag = cipher
+                .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf)
+                .map(|tag| tag[0]);
+            let _ = black_box((buf, tag));
+        }
+        start.elapsed().as_nanos() as f64
+    }
+}
+
+/// Resident set size of this process, from /proc/self/statm (pages times the page size).
+fn resident_bytes() -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("malformed /proc/self/statm"))?
+        .parse()?;
+    Ok(pages * 4096)
+}
+
+/// Expected wraps of the marking algorithm for a full tree (ALGORITHMS.md): `n = d^h`
+/// members, `l` random leaves, with `l` joins (`replace`) or none.
+fn expected_wraps(n: u64, l: u64, d: u64, replace: bool) -> f64 {
+    let p_none = |m: u64| -> f64 {
+        if m + l > n {
+            return 0.0;
+        }
+        (0..l)
+            .map(|i| (n - m - i) as f64 / (n - i) as f64)
+            .product()
+    };
+    let p_all = |c: u64| -> f64 {
+        if c > l {
+            return 0.0;
+        }
+        (0..c).map(|i| (l - i) as f64 / (n - i) as f64).product()
+    };
+    let mut total = 0.0;
+    let mut s = d;
+    while s <= n {
+        let per_node = if replace {
+            1.0 - p_none(s)
+        } else {
+            1.0 - p_all(s / d) - p_none(s)
+        };
+        total += (n / s) as f64 * d as f64 * per_node;
+        s *= d;
+    }
+    total
+}
