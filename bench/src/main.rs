@@ -25,6 +25,8 @@ enum Area {
     Auth,
     /// LKH batch rekeying at 2^20 members: time per batch next to its AES-GCM floor, memory.
     Lkh,
+    /// RaptorQ wrapper: encode/decode and on-demand repair next to raw raptorq; decode failure.
+    Fec,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,9 +35,11 @@ fn main() -> anyhow::Result<()> {
         Area::Wire => wire::run(cli.quick),
         Area::Auth => auth::run(cli.quick),
         Area::Lkh => lkh::run(cli.quick),
+        Area::Fec => fec::run(cli.quick),
     }
 }
 
 mod auth;
+mod fec;
 mod lkh;
 mod wire;
