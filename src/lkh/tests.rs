@@ -76,6 +76,18 @@ fn first_join_gets_leaf_one_and_the_group_key() {
 }
 
 #[test]
+fn a_tree_keyed_from_the_os_works_end_to_end() {
+    let mut tree = KeyTree::new(sa(4)).unwrap();
+    let (batch, members) = admit(&mut tree, &ids(0..9));
+    // Leaves 3, 4, 5..8 and 9..11 (nodes 1 and 2 split): the root wraps under its 4 children,
+    // node 1 under 4 and node 2 under 3.
+    assert_eq!(batch.wraps.len(), 4 + 4 + 3);
+    for keys in members.values() {
+        assert_eq!(keys.group_key().unwrap().key, tree.group_key().1);
+    }
+}
+
+#[test]
 fn an_empty_batch_refreshes_the_group_key() {
     let mut tree = tree(4, 2);
     let (_, mut members) = admit(&mut tree, &ids(0..10));
@@ -426,6 +438,23 @@ fn run_random(degree: u8, initial: usize, steps: &[Step], seed: u64) {
             .collect();
         let later: Vec<&Recorded> = recorded.iter().filter(|r| r.seq >= last_left).collect();
         assert_eq!(close_over(&coalition, &later, algorithm), 0);
+        // The closure above matches wraps to keys by the tree's own record of what each wrap
+        // is under; where it is cheap enough, also try every coalition key on every wrap.
+        let wraps: usize = later.iter().map(|r| r.batch.wraps.len()).sum();
+        if wraps * coalition.len() <= 20_000 {
+            for message in &later {
+                let ctx = RekeyContext {
+                    algorithm,
+                    group_id,
+                    seq: message.seq,
+                };
+                for wrap in &message.batch.wraps {
+                    for key in &coalition {
+                        assert!(wrap.open(&ctx, &Key::from_bytes(*key)).is_err());
+                    }
+                }
+            }
+        }
         for message in &later {
             let ctx = RekeyContext {
                 algorithm,
