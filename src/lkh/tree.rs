@@ -439,7 +439,6 @@ impl KeyTree {
             .filter_map(|member| self.leaf_of.remove(member))
             .collect();
         departed.sort_unstable();
-        let mut joined = Vec::with_capacity(joins.len());
         let mut joins_left = joins.iter();
 
         // 1. Joins take departed leaves.
@@ -448,7 +447,6 @@ impl KeyTree {
             match joins_left.next() {
                 Some(&member) => {
                     self.place_joiner(slot, member);
-                    joined.push(member);
                     changed.push(slot);
                 }
                 None => {
@@ -468,10 +466,10 @@ impl KeyTree {
         }
 
         // 3. Remaining joins fill null slots, then split the shallowest leaves.
-        let remaining: Vec<MemberId> = joins_left.copied().collect();
+        let remaining = joins_left.as_slice();
         if !remaining.is_empty() {
             self.leaf_of.reserve(remaining.len());
-            self.grow(&remaining, &mut changed, &mut joined);
+            self.grow(remaining, &mut changed);
         }
         self.truncate_nulls();
         self.compact();
@@ -520,9 +518,10 @@ impl KeyTree {
         let wrapped_data_sa = WrappedDataSa::seal(&ctx, &data_sa, &group_key, generation);
         self.data_sa = Some(data_sa.clone());
         self.mac_key = mac_key.clone();
-        let joined = joined
-            .into_iter()
-            .map(|member| (member, self.leaf_of[&member]))
+        // Every join was placed (the batch was validated), in the order of `joins`.
+        let joined = joins
+            .iter()
+            .filter_map(|&member| Some((member, self.leaf_of(member)?)))
             .collect();
         Ok(RekeyBatch {
             context: ctx,
@@ -581,17 +580,19 @@ impl KeyTree {
 
     /// Places joins beyond the departures: null slots first (shallowest, then leftmost by
     /// id), then splits of the shallowest leaves.
-    fn grow(&mut self, joins: &[MemberId], changed: &mut Vec<NodeId>, joined: &mut Vec<MemberId>) {
+    fn grow(&mut self, joins: &[MemberId], changed: &mut Vec<NodeId>) {
         let degree = self.sa.degree;
         let mut free: Vec<(u32, NodeId)> = Vec::new();
         for node in 0..self.kinds.len() as NodeId {
             if self.kinds[node as usize] != Kind::Internal {
                 continue;
             }
-            let depth = degree.depth(node) + 1;
+            // Most internal nodes are full: compute a depth only for those with a free child.
+            let mut depth = None;
             for index in 0..degree.get() {
                 if let Some(child) = degree.child(node, index) {
                     if self.kind(child) == Kind::Null {
+                        let depth = *depth.get_or_insert_with(|| degree.depth(node) + 1);
                         free.push((depth, child));
                     }
                 }
@@ -604,7 +605,6 @@ impl KeyTree {
                 return;
             };
             self.place_joiner(slot, member);
-            joined.push(member);
             changed.push(slot);
         }
         let mut joins = joins.peekable();
@@ -639,7 +639,6 @@ impl KeyTree {
                     break;
                 };
                 self.place_joiner(slot, member);
-                joined.push(member);
                 changed.push(slot);
                 heap.push(core::cmp::Reverse((depth + 1, slot)));
             }
