@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Join GROUP on the interface with address IFACE, print "ready", then wait for one datagram
-    /// and print it as "received <hex>".
+    /// and print it as "received HEX".
     ProbeRecv {
         #[arg(long)]
         group: Ipv4Addr,
