@@ -33,12 +33,21 @@
 //! // Receiver: learns the parameters from the (verified) manifest.
 //! let info = ObjectInfo::parse(&manifest_bytes)?;
 //! let mut decoder = ObjectDecoder::new(info, Limits::default())?;
-//! // Block 0 lost its source symbol 1; one repair symbol (ESI 3) stands in for it.
-//! decoder.push(0, 0, encoder.source_symbol(0, 0)?)?;
-//! decoder.push(0, 2, encoder.source_symbol(0, 2)?)?;
-//! let repair = encoder.repair_symbols(0, 3, 1)?.collect::<Vec<_>>();
-//! let progress = decoder.push(0, 3, &repair[0])?;
-//! assert!(matches!(progress, Progress::Decoded | Progress::Pending { .. }));
+//! // Block 0 lost its source symbol 1: a member holding chunk 0 has it at once.
+//! let progress = decoder.push(0, 0, encoder.source_symbol(0, 0)?)?;
+//! assert_eq!(progress, Progress::Pending { needed: 2 });
+//! assert_eq!(decoder.source_symbol_at(0), Some(&data[..16]));
+//! let progress = decoder.push(0, 2, encoder.source_symbol(0, 2)?)?;
+//! assert_eq!(progress, Progress::Pending { needed: 1 });
+//! // Repair symbols (ESI 3 on) stand in for it; one usually suffices, rarely two or three.
+//! let mut esi = 3;
+//! while !decoder.is_block_decoded(0) {
+//!     let repair = encoder.block(0)?.repair_symbol(esi)?;
+//!     let progress = decoder.push(0, esi, &repair)?;
+//!     assert!(matches!(progress, Progress::Decoded | Progress::Pending { needed: 1 }));
+//!     esi += 1;
+//! }
+//! assert_eq!(decoder.block(0), Some(&data[..48]));
 //! # Ok::<(), rekeycast_fec::Error>(())
 //! ```
 #![forbid(unsafe_code)]
