@@ -151,6 +151,9 @@ impl MemberKeys {
     /// Applies rekey message `seq`: `wraps` are its wraps (all of them, or those of the
     /// member's chunk: see [`super::RekeyBatch::wraps_for_leaf`]), `data_sa` its Data SA.
     /// Returns the new group key, Data SA and next MAC key. The state is unchanged on error.
+    ///
+    /// Cost: one pass over `wraps` per level of the path, so hand it a chunk's wraps (tens),
+    /// not a whole large message. The later `auth` stage will feed it a verified chunk.
     pub fn apply(
         &mut self,
         seq: u64,
