@@ -17,6 +17,8 @@ use super::tree::{MemberId, RegistrationBundle};
 use super::wrap::{Wrap, WrapError};
 use super::Key;
 use crate::auth::mac::MacKey;
+use crate::auth::message::Chunk;
+use crate::auth::Verified;
 use crate::gsa::{datagram_mac_key, DataSa, RekeySa, WrappedDataSa};
 
 /// Why a rekey message could not be applied. The member's state is unchanged.
@@ -45,6 +47,10 @@ pub enum MemberError {
         /// What failed.
         source: WrapError,
     },
+    /// The verified chunk's payload does not hold wraps and a Data SA (only the GCKS, which
+    /// signed it, could have made such a chunk).
+    #[error("malformed chunk payload")]
+    MalformedChunk,
     /// A wrap under one of this member's keys names a node that is not its parent, or an
     /// older version than the member holds.
     #[error("malformed wrap of node {node} under node {child}")]
@@ -148,13 +154,24 @@ impl MemberKeys {
             .filter_map(|(node, key)| key.as_ref().map(|key| (node, key)))
     }
 
+    /// Applies the member's chunk of a rekey message, which only the verifier pipeline
+    /// ([`crate::auth::message::MessageVerifier::verify_chunk`]) can hand out, so unverified
+    /// bytes cannot reach the key state. Returns the new group key, Data SA and next MAC key;
+    /// the state is unchanged on error.
+    pub fn apply(&mut self, chunk: &Verified<Chunk>) -> Result<Rekeyed, MemberError> {
+        let (wraps, data_sa) =
+            crate::session::layout::read_payload(chunk).map_err(|_| MemberError::MalformedChunk)?;
+        self.apply_wraps(chunk.header.seq, &wraps, &data_sa)
+    }
+
     /// Applies rekey message `seq`: `wraps` are its wraps (all of them, or those of the
     /// member's chunk: see [`super::RekeyBatch::wraps_for_leaf`]), `data_sa` its Data SA.
     /// Returns the new group key, Data SA and next MAC key. The state is unchanged on error.
     ///
     /// Cost: one pass over `wraps` per level of the path, so hand it a chunk's wraps (tens),
-    /// not a whole large message. The later `auth` stage will feed it a verified chunk.
-    pub fn apply(
+    /// not a whole large message. Crate-internal: the public entry is [`MemberKeys::apply`],
+    /// which takes only a chunk the verifier pipeline has checked.
+    pub(crate) fn apply_wraps(
         &mut self,
         seq: u64,
         wraps: &[Wrap],

@@ -38,7 +38,7 @@ fn admit(tree: &mut KeyTree, joins: &[MemberId]) -> (RekeyBatch, HashMap<MemberI
     let mut members = HashMap::new();
     for &member in joins {
         let mut keys = MemberKeys::from_bundle(&tree.join(member).unwrap());
-        keys.apply(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
+        keys.apply_wraps(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
             .unwrap();
         members.insert(member, keys);
     }
@@ -70,7 +70,7 @@ fn first_join_gets_leaf_one_and_the_group_key() {
     assert_eq!(bundle.mac_key, batch.mac_key);
     let mut member = MemberKeys::from_bundle(&bundle);
     let rekeyed = member
-        .apply(1, &batch.wraps, &batch.wrapped_data_sa)
+        .apply_wraps(1, &batch.wraps, &batch.wrapped_data_sa)
         .unwrap();
     check_current(&tree, &batch, &rekeyed);
 }
@@ -98,7 +98,7 @@ fn an_empty_batch_refreshes_the_group_key() {
     assert_ne!(tree.group_key().1, before.1);
     for keys in members.values_mut() {
         let rekeyed = keys
-            .apply(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
+            .apply_wraps(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
             .unwrap();
         check_current(&tree, &batch, &rekeyed);
     }
@@ -120,7 +120,7 @@ fn growth_splits_the_shallowest_leaf_and_moves_its_member_down() {
     let old_leaf_version = member.path_keys().next().unwrap().1.version;
     assert_eq!(split.child_version, old_leaf_version);
     let rekeyed = member
-        .apply(2, &batch.wraps, &batch.wrapped_data_sa)
+        .apply_wraps(2, &batch.wraps, &batch.wrapped_data_sa)
         .unwrap();
     check_current(&tree, &batch, &rekeyed);
     assert_eq!(member.leaf(), 3);
@@ -192,7 +192,7 @@ fn tampered_wrap_is_an_error_and_the_member_is_unchanged() {
     let member = members.get_mut(&MemberId(5)).unwrap();
     let before: Vec<_> = member.path_keys().map(|(n, k)| (n, k.clone())).collect();
     let err = member
-        .apply(batch.context.seq, &wraps, &batch.wrapped_data_sa)
+        .apply_wraps(batch.context.seq, &wraps, &batch.wrapped_data_sa)
         .unwrap_err();
     assert!(matches!(err, MemberError::Wrap { .. }), "{err:?}");
     let after: Vec<_> = member.path_keys().map(|(n, k)| (n, k.clone())).collect();
@@ -202,17 +202,17 @@ fn tampered_wrap_is_an_error_and_the_member_is_unchanged() {
     data_sa.sealed[0] ^= 1;
     assert_eq!(
         member
-            .apply(batch.context.seq, &batch.wraps, &data_sa)
+            .apply_wraps(batch.context.seq, &batch.wraps, &data_sa)
             .unwrap_err(),
         MemberError::DataSa
     );
     let rekeyed = member
-        .apply(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
+        .apply_wraps(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
         .unwrap();
     check_current(&tree, &batch, &rekeyed);
     // Replaying it is stale.
     assert!(matches!(
-        member.apply(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa),
+        member.apply_wraps(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa),
         Err(MemberError::Stale { .. })
     ));
 }
@@ -393,10 +393,10 @@ fn run_random(degree: u8, initial: usize, steps: &[Step], seed: u64) {
         for (member, keys) in members.iter_mut() {
             let leaf = tree.leaf_of(*member).unwrap();
             let rekeyed = if member.0 % 2 == 0 {
-                keys.apply(seq, &batch.wraps, &batch.wrapped_data_sa)
+                keys.apply_wraps(seq, &batch.wraps, &batch.wrapped_data_sa)
             } else {
                 let mine: Vec<Wrap> = batch.wraps_for_leaf(leaf).cloned().collect();
-                keys.apply(seq, &mine, &batch.wrapped_data_sa)
+                keys.apply_wraps(seq, &mine, &batch.wrapped_data_sa)
             }
             .unwrap();
             check_current(&tree, &batch, &rekeyed);
@@ -411,7 +411,7 @@ fn run_random(degree: u8, initial: usize, steps: &[Step], seed: u64) {
         for (_, keys, _) in departed.iter_mut() {
             let group_before = keys.group_key().cloned();
             assert_eq!(
-                keys.apply(seq, &batch.wraps, &batch.wrapped_data_sa),
+                keys.apply_wraps(seq, &batch.wraps, &batch.wrapped_data_sa),
                 Err(MemberError::GroupKeyNotFound)
             );
             assert_eq!(keys.group_key().cloned(), group_before);
@@ -538,7 +538,7 @@ proptest! {
             .collect();
         let keys = members.get_mut(&MemberId(1)).unwrap();
         prop_assert_eq!(
-            keys.apply(batch.context.seq, &others, &batch.wrapped_data_sa),
+            keys.apply_wraps(batch.context.seq, &others, &batch.wrapped_data_sa),
             Err(MemberError::GroupKeyNotFound)
         );
     }
@@ -707,7 +707,7 @@ fn snapshot_round_trip_continues_the_same_group() {
         );
     }
     for keys in members.values_mut() {
-        keys.apply(2, &second.wraps, &second.wrapped_data_sa)
+        keys.apply_wraps(2, &second.wraps, &second.wrapped_data_sa)
             .unwrap();
     }
     let path = temp_path("round-trip.snapshot");
@@ -736,7 +736,7 @@ fn snapshot_round_trip_continues_the_same_group() {
     assert_eq!(next.context.seq, 3);
     for keys in members.values_mut() {
         let rekeyed = keys
-            .apply(3, &next.wraps, &next.wrapped_data_sa)
+            .apply_wraps(3, &next.wraps, &next.wrapped_data_sa)
             .unwrap_or_else(|e| panic!("member {:?}: {e}", keys.member()));
         check_current(&loaded, &next, &rekeyed);
     }
@@ -831,7 +831,8 @@ fn regression_leaf_split_twice_in_one_batch() {
     let batch = tree.apply_batch(&ids(1..5), &[]).unwrap();
     assert_eq!(tree.leaf_of(MemberId(0)), Some(7));
     let keys = members.get_mut(&MemberId(0)).unwrap();
-    keys.apply(2, &batch.wraps, &batch.wrapped_data_sa).unwrap();
+    keys.apply_wraps(2, &batch.wraps, &batch.wrapped_data_sa)
+        .unwrap();
     assert_eq!(keys.leaf(), 7);
 }
 

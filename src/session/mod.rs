@@ -6,6 +6,9 @@
 //!
 //! - [`manifest`]: the signed manifest of a rekey message.
 //! - [`chunk`]: the chunk container (header, payload, Merkle path or signature, padding).
+//! - [`layout`]: user-oriented key assignment: a batch's wraps packed into chunks, one chunk
+//!   per member, and the GCKS's whole message build (layout, authentication, signing).
 
 pub mod chunk;
+pub mod layout;
 pub mod manifest;
