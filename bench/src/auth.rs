@@ -89,9 +89,175 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             "ratio": ratio,
         }));
     }
+    let messages = message_costs(quick)?;
     println!(
         "{}",
-        serde_json::json!({"bench": "auth", "bad_mac_rejection": rows})
+        serde_json::json!({"bench": "auth", "bad_mac_rejection": rows, "messages": messages})
     );
     Ok(())
+}
+
+/// For N members at 1% churn (half joins, half leaves), both chunk authentications: the
+/// message's bytes and datagrams, the layout's duplication, the GCKS's time to lay out,
+/// authenticate and sign it, and a member's time to verify the manifest and its chunk and
+/// apply it.
+fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    use rekeycast::gsa::{RekeySa, WrapAlgorithm};
+    use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys};
+    use rekeycast::session::layout::{build_message, MessageParams};
+    use rekeycast::session::manifest::ChunkAuth;
+    use rekeycast::wire::{datagram::OVERHEAD, symbol::FIXED_LEN, DEFAULT_DATAGRAM_SIZE};
+
+    let sizes: &[u32] = if quick { &[12] } else { &[16, 20] };
+    let symbol_size = u16::try_from(DEFAULT_DATAGRAM_SIZE - OVERHEAD - FIXED_LEN)?;
+    let signing_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    println!();
+    println!("auth: one rekey message at 1% churn (J = L), symbol size {symbol_size} B");
+    println!(
+        "{:>5} {:>9} {:>7} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12} {:>10}",
+        "log N",
+        "auth",
+        "wraps",
+        "chunks",
+        "MB",
+        "dup",
+        "manifest",
+        "build ms",
+        "member us",
+        "sig checks"
+    );
+    let mut out = Vec::new();
+    for &log_n in sizes {
+        let n = 1u64 << log_n;
+        let sa = RekeySa {
+            group_id: 1,
+            spi: 1,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::new(4)?,
+            gcks_public_key: signing_key.verifying_key(),
+            data_sa_lifetime_secs: 3600,
+        };
+        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(log_n.into()));
+        let all: Vec<MemberId> = (0..n).map(MemberId).collect();
+        tree.apply_batch(&all, &[])?;
+        let churn = (n / 200).max(1);
+        let leaving: Vec<MemberId> = (0..churn).map(|i| MemberId(i * (n / churn))).collect();
+        let joining: Vec<MemberId> = (n..n + churn).map(MemberId).collect();
+        // One member that stays, and its keys before the batch (a snapshot of the tree's path
+        // is not public, so it joins in the previous batch and is carried forward).
+        let watcher = MemberId(u64::MAX);
+        let batch0 = tree.apply_batch(&[watcher], &[])?;
+        let mut watcher_keys = MemberKeys::from_bundle(&tree.join(watcher)?);
+        let leaves0 = tree.leaves_in_order();
+        let params0 = MessageParams {
+            spi: 1,
+            symbol_size,
+            chunk_auth: ChunkAuth::MerklePath,
+            max_block_symbols: 64,
+            epoch: 0,
+            timestamp_us: 0,
+        };
+        let message0 = build_message(&batch0, &leaves0, &signing_key, &params0)?;
+        let index0 = own_chunk_index(&watcher_keys, &tree, &message0, ChunkAuth::MerklePath)?;
+        verify_and_apply(&mut watcher_keys, &message0, index0, &signing_key)?;
+
+        let batch = tree.apply_batch(&joining, &leaving)?;
+        let leaves = tree.leaves_in_order();
+        for auth in [ChunkAuth::MerklePath, ChunkAuth::Signature] {
+            let params = MessageParams {
+                chunk_auth: auth,
+                ..params0
+            };
+            let start = Instant::now();
+            let message = build_message(&batch, &leaves, &signing_key, &params)?;
+            let build_ms = start.elapsed().as_secs_f64() * 1e3;
+            let bytes: usize =
+                message.chunks.iter().map(Vec::len).sum::<usize>() + message.manifest.len();
+            let datagrams = message.chunks.len() + 1;
+            // The member: verify the manifest and its own chunk, apply it (on a copy, so both
+            // authentications start from the same keys); best of several runs.
+            let index = own_chunk_index(&watcher_keys, &tree, &message, auth)?;
+            let mut best_us = f64::MAX;
+            let mut checks = 0;
+            for _ in 0..20 {
+                let mut keys = watcher_keys.clone();
+                let start = Instant::now();
+                checks = verify_and_apply(&mut keys, &message, index, &signing_key)?;
+                best_us = best_us.min(start.elapsed().as_secs_f64() * 1e6);
+            }
+            let label = match auth {
+                ChunkAuth::MerklePath => "merkle",
+                ChunkAuth::Signature => "signature",
+            };
+            println!(
+                "{:>5} {:>9} {:>7} {:>9} {:>9.2} {:>6.2} {:>10} {:>12.1} {:>12.1} {:>10}",
+                log_n,
+                label,
+                batch.wraps.len(),
+                message.chunks.len(),
+                bytes as f64 / 1e6,
+                message.layout.duplication(),
+                "1 dg",
+                build_ms,
+                best_us,
+                checks
+            );
+            out.push(serde_json::json!({
+                "log_n": log_n, "chunk_auth": label, "wraps": batch.wraps.len(),
+                "chunks": message.chunks.len(), "message_bytes": bytes, "datagrams": datagrams,
+                "manifest_datagrams": 1, "duplication": message.layout.duplication(),
+                "gcks_build_ms": build_ms, "member_verify_apply_us": best_us,
+                "member_signature_checks": checks,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// The index of the member's chunk, from the chunk headers (read unverified, as a member
+/// reads them off arriving symbols to find its own).
+fn own_chunk_index(
+    keys: &rekeycast::lkh::MemberKeys,
+    tree: &rekeycast::lkh::KeyTree,
+    message: &rekeycast::session::layout::BuiltMessage,
+    auth: rekeycast::session::manifest::ChunkAuth,
+) -> anyhow::Result<usize> {
+    use rekeycast::session::chunk::SignedChunk;
+    use rekeycast::session::layout::find_chunk;
+
+    let order_key = tree.degree().order_key(keys.leaf());
+    let headers: Vec<_> = message
+        .chunks
+        .iter()
+        .map(|bytes| SignedChunk::parse(bytes, auth).map(|c| c.header))
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    find_chunk(&headers, order_key).ok_or_else(|| anyhow::anyhow!("no chunk serves the member"))
+}
+
+/// Verifies the manifest and the member's chunk and applies it; returns the number of
+/// signature checks made.
+fn verify_and_apply(
+    keys: &mut rekeycast::lkh::MemberKeys,
+    message: &rekeycast::session::layout::BuiltMessage,
+    index: usize,
+    signing_key: &ed25519_dalek::SigningKey,
+) -> anyhow::Result<u64> {
+    use rekeycast::auth::message::MessageVerifier;
+    use rekeycast::session::manifest::SignedManifest;
+
+    let seq = SignedManifest::parse(&message.manifest)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .manifest
+        .seq;
+    let mut verifier = MessageVerifier::new(signing_key.verifying_key(), 1, 1, 0);
+    let manifest = verifier
+        .verify_manifest(seq, &message.manifest)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .clone();
+    let chunk = verifier
+        .verify_chunk(&manifest, &message.chunks[index])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    keys.apply(&chunk).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(verifier.counters().signature_checks)
 }
