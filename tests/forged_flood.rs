@@ -1,0 +1,241 @@
+//! A member under a flood of forged traffic: random bytes, real datagrams with bits flipped,
+//! datagrams of the right group sealed with a wrong key, and replays, fed between real rekey
+//! messages. The verifier pipeline must drop all of it before any signature check, and every
+//! real message must still be applied.
+
+use ed25519_dalek::SigningKey;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rekeycast::auth::datagram::DatagramVerifier;
+use rekeycast::auth::mac::MacKey;
+use rekeycast::auth::message::MessageVerifier;
+use rekeycast::gsa::{RekeySa, WrapAlgorithm};
+use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys, RekeyBatch};
+use rekeycast::session::chunk::SignedChunk;
+use rekeycast::session::layout::{build_message, MessageParams};
+use rekeycast::session::manifest::ChunkAuth;
+use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, Packet, SymbolRepr};
+
+const GROUP: u32 = 0x00C0_FFEE;
+const SPI: u32 = 3;
+const SYMBOL_SIZE: u16 = 1200;
+
+/// The member side of the verifier pipeline, composed from the public pieces: datagram MAC and
+/// window, then the manifest's signature, then the member's own chunk, then its keys.
+struct Member {
+    datagrams: DatagramVerifier,
+    messages: MessageVerifier,
+    keys: MemberKeys,
+    order_key: u32,
+    degree: Degree,
+    applied: Vec<u64>,
+}
+
+impl Member {
+    fn handle(&mut self, bytes: &[u8]) {
+        let Ok(datagram) = self.datagrams.check(bytes) else {
+            return;
+        };
+        let seq = datagram.seq();
+        let BodyRepr::Symbol(symbol) = datagram.body() else {
+            return;
+        };
+        match symbol.object {
+            ObjectKind::Manifest => {
+                let _ = self.messages.verify_manifest(seq, symbol.data);
+            }
+            ObjectKind::Chunks => {
+                let Some(manifest) = self.messages.manifest(seq).cloned() else {
+                    return;
+                };
+                // Other members' chunks are not verified: only the header is read to find ours.
+                let Ok(unverified) = SignedChunk::parse(symbol.data, manifest.chunk_auth) else {
+                    return;
+                };
+                if !unverified.header.serves(self.order_key) || self.applied.contains(&seq) {
+                    return;
+                }
+                let Ok(chunk) = self.messages.verify_chunk(&manifest, symbol.data) else {
+                    return;
+                };
+                let order_key = self.degree.order_key(self.keys.leaf());
+                if let Ok(rekeyed) = self.keys.apply(&chunk) {
+                    self.order_key = order_key;
+                    self.datagrams.add_key(seq + 1, rekeyed.next_mac_key);
+                    self.applied.push(seq);
+                }
+            }
+        }
+    }
+}
+
+/// The datagrams of one message: its manifest symbol, then every chunk's source symbol, each
+/// sealed with the message's MAC key.
+fn datagrams(tree: &KeyTree, batch: &RekeyBatch, gcks: &SigningKey) -> Vec<Vec<u8>> {
+    let params = MessageParams {
+        spi: SPI,
+        symbol_size: SYMBOL_SIZE,
+        chunk_auth: ChunkAuth::MerklePath,
+        max_block_symbols: 32,
+        epoch: 0,
+        timestamp_us: 0,
+    };
+    let message = build_message(batch, &tree.leaves_in_order(), gcks, &params).unwrap();
+    let partition = message.fec_info.partition();
+    let seq = batch.context.seq;
+    let mut out = vec![seal(
+        seq,
+        ObjectKind::Manifest,
+        0,
+        0,
+        &message.manifest,
+        &batch.mac_key,
+    )];
+    for (index, chunk) in message.chunks.iter().enumerate() {
+        let id = partition.locate(index as u32).unwrap();
+        out.push(seal(
+            seq,
+            ObjectKind::Chunks,
+            id.sbn,
+            id.esi,
+            chunk,
+            &batch.mac_key,
+        ));
+    }
+    out
+}
+
+fn seal(seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8], key: &MacKey) -> Vec<u8> {
+    let repr = DatagramRepr {
+        group_id: GROUP,
+        spi: SPI,
+        seq,
+        body: BodyRepr::Symbol(SymbolRepr {
+            object,
+            sbn,
+            esi,
+            data,
+        }),
+        mac: [0; 16],
+    };
+    let mut buf = vec![0u8; repr.buffer_len()];
+    repr.emit(&mut buf).unwrap();
+    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
+    buf
+}
+
+/// One forged datagram, of one of four kinds.
+fn forge(rng: &mut ChaCha8Rng, real: &[Vec<u8>], newest_seq: u64) -> Vec<u8> {
+    match rng.gen_range(0..4) {
+        // Random bytes of a random length.
+        0 => {
+            let len = rng.gen_range(0..1500);
+            (0..len).map(|_| rng.gen()).collect()
+        }
+        // A real datagram with one to eight bits flipped.
+        1 => {
+            let mut bytes = real[rng.gen_range(0..real.len())].clone();
+            for _ in 0..rng.gen_range(1..=8) {
+                let bit = rng.gen_range(0..bytes.len() * 8);
+                bytes[bit / 8] ^= 1 << (bit % 8);
+            }
+            bytes
+        }
+        // The right group, SA and a current or next sequence number, a plausible manifest or
+        // chunk symbol, sealed with a key the attacker made up.
+        2 => {
+            let key = MacKey::from_bytes(rng.gen());
+            let seq = newest_seq + rng.gen_range(0..=1);
+            let object = if rng.gen() {
+                ObjectKind::Manifest
+            } else {
+                ObjectKind::Chunks
+            };
+            let data: Vec<u8> = (0..rng.gen_range(1..200)).map(|_| rng.gen()).collect();
+            seal(seq, object, 0, rng.gen_range(0..64), &data, &key)
+        }
+        // A replay of a real datagram, byte for byte.
+        _ => real[rng.gen_range(0..real.len())].clone(),
+    }
+}
+
+#[test]
+fn forged_flood_costs_no_signature_checks() {
+    let gcks = SigningKey::from_bytes(&[77; 32]);
+    let sa = RekeySa {
+        group_id: GROUP,
+        spi: SPI,
+        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+        degree: Degree::new(4).unwrap(),
+        gcks_public_key: gcks.verifying_key(),
+        data_sa_lifetime_secs: 3600,
+    };
+    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(1));
+    let others: Vec<MemberId> = (0..300).map(MemberId).collect();
+    tree.apply_batch(&others, &[]).unwrap();
+    let me = MemberId(1_000_000);
+    let batch = tree.apply_batch(&[me], &[]).unwrap();
+    let bundle = tree.join(me).unwrap();
+    let keys = MemberKeys::from_bundle(&bundle);
+    let mut datagrams_verifier = DatagramVerifier::new(GROUP, SPI);
+    datagrams_verifier.add_key(bundle.first_seq, bundle.mac_key.clone());
+    let mut member = Member {
+        datagrams: datagrams_verifier,
+        messages: MessageVerifier::new(gcks.verifying_key(), GROUP, SPI, 0),
+        order_key: tree.degree().order_key(keys.leaf()),
+        degree: tree.degree(),
+        keys,
+        applied: Vec::new(),
+    };
+
+    let mut rng = ChaCha8Rng::seed_from_u64(2026);
+    let mut real = datagrams(&tree, &batch, &gcks);
+    let mut all_real = real.clone();
+    let rounds = 10;
+    let per_round = 100_000;
+    let mut next_id = 2_000_000u64;
+    for round in 0..rounds {
+        for datagram in &real {
+            member.handle(datagram);
+        }
+        let checks_before = member.messages.counters().signature_checks;
+        let newest = tree.seq();
+        for _ in 0..per_round {
+            let forged = forge(&mut rng, &all_real, newest);
+            member.handle(&forged);
+        }
+        assert_eq!(
+            member.messages.counters().signature_checks,
+            checks_before,
+            "round {round}: the flood caused signature checks"
+        );
+        // The next real message: some churn among the others.
+        let leaving = [MemberId(round as u64 * 7)];
+        let joining = [MemberId(next_id)];
+        next_id += 1;
+        let batch = tree.apply_batch(&joining, &leaving).unwrap();
+        real = datagrams(&tree, &batch, &gcks);
+        all_real.extend(real.iter().cloned());
+    }
+    for datagram in &real {
+        member.handle(datagram);
+    }
+
+    // Every real message applied, in order, and the member holds the current key.
+    let first = bundle.first_seq;
+    let expected: Vec<u64> = (first..=tree.seq()).collect();
+    assert_eq!(member.applied, expected);
+    assert_eq!(
+        member.keys.group_key().map(|k| k.key.as_bytes().to_vec()),
+        Some(tree.group_key().1.as_bytes().to_vec())
+    );
+    // One signature check per real message, none for the 1,000,000 forged datagrams.
+    let counters = *member.messages.counters();
+    assert_eq!(counters.signature_checks, expected.len() as u64);
+    assert_eq!(counters.signature_failures, 0);
+    let rejected = member.datagrams.counters().rejected();
+    assert!(
+        rejected > (rounds * per_round / 2) as u64,
+        "most forgeries die at the MAC: {rejected}"
+    );
+}
