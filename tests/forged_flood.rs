@@ -3,6 +3,9 @@
 //! messages. The verifier pipeline must drop all of it before any signature check, and every
 //! real message must still be applied.
 
+// Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
