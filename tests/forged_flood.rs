@@ -196,7 +196,6 @@ fn forged_flood_costs_no_signature_checks() {
     let mut all_real = real.clone();
     let rounds = 10;
     let per_round = 100_000;
-    let mut next_id = 2_000_000u64;
     for round in 0..rounds {
         for datagram in &real {
             member.handle(datagram);
@@ -214,8 +213,7 @@ fn forged_flood_costs_no_signature_checks() {
         );
         // The next real message: some churn among the others.
         let leaving = [MemberId(round as u64 * 7)];
-        let joining = [MemberId(next_id)];
-        next_id += 1;
+        let joining = [MemberId(2_000_000 + round as u64)];
         let batch = tree.apply_batch(&joining, &leaving).unwrap();
         real = datagrams(&tree, &batch, &gcks);
         all_real.extend(real.iter().cloned());
