@@ -107,7 +107,13 @@ pub fn lay_out(
     if leaves.is_empty() {
         return Err(LayoutError::NoLeaves);
     }
-    let mut allowed_chunks = 1usize;
+    // A first guess at the chunk count, from the wraps alone (duplication only adds chunks),
+    // so that large messages are usually laid out once.
+    let room_without_path =
+        symbol_size.saturating_sub(chunk::HEADER_LEN + COUNT_LEN + WRAPPED_DATA_SA_LEN + 1);
+    let mut allowed_chunks = (batch.wraps.len() * WRAP_LEN)
+        .div_ceil(room_without_path.max(1))
+        .next_power_of_two();
     loop {
         let fixed = chunk::HEADER_LEN
             + COUNT_LEN
