@@ -1,4 +1,122 @@
 //! rekeycast-nack: sans-IO NACK scheduling, suppression, repair aggregation and GRTT.
 //!
-//! This crate is being built (issue 6); it has no public items yet.
+//! This crate decides when a receiver asks for repair and how much the sender sends. It owns
+//! no socket, no clock and no thread (quinn-proto style): every input takes the current time
+//! as an argument, every output is polled, and every random choice comes from a
+//! [`rand_chacha::ChaCha8Rng`] seeded from the configuration, so a run reproduces exactly.
+//!
+//! - [`NackScheduler`] (receiver side): one randomized, truncated-exponential NACK backoff
+//!   timer per incomplete block, suppressed by NACKs or repair advertisements heard for the
+//!   same block asking for at least as much, re-armed per round, [`Event::OutOfSync`] after
+//!   the configured number of rounds (RFC 5740 5.5.2, RFC 5401).
+//! - [`RepairAggregator`] (sender side): NACKs collected per block over a hold-off window, one
+//!   repair order of `max(need)` fresh ESIs per block and round within a cap, token-bucket
+//!   pacing, immediate repair advertisements for the unicast feedback mode.
+//! - [`GrttEstimator`]: probe timestamps, echoes, a decaying maximum within bounds.
+//! - [`ProactiveRepair`]: the number of proactive repair symbols per block from NACK
+//!   statistics (the Keystone / UKA idea), for a target fraction of NACKing receivers.
+//! - [`backoff`]: the backoff distribution and the analytic expectation of NACKs per loss.
+//! - [`sim`]: a seeded discrete-event simulator of one sender and many receivers, used by the
+//!   tests and by `rekeycast-bench nack`.
+//!
+//! The types here map 1:1 to the wire formats of the `rekeycast` crate (which depends on this
+//! one, not the other way round): [`Nack`] to `wire::nack::NackRepr`, [`ProbeEcho`] to
+//! `wire::nack::ProbeEcho`, [`Advertisement`] and [`RepairOrder`] to a heartbeat's
+//! `RepairEntry`, [`HeartbeatInfo`] to the fields of `wire::heartbeat::HeartbeatRepr` that
+//! feedback uses.
 #![forbid(unsafe_code)]
+
+pub mod aggregator;
+pub mod backoff;
+pub mod grtt;
+pub mod proactive;
+pub mod scheduler;
+pub mod sim;
+
+pub use aggregator::{
+    Advertisement, AggregatorConfig, AggregatorStats, IncomingNack, NackDisposition,
+    RepairAggregator, RepairOrder, RepairSymbol,
+};
+pub use grtt::{GrttConfig, GrttEstimator};
+pub use proactive::{BlockNackStats, ProactiveConfig, ProactiveRepair};
+pub use scheduler::{Event, HeartbeatInfo, Nack, NackScheduler, SchedulerConfig};
+
+/// Which FEC object of a rekey message a block belongs to (the wire's `ObjectKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectId {
+    /// The signed manifest (wire value 0).
+    Manifest,
+    /// The chunks, the user-oriented key packets (wire value 1).
+    Chunks,
+}
+
+impl ObjectId {
+    /// The wire value of the object kind.
+    pub const fn to_u8(self) -> u8 {
+        match self {
+            Self::Manifest => 0,
+            Self::Chunks => 1,
+        }
+    }
+
+    /// The object kind of a wire value, if it names one.
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Manifest),
+            1 => Some(Self::Chunks),
+            _ => None,
+        }
+    }
+}
+
+/// One FEC source block of one rekey message: the unit NACKs and repair are about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey {
+    /// The rekey message's sequence number.
+    pub seq: u64,
+    /// The FEC object within the message.
+    pub object: ObjectId,
+    /// The source block number (RFC 6330 SBN).
+    pub sbn: u8,
+}
+
+/// A GRTT probe echo: the sender's probe timestamp and how long the receiver held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeEcho {
+    /// The probe timestamp from the sender's heartbeat, microseconds of the sender's clock.
+    pub timestamp_us: u64,
+    /// Time between receiving the probe and sending the echo, microseconds.
+    pub hold_us: u32,
+}
+
+/// Where receivers send their NACKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FeedbackMode {
+    /// NACKs go unicast to the sender (or relay), which at once multicasts a repair
+    /// advertisement that suppresses the others. Works on source-specific multicast and on
+    /// any network, hence the default.
+    #[default]
+    Unicast,
+    /// NACKs are multicast to the group, so receivers hear and suppress each other (RFC 5740's
+    /// any-source multicast mode).
+    Multicast,
+}
+
+/// A configuration value this crate cannot work with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A field is out of its valid range.
+    #[error("invalid configuration: {field} {reason}")]
+    Invalid {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Converts a duration to whole microseconds, saturating at `u64::MAX`.
+pub(crate) fn duration_us(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}

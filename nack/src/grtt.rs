@@ -1,0 +1,220 @@
+//! The sender's group round-trip time estimate.
+//!
+//! The sender stamps heartbeats with a probe time ([`GrttEstimator::probe_timestamp_us`]);
+//! receivers echo it with how long they held it, in NACKs or in rare, randomly suppressed
+//! probe replies; each echo gives `rtt = now - timestamp - hold`. The GRTT is a decaying
+//! maximum of these samples: it rises at once to a larger sample and, for every probe
+//! interval without a larger one, falls halfway towards the largest sample of that interval
+//! (RFC 5740 5.5.2's GRTT collection, simplified as in ALGORITHMS.md). It stays within the
+//! configured bounds. Intervals without any sample leave it unchanged: silence is not
+//! evidence that the group got closer.
+
+use std::time::{Duration, Instant};
+
+use crate::{duration_us, ConfigError, ProbeEcho};
+
+/// Configuration of a [`GrttEstimator`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrttConfig {
+    /// The estimate before any sample.
+    pub initial: Duration,
+    /// The lower bound.
+    pub min: Duration,
+    /// The upper bound.
+    pub max: Duration,
+    /// The probe interval: the estimate decays at most once per interval.
+    pub probe_interval: Duration,
+}
+
+impl Default for GrttConfig {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            min: Duration::from_millis(1),
+            max: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl GrttConfig {
+    /// Checks that the bounds are ordered and the interval is not zero.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason| ConfigError::Invalid { field, reason };
+        if self.min > self.max {
+            return Err(invalid("min", "must not exceed max"));
+        }
+        if self.probe_interval.is_zero() {
+            return Err(invalid("probe_interval", "must not be zero"));
+        }
+        Ok(())
+    }
+}
+
+/// The sender's GRTT estimator.
+///
+/// Call order: [`probe_timestamp_us`](Self::probe_timestamp_us) when building a heartbeat;
+/// [`handle_echo`](Self::handle_echo) for every echo in a NACK or probe reply;
+/// [`handle_timeout`](Self::handle_timeout) at [`poll_timeout`](Self::poll_timeout); read
+/// [`grtt`](Self::grtt) to advertise.
+#[derive(Debug, Clone)]
+pub struct GrttEstimator {
+    config: GrttConfig,
+    epoch: Instant,
+    grtt: Duration,
+    interval_start: Instant,
+    interval_max: Option<Duration>,
+    raised_in_interval: bool,
+}
+
+impl GrttEstimator {
+    /// An estimator whose probe clock starts at `now`.
+    pub fn new(config: GrttConfig, now: Instant) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            grtt: config.initial.clamp(config.min, config.max),
+            config,
+            epoch: now,
+            interval_start: now,
+            interval_max: None,
+            raised_in_interval: false,
+        })
+    }
+
+    /// The current estimate.
+    pub fn grtt(&self) -> Duration {
+        self.grtt
+    }
+
+    /// The probe timestamp to put in a heartbeat sent at `now`: microseconds since the
+    /// estimator's epoch.
+    pub fn probe_timestamp_us(&self, now: Instant) -> u64 {
+        duration_us(now.saturating_duration_since(self.epoch))
+    }
+
+    /// An echo arrived at `now`. Returns the round-trip sample, or `None` when the echo is
+    /// impossible (from the future, or a hold longer than the time since the probe).
+    pub fn handle_echo(&mut self, now: Instant, echo: ProbeEcho) -> Option<Duration> {
+        self.handle_timeout(now);
+        let now_us = self.probe_timestamp_us(now);
+        let rtt_us = now_us
+            .checked_sub(echo.timestamp_us)?
+            .checked_sub(u64::from(echo.hold_us))?;
+        let sample = Duration::from_micros(rtt_us);
+        self.interval_max = Some(self.interval_max.map_or(sample, |max| max.max(sample)));
+        if sample > self.grtt {
+            self.grtt = sample.clamp(self.config.min, self.config.max);
+            self.raised_in_interval = true;
+        }
+        Some(sample)
+    }
+
+    /// Ends the probe intervals that are over, letting the estimate decay.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while now >= self.interval_start + self.config.probe_interval {
+            self.interval_start += self.config.probe_interval;
+            if let Some(max) = self.interval_max.take() {
+                if !self.raised_in_interval && max < self.grtt {
+                    self.grtt =
+                        (max + (self.grtt - max) / 2).clamp(self.config.min, self.config.max);
+                }
+            }
+            self.raised_in_interval = false;
+            if self.interval_max.is_none()
+                && now >= self.interval_start + self.config.probe_interval
+            {
+                // Skip the empty intervals at once: they change nothing.
+                let behind = now.saturating_duration_since(self.interval_start);
+                let intervals = behind.as_nanos() / self.config.probe_interval.as_nanos();
+                let skip = u32::try_from(intervals).unwrap_or(u32::MAX);
+                self.interval_start += self.config.probe_interval.saturating_mul(skip);
+            }
+        }
+    }
+
+    /// The end of the current probe interval.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        Some(self.interval_start + self.config.probe_interval)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GrttConfig {
+        GrttConfig {
+            initial: Duration::from_millis(10),
+            min: Duration::from_millis(5),
+            max: Duration::from_millis(500),
+            probe_interval: Duration::from_millis(100),
+        }
+    }
+
+    fn echo(estimator: &GrttEstimator, sent: Instant, hold_ms: u32) -> ProbeEcho {
+        ProbeEcho {
+            timestamp_us: estimator.probe_timestamp_us(sent),
+            hold_us: hold_ms * 1000,
+        }
+    }
+
+    #[test]
+    fn rises_at_once_and_halves_the_excess_per_interval() {
+        let t0 = Instant::now();
+        let mut e = GrttEstimator::new(config(), t0).unwrap();
+        let probe = echo(&e, t0, 20);
+        // 100 ms after the probe with 20 ms hold: 80 ms.
+        let sample = e.handle_echo(t0 + Duration::from_millis(100), probe);
+        assert_eq!(sample, Some(Duration::from_millis(80)));
+        assert_eq!(e.grtt(), Duration::from_millis(80));
+        // Next interval: only 40 ms samples; the excess (40 ms) halves at the interval's end.
+        let sent = t0 + Duration::from_millis(250);
+        let probe = echo(&e, sent, 0);
+        e.handle_echo(sent + Duration::from_millis(40), probe);
+        e.handle_timeout(t0 + Duration::from_millis(300));
+        assert_eq!(e.grtt(), Duration::from_millis(60));
+    }
+
+    #[test]
+    fn bounds_and_impossible_echoes() {
+        let t0 = Instant::now();
+        let mut e = GrttEstimator::new(config(), t0).unwrap();
+        let now = t0 + Duration::from_secs(5);
+        let huge = ProbeEcho {
+            timestamp_us: 0,
+            hold_us: 0,
+        };
+        e.handle_echo(now, huge);
+        assert_eq!(e.grtt(), Duration::from_millis(500));
+        let future = ProbeEcho {
+            timestamp_us: e.probe_timestamp_us(now) + 1,
+            hold_us: 0,
+        };
+        assert_eq!(e.handle_echo(now, future), None);
+        let long_hold = ProbeEcho {
+            timestamp_us: e.probe_timestamp_us(now),
+            hold_us: 1,
+        };
+        assert_eq!(e.handle_echo(now, long_hold), None);
+        // Tiny samples decay towards them but never below the minimum.
+        for i in 1..40u64 {
+            let sent = now + Duration::from_millis(100 * i);
+            let probe = echo(&e, sent, 0);
+            e.handle_echo(sent + Duration::from_millis(1), probe);
+        }
+        e.handle_timeout(now + Duration::from_secs(10));
+        assert_eq!(e.grtt(), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn silence_keeps_the_estimate() {
+        let t0 = Instant::now();
+        let mut e = GrttEstimator::new(config(), t0).unwrap();
+        let probe = echo(&e, t0, 0);
+        e.handle_echo(t0 + Duration::from_millis(90), probe);
+        e.handle_timeout(t0 + Duration::from_secs(3600));
+        assert_eq!(e.grtt(), Duration::from_millis(90));
+        assert!(e.poll_timeout().unwrap() > t0 + Duration::from_secs(3600));
+    }
+}
