@@ -27,6 +27,8 @@ enum Area {
     Lkh,
     /// RaptorQ wrapper: encode/decode and on-demand repair next to raw raptorq; decode failure.
     Fec,
+    /// NACK suppression and repair aggregation in the seeded simulator, G up to 10,000.
+    Nack,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,10 +38,12 @@ fn main() -> anyhow::Result<()> {
         Area::Auth => auth::run(cli.quick),
         Area::Lkh => lkh::run(cli.quick),
         Area::Fec => fec::run(cli.quick),
+        Area::Nack => nack::run(cli.quick),
     }
 }
 
 mod auth;
 mod fec;
 mod lkh;
+mod nack;
 mod wire;
