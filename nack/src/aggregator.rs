@@ -21,6 +21,9 @@ use crate::{BlockKey, ConfigError};
 /// The largest ESI (RFC 6330's 24-bit encoding symbol id).
 pub const MAX_ESI: u32 = (1 << 24) - 1;
 
+/// Token counts this close to one count as a whole token (floating-point rounding).
+const TOKEN_EPSILON: f64 = 1e-9;
+
 /// Configuration of a [`RepairAggregator`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregatorConfig {
@@ -358,11 +361,14 @@ impl RepairAggregator {
             .values()
             .filter_map(|state| state.pending.map(|pending| pending.deadline))
             .min();
-        let token = if self.queue.is_empty() || self.tokens >= 1.0 {
+        let token = if self.queue.is_empty() || self.tokens >= 1.0 - TOKEN_EPSILON {
             self.refilled_at.filter(|_| !self.queue.is_empty())
         } else {
+            // Rounded up by a nanosecond: at a deadline truncated to whole nanoseconds the
+            // bucket could hold a hair less than one token, and a driver would spin on it.
             self.refilled_at.map(|at| {
                 at + Duration::from_secs_f64((1.0 - self.tokens) / self.config.repair_rate)
+                    + Duration::from_nanos(1)
             })
         };
         match (windows, token) {
@@ -387,10 +393,10 @@ impl RepairAggregator {
     #[must_use]
     pub fn poll_repair(&mut self, now: Instant) -> Option<RepairSymbol> {
         self.refill(now);
-        if self.queue.is_empty() || self.tokens < 1.0 {
+        if self.queue.is_empty() || self.tokens < 1.0 - TOKEN_EPSILON {
             return None;
         }
-        self.tokens -= 1.0;
+        self.tokens = (self.tokens - 1.0).max(0.0);
         self.queue.pop_front()
     }
 
@@ -480,7 +486,8 @@ mod tests {
         assert_eq!(a.poll_order(), None);
         // Paced: 4 at once (bucket depth), the fifth a millisecond later.
         assert_eq!(symbols[3].0, t0 + Duration::from_millis(100));
-        assert_eq!(symbols[4].0, t0 + Duration::from_millis(101));
+        assert!(symbols[4].0 >= t0 + Duration::from_millis(101));
+        assert!(symbols[4].0 <= t0 + Duration::from_millis(101) + Duration::from_micros(1));
         assert_eq!(a.next_esi(&block(0)), Some(45));
     }
 
@@ -511,6 +518,43 @@ mod tests {
         a.retire_before(2);
         assert!(drain(&mut a, t0 + Duration::from_secs(1)).is_empty());
         assert_eq!(a.stats().ignored, 2);
+    }
+
+    /// Regression: found by the bench (G = 1000, bursty loss, message 24): at the pacing
+    /// deadline the bucket held 0.99999... tokens, `poll_repair` returned nothing and
+    /// `poll_timeout` returned the same instant forever.
+    #[test]
+    fn pacing_deadline_always_makes_progress() {
+        for (rate, offset_ns) in [(20_000.0, 973_466_491u64), (3.0, 1), (7_777.7, 123_456_789)] {
+            let t0 = Instant::now() + Duration::from_nanos(offset_ns);
+            let mut a = RepairAggregator::new(AggregatorConfig {
+                hold_off: Duration::from_nanos(offset_ns % 1_000_003),
+                max_repair_per_round: 64,
+                repair_rate: rate,
+                bucket_depth: 1,
+                advertise: false,
+            })
+            .unwrap();
+            a.register_block(block(0), 0);
+            let _ = a.handle_nack(t0, &nack(0, 1, 64));
+            let mut sent = 0;
+            let mut now = t0;
+            for _ in 0..1000 {
+                let Some(at) = a.poll_timeout() else { break };
+                now = now.max(at);
+                a.handle_timeout(now);
+                let before = sent;
+                while a.poll_repair(now).is_some() {
+                    sent += 1;
+                }
+                let next = a.poll_timeout();
+                assert!(
+                    sent > before || next.map_or(true, |n| n > now),
+                    "spin at {now:?}"
+                );
+            }
+            assert_eq!(sent, 64);
+        }
     }
 
     #[test]

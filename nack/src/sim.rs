@@ -1031,8 +1031,14 @@ impl<'a> Sim<'a> {
 
     fn service_sender(&mut self, now: Instant) {
         self.aggregator.handle_timeout(now);
+        let current = self.key(0).seq;
         while let Some(order) = self.aggregator.poll_order() {
-            let track = &mut self.blocks[usize::from(order.block.sbn)];
+            let Some(track) = self.blocks.get_mut(usize::from(order.block.sbn)) else {
+                continue;
+            };
+            if order.block.seq != current {
+                continue;
+            }
             track.rounds = track.rounds.max(order.round);
             if order.round == 1 {
                 track.first_round_max_need = order.max_need;
@@ -1041,7 +1047,12 @@ impl<'a> Sim<'a> {
         let epsilon = self.symbol_interval();
         while let Some(symbol) = self.aggregator.poll_repair(now) {
             let block = symbol.block.sbn;
-            let track = &mut self.blocks[usize::from(block)];
+            if symbol.block.seq != current {
+                continue;
+            }
+            let Some(track) = self.blocks.get_mut(usize::from(block)) else {
+                continue;
+            };
             track.repair_sent += 1;
             let index = track.repair_sent;
             self.trace(now, &[3, u64::from(block), u64::from(symbol.esi)]);
@@ -1079,6 +1090,8 @@ impl<'a> Sim<'a> {
             return;
         }
         self.finish_message();
+        // Every receiver is done with this message: its repair is moot.
+        self.aggregator.retire_before(u64::from(self.message) + 2);
         self.message += 1;
         if self.message < self.config.messages {
             let at = now + self.config.grtt();
