@@ -53,8 +53,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     eprintln!(
         "rekeycast {}: `{}` is not built yet: it {}.\n\
-         What exists today: the wire formats (`cargo doc --open -p rekeycast`) and their tests \
-         (`cargo test --workspace`).",
+         What exists today: the library's wire formats, key tree, FEC, NACK and message layers \
+         (`cargo doc --open -p rekeycast`), their tests (`cargo test --workspace`) and benchmarks \
+         (`cargo run --release -p rekeycast-bench -- --help`).",
         env!("CARGO_PKG_VERSION"),
         cli.command.name(),
         cli.command.missing()

@@ -240,3 +240,107 @@ fn forged_flood_costs_no_signature_checks() {
         "most forgeries die at the MAC: {rejected}"
     );
 }
+
+#[test]
+fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step() {
+    let gcks = SigningKey::from_bytes(&[78; 32]);
+    let sa = RekeySa {
+        group_id: GROUP,
+        spi: SPI,
+        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+        degree: Degree::new(4).unwrap(),
+        gcks_public_key: gcks.verifying_key(),
+        data_sa_lifetime_secs: 3600,
+    };
+    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(9));
+    tree.apply_batch(&(0..40).map(MemberId).collect::<Vec<_>>(), &[])
+        .unwrap();
+    let me = MemberId(500);
+    let batch = tree.apply_batch(&[me], &[]).unwrap();
+    let bundle = tree.join(me).unwrap();
+    let keys = MemberKeys::from_bundle(&bundle);
+    let mut datagram_verifier = DatagramVerifier::new(GROUP, SPI);
+    datagram_verifier.add_key(bundle.first_seq, bundle.mac_key.clone());
+    let mut member = Member {
+        datagrams: datagram_verifier,
+        messages: MessageVerifier::new(gcks.verifying_key(), GROUP, SPI, 0),
+        order_key: tree.degree().order_key(keys.leaf()),
+        degree: tree.degree(),
+        keys,
+        applied: Vec::new(),
+    };
+    // Every datagram type of the message's sequence number: the manifest symbol, every chunk
+    // symbol, a heartbeat, a NACK and a probe reply, each sealed with the message's MAC key.
+    let mut real = datagrams(&tree, &batch, &gcks);
+    let seq = batch.context.seq;
+    let others = [
+        BodyRepr::Heartbeat(rekeycast::wire::HeartbeatRepr {
+            advertisement: true,
+            probe_reply_requested: false,
+            probe_timestamp_us: 1_000,
+            grtt_us: 50_000,
+            group_size: 41,
+            oldest_seq: 1,
+            backoff_factor: 8,
+            entries: vec![rekeycast::wire::RepairEntry {
+                seq,
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                count: 2,
+            }],
+        }),
+        BodyRepr::Nack(rekeycast::wire::NackRepr {
+            object: ObjectKind::Chunks,
+            sbn: 0,
+            round: 1,
+            need: 2,
+            receiver_id: 7,
+            echo: None,
+        }),
+        BodyRepr::ProbeReply(rekeycast::wire::ProbeReplyRepr {
+            receiver_id: 7,
+            echo: rekeycast::wire::nack::ProbeEcho {
+                timestamp_us: 1_000,
+                hold_us: 10,
+            },
+        }),
+    ];
+    for body in others {
+        let repr = DatagramRepr {
+            group_id: GROUP,
+            spi: SPI,
+            seq,
+            body,
+            mac: [0; 16],
+        };
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut buf).unwrap();
+        batch
+            .mac_key
+            .seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
+        real.push(buf);
+    }
+
+    let mut flips = 0u64;
+    for datagram in &real {
+        for bit in 0..datagram.len() * 8 {
+            let mut flipped = datagram.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            member.handle(&flipped);
+            flips += 1;
+        }
+    }
+    let datagram_counters = *member.datagrams.counters();
+    assert_eq!(datagram_counters.accepted, 0, "a flipped datagram passed");
+    assert_eq!(datagram_counters.rejected(), flips);
+    assert_eq!(member.messages.counters().signature_checks, 0);
+    assert!(member.applied.is_empty());
+
+    // The real datagrams still work afterwards: nothing the flips did changed the state.
+    for datagram in &real {
+        member.handle(datagram);
+    }
+    assert_eq!(member.applied, vec![seq]);
+    assert_eq!(member.messages.counters().signature_checks, 1);
+}
