@@ -114,7 +114,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     println!();
     println!("auth: one rekey message at 1% churn (J = L), symbol size {symbol_size} B");
     println!(
-        "{:>5} {:>9} {:>7} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12} {:>10}",
+        "{:>5} {:>9} {:>7} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12} {:>10} {:>10}",
         "log N",
         "auth",
         "wraps",
@@ -124,6 +124,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
         "manifest",
         "build ms",
         "member us",
+        "msgs/s",
         "sig checks"
     );
     let mut out = Vec::new();
@@ -190,7 +191,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
                 ChunkAuth::Signature => "signature",
             };
             println!(
-                "{:>5} {:>9} {:>7} {:>9} {:>9.2} {:>6.2} {:>10} {:>12.1} {:>12.1} {:>10}",
+                "{:>5} {:>9} {:>7} {:>9} {:>9.2} {:>6.2} {:>10} {:>12.1} {:>12.1} {:>10.0} {:>10}",
                 log_n,
                 label,
                 batch.wraps.len(),
@@ -200,6 +201,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
                 "1 dg",
                 build_ms,
                 best_us,
+                1e6 / best_us,
                 checks
             );
             out.push(serde_json::json!({
@@ -208,6 +210,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
                 "manifest_datagrams": 1, "duplication": message.layout.duplication(),
                 "gcks_build_ms": build_ms, "member_verify_apply_us": best_us,
                 "member_signature_checks": checks,
+                "member_verified_messages_per_s": 1e6 / best_us,
             }));
         }
     }
