@@ -80,8 +80,7 @@ fn datagrams(tree: &KeyTree, batch: &RekeyBatch, gcks: &SigningKey) -> Vec<Vec<u
         symbol_size: SYMBOL_SIZE,
         chunk_auth: ChunkAuth::MerklePath,
         max_block_symbols: 32,
-        epoch: 0,
-        timestamp_us: 0,
+        ..MessageParams::default()
     };
     let message = build_message(batch, &tree.leaves_in_order(), gcks, &params).unwrap();
     let partition = message.fec_info.partition();

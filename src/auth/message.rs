@@ -328,6 +328,7 @@ mod tests {
                 ChunkAuth::Signature => [0; 16],
             },
             fec_info: vec![1; 12],
+            block_first_keys: vec![0],
         }
         .sign(&key)
         .unwrap();

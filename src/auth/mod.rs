@@ -90,6 +90,7 @@ mod tests {
             timestamp_us: 0,
             chunk_root: [1; 16],
             fec_info: vec![9; 12],
+            block_first_keys: vec![0],
         }
         .sign(key)
         .unwrap()

@@ -31,6 +31,11 @@ use crate::lkh::{Degree, NodeId, RekeyBatch, Wrap, WrapError, WRAP_LEN};
 /// Bytes of the wrap count that starts a payload.
 const COUNT_LEN: usize = 2;
 
+/// The fewest chunks a signing thread is given. Starting a thread costs tens of microseconds
+/// and a signature about 20, so a thread with fewer chunks would slow a small message down
+/// (measured: 19 chunks signed on 2 threads took longer than on 1).
+const MIN_CHUNKS_PER_THREAD: usize = 32;
+
 /// What can go wrong while laying out a message or reading a chunk's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -221,21 +226,58 @@ pub fn read_payload(chunk: &Verified<Chunk>) -> Result<(Vec<Wrap>, WrappedDataSa
     Ok((wraps, data_sa))
 }
 
-/// How the GCKS builds a message.
+/// How the GCKS builds a message. [`MessageParams::default`] gives the defaults named on each
+/// field; set at least `spi`, `epoch` and `timestamp_us` from the Rekey SA and the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageParams {
-    /// The SPI of the Rekey SA.
+    /// The SPI of the Rekey SA (RFC 4046 6.2). Default 1.
     pub spi: u32,
-    /// The FEC symbol size (every chunk is padded to it).
+    /// The FEC symbol size in bytes: every chunk is padded to it, and a symbol datagram adds
+    /// 47 bytes of header, symbol fields and MAC to it. Default 1,200 (a 1,247-byte datagram,
+    /// within [`crate::wire::DEFAULT_DATAGRAM_SIZE`]); a path that must stay within
+    /// [`crate::wire::IPV6_SAFE_DATAGRAM_SIZE`] needs 1,185 or less.
     pub symbol_size: u16,
-    /// How chunks authenticate themselves.
+    /// How chunks authenticate themselves. Default [`ChunkAuth::Signature`] (see
+    /// [`ChunkAuth`] for the measurements behind it).
     pub chunk_auth: ChunkAuth,
-    /// The largest FEC source block, in symbols.
+    /// The largest FEC source block, in symbols (B). Default
+    /// [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`].
     pub max_block_symbols: u32,
-    /// The epoch of the Rekey SA.
+    /// The epoch of the Rekey SA: raised when the sequence restarts. Default 0.
     pub epoch: u32,
-    /// When the message is built, microseconds since the Unix epoch.
+    /// When the message is built, microseconds since the Unix epoch. Default 0.
     pub timestamp_us: u64,
+    /// Threads that sign chunks in [`ChunkAuth::Signature`] mode (one Ed25519 signature per
+    /// chunk, thousands for a large group). 0, the default, means
+    /// [`std::thread::available_parallelism`] (1 if that is unknown). A small message uses
+    /// fewer threads (each signs at least 32 chunks). The message is the same bytes whatever
+    /// the count.
+    pub signing_threads: usize,
+}
+
+impl Default for MessageParams {
+    fn default() -> Self {
+        Self {
+            spi: 1,
+            symbol_size: 1200,
+            chunk_auth: ChunkAuth::default(),
+            max_block_symbols: rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS,
+            epoch: 0,
+            timestamp_us: 0,
+            signing_threads: 0,
+        }
+    }
+}
+
+impl MessageParams {
+    /// The number of signing threads `signing_threads` stands for: itself, or the available
+    /// parallelism when it is 0.
+    pub fn resolved_signing_threads(&self) -> usize {
+        match self.signing_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            threads => threads,
+        }
+    }
 }
 
 /// A message ready to send: the signed manifest, the authenticated chunks (the FEC source
@@ -271,6 +313,10 @@ pub enum BuildError {
 }
 
 /// Lays out, authenticates and signs the message of `batch` for the members at `leaves`.
+///
+/// In [`ChunkAuth::Signature`] mode the chunks are signed on
+/// [`MessageParams::signing_threads`] threads, each over a contiguous slice of the chunks; the
+/// result does not depend on the thread count (Ed25519 signatures are deterministic).
 pub fn build_message(
     batch: &RekeyBatch,
     leaves: &[NodeId],
@@ -279,6 +325,10 @@ pub fn build_message(
 ) -> Result<BuiltMessage, BuildError> {
     let symbol_size = usize::from(params.symbol_size);
     let layout = lay_out(batch, leaves, symbol_size, params.chunk_auth)?;
+    let chunk_count = u32::try_from(layout.chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
+    let fec_info =
+        rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, params.max_block_symbols)?;
+    let block_first_keys = block_first_keys(&layout, &fec_info)?;
     let authenticated = layout
         .chunks
         .iter()
@@ -300,23 +350,13 @@ pub fn build_message(
             (chunks, tree.root())
         }
         ChunkAuth::Signature => {
-            let chunks = authenticated
-                .into_iter()
-                .map(|bytes| {
-                    let signature = chunk::sign(signing_key, &bytes);
-                    chunk::finish(
-                        bytes,
-                        &chunk::Authenticator::Signature(signature),
-                        symbol_size,
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let threads = params
+                .resolved_signing_threads()
+                .min(authenticated.len().div_ceil(MIN_CHUNKS_PER_THREAD));
+            let chunks = sign_chunks(authenticated, signing_key, symbol_size, threads)?;
             (chunks, [0; HASH_LEN])
         }
     };
-    let chunk_count = u32::try_from(chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
-    let fec_info =
-        rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, params.max_block_symbols)?;
     let manifest = super::manifest::Manifest {
         wrap_algorithm: batch.context.algorithm.id(),
         chunk_auth: params.chunk_auth,
@@ -329,12 +369,87 @@ pub fn build_message(
         timestamp_us: params.timestamp_us,
         chunk_root,
         fec_info: fec_info.to_bytes().to_vec(),
+        block_first_keys,
     };
     Ok(BuiltMessage {
         manifest: manifest.sign(signing_key)?,
         chunks,
         fec_info,
         layout,
+    })
+}
+
+/// For each FEC source block of the chunk object, in SBN order, the first leaf order key of its
+/// first chunk (what [`super::manifest::Manifest::block_first_keys`] carries).
+fn block_first_keys(
+    layout: &Layout,
+    fec_info: &rekeycast_fec::ObjectInfo,
+) -> Result<Vec<u32>, BuildError> {
+    let partition = fec_info.partition();
+    (0..fec_info.source_blocks())
+        .map(|sbn| {
+            let start = partition.block_start(sbn)?;
+            // The partition covers exactly the layout's chunks (the object info was made from
+            // their count), so every block starts at a chunk; a miss is reported, not a panic.
+            let (header, _) = usize::try_from(start)
+                .ok()
+                .and_then(|start| layout.chunks.get(start))
+                .ok_or(LayoutError::TooManyChunks)?;
+            Ok(header.first_leaf)
+        })
+        .collect()
+}
+
+/// Signs each chunk and pads it to the symbol size, on `threads` threads (at least one, at
+/// most one per chunk) that each take a contiguous slice of the chunks, in order.
+fn sign_chunks(
+    authenticated: Vec<Vec<u8>>,
+    signing_key: &ed25519_dalek::SigningKey,
+    symbol_size: usize,
+    threads: usize,
+) -> Result<Vec<Vec<u8>>, chunk::ChunkError> {
+    let sign_one = |bytes: Vec<u8>| {
+        let signature = chunk::sign(signing_key, &bytes);
+        chunk::finish(
+            bytes,
+            &chunk::Authenticator::Signature(signature),
+            symbol_size,
+        )
+    };
+    let threads = threads.clamp(1, authenticated.len().max(1));
+    if threads == 1 {
+        return authenticated.into_iter().map(sign_one).collect();
+    }
+    let per_thread = authenticated.len().div_ceil(threads);
+    let mut slices = Vec::with_capacity(threads);
+    let mut rest = authenticated;
+    while !rest.is_empty() {
+        let tail = rest.split_off(per_thread.min(rest.len()));
+        slices.push(rest);
+        rest = tail;
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = slices
+            .into_iter()
+            .map(|slice| {
+                scope.spawn(move || {
+                    slice
+                        .into_iter()
+                        .map(sign_one)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut chunks = Vec::new();
+        for handle in handles {
+            match handle.join() {
+                Ok(signed) => chunks.extend(signed?),
+                // Signing does not panic; if it ever did, the panic goes on to the caller as
+                // it would have single-threaded.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(chunks)
     })
 }
 
@@ -359,6 +474,7 @@ mod tests {
     use crate::gsa::{RekeySa, WrapAlgorithm};
     use crate::lkh::{KeyRng, KeyTree, MemberId, MemberKeys};
     use crate::session::chunk::SignedChunk;
+    use crate::session::manifest::SignedManifest;
 
     const SPI: u32 = 9;
 
@@ -386,6 +502,7 @@ mod tests {
             max_block_symbols: 64,
             epoch: 0,
             timestamp_us: 0,
+            signing_threads: 1,
         }
     }
 
@@ -506,6 +623,125 @@ mod tests {
             lay_out(&batch, &[], 1424, ChunkAuth::Signature).err(),
             Some(LayoutError::NoLeaves)
         );
+    }
+
+    /// The manifest's block first keys send every member to the block that holds its chunk.
+    #[test]
+    fn block_of_every_members_leaf_is_the_block_of_its_chunk() {
+        let mut tree = tree();
+        let initial: Vec<MemberId> = (0..10_000).map(MemberId).collect();
+        let first = tree.apply_batch(&initial, &[]).unwrap();
+        let leaving: Vec<MemberId> = (0..10_000).step_by(53).map(MemberId).collect();
+        let joining: Vec<MemberId> = (10_000..10_150).map(MemberId).collect();
+        let first_leaves = tree.leaves_in_order();
+        let second = tree.apply_batch(&joining, &leaving).unwrap();
+        let second_leaves = tree.leaves_in_order();
+        let degree = tree.degree();
+        for (batch, leaves) in [(&first, &first_leaves), (&second, &second_leaves)] {
+            for (auth, max_block_symbols) in [
+                (ChunkAuth::Signature, 7),
+                (ChunkAuth::MerklePath, 16),
+                // One block.
+                (ChunkAuth::Signature, 50_000),
+            ] {
+                let params = MessageParams {
+                    max_block_symbols,
+                    ..params(auth)
+                };
+                let message = build_message(batch, leaves, &gcks(), &params).unwrap();
+                let manifest = SignedManifest::parse(&message.manifest).unwrap().manifest;
+                let blocks = message.fec_info.source_blocks();
+                assert_eq!(manifest.block_first_keys.len(), usize::from(blocks));
+                if max_block_symbols < 20 {
+                    assert!(blocks >= 10, "{blocks} blocks");
+                }
+                let headers: Vec<ChunkHeader> = message
+                    .chunks
+                    .iter()
+                    .map(|bytes| SignedChunk::parse(bytes, auth).unwrap().header)
+                    .collect();
+                let partition = message.fec_info.partition();
+                for &leaf in leaves.iter() {
+                    let key = degree.order_key(leaf);
+                    let index = find_chunk(&headers, key).unwrap();
+                    let sbn = partition.locate(index as u32).unwrap().sbn;
+                    assert_eq!(manifest.block_of(key), Some(sbn), "order key {key}");
+                }
+            }
+        }
+    }
+
+    /// Signing on several threads gives the same bytes as signing on one.
+    #[test]
+    fn signing_threads_do_not_change_the_message() {
+        let mut tree = tree();
+        let initial: Vec<MemberId> = (0..10_000).map(MemberId).collect();
+        let batch = tree.apply_batch(&initial, &[]).unwrap();
+        let leaves = tree.leaves_in_order();
+        let build = |signing_threads| {
+            let params = MessageParams {
+                signing_threads,
+                ..params(ChunkAuth::Signature)
+            };
+            build_message(&batch, &leaves, &gcks(), &params).unwrap()
+        };
+        let single = build(1);
+        let chunks = single.chunks.len();
+        assert!(chunks > 3 * MIN_CHUNKS_PER_THREAD, "{chunks} chunks");
+        // 0 is the available parallelism; more threads than the minimum share allows is capped.
+        for threads in [0, 2, 3, 7, chunks + 5] {
+            let parallel = build(threads);
+            assert_eq!(parallel.manifest, single.manifest, "{threads} threads");
+            assert_eq!(parallel.chunks, single.chunks, "{threads} threads");
+        }
+
+        // Below the minimum share: the signing itself on up to one thread per chunk.
+        let layout = lay_out(&batch, &leaves, 1424, ChunkAuth::Signature).unwrap();
+        let authenticated: Vec<Vec<u8>> = layout.chunks[..9]
+            .iter()
+            .map(|(header, payload)| chunk::encode_authenticated(header, payload).unwrap())
+            .collect();
+        let one = sign_chunks(authenticated.clone(), &gcks(), 1424, 1).unwrap();
+        assert_eq!(one, single.chunks[..9]);
+        for threads in [0, 2, 4, 5, 8, 9, 10, 100] {
+            let parallel = sign_chunks(authenticated.clone(), &gcks(), 1424, threads).unwrap();
+            assert_eq!(parallel, one, "{threads} threads");
+        }
+        assert!(sign_chunks(Vec::new(), &gcks(), 1424, 3)
+            .unwrap()
+            .is_empty());
+        // An error in any thread's slice is the result.
+        let mut too_long = authenticated;
+        too_long[6] = vec![0; 1424];
+        assert!(matches!(
+            sign_chunks(too_long, &gcks(), 1424, 3),
+            Err(chunk::ChunkError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn default_params() {
+        let params = MessageParams::default();
+        assert_eq!(params.chunk_auth, ChunkAuth::Signature);
+        assert_eq!(params.spi, 1);
+        assert_eq!(params.symbol_size, 1200);
+        assert_eq!(
+            params.max_block_symbols,
+            rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS
+        );
+        assert_eq!((params.epoch, params.timestamp_us), (0, 0));
+        assert_eq!(params.signing_threads, 0);
+        assert!(params.resolved_signing_threads() >= 1);
+        let three = MessageParams {
+            signing_threads: 3,
+            ..params
+        };
+        assert_eq!(three.resolved_signing_threads(), 3);
+        // The datagram sizes the field's documentation names.
+        let overhead = crate::wire::datagram::OVERHEAD + crate::wire::symbol::FIXED_LEN;
+        assert_eq!(overhead, 47);
+        assert!(usize::from(params.symbol_size) + overhead <= crate::wire::DEFAULT_DATAGRAM_SIZE);
+        assert_eq!(crate::wire::IPV6_SAFE_DATAGRAM_SIZE - overhead, 1185);
     }
 
     #[test]
