@@ -1,6 +1,8 @@
 //! `auth`: what forged traffic costs a member. Bad-MAC datagrams rejected by the real verifier
 //! stage ([`DatagramVerifier::check`]) per second on one core, next to raw BLAKE3 keyed hashing
-//! of the same bytes in the same run (the floor: the MAC must hash every byte once).
+//! of the same bytes in the same run (the floor: the MAC must hash every byte once). Then the
+//! cost of one rekey message under each chunk authentication, and the GCKS's build time with
+//! chunks signed on one thread and on two, side by side.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -89,19 +91,24 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             "ratio": ratio,
         }));
     }
-    let messages = message_costs(quick)?;
+    let (messages, signing_threads) = message_costs(quick)?;
     println!(
         "{}",
-        serde_json::json!({"bench": "auth", "bad_mac_rejection": rows, "messages": messages})
+        serde_json::json!({
+            "bench": "auth", "bad_mac_rejection": rows, "messages": messages,
+            "signing_threads": signing_threads,
+        })
     );
     Ok(())
 }
 
 /// For N members at 1% churn (half joins, half leaves), both chunk authentications: the
 /// message's bytes and datagrams, the layout's duplication, the GCKS's time to lay out,
-/// authenticate and sign it, and a member's time to verify the manifest and its chunk and
-/// apply it.
-fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+/// authenticate and sign it (signing on every available core), and a member's time to verify
+/// the manifest and its chunk and apply it. Then, in signature mode, the GCKS's build time
+/// with one signing thread and with two, measured alternately in the same run, and their ratio.
+/// Returns the rows of both tables.
+fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
     use rekeycast::gsa::{RekeySa, WrapAlgorithm};
     use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys};
     use rekeycast::session::layout::{build_message, MessageParams};
@@ -111,8 +118,13 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     let sizes: &[u32] = if quick { &[12] } else { &[16, 20] };
     let symbol_size = u16::try_from(DEFAULT_DATAGRAM_SIZE - OVERHEAD - FIXED_LEN)?;
     let signing_key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let build_rounds = if quick { 3 } else { 5 };
     println!();
-    println!("auth: one rekey message at 1% churn (J = L), symbol size {symbol_size} B");
+    println!(
+        "auth: one rekey message at 1% churn (J = L), symbol size {symbol_size} B, \
+         build signs on {cores} threads"
+    );
     println!(
         "{:>5} {:>9} {:>7} {:>9} {:>9} {:>6} {:>10} {:>12} {:>12} {:>10} {:>10}",
         "log N",
@@ -128,6 +140,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
         "sig checks"
     );
     let mut out = Vec::new();
+    let mut thread_rows = Vec::new();
     for &log_n in sizes {
         let n = 1u64 << log_n;
         let sa = RekeySa {
@@ -157,6 +170,7 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
             max_block_symbols: 64,
             epoch: 0,
             timestamp_us: 0,
+            signing_threads: 0,
         };
         let message0 = build_message(&batch0, &leaves0, &signing_key, &params0)?;
         let index0 = own_chunk_index(&watcher_keys, &tree, &message0, ChunkAuth::MerklePath)?;
@@ -212,9 +226,74 @@ fn message_costs(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
                 "member_signature_checks": checks,
                 "member_verified_messages_per_s": 1e6 / best_us,
             }));
+            if auth == ChunkAuth::Signature {
+                let (one, two) =
+                    signing_thread_costs(&batch, &leaves, &signing_key, &params, build_rounds)?;
+                thread_rows.push((log_n, message.chunks.len(), one, two));
+            }
         }
     }
-    Ok(out)
+    println!();
+    println!(
+        "auth: GCKS build in signature mode, 1 vs 2 signing threads ({cores} cores), \
+         best of {build_rounds}"
+    );
+    println!(
+        "{:>5} {:>9} {:>12} {:>12} {:>8}",
+        "log N", "chunks", "1 thread ms", "2 threads ms", "ratio"
+    );
+    let mut thread_json = Vec::new();
+    for &(log_n, chunks, one, two) in &thread_rows {
+        println!(
+            "{:>5} {:>9} {:>12.1} {:>12.1} {:>8.2}",
+            log_n,
+            chunks,
+            one,
+            two,
+            one / two
+        );
+        thread_json.push(serde_json::json!({
+            "log_n": log_n, "chunks": chunks, "cores": cores, "rounds": build_rounds,
+            "gcks_build_ms_1_thread": one, "gcks_build_ms_2_threads": two,
+            "ratio_1_to_2_threads": one / two,
+        }));
+    }
+    Ok((out, thread_json))
+}
+
+/// The best build time in milliseconds of the message of `batch` with 1 and with 2 signing
+/// threads, the two measured alternately so that both see the same machine; checks that the
+/// two messages are the same bytes.
+fn signing_thread_costs(
+    batch: &rekeycast::lkh::RekeyBatch,
+    leaves: &[rekeycast::lkh::NodeId],
+    signing_key: &ed25519_dalek::SigningKey,
+    params: &rekeycast::session::layout::MessageParams,
+    rounds: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use rekeycast::session::layout::{build_message, MessageParams};
+
+    let mut best = [f64::MAX; 2];
+    let mut messages: [Option<rekeycast::session::layout::BuiltMessage>; 2] = [None, None];
+    for _ in 0..rounds {
+        for (slot, threads) in [1usize, 2].into_iter().enumerate() {
+            let params = MessageParams {
+                signing_threads: threads,
+                ..*params
+            };
+            let start = Instant::now();
+            let message = build_message(batch, leaves, signing_key, &params)?;
+            best[slot] = best[slot].min(start.elapsed().as_secs_f64() * 1e3);
+            messages[slot] = Some(message);
+        }
+    }
+    if let [Some(one), Some(two)] = &messages {
+        anyhow::ensure!(
+            one.manifest == two.manifest && one.chunks == two.chunks,
+            "signing threads changed the message"
+        );
+    }
+    Ok((best[0], best[1]))
 }
 
 /// The index of the member's chunk, from the chunk headers (read unverified, as a member
