@@ -16,6 +16,7 @@
 //! - [`session`]: rekey messages (so far their signed manifest).
 //! - [`lkh`]: the LKH key tree with batch rekeying, and a member's key state.
 //! - [`gsa`]: the Rekey SA and Data SA, and the datagram MAC key of each message.
+//! - [`sim`]: a deterministic, seeded network simulator driving sans-IO nodes in virtual time.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -23,4 +24,5 @@ pub mod fuzz_support;
 pub mod gsa;
 pub mod lkh;
 pub mod session;
+pub mod sim;
 pub mod wire;

@@ -1,0 +1,95 @@
+//! A deterministic, seeded, discrete-event network simulator for sans-IO endpoints.
+//!
+//! This module owns the simulated network that scenario tests and benchmarks run rekeycast's
+//! sans-IO cores over, in the manner of quinn-proto's `tests/util.rs` and s2n-quic's network
+//! model: a star topology (every node has an uplink to an impairment switch and a downlink from
+//! it), per-link loss models ([`Loss`]: independent or Gilbert-Elliott), fixed delay, jitter,
+//! explicit reordering, duplication, single-bit corruption and outages ([`LinkConfig`]), virtual
+//! time and counters ([`NetworkStats`], [`NodeStats`]). It drives anything that implements
+//! [`Node`]; [`Destination`] and [`Transmit`] are the plain types a node's `poll_transmit`
+//! returns.
+//!
+//! What it must not do: depend on the session, auth or key-tree types (it is generic over
+//! [`Node`] so that those layers can be tested with it, not the other way round); read the
+//! clock other than once, at construction (all time is virtual: the start instant plus a
+//! duration); use any randomness that is not derived from the network's one seed; open sockets
+//! or spawn threads; scan all nodes per event (it must scale to 100,000 nodes); panic on
+//! anything a node or a configuration can do.
+//!
+//! Determinism: a [`Network`] built with the same seed, the same nodes (added in the same order
+//! with the same link configurations) and driven by the same calls produces the same
+//! deliveries in the same order, bit for bit. Each link draws from its own
+//! [`rand_chacha::ChaCha8Rng`] derived from (seed, node index, direction), so adding a node does
+//! not change the draws of the links of the others.
+
+mod link;
+mod loss;
+mod network;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+pub use link::{LinkConfig, MAX_LINK_DELAY};
+pub use loss::{Loss, LossModel};
+pub use network::{
+    Network, NetworkConfig, NetworkStats, NodeId, NodeStats, MAX_NODES, MAX_TIMER_REFIRES,
+    NODE_PORT,
+};
+
+/// Where a transmitted datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    /// To every member of the group except the sender itself.
+    Group,
+    /// To one node.
+    Unicast(SocketAddr),
+}
+
+/// A datagram a node wants sent: `len` bytes at the start of the buffer handed to
+/// `poll_transmit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where the datagram goes.
+    pub destination: Destination,
+    /// How many bytes at the start of the buffer handed to `poll_transmit` form the datagram.
+    pub len: usize,
+}
+
+/// A sans-IO endpoint the simulator drives.
+///
+/// The simulator calls the input methods (`handle_datagram`, `handle_timeout`) with the
+/// virtual time, then drains `poll_transmit` until it returns `None`, then reads
+/// `poll_timeout` once more. The same order a real driver uses.
+pub trait Node {
+    /// A datagram arrived at `now` from `from` (the sender's address).
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]);
+    /// The deadline last returned by [`Node::poll_timeout`] passed; `now` is at or after it.
+    fn handle_timeout(&mut self, now: Instant);
+    /// The next datagram to send, written at the start of `buf`, or `None` when there is none.
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit>;
+    /// When [`Node::handle_timeout`] should next be called, if at all.
+    fn poll_timeout(&self) -> Option<Instant>;
+}
+
+/// Everything that can be wrong with a simulator configuration or call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// A configuration field holds a value outside its range (named in the message).
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// The field at fault.
+        field: &'static str,
+        /// What its value must satisfy.
+        reason: &'static str,
+    },
+    /// No node was ever added with this id.
+    #[error("no node with id {0}")]
+    UnknownNode(NodeId),
+    /// Every address of 198.18.0.0/15 is taken: at most [`MAX_NODES`] nodes.
+    #[error("address space exhausted: at most {MAX_NODES} nodes")]
+    TooManyNodes,
+}
