@@ -957,3 +957,24 @@ fn loss_model_knobs() {
     assert!(sticky.lose(&mut rng));
     assert!(sticky.is_bad());
 }
+
+#[test]
+fn addresses_fill_the_block_and_no_more() {
+    let mut net: Network<Toy> = Network::new(0);
+    for _ in 0..MAX_NODES {
+        net.add_node(Toy::counter(), LinkConfig::ideal(), LinkConfig::ideal())
+            .unwrap();
+    }
+    let last = NodeId::from_index(MAX_NODES - 1).unwrap();
+    assert_eq!(
+        net.addr(last),
+        SocketAddr::from(([198, 19, 255, 254], NODE_PORT))
+    );
+    assert_eq!(net.node_id(net.addr(last)), Some(last));
+    assert_eq!(NodeId::from_index(MAX_NODES), None);
+    assert_eq!(
+        net.add_node(Toy::counter(), LinkConfig::ideal(), LinkConfig::ideal()),
+        Err(SimError::TooManyNodes)
+    );
+    assert_eq!(net.id_count(), MAX_NODES);
+}
