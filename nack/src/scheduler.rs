@@ -521,7 +521,20 @@ impl NackScheduler {
                     self.probe_reply_at = None;
                 }
             }
-            Phase::Waiting { .. } => self.start_round(now, block),
+            Phase::Waiting { round, .. } => {
+                // The repair wait of `round` is over. If the sender was heard answering it (an
+                // advertisement or another receiver's NACK for it), whatever answered it has
+                // arrived, so the round is answered: without this the advertisement would
+                // suppress this receiver's NACK for the next round too, and it would run out of
+                // rounds without asking again. Unheard, the round is asked for again.
+                if state
+                    .heard
+                    .is_some_and(|(heard_round, _)| heard_round >= round)
+                {
+                    state.answered = state.answered.max(round);
+                }
+                self.start_round(now, block);
+            }
             Phase::Idle | Phase::Done | Phase::OutOfSync => {}
         }
     }
@@ -611,6 +624,35 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Regression (found by the rekey scenario at 20% loss): a receiver suppressed in round 1
+    /// by the sender's advertisement, whose repair did not complete it, must NACK in round 2
+    /// rather than stay suppressed by the old advertisement until it runs out of rounds.
+    #[test]
+    fn an_answered_round_does_not_suppress_the_next() {
+        let mut s = scheduler(3, 100);
+        let t0 = Instant::now();
+        s.handle_expected_complete(t0, block(0), 0, 1);
+        // The sender advertises round 1 with 3 symbols before this receiver's timer fires.
+        s.handle_repair_advertisement(t0, block(0), 1, 3);
+        assert!(
+            drive(&mut s, t0 + GRTT * 4).is_empty(),
+            "suppressed in round 1"
+        );
+        // None of the repair arrived; once the wait is over the receiver asks for round 2.
+        let nacks = drive(&mut s, t0 + GRTT * 15);
+        assert!(
+            nacks
+                .iter()
+                .any(|(_, nack)| nack.round == 2 && nack.need == 1),
+            "{nacks:?}"
+        );
+        assert_eq!(
+            s.poll_event(),
+            None,
+            "not out of sync after one failed round"
+        );
     }
 
     #[test]
