@@ -25,6 +25,7 @@
 mod link;
 mod loss;
 mod network;
+pub mod rekey;
 
 #[cfg(test)]
 mod tests;
@@ -39,24 +40,8 @@ pub use network::{
     NODE_PORT,
 };
 
-/// Where a transmitted datagram goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Destination {
-    /// To every member of the group except the sender itself.
-    Group,
-    /// To one node.
-    Unicast(SocketAddr),
-}
-
-/// A datagram a node wants sent: `len` bytes at the start of the buffer handed to
-/// `poll_transmit`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    /// Where the datagram goes.
-    pub destination: Destination,
-    /// How many bytes at the start of the buffer handed to `poll_transmit` form the datagram.
-    pub len: usize,
-}
+// The sessions' own types: a session is a `Node` with no conversion.
+pub use crate::session::{Destination, Transmit};
 
 /// A sans-IO endpoint the simulator drives.
 ///

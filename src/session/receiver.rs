@@ -1,0 +1,1009 @@
+//! One member's side of the rekey transport, sans-IO: [`ReceiverSession`].
+//!
+//! The session runs the verifier pipeline in its fixed order (DESIGN.md, security rules):
+//! header checks, then the datagram MAC and the sequence window
+//! ([`crate::auth::datagram::DatagramVerifier`]), then the manifest's signature once per
+//! message, then the member's own chunk ([`crate::auth::message::MessageVerifier`]), and only
+//! then the key state ([`crate::lkh::MemberKeys::apply`], which takes nothing but a
+//! [`crate::auth::Verified`] chunk). Around it: FEC decoding of the one source block that holds
+//! the member's chunk (the signed manifest names the block), NACK scheduling
+//! ([`rekeycast_nack::NackScheduler`]), and the key events the embedding product acts on.
+//!
+//! What it drops before the MAC, at the cost of a header read: symbols of messages it has
+//! finished, and symbols of blocks other than its own once the manifest told it which block
+//! that is. Dropping is always safe: it changes no state.
+//!
+//! Messages are applied in sequence order: the MAC key of message `s + 1` comes from the group
+//! key of message `s`, so a member can check the datagrams of one message at a time, and the
+//! per-message state is one message's worth: its verified manifest, one block decoder (at most
+//! the block's symbols plus [`rekeycast_fec::Limits::max_extra_symbols_per_block`]), and a
+//! bounded buffer of symbols that came before the manifest.
+//!
+//! # Out of sync (DESIGN.md step 8)
+//!
+//! A member learns it is behind from: its NACK rounds running out for a message
+//! ([`ReceiverEvent::OutOfSync`]); a decoded block that failed authentication too many times
+//! (an insider's forged repair symbols, RFC 4046 5.2); or datagrams of its group with a higher
+//! sequence number whose MAC it cannot check. The last signal is forgeable, so it only raises a
+//! rate-limited [`ReceiverEvent::StateCheckNeeded`]; the driver asks a resync endpoint for the
+//! latest signed manifest and hands it to [`ReceiverSession::handle_state_answer`], which
+//! trusts the signature, not the datagram. Resync itself goes through
+//! [`ReceiverSession::handle_resync`]: the same verifier, the same key state.
+//!
+//! # Call order (as quinn-proto's `Connection`)
+//!
+//! 1. Inputs: [`ReceiverSession::handle_datagram`] for every datagram received on the group
+//!    (and unicast) sockets; [`ReceiverSession::handle_timeout`] when the deadline of
+//!    [`ReceiverSession::poll_timeout`] passes; [`ReceiverSession::handle_state_answer`],
+//!    [`ReceiverSession::handle_resync`] and [`ReceiverSession::handle_beyond_history`] with
+//!    what a resync endpoint answered.
+//! 2. Outputs, after any input: [`ReceiverSession::poll_transmit`] until `None` (NACKs and
+//!    probe replies), [`ReceiverSession::poll_event`] until `None`, then re-read
+//!    [`ReceiverSession::poll_timeout`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rekeycast_fec::{BlockDecoder, Limits, ObjectInfo, Progress};
+use rekeycast_nack::{
+    BlockKey, Event as NackEvent, FeedbackMode, HeartbeatInfo, Nack, NackScheduler, ObjectId,
+    ProbeEcho, SchedulerConfig,
+};
+
+use super::chunk::SignedChunk;
+use super::manifest::{Manifest, SignedManifest};
+use super::{seal_into, ConfigError, Destination, Transmit};
+use crate::auth::datagram::{DatagramCounters, DatagramVerifier, Reject};
+use crate::auth::message::{MessageCounters, MessageVerifier};
+use crate::auth::Verified;
+use crate::gsa::DataSa;
+use crate::lkh::member::VersionedKey;
+use crate::lkh::{Degree, MemberKeys, RegistrationBundle};
+use crate::wire::{self, BodyRepr, DatagramRepr, DatagramType, NackRepr, ObjectKind, Packet};
+
+/// Configuration of a [`ReceiverSession`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiverConfig {
+    /// Where NACKs and probe replies go in the unicast feedback mode: the sender's (or the
+    /// member's relay's) address.
+    pub feedback_addr: SocketAddr,
+    /// The NACK scheduler's configuration. Its `receiver_id` is set from the member id, its
+    /// `group_size`, `grtt` and `backoff_factor` are the values to use until the first
+    /// heartbeat (the registration should carry them), its `feedback` the NACK mode.
+    pub scheduler: SchedulerConfig,
+    /// Bounds on what the FEC decoder accepts and keeps.
+    pub limits: Limits,
+    /// Symbols of the current message kept while its manifest has not arrived.
+    pub max_buffered_symbols: usize,
+    /// Decoded blocks whose chunk fails authentication before the member gives up on a
+    /// message and asks for resync (an insider is forging repair symbols).
+    pub decode_failure_limit: u32,
+    /// Failed signature checks per sequence number before no more are made.
+    pub signature_failure_cap: u32,
+    /// The shortest time between two state-check requests, and how long a message must have
+    /// been quiet before traffic of a later one raises one.
+    pub state_check_interval: Duration,
+    /// How long after the last datagram of a message, in GRTTs, the member takes its initial
+    /// transmission to be over when no heartbeat said so.
+    pub idle_grtt: f64,
+}
+
+impl ReceiverConfig {
+    /// A configuration with sane defaults that sends its feedback to `feedback_addr`.
+    pub fn new(feedback_addr: SocketAddr) -> Self {
+        Self {
+            feedback_addr,
+            scheduler: SchedulerConfig::default(),
+            limits: Limits::default(),
+            max_buffered_symbols: 256,
+            decode_failure_limit: 3,
+            signature_failure_cap: crate::auth::message::DEFAULT_SIGNATURE_FAILURE_CAP,
+            state_check_interval: Duration::from_secs(1),
+            idle_grtt: 4.0,
+        }
+    }
+
+    /// Checks the ranges of every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+        if self.decode_failure_limit == 0 {
+            return invalid("decode_failure_limit", "must be at least 1");
+        }
+        if self.signature_failure_cap == 0 {
+            return invalid("signature_failure_cap", "must be at least 1");
+        }
+        if !(self.idle_grtt.is_finite() && self.idle_grtt > 0.0) {
+            return invalid("idle_grtt", "must be positive and finite");
+        }
+        self.scheduler.validate()?;
+        Ok(())
+    }
+}
+
+/// What the member tells the embedding product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceiverEvent {
+    /// Message `seq` was applied: the group key is now version `version`
+    /// ([`ReceiverSession::group_key`] has it).
+    GroupKeyUpdated {
+        /// The message.
+        seq: u64,
+        /// The new group key's version.
+        version: u32,
+    },
+    /// Message `seq` brought a new Data SA (the traffic key).
+    NewDataSa {
+        /// The message.
+        seq: u64,
+        /// The Data SA.
+        data_sa: DataSa,
+    },
+    /// The member cannot complete message `from_seq` over multicast: resync from it on
+    /// (fetch the signed manifest and the member's chunk of each message from `from_seq` to
+    /// the latest, in order, and hand them to [`ReceiverSession::handle_resync`]).
+    OutOfSync {
+        /// The first message the member lacks.
+        from_seq: u64,
+    },
+    /// Traffic of a later message than the member can check arrived: ask a resync endpoint
+    /// for its state (the latest signed manifest) and hand the answer to
+    /// [`ReceiverSession::handle_state_answer`]. The claim is unauthenticated.
+    StateCheckNeeded {
+        /// The sequence number the traffic claimed.
+        claimed_seq: u64,
+    },
+    /// The messages the member lacks left the history window: it must register again.
+    MustReregister,
+}
+
+/// Counts of what the session did, beyond the verifier's own counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiverCounters {
+    /// Datagrams of messages already applied, dropped before the MAC check.
+    pub dropped_finished: u64,
+    /// Symbols of other blocks than the member's, dropped before the MAC check.
+    pub dropped_other_block: u64,
+    /// Symbols kept while the manifest was missing.
+    pub buffered: u64,
+    /// Symbols dropped because that buffer was full.
+    pub buffer_full: u64,
+    /// Symbols pushed into the block decoder.
+    pub symbols_pushed: u64,
+    /// Symbols the decoder refused (limits).
+    pub decoder_refused: u64,
+    /// Messages applied, by any path.
+    pub messages_applied: u64,
+    /// Of those, from the member's own source symbol.
+    pub applied_from_source: u64,
+    /// Of those, from a decoded block.
+    pub applied_from_decode: u64,
+    /// Of those, through resync.
+    pub applied_from_resync: u64,
+    /// Decoded blocks whose chunk failed authentication.
+    pub decode_failures: u64,
+    /// Source symbols that claimed to be the member's chunk and failed authentication.
+    pub bad_own_chunks: u64,
+    /// Verified chunks the key state refused (none expected from an honest GCKS).
+    pub apply_failures: u64,
+    /// NACKs sent.
+    pub nacks_sent: u64,
+    /// Probe replies sent.
+    pub probe_replies_sent: u64,
+    /// State checks requested.
+    pub state_checks: u64,
+    /// Out-of-sync events raised.
+    pub out_of_sync: u64,
+    /// Transmits skipped because the driver's buffer was too small.
+    pub buffer_too_small: u64,
+}
+
+/// What a state answer told the member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StateVerdict {
+    /// The member has every message up to the answer's latest one (or is receiving it).
+    UpToDate,
+    /// The member lacks messages: [`ReceiverEvent::OutOfSync`] was raised.
+    Behind {
+        /// The first message it lacks.
+        from_seq: u64,
+    },
+}
+
+/// Why a state answer or resync item was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResyncError {
+    /// The manifest does not parse.
+    #[error("malformed manifest")]
+    MalformedManifest,
+    /// The item is for another message than the next one the member needs.
+    #[error("item for message {got}, expected {expected}")]
+    WrongMessage {
+        /// The message the member needs next.
+        expected: u64,
+        /// The message the item is for.
+        got: u64,
+    },
+    /// The manifest or chunk failed verification.
+    #[error(transparent)]
+    Rejected(#[from] crate::auth::message::MessageReject),
+    /// The chunk does not serve this member.
+    #[error("chunk does not serve this member")]
+    NotMyChunk,
+    /// The verified chunk did not apply to the member's keys.
+    #[error(transparent)]
+    Apply(#[from] crate::lkh::MemberError),
+    /// The member must register again; it takes no more items.
+    #[error("member must re-register")]
+    Reregistering,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Receiving,
+    /// An out-of-sync event was raised for this message; multicast is still taken.
+    Behind(u64),
+    MustReregister,
+}
+
+/// A datagram the member owes the network.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Nack(Nack),
+    ProbeReply { seq: u64, echo: ProbeEcho },
+}
+
+/// The state of the message the member is receiving (the next one it needs).
+#[derive(Debug)]
+struct Incoming {
+    seq: u64,
+    manifest: Option<Verified<Manifest>>,
+    /// The block holding the member's chunk and its decoder, once the manifest is verified.
+    block: Option<(u8, BlockDecoder)>,
+    /// MAC-checked chunk symbols that came before the manifest: (sbn, esi, data).
+    buffered: Vec<(u8, u32, Vec<u8>)>,
+    last_activity: Instant,
+    /// Whether the initial transmission is known (or taken) to be over.
+    expected_complete: bool,
+    decode_failures: u32,
+}
+
+/// One member's rekey transport. See the [module docs](self) for the call order.
+#[derive(Debug)]
+pub struct ReceiverSession {
+    config: ReceiverConfig,
+    keys: MemberKeys,
+    degree: Degree,
+    datagrams: DatagramVerifier,
+    messages: MessageVerifier,
+    scheduler: NackScheduler,
+    next_seq: u64,
+    current: Option<Incoming>,
+    phase: Phase,
+    grtt: Duration,
+    /// The sequence number of the last heartbeat: probe replies are sealed with its key.
+    probe_seq: u64,
+    last_state_check: Option<Instant>,
+    pending: VecDeque<Pending>,
+    events: VecDeque<ReceiverEvent>,
+    counters: ReceiverCounters,
+}
+
+impl ReceiverSession {
+    /// The session of a member that registered with `bundle`; fails on an invalid
+    /// configuration.
+    pub fn new(
+        bundle: &RegistrationBundle,
+        mut config: ReceiverConfig,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        // Member ids are u64; NACKs carry 32 bits, enough to tell receivers apart in traces.
+        config.scheduler.receiver_id = bundle.member.0 as u32;
+        let scheduler = NackScheduler::new(config.scheduler.clone())?;
+        let sa = bundle.rekey_sa;
+        let mut datagrams = DatagramVerifier::new(sa.group_id, sa.spi);
+        datagrams.add_key(bundle.first_seq, bundle.mac_key.clone());
+        let mut messages = MessageVerifier::new(sa.gcks_public_key, sa.group_id, sa.spi, 0);
+        messages.set_failure_cap(config.signature_failure_cap);
+        Ok(Self {
+            grtt: config.scheduler.grtt,
+            keys: MemberKeys::from_bundle(bundle),
+            degree: sa.degree,
+            datagrams,
+            messages,
+            scheduler,
+            next_seq: bundle.first_seq,
+            probe_seq: bundle.first_seq,
+            current: None,
+            phase: Phase::Receiving,
+            last_state_check: None,
+            pending: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: ReceiverCounters::default(),
+            config,
+        })
+    }
+
+    /// The next message the member needs.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The member's current group key, once its first message is applied.
+    pub fn group_key(&self) -> Option<&VersionedKey> {
+        self.keys.group_key()
+    }
+
+    /// The member's key state.
+    pub fn keys(&self) -> &MemberKeys {
+        &self.keys
+    }
+
+    /// The order key of the member's leaf: what it asks a resync endpoint for its chunk with.
+    pub fn order_key(&self) -> u32 {
+        self.degree.order_key(self.keys.leaf())
+    }
+
+    /// Whether the member was told to register again.
+    pub fn must_reregister(&self) -> bool {
+        self.phase == Phase::MustReregister
+    }
+
+    /// The session's counters.
+    pub fn counters(&self) -> &ReceiverCounters {
+        &self.counters
+    }
+
+    /// The datagram verifier's counters (header, MAC and window rejections).
+    pub fn datagram_counters(&self) -> &DatagramCounters {
+        self.datagrams.counters()
+    }
+
+    /// The message verifier's counters (signature checks made and failed).
+    pub fn message_counters(&self) -> &MessageCounters {
+        self.messages.counters()
+    }
+
+    /// Blocks the NACK scheduler tracks (a bound on the member's feedback state).
+    pub fn tracked_blocks(&self) -> usize {
+        self.scheduler.tracked_blocks()
+    }
+
+    /// A datagram arrived from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let _ = from;
+        if self.phase == Phase::MustReregister || self.drop_before_mac(bytes) {
+            return;
+        }
+        let datagram = match self.datagrams.check(bytes) {
+            Ok(datagram) => datagram,
+            Err(Reject::Ahead(seq)) => {
+                self.lagging(now, seq);
+                return;
+            }
+            Err(_) => return,
+        };
+        let seq = datagram.seq();
+        match datagram.body() {
+            BodyRepr::Symbol(symbol) if seq == self.next_seq => match symbol.object {
+                ObjectKind::Manifest => self.handle_manifest(now, seq, symbol.data),
+                ObjectKind::Chunks => {
+                    self.handle_chunk_symbol(now, seq, symbol.sbn, symbol.esi, symbol.data)
+                }
+            },
+            BodyRepr::Symbol(_) => self.counters.dropped_finished += 1,
+            BodyRepr::Heartbeat(heartbeat) => {
+                let heartbeat = heartbeat.clone();
+                self.handle_heartbeat(now, seq, &heartbeat);
+            }
+            BodyRepr::Nack(nack) if seq == self.next_seq => {
+                if let Some(object) = ObjectId::from_u8(nack.object as u8) {
+                    let block = BlockKey {
+                        seq,
+                        object,
+                        sbn: nack.sbn,
+                    };
+                    self.scheduler
+                        .handle_nack_heard(now, block, nack.round, nack.need);
+                }
+            }
+            BodyRepr::Nack(_) | BodyRepr::ProbeReply(_) => {}
+        }
+        self.pump(now);
+    }
+
+    /// Time passed: NACK timers fire, rounds end, a quiet message's initial transmission is
+    /// taken to be over.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(deadline) = self.idle_deadline() {
+            if deadline <= now {
+                self.expect_complete(now);
+            }
+        }
+        self.scheduler.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// The next NACK or probe reply, written into `buf` (at least 128 bytes).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let _ = now;
+        while let Some(pending) = self.pending.pop_front() {
+            let (seq, body, destination) = match pending {
+                Pending::Nack(nack) => {
+                    let Some(object) = wire_object(nack.block.object) else {
+                        continue;
+                    };
+                    let body = BodyRepr::Nack(NackRepr {
+                        object,
+                        sbn: nack.block.sbn,
+                        round: nack.round,
+                        need: nack.need,
+                        receiver_id: nack.receiver_id,
+                        echo: nack.echo.map(|e| wire::nack::ProbeEcho {
+                            timestamp_us: e.timestamp_us,
+                            hold_us: e.hold_us,
+                        }),
+                    });
+                    let destination = match nack.destination {
+                        FeedbackMode::Unicast => Destination::Unicast(self.config.feedback_addr),
+                        FeedbackMode::Multicast => Destination::Group,
+                    };
+                    (nack.block.seq, body, destination)
+                }
+                Pending::ProbeReply { seq, echo } => {
+                    let body = BodyRepr::ProbeReply(wire::ProbeReplyRepr {
+                        receiver_id: self.config.scheduler.receiver_id,
+                        echo: wire::nack::ProbeEcho {
+                            timestamp_us: echo.timestamp_us,
+                            hold_us: echo.hold_us,
+                        },
+                    });
+                    (seq, body, Destination::Unicast(self.config.feedback_addr))
+                }
+            };
+            let Some(key) = self.datagrams.key(seq).cloned() else {
+                continue;
+            };
+            let repr = DatagramRepr {
+                group_id: self.keys.rekey_sa().group_id,
+                spi: self.keys.rekey_sa().spi,
+                seq,
+                body,
+                mac: [0; wire::datagram::MAC_LEN],
+            };
+            let Some(len) = seal_into(&repr, &key, buf) else {
+                self.counters.buffer_too_small += 1;
+                continue;
+            };
+            match pending {
+                Pending::Nack(_) => self.counters.nacks_sent += 1,
+                Pending::ProbeReply { .. } => self.counters.probe_replies_sent += 1,
+            }
+            return Some(Transmit { destination, len });
+        }
+        None
+    }
+
+    /// The next deadline, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.scheduler.poll_timeout(), self.idle_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next event for the embedding product.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    /// A resync endpoint's state answer: its latest signed manifest. The signature (checked
+    /// here, within the per-message failure cap) says which message is the latest; if the
+    /// member lacks one it is not receiving right now, [`ReceiverEvent::OutOfSync`] is raised.
+    pub fn handle_state_answer(
+        &mut self,
+        now: Instant,
+        manifest: &[u8],
+    ) -> Result<StateVerdict, ResyncError> {
+        if self.phase == Phase::MustReregister {
+            return Err(ResyncError::Reregistering);
+        }
+        let seq = SignedManifest::parse(manifest)
+            .map_err(|_| ResyncError::MalformedManifest)?
+            .manifest
+            .seq;
+        if seq < self.next_seq {
+            return Ok(StateVerdict::UpToDate);
+        }
+        self.messages.verify_manifest(seq, manifest)?;
+        let receiving = seq == self.next_seq
+            && self.current.as_ref().is_some_and(|c| {
+                now.saturating_duration_since(c.last_activity) < self.config.state_check_interval
+            });
+        if receiving {
+            return Ok(StateVerdict::UpToDate);
+        }
+        self.out_of_sync();
+        Ok(StateVerdict::Behind {
+            from_seq: self.next_seq,
+        })
+    }
+
+    /// One resync item: the signed manifest of message [`Self::next_seq`] and the member's
+    /// chunk of it (a whole source symbol). Verified like multicast traffic and applied.
+    /// Returns the sequence number applied.
+    pub fn handle_resync(
+        &mut self,
+        now: Instant,
+        manifest: &[u8],
+        chunk: &[u8],
+    ) -> Result<u64, ResyncError> {
+        if self.phase == Phase::MustReregister {
+            return Err(ResyncError::Reregistering);
+        }
+        let seq = SignedManifest::parse(manifest)
+            .map_err(|_| ResyncError::MalformedManifest)?
+            .manifest
+            .seq;
+        if seq != self.next_seq {
+            return Err(ResyncError::WrongMessage {
+                expected: self.next_seq,
+                got: seq,
+            });
+        }
+        let manifest = self.messages.verify_manifest(seq, manifest)?.clone();
+        let unverified = SignedChunk::parse(chunk, manifest.chunk_auth).map_err(|e| {
+            ResyncError::Rejected(crate::auth::message::MessageReject::MalformedChunk(e))
+        })?;
+        if !unverified.header.serves(self.order_key()) {
+            return Err(ResyncError::NotMyChunk);
+        }
+        let chunk = self.messages.verify_chunk(&manifest, chunk)?;
+        self.apply(now, &chunk, Applied::Resync)?;
+        Ok(seq)
+    }
+
+    /// A resync endpoint said the messages the member lacks left its history window.
+    pub fn handle_beyond_history(&mut self, now: Instant) {
+        let _ = now;
+        if self.phase != Phase::MustReregister {
+            self.phase = Phase::MustReregister;
+            self.current = None;
+            self.pending.clear();
+            self.events.push_back(ReceiverEvent::MustReregister);
+        }
+    }
+
+    /// Cheap drops before the MAC: symbols of finished messages and of other blocks.
+    fn drop_before_mac(&mut self, bytes: &[u8]) -> bool {
+        let Ok(packet) = Packet::new_checked(bytes) else {
+            return false;
+        };
+        if packet.datagram_type() != DatagramType::Symbol {
+            return false;
+        }
+        let sa = self.keys.rekey_sa();
+        if packet.group_id() != sa.group_id || packet.spi() != sa.spi {
+            return false;
+        }
+        if packet.seq() < self.next_seq {
+            self.counters.dropped_finished += 1;
+            return true;
+        }
+        if packet.seq() > self.next_seq {
+            return false;
+        }
+        let Some((my_block, _)) = self.current.as_ref().and_then(|c| c.block.as_ref()) else {
+            return false;
+        };
+        let Ok(symbol) = wire::symbol::Packet::new_checked(packet.body()) else {
+            return false;
+        };
+        if symbol.object() == ObjectKind::Chunks && symbol.sbn() != *my_block {
+            self.counters.dropped_other_block += 1;
+            return true;
+        }
+        false
+    }
+
+    fn incoming(&mut self, now: Instant, seq: u64) -> &mut Incoming {
+        if self.current.as_ref().map(|c| c.seq) != Some(seq) {
+            self.current = Some(Incoming {
+                seq,
+                manifest: None,
+                block: None,
+                buffered: Vec::new(),
+                last_activity: now,
+                expected_complete: false,
+                decode_failures: 0,
+            });
+        }
+        // Just set to Some with this seq above when it was not.
+        let current = self.current.as_mut();
+        #[allow(clippy::unwrap_used)]
+        current.unwrap()
+    }
+
+    fn handle_manifest(&mut self, now: Instant, seq: u64, bytes: &[u8]) {
+        let incoming = self.incoming(now, seq);
+        incoming.last_activity = now;
+        if incoming.manifest.is_some() {
+            return;
+        }
+        let Ok(manifest) = self.messages.verify_manifest(seq, bytes).cloned() else {
+            return;
+        };
+        self.scheduler.handle_decoded(
+            now,
+            BlockKey {
+                seq,
+                object: ObjectId::Manifest,
+                sbn: 0,
+            },
+        );
+        let order_key = self.order_key();
+        let block = ObjectInfo::parse(&manifest.fec_info).ok().and_then(|info| {
+            let sbn = manifest.block_of(order_key)?;
+            let len = info.partition().block_len(sbn).ok()?;
+            let decoder =
+                BlockDecoder::new(sbn, len, info.symbol_size(), &self.config.limits).ok()?;
+            Some((sbn, decoder))
+        });
+        let Some(block) = block else {
+            // A signed manifest whose FEC parameters this member cannot use (beyond its
+            // limits, or no block for its leaf): only resync can serve it.
+            self.current = None;
+            self.out_of_sync();
+            return;
+        };
+        let incoming = self.incoming(now, seq);
+        let buffered = std::mem::take(&mut incoming.buffered);
+        let expected_complete = incoming.expected_complete;
+        incoming.manifest = Some(manifest);
+        incoming.block = Some(block);
+        for (sbn, esi, data) in buffered {
+            if self.current.as_ref().map(|c| c.seq) != Some(seq) {
+                return;
+            }
+            self.push_symbol(now, seq, sbn, esi, &data);
+        }
+        if expected_complete {
+            self.report_need(now, true);
+        }
+    }
+
+    fn handle_chunk_symbol(&mut self, now: Instant, seq: u64, sbn: u8, esi: u32, data: &[u8]) {
+        let max_buffered = self.config.max_buffered_symbols;
+        let incoming = self.incoming(now, seq);
+        incoming.last_activity = now;
+        if incoming.manifest.is_none() {
+            if incoming.buffered.len() < max_buffered {
+                incoming.buffered.push((sbn, esi, data.to_vec()));
+                self.counters.buffered += 1;
+            } else {
+                self.counters.buffer_full += 1;
+            }
+            return;
+        }
+        self.push_symbol(now, seq, sbn, esi, data);
+    }
+
+    /// A MAC-checked symbol of the current message, whose manifest is verified.
+    fn push_symbol(&mut self, now: Instant, seq: u64, sbn: u8, esi: u32, data: &[u8]) {
+        let order_key = self.order_key();
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        let (Some(manifest), Some((my_block, decoder))) =
+            (incoming.manifest.as_ref(), incoming.block.as_mut())
+        else {
+            return;
+        };
+        if sbn != *my_block {
+            self.counters.dropped_other_block += 1;
+            return;
+        }
+        let block = BlockKey {
+            seq,
+            object: ObjectId::Chunks,
+            sbn,
+        };
+        if esi < decoder.block_len() {
+            // A source symbol is a whole chunk: the member's own is checked at once.
+            let serves_me = SignedChunk::parse(data, manifest.chunk_auth)
+                .is_ok_and(|chunk| chunk.header.seq == seq && chunk.header.serves(order_key));
+            if serves_me {
+                let manifest = manifest.clone();
+                match self.messages.verify_chunk(&manifest, data) {
+                    Ok(chunk) => {
+                        let _ = self.apply(now, &chunk, Applied::Source);
+                    }
+                    Err(_) => self.counters.bad_own_chunks += 1,
+                }
+                return;
+            }
+        }
+        let progress = match decoder.push(esi, data) {
+            Ok(progress) => progress,
+            Err(_) => {
+                self.counters.decoder_refused += 1;
+                return;
+            }
+        };
+        self.counters.symbols_pushed += 1;
+        match progress {
+            Progress::Decoded => self.decoded(now, seq),
+            Progress::Pending { needed } => {
+                let needed = u16::try_from(needed).unwrap_or(u16::MAX);
+                self.scheduler.handle_need(now, block, needed);
+            }
+            Progress::Duplicate | Progress::AlreadyDecoded => {}
+        }
+    }
+
+    /// The member's block decoded: find its chunk among the block's source symbols and verify
+    /// it; a failure means forged symbols went into the decode.
+    fn decoded(&mut self, now: Instant, seq: u64) {
+        let order_key = self.order_key();
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        let (Some(manifest), Some((sbn, decoder))) =
+            (incoming.manifest.clone(), incoming.block.as_mut())
+        else {
+            return;
+        };
+        let sbn = *sbn;
+        let found = (0..decoder.block_len()).find_map(|esi| {
+            let data = decoder.source_symbol(esi)?;
+            let chunk = SignedChunk::parse(data, manifest.chunk_auth).ok()?;
+            chunk.header.serves(order_key).then(|| data.to_vec())
+        });
+        let verified = found.and_then(|data| self.messages.verify_chunk(&manifest, &data).ok());
+        match verified {
+            Some(chunk) => {
+                let _ = self.apply(now, &chunk, Applied::Decode);
+            }
+            None => {
+                self.counters.decode_failures += 1;
+                let limit = self.config.decode_failure_limit;
+                let Some(incoming) = self.current.as_mut() else {
+                    return;
+                };
+                incoming.decode_failures += 1;
+                let failures = incoming.decode_failures;
+                if let Some((_, decoder)) = incoming.block.as_mut() {
+                    decoder.discard_repair_symbols();
+                    let needed = u16::try_from(decoder.needed()).unwrap_or(u16::MAX);
+                    let block = BlockKey {
+                        seq,
+                        object: ObjectId::Chunks,
+                        sbn,
+                    };
+                    self.scheduler.handle_need(now, block, needed);
+                    if incoming.expected_complete {
+                        self.scheduler
+                            .handle_expected_complete(now, block, u8::MAX, needed);
+                    }
+                }
+                if failures >= limit {
+                    self.out_of_sync();
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        now: Instant,
+        chunk: &Verified<crate::auth::message::Chunk>,
+        path: Applied,
+    ) -> Result<(), crate::lkh::MemberError> {
+        let seq = chunk.header.seq;
+        let rekeyed = match self.keys.apply(chunk) {
+            Ok(rekeyed) => rekeyed,
+            Err(error) => {
+                self.counters.apply_failures += 1;
+                if path != Applied::Resync {
+                    self.out_of_sync();
+                }
+                return Err(error);
+            }
+        };
+        let _ = now;
+        self.datagrams.add_key(seq + 1, rekeyed.next_mac_key);
+        self.next_seq = seq + 1;
+        self.current = None;
+        self.scheduler.retire_before(self.next_seq);
+        self.pending.retain(|p| match p {
+            Pending::Nack(nack) => nack.block.seq > seq,
+            Pending::ProbeReply { .. } => true,
+        });
+        if self.phase != Phase::MustReregister {
+            self.phase = Phase::Receiving;
+        }
+        self.counters.messages_applied += 1;
+        match path {
+            Applied::Source => self.counters.applied_from_source += 1,
+            Applied::Decode => self.counters.applied_from_decode += 1,
+            Applied::Resync => self.counters.applied_from_resync += 1,
+        }
+        self.events.push_back(ReceiverEvent::GroupKeyUpdated {
+            seq,
+            version: rekeyed.group_key_version,
+        });
+        self.events.push_back(ReceiverEvent::NewDataSa {
+            seq,
+            data_sa: rekeyed.data_sa,
+        });
+        Ok(())
+    }
+
+    fn handle_heartbeat(&mut self, now: Instant, seq: u64, heartbeat: &wire::HeartbeatRepr) {
+        self.grtt = Duration::from_micros(u64::from(heartbeat.grtt_us));
+        let info = HeartbeatInfo {
+            grtt: self.grtt,
+            group_size: heartbeat.group_size,
+            backoff_factor: heartbeat.backoff_factor,
+            probe_timestamp_us: heartbeat.probe_timestamp_us,
+            probe_reply_requested: heartbeat.probe_reply_requested,
+        };
+        self.scheduler.handle_heartbeat(now, &info);
+        // A probe reply is sealed with the key of the heartbeat that asked for it.
+        self.probe_seq = seq;
+        for entry in &heartbeat.entries {
+            if entry.seq == self.next_seq {
+                let object = match entry.object {
+                    ObjectKind::Manifest => ObjectId::Manifest,
+                    ObjectKind::Chunks => ObjectId::Chunks,
+                };
+                let block = BlockKey {
+                    seq: entry.seq,
+                    object,
+                    sbn: entry.sbn,
+                };
+                self.scheduler
+                    .handle_repair_advertisement(now, block, entry.round, entry.count);
+            }
+        }
+        // A periodic heartbeat of the message the member needs: its initial transmission is
+        // over (the sender sends one right after it), so whatever is missing is lost.
+        if !heartbeat.advertisement && seq == self.next_seq && self.phase == Phase::Receiving {
+            self.incoming(now, seq);
+            self.expect_complete(now);
+        }
+    }
+
+    fn expect_complete(&mut self, now: Instant) {
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        if incoming.expected_complete {
+            return;
+        }
+        incoming.expected_complete = true;
+        self.report_need(now, false);
+    }
+
+    /// Tells the scheduler what the current message still needs after its initial
+    /// transmission: the manifest, or symbols of the member's block.
+    fn report_need(&mut self, now: Instant, manifest_just_arrived: bool) {
+        let Some(incoming) = self.current.as_ref() else {
+            return;
+        };
+        let seq = incoming.seq;
+        match (&incoming.manifest, &incoming.block) {
+            (None, _) => {
+                let block = BlockKey {
+                    seq,
+                    object: ObjectId::Manifest,
+                    sbn: 0,
+                };
+                self.scheduler.handle_expected_complete(now, block, 0, 1);
+            }
+            (Some(_), Some((sbn, decoder))) => {
+                let block = BlockKey {
+                    seq,
+                    object: ObjectId::Chunks,
+                    sbn: *sbn,
+                };
+                let needed = u16::try_from(decoder.needed()).unwrap_or(u16::MAX);
+                let _ = manifest_just_arrived;
+                self.scheduler
+                    .handle_expected_complete(now, block, 0, needed);
+            }
+            (Some(_), None) => {}
+        }
+    }
+
+    fn idle_deadline(&self) -> Option<Instant> {
+        let incoming = self.current.as_ref()?;
+        if incoming.expected_complete || self.phase != Phase::Receiving {
+            return None;
+        }
+        let idle = self
+            .grtt
+            .mul_f64(self.config.idle_grtt)
+            .max(Duration::from_millis(1));
+        Some(incoming.last_activity + idle)
+    }
+
+    /// Traffic of message `seq` that the member cannot check: it may have missed a message.
+    fn lagging(&mut self, now: Instant, seq: u64) {
+        if seq <= self.next_seq || self.phase != Phase::Receiving {
+            return;
+        }
+        let interval = self.config.state_check_interval;
+        if self
+            .last_state_check
+            .is_some_and(|at| now.saturating_duration_since(at) < interval)
+        {
+            return;
+        }
+        // While the current message is in progress, the next one overlapping it is expected.
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| now.saturating_duration_since(c.last_activity) < interval)
+        {
+            return;
+        }
+        self.last_state_check = Some(now);
+        self.counters.state_checks += 1;
+        self.events
+            .push_back(ReceiverEvent::StateCheckNeeded { claimed_seq: seq });
+    }
+
+    fn out_of_sync(&mut self) {
+        if self.phase == Phase::Behind(self.next_seq) || self.phase == Phase::MustReregister {
+            return;
+        }
+        self.phase = Phase::Behind(self.next_seq);
+        self.counters.out_of_sync += 1;
+        self.pending.retain(|p| !matches!(p, Pending::Nack(_)));
+        self.events.push_back(ReceiverEvent::OutOfSync {
+            from_seq: self.next_seq,
+        });
+    }
+
+    /// Moves the scheduler's outputs into the session's queues.
+    fn pump(&mut self, now: Instant) {
+        let _ = now;
+        while let Some(nack) = self.scheduler.poll_nack() {
+            if self.phase == Phase::Receiving && nack.block.seq == self.next_seq {
+                self.pending.push_back(Pending::Nack(nack));
+            }
+        }
+        while let Some(echo) = self.scheduler.poll_probe_reply() {
+            self.pending.push_back(Pending::ProbeReply {
+                seq: self.probe_seq,
+                echo,
+            });
+        }
+        while let Some(event) = self.scheduler.poll_event() {
+            match event {
+                NackEvent::OutOfSync { seq, .. } if seq == self.next_seq => self.out_of_sync(),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    Source,
+    Decode,
+    Resync,
+}
+
+fn wire_object(object: ObjectId) -> Option<ObjectKind> {
+    match object {
+        ObjectId::Manifest => Some(ObjectKind::Manifest),
+        ObjectId::Chunks => Some(ObjectKind::Chunks),
+    }
+}

@@ -1,0 +1,1047 @@
+//! The GCKS side of one group's rekey transport, sans-IO: [`SenderSession`].
+//!
+//! The session owns the rekey messages in flight and in the history window, and decides what
+//! goes on the wire and when: each message's manifest (sent first and repeated), its chunks'
+//! source symbols, proactive repair per block ([`rekeycast_nack::ProactiveRepair`]), paced by
+//! a token bucket; heartbeats carrying the latest sequence number, the GRTT probe, the group
+//! size and the repair entries, at an interval that starts short after each message and
+//! doubles up to a maximum (so a late member learns fast that it missed something, without
+//! steady chatter); NACKs, MAC-checked, aggregated per block into repair orders of `max(need)`
+//! fresh symbols within a cap ([`rekeycast_nack::RepairAggregator`]), announced at once by a
+//! repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7).
+//!
+//! It builds no message (that is [`super::layout::build_message`], CPU work for a worker
+//! thread, as is [`PreparedMessage::new`], which sets up the FEC encoder), holds no socket,
+//! clock or thread, and does not persist anything (the GCKS persists before queueing).
+//!
+//! # Call order (as quinn-proto's `Connection`)
+//!
+//! 1. Commands: [`SenderSession::queue_message`] for every new message, in sequence order.
+//! 2. Inputs: [`SenderSession::handle_datagram`] for every datagram that arrives on the
+//!    sender's sockets (NACKs, probe replies; anything else is counted and dropped);
+//!    [`SenderSession::handle_timeout`] when the deadline of
+//!    [`SenderSession::poll_timeout`] passes.
+//! 3. Outputs, after any command or input: [`SenderSession::poll_transmit`] until it returns
+//!    `None`, [`SenderSession::poll_event`] until `None`, then re-read
+//!    [`SenderSession::poll_timeout`].
+//!
+//! The resync endpoints (issue 10) read the history through
+//! [`SenderSession::resync_item`], [`SenderSession::latest_manifest`] and
+//! [`SenderSession::oldest_seq`]: everything they serve is already signed.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rekeycast_fec::ObjectEncoder;
+use rekeycast_nack::{
+    AggregatorConfig, BlockKey, BlockNackStats, GrttConfig, GrttEstimator, IncomingNack, ObjectId,
+    ProactiveConfig, ProactiveRepair, ProbeEcho, RepairAggregator, RepairOrder,
+};
+
+use super::chunk::ChunkHeader;
+use super::layout::{find_chunk, BuiltMessage};
+use super::manifest::SignedManifest;
+use super::{micros, seal_into, ConfigError, Destination, Transmit};
+use crate::auth::mac::MacKey;
+use crate::wire::{
+    self, BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind, Packet, RepairEntry, SymbolRepr,
+};
+
+/// Configuration of a [`SenderSession`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SenderConfig {
+    /// The largest datagram the session emits (UDP payload bytes); every message's symbols
+    /// must fit it.
+    pub datagram_size: usize,
+    /// Initial transmissions (manifests, source and proactive repair symbols): datagrams per
+    /// second.
+    pub send_rate: f64,
+    /// Depth of the initial transmissions' token bucket: the largest burst, in datagrams.
+    pub burst: u32,
+    /// How many times each manifest is sent in a message's initial transmission (first, then
+    /// spread evenly, the last one after every symbol).
+    pub manifest_repeats: u8,
+    /// Messages kept for resync (the history window H).
+    pub history: usize,
+    /// The newest messages that still get multicast repair; older ones in the history are
+    /// served by resync only.
+    pub repair_window: usize,
+    /// The first heartbeat interval after a message (raised to two GRTTs if shorter).
+    pub heartbeat_min: Duration,
+    /// The longest heartbeat interval: intervals double after each message up to it.
+    pub heartbeat_max: Duration,
+    /// The NACK backoff factor K advertised to receivers (window `K * GRTT`).
+    pub backoff_factor: u8,
+    /// The GRTT estimator's configuration.
+    pub grtt: GrttConfig,
+    /// The repair aggregator's configuration (its hold-off follows `K * GRTT`).
+    pub aggregator: AggregatorConfig,
+    /// The proactive repair helper's configuration.
+    pub proactive: ProactiveConfig,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        Self {
+            datagram_size: wire::DEFAULT_DATAGRAM_SIZE,
+            send_rate: 20_000.0,
+            burst: 32,
+            manifest_repeats: 3,
+            history: 64,
+            repair_window: 8,
+            heartbeat_min: Duration::from_millis(50),
+            heartbeat_max: Duration::from_secs(30),
+            backoff_factor: 4,
+            grtt: GrttConfig::default(),
+            aggregator: AggregatorConfig::default(),
+            proactive: ProactiveConfig::default(),
+        }
+    }
+}
+
+impl SenderConfig {
+    /// Checks the ranges of every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+        if !(wire::MIN_DATAGRAM_SIZE..=wire::MAX_DATAGRAM_SIZE).contains(&self.datagram_size) {
+            return invalid("datagram_size", "must be within 256..=65507");
+        }
+        if !(self.send_rate.is_finite() && self.send_rate > 0.0) {
+            return invalid("send_rate", "must be positive and finite");
+        }
+        if self.burst == 0 {
+            return invalid("burst", "must be at least 1");
+        }
+        if self.manifest_repeats == 0 {
+            return invalid("manifest_repeats", "must be at least 1");
+        }
+        if self.history == 0 || self.repair_window == 0 {
+            return invalid("history", "history and repair_window must be at least 1");
+        }
+        if self.heartbeat_min.is_zero() || self.heartbeat_max < self.heartbeat_min {
+            return invalid(
+                "heartbeat_min",
+                "must be positive and at most heartbeat_max",
+            );
+        }
+        if self.backoff_factor == 0 {
+            return invalid("backoff_factor", "must be at least 1");
+        }
+        self.grtt.validate()?;
+        self.aggregator.validate()?;
+        self.proactive.validate()?;
+        Ok(())
+    }
+}
+
+/// A built message made ready to send: its FEC encoder set up and its chunk headers indexed
+/// for resync lookups. Making one costs a copy of the chunks; do it off the event loop.
+#[derive(Debug)]
+pub struct PreparedMessage {
+    seq: u64,
+    group_id: u32,
+    spi: u32,
+    group_size: u32,
+    mac_key: MacKey,
+    manifest: Vec<u8>,
+    headers: Vec<ChunkHeader>,
+    encoder: ObjectEncoder,
+}
+
+/// Why a built message cannot be prepared or queued.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// The manifest does not parse (not a message of [`super::layout::build_message`]).
+    #[error("malformed manifest: {0}")]
+    Manifest(#[from] super::manifest::ManifestError),
+    /// The chunks do not fit the FEC parameters.
+    #[error(transparent)]
+    Fec(#[from] rekeycast_fec::Error),
+    /// The message is of another group or Rekey SA than the session.
+    #[error("message of group {group_id} SPI {spi} queued on another session")]
+    WrongGroup {
+        /// The message's group.
+        group_id: u32,
+        /// The message's SPI.
+        spi: u32,
+    },
+    /// The sequence number does not follow the last one queued.
+    #[error("sequence number {seq} does not follow {last}")]
+    OutOfOrder {
+        /// The message's sequence number.
+        seq: u64,
+        /// The last one queued.
+        last: u64,
+    },
+    /// A symbol datagram would exceed the configured datagram size.
+    #[error("symbols of {symbol_size} bytes do not fit datagrams of {datagram_size} bytes")]
+    TooLarge {
+        /// The message's symbol size.
+        symbol_size: u16,
+        /// The session's datagram size.
+        datagram_size: usize,
+    },
+}
+
+impl PreparedMessage {
+    /// Prepares `built`, whose datagrams are MAC'd under `mac_key` (the batch's MAC key, see
+    /// [`crate::lkh::RekeyBatch::mac_key`]).
+    pub fn new(built: BuiltMessage, mac_key: MacKey) -> Result<Self, QueueError> {
+        let signed = SignedManifest::parse(&built.manifest)?;
+        let manifest = signed.manifest;
+        let encoder =
+            ObjectEncoder::from_chunks(built.fec_info, built.chunks.iter().map(Vec::as_slice))?;
+        let headers = built.layout.chunks.iter().map(|(h, _)| *h).collect();
+        Ok(Self {
+            seq: manifest.seq,
+            group_id: manifest.group_id,
+            spi: manifest.spi,
+            group_size: manifest.group_size,
+            mac_key,
+            manifest: built.manifest,
+            headers,
+            encoder,
+        })
+    }
+
+    /// The message's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// What the session reports to its driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SenderEvent {
+    /// The initial transmission of message `seq` (every source and proactive repair symbol
+    /// and every manifest repeat) is on the wire.
+    InitialTransmissionDone {
+        /// The message.
+        seq: u64,
+    },
+    /// Message `seq` left the history window: resync can no longer serve it.
+    Retired {
+        /// The message.
+        seq: u64,
+    },
+}
+
+/// Counts of what the session sent and received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SenderCounters {
+    /// Manifest datagrams sent (initial repeats and repair).
+    pub manifests_sent: u64,
+    /// Source symbols sent.
+    pub source_symbols_sent: u64,
+    /// Proactive repair symbols sent.
+    pub proactive_symbols_sent: u64,
+    /// Repair symbols sent in answer to NACKs.
+    pub repair_symbols_sent: u64,
+    /// Heartbeats sent (periodic).
+    pub heartbeats_sent: u64,
+    /// Immediate repair advertisements sent.
+    pub advertisements_sent: u64,
+    /// Bytes of every datagram sent.
+    pub bytes_sent: u64,
+    /// Bytes of the source symbols sent (the message's own size, once per message).
+    pub source_bytes_sent: u64,
+    /// NACKs that passed the MAC check.
+    pub nacks_received: u64,
+    /// Probe replies that passed the MAC check.
+    pub probe_replies_received: u64,
+    /// Repair orders made (at most one per block and round).
+    pub repair_orders: u64,
+    /// Datagrams dropped: malformed, another group, unknown sequence number or bad MAC.
+    pub rejected: u64,
+    /// Authentic datagrams of a kind a sender does not take (symbols, heartbeats).
+    pub ignored: u64,
+    /// Transmits skipped because the driver's buffer was smaller than the datagram.
+    pub buffer_too_small: u64,
+    /// FEC errors while making a repair symbol (none expected).
+    pub fec_errors: u64,
+}
+
+/// One step of a message's initial transmission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Manifest,
+    Source { sbn: u8, esi: u32 },
+    Proactive { sbn: u8, esi: u32 },
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    message: PreparedMessage,
+    /// Proactive repair symbols per block, fixed when the message is queued.
+    proactive: Vec<u16>,
+    plan: Vec<Step>,
+    next_step: usize,
+    finished_at: Option<Instant>,
+    /// Per block: whether its first-round statistics were recorded.
+    recorded: Vec<bool>,
+}
+
+/// The GCKS side of one group's rekey transport. See the [module docs](self) for the call
+/// order.
+#[derive(Debug)]
+pub struct SenderSession {
+    config: SenderConfig,
+    group_id: u32,
+    spi: u32,
+    /// The history window, ascending by sequence number.
+    messages: VecDeque<Outgoing>,
+    /// Sequence numbers whose initial transmission is not finished, in order.
+    initial: VecDeque<u64>,
+    tokens: f64,
+    refilled_at: Instant,
+    grtt: GrttEstimator,
+    aggregator: RepairAggregator,
+    proactive: ProactiveRepair,
+    heartbeat_at: Option<Instant>,
+    heartbeat_interval: Duration,
+    probe_request_at: Instant,
+    last_probe_us: Option<u64>,
+    recent_orders: VecDeque<RepairEntry>,
+    group_size: u32,
+    events: VecDeque<SenderEvent>,
+    counters: SenderCounters,
+}
+
+/// Repair entries a heartbeat repeats (the newest orders).
+const HEARTBEAT_ENTRIES: usize = 8;
+
+impl SenderSession {
+    /// A session for the group and Rekey SA `(group_id, spi)` with no message yet; fails on an
+    /// invalid configuration.
+    pub fn new(
+        config: SenderConfig,
+        group_id: u32,
+        spi: u32,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let grtt = GrttEstimator::new(config.grtt, now)?;
+        let mut aggregator = RepairAggregator::new(config.aggregator.clone())?;
+        aggregator.set_hold_off(grtt.grtt() * u32::from(config.backoff_factor));
+        let proactive = ProactiveRepair::new(config.proactive)?;
+        Ok(Self {
+            tokens: f64::from(config.burst),
+            refilled_at: now,
+            heartbeat_interval: config.heartbeat_min,
+            probe_request_at: now,
+            config,
+            group_id,
+            spi,
+            messages: VecDeque::new(),
+            initial: VecDeque::new(),
+            grtt,
+            aggregator,
+            proactive,
+            heartbeat_at: None,
+            last_probe_us: None,
+            recent_orders: VecDeque::new(),
+            group_size: 0,
+            events: VecDeque::new(),
+            counters: SenderCounters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SenderConfig {
+        &self.config
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &SenderCounters {
+        &self.counters
+    }
+
+    /// The repair aggregator's counters.
+    pub fn repair_stats(&self) -> rekeycast_nack::AggregatorStats {
+        self.aggregator.stats()
+    }
+
+    /// The current GRTT estimate.
+    pub fn grtt(&self) -> Duration {
+        self.grtt.grtt()
+    }
+
+    /// The proactive repair helper's current loss estimate.
+    pub fn loss_estimate(&self) -> f64 {
+        self.proactive.loss_estimate()
+    }
+
+    /// The sequence number of the newest message queued.
+    pub fn latest_seq(&self) -> Option<u64> {
+        self.messages.back().map(|m| m.message.seq)
+    }
+
+    /// The oldest sequence number the history still holds.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.messages.front().map(|m| m.message.seq)
+    }
+
+    /// The newest message's signed manifest, with its sequence number: what a resync
+    /// endpoint's state answer carries.
+    pub fn latest_manifest(&self) -> Option<(u64, &[u8])> {
+        self.messages
+            .back()
+            .map(|m| (m.message.seq, m.message.manifest.as_slice()))
+    }
+
+    /// The signed manifest of message `seq` and the chunk that serves the leaf with order key
+    /// `order_key` (see [`crate::lkh::Degree::order_key`]): what a member fetches on resync.
+    pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncItem<'_>, ResyncLookup> {
+        let outgoing = self.find(seq).ok_or_else(|| match self.oldest_seq() {
+            Some(oldest) if seq < oldest => ResyncLookup::BeyondHistory { oldest },
+            _ => ResyncLookup::NotSent,
+        })?;
+        let message = &outgoing.message;
+        let index = find_chunk(&message.headers, order_key).ok_or(ResyncLookup::NoChunk)?;
+        let index = u32::try_from(index).map_err(|_| ResyncLookup::NoChunk)?;
+        let id = message
+            .encoder
+            .partition()
+            .locate(index)
+            .map_err(|_| ResyncLookup::NoChunk)?;
+        let chunk = message
+            .encoder
+            .source_symbol(id.sbn, id.esi)
+            .map_err(|_| ResyncLookup::NoChunk)?;
+        Ok(ResyncItem {
+            seq,
+            manifest: &message.manifest,
+            chunk,
+        })
+    }
+
+    /// Queues a prepared message. Its sequence number must follow the last one queued; its
+    /// initial transmission starts when the ones before it are finished (their repair goes on
+    /// in parallel). Messages beyond the history window are retired.
+    pub fn queue_message(
+        &mut self,
+        now: Instant,
+        message: PreparedMessage,
+    ) -> Result<(), QueueError> {
+        if message.group_id != self.group_id || message.spi != self.spi {
+            return Err(QueueError::WrongGroup {
+                group_id: message.group_id,
+                spi: message.spi,
+            });
+        }
+        if let Some(last) = self.latest_seq() {
+            if message.seq <= last {
+                return Err(QueueError::OutOfOrder {
+                    seq: message.seq,
+                    last,
+                });
+            }
+        }
+        let info = *message.encoder.info();
+        let symbol_size = info.symbol_size();
+        let symbol_datagram =
+            wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + usize::from(symbol_size);
+        let manifest_datagram =
+            wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + message.manifest.len();
+        if symbol_datagram.max(manifest_datagram) > self.config.datagram_size {
+            return Err(QueueError::TooLarge {
+                symbol_size,
+                datagram_size: self.config.datagram_size,
+            });
+        }
+        let partition = info.partition();
+        let blocks = partition.block_count();
+        let mut proactive = Vec::new();
+        let mut symbol_steps = Vec::new();
+        for sbn in 0..blocks {
+            // block_count() <= 255 (the SBN is 8 bits), so the cast is exact.
+            let sbn = sbn as u8;
+            let k = partition.block_len(sbn)?;
+            let h = self
+                .proactive
+                .proactive_symbols(u16::try_from(k).unwrap_or(u16::MAX));
+            proactive.push(h);
+            symbol_steps.extend((0..k).map(|esi| Step::Source { sbn, esi }));
+            symbol_steps.extend((k..k + u32::from(h)).map(|esi| Step::Proactive { sbn, esi }));
+            self.aggregator.register_block(
+                BlockKey {
+                    seq: message.seq,
+                    object: ObjectId::Chunks,
+                    sbn,
+                },
+                k + u32::from(h),
+            );
+        }
+        self.aggregator.register_block(
+            BlockKey {
+                seq: message.seq,
+                object: ObjectId::Manifest,
+                sbn: 0,
+            },
+            1,
+        );
+        let plan = interleave_manifests(symbol_steps, self.config.manifest_repeats);
+        self.group_size = message.group_size;
+        self.initial.push_back(message.seq);
+        self.messages.push_back(Outgoing {
+            recorded: vec![false; proactive.len()],
+            proactive,
+            plan,
+            next_step: 0,
+            finished_at: None,
+            message,
+        });
+        self.retire(now);
+        Ok(())
+    }
+
+    /// A datagram arrived from `from`. NACKs and probe replies are MAC-checked under the key
+    /// of their sequence number and handed to the aggregator and the GRTT estimator;
+    /// everything else is counted and dropped.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let _ = from;
+        let Some(repr) = self.authenticate(bytes) else {
+            self.counters.rejected += 1;
+            return;
+        };
+        match repr.body {
+            BodyRepr::Nack(nack) => {
+                self.counters.nacks_received += 1;
+                let Some(object) = ObjectId::from_u8(nack.object as u8) else {
+                    return;
+                };
+                let incoming = IncomingNack {
+                    block: BlockKey {
+                        seq: repr.seq,
+                        object,
+                        sbn: nack.sbn,
+                    },
+                    round: nack.round,
+                    need: nack.need,
+                };
+                let _ = self.aggregator.handle_nack(now, &incoming);
+                if let Some(echo) = nack.echo {
+                    self.handle_echo(now, echo.timestamp_us, echo.hold_us);
+                }
+            }
+            BodyRepr::ProbeReply(reply) => {
+                self.counters.probe_replies_received += 1;
+                self.handle_echo(now, reply.echo.timestamp_us, reply.echo.hold_us);
+            }
+            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) => self.counters.ignored += 1,
+        }
+    }
+
+    /// Time passed: GRTT intervals end, aggregation windows close, statistics are recorded.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.grtt.handle_timeout(now);
+        self.aggregator
+            .set_hold_off(self.grtt.grtt() * u32::from(self.config.backoff_factor));
+        self.aggregator.handle_timeout(now);
+        self.drain_orders();
+        self.record_quiet_blocks(now);
+    }
+
+    /// The next datagram to send, written into `buf` (which must hold
+    /// [`SenderConfig::datagram_size`] bytes).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.drain_orders();
+        while let Some(advertisement) = self.aggregator.poll_advertisement() {
+            let entry = RepairEntry {
+                seq: advertisement.block.seq,
+                object: object_kind(advertisement.block.object),
+                sbn: advertisement.block.sbn,
+                round: advertisement.round,
+                count: advertisement.count,
+            };
+            if let Some(len) = self.heartbeat(now, entry.seq, true, vec![entry], buf) {
+                self.counters.advertisements_sent += 1;
+                return Some(self.sent(len));
+            }
+        }
+        if self.initial.is_empty() && self.heartbeat_at.is_some_and(|at| at <= now) {
+            if let Some(seq) = self.latest_seq() {
+                let entries = self.recent_orders.iter().copied().collect();
+                self.heartbeat_at = Some(now + self.heartbeat_interval);
+                self.heartbeat_interval =
+                    (self.heartbeat_interval * 2).min(self.config.heartbeat_max);
+                if let Some(len) = self.heartbeat(now, seq, false, entries, buf) {
+                    self.counters.heartbeats_sent += 1;
+                    return Some(self.sent(len));
+                }
+            }
+        }
+        while let Some(repair) = self.aggregator.poll_repair(now) {
+            if let Some(len) = self.repair_symbol(repair.block, repair.esi, buf) {
+                return Some(self.sent(len));
+            }
+        }
+        self.initial_step(now, buf)
+    }
+
+    /// The next deadline, if any.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut deadline = self.aggregator.poll_timeout();
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+        };
+        consider(self.grtt.poll_timeout());
+        if self.initial.is_empty() {
+            consider(self.heartbeat_at);
+        } else {
+            consider(Some(self.next_token_at()));
+        }
+        consider(
+            self.messages
+                .iter()
+                .filter(|m| m.recorded.iter().any(|r| !r))
+                .filter_map(|m| m.finished_at.map(|at| at + self.stats_delay()))
+                .min(),
+        );
+        deadline
+    }
+
+    /// The next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    fn find(&self, seq: u64) -> Option<&Outgoing> {
+        let first = self.messages.front()?.message.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.messages.get(index).filter(|m| m.message.seq == seq)
+    }
+
+    fn authenticate<'a>(&self, bytes: &'a [u8]) -> Option<DatagramRepr<'a>> {
+        let packet = Packet::new_checked(bytes).ok()?;
+        if packet.group_id() != self.group_id || packet.spi() != self.spi {
+            return None;
+        }
+        let outgoing = self.find(packet.seq())?;
+        if !outgoing.message.mac_key.check(&packet) {
+            return None;
+        }
+        DatagramRepr::parse(bytes).ok()
+    }
+
+    fn handle_echo(&mut self, now: Instant, timestamp_us: u64, hold_us: u32) {
+        let echo = ProbeEcho {
+            timestamp_us,
+            hold_us,
+        };
+        if self.grtt.handle_echo(now, echo).is_some() {
+            self.aggregator
+                .set_hold_off(self.grtt.grtt() * u32::from(self.config.backoff_factor));
+        }
+    }
+
+    fn sent(&mut self, len: usize) -> Transmit {
+        self.counters.bytes_sent += len as u64;
+        Transmit {
+            destination: Destination::Group,
+            len,
+        }
+    }
+
+    /// Writes a heartbeat (or advertisement) sealed under the key of `seq` into `buf`.
+    fn heartbeat(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        advertisement: bool,
+        entries: Vec<RepairEntry>,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        // Receivers drop a heartbeat whose probe timestamp is not newer than the last one.
+        let probe_us = self
+            .grtt
+            .probe_timestamp_us(now)
+            .max(self.last_probe_us.map_or(0, |last| last + 1));
+        let probe_reply_requested = !advertisement && now >= self.probe_request_at;
+        if probe_reply_requested {
+            self.probe_request_at = now + self.config.grtt.probe_interval;
+        }
+        let oldest_seq = self.oldest_seq()?;
+        let key = self.find(seq)?.message.mac_key.clone();
+        let repr = DatagramRepr {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq,
+            body: BodyRepr::Heartbeat(HeartbeatRepr {
+                advertisement,
+                probe_reply_requested,
+                probe_timestamp_us: probe_us,
+                grtt_us: u32::try_from(micros(self.grtt.grtt())).unwrap_or(u32::MAX),
+                group_size: self.group_size,
+                oldest_seq,
+                backoff_factor: self.config.backoff_factor,
+                entries,
+            }),
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        let len = self.seal(&repr, &key, buf)?;
+        self.last_probe_us = Some(probe_us);
+        Some(len)
+    }
+
+    fn seal(&mut self, repr: &DatagramRepr<'_>, key: &MacKey, buf: &mut [u8]) -> Option<usize> {
+        let len = seal_into(repr, key, buf);
+        if len.is_none() {
+            self.counters.buffer_too_small += 1;
+        }
+        len
+    }
+
+    fn repair_symbol(&mut self, block: BlockKey, esi: u32, buf: &mut [u8]) -> Option<usize> {
+        let outgoing = self.find(block.seq)?;
+        let message = &outgoing.message;
+        let key = message.mac_key.clone();
+        let seq = message.seq;
+        let len = match block.object {
+            ObjectId::Manifest => {
+                let manifest = message.manifest.clone();
+                let len = self.symbol(seq, ObjectKind::Manifest, 0, 0, &manifest, &key, buf)?;
+                self.counters.manifests_sent += 1;
+                len
+            }
+            ObjectId::Chunks => {
+                let symbol = match message.encoder.repair_symbols(block.sbn, esi, 1) {
+                    Ok(mut symbols) => symbols.next(),
+                    Err(_) => None,
+                };
+                let Some(symbol) = symbol else {
+                    self.counters.fec_errors += 1;
+                    return None;
+                };
+                let len =
+                    self.symbol(seq, ObjectKind::Chunks, block.sbn, esi, &symbol, &key, buf)?;
+                self.counters.repair_symbols_sent += 1;
+                len
+            }
+        };
+        Some(len)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn symbol(
+        &mut self,
+        seq: u64,
+        object: ObjectKind,
+        sbn: u8,
+        esi: u32,
+        data: &[u8],
+        key: &MacKey,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        let repr = DatagramRepr {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq,
+            body: BodyRepr::Symbol(SymbolRepr {
+                object,
+                sbn,
+                esi,
+                data,
+            }),
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        self.seal(&repr, key, buf)
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * self.config.send_rate).min(f64::from(self.config.burst));
+        if now > self.refilled_at {
+            self.refilled_at = now;
+        }
+    }
+
+    fn next_token_at(&self) -> Instant {
+        if self.tokens >= 1.0 {
+            self.refilled_at
+        } else {
+            // Rounded up by a nanosecond so that a driver waking at the deadline finds a
+            // whole token (the same care as the aggregator's bucket).
+            self.refilled_at
+                + Duration::from_secs_f64((1.0 - self.tokens) / self.config.send_rate)
+                + Duration::from_nanos(1)
+        }
+    }
+
+    fn initial_step(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.refill(now);
+        while let Some(&seq) = self.initial.front() {
+            if self.tokens < 1.0 {
+                return None;
+            }
+            let Some(index) = self.index_of(seq) else {
+                self.initial.pop_front();
+                continue;
+            };
+            let outgoing = &mut self.messages[index];
+            let Some(&step) = outgoing.plan.get(outgoing.next_step) else {
+                outgoing.finished_at = Some(now);
+                self.initial.pop_front();
+                self.events
+                    .push_back(SenderEvent::InitialTransmissionDone { seq });
+                // The heartbeat right after a message tells members its initial transmission
+                // is over; later ones fall off.
+                self.heartbeat_at = Some(now);
+                self.heartbeat_interval = self
+                    .config
+                    .heartbeat_min
+                    .max(self.grtt.grtt() * 2)
+                    .min(self.config.heartbeat_max);
+                continue;
+            };
+            outgoing.next_step += 1;
+            self.tokens -= 1.0;
+            let key = outgoing.message.mac_key.clone();
+            let written = match step {
+                Step::Manifest => {
+                    let manifest = outgoing.message.manifest.clone();
+                    let len = self.symbol(seq, ObjectKind::Manifest, 0, 0, &manifest, &key, buf);
+                    self.counters.manifests_sent += u64::from(len.is_some());
+                    len
+                }
+                Step::Source { sbn, esi } => {
+                    let data = match outgoing.message.encoder.source_symbol(sbn, esi) {
+                        Ok(data) => data.to_vec(),
+                        Err(_) => {
+                            self.counters.fec_errors += 1;
+                            continue;
+                        }
+                    };
+                    let len = self.symbol(seq, ObjectKind::Chunks, sbn, esi, &data, &key, buf);
+                    if let Some(len) = len {
+                        self.counters.source_symbols_sent += 1;
+                        self.counters.source_bytes_sent += len as u64;
+                    }
+                    len
+                }
+                Step::Proactive { sbn, esi } => {
+                    let symbol = match outgoing.message.encoder.repair_symbols(sbn, esi, 1) {
+                        Ok(mut symbols) => symbols.next(),
+                        Err(_) => None,
+                    };
+                    let Some(symbol) = symbol else {
+                        self.counters.fec_errors += 1;
+                        continue;
+                    };
+                    let len = self.symbol(seq, ObjectKind::Chunks, sbn, esi, &symbol, &key, buf);
+                    self.counters.proactive_symbols_sent += u64::from(len.is_some());
+                    len
+                }
+            };
+            if let Some(len) = written {
+                return Some(self.sent(len));
+            }
+        }
+        None
+    }
+
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        let first = self.messages.front()?.message.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        (self.messages.get(index)?.message.seq == seq).then_some(index)
+    }
+
+    /// Moves new repair orders into the heartbeat's entries and the proactive statistics.
+    fn drain_orders(&mut self) {
+        while let Some(order) = self.aggregator.poll_order() {
+            self.counters.repair_orders += 1;
+            self.record_order(&order);
+            self.recent_orders.push_back(RepairEntry {
+                seq: order.block.seq,
+                object: object_kind(order.block.object),
+                sbn: order.block.sbn,
+                round: order.round,
+                count: order.count,
+            });
+            while self.recent_orders.len() > HEARTBEAT_ENTRIES {
+                self.recent_orders.pop_front();
+            }
+        }
+    }
+
+    /// A first-round order tells the proactive helper how much the worst receiver lacked.
+    fn record_order(&mut self, order: &RepairOrder) {
+        if order.round != 1 || order.block.object != ObjectId::Chunks {
+            return;
+        }
+        let Some(index) = self.index_of(order.block.seq) else {
+            return;
+        };
+        let group_size = self.messages[index].message.group_size;
+        let sbn = usize::from(order.block.sbn);
+        let outgoing = &mut self.messages[index];
+        if outgoing.recorded.get(sbn).copied() != Some(false) {
+            return;
+        }
+        outgoing.recorded[sbn] = true;
+        let stats = BlockNackStats {
+            source_symbols: block_len(&outgoing.message, order.block.sbn),
+            proactive_symbols: outgoing.proactive[sbn],
+            group_size,
+            max_need: order.max_need,
+            needing_receivers: None,
+        };
+        self.proactive.record(&stats);
+    }
+
+    /// Blocks that drew no NACK by the time a first round would have closed count as
+    /// NACK-free observations.
+    fn record_quiet_blocks(&mut self, now: Instant) {
+        let delay = self.stats_delay();
+        let mut observations = Vec::new();
+        for outgoing in self.messages.iter_mut() {
+            if !outgoing.finished_at.is_some_and(|at| at + delay <= now) {
+                continue;
+            }
+            for sbn in 0..outgoing.recorded.len() {
+                if !outgoing.recorded[sbn] {
+                    outgoing.recorded[sbn] = true;
+                    // sbn < block count <= 255.
+                    observations.push(BlockNackStats {
+                        source_symbols: block_len(&outgoing.message, sbn as u8),
+                        proactive_symbols: outgoing.proactive[sbn],
+                        group_size: outgoing.message.group_size,
+                        max_need: 0,
+                        needing_receivers: None,
+                    });
+                }
+            }
+        }
+        for stats in observations {
+            self.proactive.record(&stats);
+        }
+    }
+
+    /// How long after a message's initial transmission its first repair round is surely
+    /// closed: the receivers' backoff window, the aggregation hold-off and two GRTTs.
+    fn stats_delay(&self) -> Duration {
+        self.grtt.grtt() * (2 * u32::from(self.config.backoff_factor) + 2)
+    }
+
+    fn retire(&mut self, now: Instant) {
+        let _ = now;
+        while self.messages.len() > self.config.history {
+            if let Some(old) = self.messages.pop_front() {
+                self.events.push_back(SenderEvent::Retired {
+                    seq: old.message.seq,
+                });
+            }
+        }
+        if self.messages.len() > self.config.repair_window {
+            let first_repairable = self.messages[self.messages.len() - self.config.repair_window]
+                .message
+                .seq;
+            self.aggregator.retire_before(first_repairable);
+            self.recent_orders
+                .retain(|entry| entry.seq >= first_repairable);
+        }
+    }
+}
+
+/// What a resync endpoint serves for one missed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncItem<'a> {
+    /// The message's sequence number.
+    pub seq: u64,
+    /// Its signed manifest.
+    pub manifest: &'a [u8],
+    /// The chunk that serves the asking member (a whole source symbol).
+    pub chunk: &'a [u8],
+}
+
+/// Why [`SenderSession::resync_item`] has nothing to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResyncLookup {
+    /// The message left the history window: the member must re-register.
+    #[error("message is older than the history window (oldest {oldest})")]
+    BeyondHistory {
+        /// The oldest message still held.
+        oldest: u64,
+    },
+    /// No message with that sequence number was queued yet.
+    #[error("message not sent yet")]
+    NotSent,
+    /// No chunk of the message serves that order key.
+    #[error("no chunk serves that leaf")]
+    NoChunk,
+}
+
+fn object_kind(object: ObjectId) -> ObjectKind {
+    match object {
+        ObjectId::Manifest => ObjectKind::Manifest,
+        ObjectId::Chunks => ObjectKind::Chunks,
+    }
+}
+
+fn block_len(message: &PreparedMessage, sbn: u8) -> u16 {
+    let len = message.encoder.partition().block_len(sbn).unwrap_or(0);
+    u16::try_from(len).unwrap_or(u16::MAX)
+}
+
+/// The initial transmission plan: the manifest first, `repeats - 1` more copies spread evenly
+/// through the symbols, the last one after every symbol.
+fn interleave_manifests(symbols: Vec<Step>, repeats: u8) -> Vec<Step> {
+    let repeats = usize::from(repeats.max(1));
+    let mut plan = Vec::with_capacity(symbols.len() + repeats);
+    plan.push(Step::Manifest);
+    if repeats == 1 {
+        plan.extend(symbols);
+        return plan;
+    }
+    let gaps = repeats - 1;
+    let total = symbols.len();
+    let mut placed = 1;
+    for (i, step) in symbols.into_iter().enumerate() {
+        plan.push(step);
+        // After symbol i, place the copies due by then (the last one after the last symbol).
+        while placed < repeats && (i + 1) * gaps >= placed * total {
+            plan.push(Step::Manifest);
+            placed += 1;
+        }
+    }
+    while placed < repeats {
+        plan.push(Step::Manifest);
+        placed += 1;
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_are_first_spread_and_last() {
+        let symbols: Vec<Step> = (0..9).map(|esi| Step::Source { sbn: 0, esi }).collect();
+        let plan = interleave_manifests(symbols, 3);
+        let positions: Vec<usize> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == Step::Manifest)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(plan.len(), 12);
+        assert_eq!(positions.first(), Some(&0));
+        assert_eq!(positions.last(), Some(&11));
+        assert_eq!(positions.len(), 3);
+        assert!(positions[1] > 3 && positions[1] < 8, "{positions:?}");
+        assert_eq!(interleave_manifests(vec![], 3), vec![Step::Manifest; 3]);
+        assert_eq!(interleave_manifests(vec![], 1), vec![Step::Manifest]);
+    }
+}

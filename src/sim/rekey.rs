@@ -1,0 +1,703 @@
+//! Rekey scenarios over the simulated network: one GCKS ([`SenderSession`] fed by an LKH
+//! [`KeyTree`]) and thousands of members ([`ReceiverSession`]), with batched joins and leaves,
+//! per-link loss, and resync served from the sender's history as a resync endpoint would
+//! serve it (issue 10 puts TCP and HTTP under it; here it is a delayed, reliable exchange).
+//!
+//! Used by the scenario tests, by `rekeycast-bench sim` and by the `sim` subcommand. Everything
+//! is seeded: the key tree's randomness, the GCKS's signing key, the churn and every link, so a
+//! run reproduces from its [`ScenarioConfig`]. Outcomes are read from the sessions' own
+//! counters and events ([`ScenarioReport`]).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
+use crate::gsa::{RekeySa, WrapAlgorithm};
+use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
+use crate::session::layout::{build_message, MessageParams};
+use crate::session::sender::{PreparedMessage, ResyncLookup, SenderCounters};
+use crate::session::{
+    self, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, SenderConfig,
+    SenderSession,
+};
+
+/// The group id of simulated groups.
+pub const GROUP_ID: u32 = 0x5E55_1011;
+/// The SPI of simulated groups' Rekey SA.
+pub const SPI: u32 = 7;
+
+/// A whole scenario.
+#[derive(Debug, Clone)]
+pub struct ScenarioConfig {
+    /// The seed of everything random.
+    pub seed: u64,
+    /// Members at the start (they join in the first message).
+    pub members: usize,
+    /// Rekey messages after the first one.
+    pub rekeys: usize,
+    /// Fraction of the members that leave in each rekey; as many new members join.
+    pub churn: f64,
+    /// Time between rekeys.
+    pub rekey_interval: Duration,
+    /// Time after the last rekey for repair and resync to finish.
+    pub settle: Duration,
+    /// Every member's downlink (from the switch), unless overridden.
+    pub member_downlink: LinkConfig,
+    /// Every member's uplink (to the switch).
+    pub member_uplink: LinkConfig,
+    /// Downlinks of some initial members, by index: `(indices, link)`, later entries win.
+    pub downlink_overrides: Vec<(Range<usize>, LinkConfig)>,
+    /// The GCKS's uplink and downlink.
+    pub sender_link: LinkConfig,
+    /// The GCKS's session configuration.
+    pub sender: SenderConfig,
+    /// The members' session configuration (the feedback address is set by the scenario).
+    pub receiver: ReceiverConfig,
+    /// How messages are built (SPI, epoch and timestamp are set by the scenario).
+    pub message: MessageParams,
+    /// The key tree's degree.
+    pub degree: u8,
+    /// Round-trip time of a resync exchange (a TCP connection and a request per message).
+    pub resync_rtt: Duration,
+    /// Members wait a uniform random delay in `[0, resync_spread]` before resyncing, against
+    /// out-of-sync implosion.
+    pub resync_spread: Duration,
+    /// How often the scenario serves members' state-check and resync requests.
+    pub service_tick: Duration,
+}
+
+impl ScenarioConfig {
+    /// A scenario of `members` members and `rekeys` rekeys with `churn`, every member link
+    /// losing packets by `loss` with a 10 ms one-way delay and 2 ms of jitter, and defaults for
+    /// everything else.
+    pub fn new(seed: u64, members: usize, rekeys: usize, churn: f64, loss: super::Loss) -> Self {
+        let delay = Duration::from_millis(10);
+        let link = LinkConfig {
+            jitter: Duration::from_millis(2),
+            ..LinkConfig::lossy(loss, delay)
+        };
+        let placeholder = SocketAddr::from(([198, 18, 0, 1], super::NODE_PORT));
+        let mut receiver = ReceiverConfig::new(placeholder);
+        receiver.scheduler.grtt = Duration::from_millis(50);
+        let mut sender = SenderConfig::default();
+        sender.grtt.initial = Duration::from_millis(50);
+        Self {
+            seed,
+            members,
+            rekeys,
+            churn,
+            rekey_interval: Duration::from_secs(2),
+            settle: Duration::from_secs(30),
+            member_downlink: link.clone(),
+            member_uplink: link,
+            downlink_overrides: Vec::new(),
+            sender_link: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
+            sender,
+            receiver,
+            message: MessageParams::default(),
+            degree: 4,
+            resync_rtt: Duration::from_millis(40),
+            resync_spread: Duration::from_millis(500),
+            service_tick: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Why a scenario could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The network refused a configuration or call.
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    /// A session configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] session::ConfigError),
+    /// The key tree refused a batch.
+    #[error(transparent)]
+    Lkh(#[from] crate::lkh::LkhError),
+    /// A message could not be built.
+    #[error(transparent)]
+    Build(#[from] crate::session::layout::BuildError),
+    /// A message could not be queued.
+    #[error(transparent)]
+    Queue(#[from] crate::session::sender::QueueError),
+    /// The degree is not 2..=16.
+    #[error("invalid tree degree {0}")]
+    Degree(u8),
+    /// A scenario field is out of range.
+    #[error("invalid scenario: {0}")]
+    Invalid(&'static str),
+}
+
+/// What a scenario did, from the sessions' own counters and events.
+#[derive(Debug, Clone)]
+pub struct ScenarioReport {
+    /// Messages sent (the first one, which admits the initial members, included).
+    pub messages: u64,
+    /// Members at the end.
+    pub final_members: usize,
+    /// Members at the end whose group key is the GCKS's.
+    pub converged: usize,
+    /// Member-messages: messages each member needed (from its first to the last), summed.
+    pub member_messages: u64,
+    /// Member-messages applied from the member's own source symbol.
+    pub applied_from_source: u64,
+    /// Member-messages applied from a decoded block.
+    pub applied_from_decode: u64,
+    /// Member-messages applied through resync.
+    pub applied_from_resync: u64,
+    /// Every out-of-sync event: `(initial member index or None for a joiner, from_seq)`.
+    pub out_of_sync: Vec<(Option<usize>, u64)>,
+    /// Members told to re-register.
+    pub must_reregister: u64,
+    /// State checks members asked for.
+    pub state_checks: u64,
+    /// Time from a message's queueing to each member's key update, microseconds, sorted.
+    pub time_to_key_us: Vec<u64>,
+    /// The sender's counters.
+    pub sender: SenderCounters,
+    /// Repair orders the sender's aggregator made.
+    pub repair_orders: u64,
+    /// NACKs members sent.
+    pub nacks_sent: u64,
+    /// Signature checks members made, and of those failed.
+    pub signature_checks: u64,
+    /// Failed signature checks.
+    pub signature_failures: u64,
+    /// The members' session counters, summed (members that left included).
+    pub receivers: ReceiverCounters,
+    /// The network's counters.
+    pub network: NetworkStats,
+    /// The round-trip time of the member paths, for expressing times in GRTTs.
+    pub path_rtt: Duration,
+    /// The sender's GRTT estimate at the end.
+    pub grtt_estimate: Duration,
+}
+
+impl ScenarioReport {
+    /// Fraction of member-messages completed without resync.
+    pub fn without_resync(&self) -> f64 {
+        if self.member_messages == 0 {
+            return 1.0;
+        }
+        1.0 - self.applied_from_resync as f64 / self.member_messages as f64
+    }
+
+    /// Time to key at quantile `q` (0..=1), microseconds.
+    pub fn time_to_key_quantile_us(&self, q: f64) -> u64 {
+        quantile(&self.time_to_key_us, q)
+    }
+
+    /// Multicast bytes the sender sent per byte of source symbols.
+    pub fn wire_per_source(&self) -> f64 {
+        self.sender.bytes_sent as f64 / self.sender.source_bytes_sent.max(1) as f64
+    }
+}
+
+/// The value at quantile `q` of sorted `values` (0 when empty).
+pub fn quantile(values: &[u64], q: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let rank = ((values.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+/// A node of a rekey scenario.
+#[derive(Debug)]
+pub enum SimNode {
+    /// The GCKS.
+    Sender(Box<SenderSession>),
+    /// A member.
+    Member(Box<MemberNode>),
+}
+
+/// A member's session with what the scenario records about it.
+#[derive(Debug)]
+pub struct MemberNode {
+    /// The session.
+    pub session: ReceiverSession,
+    /// The member's index among the initial members, `None` for a later joiner.
+    pub initial_index: Option<usize>,
+    /// The first message the member needed.
+    pub first_seq: u64,
+    slot: usize,
+    shared: Rc<RefCell<Shared>>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queued_at: BTreeMap<u64, Instant>,
+    time_to_key_us: Vec<u64>,
+    /// Events the scenario must act on: (member slot, event).
+    actions: Vec<(usize, ReceiverEvent)>,
+    out_of_sync: Vec<(Option<usize>, u64)>,
+}
+
+impl MemberNode {
+    fn drain_events(&mut self, now: Instant) {
+        let mut shared = self.shared.borrow_mut();
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                ReceiverEvent::GroupKeyUpdated { seq, .. } => {
+                    if let Some(queued) = shared.queued_at.get(&seq) {
+                        let us = now.saturating_duration_since(*queued).as_micros();
+                        let us = u64::try_from(us).unwrap_or(u64::MAX);
+                        shared.time_to_key_us.push(us);
+                    }
+                }
+                ReceiverEvent::NewDataSa { .. } => {}
+                ReceiverEvent::OutOfSync { from_seq } => {
+                    shared.out_of_sync.push((self.initial_index, from_seq));
+                    shared.actions.push((self.slot, event));
+                }
+                other => shared.actions.push((self.slot, other)),
+            }
+        }
+    }
+}
+
+impl Node for SimNode {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match self {
+            Self::Sender(sender) => sender.handle_datagram(now, from, bytes),
+            Self::Member(member) => {
+                member.session.handle_datagram(now, from, bytes);
+                member.drain_events(now);
+            }
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Self::Sender(sender) => sender.handle_timeout(now),
+            Self::Member(member) => {
+                member.session.handle_timeout(now);
+                member.drain_events(now);
+            }
+        }
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        match self {
+            Self::Sender(sender) => sender.poll_transmit(now, buf),
+            Self::Member(member) => member.session.poll_transmit(now, buf),
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Sender(sender) => sender.poll_timeout(),
+            Self::Member(member) => member.session.poll_timeout(),
+        }
+    }
+}
+
+/// A resync-endpoint action the scenario performs for a member at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Action {
+    StateAnswer,
+    Resync,
+}
+
+/// Runs a scenario to its end and reports.
+pub fn run(config: &ScenarioConfig) -> Result<ScenarioReport, ScenarioError> {
+    Scenario::new(config)?.run()
+}
+
+struct Scenario<'c> {
+    config: &'c ScenarioConfig,
+    net: Network<SimNode>,
+    tree: KeyTree,
+    signing_key: SigningKey,
+    sender: NodeId,
+    /// Member slots: (member id, node id); a slot is never reused.
+    slots: Vec<(MemberId, NodeId)>,
+    /// Slots of current members.
+    current: Vec<usize>,
+    shared: Rc<RefCell<Shared>>,
+    rng: ChaCha8Rng,
+    next_member_id: u64,
+    /// Scheduled endpoint actions: (time, tie-breaker, slot, action), earliest first.
+    scheduled: BinaryHeap<std::cmp::Reverse<(Instant, u64, usize, Action)>>,
+    scheduled_count: u64,
+    /// Counters of members that left (their nodes are gone).
+    departed: ReceiverCounters,
+    departed_signatures: (u64, u64),
+    member_messages: u64,
+    must_reregister: u64,
+    messages: u64,
+}
+
+impl<'c> Scenario<'c> {
+    fn new(config: &'c ScenarioConfig) -> Result<Self, ScenarioError> {
+        if !(0.0..=1.0).contains(&config.churn) || config.members == 0 {
+            return Err(ScenarioError::Invalid(
+                "members must be >= 1 and churn in [0, 1]",
+            ));
+        }
+        if config.service_tick.is_zero() {
+            return Err(ScenarioError::Invalid("service_tick must be positive"));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let signing_key = SigningKey::from_bytes(&rng.gen());
+        let degree =
+            Degree::new(config.degree).map_err(|_| ScenarioError::Degree(config.degree))?;
+        let sa = RekeySa {
+            group_id: GROUP_ID,
+            spi: SPI,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree,
+            gcks_public_key: signing_key.verifying_key(),
+            data_sa_lifetime_secs: 3600,
+        };
+        let tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(rng.gen()));
+        let mut net = Network::with_config(super::NetworkConfig::new(rng.gen()))?;
+        let start = net.start();
+        let sender = SenderSession::new(config.sender.clone(), GROUP_ID, SPI, start)?;
+        let sender = net.add_node(
+            SimNode::Sender(Box::new(sender)),
+            config.sender_link.clone(),
+            config.sender_link.clone(),
+        )?;
+        Ok(Self {
+            config,
+            net,
+            tree,
+            signing_key,
+            sender,
+            slots: Vec::new(),
+            current: Vec::new(),
+            shared: Rc::new(RefCell::new(Shared::default())),
+            rng,
+            next_member_id: 0,
+            scheduled: BinaryHeap::new(),
+            scheduled_count: 0,
+            departed: ReceiverCounters::default(),
+            departed_signatures: (0, 0),
+            member_messages: 0,
+            must_reregister: 0,
+            messages: 0,
+        })
+    }
+
+    fn run(mut self) -> Result<ScenarioReport, ScenarioError> {
+        let initial: Vec<MemberId> = (0..self.config.members)
+            .map(|_| self.new_member_id())
+            .collect();
+        self.rekey(&initial, &[], true)?;
+        for _ in 0..self.config.rekeys {
+            self.advance(self.config.rekey_interval)?;
+            let count = ((self.current.len() as f64) * self.config.churn).round() as usize;
+            let count = count.min(self.current.len().saturating_sub(1));
+            let picks = sample(&mut self.rng, self.current.len(), count).into_vec();
+            let mut leaving_slots: Vec<usize> = picks.iter().map(|&i| self.current[i]).collect();
+            leaving_slots.sort_unstable();
+            let leaves: Vec<MemberId> = leaving_slots.iter().map(|&s| self.slots[s].0).collect();
+            let joins: Vec<MemberId> = (0..count).map(|_| self.new_member_id()).collect();
+            for &slot in &leaving_slots {
+                self.depart(slot)?;
+            }
+            self.current
+                .retain(|slot| leaving_slots.binary_search(slot).is_err());
+            self.rekey(&joins, &leaves, false)?;
+        }
+        self.advance(self.config.settle)?;
+        Ok(self.report())
+    }
+
+    fn new_member_id(&mut self) -> MemberId {
+        self.next_member_id += 1;
+        MemberId(self.next_member_id)
+    }
+
+    /// Applies a batch, admits the joiners as new nodes, builds and queues the message.
+    fn rekey(
+        &mut self,
+        joins: &[MemberId],
+        leaves: &[MemberId],
+        initial: bool,
+    ) -> Result<(), ScenarioError> {
+        let batch = self.tree.apply_batch(joins, leaves)?;
+        let now = self.net.now();
+        let params = MessageParams {
+            spi: SPI,
+            epoch: 0,
+            timestamp_us: session::micros(now.saturating_duration_since(self.net.start())),
+            ..self.config.message
+        };
+        let built = build_message(
+            &batch,
+            &self.tree.leaves_in_order(),
+            &self.signing_key,
+            &params,
+        )?;
+        let prepared = PreparedMessage::new(built, batch.mac_key.clone())?;
+        let seq = prepared.seq();
+        let feedback = self.net.addr(self.sender);
+        for (i, &member) in joins.iter().enumerate() {
+            let bundle = self.tree.join(member)?;
+            let mut receiver_config = self.config.receiver.clone();
+            receiver_config.feedback_addr = feedback;
+            receiver_config.scheduler.group_size =
+                u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
+            receiver_config.scheduler.seed = self.rng.gen();
+            let session = ReceiverSession::new(&bundle, receiver_config)?;
+            let slot = self.slots.len();
+            let initial_index = initial.then_some(i);
+            let node = SimNode::Member(Box::new(MemberNode {
+                session,
+                initial_index,
+                first_seq: bundle.first_seq,
+                slot,
+                shared: Rc::clone(&self.shared),
+            }));
+            let downlink = initial_index
+                .and_then(|index| {
+                    self.config
+                        .downlink_overrides
+                        .iter()
+                        .rev()
+                        .find(|(range, _)| range.contains(&index))
+                        .map(|(_, link)| link.clone())
+                })
+                .unwrap_or_else(|| self.config.member_downlink.clone());
+            let id = self
+                .net
+                .add_node(node, self.config.member_uplink.clone(), downlink)?;
+            self.slots.push((member, id));
+            self.current.push(slot);
+        }
+        self.shared.borrow_mut().queued_at.insert(seq, now);
+        if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
+            sender.queue_message(now, prepared)?;
+        }
+        self.net.touch(self.sender)?;
+        self.messages += 1;
+        Ok(())
+    }
+
+    /// A member leaves: its node is removed and its counters kept.
+    fn depart(&mut self, slot: usize) -> Result<(), ScenarioError> {
+        let id = self.slots[slot].1;
+        if let Some(SimNode::Member(member)) = self.net.remove_node(id)? {
+            self.account(&member);
+        }
+        Ok(())
+    }
+
+    fn account(&mut self, member: &MemberNode) {
+        let c = member.session.counters();
+        add_counters(&mut self.departed, c);
+        let m = member.session.message_counters();
+        self.departed_signatures.0 += m.signature_checks;
+        self.departed_signatures.1 += m.signature_failures;
+        // A departing member needed every message from its first up to the one before the
+        // batch that removed it (the current latest).
+        let latest = self.tree.seq();
+        self.member_messages += (latest + 1).saturating_sub(member.first_seq);
+        self.must_reregister += u64::from(member.session.must_reregister());
+    }
+
+    /// Runs the network for `duration`, serving members' requests every service tick.
+    fn advance(&mut self, duration: Duration) -> Result<(), ScenarioError> {
+        let end = self.net.now() + duration;
+        let mut now = self.net.now();
+        while now < end {
+            let next = (now + self.config.service_tick).min(end);
+            self.net.run_until(next);
+            now = next;
+            self.serve(now)?;
+        }
+        Ok(())
+    }
+
+    /// Schedules what members asked for and performs what is due.
+    fn serve(&mut self, now: Instant) -> Result<(), ScenarioError> {
+        let actions = std::mem::take(&mut self.shared.borrow_mut().actions);
+        for (slot, event) in actions {
+            match event {
+                ReceiverEvent::StateCheckNeeded { .. } => {
+                    self.schedule(now + self.config.resync_rtt, slot, Action::StateAnswer);
+                }
+                ReceiverEvent::OutOfSync { .. } => {
+                    let spread = self.config.resync_spread.mul_f64(self.rng.gen::<f64>());
+                    self.schedule(now + spread + self.config.resync_rtt, slot, Action::Resync);
+                }
+                _ => {}
+            }
+        }
+        while let Some(std::cmp::Reverse((at, _, slot, action))) = self.scheduled.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.scheduled.pop();
+            self.perform(now, slot, action)?;
+        }
+        Ok(())
+    }
+
+    fn schedule(&mut self, at: Instant, slot: usize, action: Action) {
+        self.scheduled_count += 1;
+        self.scheduled
+            .push(std::cmp::Reverse((at, self.scheduled_count, slot, action)));
+    }
+
+    /// One exchange with the resync endpoint (the sender's history) for a member.
+    fn perform(&mut self, now: Instant, slot: usize, action: Action) -> Result<(), ScenarioError> {
+        let id = self.slots[slot].1;
+        if !self.net.is_present(id) {
+            return Ok(());
+        }
+        let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
+            return Ok(());
+        };
+        // The endpoint's answers are copied out so that the member can be borrowed next.
+        match action {
+            Action::StateAnswer => {
+                let Some((_, manifest)) = sender.latest_manifest() else {
+                    return Ok(());
+                };
+                let manifest = manifest.to_vec();
+                if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
+                    // A behind member raises OutOfSync, which the next service tick schedules; a
+                    // bad answer changes nothing.
+                    let _verdict = member.session.handle_state_answer(now, &manifest);
+                    member.drain_events(now);
+                }
+            }
+            Action::Resync => {
+                // Fetch and apply in order until the member has the latest message; each item
+                // is one request on the resync connection.
+                while let Some((seq, key)) = self.resync_position(id) {
+                    let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
+                        break;
+                    };
+                    let item = sender
+                        .resync_item(seq, key)
+                        .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()));
+                    let Some(SimNode::Member(member)) = self.net.node_mut(id) else {
+                        break;
+                    };
+                    let more = match item {
+                        Ok((manifest, chunk)) => {
+                            member.session.handle_resync(now, &manifest, &chunk).is_ok()
+                        }
+                        Err(ResyncLookup::BeyondHistory { .. }) => {
+                            member.session.handle_beyond_history(now);
+                            false
+                        }
+                        Err(_) => false,
+                    };
+                    member.drain_events(now);
+                    if !more {
+                        break;
+                    }
+                }
+            }
+        }
+        self.net.touch(id)?;
+        Ok(())
+    }
+
+    /// Where a member stands for resync: the message it needs next and its order key.
+    fn resync_position(&self, id: NodeId) -> Option<(u64, u32)> {
+        match self.net.node(id) {
+            Some(SimNode::Member(member)) if !member.session.must_reregister() => {
+                Some((member.session.next_seq(), member.session.order_key()))
+            }
+            _ => None,
+        }
+    }
+
+    fn report(self) -> ScenarioReport {
+        let (group_version, group_key) = self.tree.group_key();
+        let latest = self.tree.seq();
+        let mut receivers = self.departed;
+        let (mut signature_checks, mut signature_failures) = self.departed_signatures;
+        let mut converged = 0;
+        let mut member_messages = self.member_messages;
+        let mut must_reregister = self.must_reregister;
+        for &slot in &self.current {
+            let Some(SimNode::Member(member)) = self.net.node(self.slots[slot].1) else {
+                continue;
+            };
+            let session = &member.session;
+            add_counters(&mut receivers, session.counters());
+            signature_checks += session.message_counters().signature_checks;
+            signature_failures += session.message_counters().signature_failures;
+            member_messages += (latest + 1).saturating_sub(member.first_seq);
+            must_reregister += u64::from(session.must_reregister());
+            if session.group_key().is_some_and(|k| {
+                k.version == group_version && k.key.as_bytes() == group_key.as_bytes()
+            }) {
+                converged += 1;
+            }
+        }
+        let (sender, repair_orders, grtt_estimate) = match self.net.node(self.sender) {
+            Some(SimNode::Sender(sender)) => (
+                *sender.counters(),
+                sender.repair_stats().orders,
+                sender.grtt(),
+            ),
+            _ => Default::default(),
+        };
+        let path_rtt = 2 * (self.config.sender_link.delay + self.config.member_downlink.delay)
+            + self.config.member_downlink.jitter;
+        let mut shared = self.shared.borrow_mut();
+        shared.time_to_key_us.sort_unstable();
+        ScenarioReport {
+            messages: self.messages,
+            final_members: self.current.len(),
+            converged,
+            member_messages,
+            applied_from_source: receivers.applied_from_source,
+            applied_from_decode: receivers.applied_from_decode,
+            applied_from_resync: receivers.applied_from_resync,
+            out_of_sync: std::mem::take(&mut shared.out_of_sync),
+            must_reregister,
+            state_checks: receivers.state_checks,
+            time_to_key_us: std::mem::take(&mut shared.time_to_key_us),
+            sender,
+            repair_orders,
+            nacks_sent: receivers.nacks_sent,
+            signature_checks,
+            signature_failures,
+            receivers,
+            network: self.net.stats().clone(),
+            path_rtt,
+            grtt_estimate,
+        }
+    }
+}
+
+fn add_counters(total: &mut ReceiverCounters, c: &ReceiverCounters) {
+    total.dropped_finished += c.dropped_finished;
+    total.dropped_other_block += c.dropped_other_block;
+    total.buffered += c.buffered;
+    total.buffer_full += c.buffer_full;
+    total.symbols_pushed += c.symbols_pushed;
+    total.decoder_refused += c.decoder_refused;
+    total.messages_applied += c.messages_applied;
+    total.applied_from_source += c.applied_from_source;
+    total.applied_from_decode += c.applied_from_decode;
+    total.applied_from_resync += c.applied_from_resync;
+    total.decode_failures += c.decode_failures;
+    total.bad_own_chunks += c.bad_own_chunks;
+    total.apply_failures += c.apply_failures;
+    total.nacks_sent += c.nacks_sent;
+    total.probe_replies_sent += c.probe_replies_sent;
+    total.state_checks += c.state_checks;
+    total.out_of_sync += c.out_of_sync;
+    total.buffer_too_small += c.buffer_too_small;
+}
