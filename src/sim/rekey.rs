@@ -48,7 +48,8 @@ pub struct ScenarioConfig {
     pub churn: f64,
     /// Time between rekeys.
     pub rekey_interval: Duration,
-    /// Time after the last rekey for repair and resync to finish.
+    /// The longest time after the last rekey for repair and resync to finish; the run stops
+    /// earlier once every member has the latest message.
     pub settle: Duration,
     /// Every member's downlink (from the switch), unless overridden.
     pub member_downlink: LinkConfig,
@@ -148,7 +149,8 @@ pub struct ScenarioReport {
     pub final_members: usize,
     /// Members at the end whose group key is the GCKS's.
     pub converged: usize,
-    /// Member-messages: messages each member needed (from its first to the last), summed.
+    /// Member-messages: messages each member needed, summed: from its first to the last for
+    /// the final members, what it applied for members that left (they leave mid-message).
     pub member_messages: u64,
     /// Member-messages applied from the member's own source symbol.
     pub applied_from_source: u64,
@@ -412,7 +414,13 @@ impl<'c> Scenario<'c> {
                 .retain(|slot| leaving_slots.binary_search(slot).is_err());
             self.rekey(&joins, &leaves, false)?;
         }
-        self.advance(self.config.settle)?;
+        // Settle: repair and resync finish; stop early once every member has the latest
+        // message (checked once a second of virtual time).
+        let deadline = self.net.now() + self.config.settle;
+        while self.net.now() < deadline && !self.all_current() {
+            let step = Duration::from_secs(1).min(deadline - self.net.now());
+            self.advance(step)?;
+        }
         Ok(self.report())
     }
 
@@ -502,10 +510,9 @@ impl<'c> Scenario<'c> {
         let m = member.session.message_counters();
         self.departed_signatures.0 += m.signature_checks;
         self.departed_signatures.1 += m.signature_failures;
-        // A departing member needed every message from its first up to the one before the
-        // batch that removed it (the current latest).
-        let latest = self.tree.seq();
-        self.member_messages += (latest + 1).saturating_sub(member.first_seq);
+        // A departing member may leave in the middle of the latest message (its departure is
+        // decided by the next batch, not by its progress): what it applied is what it needed.
+        self.member_messages += c.messages_applied;
         self.must_reregister += u64::from(member.session.must_reregister());
     }
 
@@ -608,6 +615,17 @@ impl<'c> Scenario<'c> {
         }
         self.net.touch(id)?;
         Ok(())
+    }
+
+    /// Whether every current member has applied the latest message.
+    fn all_current(&self) -> bool {
+        let latest = self.tree.seq();
+        self.current
+            .iter()
+            .all(|&slot| match self.net.node(self.slots[slot].1) {
+                Some(SimNode::Member(member)) => member.session.next_seq() > latest,
+                _ => true,
+            })
     }
 
     /// Where a member stands for resync: the message it needs next and its order key.
