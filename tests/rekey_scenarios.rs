@@ -223,3 +223,21 @@ fn long_bursts_on_every_downlink_converge_once_a_heartbeat_gets_through() {
         "the lagging members were found by state checks"
     );
 }
+
+/// Regression (found by the property test before the settle ran until convergence): 22% mean
+/// loss in bursts of 10 packets; a member lost the last message and the heartbeats of the
+/// next minute, and learned of it from a later heartbeat.
+#[test]
+fn bursts_of_ten_covering_the_last_message_and_its_heartbeats_converge() {
+    let down = Loss::GilbertElliott {
+        p_gb: 0.028577689826670118,
+        p_bg: 0.1,
+        loss_good: 0.0,
+        loss_bad: 1.0,
+    };
+    let mut config = ScenarioConfig::new(479536273851351031, 12, 4, 0.0, down);
+    config.member_uplink.loss = Loss::None;
+    config.settle = Duration::from_secs(3600);
+    let report = run(&config).unwrap();
+    assert_converged("bursts of ten", &report);
+}
