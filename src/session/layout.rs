@@ -32,7 +32,7 @@ use crate::lkh::{Degree, NodeId, RekeyBatch, Wrap, WrapError, WRAP_LEN};
 const COUNT_LEN: usize = 2;
 
 /// The fewest chunks a signing thread is given. Starting a thread costs tens of microseconds
-/// and a signature about 20, so a thread with fewer chunks would slow a small message down
+/// and a signature about 15, so a thread with fewer chunks would slow a small message down
 /// (measured: 19 chunks signed on 2 threads took longer than on 1).
 const MIN_CHUNKS_PER_THREAD: usize = 32;
 

@@ -87,11 +87,11 @@ const FIXED_LEN: usize = 57;
 ///   manifest's and, for a signature, its chunk's), and the manifest is one datagram either way.
 /// - The GCKS pays one signature per chunk (6,398 at that size), which
 ///   [`super::layout::build_message`] spreads over worker threads
-///   ([`super::layout::MessageParams::signing_threads`]). Measured, that is small: about 40 ms
-///   on one thread next to about 500 ms for the layout both modes share, and the whole
-///   signature build was faster than the Merkle one (440 against 702 ms): a path's length
-///   depends on the chunk count, and at that size the first estimate was short, so the Merkle
-///   layout was made twice.
+///   ([`super::layout::MessageParams::signing_threads`]). Measured, that is small: about 100 ms
+///   on one core (15.5 us a signature) next to about 500 ms for the layout both modes share,
+///   and the whole signature build was faster than the Merkle one (440 against 702 ms): a
+///   path's length depends on the chunk count, and at that size the first estimate was short,
+///   so the Merkle layout was made twice.
 ///
 /// Every member receives the whole multicast message, so the 19% fewer bytes count on every
 /// link, while the member's extra 36 us is paid once per message and never grows with N.
