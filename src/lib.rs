@@ -17,11 +17,13 @@
 //! - [`lkh`]: the LKH key tree with batch rekeying, and a member's key state.
 //! - [`gsa`]: the Rekey SA and Data SA, and the datagram MAC key of each message.
 //! - [`sim`]: a deterministic, seeded network simulator driving sans-IO nodes in virtual time.
+//! - [`io`]: real sockets and threads (so far the UDP multicast sockets).
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod fuzz_support;
 pub mod gsa;
+pub mod io;
 pub mod lkh;
 pub mod session;
 pub mod sim;
