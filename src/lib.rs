@@ -21,10 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod demo;
 pub mod fuzz_support;
+pub mod gcks;
 pub mod gsa;
 pub mod io;
 pub mod lkh;
+pub mod member;
 pub mod session;
 pub mod sim;
 pub mod wire;

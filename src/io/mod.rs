@@ -1,8 +1,12 @@
 //! Real I/O: the only module with sockets and threads, and the only one that sees
 //! `std::io::Error`.
 //!
-//! Everything else in the crate is sans-IO and is driven from here. So far this module holds
-//! the UDP multicast sockets ([`socket`]); the event loop that drives the sessions over them
-//! comes next.
+//! Everything else in the crate is sans-IO and is driven from here: the UDP multicast sockets
+//! ([`socket`]), the worker pool for CPU-heavy work ([`workers`]), and the mio event loops of
+//! the GCKS ([`crate::gcks::Gcks`]) and of a member ([`crate::member::Member`]), which own the
+//! sockets and drive the sans-IO sessions over them.
 
+pub(crate) mod gcks_loop;
+pub(crate) mod member_loop;
 pub mod socket;
+pub mod workers;

@@ -210,6 +210,11 @@ impl PreparedMessage {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    /// The number of chunks (source symbols) of the message.
+    pub fn chunk_count(&self) -> usize {
+        self.headers.len()
+    }
 }
 
 /// What the session reports to its driver.

@@ -1,0 +1,392 @@
+//! The embedding API for a GCKS product: [`Gcks`], the key server side of one group, running
+//! its event loop on its own thread.
+//!
+//! The product keeps registration and authorization (RFC 4046 section 4); rekeycast keeps the
+//! key tree, batches membership changes, builds, signs and sends each rekey message, answers
+//! NACKs with repair, and serves what resync needs from its history. Commands go in over a
+//! channel that wakes the loop ([`Gcks::join`], [`Gcks::leave`], [`Gcks::rekey_now`]); events
+//! come out over another ([`Gcks::events`]). Building a batch (the key tree, the layout, the
+//! signatures, the FEC encoder) runs on worker threads, so the loop keeps sending and
+//! repairing meanwhile. Products with their own runtime can drive
+//! [`crate::session::SenderSession`] themselves instead.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use rekeycast::gcks::{Gcks, GcksConfig};
+//! use rekeycast::lkh::MemberId;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let signing_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+//! let config = GcksConfig::loopback("239.1.2.3:7400".parse()?);
+//! let gcks = Gcks::start(config, signing_key)?;
+//! // Registration: the bundle arrives once the batch that admits the member is built.
+//! let bundle = gcks.join(MemberId(1))?.recv_timeout(Duration::from_secs(10))??;
+//! println!("member 1 starts at message {}", bundle.first_seq);
+//! gcks.shutdown()?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use ed25519_dalek::SigningKey;
+
+use crate::gsa::WrapAlgorithm;
+use crate::io::socket::MulticastConfig;
+use crate::lkh::{Degree, LkhError, MemberId, RegistrationBundle};
+use crate::session::layout::MessageParams;
+use crate::session::sender::SenderCounters;
+use crate::session::SenderConfig;
+
+/// Configuration of a [`Gcks`].
+#[derive(Debug, Clone)]
+pub struct GcksConfig {
+    /// The group id (in every datagram's header).
+    pub group_id: u32,
+    /// The SPI of the Rekey SA.
+    pub spi: u32,
+    /// The key tree's degree (4 is the usual optimum).
+    pub degree: Degree,
+    /// How keys are wrapped.
+    pub wrap_algorithm: WrapAlgorithm,
+    /// Lifetime of each Data SA, seconds.
+    pub data_sa_lifetime_secs: u32,
+    /// The multicast group, interface, TTL and loopback of the rekey traffic.
+    pub multicast: MulticastConfig,
+    /// The unicast address the GCKS sends from and takes NACKs on (port 0: any).
+    pub bind: SocketAddr,
+    /// The sender session's configuration.
+    pub sender: SenderConfig,
+    /// How messages are built (SPI, epoch and timestamp are set by the GCKS).
+    pub message: MessageParams,
+    /// Time between rekeys while membership changes are pending.
+    pub batch_interval: Duration,
+    /// Pending joins and leaves that trigger a rekey before the interval ends.
+    pub max_batch: usize,
+    /// Time between handing a batch's joiners their registration bundles and sending the
+    /// batch's message, so that they can join the multicast group first (they need that
+    /// message: it carries their path keys).
+    pub admission_delay: Duration,
+    /// Worker threads for building batches (0: one per core).
+    pub workers: usize,
+    /// Seed of the key tree's randomness for simulations and demos; `None` (the default) uses
+    /// the operating system's RNG, as a real deployment must.
+    pub key_seed: Option<u64>,
+}
+
+impl GcksConfig {
+    /// A configuration for the multicast group `group` on the loopback interface, with
+    /// loopback delivery on: for tests and demos on one host.
+    pub fn loopback(group: SocketAddr) -> Self {
+        let multicast = MulticastConfig::loopback_v4(group);
+        Self {
+            group_id: 1,
+            spi: 1,
+            degree: Degree::DEFAULT,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            data_sa_lifetime_secs: 3600,
+            multicast,
+            bind: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+            sender: SenderConfig::default(),
+            message: MessageParams::default(),
+            batch_interval: Duration::from_secs(1),
+            max_batch: 10_000,
+            admission_delay: Duration::from_millis(100),
+            workers: 0,
+            key_seed: None,
+        }
+    }
+}
+
+/// What the GCKS reports to the product.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GcksEvent {
+    /// A batch was applied and its message queued for sending.
+    Rekeyed {
+        /// The message's sequence number.
+        seq: u64,
+        /// Members admitted by it.
+        joined: usize,
+        /// Members removed by it.
+        left: usize,
+        /// Group size after it.
+        members: usize,
+        /// Chunks (source symbols) of its message.
+        chunks: usize,
+        /// Time the workers took to apply, lay out, sign and encode it.
+        build_time: Duration,
+    },
+    /// Message `seq` went to the sender (after the admission delay when it admits members):
+    /// its transmission starts now.
+    Queued {
+        /// The message.
+        seq: u64,
+    },
+    /// The initial transmission of message `seq` is on the wire.
+    Sent {
+        /// The message.
+        seq: u64,
+    },
+    /// A batch failed; the tree is unchanged unless `fatal`.
+    BatchFailed {
+        /// What went wrong.
+        reason: String,
+        /// Whether the key tree advanced without a message (the group must be rebuilt).
+        fatal: bool,
+    },
+}
+
+/// A snapshot of the GCKS's figures.
+#[derive(Debug, Clone, Default)]
+pub struct GcksStats {
+    /// The sender session's counters.
+    pub sender: SenderCounters,
+    /// Repair orders made.
+    pub repair_orders: u64,
+    /// Members in the tree.
+    pub members: usize,
+    /// The latest message's sequence number.
+    pub seq: u64,
+    /// The version of the current group key.
+    pub group_key_version: u32,
+    /// Joins and leaves waiting for the next batch.
+    pub pending: usize,
+    /// Event-loop lag (how late the loop woke for its deadlines), microseconds.
+    pub loop_lag_us: LagSummary,
+    /// Datagrams sent through the socket, and of those how many by GSO batches.
+    pub datagrams_sent: u64,
+    /// Send calls that would have blocked (the datagram waited for the socket).
+    pub send_blocked: u64,
+}
+
+/// Percentiles of the event loop's lag, microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LagSummary {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Maximum.
+    pub max: u64,
+    /// Samples.
+    pub count: u64,
+}
+
+impl LagSummary {
+    /// The percentiles of a histogram of microseconds.
+    pub(crate) fn from_histogram(histogram: Option<&hdrhistogram::Histogram<u64>>) -> Self {
+        histogram.map_or_else(Self::default, |h| Self {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+            count: h.len(),
+        })
+    }
+}
+
+/// What a resync endpoint needs from the GCKS for one missed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResyncAnswer {
+    /// The signed manifest and the asking member's chunk.
+    Item {
+        /// The signed manifest.
+        manifest: Vec<u8>,
+        /// The member's chunk (a whole source symbol).
+        chunk: Vec<u8>,
+    },
+    /// The message left the history window: the member must re-register.
+    BeyondHistory,
+    /// The message was not sent yet (the member is up to date).
+    NotSent,
+    /// No chunk serves that leaf.
+    NoChunk,
+}
+
+/// Why a join did not produce a registration bundle.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The key tree refused the member (already a member, a duplicate in the batch).
+    #[error(transparent)]
+    Lkh(#[from] LkhError),
+    /// The batch that was to admit the member failed.
+    #[error("batch failed: {0}")]
+    BatchFailed(String),
+}
+
+/// Why the engine could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// A socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] crate::io::socket::SocketError),
+    /// An I/O error of the event loop.
+    #[error("event loop: {0}")]
+    Io(#[from] std::io::Error),
+    /// A session configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::session::ConfigError),
+    /// The engine's thread is gone (it stopped or panicked).
+    #[error("engine thread is gone")]
+    Gone,
+    /// The engine's thread panicked.
+    #[error("engine thread panicked")]
+    Panicked,
+}
+
+pub(crate) enum Command {
+    Join(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
+    Leave(MemberId),
+    RekeyNow,
+    Stats(Sender<GcksStats>),
+    Resync {
+        seq: u64,
+        order_key: u32,
+        reply: Sender<ResyncAnswer>,
+    },
+    LatestManifest(Sender<Option<Vec<u8>>>),
+    Shutdown,
+}
+
+/// The key server side of one group, its loop running on its own thread.
+#[derive(Debug)]
+pub struct Gcks {
+    commands: Sender<Command>,
+    waker: Arc<mio::Waker>,
+    events: Receiver<GcksEvent>,
+    thread: Option<JoinHandle<Result<(), EngineError>>>,
+    local_addr: SocketAddr,
+    public_key: ed25519_dalek::VerifyingKey,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Join(..) => "Join",
+            Self::Leave(_) => "Leave",
+            Self::RekeyNow => "RekeyNow",
+            Self::Stats(_) => "Stats",
+            Self::Resync { .. } => "Resync",
+            Self::LatestManifest(_) => "LatestManifest",
+            Self::Shutdown => "Shutdown",
+        })
+    }
+}
+
+impl Gcks {
+    /// Sets up the sockets and starts the loop. `signing_key` signs every message (load it
+    /// from the key file of the state directory in a deployment).
+    pub fn start(config: GcksConfig, signing_key: SigningKey) -> Result<Self, EngineError> {
+        let public_key = signing_key.verifying_key();
+        let started = crate::io::gcks_loop::spawn(config, signing_key)?;
+        Ok(Self {
+            commands: started.commands,
+            waker: started.waker,
+            events: started.events,
+            thread: Some(started.thread),
+            local_addr: started.local_addr,
+            public_key,
+        })
+    }
+
+    /// The unicast address members send NACKs to (their feedback address).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The GCKS's public key (in every registration bundle's Rekey SA).
+    pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.public_key
+    }
+
+    /// Admits `member` in the next batch. The registration bundle arrives on the returned
+    /// channel once that batch is applied, before its message is sent.
+    pub fn join(
+        &self,
+        member: MemberId,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
+        let (reply, bundle) = crossbeam_channel::bounded(1);
+        self.send(Command::Join(member, reply))?;
+        Ok(bundle)
+    }
+
+    /// Removes `member` in the next batch.
+    pub fn leave(&self, member: MemberId) -> Result<(), EngineError> {
+        self.send(Command::Leave(member))
+    }
+
+    /// Applies the pending changes now (or refreshes the group key if there are none).
+    pub fn rekey_now(&self) -> Result<(), EngineError> {
+        self.send(Command::RekeyNow)
+    }
+
+    /// The GCKS's figures.
+    pub fn stats(&self) -> Result<GcksStats, EngineError> {
+        let (reply, stats) = crossbeam_channel::bounded(1);
+        self.send(Command::Stats(reply))?;
+        stats
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| EngineError::Gone)
+    }
+
+    /// The signed manifest of message `seq` and the chunk of the member whose leaf has order
+    /// key `order_key`: what a resync endpoint serves.
+    pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncAnswer, EngineError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(Command::Resync {
+            seq,
+            order_key,
+            reply,
+        })?;
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| EngineError::Gone)
+    }
+
+    /// The latest signed manifest: a resync endpoint's state answer.
+    pub fn latest_manifest(&self) -> Result<Option<Vec<u8>>, EngineError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(Command::LatestManifest(reply))?;
+        answer
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| EngineError::Gone)
+    }
+
+    /// The GCKS's events.
+    pub fn events(&self) -> &Receiver<GcksEvent> {
+        &self.events
+    }
+
+    /// Stops the loop and waits for its thread.
+    pub fn shutdown(mut self) -> Result<(), EngineError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), EngineError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let _ = self.commands.send(Command::Shutdown);
+        let _ = self.waker.wake();
+        thread.join().map_err(|_| EngineError::Panicked)?
+    }
+
+    fn send(&self, command: Command) -> Result<(), EngineError> {
+        self.commands.send(command).map_err(|_| EngineError::Gone)?;
+        self.waker.wake().map_err(EngineError::Io)
+    }
+}
+
+impl Drop for Gcks {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

@@ -1,0 +1,488 @@
+//! The GCKS's event loop: one thread with a mio `Poll` over the rekey socket and a waker,
+//! driving a [`SenderSession`], with batches built on a [`WorkerPool`].
+//!
+//! The loop: wait for the socket, a command or the next deadline -> receive until it would
+//! block and hand each datagram to the session -> run due timers -> start a batch if one is due
+//! and the key tree is home -> send what the session has, until it has nothing or the socket
+//! would block -> deliver events. The key tree travels to a worker for each batch and comes
+//! back with the built message; joins and leaves that arrive meanwhile wait for the next one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use ed25519_dalek::SigningKey;
+use hdrhistogram::Histogram;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::socket::MulticastSocket;
+use super::workers::{JobPanicked, WorkerPool};
+use crate::gcks::{
+    Command, EngineError, GcksConfig, GcksEvent, GcksStats, JoinError, LagSummary, ResyncAnswer,
+};
+use crate::gsa::RekeySa;
+use crate::lkh::{KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle};
+use crate::session::layout::{build_message, MessageParams};
+use crate::session::sender::{PreparedMessage, ResyncLookup, SenderEvent};
+use crate::session::{Destination, SenderSession};
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+
+pub(crate) struct Started {
+    pub(crate) commands: Sender<Command>,
+    pub(crate) waker: Arc<Waker>,
+    pub(crate) events: Receiver<GcksEvent>,
+    pub(crate) thread: JoinHandle<Result<(), EngineError>>,
+    pub(crate) local_addr: SocketAddr,
+}
+
+/// What a batch job hands back: the tree (always), and the message and bundles.
+struct BatchDone {
+    tree: KeyTree,
+    joins: Vec<(MemberId, Sender<Result<RegistrationBundle, JoinError>>)>,
+    leaves: Vec<MemberId>,
+    outcome: Result<(PreparedMessage, Vec<Result<RegistrationBundle, LkhError>>), BatchError>,
+    build_time: Duration,
+}
+
+/// A batch job's result as the worker pool delivers it.
+type BatchResult = Result<BatchDone, JobPanicked>;
+
+#[derive(Debug)]
+struct BatchError {
+    reason: String,
+    /// The tree advanced without a message.
+    fatal: bool,
+}
+
+/// Sets up the socket and spawns the loop's thread.
+pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Started, EngineError> {
+    config.sender.validate()?;
+    let (socket, _report) = MulticastSocket::sender(&config.multicast, config.bind)?;
+    let local_addr = socket.local_addr()?;
+    let mut socket = socket.into_mio();
+    let poll = Poll::new()?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let (commands, command_rx) = crossbeam_channel::unbounded();
+    let (event_tx, events) = crossbeam_channel::unbounded();
+    let sa = RekeySa {
+        group_id: config.group_id,
+        spi: config.spi,
+        wrap_algorithm: config.wrap_algorithm,
+        degree: config.degree,
+        gcks_public_key: signing_key.verifying_key(),
+        data_sa_lifetime_secs: config.data_sa_lifetime_secs,
+    };
+    let rng = match config.key_seed {
+        Some(seed) => KeyRng::seeded_for_simulation(seed),
+        None => KeyRng::from_os()
+            .map_err(|e| EngineError::Io(std::io::Error::other(format!("key tree RNG: {e}"))))?,
+    };
+    let tree = KeyTree::with_rng(sa, rng);
+    let threads = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers = WorkerPool::new(threads, "rekeycast-gcks-worker")?;
+    let now = Instant::now();
+    let session = SenderSession::new(config.sender.clone(), config.group_id, config.spi, now)?;
+    let loop_waker = Arc::clone(&waker);
+    let thread = std::thread::Builder::new()
+        .name("rekeycast-gcks".into())
+        .spawn(move || {
+            let mut state = LoopState {
+                group: config.multicast.group,
+                config,
+                signing_key: Arc::new(signing_key),
+                poll,
+                socket,
+                waker: loop_waker,
+                commands: command_rx,
+                events: event_tx,
+                session,
+                tree: Some(tree),
+                workers,
+                batch_results: crossbeam_channel::unbounded(),
+                joins: Vec::new(),
+                leaves: Vec::new(),
+                rekey_requested: false,
+                last_batch: now,
+                backlog: None,
+                lag: Histogram::new(3).ok(),
+                datagrams_sent: 0,
+                send_blocked: 0,
+                group_key_version: 0,
+                held: std::collections::VecDeque::new(),
+            };
+            state.run()
+        })?;
+    Ok(Started {
+        commands,
+        waker,
+        events,
+        thread,
+        local_addr,
+    })
+}
+
+struct LoopState {
+    config: GcksConfig,
+    group: SocketAddr,
+    signing_key: Arc<SigningKey>,
+    poll: Poll,
+    socket: mio::net::UdpSocket,
+    waker: Arc<Waker>,
+    commands: Receiver<Command>,
+    events: Sender<GcksEvent>,
+    session: SenderSession,
+    /// The key tree, `None` while a worker builds a batch with it.
+    tree: Option<KeyTree>,
+    workers: WorkerPool,
+    batch_results: (Sender<BatchResult>, Receiver<BatchResult>),
+    joins: Vec<(MemberId, Sender<Result<RegistrationBundle, JoinError>>)>,
+    leaves: Vec<MemberId>,
+    rekey_requested: bool,
+    last_batch: Instant,
+    /// A datagram the socket would not take yet.
+    backlog: Option<(Vec<u8>, SocketAddr)>,
+    lag: Option<Histogram<u64>>,
+    datagrams_sent: u64,
+    send_blocked: u64,
+    group_key_version: u32,
+    /// Messages whose joiners have their bundles, waiting out the admission delay.
+    held: std::collections::VecDeque<(Instant, PreparedMessage)>,
+}
+
+impl LoopState {
+    fn run(&mut self) -> Result<(), EngineError> {
+        let mut events = Events::with_capacity(256);
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let deadline = self.deadline();
+            let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let now = Instant::now();
+            if let (Some(at), Some(lag)) = (deadline, self.lag.as_mut()) {
+                if now >= at {
+                    let _ = lag.record(micros(now - at));
+                }
+            }
+            for event in events.iter() {
+                if event.token() == SOCKET && event.is_readable() {
+                    self.receive(now, &mut buf);
+                }
+            }
+            if self.handle_commands(now) {
+                return Ok(());
+            }
+            self.handle_batch_results(now);
+            let now = Instant::now();
+            self.release_held(now);
+            if self.session.poll_timeout().is_some_and(|at| at <= now) {
+                self.session.handle_timeout(now);
+            }
+            self.maybe_start_batch(now);
+            self.transmit(now, &mut buf)?;
+            while let Some(event) = self.session.poll_event() {
+                if let SenderEvent::InitialTransmissionDone { seq } = event {
+                    let _ = self.events.send(GcksEvent::Sent { seq });
+                }
+            }
+        }
+    }
+
+    /// The next time the loop must wake by itself.
+    fn deadline(&self) -> Option<Instant> {
+        let mut deadline = self.session.poll_timeout();
+        if self.tree.is_some() && self.batch_pending() {
+            let at = self.last_batch + self.config.batch_interval;
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
+        if let Some((at, _)) = self.held.front() {
+            deadline = Some(deadline.map_or(*at, |d| d.min(*at)));
+        }
+        if self.backlog.is_some() {
+            // Waiting for the socket to drain; wake now and then in case no event comes.
+            let at = Instant::now() + Duration::from_millis(1);
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
+        deadline
+    }
+
+    fn batch_pending(&self) -> bool {
+        self.rekey_requested || !self.joins.is_empty() || !self.leaves.is_empty()
+    }
+
+    fn receive(&mut self, now: Instant, buf: &mut [u8]) {
+        // Bounded: at most this many datagrams per wake-up, so commands and timers still run
+        // under a flood.
+        for _ in 0..4_096 {
+            match self.socket.recv_from(buf) {
+                Ok((len, from)) => self.session.handle_datagram(now, from, &buf[..len]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // ICMP errors of earlier sends and the like: the datagram is gone, go on.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Returns true on shutdown.
+    fn handle_commands(&mut self, now: Instant) -> bool {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Join(member, reply) => self.joins.push((member, reply)),
+                Command::Leave(member) => self.leaves.push(member),
+                Command::RekeyNow => self.rekey_requested = true,
+                Command::Stats(reply) => {
+                    let _ = reply.send(self.stats());
+                }
+                Command::Resync {
+                    seq,
+                    order_key,
+                    reply,
+                } => {
+                    let answer = match self.session.resync_item(seq, order_key) {
+                        Ok(item) => ResyncAnswer::Item {
+                            manifest: item.manifest.to_vec(),
+                            chunk: item.chunk.to_vec(),
+                        },
+                        Err(ResyncLookup::BeyondHistory { .. }) => ResyncAnswer::BeyondHistory,
+                        Err(ResyncLookup::NotSent) => ResyncAnswer::NotSent,
+                        Err(_) => ResyncAnswer::NoChunk,
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::LatestManifest(reply) => {
+                    let _ = reply.send(self.session.latest_manifest().map(|(_, m)| m.to_vec()));
+                }
+                Command::Shutdown => return true,
+            }
+        }
+        let _ = now;
+        false
+    }
+
+    fn stats(&self) -> GcksStats {
+        let lag = LagSummary::from_histogram(self.lag.as_ref());
+        GcksStats {
+            sender: *self.session.counters(),
+            repair_orders: self.session.repair_stats().orders,
+            members: self.tree.as_ref().map_or(0, KeyTree::member_count),
+            seq: self.session.latest_seq().unwrap_or(0),
+            group_key_version: self.group_key_version,
+            pending: self.joins.len() + self.leaves.len(),
+            loop_lag_us: lag,
+            datagrams_sent: self.datagrams_sent,
+            send_blocked: self.send_blocked,
+        }
+    }
+
+    fn maybe_start_batch(&mut self, now: Instant) {
+        if self.tree.is_none() || !self.batch_pending() {
+            return;
+        }
+        let due = self.rekey_requested
+            || now >= self.last_batch + self.config.batch_interval
+            || self.joins.len() + self.leaves.len() >= self.config.max_batch;
+        if !due {
+            return;
+        }
+        let Some(mut tree) = self.tree.take() else {
+            return;
+        };
+        self.rekey_requested = false;
+        self.last_batch = now;
+        let joins = std::mem::take(&mut self.joins);
+        let leaves = std::mem::take(&mut self.leaves);
+        let key = Arc::clone(&self.signing_key);
+        let params = MessageParams {
+            spi: self.config.spi,
+            timestamp_us: unix_micros(),
+            ..self.config.message
+        };
+        let job = move || {
+            let started = Instant::now();
+            let members: Vec<MemberId> = joins.iter().map(|(m, _)| *m).collect();
+            let outcome = build_batch(&mut tree, &members, &leaves, &key, &params);
+            BatchDone {
+                tree,
+                joins,
+                leaves,
+                outcome,
+                build_time: started.elapsed(),
+            }
+        };
+        if self
+            .workers
+            .spawn(job, self.batch_results.0.clone(), Arc::clone(&self.waker))
+            .is_err()
+        {
+            let _ = self.events.send(GcksEvent::BatchFailed {
+                reason: "worker pool is shut down".into(),
+                fatal: true,
+            });
+        }
+    }
+
+    fn handle_batch_results(&mut self, now: Instant) {
+        while let Ok(result) = self.batch_results.1.try_recv() {
+            let done = match result {
+                Ok(done) => done,
+                Err(panicked) => {
+                    // The tree went down with the job: nothing more can be sent.
+                    let _ = self.events.send(GcksEvent::BatchFailed {
+                        reason: panicked.to_string(),
+                        fatal: true,
+                    });
+                    continue;
+                }
+            };
+            let members = done.tree.member_count();
+            self.tree = Some(done.tree);
+            match done.outcome {
+                Ok((message, bundles)) => {
+                    let seq = message.seq();
+                    let chunks = message.chunk_count();
+                    for ((_, reply), bundle) in done.joins.iter().zip(bundles) {
+                        let _ = reply.send(bundle.map_err(JoinError::Lkh));
+                    }
+                    self.group_key_version = self
+                        .tree
+                        .as_ref()
+                        .map_or(self.group_key_version, |tree| tree.group_key().0);
+                    let delay = if done.joins.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        self.config.admission_delay
+                    };
+                    self.held.push_back((now + delay, message));
+                    let _ = self.events.send(GcksEvent::Rekeyed {
+                        seq,
+                        joined: done.joins.len(),
+                        left: done.leaves.len(),
+                        members,
+                        chunks,
+                        build_time: done.build_time,
+                    });
+                }
+                Err(error) => {
+                    for (_, reply) in &done.joins {
+                        let _ = reply.send(Err(JoinError::BatchFailed(error.reason.clone())));
+                    }
+                    let _ = self.events.send(GcksEvent::BatchFailed {
+                        reason: error.reason,
+                        fatal: error.fatal,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queues the held messages whose admission delay is over, in order.
+    fn release_held(&mut self, now: Instant) {
+        while self.held.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, message)) = self.held.pop_front() else {
+                return;
+            };
+            let seq = message.seq();
+            match self.session.queue_message(now, message) {
+                Ok(()) => {
+                    let _ = self.events.send(GcksEvent::Queued { seq });
+                }
+                Err(e) => {
+                    let _ = self.events.send(GcksEvent::BatchFailed {
+                        reason: e.to_string(),
+                        fatal: true,
+                    });
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self, now: Instant, buf: &mut [u8]) -> Result<(), EngineError> {
+        if let Some((datagram, dest)) = self.backlog.take() {
+            if !self.send(&datagram, dest)? {
+                self.backlog = Some((datagram, dest));
+                return Ok(());
+            }
+        }
+        // Bounded per wake-up so that a fast session cannot starve receiving.
+        for _ in 0..4_096 {
+            let Some(transmit) = self.session.poll_transmit(now, buf) else {
+                return Ok(());
+            };
+            let dest = match transmit.destination {
+                Destination::Group => self.group,
+                Destination::Unicast(addr) => addr,
+            };
+            if !self.send(&buf[..transmit.len], dest)? {
+                self.backlog = Some((buf[..transmit.len].to_vec(), dest));
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one datagram; false when the socket would block.
+    fn send(&mut self, datagram: &[u8], dest: SocketAddr) -> Result<bool, EngineError> {
+        loop {
+            match self.socket.send_to(datagram, dest) {
+                Ok(_) => {
+                    self.datagrams_sent += 1;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.send_blocked += 1;
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // A send error (no route, a refused unicast) loses this datagram only; NACK
+                // repair and resync cover it as they cover any loss.
+                Err(_) => return Ok(true),
+            }
+        }
+    }
+}
+
+fn build_batch(
+    tree: &mut KeyTree,
+    joins: &[MemberId],
+    leaves: &[MemberId],
+    key: &SigningKey,
+    params: &MessageParams,
+) -> Result<(PreparedMessage, Vec<Result<RegistrationBundle, LkhError>>), BatchError> {
+    let batch = tree.apply_batch(joins, leaves).map_err(|e| BatchError {
+        reason: e.to_string(),
+        fatal: false,
+    })?;
+    let fatal = |reason: String| BatchError {
+        reason,
+        fatal: true,
+    };
+    let bundles = joins.iter().map(|member| tree.join(*member)).collect();
+    let built = build_message(&batch, &tree.leaves_in_order(), key, params)
+        .map_err(|e| fatal(e.to_string()))?;
+    let prepared =
+        PreparedMessage::new(built, batch.mac_key.clone()).map_err(|e| fatal(e.to_string()))?;
+    Ok((prepared, bundles))
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, micros)
+}
