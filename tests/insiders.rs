@@ -646,7 +646,7 @@ impl Garbage {
 /// complete the message over multicast (`over_failure_cap` counts the real objects refused).
 /// Whether it then converges by resync is
 /// `a_member_capped_by_bad_manifests_converges_by_resync` and
-/// `a_member_capped_by_bad_own_chunks_converges_by_resync` (ignored: it does not).
+/// `a_member_capped_by_bad_own_chunks_converges_by_resync`.
 #[test]
 fn valid_mac_garbage_costs_bounded_signature_checks() {
     let cap = u64::from(ReceiverConfig::new(sender_addr()).signature_failure_cap);
@@ -758,10 +758,6 @@ fn capped_member_converges_by_resync(seed: u64, bad_chunks: bool) {
 /// by resync from the sender's history (DESIGN.md: "after a few failures the member resyncs
 /// over unicast").
 #[test]
-#[ignore = "session bug: the per-sequence signature failure cap also refuses the resync item \
-            (ReceiverSession::handle_resync -> MessageVerifier::verify_manifest -> \
-            FailureCapReached), so 4 bad-signature manifests from one insider lock members \
-            out of the message for good"]
 fn a_member_capped_by_bad_manifests_converges_by_resync() {
     capped_member_converges_by_resync(35, false);
 }
@@ -770,10 +766,6 @@ fn a_member_capped_by_bad_manifests_converges_by_resync() {
 /// manifest: `OutOfSync` is raised (the real chunk, and any decode of the block, is refused
 /// unchecked), and the member must converge by resync.
 #[test]
-#[ignore = "session bug: the per-sequence signature failure cap also refuses the resync item \
-            (ReceiverSession::handle_resync -> MessageVerifier::verify_chunk -> \
-            FailureCapReached), so 4 bad-signature copies of a member's chunk from one insider \
-            lock it out of the message for good"]
 fn a_member_capped_by_bad_own_chunks_converges_by_resync() {
     capped_member_converges_by_resync(37, true);
 }

@@ -81,6 +81,15 @@ pub struct MessageCounters {
     pub chunks_rejected: u64,
 }
 
+/// Whether the per-sequence failure cap applies to a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cap {
+    /// Multicast traffic: the cap applies.
+    Enforced,
+    /// Fetched by the member itself from a resync endpoint: it does not.
+    Exempt,
+}
+
 #[derive(Debug, Default)]
 struct MessageState {
     manifest: Option<Verified<Manifest>>,
@@ -137,6 +146,34 @@ impl MessageVerifier {
         seq: u64,
         bytes: &[u8],
     ) -> Result<&Verified<Manifest>, MessageReject> {
+        self.verify_manifest_inner(seq, bytes, Cap::Enforced)
+    }
+
+    /// [`Self::verify_manifest`] for a manifest the member fetched itself from a resync
+    /// endpoint it chose: the per-sequence failure cap, which bounds what multicast insiders
+    /// can make a member verify, does not apply (the member makes one request per item, so it
+    /// bounds that work itself), or an insider's garbage would lock it out of the message for
+    /// good. Checks and failures are still counted.
+    pub fn verify_manifest_fetched(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<&Verified<Manifest>, MessageReject> {
+        self.verify_manifest_inner(seq, bytes, Cap::Exempt)
+    }
+
+    /// Whether failed signature checks for `seq` reached the cap: multicast can no longer
+    /// deliver that message to this member, only a fetch can.
+    pub fn is_capped(&self, seq: u64) -> bool {
+        self.over_cap(seq)
+    }
+
+    fn verify_manifest_inner(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+        cap: Cap,
+    ) -> Result<&Verified<Manifest>, MessageReject> {
         let cached = self
             .messages
             .get(&seq)
@@ -144,13 +181,18 @@ impl MessageVerifier {
         if cached {
             self.counters.manifests_cached += 1;
         } else {
-            self.check_new_manifest(seq, bytes)?;
+            self.check_new_manifest(seq, bytes, cap)?;
         }
         self.manifest(seq).ok_or(MessageReject::ManifestMismatch)
     }
 
-    fn check_new_manifest(&mut self, seq: u64, bytes: &[u8]) -> Result<(), MessageReject> {
-        if self.over_cap(seq) {
+    fn check_new_manifest(
+        &mut self,
+        seq: u64,
+        bytes: &[u8],
+        cap: Cap,
+    ) -> Result<(), MessageReject> {
+        if cap == Cap::Enforced && self.over_cap(seq) {
             self.counters.over_failure_cap += 1;
             return Err(MessageReject::FailureCapReached(seq));
         }
@@ -191,7 +233,26 @@ impl MessageVerifier {
         manifest: &Verified<Manifest>,
         bytes: &[u8],
     ) -> Result<Verified<Chunk>, MessageReject> {
-        let outcome = self.check_chunk(manifest, bytes);
+        self.verify_chunk_inner(manifest, bytes, Cap::Enforced)
+    }
+
+    /// [`Self::verify_chunk`] for a chunk the member fetched itself from a resync endpoint:
+    /// exempt from the failure cap, like [`Self::verify_manifest_fetched`].
+    pub fn verify_chunk_fetched(
+        &mut self,
+        manifest: &Verified<Manifest>,
+        bytes: &[u8],
+    ) -> Result<Verified<Chunk>, MessageReject> {
+        self.verify_chunk_inner(manifest, bytes, Cap::Exempt)
+    }
+
+    fn verify_chunk_inner(
+        &mut self,
+        manifest: &Verified<Manifest>,
+        bytes: &[u8],
+        cap: Cap,
+    ) -> Result<Verified<Chunk>, MessageReject> {
+        let outcome = self.check_chunk(manifest, bytes, cap);
         match &outcome {
             Ok(_) => self.counters.chunks_verified += 1,
             Err(_) => self.counters.chunks_rejected += 1,
@@ -203,6 +264,7 @@ impl MessageVerifier {
         &mut self,
         manifest: &Verified<Manifest>,
         bytes: &[u8],
+        cap: Cap,
     ) -> Result<Verified<Chunk>, MessageReject> {
         let signed = SignedChunk::parse(bytes, manifest.chunk_auth)
             .map_err(MessageReject::MalformedChunk)?;
@@ -226,7 +288,7 @@ impl MessageVerifier {
             }
             Authenticator::Signature(signature) => {
                 let seq = manifest.seq;
-                if self.over_cap(seq) {
+                if cap == Cap::Enforced && self.over_cap(seq) {
                     self.counters.over_failure_cap += 1;
                     return Err(MessageReject::FailureCapReached(seq));
                 }

@@ -520,7 +520,7 @@ impl ReceiverSession {
         if seq < self.next_seq {
             return Ok(StateVerdict::UpToDate);
         }
-        self.messages.verify_manifest(seq, manifest)?;
+        self.messages.verify_manifest_fetched(seq, manifest)?;
         let receiving = seq == self.next_seq
             && self.current.as_ref().is_some_and(|c| {
                 now.saturating_duration_since(c.last_activity) < self.config.state_check_interval
@@ -556,14 +556,17 @@ impl ReceiverSession {
                 got: seq,
             });
         }
-        let manifest = self.messages.verify_manifest(seq, manifest)?.clone();
+        let manifest = self
+            .messages
+            .verify_manifest_fetched(seq, manifest)?
+            .clone();
         let unverified = SignedChunk::parse(chunk, manifest.chunk_auth).map_err(|e| {
             ResyncError::Rejected(crate::auth::message::MessageReject::MalformedChunk(e))
         })?;
         if !unverified.header.serves(self.order_key()) {
             return Err(ResyncError::NotMyChunk);
         }
-        let chunk = self.messages.verify_chunk(&manifest, chunk)?;
+        let chunk = self.messages.verify_chunk_fetched(&manifest, chunk)?;
         self.apply(now, &chunk, Applied::Resync)?;
         Ok(seq)
     }
@@ -635,8 +638,12 @@ impl ReceiverSession {
         if incoming.manifest.is_some() {
             return;
         }
-        let Ok(manifest) = self.messages.verify_manifest(seq, bytes).cloned() else {
-            return;
+        let manifest = match self.messages.verify_manifest(seq, bytes) {
+            Ok(manifest) => manifest.clone(),
+            Err(_) => {
+                self.capped_out(seq);
+                return;
+            }
         };
         self.scheduler.handle_decoded(
             now,
@@ -723,7 +730,10 @@ impl ReceiverSession {
                     Ok(chunk) => {
                         let _ = self.apply(now, &chunk, Applied::Source);
                     }
-                    Err(_) => self.counters.bad_own_chunks += 1,
+                    Err(_) => {
+                        self.counters.bad_own_chunks += 1;
+                        self.capped_out(seq);
+                    }
                 }
                 return;
             }
@@ -957,6 +967,14 @@ impl ReceiverSession {
         self.counters.state_checks += 1;
         self.events
             .push_back(ReceiverEvent::StateCheckNeeded { claimed_seq: seq });
+    }
+
+    /// An insider's bad signatures reached the cap for `seq`: multicast can no longer deliver
+    /// that message to this member, so it asks for resync at once instead of NACKing on.
+    fn capped_out(&mut self, seq: u64) {
+        if seq == self.next_seq && self.messages.is_capped(seq) {
+            self.out_of_sync();
+        }
     }
 
     fn out_of_sync(&mut self) {
