@@ -21,11 +21,13 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod config;
 pub mod demo;
 pub mod fuzz_support;
 pub mod gcks;
 pub mod gsa;
 pub mod io;
+pub mod keyfile;
 pub mod lkh;
 pub mod member;
 pub mod session;

@@ -1,0 +1,575 @@
+//! The GCKS's Ed25519 signing key on disk, and secret files written with mode 0600.
+//!
+//! This module owns the key file in the state directory (`gcks-signing-key.pem`, PKCS#8 PEM):
+//! loading it, refusing it when its mode lets the group or others read it or when it does not
+//! parse, and generating it on first start. It also writes any other secret file (the admin
+//! `join` command's registration bundles) the same way: to a fresh temporary file in the same
+//! directory created with mode 0600, synced, then moved into place and the directory synced, so
+//! a secret is never world-readable, not even for a moment, and a crash leaves either the old
+//! file or the new one.
+//!
+//! It must not log or print key material: [`SigningKey`]'s `Debug` shows only the public key,
+//! the file's bytes are held in [`Zeroizing`] buffers, and the key itself is zeroized on drop
+//! (ed25519-dalek's `zeroize` feature). It never regenerates a key over a file that exists.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::SigningKey;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+/// The name of the GCKS's signing key file in the state directory.
+pub const SIGNING_KEY_FILE: &str = "gcks-signing-key.pem";
+
+/// The largest key file read, in bytes: a PKCS#8 PEM Ed25519 key is about 120 bytes, so
+/// anything much larger is not one (and is not read into memory whole).
+pub const MAX_KEY_FILE_LEN: usize = 16 * 1024;
+
+/// Where the key returned by [`load_or_generate`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// It was read from the existing key file.
+    Loaded,
+    /// There was no key file: a new key was generated and written (mode 0600).
+    Generated,
+}
+
+/// Why a key file or secret file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyFileError {
+    /// A file system operation failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done ("reading", "creating", ...).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The key file's mode lets its group or others access it: it is refused, since the key
+    /// may have leaked, and the operator must decide (`chmod 600` it, or replace the key).
+    #[error(
+        "{path} has mode {mode:04o}, which lets group or others access the signing key; \
+         refusing it (chmod 600 it if the key has not leaked)"
+    )]
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The path is not a regular file.
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The key file is larger than [`MAX_KEY_FILE_LEN`].
+    #[error("{path} is larger than {max} bytes: not a PKCS#8 Ed25519 key")]
+    TooLarge {
+        /// The key file.
+        path: PathBuf,
+        /// The limit.
+        max: usize,
+    },
+    /// The key file does not hold a PKCS#8 PEM Ed25519 private key. It is left as it is:
+    /// nothing is ever generated over an existing file.
+    #[error("{path} is not a PKCS#8 PEM Ed25519 private key: {reason}")]
+    Parse {
+        /// The key file.
+        path: PathBuf,
+        /// What the decoder said (never any of the file's contents).
+        reason: String,
+    },
+    /// A generated key could not be encoded as PKCS#8 PEM.
+    #[error("encoding the signing key as PKCS#8 PEM: {reason}")]
+    Encode {
+        /// What the encoder said.
+        reason: String,
+    },
+    /// The path has no parent directory or no file name to write a temporary file beside.
+    #[error("{path} names no file in a directory")]
+    InvalidPath {
+        /// The path.
+        path: PathBuf,
+    },
+}
+
+/// Loads the GCKS's signing key from `state_dir/gcks-signing-key.pem` if that file exists,
+/// else generates one with the OS random number generator and writes it there with mode 0600
+/// (creating `state_dir`, mode 0700, if it is missing).
+///
+/// An existing file is never replaced: one that does not parse, or whose mode lets group or
+/// others access it, is an error. If two processes start at once on an empty state directory,
+/// one key is written and both return it.
+pub fn load_or_generate(state_dir: &Path) -> Result<(SigningKey, KeyOrigin), KeyFileError> {
+    let path = state_dir.join(SIGNING_KEY_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => return load(&path).map(|key| (key, KeyOrigin::Loaded)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(KeyFileError::Io {
+                action: "inspecting",
+                path,
+                source,
+            })
+        }
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|source| KeyFileError::Io {
+            action: "creating the state directory",
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+    // Drawn with `try_fill_bytes`, so that a failing OS generator is an error, not a panic.
+    let mut secret = Zeroizing::new([0u8; ed25519_dalek::SECRET_KEY_LENGTH]);
+    OsRng
+        .try_fill_bytes(secret.as_mut())
+        .map_err(|error| KeyFileError::Io {
+            action: "generating a key for",
+            path: path.clone(),
+            source: io::Error::other(error.to_string()),
+        })?;
+    let key = SigningKey::from_bytes(&secret);
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|error| KeyFileError::Encode {
+            reason: error.to_string(),
+        })?;
+    match write_secret(&path, pem.as_bytes(), Publish::NoClobber) {
+        Ok(()) => Ok((key, KeyOrigin::Generated)),
+        // Another process wrote its key first: use that one, so that both agree.
+        Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+            load(&path).map(|key| (key, KeyOrigin::Loaded))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Loads a signing key from the PKCS#8 PEM file at `path`, which must be a regular file no
+/// larger than [`MAX_KEY_FILE_LEN`] whose mode gives the group and others no access.
+pub fn load(path: &Path) -> Result<SigningKey, KeyFileError> {
+    let io_error = |action, source| KeyFileError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(|source| io_error("opening", source))?;
+    // The checks are made on the opened file, so the file checked is the file read.
+    let metadata = file
+        .metadata()
+        .map_err(|source| io_error("inspecting", source))?;
+    if !metadata.is_file() {
+        return Err(KeyFileError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // Room for one byte more than allowed, so that the buffer never grows (and leaves no
+    // unzeroized copy behind) and an oversized file shows as such.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_KEY_FILE_LEN + 1));
+    file.take(MAX_KEY_FILE_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| io_error("reading", source))?;
+    if bytes.len() > MAX_KEY_FILE_LEN {
+        return Err(KeyFileError::TooLarge {
+            path: path.to_path_buf(),
+            max: MAX_KEY_FILE_LEN,
+        });
+    }
+    let parse_error = |reason: String| KeyFileError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::str::from_utf8(&bytes).map_err(|_| parse_error("not UTF-8 text".into()))?;
+    SigningKey::from_pkcs8_pem(pem).map_err(|error| parse_error(error.to_string()))
+}
+
+/// Writes `bytes` to `path` as a secret file, mode 0600, atomically: to a fresh temporary file
+/// in the same directory (created with mode 0600, so never readable by others at any moment),
+/// synced, renamed over `path`, and the directory synced. An existing file at `path` is
+/// replaced. The admin `join` command writes registration bundles with it; it suits any
+/// secret file.
+pub fn write_bundle(path: &Path, bytes: &[u8]) -> Result<(), KeyFileError> {
+    write_secret(path, bytes, Publish::Replace)
+}
+
+/// How the temporary file takes the final name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// `rename`: replaces any file there.
+    Replace,
+    /// `link` then unlink the temporary name: fails with `AlreadyExists` if a file is there,
+    /// so a key that appeared meanwhile (another process, an operator) is never overwritten.
+    NoClobber,
+}
+
+/// Tries for a temporary name that nobody holds, before giving up.
+const TEMP_NAME_ATTEMPTS: u32 = 16;
+
+/// Makes every temporary name of this process distinct, with the process id and random bits
+/// making them distinct across processes.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn write_secret(path: &Path, bytes: &[u8], publish: Publish) -> Result<(), KeyFileError> {
+    let invalid_path = || KeyFileError::InvalidPath {
+        path: path.to_path_buf(),
+    };
+    let file_name = path.file_name().ok_or_else(invalid_path)?;
+    let dir = match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => return Err(invalid_path()),
+    };
+    let (temp_path, mut file) = create_temp(dir, &file_name.to_string_lossy())?;
+    let temp = TempGuard(Some(temp_path));
+    let temp_path = temp.path();
+    let io_error = |action, source| KeyFileError::Io {
+        action,
+        path: temp_path.to_path_buf(),
+        source,
+    };
+    // The umask can only have removed bits; set exactly 0600 so the file is readable and
+    // writable by its owner whatever the umask.
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|source| io_error("setting the mode of", source))?;
+    file.write_all(bytes)
+        .map_err(|source| io_error("writing", source))?;
+    file.sync_all()
+        .map_err(|source| io_error("syncing", source))?;
+    drop(file);
+    let publish_error = |source| KeyFileError::Io {
+        action: "publishing",
+        path: path.to_path_buf(),
+        source,
+    };
+    match publish {
+        Publish::Replace => {
+            fs::rename(temp_path, path).map_err(publish_error)?;
+            temp.disarm();
+        }
+        Publish::NoClobber => {
+            fs::hard_link(temp_path, path).map_err(publish_error)?;
+            // The guard removes the temporary name; the file lives on under `path`.
+            drop(temp);
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Creates a new file in `dir` with mode 0600 and a name no other writer holds.
+fn create_temp(dir: &Path, base: &str) -> Result<(PathBuf, File), KeyFileError> {
+    let mut last_error = None;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let name = format!(
+            ".{base}.tmp.{}.{}.{:016x}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed),
+            random_bits(),
+        );
+        let temp_path = dir.join(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp_path)
+        {
+            Ok(file) => return Ok((temp_path, file)),
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => last_error = Some(error),
+            Err(source) => {
+                return Err(KeyFileError::Io {
+                    action: "creating",
+                    path: temp_path,
+                    source,
+                })
+            }
+        }
+    }
+    Err(KeyFileError::Io {
+        action: "creating a temporary file in",
+        path: dir.to_path_buf(),
+        source: last_error.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)),
+    })
+}
+
+/// 64 bits that differ between processes and calls, without a call that can fail or panic
+/// (std's per-map hash keys are seeded from the OS). They only make a temporary name hard to
+/// guess; `create_new` is what makes it exclusive.
+fn random_bits() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(TEMP_COUNTER.load(Ordering::Relaxed));
+    hasher.finish()
+}
+
+/// Syncs a directory, so that a rename or link in it survives a crash.
+fn sync_dir(dir: &Path) -> Result<(), KeyFileError> {
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|source| KeyFileError::Io {
+            action: "syncing the directory",
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Removes the temporary file when dropped, unless it was renamed into place.
+struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            // Best effort: the file holds a secret but has mode 0600; a leftover is harmless
+            // and carries a name no writer reuses.
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashSet;
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn leftover_temp_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".tmp."))
+            .collect()
+    }
+
+    #[test]
+    fn generate_then_load_gives_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generated, origin) = load_or_generate(dir.path()).unwrap();
+        assert_eq!(origin, KeyOrigin::Generated);
+        let (loaded, origin) = load_or_generate(dir.path()).unwrap();
+        assert_eq!(origin, KeyOrigin::Loaded);
+        assert_eq!(loaded.verifying_key(), generated.verifying_key());
+        let explicit = load(&dir.path().join(SIGNING_KEY_FILE)).unwrap();
+        assert_eq!(explicit.to_bytes(), generated.to_bytes());
+        assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn generated_key_file_has_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        load_or_generate(dir.path()).unwrap();
+        assert_eq!(mode(&dir.path().join(SIGNING_KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn missing_state_dir_is_created_with_mode_0700() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state").join("gcks");
+        let (_, origin) = load_or_generate(&state_dir).unwrap();
+        assert_eq!(origin, KeyOrigin::Generated);
+        assert_eq!(mode(&state_dir), 0o700);
+        assert_eq!(mode(&state_dir.join(SIGNING_KEY_FILE)), 0o600);
+    }
+
+    #[test]
+    fn group_or_world_readable_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = load_or_generate(dir.path()).unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        let before = fs::read(&path).unwrap();
+        for bad in [0o644, 0o640, 0o604, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(bad)).unwrap();
+            let error = load_or_generate(dir.path()).unwrap_err();
+            assert!(
+                matches!(error, KeyFileError::Permissions { mode, .. } if mode == bad),
+                "{error}"
+            );
+            assert!(error.to_string().contains(&format!("{bad:04o}")), "{error}");
+            assert!(matches!(load(&path), Err(KeyFileError::Permissions { .. })));
+        }
+        // Refused, not replaced.
+        assert_eq!(fs::read(&path).unwrap(), before);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(load(&path).unwrap().verifying_key(), key.verifying_key());
+    }
+
+    #[test]
+    fn corrupt_key_file_is_an_error_not_regenerated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        for contents in [
+            &b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n"[..],
+            b"",
+            b"\xff\xfe garbage",
+        ] {
+            write_bundle(&path, contents).unwrap();
+            let error = load_or_generate(dir.path()).unwrap_err();
+            assert!(matches!(error, KeyFileError::Parse { .. }), "{error}");
+            assert_eq!(fs::read(&path).unwrap(), contents);
+        }
+    }
+
+    #[test]
+    fn truncated_key_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _) = load_or_generate(dir.path()).unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        let pem = fs::read(&path).unwrap();
+        write_bundle(&path, &pem[..pem.len() / 2]).unwrap();
+        assert!(matches!(
+            load_or_generate(dir.path()),
+            Err(KeyFileError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_and_non_regular_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.pem");
+        write_bundle(&path, &vec![b'A'; MAX_KEY_FILE_LEN + 1]).unwrap();
+        assert!(matches!(load(&path), Err(KeyFileError::TooLarge { .. })));
+        let sub = dir.path().join("sub");
+        DirBuilder::new().mode(0o700).create(&sub).unwrap();
+        assert!(matches!(load(&sub), Err(KeyFileError::NotAFile { .. })));
+        assert!(matches!(
+            load(&dir.path().join("missing.pem")),
+            Err(KeyFileError::Io { ref source, .. }) if source.kind() == io::ErrorKind::NotFound
+        ));
+    }
+
+    #[test]
+    fn error_messages_hold_no_key_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = load_or_generate(dir.path()).unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        let pem = fs::read_to_string(&path).unwrap();
+        let debug = format!("{key:?}");
+        let secret_hex: String = key.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!debug.contains(&secret_hex));
+        assert!(!debug.contains(&format!("{:?}", key.to_bytes())));
+        // A corrupted copy of the real key: the error names the file and the reason only.
+        let body_line = pem.lines().nth(1).unwrap().to_string();
+        write_bundle(&path, pem.replace("PRIVATE KEY", "PRIVATE KEX").as_bytes()).unwrap();
+        let error = load(&path).unwrap_err();
+        assert!(!error.to_string().contains(&body_line), "{error}");
+        assert!(!format!("{error:?}").contains(&body_line), "{error:?}");
+    }
+
+    #[test]
+    fn write_bundle_is_0600_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member-7.bundle");
+        write_bundle(&path, b"first").unwrap();
+        assert_eq!(mode(&path), 0o600);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_bundle(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(mode(&path), 0o600);
+        assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn write_bundle_into_missing_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent").join("member.bundle");
+        assert!(matches!(
+            write_bundle(&path, b"x"),
+            Err(KeyFileError::Io { .. })
+        ));
+        assert!(matches!(
+            write_bundle(Path::new("/"), b"x"),
+            Err(KeyFileError::InvalidPath { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_writers_use_distinct_temp_files() {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let threads = 8;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let dir = Arc::clone(&dir);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for round in 0..20 {
+                        let contents = format!("writer {i} round {round}");
+                        // Every writer to one shared name and to a name of its own.
+                        write_bundle(&dir.path().join("shared.bundle"), contents.as_bytes())
+                            .unwrap();
+                        let own = dir.path().join(format!("member-{i}.bundle"));
+                        write_bundle(&own, contents.as_bytes()).unwrap();
+                        assert_eq!(fs::read_to_string(&own).unwrap(), contents);
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        let shared = fs::read_to_string(dir.path().join("shared.bundle")).unwrap();
+        assert!(shared.ends_with("round 19"), "{shared}");
+        assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_key() {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let threads = 6;
+        let barrier = Arc::new(Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let dir = Arc::clone(&dir);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let (key, origin) = load_or_generate(dir.path()).unwrap();
+                    (key.verifying_key().to_bytes(), origin)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let keys: HashSet<_> = results.iter().map(|(key, _)| *key).collect();
+        assert_eq!(keys.len(), 1, "every starter returns the key on disk");
+        assert!(results.iter().any(|(_, o)| *o == KeyOrigin::Generated));
+        let on_disk = load(&dir.path().join(SIGNING_KEY_FILE)).unwrap();
+        assert!(keys.contains(&on_disk.verifying_key().to_bytes()));
+        assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+}
