@@ -63,7 +63,7 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
     config.sender.validate()?;
     let (socket, _report) = MulticastSocket::sender(&config.multicast, config.bind)?;
     let local_addr = socket.local_addr()?;
-    let mut socket = socket.into_mio();
+    let mut socket = socket;
     let poll = Poll::new()?;
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
@@ -112,7 +112,7 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 leaves: Vec::new(),
                 rekey_requested: false,
                 last_batch: now,
-                backlog: None,
+                backlog: std::collections::VecDeque::new(),
                 lag: Histogram::new(3).ok(),
                 datagrams_sent: 0,
                 send_blocked: 0,
@@ -135,7 +135,7 @@ struct LoopState {
     group: SocketAddr,
     signing_key: Arc<SigningKey>,
     poll: Poll,
-    socket: mio::net::UdpSocket,
+    socket: MulticastSocket,
     waker: Arc<Waker>,
     commands: Receiver<Command>,
     events: Sender<GcksEvent>,
@@ -148,8 +148,8 @@ struct LoopState {
     leaves: Vec<MemberId>,
     rekey_requested: bool,
     last_batch: Instant,
-    /// A datagram the socket would not take yet.
-    backlog: Option<(Vec<u8>, SocketAddr)>,
+    /// Datagrams the socket would not take yet, in order.
+    backlog: std::collections::VecDeque<(Vec<u8>, SocketAddr)>,
     lag: Option<Histogram<u64>>,
     datagrams_sent: u64,
     send_blocked: u64,
@@ -162,6 +162,8 @@ impl LoopState {
     fn run(&mut self) -> Result<(), EngineError> {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 65_536];
+        let slot = self.config.sender.datagram_size;
+        let mut batch = vec![0u8; BATCH_DATAGRAMS * slot];
         loop {
             let deadline = self.deadline();
             let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
@@ -191,7 +193,7 @@ impl LoopState {
                 self.session.handle_timeout(now);
             }
             self.maybe_start_batch(now);
-            self.transmit(now, &mut buf)?;
+            self.transmit(now, &mut batch, slot);
             while let Some(event) = self.session.poll_event() {
                 if let SenderEvent::InitialTransmissionDone { seq } = event {
                     let _ = self.events.send(GcksEvent::Sent { seq });
@@ -210,7 +212,7 @@ impl LoopState {
         if let Some((at, _)) = self.held.front() {
             deadline = Some(deadline.map_or(*at, |d| d.min(*at)));
         }
-        if self.backlog.is_some() {
+        if !self.backlog.is_empty() {
             // Waiting for the socket to drain; wake now and then in case no event comes.
             let at = Instant::now() + Duration::from_millis(1);
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
@@ -409,50 +411,86 @@ impl LoopState {
         }
     }
 
-    fn transmit(&mut self, now: Instant, buf: &mut [u8]) -> Result<(), EngineError> {
-        if let Some((datagram, dest)) = self.backlog.take() {
-            if !self.send(&datagram, dest)? {
-                self.backlog = Some((datagram, dest));
-                return Ok(());
-            }
+    /// Sends what the session has: multicast datagrams in batches of up to
+    /// [`BATCH_DATAGRAMS`], which the socket hands to the kernel with one UDP GSO `sendmsg`
+    /// where it can (a message's symbols are all the same size), everything else one by one.
+    fn transmit(&mut self, now: Instant, batch: &mut [u8], slot: usize) {
+        if !self.drain_backlog() {
+            return;
         }
         // Bounded per wake-up so that a fast session cannot starve receiving.
-        for _ in 0..4_096 {
-            let Some(transmit) = self.session.poll_transmit(now, buf) else {
-                return Ok(());
-            };
-            let dest = match transmit.destination {
-                Destination::Group => self.group,
-                Destination::Unicast(addr) => addr,
-            };
-            if !self.send(&buf[..transmit.len], dest)? {
-                self.backlog = Some((buf[..transmit.len].to_vec(), dest));
-                return Ok(());
+        for _ in 0..256 {
+            let mut lens: Vec<usize> = Vec::with_capacity(BATCH_DATAGRAMS);
+            let mut leftover = None;
+            while lens.len() < BATCH_DATAGRAMS {
+                let offset = lens.len() * slot;
+                let room = &mut batch[offset..offset + slot];
+                let Some(transmit) = self.session.poll_transmit(now, room) else {
+                    break;
+                };
+                match transmit.destination {
+                    Destination::Group => lens.push(transmit.len),
+                    Destination::Unicast(addr) => {
+                        leftover = Some((room[..transmit.len].to_vec(), addr));
+                        break;
+                    }
+                }
+            }
+            let done = lens.is_empty() && leftover.is_none();
+            let segments: Vec<&[u8]> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| &batch[i * slot..i * slot + len])
+                .collect();
+            let sent = self.send_segments(self.group, &segments);
+            for segment in &segments[sent..] {
+                self.backlog.push_back((segment.to_vec(), self.group));
+            }
+            if let Some(datagram) = leftover {
+                self.backlog.push_back(datagram);
+            }
+            if done || !self.drain_backlog() {
+                return;
             }
         }
-        Ok(())
     }
 
-    /// Sends one datagram; false when the socket would block.
-    fn send(&mut self, datagram: &[u8], dest: SocketAddr) -> Result<bool, EngineError> {
-        loop {
-            match self.socket.send_to(datagram, dest) {
-                Ok(_) => {
-                    self.datagrams_sent += 1;
-                    return Ok(true);
+    /// Sends the backlog in order; false if the socket would still block.
+    fn drain_backlog(&mut self) -> bool {
+        while let Some((datagram, dest)) = self.backlog.pop_front() {
+            if self.send_segments(dest, &[&datagram]) == 0 {
+                self.backlog.push_front((datagram, dest));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends `segments` to `dest`; returns how many went (the rest would block).
+    fn send_segments(&mut self, dest: SocketAddr, segments: &[&[u8]]) -> usize {
+        let mut sent = 0;
+        while sent < segments.len() {
+            match self.socket.send_batch(dest, &segments[sent..]) {
+                Ok(count) => {
+                    sent += count;
+                    self.datagrams_sent += count as u64;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     self.send_blocked += 1;
-                    return Ok(false);
+                    return sent;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // A send error (no route, a refused unicast) loses this datagram only; NACK
                 // repair and resync cover it as they cover any loss.
-                Err(_) => return Ok(true),
+                Err(_) => sent += 1,
             }
         }
+        sent
     }
 }
+
+/// Datagrams gathered for one batched send (each in a slot of the configured datagram size).
+const BATCH_DATAGRAMS: usize = 64;
 
 fn build_batch(
     tree: &mut KeyTree,
