@@ -9,15 +9,26 @@
 //! time as an argument, and owns no socket, clock or thread. See `DESIGN.md` in the project's
 //! shared documents for the architecture; each module's documentation says what it owns.
 //!
-//! Modules present so far:
+//! For a GCKS product: [`gcks::Gcks`] (the key server side, its event loop on its own thread)
+//! and [`member::Member`] (one member); both are thin drivers of the sans-IO
+//! [`session::SenderSession`] and [`session::ReceiverSession`], which products with their own
+//! runtime can drive themselves.
+//!
+//! Modules:
 //!
 //! - [`wire`]: the datagram and TCP frame formats, parsed and emitted.
-//! - [`auth`]: authentication of rekey traffic: datagram MAC, Merkle tree, manifest signature.
-//! - [`session`]: rekey messages (so far their signed manifest).
+//! - [`auth`]: authentication of rekey traffic: datagram MAC, Merkle tree, manifest and chunk
+//!   signatures, the verifier pipeline's stages.
 //! - [`lkh`]: the LKH key tree with batch rekeying, and a member's key state.
 //! - [`gsa`]: the Rekey SA and Data SA, and the datagram MAC key of each message.
-//! - [`sim`]: a deterministic, seeded network simulator driving sans-IO nodes in virtual time.
-//! - [`io`]: real sockets and threads (so far the UDP multicast sockets).
+//! - [`session`]: rekey messages (manifest, chunks, layout) and the sans-IO sender and
+//!   receiver sessions.
+//! - [`sim`]: a deterministic, seeded network simulator driving sans-IO nodes in virtual time,
+//!   and rekey scenarios over it ([`sim::rekey`]).
+//! - [`io`]: real sockets and threads: multicast sockets, worker pool, event loops.
+//! - [`gcks`], [`member`]: the embedding API.
+//! - [`config`], [`keyfile`]: TOML configuration of the server and member, the GCKS's key file.
+//! - [`demo`]: a GCKS and many members in one process on loopback multicast.
 #![forbid(unsafe_code)]
 
 pub mod auth;
