@@ -29,6 +29,8 @@ enum Area {
     Fec,
     /// NACK suppression and repair aggregation in the seeded simulator, G up to 10,000.
     Nack,
+    /// Whole rekey scenarios (GCKS and members) in the simulator, up to 100,000 members.
+    Sim(sim::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +41,7 @@ fn main() -> anyhow::Result<()> {
         Area::Lkh => lkh::run(cli.quick),
         Area::Fec => fec::run(cli.quick),
         Area::Nack => nack::run(cli.quick),
+        Area::Sim(args) => sim::run(cli.quick, &args),
     }
 }
 
@@ -46,4 +49,5 @@ mod auth;
 mod fec;
 mod lkh;
 mod nack;
+mod sim;
 mod wire;
