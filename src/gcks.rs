@@ -72,6 +72,11 @@ pub struct GcksConfig {
     pub admission_delay: Duration,
     /// Worker threads for building batches (0: one per core).
     pub workers: usize,
+    /// The state directory: the key tree and the history of signed messages are written and
+    /// fsynced there before each message is sent, and a GCKS started on it resumes the same
+    /// group and sequence (re-sending the last message, which may not have gone out), so no
+    /// member has to re-register. `None` (the default): nothing is persisted.
+    pub state_dir: Option<std::path::PathBuf>,
     /// Seed of the key tree's randomness for simulations and demos; `None` (the default) uses
     /// the operating system's RNG, as a real deployment must.
     pub key_seed: Option<u64>,
@@ -96,6 +101,7 @@ impl GcksConfig {
             max_batch: 10_000,
             admission_delay: Duration::from_millis(100),
             workers: 0,
+            state_dir: None,
             key_seed: None,
         }
     }
@@ -234,6 +240,12 @@ pub enum EngineError {
     /// A session configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::session::ConfigError),
+    /// The state directory is corrupt or cannot be written.
+    #[error(transparent)]
+    State(#[from] crate::resync::store::StoreError),
+    /// The restored state does not fit the configuration or the signing key.
+    #[error("restored state: {0}")]
+    Restore(String),
     /// The engine's thread is gone (it stopped or panicked).
     #[error("engine thread is gone")]
     Gone,

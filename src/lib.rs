@@ -28,6 +28,7 @@
 //! - [`io`]: real sockets and threads: multicast sockets, worker pool, event loops.
 //! - [`gcks`], [`member`]: the embedding API.
 //! - [`config`], [`keyfile`]: TOML configuration of the server and member, the GCKS's key file.
+//! - [`resync`]: the GCKS's durable state (key tree and history of signed messages).
 //! - [`demo`]: a GCKS and many members in one process on loopback multicast.
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod io;
 pub mod keyfile;
 pub mod lkh;
 pub mod member;
+pub mod resync;
 pub mod session;
 pub mod sim;
 pub mod wire;

@@ -24,6 +24,7 @@ use crate::gcks::{
 };
 use crate::gsa::RekeySa;
 use crate::lkh::{KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle};
+use crate::resync::store::{RestoredState, StateStore, StoredMessage};
 use crate::session::layout::{build_message, MessageParams};
 use crate::session::sender::{PreparedMessage, ResyncLookup, SenderEvent};
 use crate::session::{Destination, SenderSession};
@@ -83,14 +84,35 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
         None => KeyRng::from_os()
             .map_err(|e| EngineError::Io(std::io::Error::other(format!("key tree RNG: {e}"))))?,
     };
-    let tree = KeyTree::with_rng(sa, rng);
+    let now = Instant::now();
+    let mut session = SenderSession::new(config.sender.clone(), config.group_id, config.spi, now)?;
+    let (store, tree) = match &config.state_dir {
+        None => (None, KeyTree::with_rng(sa, rng)),
+        Some(dir) => {
+            let (store, restored) = StateStore::open(dir, config.sender.history, rng)?;
+            let tree = match restored {
+                None => {
+                    let fresh_rng = match config.key_seed {
+                        Some(seed) => KeyRng::seeded_for_simulation(seed),
+                        None => KeyRng::from_os().map_err(|e| {
+                            EngineError::Io(std::io::Error::other(format!("key tree RNG: {e}")))
+                        })?,
+                    };
+                    KeyTree::with_rng(sa, fresh_rng)
+                }
+                Some(restored) => {
+                    restore(&mut session, &restored, &sa, now)?;
+                    restored.tree
+                }
+            };
+            (Some(Arc::new(store)), tree)
+        }
+    };
     let threads = match config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
     let workers = WorkerPool::new(threads, "rekeycast-gcks-worker")?;
-    let now = Instant::now();
-    let session = SenderSession::new(config.sender.clone(), config.group_id, config.spi, now)?;
     let loop_waker = Arc::clone(&waker);
     let thread = std::thread::Builder::new()
         .name("rekeycast-gcks".into())
@@ -105,7 +127,9 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 commands: command_rx,
                 events: event_tx,
                 session,
+                group_key_version: tree.group_key().0,
                 tree: Some(tree),
+                store,
                 workers,
                 batch_results: crossbeam_channel::unbounded(),
                 joins: Vec::new(),
@@ -116,7 +140,6 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 lag: Histogram::new(3).ok(),
                 datagrams_sent: 0,
                 send_blocked: 0,
-                group_key_version: 0,
                 held: std::collections::VecDeque::new(),
             };
             state.run()
@@ -142,6 +165,8 @@ struct LoopState {
     session: SenderSession,
     /// The key tree, `None` while a worker builds a batch with it.
     tree: Option<KeyTree>,
+    /// The state directory, shared with the batch jobs that commit to it.
+    store: Option<Arc<StateStore>>,
     workers: WorkerPool,
     batch_results: (Sender<BatchResult>, Receiver<BatchResult>),
     joins: Vec<(MemberId, Sender<Result<RegistrationBundle, JoinError>>)>,
@@ -307,6 +332,7 @@ impl LoopState {
         let joins = std::mem::take(&mut self.joins);
         let leaves = std::mem::take(&mut self.leaves);
         let key = Arc::clone(&self.signing_key);
+        let store = self.store.clone();
         let params = MessageParams {
             spi: self.config.spi,
             timestamp_us: unix_micros(),
@@ -315,7 +341,14 @@ impl LoopState {
         let job = move || {
             let started = Instant::now();
             let members: Vec<MemberId> = joins.iter().map(|(m, _)| *m).collect();
-            let outcome = build_batch(&mut tree, &members, &leaves, &key, &params);
+            let outcome = build_batch(
+                &mut tree,
+                &members,
+                &leaves,
+                &key,
+                &params,
+                store.as_deref(),
+            );
             BatchDone {
                 tree,
                 joins,
@@ -498,6 +531,7 @@ fn build_batch(
     leaves: &[MemberId],
     key: &SigningKey,
     params: &MessageParams,
+    store: Option<&StateStore>,
 ) -> Result<(PreparedMessage, Vec<Result<RegistrationBundle, LkhError>>), BatchError> {
     let batch = tree.apply_batch(joins, leaves).map_err(|e| BatchError {
         reason: e.to_string(),
@@ -512,7 +546,47 @@ fn build_batch(
         .map_err(|e| fatal(e.to_string()))?;
     let prepared =
         PreparedMessage::new(built, batch.mac_key.clone()).map_err(|e| fatal(e.to_string()))?;
+    // Durable before it is sent (DESIGN.md, persistence): a GCKS that dies after this resumes
+    // at this message and sends it; one that dies before it never sent it.
+    if let Some(store) = store {
+        store
+            .commit(tree, &StoredMessage::from_prepared(&prepared))
+            .map_err(|e| fatal(format!("state not written, message not sent: {e}")))?;
+    }
     Ok((prepared, bundles))
+}
+
+/// Puts the restored history into the session: every message but the last back in the
+/// history window, the last queued to be sent again (the GCKS may have died before sending it;
+/// members that have it drop it unchecked).
+fn restore(
+    session: &mut SenderSession,
+    restored: &RestoredState,
+    sa: &RekeySa,
+    now: Instant,
+) -> Result<(), EngineError> {
+    let tree_sa = restored.tree.rekey_sa();
+    if tree_sa.group_id != sa.group_id
+        || tree_sa.spi != sa.spi
+        || tree_sa.gcks_public_key != sa.gcks_public_key
+    {
+        return Err(EngineError::Restore(
+            "the state directory belongs to another group, SA or signing key".into(),
+        ));
+    }
+    let count = restored.messages.len();
+    for (index, stored) in restored.messages.iter().enumerate() {
+        let message = stored
+            .to_prepared()
+            .map_err(|e| EngineError::Restore(format!("message {}: {e}", stored.seq)))?;
+        let outcome = if index + 1 == count {
+            session.queue_message(now, message)
+        } else {
+            session.restore_message(now, message)
+        };
+        outcome.map_err(|e| EngineError::Restore(format!("message {}: {e}", stored.seq)))?;
+    }
+    Ok(())
 }
 
 fn micros(duration: Duration) -> u64 {

@@ -114,7 +114,7 @@ impl KeyTree {
                 .as_ref()
                 .map(|sa| (sa.spi, sa.lifetime_secs, *sa.tek.as_bytes())),
         })?;
-        let result = write_durably(path, &body);
+        let result = write_durably(path, MAGIC, &body).map_err(SnapshotError::Io);
         body.zeroize();
         result
     }
@@ -222,7 +222,10 @@ impl KeyTree {
     }
 }
 
-fn write_durably(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
+/// Writes `magic`, the BLAKE3 hash of `body` and `body` to `path` durably: a temporary file
+/// (mode 0600) beside it, fsync, rename, fsync of the directory. A crash leaves the old file
+/// or the new one, never a mix.
+pub(crate) fn write_durably(path: &Path, magic: &[u8], body: &[u8]) -> std::io::Result<()> {
     let hash = blake3::hash(body);
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
@@ -232,7 +235,7 @@ fn write_durably(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(tmp)?;
-    file.write_all(MAGIC)?;
+    file.write_all(magic)?;
     file.write_all(hash.as_bytes())?;
     file.write_all(body)?;
     file.sync_all()?;

@@ -175,6 +175,9 @@ pub enum QueueError {
         /// The last one queued.
         last: u64,
     },
+    /// A stored chunk does not parse.
+    #[error("a stored chunk does not parse")]
+    CorruptChunk,
     /// A symbol datagram would exceed the configured datagram size.
     #[error("symbols of {symbol_size} bytes do not fit datagrams of {datagram_size} bytes")]
     TooLarge {
@@ -204,6 +207,50 @@ impl PreparedMessage {
             headers,
             encoder,
         })
+    }
+
+    /// A message from its stored parts (see [`crate::resync::store`]): its MAC key, its
+    /// signed manifest and its source symbols concatenated. The manifest's FEC parameters
+    /// rebuild the encoder; each chunk's header rebuilds the resync index.
+    pub fn from_parts(
+        mac_key: MacKey,
+        manifest: Vec<u8>,
+        symbols: Vec<u8>,
+    ) -> Result<Self, QueueError> {
+        let parsed = SignedManifest::parse(&manifest)?.manifest;
+        let info = rekeycast_fec::ObjectInfo::parse(&parsed.fec_info)?;
+        let encoder = ObjectEncoder::new(info, symbols)?;
+        let symbol_size = usize::from(info.symbol_size());
+        let headers = encoder
+            .data()
+            .chunks(symbol_size)
+            .map(|chunk| {
+                super::chunk::SignedChunk::parse(chunk, parsed.chunk_auth)
+                    .map(|signed| signed.header)
+                    .map_err(|_| QueueError::CorruptChunk)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            seq: parsed.seq,
+            group_id: parsed.group_id,
+            spi: parsed.spi,
+            group_size: parsed.group_size,
+            mac_key,
+            manifest,
+            headers,
+            encoder,
+        })
+    }
+
+    /// The parts [`Self::from_parts`] takes back: sequence number, MAC key bytes, signed
+    /// manifest and source symbols.
+    pub fn parts(&self) -> (u64, [u8; 32], &[u8], &[u8]) {
+        (
+            self.seq,
+            *self.mac_key.as_bytes(),
+            &self.manifest,
+            self.encoder.data(),
+        )
     }
 
     /// The message's sequence number.
@@ -431,20 +478,7 @@ impl SenderSession {
         now: Instant,
         message: PreparedMessage,
     ) -> Result<(), QueueError> {
-        if message.group_id != self.group_id || message.spi != self.spi {
-            return Err(QueueError::WrongGroup {
-                group_id: message.group_id,
-                spi: message.spi,
-            });
-        }
-        if let Some(last) = self.latest_seq() {
-            if message.seq <= last {
-                return Err(QueueError::OutOfOrder {
-                    seq: message.seq,
-                    last,
-                });
-            }
-        }
+        self.check_queueable(&message)?;
         let info = *message.encoder.info();
         let symbol_size = info.symbol_size();
         let symbol_datagram =
@@ -500,6 +534,46 @@ impl SenderSession {
             message,
         });
         self.retire(now);
+        Ok(())
+    }
+
+    /// Puts a message that was sent before a restart back into the history window, without
+    /// sending it again: resync serves it, multicast repair does not. Messages must come in
+    /// sequence order, before any [`Self::queue_message`] of a later one.
+    pub fn restore_message(
+        &mut self,
+        now: Instant,
+        message: PreparedMessage,
+    ) -> Result<(), QueueError> {
+        self.check_queueable(&message)?;
+        self.group_size = message.group_size;
+        self.messages.push_back(Outgoing {
+            proactive: Vec::new(),
+            plan: Vec::new(),
+            next_step: 0,
+            finished_at: Some(now),
+            recorded: Vec::new(),
+            message,
+        });
+        self.retire(now);
+        Ok(())
+    }
+
+    fn check_queueable(&self, message: &PreparedMessage) -> Result<(), QueueError> {
+        if message.group_id != self.group_id || message.spi != self.spi {
+            return Err(QueueError::WrongGroup {
+                group_id: message.group_id,
+                spi: message.spi,
+            });
+        }
+        if let Some(last) = self.latest_seq() {
+            if message.seq <= last {
+                return Err(QueueError::OutOfOrder {
+                    seq: message.seq,
+                    last,
+                });
+            }
+        }
         Ok(())
     }
 

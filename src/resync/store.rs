@@ -1,0 +1,437 @@
+//! The GCKS's durable state: the key tree and the history window of signed messages in a state
+//! directory, written and fsynced before a message is sent, so that a restarted GCKS continues
+//! the same sequence, serves resync for its history, and no member has to re-register
+//! (DESIGN.md, persistence).
+//!
+//! # Layout and order of writes
+//!
+//! ```text
+//! STATE_DIR/tree.snapshot            the key tree (lkh snapshot format, mode 0600)
+//! STATE_DIR/messages/SEQ.msg         one signed message each (SEQ zero-padded to 20 digits)
+//! ```
+//!
+//! A message file is `"RKMSG001" | BLAKE3(body) | body`, the body in postcard: sequence
+//! number, MAC key, signed manifest, the chunks (the FEC source symbols). [`StateStore::commit`]
+//! writes the message first, then the tree snapshot, each durably (temporary file, fsync,
+//! rename, fsync of the directory). So after a crash:
+//!
+//! - the tree's sequence number S is the last committed message; a message file beyond S was
+//!   written but never committed (the tree did not follow): it is discarded on open, and it was
+//!   never sent, since sending starts after the commit;
+//! - a tree at S without message S, a file that fails its hash, a message that does not parse:
+//!   corrupt state, reported as an error and never silently reset.
+//!
+//! The files hold keys (the tree holds every key of the group; a message file its MAC key):
+//! they are created with mode 0600 in a directory of mode 0700.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lkh::{KeyRng, KeyTree, SnapshotError};
+use crate::session::sender::PreparedMessage;
+
+const MESSAGE_MAGIC: &[u8; 8] = b"RKMSG001";
+const TREE_FILE: &str = "tree.snapshot";
+const MESSAGES_DIR: &str = "messages";
+
+/// The state directory of one GCKS.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    history: usize,
+}
+
+/// What a restarted GCKS resumes from.
+#[derive(Debug)]
+pub struct RestoredState {
+    /// The key tree as of the last committed message.
+    pub tree: KeyTree,
+    /// The committed messages still in the history window, ascending; the last one is the
+    /// tree's sequence number.
+    pub messages: Vec<StoredMessage>,
+    /// Sequence numbers of message files written but never committed (discarded).
+    pub discarded: Vec<u64>,
+}
+
+/// One signed message as stored: everything the sender needs to send or serve it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its datagram MAC key.
+    pub mac_key: [u8; 32],
+    /// Its signed manifest.
+    pub manifest: Vec<u8>,
+    /// Its FEC source symbols (the chunks, each padded to the symbol size), concatenated.
+    pub symbols: Vec<u8>,
+}
+
+/// What is wrong with a state directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading or writing failed.
+    #[error("state {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The key tree snapshot is missing, corrupt or inconsistent.
+    #[error("key tree snapshot {path}: {source}")]
+    Tree {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What is wrong.
+        source: SnapshotError,
+    },
+    /// A message file is corrupt.
+    #[error("message file {path}: {reason}")]
+    CorruptMessage {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Messages exist but no key tree: the state is partial.
+    #[error("state directory {0} holds messages but no key tree snapshot: partial state")]
+    MissingTree(PathBuf),
+    /// The tree is at a sequence number whose message is missing.
+    #[error("key tree is at message {0}, whose file is missing: partial state")]
+    MissingMessage(u64),
+}
+
+impl StateStore {
+    /// Opens (creating with mode 0700 if needed) the state directory `dir`, keeping up to
+    /// `history` messages. Returns the state to resume from, `None` for a fresh directory.
+    /// `rng` keys the restored tree from now on (the OS CSPRNG in a deployment).
+    pub fn open(
+        dir: &Path,
+        history: usize,
+        rng: KeyRng,
+    ) -> Result<(Self, Option<RestoredState>), StoreError> {
+        let messages_dir = dir.join(MESSAGES_DIR);
+        create_private_dir(dir)?;
+        create_private_dir(&messages_dir)?;
+        let store = Self {
+            dir: dir.to_path_buf(),
+            history: history.max(1),
+        };
+        let mut seqs = store.message_seqs()?;
+        seqs.sort_unstable();
+        let tree_path = dir.join(TREE_FILE);
+        if !tree_path.exists() {
+            if seqs.is_empty() {
+                return Ok((store, None));
+            }
+            return Err(StoreError::MissingTree(dir.to_path_buf()));
+        }
+        let tree = KeyTree::load_with_rng(&tree_path, rng).map_err(|source| StoreError::Tree {
+            path: tree_path.clone(),
+            source,
+        })?;
+        let committed = tree.seq();
+        let mut discarded = Vec::new();
+        let mut messages = Vec::new();
+        for seq in seqs {
+            if seq > committed {
+                // Written, never committed, never sent.
+                let path = store.message_path(seq);
+                fs::remove_file(&path).map_err(|source| StoreError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })?;
+                discarded.push(seq);
+            } else if seq + store.history as u64 > committed {
+                messages.push(store.read_message(seq)?);
+            }
+        }
+        if committed > 0 && messages.last().map(|m| m.seq) != Some(committed) {
+            return Err(StoreError::MissingMessage(committed));
+        }
+        Ok((
+            store,
+            Some(RestoredState {
+                tree,
+                messages,
+                discarded,
+            }),
+        ))
+    }
+
+    /// Commits a new message and the tree that made it: the message file, then the tree
+    /// snapshot, each durably. Call it before the message is sent. Message files older than
+    /// the history window are then removed.
+    pub fn commit(&self, tree: &KeyTree, message: &StoredMessage) -> Result<(), StoreError> {
+        let path = self.message_path(message.seq);
+        let body = postcard::to_allocvec(message).map_err(|e| StoreError::CorruptMessage {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        crate::lkh::snapshot::write_durably(&path, MESSAGE_MAGIC, &body).map_err(|source| {
+            StoreError::Io {
+                action: "write",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let tree_path = self.dir.join(TREE_FILE);
+        tree.save(&tree_path).map_err(|source| StoreError::Tree {
+            path: tree_path,
+            source,
+        })?;
+        self.prune(message.seq)
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn prune(&self, latest: u64) -> Result<(), StoreError> {
+        for seq in self.message_seqs()? {
+            if seq + (self.history as u64) <= latest {
+                let path = self.message_path(seq);
+                fs::remove_file(&path).map_err(|source| StoreError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn message_path(&self, seq: u64) -> PathBuf {
+        self.dir.join(MESSAGES_DIR).join(format!("{seq:020}.msg"))
+    }
+
+    fn message_seqs(&self) -> Result<Vec<u64>, StoreError> {
+        let dir = self.dir.join(MESSAGES_DIR);
+        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io {
+            action: "list",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut seqs = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::Io {
+                action: "list",
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                continue;
+            };
+            // Temporary files of an interrupted write ("*.msg.tmp") are left to be replaced.
+            if let Some(seq) = name
+                .strip_suffix(".msg")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                seqs.push(seq);
+            }
+        }
+        Ok(seqs)
+    }
+
+    fn read_message(&self, seq: u64) -> Result<StoredMessage, StoreError> {
+        let path = self.message_path(seq);
+        let bytes = fs::read(&path).map_err(|source| StoreError::Io {
+            action: "read",
+            path: path.clone(),
+            source,
+        })?;
+        let corrupt = |reason: &str| StoreError::CorruptMessage {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let header = MESSAGE_MAGIC.len() + 32;
+        if bytes.len() < header || &bytes[..MESSAGE_MAGIC.len()] != MESSAGE_MAGIC {
+            return Err(corrupt("bad magic or truncated"));
+        }
+        let body = &bytes[header..];
+        if blake3::hash(body).as_bytes()[..] != bytes[MESSAGE_MAGIC.len()..header] {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let message: StoredMessage =
+            postcard::from_bytes(body).map_err(|e| corrupt(&e.to_string()))?;
+        if message.seq != seq {
+            return Err(corrupt("sequence number does not match the file name"));
+        }
+        Ok(message)
+    }
+}
+
+impl StoredMessage {
+    /// The stored form of a prepared message.
+    pub fn from_prepared(message: &PreparedMessage) -> Self {
+        let (seq, mac_key, manifest, symbols) = message.parts();
+        Self {
+            seq,
+            mac_key,
+            manifest: manifest.to_vec(),
+            symbols: symbols.to_vec(),
+        }
+    }
+
+    /// The prepared message again (FEC encoder and chunk index rebuilt).
+    pub fn to_prepared(&self) -> Result<PreparedMessage, crate::session::sender::QueueError> {
+        PreparedMessage::from_parts(
+            crate::auth::mac::MacKey::from_bytes(self.mac_key),
+            self.manifest.clone(),
+            self.symbols.clone(),
+        )
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| StoreError::Io {
+        action: "create",
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::gsa::{RekeySa, WrapAlgorithm};
+    use crate::lkh::{Degree, MemberId};
+    use crate::session::layout::{build_message, MessageParams};
+
+    fn tree() -> (KeyTree, SigningKey) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let sa = RekeySa {
+            group_id: 9,
+            spi: 1,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::DEFAULT,
+            gcks_public_key: key.verifying_key(),
+            data_sa_lifetime_secs: 60,
+        };
+        (KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(3)), key)
+    }
+
+    fn rekey(tree: &mut KeyTree, key: &SigningKey, joins: &[MemberId]) -> StoredMessage {
+        let batch = tree.apply_batch(joins, &[]).unwrap();
+        let built = build_message(
+            &batch,
+            &tree.leaves_in_order(),
+            key,
+            &MessageParams::default(),
+        )
+        .unwrap();
+        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+        StoredMessage::from_prepared(&prepared)
+    }
+
+    #[test]
+    fn commit_then_open_resumes_tree_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tree, key) = tree();
+        let (store, restored) =
+            StateStore::open(dir.path(), 3, KeyRng::seeded_for_simulation(1)).unwrap();
+        assert!(restored.is_none());
+        let mut stored = Vec::new();
+        for round in 0..5u64 {
+            let message = rekey(&mut tree, &key, &[MemberId(round)]);
+            store.commit(&tree, &message).unwrap();
+            stored.push(message);
+        }
+        let (_, restored) =
+            StateStore::open(dir.path(), 3, KeyRng::seeded_for_simulation(2)).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.tree.seq(), 5);
+        assert_eq!(restored.tree.group_key().0, tree.group_key().0);
+        assert_eq!(
+            restored.messages,
+            stored[2..].to_vec(),
+            "the last three, in order"
+        );
+        assert!(restored.discarded.is_empty());
+        let prepared = restored.messages[2].to_prepared().unwrap();
+        assert_eq!(prepared.seq(), 5);
+    }
+
+    #[test]
+    fn a_message_written_but_not_committed_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tree, key) = tree();
+        let (store, _) = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(1)).unwrap();
+        let first = rekey(&mut tree, &key, &[MemberId(1)]);
+        store.commit(&tree, &first).unwrap();
+        // A crash after the message file of message 2 and before its tree snapshot.
+        let committed_tree = KeyTree::load_with_rng(
+            &dir.path().join(TREE_FILE),
+            KeyRng::seeded_for_simulation(9),
+        )
+        .unwrap();
+        let second = rekey(&mut tree, &key, &[MemberId(2)]);
+        let body = postcard::to_allocvec(&second).unwrap();
+        crate::lkh::snapshot::write_durably(&store.message_path(2), MESSAGE_MAGIC, &body).unwrap();
+        let (_, restored) =
+            StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.tree.seq(), committed_tree.seq());
+        assert_eq!(restored.discarded, vec![2]);
+        assert_eq!(restored.messages, vec![first]);
+        assert!(!store.message_path(2).exists());
+    }
+
+    #[test]
+    fn corrupt_or_partial_state_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tree, key) = tree();
+        let (store, _) = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(1)).unwrap();
+        let first = rekey(&mut tree, &key, &[MemberId(1)]);
+        store.commit(&tree, &first).unwrap();
+        // A flipped byte in the message file.
+        let path = store.message_path(1);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let error = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(
+            matches!(error, StoreError::CorruptMessage { .. }),
+            "{error}"
+        );
+        // The message gone: the tree points at a message that is missing.
+        fs::remove_file(&path).unwrap();
+        let error = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(matches!(error, StoreError::MissingMessage(1)), "{error}");
+        // Messages without a tree.
+        store.commit(&tree, &first).unwrap();
+        fs::remove_file(dir.path().join(TREE_FILE)).unwrap();
+        let error = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(matches!(error, StoreError::MissingTree(_)), "{error}");
+    }
+
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (mut tree, key) = tree();
+        let (store, _) = StateStore::open(&state, 8, KeyRng::seeded_for_simulation(1)).unwrap();
+        let first = rekey(&mut tree, &key, &[MemberId(1)]);
+        store.commit(&tree, &first).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(TREE_FILE)), 0o600);
+        assert_eq!(mode(&store.message_path(1)), 0o600);
+    }
+}
