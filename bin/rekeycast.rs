@@ -1,9 +1,19 @@
-//! The `rekeycast` command line: demo, server, member, admin and sim.
+//! The `rekeycast` command line: `demo`, `sim`, `server`, `member` and `admin`.
 //!
-//! Only the command structure exists so far; each subcommand says which piece of work will
-//! build it and exits with status 2, so nothing here pretends to work.
+//! - `demo` runs a GCKS and many members in this process on loopback multicast, under loss
+//!   simulated at receive, and prints (and optionally writes) what happened.
+//! - `sim` runs the in-process simulator (virtual time, no sockets) at scale.
+//! - `server` runs one GCKS from a configuration file, with an admin interface on a Unix
+//!   socket; `admin` is that interface's client; `member` runs one member from a registration
+//!   bundle written by `admin join`.
+//!
+//! Each subcommand lives in its own module under `bin/cli/`.
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod cli;
 
 /// rekeycast: reliable multicast rekeying (LKH over UDP multicast with RaptorQ FEC and NACKs).
 #[derive(Debug, Parser)]
@@ -16,49 +26,31 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a GCKS and many members on loopback multicast in one process, under simulated loss.
-    Demo,
+    Demo(cli::demo::DemoArgs),
     /// Run a GCKS (group key server) from a configuration file.
-    Server,
-    /// Run one group member from a registration bundle.
-    Member,
+    Server(cli::server::ServerArgs),
+    /// Run one group member from a configuration file and a registration bundle.
+    Member(cli::member::MemberArgs),
     /// Talk to a running server's admin socket (join, leave, rekey now, status).
-    Admin,
-    /// Run the in-process simulator at scale.
-    Sim,
+    Admin(cli::admin::AdminArgs),
+    /// Run the in-process simulator (virtual time, no sockets) at scale.
+    Sim(cli::sim::SimArgs),
 }
 
-impl Command {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Demo => "demo",
-            Self::Server => "server",
-            Self::Member => "member",
-            Self::Admin => "admin",
-            Self::Sim => "sim",
-        }
-    }
-
-    /// What remains to be built before the subcommand runs.
-    fn missing(&self) -> &'static str {
-        match self {
-            Self::Demo | Self::Server | Self::Member | Self::Admin => {
-                "needs the mio engine and embedding API (issue 9), on the sessions of issue 8"
-            }
-            Self::Sim => "needs the sans-IO sessions and the simulator (issue 8)",
-        }
-    }
-}
-
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "rekeycast {}: `{}` is not built yet: it {}.\n\
-         What exists today: the library's wire formats, key tree, FEC, NACK and message layers \
-         (`cargo doc --open -p rekeycast`), their tests (`cargo test --workspace`) and benchmarks \
-         (`cargo run --release -p rekeycast-bench -- --help`).",
-        env!("CARGO_PKG_VERSION"),
-        cli.command.name(),
-        cli.command.missing()
-    );
-    std::process::ExitCode::from(2)
+    let outcome = match &cli.command {
+        Command::Demo(args) => cli::demo::run(args),
+        Command::Server(args) => cli::server::run(args),
+        Command::Member(args) => cli::member::run(args),
+        Command::Admin(args) => cli::admin::run(args),
+        Command::Sim(args) => cli::sim::run(args),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("rekeycast: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

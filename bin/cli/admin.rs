@@ -1,0 +1,131 @@
+//! The admin interface of `rekeycast server` and its client, `rekeycast admin`.
+//!
+//! The protocol is one JSON request per line on the server's Unix socket (`admin_socket`,
+//! mode 0600), answered by one JSON response per line:
+//!
+//! - `{"op":"join","member":42,"bundle_path":"/abs/path"}`: admits member 42 in the next
+//!   batch, waits for its registration bundle and writes it to `bundle_path` with mode 0600;
+//!   answers `{"ok":true,"op":"join","member":42,"first_seq":N,"bundle_path":...}`.
+//! - `{"op":"leave","member":42}`: removes member 42 in the next batch.
+//! - `{"op":"rekey"}`: applies the pending changes now (or refreshes the group key).
+//! - `{"op":"status"}`: the GCKS's figures.
+//!
+//! Failures answer `{"ok":false,"error":"..."}`. A relative `bundle_path` is taken relative to
+//! the server's working directory; the client sends absolute paths.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// One admin request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Admit a member and write its registration bundle.
+    Join {
+        /// The member's id.
+        member: u64,
+        /// Where to write the bundle.
+        bundle_path: PathBuf,
+    },
+    /// Remove a member.
+    Leave {
+        /// The member's id.
+        member: u64,
+    },
+    /// Rekey now.
+    Rekey,
+    /// The GCKS's figures.
+    Status,
+}
+
+/// The flags of `rekeycast admin`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// The server's admin socket (its configuration's `admin_socket`).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// What to ask.
+    #[command(subcommand)]
+    pub op: AdminOp,
+}
+
+/// The admin operations.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AdminOp {
+    /// Admit a member in the next batch and write its registration bundle (mode 0600).
+    Join {
+        /// The member's id.
+        #[arg(long, value_name = "N")]
+        member: u64,
+        /// Where to write the bundle (`rekeycast member --bundle FILE` reads it).
+        #[arg(long, value_name = "FILE")]
+        bundle: PathBuf,
+    },
+    /// Remove a member in the next batch.
+    Leave {
+        /// The member's id.
+        #[arg(long, value_name = "N")]
+        member: u64,
+    },
+    /// Apply the pending joins and leaves now (or refresh the group key if there are none).
+    Rekey,
+    /// Print the GCKS's figures.
+    Status,
+}
+
+/// Runs `rekeycast admin`: sends one request, prints the response; exits 1 if it failed.
+pub fn run(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let request = match &args.op {
+        AdminOp::Join { member, bundle } => {
+            let bundle_path = if bundle.is_absolute() {
+                bundle.clone()
+            } else {
+                std::env::current_dir()
+                    .context("finding the working directory")?
+                    .join(bundle)
+            };
+            Request::Join {
+                member: *member,
+                bundle_path,
+            }
+        }
+        AdminOp::Leave { member } => Request::Leave { member: *member },
+        AdminOp::Rekey => Request::Rekey,
+        AdminOp::Status => Request::Status,
+    };
+    let response = call(&args.socket, &request)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&response).context("printing the response")?
+    );
+    if response.get("ok") == Some(&serde_json::Value::Bool(true)) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Sends `request` to the admin socket at `socket` and returns the response.
+pub fn call(socket: &std::path::Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the admin socket {}", socket.display()))?;
+    let mut line = serde_json::to_string(request).context("encoding the request")?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context("sending the request")?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .context("reading the response")?;
+    if answer.trim().is_empty() {
+        bail!("the server closed the connection without answering");
+    }
+    serde_json::from_str(&answer).context("the response is not JSON")
+}
