@@ -1,6 +1,8 @@
 //! Logging for `server` and `member`: `tracing` to standard error, filtered by `RUST_LOG` when
 //! it is set, else by the configuration file's `log.filter`.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
@@ -15,6 +17,8 @@ pub fn init(config_filter: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and pipes get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init()
         .map_err(|error| anyhow::anyhow!("installing the logger: {error}"))
 }

@@ -41,6 +41,16 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("signing key in {}", config.state_dir.display()))?;
     let key_path = config.state_dir.join(keyfile::SIGNING_KEY_FILE);
     let public_key = bundle::hex(signing_key.verifying_key().as_bytes());
+    // The public key on standard output too, for the operator to hand to members' products
+    // out of band (the private key is never printed).
+    println!(
+        "GCKS public key (Ed25519): {public_key} ({} {})",
+        match origin {
+            KeyOrigin::Generated => "generated into",
+            KeyOrigin::Loaded => "loaded from",
+        },
+        key_path.display()
+    );
     match origin {
         KeyOrigin::Generated => info!(
             public_key = %public_key,
