@@ -31,6 +31,8 @@ enum Area {
     Nack,
     /// Whole rekey scenarios (GCKS and members) in the simulator, up to 100,000 members.
     Sim(sim::Args),
+    /// The mio engine on loopback: send rate next to a bare socket, time to key, loop lag.
+    Engine(engine::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,10 +44,12 @@ fn main() -> anyhow::Result<()> {
         Area::Fec => fec::run(cli.quick),
         Area::Nack => nack::run(cli.quick),
         Area::Sim(args) => sim::run(cli.quick, &args),
+        Area::Engine(args) => engine::run(cli.quick, &args),
     }
 }
 
 mod auth;
+mod engine;
 mod fec;
 mod lkh;
 mod nack;
