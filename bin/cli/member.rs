@@ -58,6 +58,13 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         feedback = %config.feedback,
         "member running"
     );
+    if !config.resync_endpoints.is_empty() {
+        warn!(
+            endpoints = ?config.resync_endpoints,
+            "resync_endpoints are set, but the resync client arrives with issue 10 and is not \
+             used by this command yet"
+        );
+    }
     loop {
         if shutdown.is_set() {
             info!("shutting down");

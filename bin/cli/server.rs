@@ -82,6 +82,18 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("starting the event logger")?;
+    for (option, addr) in [
+        ("resync.tcp_listen", config.resync.tcp_listen),
+        ("resync.http_listen", config.resync.http_listen),
+    ] {
+        if let Some(addr) = addr {
+            warn!(
+                %addr,
+                "{option} is set, but the TCP/HTTP resync endpoints arrive with issue 10 and are \
+                 not served by this command yet"
+            );
+        }
+    }
     let listener = bind_admin(&config.admin_socket)?;
     while !shutdown.is_set() {
         match listener.accept() {
