@@ -5,6 +5,11 @@
 //! bytes it was parsed from. A violated promise panics, which is how a fuzzer or a test reports
 //! it; nothing in the engine calls these functions.
 
+use std::time::{Duration, Instant};
+
+use crate::resync::http::HttpConnection;
+use crate::resync::limits::{Limits, Refusal};
+use crate::resync::{Lookup, ResyncSource};
 use crate::session::chunk::{encode_authenticated, finish, SignedChunk};
 use crate::session::manifest::{ChunkAuth, SignedManifest};
 use crate::wire::{
@@ -25,6 +30,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("tcp_frame", tcp_frame),
     ("manifest", manifest),
     ("chunk", chunk),
+    ("http_request", http_request),
 ];
 
 fn assert_emits_input(what: &str, input: &[u8], emitted: Result<usize, wire::Error>, buf: &[u8]) {
@@ -135,6 +141,173 @@ pub fn chunk(data: &[u8]) {
         match encoded {
             Ok(encoded) => assert_eq!(encoded, bytes, "chunk: re-encoding differs"),
             Err(error) => panic!("chunk: a parsed chunk failed to encode: {error}"),
+        }
+    }
+}
+
+/// The HTTP resync endpoint: arbitrary bytes, fed to one [`HttpConnection`] in pieces, never
+/// panic and only ever produce whole HTTP/1.1 responses ([`parse_http_responses`]).
+///
+/// The first input byte steers the run: bits 0-3 the piece size (1 to 16 bytes), bit 4 whether
+/// the output is drained after every piece, bit 5 a refusal at the end, bit 6 a header
+/// timeout, bit 7 an idle timeout. The rest is what the client sent.
+pub fn http_request(data: &[u8]) {
+    let Some((&control, input)) = data.split_first() else {
+        return;
+    };
+    let limits = Limits {
+        max_request_bytes: 512,
+        max_headers: 8,
+        max_requests_per_connection: 64,
+        ..Limits::default()
+    };
+    let metrics = || "# TYPE rekeycast_fuzz counter\nrekeycast_fuzz 1\n".to_string();
+    let start = Instant::now();
+    let mut now = start;
+    let mut connection = HttpConnection::new(now, &limits);
+    let mut written = Vec::new();
+    let mut drain = |connection: &mut HttpConnection| {
+        written.extend_from_slice(connection.output());
+        let len = connection.output().len();
+        connection.consume_output(len);
+    };
+    for piece in input.chunks(usize::from(control & 0x0F) + 1) {
+        now += Duration::from_millis(1);
+        connection.handle_input(now, piece, &FuzzSource, &metrics);
+        if control & 0x10 != 0 {
+            drain(&mut connection);
+        }
+    }
+    if control & 0x20 != 0 {
+        connection.refuse(Refusal::RateLimited);
+    }
+    drain(&mut connection);
+    if control & 0x40 != 0 {
+        connection.handle_timeout(now + limits.header_timeout);
+        drain(&mut connection);
+    }
+    if control & 0x80 != 0 {
+        connection.handle_timeout(now + limits.idle_timeout);
+        drain(&mut connection);
+    }
+    if let Err(error) = parse_http_responses(&written) {
+        panic!(
+            "http request: malformed output ({error}): {:?}",
+            String::from_utf8_lossy(&written)
+        );
+    }
+}
+
+/// One response parsed by [`parse_http_responses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (empty for the answer to a HEAD request).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The value of the first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits what an endpoint wrote into HTTP/1.1 responses, each of which must start with
+/// `HTTP/1.1 `, parse whole and carry a `Content-Length` whose body follows. The answer to a
+/// HEAD request carries the length of a body it does not send: where the bytes after a head
+/// are the next response (or nothing), the body is taken to be absent. The bodies this crate
+/// serves in tests never start with `HTTP/1.1 `.
+pub fn parse_http_responses(bytes: &[u8]) -> Result<Vec<HttpResponse>, String> {
+    let mut responses = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if !rest.starts_with(b"HTTP/1.1 ") {
+            return Err(format!(
+                "response {} does not start with HTTP/1.1",
+                responses.len()
+            ));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(rest) {
+            Ok(httparse::Status::Complete(len)) => len,
+            other => return Err(format!("response {}: {other:?}", responses.len())),
+        };
+        let status = response.code.ok_or("no status code")?;
+        let headers: Vec<(String, String)> = response
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let content_length = headers
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+            .ok_or("no Content-Length")?
+            .1
+            .parse::<usize>()
+            .map_err(|error| format!("Content-Length: {error}"))?;
+        rest = &rest[head_len..];
+        let body_len = if rest.is_empty() || rest.starts_with(b"HTTP/1.1 ") {
+            0
+        } else {
+            content_length
+        };
+        let body = rest
+            .get(..body_len)
+            .ok_or_else(|| format!("response {}: body truncated", responses.len()))?;
+        responses.push(HttpResponse {
+            status,
+            headers,
+            body: body.to_vec(),
+        });
+        rest = &rest[body_len..];
+    }
+    Ok(responses)
+}
+
+/// Messages 5 to 7 of group 1, with a chunk for leaves 0 to 3.
+struct FuzzSource;
+
+impl ResyncSource for FuzzSource {
+    fn group_id(&self) -> u32 {
+        1
+    }
+
+    fn latest(&self) -> Option<(u64, &[u8])> {
+        Some((7, b"manifest-7"))
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        Some(5)
+    }
+
+    fn manifest(&self, seq: u64) -> Lookup<&[u8]> {
+        match seq {
+            0..=4 => Lookup::BeyondHistory { oldest: 5 },
+            5 => Lookup::Found(b"manifest-5"),
+            6 => Lookup::Found(b"manifest-6"),
+            7 => Lookup::Found(b"manifest-7"),
+            _ => Lookup::NotYetSent { latest: 7 },
+        }
+    }
+
+    fn chunk(&self, seq: u64, leaf: u32) -> Lookup<&[u8]> {
+        match self.manifest(seq) {
+            Lookup::Found(_) if leaf < 4 => Lookup::Found(b"chunk"),
+            Lookup::Found(_) => Lookup::NotFound,
+            other => other,
         }
     }
 }

@@ -7,8 +7,10 @@
 //! This module owns no sockets and no clock: the mio listeners in `crate::io` read and write
 //! the bytes, pass the time in, and serve from a [`ResyncSource`].
 
+pub mod http;
 pub mod limits;
 pub mod store;
+pub mod tcp;
 
 pub use limits::Refusal;
 
