@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::resync::http::HttpConnection;
 use crate::resync::limits::{Limits, Refusal};
+use crate::resync::tcp::TcpConnection;
 use crate::resync::{Lookup, ResyncSource};
 use crate::session::chunk::{encode_authenticated, finish, SignedChunk};
 use crate::session::manifest::{ChunkAuth, SignedManifest};
@@ -31,6 +32,7 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("manifest", manifest),
     ("chunk", chunk),
     ("http_request", http_request),
+    ("tcp_connection", tcp_connection),
 ];
 
 fn assert_emits_input(what: &str, input: &[u8], emitted: Result<usize, wire::Error>, buf: &[u8]) {
@@ -195,6 +197,76 @@ pub fn http_request(data: &[u8]) {
             "http request: malformed output ({error}): {:?}",
             String::from_utf8_lossy(&written)
         );
+    }
+}
+
+/// The TCP resync endpoint: arbitrary bytes, fed to one [`TcpConnection`] in pieces, never
+/// panic and only ever produce whole response frames (each parses with [`FrameRepr::parse`]
+/// and is not a request), with every resync stream generated to its end.
+///
+/// The first input byte steers the run as for [`http_request`], with a small output cap
+/// (bit 4 clear: 4 KiB, so streams are generated in several steps; set: the default).
+pub fn tcp_connection(data: &[u8]) {
+    let Some((&control, input)) = data.split_first() else {
+        return;
+    };
+    let limits = Limits {
+        max_request_bytes: 256,
+        max_requests_per_connection: 64,
+        max_output_bytes: if control & 0x10 == 0 {
+            4096
+        } else {
+            Limits::default().max_output_bytes
+        },
+        ..Limits::default()
+    };
+    let metrics = String::new;
+    let mut now = Instant::now();
+    let mut connection = TcpConnection::new(now, &limits);
+    let mut written = Vec::new();
+    let mut drain = |connection: &mut TcpConnection, now: Instant| {
+        for _ in 0..10_000 {
+            written.extend_from_slice(connection.output());
+            let len = connection.output().len();
+            connection.consume_output(len);
+            if !connection.is_streaming() {
+                return;
+            }
+            connection.handle_input(now, &[], &FuzzSource, &metrics);
+        }
+        panic!("tcp connection: a stream does not end");
+    };
+    for piece in input.chunks(usize::from(control & 0x0F) + 1) {
+        now += Duration::from_millis(1);
+        connection.handle_input(now, piece, &FuzzSource, &metrics);
+        drain(&mut connection, now);
+    }
+    if control & 0x20 != 0 {
+        connection.refuse(Refusal::Overloaded);
+    }
+    if control & 0x40 != 0 {
+        now += limits.header_timeout;
+        connection.handle_timeout(now);
+    }
+    if control & 0x80 != 0 {
+        now += limits.idle_timeout;
+        connection.handle_timeout(now);
+    }
+    drain(&mut connection, now);
+    let mut rest = written.as_slice();
+    while !rest.is_empty() {
+        let len = match FrameRepr::peek_len(rest) {
+            Ok(Some(len)) if len <= rest.len() => len,
+            other => panic!("tcp connection: output is not whole frames: {other:?}"),
+        };
+        match FrameRepr::parse(&rest[..len]) {
+            Ok(FrameRepr::ResyncRequest { .. } | FrameRepr::StateRequest { .. }) => {
+                panic!("tcp connection: a request frame in the output")
+            }
+            Ok(_) => {}
+            Err(error) => panic!("tcp connection: a frame that does not parse: {error}"),
+        }
+        rest = &rest[len..];
     }
 }
 
