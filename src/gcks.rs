@@ -27,14 +27,13 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 
 use crate::gsa::WrapAlgorithm;
+use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::{Degree, LkhError, MemberId, RegistrationBundle};
 use crate::session::layout::MessageParams;
@@ -77,6 +76,12 @@ pub struct GcksConfig {
     /// group and sequence (re-sending the last message, which may not have gone out), so no
     /// member has to re-register. `None` (the default): nothing is persisted.
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where the TCP resync endpoint listens (length-prefixed frames); `None`: no endpoint.
+    pub resync_tcp: Option<SocketAddr>,
+    /// Where the HTTP resync endpoint listens (also `/metrics` and `/healthz`); `None`: none.
+    pub resync_http: Option<SocketAddr>,
+    /// The endpoints' limits: connection caps, rate limits, timeouts, request sizes.
+    pub resync_limits: crate::resync::limits::Limits,
     /// Seed of the key tree's randomness for simulations and demos; `None` (the default) uses
     /// the operating system's RNG, as a real deployment must.
     pub key_seed: Option<u64>,
@@ -102,6 +107,9 @@ impl GcksConfig {
             admission_delay: Duration::from_millis(100),
             workers: 0,
             state_dir: None,
+            resync_tcp: None,
+            resync_http: None,
+            resync_limits: crate::resync::limits::Limits::default(),
             key_seed: None,
         }
     }
@@ -167,6 +175,8 @@ pub struct GcksStats {
     pub datagrams_sent: u64,
     /// Send calls that would have blocked (the datagram waited for the socket).
     pub send_blocked: u64,
+    /// The resync endpoints' counters.
+    pub resync: crate::io::resync_server::EndpointCounters,
 }
 
 /// Percentiles of the event loop's lag, microseconds.
@@ -182,6 +192,152 @@ pub struct LagSummary {
     pub max: u64,
     /// Samples.
     pub count: u64,
+}
+
+impl GcksStats {
+    /// The figures in the Prometheus text exposition format (served at `/metrics`).
+    pub fn prometheus_text(&self) -> String {
+        let s = &self.sender;
+        let counters: [(&str, &str, u64); 18] = [
+            (
+                "rekeycast_manifests_sent_total",
+                "Manifest datagrams sent.",
+                s.manifests_sent,
+            ),
+            (
+                "rekeycast_source_symbols_sent_total",
+                "Source symbols sent.",
+                s.source_symbols_sent,
+            ),
+            (
+                "rekeycast_proactive_symbols_sent_total",
+                "Proactive repair symbols sent.",
+                s.proactive_symbols_sent,
+            ),
+            (
+                "rekeycast_repair_symbols_sent_total",
+                "Repair symbols sent for NACKs.",
+                s.repair_symbols_sent,
+            ),
+            (
+                "rekeycast_heartbeats_sent_total",
+                "Heartbeats sent.",
+                s.heartbeats_sent,
+            ),
+            (
+                "rekeycast_advertisements_sent_total",
+                "Repair advertisements sent.",
+                s.advertisements_sent,
+            ),
+            (
+                "rekeycast_bytes_sent_total",
+                "Bytes of every datagram sent.",
+                s.bytes_sent,
+            ),
+            (
+                "rekeycast_source_bytes_sent_total",
+                "Bytes of source symbols sent.",
+                s.source_bytes_sent,
+            ),
+            (
+                "rekeycast_nacks_received_total",
+                "NACKs that passed the MAC check.",
+                s.nacks_received,
+            ),
+            (
+                "rekeycast_repair_orders_total",
+                "Repair orders made.",
+                self.repair_orders,
+            ),
+            (
+                "rekeycast_datagrams_rejected_total",
+                "Datagrams dropped before use.",
+                s.rejected,
+            ),
+            (
+                "rekeycast_datagrams_socket_sent_total",
+                "Datagrams handed to the socket.",
+                self.datagrams_sent,
+            ),
+            (
+                "rekeycast_send_blocked_total",
+                "Sends that would have blocked.",
+                self.send_blocked,
+            ),
+            (
+                "rekeycast_resync_connections_accepted_total",
+                "Resync connections accepted.",
+                self.resync.accepted,
+            ),
+            (
+                "rekeycast_resync_connections_refused_total",
+                "Resync connections refused (caps).",
+                self.resync.refused_overloaded,
+            ),
+            (
+                "rekeycast_resync_rate_limited_total",
+                "Resync reads refused by rate limit.",
+                self.resync.rate_limited,
+            ),
+            (
+                "rekeycast_resync_connections_closed_total",
+                "Resync connections closed.",
+                self.resync.closed,
+            ),
+            (
+                "rekeycast_loop_lag_samples_total",
+                "Event loop lag samples.",
+                self.loop_lag_us.count,
+            ),
+        ];
+        let gauges: [(&str, &str, u64); 8] = [
+            (
+                "rekeycast_members",
+                "Members in the key tree.",
+                self.members as u64,
+            ),
+            ("rekeycast_seq", "Latest message sequence number.", self.seq),
+            (
+                "rekeycast_group_key_version",
+                "Current group key version.",
+                u64::from(self.group_key_version),
+            ),
+            (
+                "rekeycast_pending_changes",
+                "Joins and leaves waiting for a batch.",
+                self.pending as u64,
+            ),
+            (
+                "rekeycast_resync_connections_open",
+                "Resync connections open.",
+                self.resync.open,
+            ),
+            (
+                "rekeycast_loop_lag_p50_microseconds",
+                "Event loop lag, median.",
+                self.loop_lag_us.p50,
+            ),
+            (
+                "rekeycast_loop_lag_p99_microseconds",
+                "Event loop lag, 99th percentile.",
+                self.loop_lag_us.p99,
+            ),
+            (
+                "rekeycast_loop_lag_max_microseconds",
+                "Event loop lag, maximum.",
+                self.loop_lag_us.max,
+            ),
+        ];
+        let mut text = String::new();
+        for (kind, list) in [("counter", &counters[..]), ("gauge", &gauges[..])] {
+            for (name, help, value) in list {
+                text.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+                ));
+            }
+        }
+        text
+    }
 }
 
 impl LagSummary {
@@ -271,11 +427,10 @@ pub(crate) enum Command {
 /// The key server side of one group, its loop running on its own thread.
 #[derive(Debug)]
 pub struct Gcks {
-    commands: Sender<Command>,
-    waker: Arc<mio::Waker>,
+    handle: LoopHandle<Command>,
     events: Receiver<GcksEvent>,
-    thread: Option<JoinHandle<Result<(), EngineError>>>,
     local_addr: SocketAddr,
+    resync_addrs: (Option<SocketAddr>, Option<SocketAddr>),
     public_key: ed25519_dalek::VerifyingKey,
 }
 
@@ -300,11 +455,12 @@ impl Gcks {
         let public_key = signing_key.verifying_key();
         let started = crate::io::gcks_loop::spawn(config, signing_key)?;
         Ok(Self {
-            commands: started.commands,
-            waker: started.waker,
+            handle: LoopHandle::new(started.commands, started.waker, started.thread, || {
+                Command::Shutdown
+            }),
             events: started.events,
-            thread: Some(started.thread),
             local_addr: started.local_addr,
+            resync_addrs: started.resync_addrs,
             public_key,
         })
     }
@@ -312,6 +468,11 @@ impl Gcks {
     /// The unicast address members send NACKs to (their feedback address).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The resync endpoints' bound addresses (TCP, HTTP), where configured.
+    pub fn resync_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        self.resync_addrs
     }
 
     /// The GCKS's public key (in every registration bundle's Rekey SA).
@@ -326,50 +487,38 @@ impl Gcks {
         member: MemberId,
     ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
         let (reply, bundle) = crossbeam_channel::bounded(1);
-        self.send(Command::Join(member, reply))?;
+        self.handle.send(Command::Join(member, reply))?;
         Ok(bundle)
     }
 
     /// Removes `member` in the next batch.
     pub fn leave(&self, member: MemberId) -> Result<(), EngineError> {
-        self.send(Command::Leave(member))
+        self.handle.send(Command::Leave(member))
     }
 
     /// Applies the pending changes now (or refreshes the group key if there are none).
     pub fn rekey_now(&self) -> Result<(), EngineError> {
-        self.send(Command::RekeyNow)
+        self.handle.send(Command::RekeyNow)
     }
 
     /// The GCKS's figures.
     pub fn stats(&self) -> Result<GcksStats, EngineError> {
-        let (reply, stats) = crossbeam_channel::bounded(1);
-        self.send(Command::Stats(reply))?;
-        stats
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        self.handle.request(Command::Stats)
     }
 
     /// The signed manifest of message `seq` and the chunk of the member whose leaf has order
     /// key `order_key`: what a resync endpoint serves.
     pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncAnswer, EngineError> {
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(Command::Resync {
+        self.handle.request(|reply| Command::Resync {
             seq,
             order_key,
             reply,
-        })?;
-        answer
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        })
     }
 
     /// The latest signed manifest: a resync endpoint's state answer.
     pub fn latest_manifest(&self) -> Result<Option<Vec<u8>>, EngineError> {
-        let (reply, answer) = crossbeam_channel::bounded(1);
-        self.send(Command::LatestManifest(reply))?;
-        answer
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        self.handle.request(Command::LatestManifest)
     }
 
     /// The GCKS's events.
@@ -379,26 +528,6 @@ impl Gcks {
 
     /// Stops the loop and waits for its thread.
     pub fn shutdown(mut self) -> Result<(), EngineError> {
-        self.stop()
-    }
-
-    fn stop(&mut self) -> Result<(), EngineError> {
-        let Some(thread) = self.thread.take() else {
-            return Ok(());
-        };
-        let _ = self.commands.send(Command::Shutdown);
-        let _ = self.waker.wake();
-        thread.join().map_err(|_| EngineError::Panicked)?
-    }
-
-    fn send(&self, command: Command) -> Result<(), EngineError> {
-        self.commands.send(command).map_err(|_| EngineError::Gone)?;
-        self.waker.wake().map_err(EngineError::Io)
-    }
-}
-
-impl Drop for Gcks {
-    fn drop(&mut self) {
-        let _ = self.stop();
+        self.handle.stop()
     }
 }

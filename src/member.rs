@@ -34,8 +34,6 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -43,6 +41,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::gcks::{EngineError, LagSummary};
+use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::RegistrationBundle;
 use crate::session::receiver::{ResyncError, StateVerdict};
@@ -62,6 +61,19 @@ pub struct MemberConfig {
     /// Loss applied to received group datagrams, with its seed: for demos and tests on a
     /// loopback network that loses nothing. `None` (the default) in a deployment.
     pub simulated_loss: Option<(Loss, u64)>,
+    /// Resync endpoints, tried in order (a relay first, then the GCKS). Empty (the default):
+    /// the member raises [`ReceiverEvent::OutOfSync`] and [`ReceiverEvent::StateCheckNeeded`]
+    /// and the product resyncs it ([`Member::resync`], [`Member::state_answer`]).
+    pub resync_endpoints: Vec<crate::io::resync_client::Endpoint>,
+    /// Bound on each connect, read and write of a resync exchange.
+    pub resync_timeout: Duration,
+    /// The longest random wait before a resync, against out-of-sync implosion: each member
+    /// waits a uniform delay in `[0, min(this, group size / resync_capacity))`.
+    pub resync_max_delay: Duration,
+    /// Resyncs per second the endpoints can serve, to scale that wait with the group size.
+    pub resync_capacity: f64,
+    /// Rounds over the endpoint list before a resync gives up (with exponential backoff).
+    pub resync_attempts: u32,
 }
 
 impl MemberConfig {
@@ -74,6 +86,11 @@ impl MemberConfig {
             bind: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             receiver: ReceiverConfig::new(feedback),
             simulated_loss: None,
+            resync_endpoints: Vec::new(),
+            resync_timeout: Duration::from_secs(5),
+            resync_max_delay: Duration::from_secs(10),
+            resync_capacity: 1_000.0,
+            resync_attempts: 5,
         }
     }
 }
@@ -99,6 +116,10 @@ pub struct MemberStats {
     pub datagrams_received: u64,
     /// Event-loop lag, microseconds.
     pub loop_lag_us: LagSummary,
+    /// Resync exchanges started with the endpoints, and of those that failed on every one.
+    pub resyncs_started: u64,
+    /// Resync exchanges that failed on every endpoint.
+    pub resyncs_failed: u64,
 }
 
 pub(crate) enum MemberCommand {
@@ -106,16 +127,20 @@ pub(crate) enum MemberCommand {
     Resync(Vec<(Vec<u8>, Vec<u8>)>, Sender<Result<u64, ResyncError>>),
     StateAnswer(Vec<u8>, Sender<Result<StateVerdict, ResyncError>>),
     BeyondHistory,
+    /// A resync thread's outcome.
+    Fetched(crate::io::resync_client::Fetched),
+    /// A state-check thread's answer.
+    StateFetched(Vec<u8>),
+    /// A resync or state-check thread gave up.
+    FetchFailed,
     Shutdown,
 }
 
 /// One member's rekey receiver, its loop running on its own thread.
 #[derive(Debug)]
 pub struct Member {
-    commands: Sender<MemberCommand>,
-    waker: Arc<mio::Waker>,
+    handle: LoopHandle<MemberCommand>,
     events: Receiver<ReceiverEvent>,
-    thread: Option<JoinHandle<Result<(), EngineError>>>,
     local_addr: SocketAddr,
 }
 
@@ -126,6 +151,9 @@ impl std::fmt::Debug for MemberCommand {
             Self::Resync(..) => "Resync",
             Self::StateAnswer(..) => "StateAnswer",
             Self::BeyondHistory => "BeyondHistory",
+            Self::Fetched(_) => "Fetched",
+            Self::StateFetched(_) => "StateFetched",
+            Self::FetchFailed => "FetchFailed",
             Self::Shutdown => "Shutdown",
         })
     }
@@ -136,10 +164,10 @@ impl Member {
     pub fn start(bundle: &RegistrationBundle, config: MemberConfig) -> Result<Self, EngineError> {
         let started = crate::io::member_loop::spawn(bundle, config)?;
         Ok(Self {
-            commands: started.commands,
-            waker: started.waker,
+            handle: LoopHandle::new(started.commands, started.waker, started.thread, || {
+                MemberCommand::Shutdown
+            }),
             events: started.events,
-            thread: Some(started.thread),
             local_addr: started.local_addr,
         })
     }
@@ -156,11 +184,7 @@ impl Member {
 
     /// The member's figures.
     pub fn stats(&self) -> Result<MemberStats, EngineError> {
-        let (reply, stats) = crossbeam_channel::bounded(1);
-        self.send(MemberCommand::Stats(reply))?;
-        stats
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        self.handle.request(MemberCommand::Stats)
     }
 
     /// Resync items, in sequence order from the member's next message: each a signed manifest
@@ -170,11 +194,8 @@ impl Member {
         &self,
         items: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<Result<u64, ResyncError>, EngineError> {
-        let (reply, outcome) = crossbeam_channel::bounded(1);
-        self.send(MemberCommand::Resync(items, reply))?;
-        outcome
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        self.handle
+            .request(|reply| MemberCommand::Resync(items, reply))
     }
 
     /// A resync endpoint's state answer (its latest signed manifest), after
@@ -183,40 +204,17 @@ impl Member {
         &self,
         manifest: Vec<u8>,
     ) -> Result<Result<StateVerdict, ResyncError>, EngineError> {
-        let (reply, outcome) = crossbeam_channel::bounded(1);
-        self.send(MemberCommand::StateAnswer(manifest, reply))?;
-        outcome
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| EngineError::Gone)
+        self.handle
+            .request(|reply| MemberCommand::StateAnswer(manifest, reply))
     }
 
     /// A resync endpoint said the member's messages left its history: it must re-register.
     pub fn beyond_history(&self) -> Result<(), EngineError> {
-        self.send(MemberCommand::BeyondHistory)
+        self.handle.send(MemberCommand::BeyondHistory)
     }
 
     /// Leaves the group and waits for the loop's thread.
     pub fn shutdown(mut self) -> Result<(), EngineError> {
-        self.stop()
-    }
-
-    fn stop(&mut self) -> Result<(), EngineError> {
-        let Some(thread) = self.thread.take() else {
-            return Ok(());
-        };
-        let _ = self.commands.send(MemberCommand::Shutdown);
-        let _ = self.waker.wake();
-        thread.join().map_err(|_| EngineError::Panicked)?
-    }
-
-    fn send(&self, command: MemberCommand) -> Result<(), EngineError> {
-        self.commands.send(command).map_err(|_| EngineError::Gone)?;
-        self.waker.wake().map_err(EngineError::Io)
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.stop();
+        self.handle.stop()
     }
 }

@@ -17,6 +17,7 @@ use ed25519_dalek::SigningKey;
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::resync_server::Endpoints;
 use super::socket::MulticastSocket;
 use super::workers::{JobPanicked, WorkerPool};
 use crate::gcks::{
@@ -31,6 +32,10 @@ use crate::session::{Destination, SenderSession};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
+const RESYNC_TCP: Token = Token(2);
+const RESYNC_HTTP: Token = Token(3);
+/// Resync connections get tokens from here up.
+const FIRST_CONNECTION: usize = 16;
 
 pub(crate) struct Started {
     pub(crate) commands: Sender<Command>,
@@ -38,6 +43,7 @@ pub(crate) struct Started {
     pub(crate) events: Receiver<GcksEvent>,
     pub(crate) thread: JoinHandle<Result<(), EngineError>>,
     pub(crate) local_addr: SocketAddr,
+    pub(crate) resync_addrs: (Option<SocketAddr>, Option<SocketAddr>),
 }
 
 /// What a batch job hands back: the tree (always), and the message and bundles.
@@ -69,6 +75,14 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let endpoints = Endpoints::bind(
+        poll.registry(),
+        config.resync_tcp,
+        config.resync_http,
+        (RESYNC_TCP, RESYNC_HTTP, FIRST_CONNECTION),
+        config.resync_limits.clone(),
+    )?;
+    let resync_addrs = endpoints.local_addrs();
     let (commands, command_rx) = crossbeam_channel::unbounded();
     let (event_tx, events) = crossbeam_channel::unbounded();
     let sa = RekeySa {
@@ -123,6 +137,9 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 signing_key: Arc::new(signing_key),
                 poll,
                 socket,
+                endpoints,
+                metrics_text: String::new(),
+                metrics_at: now,
                 waker: loop_waker,
                 commands: command_rx,
                 events: event_tx,
@@ -150,6 +167,7 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
         events,
         thread,
         local_addr,
+        resync_addrs,
     })
 }
 
@@ -159,6 +177,10 @@ struct LoopState {
     signing_key: Arc<SigningKey>,
     poll: Poll,
     socket: MulticastSocket,
+    endpoints: Endpoints,
+    /// The `/metrics` text, renewed at most once a second, and when it is due.
+    metrics_text: String,
+    metrics_at: Instant,
     waker: Arc<Waker>,
     commands: Receiver<Command>,
     events: Sender<GcksEvent>,
@@ -206,7 +228,22 @@ impl LoopState {
             for event in events.iter() {
                 if event.token() == SOCKET && event.is_readable() {
                     self.receive(now, &mut buf);
+                } else if self.endpoints.owns(event.token()) {
+                    self.refresh_metrics(now);
+                    let text = &self.metrics_text;
+                    self.endpoints.handle_event(
+                        self.poll.registry(),
+                        now,
+                        event,
+                        &self.session,
+                        &|| text.clone(),
+                    );
                 }
+            }
+            if self.endpoints.poll_timeout().is_some_and(|at| at <= now) {
+                let text = &self.metrics_text;
+                self.endpoints
+                    .handle_timeouts(self.poll.registry(), now, &self.session, &|| text.clone());
             }
             if self.handle_commands(now) {
                 return Ok(());
@@ -230,6 +267,9 @@ impl LoopState {
     /// The next time the loop must wake by itself.
     fn deadline(&self) -> Option<Instant> {
         let mut deadline = self.session.poll_timeout();
+        if let Some(at) = self.endpoints.poll_timeout() {
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        }
         if self.tree.is_some() && self.batch_pending() {
             let at = self.last_batch + self.config.batch_interval;
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
@@ -260,6 +300,14 @@ impl LoopState {
                 // ICMP errors of earlier sends and the like: the datagram is gone, go on.
                 Err(_) => return,
             }
+        }
+    }
+
+    /// Renews the `/metrics` text at most once a second (it is built from every counter).
+    fn refresh_metrics(&mut self, now: Instant) {
+        if now >= self.metrics_at {
+            self.metrics_text = self.stats().prometheus_text();
+            self.metrics_at = now + Duration::from_secs(1);
         }
     }
 
@@ -311,6 +359,7 @@ impl LoopState {
             loop_lag_us: lag,
             datagrams_sent: self.datagrams_sent,
             send_blocked: self.send_blocked,
+            resync: self.endpoints.counters(),
         }
     }
 
@@ -340,6 +389,16 @@ impl LoopState {
         };
         let job = move || {
             let started = Instant::now();
+            // One bad request must not fail the whole batch: a leave of a non-member is
+            // dropped, a join of a current member (or a repeated one) is refused alone.
+            let mut leaves = leaves;
+            leaves.sort_unstable();
+            leaves.dedup();
+            leaves.retain(|member| tree.leaf_of(*member).is_some());
+            let (joins, refused) = screen(&tree, joins, &leaves);
+            for (member, reply) in refused {
+                let _ = reply.send(Err(JoinError::Lkh(LkhError::AlreadyMember(member))));
+            }
             let members: Vec<MemberId> = joins.iter().map(|(m, _)| *m).collect();
             let outcome = build_batch(
                 &mut tree,
@@ -525,6 +584,24 @@ impl LoopState {
 /// Datagrams gathered for one batched send (each in a slot of the configured datagram size).
 const BATCH_DATAGRAMS: usize = 64;
 
+/// A join and where its registration bundle goes.
+type JoinReply = (MemberId, Sender<Result<RegistrationBundle, JoinError>>);
+
+/// A batch's joins split into those the tree can take and those it would refuse: a member
+/// already in the group (and not leaving in this batch, `leaves` sorted), or one asked for
+/// twice.
+fn screen(
+    tree: &KeyTree,
+    joins: Vec<JoinReply>,
+    leaves: &[MemberId],
+) -> (Vec<JoinReply>, Vec<JoinReply>) {
+    let mut seen = std::collections::HashSet::with_capacity(joins.len());
+    joins.into_iter().partition(|(member, _)| {
+        seen.insert(*member)
+            && (tree.leaf_of(*member).is_none() || leaves.binary_search(member).is_ok())
+    })
+}
+
 fn build_batch(
     tree: &mut KeyTree,
     joins: &[MemberId],
@@ -546,6 +623,9 @@ fn build_batch(
         .map_err(|e| fatal(e.to_string()))?;
     let prepared =
         PreparedMessage::new(built, batch.mac_key.clone()).map_err(|e| fatal(e.to_string()))?;
+    prepared
+        .build_repair_encoders()
+        .map_err(|e| fatal(e.to_string()))?;
     // Durable before it is sent (DESIGN.md, persistence): a GCKS that dies after this resumes
     // at this message and sends it; one that dies before it never sent it.
     if let Some(store) = store {

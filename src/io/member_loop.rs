@@ -9,14 +9,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token, Waker};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::resync_client::{fetch_items, fetch_state, Endpoint};
 use super::socket::MulticastSocket;
 use crate::gcks::{EngineError, LagSummary};
 use crate::lkh::RegistrationBundle;
@@ -55,6 +56,8 @@ pub(crate) fn spawn(
         .register(&mut unicast_socket, UNICAST, Interest::READABLE)?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (commands, command_rx) = crossbeam_channel::unbounded();
+    let own_commands = commands.clone();
+    let own_waker = Arc::clone(&waker);
     let (event_tx, events) = crossbeam_channel::unbounded();
     let loss = match config.simulated_loss {
         Some((loss, seed)) => Some((
@@ -70,6 +73,13 @@ pub(crate) fn spawn(
         .spawn(move || {
             let mut state = LoopState {
                 group: config.multicast.group,
+                resync: ResyncSettings::from(&config),
+                own_commands,
+                own_waker,
+                fetching: false,
+                resyncs_started: 0,
+                resyncs_failed: 0,
+                rng: ChaCha8Rng::seed_from_u64(config.receiver.scheduler.seed ^ 0x5EED),
                 poll,
                 group_socket,
                 unicast_socket,
@@ -92,8 +102,39 @@ pub(crate) fn spawn(
     })
 }
 
+/// What the loop needs to resync by itself.
+struct ResyncSettings {
+    endpoints: Vec<Endpoint>,
+    group_size: u32,
+    timeout: Duration,
+    max_delay: Duration,
+    capacity: f64,
+    attempts: u32,
+}
+
+impl ResyncSettings {
+    fn from(config: &MemberConfig) -> Self {
+        Self {
+            endpoints: config.resync_endpoints.clone(),
+            group_size: config.receiver.scheduler.group_size,
+            timeout: config.resync_timeout,
+            max_delay: config.resync_max_delay,
+            capacity: config.resync_capacity,
+            attempts: config.resync_attempts.max(1),
+        }
+    }
+}
+
 struct LoopState {
     group: SocketAddr,
+    resync: ResyncSettings,
+    own_commands: Sender<MemberCommand>,
+    own_waker: Arc<Waker>,
+    /// A resync or state-check thread is running.
+    fetching: bool,
+    resyncs_started: u64,
+    resyncs_failed: u64,
+    rng: ChaCha8Rng,
     poll: Poll,
     group_socket: mio::net::UdpSocket,
     unicast_socket: mio::net::UdpSocket,
@@ -141,6 +182,7 @@ impl LoopState {
             }
             self.transmit(now, &mut buf);
             while let Some(event) = self.session.poll_event() {
+                self.act_on(&event);
                 if self.events.send(event).is_err() {
                     // The product dropped its handle's receiver: nobody listens any more.
                     return Ok(());
@@ -197,10 +239,73 @@ impl LoopState {
                     let _ = reply.send(self.session.handle_state_answer(now, &manifest));
                 }
                 MemberCommand::BeyondHistory => self.session.handle_beyond_history(now),
+                MemberCommand::Fetched(fetched) => {
+                    self.fetching = false;
+                    for (manifest, chunk) in &fetched.items {
+                        if self.session.handle_resync(now, manifest, chunk).is_err() {
+                            break;
+                        }
+                    }
+                    if fetched.beyond_history {
+                        self.session.handle_beyond_history(now);
+                    }
+                }
+                MemberCommand::StateFetched(manifest) => {
+                    self.fetching = false;
+                    let _ = self.session.handle_state_answer(now, &manifest);
+                }
+                MemberCommand::FetchFailed => {
+                    self.fetching = false;
+                    self.resyncs_failed += 1;
+                }
                 MemberCommand::Shutdown => return true,
             }
         }
         false
+    }
+
+    /// Starts a resync or state check with the endpoints, on its own thread, when the session
+    /// asks for one and the member has endpoints and is not fetching already.
+    fn act_on(&mut self, event: &ReceiverEvent) {
+        if self.resync.endpoints.is_empty() || self.fetching {
+            return;
+        }
+        let request = match event {
+            ReceiverEvent::OutOfSync { from_seq } => Fetch::Items {
+                from_seq: *from_seq,
+                leaf: self.session.order_key(),
+            },
+            ReceiverEvent::StateCheckNeeded { .. } => Fetch::State,
+            _ => return,
+        };
+        self.fetching = true;
+        self.resyncs_started += 1;
+        // Against out-of-sync implosion (ALGORITHMS.md): spread the group's requests over
+        // group size / capacity seconds, at most the configured bound.
+        let spread = (f64::from(self.resync.group_size) / self.resync.capacity.max(1.0))
+            .min(self.resync.max_delay.as_secs_f64())
+            .max(0.0);
+        let delay = match request {
+            Fetch::Items { .. } => Duration::from_secs_f64(spread * self.rng.gen::<f64>()),
+            Fetch::State => Duration::ZERO,
+        };
+        let job = FetchJob {
+            request,
+            delay,
+            endpoints: self.resync.endpoints.clone(),
+            group_id: self.session.keys().rekey_sa().group_id,
+            timeout: self.resync.timeout,
+            attempts: self.resync.attempts,
+            commands: self.own_commands.clone(),
+            waker: Arc::clone(&self.own_waker),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("rekeycast-resync".into())
+            .spawn(move || job.run());
+        if spawned.is_err() {
+            self.fetching = false;
+            self.resyncs_failed += 1;
+        }
     }
 
     fn stats(&self) -> MemberStats {
@@ -214,6 +319,8 @@ impl LoopState {
             simulated_drops: self.simulated_drops,
             datagrams_received: self.datagrams_received,
             loop_lag_us: LagSummary::from_histogram(self.lag.as_ref()),
+            resyncs_started: self.resyncs_started,
+            resyncs_failed: self.resyncs_failed,
         }
     }
 
@@ -229,6 +336,55 @@ impl LoopState {
                 Destination::Unicast(addr) => addr,
             };
             let _ = self.unicast_socket.send_to(&buf[..transmit.len], dest);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fetch {
+    Items { from_seq: u64, leaf: u32 },
+    State,
+}
+
+/// A resync or state check against the endpoints, run on its own thread: waits its delay,
+/// then tries each endpoint in order, rounds apart by an exponential backoff, and posts the
+/// outcome to the member's loop.
+struct FetchJob {
+    request: Fetch,
+    delay: Duration,
+    endpoints: Vec<Endpoint>,
+    group_id: u32,
+    timeout: Duration,
+    attempts: u32,
+    commands: Sender<MemberCommand>,
+    waker: Arc<Waker>,
+}
+
+impl FetchJob {
+    fn run(self) {
+        std::thread::sleep(self.delay);
+        let mut backoff = Duration::from_millis(200);
+        let mut outcome = MemberCommand::FetchFailed;
+        'attempts: for _ in 0..self.attempts {
+            for &endpoint in &self.endpoints {
+                let result = match self.request {
+                    Fetch::Items { from_seq, leaf } => {
+                        fetch_items(endpoint, self.group_id, from_seq, leaf, self.timeout)
+                            .map(MemberCommand::Fetched)
+                    }
+                    Fetch::State => fetch_state(endpoint, self.group_id, self.timeout)
+                        .map(|m| m.map_or(MemberCommand::FetchFailed, MemberCommand::StateFetched)),
+                };
+                if let Ok(command) = result {
+                    outcome = command;
+                    break 'attempts;
+                }
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        if self.commands.send(outcome).is_ok() {
+            let _ = self.waker.wake();
         }
     }
 }

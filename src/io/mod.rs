@@ -7,6 +7,9 @@
 //! sockets and drive the sans-IO sessions over them.
 
 pub(crate) mod gcks_loop;
+pub(crate) mod handle;
 pub(crate) mod member_loop;
+pub mod resync_client;
+pub mod resync_server;
 pub mod socket;
 pub mod workers;

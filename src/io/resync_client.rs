@@ -1,0 +1,387 @@
+//! The member's side of resync: a small blocking client for the TCP and HTTP resync endpoints,
+//! run on its own thread so the member's event loop never waits on a connection.
+//!
+//! It fetches, for each message the member lacks, the signed manifest and the member's chunk
+//! (about one datagram's worth per message), and hands them to the member's session, which
+//! verifies them exactly as if they had come by multicast: the endpoint is not trusted.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::wire::frame::{FrameRepr, MAX_FRAME_LEN, PREFIX_LEN};
+use crate::wire::ErrorCode;
+
+/// A resync endpoint: `tcp://HOST:PORT` (length-prefixed frames) or `http://HOST:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// The TCP frame endpoint.
+    Tcp(SocketAddr),
+    /// The HTTP/1.1 endpoint.
+    Http(SocketAddr),
+}
+
+impl FromStr for Endpoint {
+    type Err = ClientError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || ClientError::BadEndpoint(text.to_string());
+        let (scheme, rest) = text.split_once("://").ok_or_else(bad)?;
+        let host = rest.trim_end_matches('/');
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|_| bad())?
+            .next()
+            .ok_or_else(bad)?;
+        match scheme {
+            "tcp" => Ok(Self::Tcp(addr)),
+            "http" => Ok(Self::Http(addr)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Self::Http(addr) => write!(f, "http://{addr}"),
+        }
+    }
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The endpoint string is not `tcp://HOST:PORT` or `http://HOST:PORT`.
+    #[error("bad resync endpoint {0:?}: expected tcp://HOST:PORT or http://HOST:PORT")]
+    BadEndpoint(String),
+    /// Connecting, reading or writing failed or timed out.
+    #[error("{endpoint}: {source}")]
+    Io {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The endpoint answered something this client does not understand.
+    #[error("{endpoint}: bad answer: {reason}")]
+    Protocol {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The endpoint refused: rate limited or overloaded (try later or elsewhere).
+    #[error("{endpoint}: refused ({reason})")]
+    Refused {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// What a resync fetch returned.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fetched {
+    /// (signed manifest, chunk) for each message from the one asked for, in order.
+    pub items: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The messages asked for left the endpoint's history: the member must re-register.
+    pub beyond_history: bool,
+}
+
+/// Fetches every message from `from_seq` to the latest for the member whose leaf has order
+/// key `leaf`. `timeout` bounds each connect, read and write.
+pub fn fetch_items(
+    endpoint: Endpoint,
+    group_id: u32,
+    from_seq: u64,
+    leaf: u32,
+    timeout: Duration,
+) -> Result<Fetched, ClientError> {
+    match endpoint {
+        Endpoint::Tcp(addr) => tcp_fetch(endpoint, addr, group_id, from_seq, leaf, timeout),
+        Endpoint::Http(addr) => http_fetch(endpoint, addr, group_id, from_seq, leaf, timeout),
+    }
+}
+
+/// Fetches the endpoint's latest signed manifest (its state answer).
+pub fn fetch_state(
+    endpoint: Endpoint,
+    group_id: u32,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, ClientError> {
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let mut stream = connect(endpoint, addr, timeout)?;
+            send_frame(endpoint, &mut stream, &FrameRepr::StateRequest { group_id })?;
+            let mut reader = FrameReader::default();
+            let frame = reader.next(endpoint, &mut stream)?;
+            match FrameRepr::parse(&frame).map_err(|e| protocol(endpoint, e))? {
+                FrameRepr::State { manifest, .. } => Ok(Some(manifest.to_vec())),
+                FrameRepr::Error {
+                    code: ErrorCode::NotYetSent,
+                    ..
+                } => Ok(None),
+                FrameRepr::Error { code, .. } => Err(refusal(endpoint, code)),
+                _ => Err(protocol(endpoint, "unexpected frame")),
+            }
+        }
+        Endpoint::Http(addr) => {
+            let path = format!("/v1/groups/{group_id}/state");
+            let mut stream = connect(endpoint, addr, timeout)?;
+            match http_get(endpoint, &mut stream, addr, &path, true)? {
+                (200, body) => Ok(Some(body)),
+                (404, _) => Ok(None),
+                (status, _) => Err(http_refusal(endpoint, status)),
+            }
+        }
+    }
+}
+
+fn tcp_fetch(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    group_id: u32,
+    from_seq: u64,
+    leaf: u32,
+    timeout: Duration,
+) -> Result<Fetched, ClientError> {
+    let mut stream = connect(endpoint, addr, timeout)?;
+    let request = FrameRepr::ResyncRequest {
+        group_id,
+        from_seq,
+        leaf,
+    };
+    send_frame(endpoint, &mut stream, &request)?;
+    let mut reader = FrameReader::default();
+    let mut fetched = Fetched::default();
+    let mut manifest: Option<(u64, Vec<u8>)> = None;
+    // Bounded: a hostile endpoint cannot keep a member reading forever.
+    for _ in 0..100_000 {
+        let frame = reader.next(endpoint, &mut stream)?;
+        match FrameRepr::parse(&frame).map_err(|e| protocol(endpoint, e))? {
+            FrameRepr::Manifest { seq, manifest: m } => manifest = Some((seq, m.to_vec())),
+            FrameRepr::Chunk { seq, chunk, .. } => match manifest.take() {
+                Some((manifest_seq, manifest)) if manifest_seq == seq => {
+                    fetched.items.push((manifest, chunk.to_vec()));
+                }
+                _ => return Err(protocol(endpoint, "chunk without its manifest")),
+            },
+            FrameRepr::End { .. } => return Ok(fetched),
+            FrameRepr::Error {
+                code: ErrorCode::BeyondHistory,
+                ..
+            } => {
+                fetched.beyond_history = true;
+                return Ok(fetched);
+            }
+            FrameRepr::Error {
+                code: ErrorCode::NotYetSent,
+                ..
+            } => return Ok(fetched),
+            FrameRepr::Error { code, .. } => return Err(refusal(endpoint, code)),
+            _ => return Err(protocol(endpoint, "unexpected frame")),
+        }
+    }
+    Err(protocol(endpoint, "endless stream"))
+}
+
+fn http_fetch(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    group_id: u32,
+    from_seq: u64,
+    leaf: u32,
+    timeout: Duration,
+) -> Result<Fetched, ClientError> {
+    let mut stream = connect(endpoint, addr, timeout)?;
+    let mut fetched = Fetched::default();
+    // One keep-alive connection, two requests per message, until the endpoint has no more.
+    for seq in from_seq..from_seq.saturating_add(100_000) {
+        let base = format!("/v1/groups/{group_id}/rekeys/{seq}");
+        let manifest = match http_get(
+            endpoint,
+            &mut stream,
+            addr,
+            &format!("{base}/manifest"),
+            false,
+        )? {
+            (200, body) => body,
+            (404, _) => return Ok(fetched),
+            (410, _) => {
+                fetched.beyond_history = true;
+                return Ok(fetched);
+            }
+            (status, _) => return Err(http_refusal(endpoint, status)),
+        };
+        let chunk = match http_get(
+            endpoint,
+            &mut stream,
+            addr,
+            &format!("{base}/chunks/{leaf}"),
+            false,
+        )? {
+            (200, body) => body,
+            (410, _) => {
+                fetched.beyond_history = true;
+                return Ok(fetched);
+            }
+            (status, _) => return Err(http_refusal(endpoint, status)),
+        };
+        fetched.items.push((manifest, chunk));
+    }
+    Ok(fetched)
+}
+
+fn connect(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ClientError> {
+    let io = |source| ClientError::Io { endpoint, source };
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    Ok(stream)
+}
+
+fn send_frame(
+    endpoint: Endpoint,
+    stream: &mut TcpStream,
+    frame: &FrameRepr<'_>,
+) -> Result<(), ClientError> {
+    let mut buf = vec![0u8; frame.buffer_len()];
+    let len = frame.emit(&mut buf).map_err(|e| protocol(endpoint, e))?;
+    stream
+        .write_all(&buf[..len])
+        .map_err(|source| ClientError::Io { endpoint, source })
+}
+
+/// Reads whole frames off a stream, never buffering more than one maximal frame.
+#[derive(Default)]
+struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn next(&mut self, endpoint: Endpoint, stream: &mut TcpStream) -> Result<Vec<u8>, ClientError> {
+        let mut chunk = [0u8; 4_096];
+        loop {
+            if let Some(len) = FrameRepr::peek_len(&self.buf).map_err(|e| protocol(endpoint, e))? {
+                if self.buf.len() >= len {
+                    let rest = self.buf.split_off(len);
+                    return Ok(std::mem::replace(&mut self.buf, rest));
+                }
+            }
+            if self.buf.len() > PREFIX_LEN + MAX_FRAME_LEN as usize {
+                return Err(protocol(endpoint, "oversized frame"));
+            }
+            let n = stream
+                .read(&mut chunk)
+                .map_err(|source| ClientError::Io { endpoint, source })?;
+            if n == 0 {
+                return Err(protocol(endpoint, "connection closed mid-stream"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// The largest HTTP response this client reads (a manifest or a chunk is a datagram's worth).
+const MAX_HTTP_RESPONSE: usize = 256 * 1024;
+
+/// One GET on a keep-alive connection: returns the status and the body.
+fn http_get(
+    endpoint: Endpoint,
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    close: bool,
+) -> Result<(u16, Vec<u8>), ClientError> {
+    let io = |source| ClientError::Io { endpoint, source };
+    let connection = if close { "close" } else { "keep-alive" };
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: {connection}\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(io)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4_096];
+    let started = Instant::now();
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(head)) => {
+                let status = response.code.unwrap_or(0);
+                let length = response
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .ok_or_else(|| protocol(endpoint, "no Content-Length"))?;
+                if length > MAX_HTTP_RESPONSE {
+                    return Err(protocol(endpoint, "response too large"));
+                }
+                while buf.len() < head + length {
+                    let n = stream.read(&mut chunk).map_err(io)?;
+                    if n == 0 {
+                        return Err(protocol(endpoint, "connection closed mid-body"));
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = buf[head..head + length].to_vec();
+                return Ok((status, body));
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(e) => return Err(protocol(endpoint, e)),
+        }
+        if buf.len() > MAX_HTTP_RESPONSE || started.elapsed() > Duration::from_secs(60) {
+            return Err(protocol(endpoint, "response head too large or too slow"));
+        }
+        let n = stream.read(&mut chunk).map_err(io)?;
+        if n == 0 {
+            return Err(protocol(endpoint, "connection closed mid-head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn protocol(endpoint: Endpoint, reason: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol {
+        endpoint,
+        reason: reason.to_string(),
+    }
+}
+
+fn refusal(endpoint: Endpoint, code: ErrorCode) -> ClientError {
+    match code {
+        ErrorCode::RateLimited => ClientError::Refused {
+            endpoint,
+            reason: "rate limited",
+        },
+        ErrorCode::Overloaded => ClientError::Refused {
+            endpoint,
+            reason: "overloaded",
+        },
+        other => protocol(endpoint, format!("error frame {other:?}")),
+    }
+}
+
+fn http_refusal(endpoint: Endpoint, status: u16) -> ClientError {
+    match status {
+        429 => ClientError::Refused {
+            endpoint,
+            reason: "rate limited",
+        },
+        503 => ClientError::Refused {
+            endpoint,
+            reason: "overloaded",
+        },
+        other => protocol(endpoint, format!("HTTP status {other}")),
+    }
+}

@@ -1,0 +1,401 @@
+//! The resync endpoints on real sockets: a TCP listener (length-prefixed frames) and an HTTP
+//! listener, their connections driven by the sans-IO handlers of [`crate::resync`], inside the
+//! event loop that owns the history (the GCKS's, later a relay's).
+//!
+//! What protects the endpoint (DESIGN.md, security rules): a connection cap overall and per
+//! source address (beyond it a connection is answered 503 / `Overloaded` and closed), a token
+//! bucket per source address (429 / `RateLimited`), header and idle timeouts (slowloris),
+//! request size caps, and an output cap for clients that ask and never read. Everything served
+//! is already signed, so nothing is authenticated here.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+
+use crate::resync::http::HttpConnection;
+use crate::resync::limits::{Limits, RateLimiter};
+use crate::resync::tcp::TcpConnection;
+use crate::resync::Refusal;
+use crate::resync::ResyncSource;
+
+/// Counters of the endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections refused at accept (connection caps): answered 503 / `Overloaded`.
+    pub refused_overloaded: u64,
+    /// Requests refused by the per-source rate limit.
+    pub rate_limited: u64,
+    /// Connections closed (by the client, a timeout or an error).
+    pub closed: u64,
+    /// Connections open now.
+    pub open: u64,
+}
+
+enum Handler {
+    Http(HttpConnection),
+    Tcp(TcpConnection),
+}
+
+impl Handler {
+    fn handle_input(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        match self {
+            Self::Http(h) => h.handle_input(now, bytes, source, metrics),
+            Self::Tcp(t) => t.handle_input(now, bytes, source, metrics),
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Self::Http(h) => h.handle_timeout(now),
+            Self::Tcp(t) => t.handle_timeout(now),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Self::Http(h) => h.poll_timeout(),
+            Self::Tcp(t) => t.poll_timeout(),
+        }
+    }
+    fn output(&self) -> &[u8] {
+        match self {
+            Self::Http(h) => h.output(),
+            Self::Tcp(t) => t.output(),
+        }
+    }
+    fn consume_output(&mut self, n: usize) {
+        match self {
+            Self::Http(h) => h.consume_output(n),
+            Self::Tcp(t) => t.consume_output(n),
+        }
+    }
+    fn refuse(&mut self, refusal: Refusal) {
+        match self {
+            Self::Http(h) => h.refuse(refusal),
+            Self::Tcp(t) => t.refuse(refusal),
+        }
+    }
+    fn wants_close(&self) -> bool {
+        match self {
+            Self::Http(h) => h.wants_close(),
+            Self::Tcp(t) => t.wants_close(),
+        }
+    }
+    /// Whether a TCP resync stream has more frames to generate once its output drains.
+    fn is_streaming(&self) -> bool {
+        match self {
+            Self::Http(_) => false,
+            Self::Tcp(t) => t.is_streaming(),
+        }
+    }
+}
+
+struct Connection {
+    stream: TcpStream,
+    peer: IpAddr,
+    handler: Handler,
+    writable_registered: bool,
+}
+
+/// Which listener a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Tcp,
+    Http,
+}
+
+/// The resync listeners and their connections, for one event loop.
+pub(crate) struct Endpoints {
+    tcp: Option<TcpListener>,
+    http: Option<TcpListener>,
+    tcp_token: Token,
+    http_token: Token,
+    first_connection_token: usize,
+    next_token: usize,
+    connections: HashMap<Token, Connection>,
+    per_source: HashMap<IpAddr, usize>,
+    limits: Limits,
+    limiter: RateLimiter,
+    counters: EndpointCounters,
+}
+
+impl Endpoints {
+    /// Binds the listeners (either may be absent) and registers them with `registry` under
+    /// `tcp_token` and `http_token`; connections get tokens from `first_connection_token` up.
+    pub(crate) fn bind(
+        registry: &Registry,
+        tcp: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        tokens: (Token, Token, usize),
+        limits: Limits,
+    ) -> std::io::Result<Self> {
+        let bind = |addr: Option<SocketAddr>, token: Token| -> std::io::Result<_> {
+            addr.map(|addr| {
+                let mut listener = TcpListener::bind(addr)?;
+                registry.register(&mut listener, token, Interest::READABLE)?;
+                Ok(listener)
+            })
+            .transpose()
+        };
+        let tcp = bind(tcp, tokens.0)?;
+        let http = bind(http, tokens.1)?;
+        Ok(Self {
+            tcp,
+            http,
+            tcp_token: tokens.0,
+            http_token: tokens.1,
+            first_connection_token: tokens.2,
+            next_token: tokens.2,
+            connections: HashMap::new(),
+            per_source: HashMap::new(),
+            limiter: RateLimiter::new(&limits),
+            limits,
+            counters: EndpointCounters::default(),
+        })
+    }
+
+    /// The listeners' bound addresses (TCP, HTTP).
+    pub(crate) fn local_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        (addr(&self.tcp), addr(&self.http))
+    }
+
+    /// The counters.
+    pub(crate) fn counters(&self) -> EndpointCounters {
+        EndpointCounters {
+            open: self.connections.len() as u64,
+            ..self.counters
+        }
+    }
+
+    /// Whether `token` is one of this set's.
+    pub(crate) fn owns(&self, token: Token) -> bool {
+        token == self.tcp_token
+            || token == self.http_token
+            || token.0 >= self.first_connection_token
+    }
+
+    /// Handles a readiness event of one of this set's tokens.
+    pub(crate) fn handle_event(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        event: &mio::event::Event,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        let token = event.token();
+        if token == self.tcp_token {
+            self.accept(registry, now, Kind::Tcp);
+        } else if token == self.http_token {
+            self.accept(registry, now, Kind::Http);
+        } else {
+            self.service(registry, now, token, source, metrics);
+        }
+    }
+
+    /// Runs the connections' timers that are due.
+    pub(crate) fn handle_timeouts(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        let due: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.handler.poll_timeout().is_some_and(|at| at <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in due {
+            if let Some(connection) = self.connections.get_mut(&token) {
+                connection.handler.handle_timeout(now);
+            }
+            self.flush(registry, token, now, source, metrics);
+        }
+    }
+
+    /// The earliest connection deadline.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.connections
+            .values()
+            .filter_map(|c| c.handler.poll_timeout())
+            .min()
+    }
+
+    fn accept(&mut self, registry: &Registry, now: Instant, kind: Kind) {
+        // Bounded per wake-up; the listener stays readable and the next poll continues.
+        for _ in 0..1_024 {
+            let listener = match kind {
+                Kind::Tcp => self.tcp.as_ref(),
+                Kind::Http => self.http.as_ref(),
+            };
+            let Some(listener) = listener else {
+                return;
+            };
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // Out of descriptors and the like: stop accepting for this wake-up.
+                Err(_) => return,
+            };
+            let peer = peer.ip();
+            let handler = match kind {
+                Kind::Http => Handler::Http(HttpConnection::new(now, &self.limits)),
+                Kind::Tcp => Handler::Tcp(TcpConnection::new(now, &self.limits)),
+            };
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            let mut connection = Connection {
+                stream,
+                peer,
+                handler,
+                writable_registered: false,
+            };
+            let from_source = self.per_source.get(&peer).copied().unwrap_or(0);
+            let overloaded = self.connections.len() >= self.limits.max_connections
+                || from_source >= self.limits.max_connections_per_source;
+            if overloaded {
+                // Answer once, best effort, and close: the client tries another endpoint.
+                self.counters.refused_overloaded += 1;
+                connection.handler.refuse(Refusal::Overloaded);
+                let _ = connection.stream.write(connection.handler.output());
+                continue;
+            }
+            if registry
+                .register(&mut connection.stream, token, Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            self.counters.accepted += 1;
+            *self.per_source.entry(peer).or_insert(0) += 1;
+            self.connections.insert(token, connection);
+        }
+    }
+
+    fn service(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        token: Token,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        let mut buf = [0u8; 4_096];
+        // Bounded reads per wake-up; a fast client cannot monopolise the loop.
+        for _ in 0..64 {
+            let Some(connection) = self.connections.get_mut(&token) else {
+                return;
+            };
+            match connection.stream.read(&mut buf) {
+                Ok(0) => {
+                    self.close(registry, token);
+                    return;
+                }
+                Ok(n) => {
+                    if !self.limiter.allow(now, connection.peer) {
+                        self.counters.rate_limited += 1;
+                        connection.handler.refuse(Refusal::RateLimited);
+                    } else {
+                        connection
+                            .handler
+                            .handle_input(now, &buf[..n], source, metrics);
+                    }
+                    if connection.handler.output().len() > self.limits.max_output_bytes {
+                        // A client that asks and never reads.
+                        self.close(registry, token);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(registry, token);
+                    return;
+                }
+            }
+        }
+        self.flush(registry, token, now, source, metrics);
+    }
+
+    /// Writes what the handler has (continuing a TCP resync stream as its output drains),
+    /// closes when it is done, and waits for writability when the socket is full.
+    fn flush(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        now: Instant,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        loop {
+            if connection.handler.output().is_empty() && connection.handler.is_streaming() {
+                connection.handler.handle_input(now, &[], source, metrics);
+            }
+            let output = connection.handler.output();
+            if output.is_empty() {
+                break;
+            }
+            match connection.stream.write(output) {
+                Ok(0) => {
+                    self.close(registry, token);
+                    return;
+                }
+                Ok(n) => connection.handler.consume_output(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if !connection.writable_registered {
+                        connection.writable_registered = registry
+                            .reregister(
+                                &mut connection.stream,
+                                token,
+                                Interest::READABLE | Interest::WRITABLE,
+                            )
+                            .is_ok();
+                    }
+                    return;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.close(registry, token);
+                    return;
+                }
+            }
+        }
+        if connection.handler.wants_close() {
+            self.close(registry, token);
+        } else if connection.writable_registered {
+            connection.writable_registered = registry
+                .reregister(&mut connection.stream, token, Interest::READABLE)
+                .is_err();
+        }
+    }
+
+    fn close(&mut self, registry: &Registry, token: Token) {
+        if let Some(mut connection) = self.connections.remove(&token) {
+            let _ = registry.deregister(&mut connection.stream);
+            self.counters.closed += 1;
+            if let Some(count) = self.per_source.get_mut(&connection.peer) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_source.remove(&connection.peer);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Resync over real sockets: members that missed rekeys recover from the GCKS's TCP and HTTP
+//! endpoints and verify what they fetch like multicast traffic; past the history window they
+//! are told to re-register; tampered resync data is rejected; hostile clients (thousands of
+//! idle connections, oversized and malformed requests, clients over their rate limit) get
+//! their status codes and do not keep a legitimate member from resyncing.
+
+// Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent};
+use rekeycast::io::resync_client::Endpoint;
+use rekeycast::lkh::{MemberId, RegistrationBundle};
+use rekeycast::member::{Member, MemberConfig};
+use rekeycast::session::ReceiverEvent;
+use rekeycast::wire::frame::FrameRepr;
+
+/// A multicast group and port for test `salt` of this process.
+fn group(salt: u8) -> SocketAddr {
+    let pid = std::process::id();
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(239, 80, salt, pid as u8),
+        41_000 + (pid % 8_000) as u16 + u16::from(salt),
+    ))
+}
+
+fn start_gcks(group: SocketAddr, history: usize) -> Gcks {
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.sender.history = history;
+    config.sender.repair_window = history.min(config.sender.repair_window);
+    config.resync_tcp = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    Gcks::start(config, SigningKey::from_bytes(&[9; 32])).unwrap()
+}
+
+fn wait_sent(gcks: &Gcks, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(GcksEvent::Sent { seq: sent }) =
+            gcks.events().recv_timeout(Duration::from_millis(100))
+        {
+            if sent >= seq {
+                return;
+            }
+        }
+    }
+    panic!("message {seq} was not sent");
+}
+
+/// Admits `count` members in one batch and returns their bundles (message 1 carries them).
+fn admit(gcks: &Gcks, first: u64, count: u64) -> Vec<RegistrationBundle> {
+    let replies: Vec<_> = (first..first + count)
+        .map(|i| gcks.join(MemberId(i)).unwrap())
+        .collect();
+    gcks.rekey_now().unwrap();
+    replies
+        .into_iter()
+        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
+        .collect()
+}
+
+/// Rekeys `count` times (refreshes with no membership change) and waits for each to be sent.
+fn rekeys(gcks: &Gcks, count: u64) -> u64 {
+    let mut seq = gcks.stats().unwrap().seq;
+    for _ in 0..count {
+        gcks.rekey_now().unwrap();
+        seq += 1;
+        wait_sent(gcks, seq);
+    }
+    seq
+}
+
+fn late_member(
+    gcks: &Gcks,
+    group: SocketAddr,
+    bundle: &RegistrationBundle,
+    endpoint: Endpoint,
+) -> Member {
+    let mut config = MemberConfig::loopback(group, gcks.local_addr());
+    config.resync_endpoints = vec![endpoint];
+    config.resync_max_delay = Duration::from_millis(50);
+    config.receiver.state_check_interval = Duration::from_millis(100);
+    Member::start(bundle, config).unwrap()
+}
+
+/// Waits for the member to reach `seq` (or an event the test cares about); returns its events.
+fn wait_member(member: &Member, seq: u64, stop_on_reregister: bool) -> Vec<ReceiverEvent> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut events = Vec::new();
+    while Instant::now() < deadline {
+        while let Ok(event) = member.events().try_recv() {
+            events.push(event);
+        }
+        if stop_on_reregister && events.contains(&ReceiverEvent::MustReregister) {
+            return events;
+        }
+        if member.stats().unwrap().next_seq > seq {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "member stuck at {} (wanted {seq}), events {events:?}",
+        member.stats().unwrap().next_seq
+    );
+}
+
+fn offline_member_resyncs(salt: u8, http: bool) {
+    let group = group(salt);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 4);
+    wait_sent(&gcks, 1);
+    // The member of the first bundle is offline for five more rekeys.
+    let latest = rekeys(&gcks, 5);
+    let (tcp, http_addr) = gcks.resync_addrs();
+    let endpoint = if http {
+        Endpoint::Http(http_addr.unwrap())
+    } else {
+        Endpoint::Tcp(tcp.unwrap())
+    };
+    let member = late_member(&gcks, group, &bundles[0], endpoint);
+    // Its first traffic (a heartbeat or the next rekey) is of a message it cannot check.
+    gcks.rekey_now().unwrap();
+    let events = wait_member(&member, latest + 1, false);
+    let stats = member.stats().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::OutOfSync { from_seq: 1 })),
+        "{events:?}"
+    );
+    assert!(stats.receiver.applied_from_resync >= latest, "{stats:?}");
+    assert_eq!(stats.messages.signature_failures, 0);
+    assert_eq!(
+        stats.group_key_version,
+        Some(gcks.stats().unwrap().group_key_version)
+    );
+    member.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+}
+
+#[test]
+fn member_offline_for_five_rekeys_resyncs_over_tcp() {
+    offline_member_resyncs(1, false);
+}
+
+#[test]
+fn member_offline_for_five_rekeys_resyncs_over_http() {
+    offline_member_resyncs(2, true);
+}
+
+#[test]
+fn member_offline_past_the_history_window_must_reregister() {
+    let group = group(3);
+    let gcks = start_gcks(group, 3);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    rekeys(&gcks, 6);
+    let (tcp, _) = gcks.resync_addrs();
+    let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(tcp.unwrap()));
+    gcks.rekey_now().unwrap();
+    let events = wait_member(&member, u64::MAX - 1, true);
+    assert!(
+        events.contains(&ReceiverEvent::MustReregister),
+        "{events:?}"
+    );
+    assert_eq!(member.stats().unwrap().receiver.applied_from_resync, 0);
+    member.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+}
+
+/// A resync endpoint that relays the real GCKS's TCP stream with one bit of every chunk
+/// flipped: the member verifies what it fetched, refuses it, and applies nothing.
+#[test]
+fn tampered_resync_data_is_rejected() {
+    let group = group(4);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    rekeys(&gcks, 2);
+    let (real, _) = gcks.resync_addrs();
+    let real = real.unwrap();
+    let fake = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let relay = std::thread::spawn(move || {
+        // Serves connections until none comes for 3 s; each exchange is bounded by timeouts.
+        fake.set_nonblocking(true).unwrap();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_secs(3) {
+            let Ok((mut client, _)) = fake.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            quiet_since = Instant::now();
+            client.set_nonblocking(false).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut upstream = TcpStream::connect(real).unwrap();
+            upstream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut request = [0u8; 64];
+            let Ok(n) = client.read(&mut request) else {
+                continue;
+            };
+            upstream.write_all(&request[..n]).unwrap();
+            // Relay frame by frame until the stream's End or Error frame, flipping one bit in
+            // the body of every chunk frame (type 0x82, after its 12-byte seq and leaf).
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            'stream: while let Ok(read) = upstream.read(&mut buf) {
+                if read == 0 {
+                    break;
+                }
+                pending.extend_from_slice(&buf[..read]);
+                while let Ok(Some(len)) = FrameRepr::peek_len(&pending) {
+                    if pending.len() < len {
+                        break;
+                    }
+                    let mut frame: Vec<u8> = pending.drain(..len).collect();
+                    let kind = frame[4];
+                    if kind == 0x82 && len > 4 + 1 + 12 + 40 {
+                        frame[4 + 1 + 12 + 30] ^= 0x10;
+                    }
+                    if client.write_all(&frame).is_err() {
+                        break 'stream;
+                    }
+                    if kind == 0x84 || kind == 0xFF {
+                        break 'stream;
+                    }
+                }
+            }
+        }
+    });
+    let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(fake_addr));
+    gcks.rekey_now().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && member.stats().unwrap().resyncs_started == 0 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = member.stats().unwrap();
+    assert!(stats.resyncs_started > 0, "{stats:?}");
+    assert_eq!(stats.receiver.applied_from_resync, 0, "{stats:?}");
+    assert_eq!(stats.group_key_version, None);
+    member.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+    let _ = relay.join();
+}
+
+/// Raises the soft limit of open files towards `wanted`; returns what it could get.
+fn raise_nofile(wanted: u64) -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let target = wanted.min(hard);
+    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        return target;
+    }
+    soft
+}
+
+/// Thousands of idle connections from one source against both endpoints: the endpoints keep
+/// at most their per-source cap, refuse the rest at once, close the idle ones by their
+/// timeouts, and a member resyncing from another source address meanwhile succeeds.
+#[test]
+fn ten_thousand_idle_connections_are_capped_and_timed_out_and_resync_still_works() {
+    let group = group(5);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_tcp = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.header_timeout = Duration::from_millis(500);
+    config.resync_limits.idle_timeout = Duration::from_secs(1);
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[10; 32])).unwrap();
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 3);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+
+    let limit = raise_nofile(12_000);
+    let wanted = 10_000usize.min(limit.saturating_sub(200) as usize);
+    if wanted < 10_000 {
+        eprintln!("NOTE: open-file limit {limit}: opening {wanted} idle connections, not 10,000");
+    }
+    let mut idle = Vec::with_capacity(wanted);
+    for i in 0..wanted {
+        let target = if i % 2 == 0 { tcp } else { http };
+        if let Ok(stream) = TcpStream::connect(target) {
+            idle.push(stream);
+        }
+    }
+    assert!(
+        idle.len() >= wanted * 9 / 10,
+        "{} of {wanted} connected",
+        idle.len()
+    );
+
+    // A member resyncing from another loopback source address, during the attack.
+    let endpoint = Endpoint::Http(http);
+    let mut member_config = MemberConfig::loopback(group, gcks.local_addr());
+    member_config.bind = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 0));
+    member_config.resync_endpoints = vec![endpoint];
+    member_config.resync_max_delay = Duration::from_millis(50);
+    member_config.receiver.state_check_interval = Duration::from_millis(100);
+    let member = Member::start(&bundles[0], member_config).unwrap();
+    gcks.rekey_now().unwrap();
+    let during = gcks.stats().unwrap().resync;
+    assert!(
+        during.open <= 2 * 16 + 8,
+        "open connections bounded by the per-source caps: {during:?}"
+    );
+    assert!(during.refused_overloaded > 0, "{during:?}");
+
+    // The idle ones left are closed by the endpoints' timeouts.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut closed_by_server = 0;
+    for stream in idle.iter_mut().take(64) {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            // Closed, or answered (503 / 408 / an Overloaded frame) and then closed.
+            Ok(_) => closed_by_server += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed_by_server += 1,
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        closed_by_server, 64,
+        "every sampled idle connection was ended by the endpoint"
+    );
+    let after = gcks.stats().unwrap().resync;
+    eprintln!("resync endpoints during {during:?} after {after:?}");
+
+    let events = wait_member(&member, latest, false);
+    let stats = member.stats().unwrap();
+    assert!(
+        stats.receiver.applied_from_resync > 0,
+        "{stats:?} {events:?}"
+    );
+    drop(idle);
+    member.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+}
+
+fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buf[..n]);
+        if response.windows(4).any(|w| w == b"\r\n\r\n") && !request.ends_with(b"keep\r\n\r\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn oversized_malformed_and_rate_limited_requests_get_their_status_codes() {
+    let group = group(6);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.requests_per_second_per_source = 1.0;
+    config.resync_limits.burst_per_source = 20;
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[11; 32])).unwrap();
+    admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let (_, http) = gcks.resync_addrs();
+    let http = http.unwrap();
+    let ok = http_exchange(
+        http,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let oversized = http_exchange(http, huge.as_bytes());
+    assert!(oversized.starts_with("HTTP/1.1 431"), "{oversized}");
+    let malformed = http_exchange(http, b"GARBAGE\x01\x02 / HTTP/9\r\n\r\n");
+    assert!(malformed.starts_with("HTTP/1.1 400"), "{malformed}");
+    let post = http_exchange(
+        http,
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let gone = http_exchange(
+        http,
+        b"GET /v1/groups/999/state HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(gone.starts_with("HTTP/1.1 404"), "{gone}");
+    let metrics = http_exchange(
+        http,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(metrics.contains("rekeycast_seq"), "{metrics}");
+    // The burst of 20 is spent by now or soon: some requests of the next 40 are refused.
+    let mut limited = 0;
+    for _ in 0..40 {
+        let answer = http_exchange(
+            http,
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        if answer.starts_with("HTTP/1.1 429") {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "a client over its rate limit gets 429");
+    assert!(gcks.stats().unwrap().resync.rate_limited > 0);
+    gcks.shutdown().unwrap();
+}
