@@ -50,6 +50,12 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
     engine_config.receiver = config.receiver_config();
+    engine_config.resync_endpoints = config
+        .resync_endpoints
+        .iter()
+        .map(|endpoint| endpoint.parse())
+        .collect::<Result<_, _>>()
+        .context("resync_endpoints")?;
     let member = Member::start(&bundle, engine_config).context("starting the member engine")?;
     info!(
         member = bundle.member.0,
@@ -58,13 +64,6 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         feedback = %config.feedback,
         "member running"
     );
-    if !config.resync_endpoints.is_empty() {
-        warn!(
-            endpoints = ?config.resync_endpoints,
-            "resync_endpoints are set, but the resync client arrives with issue 10 and is not \
-             used by this command yet"
-        );
-    }
     loop {
         if shutdown.is_set() {
             info!("shutting down");
@@ -96,15 +95,12 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             ),
             ReceiverEvent::OutOfSync { from_seq } => warn!(
                 from_seq,
-                "out of sync: this member needs resync from message {from_seq}, but the resync \
-                 client (TCP/HTTP endpoints) arrives with issue 10 and is not built yet; still \
-                 listening for multicast repair"
+                "out of sync from message {from_seq}: resyncing from the configured endpoints"
             ),
-            ReceiverEvent::StateCheckNeeded { claimed_seq } => warn!(
+            ReceiverEvent::StateCheckNeeded { claimed_seq } => info!(
                 claimed_seq,
-                "traffic of a later message than this member can check: a state check against a \
-                 resync endpoint is needed, but the resync client (TCP/HTTP endpoints) arrives \
-                 with issue 10 and is not built yet"
+                "traffic of a later message than this member can check: asking a resync endpoint \
+                 for the latest state"
             ),
             ReceiverEvent::MustReregister => {
                 error!("the messages this member lacks left the GCKS's history: it must register again");

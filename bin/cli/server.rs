@@ -82,17 +82,9 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .context("starting the event logger")?;
-    for (option, addr) in [
-        ("resync.tcp_listen", config.resync.tcp_listen),
-        ("resync.http_listen", config.resync.http_listen),
-    ] {
-        if let Some(addr) = addr {
-            warn!(
-                %addr,
-                "{option} is set, but the TCP/HTTP resync endpoints arrive with issue 10 and are \
-                 not served by this command yet"
-            );
-        }
+    let (tcp, http) = gcks.resync_addrs();
+    if tcp.is_some() || http.is_some() {
+        info!(tcp = ?tcp, http = ?http, "resync endpoints listening");
     }
     let listener = bind_admin(&config.admin_socket)?;
     while !shutdown.is_set() {
@@ -150,6 +142,8 @@ pub fn gcks_config(config: &ServerConfig) -> anyhow::Result<GcksConfig> {
     // The key tree and message history persist beside the signing key, so a restarted server
     // resumes the group and its members need not re-register.
     gcks.state_dir = Some(config.state_dir.clone());
+    gcks.resync_tcp = config.resync.tcp_listen;
+    gcks.resync_http = config.resync.http_listen;
     Ok(gcks)
 }
 
