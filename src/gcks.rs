@@ -10,7 +10,7 @@
 //! repairing meanwhile. Products with their own runtime can drive
 //! [`crate::session::SenderSession`] themselves instead.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use rekeycast::gcks::{Gcks, GcksConfig};
 //! use rekeycast::lkh::MemberId;

@@ -9,7 +9,7 @@
 //! multicast traffic). Products with their own runtime can drive
 //! [`crate::session::ReceiverSession`] themselves instead.
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
 //! use rekeycast::gcks::{Gcks, GcksConfig};
 //! use rekeycast::lkh::MemberId;
