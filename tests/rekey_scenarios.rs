@@ -241,3 +241,16 @@ fn bursts_of_ten_covering_the_last_message_and_its_heartbeats_converge() {
     let report = run(&config).unwrap();
     assert_converged("bursts of ten", &report);
 }
+
+/// A group bootstrapped in sync (the admitting message taken as resync gives it, not
+/// multicast) then rekeyed under loss: the bootstrap is not counted as resync and every member
+/// converges.
+#[test]
+fn bootstrapped_group_converges_and_bootstrap_is_not_counted_as_resync() {
+    let mut config = ScenarioConfig::new(9, 300, 5, 0.01, Loss::Bernoulli { p: 0.05 });
+    config.bootstrap_initial = true;
+    let report = run(&config).unwrap();
+    assert_eq!(report.bootstrapped, 300);
+    assert_converged("bootstrapped", &report);
+    assert!(report.without_resync() >= 0.99, "{}", report.without_resync());
+}

@@ -74,6 +74,12 @@ pub struct ScenarioConfig {
     pub resync_spread: Duration,
     /// How often the scenario serves members' state-check and resync requests.
     pub service_tick: Duration,
+    /// Whether the initial members start in sync: the message that admits them goes into the
+    /// sender's history without being multicast and each member takes its chunk as resync
+    /// would give it. For very large groups, where multicasting that first message to every
+    /// simulated member costs more than all the rekeys after it. Those applications are
+    /// counted in [`ScenarioReport::bootstrapped`], not as resyncs.
+    pub bootstrap_initial: bool,
 }
 
 impl ScenarioConfig {
@@ -109,6 +115,7 @@ impl ScenarioConfig {
             resync_rtt: Duration::from_millis(40),
             resync_spread: Duration::from_millis(500),
             service_tick: Duration::from_millis(5),
+            bootstrap_initial: false,
         }
     }
 }
@@ -156,8 +163,11 @@ pub struct ScenarioReport {
     pub applied_from_source: u64,
     /// Member-messages applied from a decoded block.
     pub applied_from_decode: u64,
-    /// Member-messages applied through resync.
+    /// Member-messages applied through resync (bootstrap excluded).
     pub applied_from_resync: u64,
+    /// Initial members put in sync by [`ScenarioConfig::bootstrap_initial`] (not counted in
+    /// `member_messages` or `applied_from_resync`).
+    pub bootstrapped: u64,
     /// Every out-of-sync event: `(initial member index or None for a joiner, from_seq)`.
     pub out_of_sync: Vec<(Option<usize>, u64)>,
     /// Members told to re-register.
@@ -339,6 +349,7 @@ struct Scenario<'c> {
     member_messages: u64,
     must_reregister: u64,
     messages: u64,
+    bootstrapped: u64,
 }
 
 impl<'c> Scenario<'c> {
@@ -390,6 +401,7 @@ impl<'c> Scenario<'c> {
             member_messages: 0,
             must_reregister: 0,
             messages: 0,
+            bootstrapped: 0,
         })
     }
 
@@ -486,12 +498,50 @@ impl<'c> Scenario<'c> {
             self.slots.push((member, id));
             self.current.push(slot);
         }
+        self.messages += 1;
+        if initial && self.config.bootstrap_initial {
+            return self.bootstrap(now, prepared);
+        }
         self.shared.borrow_mut().queued_at.insert(seq, now);
         if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
             sender.queue_message(now, prepared)?;
         }
         self.net.touch(self.sender)?;
-        self.messages += 1;
+        Ok(())
+    }
+
+    /// The message admitting the initial members goes into the sender's history without being
+    /// multicast, and each initial member takes its chunk through the resync path: the run
+    /// starts with a group in sync and measures the rekeys after it. (Multicasting a message
+    /// of tens of thousands of chunks to 100,000 simulated members costs billions of
+    /// deliveries.)
+    fn bootstrap(&mut self, now: Instant, prepared: PreparedMessage) -> Result<(), ScenarioError> {
+        let seq = prepared.seq();
+        if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
+            sender.restore_message(now, prepared)?;
+        }
+        for slot in self.current.clone() {
+            let id = self.slots[slot].1;
+            let Some((next, key)) = self.resync_position(id) else {
+                continue;
+            };
+            let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
+                break;
+            };
+            let Ok(item) = sender.resync_item(next, key) else {
+                continue;
+            };
+            let (manifest, chunk) = (item.manifest.to_vec(), item.chunk.to_vec());
+            if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
+                if member.session.handle_resync(now, &manifest, &chunk).is_ok() {
+                    self.bootstrapped += 1;
+                }
+                // The bootstrap's own key event is not a time-to-key sample.
+                while member.session.poll_event().is_some() {}
+            }
+            self.net.touch(id)?;
+        }
+        let _ = seq;
         Ok(())
     }
 
@@ -662,6 +712,10 @@ impl<'c> Scenario<'c> {
                 converged += 1;
             }
         }
+        // Bootstrapped applications are not member-messages of the run.
+        receivers.messages_applied = receivers.messages_applied.saturating_sub(self.bootstrapped);
+        receivers.applied_from_resync =
+            receivers.applied_from_resync.saturating_sub(self.bootstrapped);
         let (sender, repair_orders, grtt_estimate) = match self.net.node(self.sender) {
             Some(SimNode::Sender(sender)) => (
                 *sender.counters(),
@@ -678,10 +732,11 @@ impl<'c> Scenario<'c> {
             messages: self.messages,
             final_members: self.current.len(),
             converged,
-            member_messages,
+            member_messages: member_messages.saturating_sub(self.bootstrapped),
             applied_from_source: receivers.applied_from_source,
             applied_from_decode: receivers.applied_from_decode,
             applied_from_resync: receivers.applied_from_resync,
+            bootstrapped: self.bootstrapped,
             out_of_sync: std::mem::take(&mut shared.out_of_sync),
             must_reregister,
             state_checks: receivers.state_checks,
