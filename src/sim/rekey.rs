@@ -714,8 +714,9 @@ impl<'c> Scenario<'c> {
         }
         // Bootstrapped applications are not member-messages of the run.
         receivers.messages_applied = receivers.messages_applied.saturating_sub(self.bootstrapped);
-        receivers.applied_from_resync =
-            receivers.applied_from_resync.saturating_sub(self.bootstrapped);
+        receivers.applied_from_resync = receivers
+            .applied_from_resync
+            .saturating_sub(self.bootstrapped);
         let (sender, repair_orders, grtt_estimate) = match self.net.node(self.sender) {
             Some(SimNode::Sender(sender)) => (
                 *sender.counters(),
