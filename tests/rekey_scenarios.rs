@@ -252,5 +252,9 @@ fn bootstrapped_group_converges_and_bootstrap_is_not_counted_as_resync() {
     let report = run(&config).unwrap();
     assert_eq!(report.bootstrapped, 300);
     assert_converged("bootstrapped", &report);
-    assert!(report.without_resync() >= 0.99, "{}", report.without_resync());
+    assert!(
+        report.without_resync() >= 0.99,
+        "{}",
+        report.without_resync()
+    );
 }
