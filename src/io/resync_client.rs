@@ -6,7 +6,7 @@
 //! verifies them exactly as if they had come by multicast: the endpoint is not trusted.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -102,10 +102,32 @@ pub fn fetch_items(
     leaf: u32,
     timeout: Duration,
 ) -> Result<Fetched, ClientError> {
+    fetch_items_from(None, endpoint, group_id, from_seq, leaf, timeout)
+}
+
+/// [`fetch_items`] from the local address `local` (the member's own address, so that the
+/// endpoint's per-source limits count the member, not whatever else shares the host's
+/// default source address); `None` lets the system choose.
+pub fn fetch_items_from(
+    local: Option<IpAddr>,
+    endpoint: Endpoint,
+    group_id: u32,
+    from_seq: u64,
+    leaf: u32,
+    timeout: Duration,
+) -> Result<Fetched, ClientError> {
+    let dial = Dial { local, timeout };
     match endpoint {
-        Endpoint::Tcp(addr) => tcp_fetch(endpoint, addr, group_id, from_seq, leaf, timeout),
-        Endpoint::Http(addr) => http_fetch(endpoint, addr, group_id, from_seq, leaf, timeout),
+        Endpoint::Tcp(addr) => tcp_fetch(endpoint, addr, group_id, from_seq, leaf, dial),
+        Endpoint::Http(addr) => http_fetch(endpoint, addr, group_id, from_seq, leaf, dial),
     }
+}
+
+/// Where and how long to connect.
+#[derive(Debug, Clone, Copy)]
+struct Dial {
+    local: Option<IpAddr>,
+    timeout: Duration,
 }
 
 /// Fetches the endpoint's latest signed manifest (its state answer).
@@ -114,9 +136,20 @@ pub fn fetch_state(
     group_id: u32,
     timeout: Duration,
 ) -> Result<Option<Vec<u8>>, ClientError> {
+    fetch_state_from(None, endpoint, group_id, timeout)
+}
+
+/// [`fetch_state`] from the local address `local` (see [`fetch_items_from`]).
+pub fn fetch_state_from(
+    local: Option<IpAddr>,
+    endpoint: Endpoint,
+    group_id: u32,
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, ClientError> {
+    let dial = Dial { local, timeout };
     match endpoint {
         Endpoint::Tcp(addr) => {
-            let mut stream = connect(endpoint, addr, timeout)?;
+            let mut stream = connect(endpoint, addr, dial)?;
             send_frame(endpoint, &mut stream, &FrameRepr::StateRequest { group_id })?;
             let mut reader = FrameReader::default();
             let frame = reader.next(endpoint, &mut stream)?;
@@ -132,7 +165,7 @@ pub fn fetch_state(
         }
         Endpoint::Http(addr) => {
             let path = format!("/v1/groups/{group_id}/state");
-            let mut stream = connect(endpoint, addr, timeout)?;
+            let mut stream = connect(endpoint, addr, dial)?;
             match http_get(endpoint, &mut stream, addr, &path, true)? {
                 (200, body) => Ok(Some(body)),
                 (404, _) => Ok(None),
@@ -148,9 +181,9 @@ fn tcp_fetch(
     group_id: u32,
     from_seq: u64,
     leaf: u32,
-    timeout: Duration,
+    dial: Dial,
 ) -> Result<Fetched, ClientError> {
-    let mut stream = connect(endpoint, addr, timeout)?;
+    let mut stream = connect(endpoint, addr, dial)?;
     let request = FrameRepr::ResyncRequest {
         group_id,
         from_seq,
@@ -196,9 +229,9 @@ fn http_fetch(
     group_id: u32,
     from_seq: u64,
     leaf: u32,
-    timeout: Duration,
+    dial: Dial,
 ) -> Result<Fetched, ClientError> {
-    let mut stream = connect(endpoint, addr, timeout)?;
+    let mut stream = connect(endpoint, addr, dial)?;
     let mut fetched = Fetched::default();
     // One keep-alive connection, two requests per message, until the endpoint has no more.
     for seq in from_seq..from_seq.saturating_add(100_000) {
@@ -237,15 +270,26 @@ fn http_fetch(
     Ok(fetched)
 }
 
-fn connect(
-    endpoint: Endpoint,
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<TcpStream, ClientError> {
+fn connect(endpoint: Endpoint, addr: SocketAddr, dial: Dial) -> Result<TcpStream, ClientError> {
     let io = |source| ClientError::Io { endpoint, source };
-    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let stream = match dial.local {
+        None => TcpStream::connect_timeout(&addr, dial.timeout).map_err(io)?,
+        Some(local) => {
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )
+            .map_err(io)?;
+            socket.bind(&SocketAddr::new(local, 0).into()).map_err(io)?;
+            socket
+                .connect_timeout(&addr.into(), dial.timeout)
+                .map_err(io)?;
+            socket.into()
+        }
+    };
+    stream.set_read_timeout(Some(dial.timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(dial.timeout)).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     Ok(stream)
 }
