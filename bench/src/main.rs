@@ -33,6 +33,8 @@ enum Area {
     Sim(sim::Args),
     /// The mio engine on loopback: send rate next to a bare socket, time to key, loop lag.
     Engine(engine::Args),
+    /// The resync endpoints on loopback: HTTP requests/s next to nginx, resync of 100 messages.
+    Resync,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Area::Nack => nack::run(cli.quick),
         Area::Sim(args) => sim::run(cli.quick, &args),
         Area::Engine(args) => engine::run(cli.quick, &args),
+        Area::Resync => resync::run(cli.quick),
     }
 }
 
@@ -53,5 +56,6 @@ mod engine;
 mod fec;
 mod lkh;
 mod nack;
+mod resync;
 mod sim;
 mod wire;
