@@ -573,7 +573,9 @@ fn http_load(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
     ensure!(status == 200, "GET {path} answered {status}");
     let wrk = have("wrk");
     let nginx = have("nginx");
-    let generator = if wrk && nginx {
+    // wrk only when nginx runs beside it, so that both are measured by the same generator.
+    let use_wrk = wrk && nginx;
+    let generator = if use_wrk {
         "wrk 1 thread"
     } else {
         "own (32 threads, keep-alive)"
@@ -586,7 +588,8 @@ fn http_load(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
     );
     if !(wrk && nginx) {
         println!(
-            "   wrk {}, nginx {}: using this bench's own load generator against both",
+            "   wrk {}, nginx {}: this bench's own load generator instead, against ours and nginx \
+             if installed",
             if wrk { "found" } else { "MISSING" },
             if nginx { "found" } else { "MISSING" },
         );
@@ -607,7 +610,7 @@ fn http_load(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
     for round in 0..rounds {
         eprintln!("resync: load round {} of {rounds}: ours", round + 1);
         let cpu_start = loop_thread.as_deref().and_then(thread_cpu_ns);
-        let mut run = if wrk {
+        let mut run = if use_wrk {
             wrk_run(&format!("http://{}{path}", setup.http), secs)?
         } else {
             own_run(setup.http, &path, secs)?
@@ -621,7 +624,7 @@ fn http_load(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
         if let Some(server) = &server {
             eprintln!("resync: load round {} of {rounds}: nginx", round + 1);
             let cpu_start = server.workers_cpu_ns();
-            let mut run = if wrk {
+            let mut run = if use_wrk {
                 wrk_run(&format!("http://{}/chunk", server.addr()), secs)?
             } else {
                 own_run(server.addr(), "/chunk", secs)?
