@@ -120,6 +120,12 @@ pub struct MemberConfig {
     /// The registration bundle written by `rekeycast admin join` (mode 0600): the member's
     /// keys. Default `"member.bundle"`. Must not be empty.
     pub bundle: PathBuf,
+    /// Where the member saves its keys and last sequence number after every applied message
+    /// (mode 0600, written durably). When the file exists at start, the member resumes from it
+    /// instead of the bundle, without registering again, and resyncs what it missed while down
+    /// from `resync_endpoints`. Default: none (nothing saved; a restarted member starts from
+    /// its bundle). Must not be empty when set.
+    pub state_file: Option<PathBuf>,
     /// Where to resync from when out of sync, tried in order: `"tcp://HOST:PORT"` or
     /// `"http://HOST:PORT[/PATH]"`. Default empty (no resync: an out-of-sync member must
     /// re-register).
@@ -423,6 +429,15 @@ impl MemberConfig {
                 "must not be empty",
             ));
         }
+        if let Some(state_file) = &self.state_file {
+            if state_file.as_os_str().is_empty() {
+                return Err(invalid(
+                    "state_file",
+                    quoted(state_file.display()),
+                    "must not be empty",
+                ));
+            }
+        }
         for endpoint in &self.resync_endpoints {
             check_resync_endpoint(endpoint)?;
         }
@@ -481,6 +496,7 @@ impl Default for MemberConfig {
             group: GroupConfig::default(),
             feedback: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1),
             bundle: PathBuf::from("member.bundle"),
+            state_file: None,
             resync_endpoints: Vec::new(),
             nack_max_rounds: 4,
             state_check_interval_ms: 1000,
@@ -931,6 +947,7 @@ mod tests {
         .unwrap();
         let member = toml::to_string(&MemberConfig {
             seed: Some(1),
+            state_file: Some(PathBuf::from("member.state")),
             ..MemberConfig::default()
         })
         .unwrap();

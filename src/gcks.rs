@@ -402,6 +402,9 @@ pub enum EngineError {
     /// The restored state does not fit the configuration or the signing key.
     #[error("restored state: {0}")]
     Restore(String),
+    /// A member's saved keys are corrupt or cannot be read ([`crate::member::Member::resume`]).
+    #[error(transparent)]
+    MemberState(#[from] crate::lkh::MemberStateError),
     /// The engine's thread is gone (it stopped or panicked).
     #[error("engine thread is gone")]
     Gone,

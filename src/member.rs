@@ -6,7 +6,9 @@
 //! hands the product its key events ([`ReceiverEvent`]: new group key, new Data SA, out of
 //! sync, state check needed, must re-register). Resync transport is the product's or the
 //! resync client's ([`Member::resync`] takes what an endpoint served and verifies it like
-//! multicast traffic). Products with their own runtime can drive
+//! multicast traffic). With [`MemberConfig::state_file`] set it saves its keys after every
+//! applied message, and [`Member::resume`] brings it back from them after a restart, without
+//! registering again. Products with their own runtime can drive
 //! [`crate::session::ReceiverSession`] themselves instead.
 //!
 //! ```
@@ -34,6 +36,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -43,9 +46,9 @@ use crate::auth::message::MessageCounters;
 use crate::gcks::{EngineError, LagSummary};
 use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
-use crate::lkh::RegistrationBundle;
+use crate::lkh::{MemberKeys, RegistrationBundle};
 use crate::session::receiver::{ResyncError, StateVerdict};
-use crate::session::{ReceiverConfig, ReceiverCounters, ReceiverEvent};
+use crate::session::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
 use crate::sim::Loss;
 
 /// Configuration of a [`Member`].
@@ -74,6 +77,11 @@ pub struct MemberConfig {
     pub resync_capacity: f64,
     /// Rounds over the endpoint list before a resync gives up (with exponential backoff).
     pub resync_attempts: u32,
+    /// Where the member saves its keys and last sequence number after every applied message
+    /// (durably, mode 0600, before the message's events reach the product), so that after a
+    /// restart [`Member::resume`] continues from them without registering again. `None` (the
+    /// default): nothing is saved.
+    pub state_file: Option<PathBuf>,
 }
 
 impl MemberConfig {
@@ -91,6 +99,7 @@ impl MemberConfig {
             resync_max_delay: Duration::from_secs(10),
             resync_capacity: 1_000.0,
             resync_attempts: 5,
+            state_file: None,
         }
     }
 }
@@ -120,6 +129,9 @@ pub struct MemberStats {
     pub resyncs_started: u64,
     /// Resync exchanges that failed on every endpoint.
     pub resyncs_failed: u64,
+    /// Saves of the member's keys to [`MemberConfig::state_file`] that failed (the loop goes
+    /// on; the file keeps the last state saved).
+    pub state_save_failures: u64,
 }
 
 pub(crate) enum MemberCommand {
@@ -162,7 +174,28 @@ impl std::fmt::Debug for MemberCommand {
 impl Member {
     /// Joins the group and starts the loop.
     pub fn start(bundle: &RegistrationBundle, config: MemberConfig) -> Result<Self, EngineError> {
-        let started = crate::io::member_loop::spawn(bundle, config)?;
+        let session = ReceiverSession::new(bundle, config.receiver.clone())?;
+        Self::spawn(session, config)
+    }
+
+    /// Comes back after the member's own restart: loads the keys and last sequence number
+    /// saved in `state` (see [`MemberConfig::state_file`], normally the same path), joins the
+    /// group and starts the loop, without registering again. Messages missed while down come
+    /// by resync from [`MemberConfig::resync_endpoints`] (or the product's, after
+    /// [`ReceiverEvent::StateCheckNeeded`]). The first event re-announces the Data SA in
+    /// force ([`ReceiverEvent::NewDataSa`] of the last message applied).
+    ///
+    /// A corrupt or truncated file is an error ([`EngineError::MemberState`]), never a fresh
+    /// start; so are keys saved before any message was applied (such a member keeps its
+    /// registration bundle and uses [`Member::start`]).
+    pub fn resume(state: &Path, config: MemberConfig) -> Result<Self, EngineError> {
+        let keys = MemberKeys::load(state)?;
+        let session = ReceiverSession::resume(keys, config.receiver.clone())?;
+        Self::spawn(session, config)
+    }
+
+    fn spawn(session: ReceiverSession, config: MemberConfig) -> Result<Self, EngineError> {
+        let started = crate::io::member_loop::spawn(session, config)?;
         Ok(Self {
             handle: LoopHandle::new(started.commands, started.waker, started.thread, || {
                 MemberCommand::Shutdown

@@ -149,6 +149,7 @@ fn server_admin_member_processes_deliver_a_rekey() {
         41_000 + pid % 10_000
     );
     let feedback = format!("127.0.0.1:{}", 51_000 + pid % 10_000);
+    let resync = format!("127.0.0.1:{}", 55_000 + pid % 10_000);
     let state: PathBuf = dir.path().join("state");
     let socket = dir.path().join("admin.sock");
     let server_config = dir.path().join("server.toml");
@@ -157,7 +158,7 @@ fn server_admin_member_processes_deliver_a_rekey() {
         format!(
             "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
              [group]\nmulticast = \"{group}\"\n[batch]\ninterval_ms = 200\n\
-             [sender]\ngrtt_initial_ms = 10\n",
+             [sender]\ngrtt_initial_ms = 10\n[resync]\ntcp_listen = \"{resync}\"\n",
             state.display(),
             socket.display()
         ),
@@ -168,7 +169,9 @@ fn server_admin_member_processes_deliver_a_rekey() {
     std::fs::write(
         &member_config,
         format!(
-            "feedback = \"{feedback}\"\nbundle = \"{}\"\n[group]\nmulticast = \"{group}\"\n",
+            "feedback = \"{feedback}\"\nbundle = \"{}\"\n\
+             resync_endpoints = [\"tcp://{resync}\"]\nstate_check_interval_ms = 100\n\
+             [group]\nmulticast = \"{group}\"\n",
             bundle.display()
         ),
     )
@@ -213,6 +216,7 @@ fn server_admin_member_processes_deliver_a_rekey() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&bundle).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "bundle mode {mode:o}");
 
+    let member_state = dir.path().join("member.state");
     let target = (first_seq + 1).to_string();
     processes.0.push(
         Command::new(BIN)
@@ -220,6 +224,8 @@ fn server_admin_member_processes_deliver_a_rekey() {
                 "member",
                 "--config",
                 member_config.to_str().unwrap(),
+                "--state",
+                member_state.to_str().unwrap(),
                 "--exit-after-seq",
                 &target,
             ])
@@ -249,4 +255,50 @@ fn server_admin_member_processes_deliver_a_rekey() {
     let status = admin(&socket, &["status"]);
     assert_eq!(status["members"], 1, "{status}");
     assert!(status["seq"].as_u64().unwrap() > first_seq, "{status}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&member_state).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "member state mode {mode:o}");
+
+    // The member restarts from its saved keys, without its bundle, and applies the next
+    // message (resyncing any it missed while down).
+    std::fs::remove_file(&bundle).unwrap();
+    let target = (status["seq"].as_u64().unwrap() + 1).to_string();
+    processes.0.push(
+        Command::new(BIN)
+            .args([
+                "member",
+                "--config",
+                member_config.to_str().unwrap(),
+                "--state",
+                member_state.to_str().unwrap(),
+                "--exit-after-seq",
+                &target,
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file(&member_log))
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let rekeyed = admin(&socket, &["rekey"]);
+    assert_eq!(rekeyed["ok"], true, "{rekeyed}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = processes.0[2].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed member did not reach message {target}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "resumed member exited with {status}\n{}",
+        logs()
+    );
+    assert!(logs().contains("resumed from its saved keys"), "{}", logs());
 }

@@ -1,5 +1,6 @@
 //! `rekeycast member`: one member from a configuration file ([`MemberConfig`]) and the
-//! registration bundle `rekeycast admin join` wrote. Logs its key events (sequence numbers,
+//! registration bundle `rekeycast admin join` wrote, or, after a restart, from the keys it
+//! saved in its state file (`--state` or `state_file`). Logs its key events (sequence numbers,
 //! versions and SPIs, never key bytes) and runs until Ctrl-C or SIGTERM, or with
 //! `--exit-after-seq N` until it applied message N (exit 0); it exits 3 when it must
 //! re-register.
@@ -30,6 +31,11 @@ pub struct MemberArgs {
     /// The registration bundle (instead of the configuration's `bundle`).
     #[arg(long, value_name = "FILE")]
     pub bundle: Option<PathBuf>,
+    /// Where to save the member's keys after every applied message (instead of the
+    /// configuration's `state_file`); when the file exists, resume from it instead of the
+    /// bundle, without registering again.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
     /// Exit with status 0 once message SEQ (or a later one) is applied: for scripted tests.
     #[arg(long, value_name = "SEQ")]
     pub exit_after_seq: Option<u64>,
@@ -41,8 +47,7 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("configuration {}", args.config.display()))?;
     super::logging::init(&config.log.filter)?;
     let shutdown = ShutdownFlag::install()?;
-    let bundle_path = args.bundle.clone().unwrap_or_else(|| config.bundle.clone());
-    let bundle = super::bundle::read(&bundle_path).context("registration bundle")?;
+    let state_file = args.state.clone().or_else(|| config.state_file.clone());
     let mut engine_config = member::MemberConfig::loopback(config.group.multicast, config.feedback);
     engine_config.multicast = super::multicast_config(&config.group)?;
     engine_config.bind = match config.feedback {
@@ -56,14 +61,36 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         .map(|endpoint| endpoint.parse())
         .collect::<Result<_, _>>()
         .context("resync_endpoints")?;
-    let member = Member::start(&bundle, engine_config).context("starting the member engine")?;
-    info!(
-        member = bundle.member.0,
-        first_seq = bundle.first_seq,
-        group = %config.group.multicast,
-        feedback = %config.feedback,
-        "member running"
-    );
+    engine_config.state_file = state_file.clone();
+    let member = match state_file.filter(|path| path.exists()) {
+        Some(path) => {
+            let member = Member::resume(&path, engine_config)
+                .with_context(|| format!("resuming from the member state {}", path.display()))?;
+            let next_seq = member.stats().context("member engine")?.next_seq;
+            info!(
+                state = %path.display(),
+                next_seq,
+                group = %config.group.multicast,
+                feedback = %config.feedback,
+                "member resumed from its saved keys"
+            );
+            member
+        }
+        None => {
+            let bundle_path = args.bundle.clone().unwrap_or_else(|| config.bundle.clone());
+            let bundle = super::bundle::read(&bundle_path).context("registration bundle")?;
+            let member =
+                Member::start(&bundle, engine_config).context("starting the member engine")?;
+            info!(
+                member = bundle.member.0,
+                first_seq = bundle.first_seq,
+                group = %config.group.multicast,
+                feedback = %config.feedback,
+                "member running"
+            );
+            member
+        }
+    };
     loop {
         if shutdown.is_set() {
             info!("shutting down");

@@ -7,6 +7,7 @@
 //! (two per message at most) run inline: they cost tens of microseconds per message.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,10 +18,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::resync_client::{fetch_items, fetch_state, Endpoint};
+use super::resync_client::{fetch_items_from, fetch_state_from, Endpoint};
 use super::socket::MulticastSocket;
 use crate::gcks::{EngineError, LagSummary};
-use crate::lkh::RegistrationBundle;
 use crate::member::{MemberCommand, MemberConfig, MemberStats};
 use crate::session::receiver::ResyncError;
 use crate::session::{Destination, ReceiverEvent, ReceiverSession};
@@ -40,10 +40,10 @@ pub(crate) struct Started {
 
 /// Joins the group, sets up the sockets and spawns the loop's thread.
 pub(crate) fn spawn(
-    bundle: &RegistrationBundle,
+    session: ReceiverSession,
     config: MemberConfig,
 ) -> Result<Started, EngineError> {
-    let session = ReceiverSession::new(bundle, config.receiver.clone())?;
+    let saved_seq = session.keys().last_seq();
     let (group_socket, _) = MulticastSocket::receiver(&config.multicast)?;
     let (unicast_socket, _) = MulticastSocket::sender(&config.multicast, config.bind)?;
     let local_addr = unicast_socket.local_addr()?;
@@ -79,6 +79,9 @@ pub(crate) fn spawn(
                 fetching: false,
                 resyncs_started: 0,
                 resyncs_failed: 0,
+                state_file: config.state_file.clone(),
+                state_save_failures: 0,
+                saved_seq,
                 rng: ChaCha8Rng::seed_from_u64(config.receiver.scheduler.seed ^ 0x5EED),
                 poll,
                 group_socket,
@@ -105,6 +108,7 @@ pub(crate) fn spawn(
 /// What the loop needs to resync by itself.
 struct ResyncSettings {
     endpoints: Vec<Endpoint>,
+    local: Option<std::net::IpAddr>,
     group_size: u32,
     timeout: Duration,
     max_delay: Duration,
@@ -116,6 +120,7 @@ impl ResyncSettings {
     fn from(config: &MemberConfig) -> Self {
         Self {
             endpoints: config.resync_endpoints.clone(),
+            local: Some(config.bind.ip()).filter(|ip| !ip.is_unspecified()),
             group_size: config.receiver.scheduler.group_size,
             timeout: config.resync_timeout,
             max_delay: config.resync_max_delay,
@@ -134,6 +139,11 @@ struct LoopState {
     fetching: bool,
     resyncs_started: u64,
     resyncs_failed: u64,
+    /// Where the keys are saved after every applied message.
+    state_file: Option<PathBuf>,
+    state_save_failures: u64,
+    /// The last message whose keys are saved (or were the starting state).
+    saved_seq: u64,
     rng: ChaCha8Rng,
     poll: Poll,
     group_socket: mio::net::UdpSocket,
@@ -174,6 +184,8 @@ impl LoopState {
                 }
             }
             if self.handle_commands(now) {
+                // Messages applied since the last save (their events are not delivered).
+                self.save_state();
                 return Ok(());
             }
             let now = Instant::now();
@@ -181,7 +193,13 @@ impl LoopState {
                 self.session.handle_timeout(now);
             }
             self.transmit(now, &mut buf);
+            let mut ready = Vec::new();
             while let Some(event) = self.session.poll_event() {
+                ready.push(event);
+            }
+            // The keys are on disk before the product hears of the messages that made them.
+            self.save_state();
+            for event in ready {
                 self.act_on(&event);
                 if self.events.send(event).is_err() {
                     // The product dropped its handle's receiver: nobody listens any more.
@@ -294,6 +312,7 @@ impl LoopState {
             delay,
             endpoints: self.resync.endpoints.clone(),
             group_id: self.session.keys().rekey_sa().group_id,
+            local: self.resync.local,
             timeout: self.resync.timeout,
             attempts: self.resync.attempts,
             commands: self.own_commands.clone(),
@@ -305,6 +324,23 @@ impl LoopState {
         if spawned.is_err() {
             self.fetching = false;
             self.resyncs_failed += 1;
+        }
+    }
+
+    /// Saves the member's keys to the state file, when configured and a message was applied
+    /// since the last save; a failure is counted and the loop goes on (the file keeps the last
+    /// state saved, and the next applied message tries again).
+    fn save_state(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let keys = self.session.keys();
+        if keys.last_seq() <= self.saved_seq {
+            return;
+        }
+        match keys.save(path) {
+            Ok(()) => self.saved_seq = keys.last_seq(),
+            Err(_) => self.state_save_failures += 1,
         }
     }
 
@@ -321,6 +357,7 @@ impl LoopState {
             loop_lag_us: LagSummary::from_histogram(self.lag.as_ref()),
             resyncs_started: self.resyncs_started,
             resyncs_failed: self.resyncs_failed,
+            state_save_failures: self.state_save_failures,
         }
     }
 
@@ -354,6 +391,8 @@ struct FetchJob {
     delay: Duration,
     endpoints: Vec<Endpoint>,
     group_id: u32,
+    /// The member's own address, where it is a specific one: resync connections come from it.
+    local: Option<std::net::IpAddr>,
     timeout: Duration,
     attempts: u32,
     commands: Sender<MemberCommand>,
@@ -368,12 +407,20 @@ impl FetchJob {
         'attempts: for _ in 0..self.attempts {
             for &endpoint in &self.endpoints {
                 let result = match self.request {
-                    Fetch::Items { from_seq, leaf } => {
-                        fetch_items(endpoint, self.group_id, from_seq, leaf, self.timeout)
-                            .map(MemberCommand::Fetched)
+                    Fetch::Items { from_seq, leaf } => fetch_items_from(
+                        self.local,
+                        endpoint,
+                        self.group_id,
+                        from_seq,
+                        leaf,
+                        self.timeout,
+                    )
+                    .map(MemberCommand::Fetched),
+                    Fetch::State => {
+                        fetch_state_from(self.local, endpoint, self.group_id, self.timeout).map(
+                            |m| m.map_or(MemberCommand::FetchFailed, MemberCommand::StateFetched),
+                        )
                     }
-                    Fetch::State => fetch_state(endpoint, self.group_id, self.timeout)
-                        .map(|m| m.map_or(MemberCommand::FetchFailed, MemberCommand::StateFetched)),
                 };
                 if let Ok(command) = result {
                     outcome = command;

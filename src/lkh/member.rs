@@ -92,13 +92,15 @@ pub struct Rekeyed {
 /// A member's path keys: its leaf key and every key it knows on the way to the root.
 #[derive(Debug, Clone)]
 pub struct MemberKeys {
-    member: MemberId,
-    sa: RekeySa,
-    leaf: NodeId,
+    pub(super) member: MemberId,
+    pub(super) sa: RekeySa,
+    pub(super) leaf: NodeId,
     /// `path[k]` is the key of the k-th node from the leaf up (`path[0]` the leaf key, the
     /// last the group key); `None` while unknown (a joiner before its first message).
-    path: Vec<Option<VersionedKey>>,
-    last_seq: u64,
+    pub(super) path: Vec<Option<VersionedKey>>,
+    pub(super) last_seq: u64,
+    /// The Data SA of message `last_seq`, once a message was applied.
+    pub(super) data_sa: Option<DataSa>,
 }
 
 impl MemberKeys {
@@ -117,6 +119,7 @@ impl MemberKeys {
             leaf: bundle.leaf,
             path,
             last_seq: bundle.first_seq.saturating_sub(1),
+            data_sa: None,
         }
     }
 
@@ -143,6 +146,20 @@ impl MemberKeys {
     /// The group key, once known.
     pub fn group_key(&self) -> Option<&VersionedKey> {
         self.path.last().and_then(Option::as_ref)
+    }
+
+    /// The Data SA (traffic key) of message [`Self::last_seq`], once a message was applied.
+    pub fn data_sa(&self) -> Option<&DataSa> {
+        self.data_sa.as_ref()
+    }
+
+    /// The datagram MAC key of message `last_seq + 1`, the next one the member needs,
+    /// derived from the group key; `None` before the first message is applied (the
+    /// registration bundle carries that key).
+    pub fn next_mac_key(&self) -> Option<MacKey> {
+        let group = self.group_key()?;
+        let next = self.last_seq.checked_add(1)?;
+        Some(datagram_mac_key(&group.key, self.sa.group_id, next))
     }
 
     /// The keys the member holds, from its leaf up: `(node, version, key)`.
@@ -266,12 +283,13 @@ impl MemberKeys {
             seq,
             group_key_version: group.version,
             group_key: group.key.clone(),
-            data_sa: opened,
+            data_sa: opened.clone(),
             next_mac_key: datagram_mac_key(&group.key, self.sa.group_id, seq + 1),
         };
         self.leaf = leaf;
         self.path = path;
         self.last_seq = seq;
+        self.data_sa = Some(opened);
         Ok(rekeyed)
     }
 }

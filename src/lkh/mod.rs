@@ -6,7 +6,7 @@
 //! [`Wrap`]s), the registration bundle a joining member receives ([`KeyTree::join`]), the
 //! tree's durable snapshot ([`KeyTree::save`], [`KeyTree::load`]) and the member side that
 //! applies wraps ([`MemberKeys::apply`]). It is pure state: no sockets, no clock, no threads;
-//! the only file access is the snapshot, when asked. It does not lay wraps out in chunks,
+//! the only file access is the snapshot and the member's saved keys, when asked. It does not lay wraps out in chunks,
 //! sign or MAC anything (that is `session` and `auth`).
 //!
 //! - [`topology`]: the complete d-ary node numbering shared by the GCKS and members.
@@ -14,6 +14,7 @@
 //! - [`tree`]: the GCKS's key tree and batch rekeying.
 //! - [`member`]: a member's path keys.
 //! - [`snapshot`]: saving and loading the tree.
+//! - [`member_state`]: saving and loading a member's keys, to resume after its restart.
 //!
 //! # Access control
 //!
@@ -26,6 +27,7 @@
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub mod member;
+pub mod member_state;
 pub mod snapshot;
 pub mod topology;
 pub mod tree;
@@ -35,6 +37,7 @@ pub mod wrap;
 mod tests;
 
 pub use member::{MemberError, MemberKeys, Rekeyed};
+pub use member_state::MemberStateError;
 pub use snapshot::SnapshotError;
 pub use topology::{Degree, NodeId, ROOT};
 pub use tree::{KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle, RekeyBatch};

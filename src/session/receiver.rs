@@ -327,6 +327,59 @@ impl ReceiverSession {
         })
     }
 
+    /// The session of a member that comes back after its own restart, from the keys it
+    /// saved ([`MemberKeys::save`] of [`Self::keys`] after each applied message, loaded with
+    /// [`MemberKeys::load`]): its next message is `keys.last_seq() + 1`, whose datagram MAC
+    /// key is derived from the saved group key. Messages it missed while down come by resync
+    /// (the first datagram of a later message raises [`ReceiverEvent::StateCheckNeeded`]).
+    /// The Data SA in force is announced again as the first event
+    /// ([`ReceiverEvent::NewDataSa`] of message `last_seq`), for a product that restarted too.
+    ///
+    /// Fails on an invalid configuration, and for keys that never applied a message (saved
+    /// right after registration): they cannot derive the next MAC key, so such a member
+    /// should simply keep its registration bundle and start again with [`Self::new`].
+    pub fn resume(keys: MemberKeys, mut config: ReceiverConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let Some(mac_key) = keys.next_mac_key() else {
+            return Err(ConfigError::Invalid {
+                field: "keys",
+                reason: "have applied no message yet: start from the registration bundle",
+            });
+        };
+        config.scheduler.receiver_id = keys.member().0 as u32;
+        let scheduler = NackScheduler::new(config.scheduler.clone())?;
+        let sa = *keys.rekey_sa();
+        let next_seq = keys.last_seq() + 1;
+        let mut datagrams = DatagramVerifier::new(sa.group_id, sa.spi);
+        datagrams.add_key(next_seq, mac_key);
+        let mut messages = MessageVerifier::new(sa.gcks_public_key, sa.group_id, sa.spi, 0);
+        messages.set_failure_cap(config.signature_failure_cap);
+        let mut events = VecDeque::new();
+        if let Some(data_sa) = keys.data_sa() {
+            events.push_back(ReceiverEvent::NewDataSa {
+                seq: keys.last_seq(),
+                data_sa: data_sa.clone(),
+            });
+        }
+        Ok(Self {
+            grtt: config.scheduler.grtt,
+            keys,
+            degree: sa.degree,
+            datagrams,
+            messages,
+            scheduler,
+            next_seq,
+            probe_seq: next_seq,
+            current: None,
+            phase: Phase::Receiving,
+            last_state_check: None,
+            pending: VecDeque::new(),
+            events,
+            counters: ReceiverCounters::default(),
+            config,
+        })
+    }
+
     /// The next message the member needs.
     pub fn next_seq(&self) -> u64 {
         self.next_seq

@@ -1,0 +1,215 @@
+//! A member that comes back after its own restart resumes from its saved keys and last
+//! sequence number (DESIGN.md, persistence; issue 10): it does not register again, resyncs the
+//! messages it missed while down, and continues by multicast when it missed none.
+
+// Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent};
+use rekeycast::io::resync_client::Endpoint;
+use rekeycast::lkh::{MemberId, MemberKeys, MemberStateError, RegistrationBundle};
+use rekeycast::member::{Member, MemberConfig};
+use rekeycast::session::ReceiverEvent;
+
+/// A multicast group and port for test `salt` of this process.
+fn group(salt: u8) -> SocketAddr {
+    let pid = std::process::id();
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::new(239, 81, salt, pid as u8),
+        43_000 + (pid % 8_000) as u16 + u16::from(salt),
+    ))
+}
+
+fn start_gcks(group: SocketAddr) -> Gcks {
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_tcp = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    Gcks::start(config, SigningKey::from_bytes(&[11; 32])).unwrap()
+}
+
+fn wait_sent(gcks: &Gcks, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(GcksEvent::Sent { seq: sent }) =
+            gcks.events().recv_timeout(Duration::from_millis(100))
+        {
+            if sent >= seq {
+                return;
+            }
+        }
+    }
+    panic!("message {seq} was not sent");
+}
+
+/// Admits members 1..=3 in one batch (message 1) and returns member 1's bundle.
+fn admit(gcks: &Gcks) -> RegistrationBundle {
+    let replies: Vec<_> = (1..=3).map(|i| gcks.join(MemberId(i)).unwrap()).collect();
+    gcks.rekey_now().unwrap();
+    let mut bundles: Vec<RegistrationBundle> = replies
+        .into_iter()
+        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
+        .collect();
+    bundles.swap_remove(0)
+}
+
+/// Rekeys once (a refresh) and waits until it is sent; returns its sequence number.
+fn rekey(gcks: &Gcks) -> u64 {
+    let seq = gcks.stats().unwrap().seq + 1;
+    gcks.rekey_now().unwrap();
+    wait_sent(gcks, seq);
+    seq
+}
+
+/// Waits for the member to apply message `seq`; returns the events it raised meanwhile.
+fn wait_member(member: &Member, seq: u64, events: &mut Vec<ReceiverEvent>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        while let Ok(event) = member.events().try_recv() {
+            events.push(event);
+        }
+        if member.stats().unwrap().next_seq > seq {
+            while let Ok(event) = member.events().try_recv() {
+                events.push(event);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "member stuck at {} (wanted {seq}), events {events:?}",
+        member.stats().unwrap().next_seq
+    );
+}
+
+fn member_config(gcks: &Gcks, group: SocketAddr, state: &Path, resync: bool) -> MemberConfig {
+    let mut config = MemberConfig::loopback(group, gcks.local_addr());
+    config.state_file = Some(state.to_path_buf());
+    if resync {
+        config.resync_endpoints = vec![Endpoint::Tcp(gcks.resync_addrs().0.unwrap())];
+        config.resync_max_delay = Duration::from_millis(50);
+        config.receiver.state_check_interval = Duration::from_millis(100);
+    }
+    config
+}
+
+fn assert_current(member: &Member, gcks: &Gcks) {
+    let stats = member.stats().unwrap();
+    assert_eq!(
+        stats.group_key_version,
+        Some(gcks.stats().unwrap().group_key_version),
+        "{stats:?}"
+    );
+    assert_eq!(stats.state_save_failures, 0);
+    assert_eq!(stats.messages.signature_failures, 0);
+}
+
+#[test]
+fn restarted_member_resyncs_what_it_missed_and_does_not_reregister() {
+    let group = group(1);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("member.state");
+    let gcks = start_gcks(group);
+    let bundle = admit(&gcks);
+    let member = Member::start(&bundle, member_config(&gcks, group, &state, true)).unwrap();
+    wait_sent(&gcks, 1);
+    let mut events = Vec::new();
+    wait_member(&member, 1, &mut events);
+    let second = rekey(&gcks);
+    wait_member(&member, second, &mut events);
+    assert_current(&member, &gcks);
+    // Saved before the product heard of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !events.contains(&ReceiverEvent::GroupKeyUpdated {
+        seq: second,
+        version: member.stats().unwrap().group_key_version.unwrap(),
+    }) {
+        assert!(Instant::now() < deadline, "{events:?}");
+        events.extend(member.events().recv_timeout(Duration::from_millis(100)));
+    }
+    assert_eq!(MemberKeys::load(&state).unwrap().last_seq(), second);
+    member.shutdown().unwrap();
+
+    // Down for two rekeys.
+    rekey(&gcks);
+    let missed_last = rekey(&gcks);
+
+    let member = Member::resume(&state, member_config(&gcks, group, &state, true)).unwrap();
+    assert_eq!(member.stats().unwrap().next_seq, second + 1);
+    let mut events = Vec::new();
+    // The first event re-announces the Data SA in force.
+    let first = member
+        .events()
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        matches!(first, ReceiverEvent::NewDataSa { seq, .. } if seq == second),
+        "{first:?}"
+    );
+    // The next rekey's traffic tells it that it is behind; it resyncs and goes on.
+    let latest = rekey(&gcks);
+    wait_member(&member, latest, &mut events);
+    assert!(
+        !events.contains(&ReceiverEvent::MustReregister),
+        "{events:?}"
+    );
+    let stats = member.stats().unwrap();
+    assert!(
+        stats.receiver.applied_from_resync >= missed_last - second,
+        "{stats:?}"
+    );
+    assert_current(&member, &gcks);
+    member.shutdown().unwrap();
+    assert_eq!(MemberKeys::load(&state).unwrap().last_seq(), latest);
+    gcks.shutdown().unwrap();
+}
+
+#[test]
+fn member_resumed_without_missing_a_message_continues_by_multicast() {
+    let group = group(2);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("member.state");
+    let gcks = start_gcks(group);
+    let bundle = admit(&gcks);
+    let member = Member::start(&bundle, member_config(&gcks, group, &state, false)).unwrap();
+    wait_sent(&gcks, 1);
+    let mut events = Vec::new();
+    wait_member(&member, 1, &mut events);
+    member.shutdown().unwrap();
+
+    let member = Member::resume(&state, member_config(&gcks, group, &state, false)).unwrap();
+    let mut events = Vec::new();
+    for _ in 0..2 {
+        let latest = rekey(&gcks);
+        wait_member(&member, latest, &mut events);
+    }
+    let stats = member.stats().unwrap();
+    assert_eq!(stats.receiver.applied_from_resync, 0, "{stats:?}");
+    assert_eq!(stats.receiver.messages_applied, 2, "{stats:?}");
+    assert_eq!(stats.resyncs_started, 0);
+    assert!(
+        !events.contains(&ReceiverEvent::MustReregister),
+        "{events:?}"
+    );
+    assert_current(&member, &gcks);
+    member.shutdown().unwrap();
+
+    // A corrupt state file is an error, never a fresh start.
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&state, &bytes).unwrap();
+    let resumed = Member::resume(&state, member_config(&gcks, group, &state, false));
+    assert!(
+        matches!(
+            resumed,
+            Err(EngineError::MemberState(MemberStateError::Checksum))
+        ),
+        "{resumed:?}"
+    );
+    gcks.shutdown().unwrap();
+}
