@@ -213,3 +213,28 @@ fn member_resumed_without_missing_a_message_continues_by_multicast() {
     );
     gcks.shutdown().unwrap();
 }
+
+#[test]
+fn failed_saves_are_counted_and_do_not_stop_the_member() {
+    let group = group(3);
+    let dir = tempfile::tempdir().unwrap();
+    // A directory that does not exist: every save fails.
+    let state = dir.path().join("missing").join("member.state");
+    let gcks = start_gcks(group);
+    let bundle = admit(&gcks);
+    let member = Member::start(&bundle, member_config(&gcks, group, &state, false)).unwrap();
+    wait_sent(&gcks, 1);
+    let mut events = Vec::new();
+    wait_member(&member, 1, &mut events);
+    let latest = rekey(&gcks);
+    wait_member(&member, latest, &mut events);
+    let stats = member.stats().unwrap();
+    assert!(stats.state_save_failures >= 1, "{stats:?}");
+    assert_eq!(
+        stats.group_key_version,
+        Some(gcks.stats().unwrap().group_key_version)
+    );
+    assert!(!state.exists());
+    member.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+}
