@@ -759,6 +759,18 @@ impl<N: Node> Network<N> {
             return;
         };
         let timer = &mut slot.timer;
+        // A deadline that moved later while its entry waited in the heap (see
+        // `refresh_timer`): re-arm at the new deadline instead of firing early.
+        if let Some(deadline) = timer.deadline {
+            let key = offset_from(self.start, deadline);
+            if key > now {
+                timer.generation = timer.generation.wrapping_add(1);
+                self.timers
+                    .push(Reverse((key, index as u32, timer.generation)));
+                timer.armed = Some((key, timer.generation));
+                return;
+            }
+        }
         timer.armed = None;
         timer.deadline = None;
         if timer.last_fire != now {
@@ -840,6 +852,18 @@ impl<N: Node> Network<N> {
             }
         } else if deadline == timer.deadline && (timer.armed.is_some() || timer.ignored) {
             return;
+        }
+        // A deadline that only moved later keeps its heap entry: when that entry comes up,
+        // `fire` re-arms it at the new deadline. Sessions move their deadlines later on every
+        // datagram (an idle timer), and a new entry each time grew the heap by one entry per
+        // delivery: tens of millions for 100,000 members, most of them stale.
+        if !after_fire && !timer.ignored {
+            if let (Some((armed_key, _)), Some(new)) = (timer.armed, deadline) {
+                if armed_key <= offset_from(start, new).max(now) {
+                    timer.deadline = deadline;
+                    return;
+                }
+            }
         }
         timer.deadline = deadline;
         timer.ignored = false;
