@@ -64,7 +64,7 @@ pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
     if args.huge {
         // Bootstrapped in sync (see BOOTSTRAP_FROM): the rekeys are measured, not the
         // admitting message.
-        sizes.push((100_000, 2));
+        sizes.push((100_000, 1));
     }
     let sample = ScenarioConfig::new(0, 1, 0, CHURN, Loss::None);
     println!(
