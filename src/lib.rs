@@ -42,6 +42,7 @@ pub mod io;
 pub mod keyfile;
 pub mod lkh;
 pub mod member;
+pub mod relay;
 pub mod resync;
 pub mod session;
 pub mod sim;

@@ -87,6 +87,12 @@ pub struct ReceiverConfig {
     /// How long after the last datagram of a message, in GRTTs, the member takes its initial
     /// transmission to be over when no heartbeat said so.
     pub idle_grtt: f64,
+    /// How long without any datagram that passes the MAC check (the sender heartbeats at
+    /// least every `heartbeat_max`, 30 s by default) before the member asks a resync endpoint
+    /// for the group's state ([`ReceiverEvent::StateCheckNeeded`] with its own next sequence
+    /// number): how a member behind a relay that died, or cut off from the group, learns it
+    /// is behind. Counted from the first datagram the member hears.
+    pub silence_timeout: Duration,
 }
 
 impl ReceiverConfig {
@@ -101,6 +107,7 @@ impl ReceiverConfig {
             signature_failure_cap: crate::auth::message::DEFAULT_SIGNATURE_FAILURE_CAP,
             state_check_interval: Duration::from_secs(1),
             idle_grtt: 4.0,
+            silence_timeout: Duration::from_secs(120),
         }
     }
 
@@ -115,6 +122,9 @@ impl ReceiverConfig {
         }
         if !(self.idle_grtt.is_finite() && self.idle_grtt > 0.0) {
             return invalid("idle_grtt", "must be positive and finite");
+        }
+        if self.silence_timeout.is_zero() {
+            return invalid("silence_timeout", "must be positive");
         }
         self.scheduler.validate()?;
         Ok(())
@@ -147,11 +157,13 @@ pub enum ReceiverEvent {
         /// The first message the member lacks.
         from_seq: u64,
     },
-    /// Traffic of a later message than the member can check arrived: ask a resync endpoint
-    /// for its state (the latest signed manifest) and hand the answer to
+    /// Traffic of a later message than the member can check arrived, or nothing was heard
+    /// for [`ReceiverConfig::silence_timeout`]: ask a resync endpoint for its state (the
+    /// latest signed manifest) and hand the answer to
     /// [`ReceiverSession::handle_state_answer`]. The claim is unauthenticated.
     StateCheckNeeded {
-        /// The sequence number the traffic claimed.
+        /// The sequence number the traffic claimed (the member's own next one after a
+        /// silence).
         claimed_seq: u64,
     },
     /// The messages the member lacks left the history window: it must register again.
@@ -195,6 +207,10 @@ pub struct ReceiverCounters {
     pub state_checks: u64,
     /// Out-of-sync events raised.
     pub out_of_sync: u64,
+    /// Of the state checks, those raised by a silence ([`ReceiverConfig::silence_timeout`]).
+    pub silences: u64,
+    /// Chunks of other members that failed authentication (a relay verifies every chunk).
+    pub bad_chunks: u64,
     /// Transmits skipped because the driver's buffer was too small.
     pub buffer_too_small: u64,
 }
@@ -261,14 +277,64 @@ enum Pending {
 struct Incoming {
     seq: u64,
     manifest: Option<Verified<Manifest>>,
-    /// The block holding the member's chunk and its decoder, once the manifest is verified.
-    block: Option<(u8, BlockDecoder)>,
+    /// The blocks being decoded, once the manifest is verified: the one holding the member's
+    /// chunk, or every block of the message for a relay ([`Scope::WholeMessage`]).
+    blocks: Vec<BlockState>,
+    /// The signed manifest as received (kept for [`Scope::WholeMessage`] only).
+    manifest_bytes: Vec<u8>,
+    /// The member's own chunk, verified, while the rest of the message completes
+    /// ([`Scope::WholeMessage`] only).
+    own: Option<Verified<crate::auth::message::Chunk>>,
     /// MAC-checked chunk symbols that came before the manifest: (sbn, esi, data).
     buffered: Vec<(u8, u32, Vec<u8>)>,
     last_activity: Instant,
     /// Whether the initial transmission is known (or taken) to be over.
     expected_complete: bool,
     decode_failures: u32,
+}
+
+/// One block of the current message and what is known of it.
+#[derive(Debug)]
+struct BlockState {
+    sbn: u8,
+    decoder: BlockDecoder,
+    /// Source ESIs that arrived as source symbols and passed authentication
+    /// ([`Scope::WholeMessage`] only); reconstructed ones are checked after each decode.
+    verified: Vec<bool>,
+    /// Decoded and every chunk authenticated ([`Scope::WholeMessage`] only).
+    complete: bool,
+}
+
+impl BlockState {
+    fn new(sbn: u8, decoder: BlockDecoder) -> Self {
+        Self {
+            sbn,
+            decoder,
+            verified: Vec::new(),
+            complete: false,
+        }
+    }
+}
+
+/// What a session decodes of each message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// A member: the block holding its own chunk; other blocks are dropped before the MAC.
+    OwnBlock,
+    /// A relay: every block, every chunk authenticated, the whole message kept for
+    /// [`ReceiverSession::take_completed`].
+    WholeMessage,
+}
+
+/// A message a [`Scope::WholeMessage`] session received whole and verified: its signed
+/// manifest and every source symbol, each chunk authenticated, and the key its datagrams are
+/// MAC'd with.
+#[derive(Debug)]
+pub(crate) struct CompletedMessage {
+    pub(crate) seq: u64,
+    pub(crate) mac_key: crate::auth::mac::MacKey,
+    pub(crate) manifest: Vec<u8>,
+    pub(crate) symbols: Vec<u8>,
 }
 
 /// One member's rekey transport. See the [module docs](self) for the call order.
@@ -290,6 +356,10 @@ pub struct ReceiverSession {
     pending: VecDeque<Pending>,
     events: VecDeque<ReceiverEvent>,
     counters: ReceiverCounters,
+    scope: Scope,
+    completed: Option<CompletedMessage>,
+    /// When a datagram last passed the MAC check (from the first input on).
+    last_heard: Option<Instant>,
 }
 
 impl ReceiverSession {
@@ -323,6 +393,9 @@ impl ReceiverSession {
             pending: VecDeque::new(),
             events: VecDeque::new(),
             counters: ReceiverCounters::default(),
+            scope: Scope::OwnBlock,
+            completed: None,
+            last_heard: None,
             config,
         })
     }
@@ -376,6 +449,9 @@ impl ReceiverSession {
             pending: VecDeque::new(),
             events,
             counters: ReceiverCounters::default(),
+            scope: Scope::OwnBlock,
+            completed: None,
+            last_heard: None,
             config,
         })
     }
@@ -425,9 +501,21 @@ impl ReceiverSession {
         self.scheduler.tracked_blocks()
     }
 
+    /// Makes the session decode and verify whole messages (a relay): call before any input.
+    pub(crate) fn set_scope(&mut self, scope: Scope) {
+        self.scope = scope;
+    }
+
+    /// The message just completed whole ([`Scope::WholeMessage`]), once, right after its
+    /// [`ReceiverEvent::GroupKeyUpdated`]. A message applied through resync is not whole.
+    pub(crate) fn take_completed(&mut self) -> Option<CompletedMessage> {
+        self.completed.take()
+    }
+
     /// A datagram arrived from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let _ = from;
+        self.last_heard.get_or_insert(now);
         if self.phase == Phase::MustReregister || self.drop_before_mac(bytes) {
             return;
         }
@@ -440,6 +528,7 @@ impl ReceiverSession {
             Err(_) => return,
         };
         let seq = datagram.seq();
+        self.last_heard = Some(now);
         match datagram.body() {
             BodyRepr::Symbol(symbol) if seq == self.next_seq => match symbol.object {
                 ObjectKind::Manifest => self.handle_manifest(now, seq, symbol.data),
@@ -474,6 +563,20 @@ impl ReceiverSession {
         if let Some(deadline) = self.idle_deadline() {
             if deadline <= now {
                 self.expect_complete(now);
+            }
+        }
+        if self
+            .silence_deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            self.last_heard = Some(now);
+            if self.phase == Phase::Receiving {
+                self.last_state_check = Some(now);
+                self.counters.state_checks += 1;
+                self.counters.silences += 1;
+                self.events.push_back(ReceiverEvent::StateCheckNeeded {
+                    claimed_seq: self.next_seq,
+                });
             }
         }
         self.scheduler.handle_timeout(now);
@@ -543,10 +646,14 @@ impl ReceiverSession {
     /// The next deadline, if any.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.scheduler.poll_timeout(), self.idle_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.scheduler.poll_timeout(),
+            self.idle_deadline(),
+            self.silence_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next event for the embedding product.
@@ -651,16 +758,21 @@ impl ReceiverSession {
             self.counters.dropped_finished += 1;
             return true;
         }
-        if packet.seq() > self.next_seq {
+        if packet.seq() > self.next_seq || self.scope != Scope::OwnBlock {
             return false;
         }
-        let Some((my_block, _)) = self.current.as_ref().and_then(|c| c.block.as_ref()) else {
+        let Some(my_block) = self
+            .current
+            .as_ref()
+            .and_then(|c| c.blocks.first())
+            .map(|b| b.sbn)
+        else {
             return false;
         };
         let Ok(symbol) = wire::symbol::Packet::new_checked(packet.body()) else {
             return false;
         };
-        if symbol.object() == ObjectKind::Chunks && symbol.sbn() != *my_block {
+        if symbol.object() == ObjectKind::Chunks && symbol.sbn() != my_block {
             self.counters.dropped_other_block += 1;
             return true;
         }
@@ -672,7 +784,9 @@ impl ReceiverSession {
             self.current = Some(Incoming {
                 seq,
                 manifest: None,
-                block: None,
+                blocks: Vec::new(),
+                manifest_bytes: Vec::new(),
+                own: None,
                 buffered: Vec::new(),
                 last_activity: now,
                 expected_complete: false,
@@ -683,6 +797,32 @@ impl ReceiverSession {
         let current = self.current.as_mut();
         #[allow(clippy::unwrap_used)]
         current.unwrap()
+    }
+
+    /// The block decoders a verified manifest calls for: the member's own block, or every
+    /// block for a relay. `None` when the member cannot use the manifest's FEC parameters
+    /// (beyond its limits, or no block for its leaf).
+    fn blocks_for(&self, manifest: &Manifest) -> Option<Vec<BlockState>> {
+        let info = ObjectInfo::parse(&manifest.fec_info).ok()?;
+        let own = manifest.block_of(self.order_key())?;
+        let partition = info.partition();
+        let sbns: Vec<u8> = match self.scope {
+            Scope::OwnBlock => vec![own],
+            // block_count() <= 255 (the SBN is 8 bits).
+            Scope::WholeMessage => (0..partition.block_count()).map(|b| b as u8).collect(),
+        };
+        sbns.into_iter()
+            .map(|sbn| {
+                let len = partition.block_len(sbn).ok()?;
+                let decoder =
+                    BlockDecoder::new(sbn, len, info.symbol_size(), &self.config.limits).ok()?;
+                let mut state = BlockState::new(sbn, decoder);
+                if self.scope == Scope::WholeMessage {
+                    state.verified = vec![false; len as usize];
+                }
+                Some(state)
+            })
+            .collect()
     }
 
     fn handle_manifest(&mut self, now: Instant, seq: u64, bytes: &[u8]) {
@@ -706,26 +846,22 @@ impl ReceiverSession {
                 sbn: 0,
             },
         );
-        let order_key = self.order_key();
-        let block = ObjectInfo::parse(&manifest.fec_info).ok().and_then(|info| {
-            let sbn = manifest.block_of(order_key)?;
-            let len = info.partition().block_len(sbn).ok()?;
-            let decoder =
-                BlockDecoder::new(sbn, len, info.symbol_size(), &self.config.limits).ok()?;
-            Some((sbn, decoder))
-        });
-        let Some(block) = block else {
-            // A signed manifest whose FEC parameters this member cannot use (beyond its
-            // limits, or no block for its leaf): only resync can serve it.
+        let Some(blocks) = self.blocks_for(&manifest) else {
+            // A signed manifest whose FEC parameters this member cannot use: only resync can
+            // serve it.
             self.current = None;
             self.out_of_sync();
             return;
         };
+        let whole = self.scope == Scope::WholeMessage;
         let incoming = self.incoming(now, seq);
         let buffered = std::mem::take(&mut incoming.buffered);
         let expected_complete = incoming.expected_complete;
         incoming.manifest = Some(manifest);
-        incoming.block = Some(block);
+        incoming.blocks = blocks;
+        if whole {
+            incoming.manifest_bytes = bytes.to_vec();
+        }
         for (sbn, esi, data) in buffered {
             if self.current.as_ref().map(|c| c.seq) != Some(seq) {
                 return;
@@ -759,39 +895,72 @@ impl ReceiverSession {
         let Some(incoming) = self.current.as_mut() else {
             return;
         };
-        let (Some(manifest), Some((my_block, decoder))) =
-            (incoming.manifest.as_ref(), incoming.block.as_mut())
-        else {
+        let Some(manifest) = incoming.manifest.as_ref() else {
             return;
         };
-        if sbn != *my_block {
+        let Some(index) = incoming.blocks.iter().position(|b| b.sbn == sbn) else {
             self.counters.dropped_other_block += 1;
             return;
-        }
+        };
+        let state = &mut incoming.blocks[index];
         let block = BlockKey {
             seq,
             object: ObjectId::Chunks,
             sbn,
         };
-        if esi < decoder.block_len() {
-            // A source symbol is a whole chunk: the member's own is checked at once.
-            let serves_me = SignedChunk::parse(data, manifest.chunk_auth)
-                .is_ok_and(|chunk| chunk.header.seq == seq && chunk.header.serves(order_key));
-            if serves_me {
-                let manifest = manifest.clone();
-                match self.messages.verify_chunk(&manifest, data) {
-                    Ok(chunk) => {
-                        let _ = self.apply(now, &chunk, Applied::Source);
-                    }
-                    Err(_) => {
-                        self.counters.bad_own_chunks += 1;
-                        self.capped_out(seq);
+        if esi < state.decoder.block_len() {
+            match self.scope {
+                Scope::OwnBlock => {
+                    // A source symbol is a whole chunk: the member's own is checked at once.
+                    let serves_me =
+                        SignedChunk::parse(data, manifest.chunk_auth).is_ok_and(|chunk| {
+                            chunk.header.seq == seq && chunk.header.serves(order_key)
+                        });
+                    if serves_me {
+                        let manifest = manifest.clone();
+                        match self.messages.verify_chunk(&manifest, data) {
+                            Ok(chunk) => {
+                                let _ = self.apply(now, &chunk, Applied::Source);
+                            }
+                            Err(_) => {
+                                self.counters.bad_own_chunks += 1;
+                                self.capped_out(seq);
+                            }
+                        }
+                        return;
                     }
                 }
-                return;
+                Scope::WholeMessage => {
+                    // Every chunk is checked before it goes into the decoder: a forged source
+                    // symbol never reaches a decode, let alone a downstream group.
+                    let slot = esi as usize;
+                    if state.complete || state.verified.get(slot).copied().unwrap_or(true) {
+                        return;
+                    }
+                    match self.messages.verify_chunk(manifest, data) {
+                        Ok(chunk) => {
+                            state.verified[slot] = true;
+                            if chunk.header.serves(order_key) {
+                                incoming.own = Some(chunk);
+                            }
+                        }
+                        Err(_) => {
+                            self.counters.bad_chunks += 1;
+                            self.capped_out(seq);
+                            return;
+                        }
+                    }
+                }
             }
         }
-        let progress = match decoder.push(esi, data) {
+        let Some(state) = self
+            .current
+            .as_mut()
+            .and_then(|incoming| incoming.blocks.get_mut(index))
+        else {
+            return;
+        };
+        let progress = match state.decoder.push(esi, data) {
             Ok(progress) => progress,
             Err(_) => {
                 self.counters.decoder_refused += 1;
@@ -800,7 +969,10 @@ impl ReceiverSession {
         };
         self.counters.symbols_pushed += 1;
         match progress {
-            Progress::Decoded => self.decoded(now, seq),
+            Progress::Decoded => match self.scope {
+                Scope::OwnBlock => self.decoded(now, seq),
+                Scope::WholeMessage => self.decoded_whole(now, seq, index),
+            },
             Progress::Pending { needed } => {
                 let needed = u16::try_from(needed).unwrap_or(u16::MAX);
                 self.scheduler.handle_need(now, block, needed);
@@ -816,12 +988,11 @@ impl ReceiverSession {
         let Some(incoming) = self.current.as_mut() else {
             return;
         };
-        let (Some(manifest), Some((sbn, decoder))) =
-            (incoming.manifest.clone(), incoming.block.as_mut())
+        let (Some(manifest), Some(state)) = (incoming.manifest.clone(), incoming.blocks.first())
         else {
             return;
         };
-        let sbn = *sbn;
+        let decoder = &state.decoder;
         let found = (0..decoder.block_len()).find_map(|esi| {
             let data = decoder.source_symbol(esi)?;
             let chunk = SignedChunk::parse(data, manifest.chunk_auth).ok()?;
@@ -832,32 +1003,117 @@ impl ReceiverSession {
             Some(chunk) => {
                 let _ = self.apply(now, &chunk, Applied::Decode);
             }
-            None => {
-                self.counters.decode_failures += 1;
-                let limit = self.config.decode_failure_limit;
-                let Some(incoming) = self.current.as_mut() else {
-                    return;
-                };
-                incoming.decode_failures += 1;
-                let failures = incoming.decode_failures;
-                if let Some((_, decoder)) = incoming.block.as_mut() {
-                    decoder.discard_repair_symbols();
-                    let needed = u16::try_from(decoder.needed()).unwrap_or(u16::MAX);
-                    let block = BlockKey {
-                        seq,
-                        object: ObjectId::Chunks,
-                        sbn,
-                    };
-                    self.scheduler.handle_need(now, block, needed);
-                    if incoming.expected_complete {
-                        self.scheduler
-                            .handle_expected_complete(now, block, u8::MAX, needed);
+            None => self.decode_failed(now, seq, 0),
+        }
+    }
+
+    /// Block `index` of a whole message decoded: authenticate every chunk the decode
+    /// reconstructed; when every block is complete, the message is.
+    fn decoded_whole(&mut self, now: Instant, seq: u64, index: usize) {
+        let order_key = self.order_key();
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        let Some(manifest) = incoming.manifest.as_ref() else {
+            return;
+        };
+        let Some(state) = incoming.blocks.get_mut(index) else {
+            return;
+        };
+        let mut failed = false;
+        for esi in 0..state.decoder.block_len() {
+            let slot = esi as usize;
+            if state.verified.get(slot).copied().unwrap_or(true) {
+                continue;
+            }
+            let Some(data) = state.decoder.source_symbol(esi) else {
+                failed = true;
+                break;
+            };
+            // Not marked verified: a later decode (after a failure) reconstructs it again
+            // and it is checked again.
+            match self.messages.verify_chunk(manifest, data) {
+                Ok(chunk) => {
+                    if chunk.header.serves(order_key) {
+                        incoming.own = Some(chunk);
                     }
                 }
-                if failures >= limit {
-                    self.out_of_sync();
+                Err(_) => {
+                    failed = true;
+                    break;
                 }
             }
+        }
+        if failed {
+            self.decode_failed(now, seq, index);
+            return;
+        }
+        state.complete = true;
+        if incoming.blocks.iter().all(|b| b.complete) {
+            self.complete_whole(now, seq);
+        }
+    }
+
+    /// Every block of a whole message is decoded and authenticated: apply the relay's own
+    /// chunk and keep the message for [`Self::take_completed`].
+    fn complete_whole(&mut self, now: Instant, seq: u64) {
+        let Some(mac_key) = self.datagrams.key(seq).cloned() else {
+            return;
+        };
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        let Some(own) = incoming.own.take() else {
+            // A signed manifest placed this leaf in the message, but no chunk of it serves
+            // the leaf: only resync can tell.
+            self.out_of_sync();
+            return;
+        };
+        let mut symbols = Vec::new();
+        for state in &incoming.blocks {
+            match state.decoder.block() {
+                Some(block) => symbols.extend_from_slice(block),
+                None => return,
+            }
+        }
+        let manifest = std::mem::take(&mut incoming.manifest_bytes);
+        if self.apply(now, &own, Applied::Decode).is_ok() {
+            self.completed = Some(CompletedMessage {
+                seq,
+                mac_key,
+                manifest,
+                symbols,
+            });
+        }
+    }
+
+    /// Decoded block `index` failed authentication: forged repair symbols went into it. Drop
+    /// them and ask again; after [`ReceiverConfig::decode_failure_limit`] failures, resync.
+    fn decode_failed(&mut self, now: Instant, seq: u64, index: usize) {
+        self.counters.decode_failures += 1;
+        let limit = self.config.decode_failure_limit;
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
+        incoming.decode_failures += 1;
+        let failures = incoming.decode_failures;
+        let expected_complete = incoming.expected_complete;
+        if let Some(state) = incoming.blocks.get_mut(index) {
+            state.decoder.discard_repair_symbols();
+            let needed = u16::try_from(state.decoder.needed()).unwrap_or(u16::MAX);
+            let block = BlockKey {
+                seq,
+                object: ObjectId::Chunks,
+                sbn: state.sbn,
+            };
+            self.scheduler.handle_need(now, block, needed);
+            if expected_complete {
+                self.scheduler
+                    .handle_expected_complete(now, block, u8::MAX, needed);
+            }
+        }
+        if failures >= limit {
+            self.out_of_sync();
         }
     }
 
@@ -960,28 +1216,36 @@ impl ReceiverSession {
             return;
         };
         let seq = incoming.seq;
-        match (&incoming.manifest, &incoming.block) {
-            (None, _) => {
-                let block = BlockKey {
-                    seq,
-                    object: ObjectId::Manifest,
-                    sbn: 0,
-                };
-                self.scheduler.handle_expected_complete(now, block, 0, 1);
-            }
-            (Some(_), Some((sbn, decoder))) => {
-                let block = BlockKey {
-                    seq,
-                    object: ObjectId::Chunks,
-                    sbn: *sbn,
-                };
-                let needed = u16::try_from(decoder.needed()).unwrap_or(u16::MAX);
-                let _ = manifest_just_arrived;
-                self.scheduler
-                    .handle_expected_complete(now, block, 0, needed);
-            }
-            (Some(_), None) => {}
+        if incoming.manifest.is_none() {
+            let block = BlockKey {
+                seq,
+                object: ObjectId::Manifest,
+                sbn: 0,
+            };
+            self.scheduler.handle_expected_complete(now, block, 0, 1);
+            return;
         }
+        let _ = manifest_just_arrived;
+        for state in &incoming.blocks {
+            if state.decoder.is_decoded() {
+                continue;
+            }
+            let block = BlockKey {
+                seq,
+                object: ObjectId::Chunks,
+                sbn: state.sbn,
+            };
+            let needed = u16::try_from(state.decoder.needed()).unwrap_or(u16::MAX);
+            self.scheduler
+                .handle_expected_complete(now, block, 0, needed);
+        }
+    }
+
+    fn silence_deadline(&self) -> Option<Instant> {
+        if self.phase == Phase::MustReregister {
+            return None;
+        }
+        Some(self.last_heard? + self.config.silence_timeout)
     }
 
     fn idle_deadline(&self) -> Option<Instant> {

@@ -371,6 +371,8 @@ pub struct SenderSession {
     last_probe_us: Option<u64>,
     recent_orders: VecDeque<RepairEntry>,
     group_size: u32,
+    /// The group size heartbeats advertise instead of the manifests' (a relay's segment).
+    advertised_group_size: Option<u32>,
     events: VecDeque<SenderEvent>,
     counters: SenderCounters,
 }
@@ -409,6 +411,7 @@ impl SenderSession {
             last_probe_us: None,
             recent_orders: VecDeque::new(),
             group_size: 0,
+            advertised_group_size: None,
             events: VecDeque::new(),
             counters: SenderCounters::default(),
         })
@@ -437,6 +440,19 @@ impl SenderSession {
     /// The proactive repair helper's current loss estimate.
     pub fn loss_estimate(&self) -> f64 {
         self.proactive.loss_estimate()
+    }
+
+    /// Makes heartbeats advertise `size` as the group size (the receivers' NACK backoff
+    /// scales with it) instead of the size each message's manifest states: for a relay, whose
+    /// segment holds only part of the group. `None` goes back to the manifests' size.
+    pub fn set_advertised_group_size(&mut self, size: Option<u32>) {
+        self.advertised_group_size = size.map(|s| s.max(1));
+    }
+
+    /// Message `seq` if the history window holds it: what a relay stores after forwarding it
+    /// ([`PreparedMessage::parts`]).
+    pub fn message(&self, seq: u64) -> Option<&PreparedMessage> {
+        self.find(seq).map(|outgoing| &outgoing.message)
     }
 
     /// The sequence number of the newest message queued.
@@ -771,7 +787,7 @@ impl SenderSession {
                 probe_reply_requested,
                 probe_timestamp_us: probe_us,
                 grtt_us: u32::try_from(micros(self.grtt.grtt())).unwrap_or(u32::MAX),
-                group_size: self.group_size,
+                group_size: self.advertised_group_size.unwrap_or(self.group_size),
                 oldest_seq,
                 backoff_factor: self.config.backoff_factor,
                 entries,
@@ -974,7 +990,9 @@ impl SenderSession {
         let Some(index) = self.index_of(order.block.seq) else {
             return;
         };
-        let group_size = self.messages[index].message.group_size;
+        let group_size = self
+            .advertised_group_size
+            .unwrap_or(self.messages[index].message.group_size);
         let sbn = usize::from(order.block.sbn);
         let outgoing = &mut self.messages[index];
         if outgoing.recorded.get(sbn).copied() != Some(false) {

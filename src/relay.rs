@@ -1,0 +1,483 @@
+//! A relay's side of the rekey transport, sans-IO: [`RelaySession`] (RFC 4046 5.5 and
+//! Figure 3: hierarchical distribution and local repair).
+//!
+//! A relay is registered with the GCKS like a member: it holds a leaf, so it can check (and
+//! produce) the group's datagram MACs and it verifies everything. It receives the rekey
+//! messages of an upstream group (the GCKS's or another relay's: relays stack) and re-sends
+//! each one into its downstream group with its own pacing, proactive repair and heartbeats,
+//! answers its downstream members' NACKs from the blocks it holds, and serves resync for its
+//! history ([`crate::resync::ResyncSource`]).
+//!
+//! # What is forwarded
+//!
+//! Only whole messages that passed the full verifier pipeline: the datagram MAC and the
+//! sequence window, the manifest's signature, and the authentication of **every** chunk (a
+//! member checks only its own). Chunks that arrive as source symbols are checked before they
+//! enter the decoder; chunks a decode reconstructs are checked after it, and a failure drops
+//! the block's repair symbols and asks again (an insider's forged repair). A message is
+//! queued downstream only once every block is decoded and every chunk authenticated: store
+//! and forward. The downstream datagrams are MAC'd with the same key as upstream (the key of
+//! message `s` derives from the group key of `s - 1`, which the relay holds as a member), and
+//! RaptorQ repair symbols are a pure function of the block, so a relay's repair symbol with
+//! ESI n is the GCKS's symbol with ESI n.
+//!
+//! Upstream, the relay is one receiver: it NACKs the blocks it lacks like a member does (with
+//! the same backoff and suppression), so the GCKS's repair grows with the loss on the upstream
+//! tier, not with the members behind the relay. Downstream NACKs never travel upstream: a
+//! message the relay forwarded is a message it holds whole.
+//!
+//! A message the relay itself could only get by resync (its own chunk, over TCP or HTTP) is
+//! applied to its keys but cannot be forwarded ([`RelayEvent::NotForwarded`]); its
+//! downstream members see the next message's datagrams, which they cannot check, ask for the
+//! group's state and resync from the next endpoint in their list (the GCKS).
+//!
+//! # Call order
+//!
+//! As [`crate::session::ReceiverSession`] and [`crate::session::SenderSession`]: feed
+//! [`RelaySession::handle_upstream`] (datagrams of the upstream group and unicast from
+//! upstream), [`RelaySession::handle_downstream`] (NACKs and probe replies of downstream
+//! members) and [`RelaySession::handle_timeout`]; then drain
+//! [`RelaySession::poll_transmit`] (each transmit says which tier's socket it leaves by),
+//! [`RelaySession::poll_event`], and re-read [`RelaySession::poll_timeout`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::auth::datagram::DatagramCounters;
+use crate::auth::message::MessageCounters;
+use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::resync::{Lookup, ResyncSource};
+use crate::session::receiver::{ResyncError, Scope, StateVerdict};
+use crate::session::sender::{QueueError, SenderEvent};
+use crate::session::{
+    ConfigError, Destination, PreparedMessage, ReceiverConfig, ReceiverCounters, ReceiverEvent,
+    ReceiverSession, SenderConfig, SenderCounters, SenderSession,
+};
+
+/// Configuration of a [`RelaySession`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayConfig {
+    /// The upstream side: where the relay's NACKs go (the GCKS's or the upstream relay's
+    /// address), NACK timing, decoder limits, silence timeout.
+    pub upstream: ReceiverConfig,
+    /// The downstream side: datagram size, pacing, manifest repeats, history window (what the
+    /// relay's resync endpoints serve), heartbeats, repair aggregation, proactive repair.
+    pub downstream: SenderConfig,
+    /// The group size the downstream heartbeats advertise (the receivers' NACK backoff
+    /// scales with it): the number of members behind this relay, if known. `None` advertises
+    /// the whole group's size, from the manifests: correct but slower repair.
+    pub downstream_group_size: Option<u32>,
+}
+
+impl RelayConfig {
+    /// A configuration with sane defaults whose NACKs go to `upstream_feedback`.
+    pub fn new(upstream_feedback: SocketAddr) -> Self {
+        Self {
+            upstream: ReceiverConfig::new(upstream_feedback),
+            downstream: SenderConfig::default(),
+            downstream_group_size: None,
+        }
+    }
+
+    /// Checks both sides' ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.upstream.validate()?;
+        self.downstream.validate()?;
+        if self.downstream_group_size == Some(0) {
+            return Err(ConfigError::Invalid {
+                field: "downstream_group_size",
+                reason: "must be at least 1",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Which of the relay's two sides a datagram leaves by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Towards the GCKS (or the upstream relay): the relay's NACKs and probe replies, always
+    /// unicast in the default feedback mode.
+    Upstream,
+    /// Into the relay's own group: symbols, manifests, heartbeats, repair.
+    Downstream,
+}
+
+/// A datagram the relay wants sent: the first `len` bytes of the buffer handed to
+/// [`RelaySession::poll_transmit`], out of the socket of `tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct RelayTransmit {
+    /// Which side's socket.
+    pub tier: Tier,
+    /// Where it goes ([`Destination::Group`] is that tier's group).
+    pub destination: Destination,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
+/// What the relay tells its driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayEvent {
+    /// Message `seq`, whole and verified, was queued downstream: store it now
+    /// ([`RelaySession::message`]) so that a restarted relay serves it at once.
+    Forwarded {
+        /// The message.
+        seq: u64,
+        /// Its chunks (source symbols).
+        chunks: usize,
+    },
+    /// The relay got message `seq` by resync only (its own chunk): its keys moved on, but
+    /// the message is not forwarded and its resync endpoints cannot serve it.
+    NotForwarded {
+        /// The message.
+        seq: u64,
+    },
+    /// A verified message could not be queued downstream (its symbols do not fit the
+    /// downstream datagram size, or it does not follow the last one queued).
+    ForwardFailed {
+        /// The message.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// What the upstream side said: resync and state-check requests, key updates, the order
+    /// to register again. The driver handles them as a member's driver does.
+    Upstream(ReceiverEvent),
+    /// What the downstream side said (initial transmissions done, messages retired).
+    Downstream(SenderEvent),
+}
+
+/// Why a relay cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A stored message could not be put back into the history.
+    #[error("stored message {seq}: {source}")]
+    History {
+        /// The message.
+        seq: u64,
+        /// Why.
+        source: QueueError,
+    },
+    /// A stored message is newer than the keys the relay resumes with.
+    #[error("stored message {seq} is newer than the saved keys (message {keys_seq})")]
+    HistoryAhead {
+        /// The message.
+        seq: u64,
+        /// The last message the keys applied.
+        keys_seq: u64,
+    },
+}
+
+/// Counts of what the relay forwarded; each side's own counters are
+/// [`RelaySession::upstream_counters`] and [`RelaySession::downstream_counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayCounters {
+    /// Messages forwarded downstream.
+    pub forwarded: u64,
+    /// Chunks of those messages (each one authenticated before forwarding).
+    pub chunks_forwarded: u64,
+    /// Messages applied by resync only, not forwarded.
+    pub not_forwarded: u64,
+    /// Verified messages the downstream side refused.
+    pub forward_failures: u64,
+    /// Datagrams the relay sent upstream (NACKs and probe replies).
+    pub upstream_sent: u64,
+    /// Datagrams the relay sent downstream.
+    pub downstream_sent: u64,
+}
+
+/// One relay. See the [module docs](self).
+#[derive(Debug)]
+pub struct RelaySession {
+    upstream: ReceiverSession,
+    downstream: SenderSession,
+    events: VecDeque<RelayEvent>,
+    counters: RelayCounters,
+    /// Which side `poll_transmit` asks first: alternates so neither starves the other.
+    upstream_first: bool,
+}
+
+impl RelaySession {
+    /// The relay registered with `bundle` (like a member), with nothing forwarded yet.
+    pub fn new(
+        bundle: &RegistrationBundle,
+        config: RelayConfig,
+        now: Instant,
+    ) -> Result<Self, RelayError> {
+        config.validate()?;
+        let sa = bundle.rekey_sa;
+        let mut upstream = ReceiverSession::new(bundle, config.upstream)?;
+        upstream.set_scope(Scope::WholeMessage);
+        let mut downstream = SenderSession::new(config.downstream, sa.group_id, sa.spi, now)?;
+        downstream.set_advertised_group_size(config.downstream_group_size);
+        Ok(Self::assemble(upstream, downstream))
+    }
+
+    /// A relay back after its own restart: its saved keys ([`MemberKeys::save`] after each
+    /// message) and the history it stored ([`RelayEvent::Forwarded`]), ascending, which its
+    /// resync endpoints serve at once (they are not multicast again). Messages it missed
+    /// while down come by resync, as for a member ([`ReceiverSession::resume`]).
+    pub fn resume(
+        keys: MemberKeys,
+        history: Vec<PreparedMessage>,
+        config: RelayConfig,
+        now: Instant,
+    ) -> Result<Self, RelayError> {
+        config.validate()?;
+        let sa = *keys.rekey_sa();
+        let keys_seq = keys.last_seq();
+        let mut upstream = ReceiverSession::resume(keys, config.upstream)?;
+        upstream.set_scope(Scope::WholeMessage);
+        let mut downstream = SenderSession::new(config.downstream, sa.group_id, sa.spi, now)?;
+        downstream.set_advertised_group_size(config.downstream_group_size);
+        for message in history {
+            let seq = message.seq();
+            if seq > keys_seq {
+                return Err(RelayError::HistoryAhead { seq, keys_seq });
+            }
+            downstream
+                .restore_message(now, message)
+                .map_err(|source| RelayError::History { seq, source })?;
+        }
+        let mut relay = Self::assemble(upstream, downstream);
+        relay.pump(now);
+        Ok(relay)
+    }
+
+    fn assemble(upstream: ReceiverSession, downstream: SenderSession) -> Self {
+        Self {
+            upstream,
+            downstream,
+            events: VecDeque::new(),
+            counters: RelayCounters::default(),
+            upstream_first: true,
+        }
+    }
+
+    /// A datagram arrived on the upstream side (the upstream group, or unicast from the
+    /// upstream sender).
+    pub fn handle_upstream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.upstream.handle_datagram(now, from, bytes);
+        self.pump(now);
+    }
+
+    /// A datagram arrived on the downstream side: a member's NACK or probe reply (MAC-checked
+    /// under the key of its sequence number; anything else is counted and dropped).
+    pub fn handle_downstream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.downstream.handle_datagram(now, from, bytes);
+        self.pump(now);
+    }
+
+    /// Time passed, on both sides.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.upstream.handle_timeout(now);
+        self.downstream.handle_timeout(now);
+        self.pump(now);
+    }
+
+    /// The next datagram to send, written into `buf` (large enough for the downstream
+    /// datagram size), with the side it leaves by.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<RelayTransmit> {
+        let order = if self.upstream_first {
+            [Tier::Upstream, Tier::Downstream]
+        } else {
+            [Tier::Downstream, Tier::Upstream]
+        };
+        for tier in order {
+            let transmit = match tier {
+                Tier::Upstream => self.upstream.poll_transmit(now, buf),
+                Tier::Downstream => self.downstream.poll_transmit(now, buf),
+            };
+            if let Some(transmit) = transmit {
+                match tier {
+                    Tier::Upstream => self.counters.upstream_sent += 1,
+                    Tier::Downstream => self.counters.downstream_sent += 1,
+                }
+                self.upstream_first = tier == Tier::Downstream;
+                return Some(RelayTransmit {
+                    tier,
+                    destination: transmit.destination,
+                    len: transmit.len,
+                });
+            }
+        }
+        None
+    }
+
+    /// The next deadline of either side.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match (self.upstream.poll_timeout(), self.downstream.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next event for the driver.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<RelayEvent> {
+        self.events.pop_front()
+    }
+
+    /// A resync endpoint's state answer for the relay itself (see
+    /// [`ReceiverSession::handle_state_answer`]).
+    pub fn handle_state_answer(
+        &mut self,
+        now: Instant,
+        manifest: &[u8],
+    ) -> Result<StateVerdict, ResyncError> {
+        let verdict = self.upstream.handle_state_answer(now, manifest);
+        self.pump(now);
+        verdict
+    }
+
+    /// One resync item for the relay itself: the manifest of its next message and its own
+    /// chunk (see [`ReceiverSession::handle_resync`]). The message is not forwarded.
+    pub fn handle_resync(
+        &mut self,
+        now: Instant,
+        manifest: &[u8],
+        chunk: &[u8],
+    ) -> Result<u64, ResyncError> {
+        let applied = self.upstream.handle_resync(now, manifest, chunk);
+        self.pump(now);
+        applied
+    }
+
+    /// A resync endpoint said the messages the relay lacks left its history window: the relay
+    /// must register again.
+    pub fn handle_beyond_history(&mut self, now: Instant) {
+        self.upstream.handle_beyond_history(now);
+        self.pump(now);
+    }
+
+    /// Message `seq` if the relay's history holds it: what to store after
+    /// [`RelayEvent::Forwarded`] ([`PreparedMessage::parts`]).
+    pub fn message(&self, seq: u64) -> Option<&PreparedMessage> {
+        self.downstream.message(seq)
+    }
+
+    /// The next message the relay needs from upstream.
+    pub fn next_seq(&self) -> u64 {
+        self.upstream.next_seq()
+    }
+
+    /// The relay's key state (save it after each message to resume with it).
+    pub fn keys(&self) -> &MemberKeys {
+        self.upstream.keys()
+    }
+
+    /// The order key of the relay's leaf (what it asks a resync endpoint for its chunk with).
+    pub fn order_key(&self) -> u32 {
+        self.upstream.order_key()
+    }
+
+    /// The relay's own counters.
+    pub fn counters(&self) -> &RelayCounters {
+        &self.counters
+    }
+
+    /// The upstream side's counters (messages applied, NACKs sent, chunks that failed).
+    pub fn upstream_counters(&self) -> &ReceiverCounters {
+        self.upstream.counters()
+    }
+
+    /// The upstream datagram verifier's counters (header, MAC and window rejections).
+    pub fn upstream_datagram_counters(&self) -> &DatagramCounters {
+        self.upstream.datagram_counters()
+    }
+
+    /// The upstream message verifier's counters (signature checks made and failed).
+    pub fn upstream_message_counters(&self) -> &MessageCounters {
+        self.upstream.message_counters()
+    }
+
+    /// The downstream side's counters (what it sent, NACKs received, rejected datagrams).
+    pub fn downstream_counters(&self) -> &SenderCounters {
+        self.downstream.counters()
+    }
+
+    /// The downstream side's repair aggregator's counters.
+    pub fn downstream_repair_stats(&self) -> rekeycast_nack::AggregatorStats {
+        self.downstream.repair_stats()
+    }
+
+    /// The downstream side (its history, GRTT, loss estimate).
+    pub fn downstream(&self) -> &SenderSession {
+        &self.downstream
+    }
+
+    /// Moves both sides' events into the relay's, forwarding completed messages.
+    fn pump(&mut self, now: Instant) {
+        while let Some(event) = self.upstream.poll_event() {
+            if let ReceiverEvent::GroupKeyUpdated { seq, .. } = event {
+                self.events.push_back(RelayEvent::Upstream(event));
+                self.forward(now, seq);
+                continue;
+            }
+            self.events.push_back(RelayEvent::Upstream(event));
+        }
+        while let Some(event) = self.downstream.poll_event() {
+            self.events.push_back(RelayEvent::Downstream(event));
+        }
+    }
+
+    /// Message `seq` was applied upstream: queue it downstream if it came whole.
+    fn forward(&mut self, now: Instant, seq: u64) {
+        let Some(completed) = self.upstream.take_completed().filter(|c| c.seq == seq) else {
+            self.counters.not_forwarded += 1;
+            self.events.push_back(RelayEvent::NotForwarded { seq });
+            return;
+        };
+        let prepared =
+            PreparedMessage::from_parts(completed.mac_key, completed.manifest, completed.symbols)
+                .and_then(|message| {
+                    let chunks = message.chunk_count();
+                    self.downstream.queue_message(now, message)?;
+                    Ok(chunks)
+                });
+        match prepared {
+            Ok(chunks) => {
+                self.counters.forwarded += 1;
+                self.counters.chunks_forwarded += chunks as u64;
+                self.events.push_back(RelayEvent::Forwarded { seq, chunks });
+            }
+            Err(error) => {
+                self.counters.forward_failures += 1;
+                self.events.push_back(RelayEvent::ForwardFailed {
+                    seq,
+                    reason: error.to_string(),
+                });
+            }
+        }
+    }
+}
+
+impl ResyncSource for RelaySession {
+    fn group_id(&self) -> u32 {
+        self.downstream.group_id()
+    }
+
+    fn latest(&self) -> Option<(u64, &[u8])> {
+        self.downstream.latest()
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        ResyncSource::oldest(&self.downstream)
+    }
+
+    fn manifest(&self, seq: u64) -> Lookup<&[u8]> {
+        self.downstream.manifest(seq)
+    }
+
+    fn chunk(&self, seq: u64, leaf: u32) -> Lookup<&[u8]> {
+        self.downstream.chunk(seq, leaf)
+    }
+}
