@@ -369,6 +369,11 @@ impl RelaySession {
         self.upstream.next_seq()
     }
 
+    /// Whether the relay was told to register again.
+    pub fn must_reregister(&self) -> bool {
+        self.upstream.must_reregister()
+    }
+
     /// The relay's key state (save it after each message to resume with it).
     pub fn keys(&self) -> &MemberKeys {
         self.upstream.keys()
@@ -474,10 +479,23 @@ impl ResyncSource for RelaySession {
     }
 
     fn manifest(&self, seq: u64) -> Lookup<&[u8]> {
-        self.downstream.manifest(seq)
+        not_authoritative(self.downstream.manifest(seq))
     }
 
     fn chunk(&self, seq: u64, leaf: u32) -> Lookup<&[u8]> {
-        self.downstream.chunk(seq, leaf)
+        not_authoritative(self.downstream.chunk(seq, leaf))
     }
 }
+
+/// A relay's history is not the group's: a message older than the relay's window (or from
+/// before it started) may still be in the GCKS's, so the relay answers "not found" and the
+/// member tries the next endpoint in its list; only the GCKS tells a member to register again.
+fn not_authoritative<T>(lookup: Lookup<T>) -> Lookup<T> {
+    match lookup {
+        Lookup::BeyondHistory { .. } => Lookup::NotFound,
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests;

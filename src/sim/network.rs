@@ -274,6 +274,9 @@ pub struct Network<N> {
     now: u64,
     slots: Vec<Slot<N>>,
     present: usize,
+    /// The node indices listening to each multicast group, ascending (absent nodes stay
+    /// listed and are skipped): a group datagram visits only its group's listeners.
+    listeners: HashMap<u32, Vec<u32>>,
     /// The distinct link configurations; links refer to them by index.
     links: Vec<LinkConfig>,
     arrivals: BinaryHeap<Arrival>,
@@ -296,6 +299,10 @@ struct Slot<N> {
     node: Option<N>,
     uplink: LinkState,
     downlink: LinkState,
+    /// The group its [`Destination::Group`] datagrams go to.
+    send_group: u32,
+    /// The group whose datagrams it receives.
+    listen_group: u32,
     timer: TimerState,
     stats: NodeStats,
 }
@@ -378,6 +385,7 @@ impl<N: Node> Network<N> {
             now: 0,
             slots: Vec::new(),
             present: 0,
+            listeners: HashMap::new(),
             links: Vec::new(),
             arrivals: BinaryHeap::new(),
             timers: BinaryHeap::new(),
@@ -434,12 +442,39 @@ impl<N: Node> Network<N> {
             node: Some(node),
             uplink: LinkState::new(uplink),
             downlink: LinkState::new(downlink),
+            send_group: 0,
+            listen_group: 0,
             timer: TimerState::default(),
             stats: NodeStats::default(),
         });
         self.present += 1;
+        self.listeners.entry(0).or_default().push(index);
         self.refresh_timer(index as usize, false);
         Ok(NodeId(index))
+    }
+
+    /// Puts a node in multicast groups: its [`Destination::Group`] datagrams go to the nodes
+    /// listening to `send`, and it receives those sent to `listen`. Every node starts in group
+    /// 0 for both. Groups model separate multicast segments, as a relay's: it listens to its
+    /// upstream group and sends into its own.
+    pub fn set_groups(&mut self, id: NodeId, send: u32, listen: u32) -> Result<(), SimError> {
+        let index = id.0;
+        let slot = self
+            .slots
+            .get_mut(id.index())
+            .ok_or(SimError::UnknownNode(id))?;
+        let old = slot.listen_group;
+        slot.send_group = send;
+        slot.listen_group = listen;
+        if old != listen {
+            if let Some(list) = self.listeners.get_mut(&old) {
+                list.retain(|&i| i != index);
+            }
+            let list = self.listeners.entry(listen).or_default();
+            let at = list.partition_point(|&i| i < index);
+            list.insert(at, index);
+        }
+        Ok(())
     }
 
     /// The address of a node: 198.18.0.0 plus (index + 1), port [`NODE_PORT`].
@@ -579,6 +614,23 @@ impl<N: Node> Network<N> {
     /// downlinks of its destination like any other datagram. A group datagram is not delivered
     /// to the node whose address is `from`. For floods and forgeries in scenario tests.
     pub fn inject(&mut self, from: SocketAddr, destination: Destination, bytes: &[u8]) {
+        // A spoofed node's datagram goes to that node's group, an outsider's to group 0.
+        let group = self
+            .node_id(from)
+            .and_then(|id| self.slots.get(id.index()))
+            .map_or(0, |slot| slot.send_group);
+        self.inject_into(group, from, destination, bytes);
+    }
+
+    /// [`Network::inject`] into multicast group `group` (see [`Network::set_groups`]) when
+    /// `destination` is [`Destination::Group`].
+    pub fn inject_into(
+        &mut self,
+        group: u32,
+        from: SocketAddr,
+        destination: Destination,
+        bytes: &[u8],
+    ) {
         let sender = match self.node_id(from) {
             Some(id) => id.0,
             None => {
@@ -591,7 +643,7 @@ impl<N: Node> Network<N> {
             }
         };
         self.stats.injected += 1;
-        self.route(sender, false, destination, bytes);
+        self.route_in(group, sender, false, destination, bytes);
     }
 
     /// Processes, in time order, every arrival and timer up to `t`, then sets the time to `t`
@@ -882,6 +934,22 @@ impl<N: Node> Network<N> {
     /// Sends `bytes` from `sender` (a node index, or an external tag) to `destination`, across
     /// the sender's uplink when `uplink` is set, then the receivers' downlinks.
     fn route(&mut self, sender: u32, uplink: bool, destination: Destination, bytes: &[u8]) {
+        let group = self
+            .slots
+            .get(sender as usize)
+            .map_or(0, |slot| slot.send_group);
+        self.route_in(group, sender, uplink, destination, bytes);
+    }
+
+    /// [`Self::route`] with group datagrams going to the listeners of `group`.
+    fn route_in(
+        &mut self,
+        group: u32,
+        sender: u32,
+        uplink: bool,
+        destination: Destination,
+        bytes: &[u8],
+    ) {
         // Resolve a unicast target before the uplink: the switch drops unknown ones, and the
         // uplink's draws need not depend on it.
         let target = match destination {
@@ -920,11 +988,15 @@ impl<N: Node> Network<N> {
             match target {
                 Some(target) => self.downlink(target, sender, at, &payload),
                 None => {
-                    for receiver in 0..self.slots.len() as u32 {
+                    let Some(listeners) = self.listeners.remove(&group) else {
+                        continue;
+                    };
+                    for &receiver in &listeners {
                         if receiver != sender && self.slots[receiver as usize].node.is_some() {
                             self.downlink(receiver, sender, at, &payload);
                         }
                     }
+                    self.listeners.insert(group, listeners);
                 }
             }
         }

@@ -23,8 +23,10 @@ use rand_chacha::ChaCha8Rng;
 use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
 use crate::gsa::{RekeySa, WrapAlgorithm};
 use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
+use crate::relay::{RelayConfig, RelayEvent, RelaySession};
+use crate::resync::{Lookup, ResyncSource};
 use crate::session::layout::{build_message, MessageParams};
-use crate::session::sender::{PreparedMessage, ResyncLookup, SenderCounters};
+use crate::session::sender::{PreparedMessage, SenderCounters};
 use crate::session::{
     self, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, SenderConfig,
     SenderSession,
@@ -80,6 +82,17 @@ pub struct ScenarioConfig {
     /// simulated member costs more than all the rekeys after it. Those applications are
     /// counted in [`ScenarioReport::bootstrapped`], not as resyncs.
     pub bootstrap_initial: bool,
+    /// Relays between the GCKS and the members (0: every member receives from the GCKS).
+    /// Each relay is registered like a member (it holds a leaf), listens to the GCKS's group
+    /// and sends into a group of its own; member `i` (by slot) is behind relay `i % relays`,
+    /// NACKs to it and resyncs from it first, then from the GCKS. The relays' upstream side
+    /// takes [`Self::receiver`], their downstream side [`Self::sender`].
+    pub relays: usize,
+    /// Every relay's downlink: the upstream tier's loss.
+    pub relay_downlink: LinkConfig,
+    /// Every relay's uplink (its downstream multicast crosses it once, before the members'
+    /// downlinks).
+    pub relay_uplink: LinkConfig,
 }
 
 impl ScenarioConfig {
@@ -116,6 +129,9 @@ impl ScenarioConfig {
             resync_spread: Duration::from_millis(500),
             service_tick: Duration::from_millis(5),
             bootstrap_initial: false,
+            relays: 0,
+            relay_downlink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(5)),
+            relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
         }
     }
 }
@@ -194,6 +210,29 @@ pub struct ScenarioReport {
     pub path_rtt: Duration,
     /// The sender's GRTT estimate at the end.
     pub grtt_estimate: Duration,
+    /// The relays' side of the run (all zero without relays).
+    pub relays: RelayReport,
+}
+
+/// What the relays of a scenario did, summed over the relays.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayReport {
+    /// Relays in the scenario.
+    pub relays: usize,
+    /// Relays holding the GCKS's group key at the end.
+    pub converged: usize,
+    /// Messages forwarded downstream (each relay counts its own).
+    pub forwarded: u64,
+    /// Messages a relay got by resync only and could not forward.
+    pub not_forwarded: u64,
+    /// NACKs the relays sent upstream.
+    pub upstream_nacks: u64,
+    /// Chunks that failed authentication at a relay.
+    pub bad_chunks: u64,
+    /// Signature checks the relays made.
+    pub signature_checks: u64,
+    /// The relays' downstream sides' counters, summed.
+    pub downstream: SenderCounters,
 }
 
 impl ScenarioReport {
@@ -232,6 +271,35 @@ pub enum SimNode {
     Sender(Box<SenderSession>),
     /// A member.
     Member(Box<MemberNode>),
+    /// A relay.
+    Relay(Box<RelayNode>),
+}
+
+/// A relay's session with what the scenario needs of it.
+#[derive(Debug)]
+pub struct RelayNode {
+    /// The session.
+    pub session: RelaySession,
+    /// The GCKS's address: datagrams from it are upstream traffic, the rest downstream.
+    upstream: SocketAddr,
+    index: usize,
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl RelayNode {
+    fn drain_events(&mut self) {
+        let mut shared = self.shared.borrow_mut();
+        while let Some(event) = self.session.poll_event() {
+            if let RelayEvent::Upstream(
+                event @ (ReceiverEvent::OutOfSync { .. }
+                | ReceiverEvent::StateCheckNeeded { .. }
+                | ReceiverEvent::MustReregister),
+            ) = event
+            {
+                shared.relay_actions.push((self.index, event));
+            }
+        }
+    }
 }
 
 /// A member's session with what the scenario records about it.
@@ -253,6 +321,8 @@ struct Shared {
     time_to_key_us: Vec<u64>,
     /// Events the scenario must act on: (member slot, event).
     actions: Vec<(usize, ReceiverEvent)>,
+    /// Events of relays the scenario must act on: (relay index, event).
+    relay_actions: Vec<(usize, ReceiverEvent)>,
     out_of_sync: Vec<(Option<usize>, u64)>,
 }
 
@@ -279,6 +349,55 @@ impl MemberNode {
     }
 }
 
+impl SimNode {
+    /// Hands a resync endpoint's state answer to a member or relay.
+    fn state_answer(&mut self, now: Instant, manifest: &[u8]) {
+        match self {
+            Self::Member(member) => {
+                let _verdict = member.session.handle_state_answer(now, manifest);
+                member.drain_events(now);
+            }
+            Self::Relay(relay) => {
+                let _verdict = relay.session.handle_state_answer(now, manifest);
+                relay.drain_events();
+            }
+            Self::Sender(_) => {}
+        }
+    }
+
+    /// Hands one resync item to a member or relay; whether it was applied.
+    fn resync(&mut self, now: Instant, manifest: &[u8], chunk: &[u8]) -> bool {
+        match self {
+            Self::Member(member) => {
+                let applied = member.session.handle_resync(now, manifest, chunk).is_ok();
+                member.drain_events(now);
+                applied
+            }
+            Self::Relay(relay) => {
+                let applied = relay.session.handle_resync(now, manifest, chunk).is_ok();
+                relay.drain_events();
+                applied
+            }
+            Self::Sender(_) => false,
+        }
+    }
+
+    /// Tells a member or relay that what it lacks left the history.
+    fn beyond_history(&mut self, now: Instant) {
+        match self {
+            Self::Member(member) => {
+                member.session.handle_beyond_history(now);
+                member.drain_events(now);
+            }
+            Self::Relay(relay) => {
+                relay.session.handle_beyond_history(now);
+                relay.drain_events();
+            }
+            Self::Sender(_) => {}
+        }
+    }
+}
+
 impl Node for SimNode {
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         match self {
@@ -286,6 +405,14 @@ impl Node for SimNode {
             Self::Member(member) => {
                 member.session.handle_datagram(now, from, bytes);
                 member.drain_events(now);
+            }
+            Self::Relay(relay) => {
+                if from == relay.upstream {
+                    relay.session.handle_upstream(now, from, bytes);
+                } else {
+                    relay.session.handle_downstream(now, from, bytes);
+                }
+                relay.drain_events();
             }
         }
     }
@@ -297,6 +424,10 @@ impl Node for SimNode {
                 member.session.handle_timeout(now);
                 member.drain_events(now);
             }
+            Self::Relay(relay) => {
+                relay.session.handle_timeout(now);
+                relay.drain_events();
+            }
         }
     }
 
@@ -304,6 +435,10 @@ impl Node for SimNode {
         match self {
             Self::Sender(sender) => sender.poll_transmit(now, buf),
             Self::Member(member) => member.session.poll_transmit(now, buf),
+            Self::Relay(relay) => relay.session.poll_transmit(now, buf).map(|t| Transmit {
+                destination: t.destination,
+                len: t.len,
+            }),
         }
     }
 
@@ -311,6 +446,7 @@ impl Node for SimNode {
         match self {
             Self::Sender(sender) => sender.poll_timeout(),
             Self::Member(member) => member.session.poll_timeout(),
+            Self::Relay(relay) => relay.session.poll_timeout(),
         }
     }
 }
@@ -320,6 +456,9 @@ impl Node for SimNode {
 enum Action {
     StateAnswer,
     Resync,
+    /// The same for the relay of that index.
+    RelayStateAnswer,
+    RelayResync,
 }
 
 /// Runs a scenario to its end and reports.
@@ -333,6 +472,10 @@ struct Scenario<'c> {
     tree: KeyTree,
     signing_key: SigningKey,
     sender: NodeId,
+    /// The relays' nodes, by relay index.
+    relays: Vec<NodeId>,
+    /// Relays' member ids, joined in the first message.
+    pending_relays: Vec<MemberId>,
     /// Member slots: (member id, node id); a slot is never reused.
     slots: Vec<(MemberId, NodeId)>,
     /// Slots of current members.
@@ -389,6 +532,8 @@ impl<'c> Scenario<'c> {
             tree,
             signing_key,
             sender,
+            relays: Vec::new(),
+            pending_relays: Vec::new(),
             slots: Vec::new(),
             current: Vec::new(),
             shared: Rc::new(RefCell::new(Shared::default())),
@@ -406,6 +551,10 @@ impl<'c> Scenario<'c> {
     }
 
     fn run(mut self) -> Result<ScenarioReport, ScenarioError> {
+        let relays: Vec<MemberId> = (0..self.config.relays)
+            .map(|_| self.new_member_id())
+            .collect();
+        self.pending_relays = relays;
         let initial: Vec<MemberId> = (0..self.config.members)
             .map(|_| self.new_member_id())
             .collect();
@@ -436,6 +585,11 @@ impl<'c> Scenario<'c> {
         Ok(self.report())
     }
 
+    /// The relay member slot `slot` is behind, if the scenario has relays.
+    fn relay_of(&self, slot: usize) -> Option<NodeId> {
+        (!self.relays.is_empty()).then(|| self.relays[slot % self.relays.len()])
+    }
+
     fn new_member_id(&mut self) -> MemberId {
         self.next_member_id += 1;
         MemberId(self.next_member_id)
@@ -448,7 +602,9 @@ impl<'c> Scenario<'c> {
         leaves: &[MemberId],
         initial: bool,
     ) -> Result<(), ScenarioError> {
-        let batch = self.tree.apply_batch(joins, leaves)?;
+        let relay_ids = std::mem::take(&mut self.pending_relays);
+        let all_joins: Vec<MemberId> = relay_ids.iter().chain(joins).copied().collect();
+        let batch = self.tree.apply_batch(&all_joins, leaves)?;
         let now = self.net.now();
         let params = MessageParams {
             spi: SPI,
@@ -464,16 +620,48 @@ impl<'c> Scenario<'c> {
         )?;
         let prepared = PreparedMessage::new(built, batch.mac_key.clone())?;
         let seq = prepared.seq();
-        let feedback = self.net.addr(self.sender);
+        let upstream = self.net.addr(self.sender);
+        for &relay in &relay_ids {
+            let bundle = self.tree.join(relay)?;
+            let mut config = RelayConfig::new(upstream);
+            config.upstream = self.config.receiver.clone();
+            config.upstream.feedback_addr = upstream;
+            config.upstream.scheduler.group_size =
+                u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
+            config.upstream.scheduler.seed = self.rng.gen();
+            config.downstream = self.config.sender.clone();
+            let per_relay = self.config.members.div_ceil(self.config.relays.max(1));
+            config.downstream_group_size = Some(u32::try_from(per_relay.max(1)).unwrap_or(1));
+            let index = self.relays.len();
+            let session = RelaySession::new(&bundle, config, now).map_err(|e| match e {
+                crate::relay::RelayError::Config(e) => ScenarioError::Config(e),
+                _ => ScenarioError::Invalid("relay could not start"),
+            })?;
+            let node = SimNode::Relay(Box::new(RelayNode {
+                session,
+                upstream,
+                index,
+                shared: Rc::clone(&self.shared),
+            }));
+            let id = self.net.add_node(
+                node,
+                self.config.relay_uplink.clone(),
+                self.config.relay_downlink.clone(),
+            )?;
+            // The relay listens to the GCKS's group (0) and sends into its own.
+            self.net.set_groups(id, relay_group(index), 0)?;
+            self.relays.push(id);
+        }
         for (i, &member) in joins.iter().enumerate() {
             let bundle = self.tree.join(member)?;
             let mut receiver_config = self.config.receiver.clone();
-            receiver_config.feedback_addr = feedback;
+            let slot = self.slots.len();
+            let relay = self.relay_of(slot);
+            receiver_config.feedback_addr = relay.map_or(upstream, |id| self.net.addr(id));
             receiver_config.scheduler.group_size =
                 u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
             receiver_config.scheduler.seed = self.rng.gen();
             let session = ReceiverSession::new(&bundle, receiver_config)?;
-            let slot = self.slots.len();
             let initial_index = initial.then_some(i);
             let node = SimNode::Member(Box::new(MemberNode {
                 session,
@@ -495,6 +683,10 @@ impl<'c> Scenario<'c> {
             let id = self
                 .net
                 .add_node(node, self.config.member_uplink.clone(), downlink)?;
+            if self.config.relays > 0 {
+                let group = relay_group(slot % self.config.relays);
+                self.net.set_groups(id, group, group)?;
+            }
             self.slots.push((member, id));
             self.current.push(slot);
         }
@@ -519,6 +711,23 @@ impl<'c> Scenario<'c> {
         let seq = prepared.seq();
         if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
             sender.restore_message(now, prepared)?;
+        }
+        for index in 0..self.relays.len() {
+            let id = self.relays[index];
+            let item = match (self.net.node(self.sender), self.net.node(id)) {
+                (Some(SimNode::Sender(sender)), Some(SimNode::Relay(relay))) => sender
+                    .resync_item(relay.session.next_seq(), relay.session.order_key())
+                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()))
+                    .ok(),
+                _ => None,
+            };
+            if let (Some((manifest, chunk)), Some(SimNode::Relay(relay))) =
+                (item, self.net.node_mut(id))
+            {
+                let _ = relay.session.handle_resync(now, &manifest, &chunk);
+                while relay.session.poll_event().is_some() {}
+            }
+            self.net.touch(id)?;
         }
         for slot in self.current.clone() {
             let id = self.slots[slot].1;
@@ -581,6 +790,22 @@ impl<'c> Scenario<'c> {
 
     /// Schedules what members asked for and performs what is due.
     fn serve(&mut self, now: Instant) -> Result<(), ScenarioError> {
+        let relay_actions = std::mem::take(&mut self.shared.borrow_mut().relay_actions);
+        for (index, event) in relay_actions {
+            match event {
+                ReceiverEvent::StateCheckNeeded { .. } => {
+                    self.schedule(
+                        now + self.config.resync_rtt,
+                        index,
+                        Action::RelayStateAnswer,
+                    );
+                }
+                ReceiverEvent::OutOfSync { .. } => {
+                    self.schedule(now + self.config.resync_rtt, index, Action::RelayResync);
+                }
+                _ => {}
+            }
+        }
         let actions = std::mem::take(&mut self.shared.borrow_mut().actions);
         for (slot, event) in actions {
             match event {
@@ -610,53 +835,50 @@ impl<'c> Scenario<'c> {
             .push(std::cmp::Reverse((at, self.scheduled_count, slot, action)));
     }
 
-    /// One exchange with the resync endpoint (the sender's history) for a member.
-    fn perform(&mut self, now: Instant, slot: usize, action: Action) -> Result<(), ScenarioError> {
-        let id = self.slots[slot].1;
+    /// One exchange with the resync endpoints for a member (its relay first, if it has one,
+    /// then the GCKS) or for a relay (the GCKS).
+    fn perform(&mut self, now: Instant, index: usize, action: Action) -> Result<(), ScenarioError> {
+        let (id, endpoints) = match action {
+            Action::StateAnswer | Action::Resync => {
+                let mut endpoints: Vec<NodeId> = self.relay_of(index).into_iter().collect();
+                endpoints.push(self.sender);
+                (self.slots[index].1, endpoints)
+            }
+            Action::RelayStateAnswer | Action::RelayResync => {
+                (self.relays[index], vec![self.sender])
+            }
+        };
         if !self.net.is_present(id) {
             return Ok(());
         }
-        let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
-            return Ok(());
-        };
-        // The endpoint's answers are copied out so that the member can be borrowed next.
         match action {
-            Action::StateAnswer => {
-                let Some((_, manifest)) = sender.latest_manifest() else {
-                    return Ok(());
-                };
-                let manifest = manifest.to_vec();
-                if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
-                    // A behind member raises OutOfSync, which the next service tick schedules; a
-                    // bad answer changes nothing.
-                    let _verdict = member.session.handle_state_answer(now, &manifest);
-                    member.drain_events(now);
+            Action::StateAnswer | Action::RelayStateAnswer => {
+                let manifest = endpoints.iter().find_map(|&endpoint| {
+                    let (_, manifest) = self.source(endpoint)?.latest()?;
+                    Some(manifest.to_vec())
+                });
+                if let (Some(manifest), Some(node)) = (manifest, self.net.node_mut(id)) {
+                    // A behind member raises OutOfSync, which the next service tick schedules;
+                    // a bad answer changes nothing.
+                    node.state_answer(now, &manifest);
                 }
             }
-            Action::Resync => {
+            Action::Resync | Action::RelayResync => {
                 // Fetch and apply in order until the member has the latest message; each item
                 // is one request on the resync connection.
                 while let Some((seq, key)) = self.resync_position(id) {
-                    let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
-                        break;
-                    };
-                    let item = sender
-                        .resync_item(seq, key)
-                        .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()));
-                    let Some(SimNode::Member(member)) = self.net.node_mut(id) else {
+                    let item = self.fetch(&endpoints, seq, key);
+                    let Some(node) = self.net.node_mut(id) else {
                         break;
                     };
                     let more = match item {
-                        Ok((manifest, chunk)) => {
-                            member.session.handle_resync(now, &manifest, &chunk).is_ok()
-                        }
-                        Err(ResyncLookup::BeyondHistory { .. }) => {
-                            member.session.handle_beyond_history(now);
+                        Lookup::Found((manifest, chunk)) => node.resync(now, &manifest, &chunk),
+                        Lookup::BeyondHistory { .. } => {
+                            node.beyond_history(now);
                             false
                         }
-                        Err(_) => false,
+                        Lookup::NotYetSent { .. } | Lookup::NotFound => false,
                     };
-                    member.drain_events(now);
                     if !more {
                         break;
                     }
@@ -665,6 +887,34 @@ impl<'c> Scenario<'c> {
         }
         self.net.touch(id)?;
         Ok(())
+    }
+
+    /// What a node serves resync from: the GCKS's history or a relay's.
+    fn source(&self, id: NodeId) -> Option<&dyn ResyncSource> {
+        match self.net.node(id)? {
+            SimNode::Sender(sender) => Some(sender.as_ref()),
+            SimNode::Relay(relay) => Some(&relay.session),
+            SimNode::Member(_) => None,
+        }
+    }
+
+    /// Message `seq`'s manifest and the chunk of order key `key` from the first endpoint that
+    /// has them, or the last endpoint's answer.
+    fn fetch(&self, endpoints: &[NodeId], seq: u64, key: u32) -> Lookup<(Vec<u8>, Vec<u8>)> {
+        let mut outcome = Lookup::NotFound;
+        for &endpoint in endpoints {
+            let Some(source) = self.source(endpoint) else {
+                continue;
+            };
+            outcome = match (source.manifest(seq), source.chunk(seq, key)) {
+                (Lookup::Found(manifest), Lookup::Found(chunk)) => {
+                    return Lookup::Found((manifest.to_vec(), chunk.to_vec()));
+                }
+                (Lookup::Found(_), other) => other.map(|_| (Vec::new(), Vec::new())),
+                (other, _) => other.map(|_| (Vec::new(), Vec::new())),
+            };
+        }
+        outcome
     }
 
     /// Whether every current member has applied the latest message.
@@ -683,6 +933,9 @@ impl<'c> Scenario<'c> {
         match self.net.node(id) {
             Some(SimNode::Member(member)) if !member.session.must_reregister() => {
                 Some((member.session.next_seq(), member.session.order_key()))
+            }
+            Some(SimNode::Relay(relay)) if !relay.session.must_reregister() => {
+                Some((relay.session.next_seq(), relay.session.order_key()))
             }
             _ => None,
         }
@@ -727,6 +980,27 @@ impl<'c> Scenario<'c> {
         };
         let path_rtt = 2 * (self.config.sender_link.delay + self.config.member_downlink.delay)
             + self.config.member_downlink.jitter;
+        let mut relays = RelayReport {
+            relays: self.relays.len(),
+            ..RelayReport::default()
+        };
+        for &id in &self.relays {
+            let Some(SimNode::Relay(relay)) = self.net.node(id) else {
+                continue;
+            };
+            let session = &relay.session;
+            relays.forwarded += session.counters().forwarded;
+            relays.not_forwarded += session.counters().not_forwarded;
+            relays.upstream_nacks += session.upstream_counters().nacks_sent;
+            relays.bad_chunks += session.upstream_counters().bad_chunks;
+            relays.signature_checks += session.upstream_message_counters().signature_checks;
+            add_sender_counters(&mut relays.downstream, session.downstream_counters());
+            if session.keys().group_key().is_some_and(|k| {
+                k.version == group_version && k.key.as_bytes() == group_key.as_bytes()
+            }) {
+                relays.converged += 1;
+            }
+        }
         let mut shared = self.shared.borrow_mut();
         shared.time_to_key_us.sort_unstable();
         ScenarioReport {
@@ -751,8 +1025,32 @@ impl<'c> Scenario<'c> {
             network: self.net.stats().clone(),
             path_rtt,
             grtt_estimate,
+            relays,
         }
     }
+}
+
+/// The simulated multicast group relay `index` sends into (the GCKS's is 0).
+fn relay_group(index: usize) -> u32 {
+    u32::try_from(index + 1).unwrap_or(u32::MAX)
+}
+
+fn add_sender_counters(total: &mut SenderCounters, c: &SenderCounters) {
+    total.manifests_sent += c.manifests_sent;
+    total.source_symbols_sent += c.source_symbols_sent;
+    total.proactive_symbols_sent += c.proactive_symbols_sent;
+    total.repair_symbols_sent += c.repair_symbols_sent;
+    total.heartbeats_sent += c.heartbeats_sent;
+    total.advertisements_sent += c.advertisements_sent;
+    total.bytes_sent += c.bytes_sent;
+    total.source_bytes_sent += c.source_bytes_sent;
+    total.nacks_received += c.nacks_received;
+    total.probe_replies_received += c.probe_replies_received;
+    total.repair_orders += c.repair_orders;
+    total.rejected += c.rejected;
+    total.ignored += c.ignored;
+    total.buffer_too_small += c.buffer_too_small;
+    total.fec_errors += c.fec_errors;
 }
 
 fn add_counters(total: &mut ReceiverCounters, c: &ReceiverCounters) {
@@ -773,5 +1071,7 @@ fn add_counters(total: &mut ReceiverCounters, c: &ReceiverCounters) {
     total.probe_replies_sent += c.probe_replies_sent;
     total.state_checks += c.state_checks;
     total.out_of_sync += c.out_of_sync;
+    total.silences += c.silences;
+    total.bad_chunks += c.bad_chunks;
     total.buffer_too_small += c.buffer_too_small;
 }

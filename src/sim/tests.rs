@@ -978,3 +978,43 @@ fn addresses_fill_the_block_and_no_more() {
     );
     assert_eq!(net.id_count(), MAX_NODES);
 }
+
+#[test]
+fn group_datagrams_reach_only_the_listeners_of_the_senders_group() {
+    // Node 0 sends into group 0; node 1 listens to 0 and sends into 1 (a relay); nodes 2 and
+    // 3 listen to 1; node 4 stays in group 0.
+    let mut net = Network::new(5);
+    let ids: Vec<NodeId> = (0..5)
+        .map(|_| {
+            net.add_node(Toy::new(), LinkConfig::ideal(), LinkConfig::ideal())
+                .unwrap()
+        })
+        .collect();
+    net.set_groups(ids[1], 1, 0).unwrap();
+    net.set_groups(ids[2], 1, 1).unwrap();
+    net.set_groups(ids[3], 1, 1).unwrap();
+    let from_root = net.addr(ids[0]);
+    net.inject(from_root, Destination::Group, b"root");
+    let from_relay = net.addr(ids[1]);
+    net.inject(from_relay, Destination::Group, b"relay");
+    let outsider = SocketAddr::from(([203, 0, 113, 9], 1));
+    net.inject_into(1, outsider, Destination::Group, b"into 1");
+    net.run_until(net.start() + Duration::from_secs(1));
+    let got = |net: &Network<Toy>, i: usize| -> Vec<Vec<u8>> {
+        net.node(ids[i])
+            .unwrap()
+            .received
+            .iter()
+            .map(|(_, _, bytes)| bytes.clone())
+            .collect()
+    };
+    assert!(got(&net, 0).is_empty());
+    assert_eq!(got(&net, 1), vec![b"root".to_vec()]);
+    for i in [2, 3] {
+        assert_eq!(got(&net, i), vec![b"relay".to_vec(), b"into 1".to_vec()]);
+    }
+    assert_eq!(got(&net, 4), vec![b"root".to_vec()]);
+    assert!(net
+        .set_groups(NodeId::from_index(99).unwrap(), 0, 0)
+        .is_err());
+}

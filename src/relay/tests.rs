@@ -1,0 +1,501 @@
+//! The relay session against a real sender session and real messages, with no network in
+//! between: what it forwards, what it refuses, what its repair looks like.
+
+// Test helpers unwrap: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+
+use super::*;
+use crate::gsa::{RekeySa, WrapAlgorithm};
+use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
+use crate::resync::store::StoredMessage;
+use crate::session::layout::{build_message, MessageParams};
+use crate::session::seal_into;
+use crate::wire::{self, BodyRepr, DatagramRepr, NackRepr, ObjectKind};
+
+const GROUP: u32 = 0x5E1A_0001;
+const SPI: u32 = 9;
+
+fn addr(last: u8) -> SocketAddr {
+    SocketAddr::from(([198, 18, 0, last], 7000))
+}
+
+/// A GCKS (key tree, signing key, sender session) and one relay registered with it.
+struct Harness {
+    tree: KeyTree,
+    signing_key: SigningKey,
+    gcks: SenderSession,
+    relay: RelaySession,
+    now: Instant,
+    /// Every symbol datagram the GCKS sent: (seq, object, sbn, esi) -> data.
+    gcks_symbols: HashMap<(u64, u8, u8, u32), Vec<u8>>,
+    /// Every datagram the relay sent downstream.
+    downstream: Vec<Vec<u8>>,
+}
+
+/// The GCKS with `members` members and the relay, the first message (admitting them all)
+/// queued but not yet delivered.
+fn harness(members: u64) -> Harness {
+    let signing_key = SigningKey::from_bytes(&[7; 32]);
+    let sa = RekeySa {
+        group_id: GROUP,
+        spi: SPI,
+        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+        degree: Degree::new(4).unwrap(),
+        gcks_public_key: signing_key.verifying_key(),
+        data_sa_lifetime_secs: 3600,
+    };
+    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(3));
+    let now = Instant::now();
+    let config = SenderConfig {
+        heartbeat_min: Duration::from_millis(20),
+        ..SenderConfig::default()
+    };
+    let gcks = SenderSession::new(config, GROUP, SPI, now).unwrap();
+    let joins: Vec<MemberId> = (1..=members + 1).map(MemberId).collect();
+    let batch = tree.apply_batch(&joins, &[]).unwrap();
+    let relay_bundle = tree.join(MemberId(1)).unwrap();
+    let mut relay_config = RelayConfig::new(addr(1));
+    relay_config.downstream.heartbeat_min = Duration::from_millis(20);
+    let relay = RelaySession::new(&relay_bundle, relay_config, now).unwrap();
+    let mut harness = Harness {
+        tree,
+        signing_key,
+        gcks,
+        relay,
+        now,
+        gcks_symbols: HashMap::new(),
+        downstream: Vec::new(),
+    };
+    harness.queue(&batch);
+    harness
+}
+
+impl Harness {
+    fn queue(&mut self, batch: &crate::lkh::RekeyBatch) {
+        let params = MessageParams {
+            spi: SPI,
+            ..MessageParams::default()
+        };
+        let built = build_message(
+            batch,
+            &self.tree.leaves_in_order(),
+            &self.signing_key,
+            &params,
+        )
+        .unwrap();
+        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+        self.gcks.queue_message(self.now, prepared).unwrap();
+    }
+
+    /// Runs both sessions for `duration` of virtual time: the GCKS's datagrams go through
+    /// `upstream` (which may drop or change them) to the relay, the relay's upstream
+    /// datagrams back to the GCKS, its downstream ones are recorded.
+    fn run(&mut self, duration: Duration, mut upstream: impl FnMut(&[u8]) -> Option<Vec<u8>>) {
+        let end = self.now + duration;
+        let mut buf = vec![0u8; 65_536];
+        for _ in 0..1_000_000 {
+            let mut busy = false;
+            while let Some(transmit) = self.gcks.poll_transmit(self.now, &mut buf) {
+                busy = true;
+                let bytes = buf[..transmit.len].to_vec();
+                if let Ok(repr) = DatagramRepr::parse(&bytes) {
+                    if let BodyRepr::Symbol(symbol) = &repr.body {
+                        let key = (repr.seq, symbol.object as u8, symbol.sbn, symbol.esi);
+                        self.gcks_symbols.insert(key, symbol.data.to_vec());
+                    }
+                }
+                if let Some(bytes) = upstream(&bytes) {
+                    self.relay.handle_upstream(self.now, addr(1), &bytes);
+                }
+            }
+            while let Some(transmit) = self.relay.poll_transmit(self.now, &mut buf) {
+                busy = true;
+                let bytes = buf[..transmit.len].to_vec();
+                match transmit.tier {
+                    Tier::Upstream => self.gcks.handle_datagram(self.now, addr(2), &bytes),
+                    Tier::Downstream => self.downstream.push(bytes),
+                }
+            }
+            if busy {
+                continue;
+            }
+            let next = [self.gcks.poll_timeout(), self.relay.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(at) if at <= end => {
+                    self.now = self.now.max(at);
+                    self.gcks.handle_timeout(self.now);
+                    self.relay.handle_timeout(self.now);
+                }
+                _ => {
+                    self.now = end;
+                    return;
+                }
+            }
+        }
+        panic!("the sessions did not go quiet");
+    }
+
+    fn events(&mut self) -> Vec<RelayEvent> {
+        std::iter::from_fn(|| self.relay.poll_event()).collect()
+    }
+
+    /// A datagram of message `seq` with `body`, sealed under `key`.
+    fn sealed(seq: u64, body: BodyRepr<'_>, key: &crate::auth::mac::MacKey) -> Vec<u8> {
+        let repr = DatagramRepr {
+            group_id: GROUP,
+            spi: SPI,
+            seq,
+            body,
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        let mut buf = vec![0u8; 2048];
+        let len = seal_into(&repr, key, &mut buf).unwrap();
+        buf.truncate(len);
+        buf
+    }
+}
+
+/// The downstream symbol datagrams: (seq, object, sbn, esi) -> data.
+fn symbols(datagrams: &[Vec<u8>]) -> HashMap<(u64, u8, u8, u32), Vec<u8>> {
+    datagrams
+        .iter()
+        .filter_map(|bytes| {
+            let repr = DatagramRepr::parse(bytes).ok()?;
+            match repr.body {
+                BodyRepr::Symbol(symbol) => Some((
+                    (repr.seq, symbol.object as u8, symbol.sbn, symbol.esi),
+                    symbol.data.to_vec(),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_verified_message_is_forwarded_whole_and_its_repair_symbols_equal_the_gckss() {
+    let mut h = harness(300);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    let events = h.events();
+    let chunks = h.relay.message(1).unwrap().chunk_count();
+    assert!(chunks > 4, "a message of several chunks ({chunks})");
+    assert!(events.contains(&RelayEvent::Forwarded { seq: 1, chunks }));
+    assert_eq!(h.relay.counters().forwarded, 1);
+    assert_eq!(
+        h.relay.upstream_counters().bad_chunks,
+        0,
+        "honest chunks all verify"
+    );
+    // Every chunk was authenticated: one signature each, plus the manifest's.
+    assert_eq!(
+        h.relay.upstream_message_counters().chunks_verified,
+        chunks as u64
+    );
+    let upstream = {
+        let (seq, key, manifest, symbols) = h.gcks.message(1).unwrap().parts();
+        (seq, key, manifest.to_vec(), symbols.to_vec())
+    };
+    let (seq, key, manifest, data) = h.relay.message(1).unwrap().parts();
+    assert_eq!(
+        (seq, key, manifest, data),
+        (upstream.0, upstream.1, &upstream.2[..], &upstream.3[..]),
+        "the relay holds the GCKS's message byte for byte"
+    );
+
+    // Ask both for repair of block 0: a downstream member's NACK to the relay, the relay's
+    // own to the GCKS, each sealed with message 1's key.
+    let key = crate::auth::mac::MacKey::from_bytes(upstream.1);
+    let nack = |need| {
+        Harness::sealed(
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need,
+                receiver_id: 99,
+                echo: None,
+            }),
+            &key,
+        )
+    };
+    let sent_before = h.downstream.len();
+    h.relay.handle_downstream(h.now, addr(3), &nack(6));
+    h.gcks.handle_datagram(h.now, addr(3), &nack(6));
+    h.run(Duration::from_secs(1), |bytes| Some(bytes.to_vec()));
+    let relay_symbols = symbols(&h.downstream);
+    let repairs = symbols(&h.downstream[sent_before..])
+        .into_keys()
+        .filter(|&(seq, object, sbn, _)| seq == 1 && object == ObjectKind::Chunks as u8 && sbn == 0)
+        .count();
+    assert!(
+        repairs >= 6,
+        "the relay answered the NACK itself ({repairs})"
+    );
+    let mut compared = 0;
+    for (id, data) in &relay_symbols {
+        if let Some(gcks) = h.gcks_symbols.get(id) {
+            assert_eq!(data, gcks, "symbol {id:?} differs between relay and GCKS");
+            compared += 1;
+        }
+    }
+    let manifest = crate::session::manifest::SignedManifest::parse(&upstream.2)
+        .unwrap()
+        .manifest;
+    let info = rekeycast_fec::ObjectInfo::parse(&manifest.fec_info).unwrap();
+    let k0 = info.partition().block_len(0).unwrap();
+    let repair_compared = relay_symbols
+        .keys()
+        .filter(|&&(seq, object, sbn, esi)| {
+            object == ObjectKind::Chunks as u8
+                && sbn == 0
+                && esi >= k0
+                && h.gcks_symbols.contains_key(&(seq, object, sbn, esi))
+        })
+        .count();
+    assert!(compared > chunks, "compared {compared} symbols");
+    assert!(
+        repair_compared >= 1,
+        "at least one repair symbol (ESI beyond the source) was sent by both and compared"
+    );
+}
+
+#[test]
+fn tampered_and_forged_upstream_datagrams_are_never_forwarded() {
+    let mut h = harness(300);
+    let (_, key, manifest, _) = h.gcks.message(1).unwrap().parts();
+    let key = crate::auth::mac::MacKey::from_bytes(key);
+    let manifest = crate::session::manifest::SignedManifest::parse(manifest)
+        .unwrap()
+        .manifest;
+    let info = rekeycast_fec::ObjectInfo::parse(&manifest.fec_info).unwrap();
+    let k0 = info.partition().block_len(0).unwrap();
+    let mut tampered = 0;
+    let mut forged = 0;
+    // An insider (it holds the MAC key) changes one byte of source symbols 0 and 2 of block 0
+    // and seals them again; an outsider sends the other even source symbols with a wrong MAC.
+    // The genuine symbols never arrive: repair has to fill in.
+    h.run(Duration::from_secs(3), |bytes| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks
+                && symbol.sbn == 0
+                && symbol.esi < k0
+                && symbol.esi % 2 == 0
+            {
+                let mut data = symbol.data.to_vec();
+                let last = data.len() - 1;
+                data[last] ^= 0x40;
+                let body = BodyRepr::Symbol(wire::SymbolRepr {
+                    data: &data,
+                    ..*symbol
+                });
+                if symbol.esi < 4 {
+                    tampered += 1;
+                    return Some(Harness::sealed(repr.seq, body, &key));
+                }
+                forged += 1;
+                let mut bytes = Harness::sealed(repr.seq, body, &key);
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1;
+                return Some(bytes);
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert!(tampered > 0 && forged > 0);
+    let counters = h.relay.upstream_counters();
+    assert!(
+        counters.bad_chunks >= 1,
+        "tampered chunks fail authentication ({})",
+        counters.bad_chunks
+    );
+    assert!(
+        h.relay.upstream_datagram_counters().rejected() >= forged,
+        "forged datagrams fail the MAC"
+    );
+    // Repair filled in for what was refused, and what was forwarded is the GCKS's message,
+    // byte for byte.
+    assert_eq!(
+        h.relay.counters().forwarded,
+        1,
+        "the message completed by repair"
+    );
+    assert_eq!(
+        h.relay.message(1).unwrap().parts(),
+        h.gcks.message(1).unwrap().parts()
+    );
+    let downstream = symbols(&h.downstream);
+    for (id, data) in &downstream {
+        assert_eq!(
+            Some(data),
+            h.gcks_symbols.get(id),
+            "a forwarded symbol {id:?} is not the GCKS's"
+        );
+    }
+}
+
+#[test]
+fn downstream_nacks_with_a_bad_mac_cause_no_repair() {
+    let mut h = harness(100);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.counters().forwarded, 1);
+    let key = crate::auth::mac::MacKey::from_bytes(h.relay.message(1).unwrap().parts().1);
+    let wrong = crate::auth::mac::MacKey::from_bytes([0x55; 32]);
+    let nack = |key: &crate::auth::mac::MacKey| {
+        Harness::sealed(
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need: 20,
+                receiver_id: 5,
+                echo: None,
+            }),
+            key,
+        )
+    };
+    let repair_before = h.relay.downstream_counters().repair_symbols_sent;
+    for _ in 0..1_000 {
+        h.relay.handle_downstream(h.now, addr(4), &nack(&wrong));
+    }
+    h.run(Duration::from_secs(1), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.downstream_counters().rejected, 1_000);
+    assert_eq!(h.relay.downstream_counters().nacks_received, 0);
+    assert_eq!(
+        h.relay.downstream_counters().repair_symbols_sent,
+        repair_before,
+        "no repair for NACKs with a bad MAC"
+    );
+    // The same NACK with the right key is answered: the test above can fail.
+    h.relay.handle_downstream(h.now, addr(4), &nack(&key));
+    h.run(Duration::from_secs(1), |bytes| Some(bytes.to_vec()));
+    assert!(h.relay.downstream_counters().repair_symbols_sent >= repair_before + 20);
+}
+
+#[test]
+fn the_relay_forwards_the_next_messages_with_the_keys_it_got() {
+    let mut h = harness(50);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    for round in 0..3u64 {
+        let leave = MemberId(10 + round);
+        let join = MemberId(1_000 + round);
+        let batch = h.tree.apply_batch(&[join], &[leave]).unwrap();
+        h.queue(&batch);
+        h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    }
+    assert_eq!(h.relay.counters().forwarded, 4);
+    assert_eq!(h.relay.next_seq(), 5);
+    let (version, key) = h.tree.group_key();
+    let relay_key = h.relay.keys().group_key().unwrap();
+    assert_eq!(relay_key.version, version);
+    assert_eq!(relay_key.key.as_bytes(), key.as_bytes());
+    for seq in 1..=4 {
+        assert_eq!(
+            h.relay.message(seq).unwrap().parts(),
+            h.gcks.message(seq).unwrap().parts()
+        );
+    }
+}
+
+#[test]
+fn a_resumed_relay_serves_its_stored_history_at_once() {
+    let mut h = harness(100);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    let stored = StoredMessage::from_prepared(h.relay.message(1).unwrap());
+    let keys = h.relay.keys().clone();
+    let leaf = h.relay.order_key();
+    let config = RelayConfig::new(addr(1));
+    let resumed = RelaySession::resume(
+        keys.clone(),
+        vec![stored.to_prepared().unwrap()],
+        config.clone(),
+        h.now,
+    )
+    .unwrap();
+    assert_eq!(resumed.next_seq(), 2);
+    assert_eq!(ResyncSource::latest(&resumed).map(|(seq, _)| seq), Some(1));
+    assert!(matches!(resumed.chunk(1, leaf), Lookup::Found(_)));
+    assert_eq!(
+        resumed.manifest(1),
+        Lookup::Found(h.gcks.message(1).unwrap().parts().2)
+    );
+    // A relay never sends a member to re-register: what it lacks, the GCKS may hold.
+    assert_eq!(resumed.manifest(0), Lookup::NotFound);
+    // History newer than the keys is refused: message 2, which the relay never received.
+    let batch = h.tree.apply_batch(&[MemberId(5_000)], &[]).unwrap();
+    h.queue(&batch);
+    let newer = StoredMessage::from_prepared(h.gcks.message(2).unwrap());
+    let error = RelaySession::resume(
+        keys,
+        vec![stored.to_prepared().unwrap(), newer.to_prepared().unwrap()],
+        config,
+        h.now,
+    );
+    assert!(matches!(
+        error,
+        Err(RelayError::HistoryAhead {
+            seq: 2,
+            keys_seq: 1
+        })
+    ));
+}
+
+#[test]
+fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
+    let mut h = harness(300);
+    let (_, key, manifest, _) = h.gcks.message(1).unwrap().parts();
+    let key = crate::auth::mac::MacKey::from_bytes(key);
+    let manifest = crate::session::manifest::SignedManifest::parse(manifest)
+        .unwrap()
+        .manifest;
+    let info = rekeycast_fec::ObjectInfo::parse(&manifest.fec_info).unwrap();
+    let k0 = info.partition().block_len(0).unwrap();
+    let mut poisoned = 0;
+    // Source symbols 0..3 of block 0 are lost, so the block must decode from repair; the
+    // first repair symbols of block 0 carry an insider's garbage under a valid MAC.
+    h.run(Duration::from_secs(4), |bytes| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+                if symbol.esi < 4 {
+                    return None;
+                }
+                if symbol.esi >= k0 && poisoned < 4 {
+                    poisoned += 1;
+                    let garbage = vec![0xA5; symbol.data.len()];
+                    let body = BodyRepr::Symbol(wire::SymbolRepr {
+                        data: &garbage,
+                        ..*symbol
+                    });
+                    return Some(Harness::sealed(repr.seq, body, &key));
+                }
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert!(poisoned > 0);
+    assert!(
+        h.relay.upstream_counters().decode_failures >= 1,
+        "the poisoned decode failed authentication"
+    );
+    assert_eq!(
+        h.relay.counters().forwarded,
+        1,
+        "genuine repair completed it"
+    );
+    assert_eq!(
+        h.relay.message(1).unwrap().parts(),
+        h.gcks.message(1).unwrap().parts()
+    );
+}

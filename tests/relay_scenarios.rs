@@ -1,0 +1,160 @@
+//! Relay scenarios over the simulated network (`rekeycast::sim::rekey` with relays): a GCKS,
+//! a tier of relays registered like members, and members behind each relay, with loss on both
+//! tiers. Each test asserts its outcome from the sessions' own counters and prints the figures
+//! it is about.
+
+// Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use rekeycast::sim::rekey::{run, ScenarioConfig, ScenarioReport};
+use rekeycast::sim::{LinkConfig, Loss};
+
+/// A scenario of `relays` relays with `per_relay` members each, `rekeys` rekeys at 1% churn,
+/// `upstream` loss on the relays' downlinks and `downstream` loss on the members'.
+fn scenario(
+    seed: u64,
+    relays: usize,
+    per_relay: usize,
+    rekeys: usize,
+    upstream: Loss,
+    downstream: Loss,
+) -> ScenarioConfig {
+    let mut config = ScenarioConfig::new(seed, relays * per_relay, rekeys, 0.01, downstream);
+    config.relays = relays;
+    config.relay_downlink = LinkConfig {
+        jitter: Duration::from_millis(1),
+        ..LinkConfig::lossy(upstream, Duration::from_millis(5))
+    };
+    config
+}
+
+/// Asserts that every member and every relay ends with the GCKS's group key, every message
+/// went through every relay, and nothing failed a signature; prints the figures.
+fn assert_converged(name: &str, report: &ScenarioReport) {
+    let relays = &report.relays;
+    eprintln!(
+        "{name}: {} messages, members {}/{} converged, relays {}/{} converged, \
+         forwarded {} (not forwarded {}), member-messages {} (resync {}), time to key p50 {} us \
+         p99 {} us; GCKS: {} source, {} proactive, {} repair symbols, {} NACKs received; \
+         relays: {} NACKs upstream, {} repair symbols downstream for {} NACKs",
+        report.messages,
+        report.converged,
+        report.final_members,
+        relays.converged,
+        relays.relays,
+        relays.forwarded,
+        relays.not_forwarded,
+        report.member_messages,
+        report.applied_from_resync,
+        report.time_to_key_quantile_us(0.5),
+        report.time_to_key_quantile_us(0.99),
+        report.sender.source_symbols_sent,
+        report.sender.proactive_symbols_sent,
+        report.sender.repair_symbols_sent,
+        report.sender.nacks_received,
+        relays.upstream_nacks,
+        relays.downstream.repair_symbols_sent,
+        relays.downstream.nacks_received,
+    );
+    assert_eq!(
+        report.converged, report.final_members,
+        "{name}: every member ends with the current group key"
+    );
+    assert_eq!(
+        relays.converged, relays.relays,
+        "{name}: every relay ends with the current group key"
+    );
+    assert_eq!(
+        report.receivers.messages_applied, report.member_messages,
+        "{name}: every member applied every message it needed"
+    );
+    assert_eq!(report.must_reregister, 0, "{name}: nobody re-registers");
+    assert_eq!(
+        report.signature_failures, 0,
+        "{name}: honest traffic fails no signature"
+    );
+    assert_eq!(relays.bad_chunks, 0, "{name}: honest chunks all verify");
+}
+
+/// Upstream repair symbols per source symbol the GCKS sent.
+fn upstream_repair_ratio(report: &ScenarioReport) -> f64 {
+    report.sender.repair_symbols_sent as f64 / report.sender.source_symbols_sent.max(1) as f64
+}
+
+#[test]
+fn ten_relays_of_a_hundred_members_converge_with_loss_on_both_tiers() {
+    let config = scenario(
+        11,
+        10,
+        100,
+        10,
+        Loss::Bernoulli { p: 0.05 },
+        Loss::Bernoulli { p: 0.05 },
+    );
+    let report = run(&config).unwrap();
+    assert_eq!(report.messages, 11);
+    assert_converged("10x100, 5%/5%", &report);
+    // The first message admits the relays themselves: they get it whole from the GCKS and
+    // forward it; every later one too.
+    assert_eq!(
+        report.relays.forwarded + report.relays.not_forwarded,
+        10 * 11,
+        "every relay applied every message"
+    );
+    assert!(
+        report.relays.not_forwarded <= 1,
+        "relays forward what they receive ({} not forwarded)",
+        report.relays.not_forwarded
+    );
+    // Members NACK their relay, never the GCKS: the GCKS hears only the relays.
+    assert!(
+        report.sender.nacks_received <= report.relays.upstream_nacks,
+        "the GCKS's NACKs ({}) come from relays ({} sent)",
+        report.sender.nacks_received,
+        report.relays.upstream_nacks
+    );
+    assert!(
+        report.relays.downstream.nacks_received > 0,
+        "members behind relays NACK their relay"
+    );
+}
+
+#[test]
+fn upstream_repair_follows_upstream_loss_not_the_members_behind_the_relays() {
+    let loss = Loss::Bernoulli { p: 0.05 };
+    let small = run(&scenario(21, 10, 10, 8, loss, loss)).unwrap();
+    assert_converged("10x10, 5%/5%", &small);
+    let large = run(&scenario(21, 10, 100, 8, loss, loss)).unwrap();
+    assert_converged("10x100, 5%/5%", &large);
+    let clean = run(&scenario(21, 10, 100, 8, Loss::None, loss)).unwrap();
+    assert_converged("10x100, 0%/5%", &clean);
+    let heavy = run(&scenario(21, 10, 100, 8, Loss::Bernoulli { p: 0.2 }, loss)).unwrap();
+    assert_converged("10x100, 20%/5%", &heavy);
+    let (small_ratio, large_ratio, clean_ratio, heavy_ratio) = (
+        upstream_repair_ratio(&small),
+        upstream_repair_ratio(&large),
+        upstream_repair_ratio(&clean),
+        upstream_repair_ratio(&heavy),
+    );
+    eprintln!(
+        "GCKS repair symbols per source symbol: 10 relays x 10 members {small_ratio:.3}, \
+         x 100 members {large_ratio:.3} (5% upstream); upstream loss 0% {clean_ratio:.3}, \
+         5% {large_ratio:.3}, 20% {heavy_ratio:.3}"
+    );
+    assert_eq!(
+        clean.sender.repair_symbols_sent, 0,
+        "no upstream loss, no upstream repair, whatever the loss behind the relays"
+    );
+    assert!(
+        large_ratio <= small_ratio * 1.5 + 0.05,
+        "ten times the members behind the relays: upstream repair {large_ratio:.3} vs \
+         {small_ratio:.3} per source symbol"
+    );
+    assert!(
+        heavy_ratio > large_ratio,
+        "upstream repair grows with upstream loss: {heavy_ratio:.3} at 20% vs {large_ratio:.3} \
+         at 5%"
+    );
+}
