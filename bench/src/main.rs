@@ -35,6 +35,8 @@ enum Area {
     Engine(engine::Args),
     /// The resync endpoints on loopback: HTTP requests/s next to nginx, resync of 100 messages.
     Resync,
+    /// GCKS repair per rekey for members behind relays vs all on the GCKS (simulated).
+    Relay(relay::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Area::Sim(args) => sim::run(cli.quick, &args),
         Area::Engine(args) => engine::run(cli.quick, &args),
         Area::Resync => resync::run(cli.quick),
+        Area::Relay(args) => relay::run(cli.quick, &args),
     }
 }
 
@@ -56,6 +59,7 @@ mod engine;
 mod fec;
 mod lkh;
 mod nack;
+mod relay;
 mod resync;
 mod sim;
 mod wire;

@@ -230,7 +230,7 @@ fn text<'a>(row: &'a Value, key: &str) -> &'a str {
 }
 
 /// The UTC time of day, for progress lines.
-fn clock() -> String {
+pub(crate) fn clock() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -1,0 +1,178 @@
+//! `relay`: what a tier of relays saves the GCKS, in the seeded simulator of
+//! `rekeycast::sim::rekey`: the GCKS's repair symbols (and NACKs received) per rekey for N
+//! members behind R relays against the same N members all directly on the GCKS, side by side
+//! in one run, at the same loss (5% independent on every member link and, with relays, on
+//! every relay's downlink too: loss on both tiers).
+//!
+//! The group starts in sync from 100,000 members on ([`ScenarioConfig::bootstrap_initial`],
+//! blocks of 64 symbols, as in `sim --huge`), then `--rekeys` rekeys at 1% churn are measured.
+
+use std::time::{Duration, Instant};
+
+use rekeycast::sim::rekey::{self, ScenarioConfig, ScenarioReport};
+use rekeycast::sim::{LinkConfig, Loss};
+use serde_json::{json, Value};
+
+/// Options of the `relay` area.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Members (behind the relays, or all on the GCKS).
+    #[arg(long, default_value_t = 100_000)]
+    members: usize,
+    /// Relays (each gets members / relays of the members).
+    #[arg(long, default_value_t = 100)]
+    relays: usize,
+    /// Rekeys measured (after the message that admits everybody).
+    #[arg(long, default_value_t = 1)]
+    rekeys: usize,
+}
+
+const CHURN: f64 = 0.01;
+const LOSS: Loss = Loss::Bernoulli { p: 0.05 };
+/// Groups at least this large start in sync, as in the `sim` bench.
+const BOOTSTRAP_FROM: usize = 100_000;
+
+/// Runs the two scenarios and prints the table and the JSON line.
+pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
+    let (members, relays, rekeys) = if quick {
+        (2_000, 20, 1)
+    } else {
+        (args.members, args.relays, args.rekeys)
+    };
+    anyhow::ensure!(
+        members >= 1 && relays >= 1,
+        "--members and --relays must be >= 1"
+    );
+    println!(
+        "relay: {members} members directly on the GCKS vs behind {relays} relays ({} each), \
+         {rekeys} rekey(s) at {}% churn, 5% iid loss on every member link and every relay \
+         downlink{}",
+        members.div_ceil(relays),
+        CHURN * 100.0,
+        if members >= BOOTSTRAP_FROM {
+            "; the group starts in sync (bootstrapped), 64-symbol blocks"
+        } else {
+            ""
+        }
+    );
+    let mut rows = Vec::new();
+    for tier in [0, relays] {
+        eprintln!(
+            "relay: {members} members, {tier} relays ... [{}]",
+            crate::sim::clock()
+        );
+        let start = Instant::now();
+        let report = rekey::run(&config(members, tier, rekeys))?;
+        let wall = start.elapsed();
+        eprintln!("relay:   done in {:.1} s", wall.as_secs_f64());
+        rows.push(row(tier, rekeys, &report, wall));
+    }
+    println!();
+    println!(
+        "{:>7} {:>7} | {:>10} {:>10} {:>10} {:>10} | {:>12} {:>12} | {:>11} {:>7}",
+        "relays",
+        "members",
+        "GCKS src",
+        "GCKS rep",
+        "GCKS NACK",
+        "rep/rekey",
+        "relay rep",
+        "relay NACK",
+        "converged",
+        "wall s"
+    );
+    for row in &rows {
+        let n = |key: &str| row[key].as_u64().unwrap_or(0);
+        let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>7} {:>7} | {:>10} {:>10} {:>10} {:>10.1} | {:>12} {:>12} | {:>11} {:>7.1}",
+            n("relays"),
+            n("members"),
+            n("gcks_source_symbols"),
+            n("gcks_repair_symbols"),
+            n("gcks_nacks_received"),
+            f("gcks_repair_per_rekey"),
+            n("relays_repair_symbols"),
+            n("relays_nacks_received"),
+            format!("{}/{}", n("converged"), n("final_members")),
+            f("wall_s"),
+        );
+        println!(
+            "{:>17} time to key p50 {:.1} ms, p99 {:.1} ms; GCKS {} proactive symbols, {} bytes",
+            "",
+            f("time_to_key_p50_us") / 1000.0,
+            f("time_to_key_p99_us") / 1000.0,
+            n("gcks_proactive_symbols"),
+            n("gcks_bytes"),
+        );
+    }
+    let direct = rows[0]["gcks_repair_per_rekey"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let relayed = rows[1]["gcks_repair_per_rekey"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let ratio = relayed / direct;
+    println!();
+    println!(
+        "GCKS repair symbols per rekey: {relayed:.1} behind {relays} relays vs {direct:.1} direct: \
+         ratio {ratio:.4} (relayed / direct)"
+    );
+    let json = json!({
+        "bench": "relay",
+        "quick": quick,
+        "members": members,
+        "relays": relays,
+        "rekeys": rekeys,
+        "loss": "iid 5% on both tiers",
+        "rows": rows,
+        "gcks_repair_ratio_relayed_over_direct": if ratio.is_finite() { json!(ratio) } else { Value::Null },
+    });
+    println!("{json}");
+    Ok(())
+}
+
+fn config(members: usize, relays: usize, rekeys: usize) -> ScenarioConfig {
+    let seed = members as u64 * 7 + 5;
+    let mut config = ScenarioConfig::new(seed, members, rekeys, CHURN, LOSS);
+    config.relays = relays;
+    config.relay_downlink = LinkConfig {
+        jitter: Duration::from_millis(1),
+        ..LinkConfig::lossy(LOSS, Duration::from_millis(5))
+    };
+    config.bootstrap_initial = members >= BOOTSTRAP_FROM;
+    if config.bootstrap_initial {
+        config.message.max_block_symbols = 64;
+    }
+    config
+}
+
+fn row(relays: usize, rekeys: usize, report: &ScenarioReport, wall: Duration) -> Value {
+    let measured = if report.bootstrapped > 0 {
+        rekeys.max(1)
+    } else {
+        rekeys + 1
+    };
+    json!({
+        "relays": relays,
+        "members": report.final_members,
+        "messages_measured": measured,
+        "gcks_source_symbols": report.sender.source_symbols_sent,
+        "gcks_proactive_symbols": report.sender.proactive_symbols_sent,
+        "gcks_repair_symbols": report.sender.repair_symbols_sent,
+        "gcks_repair_per_rekey": report.sender.repair_symbols_sent as f64 / measured as f64,
+        "gcks_nacks_received": report.sender.nacks_received,
+        "gcks_bytes": report.sender.bytes_sent,
+        "relays_repair_symbols": report.relays.downstream.repair_symbols_sent,
+        "relays_nacks_received": report.relays.downstream.nacks_received,
+        "relays_forwarded": report.relays.forwarded,
+        "relays_not_forwarded": report.relays.not_forwarded,
+        "relays_converged": report.relays.converged,
+        "converged": report.converged,
+        "final_members": report.final_members,
+        "resync_applied": report.applied_from_resync,
+        "time_to_key_p50_us": report.time_to_key_quantile_us(0.5),
+        "time_to_key_p99_us": report.time_to_key_quantile_us(0.99),
+        "wall_s": wall.as_secs_f64(),
+    })
+}
