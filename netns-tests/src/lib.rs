@@ -259,4 +259,5 @@ impl Drop for ChildGuard {
     }
 }
 
+pub mod impair;
 pub mod probe;

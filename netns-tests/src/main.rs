@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use rekeycast_netns_tests::probe;
+use rekeycast_netns_tests::{impair, probe};
 
 /// The rekeycast network-namespace harness.
 #[derive(Debug, Parser)]
@@ -45,6 +45,14 @@ enum Command {
         #[arg(long)]
         payload: String,
     },
+    /// Run the userspace impairment switch inside the switch's namespace: forward frames
+    /// between the configured interfaces with their impairments, print "ready" once every port
+    /// is open, and take commands on standard input (`outage PORT MS`, `counters`, `quit`).
+    Switch {
+        /// The switch's TOML configuration (see `rekeycast_netns_tests::impair::SwitchConfig`).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run a scenario file (not built yet: issue 12).
     Run {
         /// The scenario's TOML file.
@@ -74,6 +82,14 @@ fn main() -> anyhow::Result<()> {
             iface,
             payload,
         } => probe::send(group, port, iface, payload.as_bytes()).context("sending the probe"),
+        Command::Switch { config } => {
+            let config =
+                impair::SwitchConfig::load(&config).context("loading the switch config")?;
+            anyhow::bail!(
+                "the impairment switch is not finished yet ({} ports configured)",
+                config.ports.len()
+            )
+        }
         Command::Run { scenario } => anyhow::bail!(
             "running scenarios ({}) is not built yet: it needs the impairment switch and the \
              real binaries (issue 12)",
