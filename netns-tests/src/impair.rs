@@ -40,7 +40,10 @@
 //! impairments.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// The configuration of one switch process (`rekeycast-netns switch --config FILE.toml`).
@@ -401,6 +404,331 @@ pub enum ConfigError {
     },
 }
 
+/// What happens to one frame in one direction of one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Fate {
+    /// The frame is dropped.
+    Dropped(DropReason),
+    /// The frame goes on.
+    Delivered(Delivery),
+}
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The direction was in an outage (configured or commanded).
+    Outage,
+    /// The frame did not fit the rate limit's token bucket.
+    Rate,
+    /// The loss model lost it.
+    Loss,
+}
+
+/// How a frame that is not dropped goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// When it is delivered, since the switch started (the `now` given when nothing delays it).
+    pub at: Duration,
+    /// When a duplicate of it is delivered too, if it is duplicated.
+    pub duplicate_at: Option<Duration>,
+    /// Set when the frame is to be corrupted: the random selector of the bit to flip, for
+    /// [`corrupt_udp_payload`]. Both copies of a duplicated frame carry the corruption.
+    pub corrupt: Option<u64>,
+    /// Whether the frame was held back to be reordered.
+    pub reordered: bool,
+}
+
+/// The impairment engine of one direction of one port: feed it every frame in order with
+/// [`Impairer::fate`]; it keeps the loss model's state, the token bucket and the random
+/// generator, so the fates depend only on the configuration, the seed, the port index, the
+/// direction and the sequence of `(now, length)` it is given.
+#[derive(Debug, Clone)]
+pub struct Impairer {
+    config: Impairment,
+    rng: ChaCha8Rng,
+    /// Gilbert-Elliott: whether the chain is in the bad (losing) state.
+    bad_state: bool,
+    /// Gilbert-Elliott transition probabilities (good to bad, bad to good).
+    transitions: (f64, f64),
+    /// Bytes in the token bucket, and when it was last filled.
+    tokens: f64,
+    refilled_at: Duration,
+    /// Outages commanded at run time (`outage PORT MS`), on top of the configured ones.
+    commanded_outages: Vec<(Duration, Duration)>,
+}
+
+impl Impairer {
+    /// An engine for `config`, with its random generator seeded from `seed` and a stream
+    /// chosen by `(port_index, direction)`, so every port and direction draws independently.
+    pub fn new(
+        config: &Impairment,
+        seed: u64,
+        port_index: usize,
+        direction: Direction,
+    ) -> Result<Self, ConfigError> {
+        config.validate(&format!("port[{port_index}].{direction:?}"))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let direction_bit = match direction {
+            Direction::Ingress => 0,
+            Direction::Egress => 1,
+        };
+        rng.set_stream(((port_index as u64) << 1) | direction_bit);
+        let transitions = match config.loss {
+            Loss::GilbertElliott {
+                average,
+                mean_burst,
+            } => gilbert_elliott_transitions(average, mean_burst),
+            Loss::None | Loss::Iid { .. } => (0.0, 1.0),
+        };
+        let mut bad_state = false;
+        if let Loss::GilbertElliott { average, .. } = config.loss {
+            // Start in the stationary distribution so short runs are not biased towards good.
+            bad_state = rng.gen::<f64>() < average;
+        }
+        Ok(Self {
+            config: config.clone(),
+            rng,
+            bad_state,
+            transitions,
+            tokens: config.rate.map_or(0.0, |rate| rate.burst_bytes as f64),
+            refilled_at: Duration::ZERO,
+            commanded_outages: Vec::new(),
+        })
+    }
+
+    /// Blackholes this direction during `[from, to)` (times since the switch started), on top
+    /// of the configured outages. Outages that ended before `from` are forgotten, so repeated
+    /// commands do not grow memory.
+    pub fn add_outage(&mut self, from: Duration, to: Duration) {
+        self.commanded_outages.retain(|&(_, end)| end > from);
+        self.commanded_outages.push((from, to));
+    }
+
+    /// Whether this direction is blackholed at `now`.
+    pub fn in_outage(&self, now: Duration) -> bool {
+        let now_ms = now.as_millis();
+        self.config
+            .outages
+            .iter()
+            .any(|outage| u128::from(outage.from_ms) <= now_ms && now_ms < u128::from(outage.to_ms))
+            || self
+                .commanded_outages
+                .iter()
+                .any(|&(from, to)| from <= now && now < to)
+    }
+
+    /// Decides the fate of a frame of `length` bytes arriving at `now` (since the switch
+    /// started). Call it for every frame of this direction, in order of arrival.
+    pub fn fate(&mut self, now: Duration, length: usize) -> Fate {
+        if self.in_outage(now) {
+            return Fate::Dropped(DropReason::Outage);
+        }
+        if let Some(rate) = self.config.rate {
+            let elapsed = now.saturating_sub(self.refilled_at).as_secs_f64();
+            self.refilled_at = self.refilled_at.max(now);
+            let capacity = rate.burst_bytes as f64;
+            self.tokens = (self.tokens + elapsed * rate.bits_per_second as f64 / 8.0).min(capacity);
+            let needed = length as f64;
+            if self.tokens < needed {
+                return Fate::Dropped(DropReason::Rate);
+            }
+            self.tokens -= needed;
+        }
+        let lost = match self.config.loss {
+            Loss::None => false,
+            Loss::Iid { p } => self.rng.gen::<f64>() < p,
+            Loss::GilbertElliott { .. } => {
+                let (good_to_bad, bad_to_good) = self.transitions;
+                let draw = self.rng.gen::<f64>();
+                self.bad_state = if self.bad_state {
+                    draw >= bad_to_good
+                } else {
+                    draw < good_to_bad
+                };
+                self.bad_state
+            }
+        };
+        if lost {
+            return Fate::Dropped(DropReason::Loss);
+        }
+        let corrupt = match self.config.corrupt {
+            Some(corrupt) if self.rng.gen::<f64>() < corrupt.p => Some(self.rng.gen::<u64>()),
+            _ => None,
+        };
+        let duplicated =
+            matches!(self.config.duplicate, Some(duplicate) if self.rng.gen::<f64>() < duplicate.p);
+        let reordered =
+            matches!(self.config.reorder, Some(reorder) if self.rng.gen::<f64>() < reorder.p);
+        let mut at = now + self.delay();
+        if reordered {
+            if let Some(reorder) = self.config.reorder {
+                at += Duration::from_millis(reorder.extra_delay_ms);
+            }
+        }
+        let duplicate_at = duplicated.then(|| now + self.delay());
+        Fate::Delivered(Delivery {
+            at,
+            duplicate_at,
+            corrupt,
+            reordered,
+        })
+    }
+
+    /// One draw of the delay: `delay_ms` plus uniform jitter of up to `jitter_ms` either way,
+    /// at microsecond granularity, never below zero.
+    fn delay(&mut self) -> Duration {
+        let base = i128::from(self.config.delay_ms) * 1000;
+        let jitter = i128::from(self.config.jitter_ms) * 1000;
+        let micros = if jitter == 0 {
+            base
+        } else {
+            base + self.rng.gen_range(-jitter..=jitter)
+        };
+        Duration::from_micros(u64::try_from(micros.max(0)).unwrap_or(u64::MAX))
+    }
+}
+
+/// The Gilbert-Elliott transition probabilities `(good to bad, bad to good)` for a long-run
+/// loss fraction `average` and a mean burst length `mean_burst` (in frames), with every frame
+/// lost in the bad state and none in the good state.
+///
+/// A burst ends each frame with probability `r`, so its length is geometric with mean `1 /
+/// r`: `r = 1 / mean_burst`. The stationary probability of the bad state is `p / (p + r)`;
+/// setting it to `average` gives `p = average r / (1 - average) = average / (mean_burst (1 -
+/// average))`. Values outside what [`Impairment::validate`] accepts are clamped into 0 to 1.
+pub fn gilbert_elliott_transitions(average: f64, mean_burst: f64) -> (f64, f64) {
+    let bad_to_good = (1.0 / mean_burst.max(1.0)).clamp(0.0, 1.0);
+    let average = average.clamp(0.0, 1.0);
+    let good_to_bad = if average >= 1.0 {
+        1.0
+    } else {
+        (average * bad_to_good / (1.0 - average)).clamp(0.0, 1.0)
+    };
+    (good_to_bad, bad_to_good)
+}
+
+/// Why [`corrupt_udp_payload`] left a frame alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotCorruptible {
+    /// Shorter than an Ethernet header, or not IPv4 (EtherType other than 0x0800).
+    #[error("not an IPv4 frame")]
+    NotIpv4,
+    /// The IPv4 header is truncated or inconsistent (version, header length, total length).
+    #[error("malformed IPv4 header")]
+    MalformedIpv4,
+    /// Not UDP.
+    #[error("not UDP")]
+    NotUdp,
+    /// An IPv4 fragment: the UDP checksum covers bytes this frame does not hold.
+    #[error("IPv4 fragment")]
+    Fragment,
+    /// The UDP header is truncated or its length inconsistent.
+    #[error("malformed UDP header")]
+    MalformedUdp,
+    /// The UDP payload is empty: no bit to flip.
+    #[error("empty UDP payload")]
+    EmptyPayload,
+}
+
+/// Flips one bit of the UDP payload of an Ethernet + IPv4 + UDP frame, chosen by `selector`
+/// (modulo the payload's bit count), then recomputes the UDP checksum (left zero when the
+/// sender sent none) and the IPv4 header checksum, so the receiver's kernel accepts the frame
+/// and the application sees the corrupted bytes. Returns the index of the flipped bit within
+/// the payload. Any bytes are accepted: frames that are not whole, unfragmented UDP over IPv4
+/// are left untouched with the reason.
+pub fn corrupt_udp_payload(frame: &mut [u8], selector: u64) -> Result<usize, NotCorruptible> {
+    const ETHERNET: usize = 14;
+    if frame.len() < ETHERNET || frame[12..14] != [0x08, 0x00] {
+        return Err(NotCorruptible::NotIpv4);
+    }
+    let ip = &frame[ETHERNET..];
+    if ip.len() < 20 || ip[0] >> 4 != 4 {
+        return Err(NotCorruptible::MalformedIpv4);
+    }
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if header_len < 20 || total_len < header_len || total_len > ip.len() {
+        return Err(NotCorruptible::MalformedIpv4);
+    }
+    if ip[9] != 17 {
+        return Err(NotCorruptible::NotUdp);
+    }
+    let flags_offset = u16::from_be_bytes([ip[6], ip[7]]);
+    if flags_offset & 0x3fff != 0 {
+        return Err(NotCorruptible::Fragment);
+    }
+    let udp_start = ETHERNET + header_len;
+    let ip_end = ETHERNET + total_len;
+    if ip_end - udp_start < 8 {
+        return Err(NotCorruptible::MalformedUdp);
+    }
+    let udp_len = usize::from(u16::from_be_bytes([
+        frame[udp_start + 4],
+        frame[udp_start + 5],
+    ]));
+    if udp_len < 8 || udp_start + udp_len > ip_end {
+        return Err(NotCorruptible::MalformedUdp);
+    }
+    let payload_len = udp_len - 8;
+    if payload_len == 0 {
+        return Err(NotCorruptible::EmptyPayload);
+    }
+    // The modulo keeps the index below payload_len * 8, which fits usize (a frame's length).
+    let bit = (selector % (payload_len as u64 * 8)) as usize;
+    frame[udp_start + 8 + bit / 8] ^= 0x80 >> (bit % 8);
+
+    let had_checksum = frame[udp_start + 6..udp_start + 8] != [0, 0];
+    if had_checksum {
+        frame[udp_start + 6] = 0;
+        frame[udp_start + 7] = 0;
+        let checksum = udp_checksum(
+            &frame[ETHERNET + 12..ETHERNET + 20],
+            &frame[udp_start..udp_start + udp_len],
+        );
+        frame[udp_start + 6..udp_start + 8].copy_from_slice(&checksum.to_be_bytes());
+    }
+    frame[ETHERNET + 10] = 0;
+    frame[ETHERNET + 11] = 0;
+    let header_checksum = !ones_complement_sum(0, &frame[ETHERNET..ETHERNET + header_len]);
+    frame[ETHERNET + 10..ETHERNET + 12].copy_from_slice(&header_checksum.to_be_bytes());
+    Ok(bit)
+}
+
+/// The UDP checksum of `segment` (header with a zero checksum field, then payload) between
+/// the IPv4 addresses `addresses` (source then destination, 8 bytes); a result of zero is sent
+/// as 0xffff (RFC 768).
+pub fn udp_checksum(addresses: &[u8], segment: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 4];
+    pseudo[1] = 17;
+    let length = u16::try_from(segment.len()).unwrap_or(u16::MAX);
+    pseudo[2..4].copy_from_slice(&length.to_be_bytes());
+    let sum = ones_complement_sum(ones_complement_sum(0, addresses), &pseudo);
+    match !ones_complement_sum(sum, segment) {
+        0 => 0xffff,
+        checksum => checksum,
+    }
+}
+
+/// The 16-bit one's complement sum of `bytes` (odd lengths padded with a zero byte) added to
+/// `initial`, folded.
+fn ones_complement_sum(initial: u16, bytes: &[u8]) -> u16 {
+    let mut sum = u64::from(initial);
+    let mut chunks = bytes.chunks_exact(2);
+    for pair in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The loop above folded the sum into 16 bits.
+    sum as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,5 +815,400 @@ mod tests {
             let error = SwitchConfig::from_toml(text).expect_err(text).to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn engine(config: Impairment) -> Impairer {
+        Impairer::new(&config, 42, 0, Direction::Ingress).expect("valid impairment")
+    }
+
+    /// Feeds `count` frames of 1,000 bytes, one per millisecond.
+    fn fates(impairer: &mut Impairer, count: u32) -> Vec<Fate> {
+        (0..count).map(|i| impairer.fate(MS * i, 1000)).collect()
+    }
+
+    fn delivered(fate: &Fate) -> Option<Delivery> {
+        match fate {
+            Fate::Delivered(delivery) => Some(*delivery),
+            Fate::Dropped(_) => None,
+        }
+    }
+
+    #[test]
+    fn no_impairment_delivers_everything_at_once() {
+        let mut impairer = engine(Impairment::default());
+        for (i, fate) in fates(&mut impairer, 1000).iter().enumerate() {
+            let expected = Delivery {
+                at: MS * i as u32,
+                duplicate_at: None,
+                corrupt: None,
+                reordered: false,
+            };
+            assert_eq!(*fate, Fate::Delivered(expected));
+        }
+    }
+
+    #[test]
+    fn iid_loss_rate_is_within_tolerance() {
+        for p in [0.01, 0.2, 0.5] {
+            let mut impairer = engine(Impairment {
+                loss: Loss::Iid { p },
+                ..Impairment::default()
+            });
+            let all = fates(&mut impairer, 100_000);
+            let lost = all
+                .iter()
+                .filter(|fate| **fate == Fate::Dropped(DropReason::Loss))
+                .count();
+            let measured = lost as f64 / 100_000.0;
+            // Five standard deviations of a binomial proportion over 100k frames.
+            let tolerance = 5.0 * (p * (1.0 - p) / 100_000.0).sqrt();
+            assert!(
+                (measured - p).abs() < tolerance,
+                "p {p}: measured {measured}"
+            );
+        }
+    }
+
+    #[test]
+    fn gilbert_elliott_average_and_mean_burst_are_within_tolerance() {
+        for (average, mean_burst) in [(0.05, 4.0), (0.2, 10.0), (0.1, 1.0)] {
+            let mut impairer = engine(Impairment {
+                loss: Loss::GilbertElliott {
+                    average,
+                    mean_burst,
+                },
+                ..Impairment::default()
+            });
+            let all = fates(&mut impairer, 400_000);
+            let lost: Vec<bool> = all.iter().map(|fate| delivered(fate).is_none()).collect();
+            let measured = lost.iter().filter(|&&l| l).count() as f64 / lost.len() as f64;
+            let mut bursts = Vec::new();
+            let mut run = 0u32;
+            for &l in &lost {
+                if l {
+                    run += 1;
+                } else if run > 0 {
+                    bursts.push(run);
+                    run = 0;
+                }
+            }
+            let mean = f64::from(bursts.iter().sum::<u32>()) / bursts.len() as f64;
+            assert!(
+                (measured - average).abs() < 0.1 * average,
+                "average {average}: measured {measured}"
+            );
+            assert!(
+                (mean - mean_burst).abs() < 0.1 * mean_burst,
+                "mean burst {mean_burst}: measured {mean}"
+            );
+            if mean_burst == 1.0 {
+                assert!(bursts.iter().all(|&b| b == 1));
+            }
+        }
+    }
+
+    #[test]
+    fn gilbert_elliott_transitions_follow_the_formulas() {
+        let (good_to_bad, bad_to_good) = gilbert_elliott_transitions(0.2, 4.0);
+        assert!((bad_to_good - 0.25).abs() < 1e-12);
+        assert!((good_to_bad - 0.0625).abs() < 1e-12);
+        assert_eq!(gilbert_elliott_transitions(0.0, 3.0).0, 0.0);
+        // The limit average = mean_burst / (1 + mean_burst) makes good last one frame.
+        assert!((gilbert_elliott_transitions(0.8, 4.0).0 - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn delay_and_jitter_stay_within_bounds_and_spread() {
+        let mut impairer = engine(Impairment {
+            delay_ms: 20,
+            jitter_ms: 5,
+            ..Impairment::default()
+        });
+        let all = fates(&mut impairer, 10_000);
+        let delays: Vec<Duration> = all
+            .iter()
+            .enumerate()
+            .map(|(i, fate)| delivered(fate).expect("no loss").at - MS * i as u32)
+            .collect();
+        let min = delays.iter().min().copied().expect("frames");
+        let max = delays.iter().max().copied().expect("frames");
+        assert!(min >= MS * 15 && max <= MS * 25, "{min:?} .. {max:?}");
+        assert!(min < MS * 16 && max > MS * 24, "{min:?} .. {max:?}");
+        let mean = delays.iter().sum::<Duration>() / delays.len() as u32;
+        assert!(mean > MS * 19 && mean < MS * 21, "{mean:?}");
+
+        // Jitter larger than the delay is clamped at zero, never negative.
+        let mut impairer = engine(Impairment {
+            delay_ms: 1,
+            jitter_ms: 5,
+            ..Impairment::default()
+        });
+        for (i, fate) in fates(&mut impairer, 1000).iter().enumerate() {
+            let at = delivered(fate).expect("no loss").at;
+            assert!(at >= MS * i as u32 && at <= MS * (i as u32 + 6));
+        }
+    }
+
+    #[test]
+    fn reordering_reorders() {
+        let mut impairer = engine(Impairment {
+            reorder: Some(Reorder {
+                p: 0.1,
+                extra_delay_ms: 5,
+            }),
+            ..Impairment::default()
+        });
+        let all: Vec<Delivery> = fates(&mut impairer, 10_000)
+            .iter()
+            .map(|fate| delivered(fate).expect("no loss"))
+            .collect();
+        let held = all.iter().filter(|delivery| delivery.reordered).count();
+        assert!((800..1200).contains(&held), "{held} held back");
+        for (i, delivery) in all.iter().enumerate() {
+            let expected = MS * i as u32
+                + if delivery.reordered {
+                    MS * 5
+                } else {
+                    Duration::ZERO
+                };
+            assert_eq!(delivery.at, expected);
+        }
+        // Sorting by delivery time (ties keep sending order) puts frames out of sending order.
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by_key(|&i| all[i].at);
+        let overtaken = order.windows(2).filter(|pair| pair[0] > pair[1]).count();
+        assert!(overtaken > 700, "{overtaken} frames overtaken");
+    }
+
+    #[test]
+    fn duplication_duplicates_at_its_rate() {
+        let mut impairer = engine(Impairment {
+            duplicate: Some(Duplicate { p: 0.1 }),
+            delay_ms: 3,
+            ..Impairment::default()
+        });
+        let all = fates(&mut impairer, 10_000);
+        let duplicates: Vec<Duration> = all
+            .iter()
+            .enumerate()
+            .filter_map(|(i, fate)| {
+                let delivery = delivered(fate).expect("no loss");
+                delivery.duplicate_at.map(|at| at - MS * i as u32)
+            })
+            .collect();
+        assert!(
+            (850..1150).contains(&duplicates.len()),
+            "{}",
+            duplicates.len()
+        );
+        assert!(duplicates.iter().all(|&delay| delay == MS * 3));
+    }
+
+    fn udp_frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0u8; 14 + 20 + 8 + payload.len()];
+        frame[0..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0x01, 0x02, 0x03]);
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip_len = (20 + 8 + payload.len()) as u16;
+        let ip = &mut frame[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        ip[6] = 0x40; // don't fragment
+        ip[8] = 1;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[198, 18, 0, 1]);
+        ip[16..20].copy_from_slice(&[239, 1, 2, 3]);
+        let header_checksum = !ones_complement_sum(0, &frame[14..34]);
+        frame[24..26].copy_from_slice(&header_checksum.to_be_bytes());
+        let udp_len = (8 + payload.len()) as u16;
+        frame[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        frame[36..38].copy_from_slice(&45001u16.to_be_bytes());
+        frame[38..40].copy_from_slice(&udp_len.to_be_bytes());
+        frame[42..].copy_from_slice(payload);
+        let checksum = udp_checksum(&frame[26..34], &frame[34..]);
+        frame[40..42].copy_from_slice(&checksum.to_be_bytes());
+        frame
+    }
+
+    /// Whether the IPv4 header and UDP checksums of `frame` verify as a receiver checks them.
+    fn checksums_verify(frame: &[u8]) -> bool {
+        let header_ok = ones_complement_sum(0, &frame[14..34]) == 0xffff;
+        let mut pseudo = frame[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&((frame.len() - 34) as u16).to_be_bytes());
+        let udp_ok = ones_complement_sum(ones_complement_sum(0, &pseudo), &frame[34..]) == 0xffff;
+        header_ok && udp_ok
+    }
+
+    fn differing_bits(a: &[u8], b: &[u8]) -> u32 {
+        a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
+    }
+
+    #[test]
+    fn corruption_flips_exactly_one_payload_bit_and_checksums_verify() {
+        let original = udp_frame(b"rekeycast corruption test payload");
+        assert!(checksums_verify(&original));
+        let mut seen_bits = std::collections::HashSet::new();
+        for selector in (0..2000u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)) {
+            let mut frame = original.clone();
+            let bit = corrupt_udp_payload(&mut frame, selector).expect("UDP frame");
+            assert!(bit < 33 * 8);
+            seen_bits.insert(bit);
+            // One payload bit, and the UDP checksum field, changed; nothing else.
+            assert_eq!(differing_bits(&frame[42..], &original[42..]), 1);
+            assert_eq!(frame[..40], original[..40]);
+            assert!(checksums_verify(&frame), "selector {selector}");
+        }
+        assert!(seen_bits.len() > 200, "bits spread: {}", seen_bits.len());
+    }
+
+    #[test]
+    fn corruption_keeps_a_zero_udp_checksum_zero() {
+        let mut frame = udp_frame(b"no checksum");
+        frame[40] = 0;
+        frame[41] = 0;
+        let original = frame.clone();
+        corrupt_udp_payload(&mut frame, 3).expect("UDP frame");
+        assert_eq!(frame[40..42], [0, 0]);
+        assert_eq!(differing_bits(&frame, &original), 1);
+    }
+
+    #[test]
+    fn corruption_leaves_other_frames_alone_and_never_panics() {
+        let original = udp_frame(b"payload");
+        let mut arp = original.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let mut tcp = original.clone();
+        tcp[23] = 6;
+        let mut fragment = original.clone();
+        fragment[20] = 0x20; // more fragments
+        let empty = udp_frame(b"");
+        for (frame, reason) in [
+            (arp, NotCorruptible::NotIpv4),
+            (tcp, NotCorruptible::NotUdp),
+            (fragment, NotCorruptible::Fragment),
+            (empty, NotCorruptible::EmptyPayload),
+        ] {
+            let mut copy = frame.clone();
+            assert_eq!(corrupt_udp_payload(&mut copy, 7), Err(reason));
+            assert_eq!(copy, frame);
+        }
+        // Truncated at every length, and every single-byte value at every position.
+        for len in 0..original.len() {
+            let mut copy = original[..len].to_vec();
+            assert!(corrupt_udp_payload(&mut copy, 7).is_err(), "length {len}");
+        }
+        for position in 0..original.len() {
+            for value in 0..=255u8 {
+                let mut copy = original.clone();
+                copy[position] = value;
+                let _ = corrupt_udp_payload(&mut copy, u64::from(value));
+            }
+        }
+    }
+
+    #[test]
+    fn rate_limit_passes_the_rate_plus_the_burst() {
+        // 1 Mbit/s with a 3,000-byte bucket, offered 1,000-byte frames at 8 Mbit/s for 10 s.
+        let mut impairer = engine(Impairment {
+            rate: Some(Rate {
+                bits_per_second: 1_000_000,
+                burst_bytes: 3000,
+            }),
+            ..Impairment::default()
+        });
+        let all = fates(&mut impairer, 10_000);
+        let passed = all.iter().filter(|fate| delivered(fate).is_some()).count();
+        let dropped = all
+            .iter()
+            .filter(|fate| **fate == Fate::Dropped(DropReason::Rate))
+            .count();
+        assert_eq!(passed + dropped, 10_000);
+        // 10 s at 125,000 bytes/s is 1,250 frames, plus the 3 the full bucket holds.
+        assert!((1245..=1254).contains(&passed), "{passed} passed");
+        // The first three pass at once, the fourth not.
+        assert!(all[..3].iter().all(|fate| delivered(fate).is_some()));
+        assert_eq!(all[3], Fate::Dropped(DropReason::Rate));
+        // Idle time refills the bucket up to its capacity only.
+        let mut impairer = engine(Impairment {
+            rate: Some(Rate {
+                bits_per_second: 1_000_000,
+                burst_bytes: 3000,
+            }),
+            ..Impairment::default()
+        });
+        let later = Duration::from_secs(100);
+        let burst: Vec<Fate> = (0..5).map(|_| impairer.fate(later, 1000)).collect();
+        assert_eq!(
+            burst
+                .iter()
+                .filter(|fate| delivered(fate).is_some())
+                .count(),
+            3
+        );
+    }
+
+    #[test]
+    fn outages_blackhole_their_windows() {
+        let mut impairer = engine(Impairment {
+            outages: vec![Outage {
+                from_ms: 100,
+                to_ms: 200,
+            }],
+            ..Impairment::default()
+        });
+        impairer.add_outage(MS * 500, MS * 550);
+        let all = fates(&mut impairer, 1000);
+        for (i, fate) in all.iter().enumerate() {
+            let blackholed = (100..200).contains(&i) || (500..550).contains(&i);
+            if blackholed {
+                assert_eq!(*fate, Fate::Dropped(DropReason::Outage), "ms {i}");
+            } else {
+                assert!(delivered(fate).is_some(), "ms {i}");
+            }
+        }
+        // Ended commanded outages are forgotten when new ones come.
+        for i in 0..1000u32 {
+            impairer.add_outage(MS * (2000 + 10 * i), MS * (2005 + 10 * i));
+        }
+        assert!(impairer.commanded_outages.len() <= 2);
+    }
+
+    #[test]
+    fn same_seed_same_fates_other_port_or_direction_other_fates() {
+        let config = Impairment {
+            loss: Loss::GilbertElliott {
+                average: 0.1,
+                mean_burst: 3.0,
+            },
+            delay_ms: 10,
+            jitter_ms: 4,
+            reorder: Some(Reorder {
+                p: 0.05,
+                extra_delay_ms: 7,
+            }),
+            duplicate: Some(Duplicate { p: 0.05 }),
+            corrupt: Some(Corrupt { p: 0.05 }),
+            rate: Some(Rate {
+                bits_per_second: 5_000_000,
+                burst_bytes: 20_000,
+            }),
+            outages: vec![Outage {
+                from_ms: 300,
+                to_ms: 400,
+            }],
+        };
+        let run = |seed, port, direction| {
+            let mut impairer =
+                Impairer::new(&config, seed, port, direction).expect("valid impairment");
+            fates(&mut impairer, 5000)
+        };
+        let reference = run(9, 1, Direction::Egress);
+        assert_eq!(run(9, 1, Direction::Egress), reference);
+        assert_ne!(run(10, 1, Direction::Egress), reference);
+        assert_ne!(run(9, 2, Direction::Egress), reference);
+        assert_ne!(run(9, 1, Direction::Ingress), reference);
     }
 }
