@@ -25,6 +25,9 @@ pub struct Args {
     /// Rekeys measured (after the message that admits everybody).
     #[arg(long, default_value_t = 1)]
     rekeys: usize,
+    /// Also run the relays in store-and-forward mode (no cut-through), a third row.
+    #[arg(long)]
+    store_and_forward: bool,
 }
 
 const CHURN: f64 = 0.01;
@@ -56,16 +59,29 @@ pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
         }
     );
     let mut rows = Vec::new();
-    for tier in [0, relays] {
+    let mut runs = vec![(0, true), (relays, true)];
+    if args.store_and_forward || quick {
+        runs.push((relays, false));
+    }
+    for (tier, cut_through) in runs {
         eprintln!(
-            "relay: {members} members, {tier} relays ... [{}]",
+            "relay: {members} members, {tier} relays{} ... [{}]",
+            if cut_through || tier == 0 {
+                ""
+            } else {
+                ", store and forward"
+            },
             crate::sim::clock()
         );
         let start = Instant::now();
-        let report = rekey::run(&config(members, tier, rekeys))?;
+        let mut config = config(members, tier, rekeys);
+        config.relay_cut_through = cut_through;
+        let report = rekey::run(&config)?;
         let wall = start.elapsed();
         eprintln!("relay:   done in {:.1} s", wall.as_secs_f64());
-        rows.push(row(tier, rekeys, &report, wall));
+        let mut row = row(tier, rekeys, &report, wall);
+        row["cut_through"] = json!(tier > 0 && cut_through);
+        rows.push(row);
     }
     println!();
     println!(
@@ -83,6 +99,11 @@ pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
     );
     for row in &rows {
         let n = |key: &str| row[key].as_u64().unwrap_or(0);
+        let mode = match (n("relays"), row["cut_through"].as_bool()) {
+            (0, _) => "direct",
+            (_, Some(true)) => "cut-through",
+            _ => "store and forward",
+        };
         let f = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
         println!(
             "{:>7} {:>7} | {:>10} {:>10} {:>10} {:>10.1} | {:>12} {:>12} | {:>11} {:>7.1}",
@@ -98,7 +119,8 @@ pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
             f("wall_s"),
         );
         println!(
-            "{:>17} time to key p50 {:.1} ms, p99 {:.1} ms; GCKS {} proactive symbols, {} bytes",
+            "{:>17} {mode}: time to key p50 {:.1} ms, p99 {:.1} ms; GCKS {} proactive symbols, \
+             {} bytes",
             "",
             f("time_to_key_p50_us") / 1000.0,
             f("time_to_key_p99_us") / 1000.0,

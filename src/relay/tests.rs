@@ -499,3 +499,63 @@ fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
         h.gcks.message(1).unwrap().parts()
     );
 }
+
+#[test]
+fn cut_through_forwards_verified_source_symbols_before_the_message_is_whole() {
+    let mut h = harness(300);
+    // Source symbols 0..3 of block 0 are lost upstream the first time: the relay cannot hold
+    // the message whole before a repair round.
+    let mut dropped = 0;
+    let mut filter = |bytes: &[u8]| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi < 4 {
+                dropped += 1;
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    };
+    // Long enough for the initial transmission, too short for a repair round.
+    h.run(Duration::from_millis(3), &mut filter);
+    assert_eq!(h.relay.counters().forwarded, 0, "not whole yet");
+    let early = symbols(&h.downstream);
+    assert!(
+        h.relay.counters().cut_through_sent as usize >= early.len() && early.len() > 10,
+        "verified source symbols went downstream at once ({} forwarded)",
+        early.len()
+    );
+    assert!(
+        early.contains_key(&(1, ObjectKind::Manifest as u8, 0, 0)),
+        "the verified manifest went first"
+    );
+    for (id, data) in &early {
+        assert_eq!(Some(data), h.gcks_symbols.get(id), "{id:?} is the GCKS's");
+        assert!(
+            !(id.1 == ObjectKind::Chunks as u8 && id.2 == 0 && id.3 < 4),
+            "a symbol the relay never received was forwarded: {id:?}"
+        );
+    }
+    h.run(Duration::from_secs(2), &mut filter);
+    assert_eq!(dropped, 4);
+    assert_eq!(
+        h.relay.counters().forwarded,
+        1,
+        "whole after the repair round"
+    );
+    let all = symbols(&h.downstream);
+    let source = h.relay.message(1).unwrap().parts().3.to_vec();
+    for esi in 0..4u32 {
+        let sent = all
+            .get(&(1, ObjectKind::Chunks as u8, 0, esi))
+            .unwrap_or_else(|| {
+                panic!("source symbol {esi} of block 0, recovered by the relay, was not sent")
+            });
+        let t = sent.len();
+        assert_eq!(
+            &source[esi as usize * t..(esi as usize + 1) * t],
+            &sent[..],
+            "the recovered source symbol {esi} went out as the GCKS made it"
+        );
+    }
+}

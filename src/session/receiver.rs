@@ -335,7 +335,28 @@ pub(crate) struct CompletedMessage {
     pub(crate) mac_key: crate::auth::mac::MacKey,
     pub(crate) manifest: Vec<u8>,
     pub(crate) symbols: Vec<u8>,
+    /// `[sbn][esi]`: the source symbols that arrived (and were handed out by
+    /// [`ReceiverSession::take_forward`]); the others came from decoding.
+    pub(crate) arrived: Vec<Vec<bool>>,
 }
+
+/// A verified piece of the current message, ready to be forwarded as is
+/// ([`Scope::WholeMessage`]): the manifest once its signature passed, or a source symbol
+/// (a whole chunk) once its authentication passed.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    pub(crate) seq: u64,
+    /// The message's datagram MAC key.
+    pub(crate) mac_key: crate::auth::mac::MacKey,
+    pub(crate) object: ObjectKind,
+    pub(crate) sbn: u8,
+    pub(crate) esi: u32,
+    pub(crate) data: Vec<u8>,
+}
+
+/// Verified pieces kept for [`ReceiverSession::take_forward`] at most (a driver takes them
+/// after every input, so this is only a bound).
+const MAX_FORWARD: usize = 65_536;
 
 /// One member's rekey transport. See the [module docs](self) for the call order.
 #[derive(Debug)]
@@ -358,6 +379,7 @@ pub struct ReceiverSession {
     counters: ReceiverCounters,
     scope: Scope,
     completed: Option<CompletedMessage>,
+    forward: VecDeque<Forward>,
     /// When a datagram last passed the MAC check (from the first input on).
     last_heard: Option<Instant>,
 }
@@ -395,6 +417,7 @@ impl ReceiverSession {
             counters: ReceiverCounters::default(),
             scope: Scope::OwnBlock,
             completed: None,
+            forward: VecDeque::new(),
             last_heard: None,
             config,
         })
@@ -451,6 +474,7 @@ impl ReceiverSession {
             counters: ReceiverCounters::default(),
             scope: Scope::OwnBlock,
             completed: None,
+            forward: VecDeque::new(),
             last_heard: None,
             config,
         })
@@ -510,6 +534,33 @@ impl ReceiverSession {
     /// [`ReceiverEvent::GroupKeyUpdated`]. A message applied through resync is not whole.
     pub(crate) fn take_completed(&mut self) -> Option<CompletedMessage> {
         self.completed.take()
+    }
+
+    /// The next verified piece of the current message to forward ([`Scope::WholeMessage`]).
+    pub(crate) fn take_forward(&mut self) -> Option<Forward> {
+        self.forward.pop_front()
+    }
+
+    /// The datagram MAC key of message `seq`, if the session holds it.
+    pub(crate) fn mac_key(&self, seq: u64) -> Option<&crate::auth::mac::MacKey> {
+        self.datagrams.key(seq)
+    }
+
+    fn push_forward(&mut self, seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8]) {
+        if self.scope != Scope::WholeMessage || self.forward.len() >= MAX_FORWARD {
+            return;
+        }
+        let Some(mac_key) = self.datagrams.key(seq).cloned() else {
+            return;
+        };
+        self.forward.push_back(Forward {
+            seq,
+            mac_key,
+            object,
+            sbn,
+            esi,
+            data: data.to_vec(),
+        });
     }
 
     /// A datagram arrived from `from`.
@@ -854,6 +905,7 @@ impl ReceiverSession {
             return;
         };
         let whole = self.scope == Scope::WholeMessage;
+        self.push_forward(seq, ObjectKind::Manifest, 0, 0, bytes);
         let incoming = self.incoming(now, seq);
         let buffered = std::mem::take(&mut incoming.buffered);
         let expected_complete = incoming.expected_complete;
@@ -943,6 +995,7 @@ impl ReceiverSession {
                             if chunk.header.serves(order_key) {
                                 incoming.own = Some(chunk);
                             }
+                            self.push_forward(seq, ObjectKind::Chunks, sbn, esi, data);
                         }
                         Err(_) => {
                             self.counters.bad_chunks += 1;
@@ -1076,6 +1129,11 @@ impl ReceiverSession {
                 None => return,
             }
         }
+        let arrived = incoming
+            .blocks
+            .iter()
+            .map(|state| state.verified.clone())
+            .collect();
         let manifest = std::mem::take(&mut incoming.manifest_bytes);
         if self.apply(now, &own, Applied::Decode).is_ok() {
             self.completed = Some(CompletedMessage {
@@ -1083,6 +1141,7 @@ impl ReceiverSession {
                 mac_key,
                 manifest,
                 symbols,
+                arrived,
             });
         }
     }

@@ -507,6 +507,30 @@ impl SenderSession {
         now: Instant,
         message: PreparedMessage,
     ) -> Result<(), QueueError> {
+        self.enqueue(now, message, None)
+    }
+
+    /// Queues a message some of whose source symbols were already multicast into this
+    /// session's group by someone else: `sent[sbn][esi]` marks them (a relay forwards each
+    /// verified source symbol the moment it arrives, cut-through, and adopts the message once
+    /// it holds it whole). The initial transmission sends only the other source symbols, the
+    /// proactive repair and one manifest at the end; repair, heartbeats and resync are those
+    /// of any queued message.
+    pub fn adopt_message(
+        &mut self,
+        now: Instant,
+        message: PreparedMessage,
+        sent: &[Vec<bool>],
+    ) -> Result<(), QueueError> {
+        self.enqueue(now, message, Some(sent))
+    }
+
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        message: PreparedMessage,
+        sent: Option<&[Vec<bool>]>,
+    ) -> Result<(), QueueError> {
         self.check_queueable(&message)?;
         let info = *message.encoder.info();
         let symbol_size = info.symbol_size();
@@ -532,7 +556,17 @@ impl SenderSession {
                 .proactive
                 .proactive_symbols(u16::try_from(k).unwrap_or(u16::MAX));
             proactive.push(h);
-            symbol_steps.extend((0..k).map(|esi| Step::Source { sbn, esi }));
+            let already_sent = |esi: u32| {
+                sent.and_then(|sent| sent.get(usize::from(sbn)))
+                    .and_then(|block| block.get(esi as usize))
+                    .copied()
+                    .unwrap_or(false)
+            };
+            symbol_steps.extend(
+                (0..k)
+                    .filter(|&esi| !already_sent(esi))
+                    .map(|esi| Step::Source { sbn, esi }),
+            );
             symbol_steps.extend((k..k + u32::from(h)).map(|esi| Step::Proactive { sbn, esi }));
             self.aggregator.register_block(
                 BlockKey {
@@ -551,7 +585,15 @@ impl SenderSession {
             },
             1,
         );
-        let plan = interleave_manifests(symbol_steps, self.config.manifest_repeats);
+        let plan = if sent.is_some() {
+            // The manifest went out first, forwarded: one more after the symbols, for those
+            // that lost it.
+            let mut plan = symbol_steps;
+            plan.push(Step::Manifest);
+            plan
+        } else {
+            interleave_manifests(symbol_steps, self.config.manifest_repeats)
+        };
         self.group_size = message.group_size;
         self.initial.push_back(message.seq);
         self.messages.push_back(Outgoing {

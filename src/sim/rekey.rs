@@ -93,6 +93,8 @@ pub struct ScenarioConfig {
     /// Every relay's uplink (its downstream multicast crosses it once, before the members'
     /// downlinks).
     pub relay_uplink: LinkConfig,
+    /// Whether relays forward cut-through ([`RelayConfig::cut_through`]).
+    pub relay_cut_through: bool,
 }
 
 impl ScenarioConfig {
@@ -132,6 +134,7 @@ impl ScenarioConfig {
             relays: 0,
             relay_downlink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(5)),
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
+            relay_cut_through: true,
         }
     }
 }
@@ -630,6 +633,7 @@ impl<'c> Scenario<'c> {
                 u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
             config.upstream.scheduler.seed = self.rng.gen();
             config.downstream = self.config.sender.clone();
+            config.cut_through = self.config.relay_cut_through;
             let per_relay = self.config.members.div_ceil(self.config.relays.max(1));
             config.downstream_group_size = Some(u32::try_from(per_relay.max(1)).unwrap_or(1));
             let index = self.relays.len();
