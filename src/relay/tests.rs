@@ -559,3 +559,30 @@ fn cut_through_forwards_verified_source_symbols_before_the_message_is_whole() {
         );
     }
 }
+
+#[test]
+fn relays_stack_a_relay_behind_a_relay_forwards_the_same_message() {
+    let mut h = harness(200);
+    // A second relay, registered like the first (member 2), whose upstream is the first
+    // relay's downstream group.
+    let bundle = h.tree.join(MemberId(2)).unwrap();
+    let mut second = RelaySession::new(&bundle, RelayConfig::new(addr(2)), h.now).unwrap();
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.counters().forwarded, 1);
+    let mut buf = vec![0u8; 65_536];
+    for bytes in &h.downstream {
+        second.handle_upstream(h.now, addr(2), bytes);
+        while let Some(transmit) = second.poll_transmit(h.now, &mut buf) {
+            if transmit.tier == Tier::Upstream {
+                h.relay
+                    .handle_downstream(h.now, addr(5), &buf[..transmit.len]);
+            }
+        }
+    }
+    assert_eq!(second.counters().forwarded, 1, "the second relay holds it whole");
+    assert_eq!(
+        second.message(1).unwrap().parts(),
+        h.gcks.message(1).unwrap().parts()
+    );
+    assert_eq!(second.upstream_counters().bad_chunks, 0);
+}
