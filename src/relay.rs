@@ -298,6 +298,12 @@ impl RelaySession {
         }
     }
 
+    /// Arms the upstream side's silence timer from `now` (see [`ReceiverSession::start`]):
+    /// call once when the driver starts.
+    pub fn start(&mut self, now: Instant) {
+        self.upstream.start(now);
+    }
+
     /// A datagram arrived on the upstream side (the upstream group, or unicast from the
     /// upstream sender).
     pub fn handle_upstream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {

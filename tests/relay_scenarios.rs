@@ -158,3 +158,48 @@ fn upstream_repair_follows_upstream_loss_not_the_members_behind_the_relays() {
          at 5%"
     );
 }
+
+#[test]
+fn members_of_a_dead_relay_notice_the_silence_and_resync_from_the_gcks() {
+    let mut config = scenario(
+        31,
+        4,
+        50,
+        6,
+        Loss::Bernoulli { p: 0.02 },
+        Loss::Bernoulli { p: 0.02 },
+    );
+    // Heartbeats at least every second; silence after three.
+    config.sender.heartbeat_max = Duration::from_secs(1);
+    config.receiver.silence_timeout = Duration::from_secs(3);
+    // Relay 1 dies right before the third rekey.
+    config.kill_relay = Some((1, 3));
+    let report = run(&config).unwrap();
+    eprintln!(
+        "dead relay: {}/{} members converged, {} state checks ({} after a silence), {} \
+         member-messages applied by resync, relays left {}",
+        report.converged,
+        report.final_members,
+        report.state_checks,
+        report.receivers.silences,
+        report.applied_from_resync,
+        report.relays.relays,
+    );
+    assert_eq!(report.relays.relays, 3);
+    assert_eq!(
+        report.converged, report.final_members,
+        "the dead relay's members converge too"
+    );
+    assert!(
+        report.receivers.silences >= 40,
+        "the dead relay's ~50 members noticed the silence ({})",
+        report.receivers.silences
+    );
+    // The messages from the third rekey on, for the dead relay's members, came by resync.
+    assert!(
+        report.applied_from_resync >= 4 * 40,
+        "resync from the GCKS carried them ({})",
+        report.applied_from_resync
+    );
+    assert_eq!(report.must_reregister, 0);
+}

@@ -91,7 +91,9 @@ pub struct ReceiverConfig {
     /// least every `heartbeat_max`, 30 s by default) before the member asks a resync endpoint
     /// for the group's state ([`ReceiverEvent::StateCheckNeeded`] with its own next sequence
     /// number): how a member behind a relay that died, or cut off from the group, learns it
-    /// is behind. Counted from the first datagram the member hears.
+    /// is behind. Counted from [`ReceiverSession::start`] or the first datagram the member
+    /// hears. Keep it above the sender's (or relay's) `heartbeat_max`, or members of a quiet
+    /// group ask for state between heartbeats.
     pub silence_timeout: Duration,
 }
 
@@ -523,6 +525,14 @@ impl ReceiverSession {
     /// Blocks the NACK scheduler tracks (a bound on the member's feedback state).
     pub fn tracked_blocks(&self) -> usize {
         self.scheduler.tracked_blocks()
+    }
+
+    /// Arms the silence timer ([`ReceiverConfig::silence_timeout`]) from `now`: a driver calls
+    /// it once when it starts, so that a member that never hears anything (its relay died
+    /// before it registered) asks for the group's state too. Without it the timer starts with
+    /// the first datagram heard. Later calls change nothing.
+    pub fn start(&mut self, now: Instant) {
+        self.last_heard.get_or_insert(now);
     }
 
     /// Makes the session decode and verify whole messages (a relay): call before any input.

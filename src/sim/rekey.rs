@@ -95,6 +95,11 @@ pub struct ScenarioConfig {
     pub relay_uplink: LinkConfig,
     /// Whether relays forward cut-through ([`RelayConfig::cut_through`]).
     pub relay_cut_through: bool,
+    /// `(relay index, rekey)`: that relay dies (its node is removed for good) right before
+    /// that rekey (1 for the first rekey after the admitting message). Its members hear
+    /// nothing more, ask for the group's state after [`ReceiverConfig::silence_timeout`] and
+    /// resync from the next endpoint, the GCKS.
+    pub kill_relay: Option<(usize, usize)>,
 }
 
 impl ScenarioConfig {
@@ -135,6 +140,7 @@ impl ScenarioConfig {
             relay_downlink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(5)),
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
             relay_cut_through: true,
+            kill_relay: None,
         }
     }
 }
@@ -220,7 +226,7 @@ pub struct ScenarioReport {
 /// What the relays of a scenario did, summed over the relays.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RelayReport {
-    /// Relays in the scenario.
+    /// Relays in the scenario at the end (killed ones are not counted).
     pub relays: usize,
     /// Relays holding the GCKS's group key at the end.
     pub converged: usize,
@@ -479,6 +485,9 @@ struct Scenario<'c> {
     relays: Vec<NodeId>,
     /// Relays' member ids, joined in the first message.
     pending_relays: Vec<MemberId>,
+    relays_killed: usize,
+    /// Each member slot's relay (as given when it joined).
+    member_relays: Vec<Option<NodeId>>,
     /// Member slots: (member id, node id); a slot is never reused.
     slots: Vec<(MemberId, NodeId)>,
     /// Slots of current members.
@@ -537,6 +546,8 @@ impl<'c> Scenario<'c> {
             sender,
             relays: Vec::new(),
             pending_relays: Vec::new(),
+            relays_killed: 0,
+            member_relays: Vec::new(),
             slots: Vec::new(),
             current: Vec::new(),
             shared: Rc::new(RefCell::new(Shared::default())),
@@ -562,8 +573,16 @@ impl<'c> Scenario<'c> {
             .map(|_| self.new_member_id())
             .collect();
         self.rekey(&initial, &[], true)?;
-        for _ in 0..self.config.rekeys {
+        for rekey in 1..=self.config.rekeys {
             self.advance(self.config.rekey_interval)?;
+            if let Some((index, at)) = self.config.kill_relay {
+                if at == rekey {
+                    if let Some(&id) = self.relays.get(index) {
+                        self.net.remove_node(id)?;
+                        self.relays_killed += 1;
+                    }
+                }
+            }
             let count = ((self.current.len() as f64) * self.config.churn).round() as usize;
             let count = count.min(self.current.len().saturating_sub(1));
             let picks = sample(&mut self.rng, self.current.len(), count).into_vec();
@@ -588,9 +607,19 @@ impl<'c> Scenario<'c> {
         Ok(self.report())
     }
 
-    /// The relay member slot `slot` is behind, if the scenario has relays.
+    /// The relay member slot `slot` is behind, if the scenario has relays: the one it was
+    /// given when it joined.
     fn relay_of(&self, slot: usize) -> Option<NodeId> {
-        (!self.relays.is_empty()).then(|| self.relays[slot % self.relays.len()])
+        self.member_relays.get(slot).copied().flatten()
+    }
+
+    /// The relay a member joining in slot `slot` is given: relay `slot % relays`, or the next
+    /// one still running (registration hands out live relays).
+    fn relay_for_joiner(&self, slot: usize) -> Option<NodeId> {
+        let count = self.relays.len();
+        (0..count)
+            .map(|offset| self.relays[(slot + offset) % count])
+            .find(|&id| self.net.is_present(id))
     }
 
     fn new_member_id(&mut self) -> MemberId {
@@ -654,13 +683,18 @@ impl<'c> Scenario<'c> {
             )?;
             // The relay listens to the GCKS's group (0) and sends into its own.
             self.net.set_groups(id, relay_group(index), 0)?;
+            self.net.with_node(id, |node, now| {
+                if let SimNode::Relay(relay) = node {
+                    relay.session.start(now);
+                }
+            });
             self.relays.push(id);
         }
         for (i, &member) in joins.iter().enumerate() {
             let bundle = self.tree.join(member)?;
             let mut receiver_config = self.config.receiver.clone();
             let slot = self.slots.len();
-            let relay = self.relay_of(slot);
+            let relay = self.relay_for_joiner(slot);
             receiver_config.feedback_addr = relay.map_or(upstream, |id| self.net.addr(id));
             receiver_config.scheduler.group_size =
                 u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
@@ -687,10 +721,17 @@ impl<'c> Scenario<'c> {
             let id = self
                 .net
                 .add_node(node, self.config.member_uplink.clone(), downlink)?;
-            if self.config.relays > 0 {
-                let group = relay_group(slot % self.config.relays);
+            if let Some(index) = relay.and_then(|r| self.relays.iter().position(|&x| x == r)) {
+                let group = relay_group(index);
                 self.net.set_groups(id, group, group)?;
             }
+            // The driver arms the member's silence timer when it starts.
+            self.net.with_node(id, |node, now| {
+                if let SimNode::Member(member) = node {
+                    member.session.start(now);
+                }
+            });
+            self.member_relays.push(relay);
             self.slots.push((member, id));
             self.current.push(slot);
         }
@@ -985,7 +1026,7 @@ impl<'c> Scenario<'c> {
         let path_rtt = 2 * (self.config.sender_link.delay + self.config.member_downlink.delay)
             + self.config.member_downlink.jitter;
         let mut relays = RelayReport {
-            relays: self.relays.len(),
+            relays: self.relays.len() - self.relays_killed,
             ..RelayReport::default()
         };
         for &id in &self.relays {
