@@ -579,7 +579,11 @@ fn relays_stack_a_relay_behind_a_relay_forwards_the_same_message() {
             }
         }
     }
-    assert_eq!(second.counters().forwarded, 1, "the second relay holds it whole");
+    assert_eq!(
+        second.counters().forwarded,
+        1,
+        "the second relay holds it whole"
+    );
     assert_eq!(
         second.message(1).unwrap().parts(),
         h.gcks.message(1).unwrap().parts()
