@@ -261,3 +261,4 @@ impl Drop for ChildGuard {
 
 pub mod impair;
 pub mod probe;
+pub mod switch;

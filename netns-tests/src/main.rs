@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use rekeycast_netns_tests::{impair, probe};
+use rekeycast_netns_tests::{impair, probe, switch};
 
 /// The rekeycast network-namespace harness.
 #[derive(Debug, Parser)]
@@ -85,10 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Switch { config } => {
             let config =
                 impair::SwitchConfig::load(&config).context("loading the switch config")?;
-            anyhow::bail!(
-                "the impairment switch is not finished yet ({} ports configured)",
-                config.ports.len()
-            )
+            switch::run(config).context("running the impairment switch")
         }
         Command::Run { scenario } => anyhow::bail!(
             "running scenarios ({}) is not built yet: it needs the impairment switch and the \

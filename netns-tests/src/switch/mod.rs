@@ -1,0 +1,952 @@
+//! The userspace impairment switch: a learning Ethernet switch with IGMP snooping between
+//! interfaces of one namespace, impairing each port's traffic per direction as configured.
+//!
+//! Run it inside the switch's namespace as `rekeycast-netns switch --config FILE.toml`
+//! ([`SwitchConfig`]). Each port opens a promiscuous `AF_PACKET` channel (pnet) on its
+//! interface, the switch's end of a veth pair whose other end is in a host's namespace. A frame
+//! received on port A goes through A's ingress impairments, is forwarded (learned unicast,
+//! flooded broadcast and unknown unicast, IPv4 multicast to the ports that joined its group),
+//! then through each destination's egress impairments. ARP and IGMP bypass the impairments
+//! ([`forwarding::FrameClass::Control`] says why). Delayed frames wait in one scheduler, a heap
+//! by due time bounded by [`SwitchConfig::queue_capacity`], owned by the thread that owns every
+//! sender.
+//!
+//! # The process's protocol
+//!
+//! It prints `ready` on standard output once every port is open. Standard input takes one
+//! command per line, and each command but `quit` gets one line in reply:
+//!
+//! - `outage PORT DURATION_MS`: blackholes both directions of port `PORT` (its name) from now
+//!   for that long; replies `ok outage PORT FROM_MS TO_MS` (milliseconds since the start).
+//! - `counters`: replies one line of JSON, a [`Counters`].
+//! - `quit`: exits.
+//!
+//! Anything else replies `error: ...`. The switch exits cleanly, writing its counters one last
+//! time, on `quit`, on the end of standard input (so keep it open: pipe it, do not leave it
+//! `/dev/null`), and on SIGTERM or SIGINT. With `counters_path` set, it writes the counters
+//! there every 500 ms too.
+//!
+//! # Its own transmissions
+//!
+//! An `AF_PACKET` socket sees the frames transmitted on its interface, but the kernel skips the
+//! socket that sent them (`skb_loop_sk` in `dev_queue_xmit_nit`), and each port sends and
+//! receives through one socket. pnet does not expose `PACKET_IGNORE_OUTGOING` or the packet
+//! type, so as a second line of defence that holds within `forbid(unsafe_code)` the switch
+//! remembers the fingerprint of every frame it sent on a port for a second and drops a
+//! received frame that matches one (counted as `own_transmissions_dropped`): forwarding one
+//! back would loop it between ports for ever.
+//!
+//! # Checksums
+//!
+//! veth hosts with transmit checksum offload on send UDP frames whose checksum is unfinished;
+//! relayed, the receiving kernel drops them (`InCsumErrors`). The harness turns the offload off
+//! on the host ends ([`crate::link`]); the switch counts the UDP frames it receives whose
+//! checksum does not verify (`udp_checksum_invalid`), so the pitfall shows in the counters.
+
+pub mod forwarding;
+pub mod igmp;
+
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use pnet::datalink::{self, Channel, DataLinkReceiver, DataLinkSender};
+use serde::{Deserialize, Serialize};
+
+use crate::impair::{
+    corrupt_udp_payload, udp_checksum, ConfigError, Delivery, Direction, DropReason, Fate,
+    Impairer, SwitchConfig,
+};
+use forwarding::{classify, Forwarder, FrameClass, Snooped, TooManyPorts};
+
+/// How often the counters are written to `counters_path`.
+pub const COUNTERS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The most received frames waiting between the receiving threads and the forwarding thread;
+/// beyond it, frames are dropped and counted as `receive_overflow`.
+pub const RECEIVE_QUEUE: usize = 8192;
+
+/// How long a receiving thread blocks before it checks whether the switch is stopping.
+const RECEIVE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Consecutive receive errors after which a port is declared failed.
+const MAX_CONSECUTIVE_RECEIVE_ERRORS: u32 = 200;
+
+/// The counters of one direction of one port.
+///
+/// For ingress, `frames` counts the frames received from the host and `forwarded` the copies
+/// that passed the ingress impairments into forwarding; for egress, `frames` counts the frames
+/// forwarding offered to this port and `forwarded` those transmitted to the host. Control
+/// frames (ARP, IGMP) are in `frames` and `forwarded` and also counted in `control`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionCounters {
+    /// Frames that entered this direction.
+    pub frames: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Of them, control frames (ARP, IGMP), which are not impaired.
+    pub control: u64,
+    /// Dropped by the loss model.
+    pub dropped_loss: u64,
+    /// Dropped by an outage (configured or commanded).
+    pub dropped_outage: u64,
+    /// Dropped by the rate limit.
+    pub dropped_rate: u64,
+    /// Dropped because the delay queue was full.
+    pub dropped_queue_full: u64,
+    /// Delivered later than they arrived (delay, jitter or reordering).
+    pub delayed: u64,
+    /// Duplicated (each counts once; both copies are in `forwarded`).
+    pub duplicated: u64,
+    /// Delivered with a bit of their UDP payload flipped.
+    pub corrupted: u64,
+    /// Held back to be reordered.
+    pub reordered: u64,
+    /// Passed on (ingress: into forwarding; egress: transmitted to the host).
+    pub forwarded: u64,
+    /// The bytes passed on.
+    pub forwarded_bytes: u64,
+}
+
+/// The counters of one port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    /// Frames from the host into the switch.
+    pub ingress: DirectionCounters,
+    /// Frames from the switch to the host.
+    pub egress: DirectionCounters,
+    /// Received frames recognized as the switch's own transmissions and dropped.
+    pub own_transmissions_dropped: u64,
+    /// Received frames dropped because the forwarding thread was behind.
+    pub receive_overflow: u64,
+    /// Errors receiving from the interface.
+    pub receive_errors: u64,
+    /// Errors transmitting to the interface (the frame is lost).
+    pub transmit_errors: u64,
+    /// Frames from this port that no port wanted (multicast nobody joined, unicast to a host
+    /// on this same port, runt frames).
+    pub no_destination: u64,
+    /// Received UDP over IPv4 frames whose UDP checksum did not verify (forwarded anyway): a
+    /// host with transmit checksum offload still on.
+    pub udp_checksum_invalid: u64,
+    /// Received IGMP frames that did not parse (forwarded, nothing learned).
+    pub igmp_malformed: u64,
+    /// Joins ignored because the group table was full.
+    pub igmp_joins_ignored: u64,
+}
+
+/// Everything the switch counts, as written to `counters_path` and replied to `counters`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Milliseconds since the switch started.
+    pub uptime_ms: u64,
+    /// Frames waiting in the delay queue.
+    pub queued: usize,
+    /// Per port, by name.
+    pub ports: BTreeMap<String, PortCounters>,
+}
+
+/// Why the switch could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SwitchError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// More ports than the switch supports.
+    #[error(transparent)]
+    TooManyPorts(#[from] TooManyPorts),
+    /// A port's interface does not exist in this namespace.
+    #[error("port {port}: no interface {ifname} in this namespace (there are: {available})")]
+    NoInterface {
+        /// The port's name.
+        port: String,
+        /// The missing interface.
+        ifname: String,
+        /// The interfaces there are.
+        available: String,
+    },
+    /// A port's `AF_PACKET` channel could not be opened.
+    #[error("port {port}: could not open an AF_PACKET channel on {ifname}: {source}")]
+    Open {
+        /// The port's name.
+        port: String,
+        /// Its interface.
+        ifname: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// pnet gave a channel other than Ethernet.
+    #[error("port {port}: {ifname} did not give an Ethernet channel")]
+    NotEthernet {
+        /// The port's name.
+        port: String,
+        /// Its interface.
+        ifname: String,
+    },
+    /// A port kept failing to receive.
+    #[error("port {port}: receiving keeps failing: {source}")]
+    PortFailed {
+        /// The port's name.
+        port: String,
+        /// The last error.
+        source: std::io::Error,
+    },
+    /// The signal handler could not be installed.
+    #[error("could not handle SIGTERM/SIGINT: {0}")]
+    Signal(#[from] ctrlc::Error),
+    /// A thread could not be started.
+    #[error("could not start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A command of the switch's standard input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwitchCommand {
+    /// Blackhole both directions of the named port from now for the duration.
+    Outage {
+        /// The port's name.
+        port: String,
+        /// How long.
+        duration: Duration,
+    },
+    /// Print the counters as one JSON line.
+    Counters,
+    /// Exit.
+    Quit,
+}
+
+/// Parses one line of the switch's standard input (surrounding whitespace ignored). `None` for
+/// an empty line; an error message for anything not a command.
+pub fn parse_command(line: &str) -> Option<Result<SwitchCommand, String>> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let parsed = match words.as_slice() {
+        [] => return None,
+        ["counters"] => Ok(SwitchCommand::Counters),
+        ["quit"] => Ok(SwitchCommand::Quit),
+        ["outage", port, milliseconds] => match milliseconds.parse::<u64>() {
+            Ok(milliseconds) => Ok(SwitchCommand::Outage {
+                port: (*port).to_owned(),
+                duration: Duration::from_millis(milliseconds),
+            }),
+            Err(error) => Err(format!("outage duration {milliseconds:?}: {error}")),
+        },
+        ["outage", ..] => Err("usage: outage PORT DURATION_MS".to_owned()),
+        [other, ..] => Err(format!(
+            "unknown command {other:?} (commands: outage PORT DURATION_MS, counters, quit)"
+        )),
+    };
+    Some(parsed)
+}
+
+/// Runs the switch until `quit`, the end of standard input, SIGTERM or SIGINT.
+pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
+    config.validate()?;
+    let forwarder = Forwarder::new(config.ports.len())?;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (frame_sender, frames) = crossbeam_channel::bounded(RECEIVE_QUEUE);
+    let (control_sender, controls) = crossbeam_channel::bounded(64);
+
+    let interfaces = datalink::interfaces();
+    let mut ports = Vec::with_capacity(config.ports.len());
+    let mut receivers = Vec::with_capacity(config.ports.len());
+    for (index, port) in config.ports.iter().enumerate() {
+        let interface = interfaces
+            .iter()
+            .find(|interface| interface.name == port.ifname)
+            .ok_or_else(|| SwitchError::NoInterface {
+                port: port.name.clone(),
+                ifname: port.ifname.clone(),
+                available: interfaces
+                    .iter()
+                    .map(|interface| interface.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let channel_config = datalink::Config {
+            read_buffer_size: 65_536,
+            write_buffer_size: 65_536,
+            read_timeout: Some(RECEIVE_TIMEOUT),
+            write_timeout: Some(Duration::from_millis(100)),
+            promiscuous: true,
+            ..datalink::Config::default()
+        };
+        let (transmitter, receiver) = match datalink::channel(interface, channel_config) {
+            Ok(Channel::Ethernet(transmitter, receiver)) => (transmitter, receiver),
+            Ok(_) => {
+                return Err(SwitchError::NotEthernet {
+                    port: port.name.clone(),
+                    ifname: port.ifname.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(SwitchError::Open {
+                    port: port.name.clone(),
+                    ifname: port.ifname.clone(),
+                    source,
+                })
+            }
+        };
+        let shared = Arc::new(ReceiveCounters::default());
+        ports.push(Port {
+            name: port.name.clone(),
+            transmitter,
+            ingress: Impairer::new(&port.ingress, config.seed, index, Direction::Ingress)?,
+            egress: Impairer::new(&port.egress, config.seed, index, Direction::Egress)?,
+            counters: PortCounters::default(),
+            receive: Arc::clone(&shared),
+        });
+        receivers.push((index, port.name.clone(), receiver, shared));
+    }
+
+    let mut threads = Vec::new();
+    for (index, name, receiver, shared) in receivers {
+        let sender = frame_sender.clone();
+        let failures = control_sender.clone();
+        let stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(format!("rx-{name}"))
+            .spawn(move || receive_loop(index, receiver, &sender, &failures, &shared, &stop))
+            .map_err(|source| SwitchError::Thread {
+                what: format!("receiving thread of port {name}"),
+                source,
+            })?;
+        threads.push(thread);
+    }
+    drop(frame_sender);
+    start_stdin_thread(control_sender.clone())?;
+    let signals = control_sender.clone();
+    ctrlc::set_handler(move || {
+        let _ = signals.try_send(Control::Signal);
+    })?;
+    drop(control_sender);
+
+    let mut switch = Switch {
+        start,
+        ports,
+        forwarder,
+        queue: BinaryHeap::new(),
+        queue_capacity: config.queue_capacity,
+        sequence: 0,
+        counters_path: config.counters_path.clone(),
+        counters_write_failed: false,
+    };
+    reply("ready");
+    let result = switch.run_loop(&frames, &controls);
+    stop.store(true, Ordering::Relaxed);
+    join_all(threads);
+    switch.write_counters();
+    result
+}
+
+/// What the forwarding thread hears besides frames.
+#[derive(Debug)]
+enum Control {
+    /// A line of standard input.
+    Line(String),
+    /// Standard input ended.
+    StdinClosed,
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A port's receiving thread gave up.
+    PortFailed {
+        /// The port's index.
+        port: usize,
+        /// The last error.
+        source: std::io::Error,
+    },
+}
+
+/// A received frame, with when it arrived.
+#[derive(Debug)]
+struct Received {
+    port: usize,
+    at: Instant,
+    frame: Vec<u8>,
+}
+
+/// Counters that the receiving thread of a port updates.
+#[derive(Debug, Default)]
+struct ReceiveCounters {
+    overflow: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One port as the forwarding thread holds it.
+struct Port {
+    name: String,
+    transmitter: Box<dyn DataLinkSender>,
+    ingress: Impairer,
+    egress: Impairer,
+    counters: PortCounters,
+    receive: Arc<ReceiveCounters>,
+}
+
+/// What a queued frame does when it comes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// It passed the ingress impairments of `in_port`: forward it.
+    Forward { in_port: usize },
+    /// It passed the egress impairments of `out_port`: transmit it.
+    Transmit { out_port: usize },
+}
+
+/// A frame in the delay queue. Ordered so the [`BinaryHeap`] (a max-heap) yields the earliest
+/// due first, ties in the order they were queued.
+#[derive(Debug)]
+struct Scheduled {
+    due: Duration,
+    sequence: u64,
+    step: Step,
+    frame: Vec<u8>,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.sequence) == (other.due, other.sequence)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.due, other.sequence).cmp(&(self.due, self.sequence))
+    }
+}
+
+/// The forwarding thread's state: it owns every sender, the impairment engines, the
+/// forwarding tables and the delay queue.
+struct Switch {
+    start: Instant,
+    ports: Vec<Port>,
+    forwarder: Forwarder,
+    queue: BinaryHeap<Scheduled>,
+    queue_capacity: usize,
+    sequence: u64,
+    counters_path: Option<PathBuf>,
+    counters_write_failed: bool,
+}
+
+impl Switch {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    fn run_loop(
+        &mut self,
+        frames: &Receiver<Received>,
+        controls: &Receiver<Control>,
+    ) -> Result<(), SwitchError> {
+        let mut next_counters = COUNTERS_INTERVAL;
+        loop {
+            let now = self.now();
+            let mut wake = next_counters;
+            if let Some(first) = self.queue.peek() {
+                wake = wake.min(first.due);
+            }
+            let timeout = wake.saturating_sub(now);
+            crossbeam_channel::select! {
+                recv(frames) -> received => {
+                    if let Ok(received) = received {
+                        self.handle_received(received);
+                        // Drain a batch before looking at the clock again.
+                        for received in frames.try_iter().take(256) {
+                            self.handle_received(received);
+                        }
+                    }
+                }
+                recv(controls) -> control => match control {
+                    Ok(Control::Line(line)) => {
+                        if self.handle_line(&line) {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Control::StdinClosed | Control::Signal) | Err(_) => return Ok(()),
+                    Ok(Control::PortFailed { port, source }) => {
+                        let port = self.ports.get(port).map(|port| port.name.clone());
+                        return Err(SwitchError::PortFailed {
+                            port: port.unwrap_or_default(),
+                            source,
+                        });
+                    }
+                },
+                default(timeout) => {}
+            }
+            self.run_due();
+            if self.now() >= next_counters {
+                self.write_counters();
+                next_counters = self.now() + COUNTERS_INTERVAL;
+            }
+        }
+    }
+
+    /// Handles one line of standard input; returns whether to quit.
+    fn handle_line(&mut self, line: &str) -> bool {
+        match parse_command(line) {
+            None => false,
+            Some(Ok(SwitchCommand::Quit)) => true,
+            Some(Ok(SwitchCommand::Counters)) => {
+                match serde_json::to_string(&self.counters()) {
+                    Ok(json) => reply(&json),
+                    Err(error) => reply(&format!("error: counters: {error}")),
+                }
+                false
+            }
+            Some(Ok(SwitchCommand::Outage { port, duration })) => {
+                let now = self.now();
+                match self
+                    .ports
+                    .iter_mut()
+                    .find(|candidate| candidate.name == port)
+                {
+                    Some(found) => {
+                        found.ingress.add_outage(now, now + duration);
+                        found.egress.add_outage(now, now + duration);
+                        reply(&format!(
+                            "ok outage {port} {} {}",
+                            now.as_millis(),
+                            (now + duration).as_millis()
+                        ));
+                    }
+                    None => reply(&format!("error: no port {port:?}")),
+                }
+                false
+            }
+            Some(Err(message)) => {
+                reply(&format!("error: {message}"));
+                false
+            }
+        }
+    }
+
+    fn handle_received(&mut self, received: Received) {
+        let Received { port, at, frame } = received;
+        let at = at.saturating_duration_since(self.start);
+        let now = self.now();
+        let Some(entry) = self.ports.get_mut(port) else {
+            return;
+        };
+        if self.forwarder.is_own_transmission(port, &frame, at) {
+            entry.counters.own_transmissions_dropped += 1;
+            return;
+        }
+        let counters = &mut entry.counters;
+        counters.ingress.frames += 1;
+        counters.ingress.bytes += frame.len() as u64;
+        if udp_checksum_invalid(&frame) {
+            counters.udp_checksum_invalid += 1;
+        }
+        self.forwarder.learn(port, &frame);
+        if classify(&frame) == FrameClass::Control {
+            counters.ingress.control += 1;
+            match self.forwarder.snoop(port, &frame) {
+                Snooped::Malformed(_) => counters.igmp_malformed += 1,
+                Snooped::Applied { ignored, .. } => counters.igmp_joins_ignored += ignored as u64,
+                Snooped::NotIgmp => {}
+            }
+            counters.ingress.forwarded += 1;
+            counters.ingress.forwarded_bytes += frame.len() as u64;
+            self.forward(port, frame, true);
+            return;
+        }
+        let fate = entry.ingress.fate(at, frame.len());
+        let Some((copies, frame)) = apply_fate(fate, frame, &mut entry.counters.ingress, now)
+        else {
+            return;
+        };
+        for (due, frame) in copies.into_iter().zip(frame) {
+            if due <= now {
+                self.forward(port, frame, false);
+            } else {
+                self.schedule(due, Step::Forward { in_port: port }, frame);
+            }
+        }
+    }
+
+    /// Forwards a frame that came in on `in_port` (and passed its ingress impairments) to
+    /// every destination, through their egress impairments; `control` frames skip them.
+    fn forward(&mut self, in_port: usize, frame: Vec<u8>, control: bool) {
+        let destinations = self.forwarder.destinations(in_port, &frame);
+        if destinations.is_empty() {
+            if let Some(port) = self.ports.get_mut(in_port) {
+                port.counters.no_destination += 1;
+            }
+            return;
+        }
+        let now = self.now();
+        for out_port in destinations.iter() {
+            let Some(port) = self.ports.get_mut(out_port) else {
+                continue;
+            };
+            port.counters.egress.frames += 1;
+            port.counters.egress.bytes += frame.len() as u64;
+            if control {
+                port.counters.egress.control += 1;
+                self.transmit(out_port, &frame);
+                continue;
+            }
+            let fate = port.egress.fate(now, frame.len());
+            let Some((copies, frames)) =
+                apply_fate(fate, frame.clone(), &mut port.counters.egress, now)
+            else {
+                continue;
+            };
+            for (due, copy) in copies.into_iter().zip(frames) {
+                if due <= now {
+                    self.transmit(out_port, &copy);
+                } else {
+                    self.schedule(due, Step::Transmit { out_port }, copy);
+                }
+            }
+        }
+    }
+
+    fn transmit(&mut self, out_port: usize, frame: &[u8]) {
+        let now = self.now();
+        self.forwarder.record_transmission(out_port, frame, now);
+        let Some(port) = self.ports.get_mut(out_port) else {
+            return;
+        };
+        match port.transmitter.send_to(frame, None) {
+            Some(Ok(())) => {
+                port.counters.egress.forwarded += 1;
+                port.counters.egress.forwarded_bytes += frame.len() as u64;
+            }
+            Some(Err(_)) | None => port.counters.transmit_errors += 1,
+        }
+    }
+
+    fn schedule(&mut self, due: Duration, step: Step, frame: Vec<u8>) {
+        if self.queue.len() >= self.queue_capacity {
+            let counters = match step {
+                Step::Forward { in_port } => self
+                    .ports
+                    .get_mut(in_port)
+                    .map(|port| &mut port.counters.ingress),
+                Step::Transmit { out_port } => self
+                    .ports
+                    .get_mut(out_port)
+                    .map(|port| &mut port.counters.egress),
+            };
+            if let Some(counters) = counters {
+                counters.dropped_queue_full += 1;
+            }
+            return;
+        }
+        self.sequence += 1;
+        self.queue.push(Scheduled {
+            due,
+            sequence: self.sequence,
+            step,
+            frame,
+        });
+    }
+
+    /// Runs every queued step that is due.
+    fn run_due(&mut self) {
+        let now = self.now();
+        while self.queue.peek().is_some_and(|first| first.due <= now) {
+            let Some(scheduled) = self.queue.pop() else {
+                break;
+            };
+            match scheduled.step {
+                Step::Forward { in_port } => self.forward(in_port, scheduled.frame, false),
+                Step::Transmit { out_port } => self.transmit(out_port, &scheduled.frame),
+            }
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        let ports = self
+            .ports
+            .iter()
+            .map(|port| {
+                let mut counters = port.counters.clone();
+                counters.receive_overflow = port.receive.overflow.load(Ordering::Relaxed);
+                counters.receive_errors = port.receive.errors.load(Ordering::Relaxed);
+                (port.name.clone(), counters)
+            })
+            .collect();
+        Counters {
+            uptime_ms: u64::try_from(self.now().as_millis()).unwrap_or(u64::MAX),
+            queued: self.queue.len(),
+            ports,
+        }
+    }
+
+    /// Writes the counters to `counters_path` (through a temporary file and a rename, so a
+    /// reader never sees half a file); a failure is reported once on standard error.
+    fn write_counters(&mut self) {
+        let Some(path) = self.counters_path.clone() else {
+            return;
+        };
+        if let Err(error) = write_json(&path, &self.counters()) {
+            if !self.counters_write_failed {
+                eprintln!(
+                    "rekeycast-netns switch: cannot write counters to {}: {error}",
+                    path.display()
+                );
+                self.counters_write_failed = true;
+            }
+        }
+    }
+}
+
+/// Applies a fate to a frame: counts it, corrupts it when chosen, and returns the due times
+/// with a frame for each (one, or two when duplicated), or `None` when dropped.
+fn apply_fate(
+    fate: Fate,
+    mut frame: Vec<u8>,
+    counters: &mut DirectionCounters,
+    now: Duration,
+) -> Option<(Vec<Duration>, Vec<Vec<u8>>)> {
+    let delivery: Delivery = match fate {
+        Fate::Dropped(reason) => {
+            match reason {
+                DropReason::Loss => counters.dropped_loss += 1,
+                DropReason::Outage => counters.dropped_outage += 1,
+                DropReason::Rate => counters.dropped_rate += 1,
+            }
+            return None;
+        }
+        Fate::Delivered(delivery) => delivery,
+    };
+    if let Some(selector) = delivery.corrupt {
+        if corrupt_udp_payload(&mut frame, selector).is_ok() {
+            counters.corrupted += 1;
+        }
+    }
+    if delivery.reordered {
+        counters.reordered += 1;
+    }
+    let mut dues = vec![delivery.at];
+    let mut frames = Vec::with_capacity(2);
+    if let Some(duplicate_at) = delivery.duplicate_at {
+        counters.duplicated += 1;
+        dues.push(duplicate_at);
+        frames.push(frame.clone());
+    }
+    for &due in &dues {
+        if due > now {
+            counters.delayed += 1;
+        }
+        counters.forwarded += 1;
+        counters.forwarded_bytes += frame.len() as u64;
+    }
+    frames.insert(0, frame);
+    Some((dues, frames))
+}
+
+/// Whether `frame` is UDP over IPv4 (unfragmented) with a non-zero checksum that does not
+/// verify.
+fn udp_checksum_invalid(frame: &[u8]) -> bool {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
+        return false;
+    }
+    let header_len = usize::from(frame[14] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let fragment = u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0;
+    let udp = 14 + header_len;
+    if fragment || header_len < 20 || total_len < header_len + 8 || 14 + total_len > frame.len() {
+        return false;
+    }
+    let udp_len = usize::from(u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]));
+    let sent = u16::from_be_bytes([frame[udp + 6], frame[udp + 7]]);
+    if sent == 0 || udp_len < 8 || udp + udp_len > 14 + total_len {
+        return false;
+    }
+    let mut segment = frame[udp..udp + udp_len].to_vec();
+    segment[6] = 0;
+    segment[7] = 0;
+    udp_checksum(&frame[26..34], &segment) != sent
+}
+
+fn receive_loop(
+    port: usize,
+    mut receiver: Box<dyn DataLinkReceiver>,
+    frames: &Sender<Received>,
+    failures: &Sender<Control>,
+    counters: &ReceiveCounters,
+    stop: &AtomicBool,
+) {
+    let mut consecutive_errors = 0;
+    while !stop.load(Ordering::Relaxed) {
+        match receiver.next() {
+            Ok(frame) => {
+                consecutive_errors = 0;
+                let received = Received {
+                    port,
+                    at: Instant::now(),
+                    frame: frame.to_vec(),
+                };
+                match frames.try_send(received) {
+                    Ok(()) => {}
+                    Err(crossbeam_channel::TrySendError::Full(_)) => {
+                        counters.overflow.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                consecutive_errors += 1;
+                if consecutive_errors >= MAX_CONSECUTIVE_RECEIVE_ERRORS {
+                    let _ = failures.send(Control::PortFailed {
+                        port,
+                        source: error,
+                    });
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Reads standard input line by line into the control channel. The thread is not joined: a
+/// blocked read of standard input cannot be interrupted, and it ends with the process.
+fn start_stdin_thread(controls: Sender<Control>) -> Result<(), SwitchError> {
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else {
+                    break;
+                };
+                if controls.send(Control::Line(line)).is_err() {
+                    return;
+                }
+            }
+            let _ = controls.send(Control::StdinClosed);
+        })
+        .map(drop)
+        .map_err(|source| SwitchError::Thread {
+            what: "standard input".into(),
+            source,
+        })
+}
+
+fn join_all(threads: Vec<JoinHandle<()>>) {
+    for thread in threads {
+        let _ = thread.join();
+    }
+}
+
+/// Prints one line on standard output and flushes it; a closed standard output is ignored
+/// (the switch keeps forwarding and still writes `counters_path`).
+fn reply(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+fn write_json(path: &Path, counters: &Counters) -> std::io::Result<()> {
+    let json = serde_json::to_vec(counters).map_err(std::io::Error::other)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, json)?;
+    std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(parse_command("  "), None);
+        assert_eq!(parse_command("counters"), Some(Ok(SwitchCommand::Counters)));
+        assert_eq!(parse_command(" quit \n"), Some(Ok(SwitchCommand::Quit)));
+        assert_eq!(
+            parse_command("outage h2 1500"),
+            Some(Ok(SwitchCommand::Outage {
+                port: "h2".into(),
+                duration: Duration::from_millis(1500)
+            }))
+        );
+        for bad in [
+            "outage h2",
+            "outage h2 -5",
+            "outage h2 1 2",
+            "reboot",
+            "counters now",
+        ] {
+            assert!(matches!(parse_command(bad), Some(Err(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_delay_queue_yields_the_earliest_first_in_queueing_order() {
+        let mut heap = BinaryHeap::new();
+        for (sequence, due) in [(1, 30), (2, 10), (3, 20), (4, 10)] {
+            heap.push(Scheduled {
+                due: Duration::from_millis(due),
+                sequence,
+                step: Step::Transmit { out_port: 0 },
+                frame: Vec::new(),
+            });
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| heap.pop().map(|s| s.sequence)).collect();
+        assert_eq!(order, vec![2, 4, 3, 1]);
+    }
+
+    #[test]
+    fn apply_fate_counts_and_duplicates() {
+        let mut counters = DirectionCounters::default();
+        let now = Duration::from_millis(5);
+        assert!(apply_fate(Fate::Dropped(DropReason::Rate), vec![1], &mut counters, now).is_none());
+        let delivery = Delivery {
+            at: now,
+            duplicate_at: Some(now + Duration::from_millis(3)),
+            corrupt: None,
+            reordered: true,
+        };
+        let (dues, frames) = apply_fate(Fate::Delivered(delivery), vec![7; 60], &mut counters, now)
+            .expect("delivered");
+        assert_eq!(dues, vec![now, now + Duration::from_millis(3)]);
+        assert_eq!(frames, vec![vec![7; 60], vec![7; 60]]);
+        assert_eq!(
+            counters,
+            DirectionCounters {
+                dropped_rate: 1,
+                delayed: 1,
+                duplicated: 1,
+                reordered: 1,
+                forwarded: 2,
+                forwarded_bytes: 120,
+                ..DirectionCounters::default()
+            }
+        );
+    }
+
+    #[test]
+    fn counters_serialize_by_port_name() {
+        let mut counters = Counters::default();
+        counters.ports.insert("h1".into(), PortCounters::default());
+        let json = serde_json::to_value(&counters).expect("serializes");
+        assert_eq!(json["ports"]["h1"]["ingress"]["dropped_loss"], 0);
+        let back: Counters = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, counters);
+    }
+}
