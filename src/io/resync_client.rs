@@ -216,6 +216,12 @@ fn tcp_fetch(
                 code: ErrorCode::NotYetSent,
                 ..
             } => return Ok(fetched),
+            // A hole in the endpoint's (a relay's) history: keep what came before it; with
+            // nothing, the next endpoint is asked.
+            FrameRepr::Error {
+                code: ErrorCode::NotHeld,
+                ..
+            } if !fetched.items.is_empty() => return Ok(fetched),
             FrameRepr::Error { code, .. } => return Err(refusal(endpoint, code)),
             _ => return Err(protocol(endpoint, "unexpected frame")),
         }
@@ -245,6 +251,9 @@ fn http_fetch(
         )? {
             (200, body) => body,
             (404, _) => return Ok(fetched),
+            // A hole in the endpoint's (a relay's) history: keep what came before it; with
+            // nothing, the next endpoint is asked.
+            (421, _) if !fetched.items.is_empty() => return Ok(fetched),
             (410, _) => {
                 fetched.beyond_history = true;
                 return Ok(fetched);

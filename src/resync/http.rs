@@ -14,7 +14,9 @@
 //! the connection; a number that does not parse does not), 404 for an unknown path, another
 //! group, a sequence number not yet sent or a leaf no chunk serves, 405 (with `Allow`) for any
 //! other method, 408 when a started request does not arrive whole within the header timeout,
-//! 410 beyond the history window (the member must re-register), 413 for a request with a body,
+//! 410 beyond the history window (the member must re-register), 421 for a message inside the
+//! window that this endpoint does not hold (a hole in a relay's history: ask the next
+//! endpoint), 413 for a request with a body,
 //! 431 for a request line and headers over the size cap or too many headers, 429 and 503 when
 //! the listener refuses ([`HttpConnection::refuse`]). Every response carries
 //! `Content-Length`; connections are kept alive (HTTP/1.1) unless the client sends
@@ -122,6 +124,7 @@ impl<'a> Reply<'a> {
             405 => "method not allowed\n",
             408 => "request timeout\n",
             410 => "beyond the history window: re-register\n",
+            421 => "not held here: ask another endpoint\n",
             413 => "request bodies are not accepted\n",
             429 => "rate limited\n",
             431 => "request header fields too large\n",
@@ -493,7 +496,11 @@ fn route<'s>(path: &str, source: &'s dyn ResyncSource, metrics: &dyn Fn() -> Str
             if group != source.group_id() {
                 return Reply::error(404);
             }
-            lookup_reply(source.manifest(seq))
+            match source.manifest(seq) {
+                // A hole in the history (a relay's): the message exists, elsewhere.
+                Lookup::NotFound => Reply::error(421),
+                lookup => lookup_reply(lookup),
+            }
         }
         ["v1", "groups", group, "rekeys", seq, "chunks", leaf] => {
             let (Some(group), Some(seq), Some(leaf)) = (
@@ -537,6 +544,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         410 => "Gone",
+        421 => "Misdirected Request",
         413 => "Content Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -677,6 +685,16 @@ mod tests {
             assert_eq!(r.status, 404, "{path}");
             assert_eq!(r.header("x-rekeycast-latest-seq"), Some("14"));
         }
+    }
+
+    #[test]
+    fn a_hole_in_the_history_is_421() {
+        // A relay's history: message 12 came to it by resync only.
+        let mut h = Harness::new();
+        h.source.messages.remove(2);
+        assert_eq!(h.get("/v1/groups/7/rekeys/12/manifest").status, 421);
+        assert_eq!(h.get("/v1/groups/7/rekeys/11/manifest").status, 200);
+        assert_eq!(h.get("/v1/groups/7/rekeys/13/manifest").status, 200);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | `BeyondHistory` | older than the history window (re-register) | the oldest held    |
 //! | `NotYetSent`    | newer than the latest sent (or none sent)  | the latest (or 0)   |
 //! | `UnknownLeaf`   | no chunk of that message serves the leaf   | that message's seq  |
+//! | `NotHeld`       | a hole in the history (a relay's): ask the next endpoint | that seq |
 //! | `TooLarge`      | a frame over the request size cap, or a response over the frame limit | 0 or the seq |
 //! | `Malformed`     | a frame that does not parse, or that is not a request | 0        |
 //! | `RateLimited`, `Overloaded` | [`TcpConnection::refuse`]      | 0                   |
@@ -466,10 +467,10 @@ impl TcpConnection {
                     self.end_stream(ErrorCode::UnknownLeaf, seq);
                 }
                 (Lookup::NotFound, _) => {
-                    // A hole in the history: this message cannot be served, so the member
-                    // cannot get past it here.
-                    let oldest = source.oldest().unwrap_or(seq);
-                    self.end_stream(ErrorCode::BeyondHistory, oldest.max(seq.saturating_add(1)));
+                    // A hole in the history (a relay's: a message it got by resync only, or
+                    // from before it started): the member cannot get past it here, but the
+                    // next endpoint may hold it.
+                    self.end_stream(ErrorCode::NotHeld, seq);
                 }
             }
         }
@@ -690,6 +691,21 @@ mod tests {
                 Frame::Error(ErrorCode::NotYetSent, 0)
             ]
         );
+    }
+
+    #[test]
+    fn a_hole_in_the_history_ends_the_stream_with_not_held() {
+        // A relay's history: message 12 came to it by resync only, it does not hold it.
+        let mut h = Harness::new();
+        h.source.messages.remove(2);
+        h.send(&resync(GROUP, 10, 1));
+        let mut expected: Vec<Frame> = (10..=11).flat_map(|seq| message(seq, 1)).collect();
+        expected.push(Frame::Error(ErrorCode::NotHeld, 12));
+        assert_eq!(h.take(), expected);
+        // Asked from the hole on: at once, and the connection stays open.
+        h.send(&resync(GROUP, 12, 1));
+        assert_eq!(h.take(), vec![Frame::Error(ErrorCode::NotHeld, 12)]);
+        assert!(!h.conn.wants_close());
     }
 
     #[test]

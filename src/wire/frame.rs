@@ -63,6 +63,9 @@ pub enum ErrorCode {
     Overloaded,
     /// The request is larger than the endpoint accepts.
     TooLarge,
+    /// The endpoint does not hold this message (a relay's history has a hole or starts
+    /// later): ask the next endpoint. Unlike `BeyondHistory`, no reason to re-register.
+    NotHeld,
     /// A code this implementation does not know (kept so parsing stays total).
     Unassigned(u16),
 }
@@ -79,6 +82,7 @@ impl ErrorCode {
             Self::RateLimited => 6,
             Self::Overloaded => 7,
             Self::TooLarge => 8,
+            Self::NotHeld => 9,
             Self::Unassigned(code) => code,
         }
     }
@@ -94,6 +98,7 @@ impl ErrorCode {
             6 => Self::RateLimited,
             7 => Self::Overloaded,
             8 => Self::TooLarge,
+            9 => Self::NotHeld,
             other => Self::Unassigned(other),
         }
     }
