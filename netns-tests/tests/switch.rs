@@ -1,0 +1,521 @@
+//! The userspace impairment switch between real namespaces: a switch namespace running
+//! `rekeycast-netns switch` and three hosts on veth pairs, exchanging multicast and unicast UDP
+//! with `udp-blast` and `udp-count`. Root only (skipped loudly otherwise).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rekeycast_netns_tests::impair::{Corrupt, Impairment, Loss, PortConfig, SwitchConfig};
+use rekeycast_netns_tests::switch::traffic::{BlastReport, CountReport};
+use rekeycast_netns_tests::switch::{Counters, PortCounters};
+use rekeycast_netns_tests::{clean_leftovers, may_run, name_prefix, run, ChildGuard, Namespace};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_rekeycast-netns");
+const GROUP: &str = "239.7.0.1";
+
+/// Three hosts `h1`..`h3` (198.18.0.1..3/24) on one switch. Fields drop in order: the switch
+/// process, then the hosts, then the switch's namespace (with every veth).
+struct Lab {
+    switch: ChildGuard,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    hosts: Vec<Namespace>,
+    _switch_namespace: Namespace,
+    files: Vec<PathBuf>,
+}
+
+impl Lab {
+    /// Builds the topology; `tag` (one character) keeps the names of tests running in
+    /// parallel in this process apart. `impair` sets each port's impairments.
+    fn new(tag: char, impair: impl Fn(&str) -> (Impairment, Impairment)) -> Self {
+        clean_leftovers().expect("cleaning leftovers");
+        let prefix = format!("{}{tag}", name_prefix());
+        let switch_namespace = Namespace::create(&format!("{prefix}s")).expect("switch netns");
+        let hosts: Vec<Namespace> = (1..=3)
+            .map(|i| Namespace::create(&format!("{prefix}h{i}")).expect("host netns"))
+            .collect();
+        for namespace in hosts.iter().chain([&switch_namespace]) {
+            // No IPv6: its router solicitations and MLD reports would be stray frames in the
+            // counters.
+            let _ = run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    namespace.name(),
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            );
+        }
+        let mut ports = Vec::new();
+        for (index, host) in hosts.iter().enumerate() {
+            let number = index + 1;
+            let host_if = format!("{prefix}{number}h");
+            let switch_if = format!("{prefix}{number}s");
+            assert!(switch_if.len() <= 15, "{switch_if} too long");
+            run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &host_if,
+                    "netns",
+                    host.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &switch_if,
+                    "netns",
+                    switch_namespace.name(),
+                ],
+            )
+            .expect("veth pair");
+            host.ip(&[
+                "addr",
+                "add",
+                &format!("198.18.0.{number}/24"),
+                "dev",
+                &host_if,
+            ])
+            .expect("host address");
+            host.ip(&["link", "set", &host_if, "up"]).expect("host up");
+            // The veth checksum-offload pitfall (PLATFORM.md): finish checksums in the host.
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    host.name(),
+                    "ethtool",
+                    "-K",
+                    &host_if,
+                    "tx",
+                    "off",
+                ],
+            )
+            .expect("ethtool -K tx off (apt-get install ethtool)");
+            switch_namespace
+                .ip(&["link", "set", &switch_if, "up"])
+                .expect("switch port up");
+            let name = format!("h{number}");
+            let (ingress, egress) = impair(&name);
+            ports.push(PortConfig {
+                name,
+                ifname: switch_if,
+                ingress,
+                egress,
+            });
+        }
+        let config_path = std::env::temp_dir().join(format!("{prefix}-switch.toml"));
+        let counters_path = std::env::temp_dir().join(format!("{prefix}-counters.json"));
+        let config = SwitchConfig {
+            seed: 12,
+            counters_path: Some(counters_path.clone()),
+            queue_capacity: SwitchConfig::DEFAULT_QUEUE_CAPACITY,
+            ports,
+        };
+        std::fs::write(&config_path, config.to_toml().expect("toml")).expect("config file");
+
+        let mut child = switch_namespace
+            .command(BINARY)
+            .args(["switch", "--config"])
+            .arg(&config_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the switch");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let switch = ChildGuard(child);
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let lab = Self {
+            switch,
+            stdin,
+            lines,
+            hosts,
+            _switch_namespace: switch_namespace,
+            files: vec![config_path, counters_path],
+        };
+        assert_eq!(lab.next_line(), "ready", "the switch did not get ready");
+        lab
+    }
+
+    fn next_line(&self) -> String {
+        self.lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a line from the switch within 10 s")
+    }
+
+    /// Sends a command and returns the switch's one-line reply.
+    fn command(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("writing to the switch");
+        self.stdin.flush().expect("flushing");
+        self.next_line()
+    }
+
+    fn counters(&mut self) -> Counters {
+        let line = self.command("counters");
+        serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"))
+    }
+
+    fn host(&self, number: usize) -> &Namespace {
+        &self.hosts[number - 1]
+    }
+
+    /// Starts `udp-count` on host `number` and waits for it to be ready.
+    fn start_count(&self, number: usize, args: &[&str]) -> Counting {
+        let mut child = self
+            .host(number)
+            .command(BINARY)
+            .arg("udp-count")
+            .args(["--iface", &format!("198.18.0.{number}")])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting udp-count");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines.next().expect("udp-count output").expect("readable");
+        assert_eq!(ready, "ready");
+        Counting {
+            _child: ChildGuard(child),
+            lines,
+        }
+    }
+
+    /// Runs `udp-blast` on host `number` to completion.
+    fn blast(&self, number: usize, to: &str, args: &[&str]) -> BlastReport {
+        let output = self
+            .host(number)
+            .command(BINARY)
+            .arg("udp-blast")
+            .args(["--iface", &format!("198.18.0.{number}"), "--to", to])
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running udp-blast");
+        assert!(
+            output.status.success(),
+            "udp-blast failed: {}",
+            output.status
+        );
+        serde_json::from_slice(&output.stdout).expect("blast report")
+    }
+
+    /// Waits until the switch has seen a control frame (the IGMP join) from host `number`.
+    fn await_join(&mut self, number: usize) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if port(&self.counters(), number).ingress.control > 0 {
+                // The join is in the table once counted; give any second report a moment.
+                std::thread::sleep(Duration::from_millis(50));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no IGMP join from h{number} reached the switch");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
+/// A running `udp-count`.
+struct Counting {
+    _child: ChildGuard,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Counting {
+    fn report(mut self) -> CountReport {
+        let line = self.lines.next().expect("a report").expect("readable");
+        serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}: {line}"))
+    }
+}
+
+fn port(counters: &Counters, number: usize) -> &PortCounters {
+    &counters.ports[&format!("h{number}")]
+}
+
+fn no_impairment(_: &str) -> (Impairment, Impairment) {
+    (Impairment::default(), Impairment::default())
+}
+
+#[test]
+fn multicast_reaches_joined_hosts_only_and_unicast_works_both_ways() {
+    if !may_run("multicast_reaches_joined_hosts_only_and_unicast_works_both_ways") {
+        return;
+    }
+    let mut lab = Lab::new('m', no_impairment);
+    let group_to = format!("{GROUP}:46001");
+
+    // h2 joins the group, h3 does not.
+    let receiver = lab.start_count(2, &["--port", "46001", "--group", GROUP, "--expect", "200"]);
+    lab.await_join(2);
+    let before = lab.counters();
+    let sent = lab.blast(1, &group_to, &["--count", "200", "--interval-us", "500"]);
+    assert_eq!(sent.sent, 200);
+    let report = receiver.report();
+    assert_eq!(report.intact, 200, "{report:?}");
+    assert_eq!(report.distinct, 200, "{report:?}");
+    let after = lab.counters();
+    let data_to = |counters: &Counters, number| {
+        let egress = &port(counters, number).egress;
+        egress.frames - egress.control
+    };
+    assert_eq!(data_to(&after, 2) - data_to(&before, 2), 200);
+    assert_eq!(
+        data_to(&after, 3),
+        data_to(&before, 3),
+        "multicast leaked to h3, which did not join"
+    );
+
+    // Unicast, both ways (ARP through the switch first).
+    for (from, to) in [(1, 2), (2, 1)] {
+        let receiver = lab.start_count(to, &["--port", "46002", "--expect", "100"]);
+        let destination = format!("198.18.0.{to}:46002");
+        lab.blast(
+            from,
+            &destination,
+            &["--count", "100", "--interval-us", "500"],
+        );
+        let report = receiver.report();
+        assert_eq!(report.intact, 100, "h{from} -> h{to}: {report:?}");
+    }
+    let counters = lab.counters();
+    for number in 1..=3 {
+        let port = port(&counters, number);
+        assert_eq!(port.udp_checksum_invalid, 0, "h{number}: {port:?}");
+        assert_eq!(port.transmit_errors, 0, "h{number}: {port:?}");
+    }
+    // Unicast learned: h3 got none of the 200 unicast datagrams (ARP requests are control).
+    assert_eq!(data_to(&counters, 3), data_to(&before, 3));
+
+    // No frame loops back: everything transmitted came in from a host once.
+    let received: u64 = counters.ports.values().map(|p| p.ingress.frames).sum();
+    let transmitted: u64 = counters.ports.values().map(|p| p.egress.forwarded).sum();
+    assert!(
+        transmitted <= 2 * received,
+        "{transmitted} sent for {received} received"
+    );
+
+    // Throughput: as fast as one sender goes, 20,000 datagrams of 200 bytes to h2.
+    let receiver = lab.start_count(
+        2,
+        &[
+            "--port",
+            "46003",
+            "--group",
+            GROUP,
+            "--expect",
+            "20000",
+            "--idle-ms",
+            "500",
+        ],
+    );
+    lab.await_join(2);
+    let before = lab.counters();
+    let sent = lab.blast(
+        1,
+        &format!("{GROUP}:46003"),
+        &["--count", "20000", "--interval-us", "0"],
+    );
+    let report = receiver.report();
+    let after = lab.counters();
+    let forwarded = port(&after, 2).egress.forwarded - port(&before, 2).egress.forwarded;
+    let overflow = port(&after, 1).receive_overflow;
+    eprintln!(
+        "switch throughput: {} sent in {:.3} s ({:.0}/s), {forwarded} forwarded to h2, {} \
+         received, {overflow} dropped by the switch's receive queue",
+        sent.sent,
+        sent.seconds,
+        sent.sent as f64 / sent.seconds,
+        report.received
+    );
+    assert!(forwarded > 0);
+    writeln!(lab.stdin, "quit").expect("writing quit");
+    lab.stdin.flush().expect("flushing");
+    let status = lab.switch.0.wait().expect("switch exit");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn iid_ingress_loss_of_a_fifth_is_measured() {
+    if !may_run("iid_ingress_loss_of_a_fifth_is_measured") {
+        return;
+    }
+    let mut lab = Lab::new('l', |name| {
+        let ingress = if name == "h1" {
+            Impairment {
+                loss: Loss::Iid { p: 0.2 },
+                ..Impairment::default()
+            }
+        } else {
+            Impairment::default()
+        };
+        (ingress, Impairment::default())
+    });
+    let receiver = lab.start_count(
+        2,
+        &["--port", "46011", "--group", GROUP, "--idle-ms", "1000"],
+    );
+    lab.await_join(2);
+    let sent = lab.blast(
+        1,
+        &format!("{GROUP}:46011"),
+        &["--count", "2000", "--interval-us", "300"],
+    );
+    assert_eq!(sent.sent, 2000);
+    let report = receiver.report();
+    let counters = lab.counters();
+    let ingress = &port(&counters, 1).ingress;
+    let data = ingress.frames - ingress.control;
+    let dropped_rate = ingress.dropped_loss as f64 / data as f64;
+    let delivered_rate = 1.0 - report.intact as f64 / 2000.0;
+    eprintln!(
+        "iid 0.2 on h1 ingress: switch dropped {} of {data} ({dropped_rate:.4}), h2 received \
+         {} of 2000 (loss {delivered_rate:.4})",
+        ingress.dropped_loss, report.intact
+    );
+    // Four standard deviations of 2,000 draws at 0.2 is 0.036.
+    assert!((dropped_rate - 0.2).abs() < 0.036, "{dropped_rate}");
+    assert!((delivered_rate - 0.2).abs() < 0.036, "{delivered_rate}");
+    // Every datagram the switch let through arrived.
+    assert_eq!(report.intact, 2000 - ingress.dropped_loss, "{report:?}");
+}
+
+#[test]
+fn outage_command_blackholes_a_port_then_traffic_resumes() {
+    if !may_run("outage_command_blackholes_a_port_then_traffic_resumes") {
+        return;
+    }
+    let mut lab = Lab::new('o', no_impairment);
+    let receiver = lab.start_count(
+        2,
+        &["--port", "46021", "--expect", "100", "--timeout-ms", "8000"],
+    );
+    // Learn addresses before the outage (ARP is blackholed too during it).
+    lab.blast(1, "198.18.0.2:46020", &["--count", "1"]);
+    let reply = lab.command("outage h2 1500");
+    assert!(reply.starts_with("ok outage h2 "), "{reply}");
+    let outage_started = Instant::now();
+    // 100 datagrams over 0.5 s, all inside the outage.
+    lab.blast(
+        1,
+        "198.18.0.2:46021",
+        &["--count", "100", "--interval-us", "5000"],
+    );
+    assert!(outage_started.elapsed() < Duration::from_millis(1400));
+    std::thread::sleep(Duration::from_millis(1600).saturating_sub(outage_started.elapsed()));
+    lab.blast(
+        1,
+        "198.18.0.2:46021",
+        &[
+            "--count",
+            "100",
+            "--first-seq",
+            "100",
+            "--interval-us",
+            "1000",
+        ],
+    );
+    let report = receiver.report();
+    assert_eq!(report.intact, 100, "{report:?}");
+    assert_eq!(
+        report.min_sequence,
+        Some(100),
+        "a datagram of the outage arrived"
+    );
+    assert_eq!(report.max_sequence, Some(199));
+    let counters = lab.counters();
+    assert_eq!(
+        port(&counters, 2).egress.dropped_outage,
+        100,
+        "{counters:?}"
+    );
+    assert!(lab.command("outage h9 10").starts_with("error"));
+    assert!(lab.command("bogus").starts_with("error"));
+}
+
+#[test]
+fn corruption_delivers_datagrams_with_one_bit_flipped() {
+    if !may_run("corruption_delivers_datagrams_with_one_bit_flipped") {
+        return;
+    }
+    let mut lab = Lab::new('c', |name| {
+        let ingress = if name == "h1" {
+            Impairment {
+                corrupt: Some(Corrupt { p: 0.3 }),
+                ..Impairment::default()
+            }
+        } else {
+            Impairment::default()
+        };
+        (ingress, Impairment::default())
+    });
+    let receiver = lab.start_count(2, &["--port", "46031", "--group", GROUP, "--expect", "500"]);
+    lab.await_join(2);
+    lab.blast(
+        1,
+        &format!("{GROUP}:46031"),
+        &["--count", "500", "--interval-us", "500", "--size", "300"],
+    );
+    let report = receiver.report();
+    let counters = lab.counters();
+    let corrupted = port(&counters, 1).ingress.corrupted;
+    eprintln!("corrupt 0.3: {corrupted} corrupted by the switch, h2: {report:?}");
+    assert_eq!(
+        report.received, 500,
+        "corrupted datagrams were dropped: {report:?}"
+    );
+    assert_eq!(report.other, 0, "{report:?}");
+    assert_eq!(report.one_bit_flipped, corrupted, "{report:?}");
+    assert!((100..200).contains(&corrupted), "{corrupted}");
+    assert_eq!(port(&counters, 2).udp_checksum_invalid, 0);
+}
+
+#[test]
+fn the_switch_exits_cleanly_on_sigterm_and_writes_its_counters() {
+    if !may_run("the_switch_exits_cleanly_on_sigterm_and_writes_its_counters") {
+        return;
+    }
+    let mut lab = Lab::new('t', no_impairment);
+    lab.blast(1, "198.18.0.2:46041", &["--count", "10"]);
+    let pid = lab.switch.0.id().to_string();
+    // `ip netns exec` replaces itself with the switch, so the child's pid is the switch's.
+    run("kill", &["-TERM", &pid]).expect("kill -TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = lab.switch.0.try_wait().expect("waiting") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the switch ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    let written = std::fs::read_to_string(&lab.files[1]).expect("counters file");
+    let counters: Counters = serde_json::from_str(&written).expect("counters JSON");
+    assert!(port(&counters, 1).ingress.frames >= 10, "{counters:?}");
+}
