@@ -519,3 +519,57 @@ fn the_switch_exits_cleanly_on_sigterm_and_writes_its_counters() {
     let counters: Counters = serde_json::from_str(&written).expect("counters JSON");
     assert!(port(&counters, 1).ingress.frames >= 10, "{counters:?}");
 }
+
+/// A measurement, not a check (run with `--ignored --nocapture`): paced multicast from h1 to
+/// h2 at rising rates for one second each; how many frames the switch received from h1,
+/// forwarded to h2, and h2 received.
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn switch_throughput() {
+    if !may_run("switch_throughput") {
+        return;
+    }
+    let mut lab = Lab::new('p', no_impairment);
+    for (round, rate) in [10_000u64, 25_000, 50_000, 100_000, 200_000]
+        .into_iter()
+        .enumerate()
+    {
+        let port_number = (46100 + round).to_string();
+        let receiver = lab.start_count(
+            2,
+            &["--port", &port_number, "--group", GROUP, "--idle-ms", "500"],
+        );
+        lab.await_join(2);
+        let before = lab.counters();
+        let count = rate.to_string();
+        let interval = (1_000_000 / rate).to_string();
+        let sent = lab.blast(
+            1,
+            &format!("{GROUP}:{port_number}"),
+            &[
+                "--count",
+                &count,
+                "--interval-us",
+                &interval,
+                "--size",
+                "200",
+            ],
+        );
+        let report = receiver.report();
+        let after = lab.counters();
+        let into_switch = port(&after, 1).ingress.frames - port(&before, 1).ingress.frames;
+        let out_of_switch = port(&after, 2).egress.forwarded - port(&before, 2).egress.forwarded;
+        eprintln!(
+            "offered {rate}/s: sent {} in {:.2} s ({:.0}/s); switch received {into_switch} \
+             ({:.1}%), forwarded {out_of_switch}; h2 received {} ({:.1}%); receive queue \
+             overflow {}",
+            sent.sent,
+            sent.seconds,
+            sent.sent as f64 / sent.seconds,
+            100.0 * into_switch as f64 / sent.sent as f64,
+            report.received,
+            100.0 * report.received as f64 / sent.sent as f64,
+            port(&after, 1).receive_overflow,
+        );
+    }
+}
