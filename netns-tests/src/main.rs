@@ -70,8 +70,8 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         interval_us: u64,
     },
-    /// Receive udp-blast datagrams on PORT (joining GROUP on IFACE when given, else bound to
-    /// IFACE), print "ready", then a JSON report once EXPECT arrived, IDLE_MS passed without
+    /// Receive udp-blast datagrams on PORT (any address; joining GROUP on IFACE when given),
+    /// print "ready", then a JSON report once EXPECT arrived, IDLE_MS passed without
     /// one after the first, or TIMEOUT_MS passed (switch tests).
     UdpCount {
         #[arg(long)]

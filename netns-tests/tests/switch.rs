@@ -8,7 +8,9 @@ use std::process::{ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rekeycast_netns_tests::impair::{Corrupt, Impairment, Loss, PortConfig, SwitchConfig};
+use rekeycast_netns_tests::impair::{
+    Corrupt, Duplicate, Impairment, Loss, PortConfig, Reorder, SwitchConfig,
+};
 use rekeycast_netns_tests::switch::traffic::{BlastReport, CountReport};
 use rekeycast_netns_tests::switch::{Counters, PortCounters};
 use rekeycast_netns_tests::{clean_leftovers, may_run, name_prefix, run, ChildGuard, Namespace};
@@ -518,6 +520,96 @@ fn the_switch_exits_cleanly_on_sigterm_and_writes_its_counters() {
     let written = std::fs::read_to_string(&lab.files[1]).expect("counters file");
     let counters: Counters = serde_json::from_str(&written).expect("counters JSON");
     assert!(port(&counters, 1).ingress.frames >= 10, "{counters:?}");
+}
+
+#[test]
+fn broadcast_is_flooded_once_and_never_comes_back() {
+    if !may_run("broadcast_is_flooded_once_and_never_comes_back") {
+        return;
+    }
+    let mut lab = Lab::new('b', no_impairment);
+    let receiver = lab.start_count(3, &["--port", "46051", "--expect", "100"]);
+    let before = lab.counters();
+    lab.blast(
+        1,
+        "198.18.0.255:46051",
+        &["--count", "100", "--interval-us", "500"],
+    );
+    let report = receiver.report();
+    assert_eq!(report.intact, 100, "{report:?}");
+    // Give the switch a moment to finish counting anything that might still come back.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = lab.counters();
+    let delta = |number, pick: fn(&PortCounters) -> u64| {
+        pick(port(&after, number)) - pick(port(&before, number))
+    };
+    let data_in = |p: &PortCounters| p.ingress.frames - p.ingress.control;
+    let data_out = |p: &PortCounters| p.egress.frames - p.egress.control;
+    let sent = |p: &PortCounters| p.egress.forwarded - p.egress.control;
+    let echoes = |p: &PortCounters| p.own_transmissions_dropped;
+    assert_eq!(delta(1, data_in), 100);
+    for number in [2, 3] {
+        assert_eq!(delta(number, data_out), 100, "h{number}");
+        assert_eq!(delta(number, sent), 100, "h{number}");
+        // The switch's own transmissions on h2 and h3 were not taken for frames from them.
+        assert_eq!(delta(number, data_in), 0, "h{number}");
+    }
+    assert_eq!(delta(1, data_out), 0, "a frame came back to its sender");
+    eprintln!(
+        "own transmissions seen back and dropped: h1 {}, h2 {}, h3 {}",
+        delta(1, echoes),
+        delta(2, echoes),
+        delta(3, echoes)
+    );
+}
+
+#[test]
+fn delay_duplication_and_reordering_go_through_the_scheduler() {
+    if !may_run("delay_duplication_and_reordering_go_through_the_scheduler") {
+        return;
+    }
+    let mut lab = Lab::new('d', |name| {
+        let egress = if name == "h2" {
+            Impairment {
+                delay_ms: 30,
+                jitter_ms: 2,
+                duplicate: Some(Duplicate { p: 0.2 }),
+                reorder: Some(Reorder {
+                    p: 0.1,
+                    extra_delay_ms: 10,
+                }),
+                ..Impairment::default()
+            }
+        } else {
+            Impairment::default()
+        };
+        (Impairment::default(), egress)
+    });
+    let receiver = lab.start_count(
+        2,
+        &["--port", "46061", "--group", GROUP, "--idle-ms", "500"],
+    );
+    lab.await_join(2);
+    let started = Instant::now();
+    lab.blast(
+        1,
+        &format!("{GROUP}:46061"),
+        &["--count", "500", "--interval-us", "1000"],
+    );
+    let report = receiver.report();
+    let elapsed = started.elapsed();
+    let counters = lab.counters();
+    let egress = &port(&counters, 2).egress;
+    eprintln!("delay 30±2 ms, duplicate 0.2, reorder 0.1 (+10 ms) on h2 egress: {egress:?}, h2: {report:?}");
+    assert_eq!(report.distinct, 500, "{report:?}");
+    assert_eq!(report.other, 0);
+    assert_eq!(report.received, 500 + egress.duplicated, "{report:?}");
+    assert!((60..140).contains(&egress.duplicated), "{egress:?}");
+    assert!((25..80).contains(&egress.reordered), "{egress:?}");
+    assert_eq!(egress.delayed - egress.control, 500 + egress.duplicated);
+    assert!(report.out_of_order > 0, "{report:?}");
+    assert_eq!(counters.queued, 0);
+    assert!(elapsed > Duration::from_millis(500 + 28));
 }
 
 /// A measurement, not a check (run with `--ignored --nocapture`): paced multicast from h1 to

@@ -54,7 +54,7 @@ pub struct BlastReport {
 pub struct Count {
     /// The UDP port to bind.
     pub port: u16,
-    /// The address of the interface to join on (and to bind when not joining a group).
+    /// The address of the interface to join the group on.
     pub interface: Ipv4Addr,
     /// The group to join, if any.
     pub group: Option<Ipv4Addr>,
@@ -80,6 +80,8 @@ pub struct CountReport {
     pub one_bit_flipped: u64,
     /// Datagrams with more bits flipped, or of the wrong size.
     pub other: u64,
+    /// Datagrams that arrived after one with a larger sequence number.
+    pub out_of_order: u64,
     /// The smallest sequence number received, if any.
     pub min_sequence: Option<u64>,
     /// The largest sequence number received, if any.
@@ -119,9 +121,10 @@ pub fn flipped_bits(bytes: &[u8]) -> Option<(u32, Option<u64>)> {
     ))
 }
 
-/// Sends the datagrams of `blast`.
+/// Sends the datagrams of `blast` (broadcast addresses allowed).
 pub fn blast(blast: &Blast) -> std::io::Result<BlastReport> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_broadcast(true)?;
     socket.bind(&SocketAddrV4::new(blast.interface, 0).into())?;
     if blast.to.ip().is_multicast() {
         socket.set_multicast_if_v4(&blast.interface)?;
@@ -157,18 +160,17 @@ pub fn blast(blast: &Blast) -> std::io::Result<BlastReport> {
     Ok(report)
 }
 
-/// Opens the receiving socket of `count` (joined when a group is given).
+/// Opens the receiving socket of `count`: bound to its port on any address, joined to its
+/// group when one is given.
 pub fn count_socket(count: &Count) -> std::io::Result<UdpSocket> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     // As large as the system allows, so bursts are not lost in the receiver itself.
     let _ = socket.set_recv_buffer_size(8 << 20);
-    match count.group {
-        Some(group) => {
-            socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, count.port).into())?;
-            socket.join_multicast_v4(&group, &count.interface)?;
-        }
-        None => socket.bind(&SocketAddrV4::new(count.interface, count.port).into())?,
+    // Bound to any address, so unicast, broadcast and the group's datagrams all arrive.
+    socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, count.port).into())?;
+    if let Some(group) = count.group {
+        socket.join_multicast_v4(&group, &count.interface)?;
     }
     Ok(socket.into())
 }
@@ -217,6 +219,9 @@ pub fn count(socket: &UdpSocket, count: &Count) -> std::io::Result<CountReport> 
                 if let Some(sequence) = sequence {
                     if seen.len() < MAX_TRACKED && seen.insert(sequence) {
                         report.distinct += 1;
+                    }
+                    if report.max_sequence.is_some_and(|max| sequence < max) {
+                        report.out_of_order += 1;
                     }
                     report.min_sequence =
                         Some(report.min_sequence.map_or(sequence, |m| m.min(sequence)));
