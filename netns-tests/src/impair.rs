@@ -60,17 +60,19 @@ pub struct SwitchConfig {
     #[serde(default)]
     pub counters_path: Option<PathBuf>,
     /// The most frames waiting in the delay queue at once; frames beyond it are dropped and
-    /// counted as `queue_overflow`. Defaults to [`SwitchConfig::DEFAULT_QUEUE_CAPACITY`].
+    /// counted as `dropped_queue_full` (the queue is also bounded in bytes, by
+    /// [`crate::switch::MAX_QUEUED_BYTES`]). Defaults to
+    /// [`SwitchConfig::DEFAULT_QUEUE_CAPACITY`].
     #[serde(default = "SwitchConfig::default_queue_capacity")]
     pub queue_capacity: usize,
-    /// The switch's ports, in order; a port's index in this list is its index in the seeds and
-    /// counters. Written `[[port]]` in TOML.
+    /// The switch's ports, in order; a port's index in this list chooses its random streams
+    /// (see [`Impairer::new`]), its name keys its counters. Written `[[port]]` in TOML.
     #[serde(rename = "port", default)]
     pub ports: Vec<PortConfig>,
 }
 
 impl SwitchConfig {
-    /// The default of [`SwitchConfig::queue_capacity`]: 65,536 frames (at most about 100 MB of
+    /// The default of [`SwitchConfig::queue_capacity`]: 65,536 frames (about 100 MB of
     /// full-size frames).
     pub const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
 
@@ -862,6 +864,7 @@ mod tests {
                 .filter(|fate| **fate == Fate::Dropped(DropReason::Loss))
                 .count();
             let measured = lost as f64 / 100_000.0;
+            eprintln!("iid p {p}: measured {measured:.4} over 100,000 frames");
             // Five standard deviations of a binomial proportion over 100k frames.
             let tolerance = 5.0 * (p * (1.0 - p) / 100_000.0).sqrt();
             assert!(
@@ -895,6 +898,11 @@ mod tests {
                 }
             }
             let mean = f64::from(bursts.iter().sum::<u32>()) / bursts.len() as f64;
+            eprintln!(
+                "Gilbert-Elliott average {average} mean burst {mean_burst}: measured loss \
+                 {measured:.4}, mean burst {mean:.3} over {} frames",
+                lost.len()
+            );
             assert!(
                 (measured - average).abs() < 0.1 * average,
                 "average {average}: measured {measured}"

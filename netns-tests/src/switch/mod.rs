@@ -74,6 +74,10 @@ pub const COUNTERS_INTERVAL: Duration = Duration::from_millis(500);
 /// beyond it, frames are dropped and counted as `receive_overflow`.
 pub const RECEIVE_QUEUE: usize = 8192;
 
+/// The most bytes of frames waiting in the delay queue at once, whatever
+/// [`SwitchConfig::queue_capacity`] says; frames beyond it are dropped as `dropped_queue_full`.
+pub const MAX_QUEUED_BYTES: usize = 128 << 20;
+
 /// The receive buffer asked for on each port's packet socket, in bytes.
 pub const RECEIVE_BUFFER: usize = 4 << 20;
 
@@ -350,6 +354,7 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
         forwarder,
         queue: BinaryHeap::new(),
         queue_capacity: config.queue_capacity,
+        queued_bytes: 0,
         sequence: 0,
         counters_path: config.counters_path.clone(),
         counters_write_failed: false,
@@ -452,6 +457,7 @@ struct Switch {
     forwarder: Forwarder,
     queue: BinaryHeap<Scheduled>,
     queue_capacity: usize,
+    queued_bytes: usize,
     sequence: u64,
     counters_path: Option<PathBuf>,
     counters_write_failed: bool,
@@ -649,7 +655,9 @@ impl Switch {
     }
 
     fn schedule(&mut self, due: Duration, step: Step, frame: Vec<u8>) {
-        if self.queue.len() >= self.queue_capacity {
+        if self.queue.len() >= self.queue_capacity
+            || self.queued_bytes + frame.len() > MAX_QUEUED_BYTES
+        {
             let counters = match step {
                 Step::Forward { in_port } => self
                     .ports
@@ -666,6 +674,7 @@ impl Switch {
             return;
         }
         self.sequence += 1;
+        self.queued_bytes += frame.len();
         self.queue.push(Scheduled {
             due,
             sequence: self.sequence,
@@ -681,6 +690,7 @@ impl Switch {
             let Some(scheduled) = self.queue.pop() else {
                 break;
             };
+            self.queued_bytes = self.queued_bytes.saturating_sub(scheduled.frame.len());
             match scheduled.step {
                 Step::Forward { in_port } => self.forward(in_port, scheduled.frame, false),
                 Step::Transmit { out_port } => self.transmit(out_port, &scheduled.frame),
@@ -964,6 +974,42 @@ mod tests {
                 ..DirectionCounters::default()
             }
         );
+    }
+
+    #[test]
+    fn any_frame_goes_through_the_sans_io_steps_without_panicking() {
+        let mut forwarder = Forwarder::new(3).expect("3 ports");
+        let mut state: u64 = 0x9e37_79b9;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        // Random bytes behind plausible Ethernet/IPv4/UDP or IGMP prefixes, and plain noise.
+        for round in 0..30_000u32 {
+            let len = (next() % 120) as usize;
+            let mut frame: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if len > 24 && round % 3 != 0 {
+                frame[12] = 0x08;
+                frame[13] = 0x00;
+                frame[14] = 0x45 + (next() % 3) as u8;
+                frame[23] = [2, 17, 6][(next() % 3) as usize];
+                if round % 2 == 0 {
+                    frame[0..3].copy_from_slice(&[0x01, 0x00, 0x5e]);
+                }
+            }
+            let port = (next() % 4) as usize;
+            let now = Duration::from_micros(u64::from(round));
+            let _ = forwarder.is_own_transmission(port, &frame, now);
+            forwarder.learn(port, &frame);
+            let _ = classify(&frame);
+            let _ = forwarder.snoop(port, &frame);
+            let _ = forwarder.destinations(port, &frame);
+            let _ = udp_checksum_invalid(&frame);
+            forwarder.record_transmission(port, &frame, now);
+            let _ = corrupt_udp_payload(&mut frame, next());
+        }
     }
 
     #[test]
