@@ -193,7 +193,8 @@ pub struct Impairment {
     /// A token-bucket rate limit; frames beyond it are dropped.
     pub rate: Option<Rate>,
     /// Windows during which the direction is blackholed, in milliseconds since the switch
-    /// started.
+    /// started. Like every impairment, they spare the control plane (ARP, IGMP): a host's
+    /// group membership and address survive an outage, only its data is lost.
     pub outages: Vec<Outage>,
 }
 

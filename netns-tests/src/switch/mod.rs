@@ -45,6 +45,7 @@
 
 pub mod forwarding;
 pub mod igmp;
+pub mod process;
 pub mod traffic;
 
 use std::collections::{BTreeMap, BinaryHeap};
