@@ -46,6 +46,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::switch::forwarding::MAX_PORTS;
+
 /// The configuration of one switch process (`rekeycast-netns switch --config FILE.toml`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -110,11 +112,17 @@ impl SwitchConfig {
         })
     }
 
-    /// Checks every port: at least one, unique names and interfaces, interface names of at
+    /// Checks every port: at least one and at most [`MAX_PORTS`], unique names and interfaces, interface names of at
     /// most 15 bytes, a non-zero queue capacity, and valid impairments.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.ports.is_empty() {
             return Err(ConfigError::NoPorts);
+        }
+        if self.ports.len() > MAX_PORTS {
+            return Err(ConfigError::Invalid {
+                field: "port".into(),
+                reason: format!("{} ports, at most {MAX_PORTS}", self.ports.len()),
+            });
         }
         if self.queue_capacity == 0 {
             return Err(ConfigError::Invalid {

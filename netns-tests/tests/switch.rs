@@ -659,3 +659,32 @@ fn switch_throughput() {
         );
     }
 }
+
+#[test]
+fn a_missing_interface_is_a_clear_error() {
+    // Needs no namespace: the interfaces are looked up before any socket is opened.
+    let path = std::env::temp_dir().join(format!("{}-missing-switch.toml", name_prefix()));
+    std::fs::write(
+        &path,
+        "seed = 1\n[[port]]\nname = \"h1\"\nifname = \"rkcnosuchif0\"\n",
+    )
+    .expect("config file");
+    let output = std::process::Command::new(BINARY)
+        .args(["switch", "--config"])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .output()
+        .expect("running the switch");
+    let _ = std::fs::remove_file(&path);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("port h1: no interface rkcnosuchif0"),
+        "{stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "ready printed: {:?}",
+        output.stdout
+    );
+}

@@ -208,6 +208,9 @@ pub enum SwitchError {
         /// The last error.
         source: std::io::Error,
     },
+    /// Every receiving thread stopped without saying why.
+    #[error("every port stopped receiving")]
+    ReceiversStopped,
     /// The signal handler could not be installed.
     #[error("could not handle SIGTERM/SIGINT: {0}")]
     Signal(#[from] ctrlc::Error),
@@ -484,12 +487,18 @@ impl Switch {
             let timeout = wake.saturating_sub(now);
             crossbeam_channel::select! {
                 recv(frames) -> received => {
-                    if let Ok(received) = received {
+                    let Ok(received) = received else {
+                        // Every receiving thread ended, which they only do after reporting a
+                        // failure; wait for that report rather than spin on the closed channel.
+                        return match controls.recv_timeout(Duration::from_secs(1)) {
+                            Ok(Control::PortFailed { port, source }) => Err(self.failed(port, source)),
+                            _ => Err(SwitchError::ReceiversStopped),
+                        };
+                    };
+                    self.handle_received(received);
+                    // Drain a batch before looking at the clock again.
+                    for received in frames.try_iter().take(256) {
                         self.handle_received(received);
-                        // Drain a batch before looking at the clock again.
-                        for received in frames.try_iter().take(256) {
-                            self.handle_received(received);
-                        }
                     }
                 }
                 recv(controls) -> control => match control {
@@ -500,11 +509,7 @@ impl Switch {
                     }
                     Ok(Control::StdinClosed | Control::Signal) | Err(_) => return Ok(()),
                     Ok(Control::PortFailed { port, source }) => {
-                        let port = self.ports.get(port).map(|port| port.name.clone());
-                        return Err(SwitchError::PortFailed {
-                            port: port.unwrap_or_default(),
-                            source,
-                        });
+                        return Err(self.failed(port, source));
                     }
                 },
                 default(timeout) => {}
@@ -514,6 +519,16 @@ impl Switch {
                 self.write_counters();
                 next_counters = self.now() + COUNTERS_INTERVAL;
             }
+        }
+    }
+
+    fn failed(&self, port: usize, source: std::io::Error) -> SwitchError {
+        SwitchError::PortFailed {
+            port: self
+                .ports
+                .get(port)
+                .map_or_else(|| format!("#{port}"), |port| port.name.clone()),
+            source,
         }
     }
 
