@@ -129,6 +129,8 @@ pub struct Forwarder {
     groups: HashMap<Ipv4Addr, PortSet>,
     /// Per port: recent transmissions, to recognize them if they come back.
     echoes: Vec<EchoFilter>,
+    /// The addresses of the switch's own interfaces.
+    local: Vec<[u8; 6]>,
 }
 
 /// Refused: more ports than [`MAX_PORTS`].
@@ -147,7 +149,21 @@ impl Forwarder {
             learned: HashMap::new(),
             groups: HashMap::new(),
             echoes: (0..ports).map(|_| EchoFilter::default()).collect(),
+            local: Vec::new(),
         })
+    }
+
+    /// Records the addresses of the switch's own interfaces (its ends of the veth pairs).
+    pub fn set_local_addresses(&mut self, addresses: Vec<[u8; 6]>) {
+        self.local = addresses;
+    }
+
+    /// Whether a received frame was sent by the switch namespace's own kernel out of one of
+    /// the switch's interfaces (its source is one of their addresses): a packet socket sees
+    /// those outgoing frames too (IPv6 router solicitations and MLD reports when IPv6 is on in
+    /// the switch's namespace), and they come from no host, so they are not forwarded.
+    pub fn is_from_switch_namespace(&self, frame: &[u8]) -> bool {
+        frame.len() >= 12 && self.local.iter().any(|address| frame[6..12] == address[..])
     }
 
     /// Learns the source address of a frame received on `port` (unicast sources only; a
@@ -469,6 +485,17 @@ mod tests {
         }
         assert!(forwarder.echoes[0].by_time.len() <= ECHO_CAPACITY);
         assert!(forwarder.echoes[0].outstanding.len() <= ECHO_CAPACITY);
+    }
+
+    #[test]
+    fn frames_from_the_switch_namespace_are_recognized() {
+        let mut forwarder = Forwarder::new(2).expect("2 ports");
+        let frame = ethernet([0x33, 0x33, 0, 0, 0, 2], H3, 0x86dd, &[0; 40]);
+        assert!(!forwarder.is_from_switch_namespace(&frame));
+        forwarder.set_local_addresses(vec![H1, H3]);
+        assert!(forwarder.is_from_switch_namespace(&frame));
+        assert!(!forwarder.is_from_switch_namespace(&ethernet(H1, H2, 0x0800, &[])));
+        assert!(!forwarder.is_from_switch_namespace(&frame[..11]));
     }
 
     #[test]

@@ -36,6 +36,11 @@
 //! received frame that matches one (counted as `own_transmissions_dropped`): forwarding one
 //! back would loop it between ports for ever.
 //!
+//! Frames that the switch namespace's own kernel sends out of the switch's interfaces (IPv6
+//! router solicitations, MLD reports) are seen the same way; their source is one of the
+//! switch's interface addresses, so they are dropped too (`switch_namespace_frames`). Turning
+//! IPv6 off in the switch's namespace avoids them altogether.
+//!
 //! # Checksums
 //!
 //! veth hosts with transmit checksum offload on send UDP frames whose checksum is unfinished;
@@ -133,6 +138,9 @@ pub struct PortCounters {
     pub egress: DirectionCounters,
     /// Received frames recognized as the switch's own transmissions and dropped.
     pub own_transmissions_dropped: u64,
+    /// Frames the switch namespace's own kernel sent out of this port's interface (IPv6
+    /// router solicitations and the like), dropped: they come from no host.
+    pub switch_namespace_frames: u64,
     /// Received frames dropped because the forwarding thread was behind.
     pub receive_overflow: u64,
     /// Errors receiving from the interface.
@@ -266,7 +274,7 @@ pub fn parse_command(line: &str) -> Option<Result<SwitchCommand, String>> {
 /// Runs the switch until `quit`, the end of standard input, SIGTERM or SIGINT.
 pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
     config.validate()?;
-    let forwarder = Forwarder::new(config.ports.len())?;
+    let mut forwarder = Forwarder::new(config.ports.len())?;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let (frame_sender, frames) = crossbeam_channel::bounded(RECEIVE_QUEUE);
@@ -274,6 +282,7 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
 
     let interfaces = datalink::interfaces();
     let mut ports = Vec::with_capacity(config.ports.len());
+    let mut local_addresses = Vec::new();
     let mut receivers = Vec::with_capacity(config.ports.len());
     for (index, port) in config.ports.iter().enumerate() {
         let interface = interfaces
@@ -288,6 +297,9 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
+        if let Some(mac) = interface.mac {
+            local_addresses.push(mac.octets());
+        }
         let socket = packet_socket().map_err(|source| SwitchError::Open {
             port: port.name.clone(),
             ifname: port.ifname.clone(),
@@ -352,6 +364,7 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
     })?;
     drop(control_sender);
 
+    forwarder.set_local_addresses(local_addresses);
     let mut switch = Switch {
         start,
         ports,
@@ -580,6 +593,10 @@ impl Switch {
         };
         if self.forwarder.is_own_transmission(port, &frame, at) {
             entry.counters.own_transmissions_dropped += 1;
+            return;
+        }
+        if self.forwarder.is_from_switch_namespace(&frame) {
+            entry.counters.switch_namespace_frames += 1;
             return;
         }
         let counters = &mut entry.counters;
