@@ -821,6 +821,22 @@ mod tests {
                 "port[0].ifname",
             ),
             ("[[port]]\nname='a'\nifname='x'\nbogus=1", "bogus"),
+            (
+                "[[port]]\nname='a'\nifname='x'\ningress={loss={model='iid',p=0.1,q=2}}",
+                "q",
+            ),
+            (
+                "[[port]]\nname='a'\nifname='x'\ningress={loss={model='iid'}}",
+                "missing field `p`",
+            ),
+            (
+                "[[port]]\nname='a'\nifname='x'\ningress={loss={model='bursty'}}",
+                "bursty",
+            ),
+            (
+                "[[port]]\nname='a'\nifname='x'\ningress={rate={bits_per_second=0,burst_bytes=1}}",
+                "port[0].ingress.rate.bits_per_second",
+            ),
         ];
         for (text, expected) in cases {
             let error = SwitchConfig::from_toml(text).expect_err(text).to_string();
