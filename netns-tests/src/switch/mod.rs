@@ -342,7 +342,11 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
         receivers.push((index, port.name.clone(), receiver, shared));
     }
 
-    let mut threads = Vec::new();
+    // Stops and joins the receiving threads however this function returns.
+    let mut threads = ReceivingThreads {
+        stop: Arc::clone(&stop),
+        handles: Vec::new(),
+    };
     for (index, name, receiver, shared) in receivers {
         let sender = frame_sender.clone();
         let failures = control_sender.clone();
@@ -354,7 +358,7 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
                 what: format!("receiving thread of port {name}"),
                 source,
             })?;
-        threads.push(thread);
+        threads.handles.push(thread);
     }
     drop(frame_sender);
     start_stdin_thread(control_sender.clone())?;
@@ -378,10 +382,25 @@ pub fn run(config: SwitchConfig) -> Result<(), SwitchError> {
     };
     reply("ready");
     let result = switch.run_loop(&frames, &controls);
-    stop.store(true, Ordering::Relaxed);
-    join_all(threads);
+    drop(threads);
     switch.write_counters();
     result
+}
+
+/// The receiving threads, told to stop and joined when dropped (each notices within
+/// [`RECEIVE_TIMEOUT`]).
+struct ReceivingThreads {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ReceivingThreads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
 }
 
 /// What the forwarding thread hears besides frames.
@@ -916,12 +935,6 @@ fn packet_socket() -> std::io::Result<RawFd> {
     // Best effort: a smaller buffer only means earlier drops under bursts.
     let _ = socket.set_recv_buffer_size(RECEIVE_BUFFER);
     Ok(socket.into_raw_fd())
-}
-
-fn join_all(threads: Vec<JoinHandle<()>>) {
-    for thread in threads {
-        let _ = thread.join();
-    }
 }
 
 /// Prints one line on standard output and flushes it; a closed standard output is ignored
