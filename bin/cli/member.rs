@@ -4,17 +4,24 @@
 //! versions and SPIs, never key bytes) and runs until Ctrl-C or SIGTERM, or with
 //! `--exit-after-seq N` until it applied message N (exit 0); it exits 3 when it must
 //! re-register.
+//!
+//! With `--status-file FILE` it also writes its figures there as one JSON object ([`status_json`]):
+//! after every applied message, every half second while idle, and on exit, each time to a
+//! temporary file renamed over the last, so a reader never sees half a file. The netns harness
+//! judges its scenarios from these files.
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use crossbeam_channel::RecvTimeoutError;
 use rekeycast::config::MemberConfig;
-use rekeycast::member::{self, Member};
+use rekeycast::member::{self, Member, MemberStats};
 use rekeycast::session::ReceiverEvent;
+use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
 use super::shutdown::ShutdownFlag;
@@ -39,7 +46,17 @@ pub struct MemberArgs {
     /// Exit with status 0 once message SEQ (or a later one) is applied: for scripted tests.
     #[arg(long, value_name = "SEQ")]
     pub exit_after_seq: Option<u64>,
+    /// Write the member's figures to FILE as JSON after every applied message, every half
+    /// second and on exit (for test harnesses).
+    #[arg(long, value_name = "FILE")]
+    pub status_file: Option<PathBuf>,
 }
+
+/// How often `--status-file` is rewritten when no message was applied meanwhile.
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The most applied messages `--status-file` lists (the newest).
+pub const STATUS_APPLIED_KEPT: usize = 1024;
 
 /// Runs `rekeycast member`.
 pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
@@ -62,6 +79,7 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<_, _>>()
         .context("resync_endpoints")?;
     engine_config.state_file = state_file.clone();
+    let mut status = args.status_file.clone().map(StatusFile::new);
     let member = match state_file.filter(|path| path.exists()) {
         Some(path) => {
             let member = Member::resume(&path, engine_config)
@@ -81,6 +99,9 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             let bundle = super::bundle::read(&bundle_path).context("registration bundle")?;
             let member =
                 Member::start(&bundle, engine_config).context("starting the member engine")?;
+            if let Some(status) = &mut status {
+                status.member = Some(bundle.member.0);
+            }
             info!(
                 member = bundle.member.0,
                 first_seq = bundle.first_seq,
@@ -94,12 +115,18 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
     loop {
         if shutdown.is_set() {
             info!("shutting down");
+            write_status(&mut status, &member, false);
             member.shutdown().context("stopping the member engine")?;
             return Ok(ExitCode::SUCCESS);
         }
         let event = match member.events().recv_timeout(Duration::from_millis(200)) {
             Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                if status.as_ref().is_some_and(StatusFile::is_due) {
+                    write_status(&mut status, &member, false);
+                }
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 member.shutdown().context("the member engine stopped")?;
                 bail!("the member engine stopped");
@@ -108,6 +135,10 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         match event {
             ReceiverEvent::GroupKeyUpdated { seq, version } => {
                 info!(seq, version, "group key updated");
+                if let Some(status) = &mut status {
+                    status.record_applied(seq, SystemTime::now());
+                }
+                write_status(&mut status, &member, false);
                 if let Some(last) = args.exit_after_seq.filter(|last| seq >= *last) {
                     info!(seq, "applied message {last} (--exit-after-seq): exiting");
                     member.shutdown().context("stopping the member engine")?;
@@ -131,10 +162,187 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             ),
             ReceiverEvent::MustReregister => {
                 error!("the messages this member lacks left the GCKS's history: it must register again");
+                write_status(&mut status, &member, true);
                 let _ = member.shutdown();
                 return Ok(ExitCode::from(EXIT_MUST_REREGISTER));
             }
             _ => info!("other key event"),
         }
+    }
+}
+
+/// The `--status-file` of a running member: where it goes and the applied messages it lists.
+#[derive(Debug)]
+struct StatusFile {
+    path: PathBuf,
+    member: Option<u64>,
+    /// `(seq, microseconds since the Unix epoch)` of the newest applied messages.
+    applied: VecDeque<(u64, u64)>,
+    written: Option<Instant>,
+}
+
+impl StatusFile {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            member: None,
+            applied: VecDeque::new(),
+            written: None,
+        }
+    }
+
+    fn record_applied(&mut self, seq: u64, at: SystemTime) {
+        if self.applied.len() == STATUS_APPLIED_KEPT {
+            self.applied.pop_front();
+        }
+        self.applied.push_back((seq, unix_micros(at)));
+    }
+
+    fn is_due(&self) -> bool {
+        self.written
+            .map_or(true, |written| written.elapsed() >= STATUS_INTERVAL)
+    }
+
+    fn write(&mut self, stats: &MemberStats, must_reregister: bool) -> std::io::Result<()> {
+        let applied: Vec<(u64, u64)> = self.applied.iter().copied().collect();
+        let value = status_json(self.member, stats, &applied, must_reregister);
+        write_atomically(&self.path, value.to_string().as_bytes())?;
+        self.written = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// Writes the status file if there is one; a failure is logged, and the member goes on.
+fn write_status(status: &mut Option<StatusFile>, member: &Member, must_reregister: bool) {
+    let Some(status) = status else { return };
+    let outcome = member
+        .stats()
+        .map_err(|error| std::io::Error::other(error.to_string()))
+        .and_then(|stats| status.write(&stats, must_reregister));
+    if let Err(error) = outcome {
+        warn!(%error, file = %status.path.display(), "could not write the status file");
+    }
+}
+
+/// The member's figures as `--status-file` writes them: the member's id (when started from a
+/// bundle), its key state (`next_seq`, `last_seq`, `group_key_version`), what it applied and
+/// how (`messages_applied`, `applied_from_*`), its feedback and recovery (`nacks_sent`,
+/// `state_checks`, `out_of_sync`, `resyncs_started`, `resyncs_failed`), its authentication
+/// work (`signature_checks`, `signature_failures`, `manifests_verified`, `chunks_verified`),
+/// the datagrams it received and rejected (`bad_mac` among them), whether it must register
+/// again, and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
+pub fn status_json(
+    member: Option<u64>,
+    stats: &MemberStats,
+    applied: &[(u64, u64)],
+    must_reregister: bool,
+) -> Value {
+    let r = &stats.receiver;
+    let m = &stats.messages;
+    let d = &stats.datagrams;
+    json!({
+        "member": member,
+        "pid": std::process::id(),
+        "written_unix_us": unix_micros(SystemTime::now()),
+        "next_seq": stats.next_seq,
+        "last_seq": stats.next_seq.saturating_sub(1),
+        "group_key_version": stats.group_key_version,
+        "messages_applied": r.messages_applied,
+        "applied_from_source": r.applied_from_source,
+        "applied_from_decode": r.applied_from_decode,
+        "applied_from_resync": r.applied_from_resync,
+        "decode_failures": r.decode_failures,
+        "nacks_sent": r.nacks_sent,
+        "state_checks": r.state_checks,
+        "out_of_sync": r.out_of_sync,
+        "silences": r.silences,
+        "signature_checks": m.signature_checks,
+        "signature_failures": m.signature_failures,
+        "manifests_verified": m.manifests_verified,
+        "manifests_cached": m.manifests_cached,
+        "chunks_verified": m.chunks_verified,
+        "chunks_rejected": m.chunks_rejected,
+        "datagrams_received": stats.datagrams_received,
+        "datagrams_accepted": d.accepted,
+        "datagrams_rejected": d.rejected(),
+        "bad_mac": d.bad_mac,
+        "resyncs_started": stats.resyncs_started,
+        "resyncs_failed": stats.resyncs_failed,
+        "state_save_failures": stats.state_save_failures,
+        "must_reregister": must_reregister,
+        "applied": applied,
+    })
+}
+
+fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+    })
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_reports_the_counters_and_applied_messages() {
+        let mut stats = MemberStats {
+            next_seq: 8,
+            group_key_version: Some(7),
+            datagrams_received: 100,
+            resyncs_started: 2,
+            ..MemberStats::default()
+        };
+        stats.receiver.messages_applied = 7;
+        stats.receiver.applied_from_resync = 3;
+        stats.messages.signature_checks = 14;
+        stats.datagrams.bad_mac = 5;
+        stats.datagrams.malformed_header = 4;
+        let value = status_json(Some(42), &stats, &[(6, 1_000), (7, 2_000)], false);
+        assert_eq!(value["member"], 42);
+        assert_eq!(value["last_seq"], 7);
+        assert_eq!(value["next_seq"], 8);
+        assert_eq!(value["group_key_version"], 7);
+        assert_eq!(value["messages_applied"], 7);
+        assert_eq!(value["applied_from_resync"], 3);
+        assert_eq!(value["signature_checks"], 14);
+        assert_eq!(value["bad_mac"], 5);
+        assert_eq!(value["datagrams_rejected"], 9);
+        assert_eq!(value["resyncs_started"], 2);
+        assert_eq!(value["must_reregister"], false);
+        assert_eq!(value["applied"], json!([[6, 1_000], [7, 2_000]]));
+    }
+
+    #[test]
+    fn status_file_keeps_the_newest_applied_and_replaces_the_file_whole() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("member.status.json");
+        let mut file = StatusFile::new(path.clone());
+        assert!(file.is_due());
+        let epoch = UNIX_EPOCH + Duration::from_secs(1);
+        for seq in 0..(STATUS_APPLIED_KEPT as u64 + 5) {
+            file.record_applied(seq, epoch);
+        }
+        assert_eq!(file.applied.len(), STATUS_APPLIED_KEPT);
+        assert_eq!(file.applied.front(), Some(&(5, 1_000_000)));
+        file.write(&MemberStats::default(), true).expect("write");
+        assert!(!file.is_due());
+        let written: Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(written["must_reregister"], true);
+        assert_eq!(
+            written["applied"].as_array().map(Vec::len),
+            Some(STATUS_APPLIED_KEPT)
+        );
+        assert!(!dir.path().join("member.status.json.tmp").exists());
     }
 }
