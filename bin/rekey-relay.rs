@@ -1,28 +1,164 @@
 //! The `rekey-relay` binary: carries a group's rekeys into another network segment and repairs
 //! locally (RFC 4046 5.5, Figure 3).
 //!
-//! Only the command line exists so far: it says that the relay is not built yet and exits with
-//! status 2.
+//! `rekey-relay --config FILE [--bundle FILE]` runs one relay ([`rekeycast::relay::Relay`])
+//! from a configuration file ([`RelayConfig`], annotated example `rekey-relay.example.toml`).
+//! It resumes from the keys and messages saved in its state directory when there are any (no
+//! new registration; its resync endpoints serve the stored messages at once), else it starts
+//! from the registration bundle `rekeycast admin join` wrote for it. Logs go to standard error
+//! (`tracing`, filtered by `RUST_LOG` or `log.filter`); once the sockets are bound, one line
+//! `rekey-relay ready ...` on standard output gives the bound addresses. The HTTP resync
+//! endpoint serves `/metrics` (Prometheus text) and `/healthz`.
+//!
+//! Exit status: 0 after SIGTERM or SIGINT (the keys are saved first), 1 on an error, 3 when
+//! the relay must register again (the messages it lacks left the GCKS's history).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::{bail, Context};
 use clap::Parser;
+use crossbeam_channel::RecvTimeoutError;
+use rekeycast::config::RelayConfig;
+use rekeycast::relay::{Relay, RelayEvent};
+use rekeycast::resync::relay_store::KEYS_FILE;
+use rekeycast::session::ReceiverEvent;
+use tracing::{error, info, warn};
+
+// Shared with the `rekeycast` binary. The relay reads bundles but never writes one, so the
+// bundle module's writing half is unused here.
+#[allow(dead_code)]
+#[path = "cli/bundle.rs"]
+mod bundle;
+#[path = "cli/logging.rs"]
+mod logging;
+#[path = "cli/shutdown.rs"]
+mod shutdown;
+
+/// The exit status when the relay must register again.
+const EXIT_MUST_REREGISTER: u8 = 3;
 
 /// rekey-relay: hierarchical rekey distribution with authenticated local repair.
 #[derive(Debug, Parser)]
 #[command(name = "rekey-relay", version, about, long_about = None)]
 struct Cli {
-    /// The relay's TOML configuration file.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
+    /// The relay's TOML configuration file (see `rekey-relay.example.toml`).
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// The relay's registration bundle (instead of the configuration's `bundle`); read only
+    /// when the state directory holds no saved keys.
+    #[arg(long, value_name = "FILE")]
+    bundle: Option<PathBuf>,
 }
 
-fn main() -> std::process::ExitCode {
-    let _cli = Cli::parse();
-    eprintln!(
-        "rekey-relay {}: the relay is not built yet: it needs the relay session (issue 11) on \
-         the engine of issue 9.",
-        env!("CARGO_PKG_VERSION")
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("rekey-relay: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let config = RelayConfig::load(&cli.config)
+        .with_context(|| format!("configuration {}", cli.config.display()))?;
+    logging::init(&config.log.filter)?;
+    let shutdown = shutdown::ShutdownFlag::install()?;
+    let engine_config = config.engine_config()?;
+    let relay = if config.state_dir.join(KEYS_FILE).exists() {
+        let relay = Relay::resume(&config.state_dir, engine_config).with_context(|| {
+            format!(
+                "resuming from the state directory {}",
+                config.state_dir.display()
+            )
+        })?;
+        let stats = relay.stats().context("relay engine")?;
+        info!(
+            state_dir = %config.state_dir.display(),
+            next_seq = stats.next_seq,
+            held = ?stats.held,
+            "relay resumed from its saved keys and history"
+        );
+        relay
+    } else {
+        let path = cli.bundle.clone().unwrap_or_else(|| config.bundle.clone());
+        let bundle = bundle::read(&path).context("registration bundle")?;
+        let relay = Relay::start(&bundle, engine_config).context("starting the relay")?;
+        info!(
+            member = bundle.member.0,
+            first_seq = bundle.first_seq,
+            bundle = %path.display(),
+            "relay started from its registration bundle"
+        );
+        relay
+    };
+    let (tcp, http) = relay.resync_addrs();
+    let show =
+        |addr: Option<std::net::SocketAddr>| addr.map_or("none".to_string(), |a| a.to_string());
+    info!(
+        upstream = %config.upstream.multicast,
+        downstream = %config.downstream.multicast,
+        feedback = %relay.feedback_addr(),
+        resync_tcp = %show(tcp),
+        resync_http = %show(http),
+        "relay running"
     );
-    std::process::ExitCode::from(2)
+    println!(
+        "rekey-relay ready upstream={} downstream={} feedback={} upstream_from={} resync_tcp={} \
+         resync_http={}",
+        config.upstream.multicast,
+        config.downstream.multicast,
+        relay.feedback_addr(),
+        relay.upstream_addr(),
+        show(tcp),
+        show(http)
+    );
+    loop {
+        if shutdown.is_set() {
+            info!("shutting down");
+            relay.shutdown().context("stopping the relay")?;
+            info!("stopped");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let event = match relay.events().recv_timeout(Duration::from_millis(200)) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                relay.shutdown().context("the relay engine stopped")?;
+                bail!("the relay engine stopped");
+            }
+        };
+        match event {
+            RelayEvent::Forwarded { seq, chunks } => info!(seq, chunks, "message forwarded"),
+            RelayEvent::NotForwarded { seq } => warn!(
+                seq,
+                "message got by resync only: not forwarded (members resync it from the GCKS)"
+            ),
+            RelayEvent::ForwardFailed { seq, reason } => {
+                error!(seq, reason, "verified message could not be forwarded");
+            }
+            RelayEvent::Upstream(ReceiverEvent::GroupKeyUpdated { seq, version }) => {
+                info!(seq, version, "relay keys updated");
+            }
+            RelayEvent::Upstream(ReceiverEvent::OutOfSync { from_seq }) => {
+                warn!(from_seq, "relay out of sync: resyncing from upstream");
+            }
+            RelayEvent::Upstream(ReceiverEvent::StateCheckNeeded { claimed_seq }) => {
+                info!(claimed_seq, "relay asks upstream for the group's state");
+            }
+            RelayEvent::Upstream(ReceiverEvent::MustReregister) => {
+                error!(
+                    "the messages this relay lacks left the GCKS's history: it must register \
+                     again (clear the state directory and join it anew)"
+                );
+                let _ = relay.shutdown();
+                return Ok(ExitCode::from(EXIT_MUST_REREGISTER));
+            }
+            _ => {}
+        }
+    }
 }

@@ -1,6 +1,8 @@
-//! The configuration files of `rekeycast server` and `rekeycast member`: TOML, validated on load.
+//! The configuration files of `rekeycast server`, `rekeycast member` and `rekey-relay`: TOML,
+//! validated on load.
 //!
-//! This module owns the file formats ([`ServerConfig`], [`MemberConfig`] and their sections),
+//! This module owns the file formats ([`ServerConfig`], [`MemberConfig`], [`RelayConfig`] and
+//! their sections),
 //! their defaults, their validation, and their conversion into the sans-IO sessions'
 //! configurations ([`ServerConfig::sender_config`], [`ServerConfig::message_params`],
 //! [`MemberConfig::receiver_config`]). It opens no socket and starts nothing: the drivers in
@@ -10,9 +12,10 @@
 //! not an option is an error naming it (a misspelt option must not silently fall back to its
 //! default). Errors name the option by its dotted path and show the bad value:
 //! `sender.send_rate = -5: must be positive and finite`. TOML syntax errors keep the line and
-//! column the parser reported. The annotated examples `rekeycast.example.toml` and
-//! `rekeycast-member.example.toml` at the repository root show every option with its default
-//! and unit; a test parses them, so they stay in step with this module.
+//! column the parser reported. The annotated examples `rekeycast.example.toml`,
+//! `rekeycast-member.example.toml` and `rekey-relay.example.toml` at the repository root show
+//! every option with its default and unit; a test parses them, so they stay in step with this
+//! module.
 //!
 //! Relative paths are taken relative to the working directory of the process.
 //!
@@ -721,6 +724,507 @@ impl Default for LogSection {
     }
 }
 
+/// The configuration of `rekey-relay`: one relay of one group, between an upstream group (the
+/// GCKS's, or an upstream relay's) and its own downstream group (issue 11). The annotated
+/// example is `rekey-relay.example.toml` at the repository root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// The relay's registration bundle, written by `rekeycast admin join` (mode 0600): the
+    /// relay holds a leaf like a member. Read only when `state_dir` holds no saved keys.
+    /// Default `"relay.bundle"`. Must not be empty.
+    pub bundle: PathBuf,
+    /// The relay's state directory (mode 0700): its keys, saved after every applied message,
+    /// and the messages it forwarded, each stored as it is forwarded (files mode 0600). A relay
+    /// started on a directory that holds saved keys resumes from them, without registering
+    /// again, and its resync endpoints serve the stored messages at once. Default
+    /// `"rekey-relay-state"`. Must not be empty.
+    pub state_dir: PathBuf,
+    /// Where the relay receives rekeys from and sends its own NACKs to (`[upstream]`).
+    pub upstream: UpstreamSection,
+    /// The relay's own group, where it forwards (`[downstream]`).
+    pub downstream: DownstreamSection,
+    /// How the relay sends downstream (`[sender]`): pacing, manifest repeats, history window,
+    /// heartbeats, repair. The same options as the server's `[sender]`; `symbol_size` and
+    /// `signing_threads` are not used (the relay forwards the GCKS's symbols as they are).
+    pub sender: SenderSection,
+    /// The relay's resync endpoints and their limits (`[resync]`).
+    pub resync: RelayResyncSection,
+    /// Logging (`[log]`).
+    pub log: LogSection,
+}
+
+/// The relay's upstream side (`[upstream]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSection {
+    /// The upstream group's multicast address and port: the GCKS's `group.multicast`, or the
+    /// upstream relay's `downstream.multicast`. Default `"239.255.77.1:7400"`.
+    pub multicast: SocketAddr,
+    /// The interface to join the upstream group on (and send NACKs through): an IPv4 address
+    /// for an IPv4 group (`"0.0.0.0"`: the kernel's choice), an interface index for an IPv6
+    /// group. Default `"127.0.0.1"`.
+    pub interface: String,
+    /// Where the relay's NACKs and probe replies go: the GCKS's `feedback_listen`, or the
+    /// upstream relay's `downstream.feedback_listen`. Default `"127.0.0.1:7401"`. A unicast
+    /// address with a port.
+    pub feedback: SocketAddr,
+    /// The unicast address the relay sends upstream from. Default `"0.0.0.0:0"` (any address
+    /// and port).
+    pub bind: SocketAddr,
+    /// Where the relay resyncs its own keys when it falls behind, tried in order:
+    /// `"tcp://HOST:PORT"` or `"http://HOST:PORT"` (the GCKS's endpoints; behind another relay,
+    /// that relay's, then the GCKS's). Default empty (no resync: a relay that falls behind
+    /// stays behind).
+    pub resync_endpoints: Vec<String>,
+    /// NACK rounds for a block without success before the relay counts itself out of sync.
+    /// Default 4. At least 1.
+    pub nack_max_rounds: u8,
+    /// The shortest time between two state-check requests, in milliseconds. Default 1000.
+    /// Must not be 0.
+    pub state_check_interval_ms: u64,
+    /// How long without any upstream datagram that passes the MAC check before the relay asks
+    /// for the group's state, in milliseconds. Keep it above the upstream sender's
+    /// `heartbeat_max_ms`. Default 120000. Must not be 0.
+    pub silence_timeout_ms: u64,
+    /// Bound on each connect, read and write of the relay's own resync, in milliseconds.
+    /// Default 5000. Must not be 0.
+    pub resync_timeout_ms: u64,
+    /// The longest random wait before the relay's own resync, in milliseconds. Default 500.
+    pub resync_max_delay_ms: u64,
+    /// Rounds over `resync_endpoints` before the relay's resync gives up. Default 5. At
+    /// least 1.
+    pub resync_attempts: u32,
+    /// Seed of the NACK backoff's random number generator. Default: none (random at each
+    /// start); set it only for reproducible test runs.
+    pub seed: Option<u64>,
+}
+
+/// The relay's downstream side (`[downstream]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownstreamSection {
+    /// The relay's own group: its multicast address and port, which its members join (their
+    /// `group.multicast`). Default `"239.255.78.1:7400"`. Must differ from
+    /// `upstream.multicast`.
+    pub multicast: SocketAddr,
+    /// The interface to send on: an IPv4 address for an IPv4 group (`"0.0.0.0"`: the
+    /// kernel's choice), an interface index for an IPv6 group. Default `"127.0.0.1"`.
+    pub interface: String,
+    /// The multicast TTL (IPv4) or hop limit (IPv6). Default 1. At most 255.
+    pub ttl: u32,
+    /// Whether multicast sent from this host loops back to its own sockets (members on the
+    /// relay's host need it). Default true.
+    pub loopback: bool,
+    /// The largest datagram sent, in bytes of UDP payload; the upstream group's symbols must
+    /// fit it. Default 1472. From 256 to 65507.
+    pub datagram_size: usize,
+    /// The unicast address the relay sends from and takes its members' NACKs and probe
+    /// replies on: its members' `feedback`. Default `"0.0.0.0:7411"`. The port must not be 0.
+    pub feedback_listen: SocketAddr,
+    /// The number of members behind this relay, advertised in its heartbeats (their NACK
+    /// backoff scales with it). Default: none (the whole group's size, from the manifests:
+    /// correct, but slower repair). At least 1 when set.
+    pub group_size: Option<u32>,
+    /// Cut-through forwarding: each verified manifest and source symbol goes downstream the
+    /// moment it arrives. `false`: store and forward, each message once whole. Default true.
+    pub cut_through: bool,
+    /// What one downstream host may send the relay, in datagrams per second, sustained, per
+    /// source address; beyond it datagrams are dropped unread and counted. Default 2000.
+    /// Positive and finite.
+    pub datagrams_per_second_per_source: f64,
+    /// The burst of datagrams one downstream source address may send. Default 4000. At
+    /// least 1.
+    pub burst_per_source: u32,
+}
+
+/// The relay's resync endpoints (`[resync]`): its members fetch the messages they missed from
+/// them before trying the GCKS's. The HTTP endpoint also serves `/metrics` and `/healthz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayResyncSection {
+    /// The TCP resync endpoint's listen address. Default: none (no TCP endpoint).
+    pub tcp_listen: Option<SocketAddr>,
+    /// The HTTP resync endpoint's listen address (also `/metrics`, `/healthz`). Default: none.
+    pub http_listen: Option<SocketAddr>,
+    /// The most connections an endpoint holds at once. Default 1024. At least 1.
+    pub max_connections: usize,
+    /// The most connections one source address may hold at once. Default 16. At least 1.
+    pub max_connections_per_source: usize,
+    /// The sustained request rate allowed per source address, per second. Default 200.
+    /// Positive and finite.
+    pub requests_per_second_per_source: f64,
+    /// The burst of requests allowed per source address. Default 400. At least 1.
+    pub burst_per_source: u32,
+    /// How long a started request may take to arrive whole, in milliseconds. Default 5000.
+    /// Must not be 0.
+    pub header_timeout_ms: u64,
+    /// How long a connection may stay without traffic, in milliseconds. Default 30000. Must
+    /// not be 0.
+    pub idle_timeout_ms: u64,
+    /// The largest request (HTTP request line and headers, or TCP request frame), in bytes.
+    /// Default 8192. At least 256.
+    pub max_request_bytes: usize,
+    /// The most bytes of output a connection may have waiting before it is closed. Default
+    /// 1048576. At least 4096.
+    pub max_output_bytes: usize,
+}
+
+impl RelayConfig {
+    /// Reads, parses and validates the relay configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load(path)
+    }
+
+    /// Parses and validates a relay configuration.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every option's range, and the session configuration it converts to.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (option, path) in [("bundle", &self.bundle), ("state_dir", &self.state_dir)] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(option, quoted(path.display()), "must not be empty"));
+            }
+        }
+        self.upstream.validate()?;
+        self.downstream.validate()?;
+        if self.downstream.multicast == self.upstream.multicast {
+            return Err(invalid(
+                "downstream.multicast",
+                quoted(self.downstream.multicast),
+                "must differ from upstream.multicast (the relay would hear its own forwards)",
+            ));
+        }
+        self.sender.validate(&GroupConfig {
+            datagram_size: self.downstream.datagram_size,
+            ..GroupConfig::default()
+        })?;
+        self.resync.validate()?;
+        self.session_config_seeded(0)
+            .validate()
+            .map_err(|error| invalid("relay", "(derived)", error.to_string()))
+    }
+
+    /// The relay session's configuration. Its NACK scheduler's seed is `upstream.seed`, or a
+    /// fresh random one when it is not set.
+    pub fn session_config(&self) -> crate::relay::RelayConfig {
+        self.session_config_seeded(self.upstream.seed.unwrap_or_else(rand::random))
+    }
+
+    fn session_config_seeded(&self, seed: u64) -> crate::relay::RelayConfig {
+        let up = &self.upstream;
+        let mut config = crate::relay::RelayConfig::new(up.feedback);
+        config.upstream.scheduler.max_rounds = up.nack_max_rounds;
+        config.upstream.scheduler.seed = seed;
+        config.upstream.state_check_interval = Duration::from_millis(up.state_check_interval_ms);
+        config.upstream.silence_timeout = Duration::from_millis(up.silence_timeout_ms);
+        config.downstream = ServerConfig {
+            group: GroupConfig {
+                datagram_size: self.downstream.datagram_size,
+                ..GroupConfig::default()
+            },
+            sender: self.sender.clone(),
+            ..ServerConfig::default()
+        }
+        .sender_config();
+        config.downstream_group_size = self.downstream.group_size;
+        config.cut_through = self.downstream.cut_through;
+        config
+    }
+
+    /// The upstream resync endpoints, parsed.
+    pub fn upstream_resync_endpoints(
+        &self,
+    ) -> Result<Vec<crate::io::resync_client::Endpoint>, ConfigError> {
+        self.upstream
+            .resync_endpoints
+            .iter()
+            .map(|text| {
+                text.parse()
+                    .map_err(|error: crate::io::resync_client::ClientError| {
+                        invalid("upstream.resync_endpoints", quoted(text), error.to_string())
+                    })
+            })
+            .collect()
+    }
+
+    /// The relay engine's configuration (sockets, session, endpoints, limits, state
+    /// directory). Name resolution of the resync endpoints happens here.
+    pub fn engine_config(&self) -> Result<crate::relay::RelayEngineConfig, ConfigError> {
+        let up = &self.upstream;
+        let down = &self.downstream;
+        let mut upstream = crate::io::socket::MulticastConfig::new(up.multicast);
+        upstream.interface = socket_interface(up.multicast, &up.interface, "upstream.interface")?;
+        let mut downstream = crate::io::socket::MulticastConfig::new(down.multicast);
+        downstream.interface =
+            socket_interface(down.multicast, &down.interface, "downstream.interface")?;
+        downstream.ttl = down.ttl;
+        downstream.loopback = down.loopback;
+        let mut engine =
+            crate::relay::RelayEngineConfig::loopback(up.multicast, up.feedback, down.multicast);
+        engine.upstream = upstream;
+        engine.upstream_bind = up.bind;
+        engine.downstream = downstream;
+        engine.downstream_bind = down.feedback_listen;
+        engine.session = self.session_config();
+        engine.upstream_resync = self.upstream_resync_endpoints()?;
+        engine.resync_timeout = Duration::from_millis(up.resync_timeout_ms);
+        engine.resync_max_delay = Duration::from_millis(up.resync_max_delay_ms);
+        engine.resync_attempts = up.resync_attempts;
+        engine.resync_tcp = self.resync.tcp_listen;
+        engine.resync_http = self.resync.http_listen;
+        engine.resync_limits = self.resync.limits();
+        engine.downstream_datagrams_per_second = down.datagrams_per_second_per_source;
+        engine.downstream_burst = down.burst_per_source;
+        engine.state_dir = Some(self.state_dir.clone());
+        Ok(engine)
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            bundle: PathBuf::from("relay.bundle"),
+            state_dir: PathBuf::from("rekey-relay-state"),
+            upstream: UpstreamSection::default(),
+            downstream: DownstreamSection::default(),
+            sender: SenderSection::default(),
+            resync: RelayResyncSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+impl UpstreamSection {
+    /// Checks every option's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.multicast.ip().is_multicast() {
+            return Err(invalid(
+                "upstream.multicast",
+                quoted(self.multicast),
+                "not a multicast address (IPv4 224.0.0.0/4, IPv6 ff00::/8)",
+            ));
+        }
+        check_port("upstream.multicast", self.multicast)?;
+        socket_interface(self.multicast, &self.interface, "upstream.interface")?;
+        check_port("upstream.feedback", self.feedback)?;
+        if self.feedback.ip().is_unspecified() || self.feedback.ip().is_multicast() {
+            return Err(invalid(
+                "upstream.feedback",
+                quoted(self.feedback),
+                "must be the unicast address of the GCKS or the upstream relay",
+            ));
+        }
+        if self.bind.is_ipv4() != self.multicast.is_ipv4() {
+            return Err(invalid(
+                "upstream.bind",
+                quoted(self.bind),
+                "must be of the upstream group's address family",
+            ));
+        }
+        for endpoint in &self.resync_endpoints {
+            check_resync_endpoint(endpoint).map_err(|_| {
+                invalid(
+                    "upstream.resync_endpoints",
+                    quoted(endpoint),
+                    "must be \"tcp://HOST:PORT\" or \"http://HOST:PORT\"",
+                )
+            })?;
+        }
+        at_least_one("upstream.nack_max_rounds", u64::from(self.nack_max_rounds))?;
+        non_zero_interval(
+            "upstream.state_check_interval_ms",
+            self.state_check_interval_ms,
+        )?;
+        non_zero_interval("upstream.silence_timeout_ms", self.silence_timeout_ms)?;
+        non_zero_interval("upstream.resync_timeout_ms", self.resync_timeout_ms)?;
+        at_least_one("upstream.resync_attempts", u64::from(self.resync_attempts))?;
+        Ok(())
+    }
+}
+
+impl Default for UpstreamSection {
+    fn default() -> Self {
+        Self {
+            multicast: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(239, 255, 77, 1)), DEFAULT_PORT),
+            interface: "127.0.0.1".to_string(),
+            feedback: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1),
+            bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            resync_endpoints: Vec::new(),
+            nack_max_rounds: 4,
+            state_check_interval_ms: 1000,
+            silence_timeout_ms: 120_000,
+            resync_timeout_ms: 5000,
+            resync_max_delay_ms: 500,
+            resync_attempts: 5,
+            seed: None,
+        }
+    }
+}
+
+impl DownstreamSection {
+    /// Checks every option's range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.multicast.ip().is_multicast() {
+            return Err(invalid(
+                "downstream.multicast",
+                quoted(self.multicast),
+                "not a multicast address (IPv4 224.0.0.0/4, IPv6 ff00::/8)",
+            ));
+        }
+        check_port("downstream.multicast", self.multicast)?;
+        socket_interface(self.multicast, &self.interface, "downstream.interface")?;
+        if self.ttl > 255 {
+            return Err(invalid("downstream.ttl", self.ttl, "must be at most 255"));
+        }
+        if !(wire::MIN_DATAGRAM_SIZE..=wire::MAX_DATAGRAM_SIZE).contains(&self.datagram_size) {
+            return Err(invalid(
+                "downstream.datagram_size",
+                self.datagram_size,
+                format!(
+                    "must be within {}..={} bytes",
+                    wire::MIN_DATAGRAM_SIZE,
+                    wire::MAX_DATAGRAM_SIZE
+                ),
+            ));
+        }
+        check_port("downstream.feedback_listen", self.feedback_listen)?;
+        if self.feedback_listen.is_ipv4() != self.multicast.is_ipv4() {
+            return Err(invalid(
+                "downstream.feedback_listen",
+                quoted(self.feedback_listen),
+                "must be of the downstream group's address family",
+            ));
+        }
+        if self.group_size == Some(0) {
+            return Err(invalid("downstream.group_size", 0, "must be at least 1"));
+        }
+        check_rate(
+            "downstream.datagrams_per_second_per_source",
+            self.datagrams_per_second_per_source,
+        )?;
+        at_least_one(
+            "downstream.burst_per_source",
+            u64::from(self.burst_per_source),
+        )?;
+        Ok(())
+    }
+}
+
+impl Default for DownstreamSection {
+    fn default() -> Self {
+        Self {
+            multicast: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(239, 255, 78, 1)), DEFAULT_PORT),
+            interface: "127.0.0.1".to_string(),
+            ttl: 1,
+            loopback: true,
+            datagram_size: wire::DEFAULT_DATAGRAM_SIZE,
+            feedback_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), DEFAULT_PORT + 11),
+            group_size: None,
+            cut_through: true,
+            datagrams_per_second_per_source: 2000.0,
+            burst_per_source: 4000,
+        }
+    }
+}
+
+impl RelayResyncSection {
+    /// Checks the listen addresses and the limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ResyncSection {
+            tcp_listen: self.tcp_listen,
+            http_listen: self.http_listen,
+        }
+        .validate()?;
+        self.limits().validate().map_err(|error| {
+            let crate::resync::limits::LimitsError::Invalid { field, value, .. } = &error;
+            let option = match *field {
+                "max_connections" => "resync.max_connections",
+                "max_connections_per_source" => "resync.max_connections_per_source",
+                "requests_per_second_per_source" => "resync.requests_per_second_per_source",
+                "burst_per_source" => "resync.burst_per_source",
+                "header_timeout" => "resync.header_timeout_ms",
+                "idle_timeout" => "resync.idle_timeout_ms",
+                "max_request_bytes" => "resync.max_request_bytes",
+                "max_output_bytes" => "resync.max_output_bytes",
+                _ => "resync",
+            };
+            invalid(option, value, error.to_string())
+        })
+    }
+
+    /// The endpoints' limits.
+    pub fn limits(&self) -> crate::resync::limits::Limits {
+        crate::resync::limits::Limits {
+            max_request_bytes: self.max_request_bytes,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            requests_per_second_per_source: self.requests_per_second_per_source,
+            burst_per_source: self.burst_per_source,
+            max_output_bytes: self.max_output_bytes,
+            ..crate::resync::limits::Limits::default()
+        }
+    }
+}
+
+impl Default for RelayResyncSection {
+    fn default() -> Self {
+        let limits = crate::resync::limits::Limits::default();
+        Self {
+            tcp_listen: None,
+            http_listen: None,
+            max_connections: limits.max_connections,
+            max_connections_per_source: limits.max_connections_per_source,
+            requests_per_second_per_source: limits.requests_per_second_per_source,
+            burst_per_source: limits.burst_per_source,
+            header_timeout_ms: millis(limits.header_timeout),
+            idle_timeout_ms: millis(limits.idle_timeout),
+            max_request_bytes: limits.max_request_bytes,
+            max_output_bytes: limits.max_output_bytes,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The socket interface of a group at `group` from the text of `option`.
+fn socket_interface(
+    group: SocketAddr,
+    text: &str,
+    option: &'static str,
+) -> Result<crate::io::socket::Interface, ConfigError> {
+    use crate::io::socket::Interface;
+    let trimmed = text.trim();
+    match group {
+        SocketAddr::V4(_) => match trimmed.parse::<Ipv4Addr>() {
+            Ok(address) if address.is_unspecified() => Ok(Interface::Default),
+            Ok(address) => Ok(Interface::V4(address)),
+            Err(_) => Err(invalid(
+                option,
+                quoted(text),
+                "must be an IPv4 address (the interface's) for an IPv4 group",
+            )),
+        },
+        SocketAddr::V6(_) => match trimmed.parse::<u32>() {
+            Ok(0) => Ok(Interface::Default),
+            Ok(index) => Ok(Interface::V6(index)),
+            Err(_) => Err(invalid(
+                option,
+                quoted(text),
+                "must be an interface index (a number, 0 for any) for an IPv6 group",
+            )),
+        },
+    }
+}
+
 /// The default multicast port; the GCKS's feedback port is the next one.
 const DEFAULT_PORT: u16 = 7400;
 
@@ -746,6 +1250,12 @@ impl Validate for ServerConfig {
 }
 
 impl Validate for MemberConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+}
+
+impl Validate for RelayConfig {
     fn check(&self) -> Result<(), ConfigError> {
         self.validate()
     }
@@ -875,6 +1385,7 @@ mod tests {
 
     const SERVER_EXAMPLE: &str = include_str!("../rekeycast.example.toml");
     const MEMBER_EXAMPLE: &str = include_str!("../rekeycast-member.example.toml");
+    const RELAY_EXAMPLE: &str = include_str!("../rekey-relay.example.toml");
 
     /// Parses `text` as a server configuration and returns the validation error's message,
     /// checking that it names `option` and shows `value`.
@@ -920,6 +1431,8 @@ mod tests {
         server.validate().unwrap();
         let member = MemberConfig::from_toml_str(MEMBER_EXAMPLE).unwrap();
         member.validate().unwrap();
+        let relay = RelayConfig::from_toml_str(RELAY_EXAMPLE).unwrap();
+        relay.validate().unwrap();
     }
 
     #[test]
@@ -932,6 +1445,10 @@ mod tests {
         assert_eq!(
             MemberConfig::from_toml_str(MEMBER_EXAMPLE).unwrap(),
             MemberConfig::default()
+        );
+        assert_eq!(
+            RelayConfig::from_toml_str(RELAY_EXAMPLE).unwrap(),
+            RelayConfig::default()
         );
     }
 
@@ -951,7 +1468,17 @@ mod tests {
             ..MemberConfig::default()
         })
         .unwrap();
-        for (serialized, example) in [(server, SERVER_EXAMPLE), (member, MEMBER_EXAMPLE)] {
+        let mut relay = RelayConfig::default();
+        relay.upstream.seed = Some(1);
+        relay.downstream.group_size = Some(10);
+        relay.resync.tcp_listen = Some("0.0.0.0:7412".parse().unwrap());
+        relay.resync.http_listen = Some("0.0.0.0:7413".parse().unwrap());
+        let relay = toml::to_string(&relay).unwrap();
+        for (serialized, example) in [
+            (server, SERVER_EXAMPLE),
+            (member, MEMBER_EXAMPLE),
+            (relay, RELAY_EXAMPLE),
+        ] {
             for line in serialized.lines() {
                 let Some((key, _)) = line.split_once(" = ") else {
                     continue;
@@ -1413,5 +1940,104 @@ mod tests {
         assert_eq!(line_column("é\né", 5), (2, 2));
         assert_eq!(line_column("é\né", 4), (2, 1));
         assert_eq!(line_column("ab", 99), (1, 3));
+    }
+
+    fn relay_error(text: &str, option: &str, value: &str) -> String {
+        let error = RelayConfig::from_toml_str(text).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(&error, ConfigError::Invalid { option: named, value: shown, .. }
+                if *named == option && shown == value),
+            "{message}"
+        );
+        message
+    }
+
+    #[test]
+    fn relay_errors_name_the_option_and_value() {
+        relay_error(
+            "[downstream]\nmulticast = \"239.255.77.1:7400\"",
+            "downstream.multicast",
+            "\"239.255.77.1:7400\"",
+        );
+        relay_error(
+            "[upstream]\nmulticast = \"10.0.0.1:7400\"",
+            "upstream.multicast",
+            "\"10.0.0.1:7400\"",
+        );
+        relay_error(
+            "[upstream]\nfeedback = \"0.0.0.0:7401\"",
+            "upstream.feedback",
+            "\"0.0.0.0:7401\"",
+        );
+        relay_error(
+            "[upstream]\nresync_endpoints = [\"ftp://x:1\"]",
+            "upstream.resync_endpoints",
+            "\"ftp://x:1\"",
+        );
+        relay_error(
+            "[upstream]\nsilence_timeout_ms = 0",
+            "upstream.silence_timeout_ms",
+            "0",
+        );
+        relay_error("[downstream]\ngroup_size = 0", "downstream.group_size", "0");
+        relay_error(
+            "[downstream]\ndatagrams_per_second_per_source = -1.0",
+            "downstream.datagrams_per_second_per_source",
+            "-1",
+        );
+        relay_error(
+            "[downstream]\nfeedback_listen = \"0.0.0.0:0\"",
+            "downstream.feedback_listen",
+            "\"0.0.0.0:0\"",
+        );
+        relay_error(
+            "[resync]\nmax_connections = 0",
+            "resync.max_connections",
+            "0",
+        );
+        relay_error("[sender]\nhistory = 0", "sender.history", "0");
+        relay_error("state_dir = \"\"", "state_dir", "\"\"");
+        let error = RelayConfig::from_toml_str("[downstream]\nmulticas = \"x\"").unwrap_err();
+        assert!(matches!(error, ConfigError::Syntax { .. }), "{error}");
+    }
+
+    #[test]
+    fn relay_converts_to_the_engine_configuration() {
+        let relay = RelayConfig::from_toml_str(
+            "state_dir = \"/tmp/r\"\n\
+             [upstream]\nfeedback = \"198.18.0.1:7401\"\nsilence_timeout_ms = 2000\n\
+             resync_endpoints = [\"tcp://198.18.0.1:7402\"]\nseed = 3\n\
+             [downstream]\ngroup_size = 50\ncut_through = false\n\
+             datagrams_per_second_per_source = 10.0\n\
+             [sender]\nhistory = 5\nrepair_window = 5\n\
+             [resync]\ntcp_listen = \"0.0.0.0:7412\"\nmax_connections = 7\n",
+        )
+        .unwrap();
+        let engine = relay.engine_config().unwrap();
+        assert_eq!(
+            engine.session.upstream.feedback_addr,
+            "198.18.0.1:7401".parse().unwrap()
+        );
+        assert_eq!(
+            engine.session.upstream.silence_timeout,
+            Duration::from_secs(2)
+        );
+        assert_eq!(engine.session.upstream.scheduler.seed, 3);
+        assert_eq!(engine.session.downstream.history, 5);
+        assert_eq!(engine.session.downstream_group_size, Some(50));
+        assert!(!engine.session.cut_through);
+        assert_eq!(
+            engine.upstream_resync,
+            vec![crate::io::resync_client::Endpoint::Tcp(
+                "198.18.0.1:7402".parse().unwrap()
+            )]
+        );
+        assert_eq!(engine.resync_tcp, Some("0.0.0.0:7412".parse().unwrap()));
+        assert_eq!(engine.resync_limits.max_connections, 7);
+        assert_eq!(engine.downstream_datagrams_per_second, 10.0);
+        assert_eq!(engine.state_dir, Some(PathBuf::from("/tmp/r")));
+        assert_eq!(engine.downstream.group, relay.downstream.multicast);
+        assert_eq!(engine.upstream.group, relay.upstream.multicast);
     }
 }

@@ -622,3 +622,6 @@ fn not_authoritative<T>(lookup: Lookup<T>) -> Lookup<T> {
 
 #[cfg(test)]
 mod tests;
+
+mod engine;
+pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};

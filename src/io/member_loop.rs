@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::resync_client::{fetch_items_from, fetch_state_from, Endpoint};
+use super::resync_client::{fetch_items_from, fetch_state_from, Endpoint, Fetched};
 use super::socket::MulticastSocket;
 use crate::gcks::{EngineError, LagSummary};
 use crate::member::{MemberCommand, MemberConfig, MemberStats};
@@ -316,11 +316,10 @@ impl LoopState {
             timeout: self.resync.timeout,
             attempts: self.resync.attempts,
             commands: self.own_commands.clone(),
+            wrap: MemberCommand::from_fetch,
             waker: Arc::clone(&self.own_waker),
         };
-        let spawned = std::thread::Builder::new()
-            .name("rekeycast-resync".into())
-            .spawn(move || job.run());
+        let spawned = job.spawn("rekeycast-resync");
         if spawned.is_err() {
             self.fetching = false;
             self.resyncs_failed += 1;
@@ -377,61 +376,148 @@ impl LoopState {
     }
 }
 
+/// What a [`FetchJob`] asks the endpoints for.
 #[derive(Debug, Clone, Copy)]
-enum Fetch {
-    Items { from_seq: u64, leaf: u32 },
+pub(crate) enum Fetch {
+    /// The manifest and own chunk of every message from `from_seq` on.
+    Items {
+        /// The first message wanted.
+        from_seq: u64,
+        /// The order key of the asker's leaf.
+        leaf: u32,
+    },
+    /// The latest signed manifest (a state check).
     State,
+}
+
+/// What a [`FetchJob`] found, posted to its loop.
+#[derive(Debug)]
+pub(crate) enum FetchOutcome {
+    /// Resync items, in order, gathered from one or more endpoints.
+    Fetched(crate::io::resync_client::Fetched),
+    /// An endpoint's state answer.
+    State(Vec<u8>),
+    /// Every endpoint failed on every round.
+    Failed,
+}
+
+impl MemberCommand {
+    fn from_fetch(outcome: FetchOutcome) -> Self {
+        match outcome {
+            FetchOutcome::Fetched(fetched) => Self::Fetched(fetched),
+            FetchOutcome::State(manifest) => Self::StateFetched(manifest),
+            FetchOutcome::Failed => Self::FetchFailed,
+        }
+    }
 }
 
 /// A resync or state check against the endpoints, run on its own thread: waits its delay,
 /// then tries each endpoint in order, rounds apart by an exponential backoff, and posts the
-/// outcome to the member's loop.
-struct FetchJob {
-    request: Fetch,
-    delay: Duration,
-    endpoints: Vec<Endpoint>,
-    group_id: u32,
-    /// The member's own address, where it is a specific one: resync connections come from it.
-    local: Option<std::net::IpAddr>,
-    timeout: Duration,
-    attempts: u32,
-    commands: Sender<MemberCommand>,
-    waker: Arc<Waker>,
+/// outcome to its loop (a member's or a relay's) as the command `wrap` makes of it.
+///
+/// A resync goes on at the next endpoint when one cannot serve the next message the asker
+/// needs: it served nothing (it has not got that message: a relay behind, or its history
+/// starts later) or stopped at a message it does not hold (a relay's gap: a message it got
+/// by resync only). The items already fetched are kept and the next endpoint is asked from
+/// the message after them, so a member behind a relay with a gap gets what the relay holds
+/// from the relay and the rest from the GCKS. Only an answer that served through to the
+/// endpoint's latest message, or said the messages left the group's history (which only the
+/// GCKS says), ends the resync early.
+pub(crate) struct FetchJob<C> {
+    pub(crate) request: Fetch,
+    pub(crate) delay: Duration,
+    pub(crate) endpoints: Vec<Endpoint>,
+    pub(crate) group_id: u32,
+    /// The asker's own address, where it is a specific one: resync connections come from it.
+    pub(crate) local: Option<std::net::IpAddr>,
+    pub(crate) timeout: Duration,
+    pub(crate) attempts: u32,
+    pub(crate) commands: Sender<C>,
+    pub(crate) wrap: fn(FetchOutcome) -> C,
+    pub(crate) waker: Arc<Waker>,
 }
 
-impl FetchJob {
+impl<C: Send + 'static> FetchJob<C> {
+    /// Runs the job on a thread of its own named `name`.
+    pub(crate) fn spawn(self, name: &str) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || self.run())
+    }
+
     fn run(self) {
         std::thread::sleep(self.delay);
+        let outcome = match self.request {
+            Fetch::Items { from_seq, leaf } => self.items(from_seq, leaf),
+            Fetch::State => self.state(),
+        };
+        if self.commands.send((self.wrap)(outcome)).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+
+    fn state(&self) -> FetchOutcome {
         let mut backoff = Duration::from_millis(200);
-        let mut outcome = MemberCommand::FetchFailed;
-        'attempts: for _ in 0..self.attempts {
+        for _ in 0..self.attempts {
             for &endpoint in &self.endpoints {
-                let result = match self.request {
-                    Fetch::Items { from_seq, leaf } => fetch_items_from(
-                        self.local,
-                        endpoint,
-                        self.group_id,
-                        from_seq,
-                        leaf,
-                        self.timeout,
-                    )
-                    .map(MemberCommand::Fetched),
-                    Fetch::State => {
-                        fetch_state_from(self.local, endpoint, self.group_id, self.timeout).map(
-                            |m| m.map_or(MemberCommand::FetchFailed, MemberCommand::StateFetched),
-                        )
-                    }
-                };
-                if let Ok(command) = result {
-                    outcome = command;
-                    break 'attempts;
+                // No manifest yet (an endpoint that has sent nothing) or a failure: the next
+                // endpoint may know more.
+                if let Ok(Some(manifest)) =
+                    fetch_state_from(self.local, endpoint, self.group_id, self.timeout)
+                {
+                    return FetchOutcome::State(manifest);
                 }
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
-        if self.commands.send(outcome).is_ok() {
-            let _ = self.waker.wake();
+        FetchOutcome::Failed
+    }
+
+    fn items(&self, from_seq: u64, leaf: u32) -> FetchOutcome {
+        let mut backoff = Duration::from_millis(200);
+        let mut gathered = Fetched::default();
+        for _ in 0..self.attempts {
+            // Whether an endpoint failed outright this round (worth another round), as opposed
+            // to answering that it does not hold what is needed.
+            let mut failed = false;
+            let mut answered = false;
+            for &endpoint in &self.endpoints {
+                let next = from_seq.saturating_add(gathered.items.len() as u64);
+                match fetch_items_from(
+                    self.local,
+                    endpoint,
+                    self.group_id,
+                    next,
+                    leaf,
+                    self.timeout,
+                ) {
+                    Ok(fetched) => {
+                        answered = true;
+                        let served = !fetched.items.is_empty();
+                        gathered.items.extend(fetched.items);
+                        if fetched.beyond_history {
+                            gathered.beyond_history = true;
+                            return FetchOutcome::Fetched(gathered);
+                        }
+                        if served && !fetched.not_held {
+                            return FetchOutcome::Fetched(gathered);
+                        }
+                    }
+                    Err(_) => failed = true,
+                }
+            }
+            if answered && !failed {
+                // Every endpoint answered and none holds more: nothing to retry.
+                return FetchOutcome::Fetched(gathered);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        if gathered.items.is_empty() {
+            FetchOutcome::Failed
+        } else {
+            FetchOutcome::Fetched(gathered)
         }
     }
 }

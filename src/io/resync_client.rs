@@ -91,6 +91,10 @@ pub struct Fetched {
     pub items: Vec<(Vec<u8>, Vec<u8>)>,
     /// The messages asked for left the endpoint's history: the member must re-register.
     pub beyond_history: bool,
+    /// The endpoint stopped at a message it does not hold (a hole in a relay's history: a
+    /// message the relay got by resync only) after serving `items`: the rest may be at the
+    /// next endpoint.
+    pub not_held: bool,
 }
 
 /// Fetches every message from `from_seq` to the latest for the member whose leaf has order
@@ -221,7 +225,10 @@ fn tcp_fetch(
             FrameRepr::Error {
                 code: ErrorCode::NotHeld,
                 ..
-            } if !fetched.items.is_empty() => return Ok(fetched),
+            } if !fetched.items.is_empty() => {
+                fetched.not_held = true;
+                return Ok(fetched);
+            }
             FrameRepr::Error { code, .. } => return Err(refusal(endpoint, code)),
             _ => return Err(protocol(endpoint, "unexpected frame")),
         }
@@ -253,7 +260,10 @@ fn http_fetch(
             (404, _) => return Ok(fetched),
             // A hole in the endpoint's (a relay's) history: keep what came before it; with
             // nothing, the next endpoint is asked.
-            (421, _) if !fetched.items.is_empty() => return Ok(fetched),
+            (421, _) if !fetched.items.is_empty() => {
+                fetched.not_held = true;
+                return Ok(fetched);
+            }
             (410, _) => {
                 fetched.beyond_history = true;
                 return Ok(fetched);

@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod limits;
+pub mod relay_store;
 pub mod store;
 pub mod tcp;
 

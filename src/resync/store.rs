@@ -169,18 +169,7 @@ impl StateStore {
     /// snapshot, each durably. Call it before the message is sent. Message files older than
     /// the history window are then removed.
     pub fn commit(&self, tree: &KeyTree, message: &StoredMessage) -> Result<(), StoreError> {
-        let path = self.message_path(message.seq);
-        let body = postcard::to_allocvec(message).map_err(|e| StoreError::CorruptMessage {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        crate::lkh::snapshot::write_durably(&path, MESSAGE_MAGIC, &body).map_err(|source| {
-            StoreError::Io {
-                action: "write",
-                path: path.clone(),
-                source,
-            }
-        })?;
+        write_message_file(&self.message_path(message.seq), message)?;
         let tree_path = self.dir.join(TREE_FILE);
         tree.save(&tree_path).map_err(|source| StoreError::Tree {
             path: tree_path,
@@ -209,63 +198,15 @@ impl StateStore {
     }
 
     fn message_path(&self, seq: u64) -> PathBuf {
-        self.dir.join(MESSAGES_DIR).join(format!("{seq:020}.msg"))
+        self.dir.join(MESSAGES_DIR).join(message_file_name(seq))
     }
 
     fn message_seqs(&self) -> Result<Vec<u64>, StoreError> {
-        let dir = self.dir.join(MESSAGES_DIR);
-        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io {
-            action: "list",
-            path: dir.clone(),
-            source,
-        })?;
-        let mut seqs = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| StoreError::Io {
-                action: "list",
-                path: dir.clone(),
-                source,
-            })?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                continue;
-            };
-            // Temporary files of an interrupted write ("*.msg.tmp") are left to be replaced.
-            if let Some(seq) = name
-                .strip_suffix(".msg")
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                seqs.push(seq);
-            }
-        }
-        Ok(seqs)
+        list_message_seqs(&self.dir.join(MESSAGES_DIR))
     }
 
     fn read_message(&self, seq: u64) -> Result<StoredMessage, StoreError> {
-        let path = self.message_path(seq);
-        let bytes = fs::read(&path).map_err(|source| StoreError::Io {
-            action: "read",
-            path: path.clone(),
-            source,
-        })?;
-        let corrupt = |reason: &str| StoreError::CorruptMessage {
-            path: path.clone(),
-            reason: reason.to_string(),
-        };
-        let header = MESSAGE_MAGIC.len() + 32;
-        if bytes.len() < header || &bytes[..MESSAGE_MAGIC.len()] != MESSAGE_MAGIC {
-            return Err(corrupt("bad magic or truncated"));
-        }
-        let body = &bytes[header..];
-        if blake3::hash(body).as_bytes()[..] != bytes[MESSAGE_MAGIC.len()..header] {
-            return Err(corrupt("checksum mismatch"));
-        }
-        let message: StoredMessage =
-            postcard::from_bytes(body).map_err(|e| corrupt(&e.to_string()))?;
-        if message.seq != seq {
-            return Err(corrupt("sequence number does not match the file name"));
-        }
-        Ok(message)
+        read_message_file(&self.message_path(seq), seq)
     }
 }
 
@@ -291,7 +232,84 @@ impl StoredMessage {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+/// The name of message `seq`'s file in a messages directory.
+pub(crate) fn message_file_name(seq: u64) -> String {
+    format!("{seq:020}.msg")
+}
+
+/// The sequence numbers of the message files in `dir`, in no particular order.
+pub(crate) fn list_message_seqs(dir: &Path) -> Result<Vec<u64>, StoreError> {
+    let entries = fs::read_dir(dir).map_err(|source| StoreError::Io {
+        action: "list",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut seqs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| StoreError::Io {
+            action: "list",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        // Temporary files of an interrupted write ("*.msg.tmp") are left to be replaced.
+        if let Some(seq) = name
+            .strip_suffix(".msg")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            seqs.push(seq);
+        }
+    }
+    Ok(seqs)
+}
+
+/// Writes `message` to `path` durably (mode 0600) in the message file format of the module
+/// docs; the relay's store ([`super::relay_store`]) shares it.
+pub(crate) fn write_message_file(path: &Path, message: &StoredMessage) -> Result<(), StoreError> {
+    let body = postcard::to_allocvec(message).map_err(|e| StoreError::CorruptMessage {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    crate::lkh::snapshot::write_durably(path, MESSAGE_MAGIC, &body).map_err(|source| {
+        StoreError::Io {
+            action: "write",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Reads the message file at `path`, which must hold message `seq`: magic, checksum, body and
+/// sequence number checked.
+pub(crate) fn read_message_file(path: &Path, seq: u64) -> Result<StoredMessage, StoreError> {
+    let bytes = fs::read(path).map_err(|source| StoreError::Io {
+        action: "read",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |reason: &str| StoreError::CorruptMessage {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let header = MESSAGE_MAGIC.len() + 32;
+    if bytes.len() < header || &bytes[..MESSAGE_MAGIC.len()] != MESSAGE_MAGIC {
+        return Err(corrupt("bad magic or truncated"));
+    }
+    let body = &bytes[header..];
+    if blake3::hash(body).as_bytes()[..] != bytes[MESSAGE_MAGIC.len()..header] {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let message: StoredMessage = postcard::from_bytes(body).map_err(|e| corrupt(&e.to_string()))?;
+    if message.seq != seq {
+        return Err(corrupt("sequence number does not match the file name"));
+    }
+    Ok(message)
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

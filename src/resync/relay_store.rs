@@ -1,0 +1,194 @@
+//! A relay's durable state: its own keys (as a member's, [`MemberKeys::save`]) and the history
+//! of messages it forwarded, so that a restarted relay resumes without registering again and
+//! its resync endpoints serve its history at once (issue 11; DESIGN.md, persistence).
+//!
+//! # Layout
+//!
+//! ```text
+//! STATE_DIR/relay.keys               the relay's keys and last sequence number (mode 0600)
+//! STATE_DIR/messages/SEQ.msg         one forwarded message each, the GCKS's message file
+//!                                    format (see [`super::store`]), mode 0600
+//! ```
+//!
+//! The driver stores each message the moment the relay forwards it
+//! ([`RelayStore::store_message`]) and saves the keys after every applied message
+//! ([`RelayStore::save_keys`]), each durably (temporary file, fsync, rename, fsync of the
+//! directory). On open, message files newer than the saved keys (the relay died between the
+//! two writes) are discarded: the relay resumes at its keys and gets the rest by resync, and a
+//! missing message is a gap its endpoints answer "not held" for, never a wrong answer. Files
+//! older than the history window are removed as newer ones arrive.
+//!
+//! This module owns no socket and no clock; it only reads and writes files.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::store::{
+    create_private_dir, list_message_seqs, message_file_name, read_message_file,
+    write_message_file, StoreError, StoredMessage,
+};
+use crate::lkh::{MemberKeys, MemberStateError};
+use crate::session::sender::PreparedMessage;
+
+/// The name of the relay's key file in its state directory.
+pub const KEYS_FILE: &str = "relay.keys";
+const MESSAGES_DIR: &str = "messages";
+
+/// The state directory of one relay.
+#[derive(Debug)]
+pub struct RelayStore {
+    dir: PathBuf,
+    history: usize,
+}
+
+/// What a restarted relay resumes from.
+#[derive(Debug)]
+pub struct RestoredRelay {
+    /// The relay's keys as of the last message it applied.
+    pub keys: MemberKeys,
+    /// The stored messages still in the history window and not newer than the keys,
+    /// ascending (gaps where the relay got a message by resync only).
+    pub messages: Vec<PreparedMessage>,
+    /// Message files discarded because they are newer than the saved keys.
+    pub discarded: Vec<u64>,
+}
+
+/// Why a relay's state directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayStoreError {
+    /// A message file or the directory could not be read or written, or a message file is
+    /// corrupt.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The key file could not be read or written, or is corrupt.
+    #[error("relay keys {path}: {source}")]
+    Keys {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        source: MemberStateError,
+    },
+    /// A stored message does not rebuild into a sendable message.
+    #[error("stored message {seq}: {reason}")]
+    Message {
+        /// The message.
+        seq: u64,
+        /// Why.
+        reason: String,
+    },
+    /// Messages are stored but no keys: the state is partial.
+    #[error("state directory {0} holds messages but no relay keys: partial state")]
+    MissingKeys(PathBuf),
+}
+
+impl RelayStore {
+    /// Opens (creating with mode 0700 if needed) the state directory `dir`, keeping up to
+    /// `history` messages. Returns the state to resume from, `None` for a directory without
+    /// saved keys and messages (a relay that starts from its registration bundle).
+    pub fn open(
+        dir: &Path,
+        history: usize,
+    ) -> Result<(Self, Option<RestoredRelay>), RelayStoreError> {
+        create_private_dir(dir)?;
+        create_private_dir(&dir.join(MESSAGES_DIR))?;
+        let store = Self {
+            dir: dir.to_path_buf(),
+            history: history.max(1),
+        };
+        let mut seqs = list_message_seqs(&store.messages_dir())?;
+        seqs.sort_unstable();
+        let keys_path = store.keys_path();
+        if !keys_path.exists() {
+            if seqs.is_empty() {
+                return Ok((store, None));
+            }
+            return Err(RelayStoreError::MissingKeys(dir.to_path_buf()));
+        }
+        let keys = MemberKeys::load(&keys_path).map_err(|source| RelayStoreError::Keys {
+            path: keys_path.clone(),
+            source,
+        })?;
+        let last = keys.last_seq();
+        let mut messages = Vec::new();
+        let mut discarded = Vec::new();
+        for seq in seqs {
+            if seq > last {
+                store.remove(seq)?;
+                discarded.push(seq);
+            } else if seq + store.history as u64 > last {
+                let stored = read_message_file(&store.message_path(seq), seq)?;
+                let prepared = stored.to_prepared().map_err(|e| RelayStoreError::Message {
+                    seq,
+                    reason: e.to_string(),
+                })?;
+                messages.push(prepared);
+            } else {
+                store.remove(seq)?;
+            }
+        }
+        Ok((
+            store,
+            Some(RestoredRelay {
+                keys,
+                messages,
+                discarded,
+            }),
+        ))
+    }
+
+    /// Saves the relay's keys (after every applied message), durably, mode 0600.
+    pub fn save_keys(&self, keys: &MemberKeys) -> Result<(), RelayStoreError> {
+        let path = self.keys_path();
+        keys.save(&path)
+            .map_err(|source| RelayStoreError::Keys { path, source })
+    }
+
+    /// Stores a forwarded message durably (mode 0600) and removes the files that left the
+    /// history window.
+    pub fn store_message(&self, message: &PreparedMessage) -> Result<(), RelayStoreError> {
+        let stored = StoredMessage::from_prepared(message);
+        write_message_file(&self.message_path(stored.seq), &stored)?;
+        for seq in list_message_seqs(&self.messages_dir())? {
+            if seq + (self.history as u64) <= stored.seq {
+                self.remove(seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The sequence numbers of the stored messages, ascending.
+    pub fn stored_seqs(&self) -> Result<Vec<u64>, RelayStoreError> {
+        let mut seqs = list_message_seqs(&self.messages_dir())?;
+        seqs.sort_unstable();
+        Ok(seqs)
+    }
+
+    fn keys_path(&self) -> PathBuf {
+        self.dir.join(KEYS_FILE)
+    }
+
+    fn messages_dir(&self) -> PathBuf {
+        self.dir.join(MESSAGES_DIR)
+    }
+
+    fn message_path(&self, seq: u64) -> PathBuf {
+        self.messages_dir().join(message_file_name(seq))
+    }
+
+    fn remove(&self, seq: u64) -> Result<(), RelayStoreError> {
+        let path = self.message_path(seq);
+        fs::remove_file(&path).map_err(|source| {
+            RelayStoreError::Store(StoreError::Io {
+                action: "remove",
+                path,
+                source,
+            })
+        })
+    }
+}
