@@ -147,8 +147,11 @@ impl Lab {
         &self.hosts[number - 1]
     }
 
-    /// Starts `udp-count` on host `number` and waits for it to be ready.
-    fn start_count(&self, number: usize, args: &[&str]) -> Counting {
+    /// Starts `udp-count` on host `number` and waits for it to be ready, and when it joins a
+    /// group (`--group`), for its IGMP report to reach the switch.
+    fn start_count(&mut self, number: usize, args: &[&str]) -> Counting {
+        let joins = args.contains(&"--group");
+        let igmp_before = port(&self.counters(), number).igmp_frames;
         let mut child = self
             .host(number)
             .command(BINARY)
@@ -163,6 +166,9 @@ impl Lab {
         let mut lines = BufReader::new(stdout).lines();
         let ready = lines.next().expect("udp-count output").expect("readable");
         assert_eq!(ready, "ready");
+        if joins {
+            self.await_igmp(number, igmp_before);
+        }
         Counting {
             _child: ChildGuard(child),
             lines,
@@ -188,16 +194,14 @@ impl Lab {
         serde_json::from_slice(&output.stdout).expect("blast report")
     }
 
-    /// Waits until the switch has seen a control frame (the IGMP join) from host `number`.
-    fn await_join(&mut self, number: usize) {
+    /// Waits until the switch has seen more than `before` IGMP frames from host `number`.
+    fn await_igmp(&mut self, number: usize, before: u64) {
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            if port(&self.counters(), number).ingress.control > 0 {
-                // The join is in the table once counted; give any second report a moment.
-                std::thread::sleep(Duration::from_millis(50));
+            if port(&self.counters(), number).igmp_frames > before {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
         panic!("no IGMP join from h{number} reached the switch");
     }
@@ -242,7 +246,6 @@ fn multicast_reaches_joined_hosts_only_and_unicast_works_both_ways() {
 
     // h2 joins the group, h3 does not.
     let receiver = lab.start_count(2, &["--port", "46001", "--group", GROUP, "--expect", "200"]);
-    lab.await_join(2);
     let before = lab.counters();
     let sent = lab.blast(1, &group_to, &["--count", "200", "--interval-us", "500"]);
     assert_eq!(sent.sent, 200);
@@ -304,7 +307,6 @@ fn multicast_reaches_joined_hosts_only_and_unicast_works_both_ways() {
             "500",
         ],
     );
-    lab.await_join(2);
     let before = lab.counters();
     let sent = lab.blast(
         1,
@@ -333,22 +335,30 @@ fn iid_ingress_loss_of_a_fifth_is_measured() {
     if !may_run("iid_ingress_loss_of_a_fifth_is_measured") {
         return;
     }
-    let mut lab = Lab::new('l', |name| {
-        let ingress = if name == "h1" {
+    let mut lab = Lab::new('l', |name| match name {
+        "h1" => (
             Impairment {
                 loss: Loss::Iid { p: 0.2 },
                 ..Impairment::default()
-            }
-        } else {
-            Impairment::default()
-        };
-        (ingress, Impairment::default())
+            },
+            Impairment::default(),
+        ),
+        "h3" => (
+            Impairment::default(),
+            Impairment {
+                loss: Loss::GilbertElliott {
+                    average: 0.1,
+                    mean_burst: 4.0,
+                },
+                ..Impairment::default()
+            },
+        ),
+        _ => no_impairment(name),
     });
     let receiver = lab.start_count(
         2,
         &["--port", "46011", "--group", GROUP, "--idle-ms", "1000"],
     );
-    lab.await_join(2);
     let sent = lab.blast(
         1,
         &format!("{GROUP}:46011"),
@@ -371,6 +381,39 @@ fn iid_ingress_loss_of_a_fifth_is_measured() {
     assert!((delivered_rate - 0.2).abs() < 0.036, "{delivered_rate}");
     // Every datagram the switch let through arrived.
     assert_eq!(report.intact, 2000 - ingress.dropped_loss, "{report:?}");
+
+    // Gilbert-Elliott loss (10%, bursts of 4 on average) on h3's egress, fed by h2, whose
+    // ingress loses nothing: the gaps h3 sees are the switch's drops.
+    let receiver = lab.start_count(
+        3,
+        &["--port", "46012", "--group", GROUP, "--idle-ms", "1000"],
+    );
+    let before = lab.counters();
+    let sent = lab.blast(
+        2,
+        &format!("{GROUP}:46012"),
+        &["--count", "4000", "--interval-us", "200"],
+    );
+    assert_eq!(sent.sent, 4000);
+    let report = receiver.report();
+    let after = lab.counters();
+    let delta = |pick: fn(&PortCounters) -> u64| pick(port(&after, 3)) - pick(port(&before, 3));
+    let offered = delta(|p| p.egress.frames - p.egress.control);
+    let dropped = delta(|p| p.egress.dropped_loss);
+    let lost = dropped as f64 / offered as f64;
+    let mean_burst = report.missing as f64 / report.missing_runs.max(1) as f64;
+    eprintln!(
+        "Gilbert-Elliott 0.1 / 4 on h3 egress: switch dropped {dropped} of {offered} \
+         ({lost:.4}); h3 received {}, {} missing between first and last in {} runs (mean \
+         burst {mean_burst:.2})",
+        report.intact, report.missing, report.missing_runs
+    );
+    assert_eq!(offered, 4000);
+    assert_eq!(report.intact, offered - dropped, "{report:?}");
+    // Bursty loss varies more than independent loss: about 0.012 standard deviation over
+    // 4,000 frames at these parameters.
+    assert!((lost - 0.1).abs() < 0.05, "{lost}");
+    assert!((2.5..6.0).contains(&mean_burst), "{mean_burst}");
 }
 
 #[test]
@@ -444,7 +487,6 @@ fn corruption_delivers_datagrams_with_one_bit_flipped() {
         (ingress, Impairment::default())
     });
     let receiver = lab.start_count(2, &["--port", "46031", "--group", GROUP, "--expect", "500"]);
-    lab.await_join(2);
     lab.blast(
         1,
         &format!("{GROUP}:46031"),
@@ -551,7 +593,6 @@ fn delay_duplication_and_reordering_go_through_the_scheduler() {
         2,
         &["--port", "46061", "--group", GROUP, "--idle-ms", "500"],
     );
-    lab.await_join(2);
     let started = Instant::now();
     lab.blast(
         1,
@@ -632,7 +673,6 @@ fn switch_throughput() {
             2,
             &["--port", &port_number, "--group", GROUP, "--idle-ms", "500"],
         );
-        lab.await_join(2);
         let before = lab.counters();
         let count = rate.to_string();
         let interval = (1_000_000 / rate).to_string();

@@ -153,6 +153,8 @@ pub struct PortCounters {
     /// Received UDP over IPv4 frames whose UDP checksum did not verify (forwarded anyway): a
     /// host with transmit checksum offload still on.
     pub udp_checksum_invalid: u64,
+    /// Received IGMP frames (reports, leaves, queries), malformed ones included.
+    pub igmp_frames: u64,
     /// Received IGMP frames that did not parse (forwarded, nothing learned).
     pub igmp_malformed: u64,
     /// Joins ignored because the group table was full.
@@ -628,8 +630,14 @@ impl Switch {
         if classify(&frame) == FrameClass::Control {
             counters.ingress.control += 1;
             match self.forwarder.snoop(port, &frame) {
-                Snooped::Malformed(_) => counters.igmp_malformed += 1,
-                Snooped::Applied { ignored, .. } => counters.igmp_joins_ignored += ignored as u64,
+                Snooped::Malformed(_) => {
+                    counters.igmp_frames += 1;
+                    counters.igmp_malformed += 1;
+                }
+                Snooped::Applied { ignored, .. } => {
+                    counters.igmp_frames += 1;
+                    counters.igmp_joins_ignored += ignored as u64;
+                }
                 Snooped::NotIgmp => {}
             }
             self.forward(port, frame, true);

@@ -82,6 +82,12 @@ pub struct CountReport {
     pub other: u64,
     /// Datagrams that arrived after one with a larger sequence number.
     pub out_of_order: u64,
+    /// Sequence numbers missing between the smallest and the largest received (losses before
+    /// the first or after the last arrival are not seen).
+    pub missing: u64,
+    /// Runs of consecutive missing sequence numbers among them: `missing / missing_runs` is
+    /// the mean loss burst length.
+    pub missing_runs: u64,
     /// The smallest sequence number received, if any.
     pub min_sequence: Option<u64>,
     /// The largest sequence number received, if any.
@@ -230,6 +236,15 @@ pub fn count(socket: &UdpSocket, count: &Count) -> std::io::Result<CountReport> 
                 }
             }
             Some(_) | None => report.other += 1,
+        }
+    }
+    let mut sequences: Vec<u64> = seen.into_iter().collect();
+    sequences.sort_unstable();
+    for pair in sequences.windows(2) {
+        let gap = pair[1] - pair[0] - 1;
+        if gap > 0 {
+            report.missing += gap;
+            report.missing_runs += 1;
         }
     }
     Ok(report)
