@@ -764,9 +764,7 @@ impl SenderSession {
     }
 
     fn find(&self, seq: u64) -> Option<&Outgoing> {
-        let first = self.messages.front()?.message.seq;
-        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
-        self.messages.get(index).filter(|m| m.message.seq == seq)
+        self.messages.get(self.index_of(seq)?)
     }
 
     fn authenticate<'a>(&self, bytes: &'a [u8]) -> Option<DatagramRepr<'a>> {
@@ -1002,8 +1000,20 @@ impl SenderSession {
 
     fn index_of(&self, seq: u64) -> Option<usize> {
         let first = self.messages.front()?.message.seq;
-        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
-        (self.messages.get(index)?.message.seq == seq).then_some(index)
+        let offset = usize::try_from(seq.checked_sub(first)?).ok()?;
+        // The GCKS's history is contiguous: the message is at its offset. A relay's may have
+        // gaps (messages it got by resync only, never queued), so search when the offset
+        // misses; the history is in ascending order.
+        if self
+            .messages
+            .get(offset)
+            .is_some_and(|m| m.message.seq == seq)
+        {
+            return Some(offset);
+        }
+        self.messages
+            .binary_search_by_key(&seq, |m| m.message.seq)
+            .ok()
     }
 
     /// Moves new repair orders into the heartbeat's entries and the proactive statistics.
