@@ -192,3 +192,140 @@ impl RelayStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::SocketAddr;
+    use std::time::Instant;
+
+    use ed25519_dalek::SigningKey;
+
+    use super::*;
+    use crate::gsa::{RekeySa, WrapAlgorithm};
+    use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
+    use crate::session::layout::{build_message, MessageParams};
+    use crate::session::{ReceiverConfig, ReceiverSession, SenderConfig, SenderSession};
+
+    /// Messages 1..=`count` of a group (message 1 admits member 1, each next one a new
+    /// member), and member 1's receiver with all of them applied by resync.
+    fn messages(count: u64) -> (Vec<PreparedMessage>, ReceiverSession) {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let sa = RekeySa {
+            group_id: 4,
+            spi: 1,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::DEFAULT,
+            gcks_public_key: key.verifying_key(),
+            data_sa_lifetime_secs: 60,
+        };
+        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(8));
+        let now = Instant::now();
+        let mut sender = SenderSession::new(SenderConfig::default(), 4, 1, now).unwrap();
+        let mut bundle = None;
+        let mut prepared = Vec::new();
+        for seq in 1..=count {
+            let batch = tree.apply_batch(&[MemberId(seq)], &[]).unwrap();
+            if seq == 1 {
+                bundle = Some(tree.join(MemberId(1)).unwrap());
+            }
+            let built = build_message(
+                &batch,
+                &tree.leaves_in_order(),
+                &key,
+                &MessageParams::default(),
+            )
+            .unwrap();
+            let message = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+            prepared.push(
+                StoredMessage::from_prepared(&message)
+                    .to_prepared()
+                    .unwrap(),
+            );
+            sender.restore_message(now, message).unwrap();
+        }
+        let feedback = SocketAddr::from(([127, 0, 0, 1], 9));
+        let mut receiver =
+            ReceiverSession::new(&bundle.unwrap(), ReceiverConfig::new(feedback)).unwrap();
+        for seq in 1..=count {
+            let item = sender.resync_item(seq, receiver.order_key()).unwrap();
+            let (manifest, chunk) = (item.manifest.to_vec(), item.chunk.to_vec());
+            receiver.handle_resync(now, &manifest, &chunk).unwrap();
+        }
+        (prepared, receiver)
+    }
+
+    fn seqs(messages: &[PreparedMessage]) -> Vec<u64> {
+        messages.iter().map(PreparedMessage::seq).collect()
+    }
+
+    #[test]
+    fn stored_history_and_keys_come_back_with_gaps_and_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let (messages, receiver) = messages(6);
+        let (store, restored) = RelayStore::open(dir.path(), 4).unwrap();
+        assert!(restored.is_none());
+        // Message 4 came by resync only: never stored.
+        for message in messages.iter().filter(|m| m.seq() != 4) {
+            store.store_message(message).unwrap();
+        }
+        store.save_keys(receiver.keys()).unwrap();
+        // The window of 4 keeps 3..=6.
+        assert_eq!(store.stored_seqs().unwrap(), vec![3, 5, 6]);
+        let (_, restored) = RelayStore::open(dir.path(), 4).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.keys.last_seq(), 6);
+        assert_eq!(seqs(&restored.messages), vec![3, 5, 6]);
+        assert!(restored.discarded.is_empty());
+        assert_eq!(
+            StoredMessage::from_prepared(&restored.messages[2]),
+            StoredMessage::from_prepared(&messages[5])
+        );
+    }
+
+    #[test]
+    fn messages_newer_than_the_keys_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (messages, receiver) = messages(3);
+        let (store, _) = RelayStore::open(dir.path(), 8).unwrap();
+        store.save_keys(receiver.keys()).unwrap();
+        // A relay that died after storing message 4 and before saving the keys that applied it.
+        let (later, _) = self::messages(4);
+        for message in &messages {
+            store.store_message(message).unwrap();
+        }
+        store.store_message(&later[3]).unwrap();
+        let (store, restored) = RelayStore::open(dir.path(), 8).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(seqs(&restored.messages), vec![1, 2, 3]);
+        assert_eq!(restored.discarded, vec![4]);
+        assert_eq!(store.stored_seqs().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn partial_or_corrupt_state_is_an_error_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("relay");
+        let (messages, receiver) = messages(1);
+        let (store, _) = RelayStore::open(&state, 8).unwrap();
+        store.store_message(&messages[0]).unwrap();
+        // Messages without keys.
+        let error = RelayStore::open(&state, 8).unwrap_err();
+        assert!(matches!(error, RelayStoreError::MissingKeys(_)), "{error}");
+        store.save_keys(receiver.keys()).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state.join(KEYS_FILE)), 0o600);
+        assert_eq!(mode(&store.message_path(1)), 0o600);
+        // A flipped byte in the keys.
+        let path = state.join(KEYS_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let error = RelayStore::open(&state, 8).unwrap_err();
+        assert!(matches!(error, RelayStoreError::Keys { .. }), "{error}");
+    }
+}
