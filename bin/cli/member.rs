@@ -50,6 +50,10 @@ pub struct MemberArgs {
     /// second and on exit (for test harnesses).
     #[arg(long, value_name = "FILE")]
     pub status_file: Option<PathBuf>,
+    /// After this long without a datagram that passes the MAC check, ask a resync endpoint
+    /// for the group's state (a member behind a relay that died hears nothing). Default 120000.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub silence_timeout_ms: Option<u64>,
 }
 
 /// How often `--status-file` is rewritten when no message was applied meanwhile.
@@ -72,6 +76,9 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
     engine_config.receiver = config.receiver_config();
+    if let Some(ms) = args.silence_timeout_ms {
+        engine_config.receiver.silence_timeout = Duration::from_millis(ms);
+    }
     engine_config.resync_endpoints = config
         .resync_endpoints
         .iter()
@@ -320,6 +327,32 @@ mod tests {
         assert_eq!(value["resyncs_started"], 2);
         assert_eq!(value["must_reregister"], false);
         assert_eq!(value["applied"], json!([[6, 1_000], [7, 2_000]]));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: MemberArgs,
+    }
+
+    #[test]
+    fn harness_flags_parse_and_a_zero_silence_timeout_is_refused() {
+        use clap::Parser;
+        let parsed = Wrapper::try_parse_from([
+            "member",
+            "--config",
+            "m.toml",
+            "--status-file",
+            "m.json",
+            "--silence-timeout-ms",
+            "2000",
+        ])
+        .expect("parses");
+        assert_eq!(parsed.args.silence_timeout_ms, Some(2000));
+        assert_eq!(parsed.args.status_file, Some(PathBuf::from("m.json")));
+        let zero =
+            Wrapper::try_parse_from(["member", "--config", "m.toml", "--silence-timeout-ms", "0"]);
+        assert!(zero.is_err());
     }
 
     #[test]

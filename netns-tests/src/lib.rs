@@ -261,4 +261,7 @@ impl Drop for ChildGuard {
 
 pub mod impair;
 pub mod probe;
+pub mod runner;
+pub mod scenario;
 pub mod switch;
+pub mod topology;

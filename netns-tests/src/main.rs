@@ -1,8 +1,8 @@
 //! `rekeycast-netns`: the network-namespace harness's command line.
 //!
 //! `probe-recv` and `probe-send` are the two ends of the one-datagram multicast probe that the
-//! harness runs inside namespaces. `run SCENARIO.toml` (scenarios with an impairment switch and
-//! the real binaries) is not built yet (issue 12) and says so.
+//! harness runs inside namespaces. `run SCENARIO.toml` runs a scenario (namespaces, the impairment
+//! switch, the real binaries, faults) and prints its table; `flood` is its attacker.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rekeycast_netns_tests::runner::{self, flood, RunOptions};
+use rekeycast_netns_tests::scenario::Scenario;
 use rekeycast_netns_tests::switch::{self, traffic};
 use rekeycast_netns_tests::{impair, probe};
 
@@ -87,10 +89,53 @@ enum Command {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
-    /// Run a scenario file (not built yet: issue 12).
+    /// Run a scenario file: build its namespaces and switch, run the real `rekeycast server`,
+    /// `rekey-relay` and `rekeycast member` processes in them, trigger its rekeys, inject its
+    /// faults, print a progress line per rekey and a final table; exit 1 when an expectation
+    /// fails.
     Run {
-        /// The scenario's TOML file.
+        /// The scenario's TOML file (see `netns-tests/scenarios/`).
         scenario: PathBuf,
+        /// The `rekeycast` binary [default: beside this one].
+        #[arg(long)]
+        rekeycast: Option<PathBuf>,
+        /// The `rekey-relay` binary [default: beside this one].
+        #[arg(long)]
+        relay: Option<PathBuf>,
+        /// The work directory (configurations, state, logs) [default: a fresh one in the
+        /// temporary directory, removed when the scenario passes].
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Keep the work directory when the scenario passes.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Send forged datagrams to TO from the interface with address IFACE as fast as the socket
+    /// takes them, at most MAX_DATAGRAMS and MAX_MS, then print a JSON report (the attacker of
+    /// the flood scenarios).
+    Flood {
+        #[arg(long)]
+        to: SocketAddrV4,
+        #[arg(long)]
+        iface: Ipv4Addr,
+        #[arg(long, default_value_t = 1)]
+        group_id: u32,
+        #[arg(long, default_value_t = 1)]
+        spi: u32,
+        #[arg(long, default_value_t = 1)]
+        seq_from: u64,
+        #[arg(long, default_value_t = 16)]
+        seq_to: u64,
+        #[arg(long)]
+        max_datagrams: u64,
+        #[arg(long)]
+        max_ms: u64,
+        #[arg(long, default_value_t = 0.2)]
+        random_fraction: f64,
+        #[arg(long, default_value_t = 1247)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
 }
 
@@ -163,10 +208,67 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
-        Command::Run { scenario } => anyhow::bail!(
-            "running scenarios ({}) is not built yet: it needs the impairment switch and the \
-             real binaries (issue 12)",
-            scenario.display()
-        ),
+        Command::Run {
+            scenario,
+            rekeycast,
+            relay,
+            work_dir,
+            keep,
+        } => {
+            let loaded = Scenario::load(&scenario).context("loading the scenario")?;
+            let harness = std::env::current_exe().context("finding this binary")?;
+            let mut options = RunOptions::beside(&harness);
+            if let Some(path) = rekeycast {
+                options.rekeycast = path;
+            }
+            if let Some(path) = relay {
+                options.relay = path;
+            }
+            options.work_dir = work_dir;
+            options.keep = keep;
+            let report = runner::run(&loaded, &options)
+                .with_context(|| format!("running scenario {}", scenario.display()))?;
+            if report.passed() {
+                Ok(())
+            } else {
+                eprintln!(
+                    "scenario {} failed ({} expectations); work directory kept: {}",
+                    report.name,
+                    report.failures.len(),
+                    report.work_dir.display()
+                );
+                std::process::exit(1);
+            }
+        }
+        Command::Flood {
+            to,
+            iface,
+            group_id,
+            spi,
+            seq_from,
+            seq_to,
+            max_datagrams,
+            max_ms,
+            random_fraction,
+            size,
+            seed,
+        } => {
+            let report = flood::flood(&flood::FloodPlan {
+                to,
+                interface: iface,
+                group_id,
+                spi,
+                seq_from,
+                seq_to,
+                max_datagrams,
+                max_duration: Duration::from_millis(max_ms),
+                random_fraction,
+                size,
+                seed,
+            })
+            .with_context(|| format!("flooding {to}"))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
     }
 }

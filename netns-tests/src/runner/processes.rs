@@ -1,0 +1,734 @@
+//! The scenario's processes: the real `rekeycast server`, `rekey-relay` and `rekeycast member`
+//! binaries inside their hosts' namespaces, their generated configurations, the server's admin
+//! socket (JSON lines), the members' status files and the server's `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::RunError;
+use crate::topology::Host;
+use crate::ChildGuard;
+
+/// The GCKS's multicast group in every scenario (each scenario has its own namespaces).
+pub const GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 77, 0, 1), 7400);
+/// The GCKS's feedback (NACK) port.
+pub const FEEDBACK_PORT: u16 = 7401;
+/// The GCKS's TCP resync port.
+pub const TCP_RESYNC_PORT: u16 = 7402;
+/// The GCKS's HTTP resync (and `/metrics`) port.
+pub const HTTP_RESYNC_PORT: u16 = 7403;
+/// A relay's feedback port (its members' NACKs).
+pub const RELAY_FEEDBACK_PORT: u16 = 7411;
+/// A relay's TCP resync port.
+pub const RELAY_TCP_PORT: u16 = 7412;
+/// A relay's HTTP resync port.
+pub const RELAY_HTTP_PORT: u16 = 7413;
+/// The group id and SPI of every scenario.
+pub const GROUP_ID: u32 = 1;
+/// The SPI of the Rekey SA.
+pub const SPI: u32 = 1;
+
+/// Relay `relay`'s downstream group.
+pub fn relay_group(relay: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::new(239, 77, relay as u8, 1), 7400)
+}
+
+/// How long an admin request may take (a join waits for its batch).
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The server process and what it needs to be restarted.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<ChildGuard>,
+    host_namespace: String,
+    address: Ipv4Addr,
+    binary: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// How many times the server was started.
+    pub starts: u32,
+}
+
+impl Server {
+    /// Writes the server's configuration into `dir` and starts it in `host`'s namespace.
+    pub fn start(binary: &Path, host: &Host, dir: &Path) -> Result<Self, RunError> {
+        let mut config = rekeycast::config::ServerConfig::from_toml_str("").map_err(|error| {
+            RunError::Config {
+                what: "the server's defaults".into(),
+                message: error.to_string(),
+            }
+        })?;
+        let address = host.address;
+        config.feedback_listen = SocketAddr::from((address, FEEDBACK_PORT));
+        config.state_dir = dir.join("state");
+        config.admin_socket = dir.join("admin.sock");
+        config.group.multicast = SocketAddr::V4(GROUP);
+        config.group.interface = address.to_string();
+        config.group.loopback = false;
+        config.group.group_id = GROUP_ID;
+        config.group.spi = SPI;
+        // Rekeys come from the runner (`rekey`), not from the batch timer.
+        config.batch.interval_ms = 3_600_000;
+        config.sender.grtt_initial_ms = 20;
+        config.resync.tcp_listen = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
+        config.resync.http_listen = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
+        let path = dir.join("server.toml");
+        write_toml(&path, &config)?;
+        let mut server = Self {
+            child: None,
+            host_namespace: host.namespace.name().into(),
+            address,
+            binary: binary.to_owned(),
+            config: path,
+            log: dir.join("server.log"),
+            admin_socket: config.admin_socket,
+            starts: 0,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), RunError> {
+        let log = append(&self.log)?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.host_namespace])
+            .arg(&self.binary)
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|source| RunError::Spawn {
+                what: format!("rekeycast server ({})", self.binary.display()),
+                source,
+            })?;
+        self.child = Some(ChildGuard(child));
+        self.starts += 1;
+        self.wait_ready()
+    }
+
+    /// Waits until the admin socket answers `status`.
+    fn wait_ready(&mut self) -> Result<(), RunError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.0.try_wait() {
+                    return Err(RunError::Exited {
+                        what: "rekeycast server".into(),
+                        status,
+                        log: self.log.clone(),
+                    });
+                }
+            }
+            if let Ok(answer) = self.admin(&json!({"op": "status"})) {
+                if answer["ok"] == true {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(RunError::Timeout {
+                    what: format!(
+                        "the server's admin socket {} to answer (log: {})",
+                        self.admin_socket.display(),
+                        self.log.display()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind) and reaps it.
+    pub fn kill(&mut self) -> Result<(), RunError> {
+        if let Some(mut guard) = self.child.take() {
+            guard.0.kill().map_err(|source| RunError::Spawn {
+                what: "kill -9 of the server".into(),
+                source,
+            })?;
+            let _ = guard.0.wait();
+        }
+        Ok(())
+    }
+
+    /// Starts the server again from its state directory and waits until it answers.
+    pub fn restart(&mut self) -> Result<(), RunError> {
+        self.kill()?;
+        self.spawn()
+    }
+
+    /// Whether the server process exited (and how).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|child| child.0.try_wait().ok().flatten())
+    }
+
+    /// Sends one admin request and returns the answer.
+    pub fn admin(&self, request: &Value) -> Result<Value, RunError> {
+        admin_call(&self.admin_socket, request)
+    }
+
+    /// `status`, checked for `ok`.
+    pub fn status(&self) -> Result<Value, RunError> {
+        let answer = self.admin(&json!({"op": "status"}))?;
+        if answer["ok"] != true {
+            return Err(RunError::Admin {
+                request: "status".into(),
+                answer: answer.to_string(),
+            });
+        }
+        Ok(answer)
+    }
+
+    /// The latest sequence number the server reports.
+    pub fn seq(&self) -> Result<u64, RunError> {
+        let status = self.status()?;
+        status["seq"].as_u64().ok_or_else(|| RunError::Admin {
+            request: "status".into(),
+            answer: status.to_string(),
+        })
+    }
+
+    /// `rekey`, checked for `ok`.
+    pub fn rekey(&self) -> Result<(), RunError> {
+        let answer = self.admin(&json!({"op": "rekey"}))?;
+        if answer["ok"] != true {
+            return Err(RunError::Admin {
+                request: "rekey".into(),
+                answer: answer.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `leave`, checked for `ok`.
+    pub fn leave(&self, member: u64) -> Result<(), RunError> {
+        let answer = self.admin(&json!({"op": "leave", "member": member}))?;
+        if answer["ok"] != true {
+            return Err(RunError::Admin {
+                request: format!("leave {member}"),
+                answer: answer.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The server's `/metrics` from its HTTP resync endpoint, fetched from inside its
+    /// namespace: metric name (with labels) to value.
+    pub fn metrics(&self) -> Result<BTreeMap<String, f64>, RunError> {
+        let text = http_get_in_namespace(
+            &self.host_namespace,
+            SocketAddr::from((self.address, HTTP_RESYNC_PORT)),
+            "/metrics",
+        )?;
+        Ok(parse_prometheus(&text))
+    }
+
+    /// The server's log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// Sends one JSON request line to an admin socket and reads the one-line answer.
+pub fn admin_call(socket: &Path, request: &Value) -> Result<Value, RunError> {
+    let admin_error = |message: String| RunError::Admin {
+        request: request.to_string(),
+        answer: message,
+    };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|error| admin_error(format!("connecting to {}: {error}", socket.display())))?;
+    stream
+        .set_read_timeout(Some(ADMIN_TIMEOUT))
+        .map_err(|error| admin_error(error.to_string()))?;
+    let mut line = request.to_string();
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|error| admin_error(format!("sending: {error}")))?;
+    let mut answer = String::new();
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|error| admin_error(format!("reading the answer: {error}")))?;
+    serde_json::from_str(&answer).map_err(|error| admin_error(format!("{answer:?}: {error}")))
+}
+
+/// Admits `member` through the admin socket (waits for its batch) and returns the first
+/// sequence number of its bundle, written to `bundle`.
+pub fn join(socket: &Path, member: u64, bundle: &Path) -> Result<u64, RunError> {
+    let answer = admin_call(
+        socket,
+        &json!({"op": "join", "member": member, "bundle_path": bundle}),
+    )?;
+    match (answer["ok"].as_bool(), answer["first_seq"].as_u64()) {
+        (Some(true), Some(first_seq)) => Ok(first_seq),
+        _ => Err(RunError::Admin {
+            request: format!("join {member}"),
+            answer: answer.to_string(),
+        }),
+    }
+}
+
+/// Where a member listens and whom it asks: the GCKS directly, or a relay first.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The group it joins.
+    pub group: SocketAddrV4,
+    /// Where its NACKs go.
+    pub feedback: SocketAddr,
+    /// Its resync endpoints, in order.
+    pub resync_endpoints: Vec<String>,
+}
+
+/// One member process and its files.
+#[derive(Debug)]
+pub struct MemberProcess {
+    /// The member's id.
+    pub id: u64,
+    /// Its host's name.
+    pub host: String,
+    /// The report group it belongs to.
+    pub group: String,
+    /// The sequence number of the message that admitted it.
+    pub first_seq: u64,
+    /// Its status file.
+    pub status_path: PathBuf,
+    /// Its log.
+    pub log: PathBuf,
+    child: Option<ChildGuard>,
+    /// How the process ended, once it did.
+    pub exit: Option<ExitStatus>,
+    /// Whether it left the group (its process was stopped on purpose).
+    pub left: bool,
+}
+
+/// The exit status of `rekeycast member` when it must register again.
+pub const EXIT_MUST_REREGISTER: i32 = 3;
+
+/// A member's status file, as `rekeycast member --status-file` writes it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MemberStatus {
+    /// The last applied message.
+    pub last_seq: u64,
+    /// Messages applied.
+    pub messages_applied: u64,
+    /// Of those, through resync.
+    pub applied_from_resync: u64,
+    /// NACKs sent.
+    pub nacks_sent: u64,
+    /// State checks requested.
+    pub state_checks: u64,
+    /// Resync exchanges started.
+    pub resyncs_started: u64,
+    /// Resync exchanges that failed on every endpoint.
+    pub resyncs_failed: u64,
+    /// Ed25519 verifications.
+    pub signature_checks: u64,
+    /// Of those, failed.
+    pub signature_failures: u64,
+    /// Manifests verified.
+    pub manifests_verified: u64,
+    /// Chunks verified.
+    pub chunks_verified: u64,
+    /// Datagrams received.
+    pub datagrams_received: u64,
+    /// Datagrams rejected (header, MAC, window).
+    pub datagrams_rejected: u64,
+    /// Of those, for a bad MAC.
+    pub bad_mac: u64,
+    /// Whether the member was told to register again.
+    pub must_reregister: bool,
+    /// `[seq, unix_us]` of the newest applied messages.
+    pub applied: Vec<(u64, u64)>,
+}
+
+impl MemberProcess {
+    /// Writes the member's configuration and starts `rekeycast member` in `host`'s namespace.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        binary: &Path,
+        host: &Host,
+        dir: &Path,
+        id: u64,
+        group: &str,
+        first_seq: u64,
+        upstream: &Upstream,
+        silence_timeout: Duration,
+        seed: u64,
+    ) -> Result<Self, RunError> {
+        let mut config = rekeycast::config::MemberConfig::from_toml_str("").map_err(|error| {
+            RunError::Config {
+                what: "a member's defaults".into(),
+                message: error.to_string(),
+            }
+        })?;
+        config.group.multicast = SocketAddr::V4(upstream.group);
+        config.group.interface = host.address.to_string();
+        config.group.loopback = false;
+        config.group.group_id = GROUP_ID;
+        config.group.spi = SPI;
+        config.feedback = upstream.feedback;
+        config.bundle = dir.join(format!("member-{id}.bundle"));
+        config.resync_endpoints = upstream.resync_endpoints.clone();
+        config.state_check_interval_ms = 200;
+        config.seed = Some(seed ^ id);
+        let path = dir.join(format!("member-{id}.toml"));
+        write_toml(&path, &config)?;
+        let status_path = dir.join(format!("member-{id}.status.json"));
+        let log = dir.join(format!("member-{id}.log"));
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", host.namespace.name()])
+            .arg(binary)
+            .arg("member")
+            .arg("--config")
+            .arg(&path)
+            .arg("--state")
+            .arg(dir.join(format!("member-{id}.state")))
+            .arg("--status-file")
+            .arg(&status_path)
+            .arg("--silence-timeout-ms")
+            .arg(silence_timeout.as_millis().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(append(&log)?))
+            .spawn()
+            .map_err(|source| RunError::Spawn {
+                what: format!("rekeycast member {id}"),
+                source,
+            })?;
+        Ok(Self {
+            id,
+            host: host.name.clone(),
+            group: group.into(),
+            first_seq,
+            status_path,
+            log,
+            child: Some(ChildGuard(child)),
+            exit: None,
+            left: false,
+        })
+    }
+
+    /// The member's bundle path in `dir` (where `join` writes it).
+    pub fn bundle_path(dir: &Path, id: u64) -> PathBuf {
+        dir.join(format!("member-{id}.bundle"))
+    }
+
+    /// Reads the status file; `None` while the member has not written one.
+    pub fn status(&self) -> Option<MemberStatus> {
+        let bytes = std::fs::read(&self.status_path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Notes whether the process exited; returns its exit status if it did.
+    pub fn poll_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.0.try_wait() {
+                    self.exit = Some(status);
+                }
+            }
+        }
+        self.exit
+    }
+
+    /// Whether it is still running (and has not left).
+    pub fn running(&mut self) -> bool {
+        !self.left && self.poll_exit().is_none()
+    }
+
+    /// Stops the process (it left the group).
+    pub fn stop(&mut self) {
+        self.left = true;
+        self.child = None;
+    }
+}
+
+/// A relay process.
+#[derive(Debug)]
+pub struct RelayProcess {
+    /// The relay's number (from 1).
+    pub number: u32,
+    /// Its member id at the GCKS.
+    pub id: u64,
+    /// Its log.
+    pub log: PathBuf,
+    child: Option<ChildGuard>,
+    /// Whether it was killed on purpose.
+    pub killed: bool,
+    namespace: String,
+    address: Ipv4Addr,
+}
+
+impl RelayProcess {
+    /// Writes the relay's configuration and starts `rekey-relay` in `host`'s namespace.
+    pub fn start(
+        binary: &Path,
+        host: &Host,
+        gcks: Ipv4Addr,
+        dir: &Path,
+        number: u32,
+        id: u64,
+        members: u32,
+        seed: u64,
+    ) -> Result<Self, RunError> {
+        let mut config = rekeycast::config::RelayConfig::from_toml_str("").map_err(|error| {
+            RunError::Config {
+                what: "a relay's defaults".into(),
+                message: error.to_string(),
+            }
+        })?;
+        let address = host.address;
+        config.bundle = MemberProcess::bundle_path(dir, id);
+        config.state_dir = dir.join(format!("relay-{number}-state"));
+        config.upstream.multicast = SocketAddr::V4(GROUP);
+        config.upstream.interface = address.to_string();
+        config.upstream.feedback = SocketAddr::from((gcks, FEEDBACK_PORT));
+        config.upstream.resync_endpoints = vec![format!("tcp://{gcks}:{TCP_RESYNC_PORT}")];
+        config.upstream.state_check_interval_ms = 200;
+        config.upstream.silence_timeout_ms = 5_000;
+        config.upstream.seed = Some(seed ^ id);
+        config.downstream.multicast = SocketAddr::V4(relay_group(number));
+        config.downstream.interface = address.to_string();
+        config.downstream.loopback = false;
+        config.downstream.feedback_listen = SocketAddr::from((address, RELAY_FEEDBACK_PORT));
+        config.downstream.group_size = Some(members.max(1));
+        config.sender.grtt_initial_ms = 20;
+        config.resync.tcp_listen = Some(SocketAddr::from((address, RELAY_TCP_PORT)));
+        config.resync.http_listen = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
+        let path = dir.join(format!("relay-{number}.toml"));
+        write_toml(&path, &config)?;
+        let log = dir.join(format!("relay-{number}.log"));
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", host.namespace.name()])
+            .arg(binary)
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(append(&log)?))
+            .spawn()
+            .map_err(|source| RunError::Spawn {
+                what: format!("rekey-relay {number} ({})", binary.display()),
+                source,
+            })?;
+        // The relay prints one `rekey-relay ready ...` line once its sockets are bound.
+        let stdout = child.stdout.take();
+        let guard = ChildGuard(child);
+        let mut line = String::new();
+        if let Some(stdout) = stdout {
+            let (sender, receiver) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                let _ = sender.send(first);
+                // Keep draining so the relay never blocks on a full pipe.
+                let mut sink = Vec::new();
+                let _ = reader.read_to_end(&mut sink);
+            });
+            line = receiver
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_default();
+        }
+        if !line.starts_with("rekey-relay ready") {
+            return Err(RunError::Timeout {
+                what: format!(
+                    "rekey-relay {number} to print its ready line (got {:?}; log: {})",
+                    line.trim(),
+                    log.display()
+                ),
+            });
+        }
+        Ok(Self {
+            number,
+            id,
+            log,
+            child: Some(guard),
+            killed: false,
+            namespace: host.namespace.name().into(),
+            address,
+        })
+    }
+
+    /// The endpoints and group of this relay's members.
+    pub fn upstream_for_members(&self, gcks: Ipv4Addr) -> Upstream {
+        Upstream {
+            group: relay_group(self.number),
+            feedback: SocketAddr::from((self.address, RELAY_FEEDBACK_PORT)),
+            resync_endpoints: vec![
+                format!("tcp://{}:{RELAY_TCP_PORT}", self.address),
+                format!("tcp://{gcks}:{TCP_RESYNC_PORT}"),
+                format!("http://{gcks}:{HTTP_RESYNC_PORT}"),
+            ],
+        }
+    }
+
+    /// Kills the relay with SIGKILL.
+    pub fn kill(&mut self) {
+        self.killed = true;
+        if let Some(mut guard) = self.child.take() {
+            let _ = guard.0.kill();
+            let _ = guard.0.wait();
+        }
+    }
+
+    /// Whether the relay exited on its own.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|child| child.0.try_wait().ok().flatten())
+    }
+
+    /// The relay's `/metrics`, unless it was killed.
+    pub fn metrics(&self) -> Option<BTreeMap<String, f64>> {
+        if self.killed {
+            return None;
+        }
+        http_get_in_namespace(
+            &self.namespace,
+            SocketAddr::from((self.address, RELAY_HTTP_PORT)),
+            "/metrics",
+        )
+        .ok()
+        .map(|text| parse_prometheus(&text))
+    }
+}
+
+fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), RunError> {
+    let text = toml::to_string(value).map_err(|error| RunError::Config {
+        what: path.display().to_string(),
+        message: error.to_string(),
+    })?;
+    std::fs::write(path, text).map_err(|source| RunError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+fn append(path: &Path) -> Result<File, RunError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| RunError::Io {
+            what: format!("opening the log {}", path.display()),
+            source,
+        })
+}
+
+/// GETs `path` from `address` inside the network namespace `namespace`, from a thread that
+/// enters it (`setns`) and ends with the request; other threads stay where they are.
+pub fn http_get_in_namespace(
+    namespace: &str,
+    address: SocketAddr,
+    path: &str,
+) -> Result<String, RunError> {
+    let namespace_file = PathBuf::from("/run/netns").join(namespace);
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let what = format!("GET http://{address}{path} in {namespace}");
+    let thread_what = what.clone();
+    let handle = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || -> Result<String, String> {
+            let file = File::open(&namespace_file)
+                .map_err(|error| format!("opening {}: {error}", namespace_file.display()))?;
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|error| format!("entering the namespace: {error}"))?;
+            let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))
+                .map_err(|error| format!("connecting: {error}"))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|error| error.to_string())?;
+            stream
+                .write_all(request.as_bytes())
+                .map_err(|error| format!("sending: {error}"))?;
+            let mut response = Vec::new();
+            stream
+                .take(16 << 20)
+                .read_to_end(&mut response)
+                .map_err(|error| format!("reading: {error}"))?;
+            let text = String::from_utf8_lossy(&response).into_owned();
+            let (head, body) = text
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| format!("no end of headers in {} bytes", response.len()))?;
+            let status_line = head.lines().next().unwrap_or_default();
+            if !status_line.contains(" 200 ") {
+                return Err(format!("answered {status_line:?}"));
+            }
+            Ok(body.to_owned())
+        })
+        .map_err(|source| RunError::Spawn {
+            what: thread_what,
+            source,
+        })?;
+    match handle.join() {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(message)) => Err(RunError::Http { what, message }),
+        Err(_) => Err(RunError::Http {
+            what,
+            message: "the fetching thread panicked".into(),
+        }),
+    }
+}
+
+/// Parses Prometheus text exposition into name (with labels) to value; comments and lines
+/// that do not parse are skipped.
+pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (name, value) = line.trim().rsplit_once(' ')?;
+            Some((name.trim().to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_parses_to_a_map() {
+        let text = "# HELP rekeycast_seq Latest.\n# TYPE rekeycast_seq gauge\nrekeycast_seq 12\n\
+                    rekeycast_nacks_received_total 3\nbroken\nx{a=\"b\"} 1.5\n";
+        let map = parse_prometheus(text);
+        assert_eq!(map.get("rekeycast_seq"), Some(&12.0));
+        assert_eq!(map.get("rekeycast_nacks_received_total"), Some(&3.0));
+        assert_eq!(map.get("x{a=\"b\"}"), Some(&1.5));
+        assert_eq!(map.len(), 3);
+    }
+
+    #[test]
+    fn member_status_parses_what_the_member_writes() {
+        let text = r#"{"member":3,"pid":1,"written_unix_us":5,"next_seq":6,"last_seq":5,
+            "group_key_version":5,"messages_applied":5,"applied_from_source":4,
+            "applied_from_decode":0,"applied_from_resync":1,"decode_failures":0,"nacks_sent":2,
+            "state_checks":1,"out_of_sync":1,"silences":0,"signature_checks":10,
+            "signature_failures":0,"manifests_verified":5,"manifests_cached":0,
+            "chunks_verified":5,"chunks_rejected":0,"datagrams_received":40,
+            "datagrams_accepted":30,"datagrams_rejected":10,"bad_mac":7,"resyncs_started":1,
+            "resyncs_failed":0,"state_save_failures":0,"must_reregister":false,
+            "applied":[[4,100],[5,200]]}"#;
+        let status: MemberStatus = serde_json::from_str(text).expect("parses");
+        assert_eq!(status.last_seq, 5);
+        assert_eq!(status.bad_mac, 7);
+        assert_eq!(status.applied, vec![(4, 100), (5, 200)]);
+        assert_eq!(status.resyncs_started, 1);
+    }
+}
