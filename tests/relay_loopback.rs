@@ -54,7 +54,15 @@ fn localhost() -> SocketAddr {
 }
 
 fn start_gcks(group: SocketAddr) -> Gcks {
+    start_gcks_pacing(group, GcksConfig::loopback(group).sender.send_rate)
+}
+
+/// A GCKS whose initial transmissions go out at `send_rate` datagrams per second, one at a
+/// time.
+fn start_gcks_pacing(group: SocketAddr, send_rate: f64) -> Gcks {
     let mut config = GcksConfig::loopback(group);
+    config.sender.send_rate = send_rate;
+    config.sender.burst = 1;
     config.batch_interval = Duration::from_secs(3600);
     config.sender.heartbeat_max = Duration::from_millis(500);
     config.resync_tcp = Some(localhost());
@@ -287,7 +295,9 @@ fn members_behind_a_relay_stay_current_through_churn_and_loss() {
 #[test]
 fn relay_kill_members_resync_from_gcks() {
     let (up, down) = (group(2, 0), group(2, 1));
-    let gcks = start_gcks(up);
+    // Slow pacing (a datagram every 50 ms), so that the relay can be killed with a message
+    // half forwarded.
+    let gcks = start_gcks_pacing(up, 20.0);
     let config = relay_config(&gcks, up, down);
     let (relay, members) = relay_and_members(&gcks, down, config, 12, None);
     wait_sent(&gcks, 1);
@@ -301,11 +311,28 @@ fn relay_kill_members_resync_from_gcks() {
         .sum();
     assert_eq!(before, 0, "no resync while the relay lives");
 
-    // Killed in the middle of rekey 3: it may have forwarded some of it, or none.
+    // Killed in the middle of rekey 3: as soon as it forwarded the first of it (cut-through),
+    // long before the rest arrives.
+    let before = relay.stats().unwrap();
     gcks.rekey_now().unwrap();
-    std::thread::sleep(Duration::from_millis(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at_kill = loop {
+        let stats = relay.stats().unwrap();
+        if stats.relay.cut_through_sent > before.relay.cut_through_sent {
+            break stats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay forwarded nothing: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let killed = Instant::now();
     relay.abort().unwrap();
+    assert_eq!(
+        at_kill.relay.forwarded, 2,
+        "killed before message 3 was whole: {at_kill:?}"
+    );
     wait_sent(&gcks, 3);
     let first = wait_members(&members, 3, Duration::from_secs(20));
     // Two more rekeys: nothing reaches the members by multicast any more.
@@ -321,9 +348,10 @@ fn relay_kill_members_resync_from_gcks() {
     let resyncs: u64 = stats.iter().map(|s| s.resyncs_started).sum();
     let from_resync: u64 = stats.iter().map(|s| s.receiver.applied_from_resync).sum();
     eprintln!(
-        "{} members: message 3 everywhere {first:?} after the kill, message 5 {converged:?} after \
-         its send ({since_kill:?} after the kill); silences {silences}, resyncs and state checks \
-         {resyncs}, messages applied from resync {from_resync}",
+        "{} members: message 3 (half forwarded when the relay died) everywhere {first:?} after \
+         the kill, message 5 {converged:?} after its send ({since_kill:?} after the kill); \
+         silences {silences}, resyncs and state checks {resyncs}, messages applied from resync \
+         {from_resync}",
         members.len()
     );
     for (s, (id, _)) in stats.iter().zip(&members) {
@@ -331,7 +359,7 @@ fn relay_kill_members_resync_from_gcks() {
             s.receiver.silences >= 1,
             "member {id} noticed the silence: {s:?}"
         );
-        assert!(s.receiver.applied_from_resync >= 2, "member {id}: {s:?}");
+        assert!(s.receiver.applied_from_resync >= 3, "member {id}: {s:?}");
     }
     // The GCKS's endpoint served them.
     assert!(gcks.stats().unwrap().resync.accepted >= members.len() as u64);
