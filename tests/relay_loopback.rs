@@ -712,3 +712,59 @@ fn forged_upstream_datagrams_are_counted_and_never_forwarded() {
     relay.shutdown().unwrap();
     gcks.shutdown().unwrap();
 }
+
+#[test]
+fn a_downstream_flood_is_rate_limited_per_source() {
+    let (up, down) = (group(5, 0), group(5, 1));
+    let gcks = start_gcks(up);
+    let mut config = relay_config(&gcks, up, down);
+    config.downstream_datagrams_per_second = 10.0;
+    config.downstream_burst = 20;
+    let bundle = admit(&gcks, &[RELAY_ID]).pop().unwrap();
+    let relay = Relay::start(&bundle, config).unwrap();
+    wait_sent(&gcks, 1);
+    wait_relay(&relay, 1);
+    let socket = sender();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let flood = 500;
+    for _ in 0..flood {
+        let receiver_id = rng.gen();
+        let nack = forged(
+            &mut rng,
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need: 8,
+                receiver_id,
+                echo: None,
+            }),
+        );
+        socket.send_to(&nack, relay.feedback_addr()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = relay.stats().unwrap();
+        if stats.downstream_received >= flood {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "{stats:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "{flood} datagrams from one source: {} rate limited, {} looked at (rejected)",
+        stats.downstream_rate_limited, stats.downstream.rejected
+    );
+    // The burst and what the rate refilled meanwhile were looked at (and failed their MAC);
+    // the rest cost one table lookup each.
+    assert!(stats.downstream.rejected <= 20 + 10 * 10, "{stats:?}");
+    assert!(
+        stats.downstream_rate_limited + stats.downstream.rejected >= flood,
+        "{stats:?}"
+    );
+    assert!(stats.downstream_rate_limited >= flood - 120, "{stats:?}");
+    assert_eq!(stats.downstream.repair_symbols_sent, 0);
+    relay.shutdown().unwrap();
+    gcks.shutdown().unwrap();
+}
