@@ -177,6 +177,8 @@ pub struct GcksStats {
     pub send_blocked: u64,
     /// The resync endpoints' counters.
     pub resync: crate::io::resync_server::EndpointCounters,
+    /// Of the members, those registered as relays ([`Gcks::join_relay`]).
+    pub relays: usize,
 }
 
 /// Percentiles of the event loop's lag, microseconds.
@@ -290,11 +292,16 @@ impl GcksStats {
                 self.loop_lag_us.count,
             ),
         ];
-        let gauges: [(&str, &str, u64); 8] = [
+        let gauges: [(&str, &str, u64); 9] = [
             (
                 "rekeycast_members",
                 "Members in the key tree.",
                 self.members as u64,
+            ),
+            (
+                "rekeycast_relays",
+                "Members registered as relays.",
+                self.relays as u64,
             ),
             ("rekeycast_seq", "Latest message sequence number.", self.seq),
             (
@@ -415,6 +422,7 @@ pub enum EngineError {
 
 pub(crate) enum Command {
     Join(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
+    JoinRelay(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
     Leave(MemberId),
     RekeyNow,
     Stats(Sender<GcksStats>),
@@ -441,6 +449,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Join(..) => "Join",
+            Self::JoinRelay(..) => "JoinRelay",
             Self::Leave(_) => "Leave",
             Self::RekeyNow => "RekeyNow",
             Self::Stats(_) => "Stats",
@@ -491,6 +500,18 @@ impl Gcks {
     ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
         let (reply, bundle) = crossbeam_channel::bounded(1);
         self.handle.send(Command::Join(member, reply))?;
+        Ok(bundle)
+    }
+
+    /// Admits `member` in the next batch as a relay (issue 11): a relay holds a leaf like
+    /// any member (it checks and produces the group's MACs and verifies everything), and the
+    /// GCKS counts it as a relay ([`GcksStats::relays`]) until it leaves.
+    pub fn join_relay(
+        &self,
+        member: MemberId,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
+        let (reply, bundle) = crossbeam_channel::bounded(1);
+        self.handle.send(Command::JoinRelay(member, reply))?;
         Ok(bundle)
     }
 

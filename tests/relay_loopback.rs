@@ -74,7 +74,13 @@ fn start_gcks_pacing(group: SocketAddr, send_rate: f64) -> Gcks {
 fn admit(gcks: &Gcks, ids: &[u64]) -> Vec<RegistrationBundle> {
     let replies: Vec<_> = ids
         .iter()
-        .map(|&i| gcks.join(MemberId(i)).unwrap())
+        .map(|&i| {
+            if i == RELAY_ID {
+                gcks.join_relay(MemberId(i)).unwrap()
+            } else {
+                gcks.join(MemberId(i)).unwrap()
+            }
+        })
         .collect();
     gcks.rekey_now().unwrap();
     replies
@@ -247,7 +253,10 @@ fn members_behind_a_relay_stay_current_through_churn_and_loss() {
         slowest = slowest.max(wait_members(&members, seq, Duration::from_secs(20)));
     }
     assert_current(&members, &gcks);
-    let last = gcks.stats().unwrap().seq;
+    let gcks_stats = gcks.stats().unwrap();
+    assert_eq!(gcks_stats.relays, 1, "the GCKS knows its relay");
+    assert_eq!(gcks_stats.members, members.len() + 1);
+    let last = gcks_stats.seq;
     let stats = wait_relay(&relay, last);
     let nacks: u64 = members
         .iter()
@@ -288,6 +297,11 @@ fn members_behind_a_relay_stay_current_through_churn_and_loss() {
         "{stats:?}"
     );
     shutdown(members);
+    // The relay leaves: the GCKS no longer counts it.
+    gcks.leave(MemberId(RELAY_ID)).unwrap();
+    gcks.rekey_now().unwrap();
+    wait_sent(&gcks, last + 1);
+    assert_eq!(gcks.stats().unwrap().relays, 0);
     relay.shutdown().unwrap();
     gcks.shutdown().unwrap();
 }

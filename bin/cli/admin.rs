@@ -5,7 +5,9 @@
 //!
 //! - `{"op":"join","member":42,"bundle_path":"/abs/path"}`: admits member 42 in the next
 //!   batch, waits for its registration bundle and writes it to `bundle_path` with mode 0600;
-//!   answers `{"ok":true,"op":"join","member":42,"first_seq":N,"bundle_path":...}`.
+//!   answers `{"ok":true,"op":"join","member":42,"relay":false,"first_seq":N,
+//!   "bundle_path":...}`. With `"relay":true` the member is registered as a relay
+//!   (`rekey-relay`), which the GCKS counts (`status`: `relays`).
 //! - `{"op":"leave","member":42}`: removes member 42 in the next batch.
 //! - `{"op":"rekey"}`: applies the pending changes now (or refreshes the group key).
 //! - `{"op":"status"}`: the GCKS's figures.
@@ -31,6 +33,9 @@ pub enum Request {
         member: u64,
         /// Where to write the bundle.
         bundle_path: PathBuf,
+        /// Whether the member is a relay (`rekey-relay`): the GCKS counts it as one.
+        #[serde(default)]
+        relay: bool,
     },
     /// Remove a member.
     Leave {
@@ -65,6 +70,9 @@ pub enum AdminOp {
         /// Where to write the bundle (`rekeycast member --bundle FILE` reads it).
         #[arg(long, value_name = "FILE")]
         bundle: PathBuf,
+        /// Register the member as a relay (`rekey-relay --bundle FILE` reads its bundle).
+        #[arg(long)]
+        relay: bool,
     },
     /// Remove a member in the next batch.
     Leave {
@@ -81,7 +89,11 @@ pub enum AdminOp {
 /// Runs `rekeycast admin`: sends one request, prints the response; exits 1 if it failed.
 pub fn run(args: &AdminArgs) -> anyhow::Result<ExitCode> {
     let request = match &args.op {
-        AdminOp::Join { member, bundle } => {
+        AdminOp::Join {
+            member,
+            bundle,
+            relay,
+        } => {
             let bundle_path = if bundle.is_absolute() {
                 bundle.clone()
             } else {
@@ -92,6 +104,7 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<ExitCode> {
             Request::Join {
                 member: *member,
                 bundle_path,
+                relay: *relay,
             }
         }
         AdminOp::Leave { member } => Request::Leave { member: *member },

@@ -153,6 +153,7 @@ pub fn stats_json(stats: &GcksStats) -> Value {
     let lag = stats.loop_lag_us;
     json!({
         "members": stats.members,
+        "relays": stats.relays,
         "seq": stats.seq,
         "group_key_version": stats.group_key_version,
         "pending": stats.pending,
@@ -281,7 +282,8 @@ fn answer(request: Request, gcks: &Gcks, batch_interval: Duration) -> Value {
         Request::Join {
             member,
             bundle_path,
-        } => join(gcks, member, &bundle_path, batch_interval),
+            relay,
+        } => join(gcks, member, relay, &bundle_path, batch_interval),
         Request::Leave { member } => gcks
             .leave(MemberId(member))
             .map(|()| {
@@ -310,9 +312,19 @@ fn answer(request: Request, gcks: &Gcks, batch_interval: Duration) -> Value {
     outcome.unwrap_or_else(|error| json!({"ok": false, "error": format!("{error:#}")}))
 }
 
-fn join(gcks: &Gcks, member: u64, path: &Path, batch_interval: Duration) -> anyhow::Result<Value> {
-    info!(member, bundle = %path.display(), "admin: join");
-    let pending = gcks.join(MemberId(member))?;
+fn join(
+    gcks: &Gcks,
+    member: u64,
+    relay: bool,
+    path: &Path,
+    batch_interval: Duration,
+) -> anyhow::Result<Value> {
+    info!(member, relay, bundle = %path.display(), "admin: join");
+    let pending = if relay {
+        gcks.join_relay(MemberId(member))?
+    } else {
+        gcks.join(MemberId(member))?
+    };
     // The bundle comes once the batch is built: at most a batch interval plus the build.
     let bundle = pending
         .recv_timeout(batch_interval + Duration::from_secs(60))
@@ -323,7 +335,7 @@ fn join(gcks: &Gcks, member: u64, path: &Path, batch_interval: Duration) -> anyh
         .with_context(|| format!("writing the bundle to {}", path.display()))?;
     info!(member, first_seq = bundle.first_seq, bundle = %path.display(), "bundle written");
     Ok(
-        json!({"ok": true, "op": "join", "member": member, "first_seq": bundle.first_seq,
-              "bundle_path": path}),
+        json!({"ok": true, "op": "join", "member": member, "relay": relay,
+              "first_seq": bundle.first_seq, "bundle_path": path}),
     )
 }

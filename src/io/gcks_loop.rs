@@ -158,6 +158,9 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 datagrams_sent: 0,
                 send_blocked: 0,
                 held: std::collections::VecDeque::new(),
+                relays: std::collections::HashSet::new(),
+                pending_relays: std::collections::HashSet::new(),
+                batch_relays: std::collections::HashSet::new(),
             };
             state.run()
         })?;
@@ -203,6 +206,11 @@ struct LoopState {
     group_key_version: u32,
     /// Messages whose joiners have their bundles, waiting out the admission delay.
     held: std::collections::VecDeque<(Instant, PreparedMessage)>,
+    /// Members registered as relays, and relay joins not yet in a batch, and those of the
+    /// batch being built.
+    relays: std::collections::HashSet<MemberId>,
+    pending_relays: std::collections::HashSet<MemberId>,
+    batch_relays: std::collections::HashSet<MemberId>,
 }
 
 impl LoopState {
@@ -316,6 +324,10 @@ impl LoopState {
         while let Ok(command) = self.commands.try_recv() {
             match command {
                 Command::Join(member, reply) => self.joins.push((member, reply)),
+                Command::JoinRelay(member, reply) => {
+                    self.pending_relays.insert(member);
+                    self.joins.push((member, reply));
+                }
                 Command::Leave(member) => self.leaves.push(member),
                 Command::RekeyNow => self.rekey_requested = true,
                 Command::Stats(reply) => {
@@ -360,6 +372,7 @@ impl LoopState {
             datagrams_sent: self.datagrams_sent,
             send_blocked: self.send_blocked,
             resync: self.endpoints.counters(),
+            relays: self.relays.len(),
         }
     }
 
@@ -380,6 +393,10 @@ impl LoopState {
         self.last_batch = now;
         let joins = std::mem::take(&mut self.joins);
         let leaves = std::mem::take(&mut self.leaves);
+        self.batch_relays = joins
+            .iter()
+            .filter_map(|(member, _)| self.pending_relays.take(member))
+            .collect();
         let key = Arc::clone(&self.signing_key);
         let store = self.store.clone();
         let params = MessageParams {
@@ -443,11 +460,18 @@ impl LoopState {
             };
             let members = done.tree.member_count();
             self.tree = Some(done.tree);
+            let batch_relays = std::mem::take(&mut self.batch_relays);
             match done.outcome {
                 Ok((message, bundles)) => {
                     let seq = message.seq();
                     let chunks = message.chunk_count();
-                    for ((_, reply), bundle) in done.joins.iter().zip(bundles) {
+                    for member in &done.leaves {
+                        self.relays.remove(member);
+                    }
+                    for ((member, reply), bundle) in done.joins.iter().zip(bundles) {
+                        if bundle.is_ok() && batch_relays.contains(member) {
+                            self.relays.insert(*member);
+                        }
                         let _ = reply.send(bundle.map_err(JoinError::Lkh));
                     }
                     self.group_key_version = self
