@@ -417,8 +417,10 @@ impl LoopState {
         None
     }
 
-    /// Acts on the session's events and hands them to the product.
+    /// Acts on the session's events and hands them to the product, once the messages they
+    /// report are stored and the keys they made are saved.
     fn handle_events(&mut self) {
+        let mut ready = Vec::new();
         while let Some(event) = self.session.poll_event() {
             match &event {
                 RelayEvent::Forwarded { seq, chunks } => {
@@ -436,14 +438,17 @@ impl LoopState {
                 RelayEvent::Upstream(upstream) => self.act_on(upstream),
                 _ => {}
             }
+            ready.push(event);
+        }
+        // After the messages it forwarded are stored: a crash in between leaves a stored
+        // message newer than the keys, which the store discards on open.
+        self.save_keys();
+        for event in ready {
             match self.events.try_send(event) {
                 Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                 Err(TrySendError::Full(_)) => self.figures.events_dropped += 1,
             }
         }
-        // After the messages it forwarded are stored: a crash in between leaves a stored
-        // message newer than the keys, which the store discards on open.
-        self.save_keys();
     }
 
     /// Stores message `seq` (just forwarded) in the state directory; a failure is logged and
