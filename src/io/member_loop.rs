@@ -459,14 +459,19 @@ impl<C: Send + 'static> FetchJob<C> {
     fn state(&self) -> FetchOutcome {
         let mut backoff = Duration::from_millis(200);
         for _ in 0..self.attempts {
+            let mut failed = false;
             for &endpoint in &self.endpoints {
                 // No manifest yet (an endpoint that has sent nothing) or a failure: the next
                 // endpoint may know more.
-                if let Ok(Some(manifest)) =
-                    fetch_state_from(self.local, endpoint, self.group_id, self.timeout)
-                {
-                    return FetchOutcome::State(manifest);
+                match fetch_state_from(self.local, endpoint, self.group_id, self.timeout) {
+                    Ok(Some(manifest)) => return FetchOutcome::State(manifest),
+                    Ok(None) => {}
+                    Err(_) => failed = true,
                 }
+            }
+            if !failed {
+                // Every endpoint answered and none has sent anything yet.
+                return FetchOutcome::Failed;
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(10));

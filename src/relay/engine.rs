@@ -296,10 +296,9 @@ impl Relay {
 
     /// Stops the loop at once, as a crash would: nothing more is stored or saved, and the
     /// sockets close. For fault drills and tests of what members do when their relay dies.
-    pub fn abort(self) -> Result<(), EngineError> {
+    pub fn abort(mut self) -> Result<(), EngineError> {
         self.handle.send(RelayCommand::Abort)?;
-        let mut this = self;
-        this.handle.stop()
+        self.handle.stop()
     }
 }
 
