@@ -1036,3 +1036,39 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
         .unwrap();
     wait_exit(&mut processes.0[3], "the resumed relay", &logs);
 }
+
+#[test]
+fn rekey_relay_binary_refuses_a_bad_configuration_naming_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[downstream]\nmulticast = \"239.255.77.1:7400\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rekey-relay"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "downstream.multicast = \"239.255.77.1:7400\": must differ from upstream.multicast"
+        ),
+        "{stderr}"
+    );
+    // No bundle and no saved state: an error naming the bundle.
+    std::fs::write(
+        &config,
+        format!(
+            "bundle = \"{}\"\nstate_dir = \"{}\"\n",
+            dir.path().join("missing.bundle").display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_rekey-relay"))
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("registration bundle"), "{stderr}");
+}
