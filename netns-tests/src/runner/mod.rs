@@ -22,10 +22,11 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::scenario::{Fabric, Fault, Scenario};
+use crate::switch::Counters;
 use crate::topology::{FabricPlan, HostPlan, Topology, TopologyError};
 use crate::{clean_leftovers, ChildGuard};
 use flood::FloodReport;
-use processes::{MemberProcess, RelayProcess, Server, Upstream};
+use processes::{MemberProcess, MemberSpec, RelayProcess, RelaySpec, Server, Upstream};
 use report::{GroupRow, MemberRow, Percentiles};
 
 /// What went wrong running a scenario (as opposed to a scenario whose expectations failed,
@@ -172,6 +173,8 @@ pub struct RunReport {
     pub time_to_key: Percentiles,
     /// The flood's own report, when there was one.
     pub flood: Option<FloodReport>,
+    /// The switch's counters at the end (none with a kernel bridge).
+    pub switch: Option<Counters>,
     /// The final table and totals, as printed.
     pub table: String,
     /// The expectations that failed; empty when the scenario passed.
@@ -395,10 +398,12 @@ impl<'a> Run<'a> {
                 host,
                 gcks,
                 &self.work_dir,
-                relay,
-                id,
-                topology.members_per_relay,
-                self.scenario.seed,
+                &RelaySpec {
+                    number: relay,
+                    id,
+                    members: topology.members_per_relay,
+                    seed: self.scenario.seed,
+                },
             )?);
         }
         for id in 1..=u64::from(topology.members) {
@@ -435,7 +440,6 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_member(
         &mut self,
         id: u64,
@@ -445,17 +449,15 @@ impl<'a> Run<'a> {
         upstream: &Upstream,
     ) -> Result<(), RunError> {
         let host = self.topology.host(host)?;
-        let member = MemberProcess::start(
-            &self.options.rekeycast,
-            host,
-            &self.work_dir,
+        let spec = MemberSpec {
             id,
-            group,
+            group: group.into(),
             first_seq,
-            upstream,
-            MEMBER_SILENCE_TIMEOUT,
-            self.scenario.seed,
-        )?;
+            upstream: upstream.clone(),
+            silence_timeout: MEMBER_SILENCE_TIMEOUT,
+            seed: self.scenario.seed,
+        };
+        let member = MemberProcess::start(&self.options.rekeycast, host, &self.work_dir, &spec)?;
         self.members.push(member);
         Ok(())
     }
@@ -1020,9 +1022,10 @@ impl<'a> Run<'a> {
                 }
             }
         }
-        if let Some(counters) = self.topology.counters()? {
+        let switch = self.topology.counters()?;
+        if let Some(counters) = &switch {
             let tier_of = |port: &str| tier_of_host(port).to_string();
-            table.push_str(&report::render_switch(&counters, tier_of));
+            table.push_str(&report::render_switch(counters, tier_of));
         }
         if let Some(flood) = &flood {
             table.push_str(&format!(
@@ -1096,6 +1099,7 @@ impl<'a> Run<'a> {
             groups,
             time_to_key,
             flood,
+            switch,
             table,
             failures: self.failures.clone(),
             work_dir: self.work_dir.clone(),

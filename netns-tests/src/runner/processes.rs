@@ -43,6 +43,9 @@ pub fn relay_group(relay: u32) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(239, 77, relay as u8, 1), 7400)
 }
 
+/// The longest interval between two heartbeats of the GCKS and of the relays.
+pub const HEARTBEAT_MAX: Duration = Duration::from_millis(250);
+
 /// How long an admin request may take (a join waits for its batch).
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -82,6 +85,9 @@ impl Server {
         // Rekeys come from the runner (`rekey`), not from the batch timer.
         config.batch.interval_ms = 3_600_000;
         config.sender.grtt_initial_ms = 20;
+        // Heartbeats at least every HEARTBEAT_MAX: a member that lost all of a message learns of
+        // it within that (and, under burst loss stepped per frame, the loss state moves on).
+        config.sender.heartbeat_max_ms = HEARTBEAT_MAX.as_millis() as u64;
         config.resync.tcp_listen = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
         config.resync.http_listen = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
         let path = dir.join("server.toml");
@@ -294,6 +300,23 @@ pub struct Upstream {
     pub resync_endpoints: Vec<String>,
 }
 
+/// What a member process is started with.
+#[derive(Debug, Clone)]
+pub struct MemberSpec {
+    /// The member's id.
+    pub id: u64,
+    /// The report group it belongs to.
+    pub group: String,
+    /// The sequence number of the message that admitted it.
+    pub first_seq: u64,
+    /// Where it listens and whom it asks.
+    pub upstream: Upstream,
+    /// Its `--silence-timeout-ms`.
+    pub silence_timeout: Duration,
+    /// The scenario's seed (the member's NACK backoff seed is derived from it and its id).
+    pub seed: u64,
+}
+
 /// One member process and its files.
 #[derive(Debug)]
 pub struct MemberProcess {
@@ -358,19 +381,16 @@ pub struct MemberStatus {
 }
 
 impl MemberProcess {
-    /// Writes the member's configuration and starts `rekeycast member` in `host`'s namespace.
-    #[allow(clippy::too_many_arguments)]
+    /// Writes the member's configuration and starts `rekeycast member` in `host`'s namespace,
+    /// with its files in `dir`.
     pub fn start(
         binary: &Path,
         host: &Host,
         dir: &Path,
-        id: u64,
-        group: &str,
-        first_seq: u64,
-        upstream: &Upstream,
-        silence_timeout: Duration,
-        seed: u64,
+        spec: &MemberSpec,
     ) -> Result<Self, RunError> {
+        let id = spec.id;
+        let upstream = &spec.upstream;
         let mut config = rekeycast::config::MemberConfig::from_toml_str("").map_err(|error| {
             RunError::Config {
                 what: "a member's defaults".into(),
@@ -386,7 +406,7 @@ impl MemberProcess {
         config.bundle = dir.join(format!("member-{id}.bundle"));
         config.resync_endpoints = upstream.resync_endpoints.clone();
         config.state_check_interval_ms = 200;
-        config.seed = Some(seed ^ id);
+        config.seed = Some(spec.seed ^ id);
         let path = dir.join(format!("member-{id}.toml"));
         write_toml(&path, &config)?;
         let status_path = dir.join(format!("member-{id}.status.json"));
@@ -402,7 +422,7 @@ impl MemberProcess {
             .arg("--status-file")
             .arg(&status_path)
             .arg("--silence-timeout-ms")
-            .arg(silence_timeout.as_millis().to_string())
+            .arg(spec.silence_timeout.as_millis().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(append(&log)?))
@@ -414,8 +434,8 @@ impl MemberProcess {
         Ok(Self {
             id,
             host: host.name.clone(),
-            group: group.into(),
-            first_seq,
+            group: spec.group.clone(),
+            first_seq: spec.first_seq,
             status_path,
             log,
             child: Some(ChildGuard(child)),
@@ -459,6 +479,19 @@ impl MemberProcess {
     }
 }
 
+/// What a relay process is started with.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySpec {
+    /// The relay's number (from 1).
+    pub number: u32,
+    /// Its member id at the GCKS.
+    pub id: u64,
+    /// Members behind it (advertised as its group size).
+    pub members: u32,
+    /// The scenario's seed.
+    pub seed: u64,
+}
+
 /// A relay process.
 #[derive(Debug)]
 pub struct RelayProcess {
@@ -476,17 +509,21 @@ pub struct RelayProcess {
 }
 
 impl RelayProcess {
-    /// Writes the relay's configuration and starts `rekey-relay` in `host`'s namespace.
+    /// Writes the relay's configuration and starts `rekey-relay` in `host`'s namespace, with
+    /// its files in `dir`, upstream of it the GCKS at `gcks`.
     pub fn start(
         binary: &Path,
         host: &Host,
         gcks: Ipv4Addr,
         dir: &Path,
-        number: u32,
-        id: u64,
-        members: u32,
-        seed: u64,
+        spec: &RelaySpec,
     ) -> Result<Self, RunError> {
+        let RelaySpec {
+            number,
+            id,
+            members,
+            seed,
+        } = *spec;
         let mut config = rekeycast::config::RelayConfig::from_toml_str("").map_err(|error| {
             RunError::Config {
                 what: "a relay's defaults".into(),
@@ -509,6 +546,7 @@ impl RelayProcess {
         config.downstream.feedback_listen = SocketAddr::from((address, RELAY_FEEDBACK_PORT));
         config.downstream.group_size = Some(members.max(1));
         config.sender.grtt_initial_ms = 20;
+        config.sender.heartbeat_max_ms = HEARTBEAT_MAX.as_millis() as u64;
         config.resync.tcp_listen = Some(SocketAddr::from((address, RELAY_TCP_PORT)));
         config.resync.http_listen = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
         let path = dir.join(format!("relay-{number}.toml"));

@@ -1,0 +1,222 @@
+//! The project's scenarios (`netns-tests/scenarios/*.toml`), each run by the scenario runner
+//! with the real `rekeycast server`, `rekey-relay` and `rekeycast member` processes in their
+//! own namespaces behind the impairment switch. Root only: skipped loudly otherwise, and a
+//! failure under `REKEYCAST_REQUIRE_NETNS=1`.
+//!
+//! The scenarios run one at a time (a lock), whatever the test threads: each keeps the machine's
+//! two cores busy, and their timing is part of what they check. The `rekeycast` and
+//! `rekey-relay` binaries are taken from the target directory beside `rekeycast-netns`, built
+//! there first (`cargo build -p rekeycast --bins`, a no-op when they are current).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use rekeycast_netns_tests::may_run;
+use rekeycast_netns_tests::runner::{self, RunOptions, RunReport};
+use rekeycast_netns_tests::scenario::Scenario;
+
+const HARNESS: &str = env!("CARGO_BIN_EXE_rekeycast-netns");
+
+/// One scenario at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Builds `rekeycast` and `rekey-relay` into the target directory of this test, once.
+fn binaries() -> &'static RunOptions {
+    static OPTIONS: OnceLock<RunOptions> = OnceLock::new();
+    OPTIONS.get_or_init(|| {
+        let harness = PathBuf::from(HARNESS);
+        let profile_dir = harness.parent().expect("the harness is in a directory");
+        let target_dir = profile_dir.parent().expect("a target directory");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .current_dir(workspace)
+            .args(["build", "-p", "rekeycast", "--bins", "--target-dir"])
+            .arg(target_dir);
+        if profile_dir.file_name().and_then(|name| name.to_str()) == Some("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("running cargo build for rekeycast and rekey-relay");
+        assert!(
+            status.success(),
+            "cargo build of the binaries failed: {status}"
+        );
+        RunOptions::beside(&harness)
+    })
+}
+
+fn run(file: &str, tag: &str) -> Option<RunReport> {
+    if !may_run(file) {
+        return None;
+    }
+    let _serial = serial();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(file);
+    let scenario = Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"));
+    let mut options = binaries().clone();
+    options.tag = tag.into();
+    let report = runner::run(&scenario, &options)
+        .unwrap_or_else(|error| panic!("scenario {file} could not run: {error}"));
+    assert!(
+        report.passed(),
+        "scenario {file} failed (work directory {}):\n{}\n{}",
+        report.work_dir.display(),
+        report.failures.join("\n"),
+        report.table
+    );
+    eprintln!(
+        "scenario {file}: passed in {:.1} s",
+        report.elapsed.as_secs_f64()
+    );
+    Some(report)
+}
+
+fn total(report: &RunReport) -> &runner::report::GroupRow {
+    report.groups.last().expect("at least one group")
+}
+
+fn switch_loss(report: &RunReport, tier_prefix: &str) -> u64 {
+    let counters = report.switch.as_ref().expect("switch counters");
+    counters
+        .ports
+        .iter()
+        .filter(|(name, _)| name.starts_with(tier_prefix))
+        .map(|(_, port)| port.egress.dropped_loss)
+        .sum()
+}
+
+#[test]
+fn every_member_holds_each_key_under_iid_loss() {
+    let Some(report) = run("loss_iid_20.toml", "a") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.applied, total.expected);
+    assert!(report.rekeys.iter().all(|line| line.current == line.judged));
+    // The loss really happened, and NACKs repaired it.
+    assert!(switch_loss(&report, "m") > 20, "{}", report.table);
+    assert!(total.nacks > 0, "{}", report.table);
+}
+
+#[test]
+fn every_member_converges_under_burst_loss() {
+    let Some(report) = run("burst_loss_20.toml", "b") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.applied, total.expected);
+    assert!(switch_loss(&report, "m") > 20, "{}", report.table);
+}
+
+#[test]
+fn relay_kill_members_resync_from_gcks() {
+    let Some(report) = run("relay_kill.toml", "c") else {
+        return;
+    };
+    let killed = report
+        .groups
+        .iter()
+        .find(|group| group.group == "relay1-killed")
+        .expect("a row for the killed relay's members");
+    assert_eq!(killed.members, 10);
+    assert_eq!(killed.applied, killed.expected);
+    assert!(
+        killed.resyncs >= 10 && killed.applied_by_resync >= 10,
+        "{}",
+        report.table
+    );
+    let kept = report
+        .groups
+        .iter()
+        .find(|group| group.group == "relay2")
+        .expect("a row for relay 2's members");
+    assert_eq!(kept.applied, kept.expected);
+}
+
+#[test]
+fn gcks_kill_and_restart_continues_the_sequence() {
+    let Some(report) = run("gcks_restart.toml", "d") else {
+        return;
+    };
+    let seqs: Vec<u64> = report.rekeys.iter().map(|line| line.seq).collect();
+    assert!(
+        seqs.windows(2).all(|pair| pair[1] == pair[0] + 1),
+        "{seqs:?}"
+    );
+    let total = total(&report);
+    assert_eq!(total.applied, total.expected);
+}
+
+#[test]
+fn blackholed_member_resyncs_and_converges() {
+    let Some(report) = run("blackhole_member.toml", "e") else {
+        return;
+    };
+    let blackholed = report
+        .groups
+        .iter()
+        .find(|group| group.group == "blackholed")
+        .expect("a row for the blackholed member");
+    assert!(blackholed.resyncs >= 1, "{}", report.table);
+    assert!(blackholed.applied_by_resync >= 3, "{}", report.table);
+    assert_eq!(blackholed.applied, blackholed.expected);
+    let counters = report.switch.as_ref().expect("switch counters");
+    assert!(counters.ports["m3"].egress.dropped_outage > 0);
+}
+
+#[test]
+fn forged_flood_costs_no_signature_checks() {
+    let Some(report) = run("forged_flood.toml", "f") else {
+        return;
+    };
+    let flood = report.flood.as_ref().expect("the flood's report");
+    assert!(flood.sent >= 10_000, "{flood:?}");
+    let total = total(&report);
+    assert_eq!(total.applied, total.expected);
+    assert_eq!(
+        total.signature_checks,
+        2 * total.applied,
+        "{}",
+        report.table
+    );
+    assert_eq!(total.signature_failures, 0);
+    assert!(total.rejected >= 10_000, "{}", report.table);
+}
+
+/// Every scenario file, those run outside CI included, parses and validates (no root needed).
+#[test]
+fn every_scenario_file_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("the scenarios directory") {
+        let path = entry.expect("a directory entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let scenario = Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"));
+        let stem = path.file_stem().and_then(|s| s.to_str()).expect("a name");
+        assert_eq!(
+            scenario.name,
+            stem,
+            "{} names itself {}",
+            path.display(),
+            scenario.name
+        );
+        count += 1;
+    }
+    assert!(
+        count >= 6,
+        "only {count} scenario files in {}",
+        dir.display()
+    );
+}
