@@ -233,6 +233,9 @@ pub struct RelaySession {
     cut_through: bool,
     /// Downstream NACKs of the message in progress: (seq, from, datagram).
     early_nacks: Vec<(u64, SocketAddr, Vec<u8>)>,
+    /// The newest manifest the relay verified and applied, with its sequence number: also
+    /// one it got by resync only (its state answer).
+    latest_verified: Option<(u64, Vec<u8>)>,
     events: VecDeque<RelayEvent>,
     counters: RelayCounters,
     /// Which side `poll_transmit` asks first: alternates so neither starves the other.
@@ -292,6 +295,7 @@ impl RelaySession {
             downstream,
             cut_through,
             early_nacks: Vec::new(),
+            latest_verified: None,
             events: VecDeque::new(),
             counters: RelayCounters::default(),
             upstream_first: true,
@@ -454,6 +458,9 @@ impl RelaySession {
         chunk: &[u8],
     ) -> Result<u64, ResyncError> {
         let applied = self.upstream.handle_resync(now, manifest, chunk);
+        if let Ok(seq) = applied {
+            self.latest_verified = Some((seq, manifest.to_vec()));
+        }
         self.pump(now);
         applied
     }
@@ -588,35 +595,56 @@ impl RelaySession {
     }
 }
 
+/// What a relay's resync endpoints serve: its history, which is not the group's. A message
+/// older than the relay's window, from before it started, or that it got by resync only (a
+/// gap) may still be in the GCKS's history, so for those the relay answers "not found" (the
+/// endpoints say "not held") and the member asks the next endpoint in its list; the relay
+/// never says "beyond history" (only the GCKS sends a member to register again), so it reports
+/// no oldest sequence number. Its state answer is the newest manifest it verified, also one it
+/// got by resync: a member behind it learns the true latest even while the relay has a gap.
 impl ResyncSource for RelaySession {
     fn group_id(&self) -> u32 {
         self.downstream.group_id()
     }
 
     fn latest(&self) -> Option<(u64, &[u8])> {
-        self.downstream.latest()
+        let held = self.downstream.latest();
+        match (&self.latest_verified, held) {
+            (Some((seq, manifest)), Some((held_seq, _))) if *seq > held_seq => {
+                Some((*seq, manifest.as_slice()))
+            }
+            (Some((seq, manifest)), None) => Some((*seq, manifest.as_slice())),
+            (_, held) => held,
+        }
     }
 
     fn oldest(&self) -> Option<u64> {
-        ResyncSource::oldest(&self.downstream)
+        None
     }
 
     fn manifest(&self, seq: u64) -> Lookup<&[u8]> {
-        not_authoritative(self.downstream.manifest(seq))
+        self.held(seq, self.downstream.manifest(seq))
     }
 
     fn chunk(&self, seq: u64, leaf: u32) -> Lookup<&[u8]> {
-        not_authoritative(self.downstream.chunk(seq, leaf))
+        self.held(seq, self.downstream.chunk(seq, leaf))
     }
 }
 
-/// A relay's history is not the group's: a message older than the relay's window (or from
-/// before it started) may still be in the GCKS's, so the relay answers "not found" and the
-/// member tries the next endpoint in its list; only the GCKS tells a member to register again.
-fn not_authoritative<T>(lookup: Lookup<T>) -> Lookup<T> {
-    match lookup {
-        Lookup::BeyondHistory { .. } => Lookup::NotFound,
-        other => other,
+impl RelaySession {
+    /// Turns the downstream history's answer into the relay's (see the `ResyncSource` impl).
+    fn held<'a>(&self, seq: u64, lookup: Lookup<&'a [u8]>) -> Lookup<&'a [u8]> {
+        let latest = ResyncSource::latest(self).map(|(latest, _)| latest);
+        match lookup {
+            Lookup::BeyondHistory { .. } => Lookup::NotFound,
+            Lookup::NotYetSent { .. } if latest.is_some_and(|latest| seq <= latest) => {
+                Lookup::NotFound
+            }
+            Lookup::NotYetSent { latest: held } => Lookup::NotYetSent {
+                latest: latest.unwrap_or(held),
+            },
+            other => other,
+        }
     }
 }
 

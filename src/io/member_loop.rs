@@ -161,6 +161,9 @@ impl LoopState {
     fn run(&mut self) -> Result<(), EngineError> {
         let mut events = Events::with_capacity(64);
         let mut buf = vec![0u8; 65_536];
+        // The silence timer runs from the start: a member that never hears anything (its
+        // relay died before it registered) asks for the group's state too.
+        self.session.start(Instant::now());
         loop {
             let deadline = self.session.poll_timeout();
             let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));

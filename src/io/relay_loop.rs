@@ -29,7 +29,6 @@ use crate::gcks::{EngineError, LagSummary};
 use crate::relay::{RelayEngineConfig, RelayEvent, RelaySession, RelayStats, Tier};
 use crate::resync::limits::{Limits, RateLimiter};
 use crate::resync::relay_store::RelayStore;
-use crate::resync::{Lookup, ResyncSource};
 use crate::session::{Destination, ReceiverEvent};
 use crate::sim::LossModel;
 
@@ -272,7 +271,7 @@ impl LoopState {
                             self.poll.registry(),
                             now,
                             event,
-                            &ServedHistory(&self.session),
+                            &self.session,
                             &|| text.clone(),
                         );
                     }
@@ -281,12 +280,8 @@ impl LoopState {
             }
             if self.endpoints.poll_timeout().is_some_and(|at| at <= now) {
                 let text = &self.metrics_text;
-                self.endpoints.handle_timeouts(
-                    self.poll.registry(),
-                    now,
-                    &ServedHistory(&self.session),
-                    &|| text.clone(),
-                );
+                self.endpoints
+                    .handle_timeouts(self.poll.registry(), now, &self.session, &|| text.clone());
             }
             match self.handle_commands(now) {
                 Some(Stop::Clean) => {
@@ -635,49 +630,6 @@ impl LoopState {
             }
         }
         true
-    }
-}
-
-/// The relay's history as its resync endpoints serve it. A relay's history is not the
-/// group's: a message it does not hold, whether older than its window or a gap inside it (a
-/// message it got by resync only, or one that arrived while it was down), is "not held"
-/// ([`Lookup::NotFound`], answered TCP `NotHeld` / HTTP 421), so that a member asks the next
-/// endpoint in its list (the GCKS) instead of being told to register again; only the GCKS
-/// says "beyond history". `oldest` is not told for the same reason: the TCP endpoint refuses
-/// a request that starts before it with "beyond history" (the state answer then gives the
-/// latest as the oldest; clients do not use it).
-struct ServedHistory<'a>(&'a RelaySession);
-
-impl ResyncSource for ServedHistory<'_> {
-    fn group_id(&self) -> u32 {
-        self.0.group_id()
-    }
-
-    fn latest(&self) -> Option<(u64, &[u8])> {
-        self.0.latest()
-    }
-
-    fn oldest(&self) -> Option<u64> {
-        None
-    }
-
-    fn manifest(&self, seq: u64) -> Lookup<&[u8]> {
-        self.held(seq, self.0.manifest(seq))
-    }
-
-    fn chunk(&self, seq: u64, leaf: u32) -> Lookup<&[u8]> {
-        self.held(seq, self.0.chunk(seq, leaf))
-    }
-}
-
-impl ServedHistory<'_> {
-    fn held<'s>(&self, seq: u64, lookup: Lookup<&'s [u8]>) -> Lookup<&'s [u8]> {
-        match lookup {
-            // A gap below the latest held: the message exists, elsewhere.
-            Lookup::NotYetSent { latest } if seq <= latest => Lookup::NotFound,
-            Lookup::BeyondHistory { .. } => Lookup::NotFound,
-            other => other,
-        }
     }
 }
 

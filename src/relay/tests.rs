@@ -590,3 +590,64 @@ fn relays_stack_a_relay_behind_a_relay_forwards_the_same_message() {
     );
     assert_eq!(second.upstream_counters().bad_chunks, 0);
 }
+
+#[test]
+fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
+    let mut h = harness(60);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    // Message 2 never reaches the relay by multicast; it takes its own chunk by resync.
+    let batch = h
+        .tree
+        .apply_batch(&[MemberId(700)], &[MemberId(30)])
+        .unwrap();
+    h.queue(&batch);
+    h.run(Duration::from_secs(2), |bytes| {
+        let seq = DatagramRepr::parse(bytes).ok()?.seq;
+        (seq != 2).then(|| bytes.to_vec())
+    });
+    let item = h.gcks.resync_item(2, h.relay.order_key()).unwrap();
+    let (manifest, chunk) = (item.manifest.to_vec(), item.chunk.to_vec());
+    assert_eq!(h.relay.handle_resync(h.now, &manifest, &chunk), Ok(2));
+    assert!(h.events().contains(&RelayEvent::NotForwarded { seq: 2 }));
+    // The state answer is the newest verified manifest, though the relay does not hold 2.
+    assert_eq!(ResyncSource::latest(&h.relay), Some((2, &manifest[..])));
+    assert_eq!(h.relay.manifest(2), Lookup::NotFound);
+    assert_eq!(h.relay.manifest(3), Lookup::NotYetSent { latest: 2 });
+    assert_eq!(h.relay.oldest(), None);
+
+    // Message 3 comes whole and is forwarded behind the gap.
+    let batch = h
+        .tree
+        .apply_batch(&[MemberId(701)], &[MemberId(31)])
+        .unwrap();
+    h.queue(&batch);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    assert!(h
+        .events()
+        .iter()
+        .any(|e| matches!(e, RelayEvent::Forwarded { seq: 3, .. })));
+    assert_eq!(ResyncSource::latest(&h.relay).map(|(seq, _)| seq), Some(3));
+    assert!(matches!(h.relay.manifest(3), Lookup::Found(_)));
+    assert!(matches!(h.relay.manifest(1), Lookup::Found(_)));
+    assert_eq!(h.relay.manifest(2), Lookup::NotFound);
+    assert_eq!(h.relay.chunk(2, 0), Lookup::NotFound);
+    // Behind the gap, message 3's NACKs pass their MAC and are answered.
+    let key = crate::auth::mac::MacKey::from_bytes(h.relay.message(3).unwrap().parts().1);
+    let nack = Harness::sealed(
+        3,
+        BodyRepr::Nack(NackRepr {
+            object: ObjectKind::Chunks,
+            sbn: 0,
+            round: 1,
+            need: 3,
+            receiver_id: 8,
+            echo: None,
+        }),
+        &key,
+    );
+    let repair = h.relay.downstream_counters().repair_symbols_sent;
+    h.relay.handle_downstream(h.now, addr(6), &nack);
+    h.run(Duration::from_secs(1), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.downstream_counters().rejected, 0);
+    assert!(h.relay.downstream_counters().repair_symbols_sent >= repair + 3);
+}
