@@ -62,6 +62,7 @@ pub struct Server {
     pub admin_socket: PathBuf,
     /// How many times the server was started.
     pub starts: u32,
+    connection: Option<AdminConnection>,
 }
 
 impl Server {
@@ -101,6 +102,7 @@ impl Server {
             log: dir.join("server.log"),
             admin_socket: config.admin_socket,
             starts: 0,
+            connection: None,
         };
         server.spawn()?;
         Ok(server)
@@ -183,13 +185,25 @@ impl Server {
             .and_then(|child| child.0.try_wait().ok().flatten())
     }
 
-    /// Sends one admin request and returns the answer.
-    pub fn admin(&self, request: &Value) -> Result<Value, RunError> {
-        admin_call(&self.admin_socket, request)
+    /// Sends one admin request and returns the answer, over a connection kept open between
+    /// requests (the server accepts new connections by polling, which would add up to its poll
+    /// interval to each `rekey`'s time to key); a broken connection (a restarted server) is
+    /// opened again once.
+    pub fn admin(&mut self, request: &Value) -> Result<Value, RunError> {
+        if let Some(connection) = self.connection.as_mut() {
+            if let Ok(answer) = connection.call(request) {
+                return Ok(answer);
+            }
+        }
+        self.connection = None;
+        let mut connection = AdminConnection::open(&self.admin_socket)?;
+        let answer = connection.call(request)?;
+        self.connection = Some(connection);
+        Ok(answer)
     }
 
     /// `status`, checked for `ok`.
-    pub fn status(&self) -> Result<Value, RunError> {
+    pub fn status(&mut self) -> Result<Value, RunError> {
         let answer = self.admin(&json!({"op": "status"}))?;
         if answer["ok"] != true {
             return Err(RunError::Admin {
@@ -201,7 +215,7 @@ impl Server {
     }
 
     /// The latest sequence number the server reports.
-    pub fn seq(&self) -> Result<u64, RunError> {
+    pub fn seq(&mut self) -> Result<u64, RunError> {
         let status = self.status()?;
         status["seq"].as_u64().ok_or_else(|| RunError::Admin {
             request: "status".into(),
@@ -210,7 +224,7 @@ impl Server {
     }
 
     /// `rekey`, checked for `ok`.
-    pub fn rekey(&self) -> Result<(), RunError> {
+    pub fn rekey(&mut self) -> Result<(), RunError> {
         let answer = self.admin(&json!({"op": "rekey"}))?;
         if answer["ok"] != true {
             return Err(RunError::Admin {
@@ -222,7 +236,7 @@ impl Server {
     }
 
     /// `leave`, checked for `ok`.
-    pub fn leave(&self, member: u64) -> Result<(), RunError> {
+    pub fn leave(&mut self, member: u64) -> Result<(), RunError> {
         let answer = self.admin(&json!({"op": "leave", "member": member}))?;
         if answer["ok"] != true {
             return Err(RunError::Admin {
@@ -250,27 +264,57 @@ impl Server {
     }
 }
 
-/// Sends one JSON request line to an admin socket and reads the one-line answer.
+/// One connection to an admin socket: JSON request lines out, one answer line back each.
+#[derive(Debug)]
+struct AdminConnection {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl AdminConnection {
+    fn open(socket: &Path) -> Result<Self, RunError> {
+        let error = |message: String| RunError::Admin {
+            request: "(connect)".into(),
+            answer: message,
+        };
+        let stream = UnixStream::connect(socket)
+            .map_err(|e| error(format!("connecting to {}: {e}", socket.display())))?;
+        stream
+            .set_read_timeout(Some(ADMIN_TIMEOUT))
+            .map_err(|e| error(e.to_string()))?;
+        let reader = stream.try_clone().map_err(|e| error(e.to_string()))?;
+        Ok(Self {
+            writer: stream,
+            reader: BufReader::new(reader),
+        })
+    }
+
+    fn call(&mut self, request: &Value) -> Result<Value, RunError> {
+        let admin_error = |message: String| RunError::Admin {
+            request: request.to_string(),
+            answer: message,
+        };
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(|error| admin_error(format!("sending: {error}")))?;
+        let mut answer = String::new();
+        let read = self
+            .reader
+            .read_line(&mut answer)
+            .map_err(|error| admin_error(format!("reading the answer: {error}")))?;
+        if read == 0 {
+            return Err(admin_error("the server closed the connection".into()));
+        }
+        serde_json::from_str(&answer).map_err(|error| admin_error(format!("{answer:?}: {error}")))
+    }
+}
+
+/// Sends one JSON request line to an admin socket on a connection of its own and reads the
+/// one-line answer.
 pub fn admin_call(socket: &Path, request: &Value) -> Result<Value, RunError> {
-    let admin_error = |message: String| RunError::Admin {
-        request: request.to_string(),
-        answer: message,
-    };
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|error| admin_error(format!("connecting to {}: {error}", socket.display())))?;
-    stream
-        .set_read_timeout(Some(ADMIN_TIMEOUT))
-        .map_err(|error| admin_error(error.to_string()))?;
-    let mut line = request.to_string();
-    line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .map_err(|error| admin_error(format!("sending: {error}")))?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
-        .map_err(|error| admin_error(format!("reading the answer: {error}")))?;
-    serde_json::from_str(&answer).map_err(|error| admin_error(format!("{answer:?}: {error}")))
+    AdminConnection::open(socket)?.call(request)
 }
 
 /// Admits `member` through the admin socket (waits for its batch) and returns the first

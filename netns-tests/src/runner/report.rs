@@ -204,6 +204,7 @@ pub fn render_switch(counters: &Counters, tier_of: impl Fn(&str) -> String) -> S
         in_frames: u64,
         in_dropped: u64,
         out_frames: u64,
+        out_control: u64,
         out_loss: u64,
         out_outage: u64,
         out_other: u64,
@@ -220,6 +221,7 @@ pub fn render_switch(counters: &Counters, tier_of: impl Fn(&str) -> String) -> S
             + port.ingress.dropped_rate
             + port.ingress.dropped_queue_full;
         sum.out_frames += port.egress.frames;
+        sum.out_control += port.egress.control;
         sum.out_loss += port.egress.dropped_loss;
         sum.out_outage += port.egress.dropped_outage;
         sum.out_other += port.egress.dropped_rate + port.egress.dropped_queue_full;
@@ -229,13 +231,15 @@ pub fn render_switch(counters: &Counters, tier_of: impl Fn(&str) -> String) -> S
     let mut text = String::new();
     let _ = writeln!(
         text,
-        "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>10} {:>9}",
         "switch tier",
         "ports",
         "in frames",
         "in drop",
         "out frames",
+        "of control",
         "out loss",
+        "loss %",
         "out outage",
         "out other",
         "out sent",
@@ -244,13 +248,17 @@ pub fn render_switch(counters: &Counters, tier_of: impl Fn(&str) -> String) -> S
     for (tier, sum) in &tiers {
         let _ = writeln!(
             text,
-            "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+            "{:<16} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>7.2} {:>10} {:>10} {:>10} {:>9}",
             tier,
             sum.ports,
             sum.in_frames,
             sum.in_dropped,
             sum.out_frames,
+            sum.out_control,
             sum.out_loss,
+            // Control frames (ARP, IGMP) are never impaired: the rate is over the others.
+            100.0 * sum.out_loss as f64
+                / sum.out_frames.saturating_sub(sum.out_control).max(1) as f64,
             sum.out_outage,
             sum.out_other,
             sum.out_forwarded,
@@ -304,6 +312,35 @@ mod tests {
             ..MemberStatus::default()
         };
         assert_eq!(time_to_key_us(&triggers, &status), vec![700, 4_000]);
+    }
+
+    #[test]
+    fn switch_table_sums_tiers_and_rates_loss_over_impairable_frames() {
+        let mut counters = Counters::default();
+        for name in ["m1", "m2"] {
+            let mut port = crate::switch::PortCounters::default();
+            port.egress.frames = 120;
+            port.egress.control = 20;
+            port.egress.dropped_loss = 5;
+            counters.ports.insert(name.into(), port);
+        }
+        counters
+            .ports
+            .insert("gcks".into(), crate::switch::PortCounters::default());
+        let text = render_switch(&counters, |port| {
+            if port == "gcks" { "gcks" } else { "members" }.to_string()
+        });
+        let members = text
+            .lines()
+            .find(|line| line.starts_with("members"))
+            .expect("a members row");
+        let fields: Vec<&str> = members.split_whitespace().collect();
+        // tier, ports, in frames, in drop, out frames, of control, out loss, loss %
+        assert_eq!(
+            &fields[..8],
+            ["members", "2", "0", "0", "240", "40", "10", "5.00"]
+        );
+        assert!(text.lines().any(|line| line.starts_with("gcks")));
     }
 
     #[test]
