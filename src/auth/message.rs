@@ -93,6 +93,8 @@ enum Cap {
 #[derive(Debug, Default)]
 struct MessageState {
     manifest: Option<Verified<Manifest>>,
+    /// The signed bytes the cached manifest was verified from.
+    manifest_bytes: Vec<u8>,
     signature_failures: u32,
 }
 
@@ -177,7 +179,7 @@ impl MessageVerifier {
         let cached = self
             .messages
             .get(&seq)
-            .is_some_and(|s| s.manifest.is_some());
+            .is_some_and(|s| s.manifest.is_some() && s.manifest_bytes == bytes);
         if cached {
             self.counters.manifests_cached += 1;
         } else {
@@ -217,7 +219,9 @@ impl MessageVerifier {
             Ok(verified) => {
                 self.counters.manifests_verified += 1;
                 self.epoch = self.epoch.max(verified.epoch);
-                self.state(seq).manifest = Some(verified);
+                let state = self.state(seq);
+                state.manifest = Some(verified);
+                state.manifest_bytes = bytes.to_vec();
                 Ok(())
             }
             Err(AuthError::BadSignature) => {

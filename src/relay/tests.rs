@@ -651,3 +651,195 @@ fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
     assert_eq!(h.relay.downstream_counters().rejected, 0);
     assert!(h.relay.downstream_counters().repair_symbols_sent >= repair + 3);
 }
+
+/// Message 1's key, FEC info and source symbols as the GCKS holds them.
+fn gcks_parts(h: &Harness) -> (crate::auth::mac::MacKey, rekeycast_fec::ObjectInfo, Vec<u8>) {
+    let (_, key, manifest, symbols) = h.gcks.message(1).unwrap().parts();
+    let key = crate::auth::mac::MacKey::from_bytes(key);
+    let manifest = crate::session::manifest::SignedManifest::parse(manifest)
+        .unwrap()
+        .manifest;
+    let info = rekeycast_fec::ObjectInfo::parse(&manifest.fec_info).unwrap();
+    (key, info, symbols.to_vec())
+}
+
+/// Asserts that everything the relay forwarded and stored is the GCKS's, byte for byte.
+fn assert_only_the_gckss(h: &Harness) {
+    for (id, data) in &symbols(&h.downstream) {
+        if let Some(gcks) = h.gcks_symbols.get(id) {
+            assert_eq!(data, gcks, "a forwarded symbol {id:?} is not the GCKS's");
+        }
+    }
+    if let Some(message) = h.relay.message(1) {
+        assert_eq!(
+            message.parts(),
+            h.gcks.message(1).unwrap().parts(),
+            "the stored message differs"
+        );
+    }
+}
+
+#[test]
+fn an_authentic_chunk_replayed_at_another_esi_is_not_forwarded() {
+    // Found in review: a chunk verifies on its own, so its position must be checked too.
+    let mut h = harness(300);
+    let (key, info, source) = gcks_parts(&h);
+    let t = usize::from(info.symbol_size());
+    let chunk1 = source[t..2 * t].to_vec();
+    let mut replaced = 0;
+    // An insider (it holds the group MAC key) races the GCKS: source symbol 0 of block 0
+    // carries the genuine, signed chunk 1 instead.
+    h.run(Duration::from_secs(3), |bytes| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
+                replaced += 1;
+                let body = BodyRepr::Symbol(wire::SymbolRepr {
+                    data: &chunk1,
+                    ..*symbol
+                });
+                return Some(Harness::sealed(repr.seq, body, &key));
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert!(replaced > 0);
+    assert!(h.relay.upstream_counters().bad_chunks >= 1);
+    assert_only_the_gckss(&h);
+}
+
+#[test]
+fn forged_repair_reconstructing_a_misplaced_authentic_chunk_is_not_forwarded() {
+    // Found in review: repair encoded from a block with a genuine chunk at the wrong place
+    // decodes to chunks that all verify; only their positions give it away.
+    let mut h = harness(300);
+    let (key, info, source) = gcks_parts(&h);
+    let t = usize::from(info.symbol_size());
+    let mut forged = source.clone();
+    forged.copy_within(3 * t..4 * t, 2 * t);
+    let encoder = rekeycast_fec::ObjectEncoder::new(info, forged).unwrap();
+    let k0 = info.partition().block_len(0).unwrap();
+    let mut poisoned = 0;
+    h.run(Duration::from_secs(4), |bytes| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+                if symbol.esi == 2 {
+                    return None;
+                }
+                if symbol.esi >= k0 {
+                    poisoned += 1;
+                    let data = encoder
+                        .repair_symbols(0, symbol.esi, 1)
+                        .unwrap()
+                        .next()
+                        .unwrap();
+                    let body = BodyRepr::Symbol(wire::SymbolRepr {
+                        data: &data,
+                        ..*symbol
+                    });
+                    return Some(Harness::sealed(repr.seq, body, &key));
+                }
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    assert!(poisoned > 0);
+    assert!(h.relay.upstream_counters().decode_failures >= 1);
+    assert_only_the_gckss(&h);
+}
+
+#[test]
+fn a_manifest_verified_by_a_state_answer_does_not_let_other_bytes_through() {
+    // Found in review: the verifier's manifest cache answered for any bytes of that seq.
+    let mut h = harness(100);
+    let (key, _, _) = gcks_parts(&h);
+    let manifest = h.gcks.message(1).unwrap().parts().2.to_vec();
+    // A state check verifies and caches message 1's manifest.
+    let _ = h.relay.handle_state_answer(h.now, &manifest).unwrap();
+    // Then an insider's manifest datagrams for message 1: its signature broken.
+    let mut tampered = manifest.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    h.run(Duration::from_secs(2), |bytes| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Manifest {
+                let body = BodyRepr::Symbol(wire::SymbolRepr {
+                    data: &tampered,
+                    ..*symbol
+                });
+                return Some(Harness::sealed(repr.seq, body, &key));
+            }
+        }
+        Some(bytes.to_vec())
+    });
+    let forwarded = symbols(&h.downstream);
+    assert_ne!(
+        forwarded.get(&(1, ObjectKind::Manifest as u8, 0, 0)),
+        Some(&tampered),
+        "a manifest with a bad signature was forwarded"
+    );
+    assert!(h
+        .relay
+        .message(1)
+        .is_none_or(|m| m.parts().2 != &tampered[..]));
+}
+
+#[test]
+fn a_behind_session_whose_resync_failed_is_prompted_again_after_a_silence() {
+    // Found in review: OutOfSync was raised once per message; a failed (or dropped) resync
+    // left the session behind for good.
+    let mut h = harness(10);
+    let manifest = h.gcks.message(1).unwrap().parts().2.to_vec();
+    let t0 = h.now;
+    h.relay.start(t0);
+    let verdict = h.relay.handle_state_answer(t0, &manifest).unwrap();
+    assert!(matches!(verdict, StateVerdict::Behind { from_seq: 1 }));
+    assert!(h
+        .events()
+        .iter()
+        .any(|e| matches!(e, RelayEvent::Upstream(ReceiverEvent::OutOfSync { .. }))));
+    // The resync fails; nothing arrives for a silence timeout: asked again, each time.
+    let silence = ReceiverConfig::new(addr(1)).silence_timeout;
+    for i in 1..=3u32 {
+        h.relay
+            .handle_timeout(t0 + (silence + Duration::from_secs(1)) * i);
+        assert!(h.events().iter().any(|e| matches!(
+            e,
+            RelayEvent::Upstream(ReceiverEvent::OutOfSync { from_seq: 1 })
+        )));
+    }
+}
+
+#[test]
+fn a_resumed_relay_heartbeats_in_a_quiet_group() {
+    // Found in review: a restored history sent no heartbeat until the next message, so every
+    // member behind a restarted relay fell silent and asked for state.
+    let mut h = harness(20);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    let stored = StoredMessage::from_prepared(h.relay.message(1).unwrap());
+    let mut resumed = RelaySession::resume(
+        h.relay.keys().clone(),
+        vec![stored.to_prepared().unwrap()],
+        RelayConfig::new(addr(1)),
+        h.now,
+    )
+    .unwrap();
+    resumed.start(h.now);
+    let mut buf = vec![0u8; 65_536];
+    let mut now = h.now;
+    let end = h.now + Duration::from_secs(300);
+    while let Some(at) = resumed.poll_timeout() {
+        if at > end {
+            break;
+        }
+        now = now.max(at);
+        resumed.handle_timeout(now);
+        while resumed.poll_transmit(now, &mut buf).is_some() {}
+        while resumed.poll_event().is_some() {}
+    }
+    let heartbeats = resumed.downstream_counters().heartbeats_sent;
+    // Intervals double up to heartbeat_max (30 s): at least 300 / 30 of them.
+    assert!(heartbeats >= 10, "{heartbeats} heartbeats in 300 s");
+}

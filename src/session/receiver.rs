@@ -19,6 +19,11 @@
 //! the block's symbols plus [`rekeycast_fec::Limits::max_extra_symbols_per_block`]), and a
 //! bounded buffer of symbols that came before the manifest.
 //!
+//! A relay ([`crate::relay`]) runs the same session over whole messages instead: a decoder
+//! for every block, every chunk authenticated and checked to sit at its own position (source
+//! symbols before they enter the decoder, reconstructed ones after each decode), the verified
+//! pieces handed out for cut-through forwarding and the whole message kept once complete.
+//!
 //! # Out of sync (DESIGN.md step 8)
 //!
 //! A member learns it is behind from: its NACK rounds running out for a message
@@ -91,8 +96,9 @@ pub struct ReceiverConfig {
     /// least every `heartbeat_max`, 30 s by default) before the member asks a resync endpoint
     /// for the group's state ([`ReceiverEvent::StateCheckNeeded`] with its own next sequence
     /// number): how a member behind a relay that died, or cut off from the group, learns it
-    /// is behind. Counted from [`ReceiverSession::start`] or the first datagram the member
-    /// hears. Keep it above the sender's (or relay's) `heartbeat_max`, or members of a quiet
+    /// is behind; a member that is behind and still has not caught up (its resync failed) is
+    /// told again ([`ReceiverEvent::OutOfSync`]). Counted from [`ReceiverSession::start`] or
+    /// the first datagram the member hears. Keep it above the sender's (or relay's) `heartbeat_max`, or members of a quiet
     /// group ask for state between heartbeats.
     pub silence_timeout: Duration,
 }
@@ -177,7 +183,8 @@ pub enum ReceiverEvent {
 pub struct ReceiverCounters {
     /// Datagrams of messages already applied, dropped before the MAC check.
     pub dropped_finished: u64,
-    /// Symbols of other blocks than the member's, dropped before the MAC check.
+    /// Symbols of other blocks than the member's, dropped (before the MAC check once the
+    /// manifest named the member's block, after it for symbols buffered before that).
     pub dropped_other_block: u64,
     /// Symbols kept while the manifest was missing.
     pub buffered: u64,
@@ -287,6 +294,8 @@ struct Incoming {
     /// The member's own chunk, verified, while the rest of the message completes
     /// ([`Scope::WholeMessage`] only).
     own: Option<Verified<crate::auth::message::Chunk>>,
+    /// Some verified piece could not be queued for forwarding ([`MAX_FORWARD`]).
+    forward_incomplete: bool,
     /// MAC-checked chunk symbols that came before the manifest: (sbn, esi, data).
     buffered: Vec<(u8, u32, Vec<u8>)>,
     last_activity: Instant,
@@ -299,6 +308,8 @@ struct Incoming {
 #[derive(Debug)]
 struct BlockState {
     sbn: u8,
+    /// The message-wide index of the block's first source symbol (chunk index of ESI 0).
+    first_index: u32,
     decoder: BlockDecoder,
     /// Source ESIs that arrived as source symbols and passed authentication
     /// ([`Scope::WholeMessage`] only); reconstructed ones are checked after each decode.
@@ -311,6 +322,7 @@ impl BlockState {
     fn new(sbn: u8, decoder: BlockDecoder) -> Self {
         Self {
             sbn,
+            first_index: 0,
             decoder,
             verified: Vec::new(),
             complete: false,
@@ -337,8 +349,9 @@ pub(crate) struct CompletedMessage {
     pub(crate) mac_key: crate::auth::mac::MacKey,
     pub(crate) manifest: Vec<u8>,
     pub(crate) symbols: Vec<u8>,
-    /// `[sbn][esi]`: the source symbols that arrived (and were handed out by
-    /// [`ReceiverSession::take_forward`]); the others came from decoding.
+    /// `[sbn][esi]`: the source symbols that arrived and were queued for
+    /// [`ReceiverSession::take_forward`] (none if any piece could not be queued); the others
+    /// came from decoding.
     pub(crate) arrived: Vec<Vec<bool>>,
 }
 
@@ -557,7 +570,14 @@ impl ReceiverSession {
     }
 
     fn push_forward(&mut self, seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8]) {
-        if self.scope != Scope::WholeMessage || self.forward.len() >= MAX_FORWARD {
+        if self.scope != Scope::WholeMessage {
+            return;
+        }
+        if self.forward.len() >= MAX_FORWARD {
+            // The driver is not taking them: the message will be sent whole once complete.
+            if let Some(incoming) = self.current.as_mut().filter(|c| c.seq == seq) {
+                incoming.forward_incomplete = true;
+            }
             return;
         }
         let Some(mac_key) = self.datagrams.key(seq).cloned() else {
@@ -631,13 +651,22 @@ impl ReceiverSession {
             .is_some_and(|deadline| deadline <= now)
         {
             self.last_heard = Some(now);
-            if self.phase == Phase::Receiving {
-                self.last_state_check = Some(now);
-                self.counters.state_checks += 1;
-                self.counters.silences += 1;
-                self.events.push_back(ReceiverEvent::StateCheckNeeded {
-                    claimed_seq: self.next_seq,
-                });
+            match self.phase {
+                Phase::Receiving => {
+                    self.last_state_check = Some(now);
+                    self.counters.state_checks += 1;
+                    self.counters.silences += 1;
+                    self.events.push_back(ReceiverEvent::StateCheckNeeded {
+                        claimed_seq: self.next_seq,
+                    });
+                }
+                // A resync that failed (or whose request the driver dropped): ask again.
+                Phase::Behind(from_seq) => {
+                    self.counters.silences += 1;
+                    self.counters.out_of_sync += 1;
+                    self.events.push_back(ReceiverEvent::OutOfSync { from_seq });
+                }
+                Phase::MustReregister => {}
             }
         }
         self.scheduler.handle_timeout(now);
@@ -848,6 +877,7 @@ impl ReceiverSession {
                 blocks: Vec::new(),
                 manifest_bytes: Vec::new(),
                 own: None,
+                forward_incomplete: false,
                 buffered: Vec::new(),
                 last_activity: now,
                 expected_complete: false,
@@ -878,6 +908,7 @@ impl ReceiverSession {
                 let decoder =
                     BlockDecoder::new(sbn, len, info.symbol_size(), &self.config.limits).ok()?;
                 let mut state = BlockState::new(sbn, decoder);
+                state.first_index = partition.block_start(sbn).ok()?;
                 if self.scope == Scope::WholeMessage {
                     state.verified = vec![false; len as usize];
                 }
@@ -999,7 +1030,14 @@ impl ReceiverSession {
                     if state.complete || state.verified.get(slot).copied().unwrap_or(true) {
                         return;
                     }
-                    match self.messages.verify_chunk(manifest, data) {
+                    let expected_index = state.first_index.checked_add(esi);
+                    match self
+                        .messages
+                        .verify_chunk(manifest, data)
+                        .ok()
+                        .filter(|chunk| Some(chunk.header.index) == expected_index)
+                        .ok_or(())
+                    {
                         Ok(chunk) => {
                             state.verified[slot] = true;
                             if chunk.header.serves(order_key) {
@@ -1095,13 +1133,19 @@ impl ReceiverSession {
             };
             // Not marked verified: a later decode (after a failure) reconstructs it again
             // and it is checked again.
-            match self.messages.verify_chunk(manifest, data) {
-                Ok(chunk) => {
+            let expected_index = state.first_index.checked_add(esi);
+            match self
+                .messages
+                .verify_chunk(manifest, data)
+                .ok()
+                .filter(|chunk| Some(chunk.header.index) == expected_index)
+            {
+                Some(chunk) => {
                     if chunk.header.serves(order_key) {
                         incoming.own = Some(chunk);
                     }
                 }
-                Err(_) => {
+                None => {
                     failed = true;
                     break;
                 }
@@ -1139,10 +1183,17 @@ impl ReceiverSession {
                 None => return,
             }
         }
+        let forward_incomplete = incoming.forward_incomplete;
         let arrived = incoming
             .blocks
             .iter()
-            .map(|state| state.verified.clone())
+            .map(|state| {
+                if forward_incomplete {
+                    vec![false; state.verified.len()]
+                } else {
+                    state.verified.clone()
+                }
+            })
             .collect();
         let manifest = std::mem::take(&mut incoming.manifest_bytes);
         if self.apply(now, &own, Applied::Decode).is_ok() {

@@ -609,7 +609,7 @@ impl SenderSession {
     }
 
     /// Puts a message that was sent before a restart back into the history window, without
-    /// sending it again: resync serves it, multicast repair does not. Messages must come in
+    /// sending it again: resync serves it, multicast repair does not; heartbeats resume. Messages must come in
     /// sequence order, before any [`Self::queue_message`] of a later one.
     pub fn restore_message(
         &mut self,
@@ -626,6 +626,11 @@ impl SenderSession {
             recorded: Vec::new(),
             message,
         });
+        // Heartbeats go on after a restart: members behind a quiet sender would otherwise
+        // hear nothing until the next message and ask for state after their silence timeout.
+        if self.heartbeat_at.is_none() {
+            self.heartbeat_at = Some(now);
+        }
         self.retire(now);
         Ok(())
     }
