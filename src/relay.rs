@@ -557,6 +557,7 @@ impl RelaySession {
             return;
         };
         let arrived = completed.arrived;
+        let mac_key = completed.mac_key.clone();
         let prepared =
             PreparedMessage::from_parts(completed.mac_key, completed.manifest, completed.symbols)
                 .and_then(|message| {
@@ -573,7 +574,11 @@ impl RelaySession {
         let held = std::mem::take(&mut self.early_nacks);
         for (nack_seq, from, bytes) in held {
             if nack_seq == seq {
-                self.downstream.handle_datagram(now, from, &bytes);
+                // The adoption sends the source symbols the relay recovered by decoding; a
+                // held NACK asks only for what is left beyond them.
+                if let Some(bytes) = trim_held_nack(&bytes, &arrived, &mac_key) {
+                    self.downstream.handle_datagram(now, from, &bytes);
+                }
             } else if nack_seq > seq {
                 self.early_nacks.push((nack_seq, from, bytes));
             }
@@ -593,6 +598,38 @@ impl RelaySession {
             }
         }
     }
+}
+
+/// A NACK held while its message was in progress, less the source symbols of its block that
+/// the adoption sends anyway (those not in `arrived`), sealed again under `key`; `None` when
+/// nothing is left to ask for. Other datagrams come back unchanged.
+fn trim_held_nack(
+    bytes: &[u8],
+    arrived: &[Vec<bool>],
+    key: &crate::auth::mac::MacKey,
+) -> Option<Vec<u8>> {
+    use crate::wire::{BodyRepr, DatagramRepr, ObjectKind};
+    let Ok(mut repr) = DatagramRepr::parse(bytes) else {
+        return Some(bytes.to_vec());
+    };
+    let BodyRepr::Nack(nack) = &mut repr.body else {
+        return Some(bytes.to_vec());
+    };
+    if nack.object != ObjectKind::Chunks {
+        return Some(bytes.to_vec());
+    }
+    let sent = arrived
+        .get(usize::from(nack.sbn))
+        .map_or(0, |block| block.iter().filter(|&&a| !a).count());
+    if sent == 0 {
+        return Some(bytes.to_vec());
+    }
+    let left = usize::from(nack.need).saturating_sub(sent);
+    nack.need = u16::try_from(left).ok().filter(|&need| need > 0)?;
+    let mut buf = vec![0u8; repr.buffer_len()];
+    let len = crate::session::seal_into(&repr, key, &mut buf)?;
+    buf.truncate(len);
+    Some(buf)
 }
 
 /// What a relay's resync endpoints serve: its history, which is not the group's. A message

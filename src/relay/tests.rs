@@ -843,3 +843,67 @@ fn a_resumed_relay_heartbeats_in_a_quiet_group() {
     // Intervals double up to heartbeat_max (30 s): at least 300 / 30 of them.
     assert!(heartbeats >= 10, "{heartbeats} heartbeats in 300 s");
 }
+
+/// Block 0 symbols beyond the source that the relay sent downstream, and its repair symbols,
+/// when it lacked source symbols 0..3 of block 0 and (with `held_need`) a member behind it
+/// NACKed block 0 for `held_need` symbols while the message was in progress.
+fn repair_after_adoption(held_need: Option<u16>) -> (usize, u64) {
+    let mut h = harness(300);
+    let mut filter = |bytes: &[u8]| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi < 4 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    };
+    h.run(Duration::from_millis(3), &mut filter);
+    assert_eq!(h.relay.counters().forwarded, 0);
+    let (key, info, _) = gcks_parts(&h);
+    let k0 = info.partition().block_len(0).unwrap();
+    if let Some(need) = held_need {
+        let nack = Harness::sealed(
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need,
+                receiver_id: 77,
+                echo: None,
+            }),
+            &key,
+        );
+        h.relay.handle_downstream(h.now, addr(9), &nack);
+        assert_eq!(h.relay.counters().early_nacks_held, 1);
+    }
+    h.run(Duration::from_secs(2), &mut filter);
+    assert_eq!(h.relay.counters().forwarded, 1);
+    let beyond_source = symbols(&h.downstream)
+        .keys()
+        .filter(|&&(seq, object, sbn, esi)| {
+            seq == 1 && object == ObjectKind::Chunks as u8 && sbn == 0 && esi >= k0
+        })
+        .count();
+    (
+        beyond_source,
+        h.relay.downstream_counters().repair_symbols_sent,
+    )
+}
+
+#[test]
+fn a_held_nack_asks_only_for_what_the_adoption_does_not_send() {
+    // Found in review: a member that lacks the 4 source symbols the relay lacked too gets
+    // them from the adoption; its held NACK must not add 4 repair symbols on top.
+    let (beyond_without, repair_without) = repair_after_adoption(None);
+    let (beyond_covered, repair_covered) = repair_after_adoption(Some(4));
+    assert_eq!(
+        (beyond_covered, repair_covered),
+        (beyond_without, repair_without),
+        "a NACK the adoption covers costs nothing"
+    );
+    // Asking for more than the adoption sends gets the rest as repair.
+    let (_, repair_more) = repair_after_adoption(Some(7));
+    assert_eq!(repair_more, repair_without + 3);
+}
