@@ -561,7 +561,8 @@ impl<N: Node> Network<N> {
     /// Puts `node` at `id` (a member leaving and another joining at the same address, or the
     /// same member restarting), returning the node that was there. Like a real network,
     /// datagrams already in flight to the address reach the new node. Its timer is read; its
-    /// transmits wait for [`Network::touch`] or its first interaction.
+    /// transmits wait for [`Network::touch`] or its first interaction. The address keeps its
+    /// links and its multicast groups ([`Network::set_groups`]).
     pub fn replace_node(&mut self, id: NodeId, node: N) -> Result<Option<N>, SimError> {
         let old = self.remove_node(id)?;
         if let Some(slot) = self.slots.get_mut(id.index()) {
