@@ -6,8 +6,8 @@
 //! The scenarios run one at a time (a lock), whatever the test threads: each keeps the machine's
 //! two cores busy, and their timing is part of what they check. The `rekeycast` and
 //! `rekey-relay` binaries are taken from the target directory beside `rekeycast-netns`, built
-//! there first (`cargo build -p rekeycast --bins --profile test`, a no-op when they are
-//! current).
+//! there first (`cargo build -p rekeycast --bins`) when they are missing or older than their
+//! sources.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,29 +25,46 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Builds `rekeycast` and `rekey-relay` into the target directory of this test, once.
+/// The `rekeycast` and `rekey-relay` binaries beside the harness, built first when either is
+/// missing or older than a source file of the `rekeycast` package (after `cargo test
+/// --workspace` they are current and are used as they are: rebuilding them with another
+/// command would unify features differently and only replace them with equivalent ones).
 fn binaries() -> &'static RunOptions {
     static OPTIONS: OnceLock<RunOptions> = OnceLock::new();
     OPTIONS.get_or_init(|| {
         let harness = PathBuf::from(HARNESS);
-        let profile_dir = harness.parent().expect("the harness is in a directory");
-        let target_dir = profile_dir.parent().expect("a target directory");
+        let options = RunOptions::beside(&harness);
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("the workspace");
+        let sources = [
+            "src",
+            "bin",
+            "fec/src",
+            "nack/src",
+            "Cargo.toml",
+            "Cargo.lock",
+        ]
+        .iter()
+        .filter_map(|path| newest(&workspace.join(path)))
+        .max();
+        let current = |binary: &Path| {
+            let built = std::fs::metadata(binary).and_then(|m| m.modified()).ok();
+            matches!((built, sources), (Some(built), Some(source)) if built >= source)
+        };
+        if current(&options.rekeycast) && current(&options.relay) {
+            return options;
+        }
+        let profile_dir = harness.parent().expect("the harness is in a directory");
+        let target_dir = profile_dir.parent().expect("a target directory");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build
             .current_dir(workspace)
             .args(["build", "-p", "rekeycast", "--bins", "--target-dir"])
             .arg(target_dir);
-        // The profile `cargo test` builds the workspace's binaries with (`test` in
-        // target/debug, `release` in target/release), so this is a no-op after `cargo test
-        // --workspace` and never overwrites its binaries with differently built ones.
         if profile_dir.file_name().and_then(|name| name.to_str()) == Some("release") {
             build.arg("--release");
-        } else {
-            build.args(["--profile", "test"]);
         }
         let status = build
             .status()
@@ -56,8 +73,21 @@ fn binaries() -> &'static RunOptions {
             status.success(),
             "cargo build of the binaries failed: {status}"
         );
-        RunOptions::beside(&harness)
+        options
     })
+}
+
+/// The newest modification time of `path` or of any file below it.
+fn newest(path: &Path) -> Option<std::time::SystemTime> {
+    let metadata = std::fs::metadata(path).ok()?;
+    if !metadata.is_dir() {
+        return metadata.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| newest(&entry.path()))
+        .max()
 }
 
 fn run(file: &str, tag: &str) -> Option<RunReport> {
