@@ -216,6 +216,9 @@ fn main() -> anyhow::Result<()> {
             keep,
         } => {
             let loaded = Scenario::load(&scenario).context("loading the scenario")?;
+            // Ctrl-C or SIGTERM stops the run at its next wait, so its guards remove every
+            // process and namespace before the exit.
+            ctrlc::set_handler(runner::interrupt).context("installing the Ctrl-C handler")?;
             let harness = std::env::current_exe().context("finding this binary")?;
             let mut options = RunOptions::beside(&harness);
             if let Some(path) = rekeycast {

@@ -330,6 +330,49 @@ impl Topology {
     }
 }
 
+/// Kills the processes still running inside namespaces left by harness processes that no
+/// longer run (a run killed before its guards could act), so that [`crate::clean_leftovers`]
+/// does not leave them running in a namespace nobody can name any more. Namespaces of live
+/// processes are left alone.
+pub fn kill_leftover_processes() -> Result<(), TopologyError> {
+    let listing = run("ip", &["netns", "list"])?;
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(crate::PREFIX) else {
+            continue;
+        };
+        let owner: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if owner.is_empty() || is_running(&owner) {
+            continue;
+        }
+        if let Ok(pids) = run("ip", &["netns", "pids", name]) {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if pid.chars().all(|c| c.is_ascii_digit()) {
+                    let _ = run("kill", &["-9", pid]);
+                }
+            }
+        }
+        // A zombie owner (killed, not yet reaped) still has a /proc entry, which
+        // clean_leftovers takes for a live process: delete its namespaces here.
+        let _ = run("ip", &["netns", "del", name]);
+    }
+    Ok(())
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn is_running(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         if let Some(switch) = self.switch.take() {
@@ -463,6 +506,12 @@ impl SwitchProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_is_running_and_a_missing_one_is_not() {
+        assert!(is_running(&std::process::id().to_string()));
+        assert!(!is_running("999999999"));
+    }
 
     #[test]
     fn host_addresses_are_distinct_and_in_198_18_slash_15() {

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::scenario::{Fabric, Fault, Scenario};
@@ -96,6 +97,9 @@ pub enum RunError {
         /// What.
         what: String,
     },
+    /// The run was interrupted ([`interrupt`]).
+    #[error("interrupted")]
+    Interrupted,
     /// A binary the scenario needs is missing.
     #[error("{what} not found at {} ({hint})", path.display())]
     MissingBinary {
@@ -195,6 +199,37 @@ pub fn relay_member_id(relay: u32) -> u64 {
     900_000 + u64::from(relay)
 }
 
+/// Set by [`interrupt`]: the run stops at its next wait and tears everything down.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks a run in progress to stop (from a Ctrl-C or SIGTERM handler): it returns
+/// [`RunError::Interrupted`] from its next wait, after its guards removed every process and
+/// namespace.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<(), RunError> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        Err(RunError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// Sleeps `duration` in short steps, returning early with an error when interrupted.
+fn sleep(duration: Duration) -> Result<(), RunError> {
+    let until = Instant::now() + duration;
+    loop {
+        check_interrupted()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(POLL));
+    }
+}
+
 /// How long a member hears nothing before it asks for the group's state.
 const MEMBER_SILENCE_TIMEOUT: Duration = Duration::from_millis(2_000);
 
@@ -235,6 +270,7 @@ pub fn run(scenario: &Scenario, options: &RunOptions) -> Result<RunReport, RunEr
         scenario.description.trim(),
         work_dir.display()
     );
+    crate::topology::kill_leftover_processes()?;
     clean_leftovers()?;
     let mut run = Run::new(scenario, options, &work_dir)?;
     let outcome = run.execute();
@@ -420,7 +456,7 @@ impl<'a> Run<'a> {
         }
         let timeout = Duration::from_millis(self.scenario.schedule.settle_timeout_ms);
         let all: Vec<u64> = self.members.iter().map(|m| m.id).collect();
-        let missing = self.wait_current(&all, first_seq, timeout);
+        let missing = self.wait_current(&all, first_seq, timeout)?;
         println!(
             "bootstrap: message {first_seq} admitted {} members and {} relays; {}/{} members hold \
              it after {} ms",
@@ -500,7 +536,7 @@ impl<'a> Run<'a> {
                     ),
                 });
             }
-            std::thread::sleep(POLL);
+            sleep(POLL)?;
         }
         let triggered = unix_us();
         self.server.rekey()?;
@@ -517,7 +553,12 @@ impl<'a> Run<'a> {
 
     /// Waits until each of `ids` holds message `seq` or later, at most `timeout`; returns
     /// those that do not (a member that exited never will).
-    fn wait_current(&mut self, ids: &[u64], seq: u64, timeout: Duration) -> Vec<u64> {
+    fn wait_current(
+        &mut self,
+        ids: &[u64],
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u64>, RunError> {
         let deadline = Instant::now() + timeout;
         loop {
             let missing: Vec<u64> = self
@@ -533,9 +574,9 @@ impl<'a> Run<'a> {
                 .filter(|member| missing.contains(&member.id))
                 .all(|member| member.poll_exit().is_some());
             if missing.is_empty() || exited || Instant::now() >= deadline {
-                return missing;
+                return Ok(missing);
             }
-            std::thread::sleep(POLL);
+            sleep(POLL)?;
         }
     }
 
@@ -559,7 +600,7 @@ impl<'a> Run<'a> {
                     what: format!("the server to send message {seq} (it is at {latest})"),
                 });
             }
-            std::thread::sleep(POLL);
+            sleep(POLL)?;
         }
     }
 
@@ -647,7 +688,7 @@ impl<'a> Run<'a> {
             &judged,
             seq,
             Duration::from_millis(schedule.converge_timeout_ms),
-        );
+        )?;
         let converged_ms = wait_began.elapsed().as_millis() as u64;
         self.note_exits();
         // Time to key of this rekey, for the progress line.
@@ -707,7 +748,7 @@ impl<'a> Run<'a> {
         }
         let elapsed = began.elapsed();
         if elapsed < interval {
-            std::thread::sleep(interval - elapsed);
+            sleep(interval - elapsed)?;
         }
         Ok(())
     }
@@ -719,7 +760,7 @@ impl<'a> Run<'a> {
                 let before = self.server.seq()?;
                 self.server.kill()?;
                 let killed = Instant::now();
-                std::thread::sleep(Duration::from_millis(*down_ms));
+                sleep(Duration::from_millis(*down_ms))?;
                 self.server.restart()?;
                 let after = self.server.seq()?;
                 println!(
@@ -855,7 +896,7 @@ impl<'a> Run<'a> {
             &ids,
             last,
             Duration::from_millis(self.scenario.schedule.settle_timeout_ms),
-        );
+        )?;
         println!(
             "settle: {}/{} members hold message {last} after {} ms",
             ids.len() - missing.len(),
@@ -879,7 +920,7 @@ impl<'a> Run<'a> {
     ) -> Result<RunReport, RunError> {
         outcome?;
         // The status files' counters are rewritten every 500 ms: let the last ones land.
-        std::thread::sleep(Duration::from_millis(700));
+        sleep(Duration::from_millis(700))?;
         self.note_exits();
         let flood = self.finish_flood()?;
         let last = self.server.seq()?;
@@ -1119,9 +1160,7 @@ impl<'a> Run<'a> {
                     ));
                     return Ok(None);
                 }
-                Ok(None) if Instant::now() < flood.deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                Ok(None) if Instant::now() < flood.deadline => sleep(Duration::from_millis(50))?,
                 Ok(None) | Err(_) => {
                     self.failures
                         .push("the flood did not end within its bound".into());
