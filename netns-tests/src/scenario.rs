@@ -183,13 +183,17 @@ pub enum Fault {
         /// How long it stays down, in milliseconds.
         down_ms: u64,
     },
-    /// Relay `relay` (numbered from 1) is killed with SIGKILL just before rekey `at_rekey`
-    /// and stays down: its members must resync from the GCKS.
+    /// Relay `relay` (numbered from 1) is killed with SIGKILL just before rekey `at_rekey`.
+    /// Without `down_ms` it stays down: its members must resync from the GCKS. With it, it is
+    /// restarted that much later from its state directory, before the rekey.
     KillRelay {
         /// The relay.
         relay: u32,
         /// The rekey it precedes.
         at_rekey: u32,
+        /// How long it stays down, in milliseconds; none: for good.
+        #[serde(default)]
+        down_ms: Option<u64>,
     },
     /// Member `member`'s switch port (both directions) is blackholed from just before rekey
     /// `at_rekey` for `intervals` rekey intervals.
@@ -602,6 +606,7 @@ mod tests {
             kind = "kill_relay"
             relay = 1
             at_rekey = 4
+            down_ms = 200
             [[fault]]
             kind = "kill_gcks"
             at_rekey = 5
@@ -623,6 +628,14 @@ mod tests {
             }
         );
         assert_eq!(scenario.faults.len(), 3);
+        assert_eq!(
+            scenario.faults[1],
+            Fault::KillRelay {
+                relay: 1,
+                at_rekey: 4,
+                down_ms: Some(200)
+            }
+        );
         assert_eq!(
             scenario.faults[0],
             Fault::Blackhole {

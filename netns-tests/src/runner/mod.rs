@@ -775,19 +775,28 @@ impl<'a> Run<'a> {
                     ));
                 }
             }
-            Fault::KillRelay { relay, .. } => {
+            Fault::KillRelay { relay, down_ms, .. } => {
                 let index = *relay as usize - 1;
                 self.relays[index].kill();
                 let ids = self.scenario.relay_member_ids(*relay);
-                for id in &ids {
-                    self.excused.insert(*id, (rekey, u32::MAX));
-                    self.faulted.insert(*id);
+                if let Some(down_ms) = down_ms {
+                    sleep(Duration::from_millis(*down_ms))?;
+                    self.relays[index].restart()?;
+                    println!(
+                        "fault: relay {relay} killed (SIGKILL) and restarted from its state \
+                         directory after {down_ms} ms"
+                    );
+                } else {
+                    for id in &ids {
+                        self.excused.insert(*id, (rekey, u32::MAX));
+                        self.faulted.insert(*id);
+                    }
+                    println!(
+                        "fault: relay {relay} killed (SIGKILL); its {} members must resync from \
+                         the GCKS",
+                        ids.len()
+                    );
                 }
-                println!(
-                    "fault: relay {relay} killed (SIGKILL); its {} members must resync from the \
-                     GCKS",
-                    ids.len()
-                );
             }
             Fault::Blackhole {
                 member, intervals, ..

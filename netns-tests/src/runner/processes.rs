@@ -546,10 +546,12 @@ pub struct RelayProcess {
     /// Its log.
     pub log: PathBuf,
     child: Option<ChildGuard>,
-    /// Whether it was killed on purpose.
+    /// Whether it was killed on purpose (and not restarted).
     pub killed: bool,
     namespace: String,
     address: Ipv4Addr,
+    binary: PathBuf,
+    config: PathBuf,
 }
 
 impl RelayProcess {
@@ -595,18 +597,35 @@ impl RelayProcess {
         config.resync.http_listen = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
         let path = dir.join(format!("relay-{number}.toml"));
         write_toml(&path, &config)?;
-        let log = dir.join(format!("relay-{number}.log"));
+        let mut relay = Self {
+            number,
+            id,
+            log: dir.join(format!("relay-{number}.log")),
+            child: None,
+            killed: false,
+            namespace: host.namespace.name().into(),
+            address,
+            binary: binary.to_owned(),
+            config: path,
+        };
+        relay.spawn()?;
+        Ok(relay)
+    }
+
+    /// Starts the process and waits for its ready line.
+    fn spawn(&mut self) -> Result<(), RunError> {
+        let number = self.number;
         let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", host.namespace.name()])
-            .arg(binary)
+            .args(["netns", "exec", &self.namespace])
+            .arg(&self.binary)
             .arg("--config")
-            .arg(&path)
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(append(&log)?))
+            .stderr(Stdio::from(append(&self.log)?))
             .spawn()
             .map_err(|source| RunError::Spawn {
-                what: format!("rekey-relay {number} ({})", binary.display()),
+                what: format!("rekey-relay {number} ({})", self.binary.display()),
                 source,
             })?;
         // The relay prints one `rekey-relay ready ...` line once its sockets are bound.
@@ -633,19 +652,20 @@ impl RelayProcess {
                 what: format!(
                     "rekey-relay {number} to print its ready line (got {:?}; log: {})",
                     line.trim(),
-                    log.display()
+                    self.log.display()
                 ),
             });
         }
-        Ok(Self {
-            number,
-            id,
-            log,
-            child: Some(guard),
-            killed: false,
-            namespace: host.namespace.name().into(),
-            address,
-        })
+        self.child = Some(guard);
+        self.killed = false;
+        Ok(())
+    }
+
+    /// Starts a killed relay again: it resumes from its state directory (its saved keys and
+    /// stored messages), without registering again.
+    pub fn restart(&mut self) -> Result<(), RunError> {
+        self.kill();
+        self.spawn()
     }
 
     /// The endpoints and group of this relay's members.
