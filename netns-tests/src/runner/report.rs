@@ -275,7 +275,7 @@ pub fn render_gcks(metrics: &BTreeMap<String, f64>) -> String {
     format!(
         "gcks /metrics: seq {}, members {}, manifests {}, source symbols {}, proactive repair {}, \
          NACK repair {}, NACKs received {}, heartbeats {}, bytes sent {} (source {}), resync \
-         connections {}, datagrams rejected {}\n",
+         connections {} (refused {}, rate-limited reads {}), datagrams rejected {}\n",
         get("rekeycast_seq"),
         get("rekeycast_members"),
         get("rekeycast_manifests_sent_total"),
@@ -287,6 +287,8 @@ pub fn render_gcks(metrics: &BTreeMap<String, f64>) -> String {
         get("rekeycast_bytes_sent_total"),
         get("rekeycast_source_bytes_sent_total"),
         get("rekeycast_resync_connections_accepted_total"),
+        get("rekeycast_resync_connections_refused_total"),
+        get("rekeycast_resync_rate_limited_total"),
         get("rekeycast_datagrams_rejected_total"),
     )
 }
