@@ -237,6 +237,10 @@ pub struct Flood {
     /// Datagram payload size, in bytes.
     #[serde(default = "Flood::default_size")]
     pub size: usize,
+    /// How many rekeys from `from_rekey` on are not judged by `expect.every_rekey_applied`
+    /// (the flood's own window); they must still be applied by the end.
+    #[serde(default)]
+    pub unjudged_rekeys: u32,
 }
 
 impl Flood {

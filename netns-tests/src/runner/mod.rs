@@ -605,9 +605,14 @@ impl<'a> Run<'a> {
     }
 
     fn is_excused(&self, id: u64, rekey: u32) -> bool {
-        self.excused
-            .get(&id)
-            .is_some_and(|&(from, to)| (from..=to).contains(&rekey))
+        let flooded = self.scenario.flood.as_ref().is_some_and(|flood| {
+            rekey >= flood.from_rekey && rekey - flood.from_rekey < flood.unjudged_rekeys
+        });
+        flooded
+            || self
+                .excused
+                .get(&id)
+                .is_some_and(|&(from, to)| (from..=to).contains(&rekey))
     }
 
     fn rekey(&mut self, rekey: u32) -> Result<(), RunError> {

@@ -43,6 +43,10 @@ pub fn relay_group(relay: u32) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(239, 77, relay as u8, 1), 7400)
 }
 
+/// The environment variable whose value, when set, is the members' log filter (`tracing`
+/// directives such as `rekeycast=debug`), for looking into a scenario's member logs.
+pub const MEMBER_LOG_ENV: &str = "REKEYCAST_NETNS_MEMBER_LOG";
+
 /// The longest interval between two heartbeats of the GCKS and of the relays.
 pub const HEARTBEAT_MAX: Duration = Duration::from_millis(250);
 
@@ -451,6 +455,9 @@ impl MemberProcess {
         config.resync_endpoints = upstream.resync_endpoints.clone();
         config.state_check_interval_ms = 200;
         config.seed = Some(spec.seed ^ id);
+        if let Ok(filter) = std::env::var(MEMBER_LOG_ENV) {
+            config.log.filter = filter;
+        }
         let path = dir.join(format!("member-{id}.toml"));
         write_toml(&path, &config)?;
         let status_path = dir.join(format!("member-{id}.status.json"));
