@@ -230,6 +230,11 @@ fn sleep(duration: Duration) -> Result<(), RunError> {
     }
 }
 
+/// Whether `id` is a relay's member id ([`relay_member_id`]).
+fn is_relay_id(id: u64) -> bool {
+    id > 900_000 && id <= 900_000 + 9
+}
+
 /// How long a member hears nothing before it asks for the group's state.
 const MEMBER_SILENCE_TIMEOUT: Duration = Duration::from_millis(2_000);
 
@@ -425,6 +430,15 @@ impl<'a> Run<'a> {
         let first_seq = admitted.values().copied().max().unwrap_or(0);
         self.seq = first_seq;
         self.wait_server_seq(first_seq)?;
+        if topology.relays > 0 {
+            let counted = self.server.status()?["relays"].as_u64().unwrap_or(0);
+            if counted != u64::from(topology.relays) {
+                self.failures.push(format!(
+                    "the GCKS counts {counted} relays after registering {}",
+                    topology.relays
+                ));
+            }
+        }
         let gcks = self.gcks_address()?;
         for relay in 1..=topology.relays {
             let id = relay_member_id(relay);
@@ -514,7 +528,7 @@ impl<'a> Run<'a> {
                 let bundle = MemberProcess::bundle_path(&self.work_dir, id);
                 let handle = std::thread::Builder::new()
                     .name(format!("join-{id}"))
-                    .spawn(move || processes::join(&socket, id, &bundle))
+                    .spawn(move || processes::join(&socket, id, &bundle, is_relay_id(id)))
                     .map_err(|source| RunError::Spawn {
                         what: format!("the thread joining member {id}"),
                         source,
@@ -1293,6 +1307,15 @@ mod tests {
         );
         assert!(!plans[6].egress.is_none());
         assert!(plans[3].egress.is_none());
+    }
+
+    #[test]
+    fn relay_ids_are_told_apart_from_member_ids() {
+        assert!(is_relay_id(relay_member_id(1)));
+        assert!(is_relay_id(relay_member_id(9)));
+        assert!(!is_relay_id(1001));
+        assert!(!is_relay_id(9999));
+        assert!(!is_relay_id(900_000));
     }
 
     #[test]

@@ -321,12 +321,12 @@ pub fn admin_call(socket: &Path, request: &Value) -> Result<Value, RunError> {
     AdminConnection::open(socket)?.call(request)
 }
 
-/// Admits `member` through the admin socket (waits for its batch) and returns the first
-/// sequence number of its bundle, written to `bundle`.
-pub fn join(socket: &Path, member: u64, bundle: &Path) -> Result<u64, RunError> {
+/// Admits `member` (a relay when `relay`) through the admin socket (waits for its batch) and
+/// returns the first sequence number of its bundle, written to `bundle`.
+pub fn join(socket: &Path, member: u64, bundle: &Path, relay: bool) -> Result<u64, RunError> {
     let answer = admin_call(
         socket,
-        &json!({"op": "join", "member": member, "bundle_path": bundle}),
+        &json!({"op": "join", "member": member, "bundle_path": bundle, "relay": relay}),
     )?;
     match (answer["ok"].as_bool(), answer["first_seq"].as_u64()) {
         (Some(true), Some(first_seq)) => Ok(first_seq),

@@ -273,11 +273,12 @@ pub fn render_switch(counters: &Counters, tier_of: impl Fn(&str) -> String) -> S
 pub fn render_gcks(metrics: &BTreeMap<String, f64>) -> String {
     let get = |name: &str| metrics.get(name).copied().unwrap_or(0.0) as u64;
     format!(
-        "gcks /metrics: seq {}, members {}, manifests {}, source symbols {}, proactive repair {}, \
+        "gcks /metrics: seq {}, members {} (relays {}), manifests {}, source symbols {}, proactive repair {}, \
          NACK repair {}, NACKs received {}, heartbeats {}, bytes sent {} (source {}), resync \
          connections {} (refused {}, rate-limited reads {}), datagrams rejected {}\n",
         get("rekeycast_seq"),
         get("rekeycast_members"),
+        get("rekeycast_relays"),
         get("rekeycast_manifests_sent_total"),
         get("rekeycast_source_symbols_sent_total"),
         get("rekeycast_proactive_symbols_sent_total"),
