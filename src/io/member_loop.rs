@@ -77,6 +77,7 @@ pub(crate) fn spawn(
                 own_commands,
                 own_waker,
                 fetching: false,
+                deferred: None,
                 resyncs_started: 0,
                 resyncs_failed: 0,
                 state_file: config.state_file.clone(),
@@ -137,6 +138,9 @@ struct LoopState {
     own_waker: Arc<Waker>,
     /// A resync or state-check thread is running.
     fetching: bool,
+    /// A resync or state check the session asked for while a fetch was running: started when
+    /// it ends (an out-of-sync request supersedes a state check).
+    deferred: Option<ReceiverEvent>,
     resyncs_started: u64,
     resyncs_failed: u64,
     /// Where the keys are saved after every applied message.
@@ -282,13 +286,21 @@ impl LoopState {
                 MemberCommand::Shutdown => return true,
             }
         }
+        let next_seq = self.session.next_seq();
+        if let Some(event) = take_deferred(&mut self.deferred, self.fetching, next_seq) {
+            self.act_on(&event);
+        }
         false
     }
 
     /// Starts a resync or state check with the endpoints, on its own thread, when the session
     /// asks for one and the member has endpoints and is not fetching already.
     fn act_on(&mut self, event: &ReceiverEvent) {
-        if self.resync.endpoints.is_empty() || self.fetching {
+        if self.resync.endpoints.is_empty() {
+            return;
+        }
+        if self.fetching {
+            defer(&mut self.deferred, event);
             return;
         }
         let request = match event {
@@ -527,5 +539,71 @@ impl<C: Send + 'static> FetchJob<C> {
         } else {
             FetchOutcome::Fetched(gathered)
         }
+    }
+}
+
+/// Remembers a resync or state check asked for while a fetch runs (an out-of-sync request
+/// supersedes a state check), instead of dropping it: a dropped request left a member behind
+/// until its next silence.
+pub(crate) fn defer(deferred: &mut Option<ReceiverEvent>, event: &ReceiverEvent) {
+    match event {
+        ReceiverEvent::OutOfSync { .. } => *deferred = Some(event.clone()),
+        ReceiverEvent::StateCheckNeeded { .. } if deferred.is_none() => {
+            *deferred = Some(event.clone());
+        }
+        _ => {}
+    }
+}
+
+/// The deferred request to start once no fetch runs: a resync from where the session stands
+/// now (`next_seq`), or the state check.
+pub(crate) fn take_deferred(
+    deferred: &mut Option<ReceiverEvent>,
+    fetching: bool,
+    next_seq: u64,
+) -> Option<ReceiverEvent> {
+    if fetching {
+        return None;
+    }
+    match deferred.take()? {
+        ReceiverEvent::OutOfSync { .. } => Some(ReceiverEvent::OutOfSync { from_seq: next_seq }),
+        other => Some(other),
+    }
+}
+
+#[cfg(test)]
+mod deferred_tests {
+    use super::*;
+
+    #[test]
+    fn a_request_made_while_fetching_is_kept_and_started_afterwards() {
+        let mut deferred = None;
+        defer(
+            &mut deferred,
+            &ReceiverEvent::StateCheckNeeded { claimed_seq: 9 },
+        );
+        // An out-of-sync request supersedes the state check; a later state check does not
+        // replace it.
+        defer(&mut deferred, &ReceiverEvent::OutOfSync { from_seq: 4 });
+        defer(
+            &mut deferred,
+            &ReceiverEvent::StateCheckNeeded { claimed_seq: 10 },
+        );
+        assert_eq!(
+            take_deferred(&mut deferred, true, 6),
+            None,
+            "still fetching"
+        );
+        // Started from where the session stands once the fetch ended.
+        assert_eq!(
+            take_deferred(&mut deferred, false, 6),
+            Some(ReceiverEvent::OutOfSync { from_seq: 6 })
+        );
+        assert_eq!(take_deferred(&mut deferred, false, 6), None, "once");
+        defer(
+            &mut deferred,
+            &ReceiverEvent::GroupKeyUpdated { seq: 1, version: 1 },
+        );
+        assert_eq!(deferred, None, "only fetch requests are kept");
     }
 }

@@ -144,6 +144,7 @@ pub(crate) fn spawn(
                 own_commands,
                 own_waker,
                 fetching: false,
+                deferred: None,
                 poll,
                 upstream_group,
                 upstream_unicast,
@@ -209,6 +210,9 @@ struct LoopState {
     own_waker: Arc<Waker>,
     /// The relay's own resync or state check is running.
     fetching: bool,
+    /// A resync or state check the session asked for while a fetch was running: started when
+    /// it ends (an out-of-sync request supersedes a state check).
+    deferred: Option<ReceiverEvent>,
     poll: Poll,
     upstream_group: mio::net::UdpSocket,
     upstream_unicast: mio::net::UdpSocket,
@@ -409,6 +413,12 @@ impl LoopState {
                 RelayCommand::Abort => return Some(Stop::Abort),
             }
         }
+        let next_seq = self.session.next_seq();
+        if let Some(event) =
+            crate::io::member_loop::take_deferred(&mut self.deferred, self.fetching, next_seq)
+        {
+            self.act_on(&event);
+        }
         None
     }
 
@@ -508,7 +518,11 @@ impl LoopState {
             }
             _ => return,
         };
-        if self.resync.endpoints.is_empty() || self.fetching {
+        if self.resync.endpoints.is_empty() {
+            return;
+        }
+        if self.fetching {
+            crate::io::member_loop::defer(&mut self.deferred, event);
             return;
         }
         let delay = match request {
