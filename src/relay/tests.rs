@@ -164,6 +164,21 @@ impl Harness {
     }
 }
 
+/// `symbol`'s datagram of message `seq` with `data` in place of its own, sealed under `key`:
+/// what an insider (who holds the group's MAC key) sends.
+fn with_data(
+    seq: u64,
+    symbol: &wire::SymbolRepr<'_>,
+    data: &[u8],
+    key: &crate::auth::mac::MacKey,
+) -> Vec<u8> {
+    Harness::sealed(
+        seq,
+        BodyRepr::Symbol(wire::SymbolRepr { data, ..*symbol }),
+        key,
+    )
+}
+
 /// The downstream symbol datagrams: (seq, object, sbn, esi) -> data.
 fn symbols(datagrams: &[Vec<u8>]) -> HashMap<(u64, u8, u8, u32), Vec<u8>> {
     datagrams
@@ -474,11 +489,7 @@ fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
                 if symbol.esi >= k0 && poisoned < 4 {
                     poisoned += 1;
                     let garbage = vec![0xA5; symbol.data.len()];
-                    let body = BodyRepr::Symbol(wire::SymbolRepr {
-                        data: &garbage,
-                        ..*symbol
-                    });
-                    return Some(Harness::sealed(repr.seq, body, &key));
+                    return Some(with_data(repr.seq, symbol, &garbage, &key));
                 }
             }
         }
@@ -694,11 +705,7 @@ fn an_authentic_chunk_replayed_at_another_esi_is_not_forwarded() {
         if let BodyRepr::Symbol(symbol) = &repr.body {
             if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
                 replaced += 1;
-                let body = BodyRepr::Symbol(wire::SymbolRepr {
-                    data: &chunk1,
-                    ..*symbol
-                });
-                return Some(Harness::sealed(repr.seq, body, &key));
+                return Some(with_data(repr.seq, symbol, &chunk1, &key));
             }
         }
         Some(bytes.to_vec())
@@ -734,11 +741,7 @@ fn forged_repair_reconstructing_a_misplaced_authentic_chunk_is_not_forwarded() {
                         .unwrap()
                         .next()
                         .unwrap();
-                    let body = BodyRepr::Symbol(wire::SymbolRepr {
-                        data: &data,
-                        ..*symbol
-                    });
-                    return Some(Harness::sealed(repr.seq, body, &key));
+                    return Some(with_data(repr.seq, symbol, &data, &key));
                 }
             }
         }
@@ -765,11 +768,7 @@ fn a_manifest_verified_by_a_state_answer_does_not_let_other_bytes_through() {
         let repr = DatagramRepr::parse(bytes).ok()?;
         if let BodyRepr::Symbol(symbol) = &repr.body {
             if symbol.object == ObjectKind::Manifest {
-                let body = BodyRepr::Symbol(wire::SymbolRepr {
-                    data: &tampered,
-                    ..*symbol
-                });
-                return Some(Harness::sealed(repr.seq, body, &key));
+                return Some(with_data(repr.seq, symbol, &tampered, &key));
             }
         }
         Some(bytes.to_vec())
