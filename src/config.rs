@@ -1141,8 +1141,13 @@ impl RelayResyncSection {
         }
         .validate()?;
         self.limits().validate().map_err(|error| {
-            let crate::resync::limits::LimitsError::Invalid { field, value, .. } = &error;
-            let option = match *field {
+            let (field, value) = match &error {
+                crate::resync::limits::LimitsError::Invalid { field, value, .. } => {
+                    (*field, value.clone())
+                }
+                _ => ("", String::new()),
+            };
+            let option = match field {
                 "max_connections" => "resync.max_connections",
                 "max_connections_per_source" => "resync.max_connections_per_source",
                 "requests_per_second_per_source" => "resync.requests_per_second_per_source",

@@ -5,9 +5,12 @@
 //! randomized backoff suppression, a cheap BLAKE3 datagram MAC checked before the Ed25519
 //! signature, and TCP/HTTP resync for members that fall out of sync.
 //!
-//! The protocol core is sans-IO: every state machine is fed datagrams and timeouts with the
-//! time as an argument, and owns no socket, clock or thread. See `DESIGN.md` in the project's
-//! shared documents for the architecture; each module's documentation says what it owns.
+//! The protocol core is sans-IO and lives in the `rekeycast-proto` crate: every state machine
+//! is fed datagrams and timeouts with the time as an argument, and owns no socket, clock or
+//! thread. This crate re-exports its modules ([`wire`], [`auth`], [`lkh`], [`gsa`],
+//! [`session`], the relay session in [`relay`], the resync handlers in [`resync`]) and adds
+//! what does I/O: sockets, threads, files. See `DESIGN.md` in the project's shared documents for
+//! the architecture; each module's documentation says what it owns.
 //!
 //! For a GCKS product: [`gcks::Gcks`] (the key server side, its event loop on its own thread)
 //! and [`member::Member`] (one member); both are thin drivers of the sans-IO
@@ -28,22 +31,21 @@
 //! - [`io`]: real sockets and threads: multicast sockets, worker pool, event loops.
 //! - [`gcks`], [`member`]: the embedding API.
 //! - [`config`], [`keyfile`]: TOML configuration of the server and member, the GCKS's key file.
-//! - [`resync`]: the GCKS's durable state (key tree and history of signed messages).
+//! - [`resync`]: the resync protocol handlers (from the sans-IO crate) and the durable state of
+//!   a GCKS and a relay (key tree and history of signed messages).
+//! - [`persist`]: writing files durably; saving and loading a key tree and a member's keys.
 //! - [`demo`]: a GCKS and many members in one process on loopback multicast.
 #![forbid(unsafe_code)]
 
-pub mod auth;
+pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
+
 pub mod config;
 pub mod demo;
-pub mod fuzz_support;
 pub mod gcks;
-pub mod gsa;
 pub mod io;
 pub mod keyfile;
-pub mod lkh;
 pub mod member;
+pub mod persist;
 pub mod relay;
 pub mod resync;
-pub mod session;
 pub mod sim;
-pub mod wire;

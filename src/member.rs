@@ -46,7 +46,7 @@ use crate::auth::message::MessageCounters;
 use crate::gcks::{EngineError, LagSummary};
 use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
-use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::lkh::RegistrationBundle;
 use crate::session::receiver::{ResyncError, StateVerdict};
 use crate::session::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
 use crate::sim::Loss;
@@ -189,7 +189,7 @@ impl Member {
     /// start; so are keys saved before any message was applied (such a member keeps its
     /// registration bundle and uses [`Member::start`]).
     pub fn resume(state: &Path, config: MemberConfig) -> Result<Self, EngineError> {
-        let keys = MemberKeys::load(state)?;
+        let keys = crate::persist::load_member_keys(state)?;
         let session = ReceiverSession::resume(keys, config.receiver.clone())?;
         Self::spawn(session, config)
     }

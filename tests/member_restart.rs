@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent};
 use rekeycast::io::resync_client::Endpoint;
-use rekeycast::lkh::{MemberId, MemberKeys, MemberStateError, RegistrationBundle};
+use rekeycast::lkh::{MemberId, MemberStateError, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
 use rekeycast::session::ReceiverEvent;
 
@@ -131,7 +131,12 @@ fn restarted_member_resyncs_what_it_missed_and_does_not_reregister() {
         assert!(Instant::now() < deadline, "{events:?}");
         events.extend(member.events().recv_timeout(Duration::from_millis(100)));
     }
-    assert_eq!(MemberKeys::load(&state).unwrap().last_seq(), second);
+    assert_eq!(
+        rekeycast::persist::load_member_keys(&state)
+            .unwrap()
+            .last_seq(),
+        second
+    );
     member.shutdown().unwrap();
 
     // Down for two rekeys.
@@ -164,7 +169,12 @@ fn restarted_member_resyncs_what_it_missed_and_does_not_reregister() {
     );
     assert_current(&member, &gcks);
     member.shutdown().unwrap();
-    assert_eq!(MemberKeys::load(&state).unwrap().last_seq(), latest);
+    assert_eq!(
+        rekeycast::persist::load_member_keys(&state)
+            .unwrap()
+            .last_seq(),
+        latest
+    );
     gcks.shutdown().unwrap();
 }
 

@@ -1,7 +1,7 @@
 //! Fuzz target: the `tcp_frame` parser must return a value or a typed error, and a value must emit
-//! back to its input (see `rekeycast::fuzz_support`).
+//! back to its input (see `rekeycast_proto::fuzz_support`).
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    rekeycast::fuzz_support::tcp_frame(data);
+    rekeycast_proto::fuzz_support::tcp_frame(data);
 });

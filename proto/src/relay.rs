@@ -258,7 +258,7 @@ impl RelaySession {
         Ok(Self::assemble(upstream, downstream, config.cut_through))
     }
 
-    /// A relay back after its own restart: its saved keys ([`MemberKeys::save`] after each
+    /// A relay back after its own restart: its saved keys (the engine's `persist::save_member_keys` after each
     /// message) and the history it stored ([`RelayEvent::Forwarded`]), ascending, which its
     /// resync endpoints serve at once (they are not multicast again). Messages it missed
     /// while down come by resync, as for a member ([`ReceiverSession::resume`]).
@@ -687,6 +687,3 @@ impl RelaySession {
 
 #[cfg(test)]
 mod tests;
-
-mod engine;
-pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};

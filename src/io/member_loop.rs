@@ -352,7 +352,7 @@ impl LoopState {
         if keys.last_seq() <= self.saved_seq {
             return;
         }
-        match keys.save(path) {
+        match crate::persist::save_member_keys(keys, path) {
             Ok(()) => self.saved_seq = keys.last_seq(),
             Err(_) => self.state_save_failures += 1,
         }

@@ -1,7 +1,7 @@
 //! The embedding API for a relay: [`Relay`], one relay's event loop on its own thread, over
 //! real sockets (what the `rekey-relay` binary runs).
 //!
-//! It drives a [`RelaySession`] (see the [parent module](super)) with a mio loop
+//! It drives a [`RelaySession`] (the sans-IO relay session of `rekeycast-proto`) with a mio loop
 //! (`crate::io::relay_loop`): the upstream group's receiver socket and a unicast socket for
 //! the relay's NACKs upstream; the downstream group's sender socket, whose unicast address is
 //! its members' feedback address (their NACKs and probe replies come in there, rate limited

@@ -1,4 +1,4 @@
-//! A relay's durable state: its own keys (as a member's, [`MemberKeys::save`]) and the history
+//! A relay's durable state: its own keys (as a member's, [`crate::persist::save_member_keys`]) and the history
 //! of messages it forwarded, so that a restarted relay resumes without registering again and
 //! its resync endpoints serve its history at once (issue 11; DESIGN.md, persistence).
 //!
@@ -105,9 +105,11 @@ impl RelayStore {
             }
             return Err(RelayStoreError::MissingKeys(dir.to_path_buf()));
         }
-        let keys = MemberKeys::load(&keys_path).map_err(|source| RelayStoreError::Keys {
-            path: keys_path.clone(),
-            source,
+        let keys = crate::persist::load_member_keys(&keys_path).map_err(|source| {
+            RelayStoreError::Keys {
+                path: keys_path.clone(),
+                source,
+            }
         })?;
         let last = keys.last_seq();
         let mut messages = Vec::new();
@@ -140,7 +142,7 @@ impl RelayStore {
     /// Saves the relay's keys (after every applied message), durably, mode 0600.
     pub fn save_keys(&self, keys: &MemberKeys) -> Result<(), RelayStoreError> {
         let path = self.keys_path();
-        keys.save(&path)
+        crate::persist::save_member_keys(keys, &path)
             .map_err(|source| RelayStoreError::Keys { path, source })
     }
 

@@ -27,10 +27,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::lkh::{KeyRng, KeyTree, SnapshotError};
-use crate::session::sender::PreparedMessage;
+pub use crate::session::StoredMessage;
 
 const MESSAGE_MAGIC: &[u8; 8] = b"RKMSG001";
 const TREE_FILE: &str = "tree.snapshot";
@@ -53,19 +51,6 @@ pub struct RestoredState {
     pub messages: Vec<StoredMessage>,
     /// Sequence numbers of message files written but never committed (discarded).
     pub discarded: Vec<u64>,
-}
-
-/// One signed message as stored: everything the sender needs to send or serve it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredMessage {
-    /// Its sequence number.
-    pub seq: u64,
-    /// Its datagram MAC key.
-    pub mac_key: [u8; 32],
-    /// Its signed manifest.
-    pub manifest: Vec<u8>,
-    /// Its FEC source symbols (the chunks, each padded to the symbol size), concatenated.
-    pub symbols: Vec<u8>,
 }
 
 /// What is wrong with a state directory.
@@ -131,9 +116,11 @@ impl StateStore {
             }
             return Err(StoreError::MissingTree(dir.to_path_buf()));
         }
-        let tree = KeyTree::load_with_rng(&tree_path, rng).map_err(|source| StoreError::Tree {
-            path: tree_path.clone(),
-            source,
+        let tree = crate::persist::load_tree_with_rng(&tree_path, rng).map_err(|source| {
+            StoreError::Tree {
+                path: tree_path.clone(),
+                source,
+            }
         })?;
         let committed = tree.seq();
         let mut discarded = Vec::new();
@@ -171,7 +158,7 @@ impl StateStore {
     pub fn commit(&self, tree: &KeyTree, message: &StoredMessage) -> Result<(), StoreError> {
         write_message_file(&self.message_path(message.seq), message)?;
         let tree_path = self.dir.join(TREE_FILE);
-        tree.save(&tree_path).map_err(|source| StoreError::Tree {
+        crate::persist::save_tree(tree, &tree_path).map_err(|source| StoreError::Tree {
             path: tree_path,
             source,
         })?;
@@ -207,28 +194,6 @@ impl StateStore {
 
     fn read_message(&self, seq: u64) -> Result<StoredMessage, StoreError> {
         read_message_file(&self.message_path(seq), seq)
-    }
-}
-
-impl StoredMessage {
-    /// The stored form of a prepared message.
-    pub fn from_prepared(message: &PreparedMessage) -> Self {
-        let (seq, mac_key, manifest, symbols) = message.parts();
-        Self {
-            seq,
-            mac_key,
-            manifest: manifest.to_vec(),
-            symbols: symbols.to_vec(),
-        }
-    }
-
-    /// The prepared message again (FEC encoder and chunk index rebuilt).
-    pub fn to_prepared(&self) -> Result<PreparedMessage, crate::session::sender::QueueError> {
-        PreparedMessage::from_parts(
-            crate::auth::mac::MacKey::from_bytes(self.mac_key),
-            self.manifest.clone(),
-            self.symbols.clone(),
-        )
     }
 }
 
@@ -273,12 +238,10 @@ pub(crate) fn write_message_file(path: &Path, message: &StoredMessage) -> Result
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    crate::lkh::snapshot::write_durably(path, MESSAGE_MAGIC, &body).map_err(|source| {
-        StoreError::Io {
-            action: "write",
-            path: path.to_path_buf(),
-            source,
-        }
+    crate::persist::write_durably(path, MESSAGE_MAGIC, &body).map_err(|source| StoreError::Io {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -352,7 +315,7 @@ mod tests {
             &MessageParams::default(),
         )
         .unwrap();
-        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+        let prepared = crate::session::PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
         StoredMessage::from_prepared(&prepared)
     }
 
@@ -392,14 +355,14 @@ mod tests {
         let first = rekey(&mut tree, &key, &[MemberId(1)]);
         store.commit(&tree, &first).unwrap();
         // A crash after the message file of message 2 and before its tree snapshot.
-        let committed_tree = KeyTree::load_with_rng(
+        let committed_tree = crate::persist::load_tree_with_rng(
             &dir.path().join(TREE_FILE),
             KeyRng::seeded_for_simulation(9),
         )
         .unwrap();
         let second = rekey(&mut tree, &key, &[MemberId(2)]);
         let body = postcard::to_allocvec(&second).unwrap();
-        crate::lkh::snapshot::write_durably(&store.message_path(2), MESSAGE_MAGIC, &body).unwrap();
+        crate::persist::write_durably(&store.message_path(2), MESSAGE_MAGIC, &body).unwrap();
         let (_, restored) =
             StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap();
         let restored = restored.unwrap();

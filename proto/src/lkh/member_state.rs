@@ -18,14 +18,10 @@
 //! protecting it is the operator's job. Saving is durable (temporary file, fsync, rename,
 //! fsync of the directory), so a crash leaves the old state or the new one.
 
-use std::fs;
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::member::{MemberKeys, VersionedKey};
-use super::snapshot::write_durably;
 use super::topology::NodeId;
 use super::tree::MemberId;
 use super::Key;
@@ -78,22 +74,13 @@ impl Drop for Body {
 }
 
 impl MemberKeys {
-    /// Writes the member's keys and last sequence number to `path` durably (mode 0600).
-    /// Call it after every applied message; [`MemberKeys::load`] reads it back.
-    pub fn save(&self, path: &Path) -> Result<(), MemberStateError> {
-        let mut body = postcard::to_allocvec(&self.to_body())?;
-        let result = write_durably(path, MAGIC, &body).map_err(MemberStateError::Io);
-        body.zeroize();
-        result
-    }
-
-    /// Loads keys saved by [`MemberKeys::save`]. A corrupt, truncated or inconsistent file
-    /// is an error.
-    pub fn load(path: &Path) -> Result<Self, MemberStateError> {
-        let mut bytes = fs::read(path)?;
-        let result = Self::from_state_bytes(&bytes);
-        bytes.zeroize();
-        result
+    /// The state body: the member's keys and last sequence number encoded (it zeroizes
+    /// itself when dropped). A member state file is [`MAGIC`], the BLAKE3 hash of this body,
+    /// then the body (the engine's `persist::save_member_keys` writes it durably, mode 0600,
+    /// after every applied message); [`MemberKeys::from_state_bytes`] reads the whole file
+    /// back.
+    pub fn state_body(&self) -> Result<Zeroizing<Vec<u8>>, MemberStateError> {
+        Ok(Zeroizing::new(postcard::to_allocvec(&self.to_body())?))
     }
 
     /// Decodes and checks the bytes of a member state file.
@@ -228,15 +215,22 @@ mod tests {
         assert_eq!(a.next_mac_key(), b.next_mac_key());
     }
 
+    /// A member state file's bytes: the magic, the BLAKE3 hash of the body, the body (what
+    /// the engine writes to disk).
+    fn state_file(keys: &MemberKeys) -> Vec<u8> {
+        let body = keys.state_body().unwrap();
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(blake3::hash(&body).as_bytes());
+        file.extend_from_slice(&body);
+        file
+    }
+
     #[test]
     fn save_load_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("member.state");
         for more in [0, 2] {
             let keys = member_after(more);
             assert!(keys.group_key().is_some());
-            keys.save(&file).unwrap();
-            let loaded = MemberKeys::load(&file).unwrap();
+            let loaded = MemberKeys::from_state_bytes(&state_file(&keys)).unwrap();
             assert_same(&keys, &loaded);
             assert_eq!(loaded.last_seq(), 1 + more);
         }
@@ -250,10 +244,7 @@ mod tests {
         keys.apply_wraps(batch.context.seq, &batch.wraps, &batch.wrapped_data_sa)
             .unwrap();
         assert_eq!(keys.next_mac_key(), Some(tree.next_mac_key()));
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("member.state");
-        keys.save(&file).unwrap();
-        let mut loaded = MemberKeys::load(&file).unwrap();
+        let mut loaded = MemberKeys::from_state_bytes(&state_file(&keys)).unwrap();
         let batch = tree.apply_batch(&[], &[MemberId(1)]).unwrap();
         assert_eq!(loaded.next_mac_key(), Some(batch.mac_key.clone()));
         let rekeyed = loaded
@@ -269,32 +260,14 @@ mod tests {
         let mut tree = KeyTree::with_rng(sa(), KeyRng::seeded_for_simulation(4));
         tree.apply_batch(&[MemberId(0)], &[]).unwrap();
         let keys = MemberKeys::from_bundle(&tree.join(MemberId(0)).unwrap());
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("member.state");
-        keys.save(&file).unwrap();
-        let loaded = MemberKeys::load(&file).unwrap();
+        let loaded = MemberKeys::from_state_bytes(&state_file(&keys)).unwrap();
         assert_same(&keys, &loaded);
         assert!(loaded.group_key().is_none() && loaded.next_mac_key().is_none());
     }
 
-    #[cfg(unix)]
-    #[test]
-    fn file_is_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("member.state");
-        member_after(1).save(&file).unwrap();
-        let mode = fs::metadata(&file).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert!(!dir.path().join("member.state.tmp").exists());
-    }
-
     #[test]
     fn corrupt_and_truncated_files_are_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("member.state");
-        member_after(1).save(&file).unwrap();
-        let bytes = fs::read(&file).unwrap();
+        let bytes = state_file(&member_after(1));
         assert!(MemberKeys::from_state_bytes(&bytes).is_ok());
         for len in [0, 7, 8, 39] {
             assert!(matches!(
@@ -322,15 +295,6 @@ mod tests {
                 Err(MemberStateError::Checksum)
             ));
         }
-        fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
-        assert!(matches!(
-            MemberKeys::load(&file),
-            Err(MemberStateError::Checksum)
-        ));
-        assert!(matches!(
-            MemberKeys::load(&dir.path().join("missing")),
-            Err(MemberStateError::Io(_))
-        ));
         // A snapshot of the key tree is not a member's state.
         let mut snapshot = bytes.clone();
         snapshot[..8].copy_from_slice(crate::lkh::snapshot::MAGIC);

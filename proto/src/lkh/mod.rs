@@ -4,10 +4,11 @@
 //! This module owns the key tree ([`KeyTree`]), its batch rekeying by the marking algorithm
 //! ([`KeyTree::apply_batch`], which turns a batch of joins and leaves into the smallest set of
 //! [`Wrap`]s), the registration bundle a joining member receives ([`KeyTree::join`]), the
-//! tree's durable snapshot ([`KeyTree::save`], [`KeyTree::load`]) and the member side that
-//! applies wraps ([`MemberKeys::apply`]). It is pure state: no sockets, no clock, no threads;
-//! the only file access is the snapshot and the member's saved keys, when asked. It does not lay wraps out in chunks,
-//! sign or MAC anything (that is `session` and `auth`).
+//! tree's snapshot encoding ([`KeyTree::snapshot_body`], [`KeyTree::from_snapshot_bytes`])
+//! and the member side that applies wraps ([`MemberKeys::apply`]), with its own state encoding.
+//! It is pure state: no sockets, no clock, no threads, no files (the engine writes the
+//! snapshots). It does not lay wraps out in chunks, sign or MAC anything (that is `session` and
+//! `auth`).
 //!
 //! - [`topology`]: the complete d-ary node numbering shared by the GCKS and members.
 //! - [`wrap`]: a wrapped key, its 64-byte encoding, its nonce and associated data.

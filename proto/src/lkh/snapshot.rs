@@ -17,12 +17,9 @@
 //! fsyncs the directory, so a crash leaves the old snapshot or the new one, never a mix.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::topology::{NodeId, ROOT};
 use super::tree::{KeyRng, KeyTree, Kind, LkhError, MemberId};
@@ -96,10 +93,12 @@ impl Drop for Body {
 }
 
 impl KeyTree {
-    /// Writes the tree to `path` durably (temporary file, fsync, rename, fsync of the
-    /// directory). Call it after [`KeyTree::apply_batch`] and before sending the message.
-    pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
-        let mut body = postcard::to_allocvec(&BodyRef {
+    /// The snapshot body: the tree encoded (keys included, so it zeroizes itself when
+    /// dropped). A snapshot file is [`MAGIC`], the BLAKE3 hash of this body, then the body
+    /// (the engine's `persist::save_tree` writes it durably); [`KeyTree::from_snapshot_bytes`]
+    /// reads the whole file back.
+    pub fn snapshot_body(&self) -> Result<Zeroizing<Vec<u8>>, SnapshotError> {
+        let body = postcard::to_allocvec(&BodyRef {
             sa: &self.sa,
             keys: &self.keys,
             versions: &self.versions,
@@ -114,23 +113,7 @@ impl KeyTree {
                 .as_ref()
                 .map(|sa| (sa.spi, sa.lifetime_secs, *sa.tek.as_bytes())),
         })?;
-        let result = write_durably(path, MAGIC, &body).map_err(SnapshotError::Io);
-        body.zeroize();
-        result
-    }
-
-    /// Loads a tree saved by [`KeyTree::save`], keyed from the OS CSPRNG from now on.
-    pub fn load(path: &Path) -> Result<Self, SnapshotError> {
-        Self::load_with_rng(path, KeyRng::from_os()?)
-    }
-
-    /// Loads a tree with another key source ([`KeyRng::seeded_for_simulation`] for tests and
-    /// simulation only).
-    pub fn load_with_rng(path: &Path, rng: KeyRng) -> Result<Self, SnapshotError> {
-        let mut bytes = fs::read(path)?;
-        let result = Self::from_snapshot_bytes(&bytes, rng);
-        bytes.zeroize();
-        result
+        Ok(Zeroizing::new(body))
     }
 
     /// Decodes and checks a snapshot's bytes.
@@ -220,31 +203,4 @@ impl KeyTree {
             rng,
         })
     }
-}
-
-/// Writes `magic`, the BLAKE3 hash of `body` and `body` to `path` durably: a temporary file
-/// (mode 0600) beside it, fsync, rename, fsync of the directory. A crash leaves the old file
-/// or the new one, never a mix.
-pub(crate) fn write_durably(path: &Path, magic: &[u8], body: &[u8]) -> std::io::Result<()> {
-    let hash = blake3::hash(body);
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = Path::new(&tmp_name);
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(tmp)?;
-    file.write_all(magic)?;
-    file.write_all(hash.as_bytes())?;
-    file.write_all(body)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(tmp, path)?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()?;
-    Ok(())
 }

@@ -148,7 +148,7 @@ impl Kind {
 /// a version, rekeyed in batches.
 ///
 /// Use: [`KeyTree::new`]; then for each batch [`KeyTree::apply_batch`], persist with
-/// [`KeyTree::save`], hand each joiner its [`KeyTree::join`] bundle, and send the message built
+/// the engine's `persist::save_tree`, hand each joiner its [`KeyTree::join`] bundle, and send the message built
 /// from the returned [`RekeyBatch`].
 pub struct KeyTree {
     pub(crate) sa: RekeySa,
@@ -387,7 +387,7 @@ impl KeyTree {
     ///    each non-null child's key (the child's new key if it has one).
     ///
     /// A new Data SA is made and wrapped under the new group key (RFC 4046 6.3). Persist the
-    /// tree ([`KeyTree::save`]) before sending the message. On error the tree is unchanged.
+    /// tree (the engine's `persist::save_tree`) before sending the message. On error the tree is unchanged.
     pub fn apply_batch(
         &mut self,
         joins: &[MemberId],

@@ -40,7 +40,7 @@
 //! that moves down when its leaf is split wraps under a new `child` id. The one other
 //! encryption, the Data SA under the group key, uses node `u32::MAX`, which no node has. This
 //! holds across restarts as long as the GCKS persists the tree before it sends a message (see
-//! [`crate::lkh::KeyTree::save`]): a batch computed again after a crash was never sent.
+//! the engine's `persist::save_tree`): a batch computed again after a crash was never sent.
 //!
 //! The associated data binds the algorithm id, the group id, the message's sequence number and
 //! all four ids and versions, so a wrap cannot be replayed in another message or group or

@@ -1,16 +1,14 @@
-//! What resync needs on the GCKS side: the durable state a restarted GCKS resumes from and
-//! serves resync out of ([`store`]), and the sans-IO protocol handlers of the resync endpoints
-//! ([`http`], [`tcp`]) with their limits ([`limits`]). Resync data is only ever what is already
+//! The sans-IO protocol handlers of the resync endpoints ([`http`], [`tcp`]) with their limits
+//! ([`limits`]), serving from a [`ResyncSource`] (a GCKS's or a relay's history of signed
+//! messages). Resync data is only ever what is already
 //! signed and encrypted, so the endpoints authenticate nobody; they bound what a client can
 //! cost instead (DESIGN.md, security rules: resync endpoints).
 //!
-//! This module owns no sockets and no clock: the mio listeners in `crate::io` read and write
-//! the bytes, pass the time in, and serve from a [`ResyncSource`].
+//! This module owns no sockets and no clock: the engine's listeners read and write the bytes,
+//! pass the time in, and serve from a [`ResyncSource`].
 
 pub mod http;
 pub mod limits;
-pub mod relay_store;
-pub mod store;
 pub mod tcp;
 
 pub use limits::Refusal;

@@ -18,9 +18,11 @@ pub mod layout;
 pub mod manifest;
 pub mod receiver;
 pub mod sender;
+pub mod stored;
 
 pub use receiver::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
 pub use sender::{PreparedMessage, SenderConfig, SenderCounters, SenderSession};
+pub use stored::StoredMessage;
 
 use std::net::SocketAddr;
 
@@ -75,6 +77,6 @@ pub(crate) fn seal_into(
 }
 
 /// Whole microseconds of `duration`, saturating.
-pub(crate) fn micros(duration: std::time::Duration) -> u64 {
+pub fn micros(duration: std::time::Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }

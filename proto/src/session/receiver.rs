@@ -439,8 +439,8 @@ impl ReceiverSession {
     }
 
     /// The session of a member that comes back after its own restart, from the keys it
-    /// saved ([`MemberKeys::save`] of [`Self::keys`] after each applied message, loaded with
-    /// [`MemberKeys::load`]): its next message is `keys.last_seq() + 1`, whose datagram MAC
+    /// saved (the engine's `persist::save_member_keys` of [`Self::keys`] after each applied message, loaded with
+    /// the engine's `persist::load_member_keys`): its next message is `keys.last_seq() + 1`, whose datagram MAC
     /// key is derived from the saved group key. Messages it missed while down come by resync
     /// (the first datagram of a later message raises [`ReceiverEvent::StateCheckNeeded`]).
     /// The Data SA in force is announced again as the first event

@@ -209,7 +209,7 @@ impl PreparedMessage {
         })
     }
 
-    /// A message from its stored parts (see [`crate::resync::store`]): its MAC key, its
+    /// A message from its stored parts (see [`crate::session::StoredMessage`]): its MAC key, its
     /// signed manifest and its source symbols concatenated. The manifest's FEC parameters
     /// rebuild the encoder; each chunk's header rebuilds the resync index.
     pub fn from_parts(

@@ -1,0 +1,181 @@
+//! Files written durably: a key tree's snapshot and a member's keys, and the one routine that
+//! writes any state file (a temporary file, fsync, rename, fsync of the directory), so a crash
+//! leaves the old file or the new one, never a mix.
+//!
+//! The sans-IO crate encodes and checks the bytes ([`KeyTree::snapshot_body`],
+//! [`KeyTree::from_snapshot_bytes`], [`MemberKeys::state_body`],
+//! [`MemberKeys::from_state_bytes`]); this module owns the files. Every state file is a magic
+//! number, the BLAKE3 hash of the body, then the body.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use zeroize::Zeroize;
+
+use crate::lkh::SnapshotError;
+use crate::lkh::{member_state, snapshot, KeyRng, KeyTree, MemberKeys, MemberStateError};
+
+/// Writes `magic`, the BLAKE3 hash of `body` and `body` to `path` durably: a temporary file
+/// (mode 0600) beside it, fsync, rename, fsync of the directory. A crash leaves the old file
+/// or the new one, never a mix.
+pub fn write_durably(path: &Path, magic: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let hash = blake3::hash(body);
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = Path::new(&tmp_name);
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(tmp)?;
+    file.write_all(magic)?;
+    file.write_all(hash.as_bytes())?;
+    file.write_all(body)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(tmp, path)?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Writes the tree to `path` durably. Call it after [`KeyTree::apply_batch`] and before
+/// sending the message.
+pub fn save_tree(tree: &KeyTree, path: &Path) -> Result<(), SnapshotError> {
+    let body = tree.snapshot_body()?;
+    write_durably(path, snapshot::MAGIC, &body).map_err(SnapshotError::Io)
+}
+
+/// Loads a tree saved by [`save_tree`], keyed from the OS CSPRNG from now on.
+pub fn load_tree(path: &Path) -> Result<KeyTree, SnapshotError> {
+    load_tree_with_rng(path, KeyRng::from_os()?)
+}
+
+/// Loads a tree with another key source ([`KeyRng::seeded_for_simulation`] for tests and
+/// simulation only).
+pub fn load_tree_with_rng(path: &Path, rng: KeyRng) -> Result<KeyTree, SnapshotError> {
+    let mut bytes = fs::read(path)?;
+    let result = KeyTree::from_snapshot_bytes(&bytes, rng);
+    bytes.zeroize();
+    result
+}
+
+/// Writes the member's keys and last sequence number to `path` durably (mode 0600). Call it
+/// after every applied message; [`load_member_keys`] reads it back.
+pub fn save_member_keys(keys: &MemberKeys, path: &Path) -> Result<(), MemberStateError> {
+    let body = keys.state_body()?;
+    write_durably(path, member_state::MAGIC, &body).map_err(MemberStateError::Io)
+}
+
+/// Loads keys saved by [`save_member_keys`]. A missing file is an I/O error; a corrupt,
+/// truncated or inconsistent one is an error of its own kind.
+pub fn load_member_keys(path: &Path) -> Result<MemberKeys, MemberStateError> {
+    let mut bytes = fs::read(path)?;
+    let result = MemberKeys::from_state_bytes(&bytes);
+    bytes.zeroize();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gsa::{RekeySa, WrapAlgorithm};
+    use crate::lkh::{Degree, MemberId};
+
+    fn sa() -> RekeySa {
+        RekeySa {
+            group_id: 9,
+            spi: 0x1234,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::DEFAULT,
+            gcks_public_key: ed25519_dalek::SigningKey::from_bytes(&[7; 32]).verifying_key(),
+            data_sa_lifetime_secs: 3600,
+        }
+    }
+
+    /// A tree with members 0..6 admitted, and member 0's keys from its bundle.
+    fn tree_and_member() -> (KeyTree, MemberKeys) {
+        let mut tree = KeyTree::with_rng(sa(), KeyRng::seeded_for_simulation(3));
+        let joins: Vec<MemberId> = (0..6).map(MemberId).collect();
+        tree.apply_batch(&joins, &[]).unwrap();
+        let keys = MemberKeys::from_bundle(&tree.join(MemberId(0)).unwrap());
+        (tree, keys)
+    }
+
+    #[test]
+    fn a_saved_tree_loads_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tree.snapshot");
+        let (tree, _) = tree_and_member();
+        save_tree(&tree, &path).unwrap();
+        let mut loaded = load_tree(&path).unwrap();
+        assert_eq!(loaded.seq(), tree.seq());
+        assert_eq!(loaded.group_key(), tree.group_key());
+        assert_eq!(loaded.next_mac_key(), tree.next_mac_key());
+        assert_eq!(loaded.leaves_in_order(), tree.leaves_in_order());
+        let next = loaded.apply_batch(&[], &[MemberId(1)]).unwrap();
+        assert_eq!(next.context.seq, tree.seq() + 1);
+    }
+
+    #[test]
+    fn saved_member_keys_load_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member.state");
+        let (_, keys) = tree_and_member();
+        save_member_keys(&keys, &path).unwrap();
+        let loaded = load_member_keys(&path).unwrap();
+        assert_eq!(loaded.member(), keys.member());
+        assert_eq!(loaded.leaf(), keys.leaf());
+        assert_eq!(loaded.rekey_sa(), keys.rekey_sa());
+        assert_eq!(loaded.last_seq(), keys.last_seq());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn state_files_are_private_and_leave_no_temporary() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, keys) = tree_and_member();
+        let member = dir.path().join("member.state");
+        let snapshot = dir.path().join("tree.snapshot");
+        save_member_keys(&keys, &member).unwrap();
+        save_tree(&tree, &snapshot).unwrap();
+        for file in [&member, &snapshot] {
+            let mode = fs::metadata(file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
+        assert!(!dir.path().join("member.state.tmp").exists());
+        assert!(!dir.path().join("tree.snapshot.tmp").exists());
+    }
+
+    #[test]
+    fn missing_and_truncated_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_member_keys(&dir.path().join("missing")),
+            Err(MemberStateError::Io(_))
+        ));
+        assert!(matches!(
+            load_tree(&dir.path().join("missing")),
+            Err(SnapshotError::Io(_))
+        ));
+        let (tree, keys) = tree_and_member();
+        let member = dir.path().join("member.state");
+        save_member_keys(&keys, &member).unwrap();
+        let bytes = fs::read(&member).unwrap();
+        fs::write(&member, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(matches!(
+            load_member_keys(&member),
+            Err(MemberStateError::Checksum)
+        ));
+        let snapshot = dir.path().join("tree.snapshot");
+        save_tree(&tree, &snapshot).unwrap();
+        let bytes = fs::read(&snapshot).unwrap();
+        fs::write(&snapshot, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(matches!(load_tree(&snapshot), Err(SnapshotError::Checksum)));
+    }
+}

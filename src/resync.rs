@@ -1,0 +1,9 @@
+//! Resync: the sans-IO protocol handlers of the resync endpoints (re-exported from
+//! `rekeycast-proto`: [`http`], [`tcp`], [`limits`], [`ResyncSource`]) and the durable state
+//! they serve from: a GCKS's key tree and history of signed messages ([`store`]) and a relay's
+//! history ([`relay_store`]).
+
+pub use rekeycast_proto::resync::*;
+
+pub mod relay_store;
+pub mod store;
