@@ -725,7 +725,7 @@ impl Default for LogSection {
 }
 
 /// The configuration of `rekey-relay`: one relay of one group, between an upstream group (the
-/// GCKS's, or an upstream relay's) and its own downstream group (issue 11). The annotated
+/// GCKS's, or an upstream relay's) and its own downstream group. The annotated
 /// example is `rekey-relay.example.toml` at the repository root.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -1,5 +1,5 @@
 //! A member that comes back after its own restart resumes from its saved keys and last
-//! sequence number (DESIGN.md, persistence; issue 10): it does not register again, resyncs the
+//! sequence number (DESIGN.md, persistence): it does not register again, resyncs the
 //! messages it missed while down, and continues by multicast when it missed none.
 
 // Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.

@@ -1,4 +1,4 @@
-//! The relay on real sockets (issue 11): a GCKS, a [`Relay`] and members as real engines in
+//! The relay on real sockets: a GCKS, a [`Relay`] and members as real engines in
 //! this process, over loopback multicast (the upstream and downstream groups on their own
 //! addresses and ports, `IP_MULTICAST_IF` 127.0.0.1), each with its own sockets and threads.
 //!

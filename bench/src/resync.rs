@@ -1,4 +1,4 @@
-//! `resync`: the GCKS's resync endpoints (issue 10) on loopback.
+//! `resync`: the GCKS's resync endpoints on loopback.
 //!
 //! One GCKS (64 members admitted in message 1, then 100 refreshes: 101 messages, history 128)
 //! serves both parts. Its endpoint limits are raised for the bench: per-source rate and burst

@@ -1,6 +1,6 @@
 //! A relay's durable state: its own keys (as a member's, [`crate::persist::save_member_keys`]) and the history
 //! of messages it forwarded, so that a restarted relay resumes without registering again and
-//! its resync endpoints serve its history at once (issue 11; DESIGN.md, persistence).
+//! its resync endpoints serve its history at once (DESIGN.md, persistence).
 //!
 //! # Layout
 //!

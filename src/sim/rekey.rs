@@ -1,7 +1,7 @@
 //! Rekey scenarios over the simulated network: one GCKS ([`SenderSession`] fed by an LKH
 //! [`KeyTree`]) and thousands of members ([`ReceiverSession`]), with batched joins and leaves,
 //! per-link loss, and resync served from the sender's history as a resync endpoint would
-//! serve it (issue 10 puts TCP and HTTP under it; here it is a delayed, reliable exchange).
+//! serve it (the engine puts TCP and HTTP under it; here it is a delayed, reliable exchange).
 //!
 //! Used by the scenario tests, by `rekeycast-bench sim` and by the `sim` subcommand. Everything
 //! is seeded: the key tree's randomness, the GCKS's signing key, the churn and every link, so a

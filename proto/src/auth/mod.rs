@@ -1,11 +1,11 @@
 //! Authentication of rekey traffic: what a member may trust, in which order (RFC 4046 5.2).
 //!
-//! The verifier pipeline (length and header checks, the datagram MAC, the replay window, the
-//! manifest's signature once per message, the member's own chunk) is being built here (issue 7).
-//! Its outputs are [`Verified`] values, which only this module can construct (rustls style):
-//! code that applies keys takes a `Verified<_>`, so unverified bytes cannot reach it.
+//! The verifier pipeline: length and header checks, the datagram MAC, the replay window, the
+//! manifest's signature once per message, the member's own chunk. Its outputs are [`Verified`]
+//! values, which only this module can construct (rustls style): code that applies keys takes a
+//! `Verified<_>`, so unverified bytes cannot reach it.
 //!
-//! Present so far:
+//! Its stages:
 //!
 //! - [`datagram`]: header checks, then the MAC, then the replay and sequence window, with a
 //!   counter for every rejection reason.

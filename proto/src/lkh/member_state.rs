@@ -1,5 +1,5 @@
 //! Saving and loading a member's keys, so that a member that restarts resumes from its keys
-//! and last sequence number instead of registering again (DESIGN.md, persistence; issue 10).
+//! and last sequence number instead of registering again (DESIGN.md, persistence).
 //!
 //! # File format
 //!

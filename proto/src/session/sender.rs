@@ -25,7 +25,7 @@
 //!    `None`, [`SenderSession::poll_event`] until `None`, then re-read
 //!    [`SenderSession::poll_timeout`].
 //!
-//! The resync endpoints (issue 10) read the history through
+//! The resync endpoints read the history through
 //! [`SenderSession::resync_item`], [`SenderSession::latest_manifest`] and
 //! [`SenderSession::oldest_seq`]: everything they serve is already signed.
 
