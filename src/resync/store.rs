@@ -153,8 +153,11 @@ impl StateStore {
     }
 
     /// Commits a new message and the tree that made it: the message file, then the tree
-    /// snapshot, each durably. Call it before the message is sent. Message files older than
-    /// the history window are then removed.
+    /// snapshot, each durably; the commit point is the snapshot's rename. Call it before the
+    /// message is sent. On error the directory's committed state is the one before (a message
+    /// file without its tree is discarded on open, or overwritten by the next commit of that
+    /// sequence number). Message files older than the history window are then removed, at the
+    /// best: one that cannot be removed now is removed by a later commit.
     pub fn commit(&self, tree: &KeyTree, message: &StoredMessage) -> Result<(), StoreError> {
         write_message_file(&self.message_path(message.seq), message)?;
         let tree_path = self.dir.join(TREE_FILE);
@@ -162,7 +165,9 @@ impl StateStore {
             path: tree_path,
             source,
         })?;
-        self.prune(message.seq)
+        // Committed: a failure to prune must not report the commit as failed.
+        let _ = self.prune(message.seq);
+        Ok(())
     }
 
     /// The state directory.

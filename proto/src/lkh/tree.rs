@@ -108,6 +108,17 @@ impl KeyRng {
     }
 }
 
+impl Clone for KeyRng {
+    /// A copy of the stream's state: for a tree's fork ([`KeyTree::fork`]), which reseeds from
+    /// the OS before its first key when the original does.
+    fn clone(&self) -> Self {
+        Self {
+            rng: self.rng.clone(),
+            reseed_from_os: self.reseed_from_os,
+        }
+    }
+}
+
 impl core::fmt::Debug for KeyRng {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("KeyRng")
@@ -245,6 +256,28 @@ impl KeyTree {
         }
     }
 
+    /// A copy of the tree to build a batch on: the GCKS applies a batch to a fork and keeps
+    /// the fork only once the batch's message is built and stored, so a failed batch leaves
+    /// the committed tree as it was. A full copy of the node arrays and the member map (the
+    /// `lkh` benchmark's `fork` figure measures it; about a tenth of a batch's build at 2^20
+    /// members).
+    pub fn fork(&self) -> Self {
+        Self {
+            sa: self.sa,
+            keys: self.keys.clone(),
+            versions: self.versions.clone(),
+            kinds: self.kinds.clone(),
+            members: self.members.clone(),
+            leaf_of: self.leaf_of.clone(),
+            generation: self.generation,
+            seq: self.seq,
+            mac_key: self.mac_key.clone(),
+            next_spi: self.next_spi,
+            data_sa: self.data_sa.clone(),
+            rng: self.rng.clone(),
+        }
+    }
+
     /// The Rekey SA.
     pub fn rekey_sa(&self) -> &RekeySa {
         &self.sa
@@ -370,6 +403,19 @@ impl KeyTree {
             first_seq: self.seq,
             mac_key: self.mac_key.clone(),
         })
+    }
+
+    /// The members the latest batch admitted (those [`Self::join`] gives a bundle for), in no
+    /// particular order. A walk over every member: for a restart, not for every batch.
+    pub fn admitted_by_latest_batch(&self) -> Vec<MemberId> {
+        if self.generation == 0 {
+            return Vec::new();
+        }
+        self.leaf_of
+            .iter()
+            .filter(|(_, &leaf)| self.versions[leaf as usize] == self.generation)
+            .map(|(member, _)| *member)
+            .collect()
     }
 
     /// Applies a batch of joins and leaves by the marking algorithm of batch rekeying (Li,
