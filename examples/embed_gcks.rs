@@ -70,7 +70,9 @@ fn rekey(
     group: SocketAddr,
 ) -> Result<(), Error> {
     for id in leaving {
-        gcks.leave(MemberId(*id))?;
+        // Revoked: with a state directory, journaled before this returns (`durable`).
+        let outcome = gcks.leave(MemberId(*id))?;
+        println!("member {id} leaving: {outcome:?}");
     }
     let mut bundles = Vec::new();
     for id in joining {
@@ -110,7 +112,14 @@ fn rekey(
                 );
                 break seq;
             }
-            GcksEvent::BatchFailed { reason, .. } => return Err(reason.into()),
+            // A failed batch is retried by the GCKS with the same changes: report and wait.
+            GcksEvent::BatchFailed {
+                seq,
+                reason,
+                retry_in,
+                ..
+            } => println!("message {seq} failed ({reason}); retry in {retry_in:?}"),
+            GcksEvent::Poisoned { reason } => return Err(reason.into()),
             _ => {}
         }
     };

@@ -16,7 +16,9 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gcks::{EngineError, Gcks, GcksConfig, GcksEvent, GcksStats, JoinError, ResyncAnswer};
+use crate::gcks::{
+    EngineError, Gcks, GcksConfig, GcksEvent, GcksStats, JoinError, LeaveError, ResyncAnswer,
+};
 use crate::lkh::MemberId;
 use crate::member::{Member, MemberConfig, MemberStats};
 use crate::session::ReceiverEvent;
@@ -138,6 +140,9 @@ pub enum DemoError {
     /// A member was not admitted.
     #[error("join failed: {0}")]
     Join(#[from] JoinError),
+    /// A member could not be removed.
+    #[error("leave failed: {0}")]
+    Leave(#[from] LeaveError),
     /// The GCKS stopped answering.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
@@ -290,7 +295,10 @@ fn wait_rekeyed(gcks: &Gcks) -> Result<(u64, usize), DemoError> {
     loop {
         match gcks.events().recv_timeout(Duration::from_secs(60)) {
             Ok(GcksEvent::Rekeyed { seq, chunks, .. }) => return Ok((seq, chunks)),
-            Ok(GcksEvent::BatchFailed { reason, .. }) => return Err(DemoError::Batch(reason)),
+            Ok(GcksEvent::BatchFailed { detail, .. }) => return Err(DemoError::Batch(detail)),
+            Ok(GcksEvent::Poisoned { reason }) => {
+                return Err(DemoError::Engine(EngineError::Poisoned(reason)))
+            }
             Ok(_) => {}
             Err(_) => return Err(DemoError::Timeout("the GCKS's rekey")),
         }
@@ -302,7 +310,10 @@ fn wait_queued(gcks: &Gcks, seq: u64) -> Result<Instant, DemoError> {
     loop {
         match gcks.events().recv_timeout(Duration::from_secs(60)) {
             Ok(GcksEvent::Queued { seq: queued }) if queued == seq => return Ok(Instant::now()),
-            Ok(GcksEvent::BatchFailed { reason, .. }) => return Err(DemoError::Batch(reason)),
+            Ok(GcksEvent::BatchFailed { detail, .. }) => return Err(DemoError::Batch(detail)),
+            Ok(GcksEvent::Poisoned { reason }) => {
+                return Err(DemoError::Engine(EngineError::Poisoned(reason)))
+            }
             Ok(_) => {}
             Err(_) => return Err(DemoError::Timeout("the GCKS's message")),
         }

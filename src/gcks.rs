@@ -27,6 +27,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -36,9 +37,12 @@ use crate::gsa::WrapAlgorithm;
 use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::{Degree, LkhError, MemberId, RegistrationBundle};
+use crate::resync::journal::JournalError;
 use crate::session::layout::MessageParams;
 use crate::session::sender::SenderCounters;
 use crate::session::SenderConfig;
+
+pub mod membership;
 
 /// Configuration of a [`Gcks`].
 #[derive(Debug, Clone)]
@@ -145,13 +149,108 @@ pub enum GcksEvent {
         /// The message.
         seq: u64,
     },
-    /// A batch failed; the tree is unchanged unless `fatal`.
+    /// A batch failed before anything of it was committed: the key tree, the sequence number
+    /// and the state directory are as they were, and a batch with membership changes is tried
+    /// again (same changes, same sequence number) after `retry_in` or at the next
+    /// [`Gcks::rekey_now`]. A batch without changes (a refresh of the group key) is not
+    /// retried (`retry_in` is `None`): the next rekey takes the same sequence number.
     BatchFailed {
+        /// The sequence number the batch's message gets when it succeeds.
+        seq: u64,
+        /// Attempts of this batch so far.
+        attempt: u32,
         /// What went wrong.
-        reason: String,
-        /// Whether the key tree advanced without a message (the group must be rebuilt).
-        fatal: bool,
+        reason: BatchFailure,
+        /// The error's text, for the operator's log.
+        detail: String,
+        /// When the batch is tried again; `None`: not retried (it had no changes).
+        retry_in: Option<Duration>,
     },
+    /// The engine cannot go on: every pending join has failed with
+    /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
+    /// has stopped. The committed state (tree, sequence, state directory) is intact: a GCKS
+    /// started again on the state directory resumes from it.
+    Poisoned {
+        /// Why.
+        reason: PoisonReason,
+    },
+}
+
+/// Why a batch failed (it is retried; nothing of it was committed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchFailure {
+    /// The key tree refused the batch (full, or its counters exhausted, or no randomness).
+    #[error("key tree: {0}")]
+    Tree(LkhError),
+    /// Laying out, signing or encoding the message failed.
+    #[error("building the message")]
+    Build,
+    /// The message's FEC encoders could not be built.
+    #[error("encoding the message")]
+    Encode,
+    /// The state directory could not be written (a full or read-only disk).
+    #[error("writing the state directory: {0}")]
+    StateWrite(std::io::ErrorKind),
+    /// The state could not be encoded or was refused for another reason.
+    #[error("storing the state")]
+    State,
+}
+
+/// Why the engine stopped for good ([`GcksEvent::Poisoned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoisonReason {
+    /// A batch's job panicked on a worker thread.
+    #[error("a batch job panicked on a worker")]
+    WorkerPanicked,
+    /// The worker pool is gone: no batch can be built.
+    #[error("the worker pool is shut down")]
+    WorkersGone,
+    /// A committed batch's leaves could not be released in the leave journal.
+    #[error("the leave journal could not be written: {0}")]
+    Journal(JournalError),
+    /// A committed message was refused by the sender session.
+    #[error("a committed message could not be queued for sending")]
+    QueueRefused,
+}
+
+/// What an acknowledged leave did ([`Gcks::leave`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaveOutcome {
+    /// The member is removed in the next batch; `durable`: the leave is in the state
+    /// directory's journal, so it is applied even if the GCKS crashes first (false without a
+    /// state directory).
+    Revoked {
+        /// Whether the leave survives a crash.
+        durable: bool,
+    },
+    /// The member had a join waiting for its batch: the join is cancelled (its caller gets
+    /// [`JoinError::Cancelled`], no bundle is issued). A member that had left and asked to
+    /// join again in the same batch stays removed.
+    JoinCancelled,
+    /// A leave of the member was already waiting for its batch.
+    AlreadyLeaving,
+}
+
+/// Why a leave was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LeaveError {
+    /// The member is not in the group and has no join waiting.
+    #[error("member {0:?} is not in the group")]
+    UnknownMember(MemberId),
+    /// The leave could not be written to the journal: it is not acknowledged and nothing
+    /// changed.
+    #[error("leave not recorded: {0}")]
+    NotDurable(JournalError),
+    /// The engine is poisoned.
+    #[error("engine poisoned: {0}")]
+    Poisoned(PoisonReason),
+    /// The engine is gone.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 /// A snapshot of the GCKS's figures.
@@ -161,13 +260,15 @@ pub struct GcksStats {
     pub sender: SenderCounters,
     /// Repair orders made.
     pub repair_orders: u64,
-    /// Members in the tree.
+    /// Members in the committed key tree (a batch being built does not count until it
+    /// commits).
     pub members: usize,
     /// The latest message's sequence number.
     pub seq: u64,
     /// The version of the current group key.
     pub group_key_version: u32,
-    /// Joins and leaves waiting for the next batch.
+    /// Joins and leaves not committed yet: waiting for a batch, or in the batch being built or
+    /// retried.
     pub pending: usize,
     /// Event-loop lag (how late the loop woke for its deadlines), microseconds.
     pub loop_lag_us: LagSummary,
@@ -295,7 +396,7 @@ impl GcksStats {
         let gauges: [(&str, &str, u64); 9] = [
             (
                 "rekeycast_members",
-                "Members in the key tree.",
+                "Members in the committed key tree.",
                 self.members as u64,
             ),
             (
@@ -382,12 +483,22 @@ pub enum ResyncAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum JoinError {
-    /// The key tree refused the member (already a member, a duplicate in the batch).
+    /// The member is in the group (or joins in the batch being built): a member re-keys its
+    /// leaf by leaving and joining again (both may wait for the same batch).
+    #[error("member {0:?} is already in the group")]
+    AlreadyMember(MemberId),
+    /// A join of the member is already waiting for its batch.
+    #[error("member {0:?} is already joining")]
+    AlreadyJoining(MemberId),
+    /// A leave of the member came before the batch: no bundle is issued.
+    #[error("the join was cancelled by a later leave")]
+    Cancelled,
+    /// The engine is poisoned ([`GcksEvent::Poisoned`]).
+    #[error("engine poisoned: {0}")]
+    Poisoned(PoisonReason),
+    /// The key tree did not produce the member's bundle.
     #[error(transparent)]
     Lkh(#[from] LkhError),
-    /// The batch that was to admit the member failed.
-    #[error("batch failed: {0}")]
-    BatchFailed(String),
 }
 
 /// Why the engine could not start or stopped.
@@ -418,12 +529,18 @@ pub enum EngineError {
     /// The engine's thread panicked.
     #[error("engine thread panicked")]
     Panicked,
+    /// The engine is poisoned ([`GcksEvent::Poisoned`]) and has stopped.
+    #[error("engine poisoned: {0}")]
+    Poisoned(PoisonReason),
+    /// The state directory's leave journal is corrupt or cannot be written.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 pub(crate) enum Command {
     Join(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
     JoinRelay(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
-    Leave(MemberId),
+    Leave(MemberId, Sender<Result<LeaveOutcome, LeaveError>>),
     RekeyNow,
     Stats(Sender<GcksStats>),
     Resync {
@@ -443,6 +560,7 @@ pub struct Gcks {
     local_addr: SocketAddr,
     resync_addrs: (Option<SocketAddr>, Option<SocketAddr>),
     public_key: ed25519_dalek::VerifyingKey,
+    poisoned: Arc<OnceLock<PoisonReason>>,
 }
 
 impl std::fmt::Debug for Command {
@@ -450,7 +568,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Self::Join(..) => "Join",
             Self::JoinRelay(..) => "JoinRelay",
-            Self::Leave(_) => "Leave",
+            Self::Leave(..) => "Leave",
             Self::RekeyNow => "RekeyNow",
             Self::Stats(_) => "Stats",
             Self::Resync { .. } => "Resync",
@@ -464,8 +582,23 @@ impl Gcks {
     /// Sets up the sockets and starts the loop. `signing_key` signs every message (load it
     /// from the key file of the state directory in a deployment).
     pub fn start(config: GcksConfig, signing_key: SigningKey) -> Result<Self, EngineError> {
+        Self::start_with_hooks(
+            config,
+            signing_key,
+            crate::io::gcks_loop::BatchHooks::default(),
+        )
+    }
+
+    /// [`Self::start`] with faults injected in the batch path (tests).
+    pub(crate) fn start_with_hooks(
+        config: GcksConfig,
+        signing_key: SigningKey,
+        hooks: crate::io::gcks_loop::BatchHooks,
+    ) -> Result<Self, EngineError> {
         let public_key = signing_key.verifying_key();
-        let started = crate::io::gcks_loop::spawn(config, signing_key)?;
+        let poisoned = Arc::new(OnceLock::new());
+        let started =
+            crate::io::gcks_loop::spawn(config, signing_key, hooks, Arc::clone(&poisoned))?;
         Ok(Self {
             handle: LoopHandle::new(started.commands, started.waker, started.thread, || {
                 Command::Shutdown
@@ -474,7 +607,28 @@ impl Gcks {
             local_addr: started.local_addr,
             resync_addrs: started.resync_addrs,
             public_key,
+            poisoned,
         })
+    }
+
+    /// Why the engine is poisoned, if it is ([`GcksEvent::Poisoned`]).
+    pub fn poisoned(&self) -> Option<PoisonReason> {
+        self.poisoned.get().copied()
+    }
+
+    /// The engine's error for a command that found the loop gone: the poison, if that is why.
+    fn gone(&self, error: EngineError) -> EngineError {
+        match (self.poisoned(), error) {
+            (Some(reason), EngineError::Gone) => EngineError::Poisoned(reason),
+            (_, error) => error,
+        }
+    }
+
+    fn send(&self, command: Command) -> Result<(), EngineError> {
+        if let Some(reason) = self.poisoned() {
+            return Err(EngineError::Poisoned(reason));
+        }
+        self.handle.send(command).map_err(|e| self.gone(e))
     }
 
     /// The unicast address members send NACKs to (their feedback address).
@@ -493,41 +647,78 @@ impl Gcks {
     }
 
     /// Admits `member` in the next batch. The registration bundle arrives on the returned
-    /// channel once that batch is applied, before its message is sent.
+    /// channel once the batch that admits the member is committed (its message built and, with
+    /// a state directory, written and fsynced with the key tree) and released in the leave
+    /// journal; it comes before the message is sent (see [`GcksConfig::admission_delay`]).
+    ///
+    /// Durability: a join is acknowledged only by its bundle, so it needs no journal. A crash
+    /// before the commit loses the join (never acknowledged; its caller's channel closes); a
+    /// crash after the commit and before the release leaves the member in the stored tree
+    /// without a bundle, and the GCKS that starts on the state directory removes it in its
+    /// first batch. So after a restart the key tree holds no member whose join was not
+    /// acknowledged.
+    ///
+    /// The last command for a member wins: a [`Self::leave`] before the batch cancels the join
+    /// ([`JoinError::Cancelled`]); a join of a member in the group is
+    /// [`JoinError::AlreadyMember`] (to give a member a new leaf, leave and join again); a
+    /// second join while one waits is [`JoinError::AlreadyJoining`].
     pub fn join(
         &self,
         member: MemberId,
     ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
         let (reply, bundle) = crossbeam_channel::bounded(1);
-        self.handle.send(Command::Join(member, reply))?;
+        self.send(Command::Join(member, reply))?;
         Ok(bundle)
     }
 
-    /// Admits `member` in the next batch as a relay (issue 11): a relay holds a leaf like
-    /// any member (it checks and produces the group's MACs and verifies everything), and the
-    /// GCKS counts it as a relay ([`GcksStats::relays`]) until it leaves.
+    /// Admits `member` in the next batch as a relay: a relay holds a leaf like any member (it
+    /// checks and produces the group's MACs and verifies everything), and the GCKS counts it
+    /// as a relay ([`GcksStats::relays`]) until it leaves. Otherwise as [`Self::join`].
     pub fn join_relay(
         &self,
         member: MemberId,
     ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
         let (reply, bundle) = crossbeam_channel::bounded(1);
-        self.handle.send(Command::JoinRelay(member, reply))?;
+        self.send(Command::JoinRelay(member, reply))?;
         Ok(bundle)
     }
 
-    /// Removes `member` in the next batch.
-    pub fn leave(&self, member: MemberId) -> Result<(), EngineError> {
-        self.handle.send(Command::Leave(member))
+    /// Removes `member` in the next batch, or cancels its join if the join still waits for
+    /// its batch ([`LeaveOutcome::JoinCancelled`]). A leave of a member that is neither in
+    /// the group nor joining is [`LeaveError::UnknownMember`].
+    ///
+    /// Durability: with a state directory, a revocation is appended to the directory's leave
+    /// journal and fsynced before this returns [`LeaveOutcome::Revoked`] with `durable: true`;
+    /// a GCKS that crashes before the batch applying it is durable replays the journal when it
+    /// starts and applies the leave in its first batch. So an acknowledged leave is never
+    /// lost, and the member opens no message built after the batch that was being built when
+    /// the leave came (that one batch may still carry its keys).
+    pub fn leave(&self, member: MemberId) -> Result<LeaveOutcome, LeaveError> {
+        if let Some(reason) = self.poisoned() {
+            return Err(LeaveError::Poisoned(reason));
+        }
+        match self
+            .handle
+            .request(|reply| Command::Leave(member, reply))
+            .map_err(|e| self.gone(e))
+        {
+            Ok(answer) => answer,
+            Err(EngineError::Poisoned(reason)) => Err(LeaveError::Poisoned(reason)),
+            Err(error) => Err(LeaveError::Engine(error)),
+        }
     }
 
-    /// Applies the pending changes now (or refreshes the group key if there are none).
+    /// Applies the pending changes now (or refreshes the group key if there are none); a
+    /// failed batch waiting for its retry is retried now.
     pub fn rekey_now(&self) -> Result<(), EngineError> {
-        self.handle.send(Command::RekeyNow)
+        self.send(Command::RekeyNow)
     }
 
     /// The GCKS's figures.
     pub fn stats(&self) -> Result<GcksStats, EngineError> {
-        self.handle.request(Command::Stats)
+        self.handle
+            .request(Command::Stats)
+            .map_err(|e| self.gone(e))
     }
 
     /// The signed manifest of message `seq` and the chunk of the member whose leaf has order

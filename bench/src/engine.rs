@@ -148,8 +148,11 @@ fn wait_for<T>(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match gcks.events().recv_timeout(left) {
-            Ok(GcksEvent::BatchFailed { reason, fatal }) => {
-                bail!("batch failed while waiting for {what}: {reason} (fatal: {fatal})")
+            Ok(GcksEvent::BatchFailed { reason, detail, .. }) => {
+                bail!("batch failed while waiting for {what}: {reason} ({detail})")
+            }
+            Ok(GcksEvent::Poisoned { reason }) => {
+                bail!("GCKS poisoned while waiting for {what}: {reason}")
             }
             Ok(event) => {
                 if let Some(value) = pick(&event) {

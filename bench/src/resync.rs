@@ -172,8 +172,11 @@ fn wait_sent(gcks: &Gcks, seq: u64) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         match gcks.events().recv_timeout(Duration::from_millis(100)) {
             Ok(GcksEvent::Sent { seq: sent }) if sent >= seq => return Ok(()),
-            Ok(GcksEvent::BatchFailed { reason, fatal }) => {
-                bail!("batch failed before message {seq}: {reason} (fatal: {fatal})")
+            Ok(GcksEvent::BatchFailed { reason, detail, .. }) => {
+                bail!("batch failed before message {seq}: {reason} ({detail})")
+            }
+            Ok(GcksEvent::Poisoned { reason }) => {
+                bail!("GCKS poisoned before message {seq}: {reason}")
             }
             _ => {}
         }

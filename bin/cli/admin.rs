@@ -8,7 +8,11 @@
 //!   answers `{"ok":true,"op":"join","member":42,"relay":false,"first_seq":N,
 //!   "bundle_path":...}`. With `"relay":true` the member is registered as a relay
 //!   (`rekey-relay`), which the GCKS counts (`status`: `relays`).
-//! - `{"op":"leave","member":42}`: removes member 42 in the next batch.
+//! - `{"op":"leave","member":42}`: removes member 42 in the next batch; the leave is in the
+//!   state directory's journal (fsynced) before the answer, so it is applied even if the
+//!   server crashes first (`"outcome":"revoked","durable":true`). A leave of a member whose
+//!   join waits for its batch cancels the join (`"outcome":"join_cancelled"`; the join's
+//!   request fails). A leave of a member neither in the group nor joining fails.
 //! - `{"op":"rekey"}`: applies the pending changes now (or refreshes the group key).
 //! - `{"op":"status"}`: the GCKS's figures.
 //!

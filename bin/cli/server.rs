@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rekeycast::config::ServerConfig;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, GcksStats};
+use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;
 use serde_json::{json, Value};
@@ -202,7 +202,21 @@ fn log_event(event: &GcksEvent) {
         ),
         GcksEvent::Queued { seq } => info!(seq, "sending message"),
         GcksEvent::Sent { seq } => info!(seq, "initial transmission sent"),
-        GcksEvent::BatchFailed { reason, fatal } => error!(reason, fatal, "batch failed"),
+        GcksEvent::BatchFailed {
+            seq,
+            attempt,
+            reason,
+            detail,
+            retry_in,
+        } => warn!(
+            seq,
+            attempt,
+            %reason,
+            detail,
+            retry_in_ms = retry_in.map(|d| d.as_millis() as u64),
+            "batch failed, nothing committed"
+        ),
+        GcksEvent::Poisoned { reason } => error!(%reason, "GCKS engine poisoned; stopped"),
         other => info!(?other, "event"),
     }
 }
@@ -286,10 +300,22 @@ fn answer(request: Request, gcks: &Gcks, batch_interval: Duration) -> Value {
         } => join(gcks, member, relay, &bundle_path, batch_interval),
         Request::Leave { member } => gcks
             .leave(MemberId(member))
-            .map(|()| {
-                info!(member, "admin: leave");
-                json!({"ok": true, "op": "leave", "member": member,
-                       "note": "removed in the next batch"})
+            .map(|outcome| {
+                info!(member, ?outcome, "admin: leave");
+                match outcome {
+                    LeaveOutcome::Revoked { durable } => json!({
+                        "ok": true, "op": "leave", "member": member, "outcome": "revoked",
+                        "durable": durable,
+                        "note": "journaled; removed in the next batch, also after a crash"}),
+                    LeaveOutcome::JoinCancelled => json!({
+                        "ok": true, "op": "leave", "member": member,
+                        "outcome": "join_cancelled",
+                        "note": "its pending join is cancelled; no bundle is issued"}),
+                    _ => json!({
+                        "ok": true, "op": "leave", "member": member,
+                        "outcome": "already_leaving",
+                        "note": "a leave of this member is already pending"}),
+                }
             })
             .map_err(anyhow::Error::from),
         Request::Rekey => gcks

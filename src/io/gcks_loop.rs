@@ -3,9 +3,16 @@
 //!
 //! The loop: wait for the socket, a command or the next deadline -> receive until it would
 //! block and hand each datagram to the session -> run due timers -> start a batch if one is due
-//! and the key tree is home -> send what the session has, until it has nothing or the socket
-//! would block -> deliver events. The key tree travels to a worker for each batch and comes
-//! back with the built message; joins and leaves that arrive meanwhile wait for the next one.
+//! -> send what the session has, until it has nothing or the socket would block -> deliver
+//! events. Joins, leaves and batch scheduling are decided by the sans-IO
+//! [`Membership`](crate::gcks::membership::Membership) table; leaves are journaled
+//! ([`LeaveJournal`]) before they are acknowledged.
+//!
+//! A batch is a transaction: the worker builds it on a fork of the committed key tree, lays out,
+//! signs and encodes the message and writes it with the tree to the state directory; only then
+//! does the loop take the fork as its tree, release the batch's leaves in the journal and hand
+//! the joiners their bundles. A failure leaves tree, sequence and state directory untouched and
+//! the same batch is retried after a backoff; a panic on the worker poisons the engine.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,12 +27,15 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::resync_server::Endpoints;
 use super::socket::MulticastSocket;
 use super::workers::{JobPanicked, WorkerPool};
+use crate::gcks::membership::{BatchOrder, Membership, Schedule};
 use crate::gcks::{
-    Command, EngineError, GcksConfig, GcksEvent, GcksStats, JoinError, LagSummary, ResyncAnswer,
+    BatchFailure, Command, EngineError, GcksConfig, GcksEvent, GcksStats, JoinError, LagSummary,
+    LeaveError, PoisonReason, ResyncAnswer,
 };
 use crate::gsa::RekeySa;
-use crate::lkh::{KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle};
-use crate::resync::store::{RestoredState, StateStore, StoredMessage};
+use crate::lkh::{KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle, SnapshotError};
+use crate::resync::journal::LeaveJournal;
+use crate::resync::store::{RestoredState, StateStore, StoreError, StoredMessage};
 use crate::session::layout::{build_message, MessageParams};
 use crate::session::sender::{PreparedMessage, ResyncLookup, SenderEvent};
 use crate::session::{Destination, SenderSession};
@@ -46,27 +56,45 @@ pub(crate) struct Started {
     pub(crate) resync_addrs: (Option<SocketAddr>, Option<SocketAddr>),
 }
 
-/// What a batch job hands back: the tree (always), and the message and bundles.
+/// Where a join's bundle (or its error) goes.
+type JoinTicket = Sender<Result<RegistrationBundle, JoinError>>;
+
+/// The bundles of a batch's joiners, by member.
+type Bundles = Vec<(MemberId, Result<RegistrationBundle, LkhError>)>;
+
+/// A built and stored batch: the advanced fork of the tree, the message and the bundles.
 struct BatchDone {
     tree: KeyTree,
-    joins: Vec<(MemberId, Sender<Result<RegistrationBundle, JoinError>>)>,
-    leaves: Vec<MemberId>,
-    outcome: Result<(PreparedMessage, Vec<Result<RegistrationBundle, LkhError>>), BatchError>,
+    message: PreparedMessage,
+    bundles: Bundles,
     build_time: Duration,
 }
 
 /// A batch job's result as the worker pool delivers it.
-type BatchResult = Result<BatchDone, JobPanicked>;
+type BatchResult = Result<Result<BatchDone, BatchError>, JobPanicked>;
 
+/// Why a batch failed; nothing of it was committed.
 #[derive(Debug)]
 struct BatchError {
-    reason: String,
-    /// The tree advanced without a message.
-    fatal: bool,
+    reason: BatchFailure,
+    detail: String,
+}
+
+/// Faults injected in the batch path (tests): called on the worker with the batch's sequence
+/// number just before its state is written; a failure it returns fails the batch there, and
+/// a panic in it is a panicked job.
+#[derive(Clone, Default)]
+pub(crate) struct BatchHooks {
+    pub(crate) before_commit: Option<Arc<dyn Fn(u64) -> Option<BatchFailure> + Send + Sync>>,
 }
 
 /// Sets up the socket and spawns the loop's thread.
-pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Started, EngineError> {
+pub(crate) fn spawn(
+    config: GcksConfig,
+    signing_key: SigningKey,
+    hooks: BatchHooks,
+    poisoned: Arc<std::sync::OnceLock<PoisonReason>>,
+) -> Result<Started, EngineError> {
     config.sender.validate()?;
     let (socket, _report) = MulticastSocket::sender(&config.multicast, config.bind)?;
     let local_addr = socket.local_addr()?;
@@ -100,8 +128,8 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
     };
     let now = Instant::now();
     let mut session = SenderSession::new(config.sender.clone(), config.group_id, config.spi, now)?;
-    let (store, tree) = match &config.state_dir {
-        None => (None, KeyTree::with_rng(sa, rng)),
+    let (store, tree, journal) = match &config.state_dir {
+        None => (None, KeyTree::with_rng(sa, rng), None),
         Some(dir) => {
             let (store, restored) = StateStore::open(dir, config.sender.history, rng)?;
             let tree = match restored {
@@ -119,9 +147,29 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                     restored.tree
                 }
             };
-            (Some(Arc::new(store)), tree)
+            let journal = LeaveJournal::open(dir, tree.seq())?;
+            (Some(Arc::new(store)), tree, Some(journal))
         }
     };
+    let mut membership =
+        Membership::new(Schedule::new(config.batch_interval, config.max_batch), now);
+    let journal = journal.map(|(journal, replay)| {
+        // Leaves acknowledged before a crash and not applied by a durable batch: the first
+        // batch applies them (one whose batch committed before the crash is applied already).
+        // A batch committed and never released handed out no bundle: its joiners leave too.
+        let mut leaving: Vec<MemberId> = replay
+            .leaves
+            .into_iter()
+            .filter(|member| tree.leaf_of(*member).is_some())
+            .collect();
+        if replay.unreleased_batch {
+            leaving.extend(tree.admitted_by_latest_batch());
+        }
+        leaving.sort_unstable();
+        leaving.dedup();
+        membership.restore_leaves(leaving);
+        journal
+    });
     let threads = match config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -145,22 +193,21 @@ pub(crate) fn spawn(config: GcksConfig, signing_key: SigningKey) -> Result<Start
                 events: event_tx,
                 session,
                 group_key_version: tree.group_key().0,
-                tree: Some(tree),
+                tree: Arc::new(tree),
                 store,
+                journal,
+                batch_mark: 0,
+                membership,
+                hooks,
+                poisoned,
                 workers,
                 batch_results: crossbeam_channel::unbounded(),
-                joins: Vec::new(),
-                leaves: Vec::new(),
-                rekey_requested: false,
-                last_batch: now,
                 backlog: std::collections::VecDeque::new(),
                 lag: Histogram::new(3).ok(),
                 datagrams_sent: 0,
                 send_blocked: 0,
                 held: std::collections::VecDeque::new(),
                 relays: std::collections::HashSet::new(),
-                pending_relays: std::collections::HashSet::new(),
-                batch_relays: std::collections::HashSet::new(),
             };
             state.run()
         })?;
@@ -188,16 +235,21 @@ struct LoopState {
     commands: Receiver<Command>,
     events: Sender<GcksEvent>,
     session: SenderSession,
-    /// The key tree, `None` while a worker builds a batch with it.
-    tree: Option<KeyTree>,
+    /// The committed key tree; a batch job builds on a fork of it.
+    tree: Arc<KeyTree>,
     /// The state directory, shared with the batch jobs that commit to it.
     store: Option<Arc<StateStore>>,
+    /// The leave journal of the state directory.
+    journal: Option<LeaveJournal>,
+    /// The journal's mark when the batch out was first taken: its leaves are those below it.
+    batch_mark: u64,
+    /// The pending-membership table and batch schedule.
+    membership: Membership<JoinTicket>,
+    hooks: BatchHooks,
+    /// Set once when the engine is poisoned; the handle reads it.
+    poisoned: Arc<std::sync::OnceLock<PoisonReason>>,
     workers: WorkerPool,
     batch_results: (Sender<BatchResult>, Receiver<BatchResult>),
-    joins: Vec<(MemberId, Sender<Result<RegistrationBundle, JoinError>>)>,
-    leaves: Vec<MemberId>,
-    rekey_requested: bool,
-    last_batch: Instant,
     /// Datagrams the socket would not take yet, in order.
     backlog: std::collections::VecDeque<(Vec<u8>, SocketAddr)>,
     lag: Option<Histogram<u64>>,
@@ -206,11 +258,8 @@ struct LoopState {
     group_key_version: u32,
     /// Messages whose joiners have their bundles, waiting out the admission delay.
     held: std::collections::VecDeque<(Instant, PreparedMessage)>,
-    /// Members registered as relays, and relay joins not yet in a batch, and those of the
-    /// batch being built.
+    /// Members registered as relays.
     relays: std::collections::HashSet<MemberId>,
-    pending_relays: std::collections::HashSet<MemberId>,
-    batch_relays: std::collections::HashSet<MemberId>,
 }
 
 impl LoopState {
@@ -257,6 +306,10 @@ impl LoopState {
                 return Ok(());
             }
             self.handle_batch_results(now);
+            if let Some(reason) = self.membership.poisoned() {
+                self.refuse_queued_commands(reason);
+                return Err(EngineError::Poisoned(reason));
+            }
             let now = Instant::now();
             self.release_held(now);
             if self.session.poll_timeout().is_some_and(|at| at <= now) {
@@ -278,8 +331,7 @@ impl LoopState {
         if let Some(at) = self.endpoints.poll_timeout() {
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
-        if self.tree.is_some() && self.batch_pending() {
-            let at = self.last_batch + self.config.batch_interval;
+        if let Some(at) = self.membership.poll_timeout() {
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
         if let Some((at, _)) = self.held.front() {
@@ -291,10 +343,6 @@ impl LoopState {
             deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
         deadline
-    }
-
-    fn batch_pending(&self) -> bool {
-        self.rekey_requested || !self.joins.is_empty() || !self.leaves.is_empty()
     }
 
     fn receive(&mut self, now: Instant, buf: &mut [u8]) {
@@ -323,13 +371,27 @@ impl LoopState {
     fn handle_commands(&mut self, now: Instant) -> bool {
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Join(member, reply) => self.joins.push((member, reply)),
-                Command::JoinRelay(member, reply) => {
-                    self.pending_relays.insert(member);
-                    self.joins.push((member, reply));
+                Command::Join(member, reply) => self.join(member, false, reply),
+                Command::JoinRelay(member, reply) => self.join(member, true, reply),
+                Command::Leave(member, reply) => {
+                    let in_tree = self.tree.leaf_of(member).is_some();
+                    let journal = &mut self.journal;
+                    let answer = self.membership.leave(member, in_tree, |member| {
+                        // Durable before it is acknowledged (see `Gcks::leave`).
+                        match journal {
+                            Some(journal) => journal.record_leave(member).map(|()| true),
+                            None => Ok(false),
+                        }
+                    });
+                    let answer = answer.map(|left| {
+                        if let Some(ticket) = left.cancelled {
+                            let _ = ticket.send(Err(JoinError::Cancelled));
+                        }
+                        left.outcome
+                    });
+                    let _ = reply.send(answer);
                 }
-                Command::Leave(member) => self.leaves.push(member),
-                Command::RekeyNow => self.rekey_requested = true,
+                Command::RekeyNow => self.membership.request_rekey(now),
                 Command::Stats(reply) => {
                     let _ = reply.send(self.stats());
                 }
@@ -355,8 +417,42 @@ impl LoopState {
                 Command::Shutdown => return true,
             }
         }
-        let _ = now;
         false
+    }
+
+    fn join(&mut self, member: MemberId, relay: bool, reply: JoinTicket) {
+        let in_tree = self.tree.leaf_of(member).is_some();
+        if let Err((reply, error)) = self.membership.join(member, relay, reply, in_tree) {
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    /// Answers the commands still queued when the engine stops poisoned.
+    fn refuse_queued_commands(&mut self, reason: PoisonReason) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Join(_, reply) | Command::JoinRelay(_, reply) => {
+                    let _ = reply.send(Err(JoinError::Poisoned(reason)));
+                }
+                Command::Leave(_, reply) => {
+                    let _ = reply.send(Err(LeaveError::Poisoned(reason)));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The engine cannot go on: fails every waiting join, says why, and stops the loop (after
+    /// this loop turn).
+    fn poison(&mut self, reason: PoisonReason) {
+        if self.membership.poisoned().is_some() {
+            return;
+        }
+        let _ = self.poisoned.set(reason);
+        for ticket in self.membership.poison(reason) {
+            let _ = ticket.send(Err(JoinError::Poisoned(reason)));
+        }
+        let _ = self.events.send(GcksEvent::Poisoned { reason });
     }
 
     fn stats(&self) -> GcksStats {
@@ -364,10 +460,10 @@ impl LoopState {
         GcksStats {
             sender: *self.session.counters(),
             repair_orders: self.session.repair_stats().orders,
-            members: self.tree.as_ref().map_or(0, KeyTree::member_count),
+            members: self.tree.member_count(),
             seq: self.session.latest_seq().unwrap_or(0),
             group_key_version: self.group_key_version,
-            pending: self.joins.len() + self.leaves.len(),
+            pending: self.membership.pending_changes(),
             loop_lag_us: lag,
             datagrams_sent: self.datagrams_sent,
             send_blocked: self.send_blocked,
@@ -377,28 +473,16 @@ impl LoopState {
     }
 
     fn maybe_start_batch(&mut self, now: Instant) {
-        if self.tree.is_none() || !self.batch_pending() {
-            return;
-        }
-        let due = self.rekey_requested
-            || now >= self.last_batch + self.config.batch_interval
-            || self.joins.len() + self.leaves.len() >= self.config.max_batch;
-        if !due {
-            return;
-        }
-        let Some(mut tree) = self.tree.take() else {
+        let Some(order) = self.membership.poll_batch(now) else {
             return;
         };
-        self.rekey_requested = false;
-        self.last_batch = now;
-        let joins = std::mem::take(&mut self.joins);
-        let leaves = std::mem::take(&mut self.leaves);
-        self.batch_relays = joins
-            .iter()
-            .filter_map(|(member, _)| self.pending_relays.take(member))
-            .collect();
+        if order.attempt == 1 {
+            self.batch_mark = self.journal.as_ref().map_or(0, LeaveJournal::mark);
+        }
+        let committed = Arc::clone(&self.tree);
         let key = Arc::clone(&self.signing_key);
         let store = self.store.clone();
+        let hooks = self.hooks.clone();
         let params = MessageParams {
             spi: self.config.spi,
             timestamp_us: unix_micros(),
@@ -406,104 +490,110 @@ impl LoopState {
         };
         let job = move || {
             let started = Instant::now();
-            // One bad request must not fail the whole batch: a leave of a non-member is
-            // dropped, a join of a current member (or a repeated one) is refused alone.
-            let mut leaves = leaves;
-            leaves.sort_unstable();
-            leaves.dedup();
-            leaves.retain(|member| tree.leaf_of(*member).is_some());
-            let (joins, refused) = screen(&tree, joins, &leaves);
-            for (member, reply) in refused {
-                let _ = reply.send(Err(JoinError::Lkh(LkhError::AlreadyMember(member))));
-            }
-            let members: Vec<MemberId> = joins.iter().map(|(m, _)| *m).collect();
-            let outcome = build_batch(
+            // The batch is built on a fork: the committed tree stays as it is until the loop
+            // takes the fork, after the message is built and stored.
+            let mut tree = committed.fork();
+            drop(committed);
+            let BatchOrder { joins, leaves, .. } = order;
+            build_batch(
                 &mut tree,
-                &members,
+                &joins,
                 &leaves,
                 &key,
                 &params,
                 store.as_deref(),
-            );
-            BatchDone {
+                &hooks,
+            )
+            .map(|(message, bundles)| BatchDone {
                 tree,
-                joins,
-                leaves,
-                outcome,
+                message,
+                bundles,
                 build_time: started.elapsed(),
-            }
+            })
         };
         if self
             .workers
             .spawn(job, self.batch_results.0.clone(), Arc::clone(&self.waker))
             .is_err()
         {
-            let _ = self.events.send(GcksEvent::BatchFailed {
-                reason: "worker pool is shut down".into(),
-                fatal: true,
-            });
+            self.poison(PoisonReason::WorkersGone);
         }
     }
 
     fn handle_batch_results(&mut self, now: Instant) {
         while let Ok(result) = self.batch_results.1.try_recv() {
-            let done = match result {
-                Ok(done) => done,
-                Err(panicked) => {
-                    // The tree went down with the job: nothing more can be sent.
+            match result {
+                // The job's state is unknown: the committed tree is intact, but what panicked
+                // may panic again on every retry.
+                Err(_panicked) => self.poison(PoisonReason::WorkerPanicked),
+                Ok(Err(error)) => {
+                    let attempt = self.membership.attempts();
+                    let retry_in = self.membership.batch_failed(now);
                     let _ = self.events.send(GcksEvent::BatchFailed {
-                        reason: panicked.to_string(),
-                        fatal: true,
-                    });
-                    continue;
-                }
-            };
-            let members = done.tree.member_count();
-            self.tree = Some(done.tree);
-            let batch_relays = std::mem::take(&mut self.batch_relays);
-            match done.outcome {
-                Ok((message, bundles)) => {
-                    let seq = message.seq();
-                    let chunks = message.chunk_count();
-                    for member in &done.leaves {
-                        self.relays.remove(member);
-                    }
-                    for ((member, reply), bundle) in done.joins.iter().zip(bundles) {
-                        if bundle.is_ok() && batch_relays.contains(member) {
-                            self.relays.insert(*member);
-                        }
-                        let _ = reply.send(bundle.map_err(JoinError::Lkh));
-                    }
-                    self.group_key_version = self
-                        .tree
-                        .as_ref()
-                        .map_or(self.group_key_version, |tree| tree.group_key().0);
-                    let delay = if done.joins.is_empty() {
-                        Duration::ZERO
-                    } else {
-                        self.config.admission_delay
-                    };
-                    self.held.push_back((now + delay, message));
-                    let _ = self.events.send(GcksEvent::Rekeyed {
-                        seq,
-                        joined: done.joins.len(),
-                        left: done.leaves.len(),
-                        members,
-                        chunks,
-                        build_time: done.build_time,
-                    });
-                }
-                Err(error) => {
-                    for (_, reply) in &done.joins {
-                        let _ = reply.send(Err(JoinError::BatchFailed(error.reason.clone())));
-                    }
-                    let _ = self.events.send(GcksEvent::BatchFailed {
+                        seq: self.tree.seq() + 1,
+                        attempt,
                         reason: error.reason,
-                        fatal: error.fatal,
+                        detail: error.detail,
+                        retry_in,
                     });
                 }
+                Ok(Ok(done)) => self.commit(now, done),
             }
         }
+    }
+
+    /// Takes a built and stored batch: its tree becomes the committed one, its leaves are
+    /// released in the journal, its joiners get their bundles, its message waits out the
+    /// admission delay.
+    fn commit(&mut self, now: Instant, done: BatchDone) {
+        let members = done.tree.member_count();
+        self.tree = Arc::new(done.tree);
+        self.group_key_version = self.tree.group_key().0;
+        let Some(committed) = self.membership.batch_committed(now) else {
+            return;
+        };
+        // The batch is durable: it is released in the journal before any bundle of it is handed
+        // out. A crash in between replays its leaves and removes its joiners, who got no
+        // bundle (a member re-admitted in this batch: its last acknowledged command is the
+        // leave).
+        let changed = !committed.joins.is_empty() || !committed.leaves.is_empty();
+        if let Some(journal) = self.journal.as_mut().filter(|_| changed) {
+            if let Err(error) = journal.release(self.tree.seq(), self.batch_mark) {
+                self.poison(PoisonReason::Journal(error));
+                return;
+            }
+        }
+        for member in &committed.leaves {
+            self.relays.remove(member);
+        }
+        let mut bundles: std::collections::HashMap<MemberId, Result<RegistrationBundle, LkhError>> =
+            done.bundles.into_iter().collect();
+        let joined = committed.joins.len();
+        for joiner in committed.joins {
+            let bundle = bundles
+                .remove(&joiner.member)
+                .unwrap_or(Err(LkhError::NotJustJoined(joiner.member)));
+            if bundle.is_ok() && joiner.relay {
+                self.relays.insert(joiner.member);
+            }
+            let _ = joiner.ticket.send(bundle.map_err(JoinError::Lkh));
+        }
+        let seq = done.message.seq();
+        let chunks = done.message.chunk_count();
+        let delay = if joined == 0 {
+            Duration::ZERO
+        } else {
+            self.config.admission_delay
+        };
+        self.held.push_back((now + delay, done.message));
+        let _ = self.events.send(GcksEvent::Rekeyed {
+            seq,
+            joined,
+            left: committed.leaves.len(),
+            members,
+            chunks,
+            build_time: done.build_time,
+        });
     }
 
     /// Queues the held messages whose admission delay is over, in order.
@@ -517,12 +607,8 @@ impl LoopState {
                 Ok(()) => {
                     let _ = self.events.send(GcksEvent::Queued { seq });
                 }
-                Err(e) => {
-                    let _ = self.events.send(GcksEvent::BatchFailed {
-                        reason: e.to_string(),
-                        fatal: true,
-                    });
-                }
+                // Committed, yet the session refuses it: members would wait for it forever.
+                Err(_) => self.poison(PoisonReason::QueueRefused),
             }
         }
     }
@@ -608,24 +694,10 @@ impl LoopState {
 /// Datagrams gathered for one batched send (each in a slot of the configured datagram size).
 const BATCH_DATAGRAMS: usize = 64;
 
-/// A join and where its registration bundle goes.
-type JoinReply = (MemberId, Sender<Result<RegistrationBundle, JoinError>>);
-
-/// A batch's joins split into those the tree can take and those it would refuse: a member
-/// already in the group (and not leaving in this batch, `leaves` sorted), or one asked for
-/// twice.
-fn screen(
-    tree: &KeyTree,
-    joins: Vec<JoinReply>,
-    leaves: &[MemberId],
-) -> (Vec<JoinReply>, Vec<JoinReply>) {
-    let mut seen = std::collections::HashSet::with_capacity(joins.len());
-    joins.into_iter().partition(|(member, _)| {
-        seen.insert(*member)
-            && (tree.leaf_of(*member).is_none() || leaves.binary_search(member).is_ok())
-    })
-}
-
+/// Applies the batch to `tree` (a fork), builds, signs and encodes its message and stores it
+/// with the tree; any error leaves the committed state as it was (the fork is dropped, and a
+/// message file written without its tree is discarded or overwritten, see
+/// [`crate::resync::store`]).
 fn build_batch(
     tree: &mut KeyTree,
     joins: &[MemberId],
@@ -633,31 +705,60 @@ fn build_batch(
     key: &SigningKey,
     params: &MessageParams,
     store: Option<&StateStore>,
-) -> Result<(PreparedMessage, Vec<Result<RegistrationBundle, LkhError>>), BatchError> {
+    hooks: &BatchHooks,
+) -> Result<(PreparedMessage, Bundles), BatchError> {
     let batch = tree.apply_batch(joins, leaves).map_err(|e| BatchError {
-        reason: e.to_string(),
-        fatal: false,
+        reason: BatchFailure::Tree(e),
+        detail: e.to_string(),
     })?;
-    let fatal = |reason: String| BatchError {
-        reason,
-        fatal: true,
+    let bundles = joins
+        .iter()
+        .map(|member| (*member, tree.join(*member)))
+        .collect();
+    let built =
+        build_message(&batch, &tree.leaves_in_order(), key, params).map_err(|e| BatchError {
+            reason: BatchFailure::Build,
+            detail: e.to_string(),
+        })?;
+    let encode = |e: crate::session::sender::QueueError| BatchError {
+        reason: BatchFailure::Encode,
+        detail: e.to_string(),
     };
-    let bundles = joins.iter().map(|member| tree.join(*member)).collect();
-    let built = build_message(&batch, &tree.leaves_in_order(), key, params)
-        .map_err(|e| fatal(e.to_string()))?;
-    let prepared =
-        PreparedMessage::new(built, batch.mac_key.clone()).map_err(|e| fatal(e.to_string()))?;
-    prepared
-        .build_repair_encoders()
-        .map_err(|e| fatal(e.to_string()))?;
+    let prepared = PreparedMessage::new(built, batch.mac_key.clone()).map_err(encode)?;
+    prepared.build_repair_encoders().map_err(encode)?;
+    if let Some(fault) = hooks
+        .before_commit
+        .as_ref()
+        .and_then(|hook| hook(tree.seq()))
+    {
+        return Err(BatchError {
+            reason: fault,
+            detail: "injected fault".into(),
+        });
+    }
     // Durable before it is sent (DESIGN.md, persistence): a GCKS that dies after this resumes
     // at this message and sends it; one that dies before it never sent it.
     if let Some(store) = store {
         store
             .commit(tree, &StoredMessage::from_prepared(&prepared))
-            .map_err(|e| fatal(format!("state not written, message not sent: {e}")))?;
+            .map_err(|e| BatchError {
+                reason: store_failure(&e),
+                detail: format!("state not written, nothing committed: {e}"),
+            })?;
     }
     Ok((prepared, bundles))
+}
+
+/// The typed reason of a failed state write.
+fn store_failure(error: &StoreError) -> BatchFailure {
+    match error {
+        StoreError::Io { source, .. } => BatchFailure::StateWrite(source.kind()),
+        StoreError::Tree {
+            source: SnapshotError::Io(source),
+            ..
+        } => BatchFailure::StateWrite(source.kind()),
+        _ => BatchFailure::State,
+    }
 }
 
 /// Puts the restored history into the session: every message but the last back in the
@@ -701,4 +802,153 @@ fn unix_micros() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::gcks::{Gcks, LeaveError};
+
+    fn config(salt: u8) -> GcksConfig {
+        let pid = std::process::id();
+        let group = SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(239, 83, salt, pid as u8),
+            24_000 + (pid % 10_000) as u16 + u16::from(salt),
+        ));
+        let mut config = GcksConfig::loopback(group);
+        config.batch_interval = Duration::from_secs(3600);
+        config.admission_delay = Duration::ZERO;
+        config
+    }
+
+    fn next_event(gcks: &Gcks, wanted: impl Fn(&GcksEvent) -> bool) -> GcksEvent {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(event) = gcks.events().recv_timeout(Duration::from_millis(100)) {
+                if wanted(&event) {
+                    return event;
+                }
+            }
+        }
+        panic!("no such event within 30 s");
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_by_itself_with_the_same_sequence_number() {
+        let failures = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&failures);
+        let hooks = BatchHooks {
+            before_commit: Some(Arc::new(move |seq| {
+                (seq == 2 && counted.fetch_add(1, Ordering::SeqCst) < 2)
+                    .then_some(BatchFailure::StateWrite(std::io::ErrorKind::StorageFull))
+            })),
+        };
+        let gcks =
+            Gcks::start_with_hooks(config(1), SigningKey::from_bytes(&[8; 32]), hooks).unwrap();
+        let first = gcks.join(MemberId(1)).unwrap();
+        gcks.rekey_now().unwrap();
+        first
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        let second = gcks.join(MemberId(2)).unwrap();
+        gcks.rekey_now().unwrap();
+        let mut seen = Vec::new();
+        let rekeyed = loop {
+            match next_event(&gcks, |e| {
+                matches!(
+                    e,
+                    GcksEvent::BatchFailed { .. } | GcksEvent::Rekeyed { seq: 2.., .. }
+                )
+            }) {
+                GcksEvent::BatchFailed {
+                    seq,
+                    attempt,
+                    reason,
+                    retry_in,
+                    ..
+                } => {
+                    assert_eq!(
+                        reason,
+                        BatchFailure::StateWrite(std::io::ErrorKind::StorageFull)
+                    );
+                    // Nothing committed meanwhile.
+                    let stats = gcks.stats().unwrap();
+                    assert_eq!((stats.members, stats.pending), (1, 1));
+                    seen.push((seq, attempt, retry_in.map(|d| d.as_millis())));
+                }
+                event => break event,
+            }
+        };
+        assert_eq!(seen, vec![(2, 1, Some(100)), (2, 2, Some(200))]);
+        assert!(
+            matches!(
+                rekeyed,
+                GcksEvent::Rekeyed {
+                    seq: 2,
+                    joined: 1,
+                    members: 2,
+                    ..
+                }
+            ),
+            "{rekeyed:?}"
+        );
+        let bundle = second
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bundle.first_seq, 2);
+        gcks.shutdown().unwrap();
+    }
+
+    #[test]
+    fn a_panicked_batch_poisons_the_engine() {
+        let hooks = BatchHooks {
+            before_commit: Some(Arc::new(|seq| {
+                assert!(seq != 2, "injected panic in the batch of message 2");
+                None
+            })),
+        };
+        let gcks =
+            Gcks::start_with_hooks(config(2), SigningKey::from_bytes(&[8; 32]), hooks).unwrap();
+        let first = gcks.join(MemberId(1)).unwrap();
+        gcks.rekey_now().unwrap();
+        first
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        let second = gcks.join(MemberId(2)).unwrap();
+        gcks.rekey_now().unwrap();
+        let poisoned = next_event(&gcks, |e| matches!(e, GcksEvent::Poisoned { .. }));
+        assert_eq!(
+            poisoned,
+            GcksEvent::Poisoned {
+                reason: PoisonReason::WorkerPanicked
+            }
+        );
+        let answer = second.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            matches!(
+                answer,
+                Err(JoinError::Poisoned(PoisonReason::WorkerPanicked))
+            ),
+            "the pending join fails with the reason: {answer:?}"
+        );
+        assert!(matches!(
+            gcks.join(MemberId(3)),
+            Err(EngineError::Poisoned(PoisonReason::WorkerPanicked))
+        ));
+        assert!(matches!(
+            gcks.leave(MemberId(1)),
+            Err(LeaveError::Poisoned(PoisonReason::WorkerPanicked))
+        ));
+        assert_eq!(gcks.poisoned(), Some(PoisonReason::WorkerPanicked));
+        assert!(matches!(
+            gcks.shutdown(),
+            Err(EngineError::Poisoned(PoisonReason::WorkerPanicked))
+        ));
+    }
 }
