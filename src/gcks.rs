@@ -7,7 +7,15 @@
 //! channel that wakes the loop ([`Gcks::join`], [`Gcks::leave`], [`Gcks::rekey_now`]); events
 //! come out over another ([`Gcks::events`]). Building a batch (the key tree, the layout, the
 //! signatures, the FEC encoder) runs on worker threads, so the loop keeps sending and
-//! repairing meanwhile. Products with their own runtime can drive
+//! repairing meanwhile.
+//!
+//! Membership commands are ordered: the last command for a member wins ([`membership`]); a
+//! leave is journaled before it is acknowledged and a join is acknowledged by its bundle once
+//! its batch is durable (see [`Gcks::join`] and [`Gcks::leave`]). A batch is a transaction:
+//! it commits the key tree, the sequence number and the state directory only when its message
+//! is built and stored, and a failed batch is retried with the same changes
+//! ([`GcksEvent::BatchFailed`]); what cannot be recovered poisons the engine
+//! ([`GcksEvent::Poisoned`]). Products with their own runtime can drive
 //! [`crate::session::SenderSession`] themselves instead.
 //!
 //! ```
@@ -78,7 +86,9 @@ pub struct GcksConfig {
     /// The state directory: the key tree and the history of signed messages are written and
     /// fsynced there before each message is sent, and a GCKS started on it resumes the same
     /// group and sequence (re-sending the last message, which may not have gone out), so no
-    /// member has to re-register. `None` (the default): nothing is persisted.
+    /// member has to re-register; acknowledged leaves are journaled there
+    /// ([`crate::resync::journal`]) and replayed on start. `None` (the default): nothing is
+    /// persisted, and a leave does not survive a crash.
     pub state_dir: Option<std::path::PathBuf>,
     /// Where the TCP resync endpoint listens (length-prefixed frames); `None`: no endpoint.
     pub resync_tcp: Option<SocketAddr>,

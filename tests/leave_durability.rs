@@ -155,6 +155,12 @@ fn run(seed: u64) {
     let mut acked: Vec<AckedLeave> = Vec::new();
     for life in 0..3 {
         let server = start(&setup, life);
+        if life == 0 {
+            // A leave of a member that never joined is refused, not silently "ok".
+            let answer =
+                request(&setup.socket, &json!({"op": "leave", "member": 999_999})).unwrap();
+            assert_eq!(answer["ok"], false, "{answer}");
+        }
         let ops = rng.gen_range(3..8);
         for _ in 0..ops {
             if current.len() < 2 || rng.gen_bool(0.5) {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rekeycast::config::ServerConfig;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, GcksStats, LeaveOutcome};
+use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;
 use serde_json::{json, Value};
@@ -87,7 +87,14 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         info!(tcp = ?tcp, http = ?http, "resync endpoints listening");
     }
     let listener = bind_admin(&config.admin_socket)?;
+    let mut exit = ExitCode::SUCCESS;
     while !shutdown.is_set() {
+        if let Some(reason) = gcks.poisoned() {
+            // The engine stopped for good (the event logger said why): so does the server.
+            error!(%reason, "the GCKS engine is poisoned; exiting");
+            exit = ExitCode::FAILURE;
+            break;
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 let gcks = Arc::clone(&gcks);
@@ -112,7 +119,11 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         warn!(%error, "removing the admin socket");
     }
     match Arc::try_unwrap(gcks) {
-        Ok(gcks) => gcks.shutdown().context("stopping the GCKS engine")?,
+        Ok(gcks) => match gcks.shutdown() {
+            Ok(()) => {}
+            Err(EngineError::Poisoned(_)) => exit = ExitCode::FAILURE,
+            Err(error) => return Err(error).context("stopping the GCKS engine"),
+        },
         // An admin connection still holds it (a join waiting for its batch): the engine stops
         // when that thread lets go, or with the process.
         Err(_) => warn!("an admin request is still in progress; exiting without waiting"),
@@ -121,7 +132,7 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         let _ = logger.join();
     }
     info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(exit)
 }
 
 /// The engine's configuration from the file's.

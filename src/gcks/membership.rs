@@ -318,14 +318,14 @@ impl<T> Membership<T> {
 
     /// The batch the driver was building is committed (its tree, sequence number and durable
     /// state): its joiners get their bundles now.
-    pub fn batch_committed(&mut self, now: Instant) -> Option<Committed<T>> {
+    pub fn batch_committed(&mut self) -> Option<Committed<T>> {
         if self.phase != Phase::Building {
             return None;
         }
         let batch = self.batch.take()?;
         self.phase = Phase::Idle;
         self.backoff = self.schedule.retry_min;
-        self.last_batch = now;
+        // The interval runs from the batch's first start.
         Some(Committed {
             joins: batch.joins,
             leaves: batch.leaves,
@@ -679,7 +679,7 @@ mod tests {
             if !release {
                 return;
             }
-            let committed = self.table.batch_committed(self.now).unwrap();
+            let committed = self.table.batch_committed().unwrap();
             assert_eq!(committed.leaves, order.leaves);
             let mark = self.mark;
             self.journal.retain(|(id, _)| *id >= mark);
@@ -899,7 +899,7 @@ mod tests {
             delays,
             vec![100, 200, 400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 30_000]
         );
-        let committed = table.batch_committed(now).unwrap();
+        let committed = table.batch_committed().unwrap();
         assert_eq!(committed.joins.len(), 1);
         assert_eq!(
             table.pending_changes(),
@@ -913,7 +913,7 @@ mod tests {
         // A refresh without changes is not retried.
         let now = now + Duration::from_millis(100);
         assert!(table.poll_batch(now).is_some());
-        table.batch_committed(now).unwrap();
+        table.batch_committed().unwrap();
         table.request_rekey(now);
         assert!(table.poll_batch(now).is_some());
         assert_eq!(table.batch_failed(now), None);

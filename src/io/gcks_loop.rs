@@ -269,6 +269,10 @@ impl LoopState {
         let slot = self.config.sender.datagram_size;
         let mut batch = vec![0u8; BATCH_DATAGRAMS * slot];
         loop {
+            if let Some(reason) = self.membership.poisoned() {
+                self.refuse_queued_commands(reason);
+                return Err(EngineError::Poisoned(reason));
+            }
             let deadline = self.deadline();
             let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
             match self.poll.poll(&mut events, timeout) {
@@ -306,10 +310,6 @@ impl LoopState {
                 return Ok(());
             }
             self.handle_batch_results(now);
-            if let Some(reason) = self.membership.poisoned() {
-                self.refuse_queued_commands(reason);
-                return Err(EngineError::Poisoned(reason));
-            }
             let now = Instant::now();
             self.release_held(now);
             if self.session.poll_timeout().is_some_and(|at| at <= now) {
@@ -549,7 +549,7 @@ impl LoopState {
         let members = done.tree.member_count();
         self.tree = Arc::new(done.tree);
         self.group_key_version = self.tree.group_key().0;
-        let Some(committed) = self.membership.batch_committed(now) else {
+        let Some(committed) = self.membership.batch_committed() else {
             return;
         };
         // The batch is durable: it is released in the journal before any bundle of it is handed

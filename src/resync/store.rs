@@ -8,6 +8,7 @@
 //! ```text
 //! STATE_DIR/tree.snapshot            the key tree (lkh snapshot format, mode 0600)
 //! STATE_DIR/messages/SEQ.msg         one signed message each (SEQ zero-padded to 20 digits)
+//! STATE_DIR/leaves.journal           acknowledged leaves not yet applied (see super::journal)
 //! ```
 //!
 //! A message file is `"RKMSG001" | BLAKE3(body) | body`, the body in postcard: sequence
