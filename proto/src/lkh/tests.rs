@@ -848,3 +848,40 @@ fn regression_pruned_parent_beyond_truncated_array() {
     ];
     run_random(4, 10, &steps, 0);
 }
+
+/// Everything a tree holds that a batch depends on, to compare two trees.
+fn fingerprint(tree: &KeyTree) -> Vec<(NodeId, Option<MemberId>, u32, [u8; 32])> {
+    let mut nodes = Vec::new();
+    for node in 0..tree.kinds.len() as NodeId {
+        if let Some((version, key)) = tree.node_key(node) {
+            nodes.push((node, tree.member_at(node), version, *key.as_bytes()));
+        }
+    }
+    nodes
+}
+
+#[test]
+fn a_fork_into_a_spare_of_any_size_equals_a_fresh_fork_and_leaves_the_original_alone() {
+    let mut original = tree(4, 21);
+    original.apply_batch(&ids(0..300), &[]).unwrap();
+    // Spares larger and smaller than the original, holding other keys.
+    let mut larger = tree(4, 22);
+    larger.apply_batch(&ids(1_000..2_000), &[]).unwrap();
+    let mut smaller = tree(4, 23);
+    smaller.apply_batch(&ids(5_000..5_010), &[]).unwrap();
+    let before = fingerprint(&original);
+    for mut spare in [larger, smaller] {
+        original.fork_into(&mut spare);
+        let mut fresh = original.fork();
+        assert_eq!(fingerprint(&spare), before);
+        assert!(spare.keys[spare.kinds.len()..].is_empty());
+        // The same batch on both gives the same tree (the key stream is copied too).
+        let leaving = ids(10..20);
+        let a = spare.apply_batch(&ids(400..410), &leaving).unwrap();
+        let b = fresh.apply_batch(&ids(400..410), &leaving).unwrap();
+        assert_eq!(a.wraps.len(), b.wraps.len());
+        assert_eq!(fingerprint(&spare), fingerprint(&fresh));
+        assert_eq!(fingerprint(&original), before, "the original is untouched");
+        assert_eq!(original.seq(), 1);
+    }
+}
