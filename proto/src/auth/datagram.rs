@@ -297,6 +297,7 @@ mod tests {
         let body = BodyRepr::Heartbeat(HeartbeatRepr {
             advertisement: false,
             probe_reply_requested: false,
+            instance: 7,
             probe_timestamp_us: probe,
             grtt_us: 1000,
             group_size: 10,
