@@ -358,6 +358,92 @@ fn echoed_a_heartbeat_since(net: &Net, sent_from: usize, feedback_from: usize) -
         .any(|ts| probes.contains(ts))
 }
 
+/// A GCKS restarted after an hour (its probe clock starts again at zero, as a new session):
+/// its first heartbeats are accepted by the member at once, not rejected as replays until the
+/// new process has been up longer than the old one.
+#[test]
+fn a_restarted_sender_is_heard_at_once() {
+    let (_group, mut net, first) = joined(41);
+    net.run(Duration::from_secs(3600), |_| false);
+    let (sent_from, feedback_from) = (net.sent.len(), net.feedback.len());
+    // The restart: a new session, the history restored from the store.
+    let mut restarted = SenderSession::new(SenderConfig::default(), GROUP, SPI, net.now).unwrap();
+    restarted
+        .restore_message(net.now, first.prepared())
+        .unwrap();
+    net.sender = restarted;
+    net.run(Duration::from_secs(60), |_| false);
+    assert!(
+        !net.heartbeats_since(sent_from).is_empty(),
+        "the restarted sender heartbeats"
+    );
+    assert!(
+        echoed_a_heartbeat_since(&net, sent_from, feedback_from),
+        "the member never accepted a heartbeat of the restarted sender"
+    );
+    let counters = net.members[0].heartbeat_counters();
+    assert_eq!(counters.instances_started, 2, "{counters:?}");
+    assert_eq!(counters.rejected(), 0, "{counters:?}");
+}
+
+/// An insider (a current member, holding the group's MAC key) resends the sender's latest
+/// heartbeat with the largest probe timestamp: the member goes on accepting the genuine
+/// sender's heartbeats.
+#[test]
+fn an_insider_heartbeat_with_a_huge_timestamp_does_not_silence_genuine_ones() {
+    let (_group, mut net, first) = joined(42);
+    net.run(Duration::from_secs(5), |_| false);
+    let (seq, mut forged) = net.heartbeats_since(0).pop().unwrap();
+    forged.probe_timestamp_us = u64::MAX - 1;
+    forged.advertisement = false;
+    let bytes = seal(seq, BodyRepr::Heartbeat(forged), &first.mac_key);
+    net.to_members(attacker_addr(), &bytes);
+    let (sent_from, feedback_from) = (net.sent.len(), net.feedback.len());
+    net.run(Duration::from_secs(120), |_| false);
+    assert!(
+        echoed_a_heartbeat_since(&net, sent_from, feedback_from),
+        "the member rejected every genuine heartbeat after the insider's"
+    );
+    let counters = net.members[0].heartbeat_counters();
+    assert_eq!(counters.ahead_of_clock, 1, "{counters:?}");
+    assert_eq!(counters.replayed, 0, "{counters:?}");
+}
+
+/// An insider's heartbeat claiming the largest GRTT, backoff factor and group size (and the
+/// largest timestamp) does not stall the member's NACK repair: the member, which lost every
+/// chunk symbol of the next message, still gets its key within a bound of virtual time.
+#[test]
+fn an_insider_heartbeat_cannot_stall_nack_repair() {
+    let (mut group, mut net, first) = joined(43);
+    net.run(Duration::from_secs(5), |_| false);
+    let (seq, mut forged) = net.heartbeats_since(0).pop().unwrap();
+    forged.probe_timestamp_us = u64::MAX - 1;
+    forged.grtt_us = u32::MAX;
+    forged.backoff_factor = u8::MAX;
+    forged.group_size = u32::MAX;
+    forged.probe_reply_requested = false;
+    forged.advertisement = false;
+    let bytes = seal(seq, BodyRepr::Heartbeat(forged.clone()), &first.mac_key);
+    net.to_members(attacker_addr(), &bytes);
+    // The same claims as a sender instance of its own: taken, with its values bounded.
+    forged.instance = forged.instance.wrapping_add(1);
+    let bytes = seal(seq, BodyRepr::Heartbeat(forged), &first.mac_key);
+    net.to_members(attacker_addr(), &bytes);
+    let counters = *net.members[0].heartbeat_counters();
+    assert_eq!(counters.ahead_of_clock, 1, "{counters:?}");
+    assert_eq!(counters.values_bounded, 1, "{counters:?}");
+    let (second, bundle) = group.admit();
+    net.lose = Some((0, second.seq));
+    net.add_member(&bundle, 7);
+    let took = net.deliver(&second, Duration::from_secs(600));
+    println!("insider heartbeat: the member got its key after {took:?} (virtual)");
+    let took = took.expect("the member never got its key");
+    assert!(
+        took < Duration::from_secs(10),
+        "NACK repair took {took:?} of virtual time"
+    );
+}
+
 /// A probe reply captured on the wire and replayed a minute later (and once a second after
 /// that) gives the sender no round-trip sample: its GRTT stays near the true value (zero
 /// here, so the configured initial value at most), and a late joiner that lost its chunk
