@@ -78,7 +78,8 @@ pub struct SenderConfig {
     pub heartbeat_min: Duration,
     /// The longest heartbeat interval: intervals double after each message up to it.
     pub heartbeat_max: Duration,
-    /// The NACK backoff factor K advertised to receivers (window `K * GRTT`).
+    /// The NACK backoff factor K advertised to receivers (window `K * GRTT`), within
+    /// `1..=16` (receivers take no more from a heartbeat).
     pub backoff_factor: u8,
     /// The GRTT estimator's configuration.
     pub grtt: GrttConfig,
@@ -132,8 +133,9 @@ impl SenderConfig {
                 "must be positive and at most heartbeat_max",
             );
         }
-        if self.backoff_factor == 0 {
-            return invalid("backoff_factor", "must be at least 1");
+        if !(1..=crate::auth::heartbeat::MAX_BACKOFF_FACTOR).contains(&self.backoff_factor) {
+            // Members take at most this from a heartbeat (an insider could claim more).
+            return invalid("backoff_factor", "must be within 1..=16");
         }
         self.grtt.validate()?;
         self.aggregator.validate()?;
@@ -1285,6 +1287,17 @@ fn interleave_manifests(symbols: Vec<Step>, repeats: u8) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_factor_is_within_what_members_take() {
+        for (factor, valid) in [(0, false), (1, true), (16, true), (17, false)] {
+            let config = SenderConfig {
+                backoff_factor: factor,
+                ..SenderConfig::default()
+            };
+            assert_eq!(config.validate().is_ok(), valid, "factor {factor}");
+        }
+    }
 
     #[test]
     fn manifests_are_first_spread_and_last() {
