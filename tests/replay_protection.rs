@@ -189,7 +189,7 @@ impl Net {
     }
 
     /// Hands `bytes` to every member, as a multicast datagram from `from`.
-    fn to_members(&mut self, from: SocketAddr, bytes: &[u8]) {
+    fn send_to_members(&mut self, from: SocketAddr, bytes: &[u8]) {
         for member in &mut self.members {
             member.handle_datagram(self.now, from, bytes);
         }
@@ -197,7 +197,7 @@ impl Net {
     }
 
     /// Hands `bytes` to the sender from `from`.
-    fn to_sender(&mut self, from: SocketAddr, bytes: &[u8]) {
+    fn send_to_sender(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.sender.handle_datagram(self.now, from, bytes);
         self.pump();
     }
@@ -397,7 +397,7 @@ fn an_insider_heartbeat_with_a_huge_timestamp_does_not_silence_genuine_ones() {
     forged.probe_timestamp_us = u64::MAX - 1;
     forged.advertisement = false;
     let bytes = seal(seq, BodyRepr::Heartbeat(forged), &first.mac_key);
-    net.to_members(attacker_addr(), &bytes);
+    net.send_to_members(attacker_addr(), &bytes);
     let (sent_from, feedback_from) = (net.sent.len(), net.feedback.len());
     net.run(Duration::from_secs(120), |_| false);
     assert!(
@@ -424,11 +424,11 @@ fn an_insider_heartbeat_cannot_stall_nack_repair() {
     forged.probe_reply_requested = false;
     forged.advertisement = false;
     let bytes = seal(seq, BodyRepr::Heartbeat(forged.clone()), &first.mac_key);
-    net.to_members(attacker_addr(), &bytes);
+    net.send_to_members(attacker_addr(), &bytes);
     // The same claims as a sender instance of its own: taken, with its values bounded.
     forged.instance = forged.instance.wrapping_add(1);
     let bytes = seal(seq, BodyRepr::Heartbeat(forged), &first.mac_key);
-    net.to_members(attacker_addr(), &bytes);
+    net.send_to_members(attacker_addr(), &bytes);
     let counters = *net.members[0].heartbeat_counters();
     assert_eq!(counters.ahead_of_clock, 1, "{counters:?}");
     assert_eq!(counters.values_bounded, 1, "{counters:?}");
@@ -460,7 +460,7 @@ fn replayed_probe_replies_keep_the_grtt_and_a_late_joiner_gets_its_key_quickly()
     let before = net.sender.grtt();
     net.run(Duration::from_secs(60), |_| false);
     for _ in 0..5 {
-        net.to_sender(attacker_addr(), &captured);
+        net.send_to_sender(attacker_addr(), &captured);
         net.run(Duration::from_secs(1), |_| false);
     }
     let after = net.sender.grtt();
@@ -498,7 +498,7 @@ fn replayed_nacks_trigger_no_repair() {
     assert!(repaired > 0, "the NACKs were repaired");
     for round in 0..3 {
         for nack in &nacks {
-            net.to_sender(attacker_addr(), nack);
+            net.send_to_sender(attacker_addr(), nack);
         }
         net.run(Duration::from_secs(2 + round), |_| false);
     }
@@ -531,7 +531,7 @@ fn one_forged_echo_moves_the_grtt_by_at_most_the_bound() {
         },
     };
     let bytes = seal(first.seq, BodyRepr::ProbeReply(reply), &first.mac_key);
-    net.to_sender(attacker_addr(), &bytes);
+    net.send_to_sender(attacker_addr(), &bytes);
     let after = net.sender.grtt();
     println!("forged echo: GRTT {before:?} before, {after:?} after");
     assert!(
