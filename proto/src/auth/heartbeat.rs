@@ -335,6 +335,7 @@ mod tests {
 
     #[test]
     fn replays_within_an_instance_are_rejected() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         assert!(guard.check(t0, 5, &heartbeat(1, 100), 5).is_ok());
@@ -356,6 +357,7 @@ mod tests {
     /// instance: its first heartbeat is taken at once.
     #[test]
     fn a_restarted_sender_is_a_new_instance_taken_at_once() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         let hour = Duration::from_secs(3600);
@@ -371,6 +373,7 @@ mod tests {
     /// rejected, and the genuine heartbeats go on being taken.
     #[test]
     fn a_timestamp_ahead_of_the_instance_clock_is_rejected() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         assert!(guard.check(t0, 5, &heartbeat(1, 50 * SECOND), 5).is_ok());
@@ -399,6 +402,7 @@ mod tests {
 
     #[test]
     fn a_new_instance_must_name_current_traffic() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         assert_eq!(
@@ -414,6 +418,7 @@ mod tests {
     /// the genuine sender's next heartbeat starts its instance again: it is never silenced.
     #[test]
     fn instances_are_bounded_and_the_genuine_one_comes_back() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         assert!(guard.check(t0, 5, &heartbeat(1, 0), 5).is_ok());
@@ -433,6 +438,7 @@ mod tests {
     /// next heartbeat starts it afresh.
     #[test]
     fn a_poisoned_window_heals() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         assert!(guard.check(t0, 5, &heartbeat(1, u64::MAX - 1), 5).is_ok());
@@ -449,6 +455,7 @@ mod tests {
 
     #[test]
     fn values_are_bounded() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         guard.note_verified_group_size(50);
@@ -473,6 +480,7 @@ mod tests {
     /// whatever the heartbeats claim and however many arrive.
     #[test]
     fn the_grtt_moves_at_most_twofold_per_window() {
+        #[allow(clippy::disallowed_methods)]
         let t0 = Instant::now();
         let mut guard = HeartbeatGuard::new();
         let mut genuine = heartbeat(1, 0);
