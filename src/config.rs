@@ -611,6 +611,14 @@ impl SenderSection {
             ));
         }
         at_least_one("sender.backoff_factor", u64::from(self.backoff_factor))?;
+        let max_factor = crate::auth::heartbeat::MAX_BACKOFF_FACTOR;
+        if self.backoff_factor > max_factor {
+            return Err(invalid(
+                "sender.backoff_factor",
+                self.backoff_factor,
+                format!("must be at most {max_factor} (members take no more from a heartbeat)"),
+            ));
+        }
         non_zero_interval("sender.grtt_initial_ms", self.grtt_initial_ms)?;
         let grtt_max = GrttConfig::default().max;
         if Duration::from_millis(self.grtt_initial_ms) > grtt_max {

@@ -276,6 +276,7 @@ fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step
         BodyRepr::Heartbeat(rekeycast::wire::HeartbeatRepr {
             advertisement: true,
             probe_reply_requested: false,
+            instance: 7,
             probe_timestamp_us: 1_000,
             grtt_us: 50_000,
             group_size: 41,

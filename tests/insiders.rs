@@ -292,6 +292,7 @@ fn outsider(rng: &mut ChaCha8Rng, real: &[Vec<u8>], message: &Message) -> Vec<u8
                 BodyRepr::Heartbeat(HeartbeatRepr {
                     advertisement: rng.gen(),
                     probe_reply_requested: rng.gen(),
+                    instance: 7,
                     probe_timestamp_us: rng.gen(),
                     grtt_us: rng.gen_range(1..1_000_000),
                     group_size: rng.gen_range(1..100_000),

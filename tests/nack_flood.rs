@@ -243,6 +243,8 @@ fn delta(after: &SenderCounters, before: &SenderCounters) -> SenderCounters {
         source_bytes_sent: after.source_bytes_sent - before.source_bytes_sent,
         nacks_received: after.nacks_received - before.nacks_received,
         probe_replies_received: after.probe_replies_received - before.probe_replies_received,
+        replayed_feedback: after.replayed_feedback - before.replayed_feedback,
+        stale_feedback: after.stale_feedback - before.stale_feedback,
         repair_orders: after.repair_orders - before.repair_orders,
         rejected: after.rejected - before.rejected,
         ignored: after.ignored - before.ignored,

@@ -48,7 +48,12 @@ fn assert_converged(name: &str, report: &ScenarioReport) {
 }
 
 fn thousand_members_hundred_rekeys(name: &str, seed: u64, loss: Loss) {
-    let config = ScenarioConfig::new(seed, 1_000, 100, 0.01, loss);
+    let mut config = ScenarioConfig::new(seed, 1_000, 100, 0.01, loss);
+    // As in the regressions below: a burst is counted in packets, and after the last message
+    // only sparse heartbeats flow, so a member whose link stays bad through the whole last
+    // message and the heartbeats of the next half minute (seen at seed 4 with bursts of 10)
+    // learns of it only from a later heartbeat. The run stops as soon as all converged.
+    config.settle = Duration::from_secs(3600);
     let report = run(&config).unwrap();
     assert_eq!(report.messages, 101);
     assert_converged(name, &report);

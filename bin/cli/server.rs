@@ -184,6 +184,8 @@ pub fn stats_json(stats: &GcksStats) -> Value {
             "source_bytes_sent": s.source_bytes_sent,
             "nacks_received": s.nacks_received,
             "probe_replies_received": s.probe_replies_received,
+            "replayed_feedback": s.replayed_feedback,
+            "stale_feedback": s.stale_feedback,
             "repair_orders": s.repair_orders,
             "rejected": s.rejected,
             "ignored": s.ignored,

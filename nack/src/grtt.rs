@@ -3,11 +3,18 @@
 //! The sender stamps heartbeats with a probe time ([`GrttEstimator::probe_timestamp_us`]);
 //! receivers echo it with how long they held it, in NACKs or in rare, randomly suppressed
 //! probe replies; each echo gives `rtt = now - timestamp - hold`. The GRTT is a decaying
-//! maximum of these samples: it rises at once to a larger sample and, for every probe
-//! interval without a larger one, falls halfway towards the largest sample of that interval
-//! (RFC 5740 5.5.2's GRTT collection, simplified as in ALGORITHMS.md). It stays within the
-//! configured bounds. Intervals without any sample leave it unchanged: silence is not
-//! evidence that the group got closer.
+//! maximum of these samples: it rises to a larger sample and, for every probe interval
+//! without a larger one, falls halfway towards the largest sample of that interval (RFC 5740
+//! 5.5.2's GRTT collection, simplified as in ALGORITHMS.md). It stays within the configured
+//! bounds. Intervals without any sample leave it unchanged: silence is not evidence that the
+//! group got closer.
+//!
+//! A rise is bounded: within one probe interval the estimate goes at most to twice its value
+//! at the interval's start. Any receiver holding the group's MAC key can forge an echo with
+//! any age, so a single sample must not be able to move the GRTT (and with it every
+//! receiver's NACK backoff and the sender's repair hold-off) to the upper bound at once; a
+//! true rise in round-trip time is followed within a few intervals (from 100 ms to 10 s in
+//! seven). The caller is expected to drop replayed and stale echoes before they get here.
 
 use std::time::{Duration, Instant};
 
@@ -63,6 +70,8 @@ pub struct GrttEstimator {
     epoch: Instant,
     grtt: Duration,
     interval_start: Instant,
+    /// The estimate at the start of the current interval: rises go at most to twice it.
+    interval_base: Duration,
     interval_max: Option<Duration>,
     raised_in_interval: bool,
 }
@@ -71,11 +80,13 @@ impl GrttEstimator {
     /// An estimator whose probe clock starts at `now`.
     pub fn new(config: GrttConfig, now: Instant) -> Result<Self, ConfigError> {
         config.validate()?;
+        let grtt = config.initial.clamp(config.min, config.max);
         Ok(Self {
-            grtt: config.initial.clamp(config.min, config.max),
+            grtt,
             config,
             epoch: now,
             interval_start: now,
+            interval_base: grtt,
             interval_max: None,
             raised_in_interval: false,
         })
@@ -92,8 +103,17 @@ impl GrttEstimator {
         duration_us(now.saturating_duration_since(self.epoch))
     }
 
+    /// The largest estimate a sample can raise the GRTT to before the current probe interval
+    /// ends: twice the estimate at the interval's start, within the configured bounds.
+    pub fn rise_limit(&self) -> Duration {
+        self.interval_base
+            .saturating_mul(2)
+            .clamp(self.config.min, self.config.max)
+    }
+
     /// An echo arrived at `now`. Returns the round-trip sample, or `None` when the echo is
-    /// impossible (from the future, or a hold longer than the time since the probe).
+    /// impossible (from the future, or a hold longer than the time since the probe). A sample
+    /// above the estimate raises it, to at most [`Self::rise_limit`].
     pub fn handle_echo(&mut self, now: Instant, echo: ProbeEcho) -> Option<Duration> {
         self.handle_timeout(now);
         let now_us = self.probe_timestamp_us(now);
@@ -103,7 +123,8 @@ impl GrttEstimator {
         let sample = Duration::from_micros(rtt_us);
         self.interval_max = Some(self.interval_max.map_or(sample, |max| max.max(sample)));
         if sample > self.grtt {
-            self.grtt = sample.clamp(self.config.min, self.config.max);
+            let limit = self.rise_limit().max(self.grtt);
+            self.grtt = sample.min(limit).clamp(self.config.min, self.config.max);
             self.raised_in_interval = true;
         }
         Some(sample)
@@ -129,6 +150,7 @@ impl GrttEstimator {
                 let skip = u32::try_from(intervals).unwrap_or(u32::MAX);
                 self.interval_start += self.config.probe_interval.saturating_mul(skip);
             }
+            self.interval_base = self.grtt;
         }
     }
 
@@ -160,19 +182,35 @@ mod tests {
     }
 
     #[test]
-    fn rises_at_once_and_halves_the_excess_per_interval() {
+    fn rises_at_most_twofold_per_interval_and_halves_the_excess() {
         let t0 = Instant::now();
         let mut e = GrttEstimator::new(config(), t0).unwrap();
         let probe = echo(&e, t0, 20);
-        // 100 ms after the probe with 20 ms hold: 80 ms.
-        let sample = e.handle_echo(t0 + Duration::from_millis(100), probe);
-        assert_eq!(sample, Some(Duration::from_millis(80)));
+        // 90 ms after the probe with 20 ms hold: 70 ms, but the estimate (10 ms) at most
+        // doubles within the interval.
+        let sample = e.handle_echo(t0 + Duration::from_millis(90), probe);
+        assert_eq!(sample, Some(Duration::from_millis(70)));
+        assert_eq!(e.grtt(), Duration::from_millis(20));
+        // Later intervals double it again until it reaches the samples.
+        for (interval, expected) in [(1u64, 40), (2, 70)] {
+            let sent = t0 + Duration::from_millis(100 * interval);
+            let probe = echo(&e, sent, 0);
+            e.handle_echo(sent + Duration::from_millis(70), probe);
+            assert_eq!(
+                e.grtt(),
+                Duration::from_millis(expected),
+                "interval {interval}"
+            );
+        }
+        e.handle_timeout(t0 + Duration::from_millis(300));
+        let probe = echo(&e, t0 + Duration::from_millis(300), 0);
+        e.handle_echo(t0 + Duration::from_millis(380), probe);
         assert_eq!(e.grtt(), Duration::from_millis(80));
         // Next interval: only 40 ms samples; the excess (40 ms) halves at the interval's end.
-        let sent = t0 + Duration::from_millis(250);
+        let sent = t0 + Duration::from_millis(420);
         let probe = echo(&e, sent, 0);
         e.handle_echo(sent + Duration::from_millis(40), probe);
-        e.handle_timeout(t0 + Duration::from_millis(300));
+        e.handle_timeout(t0 + Duration::from_millis(500));
         assert_eq!(e.grtt(), Duration::from_millis(60));
     }
 
@@ -186,6 +224,14 @@ mod tests {
             hold_us: 0,
         };
         e.handle_echo(now, huge);
+        assert_eq!(
+            e.grtt(),
+            Duration::from_millis(20),
+            "one sample at most doubles it"
+        );
+        for i in 1..10u64 {
+            e.handle_echo(now + Duration::from_millis(100 * i), huge);
+        }
         assert_eq!(e.grtt(), Duration::from_millis(500));
         let future = ProbeEcho {
             timestamp_us: e.probe_timestamp_us(now) + 1,
@@ -207,14 +253,37 @@ mod tests {
         assert_eq!(e.grtt(), Duration::from_millis(5));
     }
 
+    /// An insider's single forged echo of any age (here an hour) moves the estimate by at
+    /// most a factor of two, whatever the configured maximum.
+    #[test]
+    fn one_forged_echo_moves_the_estimate_at_most_twofold() {
+        let t0 = Instant::now();
+        let config = GrttConfig {
+            max: Duration::from_secs(10),
+            ..config()
+        };
+        let mut e = GrttEstimator::new(config, t0).unwrap();
+        let now = t0 + Duration::from_secs(3600);
+        e.handle_timeout(now);
+        let before = e.grtt();
+        let forged = ProbeEcho {
+            timestamp_us: 0,
+            hold_us: 0,
+        };
+        assert_eq!(e.handle_echo(now, forged), Some(Duration::from_secs(3600)));
+        assert_eq!(e.grtt(), before * 2);
+        assert_eq!(e.rise_limit(), before * 2);
+    }
+
     #[test]
     fn silence_keeps_the_estimate() {
         let t0 = Instant::now();
         let mut e = GrttEstimator::new(config(), t0).unwrap();
         let probe = echo(&e, t0, 0);
         e.handle_echo(t0 + Duration::from_millis(90), probe);
+        // A 90 ms sample doubles the 10 ms estimate; silence changes nothing after that.
         e.handle_timeout(t0 + Duration::from_secs(3600));
-        assert_eq!(e.grtt(), Duration::from_millis(90));
+        assert_eq!(e.grtt(), Duration::from_millis(20));
         assert!(e.poll_timeout().unwrap() > t0 + Duration::from_secs(3600));
     }
 }

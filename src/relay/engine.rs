@@ -311,7 +311,7 @@ impl RelayStats {
         let msg = &self.upstream_messages;
         let down = &self.downstream;
         let mut text = String::new();
-        let counters: [(&str, &str, u64); 28] = [
+        let counters: [(&str, &str, u64); 30] = [
             (
                 "rekeycast_relay_forwarded_total",
                 "Messages forwarded downstream.",
@@ -386,6 +386,16 @@ impl RelayStats {
                 "rekeycast_relay_downstream_nacks_received_total",
                 "Downstream NACKs that passed the MAC check.",
                 down.nacks_received,
+            ),
+            (
+                "rekeycast_relay_downstream_replayed_feedback_total",
+                "Downstream NACKs and probe replies dropped as replays.",
+                down.replayed_feedback,
+            ),
+            (
+                "rekeycast_relay_downstream_stale_feedback_total",
+                "Downstream NACKs and probe replies echoing a probe the relay did not send or no longer remembers.",
+                down.stale_feedback,
             ),
             (
                 "rekeycast_relay_downstream_rejected_total",

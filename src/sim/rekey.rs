@@ -1091,6 +1091,8 @@ fn add_sender_counters(total: &mut SenderCounters, c: &SenderCounters) {
     total.source_bytes_sent += c.source_bytes_sent;
     total.nacks_received += c.nacks_received;
     total.probe_replies_received += c.probe_replies_received;
+    total.replayed_feedback += c.replayed_feedback;
+    total.stale_feedback += c.stale_feedback;
     total.repair_orders += c.repair_orders;
     total.rejected += c.rejected;
     total.ignored += c.ignored;

@@ -7,8 +7,10 @@
 //!
 //! Its stages:
 //!
-//! - [`datagram`]: header checks, then the MAC, then the replay and sequence window, with a
-//!   counter for every rejection reason.
+//! - [`datagram`]: header checks, then the MAC, then the sequence window, with a counter for
+//!   every rejection reason.
+//! - [`heartbeat`]: per sender instance replay windows for heartbeats, and bounds on the
+//!   GRTT, group size and backoff factor a heartbeat may set.
 //! - [`message`]: the manifest's signature once per sequence number, then a chunk's Merkle
 //!   path or signature, with failed signature checks capped per sequence number.
 //! - [`mac`]: the 16-byte BLAKE3 datagram MAC, checked before anything else.
@@ -21,6 +23,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use crate::session::manifest::{signed_message, Manifest, SignedManifest};
 
 pub mod datagram;
+pub mod heartbeat;
 pub mod mac;
 pub mod merkle;
 pub mod message;

@@ -908,3 +908,93 @@ fn a_held_nack_asks_only_for_what_the_adoption_does_not_send() {
     let (_, repair_more) = repair_after_adoption(Some(7));
     assert_eq!(repair_more, repair_without + 3);
 }
+
+/// A member behind the relay, fed the relay's downstream datagrams as they are sent, with the
+/// probe timestamps it echoes back (in NACKs and probe replies).
+struct Downstream {
+    member: ReceiverSession,
+    fed: usize,
+    echoes: Vec<u64>,
+}
+
+impl Downstream {
+    /// Runs the harness for `duration` in steps of 100 ms, handing the member what the relay
+    /// sent in each step at its end.
+    fn run(&mut self, h: &mut Harness, duration: Duration) {
+        let mut buf = vec![0u8; 65_536];
+        let step = Duration::from_millis(100);
+        let end = h.now + duration;
+        while h.now < end {
+            h.run(step, |bytes| Some(bytes.to_vec()));
+            for bytes in &h.downstream[self.fed..] {
+                self.member.handle_datagram(h.now, addr(1), bytes);
+            }
+            self.fed = h.downstream.len();
+            if self.member.poll_timeout().is_some_and(|at| at <= h.now) {
+                self.member.handle_timeout(h.now);
+            }
+            while let Some(transmit) = self.member.poll_transmit(h.now, &mut buf) {
+                let repr = DatagramRepr::parse(&buf[..transmit.len]).unwrap();
+                match repr.body {
+                    BodyRepr::ProbeReply(reply) => self.echoes.push(reply.echo.timestamp_us),
+                    BodyRepr::Nack(nack) => self.echoes.extend(nack.echo.map(|e| e.timestamp_us)),
+                    _ => {}
+                }
+            }
+            while self.member.poll_event().is_some() {}
+        }
+    }
+}
+
+/// The probe timestamps of the heartbeats among `datagrams`.
+fn probe_timestamps(datagrams: &[Vec<u8>]) -> Vec<u64> {
+    datagrams
+        .iter()
+        .filter_map(|bytes| match DatagramRepr::parse(bytes).ok()?.body {
+            BodyRepr::Heartbeat(heartbeat) => Some(heartbeat.probe_timestamp_us),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A relay restarted after an hour (a new downstream sender, its probe clock at zero again):
+/// the members behind it take its heartbeats at once, rather than rejecting them as replays
+/// until the new relay has been up longer than the old one.
+#[test]
+fn a_restarted_relay_is_heard_at_once_by_the_members_behind_it() {
+    let mut h = harness(2);
+    let bundle = h.tree.join(MemberId(2)).unwrap();
+    let member = ReceiverSession::new(&bundle, ReceiverConfig::new(addr(1))).unwrap();
+    let mut downstream = Downstream {
+        member,
+        fed: 0,
+        echoes: Vec::new(),
+    };
+    downstream.run(&mut h, Duration::from_secs(3600));
+    assert_eq!(
+        downstream.member.next_seq(),
+        2,
+        "the member applied message 1"
+    );
+    let stored = StoredMessage::from_prepared(h.relay.message(1).unwrap());
+    let mut restarted = RelaySession::resume(
+        h.relay.keys().clone(),
+        vec![stored.to_prepared().unwrap()],
+        RelayConfig::new(addr(1)),
+        h.now,
+    )
+    .unwrap();
+    restarted.start(h.now);
+    h.relay = restarted;
+    h.downstream.clear();
+    downstream.fed = 0;
+    downstream.echoes.clear();
+    downstream.run(&mut h, Duration::from_secs(120));
+    let probes = probe_timestamps(&h.downstream);
+    assert!(!probes.is_empty(), "the restarted relay heartbeats");
+    assert!(
+        downstream.echoes.iter().any(|ts| probes.contains(ts)),
+        "the member never took a heartbeat of the restarted relay (echoed {:?}, sent {probes:?})",
+        downstream.echoes
+    );
+}

@@ -60,6 +60,7 @@ use super::chunk::SignedChunk;
 use super::manifest::{Manifest, SignedManifest};
 use super::{seal_into, ConfigError, Destination, Transmit};
 use crate::auth::datagram::{DatagramCounters, DatagramVerifier, Reject};
+use crate::auth::heartbeat::{HeartbeatCounters, HeartbeatGuard};
 use crate::auth::message::{MessageCounters, MessageVerifier};
 use crate::auth::Verified;
 use crate::gsa::DataSa;
@@ -380,6 +381,8 @@ pub struct ReceiverSession {
     keys: MemberKeys,
     degree: Degree,
     datagrams: DatagramVerifier,
+    /// Replay windows per sender instance, and bounds on what heartbeats set.
+    heartbeats: HeartbeatGuard,
     messages: MessageVerifier,
     scheduler: NackScheduler,
     next_seq: u64,
@@ -420,6 +423,7 @@ impl ReceiverSession {
             keys: MemberKeys::from_bundle(bundle),
             degree: sa.degree,
             datagrams,
+            heartbeats: HeartbeatGuard::new(),
             messages,
             scheduler,
             next_seq: bundle.first_seq,
@@ -477,6 +481,7 @@ impl ReceiverSession {
             keys,
             degree: sa.degree,
             datagrams,
+            heartbeats: HeartbeatGuard::new(),
             messages,
             scheduler,
             next_seq,
@@ -528,6 +533,11 @@ impl ReceiverSession {
     /// The datagram verifier's counters (header, MAC and window rejections).
     pub fn datagram_counters(&self) -> &DatagramCounters {
         self.datagrams.counters()
+    }
+
+    /// The heartbeat guard's counters (heartbeats taken, replays and forgeries rejected).
+    pub fn heartbeat_counters(&self) -> &HeartbeatCounters {
+        self.heartbeats.counters()
     }
 
     /// The message verifier's counters (signature checks made and failed).
@@ -609,7 +619,11 @@ impl ReceiverSession {
             Err(_) => return,
         };
         let seq = datagram.seq();
-        self.last_heard = Some(now);
+        // A heartbeat counts as heard only once its replay window takes it (see
+        // handle_heartbeat): replayed heartbeats must not keep the silence timer quiet.
+        if !matches!(datagram.body(), BodyRepr::Heartbeat(_)) {
+            self.last_heard = Some(now);
+        }
         match datagram.body() {
             BodyRepr::Symbol(symbol) if seq == self.next_seq => match symbol.object {
                 ObjectKind::Manifest => self.handle_manifest(now, seq, symbol.data),
@@ -1284,11 +1298,25 @@ impl ReceiverSession {
     }
 
     fn handle_heartbeat(&mut self, now: Instant, seq: u64, heartbeat: &wire::HeartbeatRepr) {
-        self.grtt = Duration::from_micros(u64::from(heartbeat.grtt_us));
+        if let Some(manifest) = self.current.as_ref().and_then(|c| c.manifest.as_ref()) {
+            self.heartbeats
+                .note_verified_group_size(manifest.group_size);
+        }
+        // The newest message verified: the last one applied.
+        let newest_verified = self.next_seq.saturating_sub(1);
+        let values = match self.heartbeats.check(now, seq, heartbeat, newest_verified) {
+            Ok(values) => values,
+            Err(_) => {
+                self.datagrams.record_heartbeat_rejected();
+                return;
+            }
+        };
+        self.last_heard = Some(now);
+        self.grtt = values.grtt;
         let info = HeartbeatInfo {
             grtt: self.grtt,
-            group_size: heartbeat.group_size,
-            backoff_factor: heartbeat.backoff_factor,
+            group_size: values.group_size,
+            backoff_factor: values.backoff_factor,
             probe_timestamp_us: heartbeat.probe_timestamp_us,
             probe_reply_requested: heartbeat.probe_reply_requested,
         };

@@ -8,7 +8,13 @@
 //! doubles up to a maximum (so a late member learns fast that it missed something, without
 //! steady chatter); NACKs, MAC-checked, aggregated per block into repair orders of `max(need)`
 //! fresh symbols within a cap ([`rekeycast_nack::RepairAggregator`]), announced at once by a
-//! repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7).
+//! repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7). Feedback that passes
+//! the MAC goes through replay protection ([`super::feedback::FeedbackGuard`]) before it
+//! reaches the aggregator or the GRTT estimator.
+//!
+//! Each session is one sender instance: a random 32-bit id drawn when it is created, carried
+//! in every heartbeat, so members keep a replay window per instance and take a restarted
+//! sender (GCKS or relay) for what it is rather than for a replay of the old one.
 //!
 //! It builds no message (that is [`super::layout::build_message`], CPU work for a worker
 //! thread, as is [`PreparedMessage::new`], which sets up the FEC encoder), holds no socket,
@@ -40,6 +46,7 @@ use rekeycast_nack::{
 };
 
 use super::chunk::ChunkHeader;
+use super::feedback::{FeedbackGuard, Verdict};
 use super::layout::{find_chunk, BuiltMessage};
 use super::manifest::SignedManifest;
 use super::{micros, seal_into, ConfigError, Destination, Transmit};
@@ -71,7 +78,8 @@ pub struct SenderConfig {
     pub heartbeat_min: Duration,
     /// The longest heartbeat interval: intervals double after each message up to it.
     pub heartbeat_max: Duration,
-    /// The NACK backoff factor K advertised to receivers (window `K * GRTT`).
+    /// The NACK backoff factor K advertised to receivers (window `K * GRTT`), within
+    /// `1..=16` (receivers take no more from a heartbeat).
     pub backoff_factor: u8,
     /// The GRTT estimator's configuration.
     pub grtt: GrttConfig,
@@ -125,8 +133,9 @@ impl SenderConfig {
                 "must be positive and at most heartbeat_max",
             );
         }
-        if self.backoff_factor == 0 {
-            return invalid("backoff_factor", "must be at least 1");
+        if !(1..=crate::auth::heartbeat::MAX_BACKOFF_FACTOR).contains(&self.backoff_factor) {
+            // Members take at most this from a heartbeat (an insider could claim more).
+            return invalid("backoff_factor", "must be within 1..=16");
         }
         self.grtt.validate()?;
         self.aggregator.validate()?;
@@ -317,6 +326,11 @@ pub struct SenderCounters {
     pub nacks_received: u64,
     /// Probe replies that passed the MAC check.
     pub probe_replies_received: u64,
+    /// Authentic NACKs and probe replies dropped as replays: the same bytes were taken before.
+    pub replayed_feedback: u64,
+    /// Authentic NACKs and probe replies dropped because they echo a probe this sender did not
+    /// send, or sent too long ago to remember.
+    pub stale_feedback: u64,
     /// Repair orders made (at most one per block and round).
     pub repair_orders: u64,
     /// Datagrams dropped: malformed, another group, unknown sequence number or bad MAC.
@@ -373,6 +387,9 @@ pub struct SenderSession {
     group_size: u32,
     /// The group size heartbeats advertise instead of the manifests' (a relay's segment).
     advertised_group_size: Option<u32>,
+    /// This sender instance's id, carried in its heartbeats.
+    instance: u32,
+    feedback: FeedbackGuard,
     events: VecDeque<SenderEvent>,
     counters: SenderCounters,
 }
@@ -382,7 +399,8 @@ const HEARTBEAT_ENTRIES: usize = 8;
 
 impl SenderSession {
     /// A session for the group and Rekey SA `(group_id, spi)` with no message yet; fails on an
-    /// invalid configuration.
+    /// invalid configuration. Its instance id is drawn at random (see the
+    /// [module docs](self)).
     pub fn new(
         config: SenderConfig,
         group_id: u32,
@@ -412,6 +430,8 @@ impl SenderSession {
             recent_orders: VecDeque::new(),
             group_size: 0,
             advertised_group_size: None,
+            instance: rand::random(),
+            feedback: FeedbackGuard::new(),
             events: VecDeque::new(),
             counters: SenderCounters::default(),
         })
@@ -430,6 +450,11 @@ impl SenderSession {
     /// The repair aggregator's counters.
     pub fn repair_stats(&self) -> rekeycast_nack::AggregatorStats {
         self.aggregator.stats()
+    }
+
+    /// This sender instance's id, carried in its heartbeats.
+    pub fn instance(&self) -> u32 {
+        self.instance
     }
 
     /// The current GRTT estimate.
@@ -654,13 +679,38 @@ impl SenderSession {
     }
 
     /// A datagram arrived from `from`. NACKs and probe replies are MAC-checked under the key
-    /// of their sequence number and handed to the aggregator and the GRTT estimator;
-    /// everything else is counted and dropped.
+    /// of their sequence number, dropped if replayed or stale, and handed to the aggregator
+    /// and the GRTT estimator; everything else is counted and dropped.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let _ = from;
         let Some(repr) = self.authenticate(bytes) else {
             self.counters.rejected += 1;
             return;
+        };
+        let verdict = match &repr.body {
+            BodyRepr::Nack(nack) => Some(self.feedback.check(
+                bytes,
+                nack.receiver_id,
+                nack.echo.map(|echo| echo.timestamp_us),
+            )),
+            BodyRepr::ProbeReply(reply) => Some(self.feedback.check(
+                bytes,
+                reply.receiver_id,
+                Some(reply.echo.timestamp_us),
+            )),
+            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) => None,
+        };
+        let sample = match verdict {
+            Some(Verdict::Replayed) => {
+                self.counters.replayed_feedback += 1;
+                return;
+            }
+            Some(Verdict::Stale) => {
+                self.counters.stale_feedback += 1;
+                return;
+            }
+            Some(Verdict::Fresh { sample }) => sample,
+            None => false,
         };
         match repr.body {
             BodyRepr::Nack(nack) => {
@@ -678,13 +728,15 @@ impl SenderSession {
                     need: nack.need,
                 };
                 let _ = self.aggregator.handle_nack(now, &incoming);
-                if let Some(echo) = nack.echo {
+                if let Some(echo) = nack.echo.filter(|_| sample) {
                     self.handle_echo(now, echo.timestamp_us, echo.hold_us);
                 }
             }
             BodyRepr::ProbeReply(reply) => {
                 self.counters.probe_replies_received += 1;
-                self.handle_echo(now, reply.echo.timestamp_us, reply.echo.hold_us);
+                if sample {
+                    self.handle_echo(now, reply.echo.timestamp_us, reply.echo.hold_us);
+                }
             }
             BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) => self.counters.ignored += 1,
         }
@@ -830,6 +882,7 @@ impl SenderSession {
             body: BodyRepr::Heartbeat(HeartbeatRepr {
                 advertisement,
                 probe_reply_requested,
+                instance: self.instance,
                 probe_timestamp_us: probe_us,
                 grtt_us: u32::try_from(micros(self.grtt.grtt())).unwrap_or(u32::MAX),
                 group_size: self.advertised_group_size.unwrap_or(self.group_size),
@@ -841,6 +894,7 @@ impl SenderSession {
         };
         let len = self.seal(&repr, &key, buf)?;
         self.last_probe_us = Some(probe_us);
+        self.feedback.probe_sent(probe_us);
         Some(len)
     }
 
@@ -1233,6 +1287,17 @@ fn interleave_manifests(symbols: Vec<Step>, repeats: u8) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_factor_is_within_what_members_take() {
+        for (factor, valid) in [(0, false), (1, true), (16, true), (17, false)] {
+            let config = SenderConfig {
+                backoff_factor: factor,
+                ..SenderConfig::default()
+            };
+            assert_eq!(config.validate().is_ok(), valid, "factor {factor}");
+        }
+    }
 
     #[test]
     fn manifests_are_first_spread_and_last() {

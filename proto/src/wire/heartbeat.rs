@@ -1,7 +1,10 @@
 //! The body of a heartbeat datagram: the sender's state and its repair advertisements.
 //!
 //! The header's sequence number is the latest rekey message the sender has sent (so a member
-//! that holds an older key learns it is behind). A heartbeat carries a GRTT probe timestamp,
+//! that holds an older key learns it is behind). A heartbeat carries the sender's instance id
+//! (chosen at random each time a sender process starts, so a member keeps one replay window
+//! per sender instance and a restarted sender is not taken for a replay of the old one), a
+//! GRTT probe timestamp (microseconds of that instance's clock),
 //! the advertised GRTT and exact group size (the inputs of every receiver's NACK backoff),
 //! the oldest sequence number the sender still holds for repair and resync, the NACK backoff
 //! factor K, and a list of blocks being repaired with the number of repair symbols ordered for
@@ -14,6 +17,8 @@
 //! ```text
 //!  0                   1                   2                   3
 //!  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! |                  sender instance id (32 bits)                 |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                probe timestamp, us (64 bits)                  |
 //! +                                                               +
@@ -61,13 +66,14 @@ pub const ENTRY_LEN: usize = entry_field::COUNT.end;
 
 mod field {
     use core::ops::Range;
-    pub const PROBE_TIMESTAMP: Range<usize> = 0..8;
-    pub const GRTT: Range<usize> = 8..12;
-    pub const GROUP_SIZE: Range<usize> = 12..16;
-    pub const OLDEST_SEQ: Range<usize> = 16..24;
-    pub const BACKOFF_FACTOR: usize = 24;
-    pub const ENTRY_COUNT: usize = 25;
-    pub const ENTRIES_START: usize = 26;
+    pub const INSTANCE: Range<usize> = 0..4;
+    pub const PROBE_TIMESTAMP: Range<usize> = 4..12;
+    pub const GRTT: Range<usize> = 12..16;
+    pub const GROUP_SIZE: Range<usize> = 16..20;
+    pub const OLDEST_SEQ: Range<usize> = 20..28;
+    pub const BACKOFF_FACTOR: usize = 28;
+    pub const ENTRY_COUNT: usize = 29;
+    pub const ENTRIES_START: usize = 30;
 }
 
 mod entry_field {
@@ -102,7 +108,9 @@ pub struct HeartbeatRepr {
     pub advertisement: bool,
     /// Whether receivers are asked for probe replies.
     pub probe_reply_requested: bool,
-    /// The GRTT probe timestamp, microseconds of the sender's clock.
+    /// The sender instance: chosen at random when a sender (GCKS or relay) starts.
+    pub instance: u32,
+    /// The GRTT probe timestamp, microseconds of the sender instance's clock.
     pub probe_timestamp_us: u64,
     /// The advertised group round-trip time, microseconds.
     pub grtt_us: u32,
@@ -142,6 +150,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(Self { buffer })
     }
 
+    /// The sender instance id.
+    pub fn instance(&self) -> u32 {
+        be::u32(&self.buffer.as_ref()[field::INSTANCE])
+    }
     /// The probe timestamp.
     pub fn probe_timestamp_us(&self) -> u64 {
         be::u64(&self.buffer.as_ref()[field::PROBE_TIMESTAMP])
@@ -198,6 +210,7 @@ impl HeartbeatRepr {
         Ok(Self {
             advertisement: flags & FLAG_ADVERTISEMENT != 0,
             probe_reply_requested: flags & FLAG_PROBE_REPLY_REQUESTED != 0,
+            instance: packet.instance(),
             probe_timestamp_us: packet.probe_timestamp_us(),
             grtt_us: packet.grtt_us(),
             group_size: packet.group_size(),
@@ -236,6 +249,7 @@ impl HeartbeatRepr {
             return Err(Error::InvalidField("backoff factor"));
         }
         check_room(self.buffer_len(), buf.len())?;
+        be::put_u32(&mut buf[field::INSTANCE], self.instance);
         be::put_u64(&mut buf[field::PROBE_TIMESTAMP], self.probe_timestamp_us);
         be::put_u32(&mut buf[field::GRTT], self.grtt_us);
         be::put_u32(&mut buf[field::GROUP_SIZE], self.group_size);
@@ -265,7 +279,8 @@ mod tests {
     use crate::wire::test_support::assert_every_truncation_fails;
     use crate::wire::{BodyRepr, DatagramRepr, IPV6_SAFE_DATAGRAM_SIZE};
 
-    const BYTES: [u8; 40] = [
+    const BYTES: [u8; 44] = [
+        0xC0, 0xFF, 0xEE, 0x01, // instance 0xC0FFEE01
         0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, // probe timestamp 256
         0x00, 0x00, 0x27, 0x10, // GRTT 10,000 us
         0x00, 0x00, 0x03, 0xE8, // group size 1,000
@@ -280,6 +295,7 @@ mod tests {
         HeartbeatRepr {
             advertisement: true,
             probe_reply_requested: false,
+            instance: 0xC0FF_EE01,
             probe_timestamp_us: 256,
             grtt_us: 10_000,
             group_size: 1_000,
@@ -302,7 +318,7 @@ mod tests {
 
     #[test]
     fn test_emit() {
-        let mut buf = [0u8; 40];
+        let mut buf = [0u8; 44];
         repr().emit(&mut buf).unwrap();
         assert_eq!(buf, BYTES);
         assert_eq!(repr().flags(), FLAG_ADVERTISEMENT);
@@ -324,22 +340,22 @@ mod tests {
             Err(Error::TrailingBytes(1))
         );
         let mut too_many = BYTES;
-        too_many[25] = 65;
+        too_many[29] = 65;
         assert_eq!(
             HeartbeatRepr::parse(0, &too_many),
             Err(Error::TooManyEntries { count: 65, max: 64 })
         );
         let mut zero_k = BYTES;
-        zero_k[24] = 0;
+        zero_k[28] = 0;
         assert!(HeartbeatRepr::parse(0, &zero_k).is_err());
         let mut bad_object = BYTES;
-        bad_object[34] = 9;
+        bad_object[38] = 9;
         assert_eq!(
             HeartbeatRepr::parse(0, &bad_object),
             Err(Error::UnknownObject(9))
         );
         let mut reserved = BYTES;
-        reserved[37] = 1;
+        reserved[41] = 1;
         assert_eq!(
             HeartbeatRepr::parse(0, &reserved),
             Err(Error::ReservedNotZero)
@@ -376,13 +392,14 @@ mod tests {
         );
         (
             any::<(bool, bool, u64, u32, u32, u64)>(),
-            1u8..,
+            (1u8.., any::<u32>()),
             proptest::collection::vec(entry, 0..=MAX_ENTRIES),
         )
             .prop_map(
-                |((adv, probe, ts, grtt, size, oldest), k, entries)| HeartbeatRepr {
+                |((adv, probe, ts, grtt, size, oldest), (k, instance), entries)| HeartbeatRepr {
                     advertisement: adv,
                     probe_reply_requested: probe,
+                    instance,
                     probe_timestamp_us: ts,
                     grtt_us: grtt,
                     group_size: size,
@@ -407,7 +424,7 @@ mod tests {
         #[test]
         fn decode_then_encode_returns_input(flags in 0u8..4, count in 0u8..4,
                                             rest in proptest::collection::vec(any::<u8>(), 0..60)) {
-            let mut bytes = BYTES[..25].to_vec();
+            let mut bytes = BYTES[..29].to_vec();
             bytes.push(count);
             bytes.extend_from_slice(&rest);
             if let Ok(repr) = HeartbeatRepr::parse(flags, &bytes) {
