@@ -19,7 +19,9 @@ pub mod manifest;
 pub mod receiver;
 pub mod sender;
 
-pub use receiver::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
+pub use receiver::{
+    ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+};
 pub use sender::{PreparedMessage, SenderConfig, SenderCounters, SenderSession};
 
 use std::net::SocketAddr;
