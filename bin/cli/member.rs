@@ -265,7 +265,7 @@ fn write_status(status: &mut Option<StatusFile>, member: &Member, must_reregiste
 /// `state_checks`, `out_of_sync`, `resyncs_started`, `resyncs_failed`), its authentication
 /// work (`signature_checks`, `signature_failures`, `manifests_verified`, `chunks_verified`),
 /// the datagrams it received and rejected (`bad_mac` among them), whether it must register
-/// again, and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
+/// again and why (`reregister_reason`, null while it need not), and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
 pub fn status_json(
     member: Option<u64>,
     stats: &MemberStats,
@@ -305,6 +305,7 @@ pub fn status_json(
         "resyncs_failed": stats.resyncs_failed,
         "state_save_failures": stats.state_save_failures,
         "must_reregister": must_reregister,
+        "reregister_reason": stats.must_reregister.map(|reason| reason.to_string()),
         "applied": applied,
     })
 }
@@ -354,6 +355,7 @@ mod tests {
         assert_eq!(value["datagrams_rejected"], 9);
         assert_eq!(value["resyncs_started"], 2);
         assert_eq!(value["must_reregister"], false);
+        assert_eq!(value["reregister_reason"], Value::Null);
         assert_eq!(value["applied"], json!([[6, 1_000], [7, 2_000]]));
     }
 
