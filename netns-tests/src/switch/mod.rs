@@ -43,10 +43,15 @@
 //!
 //! # Checksums
 //!
-//! veth hosts with transmit checksum offload on send UDP frames whose checksum is unfinished;
-//! relayed, the receiving kernel drops them (`InCsumErrors`). The harness turns the offload off
-//! on the host ends ([`crate::link`]); the switch counts the UDP frames it receives whose
-//! checksum does not verify (`udp_checksum_invalid`), so the pitfall shows in the counters.
+//! veth hosts send UDP frames whose checksum is unfinished (transmit checksum offload, on by
+//! default: the field holds only the pseudo-header's sum); relayed as they are, the receiving
+//! kernel would drop them (`InCsumErrors`). The switch therefore completes the UDP checksum of
+//! every UDP over IPv4 frame it receives before anything else happens to it
+//! ([`complete_udp_checksum`]), so no host needs its offload turned off (no `ethtool`), and
+//! counts those it had to complete (`udp_checksum_invalid`). A real link has no such frames:
+//! the corruption impairment is applied after this, and recomputes the checksum itself so that
+//! the receiving application sees the flipped bit. IPv6 is off in every namespace of the
+//! harness, so only IPv4 frames are completed.
 
 pub mod forwarding;
 pub mod igmp;
@@ -150,8 +155,9 @@ pub struct PortCounters {
     /// Frames from this port that no port wanted (multicast nobody joined, unicast to a host
     /// on this same port, runt frames).
     pub no_destination: u64,
-    /// Received UDP over IPv4 frames whose UDP checksum did not verify (forwarded anyway): a
-    /// host with transmit checksum offload still on.
+    /// Received UDP over IPv4 frames whose UDP checksum did not verify, which the switch
+    /// completed before forwarding them ([`complete_udp_checksum`]): frames of a host with
+    /// transmit checksum offload on (the veth default).
     pub udp_checksum_invalid: u64,
     /// Received IGMP frames (reports, leaves, queries), malformed ones included.
     pub igmp_frames: u64,
@@ -606,7 +612,11 @@ impl Switch {
     }
 
     fn handle_received(&mut self, received: Received) {
-        let Received { port, at, frame } = received;
+        let Received {
+            port,
+            at,
+            mut frame,
+        } = received;
         let at = at.saturating_duration_since(self.start);
         let now = self.now();
         let Some(entry) = self.ports.get_mut(port) else {
@@ -623,7 +633,7 @@ impl Switch {
         let counters = &mut entry.counters;
         counters.ingress.frames += 1;
         counters.ingress.bytes += frame.len() as u64;
-        if udp_checksum_invalid(&frame) {
+        if complete_udp_checksum(&mut frame) {
             counters.udp_checksum_invalid += 1;
         }
         self.forwarder.learn(port, &frame);
@@ -835,10 +845,15 @@ fn apply_fate(
     Some((dues, frames))
 }
 
-/// Whether `frame` is UDP over IPv4 (unfragmented) with a non-zero checksum that does not
-/// verify.
-fn udp_checksum_invalid(frame: &[u8]) -> bool {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
+/// Completes the UDP checksum of `frame` when it is UDP over IPv4 (Ethernet, unfragmented)
+/// with a non-zero checksum that does not verify: a frame from a host whose transmit checksum
+/// offload left the checksum unfinished (the field holds the pseudo-header's sum only).
+/// Returns whether it changed the frame. A zero checksum means "none" over IPv4 (RFC 768) and
+/// is accepted by the receiving kernel as it is, so it is left alone (an unfinished sum that
+/// happens to be zero is delivered likewise). Any bytes are accepted: other frames, and frames
+/// whose lengths do not hold together, are left untouched.
+pub fn complete_udp_checksum(frame: &mut [u8]) -> bool {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 || frame[23] != 17 {
         return false;
     }
     let header_len = usize::from(frame[14] & 0x0f) * 4;
@@ -856,7 +871,12 @@ fn udp_checksum_invalid(frame: &[u8]) -> bool {
     let mut segment = frame[udp..udp + udp_len].to_vec();
     segment[6] = 0;
     segment[7] = 0;
-    udp_checksum(&frame[26..34], &segment) != sent
+    let checksum = udp_checksum(&frame[26..34], &segment);
+    if checksum == sent {
+        return false;
+    }
+    frame[udp + 6..udp + 8].copy_from_slice(&checksum.to_be_bytes());
+    true
 }
 
 fn receive_loop(
@@ -965,6 +985,93 @@ fn write_json(path: &Path, counters: &Counters) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// An Ethernet + IPv4 + UDP frame from 198.18.0.1:40000 to 239.1.2.3:46000 with `payload`
+    /// and UDP checksum field `checksum`.
+    fn udp_frame(payload: &[u8], checksum: u16) -> Vec<u8> {
+        let udp_len = 8 + payload.len();
+        let total_len = 20 + udp_len;
+        let mut frame = vec![0x01, 0x00, 0x5e, 0x01, 0x02, 0x03];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        frame.extend_from_slice(&[0x45, 0, (total_len >> 8) as u8, total_len as u8]);
+        frame.extend_from_slice(&[0, 1, 0x40, 0, 1, 17, 0, 0]);
+        frame.extend_from_slice(&[198, 18, 0, 1, 239, 1, 2, 3]);
+        frame.extend_from_slice(&40_000u16.to_be_bytes());
+        frame.extend_from_slice(&46_000u16.to_be_bytes());
+        frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        frame.extend_from_slice(&checksum.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// What transmit checksum offload leaves in the field: the folded one's complement sum
+    /// of the pseudo-header alone (Linux's `~csum_tcpudp_magic(.., 0)`), for the payload to be
+    /// added by the "hardware", which a veth never does.
+    fn partial_checksum(frame: &[u8]) -> u16 {
+        let udp_len = u16::from_be_bytes([frame[38], frame[39]]);
+        let words = [
+            u16::from_be_bytes([frame[26], frame[27]]),
+            u16::from_be_bytes([frame[28], frame[29]]),
+            u16::from_be_bytes([frame[30], frame[31]]),
+            u16::from_be_bytes([frame[32], frame[33]]),
+            17,
+            udp_len,
+        ];
+        let mut sum: u32 = words.iter().map(|&w| u32::from(w)).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    /// The checksum as pnet computes it from the frame, independently of [`udp_checksum`].
+    fn pnet_checksum(frame: &[u8]) -> u16 {
+        use pnet::packet::ipv4::Ipv4Packet;
+        use pnet::packet::udp::{ipv4_checksum, UdpPacket};
+        use pnet::packet::Packet;
+        let ip = Ipv4Packet::new(&frame[14..]).expect("IPv4");
+        let udp = UdpPacket::new(ip.payload()).expect("UDP");
+        ipv4_checksum(&udp, &ip.get_source(), &ip.get_destination())
+    }
+
+    #[test]
+    fn an_unfinished_udp_checksum_is_completed_and_a_zero_one_left_alone() {
+        for payload in [&b"rekeycast"[..], b"odd", &[0xff; 1200][..], b""] {
+            let mut frame = udp_frame(payload, 0);
+            let partial = partial_checksum(&frame);
+            frame[40..42].copy_from_slice(&partial.to_be_bytes());
+            let before = frame.clone();
+            assert!(complete_udp_checksum(&mut frame), "{payload:?}");
+            let completed = u16::from_be_bytes([frame[40], frame[41]]);
+            assert_ne!(completed, partial);
+            assert_eq!(completed, pnet_checksum(&frame), "{payload:?}");
+            // Only the checksum changed, and a complete checksum is left as it is.
+            assert_eq!(frame[..40], before[..40]);
+            assert_eq!(frame[42..], before[42..]);
+            let done = frame.clone();
+            assert!(!complete_udp_checksum(&mut frame));
+            assert_eq!(frame, done);
+            // "No checksum" (zero) is valid over IPv4 and passes unchanged.
+            let mut none = udp_frame(payload, 0);
+            let copy = none.clone();
+            assert!(!complete_udp_checksum(&mut none));
+            assert_eq!(none, copy);
+        }
+        // Fragments, other protocols and frames whose lengths lie are not touched.
+        let mut fragment = udp_frame(b"fragment", 0x1234);
+        fragment[20] = 0x20;
+        let mut tcp = udp_frame(b"tcp", 0x1234);
+        tcp[23] = 6;
+        let mut long = udp_frame(b"long", 0x1234);
+        long[38] = 0xff;
+        let mut short = udp_frame(b"short", 0x1234);
+        short.truncate(40);
+        for mut frame in [fragment, tcp, long, short] {
+            let copy = frame.clone();
+            assert!(!complete_udp_checksum(&mut frame));
+            assert_eq!(frame, copy);
+        }
+    }
+
     #[test]
     fn commands_parse() {
         assert_eq!(parse_command("  "), None);
@@ -1060,7 +1167,7 @@ mod tests {
             let _ = classify(&frame);
             let _ = forwarder.snoop(port, &frame);
             let _ = forwarder.destinations(port, &frame);
-            let _ = udp_checksum_invalid(&frame);
+            let _ = complete_udp_checksum(&mut frame);
             forwarder.record_transmission(port, &frame, now);
             let _ = corrupt_udp_payload(&mut frame, next());
         }
