@@ -3,8 +3,10 @@
 //!
 //! Host ends are addressed from 198.18.0.0/15 (all hosts in one /15, so one link-layer
 //! segment) and carry a route for 239.0.0.0/8. Their transmit checksum offload stays on (the
-//! veth default): the userspace switch completes the UDP checksums it relays itself (the veth
-//! pitfall of `PLATFORM.md`; see [`crate::switch`]), so no `ethtool` is needed. The switch
+//! veth default): the userspace switch completes the UDP and TCP checksums it relays itself
+//! (the veth pitfall of `PLATFORM.md`; see [`crate::switch`]), so no `ethtool` is needed, and
+//! they send one segment per GSO packet (`gso_max_segs 1`), so no frame exceeds the MTU. The
+//! switch
 //! ends are the ports of either the userspace impairment switch
 //! (`rekeycast-netns switch`, run as a child process inside the switch namespace, commanded over
 //! its standard input) or a kernel bridge (no impairments).
@@ -187,6 +189,9 @@ impl Topology {
                     return Err(Error::NameTooLong(name.clone()).into());
                 }
             }
+            // One segment per GSO packet: a host's TCP stack then sends no segment larger
+            // than the link's MTU (the userspace switch relays frames as they are and does not
+            // segment), which `ethtool -K .. tx off` used to ensure as a side effect.
             run(
                 "ip",
                 &[
@@ -195,6 +200,8 @@ impl Topology {
                     &host_if,
                     "netns",
                     namespace.name(),
+                    "gso_max_segs",
+                    "1",
                     "type",
                     "veth",
                     "peer",
