@@ -10,8 +10,11 @@
 //! `rekey-relay ready ...` on standard output gives the bound addresses. The HTTP resync
 //! endpoint serves `/metrics` (Prometheus text) and `/healthz`.
 //!
-//! Exit status: 0 after SIGTERM or SIGINT (the keys are saved first), 1 on an error, 3 when
-//! the relay must register again (the messages it lacks left the GCKS's history).
+//! Exit status: 0 after SIGTERM or SIGINT (the keys are saved first), 1 on an error (a
+//! registration bundle that fails its integrity check among them), 3 when the relay must
+//! register again because the messages it lacks left the GCKS's history, 4 when its keys
+//! cannot open its own authenticated chunk (its bundle or saved keys are not the GCKS's, or
+//! it was removed): it must register again too.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,8 +39,12 @@ mod logging;
 #[path = "cli/shutdown.rs"]
 mod shutdown;
 
-/// The exit status when the relay must register again.
+/// The exit status when the relay must register again because the messages it lacks left the
+/// GCKS's history.
 const EXIT_MUST_REREGISTER: u8 = 3;
+
+/// The exit status when the relay's keys cannot open its own authenticated chunk.
+const EXIT_KEYS_CANNOT_OPEN: u8 = 4;
 
 /// rekey-relay: hierarchical rekey distribution with authenticated local repair.
 #[derive(Debug, Parser)]
@@ -150,10 +157,22 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             RelayEvent::Upstream(ReceiverEvent::StateCheckNeeded { claimed_seq }) => {
                 info!(claimed_seq, "relay asks upstream for the group's state");
             }
+            RelayEvent::Upstream(ReceiverEvent::KeysCannotOpen { seq, error }) => {
+                error!(
+                    seq,
+                    %error,
+                    "this relay's keys cannot open its own authenticated chunk of message {seq}: \
+                     its registration bundle (or saved keys) is corrupt or not the GCKS's, or it \
+                     was removed from the group; it must register again (clear the state \
+                     directory and join it anew)"
+                );
+                let _ = relay.shutdown();
+                return Ok(ExitCode::from(EXIT_KEYS_CANNOT_OPEN));
+            }
             RelayEvent::Upstream(ReceiverEvent::MustReregister) => {
                 error!(
-                    "the messages this relay lacks left the GCKS's history: it must register \
-                     again (clear the state directory and join it anew)"
+                    "this relay must register again (clear the state directory and join it \
+                     anew)"
                 );
                 let _ = relay.shutdown();
                 return Ok(ExitCode::from(EXIT_MUST_REREGISTER));

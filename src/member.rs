@@ -4,7 +4,8 @@
 //! Started from the registration bundle the product's registration protocol delivered, it
 //! joins the multicast group, runs the verifier pipeline, repairs what it lost with NACKs and
 //! hands the product its key events ([`ReceiverEvent`]: new group key, new Data SA, out of
-//! sync, state check needed, must re-register). Resync transport is the product's or the
+//! sync, state check needed, keys that cannot open the member's own chunk, must re-register,
+//! whose reason [`MemberStats::must_reregister`] keeps). Resync transport is the product's or the
 //! resync client's ([`Member::resync`] takes what an endpoint served and verifies it like
 //! multicast traffic). With [`MemberConfig::state_file`] set it saves its keys after every
 //! applied message, and [`Member::resume`] brings it back from them after a restart, without
@@ -48,7 +49,9 @@ use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::RegistrationBundle;
 use crate::session::receiver::{ResyncError, StateVerdict};
-use crate::session::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
+use crate::session::{
+    ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+};
 use crate::sim::Loss;
 
 /// Configuration of a [`Member`].
@@ -132,6 +135,10 @@ pub struct MemberStats {
     /// Saves of the member's keys to [`MemberConfig::state_file`] that failed (the loop goes
     /// on; the file keeps the last state saved).
     pub state_save_failures: u64,
+    /// Why the member must register again, once it must ([`ReceiverEvent::MustReregister`]):
+    /// its messages left the history, or its keys cannot open its own chunk
+    /// ([`ReceiverEvent::KeysCannotOpen`]). It then takes no traffic and starts no resync.
+    pub must_reregister: Option<ReregisterReason>,
 }
 
 pub(crate) enum MemberCommand {

@@ -302,3 +302,159 @@ fn server_admin_member_processes_deliver_a_rekey() {
     );
     assert!(logs().contains("resumed from its saved keys"), "{}", logs());
 }
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `bundle` (a bundle file's JSON) with one hex digit of its leaf key changed.
+fn flip_leaf_key_digit(bundle: &mut serde_json::Value) {
+    let key = bundle["leaf_key"].as_str().unwrap().to_string();
+    let flipped = if key.starts_with('0') { "1" } else { "0" };
+    bundle["leaf_key"] = format!("{flipped}{}", &key[1..]).into();
+}
+
+/// A member started from a bundle whose leaf key has one hex digit flipped. Written as a v1
+/// file (no integrity check), the member runs, finds that its keys cannot open its own
+/// authenticated chunk, and exits 4 naming that cause, instead of resyncing for ever. Written
+/// as a v2 file (the format `admin join` writes), it is refused at start by the file's
+/// integrity check: exit 1, naming it.
+#[test]
+fn member_with_a_corrupt_bundle_exits_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    // Apart from the other process tests: another multicast group, and 127.0.0.2.
+    let group = format!(
+        "239.81.{}.{}:{}",
+        (pid >> 8) as u8,
+        pid as u8,
+        41_000 + pid % 10_000
+    );
+    let feedback = format!("127.0.0.2:{}", 51_000 + pid % 10_000);
+    let resync = format!("127.0.0.2:{}", 55_000 + pid % 10_000);
+    let socket = dir.path().join("admin.sock");
+    let server_config = dir.path().join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
+             [group]\nmulticast = \"{group}\"\n[batch]\ninterval_ms = 100\n\
+             [sender]\ngrtt_initial_ms = 10\n[resync]\ntcp_listen = \"{resync}\"\n",
+            dir.path().join("state").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let bundle = dir.path().join("member-1.bundle");
+    let member_config = dir.path().join("member.toml");
+    std::fs::write(
+        &member_config,
+        format!(
+            "feedback = \"{feedback}\"\nbundle = \"{}\"\n\
+             resync_endpoints = [\"tcp://{resync}\"]\nstate_check_interval_ms = 100\n\
+             [group]\nmulticast = \"{group}\"\n",
+            bundle.display()
+        ),
+    )
+    .unwrap();
+    let server_log = dir.path().join("server.log");
+    let member_log = dir.path().join("member.log");
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let mut processes = Processes(Vec::new());
+    processes.0.push(
+        Command::new(BIN)
+            .args(["server", "--config", server_config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log_file(&server_log))
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_file(&socket, Duration::from_secs(20));
+    let joined = admin(
+        &socket,
+        &[
+            "join",
+            "--member",
+            "1",
+            "--bundle",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(joined["ok"], true, "{joined}");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bundle).unwrap()).unwrap();
+
+    // A v1 file: nothing checks it, so the member runs with the wrong leaf key.
+    let mut v1 = written.clone();
+    v1.as_object_mut().unwrap().remove("check");
+    v1["format"] = "rekeycast-registration-bundle-v1".into();
+    flip_leaf_key_digit(&mut v1);
+    std::fs::write(&bundle, serde_json::to_vec_pretty(&v1).unwrap()).unwrap();
+    processes.0.push(
+        Command::new(BIN)
+            .args(["member", "--config", member_config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log_file(&member_log))
+            .spawn()
+            .unwrap(),
+    );
+    // Rekeys keep coming until the member exits: it hears the next message (or learns of it
+    // and resyncs) and must then stop within that message.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut next_rekey = Instant::now();
+    let status = loop {
+        if let Some(status) = processes.0[1].try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the member with a wrong leaf key did not exit\nmember log:\n{}\nserver log:\n{}",
+            read(&member_log),
+            read(&server_log)
+        );
+        if Instant::now() >= next_rekey {
+            let rekeyed = admin(&socket, &["rekey"]);
+            assert_eq!(rekeyed["ok"], true, "{rekeyed}");
+            next_rekey = Instant::now() + Duration::from_millis(300);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = read(&member_log);
+    assert_eq!(status.code(), Some(4), "{status}\n{log}");
+    assert!(
+        log.contains("cannot open its own authenticated chunk"),
+        "{log}"
+    );
+    // It may have learnt of the message by a resync, but it did not resync again.
+    assert!(log.matches("out of sync").count() <= 1, "{log}");
+
+    // The v2 file as written, with the same digit flipped: refused at start.
+    let mut v2 = written;
+    flip_leaf_key_digit(&mut v2);
+    std::fs::write(&bundle, serde_json::to_vec_pretty(&v2).unwrap()).unwrap();
+    let mut member = Command::new(BIN)
+        .args(["member", "--config", member_config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_exit(&mut member, Duration::from_secs(20));
+    if status.is_none() {
+        let _ = member.kill();
+    }
+    let output = member.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    assert!(stderr.contains("integrity check failed"), "{stderr}");
+    assert!(stderr.contains("member-1.bundle"), "{stderr}");
+}

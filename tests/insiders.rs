@@ -821,3 +821,92 @@ fn outsider_datagrams_never_reach_signature_checks() {
         noise.fed
     );
 }
+
+/// A member whose registration bundle has one hex digit of its leaf key flipped: its own
+/// chunk of its first message is the GCKS's (its signature verifies) and is addressed to its
+/// leaf, but its keys cannot open it. Within that one message the member says so and must
+/// register again; it raises no out-of-sync (a resync would only fetch the same chunk), takes
+/// no later traffic, refuses resync items and owes the network nothing.
+#[test]
+fn a_member_whose_keys_cannot_open_its_own_chunk_says_so_within_one_message() {
+    let mut group = Group::new(38, 2000, ChunkAuth::Signature);
+    let (message, mut bundle) = group.admit();
+    let seq = message.seq;
+    let mut leaf_key = *bundle.leaf_key.as_bytes();
+    leaf_key[0] ^= 0x01;
+    bundle.leaf_key = rekeycast::lkh::Key::from_bytes(leaf_key);
+    let mut net = Net::new(&bundle, group.tree.member_count(), 38);
+    net.queue(&message);
+    net.initial_transmission(seq, &mut |_| true);
+    assert!(
+        net.member.must_reregister(),
+        "the member did not stop at its first message: events {:?}, counters {:?}",
+        net.member_events,
+        net.member.counters()
+    );
+    assert!(net.out_of_sync().is_empty(), "{:?}", net.member_events);
+    let error = net
+        .member_events
+        .iter()
+        .find_map(|e| match e {
+            ReceiverEvent::KeysCannotOpen { seq: s, error } if *s == seq => Some(*error),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no KeysCannotOpen: {:?}", net.member_events));
+    assert!(
+        matches!(error, rekeycast::lkh::MemberError::Wrap { .. }),
+        "{error}"
+    );
+    assert_eq!(
+        net.member_events.last(),
+        Some(&ReceiverEvent::MustReregister)
+    );
+    assert_eq!(
+        net.member.reregister_reason(),
+        Some(rekeycast::session::ReregisterReason::KeysCannotOpen { seq, error })
+    );
+    assert!(!net.applied(seq));
+    assert_eq!(net.member.message_counters().signature_failures, 0);
+
+    // Later messages change nothing: no event, no feedback, no timer.
+    let events = net.member_events.len();
+    let nacks = net.member.counters().nacks_sent;
+    for round in 0..2 {
+        let next = group.churn(round);
+        net.queue(&next);
+        net.initial_transmission(next.seq, &mut |_| true);
+    }
+    net.run(Duration::from_secs(300), &mut |_| true, |_| false);
+    assert_eq!(net.member_events.len(), events, "{:?}", net.member_events);
+    assert_eq!(net.member.counters().nacks_sent, nacks);
+    assert_eq!(net.member.poll_timeout(), None);
+    assert_eq!(
+        net.resync(seq),
+        Err(rekeycast::session::receiver::ResyncError::Reregistering)
+    );
+}
+
+/// `ReceiverSession::new` refuses bundles no GCKS issues: message 0, the root as leaf, a leaf
+/// beyond the deepest level of the tree.
+#[test]
+fn impossible_bundles_are_refused() {
+    let mut group = Group::new(39, 10, ChunkAuth::Signature);
+    let (_, bundle) = group.admit();
+    let config = ReceiverConfig::new(sender_addr());
+    assert!(ReceiverSession::new(&bundle, config.clone()).is_ok());
+    let degree = bundle.rekey_sa.degree;
+    type BreakIt = fn(&mut RegistrationBundle, Degree);
+    let cases: [(&str, BreakIt); 3] = [
+        ("first_seq", |b, _| b.first_seq = 0),
+        ("leaf", |b, _| b.leaf = rekeycast::lkh::ROOT),
+        ("leaf", |b, d| b.leaf = d.max_node() + 1),
+    ];
+    for (field, break_it) in cases {
+        let mut bad = bundle.clone();
+        break_it(&mut bad, degree);
+        let error = ReceiverSession::new(&bad, config.clone())
+            .err()
+            .unwrap_or_else(|| panic!("bundle with a bad {field} accepted"));
+        assert!(error.to_string().contains(field), "{error}");
+    }
+}

@@ -2,8 +2,11 @@
 //! registration bundle `rekeycast admin join` wrote, or, after a restart, from the keys it
 //! saved in its state file (`--state` or `state_file`). Logs its key events (sequence numbers,
 //! versions and SPIs, never key bytes) and runs until Ctrl-C or SIGTERM, or with
-//! `--exit-after-seq N` until it applied message N (exit 0); it exits 3 when it must
-//! re-register.
+//! `--exit-after-seq N` until it applied message N (exit 0). Exit status: 1 on an error
+//! (a registration bundle that fails its integrity check among them), 3 when the messages it
+//! lacks left the group's history ([`EXIT_MUST_REREGISTER`]), 4 when its keys cannot open its
+//! own authenticated chunk ([`EXIT_KEYS_CANNOT_OPEN`]: its bundle or saved keys are not the
+//! GCKS's, or it was removed); in both last cases it must register again.
 //!
 //! With `--status-file FILE` it also writes its figures there as one JSON object ([`status_json`]):
 //! after every applied message, every half second while idle, and on exit, each time to a
@@ -20,14 +23,19 @@ use anyhow::{bail, Context};
 use crossbeam_channel::RecvTimeoutError;
 use rekeycast::config::MemberConfig;
 use rekeycast::member::{self, Member, MemberStats};
-use rekeycast::session::ReceiverEvent;
+use rekeycast::session::{ReceiverEvent, ReregisterReason};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
 use super::shutdown::ShutdownFlag;
 
-/// The exit status when the member must re-register.
+/// The exit status when the member must re-register because the messages it lacks left the
+/// group's history.
 pub const EXIT_MUST_REREGISTER: u8 = 3;
+
+/// The exit status when the member's keys cannot open its own authenticated chunk
+/// ([`ReceiverEvent::KeysCannotOpen`]): it must re-register with a good bundle.
+pub const EXIT_KEYS_CANNOT_OPEN: u8 = 4;
 
 /// The flags of `rekeycast member`.
 #[derive(Debug, Clone, clap::Args)]
@@ -167,11 +175,31 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
                 "traffic of a later message than this member can check: asking a resync endpoint \
                  for the latest state"
             ),
-            ReceiverEvent::MustReregister => {
-                error!("the messages this member lacks left the GCKS's history: it must register again");
+            ReceiverEvent::KeysCannotOpen { seq, error } => {
+                error!(
+                    seq,
+                    %error,
+                    "this member's keys cannot open its own authenticated chunk of message {seq}: \
+                     its registration bundle (or saved keys) is corrupt or not the GCKS's, or it \
+                     was removed from the group; it must register again"
+                );
                 write_status(&mut status, &member, true);
                 let _ = member.shutdown();
-                return Ok(ExitCode::from(EXIT_MUST_REREGISTER));
+                return Ok(ExitCode::from(EXIT_KEYS_CANNOT_OPEN));
+            }
+            ReceiverEvent::MustReregister => {
+                let reason = member.stats().ok().and_then(|stats| stats.must_reregister);
+                error!(
+                    reason = reason.map(|r| r.to_string()),
+                    "this member must register again"
+                );
+                write_status(&mut status, &member, true);
+                let _ = member.shutdown();
+                let code = match reason {
+                    Some(ReregisterReason::KeysCannotOpen { .. }) => EXIT_KEYS_CANNOT_OPEN,
+                    _ => EXIT_MUST_REREGISTER,
+                };
+                return Ok(ExitCode::from(code));
             }
             _ => info!("other key event"),
         }
@@ -237,7 +265,7 @@ fn write_status(status: &mut Option<StatusFile>, member: &Member, must_reregiste
 /// `state_checks`, `out_of_sync`, `resyncs_started`, `resyncs_failed`), its authentication
 /// work (`signature_checks`, `signature_failures`, `manifests_verified`, `chunks_verified`),
 /// the datagrams it received and rejected (`bad_mac` among them), whether it must register
-/// again, and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
+/// again and why (`reregister_reason`, null while it need not), and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
 pub fn status_json(
     member: Option<u64>,
     stats: &MemberStats,
@@ -277,6 +305,7 @@ pub fn status_json(
         "resyncs_failed": stats.resyncs_failed,
         "state_save_failures": stats.state_save_failures,
         "must_reregister": must_reregister,
+        "reregister_reason": stats.must_reregister.map(|reason| reason.to_string()),
         "applied": applied,
     })
 }
@@ -326,6 +355,7 @@ mod tests {
         assert_eq!(value["datagrams_rejected"], 9);
         assert_eq!(value["resyncs_started"], 2);
         assert_eq!(value["must_reregister"], false);
+        assert_eq!(value["reregister_reason"], Value::Null);
         assert_eq!(value["applied"], json!([[6, 1_000], [7, 2_000]]));
     }
 

@@ -195,8 +195,7 @@ impl Drop for Namespace {
 /// Links two namespaces with a veth pair and gives each end an address (`a.b.c.d/len`).
 ///
 /// The pair lives as long as the namespaces: deleting a namespace deletes its end, and with it
-/// the pair. Transmit checksum offload is turned off on both ends when `ethtool` is present,
-/// so frames relayed by a userspace switch later carry complete checksums.
+/// the pair.
 pub fn link(
     a: &Namespace,
     a_addr: &str,
@@ -231,19 +230,6 @@ pub fn link(
     for (namespace, interface, address) in [(a, &a_if, a_addr), (b, &b_if, b_addr)] {
         namespace.ip(&["addr", "add", address, "dev", interface])?;
         namespace.ip(&["link", "set", interface, "up"])?;
-        let _ = run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                namespace.name(),
-                "ethtool",
-                "-K",
-                interface,
-                "tx",
-                "off",
-            ],
-        );
     }
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! the switch by a veth pair.
 //!
 //! Host ends are addressed from 198.18.0.0/15 (all hosts in one /15, so one link-layer
-//! segment), carry a route for 239.0.0.0/8, and have transmit checksum offload off (the veth
-//! pitfall of `PLATFORM.md`: frames relayed by the userspace switch must carry finished
-//! checksums). The switch ends are the ports of either the userspace impairment switch
+//! segment) and carry a route for 239.0.0.0/8. Their transmit checksum offload stays on (the
+//! veth default): the userspace switch completes the UDP and TCP checksums it relays itself
+//! (the veth pitfall of `PLATFORM.md`; see [`crate::switch`]), so no `ethtool` is needed, and
+//! they send one segment per GSO packet (`gso_max_segs 1`), so no frame exceeds the MTU. The
+//! switch
+//! ends are the ports of either the userspace impairment switch
 //! (`rekeycast-netns switch`, run as a child process inside the switch namespace, commanded over
 //! its standard input) or a kernel bridge (no impairments).
 //!
@@ -29,7 +32,7 @@ use crate::{name_prefix, run, ChildGuard, Error, Namespace};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TopologyError {
-    /// An `ip`, `ethtool` or `sysctl` command failed.
+    /// An `ip` or `sysctl` command failed.
     #[error("building the topology: {0}")]
     Command(#[from] Error),
     /// The tag is not one lowercase ASCII letter.
@@ -186,6 +189,9 @@ impl Topology {
                     return Err(Error::NameTooLong(name.clone()).into());
                 }
             }
+            // One segment per GSO packet: a host's TCP stack then sends no segment larger
+            // than the link's MTU (the userspace switch relays frames as they are and does not
+            // segment), which `ethtool -K .. tx off` used to ensure as a side effect.
             run(
                 "ip",
                 &[
@@ -194,6 +200,8 @@ impl Topology {
                     &host_if,
                     "netns",
                     namespace.name(),
+                    "gso_max_segs",
+                    "1",
                     "type",
                     "veth",
                     "peer",
@@ -213,23 +221,6 @@ impl Topology {
             ])?;
             namespace.ip(&["link", "set", &host_if, "up"])?;
             namespace.ip(&["route", "add", "239.0.0.0/8", "dev", &host_if])?;
-            // The checksum-offload pitfall (PLATFORM.md): a frame the switch relays must carry
-            // a finished UDP checksum. Required with the switch; harmless with a bridge.
-            if matches!(fabric, FabricPlan::Switch { .. }) {
-                run(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        namespace.name(),
-                        "ethtool",
-                        "-K",
-                        &host_if,
-                        "tx",
-                        "off",
-                    ],
-                )?;
-            }
             if *fabric == FabricPlan::Bridge {
                 topology
                     .switch_namespace

@@ -488,6 +488,12 @@ impl RelaySession {
         self.upstream.must_reregister()
     }
 
+    /// Why the relay must register again, once it must (see
+    /// [`ReceiverSession::reregister_reason`]).
+    pub fn reregister_reason(&self) -> Option<crate::session::ReregisterReason> {
+        self.upstream.reregister_reason()
+    }
+
     /// The relay's key state (save it after each message to resume with it).
     pub fn keys(&self) -> &MemberKeys {
         self.upstream.keys()

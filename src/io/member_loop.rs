@@ -296,7 +296,9 @@ impl LoopState {
     /// Starts a resync or state check with the endpoints, on its own thread, when the session
     /// asks for one and the member has endpoints and is not fetching already.
     fn act_on(&mut self, event: &ReceiverEvent) {
-        if self.resync.endpoints.is_empty() {
+        // A member that must register again has nothing to fetch: its keys are no longer
+        // the group's (or cannot reach what it lacks).
+        if self.resync.endpoints.is_empty() || self.session.must_reregister() {
             return;
         }
         if self.fetching {
@@ -372,6 +374,7 @@ impl LoopState {
             resyncs_started: self.resyncs_started,
             resyncs_failed: self.resyncs_failed,
             state_save_failures: self.state_save_failures,
+            must_reregister: self.session.reregister_reason(),
         }
     }
 

@@ -505,10 +505,20 @@ impl LoopState {
                 tracing::info!(claimed_seq, "relay asks upstream for the group's state");
                 Fetch::State
             }
-            ReceiverEvent::MustReregister => {
+            ReceiverEvent::KeysCannotOpen { seq, error } => {
                 tracing::error!(
-                    "the messages this relay lacks left the GCKS's history: it must register \
-                     again; it keeps serving its history"
+                    seq,
+                    %error,
+                    "the relay's keys cannot open its own authenticated chunk: its bundle or \
+                     saved keys are corrupt or not the GCKS's"
+                );
+                return;
+            }
+            ReceiverEvent::MustReregister => {
+                let reason = self.session.reregister_reason();
+                tracing::error!(
+                    reason = reason.map(|r| r.to_string()),
+                    "the relay must register again; it keeps serving its history"
                 );
                 return;
             }
@@ -518,7 +528,8 @@ impl LoopState {
             }
             _ => return,
         };
-        if self.resync.endpoints.is_empty() {
+        // A relay that must register again has nothing to fetch.
+        if self.resync.endpoints.is_empty() || self.session.must_reregister() {
             return;
         }
         if self.fetching {

@@ -43,10 +43,17 @@
 //!
 //! # Checksums
 //!
-//! veth hosts with transmit checksum offload on send UDP frames whose checksum is unfinished;
-//! relayed, the receiving kernel drops them (`InCsumErrors`). The harness turns the offload off
-//! on the host ends ([`crate::link`]); the switch counts the UDP frames it receives whose
-//! checksum does not verify (`udp_checksum_invalid`), so the pitfall shows in the counters.
+//! veth hosts send UDP and TCP frames whose checksum is unfinished (transmit checksum offload,
+//! on by default: the field holds only the pseudo-header's sum); relayed as they are, the
+//! receiving kernel would drop them (`InCsumErrors`). The switch therefore completes the
+//! checksum of every UDP and TCP over IPv4 frame it receives before anything else happens to
+//! it ([`complete_checksum`]), so no host needs its offload turned off (no `ethtool`), and
+//! counts those it had to complete (`udp_checksum_invalid`, `tcp_checksum_invalid`). The
+//! switch does not segment: hosts send one segment per GSO packet (`gso_max_segs 1` on their
+//! veth, [`crate::topology`]). A real link has no such frames:
+//! the corruption impairment is applied after this, and recomputes the checksum itself so that
+//! the receiving application sees the flipped bit. IPv6 is off in every namespace of the
+//! harness, so only IPv4 frames are completed.
 
 pub mod forwarding;
 pub mod igmp;
@@ -68,8 +75,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::impair::{
-    corrupt_udp_payload, udp_checksum, ConfigError, Delivery, Direction, DropReason, Fate,
-    Impairer, SwitchConfig,
+    corrupt_udp_payload, ConfigError, Delivery, Direction, DropReason, Fate, Impairer, SwitchConfig,
 };
 use forwarding::{classify, Forwarder, FrameClass, Snooped, TooManyPorts};
 
@@ -150,9 +156,12 @@ pub struct PortCounters {
     /// Frames from this port that no port wanted (multicast nobody joined, unicast to a host
     /// on this same port, runt frames).
     pub no_destination: u64,
-    /// Received UDP over IPv4 frames whose UDP checksum did not verify (forwarded anyway): a
-    /// host with transmit checksum offload still on.
+    /// Received UDP over IPv4 frames whose UDP checksum did not verify, which the switch
+    /// completed before forwarding them ([`complete_checksum`]): frames of a host with
+    /// transmit checksum offload on (the veth default).
     pub udp_checksum_invalid: u64,
+    /// Received TCP over IPv4 frames whose checksum did not verify, completed likewise.
+    pub tcp_checksum_invalid: u64,
     /// Received IGMP frames (reports, leaves, queries), malformed ones included.
     pub igmp_frames: u64,
     /// Received IGMP frames that did not parse (forwarded, nothing learned).
@@ -606,7 +615,11 @@ impl Switch {
     }
 
     fn handle_received(&mut self, received: Received) {
-        let Received { port, at, frame } = received;
+        let Received {
+            port,
+            at,
+            mut frame,
+        } = received;
         let at = at.saturating_duration_since(self.start);
         let now = self.now();
         let Some(entry) = self.ports.get_mut(port) else {
@@ -623,8 +636,10 @@ impl Switch {
         let counters = &mut entry.counters;
         counters.ingress.frames += 1;
         counters.ingress.bytes += frame.len() as u64;
-        if udp_checksum_invalid(&frame) {
-            counters.udp_checksum_invalid += 1;
+        match complete_checksum(&mut frame) {
+            Some(Transport::Udp) => counters.udp_checksum_invalid += 1,
+            Some(Transport::Tcp) => counters.tcp_checksum_invalid += 1,
+            None => {}
         }
         self.forwarder.learn(port, &frame);
         if classify(&frame) == FrameClass::Control {
@@ -835,28 +850,90 @@ fn apply_fate(
     Some((dues, frames))
 }
 
-/// Whether `frame` is UDP over IPv4 (unfragmented) with a non-zero checksum that does not
-/// verify.
-fn udp_checksum_invalid(frame: &[u8]) -> bool {
-    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
-        return false;
+/// The transport of a frame whose checksum [`complete_checksum`] completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+/// Completes the checksum of `frame` when it is UDP or TCP over IPv4 (Ethernet, unfragmented)
+/// and its checksum does not verify: a frame from a host whose transmit checksum offload left
+/// the checksum unfinished (the field holds the pseudo-header's sum only). Returns the
+/// transport when it changed the frame. A zero UDP checksum means "none" over IPv4 (RFC 768)
+/// and is accepted by the receiving kernel as it is, so it is left alone (an unfinished sum
+/// that happens to be zero is delivered likewise). Any bytes are accepted: other frames, and
+/// frames whose lengths do not hold together, are left untouched.
+pub fn complete_checksum(frame: &mut [u8]) -> Option<Transport> {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
+        return None;
     }
     let header_len = usize::from(frame[14] & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
     let fragment = u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0;
-    let udp = 14 + header_len;
-    if fragment || header_len < 20 || total_len < header_len + 8 || 14 + total_len > frame.len() {
-        return false;
+    let start = 14 + header_len;
+    let end = 14 + total_len;
+    if fragment || header_len < 20 || total_len < header_len || end > frame.len() {
+        return None;
     }
-    let udp_len = usize::from(u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]));
-    let sent = u16::from_be_bytes([frame[udp + 6], frame[udp + 7]]);
-    if sent == 0 || udp_len < 8 || udp + udp_len > 14 + total_len {
-        return false;
+    let (transport, protocol, segment_end, field) = match frame[23] {
+        17 => {
+            if end - start < 8 {
+                return None;
+            }
+            let udp_len = usize::from(u16::from_be_bytes([frame[start + 4], frame[start + 5]]));
+            if udp_len < 8 || start + udp_len > end {
+                return None;
+            }
+            (Transport::Udp, 17, start + udp_len, start + 6)
+        }
+        6 => {
+            if end - start < 20 {
+                return None;
+            }
+            (Transport::Tcp, 6, end, start + 16)
+        }
+        _ => return None,
+    };
+    let sent = u16::from_be_bytes([frame[field], frame[field + 1]]);
+    if transport == Transport::Udp && sent == 0 {
+        return None;
     }
-    let mut segment = frame[udp..udp + udp_len].to_vec();
-    segment[6] = 0;
-    segment[7] = 0;
-    udp_checksum(&frame[26..34], &segment) != sent
+    let addresses = &frame[26..34];
+    if pseudo_header_sum(addresses, protocol, &frame[start..segment_end]) == 0xffff {
+        // It verifies (with 0x0000 and 0xffff the same in one's complement).
+        return None;
+    }
+    let mut segment = frame[start..segment_end].to_vec();
+    let at = field - start;
+    segment[at] = 0;
+    segment[at + 1] = 0;
+    let checksum = match !pseudo_header_sum(addresses, protocol, &segment) {
+        // Zero would mean "no checksum" to a UDP receiver.
+        0 => 0xffff,
+        checksum => checksum,
+    };
+    frame[field..field + 2].copy_from_slice(&checksum.to_be_bytes());
+    Some(transport)
+}
+
+/// The folded 16-bit one's complement sum of the IPv4 pseudo-header (`addresses`, source then
+/// destination, `protocol`, the segment's length) and `segment` (odd lengths padded with a
+/// zero byte): 0xffff when a segment with its checksum in place verifies.
+fn pseudo_header_sum(addresses: &[u8], protocol: u8, segment: &[u8]) -> u16 {
+    let length = u64::try_from(segment.len()).unwrap_or(u64::MAX >> 32);
+    let mut sum: u64 = u64::from(protocol) + length;
+    for pair in addresses.chunks(2).chain(segment.chunks(2)) {
+        let high = u64::from(pair[0]) << 8;
+        sum += high | pair.get(1).map_or(0, |&low| u64::from(low));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // Folded into 16 bits by the loop above.
+    sum as u16
 }
 
 fn receive_loop(
@@ -965,6 +1042,136 @@ fn write_json(path: &Path, counters: &Counters) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// An Ethernet + IPv4 + UDP frame from 198.18.0.1:40000 to 239.1.2.3:46000 with `payload`
+    /// and UDP checksum field `checksum`.
+    fn udp_frame(payload: &[u8], checksum: u16) -> Vec<u8> {
+        let udp_len = 8 + payload.len();
+        let total_len = 20 + udp_len;
+        let mut frame = vec![0x01, 0x00, 0x5e, 0x01, 0x02, 0x03];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        frame.extend_from_slice(&[0x45, 0, (total_len >> 8) as u8, total_len as u8]);
+        frame.extend_from_slice(&[0, 1, 0x40, 0, 1, 17, 0, 0]);
+        frame.extend_from_slice(&[198, 18, 0, 1, 239, 1, 2, 3]);
+        frame.extend_from_slice(&40_000u16.to_be_bytes());
+        frame.extend_from_slice(&46_000u16.to_be_bytes());
+        frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        frame.extend_from_slice(&checksum.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// What transmit checksum offload leaves in the field: the folded one's complement sum
+    /// of the pseudo-header alone (Linux's `~csum_tcpudp_magic(.., 0)`), for the payload to be
+    /// added by the "hardware", which a veth never does.
+    fn partial_checksum(frame: &[u8]) -> u16 {
+        let udp_len = u16::from_be_bytes([frame[38], frame[39]]);
+        let words = [
+            u16::from_be_bytes([frame[26], frame[27]]),
+            u16::from_be_bytes([frame[28], frame[29]]),
+            u16::from_be_bytes([frame[30], frame[31]]),
+            u16::from_be_bytes([frame[32], frame[33]]),
+            17,
+            udp_len,
+        ];
+        let mut sum: u32 = words.iter().map(|&w| u32::from(w)).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
+    }
+
+    /// The UDP checksum as pnet computes it from the frame, independently of
+    /// [`complete_checksum`].
+    fn pnet_checksum(frame: &[u8]) -> u16 {
+        use pnet::packet::ipv4::Ipv4Packet;
+        use pnet::packet::udp::{ipv4_checksum, UdpPacket};
+        use pnet::packet::Packet;
+        let ip = Ipv4Packet::new(&frame[14..]).expect("IPv4");
+        let udp = UdpPacket::new(ip.payload()).expect("UDP");
+        ipv4_checksum(&udp, &ip.get_source(), &ip.get_destination())
+    }
+
+    #[test]
+    fn unfinished_udp_and_tcp_checksums_are_completed_and_a_zero_udp_one_left_alone() {
+        for payload in [&b"rekeycast"[..], b"odd", &[0xff; 1200][..], b""] {
+            let mut frame = udp_frame(payload, 0);
+            let partial = partial_checksum(&frame);
+            frame[40..42].copy_from_slice(&partial.to_be_bytes());
+            let before = frame.clone();
+            assert_eq!(
+                complete_checksum(&mut frame),
+                Some(Transport::Udp),
+                "{payload:?}"
+            );
+            let completed = u16::from_be_bytes([frame[40], frame[41]]);
+            assert_ne!(completed, partial);
+            assert_eq!(completed, pnet_checksum(&frame), "{payload:?}");
+            // Only the checksum changed, and a complete checksum is left as it is.
+            assert_eq!(frame[..40], before[..40]);
+            assert_eq!(frame[42..], before[42..]);
+            let done = frame.clone();
+            assert_eq!(complete_checksum(&mut frame), None);
+            assert_eq!(frame, done);
+            // "No checksum" (zero) is valid over IPv4 and passes unchanged.
+            let mut none = udp_frame(payload, 0);
+            let copy = none.clone();
+            assert_eq!(complete_checksum(&mut none), None);
+            assert_eq!(none, copy);
+        }
+        // TCP (a 20-byte header, then the payload), unfinished the same way.
+        for payload in [&b"resync request"[..], b"odd", &[0u8; 1400][..], b""] {
+            let mut frame = udp_frame(&[0; 12], 0);
+            frame.truncate(34);
+            frame.extend_from_slice(&7402u16.to_be_bytes());
+            frame.extend_from_slice(&40_001u16.to_be_bytes());
+            frame.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0x01, 0x00]);
+            frame.extend_from_slice(&[0, 0, 0, 0]);
+            frame.extend_from_slice(payload);
+            let total_len = (20 + 20 + payload.len()) as u16;
+            frame[16..18].copy_from_slice(&total_len.to_be_bytes());
+            frame[23] = 6;
+            let tcp_len = (20 + payload.len()) as u32;
+            let mut sum = [0x0612u32, 0x0001, 0xef01, 0x0203, 6, tcp_len]
+                .iter()
+                .sum::<u32>()
+                - 0x0612
+                + 0xc612;
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            frame[50..52].copy_from_slice(&(sum as u16).to_be_bytes());
+            assert_eq!(
+                complete_checksum(&mut frame),
+                Some(Transport::Tcp),
+                "{payload:?}"
+            );
+            let expected = {
+                use pnet::packet::ipv4::Ipv4Packet;
+                use pnet::packet::tcp::{ipv4_checksum, TcpPacket};
+                use pnet::packet::Packet;
+                let ip = Ipv4Packet::new(&frame[14..]).expect("IPv4");
+                let tcp = TcpPacket::new(ip.payload()).expect("TCP");
+                ipv4_checksum(&tcp, &ip.get_source(), &ip.get_destination())
+            };
+            assert_eq!(u16::from_be_bytes([frame[50], frame[51]]), expected);
+            assert_eq!(complete_checksum(&mut frame), None);
+        }
+        // Fragments, other protocols and frames whose lengths lie are not touched.
+        let mut fragment = udp_frame(b"fragment", 0x1234);
+        fragment[20] = 0x20;
+        let mut tcp = udp_frame(b"tcp", 0x1234);
+        tcp[23] = 6;
+        let mut long = udp_frame(b"long", 0x1234);
+        long[38] = 0xff;
+        let mut short = udp_frame(b"short", 0x1234);
+        short.truncate(40);
+        for mut frame in [fragment, tcp, long, short] {
+            let copy = frame.clone();
+            assert_eq!(complete_checksum(&mut frame), None);
+            assert_eq!(frame, copy);
+        }
+    }
+
     #[test]
     fn commands_parse() {
         assert_eq!(parse_command("  "), None);
@@ -1060,7 +1267,7 @@ mod tests {
             let _ = classify(&frame);
             let _ = forwarder.snoop(port, &frame);
             let _ = forwarder.destinations(port, &frame);
-            let _ = udp_checksum_invalid(&frame);
+            let _ = complete_checksum(&mut frame);
             forwarder.record_transmission(port, &frame, now);
             let _ = corrupt_udp_payload(&mut frame, next());
         }

@@ -41,6 +41,11 @@ struct Harness {
 /// The GCKS with `members` members and the relay, the first message (admitting them all)
 /// queued but not yet delivered.
 fn harness(members: u64) -> Harness {
+    harness_with(members, |_| {})
+}
+
+/// [`harness`] with the relay's registration bundle changed by `alter` first.
+fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBundle)) -> Harness {
     let signing_key = SigningKey::from_bytes(&[7; 32]);
     let sa = RekeySa {
         group_id: GROUP,
@@ -61,7 +66,8 @@ fn harness(members: u64) -> Harness {
     let gcks = SenderSession::new(config, GROUP, SPI, now).unwrap();
     let joins: Vec<MemberId> = (1..=members + 1).map(MemberId).collect();
     let batch = tree.apply_batch(&joins, &[]).unwrap();
-    let relay_bundle = tree.join(MemberId(1)).unwrap();
+    let mut relay_bundle = tree.join(MemberId(1)).unwrap();
+    alter(&mut relay_bundle);
     let mut relay_config = RelayConfig::new(addr(1));
     relay_config.downstream.heartbeat_min = Duration::from_millis(20);
     let relay = RelaySession::new(&relay_bundle, relay_config, now).unwrap();
@@ -997,4 +1003,54 @@ fn a_restarted_relay_is_heard_at_once_by_the_members_behind_it() {
         "the member never took a heartbeat of the restarted relay (echoed {:?}, sent {probes:?})",
         downstream.echoes
     );
+}
+
+/// A relay whose registration bundle has one hex digit of its leaf key flipped verifies the
+/// whole first message (every chunk is the GCKS's) but cannot open its own chunk: it says so
+/// within that message and must register again, instead of resyncing the same chunk over and
+/// over; nothing it cannot key is forwarded, and later messages change nothing.
+#[test]
+fn a_relay_whose_keys_cannot_open_its_own_chunk_says_so_and_stops() {
+    let mut h = harness_with(100, |bundle| {
+        let mut key = *bundle.leaf_key.as_bytes();
+        key[31] ^= 0x10;
+        bundle.leaf_key = crate::lkh::Key::from_bytes(key);
+    });
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    let events = h.events();
+    assert!(
+        h.relay.must_reregister(),
+        "the relay did not stop: events {events:?}, counters {:?}",
+        h.relay.upstream_counters()
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, RelayEvent::Upstream(ReceiverEvent::OutOfSync { .. }))),
+        "{events:?}"
+    );
+    assert_eq!(h.relay.counters().forwarded, 0);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            RelayEvent::Upstream(ReceiverEvent::KeysCannotOpen { seq: 1, .. })
+        )),
+        "{events:?}"
+    );
+    assert!(
+        matches!(
+            h.relay.reregister_reason(),
+            Some(crate::session::ReregisterReason::KeysCannotOpen { seq: 1, .. })
+        ),
+        "{:?}",
+        h.relay.reregister_reason()
+    );
+    let batch = h
+        .tree
+        .apply_batch(&[MemberId(5_000)], &[MemberId(7)])
+        .unwrap();
+    h.queue(&batch);
+    h.run(Duration::from_secs(30), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.events(), Vec::new());
+    assert_eq!(h.relay.counters().forwarded, 0);
 }

@@ -22,7 +22,9 @@ pub mod receiver;
 pub mod sender;
 pub mod stored;
 
-pub use receiver::{ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession};
+pub use receiver::{
+    ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+};
 pub use sender::{PreparedMessage, SenderConfig, SenderCounters, SenderSession};
 pub use stored::StoredMessage;
 

@@ -65,7 +65,7 @@ use crate::auth::message::{MessageCounters, MessageVerifier};
 use crate::auth::Verified;
 use crate::gsa::DataSa;
 use crate::lkh::member::VersionedKey;
-use crate::lkh::{Degree, MemberKeys, RegistrationBundle};
+use crate::lkh::{Degree, MemberError, MemberKeys, RegistrationBundle};
 use crate::wire::{self, BodyRepr, DatagramRepr, DatagramType, NackRepr, ObjectKind, Packet};
 
 /// Configuration of a [`ReceiverSession`].
@@ -175,8 +175,52 @@ pub enum ReceiverEvent {
         /// silence).
         claimed_seq: u64,
     },
-    /// The messages the member lacks left the history window: it must register again.
+    /// The member's own chunk of message `seq`, the next message it needs, passed
+    /// authentication (the GCKS signed it) and is addressed to the member's leaf, yet the
+    /// member's keys do not open it: they are not the keys the GCKS holds for that leaf (a
+    /// corrupted or wrong registration bundle or saved key state, or the member was removed
+    /// from the group). Resync cannot help (it would serve the same chunk), so the session
+    /// takes no more traffic or resync items and [`ReceiverEvent::MustReregister`] follows.
+    KeysCannotOpen {
+        /// The message whose chunk the keys cannot open.
+        seq: u64,
+        /// What failed when the chunk was applied.
+        error: MemberError,
+    },
+    /// The member must register again (why: [`ReceiverSession::reregister_reason`]): the
+    /// messages it lacks left the history window, or its keys cannot open its own chunk
+    /// ([`ReceiverEvent::KeysCannotOpen`], raised just before).
     MustReregister,
+}
+
+/// Why a member must register again ([`ReceiverEvent::MustReregister`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReregisterReason {
+    /// A resync endpoint said the messages the member lacks left its history window.
+    BeyondHistory,
+    /// The member's keys cannot open its own authenticated chunk of message `seq`
+    /// ([`ReceiverEvent::KeysCannotOpen`]).
+    KeysCannotOpen {
+        /// The message whose chunk the keys cannot open.
+        seq: u64,
+        /// What failed when the chunk was applied.
+        error: MemberError,
+    },
+}
+
+impl std::fmt::Display for ReregisterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BeyondHistory => f.write_str("the messages it lacks left the group's history"),
+            Self::KeysCannotOpen { seq, error } => write!(
+                f,
+                "its keys cannot open its own authenticated chunk of message {seq} ({error}): \
+                 its registration bundle or saved keys are corrupt or not the GCKS's, or it was \
+                 removed from the group"
+            ),
+        }
+    }
 }
 
 /// Counts of what the session did, beyond the verifier's own counters.
@@ -400,16 +444,20 @@ pub struct ReceiverSession {
     forward: VecDeque<Forward>,
     /// When a datagram last passed the MAC check (from the first input on).
     last_heard: Option<Instant>,
+    /// Why the member must register again, once it must.
+    reregister: Option<ReregisterReason>,
 }
 
 impl ReceiverSession {
     /// The session of a member that registered with `bundle`; fails on an invalid
-    /// configuration.
+    /// configuration, and on a bundle no GCKS can have issued (no message 0 exists; a leaf is
+    /// never the root, nor beyond the deepest level of the tree).
     pub fn new(
         bundle: &RegistrationBundle,
         mut config: ReceiverConfig,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
+        check_bundle(bundle)?;
         // Member ids are u64; NACKs carry 32 bits, enough to tell receivers apart in traces.
         config.scheduler.receiver_id = bundle.member.0 as u32;
         let scheduler = NackScheduler::new(config.scheduler.clone())?;
@@ -438,6 +486,7 @@ impl ReceiverSession {
             completed: None,
             forward: VecDeque::new(),
             last_heard: None,
+            reregister: None,
             config,
         })
     }
@@ -496,6 +545,7 @@ impl ReceiverSession {
             completed: None,
             forward: VecDeque::new(),
             last_heard: None,
+            reregister: None,
             config,
         })
     }
@@ -523,6 +573,11 @@ impl ReceiverSession {
     /// Whether the member was told to register again.
     pub fn must_reregister(&self) -> bool {
         self.phase == Phase::MustReregister
+    }
+
+    /// Why the member must register again, once it must.
+    pub fn reregister_reason(&self) -> Option<ReregisterReason> {
+        self.reregister
     }
 
     /// The session's counters.
@@ -838,12 +893,21 @@ impl ReceiverSession {
     /// A resync endpoint said the messages the member lacks left its history window.
     pub fn handle_beyond_history(&mut self, now: Instant) {
         let _ = now;
-        if self.phase != Phase::MustReregister {
-            self.phase = Phase::MustReregister;
-            self.current = None;
-            self.pending.clear();
-            self.events.push_back(ReceiverEvent::MustReregister);
+        self.stop_for_reregistration(ReregisterReason::BeyondHistory);
+    }
+
+    /// The member must register again: it drops the message in progress and what it owes
+    /// the network, arms no timer, and takes no more traffic or resync items.
+    fn stop_for_reregistration(&mut self, reason: ReregisterReason) {
+        if self.phase == Phase::MustReregister {
+            return;
         }
+        self.phase = Phase::MustReregister;
+        self.reregister = Some(reason);
+        self.current = None;
+        self.pending.clear();
+        self.scheduler.retire_before(u64::MAX);
+        self.events.push_back(ReceiverEvent::MustReregister);
     }
 
     /// Cheap drops before the MAC: symbols of finished messages and of other blocks.
@@ -1262,7 +1326,15 @@ impl ReceiverSession {
             Ok(rekeyed) => rekeyed,
             Err(error) => {
                 self.counters.apply_failures += 1;
-                if path != Applied::Resync {
+                // Every caller hands over a chunk that passed authentication; when it is
+                // addressed to this member's leaf and is of the next message, the keys are at
+                // fault, and resyncing would only fetch the same chunk again.
+                let own_next = seq == self.next_seq && chunk.header.serves(self.order_key());
+                if own_next && !matches!(error, MemberError::Stale { .. }) {
+                    self.events
+                        .push_back(ReceiverEvent::KeysCannotOpen { seq, error });
+                    self.stop_for_reregistration(ReregisterReason::KeysCannotOpen { seq, error });
+                } else if path != Applied::Resync {
                     self.out_of_sync();
                 }
                 return Err(error);
@@ -1475,6 +1547,27 @@ impl ReceiverSession {
             }
         }
     }
+}
+
+/// Refuses a registration bundle no GCKS can have issued.
+fn check_bundle(bundle: &RegistrationBundle) -> Result<(), ConfigError> {
+    let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+    if bundle.first_seq == 0 {
+        return invalid(
+            "bundle.first_seq",
+            "is 0: rekey messages are numbered from 1",
+        );
+    }
+    if bundle.leaf == crate::lkh::topology::ROOT {
+        return invalid("bundle.leaf", "is the root: a member's leaf is below it");
+    }
+    if bundle.leaf > bundle.rekey_sa.degree.max_node() {
+        return invalid(
+            "bundle.leaf",
+            "is beyond the deepest level of a key tree of the bundle's degree",
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
