@@ -429,3 +429,132 @@ fn oversized_malformed_and_rate_limited_requests_get_their_status_codes() {
     assert!(gcks.stats().unwrap().resync.rate_limited > 0);
     gcks.shutdown().unwrap();
 }
+
+/// The member's fetch over HTTP is one request (the batched route), and it returns what the
+/// TCP fetch returns, which the member's session verifies and applies.
+#[test]
+fn an_http_resync_fetch_is_one_request_with_the_tcp_fetch_items() {
+    use rekeycast::io::resync_client::fetch_items;
+    use rekeycast::session::{ReceiverConfig, ReceiverSession};
+
+    let group = group(7);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 20);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+    let bundle = &bundles[0];
+    let config = || ReceiverConfig::new(gcks.local_addr());
+    let leaf = ReceiverSession::new(bundle, config()).unwrap().order_key();
+    let group_id = bundle.rekey_sa.group_id;
+    let timeout = Duration::from_secs(10);
+
+    let before = gcks.stats().unwrap().resync;
+    let over_http = fetch_items(Endpoint::Http(http), group_id, 1, leaf, timeout).unwrap();
+    let after = gcks.stats().unwrap().resync;
+    assert_eq!(over_http.items.len() as u64, latest);
+    assert!(!over_http.beyond_history && !over_http.not_held);
+    assert_eq!(after.requests - before.requests, 1, "{before:?} {after:?}");
+    assert_eq!(after.messages_served - before.messages_served, latest);
+
+    let over_tcp = fetch_items(Endpoint::Tcp(tcp), group_id, 1, leaf, timeout).unwrap();
+    assert_eq!(over_tcp, over_http);
+    let mut session = ReceiverSession::new(bundle, config()).unwrap();
+    for (manifest, chunk) in &over_http.items {
+        session
+            .handle_resync(Instant::now(), manifest, chunk)
+            .unwrap();
+    }
+    assert_eq!(session.next_seq(), latest + 1);
+
+    // Up to date: nothing to fetch, still one request.
+    let before = gcks.stats().unwrap().resync;
+    let nothing = fetch_items(Endpoint::Http(http), group_id, latest + 1, leaf, timeout).unwrap();
+    assert!(nothing.items.is_empty() && !nothing.beyond_history);
+    assert_eq!(gcks.stats().unwrap().resync.requests - before.requests, 1);
+    gcks.shutdown().unwrap();
+}
+
+/// A request followed at once by the client's half-close is answered: the endpoint writes what
+/// is queued, a whole resync stream included, before it closes.
+#[test]
+fn a_request_followed_by_a_half_close_is_answered() {
+    let group = group(8);
+    let gcks = start_gcks(group, 64);
+    let group_id = admit(&gcks, 1, 2)[0].rekey_sa.group_id;
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 3);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+    let exchange = |addr: SocketAddr, request: &[u8]| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    };
+    let answer = exchange(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    let mut request = vec![0u8; 32];
+    let len = FrameRepr::ResyncRequest {
+        group_id,
+        from_seq: 1,
+        leaf: 0,
+    }
+    .emit(&mut request)
+    .unwrap();
+    let answer = exchange(tcp, &request[..len]);
+    let mut frames = Vec::new();
+    let mut rest = answer.as_slice();
+    while let Ok(Some(len)) = FrameRepr::peek_len(rest) {
+        if len > rest.len() {
+            break;
+        }
+        frames.push(FrameRepr::parse(&rest[..len]).unwrap().buffer_len());
+        rest = &rest[len..];
+        if frames.len() as u64 == 2 * latest + 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        frames.len() as u64,
+        2 * latest + 1,
+        "{} bytes",
+        answer.len()
+    );
+    gcks.shutdown().unwrap();
+}
+
+/// Requests pipelined in one read are each charged to the source's rate limit.
+#[test]
+fn pipelined_requests_are_each_charged_to_the_rate_limit() {
+    let group = group(9);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.requests_per_second_per_source = 1.0;
+    config.resync_limits.burst_per_source = 20;
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[12; 32])).unwrap();
+    let (_, http) = gcks.resync_addrs();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+    let mut stream = TcpStream::connect(http.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let ok = text.matches("HTTP/1.1 200").count();
+    let limited = text.matches("HTTP/1.1 429").count();
+    assert!((1..=21).contains(&ok), "{ok} answered 200");
+    assert_eq!(limited, 1, "{text}");
+    assert_eq!(gcks.stats().unwrap().resync.rate_limited, 1);
+    gcks.shutdown().unwrap();
+}
