@@ -516,14 +516,19 @@ fn a_request_followed_by_a_half_close_is_answered() {
     let mut answered = 0;
     for _ in 0..20 {
         let mut state = [0u8; 16];
-        let len = FrameRepr::StateRequest { group_id }.emit(&mut state).unwrap();
+        let len = FrameRepr::StateRequest { group_id }
+            .emit(&mut state)
+            .unwrap();
         let answer = exchange(tcp, &state[..len]);
         answered += usize::from(matches!(
             FrameRepr::peek_len(&answer),
             Ok(Some(len)) if len == answer.len()
         ));
     }
-    assert_eq!(answered, 20, "TCP state requests answered before the half-close");
+    assert_eq!(
+        answered, 20,
+        "TCP state requests answered before the half-close"
+    );
     let answer = exchange(tcp, &request[..len]);
     let mut frames = Vec::new();
     let mut rest = answer.as_slice();

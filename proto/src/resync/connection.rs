@@ -257,6 +257,8 @@ pub struct Connection<C: Codec> {
     stream: Option<ResyncStream>,
     /// Close once the current stream ends.
     close_after_stream: bool,
+    /// The client shut its side: close once everything received is answered.
+    end_of_input: bool,
     /// No further request is read; close once the output is written.
     closing: bool,
     requests: u32,
@@ -282,6 +284,7 @@ impl<C: Codec> Connection<C> {
             output_progress: false,
             stream: None,
             close_after_stream: false,
+            end_of_input: false,
             closing: false,
             requests: 0,
             counters: Counters::default(),
@@ -381,21 +384,23 @@ impl<C: Codec> Connection<C> {
         self.request_started = (!input.is_empty()).then_some(started);
         self.parse_pending = !input.is_empty() && self.stream.is_some();
         self.input = input;
+        if self.end_of_input && self.stream.is_none() && !self.closing {
+            // Every whole request is answered; what is left is a partial one that cannot
+            // complete.
+            self.close(now);
+        }
     }
 
     /// The client shut its side (a read returned end of file): no request follows. What was
-    /// asked before is still answered, a resync stream included; the connection closes once
-    /// that is written. A partial request is dropped.
+    /// asked before is still answered, a resync stream and the requests pipelined behind it
+    /// included; the connection closes once that is written. A partial request is dropped.
     pub fn handle_end_of_input(&mut self, now: Instant) {
         if self.closing {
             return;
         }
-        self.input.clear();
-        self.request_started = None;
-        self.parse_pending = false;
-        if self.stream.is_some() {
-            self.close_after_stream = true;
-        } else {
+        self.end_of_input = true;
+        if self.stream.is_none() {
+            // Without a stream, every whole request received is answered already.
             self.close(now);
         }
     }
@@ -986,12 +991,17 @@ mod tests {
             ..Limits::default()
         });
         h.source = VecSource::new(GROUP, 10, 100, 2);
-        h.send(&C::resync());
+        h.send(&[C::resync(), C::state()].concat());
+        h.send(&C::state()[..3]);
         h.conn.handle_end_of_input(h.now);
         assert!(!h.conn.wants_close());
-        h.take();
+        let answers = C::answers(&h.take());
         assert!(h.conn.wants_close());
         assert_eq!(h.conn.counters().streams_completed, 1);
+        // The state request pipelined behind the stream is answered too; the partial one
+        // after it is not.
+        assert_eq!(h.conn.counters().requests, 2);
+        assert!(answers.len() >= 2, "{answers:?}");
         // A partial request is dropped.
         let mut h = Harness::<C>::new(Limits::default());
         h.send(&C::state()[..3]);
