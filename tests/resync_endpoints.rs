@@ -161,7 +161,24 @@ fn member_offline_past_the_history_window_must_reregister() {
     let bundles = admit(&gcks, 1, 2);
     wait_sent(&gcks, 1);
     rekeys(&gcks, 6);
-    let (tcp, _) = gcks.resync_addrs();
+    let (tcp, http) = gcks.resync_addrs();
+    // Asked directly, both endpoints say so (HTTP: the batched route's oldest held is after
+    // the first message wanted).
+    for endpoint in [Endpoint::Tcp(tcp.unwrap()), Endpoint::Http(http.unwrap())] {
+        let group_id = bundles[0].rekey_sa.group_id;
+        let fetched = rekeycast::io::resync_client::fetch_items(
+            endpoint,
+            group_id,
+            1,
+            0,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(
+            fetched.beyond_history && fetched.items.is_empty(),
+            "{endpoint}: {fetched:?}"
+        );
+    }
     let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(tcp.unwrap()));
     gcks.rekey_now().unwrap();
     let events = wait_member(&member, u64::MAX - 1, true);

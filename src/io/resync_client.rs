@@ -639,3 +639,53 @@ fn http_refusal(endpoint: Endpoint, status: u16) -> ClientError {
         other => protocol(endpoint, format!("HTTP status {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::ChunkedBody;
+
+    fn dechunk(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        ChunkedBody::new(bytes).read_to_end(&mut body)?;
+        Ok(body)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        assert_eq!(dechunk(b"00000003\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
+        assert_eq!(
+            dechunk(b"3;x=y\r\nabc\r\nA\r\n0123456789\r\n0\r\nT: v\r\n\r\nnext").unwrap(),
+            b"abc0123456789"
+        );
+        // Read in small pieces.
+        let mut body = ChunkedBody::new(&b"5\r\nhello\r\n2\r\n!!\r\n0\r\n\r\n"[..]);
+        let mut out = Vec::new();
+        let mut piece = [0u8; 2];
+        loop {
+            let n = body.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(out, b"hello!!");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b""[..],
+            b"3\r\nab",
+            b"3\r\nabcd\r\n0\r\n\r\n",
+            b"x\r\nabc\r\n0\r\n\r\n",
+            b"\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+            b"11111111111111111\r\n",
+            b"3\r\nabc\r\n0\r\n",
+        ] {
+            assert!(dechunk(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
