@@ -595,3 +595,96 @@ fn pipelined_requests_are_each_charged_to_the_rate_limit() {
     assert_eq!(gcks.stats().unwrap().resync.rate_limited, 1);
     gcks.shutdown().unwrap();
 }
+
+/// An HTTP endpoint without the batched route (an older relay: 404 without
+/// `X-Rekeycast-Latest-Seq`) is still fetched from, two requests per message.
+#[test]
+fn an_http_endpoint_without_the_batched_route_is_fetched_per_message() {
+    use rekeycast::io::resync_client::fetch_items;
+
+    let group = group(10);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 4);
+    let (tcp, _) = gcks.resync_addrs();
+    let group_id = bundles[0].rekey_sa.group_id;
+    let timeout = Duration::from_secs(5);
+    let held = fetch_items(Endpoint::Tcp(tcp.unwrap()), group_id, 1, 0, timeout).unwrap();
+    assert_eq!(held.items.len() as u64, latest);
+
+    // The older endpoint: per-message routes only, from what the GCKS holds.
+    let old = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let items = held.items.clone();
+    let server = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        // The batched request, then one keep-alive connection for the per-message ones.
+        for _ in 0..2 {
+            let (mut client, _) = old.accept().unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    continue;
+                };
+                let head: Vec<u8> = pending.drain(..end + 4).collect();
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let path = line.split(' ').nth(1).unwrap().to_string();
+                requests.push(path.clone());
+                let parts: Vec<&str> = path.split('/').collect();
+                let body = match parts.as_slice() {
+                    ["", "v1", "groups", _, "rekeys", seq, "manifest"] => seq
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|seq| items.get(seq - 1))
+                        .map(|item| item.0.clone()),
+                    ["", "v1", "groups", _, "rekeys", seq, "chunks", _] => seq
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|seq| items.get(seq - 1))
+                        .map(|item| item.1.clone()),
+                    _ => None,
+                };
+                let response = match body {
+                    Some(body) => {
+                        let mut r =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        r.extend_from_slice(&body);
+                        r
+                    }
+                    None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                };
+                if client.write_all(&response).is_err() {
+                    break;
+                }
+                if path.contains("/resync") {
+                    break;
+                }
+            }
+        }
+        requests
+    });
+    let fetched = fetch_items(Endpoint::Http(old_addr), group_id, 1, 0, timeout).unwrap();
+    assert_eq!(fetched, held);
+    let requests = server.join().unwrap();
+    assert!(
+        requests[0].contains("/resync?from=1&leaf=0"),
+        "{requests:?}"
+    );
+    // Then a manifest and a chunk per message, and the manifest after the latest.
+    assert_eq!(requests.len() as u64, 1 + 2 * latest + 1, "{requests:?}");
+    gcks.shutdown().unwrap();
+}
