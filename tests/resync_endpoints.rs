@@ -688,3 +688,101 @@ fn an_http_endpoint_without_the_batched_route_is_fetched_per_message() {
     assert_eq!(requests.len() as u64, 1 + 2 * latest + 1, "{requests:?}");
     gcks.shutdown().unwrap();
 }
+
+/// Counts the whole responses at the start of `bytes` (each with a `Content-Length`).
+fn count_http_responses(mut bytes: &[u8]) -> usize {
+    let mut count = 0;
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+        let Some(length) = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        else {
+            return count;
+        };
+        if bytes.len() < end + 4 + length {
+            return count;
+        }
+        bytes = &bytes[end + 4 + length..];
+        count += 1;
+    }
+    count
+}
+
+/// A client that pipelines many requests and reads its answers as it goes gets every answer:
+/// the endpoint stops reading while its answers wait instead of cutting the client off.
+#[test]
+fn a_pipelining_client_that_reads_gets_every_answer() {
+    let group = group(11);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_tcp = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.requests_per_second_per_source = 1e6;
+    config.resync_limits.burst_per_source = 1_000_000;
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[13; 32])).unwrap();
+    let group_id = admit(&gcks, 1, 2)[0].rekey_sa.group_id;
+    wait_sent(&gcks, 1);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+
+    // Writes `request` on one thread while this one reads, until `done` says the answers are
+    // all in (or the endpoint stops).
+    let pipeline = |addr: SocketAddr, request: Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let write = std::thread::spawn(move || writer.write_all(&request));
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 65_536];
+        while !done(&answers) {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = write.join();
+        answers
+    };
+
+    let mut state = [0u8; 16];
+    let len = FrameRepr::StateRequest { group_id }
+        .emit(&mut state)
+        .unwrap();
+    let count_frames = |mut bytes: &[u8]| {
+        let mut count = 0;
+        while let Ok(Some(len)) = FrameRepr::peek_len(bytes) {
+            if len > bytes.len() {
+                break;
+            }
+            assert!(matches!(
+                FrameRepr::parse(&bytes[..len]),
+                Ok(FrameRepr::State { .. })
+            ));
+            bytes = &bytes[len..];
+            count += 1;
+        }
+        count
+    };
+    let answers = pipeline(tcp, state[..len].repeat(10_000), &|answers| {
+        count_frames(answers) == 10_000
+    });
+    assert_eq!(count_frames(&answers), 10_000, "{} bytes", answers.len());
+
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    let answers = pipeline(http, request, &|answers| {
+        count_http_responses(answers) == 300
+    });
+    assert_eq!(
+        count_http_responses(&answers),
+        300,
+        "{} bytes",
+        answers.len()
+    );
+    let counters = gcks.stats().unwrap().resync;
+    assert_eq!(counters.requests, 10_300, "{counters:?}");
+    gcks.shutdown().unwrap();
+}

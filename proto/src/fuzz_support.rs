@@ -174,7 +174,7 @@ pub fn http_request(data: &[u8]) {
             written.extend_from_slice(connection.output());
             let len = connection.output().len();
             connection.consume_output(len);
-            if !connection.is_streaming() {
+            if !connection.has_more_to_send() {
                 return;
             }
             connection.handle_input(now, &[], &FuzzSource, &metrics);
@@ -239,7 +239,7 @@ pub fn tcp_connection(data: &[u8]) {
             written.extend_from_slice(connection.output());
             let len = connection.output().len();
             connection.consume_output(len);
-            if !connection.is_streaming() {
+            if !connection.has_more_to_send() {
                 return;
             }
             connection.handle_input(now, &[], &FuzzSource, &metrics);

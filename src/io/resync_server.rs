@@ -252,53 +252,79 @@ impl Endpoints {
     ) {
         let mut buf = [0u8; 4_096];
         // Bounded reads per wake-up; a fast client cannot monopolise the loop.
-        for _ in 0..64 {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                return;
-            };
-            match connection.stream.read(&mut buf) {
-                Ok(0) => {
-                    // The client shut its side: what it asked before is still answered.
-                    connection.handler.handle_end_of_input(now);
+        let mut reads = 0;
+        loop {
+            // Reading stops while the connection has answers to write: a pipelining client's
+            // requests wait in its socket, not in memory here. Readiness is edge-triggered, so
+            // once the answers are written, reading resumes here, not at the next event.
+            let mut paused = false;
+            while reads < 64 {
+                let Some(connection) = self.connections.get_mut(&token) else {
+                    return;
+                };
+                if !connection.handler.wants_input() {
+                    paused = !connection.handler.wants_close();
                     break;
                 }
-                Ok(n) => {
-                    // Every request is charged to its source, however many one read holds.
-                    let (limiter, counters, peer) =
-                        (&mut self.limiter, &mut self.counters, connection.peer);
-                    let mut admit = || {
-                        if limiter.allow(now, peer) {
-                            Ok(())
-                        } else {
-                            counters.rate_limited += 1;
-                            Err(Refusal::RateLimited)
+                reads += 1;
+                match connection.stream.read(&mut buf) {
+                    Ok(0) => {
+                        // The client shut its side: what it asked before is still answered.
+                        connection.handler.handle_end_of_input(now);
+                        break;
+                    }
+                    Ok(n) => {
+                        // Every request is charged to its source, however many one read holds.
+                        let (limiter, counters, peer) =
+                            (&mut self.limiter, &mut self.counters, connection.peer);
+                        let mut admit = || {
+                            if limiter.allow(now, peer) {
+                                Ok(())
+                            } else {
+                                counters.rate_limited += 1;
+                                Err(Refusal::RateLimited)
+                            }
+                        };
+                        connection.handler.handle_input_admitting(
+                            now,
+                            &buf[..n],
+                            source,
+                            metrics,
+                            &mut admit,
+                        );
+                        if connection.handler.output().len() > self.limits.max_output_bytes {
+                            // One answer over the output cap.
+                            self.close(registry, token);
+                            return;
                         }
-                    };
-                    connection.handler.handle_input_admitting(
-                        now,
-                        &buf[..n],
-                        source,
-                        metrics,
-                        &mut admit,
-                    );
-                    if connection.handler.output().len() > self.limits.max_output_bytes {
-                        // A client that asks and never reads.
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
                         self.close(registry, token);
                         return;
                     }
-                    if connection.handler.wants_close() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close(registry, token);
-                    return;
                 }
             }
+            self.flush(registry, token, now, source, metrics);
+            let Some(connection) = self.connections.get_mut(&token) else {
+                return;
+            };
+            if !(paused || reads >= 64) || !connection.handler.wants_input() {
+                return;
+            }
+            if reads >= 64 {
+                // This wake-up's read budget is spent and bytes may be left: re-arm the
+                // readiness so that the next poll comes back here after the other connections.
+                let interest = if connection.writable_registered {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                let _ = registry.reregister(&mut connection.stream, token, interest);
+                return;
+            }
         }
-        self.flush(registry, token, now, source, metrics);
     }
 
     /// Writes what the handler has (continuing a TCP resync stream as its output drains),
@@ -315,7 +341,7 @@ impl Endpoints {
             return;
         };
         loop {
-            if connection.handler.output().is_empty() && connection.handler.is_streaming() {
+            if connection.handler.output().is_empty() && connection.handler.has_more_to_send() {
                 // Continuing a stream answers no new request: nothing to charge.
                 connection.handler.handle_input_admitting(
                     now,

@@ -9,7 +9,7 @@
 //!
 //! For each accepted socket: [`Connection::new`] at accept; [`Connection::handle_input`] (or
 //! [`Connection::handle_input_admitting`], which lets the listener charge each request) with
-//! each read, and with no bytes after writing while [`Connection::is_streaming`]; write
+//! each read, and with no bytes after writing while [`Connection::has_more_to_send`]; write
 //! [`Connection::output`] and report what the socket took with
 //! [`Connection::consume_output`]; [`Connection::handle_end_of_input`] when the client shut its
 //! side; at [`Connection::poll_timeout`] call [`Connection::handle_timeout`]; close the socket
@@ -28,7 +28,11 @@
 //!   `max_output_bytes`, so a 100-message resync never sits in memory at once; requests
 //!   pipelined behind it wait (they are not late: the header deadline does not run while a
 //!   stream does) up to the request size cap.
-//! - A client that asks faster than it reads (output over `max_output_bytes`) is cut off.
+//! - Requests are answered while the unwritten output is under half of `max_output_bytes`;
+//!   beyond it they wait, and [`Connection::wants_input`] tells the driver to stop reading, so
+//!   a pipelining client that reads its answers gets every one of them. A client that stops
+//!   reading is closed by the idle timeout; one answer that alone takes the output over
+//!   `max_output_bytes` cuts the client off.
 
 use std::fmt::Debug;
 use std::time::{Duration, Instant};
@@ -327,6 +331,9 @@ impl<C: Codec> Connection<C> {
             Some(started) if !self.input.is_empty() => started,
             _ => now,
         };
+        // Bytes beyond what was asked for (fed while reading should have stopped) may not
+        // pile up past the request size cap.
+        let backed_up = !bytes.is_empty() && !self.wants_input();
         let parse_again =
             self.input.is_empty() || self.parse_pending || self.codec.may_complete(bytes);
         let mut input = std::mem::take(&mut self.input);
@@ -344,7 +351,8 @@ impl<C: Codec> Connection<C> {
                 }
                 continue;
             }
-            if !parse_again || pos >= input.len() {
+            if !parse_again || pos >= input.len() || self.output_pending() >= self.watermark() {
+                // Requests wait for the output to drain rather than overflow it.
                 break;
             }
             let window_end = input.len().min(pos + self.max_request_bytes);
@@ -374,17 +382,19 @@ impl<C: Codec> Connection<C> {
             input.clear();
         } else {
             input.drain(..pos.min(input.len()));
-            if input.len() > self.max_request_bytes {
-                // Requests piled up behind a stream beyond what one request may take.
+            if backed_up && input.len() > self.max_request_bytes {
+                // Requests piled up behind a stream, or behind output the client does not
+                // read, beyond what one request may take.
                 let too_large = self.codec.too_large();
                 self.reject(now, too_large);
                 input.clear();
             }
         }
         self.request_started = (!input.is_empty()).then_some(started);
-        self.parse_pending = !input.is_empty() && self.stream.is_some();
+        self.parse_pending = !input.is_empty()
+            && (self.stream.is_some() || self.output_pending() >= self.watermark());
         self.input = input;
-        if self.end_of_input && self.stream.is_none() && !self.closing {
+        if self.end_of_input && self.stream.is_none() && !self.parse_pending && !self.closing {
             // Every whole request is answered; what is left is a partial one that cannot
             // complete.
             self.close(now);
@@ -399,7 +409,7 @@ impl<C: Codec> Connection<C> {
             return;
         }
         self.end_of_input = true;
-        if self.stream.is_none() {
+        if self.stream.is_none() && !self.parse_pending {
             // Without a stream, every whole request received is answered already.
             self.close(now);
         }
@@ -497,10 +507,23 @@ impl<C: Codec> Connection<C> {
         self.closing
     }
 
-    /// Whether a resync stream is still being generated: call [`Self::handle_input`] (with no
-    /// bytes) once the output has drained to continue it.
-    pub fn is_streaming(&self) -> bool {
-        self.stream.is_some() && !self.closing
+    /// Whether more output comes without new input: a resync stream is being generated, or
+    /// received requests wait for the output to drain. Call [`Self::handle_input`] with no
+    /// bytes once the output has drained to continue.
+    pub fn has_more_to_send(&self) -> bool {
+        !self.closing && (self.stream.is_some() || self.parse_pending)
+    }
+
+    /// Whether the driver should read from the socket now. False while the connection closes,
+    /// while a resync stream is generated, while received requests wait, and while the output
+    /// holds half its cap or more: reading stops instead of the client being cut off, and its
+    /// sends back up in its own socket (TCP flow control). Feed at most one read per call while
+    /// this is true; bytes fed while it is false count against the request size cap.
+    pub fn wants_input(&self) -> bool {
+        !self.closing
+            && self.stream.is_none()
+            && !self.parse_pending
+            && self.output_pending() < self.watermark()
     }
 
     /// What this connection did so far.
@@ -520,8 +543,9 @@ impl<C: Codec> Connection<C> {
     }
 
     fn header_deadline(&self) -> Option<Instant> {
-        // Requests waiting behind a stream are not late: the server is.
-        if self.stream.is_some() {
+        // Requests waiting behind a stream or for the output to drain are not late: the
+        // server (or the client's reading) is.
+        if self.stream.is_some() || self.parse_pending {
             return None;
         }
         self.request_started
@@ -530,6 +554,11 @@ impl<C: Codec> Connection<C> {
 
     fn output_pending(&self) -> usize {
         self.output.len() - self.output_start
+    }
+
+    /// Answers are generated while the unwritten output is under this.
+    fn watermark(&self) -> usize {
+        self.max_output_bytes / 2
     }
 
     fn discard_output(&mut self) {
@@ -602,7 +631,7 @@ impl<C: Codec> Connection<C> {
 
     /// Adds frames of the current stream while the output is under the watermark.
     fn continue_stream(&mut self, now: Instant, source: &dyn ResyncSource) {
-        let watermark = self.max_output_bytes / 2;
+        let watermark = self.watermark();
         while let Some(stream) = self.stream {
             if self.output_pending() >= watermark {
                 return;
@@ -704,8 +733,10 @@ pub trait AnyConnection: Send + Debug {
     fn refuse(&mut self, refusal: Refusal);
     /// [`Connection::wants_close`].
     fn wants_close(&self) -> bool;
-    /// [`Connection::is_streaming`].
-    fn is_streaming(&self) -> bool;
+    /// [`Connection::has_more_to_send`].
+    fn has_more_to_send(&self) -> bool;
+    /// [`Connection::wants_input`].
+    fn wants_input(&self) -> bool;
     /// [`Connection::counters`].
     fn counters(&self) -> &Counters;
 }
@@ -742,8 +773,11 @@ impl<C: Codec + Send> AnyConnection for Connection<C> {
     fn wants_close(&self) -> bool {
         Connection::wants_close(self)
     }
-    fn is_streaming(&self) -> bool {
-        Connection::is_streaming(self)
+    fn has_more_to_send(&self) -> bool {
+        Connection::has_more_to_send(self)
+    }
+    fn wants_input(&self) -> bool {
+        Connection::wants_input(self)
     }
     fn counters(&self) -> &Counters {
         Connection::counters(self)
@@ -868,7 +902,7 @@ mod tests {
                 out.extend_from_slice(self.conn.output());
                 let len = self.conn.output().len();
                 self.conn.consume_output(len);
-                if !self.conn.is_streaming() {
+                if !self.conn.has_more_to_send() {
                     return out;
                 }
                 self.send(&[]);
@@ -922,7 +956,7 @@ mod tests {
         the_header_deadline_runs_from_the_first_byte::<HttpCodec>(Some("408 16"));
     }
 
-    fn the_output_cap_cuts_off_a_client_that_does_not_read<C: Requests>() {
+    fn a_pipelining_client_waits_for_its_answers<C: Requests>() {
         let mut h = Harness::<C>::new(Limits {
             max_output_bytes: 4096,
             ..Limits::default()
@@ -930,9 +964,31 @@ mod tests {
         for message in &mut h.source.messages {
             message.manifest = vec![1; 1000];
         }
-        for _ in 0..10 {
-            h.send(&C::state());
-        }
+        let pipelined: Vec<u8> = (0..10).flat_map(|_| C::state()).collect();
+        h.send(&pipelined);
+        assert!(!h.conn.wants_input());
+        assert!(h.conn.has_more_to_send());
+        assert!(h.conn.output().len() < 4096);
+        // Waiting for the client to read is not a late request.
+        assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(30)));
+        assert_eq!(C::answers(&h.take()).len(), 10);
+        assert_eq!(h.conn.counters().requests, 10);
+        assert_eq!(h.conn.counters().output_overflows, 0);
+        assert!(h.conn.wants_input());
+        // A client that never reads is closed by the idle timeout, dropping its answers.
+        h.send(&pipelined);
+        h.now += Duration::from_secs(30);
+        h.conn.handle_timeout(h.now);
+        assert!(h.conn.wants_close());
+        assert!(h.conn.output().is_empty());
+        assert_eq!(h.conn.counters().idle_timeouts, 1);
+        // One answer over the output cap cuts the client off.
+        let mut h = Harness::<C>::new(Limits {
+            max_output_bytes: 4096,
+            ..Limits::default()
+        });
+        h.source.messages[4].manifest = vec![1; 5000];
+        h.send(&C::state());
         assert!(h.conn.wants_close());
         assert!(h.conn.output().is_empty());
         assert_eq!(h.conn.counters().output_overflows, 1);
@@ -943,7 +999,7 @@ mod tests {
         });
         h.source = VecSource::new(GROUP, 10, 100, 2);
         h.send(&C::resync());
-        assert!(h.conn.is_streaming());
+        assert!(h.conn.has_more_to_send());
         assert!(h.conn.output().len() < 4096);
         assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(30)));
         h.take();
@@ -953,9 +1009,9 @@ mod tests {
     }
 
     #[test]
-    fn the_output_cap_cuts_off_a_client_that_does_not_read_in_both_protocols() {
-        the_output_cap_cuts_off_a_client_that_does_not_read::<TcpCodec>();
-        the_output_cap_cuts_off_a_client_that_does_not_read::<HttpCodec>();
+    fn a_pipelining_client_waits_for_its_answers_in_both_protocols() {
+        a_pipelining_client_waits_for_its_answers::<TcpCodec>();
+        a_pipelining_client_waits_for_its_answers::<HttpCodec>();
     }
 
     fn every_pipelined_request_is_charged<C: Requests>() {

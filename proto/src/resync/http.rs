@@ -668,7 +668,7 @@ mod tests {
                 out.extend_from_slice(self.conn.output());
                 let len = self.conn.output().len();
                 self.conn.consume_output(len);
-                if !self.conn.is_streaming() {
+                if !self.conn.has_more_to_send() {
                     break;
                 }
                 self.send(&[]);
@@ -786,7 +786,7 @@ mod tests {
     fn the_batched_route_for_head_and_http_1_0() {
         let mut h = Harness::new();
         h.send(b"HEAD /v1/groups/7/resync?from=11&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
-        assert!(!h.conn.is_streaming());
+        assert!(!h.conn.has_more_to_send());
         let text = String::from_utf8(h.conn.output().to_vec()).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("Transfer-Encoding: chunked\r\n"), "{text}");
@@ -815,7 +815,7 @@ mod tests {
             b"GET /v1/groups/7/resync?from=1&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
         );
         assert!(h.conn.output().len() < 8192, "{}", h.conn.output().len());
-        assert!(h.conn.is_streaming());
+        assert!(h.conn.has_more_to_send());
         let responses = h.take_streamed();
         assert_eq!(responses.len(), 2);
         let frames = body_frames(&responses[0].body);
@@ -1182,7 +1182,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_does_not_read_is_cut_off() {
+    fn a_pipelining_client_waits_for_its_answers_and_one_that_never_reads_times_out() {
         let mut h = Harness::with_limits(Limits {
             max_output_bytes: 4096,
             ..Limits::default()
@@ -1191,9 +1191,23 @@ mod tests {
         for _ in 0..100 {
             h.send(request);
         }
+        // Answered up to half the output cap; the rest wait, and reading should stop.
+        assert!(!h.conn.wants_close());
+        assert!(!h.conn.wants_input());
+        assert!(h.conn.output().len() < 4096);
+        assert_eq!(h.conn.counters().output_overflows, 0);
+        let responses = h.take_streamed();
+        assert_eq!(responses.len(), 100);
+        assert!(responses.iter().all(|r| r.body == b"manifest-12"));
+        assert!(h.conn.wants_input());
+        // A client that never reads is closed by the idle timeout.
+        for _ in 0..100 {
+            h.send(request);
+        }
+        h.advance(Duration::from_secs(30));
         assert!(h.conn.wants_close());
         assert!(h.conn.output().is_empty());
-        assert_eq!(h.conn.counters().output_overflows, 1);
+        assert_eq!(h.conn.counters().idle_timeouts, 1);
     }
 
     #[test]

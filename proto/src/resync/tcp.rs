@@ -26,7 +26,7 @@
 //!
 //! A resync stream is generated lazily (see [`super::connection`]): a listener calls
 //! [`Connection::handle_input`] with no bytes after writing whenever
-//! [`Connection::is_streaming`] says so.
+//! [`Connection::has_more_to_send`] says so.
 
 use super::connection::{Answer, Codec, Connection, Decoded, StreamStart};
 use super::limits::Limits;
@@ -349,7 +349,7 @@ mod tests {
                 let len = self.conn.output().len();
                 out.extend_from_slice(self.conn.output());
                 self.conn.consume_output(len);
-                if !self.conn.is_streaming() {
+                if !self.conn.has_more_to_send() {
                     break;
                 }
                 self.send(&[]);
@@ -538,7 +538,7 @@ mod tests {
         h.send(&state(GROUP));
         // About half the output cap at a time, not 100 kB.
         assert!(h.conn.output().len() < 8192, "{}", h.conn.output().len());
-        assert!(h.conn.is_streaming());
+        assert!(h.conn.has_more_to_send());
         let frames = h.take();
         assert_eq!(frames.len(), 2 * 100 + 2);
         assert_eq!(frames[200], Frame::End(100));
@@ -570,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_requests_and_never_reads_is_cut_off() {
+    fn a_client_that_never_reads_is_cut_off_and_one_that_reads_late_gets_every_answer() {
         let mut h = Harness::with_limits(Limits {
             max_output_bytes: 4096,
             ..Limits::default()
@@ -581,6 +581,20 @@ mod tests {
         for _ in 0..10 {
             h.send(&state(GROUP));
         }
+        // Answered up to half the output cap; the rest wait, and reading should stop.
+        assert!(!h.conn.wants_close());
+        assert!(!h.conn.wants_input());
+        assert!(h.conn.output().len() < 4096);
+        let answers = h.take();
+        assert_eq!(answers.len(), 10);
+        assert_eq!(h.conn.counters().output_overflows, 0);
+        // One answer over the output cap cuts the client off.
+        let mut h = Harness::with_limits(Limits {
+            max_output_bytes: 4096,
+            ..Limits::default()
+        });
+        h.source.messages[4].manifest = vec![1; 5000];
+        h.send(&state(GROUP));
         assert!(h.conn.wants_close());
         assert!(h.conn.output().is_empty());
         assert_eq!(h.conn.counters().output_overflows, 1);
@@ -691,7 +705,7 @@ mod tests {
             let len = h.conn.output().len();
             out.extend_from_slice(h.conn.output());
             h.conn.consume_output(len);
-            while h.conn.is_streaming() {
+            while h.conn.has_more_to_send() {
                 h.send(&[]);
                 out.extend_from_slice(h.conn.output());
                 let len = h.conn.output().len();
