@@ -1,5 +1,6 @@
-//! Resync: the sans-IO protocol handlers of the resync endpoints (re-exported from
-//! `rekeycast-proto`: [`http`], [`tcp`], [`limits`], [`ResyncSource`]) and the durable state
+//! Resync: the sans-IO resync endpoints (re-exported from `rekeycast-proto`: the connection
+//! core [`connection`] with its codecs [`http`] and [`tcp`], [`limits`], [`ResyncSource`]) and
+//! the durable state
 //! they serve from: a GCKS's key tree and history of signed messages ([`store`]) and a relay's
 //! history ([`relay_store`]).
 
