@@ -1,8 +1,7 @@
 //! Resync: the sans-IO resync endpoints (re-exported from `rekeycast-proto`: the connection
 //! core [`connection`] with its codecs [`http`] and [`tcp`], [`limits`], [`ResyncSource`]) and
-//! the durable state
-//! they serve from: a GCKS's key tree and history of signed messages ([`store`]) and a relay's
-//! history ([`relay_store`]).
+//! the durable state they serve from: a GCKS's key tree and history of signed messages
+//! ([`store`]) and a relay's history ([`relay_store`]).
 
 pub use rekeycast_proto::resync::*;
 
