@@ -161,7 +161,24 @@ fn member_offline_past_the_history_window_must_reregister() {
     let bundles = admit(&gcks, 1, 2);
     wait_sent(&gcks, 1);
     rekeys(&gcks, 6);
-    let (tcp, _) = gcks.resync_addrs();
+    let (tcp, http) = gcks.resync_addrs();
+    // Asked directly, both endpoints say so (HTTP: the batched route's oldest held is after
+    // the first message wanted).
+    for endpoint in [Endpoint::Tcp(tcp.unwrap()), Endpoint::Http(http.unwrap())] {
+        let group_id = bundles[0].rekey_sa.group_id;
+        let fetched = rekeycast::io::resync_client::fetch_items(
+            endpoint,
+            group_id,
+            1,
+            0,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert!(
+            fetched.beyond_history && fetched.items.is_empty(),
+            "{endpoint}: {fetched:?}"
+        );
+    }
     let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(tcp.unwrap()));
     gcks.rekey_now().unwrap();
     let events = wait_member(&member, u64::MAX - 1, true);
@@ -427,5 +444,345 @@ fn oversized_malformed_and_rate_limited_requests_get_their_status_codes() {
     }
     assert!(limited > 0, "a client over its rate limit gets 429");
     assert!(gcks.stats().unwrap().resync.rate_limited > 0);
+    gcks.shutdown().unwrap();
+}
+
+/// The member's fetch over HTTP is one request (the batched route), and it returns what the
+/// TCP fetch returns, which the member's session verifies and applies.
+#[test]
+fn an_http_resync_fetch_is_one_request_with_the_tcp_fetch_items() {
+    use rekeycast::io::resync_client::fetch_items;
+    use rekeycast::session::{ReceiverConfig, ReceiverSession};
+
+    let group = group(7);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 20);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+    let bundle = &bundles[0];
+    let config = || ReceiverConfig::new(gcks.local_addr());
+    let leaf = ReceiverSession::new(bundle, config()).unwrap().order_key();
+    let group_id = bundle.rekey_sa.group_id;
+    let timeout = Duration::from_secs(10);
+
+    let before = gcks.stats().unwrap().resync;
+    let over_http = fetch_items(Endpoint::Http(http), group_id, 1, leaf, timeout).unwrap();
+    let after = gcks.stats().unwrap().resync;
+    assert_eq!(over_http.items.len() as u64, latest);
+    assert!(!over_http.beyond_history && !over_http.not_held);
+    assert_eq!(after.requests - before.requests, 1, "{before:?} {after:?}");
+    assert_eq!(after.messages_served - before.messages_served, latest);
+
+    let over_tcp = fetch_items(Endpoint::Tcp(tcp), group_id, 1, leaf, timeout).unwrap();
+    assert_eq!(over_tcp, over_http);
+    let mut session = ReceiverSession::new(bundle, config()).unwrap();
+    for (manifest, chunk) in &over_http.items {
+        session
+            .handle_resync(Instant::now(), manifest, chunk)
+            .unwrap();
+    }
+    assert_eq!(session.next_seq(), latest + 1);
+
+    // Up to date: nothing to fetch, still one request.
+    let before = gcks.stats().unwrap().resync;
+    let nothing = fetch_items(Endpoint::Http(http), group_id, latest + 1, leaf, timeout).unwrap();
+    assert!(nothing.items.is_empty() && !nothing.beyond_history);
+    assert_eq!(gcks.stats().unwrap().resync.requests - before.requests, 1);
+    gcks.shutdown().unwrap();
+}
+
+/// A request followed at once by the client's half-close is answered: the endpoint writes what
+/// is queued, a whole resync stream included, before it closes.
+#[test]
+fn a_request_followed_by_a_half_close_is_answered() {
+    let group = group(8);
+    let gcks = start_gcks(group, 64);
+    let group_id = admit(&gcks, 1, 2)[0].rekey_sa.group_id;
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 3);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+    let exchange = |addr: SocketAddr, request: &[u8]| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        answer
+    };
+    // Each time: the request and the half-close usually reach the endpoint in one wake-up.
+    let mut answered = 0;
+    for _ in 0..20 {
+        let answer = exchange(http, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        answered += usize::from(answer.starts_with(b"HTTP/1.1 200"));
+    }
+    assert_eq!(answered, 20, "HTTP requests answered before the half-close");
+    let mut request = vec![0u8; 32];
+    let len = FrameRepr::ResyncRequest {
+        group_id,
+        from_seq: 1,
+        leaf: 0,
+    }
+    .emit(&mut request)
+    .unwrap();
+    let mut answered = 0;
+    for _ in 0..20 {
+        let mut state = [0u8; 16];
+        let len = FrameRepr::StateRequest { group_id }
+            .emit(&mut state)
+            .unwrap();
+        let answer = exchange(tcp, &state[..len]);
+        answered += usize::from(matches!(
+            FrameRepr::peek_len(&answer),
+            Ok(Some(len)) if len == answer.len()
+        ));
+    }
+    assert_eq!(
+        answered, 20,
+        "TCP state requests answered before the half-close"
+    );
+    let answer = exchange(tcp, &request[..len]);
+    let mut frames = Vec::new();
+    let mut rest = answer.as_slice();
+    while let Ok(Some(len)) = FrameRepr::peek_len(rest) {
+        if len > rest.len() {
+            break;
+        }
+        frames.push(FrameRepr::parse(&rest[..len]).unwrap().buffer_len());
+        rest = &rest[len..];
+        if frames.len() as u64 == 2 * latest + 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        frames.len() as u64,
+        2 * latest + 1,
+        "{} bytes",
+        answer.len()
+    );
+    gcks.shutdown().unwrap();
+}
+
+/// Requests pipelined in one read are each charged to the source's rate limit.
+#[test]
+fn pipelined_requests_are_each_charged_to_the_rate_limit() {
+    let group = group(9);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.requests_per_second_per_source = 1.0;
+    config.resync_limits.burst_per_source = 20;
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[12; 32])).unwrap();
+    let (_, http) = gcks.resync_addrs();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+    let mut stream = TcpStream::connect(http.unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(&request).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let ok = text.matches("HTTP/1.1 200").count();
+    let limited = text.matches("HTTP/1.1 429").count();
+    assert!((1..=21).contains(&ok), "{ok} answered 200");
+    assert_eq!(limited, 1, "{text}");
+    assert_eq!(gcks.stats().unwrap().resync.rate_limited, 1);
+    gcks.shutdown().unwrap();
+}
+
+/// An HTTP endpoint without the batched route (an older relay: 404 without
+/// `X-Rekeycast-Latest-Seq`) is still fetched from, two requests per message.
+#[test]
+fn an_http_endpoint_without_the_batched_route_is_fetched_per_message() {
+    use rekeycast::io::resync_client::fetch_items;
+
+    let group = group(10);
+    let gcks = start_gcks(group, 64);
+    let bundles = admit(&gcks, 1, 2);
+    wait_sent(&gcks, 1);
+    let latest = rekeys(&gcks, 4);
+    let (tcp, _) = gcks.resync_addrs();
+    let group_id = bundles[0].rekey_sa.group_id;
+    let timeout = Duration::from_secs(5);
+    let held = fetch_items(Endpoint::Tcp(tcp.unwrap()), group_id, 1, 0, timeout).unwrap();
+    assert_eq!(held.items.len() as u64, latest);
+
+    // The older endpoint: per-message routes only, from what the GCKS holds.
+    let old = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let old_addr = old.local_addr().unwrap();
+    let items = held.items.clone();
+    let server = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        // The batched request, then one keep-alive connection for the per-message ones.
+        for _ in 0..2 {
+            let (mut client, _) = old.accept().unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut pending = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    match client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                    continue;
+                };
+                let head: Vec<u8> = pending.drain(..end + 4).collect();
+                let line = String::from_utf8_lossy(&head)
+                    .lines()
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let path = line.split(' ').nth(1).unwrap().to_string();
+                requests.push(path.clone());
+                let parts: Vec<&str> = path.split('/').collect();
+                let body = match parts.as_slice() {
+                    ["", "v1", "groups", _, "rekeys", seq, "manifest"] => seq
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|seq| items.get(seq - 1))
+                        .map(|item| item.0.clone()),
+                    ["", "v1", "groups", _, "rekeys", seq, "chunks", _] => seq
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|seq| items.get(seq - 1))
+                        .map(|item| item.1.clone()),
+                    _ => None,
+                };
+                let response = match body {
+                    Some(body) => {
+                        let mut r =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        r.extend_from_slice(&body);
+                        r
+                    }
+                    None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                };
+                if client.write_all(&response).is_err() {
+                    break;
+                }
+                if path.contains("/resync") {
+                    break;
+                }
+            }
+        }
+        requests
+    });
+    let fetched = fetch_items(Endpoint::Http(old_addr), group_id, 1, 0, timeout).unwrap();
+    assert_eq!(fetched, held);
+    let requests = server.join().unwrap();
+    assert!(
+        requests[0].contains("/resync?from=1&leaf=0"),
+        "{requests:?}"
+    );
+    // Then a manifest and a chunk per message, and the manifest after the latest.
+    assert_eq!(requests.len() as u64, 1 + 2 * latest + 1, "{requests:?}");
+    gcks.shutdown().unwrap();
+}
+
+/// Counts the whole responses at the start of `bytes` (each with a `Content-Length`).
+fn count_http_responses(mut bytes: &[u8]) -> usize {
+    let mut count = 0;
+    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+        let Some(length) = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        else {
+            return count;
+        };
+        if bytes.len() < end + 4 + length {
+            return count;
+        }
+        bytes = &bytes[end + 4 + length..];
+        count += 1;
+    }
+    count
+}
+
+/// A client that pipelines many requests and reads its answers as it goes gets every answer:
+/// the endpoint stops reading while its answers wait instead of cutting the client off.
+#[test]
+fn a_pipelining_client_that_reads_gets_every_answer() {
+    let group = group(11);
+    let mut config = GcksConfig::loopback(group);
+    config.batch_interval = Duration::from_secs(3600);
+    config.resync_tcp = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_http = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    config.resync_limits.requests_per_second_per_source = 1e6;
+    config.resync_limits.burst_per_source = 1_000_000;
+    let gcks = Gcks::start(config, SigningKey::from_bytes(&[13; 32])).unwrap();
+    let group_id = admit(&gcks, 1, 2)[0].rekey_sa.group_id;
+    wait_sent(&gcks, 1);
+    let (tcp, http) = gcks.resync_addrs();
+    let (tcp, http) = (tcp.unwrap(), http.unwrap());
+
+    // Writes `request` on one thread while this one reads, until `done` says the answers are
+    // all in (or the endpoint stops).
+    let pipeline = |addr: SocketAddr, request: Vec<u8>, done: &dyn Fn(&[u8]) -> bool| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let write = std::thread::spawn(move || writer.write_all(&request));
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 65_536];
+        while !done(&answers) {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = write.join();
+        answers
+    };
+
+    let mut state = [0u8; 16];
+    let len = FrameRepr::StateRequest { group_id }
+        .emit(&mut state)
+        .unwrap();
+    let count_frames = |mut bytes: &[u8]| {
+        let mut count = 0;
+        while let Ok(Some(len)) = FrameRepr::peek_len(bytes) {
+            if len > bytes.len() {
+                break;
+            }
+            assert!(matches!(
+                FrameRepr::parse(&bytes[..len]),
+                Ok(FrameRepr::State { .. })
+            ));
+            bytes = &bytes[len..];
+            count += 1;
+        }
+        count
+    };
+    let answers = pipeline(tcp, state[..len].repeat(10_000), &|answers| {
+        count_frames(answers) == 10_000
+    });
+    assert_eq!(count_frames(&answers), 10_000, "{} bytes", answers.len());
+
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(300);
+    let answers = pipeline(http, request, &|answers| {
+        count_http_responses(answers) == 300
+    });
+    assert_eq!(
+        count_http_responses(&answers),
+        300,
+        "{} bytes",
+        answers.len()
+    );
+    let counters = gcks.stats().unwrap().resync;
+    assert_eq!(counters.requests, 10_300, "{counters:?}");
     gcks.shutdown().unwrap();
 }

@@ -14,7 +14,8 @@
 //!    nginx, a load generator of this file (32 threads, one keep-alive connection each, GET in a
 //!    loop, latency into hdrhistogram) runs instead, and the table says which generator ran.
 //! 2. Resync of 100 missed messages: a member admitted at message 1 fetches messages 1..=101
-//!    with [`fetch_items`] over TCP and over HTTP (alternating; best, p50 and max), the bytes of
+//!    with [`fetch_items`] over TCP (one resync request frame) and over HTTP (one request of the
+//!    batched route `/v1/groups/{group}/resync`) (alternating; best, p50 and max), the bytes of
 //!    the manifests and chunks it got, and the bytes on the wire both ways (counted once by a
 //!    relay in front of the endpoint, outside the timed runs). The items are then verified and
 //!    applied by a [`ReceiverSession`] of that member, timed apart from the fetch, which must
@@ -809,7 +810,7 @@ fn missed_messages(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
         fetch_state(Endpoint::Http(setup.http), group_id, timeout)?.context("no state answer")?;
     let endpoints = [
         ("TCP frames", Endpoint::Tcp(setup.tcp)),
-        ("HTTP/1.1 keep-alive", Endpoint::Http(setup.http)),
+        ("HTTP/1.1 batched", Endpoint::Http(setup.http)),
     ];
     let mut times = [Vec::new(), Vec::new()];
     let mut fetched: [Option<Fetched>; 2] = [None, None];

@@ -166,33 +166,39 @@ pub fn http_request(data: &[u8]) {
     let metrics = || "# TYPE rekeycast_fuzz counter\nrekeycast_fuzz 1\n".to_string();
     // Any instant will do as the origin: the time goes on only as the code advances it.
     #[allow(clippy::disallowed_methods)]
-    let start = Instant::now();
-    let mut now = start;
+    let mut now = Instant::now();
     let mut connection = HttpConnection::new(now, &limits);
     let mut written = Vec::new();
-    let mut drain = |connection: &mut HttpConnection| {
-        written.extend_from_slice(connection.output());
-        let len = connection.output().len();
-        connection.consume_output(len);
+    let mut drain = |connection: &mut HttpConnection, now: Instant| {
+        for _ in 0..10_000 {
+            written.extend_from_slice(connection.output());
+            let len = connection.output().len();
+            connection.consume_output(len);
+            if !connection.has_more_to_send() {
+                return;
+            }
+            connection.handle_input(now, &[], &FuzzSource, &metrics);
+        }
+        panic!("http request: a resync stream does not end");
     };
     for piece in input.chunks(usize::from(control & 0x0F) + 1) {
         now += Duration::from_millis(1);
         connection.handle_input(now, piece, &FuzzSource, &metrics);
         if control & 0x10 != 0 {
-            drain(&mut connection);
+            drain(&mut connection, now);
         }
     }
     if control & 0x20 != 0 {
         connection.refuse(Refusal::RateLimited);
     }
-    drain(&mut connection);
+    drain(&mut connection, now);
     if control & 0x40 != 0 {
         connection.handle_timeout(now + limits.header_timeout);
-        drain(&mut connection);
+        drain(&mut connection, now);
     }
     if control & 0x80 != 0 {
         connection.handle_timeout(now + limits.idle_timeout);
-        drain(&mut connection);
+        drain(&mut connection, now);
     }
     if let Err(error) = parse_http_responses(&written) {
         panic!(
@@ -233,7 +239,7 @@ pub fn tcp_connection(data: &[u8]) {
             written.extend_from_slice(connection.output());
             let len = connection.output().len();
             connection.consume_output(len);
-            if !connection.is_streaming() {
+            if !connection.has_more_to_send() {
                 return;
             }
             connection.handle_input(now, &[], &FuzzSource, &metrics);
@@ -296,7 +302,8 @@ impl HttpResponse {
 }
 
 /// Splits what an endpoint wrote into HTTP/1.1 responses, each of which must start with
-/// `HTTP/1.1 `, parse whole and carry a `Content-Length` whose body follows. The answer to a
+/// `HTTP/1.1 `, parse whole and carry a `Content-Length` whose body follows, or a chunked body
+/// that is whole, or (the last one, with `Connection: close`) a body up to the end. The answer to a
 /// HEAD request carries the length of a body it does not send: where the bytes after a head
 /// are the next response (or nothing), the body is taken to be absent. The bodies this crate
 /// serves in tests never start with `HTTP/1.1 `.
@@ -327,30 +334,81 @@ pub fn parse_http_responses(bytes: &[u8]) -> Result<Vec<HttpResponse>, String> {
                 )
             })
             .collect();
-        let content_length = headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-            .ok_or("no Content-Length")?
-            .1
-            .parse::<usize>()
-            .map_err(|error| format!("Content-Length: {error}"))?;
-        rest = &rest[head_len..];
-        let body_len = if rest.is_empty() || rest.starts_with(b"HTTP/1.1 ") {
-            0
-        } else {
-            content_length
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
         };
-        let body = rest
-            .get(..body_len)
-            .ok_or_else(|| format!("response {}: body truncated", responses.len()))?;
+        let chunked =
+            header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let content_length = header("content-length")
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|error| format!("Content-Length: {error}"))
+            })
+            .transpose()?;
+        rest = &rest[head_len..];
+        let head_only = rest.is_empty() || rest.starts_with(b"HTTP/1.1 ");
+        let body = match (chunked, content_length) {
+            _ if head_only => Vec::new(),
+            (true, None) => {
+                let (body, len) = dechunk(rest)
+                    .map_err(|error| format!("response {}: {error}", responses.len()))?;
+                rest = &rest[len..];
+                body
+            }
+            (false, Some(length)) => {
+                let body = rest
+                    .get(..length)
+                    .ok_or_else(|| format!("response {}: body truncated", responses.len()))?;
+                rest = &rest[length..];
+                body.to_vec()
+            }
+            // Delimited by the close of the connection: only the last response may be.
+            (false, None) if header("connection") == Some("close") => {
+                let body = rest.to_vec();
+                rest = &[];
+                body
+            }
+            _ => return Err("no Content-Length, chunked body or close".to_string()),
+        };
         responses.push(HttpResponse {
             status,
             headers,
-            body: body.to_vec(),
+            body,
         });
-        rest = &rest[body_len..];
     }
     Ok(responses)
+}
+
+/// Decodes a chunked body (RFC 9112 7.1, without extensions or trailers) at the start of
+/// `bytes`: the body and the length it took.
+fn dechunk(bytes: &[u8]) -> Result<(Vec<u8>, usize), String> {
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        let line_end = bytes[pos..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunk size line truncated")?;
+        let size = std::str::from_utf8(&bytes[pos..pos + line_end])
+            .ok()
+            .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|text| usize::from_str_radix(text, 16).ok())
+            .ok_or("bad chunk size")?;
+        pos += line_end + 2;
+        let data = bytes.get(pos..pos + size).ok_or("chunk truncated")?;
+        body.extend_from_slice(data);
+        pos += size;
+        if bytes.get(pos..pos + 2) != Some(b"\r\n".as_slice()) {
+            return Err("chunk not followed by CRLF".to_string());
+        }
+        pos += 2;
+        if size == 0 {
+            return Ok((body, pos));
+        }
+    }
 }
 
 /// Messages 5 to 7 of group 1, with a chunk for leaves 0 to 3.

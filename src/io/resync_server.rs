@@ -1,10 +1,13 @@
 //! The resync endpoints on real sockets: a TCP listener (length-prefixed frames) and an HTTP
-//! listener, their connections driven by the sans-IO handlers of [`crate::resync`], inside the
-//! event loop that owns the history (the GCKS's, later a relay's).
+//! listener, inside the event loop that owns the history (the GCKS's or a relay's). One driver
+//! serves both: each connection is a sans-IO [`crate::resync::connection::Connection`] with
+//! its protocol's codec, behind [`AnyConnection`]; this module only accepts, reads, writes,
+//! charges requests to their source and closes.
 //!
 //! What protects the endpoint (DESIGN.md, security rules): a connection cap overall and per
 //! source address (beyond it a connection is answered 503 / `Overloaded` and closed), a token
-//! bucket per source address (429 / `RateLimited`), header and idle timeouts (slowloris),
+//! bucket per source address charged for every request (429 / `RateLimited`), header and idle
+//! timeouts (slowloris),
 //! request size caps, and an output cap for clients that ask and never read. Everything served
 //! is already signed, so nothing is authenticated here.
 
@@ -16,6 +19,7 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use crate::resync::connection::{AnyConnection, Counters};
 use crate::resync::http::HttpConnection;
 use crate::resync::limits::{Limits, RateLimiter};
 use crate::resync::tcp::TcpConnection;
@@ -29,81 +33,24 @@ pub struct EndpointCounters {
     pub accepted: u64,
     /// Connections refused at accept (connection caps): answered 503 / `Overloaded`.
     pub refused_overloaded: u64,
-    /// Requests refused by the per-source rate limit.
+    /// Requests refused by the per-source rate limit (each request is charged, pipelined or
+    /// not).
     pub rate_limited: u64,
+    /// Requests answered (or refused by the rate limit), TCP and HTTP: a member's resync is one
+    /// request on either endpoint.
+    pub requests: u64,
+    /// Messages (manifest and chunk) sent in resync streams.
+    pub messages_served: u64,
     /// Connections closed (by the client, a timeout or an error).
     pub closed: u64,
     /// Connections open now.
     pub open: u64,
 }
 
-enum Handler {
-    Http(HttpConnection),
-    Tcp(TcpConnection),
-}
-
-impl Handler {
-    fn handle_input(
-        &mut self,
-        now: Instant,
-        bytes: &[u8],
-        source: &dyn ResyncSource,
-        metrics: &dyn Fn() -> String,
-    ) {
-        match self {
-            Self::Http(h) => h.handle_input(now, bytes, source, metrics),
-            Self::Tcp(t) => t.handle_input(now, bytes, source, metrics),
-        }
-    }
-    fn handle_timeout(&mut self, now: Instant) {
-        match self {
-            Self::Http(h) => h.handle_timeout(now),
-            Self::Tcp(t) => t.handle_timeout(now),
-        }
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        match self {
-            Self::Http(h) => h.poll_timeout(),
-            Self::Tcp(t) => t.poll_timeout(),
-        }
-    }
-    fn output(&self) -> &[u8] {
-        match self {
-            Self::Http(h) => h.output(),
-            Self::Tcp(t) => t.output(),
-        }
-    }
-    fn consume_output(&mut self, n: usize) {
-        match self {
-            Self::Http(h) => h.consume_output(n),
-            Self::Tcp(t) => t.consume_output(n),
-        }
-    }
-    fn refuse(&mut self, refusal: Refusal) {
-        match self {
-            Self::Http(h) => h.refuse(refusal),
-            Self::Tcp(t) => t.refuse(refusal),
-        }
-    }
-    fn wants_close(&self) -> bool {
-        match self {
-            Self::Http(h) => h.wants_close(),
-            Self::Tcp(t) => t.wants_close(),
-        }
-    }
-    /// Whether a TCP resync stream has more frames to generate once its output drains.
-    fn is_streaming(&self) -> bool {
-        match self {
-            Self::Http(_) => false,
-            Self::Tcp(t) => t.is_streaming(),
-        }
-    }
-}
-
 struct Connection {
     stream: TcpStream,
     peer: IpAddr,
-    handler: Handler,
+    handler: Box<dyn AnyConnection>,
     writable_registered: bool,
 }
 
@@ -127,6 +74,8 @@ pub(crate) struct Endpoints {
     limits: Limits,
     limiter: RateLimiter,
     counters: EndpointCounters,
+    /// The counters of the connections closed so far.
+    closed_connections: Counters,
 }
 
 impl Endpoints {
@@ -161,6 +110,7 @@ impl Endpoints {
             limiter: RateLimiter::new(&limits),
             limits,
             counters: EndpointCounters::default(),
+            closed_connections: Counters::default(),
         })
     }
 
@@ -172,8 +122,14 @@ impl Endpoints {
 
     /// The counters.
     pub(crate) fn counters(&self) -> EndpointCounters {
+        let mut connections = self.closed_connections;
+        for connection in self.connections.values() {
+            connections.add(connection.handler.counters());
+        }
         EndpointCounters {
             open: self.connections.len() as u64,
+            requests: connections.requests,
+            messages_served: connections.messages_served,
             ..self.counters
         }
     }
@@ -252,9 +208,9 @@ impl Endpoints {
                 Err(_) => return,
             };
             let peer = peer.ip();
-            let handler = match kind {
-                Kind::Http => Handler::Http(HttpConnection::new(now, &self.limits)),
-                Kind::Tcp => Handler::Tcp(TcpConnection::new(now, &self.limits)),
+            let handler: Box<dyn AnyConnection> = match kind {
+                Kind::Http => Box::new(HttpConnection::new(now, &self.limits)),
+                Kind::Tcp => Box::new(TcpConnection::new(now, &self.limits)),
             };
             let token = Token(self.next_token);
             self.next_token += 1;
@@ -296,39 +252,79 @@ impl Endpoints {
     ) {
         let mut buf = [0u8; 4_096];
         // Bounded reads per wake-up; a fast client cannot monopolise the loop.
-        for _ in 0..64 {
-            let Some(connection) = self.connections.get_mut(&token) else {
-                return;
-            };
-            match connection.stream.read(&mut buf) {
-                Ok(0) => {
-                    self.close(registry, token);
+        let mut reads = 0;
+        loop {
+            // Reading stops while the connection has answers to write: a pipelining client's
+            // requests wait in its socket, not in memory here. Readiness is edge-triggered, so
+            // once the answers are written, reading resumes here, not at the next event.
+            let mut paused = false;
+            while reads < 64 {
+                let Some(connection) = self.connections.get_mut(&token) else {
                     return;
+                };
+                if !connection.handler.wants_input() {
+                    paused = !connection.handler.wants_close();
+                    break;
                 }
-                Ok(n) => {
-                    if !self.limiter.allow(now, connection.peer) {
-                        self.counters.rate_limited += 1;
-                        connection.handler.refuse(Refusal::RateLimited);
-                    } else {
-                        connection
-                            .handler
-                            .handle_input(now, &buf[..n], source, metrics);
+                reads += 1;
+                match connection.stream.read(&mut buf) {
+                    Ok(0) => {
+                        // The client shut its side: what it asked before is still answered.
+                        connection.handler.handle_end_of_input(now);
+                        break;
                     }
-                    if connection.handler.output().len() > self.limits.max_output_bytes {
-                        // A client that asks and never reads.
+                    Ok(n) => {
+                        // Every request is charged to its source, however many one read holds.
+                        let (limiter, counters, peer) =
+                            (&mut self.limiter, &mut self.counters, connection.peer);
+                        let mut admit = || {
+                            if limiter.allow(now, peer) {
+                                Ok(())
+                            } else {
+                                counters.rate_limited += 1;
+                                Err(Refusal::RateLimited)
+                            }
+                        };
+                        connection.handler.handle_input_admitting(
+                            now,
+                            &buf[..n],
+                            source,
+                            metrics,
+                            &mut admit,
+                        );
+                        if connection.handler.output().len() > self.limits.max_output_bytes {
+                            // One answer over the output cap.
+                            self.close(registry, token);
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
                         self.close(registry, token);
                         return;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.close(registry, token);
-                    return;
-                }
+            }
+            self.flush(registry, token, now, source, metrics);
+            let Some(connection) = self.connections.get_mut(&token) else {
+                return;
+            };
+            if !(paused || reads >= 64) || !connection.handler.wants_input() {
+                return;
+            }
+            if reads >= 64 {
+                // This wake-up's read budget is spent and bytes may be left: re-arm the
+                // readiness so that the next poll comes back here after the other connections.
+                let interest = if connection.writable_registered {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                let _ = registry.reregister(&mut connection.stream, token, interest);
+                return;
             }
         }
-        self.flush(registry, token, now, source, metrics);
     }
 
     /// Writes what the handler has (continuing a TCP resync stream as its output drains),
@@ -345,8 +341,15 @@ impl Endpoints {
             return;
         };
         loop {
-            if connection.handler.output().is_empty() && connection.handler.is_streaming() {
-                connection.handler.handle_input(now, &[], source, metrics);
+            if connection.handler.output().is_empty() && connection.handler.has_more_to_send() {
+                // Continuing a stream answers no new request: nothing to charge.
+                connection.handler.handle_input_admitting(
+                    now,
+                    &[],
+                    source,
+                    metrics,
+                    &mut || Ok(()),
+                );
             }
             let output = connection.handler.output();
             if output.is_empty() {
@@ -390,6 +393,7 @@ impl Endpoints {
         if let Some(mut connection) = self.connections.remove(&token) {
             let _ = registry.deregister(&mut connection.stream);
             self.counters.closed += 1;
+            self.closed_connections.add(connection.handler.counters());
             if let Some(count) = self.per_source.get_mut(&connection.peer) {
                 *count = count.saturating_sub(1);
                 if *count == 0 {

@@ -1,48 +1,74 @@
-//! The HTTP/1.1 resync endpoint, sans-IO: bytes in, bytes out, time as an argument.
+//! The HTTP/1.1 resync endpoint's protocol, sans-IO: [`HttpCodec`] parses requests and
+//! encodes responses; [`super::connection::Connection`] owns the buffers, deadlines, caps,
+//! counters and refusals ([`HttpConnection`]).
 //!
 //! Routes (GET; HEAD answers the same headers without the body):
 //!
 //! | path                                           | 200 body                         |
 //! |------------------------------------------------|----------------------------------|
+//! | `/v1/groups/{group}/resync?from={seq}&leaf={leaf}` | every held message from `seq` to the latest: its manifest and the chunk of leaf order key `leaf`, as resync frames (below) |
 //! | `/v1/groups/{group}/state`                     | the latest signed manifest       |
 //! | `/v1/groups/{group}/rekeys/{seq}/manifest`     | the signed manifest of `seq`     |
 //! | `/v1/groups/{group}/rekeys/{seq}/chunks/{leaf}`| the chunk of `seq` for leaf order key `leaf` |
 //! | `/metrics`                                     | Prometheus text exposition       |
 //! | `/healthz`                                     | `ok`                             |
 //!
+//! # The batched resync route
+//!
+//! `GET /v1/groups/{group}/resync?from={seq}&leaf={leaf}` answers a member's whole resync in
+//! one response: its body ([`RESYNC_CONTENT_TYPE`]) is the stream the TCP endpoint sends for a
+//! resync request ([`crate::wire::frame`]): for each message from `from` to the latest sent
+//! when the request arrived, a manifest frame and a chunk frame (each carrying its sequence
+//! number), then an end frame, or an error frame where the stream stops early (`NotHeld` at a
+//! hole in a relay's history, `BeyondHistory` if the window moves past the stream while it is
+//! sent, `UnknownLeaf`, `TooLarge`). A client verifies and applies the messages one by one as
+//! they arrive. The body is sent with `Transfer-Encoding: chunked` (one HTTP chunk per
+//! message), generated as the client reads (see [`super::connection`]), so it is bounded by the
+//! history window and never held whole; to an HTTP/1.0 client it is delimited by the close of
+//! the connection.
+//!
+//! The headers say what the endpoint holds: [`LATEST_SEQ_HEADER`] the last message of the
+//! stream and [`OLDEST_SEQ_HEADER`] the oldest message held. When `from` is older than the
+//! history window, the response is still 200 and the stream starts at the oldest message held:
+//! the messages from `from` to [`OLDEST_SEQ_HEADER`] - 1 are not held (a member missing them
+//! must re-register). `from` after the latest is 404 with [`LATEST_SEQ_HEADER`] (0 when
+//! nothing was sent). Both query parameters are required, each once, in decimal; any other
+//! parameter, or a number that does not parse, is 400.
+//!
+//! # Status codes
+//!
 //! Status codes mean what they say: 400 for a request that does not parse (bad syntax closes
-//! the connection; a number that does not parse does not), 404 for an unknown path, another
-//! group, a sequence number not yet sent or a leaf no chunk serves, 405 (with `Allow`) for any
-//! other method, 408 when a started request does not arrive whole within the header timeout,
-//! 410 beyond the history window (the member must re-register), 421 for a message inside the
-//! window that this endpoint does not hold (a hole in a relay's history: ask the next
-//! endpoint), 413 for a request with a body,
-//! 431 for a request line and headers over the size cap or too many headers, 429 and 503 when
-//! the listener refuses ([`HttpConnection::refuse`]). Every response carries
-//! `Content-Length`; connections are kept alive (HTTP/1.1) unless the client sends
-//! `Connection: close` or speaks HTTP/1.0, and pipelined requests are answered in order.
+//! the connection; a number or query that does not parse does not), 404 for an unknown path,
+//! another group, a sequence number not yet sent or a leaf no chunk serves, 405 (with `Allow`)
+//! for any other method, 408 when a started request does not arrive whole within the header
+//! timeout, 410 beyond the history window (the member must re-register), 421 for a message
+//! inside the window that this endpoint does not hold (a hole in a relay's history: ask the
+//! next endpoint), 413 for a request with a body, 431 for a request line and headers over the
+//! size cap or too many headers (or pipelined requests piled up behind a resync stream beyond
+//! it), 429 and 503 when the listener refuses ([`Connection::refuse`]). Every response but the
+//! batched route's carries `Content-Length`; connections are kept alive (HTTP/1.1) unless the
+//! client sends `Connection: close` or speaks HTTP/1.0, and pipelined requests are answered in
+//! order.
 //!
 //! What is served is already signed and encrypted (DESIGN.md, security rules): nothing here
 //! authenticates, and nothing here may panic on any input.
-//!
-//! # Calling order
-//!
-//! For each connection: [`HttpConnection::new`] at accept; [`HttpConnection::handle_input`]
-//! with each read; write [`HttpConnection::output`] and report what the socket took with
-//! [`HttpConnection::consume_output`]; at [`HttpConnection::poll_timeout`] call
-//! [`HttpConnection::handle_timeout`]; close once [`HttpConnection::wants_close`] and the
-//! output is empty.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
 
+use super::connection::{Answer, Codec, Connection, Decoded, StreamStart};
 use super::limits::Limits;
 pub use super::limits::Refusal;
 use super::{Lookup, ResyncSource};
+use crate::wire::frame::FrameRepr;
+
+/// One HTTP/1.1 connection of the resync endpoint.
+pub type HttpConnection = Connection<HttpCodec>;
 
 /// The `Content-Type` of `/metrics` (Prometheus text exposition format 0.0.4).
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of the batched resync route: resync frames ([`crate::wire::frame`]).
+pub const RESYNC_CONTENT_TYPE: &str = "application/vnd.rekeycast.resync-frames";
 /// The header that carries the latest sequence number sent.
 pub const LATEST_SEQ_HEADER: &str = "X-Rekeycast-Latest-Seq";
 /// The header that carries the oldest sequence number held.
@@ -50,10 +76,11 @@ pub const OLDEST_SEQ_HEADER: &str = "X-Rekeycast-Oldest-Seq";
 
 const OCTET_STREAM: &str = "application/octet-stream";
 const TEXT: &str = "text/plain; charset=utf-8";
-/// Output already written is dropped from the front of the buffer past this many bytes.
-const COMPACT_AFTER: usize = 64 * 1024;
+/// The width of a chunk-size line's hexadecimal length: a message's two frames are at most
+/// 2 x (4 + 65,536) bytes, well within eight digits (leading zeros are allowed, RFC 9112 7.1).
+const CHUNK_SIZE_DIGITS: usize = 8;
 
-/// Requests answered so far, by status class, and why connections were cut (for metrics).
+/// Responses by status class, per connection (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HttpCounters {
     /// Responses with a 2xx status.
@@ -62,40 +89,274 @@ pub struct HttpCounters {
     pub client_error: u64,
     /// Responses with a 5xx status (including 503).
     pub server_error: u64,
-    /// 408 responses: a started request did not arrive whole in time.
-    pub header_timeouts: u64,
-    /// 429 responses.
-    pub rate_limited: u64,
-    /// 503 responses.
-    pub overloaded: u64,
-    /// Connections closed by the idle timeout.
-    pub idle_timeouts: u64,
-    /// Connections closed because their client did not read its responses.
-    pub output_overflows: u64,
+    /// Batched resync responses (200 on the resync route).
+    pub resync_streams: u64,
 }
 
-/// One HTTP/1.1 connection of the resync endpoint.
+/// A request whose head parsed, with its route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    head_only: bool,
+    method_allowed: bool,
+    route: Route,
+    close: bool,
+    has_body: bool,
+    http_1_0: bool,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Healthz,
+    Metrics,
+    State {
+        group: u32,
+    },
+    Manifest {
+        group: u32,
+        seq: u64,
+    },
+    Chunk {
+        group: u32,
+        seq: u64,
+        leaf: u32,
+    },
+    Resync {
+        group: u32,
+        from: u64,
+        leaf: u32,
+    },
+    /// A path or query whose numbers do not parse: 400, keep-alive.
+    BadRequest,
+    NotFound,
+}
+
+/// The codec of HTTP/1.1.
 #[derive(Debug)]
-pub struct HttpConnection {
-    max_request_bytes: usize,
+pub struct HttpCodec {
     max_headers: usize,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    max_requests: u32,
-    max_output_bytes: usize,
-    /// Received bytes not yet part of an answered request (at most one partial request).
-    input: Vec<u8>,
-    /// When the first byte of the partial request in `input` arrived.
-    request_started: Option<Instant>,
-    /// Responses; `output[output_start..]` is still to be written.
-    output: Vec<u8>,
-    output_start: usize,
-    /// The last input or output progress (or the decision to close).
-    last_activity: Instant,
-    /// No further request is read; close once the output is written.
-    closing: bool,
-    requests: u32,
+    /// The resync body being sent is chunked (HTTP/1.1) rather than delimited by the close.
+    chunked: bool,
     counters: HttpCounters,
+}
+
+/// How a response's body is delimited.
+enum Body<'a> {
+    Whole(&'a [u8]),
+    Chunked,
+    UntilClose,
+}
+
+impl Codec for HttpCodec {
+    type Request = HttpRequest;
+    /// A status code.
+    type Reject = u16;
+    type Counters = HttpCounters;
+
+    fn new(limits: &Limits) -> Self {
+        Self {
+            max_headers: limits.max_headers.max(1),
+            chunked: true,
+            counters: HttpCounters::default(),
+        }
+    }
+
+    fn may_complete(&self, new_bytes: &[u8]) -> bool {
+        new_bytes.contains(&b'\n')
+    }
+
+    fn decode(&mut self, window: &[u8]) -> Decoded<HttpRequest, u16> {
+        parse(window, self.max_headers)
+    }
+
+    fn too_large(&self) -> u16 {
+        431
+    }
+
+    fn timed_out(&self) -> Option<u16> {
+        Some(408)
+    }
+
+    fn answer(
+        &mut self,
+        request: HttpRequest,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+        last: bool,
+        out: &mut Vec<u8>,
+    ) -> Answer {
+        let close = request.close || request.has_body || last;
+        if !request.method_allowed {
+            let reply = Reply::error(405).header("Allow", "GET, HEAD");
+            self.write(out, &reply, request.head_only, close);
+        } else if request.has_body {
+            self.write(out, &Reply::error(413), request.head_only, close);
+        } else if let Route::Resync { group, from, leaf } = request.route {
+            return self.answer_resync(&request, source, (group, from, leaf), close, out);
+        } else {
+            let reply = route(request.route, source, metrics);
+            self.write(out, &reply, request.head_only, close);
+        }
+        Answer {
+            close,
+            stream: None,
+        }
+    }
+
+    fn reject(&mut self, status: u16, out: &mut Vec<u8>) {
+        self.write(out, &Reply::error(status), false, true);
+    }
+
+    fn refuse(&mut self, refusal: Refusal, out: &mut Vec<u8>) {
+        let status = match refusal {
+            Refusal::RateLimited => 429,
+            Refusal::Overloaded => 503,
+        };
+        self.write(
+            out,
+            &Reply::error(status).header("Retry-After", 1),
+            false,
+            true,
+        );
+    }
+
+    fn stream_frames(&mut self, frames: &[FrameRepr<'_>], out: &mut Vec<u8>) -> bool {
+        let mark = out.len();
+        if self.chunked {
+            out.extend_from_slice(&[b'0'; CHUNK_SIZE_DIGITS]);
+            out.extend_from_slice(b"\r\n");
+        }
+        let body_start = out.len();
+        for frame in frames {
+            if !super::tcp::emit(out, frame) {
+                out.truncate(mark);
+                return false;
+            }
+        }
+        if self.chunked {
+            let size = format!(
+                "{:0width$x}",
+                out.len() - body_start,
+                width = CHUNK_SIZE_DIGITS
+            );
+            if size.len() != CHUNK_SIZE_DIGITS {
+                out.truncate(mark);
+                return false;
+            }
+            out[mark..mark + CHUNK_SIZE_DIGITS].copy_from_slice(size.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        true
+    }
+
+    fn stream_end(&mut self, out: &mut Vec<u8>) {
+        if self.chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+
+    fn interrupt_stream(&mut self, out: &mut Vec<u8>) -> bool {
+        // End the body where it is: its frames lack the end frame, which tells the client the
+        // stream was cut. No response may follow in the same connection.
+        self.stream_end(out);
+        false
+    }
+
+    fn counters(&self) -> &HttpCounters {
+        &self.counters
+    }
+}
+
+impl HttpCodec {
+    /// The batched resync route: the head, and the stream to follow it.
+    fn answer_resync(
+        &mut self,
+        request: &HttpRequest,
+        source: &dyn ResyncSource,
+        (group, from, leaf): (u32, u64, u32),
+        close: bool,
+        out: &mut Vec<u8>,
+    ) -> Answer {
+        // What is older than the window is not held: the stream starts at the oldest held,
+        // and the headers say so.
+        let oldest = source.oldest();
+        let start = oldest.map_or(from, |oldest| from.max(oldest));
+        let (reply, stream) = match StreamStart::check(source, group, start, leaf) {
+            StreamStart::UnknownGroup => (Reply::error(404), None),
+            StreamStart::NotYetSent { latest } => {
+                (Reply::error(404).header(LATEST_SEQ_HEADER, latest), None)
+            }
+            StreamStart::BeyondHistory { oldest } => {
+                (Reply::error(410).header(OLDEST_SEQ_HEADER, oldest), None)
+            }
+            StreamStart::Stream(stream) => {
+                let reply = Reply::new(200, RESYNC_CONTENT_TYPE, Vec::new())
+                    .header(LATEST_SEQ_HEADER, stream.last_seq)
+                    .header(OLDEST_SEQ_HEADER, oldest.unwrap_or(stream.next_seq));
+                (reply, Some(stream))
+            }
+        };
+        let Some(stream) = stream else {
+            self.write(out, &reply, request.head_only, close);
+            return Answer {
+                close,
+                stream: None,
+            };
+        };
+        self.counters.resync_streams += 1;
+        self.chunked = !request.http_1_0;
+        let body = if self.chunked {
+            Body::Chunked
+        } else {
+            Body::UntilClose
+        };
+        // A body delimited by the close ends the connection.
+        let close = close || !self.chunked;
+        self.write_head(out, &reply, body, close);
+        Answer {
+            close,
+            stream: (!request.head_only).then_some(stream),
+        }
+    }
+
+    fn write(&mut self, out: &mut Vec<u8>, reply: &Reply<'_>, head_only: bool, close: bool) {
+        self.write_head(out, reply, Body::Whole(&reply.body), close);
+        if !head_only {
+            out.extend_from_slice(&reply.body);
+        }
+    }
+
+    fn write_head(&mut self, out: &mut Vec<u8>, reply: &Reply<'_>, body: Body<'_>, close: bool) {
+        match reply.status {
+            200..=299 => self.counters.success += 1,
+            400..=499 => self.counters.client_error += 1,
+            _ => self.counters.server_error += 1,
+        }
+        let mut head = String::with_capacity(192);
+        // Writing into a String cannot fail.
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n",
+            reply.status,
+            reason(reply.status),
+            reply.content_type,
+        );
+        match body {
+            Body::Whole(bytes) => {
+                let _ = write!(head, "Content-Length: {}\r\n", bytes.len());
+            }
+            Body::Chunked => head.push_str("Transfer-Encoding: chunked\r\n"),
+            Body::UntilClose => {}
+        }
+        for (name, value) in &reply.headers {
+            let _ = write!(head, "{name}: {value}\r\n");
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        out.extend_from_slice(head.as_bytes());
+    }
 }
 
 /// A response to write.
@@ -140,294 +401,19 @@ impl<'a> Reply<'a> {
     }
 }
 
-/// What the head of a complete request says, once it is known to be well-formed.
-struct RequestHead<'b> {
-    head_only: bool,
-    method_allowed: bool,
-    path: &'b str,
-    close: bool,
-    has_body: bool,
-}
-
-enum Parsed<'b> {
-    Complete(usize, RequestHead<'b>),
-    Partial,
-    /// A request that cannot be answered in kind: answer with this status and close.
-    Reject(u16),
-}
-
-impl HttpConnection {
-    /// A connection accepted at `now`.
-    pub fn new(now: Instant, limits: &Limits) -> Self {
-        Self {
-            max_request_bytes: limits.max_request_bytes,
-            max_headers: limits.max_headers.max(1),
-            header_timeout: limits.header_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_requests: limits.max_requests_per_connection.max(1),
-            max_output_bytes: limits.max_output_bytes,
-            input: Vec::new(),
-            request_started: None,
-            output: Vec::new(),
-            output_start: 0,
-            last_activity: now,
-            closing: false,
-            requests: 0,
-            counters: HttpCounters::default(),
-        }
-    }
-
-    /// Bytes read from the socket. Parses every complete request in the buffer and appends
-    /// each response to the output, in order. Bytes received after the connection decided to
-    /// close are ignored.
-    pub fn handle_input(
-        &mut self,
-        now: Instant,
-        bytes: &[u8],
-        source: &dyn ResyncSource,
-        metrics: &dyn Fn() -> String,
-    ) {
-        if self.closing || bytes.is_empty() {
-            return;
-        }
-        self.last_activity = now;
-        let mut started = match self.request_started {
-            Some(started) if !self.input.is_empty() => started,
-            _ => now,
-        };
-        // A request head can only complete at a line feed: without one in the new bytes, a
-        // partial request is not parsed again, so a client that sends one byte at a time
-        // costs no more than one parse per line (and lines are capped by max_headers).
-        let parse_again = self.input.is_empty() || bytes.contains(&b'\n');
-        let mut input = std::mem::take(&mut self.input);
-        input.extend_from_slice(bytes);
-        if !parse_again && input.len() >= self.max_request_bytes {
-            self.reject(now, 431);
-        }
-        let mut pos = 0;
-        while parse_again && !self.closing && pos < input.len() {
-            let window_end = input.len().min(pos + self.max_request_bytes);
-            match parse(&input[pos..window_end], self.max_headers) {
-                Parsed::Complete(len, head) => {
-                    pos += len;
-                    started = now;
-                    self.answer(now, &head, source, metrics);
-                }
-                Parsed::Partial => {
-                    if window_end - pos >= self.max_request_bytes {
-                        self.reject(now, 431);
-                    }
-                    break;
-                }
-                Parsed::Reject(status) => self.reject(now, status),
-            }
-            if self.output_pending() > self.max_output_bytes {
-                self.overflow();
-            }
-        }
-        if self.closing {
-            input.clear();
-            self.request_started = None;
-        } else {
-            input.drain(..pos);
-            self.request_started = (!input.is_empty()).then_some(started);
-        }
-        self.input = input;
-    }
-
-    /// Handles the deadline of [`Self::poll_timeout`]: a request started and not complete
-    /// within the header timeout is answered 408 and the connection closes; a connection
-    /// without traffic for the idle timeout closes (dropping output its client did not read).
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let idle_deadline = self.last_activity.checked_add(self.idle_timeout);
-        if self.closing {
-            if idle_deadline.is_some_and(|deadline| now >= deadline) {
-                self.discard_output();
-            }
-            return;
-        }
-        let header_deadline = self
-            .request_started
-            .and_then(|started| started.checked_add(self.header_timeout));
-        if header_deadline.is_some_and(|deadline| now >= deadline) {
-            self.counters.header_timeouts += 1;
-            self.input.clear();
-            self.request_started = None;
-            self.reject(now, 408);
-        } else if idle_deadline.is_some_and(|deadline| now >= deadline) {
-            self.counters.idle_timeouts += 1;
-            self.closing = true;
-            self.input.clear();
-            self.request_started = None;
-            self.discard_output();
-        }
-    }
-
-    /// The next deadline for [`Self::handle_timeout`], if any.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let idle_deadline = self.last_activity.checked_add(self.idle_timeout);
-        if self.closing {
-            return if self.output_pending() == 0 {
-                None
-            } else {
-                idle_deadline
-            };
-        }
-        let header_deadline = self
-            .request_started
-            .and_then(|started| started.checked_add(self.header_timeout));
-        match (header_deadline, idle_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Bytes to write to the socket.
-    pub fn output(&self) -> &[u8] {
-        self.output.get(self.output_start..).unwrap_or(&[])
-    }
-
-    /// The socket took the first `n` bytes of [`Self::output`].
-    pub fn consume_output(&mut self, n: usize) {
-        let n = n.min(self.output_pending());
-        if n == 0 {
-            return;
-        }
-        self.output_start += n;
-        if self.output_start >= self.output.len() {
-            self.output.clear();
-            self.output_start = 0;
-        } else if self.output_start >= COMPACT_AFTER {
-            self.output.drain(..self.output_start);
-            self.output_start = 0;
-        }
-    }
-
-    /// Answers the current request(s) with 429 ([`Refusal::RateLimited`]) or 503
-    /// ([`Refusal::Overloaded`]) and closes: buffered input is dropped, responses already in
-    /// the output are still written.
-    pub fn refuse(&mut self, status: Refusal) {
-        if self.closing {
-            return;
-        }
-        self.input.clear();
-        self.request_started = None;
-        let reply = match status {
-            Refusal::RateLimited => {
-                self.counters.rate_limited += 1;
-                Reply::error(429)
-            }
-            Refusal::Overloaded => {
-                self.counters.overloaded += 1;
-                Reply::error(503)
-            }
-        };
-        self.write(reply.header("Retry-After", 1), false, true);
-        self.closing = true;
-    }
-
-    /// Whether the connection should be closed once [`Self::output`] is empty.
-    pub fn wants_close(&self) -> bool {
-        self.closing
-    }
-
-    /// Requests answered so far, by status class.
-    pub fn counters(&self) -> &HttpCounters {
-        &self.counters
-    }
-
-    fn output_pending(&self) -> usize {
-        self.output.len() - self.output_start
-    }
-
-    fn discard_output(&mut self) {
-        self.output.clear();
-        self.output_start = 0;
-    }
-
-    /// The client asks faster than it reads: drop what it did not read and close.
-    fn overflow(&mut self) {
-        self.counters.output_overflows += 1;
-        self.discard_output();
-        self.closing = true;
-    }
-
-    /// Answers with an error status and closes.
-    fn reject(&mut self, now: Instant, status: u16) {
-        self.write(Reply::error(status), false, true);
-        self.closing = true;
-        self.last_activity = now;
-    }
-
-    fn answer(
-        &mut self,
-        now: Instant,
-        head: &RequestHead<'_>,
-        source: &dyn ResyncSource,
-        metrics: &dyn Fn() -> String,
-    ) {
-        self.requests = self.requests.saturating_add(1);
-        let close = head.close || head.has_body || self.requests >= self.max_requests;
-        let reply = if !head.method_allowed {
-            Reply::error(405).header("Allow", "GET, HEAD")
-        } else if head.has_body {
-            Reply::error(413)
-        } else {
-            route(head.path, source, metrics)
-        };
-        self.write(reply, head.head_only, close);
-        if close {
-            self.closing = true;
-            self.last_activity = now;
-        }
-    }
-
-    fn write(&mut self, reply: Reply<'_>, head_only: bool, close: bool) {
-        match reply.status {
-            200..=299 => self.counters.success += 1,
-            400..=499 => self.counters.client_error += 1,
-            _ => self.counters.server_error += 1,
-        }
-        let mut head = String::with_capacity(192);
-        // Writing into a String cannot fail.
-        let _ = write!(
-            head,
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-            reply.status,
-            reason(reply.status),
-            reply.content_type,
-            reply.body.len()
-        );
-        for (name, value) in &reply.headers {
-            let _ = write!(head, "{name}: {value}\r\n");
-        }
-        if close {
-            head.push_str("Connection: close\r\n");
-        }
-        head.push_str("\r\n");
-        if self.output_start > 0 && self.output_start == self.output.len() {
-            self.discard_output();
-        }
-        self.output.extend_from_slice(head.as_bytes());
-        if !head_only {
-            self.output.extend_from_slice(&reply.body);
-        }
-    }
-}
-
 /// Parses the request at the start of `window` (at most the request size cap).
-fn parse(window: &[u8], max_headers: usize) -> Parsed<'_> {
+fn parse(window: &[u8], max_headers: usize) -> Decoded<HttpRequest, u16> {
     let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(window) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => return Parsed::Reject(431),
-        Err(_) => return Parsed::Reject(400),
+        Ok(httparse::Status::Partial) => return Decoded::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Decoded::Reject(431),
+        Err(_) => return Decoded::Reject(400),
     };
     let (Some(method), Some(path), Some(version)) = (request.method, request.path, request.version)
     else {
-        return Parsed::Reject(400);
+        return Decoded::Reject(400);
     };
     let mut close = version == 0;
     let mut has_body = false;
@@ -447,38 +433,79 @@ fn parse(window: &[u8], max_headers: usize) -> Parsed<'_> {
             {
                 Some(0) => {}
                 Some(_) => has_body = true,
-                None => return Parsed::Reject(400),
+                None => return Decoded::Reject(400),
             }
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
         }
     }
-    Parsed::Complete(
+    Decoded::Request {
         len,
-        RequestHead {
+        request: HttpRequest {
             head_only: method == "HEAD",
             method_allowed: method == "GET" || method == "HEAD",
-            path,
+            route: parse_route(path),
             close,
             has_body,
+            http_1_0: version == 0,
         },
-    )
+    }
 }
 
-/// The reply to a GET of `path`.
-fn route<'s>(path: &str, source: &'s dyn ResyncSource, metrics: &dyn Fn() -> String) -> Reply<'s> {
-    let path = path.split_once('?').map_or(path, |(path, _query)| path);
+/// Where `path` (with its query, if any) goes.
+fn parse_route(path: &str) -> Route {
+    let (path, query) = match path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path, None),
+    };
     let Some(path) = path.strip_prefix('/') else {
-        return Reply::error(400);
+        return Route::BadRequest;
     };
     let segments: Vec<&str> = path.split('/').collect();
-    match segments.as_slice() {
-        ["healthz"] => Reply::new(200, TEXT, b"ok".as_slice()),
-        ["metrics"] => Reply::new(200, METRICS_CONTENT_TYPE, metrics().into_bytes()),
-        ["v1", "groups", group, "state"] => {
-            let Some(group) = decimal::<u32>(group) else {
-                return Reply::error(400);
-            };
+    let parsed = match segments.as_slice() {
+        ["healthz"] => Some(Route::Healthz),
+        ["metrics"] => Some(Route::Metrics),
+        ["v1", "groups", group, "state"] => decimal(group).map(|group| Route::State { group }),
+        ["v1", "groups", group, "resync"] => decimal(group)
+            .zip(resync_query(query))
+            .map(|(group, (from, leaf))| Route::Resync { group, from, leaf }),
+        ["v1", "groups", group, "rekeys", seq, "manifest"] => decimal(group)
+            .zip(decimal(seq))
+            .map(|(group, seq)| Route::Manifest { group, seq }),
+        ["v1", "groups", group, "rekeys", seq, "chunks", leaf] => decimal(group)
+            .zip(decimal(seq))
+            .zip(decimal(leaf))
+            .map(|((group, seq), leaf)| Route::Chunk { group, seq, leaf }),
+        _ => return Route::NotFound,
+    };
+    parsed.unwrap_or(Route::BadRequest)
+}
+
+/// The query of the batched resync route: `from` and `leaf`, each exactly once, in decimal,
+/// and nothing else.
+fn resync_query(query: Option<&str>) -> Option<(u64, u32)> {
+    let (mut from, mut leaf) = (None, None);
+    for pair in query?.split('&') {
+        let (name, value) = pair.split_once('=')?;
+        match name {
+            "from" if from.is_none() => from = Some(decimal::<u64>(value)?),
+            "leaf" if leaf.is_none() => leaf = Some(decimal::<u32>(value)?),
+            _ => return None,
+        }
+    }
+    from.zip(leaf)
+}
+
+/// The reply to a GET of `route` (any route but the batched resync).
+fn route<'s>(
+    route: Route,
+    source: &'s dyn ResyncSource,
+    metrics: &dyn Fn() -> String,
+) -> Reply<'s> {
+    match route {
+        Route::Healthz => Reply::new(200, TEXT, b"ok".as_slice()),
+        Route::Metrics => Reply::new(200, METRICS_CONTENT_TYPE, metrics().into_bytes()),
+        Route::State { group } => {
             if group != source.group_id() {
                 return Reply::error(404);
             }
@@ -489,10 +516,7 @@ fn route<'s>(path: &str, source: &'s dyn ResyncSource, metrics: &dyn Fn() -> Str
                 None => Reply::error(404),
             }
         }
-        ["v1", "groups", group, "rekeys", seq, "manifest"] => {
-            let (Some(group), Some(seq)) = (decimal::<u32>(group), decimal::<u64>(seq)) else {
-                return Reply::error(400);
-            };
+        Route::Manifest { group, seq } => {
             if group != source.group_id() {
                 return Reply::error(404);
             }
@@ -502,20 +526,14 @@ fn route<'s>(path: &str, source: &'s dyn ResyncSource, metrics: &dyn Fn() -> Str
                 lookup => lookup_reply(lookup),
             }
         }
-        ["v1", "groups", group, "rekeys", seq, "chunks", leaf] => {
-            let (Some(group), Some(seq), Some(leaf)) = (
-                decimal::<u32>(group),
-                decimal::<u64>(seq),
-                decimal::<u32>(leaf),
-            ) else {
-                return Reply::error(400);
-            };
+        Route::Chunk { group, seq, leaf } => {
             if group != source.group_id() {
                 return Reply::error(404);
             }
             lookup_reply(source.chunk(seq, leaf))
         }
-        _ => Reply::error(404),
+        Route::BadRequest => Reply::error(400),
+        Route::Resync { .. } | Route::NotFound => Reply::error(404),
     }
 }
 
@@ -555,6 +573,8 @@ fn reason(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use proptest::prelude::*;
 
     use super::*;
@@ -621,6 +641,190 @@ mod tests {
         }
     }
 
+    /// Frames of a resync body, as (kind, seq, bytes).
+    fn body_frames(mut body: &[u8]) -> Vec<(&'static str, u64, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !body.is_empty() {
+            let len = FrameRepr::peek_len(body).unwrap().unwrap();
+            frames.push(match FrameRepr::parse(&body[..len]).unwrap() {
+                FrameRepr::Manifest { seq, manifest } => ("manifest", seq, manifest.to_vec()),
+                FrameRepr::Chunk { seq, chunk, .. } => ("chunk", seq, chunk.to_vec()),
+                FrameRepr::End { last_seq } => ("end", last_seq, Vec::new()),
+                FrameRepr::Error { code, context_seq } => {
+                    ("error", context_seq, format!("{code:?}").into_bytes())
+                }
+                other => panic!("{other:?}"),
+            });
+            body = &body[len..];
+        }
+        frames
+    }
+
+    impl Harness {
+        /// Writes everything, continuing streams, and parses it.
+        fn take_streamed(&mut self) -> Vec<HttpResponse> {
+            let mut out = Vec::new();
+            loop {
+                out.extend_from_slice(self.conn.output());
+                let len = self.conn.output().len();
+                self.conn.consume_output(len);
+                if !self.conn.has_more_to_send() {
+                    break;
+                }
+                self.send(&[]);
+            }
+            parse_http_responses(&out).unwrap()
+        }
+
+        fn get_streamed(&mut self, path: &str) -> HttpResponse {
+            self.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+            let mut responses = self.take_streamed();
+            assert_eq!(responses.len(), 1, "{path}");
+            responses.remove(0)
+        }
+    }
+
+    #[test]
+    fn the_batched_route_serves_what_the_per_message_routes_serve() {
+        let mut h = Harness::new();
+        let mut expected = Vec::new();
+        for seq in 11..=14 {
+            let manifest = h.get(&format!("/v1/groups/7/rekeys/{seq}/manifest"));
+            let chunk = h.get(&format!("/v1/groups/7/rekeys/{seq}/chunks/2"));
+            expected.push(("manifest", seq, manifest.body));
+            expected.push(("chunk", seq, chunk.body));
+        }
+        expected.push(("end", 14, Vec::new()));
+        let r = h.get_streamed("/v1/groups/7/resync?from=11&leaf=2");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some(RESYNC_CONTENT_TYPE));
+        assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(r.header("x-rekeycast-latest-seq"), Some("14"));
+        assert_eq!(r.header("x-rekeycast-oldest-seq"), Some("10"));
+        assert_eq!(body_frames(&r.body), expected);
+        assert!(!h.conn.wants_close());
+        assert_eq!(h.conn.counters().messages_served, 4);
+        assert_eq!(h.conn.counters().streams_completed, 1);
+        assert_eq!(h.conn.protocol_counters().resync_streams, 1);
+        // The parameters in either order; the connection serves the next request.
+        let r = h.get_streamed("/v1/groups/7/resync?leaf=0&from=14");
+        assert_eq!(body_frames(&r.body).len(), 3);
+        assert_eq!(h.get("/healthz").status, 200);
+    }
+
+    #[test]
+    fn a_malformed_batched_query_is_400_and_keeps_alive() {
+        let mut h = Harness::new();
+        for path in [
+            "/v1/groups/7/resync",
+            "/v1/groups/7/resync?",
+            "/v1/groups/7/resync?from=11",
+            "/v1/groups/7/resync?leaf=1",
+            "/v1/groups/7/resync?from=11&leaf=1&leaf=1",
+            "/v1/groups/7/resync?from=11&from=12&leaf=1",
+            "/v1/groups/7/resync?from=11&leaf=1&x=1",
+            "/v1/groups/7/resync?from=11&leaf=1&",
+            "/v1/groups/7/resync?from=&leaf=1",
+            "/v1/groups/7/resync?from=-1&leaf=1",
+            "/v1/groups/7/resync?from=0x1&leaf=1",
+            "/v1/groups/7/resync?from=18446744073709551616&leaf=1",
+            "/v1/groups/7/resync?from=11&leaf=4294967296",
+            "/v1/groups/7/resync?from=11&leaf",
+            "/v1/groups/7/resync?from%3D11&leaf=1",
+            "/v1/groups/7/resync?from=1%31&leaf=1",
+            "/v1/groups/x/resync?from=11&leaf=1",
+        ] {
+            assert_eq!(h.get(path).status, 400, "{path}");
+        }
+        assert!(!h.conn.wants_close());
+        assert_eq!(h.conn.counters().messages_served, 0);
+        assert_eq!(h.get("/v1/groups/7/resync/x?from=11&leaf=1").status, 404);
+    }
+
+    #[test]
+    fn a_batched_range_crossing_the_window_start_serves_what_is_held_and_says_so() {
+        let mut h = Harness::new();
+        let r = h.get_streamed("/v1/groups/7/resync?from=3&leaf=1");
+        assert_eq!(r.status, 200);
+        // Messages 3..=9 are not held.
+        assert_eq!(r.header("x-rekeycast-oldest-seq"), Some("10"));
+        let frames = body_frames(&r.body);
+        assert_eq!(frames.first().map(|f| (f.0, f.1)), Some(("manifest", 10)));
+        assert_eq!(frames.len(), 2 * 5 + 1);
+        assert_eq!(frames.last().map(|f| (f.0, f.1)), Some(("end", 14)));
+    }
+
+    #[test]
+    fn the_batched_route_outside_the_window_and_at_a_hole() {
+        let mut h = Harness::new();
+        // Nothing newer: 404 with the latest.
+        let r = h.get("/v1/groups/7/resync?from=15&leaf=1");
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("x-rekeycast-latest-seq"), Some("14"));
+        assert_eq!(h.get("/v1/groups/8/resync?from=11&leaf=1").status, 404);
+        // A hole in a relay's history ends the stream with NotHeld.
+        h.source.messages.remove(2);
+        let r = h.get_streamed("/v1/groups/7/resync?from=10&leaf=1");
+        assert_eq!(r.status, 200);
+        let frames = body_frames(&r.body);
+        assert_eq!(frames.len(), 5);
+        assert_eq!(frames[4], ("error", 12, b"NotHeld".to_vec()));
+        // A leaf no chunk serves.
+        let r = h.get_streamed("/v1/groups/7/resync?from=13&leaf=9");
+        assert_eq!(
+            body_frames(&r.body),
+            vec![("error", 13, b"UnknownLeaf".to_vec())]
+        );
+        // Nothing sent at all: 404 with latest 0.
+        h.source = VecSource::new(GROUP, 1, 0, 1);
+        let r = h.get("/v1/groups/7/resync?from=1&leaf=0");
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("x-rekeycast-latest-seq"), Some("0"));
+    }
+
+    #[test]
+    fn the_batched_route_for_head_and_http_1_0() {
+        let mut h = Harness::new();
+        h.send(b"HEAD /v1/groups/7/resync?from=11&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+        assert!(!h.conn.has_more_to_send());
+        let text = String::from_utf8(h.conn.output().to_vec()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("Transfer-Encoding: chunked\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nok"), "{text}");
+        // HTTP/1.0 has no chunked encoding: the body ends with the connection.
+        let mut h = Harness::new();
+        h.send(b"GET /v1/groups/7/resync?from=13&leaf=1 HTTP/1.0\r\n\r\n");
+        let r = h.take_streamed().remove(0);
+        assert_eq!(r.header("transfer-encoding"), None);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert_eq!(body_frames(&r.body).len(), 5);
+        assert!(h.conn.wants_close());
+    }
+
+    #[test]
+    fn a_long_batched_stream_is_generated_as_the_output_drains() {
+        let mut h = Harness::with_limits(Limits {
+            max_output_bytes: 8192,
+            ..Limits::default()
+        });
+        h.source = VecSource::new(GROUP, 1, 100, 2);
+        for message in &mut h.source.messages {
+            message.manifest = vec![message.seq as u8; 1000];
+        }
+        h.send(
+            b"GET /v1/groups/7/resync?from=1&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+        );
+        assert!(h.conn.output().len() < 8192, "{}", h.conn.output().len());
+        assert!(h.conn.has_more_to_send());
+        let responses = h.take_streamed();
+        assert_eq!(responses.len(), 2);
+        let frames = body_frames(&responses[0].body);
+        assert_eq!(frames.len(), 2 * 100 + 1);
+        assert_eq!(frames[0], ("manifest", 1, vec![1; 1000]));
+        assert_eq!(responses[1].body, b"ok");
+        assert_eq!(h.conn.counters().output_overflows, 0);
+    }
+
     #[test]
     fn state_serves_the_latest_manifest() {
         let mut h = Harness::new();
@@ -658,8 +862,8 @@ mod tests {
         assert_eq!(h.get("/v1/groups/7/rekeys/10/manifest?x=1").status, 200);
         // Leaf 4 has no chunk.
         assert_eq!(h.get("/v1/groups/7/rekeys/12/chunks/4").status, 404);
-        assert_eq!(h.conn.counters().success, 3);
-        assert_eq!(h.conn.counters().client_error, 1);
+        assert_eq!(h.conn.protocol_counters().success, 3);
+        assert_eq!(h.conn.protocol_counters().client_error, 1);
     }
 
     #[test]
@@ -861,7 +1065,7 @@ mod tests {
             h.send(b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
         }
         assert_eq!(h.take()[0].status, 431);
-        assert!(h.conn.input.is_empty());
+        assert_eq!(h.conn.buffered_input(), 0);
         // And when a request line never ends.
         let mut h = Harness::new();
         h.send(b"GET /");
@@ -978,7 +1182,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_does_not_read_is_cut_off() {
+    fn a_pipelining_client_waits_for_its_answers_and_one_that_never_reads_times_out() {
         let mut h = Harness::with_limits(Limits {
             max_output_bytes: 4096,
             ..Limits::default()
@@ -987,9 +1191,23 @@ mod tests {
         for _ in 0..100 {
             h.send(request);
         }
+        // Answered up to half the output cap; the rest wait, and reading should stop.
+        assert!(!h.conn.wants_close());
+        assert!(!h.conn.wants_input());
+        assert!(h.conn.output().len() < 4096);
+        assert_eq!(h.conn.counters().output_overflows, 0);
+        let responses = h.take_streamed();
+        assert_eq!(responses.len(), 100);
+        assert!(responses.iter().all(|r| r.body == b"manifest-12"));
+        assert!(h.conn.wants_input());
+        // A client that never reads is closed by the idle timeout.
+        for _ in 0..100 {
+            h.send(request);
+        }
+        h.advance(Duration::from_secs(30));
         assert!(h.conn.wants_close());
         assert!(h.conn.output().is_empty());
-        assert_eq!(h.conn.counters().output_overflows, 1);
+        assert_eq!(h.conn.counters().idle_timeouts, 1);
     }
 
     #[test]
@@ -1017,7 +1235,7 @@ mod tests {
         fn any_input_in_any_split_gives_well_formed_responses(
             bytes in prop_oneof![
                 proptest::collection::vec(any::<u8>(), 0..600),
-                "(GET|HEAD|POST) /(healthz|metrics|v1/groups/[0-9]{1,2}/(state|rekeys/[0-9]{1,2}/(manifest|chunks/[0-9]))) HTTP/1\\.[01]\r\n(Connection: close\r\n|Content-Length: [0-9]\r\n|X: y\r\n){0,3}\r\n"
+                "(GET|HEAD|POST) /(healthz|metrics|v1/groups/[0-9]{1,2}/(state|resync\\?(from=[0-9]{1,2}&)?leaf=[0-9]|rekeys/[0-9]{1,2}/(manifest|chunks/[0-9]))) HTTP/1\\.[01]\r\n(Connection: close\r\n|Content-Length: [0-9]\r\n|X: y\r\n){0,3}\r\n"
                     .prop_map(String::into_bytes),
                 proptest::collection::vec(
                     "(GET /healthz HTTP/1.1\r\n\r\n|GET /v1/groups/7/state HTTP/1.1\r\n\r\n|\r\n|[ -~]{0,8})",

@@ -1,5 +1,6 @@
-//! The sans-IO protocol handlers of the resync endpoints ([`http`], [`tcp`]) with their limits
-//! ([`limits`]), serving from a [`ResyncSource`] (a GCKS's or a relay's history of signed
+//! The sans-IO resync endpoints: one connection core ([`connection`]) that owns buffers,
+//! deadlines, caps, counters and refusals, with a codec per protocol ([`http`], [`tcp`]), and
+//! their limits ([`limits`]), serving from a [`ResyncSource`] (a GCKS's or a relay's history of signed
 //! messages). Resync data is only ever what is already
 //! signed and encrypted, so the endpoints authenticate nobody; they bound what a client can
 //! cost instead (DESIGN.md, security rules: resync endpoints).
@@ -7,6 +8,7 @@
 //! This module owns no sockets and no clock: the engine's listeners read and write the bytes,
 //! pass the time in, and serve from a [`ResyncSource`].
 
+pub mod connection;
 pub mod http;
 pub mod limits;
 pub mod tcp;

@@ -1,5 +1,7 @@
-//! The TCP resync endpoint, sans-IO: the length-prefixed frames of [`crate::wire::frame`] in,
-//! response frames out, time as an argument.
+//! The TCP resync endpoint's protocol, sans-IO: the length-prefixed frames of
+//! [`crate::wire::frame`] in, response frames out. [`TcpCodec`] parses and encodes;
+//! [`super::connection::Connection`] owns the buffers, deadlines, caps, counters and refusals
+//! ([`TcpConnection`]).
 //!
 //! A [`FrameRepr::ResyncRequest`] is answered with, for each sequence number from `from_seq`
 //! to the latest sent when the request arrived, a [`FrameRepr::Manifest`] and the
@@ -16,492 +18,205 @@
 //! | `NotHeld`       | a hole in the history (a relay's): ask the next endpoint | that seq |
 //! | `TooLarge`      | a frame over the request size cap, or a response over the frame limit | 0 or the seq |
 //! | `Malformed`     | a frame that does not parse, or that is not a request | 0        |
-//! | `RateLimited`, `Overloaded` | [`TcpConnection::refuse`]      | 0                   |
+//! | `RateLimited`, `Overloaded` | [`Connection::refuse`]         | 0                   |
 //!
 //! `Malformed`, `TooLarge` and the refusals close the connection; the others leave it open for
-//! the next request. Pipelined requests are answered in order.
+//! the next request. Pipelined requests are answered in order. A started frame that does not
+//! arrive whole within the header timeout closes the connection without an answer.
 //!
-//! A resync stream is generated lazily: frames are added while the unwritten output is under
-//! half of `max_output_bytes`, so a 100-message resync never sits in memory at once. The
-//! stream continues on the next [`TcpConnection::handle_input`], which may carry no bytes: a
-//! listener calls it after writing whenever [`TcpConnection::is_streaming`] says so.
-//!
-//! # Calling order
-//!
-//! As for [`super::http::HttpConnection`]: `new` at accept, `handle_input` with each read (and
-//! with no bytes after writing while `is_streaming`), write `output` and `consume_output`,
-//! `handle_timeout` at `poll_timeout`, close once `wants_close` and the output is empty.
+//! A resync stream is generated lazily (see [`super::connection`]): a listener calls
+//! [`Connection::handle_input`] with no bytes after writing whenever
+//! [`Connection::has_more_to_send`] says so.
 
-use std::time::{Duration, Instant};
-
+use super::connection::{Answer, Codec, Connection, Decoded, StreamStart};
 use super::limits::Limits;
 pub use super::limits::Refusal;
-use super::{Lookup, ResyncSource};
+use super::ResyncSource;
 use crate::wire::frame::{ErrorCode, FrameRepr};
 
-/// Output already written is dropped from the front of the buffer past this many bytes.
-const COMPACT_AFTER: usize = 64 * 1024;
+/// One connection of the TCP resync endpoint.
+pub type TcpConnection = Connection<TcpCodec>;
 
-/// Requests answered and frames sent so far (for metrics).
+/// What only the TCP endpoint counts, per connection (for metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TcpCounters {
     /// Resync requests received.
     pub resync_requests: u64,
     /// State requests received.
     pub state_requests: u64,
-    /// Messages (manifest and chunk) streamed.
-    pub messages_served: u64,
-    /// Resync streams completed with an end frame.
-    pub streams_completed: u64,
     /// Error frames sent, any code (including refusals and malformed input).
     pub errors: u64,
     /// Frames that did not parse or were not requests.
     pub malformed: u64,
-    /// Refusals with `RateLimited`.
-    pub rate_limited: u64,
-    /// Refusals with `Overloaded`.
-    pub overloaded: u64,
-    /// Connections closed because a started frame did not arrive whole in time.
-    pub header_timeouts: u64,
-    /// Connections closed by the idle timeout.
-    pub idle_timeouts: u64,
-    /// Connections closed because their client did not read its responses.
-    pub output_overflows: u64,
 }
 
-/// One connection of the TCP resync endpoint.
+/// A request frame, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpRequest {
+    /// [`FrameRepr::ResyncRequest`].
+    Resync {
+        /// The group.
+        group_id: u32,
+        /// The first message wanted.
+        from_seq: u64,
+        /// The leaf order key whose chunks are wanted.
+        leaf: u32,
+    },
+    /// [`FrameRepr::StateRequest`].
+    State {
+        /// The group.
+        group_id: u32,
+    },
+}
+
+/// The codec of the TCP frame protocol.
 #[derive(Debug)]
-pub struct TcpConnection {
+pub struct TcpCodec {
     max_request_bytes: usize,
-    header_timeout: Duration,
-    idle_timeout: Duration,
-    max_requests: u32,
-    max_output_bytes: usize,
-    /// Received bytes not yet answered: a partial frame, or requests waiting behind a stream.
-    input: Vec<u8>,
-    /// When the first byte of the partial frame at the start of `input` arrived.
-    request_started: Option<Instant>,
-    /// Frames; `output[output_start..]` is still to be written.
-    output: Vec<u8>,
-    output_start: usize,
-    /// The last input, or output progress seen by `handle_input`, or the decision to close.
-    last_activity: Instant,
-    /// Output was consumed since the last `handle_input`.
-    output_progress: bool,
-    /// The resync stream being generated.
-    stream: Option<Stream>,
-    /// Close once the current stream ends (the last request allowed).
-    close_after_stream: bool,
-    /// No further request is read; close once the output is written.
-    closing: bool,
-    requests: u32,
     counters: TcpCounters,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Stream {
-    next_seq: u64,
-    last_seq: u64,
-    leaf: u32,
-}
+impl Codec for TcpCodec {
+    type Request = TcpRequest;
+    type Reject = ErrorCode;
+    type Counters = TcpCounters;
 
-impl TcpConnection {
-    /// A connection accepted at `now`.
-    pub fn new(now: Instant, limits: &Limits) -> Self {
+    fn new(limits: &Limits) -> Self {
         Self {
             max_request_bytes: limits.max_request_bytes,
-            header_timeout: limits.header_timeout,
-            idle_timeout: limits.idle_timeout,
-            max_requests: limits.max_requests_per_connection.max(1),
-            max_output_bytes: limits.max_output_bytes,
-            input: Vec::new(),
-            request_started: None,
-            output: Vec::new(),
-            output_start: 0,
-            last_activity: now,
-            output_progress: false,
-            stream: None,
-            close_after_stream: false,
-            closing: false,
-            requests: 0,
             counters: TcpCounters::default(),
         }
     }
 
-    /// Bytes read from the socket (possibly none: continue a resync stream after the output
-    /// drained). Answers every complete request in order; a resync stream is generated up to
-    /// the output watermark and holds later requests back until it ends. `_metrics` is unused:
-    /// it keeps the shape of [`super::http::HttpConnection::handle_input`].
-    pub fn handle_input(
+    fn decode(&mut self, window: &[u8]) -> Decoded<TcpRequest, ErrorCode> {
+        let total = match FrameRepr::peek_len(window) {
+            Ok(Some(total)) => total,
+            Ok(None) => return Decoded::Partial,
+            Err(_) => return Decoded::Reject(ErrorCode::Malformed),
+        };
+        if total > self.max_request_bytes {
+            // Refused from its prefix, without buffering it.
+            return Decoded::Reject(ErrorCode::TooLarge);
+        }
+        let Some(frame) = window.get(..total) else {
+            return Decoded::Partial;
+        };
+        let request = match FrameRepr::parse(frame) {
+            Ok(FrameRepr::ResyncRequest {
+                group_id,
+                from_seq,
+                leaf,
+            }) => TcpRequest::Resync {
+                group_id,
+                from_seq,
+                leaf,
+            },
+            Ok(FrameRepr::StateRequest { group_id }) => TcpRequest::State { group_id },
+            Ok(_) | Err(_) => return Decoded::Reject(ErrorCode::Malformed),
+        };
+        Decoded::Request {
+            len: total,
+            request,
+        }
+    }
+
+    fn too_large(&self) -> ErrorCode {
+        ErrorCode::TooLarge
+    }
+
+    fn timed_out(&self) -> Option<ErrorCode> {
+        None
+    }
+
+    fn answer(
         &mut self,
-        now: Instant,
-        bytes: &[u8],
+        request: TcpRequest,
         source: &dyn ResyncSource,
         _metrics: &dyn Fn() -> String,
-    ) {
-        if self.closing {
-            return;
-        }
-        if !bytes.is_empty() || self.output_progress {
-            self.last_activity = now;
-        }
-        self.output_progress = false;
-        let mut started = match self.request_started {
-            Some(started) if !self.input.is_empty() => started,
-            _ => now,
-        };
-        let mut input = std::mem::take(&mut self.input);
-        input.extend_from_slice(bytes);
-        let mut pos = 0;
-        while !self.closing {
-            if self.stream.is_some() {
-                self.continue_stream(source);
-                if self.stream.is_some() {
-                    break;
-                }
-                continue;
-            }
-            let rest = &input[pos..];
-            let total = match FrameRepr::peek_len(rest) {
-                Ok(Some(total)) => total,
-                Ok(None) => break,
-                Err(_) => {
-                    self.fail(now, ErrorCode::Malformed);
-                    break;
-                }
-            };
-            if total > self.max_request_bytes {
-                self.fail(now, ErrorCode::TooLarge);
-                break;
-            }
-            let Some(frame) = rest.get(..total) else {
-                break;
-            };
-            pos += total;
-            started = now;
-            match FrameRepr::parse(frame) {
-                Ok(FrameRepr::ResyncRequest {
-                    group_id,
-                    from_seq,
-                    leaf,
-                }) => {
-                    self.counters.resync_requests += 1;
-                    let last = self.count_request();
-                    self.start_stream(source, group_id, from_seq, leaf);
-                    if last {
-                        if self.stream.is_some() {
-                            self.close_after_stream = true;
-                        } else {
-                            self.close(now);
+        _last: bool,
+        out: &mut Vec<u8>,
+    ) -> Answer {
+        match request {
+            TcpRequest::Resync {
+                group_id,
+                from_seq,
+                leaf,
+            } => {
+                self.counters.resync_requests += 1;
+                match StreamStart::check(source, group_id, from_seq, leaf) {
+                    StreamStart::Stream(stream) => {
+                        return Answer {
+                            close: false,
+                            stream: Some(stream),
                         }
                     }
-                }
-                Ok(FrameRepr::StateRequest { group_id }) => {
-                    self.counters.state_requests += 1;
-                    let last = self.count_request();
-                    self.answer_state(source, group_id);
-                    if last {
-                        self.close(now);
+                    StreamStart::UnknownGroup => self.error(out, ErrorCode::UnknownGroup, 0),
+                    StreamStart::NotYetSent { latest } => {
+                        self.error(out, ErrorCode::NotYetSent, latest);
+                    }
+                    StreamStart::BeyondHistory { oldest } => {
+                        self.error(out, ErrorCode::BeyondHistory, oldest);
                     }
                 }
-                Ok(_) | Err(_) => self.fail(now, ErrorCode::Malformed),
             }
-            if self.output_pending() > self.max_output_bytes {
-                self.overflow();
+            TcpRequest::State { group_id } => {
+                self.counters.state_requests += 1;
+                self.answer_state(source, group_id, out);
             }
         }
-        if self.closing {
-            input.clear();
-            self.request_started = None;
-        } else {
-            input.drain(..pos);
-            if input.len() > self.max_request_bytes {
-                // Requests piled up behind a stream beyond what one request may take.
-                self.fail(now, ErrorCode::TooLarge);
-                input.clear();
-            }
-            self.request_started = (!input.is_empty() && !self.closing).then_some(started);
-        }
-        self.input = input;
+        Answer::default()
     }
 
-    /// Handles the deadline of [`Self::poll_timeout`]: a frame started and not complete within
-    /// the header timeout closes the connection, and so does the idle timeout (dropping output
-    /// its client did not read).
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let idle_deadline = self.last_activity.checked_add(self.idle_timeout);
-        if self.closing {
-            if idle_deadline.is_some_and(|deadline| now >= deadline) {
-                self.discard_output();
-            }
-            return;
-        }
-        let header_deadline = self.header_deadline();
-        if header_deadline.is_some_and(|deadline| now >= deadline) {
-            self.counters.header_timeouts += 1;
-            self.close(now);
-        } else if idle_deadline.is_some_and(|deadline| now >= deadline) {
-            self.counters.idle_timeouts += 1;
-            self.close(now);
-            self.discard_output();
-        }
-    }
-
-    /// The next deadline for [`Self::handle_timeout`], if any.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let idle_deadline = self.last_activity.checked_add(self.idle_timeout);
-        if self.closing {
-            return if self.output_pending() == 0 {
-                None
-            } else {
-                idle_deadline
-            };
-        }
-        match (self.header_deadline(), idle_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Bytes to write to the socket.
-    pub fn output(&self) -> &[u8] {
-        self.output.get(self.output_start..).unwrap_or(&[])
-    }
-
-    /// The socket took the first `n` bytes of [`Self::output`].
-    pub fn consume_output(&mut self, n: usize) {
-        let n = n.min(self.output_pending());
-        if n == 0 {
-            return;
-        }
-        self.output_progress = true;
-        self.output_start += n;
-        if self.output_start >= self.output.len() {
-            self.discard_output();
-        } else if self.output_start >= COMPACT_AFTER {
-            self.output.drain(..self.output_start);
-            self.output_start = 0;
-        }
-    }
-
-    /// Answers with an error frame `RateLimited` or `Overloaded` and closes: buffered input
-    /// and any stream in progress are dropped, frames already in the output are still written.
-    pub fn refuse(&mut self, status: Refusal) {
-        if self.closing {
-            return;
-        }
-        self.input.clear();
-        self.request_started = None;
-        self.stream = None;
-        let code = match status {
-            Refusal::RateLimited => {
-                self.counters.rate_limited += 1;
-                ErrorCode::RateLimited
-            }
-            Refusal::Overloaded => {
-                self.counters.overloaded += 1;
-                ErrorCode::Overloaded
-            }
-        };
-        self.error(code, 0);
-        self.closing = true;
-    }
-
-    /// Whether the connection should be closed once [`Self::output`] is empty.
-    pub fn wants_close(&self) -> bool {
-        self.closing
-    }
-
-    /// Whether a resync stream is still being generated: call [`Self::handle_input`] (with no
-    /// bytes) once the output has drained to continue it.
-    pub fn is_streaming(&self) -> bool {
-        self.stream.is_some() && !self.closing
-    }
-
-    /// Requests answered and frames sent so far.
-    pub fn counters(&self) -> &TcpCounters {
-        &self.counters
-    }
-
-    fn header_deadline(&self) -> Option<Instant> {
-        // Requests waiting behind a stream are not late: the server is.
-        if self.stream.is_some() {
-            return None;
-        }
-        self.request_started
-            .and_then(|started| started.checked_add(self.header_timeout))
-    }
-
-    /// Counts a request; whether it is the last one this connection may make.
-    fn count_request(&mut self) -> bool {
-        self.requests = self.requests.saturating_add(1);
-        self.requests >= self.max_requests
-    }
-
-    fn output_pending(&self) -> usize {
-        self.output.len() - self.output_start
-    }
-
-    fn discard_output(&mut self) {
-        self.output.clear();
-        self.output_start = 0;
-    }
-
-    fn close(&mut self, now: Instant) {
-        self.closing = true;
-        self.stream = None;
-        self.input.clear();
-        self.request_started = None;
-        self.last_activity = now;
-    }
-
-    /// Answers with an error frame and closes.
-    fn fail(&mut self, now: Instant, code: ErrorCode) {
-        if code == ErrorCode::Malformed {
+    fn reject(&mut self, reject: ErrorCode, out: &mut Vec<u8>) {
+        if reject == ErrorCode::Malformed {
             self.counters.malformed += 1;
         }
-        self.error(code, 0);
-        self.close(now);
+        self.error(out, reject, 0);
     }
 
-    /// The client asks faster than it reads: drop what it did not read and close.
-    fn overflow(&mut self) {
-        self.counters.output_overflows += 1;
-        self.discard_output();
-        self.closing = true;
-        self.stream = None;
+    fn refuse(&mut self, refusal: Refusal, out: &mut Vec<u8>) {
+        let code = match refusal {
+            Refusal::RateLimited => ErrorCode::RateLimited,
+            Refusal::Overloaded => ErrorCode::Overloaded,
+        };
+        self.error(out, code, 0);
     }
 
-    fn error(&mut self, code: ErrorCode, context_seq: u64) {
+    fn stream_frames(&mut self, frames: &[FrameRepr<'_>], out: &mut Vec<u8>) -> bool {
+        let mark = out.len();
+        for frame in frames {
+            if !emit(out, frame) {
+                out.truncate(mark);
+                return false;
+            }
+            if matches!(frame, FrameRepr::Error { .. }) {
+                self.counters.errors += 1;
+            }
+        }
+        true
+    }
+
+    fn stream_end(&mut self, _out: &mut Vec<u8>) {}
+
+    fn counters(&self) -> &TcpCounters {
+        &self.counters
+    }
+}
+
+impl TcpCodec {
+    fn error(&mut self, out: &mut Vec<u8>, code: ErrorCode, context_seq: u64) {
         self.counters.errors += 1;
         // An error frame always fits the frame limit.
-        self.emit(&FrameRepr::Error { code, context_seq });
+        emit(out, &FrameRepr::Error { code, context_seq });
     }
 
-    /// Appends `frame` to the output; false if it cannot be encoded (over the frame limit).
-    fn emit(&mut self, frame: &FrameRepr<'_>) -> bool {
-        let start = self.output.len();
-        self.output.resize(start + frame.buffer_len(), 0);
-        match frame.emit(&mut self.output[start..]) {
-            Ok(len) => {
-                self.output.truncate(start + len);
-                true
-            }
-            Err(_) => {
-                self.output.truncate(start);
-                false
-            }
-        }
-    }
-
-    fn start_stream(&mut self, source: &dyn ResyncSource, group_id: u32, from_seq: u64, leaf: u32) {
+    fn answer_state(&mut self, source: &dyn ResyncSource, group_id: u32, out: &mut Vec<u8>) {
         if group_id != source.group_id() {
-            self.error(ErrorCode::UnknownGroup, 0);
-            return;
-        }
-        let Some((latest, _)) = source.latest() else {
-            self.error(ErrorCode::NotYetSent, 0);
-            return;
-        };
-        if from_seq > latest {
-            self.error(ErrorCode::NotYetSent, latest);
-            return;
-        }
-        if let Some(oldest) = source.oldest().filter(|&oldest| from_seq < oldest) {
-            self.error(ErrorCode::BeyondHistory, oldest);
-            return;
-        }
-        self.stream = Some(Stream {
-            next_seq: from_seq,
-            last_seq: latest,
-            leaf,
-        });
-        self.continue_stream(source);
-    }
-
-    /// Adds frames of the current stream while the output is under the watermark.
-    fn continue_stream(&mut self, source: &dyn ResyncSource) {
-        let watermark = self.max_output_bytes / 2;
-        while let Some(stream) = self.stream {
-            if self.output_pending() >= watermark {
-                return;
-            }
-            if stream.next_seq > stream.last_seq {
-                self.finish_stream(stream.last_seq);
-                return;
-            }
-            let seq = stream.next_seq;
-            let manifest = source.manifest(seq);
-            let chunk = source.chunk(seq, stream.leaf);
-            match (manifest, chunk) {
-                (Lookup::Found(manifest), Lookup::Found(chunk)) => {
-                    let mark = self.output.len();
-                    let fits = self.emit(&FrameRepr::Manifest { seq, manifest })
-                        && self.emit(&FrameRepr::Chunk {
-                            seq,
-                            leaf: stream.leaf,
-                            chunk,
-                        });
-                    if fits {
-                        self.counters.messages_served += 1;
-                        match seq.checked_add(1) {
-                            Some(next_seq) => {
-                                self.stream = Some(Stream { next_seq, ..stream });
-                            }
-                            // Nothing can follow the last sequence number.
-                            None => self.finish_stream(seq),
-                        }
-                    } else {
-                        self.output.truncate(mark);
-                        self.end_stream(ErrorCode::TooLarge, seq);
-                    }
-                }
-                (Lookup::BeyondHistory { oldest }, _) | (_, Lookup::BeyondHistory { oldest }) => {
-                    // The window moved past the stream while it was being sent.
-                    self.end_stream(ErrorCode::BeyondHistory, oldest);
-                }
-                (Lookup::NotYetSent { latest }, _) | (_, Lookup::NotYetSent { latest }) => {
-                    self.end_stream(ErrorCode::NotYetSent, latest);
-                }
-                (Lookup::Found(_), Lookup::NotFound) => {
-                    self.end_stream(ErrorCode::UnknownLeaf, seq);
-                }
-                (Lookup::NotFound, _) => {
-                    // A hole in the history (a relay's: a message it got by resync only, or
-                    // from before it started): the member cannot get past it here, but the
-                    // next endpoint may hold it.
-                    self.end_stream(ErrorCode::NotHeld, seq);
-                }
-            }
-        }
-    }
-
-    /// Ends the current stream with its end frame.
-    fn finish_stream(&mut self, last_seq: u64) {
-        self.emit(&FrameRepr::End { last_seq });
-        self.counters.streams_completed += 1;
-        self.stream = None;
-        if self.close_after_stream {
-            self.closing = true;
-        }
-    }
-
-    /// Ends the current stream with an error frame.
-    fn end_stream(&mut self, code: ErrorCode, context_seq: u64) {
-        self.error(code, context_seq);
-        self.stream = None;
-        if self.close_after_stream {
-            self.closing = true;
-        }
-    }
-
-    fn answer_state(&mut self, source: &dyn ResyncSource, group_id: u32) {
-        if group_id != source.group_id() {
-            self.error(ErrorCode::UnknownGroup, 0);
+            self.error(out, ErrorCode::UnknownGroup, 0);
             return;
         }
         let Some((latest, manifest)) = source.latest() else {
-            self.error(ErrorCode::NotYetSent, 0);
+            self.error(out, ErrorCode::NotYetSent, 0);
             return;
         };
         let state = FrameRepr::State {
@@ -509,14 +224,33 @@ impl TcpConnection {
             oldest_seq: source.oldest().unwrap_or(latest),
             manifest,
         };
-        if !self.emit(&state) {
-            self.error(ErrorCode::TooLarge, latest);
+        if !emit(out, &state) {
+            self.error(out, ErrorCode::TooLarge, latest);
+        }
+    }
+}
+
+/// Appends `frame` to `out`; false (and `out` unchanged) if it cannot be encoded (over the
+/// frame limit).
+pub(crate) fn emit(out: &mut Vec<u8>, frame: &FrameRepr<'_>) -> bool {
+    let start = out.len();
+    out.resize(start + frame.buffer_len(), 0);
+    match frame.emit(&mut out[start..]) {
+        Ok(len) => {
+            out.truncate(start + len);
+            true
+        }
+        Err(_) => {
+            out.truncate(start);
+            false
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use proptest::prelude::*;
 
     use super::*;
@@ -615,7 +349,7 @@ mod tests {
                 let len = self.conn.output().len();
                 out.extend_from_slice(self.conn.output());
                 self.conn.consume_output(len);
-                if !self.conn.is_streaming() {
+                if !self.conn.has_more_to_send() {
                     break;
                 }
                 self.send(&[]);
@@ -728,7 +462,7 @@ mod tests {
             h.take(),
             vec![Frame::State(14, 10, b"manifest-14".to_vec())]
         );
-        assert_eq!(h.conn.counters().state_requests, 1);
+        assert_eq!(h.conn.protocol_counters().state_requests, 1);
     }
 
     #[test]
@@ -804,7 +538,7 @@ mod tests {
         h.send(&state(GROUP));
         // About half the output cap at a time, not 100 kB.
         assert!(h.conn.output().len() < 8192, "{}", h.conn.output().len());
-        assert!(h.conn.is_streaming());
+        assert!(h.conn.has_more_to_send());
         let frames = h.take();
         assert_eq!(frames.len(), 2 * 100 + 2);
         assert_eq!(frames[200], Frame::End(100));
@@ -836,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_requests_and_never_reads_is_cut_off() {
+    fn a_client_that_never_reads_is_cut_off_and_one_that_reads_late_gets_every_answer() {
         let mut h = Harness::with_limits(Limits {
             max_output_bytes: 4096,
             ..Limits::default()
@@ -847,6 +581,20 @@ mod tests {
         for _ in 0..10 {
             h.send(&state(GROUP));
         }
+        // Answered up to half the output cap; the rest wait, and reading should stop.
+        assert!(!h.conn.wants_close());
+        assert!(!h.conn.wants_input());
+        assert!(h.conn.output().len() < 4096);
+        let answers = h.take();
+        assert_eq!(answers.len(), 10);
+        assert_eq!(h.conn.counters().output_overflows, 0);
+        // One answer over the output cap cuts the client off.
+        let mut h = Harness::with_limits(Limits {
+            max_output_bytes: 4096,
+            ..Limits::default()
+        });
+        h.source.messages[4].manifest = vec![1; 5000];
+        h.send(&state(GROUP));
         assert!(h.conn.wants_close());
         assert!(h.conn.output().is_empty());
         assert_eq!(h.conn.counters().output_overflows, 1);
@@ -957,7 +705,7 @@ mod tests {
             let len = h.conn.output().len();
             out.extend_from_slice(h.conn.output());
             h.conn.consume_output(len);
-            while h.conn.is_streaming() {
+            while h.conn.has_more_to_send() {
                 h.send(&[]);
                 out.extend_from_slice(h.conn.output());
                 let len = h.conn.output().len();
