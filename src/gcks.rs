@@ -311,7 +311,7 @@ impl GcksStats {
     /// The figures in the Prometheus text exposition format (served at `/metrics`).
     pub fn prometheus_text(&self) -> String {
         let s = &self.sender;
-        let counters: [(&str, &str, u64); 18] = [
+        let counters: [(&str, &str, u64); 22] = [
             (
                 "rekeycast_manifests_sent_total",
                 "Manifest datagrams sent.",
@@ -358,6 +358,16 @@ impl GcksStats {
                 s.nacks_received,
             ),
             (
+                "rekeycast_feedback_replayed_total",
+                "NACKs and probe replies dropped as replays of ones already taken.",
+                s.replayed_feedback,
+            ),
+            (
+                "rekeycast_feedback_stale_total",
+                "NACKs and probe replies dropped for echoing no probe this sender sent lately.",
+                s.stale_feedback,
+            ),
+            (
                 "rekeycast_repair_orders_total",
                 "Repair orders made.",
                 self.repair_orders,
@@ -389,8 +399,18 @@ impl GcksStats {
             ),
             (
                 "rekeycast_resync_rate_limited_total",
-                "Resync reads refused by rate limit.",
+                "Resync requests refused by the per-source rate limit.",
                 self.resync.rate_limited,
+            ),
+            (
+                "rekeycast_resync_requests_total",
+                "Resync requests answered or refused.",
+                self.resync.requests,
+            ),
+            (
+                "rekeycast_resync_messages_served_total",
+                "Messages served by resync (a manifest and a chunk each).",
+                self.resync.messages_served,
             ),
             (
                 "rekeycast_resync_connections_closed_total",
@@ -754,5 +774,38 @@ impl Gcks {
     /// Stops the loop and waits for its thread.
     pub fn shutdown(mut self) -> Result<(), EngineError> {
         self.handle.stop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of the metric `name` in a Prometheus text.
+    fn metric(text: &str, name: &str) -> Option<u64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn metrics_report_dropped_feedback_and_resync_requests() {
+        let mut stats = GcksStats::default();
+        stats.sender.replayed_feedback = 3;
+        stats.sender.stale_feedback = 5;
+        stats.resync.requests = 7;
+        stats.resync.messages_served = 11;
+        stats.resync.rate_limited = 13;
+        stats.members = 17;
+        let text = stats.prometheus_text();
+        for (name, value) in [
+            ("rekeycast_feedback_replayed_total", 3),
+            ("rekeycast_feedback_stale_total", 5),
+            ("rekeycast_resync_requests_total", 7),
+            ("rekeycast_resync_messages_served_total", 11),
+            ("rekeycast_resync_rate_limited_total", 13),
+            ("rekeycast_members", 17),
+        ] {
+            assert_eq!(metric(&text, name), Some(value), "{name} in:\n{text}");
+        }
     }
 }

@@ -500,6 +500,9 @@ fn restarted_relay_serves_its_store_at_once_and_gaps_fall_through_to_the_gcks() 
     assert_eq!(metric(&text, "rekeycast_relay_latest_held_seq"), 3);
     assert_eq!(metric(&text, "rekeycast_relay_next_seq"), 4);
     assert!(text.contains("rekeycast_relay_upstream_rejected_total{cause=\"bad_mac\"}"));
+    // Requests and messages served are exported, not only connections.
+    metric(&text, "rekeycast_relay_resync_requests_total");
+    metric(&text, "rekeycast_relay_resync_messages_served_total");
     relay.shutdown().unwrap();
 
     // Down for two rekeys: it gets them by resync only (not forwarded), so its history has a

@@ -311,7 +311,7 @@ impl RelayStats {
         let msg = &self.upstream_messages;
         let down = &self.downstream;
         let mut text = String::new();
-        let counters: [(&str, &str, u64); 30] = [
+        let counters: [(&str, &str, u64); 32] = [
             (
                 "rekeycast_relay_forwarded_total",
                 "Messages forwarded downstream.",
@@ -434,8 +434,18 @@ impl RelayStats {
             ),
             (
                 "rekeycast_relay_resync_rate_limited_total",
-                "Resync reads refused by rate limit.",
+                "Resync requests refused by the per-source rate limit.",
                 self.resync.rate_limited,
+            ),
+            (
+                "rekeycast_relay_resync_requests_total",
+                "Resync requests answered or refused.",
+                self.resync.requests,
+            ),
+            (
+                "rekeycast_relay_resync_messages_served_total",
+                "Messages served by resync (a manifest and a chunk each).",
+                self.resync.messages_served,
             ),
             (
                 "rekeycast_relay_own_resyncs_total",
