@@ -160,7 +160,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             RelayEvent::Upstream(ReceiverEvent::KeysCannotOpen { seq, error }) => {
                 error!(
                     seq,
-                    %error,
+                    error = %rekeycast::report::Chain(&error),
                     "this relay's keys cannot open its own authenticated chunk of message {seq}: \
                      its registration bundle (or saved keys) is corrupt or not the GCKS's, or it \
                      was removed from the group; it must register again (clear the state \

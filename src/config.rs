@@ -50,7 +50,7 @@ pub const SYMBOL_DATAGRAM_OVERHEAD: usize = wire::datagram::OVERHEAD + wire::sym
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         /// The file.
         path: PathBuf,

@@ -138,10 +138,10 @@ pub enum DemoError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// A member was not admitted.
-    #[error("join failed: {0}")]
+    #[error("join failed")]
     Join(#[from] JoinError),
     /// A member could not be removed.
-    #[error("leave failed: {0}")]
+    #[error("leave failed")]
     Leave(#[from] LeaveError),
     /// The GCKS stopped answering.
     #[error("timed out waiting for {0}")]

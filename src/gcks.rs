@@ -539,7 +539,7 @@ pub enum EngineError {
     #[error(transparent)]
     Socket(#[from] crate::io::socket::SocketError),
     /// An I/O error of the event loop.
-    #[error("event loop: {0}")]
+    #[error("event loop")]
     Io(#[from] std::io::Error),
     /// A session configuration is invalid.
     #[error(transparent)]

@@ -46,7 +46,7 @@ pub enum KeyOrigin {
 #[non_exhaustive]
 pub enum KeyFileError {
     /// A file system operation failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         /// What was being done ("reading", "creating", ...).
         action: &'static str,

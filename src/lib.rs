@@ -47,5 +47,6 @@ pub mod keyfile;
 pub mod member;
 pub mod persist;
 pub mod relay;
+pub mod report;
 pub mod resync;
 pub mod sim;

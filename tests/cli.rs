@@ -458,3 +458,49 @@ fn member_with_a_corrupt_bundle_exits_naming_the_cause() {
     assert!(stderr.contains("integrity check failed"), "{stderr}");
     assert!(stderr.contains("member-1.bundle"), "{stderr}");
 }
+
+#[test]
+fn server_on_a_taken_resync_port_names_the_address_and_the_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let resync = taken.local_addr().unwrap();
+    let pid = std::process::id();
+    let group = format!(
+        "239.81.{}.{}:{}",
+        (pid >> 8) as u8,
+        pid as u8,
+        41_000 + pid % 10_000
+    );
+    let feedback = format!("127.0.0.3:{}", 51_000 + pid % 10_000);
+    let server_config = dir.path().join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
+             [group]\nmulticast = \"{group}\"\n[resync]\ntcp_listen = \"{resync}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("admin.sock").display()
+        ),
+    )
+    .unwrap();
+    let server_log = dir.path().join("server.log");
+    let mut processes = Processes(vec![Command::new(BIN)
+        .args(["server", "--config", server_config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log_file(&server_log))
+        .spawn()
+        .unwrap()]);
+    let status = wait_exit(&mut processes.0[0], Duration::from_secs(20));
+    let stderr = std::fs::read_to_string(&server_log).unwrap();
+    assert!(
+        status.is_some_and(|status| !status.success()),
+        "{status:?}\n{stderr}"
+    );
+    assert!(stderr.contains(&resync.to_string()), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+    drop(taken);
+}

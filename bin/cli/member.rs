@@ -178,7 +178,7 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             ReceiverEvent::KeysCannotOpen { seq, error } => {
                 error!(
                     seq,
-                    %error,
+                    error = %rekeycast::report::Chain(&error),
                     "this member's keys cannot open its own authenticated chunk of message {seq}: \
                      its registration bundle (or saved keys) is corrupt or not the GCKS's, or it \
                      was removed from the group; it must register again"
@@ -255,7 +255,7 @@ fn write_status(status: &mut Option<StatusFile>, member: &Member, must_reregiste
         .map_err(|error| std::io::Error::other(error.to_string()))
         .and_then(|stats| status.write(&stats, must_reregister));
     if let Err(error) = outcome {
-        warn!(%error, file = %status.path.display(), "could not write the status file");
+        warn!(error = %rekeycast::report::Chain(&error), file = %status.path.display(), "could not write the status file");
     }
 }
 

@@ -102,21 +102,21 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
                     .name("admin".into())
                     .spawn(move || serve_admin(stream, &gcks, batch_interval));
                 if let Err(error) = spawned {
-                    warn!(%error, "could not start an admin connection's thread");
+                    warn!(error = %rekeycast::report::Chain(&error), "could not start an admin connection's thread");
                 }
             }
             Err(error) if error.kind() == ErrorKind::WouldBlock => {
                 thread::sleep(Duration::from_millis(50));
             }
             Err(error) => {
-                warn!(%error, "admin socket accept failed");
+                warn!(error = %rekeycast::report::Chain(&error), "admin socket accept failed");
                 thread::sleep(Duration::from_millis(50));
             }
         }
     }
     info!("shutting down");
     if let Err(error) = fs::remove_file(&config.admin_socket) {
-        warn!(%error, "removing the admin socket");
+        warn!(error = %rekeycast::report::Chain(&error), "removing the admin socket");
     }
     match Arc::try_unwrap(gcks) {
         Ok(gcks) => match gcks.shutdown() {
@@ -276,13 +276,13 @@ fn bind_admin(path: &Path) -> anyhow::Result<UnixListener> {
 /// Answers one admin connection's requests, a line each, until it closes.
 fn serve_admin(stream: UnixStream, gcks: &Gcks, batch_interval: Duration) {
     if let Err(error) = stream.set_nonblocking(false) {
-        warn!(%error, "admin connection");
+        warn!(error = %rekeycast::report::Chain(&error), "admin connection");
         return;
     }
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
         Err(error) => {
-            warn!(%error, "admin connection");
+            warn!(error = %rekeycast::report::Chain(&error), "admin connection");
             return;
         }
     };

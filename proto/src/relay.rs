@@ -180,7 +180,7 @@ pub enum RelayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A stored message could not be put back into the history.
-    #[error("stored message {seq}: {source}")]
+    #[error("stored message {seq}")]
     History {
         /// The message.
         seq: u64,

@@ -758,7 +758,10 @@ fn build_batch(
             .commit(tree, &StoredMessage::from_prepared(&prepared))
             .map_err(|e| BatchError {
                 reason: store_failure(&e),
-                detail: format!("state not written, nothing committed: {e}"),
+                detail: format!(
+                    "state not written, nothing committed: {}",
+                    crate::report::Chain(&e)
+                ),
             })?;
     }
     Ok((prepared, bundles))
@@ -796,15 +799,25 @@ fn restore(
     }
     let count = restored.messages.len();
     for (index, stored) in restored.messages.iter().enumerate() {
-        let message = stored
-            .to_prepared()
-            .map_err(|e| EngineError::Restore(format!("message {}: {e}", stored.seq)))?;
+        let message = stored.to_prepared().map_err(|e| {
+            EngineError::Restore(format!(
+                "message {}: {}",
+                stored.seq,
+                crate::report::Chain(&e)
+            ))
+        })?;
         let outcome = if index + 1 == count {
             session.queue_message(now, message)
         } else {
             session.restore_message(now, message)
         };
-        outcome.map_err(|e| EngineError::Restore(format!("message {}: {e}", stored.seq)))?;
+        outcome.map_err(|e| {
+            EngineError::Restore(format!(
+                "message {}: {}",
+                stored.seq,
+                crate::report::Chain(&e)
+            ))
+        })?;
     }
     Ok(())
 }

@@ -390,7 +390,7 @@ impl LoopState {
                             for (manifest, chunk) in &fetched.items {
                                 if let Err(error) = self.session.handle_resync(now, manifest, chunk)
                                 {
-                                    tracing::warn!(%error, "relay resync item refused");
+                                    tracing::warn!(error = %crate::report::Chain(&error), "relay resync item refused");
                                     break;
                                 }
                             }
@@ -400,7 +400,7 @@ impl LoopState {
                         }
                         FetchOutcome::State(manifest) => {
                             if let Err(error) = self.session.handle_state_answer(now, &manifest) {
-                                tracing::warn!(%error, "relay state answer refused");
+                                tracing::warn!(error = %crate::report::Chain(&error), "relay state answer refused");
                             }
                         }
                         FetchOutcome::Failed => {
@@ -467,7 +467,7 @@ impl LoopState {
         };
         if let Err(error) = store.store_message(message) {
             self.figures.store_failures += 1;
-            tracing::error!(seq, %error, "forwarded message not stored");
+            tracing::error!(seq, error = %crate::report::Chain(&error), "forwarded message not stored");
         }
     }
 
@@ -485,7 +485,7 @@ impl LoopState {
             Ok(()) => self.saved_seq = keys.last_seq(),
             Err(error) => {
                 self.figures.key_save_failures += 1;
-                tracing::error!(%error, "relay keys not saved");
+                tracing::error!(error = %crate::report::Chain(&error), "relay keys not saved");
             }
         }
     }
@@ -508,7 +508,7 @@ impl LoopState {
             ReceiverEvent::KeysCannotOpen { seq, error } => {
                 tracing::error!(
                     seq,
-                    %error,
+                    error = %crate::report::Chain(error),
                     "the relay's keys cannot open its own authenticated chunk: its bundle or \
                      saved keys are corrupt or not the GCKS's"
                 );

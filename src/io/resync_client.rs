@@ -63,7 +63,7 @@ pub enum ClientError {
     #[error("bad resync endpoint {0:?}: expected tcp://HOST:PORT or http://HOST:PORT")]
     BadEndpoint(String),
     /// Connecting, reading or writing failed or timed out.
-    #[error("{endpoint}: {source}")]
+    #[error("{endpoint}")]
     Io {
         /// The endpoint.
         endpoint: Endpoint,

@@ -88,16 +88,22 @@ impl Endpoints {
         tokens: (Token, Token, usize),
         limits: Limits,
     ) -> std::io::Result<Self> {
-        let bind = |addr: Option<SocketAddr>, token: Token| -> std::io::Result<_> {
+        let bind = |addr: Option<SocketAddr>, token: Token, name: &str| -> std::io::Result<_> {
             addr.map(|addr| {
-                let mut listener = TcpListener::bind(addr)?;
+                let mut listener = TcpListener::bind(addr).map_err(|error| {
+                    // The kind stays; the message names the endpoint and its address.
+                    std::io::Error::new(
+                        error.kind(),
+                        format!("binding the resync {name} endpoint {addr}: {error}"),
+                    )
+                })?;
                 registry.register(&mut listener, token, Interest::READABLE)?;
                 Ok(listener)
             })
             .transpose()
         };
-        let tcp = bind(tcp, tokens.0)?;
-        let http = bind(http, tokens.1)?;
+        let tcp = bind(tcp, tokens.0, "TCP")?;
+        let http = bind(http, tokens.1, "HTTP")?;
         Ok(Self {
             tcp,
             http,
@@ -400,6 +406,32 @@ impl Endpoints {
                     self.per_source.remove(&connection.peer);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_address_is_named_with_its_endpoint() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let poll = mio::Poll::new().unwrap();
+        let tokens = (Token(0), Token(1), 2);
+        for (tcp, http, name) in [(Some(addr), None, "TCP"), (None, Some(addr), "HTTP")] {
+            let Err(error) = Endpoints::bind(poll.registry(), tcp, http, tokens, Limits::default())
+            else {
+                panic!("{addr} bound twice");
+            };
+            let text = crate::report::Chain(&error).to_string();
+            assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse, "{text}");
+            assert!(
+                text.starts_with(&format!("binding the resync {name} endpoint {addr}: ")),
+                "{text}"
+            );
+            assert_eq!(text.matches("in use").count(), 1, "{text}");
         }
     }
 }

@@ -296,7 +296,7 @@ pub enum SocketError {
         bind: SocketAddr,
     },
     /// A system call failed.
-    #[error("{operation} {target}: {source}")]
+    #[error("{operation} {target}")]
     Io {
         /// What was being done.
         operation: SocketOperation,
@@ -1066,7 +1066,7 @@ mod tests {
         // TEST-NET-1: no interface of this host has it.
         config.interface = Interface::V4(Ipv4Addr::new(192, 0, 2, 1));
         let error = MulticastSocket::receiver(&config).expect_err("join refused");
-        let message = error.to_string();
+        let message = crate::report::Chain(&error).to_string();
         let expected = format!("join {} on 192.0.2.1: ", config.group.ip());
         assert!(message.starts_with(&expected), "{message}");
         assert!(matches!(

@@ -62,7 +62,7 @@ pub enum RelayStoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The key file could not be read or written, or is corrupt.
-    #[error("relay keys {path}: {source}")]
+    #[error("relay keys {path}")]
     Keys {
         /// The key file.
         path: PathBuf,

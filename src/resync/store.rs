@@ -59,7 +59,7 @@ pub struct RestoredState {
 #[non_exhaustive]
 pub enum StoreError {
     /// Reading or writing failed.
-    #[error("state {action} {path}: {source}")]
+    #[error("state {action} {path}")]
     Io {
         /// What was being done.
         action: &'static str,
@@ -69,7 +69,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The key tree snapshot is missing, corrupt or inconsistent.
-    #[error("key tree snapshot {path}: {source}")]
+    #[error("key tree snapshot {path}")]
     Tree {
         /// The snapshot file.
         path: PathBuf,

@@ -38,7 +38,7 @@ pub enum MemberError {
     #[error("no new group key reachable from this member's keys")]
     GroupKeyNotFound,
     /// A wrap under one of this member's keys failed authentication.
-    #[error("wrap of node {node} under node {child}: {source}")]
+    #[error("wrap of node {node} under node {child}")]
     Wrap {
         /// The wrapped node.
         node: NodeId,

@@ -35,7 +35,7 @@ pub const MAGIC: &[u8; 8] = b"RKMEMBR1";
 #[non_exhaustive]
 pub enum MemberStateError {
     /// Reading or writing the file failed.
-    #[error("member state I/O: {0}")]
+    #[error("member state I/O")]
     Io(#[from] std::io::Error),
     /// The file does not start with the member state magic number (or is shorter than its
     /// header).
@@ -45,7 +45,7 @@ pub enum MemberStateError {
     #[error("member state checksum mismatch: the file is corrupt")]
     Checksum,
     /// The body does not decode.
-    #[error("member state body does not decode: {0}")]
+    #[error("member state body does not decode")]
     Decode(#[from] postcard::Error),
     /// The body decodes to a state that cannot be a member's.
     #[error("inconsistent member state: {0}")]

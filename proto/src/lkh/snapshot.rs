@@ -35,7 +35,7 @@ pub const MAGIC: &[u8; 8] = b"RKLKHSN1";
 #[non_exhaustive]
 pub enum SnapshotError {
     /// Reading or writing the file failed.
-    #[error("snapshot I/O: {0}")]
+    #[error("snapshot I/O")]
     Io(#[from] std::io::Error),
     /// The file does not start with the snapshot magic number.
     #[error("not a key tree snapshot (bad magic)")]
@@ -44,7 +44,7 @@ pub enum SnapshotError {
     #[error("snapshot checksum mismatch: the file is corrupt")]
     Checksum,
     /// The body does not decode.
-    #[error("snapshot body does not decode: {0}")]
+    #[error("snapshot body does not decode")]
     Decode(#[from] postcard::Error),
     /// The body decodes to a state that breaks an invariant of the tree.
     #[error("inconsistent snapshot: {0}")]

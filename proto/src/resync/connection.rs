@@ -846,10 +846,10 @@ mod tests {
 
     impl Requests for HttpCodec {
         fn state() -> Vec<u8> {
-            b"GET /v1/groups/7/state HTTP/1.1\r\n\r\n".to_vec()
+            b"GET /v1/groups/7/state HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()
         }
         fn resync() -> Vec<u8> {
-            b"GET /v1/groups/7/resync?from=10&leaf=1 HTTP/1.1\r\n\r\n".to_vec()
+            b"GET /v1/groups/7/resync?from=10&leaf=1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()
         }
         fn answers(output: &[u8]) -> Vec<String> {
             parse_http_responses(output)

@@ -38,7 +38,9 @@
 //! # Status codes
 //!
 //! Status codes mean what they say: 400 for a request that does not parse (bad syntax closes
-//! the connection; a number or query that does not parse does not), 404 for an unknown path,
+//! the connection; a number or query that does not parse does not) and for an HTTP/1.1
+//! request without a `Host` header or any request with more than one (RFC 9112, 3.2; this
+//! also closes), 404 for an unknown path,
 //! another group, a sequence number not yet sent or a leaf no chunk serves, 405 (with `Allow`)
 //! for any other method, 408 when a started request does not arrive whole within the header
 //! timeout, 410 beyond the history window (the member must re-register), 421 for a message
@@ -417,8 +419,11 @@ fn parse(window: &[u8], max_headers: usize) -> Decoded<HttpRequest, u16> {
     };
     let mut close = version == 0;
     let mut has_body = false;
+    let mut hosts = 0_usize;
     for header in request.headers.iter() {
-        if header.name.eq_ignore_ascii_case("connection") {
+        if header.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if header.name.eq_ignore_ascii_case("connection") {
             let value = String::from_utf8_lossy(header.value);
             if value
                 .split(',')
@@ -438,6 +443,10 @@ fn parse(window: &[u8], max_headers: usize) -> Decoded<HttpRequest, u16> {
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             has_body = true;
         }
+    }
+    // RFC 9112, 3.2: an HTTP/1.1 request names its host exactly once; HTTP/1.0 may omit it.
+    if hosts > 1 || (hosts == 0 && version != 0) {
+        return Decoded::Reject(400);
     }
     Decoded::Request {
         len,
@@ -785,7 +794,7 @@ mod tests {
     #[test]
     fn the_batched_route_for_head_and_http_1_0() {
         let mut h = Harness::new();
-        h.send(b"HEAD /v1/groups/7/resync?from=11&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+        h.send(b"HEAD /v1/groups/7/resync?from=11&leaf=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(!h.conn.has_more_to_send());
         let text = String::from_utf8(h.conn.output().to_vec()).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
@@ -812,7 +821,7 @@ mod tests {
             message.manifest = vec![message.seq as u8; 1000];
         }
         h.send(
-            b"GET /v1/groups/7/resync?from=1&leaf=1 HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+            b"GET /v1/groups/7/resync?from=1&leaf=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
         );
         assert!(h.conn.output().len() < 8192, "{}", h.conn.output().len());
         assert!(h.conn.has_more_to_send());
@@ -953,7 +962,7 @@ mod tests {
     #[test]
     fn head_has_the_headers_without_the_body() {
         let mut h = Harness::new();
-        h.send(b"HEAD /v1/groups/7/state HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+        h.send(b"HEAD /v1/groups/7/state HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         let out = h.conn.output().to_vec();
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
@@ -966,14 +975,14 @@ mod tests {
     fn other_methods_are_405_with_allow() {
         let mut h = Harness::new();
         for method in ["POST", "PUT", "DELETE", "OPTIONS", "BREW"] {
-            h.send(format!("{method} /healthz HTTP/1.1\r\n\r\n").as_bytes());
+            h.send(format!("{method} /healthz HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
             let r = h.take().remove(0);
             assert_eq!(r.status, 405, "{method}");
             assert_eq!(r.header("allow"), Some("GET, HEAD"));
         }
         assert!(!h.conn.wants_close());
         // With a body the connection cannot continue: 405 and close.
-        h.send(b"POST /healthz HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        h.send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
         assert_eq!(h.take()[0].status, 405);
         assert!(h.conn.wants_close());
     }
@@ -990,7 +999,7 @@ mod tests {
         assert_eq!(responses[0].body, b"manifest-11");
         assert_eq!(responses[1].body, b"chunk-11-2");
         // The third request completes with the next read.
-        h.send(b"thz HTTP/1.1\r\n\r\n");
+        h.send(b"thz HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(h.take()[0].body, b"ok");
         assert!(!h.conn.wants_close());
     }
@@ -1043,7 +1052,7 @@ mod tests {
         assert!(h.conn.output().is_empty());
         assert_eq!(h.conn.counters().idle_timeouts, 1);
         // Nothing is read after the close.
-        h.send(b"GET /healthz HTTP/1.1\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(h.conn.output().is_empty());
     }
 
@@ -1051,7 +1060,7 @@ mod tests {
     fn oversized_headers_are_431() {
         let mut h = Harness::new();
         let big = format!(
-            "GET /healthz HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
             "a".repeat(9000)
         );
         h.send(big.as_bytes());
@@ -1060,7 +1069,7 @@ mod tests {
         assert!(h.conn.wants_close());
         // Also when the oversized head arrives in pieces, with no end in sight.
         let mut h = Harness::new();
-        h.send(b"GET /healthz HTTP/1.1\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
         for _ in 0..150 {
             h.send(b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
         }
@@ -1079,7 +1088,7 @@ mod tests {
     #[test]
     fn too_many_headers_are_431() {
         let mut h = Harness::new();
-        let mut request = String::from("GET /healthz HTTP/1.1\r\n");
+        let mut request = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
         for i in 0..33 {
             request.push_str(&format!("X-H{i}: v\r\n"));
         }
@@ -1087,10 +1096,10 @@ mod tests {
         h.send(request.as_bytes());
         assert_eq!(h.take()[0].status, 431);
         assert!(h.conn.wants_close());
-        // 32 are fine.
+        // 32 are fine (`Host` and 31 others).
         let mut h = Harness::new();
-        let mut request = String::from("GET /healthz HTTP/1.1\r\n");
-        for i in 0..32 {
+        let mut request = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..31 {
             request.push_str(&format!("X-H{i}: v\r\n"));
         }
         request.push_str("\r\n");
@@ -1102,7 +1111,7 @@ mod tests {
     fn a_body_is_413_and_closes() {
         for extra in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
             let mut h = Harness::new();
-            h.send(format!("GET /healthz HTTP/1.1\r\n{extra}\r\n\r\nhello").as_bytes());
+            h.send(format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{extra}\r\n\r\nhello").as_bytes());
             let responses = h.take();
             assert_eq!(responses.len(), 1, "{extra}");
             assert_eq!(responses[0].status, 413, "{extra}");
@@ -1110,10 +1119,10 @@ mod tests {
         }
         // Content-Length: 0 is no body.
         let mut h = Harness::new();
-        h.send(b"GET /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(h.take()[0].status, 200);
         // An unparsable length is 400.
-        h.send(b"GET /healthz HTTP/1.1\r\nContent-Length: x\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n");
         assert_eq!(h.take()[0].status, 400);
         assert!(h.conn.wants_close());
     }
@@ -1123,7 +1132,7 @@ mod tests {
         for garbage in [
             &b"GARBAGE\r\n\r\n"[..],
             b"GET /healthz HTTP/9.9\r\n\r\n",
-            b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
             b"\x00\x01\x02\x03\r\n\r\n",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         ] {
@@ -1139,7 +1148,7 @@ mod tests {
     #[test]
     fn connection_close_and_http_1_0_close_after_the_response() {
         let mut h = Harness::new();
-        h.send(b"GET /healthz HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         let responses = h.take();
         assert_eq!(responses.len(), 1);
         assert_eq!(responses[0].header("connection"), Some("close"));
@@ -1150,6 +1159,34 @@ mod tests {
         assert_eq!(r.status, 200);
         assert!(h.conn.wants_close());
         assert_eq!(h.conn.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_http_1_1_request_names_its_host_exactly_once() {
+        let without = b"GET /healthz HTTP/1.1\r\n\r\n".as_slice();
+        let twice = b"GET /healthz HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n".as_slice();
+        let twice_1_0 = b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n".as_slice();
+        for request in [without, twice, twice_1_0] {
+            let mut h = Harness::new();
+            h.send(request);
+            let text = String::from_utf8_lossy(request);
+            assert_eq!(h.take()[0].status, 400, "{text}");
+            assert!(h.conn.wants_close(), "{text}");
+            assert_eq!(h.conn.counters().rejected, 1, "{text}");
+            assert_eq!(h.conn.counters().requests, 0, "{text}");
+            assert_eq!(h.conn.protocol_counters().client_error, 1, "{text}");
+        }
+        // Once, in any case, is fine; HTTP/1.0 may leave it out.
+        for request in [
+            b"GET /healthz HTTP/1.1\r\nhOsT: a\r\n\r\n".as_slice(),
+            b"GET /healthz HTTP/1.0\r\n\r\n".as_slice(),
+        ] {
+            let mut h = Harness::new();
+            h.send(request);
+            let text = String::from_utf8_lossy(request);
+            assert_eq!(h.take()[0].status, 200, "{text}");
+            assert_eq!(h.conn.counters().rejected, 0, "{text}");
+        }
     }
 
     #[test]
@@ -1174,7 +1211,7 @@ mod tests {
             max_requests_per_connection: 2,
             ..Limits::default()
         });
-        h.send(b"GET /healthz HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
         let responses = h.take();
         assert_eq!(responses.len(), 2);
         assert_eq!(responses[1].header("connection"), Some("close"));
@@ -1187,7 +1224,7 @@ mod tests {
             max_output_bytes: 4096,
             ..Limits::default()
         });
-        let request = b"GET /v1/groups/7/rekeys/12/manifest HTTP/1.1\r\n\r\n";
+        let request = b"GET /v1/groups/7/rekeys/12/manifest HTTP/1.1\r\nHost: x\r\n\r\n";
         for _ in 0..100 {
             h.send(request);
         }
@@ -1213,7 +1250,7 @@ mod tests {
     #[test]
     fn partial_writes_and_a_final_response_a_client_never_reads() {
         let mut h = Harness::new();
-        h.send(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n");
+        h.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let total = h.conn.output().len();
         h.conn.consume_output(5);
         assert_eq!(h.conn.output().len(), total - 5);
@@ -1238,7 +1275,7 @@ mod tests {
                 "(GET|HEAD|POST) /(healthz|metrics|v1/groups/[0-9]{1,2}/(state|resync\\?(from=[0-9]{1,2}&)?leaf=[0-9]|rekeys/[0-9]{1,2}/(manifest|chunks/[0-9]))) HTTP/1\\.[01]\r\n(Connection: close\r\n|Content-Length: [0-9]\r\n|X: y\r\n){0,3}\r\n"
                     .prop_map(String::into_bytes),
                 proptest::collection::vec(
-                    "(GET /healthz HTTP/1.1\r\n\r\n|GET /v1/groups/7/state HTTP/1.1\r\n\r\n|\r\n|[ -~]{0,8})",
+                    "(GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n|GET /v1/groups/7/state HTTP/1.1\r\nHost: x\r\n\r\n|\r\n|[ -~]{0,8})",
                     1..10
                 ).prop_map(|parts| parts.concat().into_bytes()),
             ],

@@ -163,7 +163,7 @@ pub struct PreparedMessage {
 #[non_exhaustive]
 pub enum QueueError {
     /// The manifest does not parse (not a message of [`super::layout::build_message`]).
-    #[error("malformed manifest: {0}")]
+    #[error("malformed manifest")]
     Manifest(#[from] super::manifest::ManifestError),
     /// The chunks do not fit the FEC parameters.
     #[error(transparent)]
