@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod endpoint;
 pub mod fuzz_support;
 pub mod gsa;
 pub mod lkh;
