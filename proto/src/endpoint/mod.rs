@@ -223,6 +223,9 @@ pub trait Endpoint {
     fn handle_command(&mut self, now: Instant, command: Self::Command);
     /// A job it handed out finished.
     fn handle_job_result(&mut self, now: Instant, result: <Self::Job as Job>::Output);
+    /// A job it handed out panicked on its worker: its output is lost. An endpoint that cannot
+    /// go on without it stops (a GCKS poisons itself and answers every waiting command).
+    fn handle_job_panicked(&mut self, now: Instant);
     /// A store operation it handed out was applied (`Ok`: durably) or failed.
     fn handle_stored(&mut self, now: Instant, id: StoreId, result: Result<(), StoreError>);
     /// An item of a fetch it asked for streamed in.
