@@ -19,9 +19,12 @@
 //! - [`Endpoint::poll_timeout`] is the earliest instant at which
 //!   [`Endpoint::handle_timeout`] must be called, kept in a [`TimerTable`].
 //!
+//! The GCKS's endpoint is [`gcks::GcksEndpoint`].
+//!
 //! Time is always an argument: the same endpoint runs in real time under the engine's driver
 //! and in virtual time under the simulator.
 
+pub mod gcks;
 mod timer;
 
 use std::net::SocketAddr;

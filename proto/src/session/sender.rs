@@ -407,6 +407,19 @@ impl SenderSession {
         spi: u32,
         now: Instant,
     ) -> Result<Self, ConfigError> {
+        Self::with_instance(config, group_id, spi, rand::random(), now)
+    }
+
+    /// [`Self::new`] with the instance id given: the caller draws it (from the operating
+    /// system's RNG in a deployment, from a seed in a simulation), so the session draws
+    /// nothing itself.
+    pub fn with_instance(
+        config: SenderConfig,
+        group_id: u32,
+        spi: u32,
+        instance: u32,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         let grtt = GrttEstimator::new(config.grtt, now)?;
         let mut aggregator = RepairAggregator::new(config.aggregator.clone())?;
@@ -430,7 +443,7 @@ impl SenderSession {
             recent_orders: VecDeque::new(),
             group_size: 0,
             advertised_group_size: None,
-            instance: rand::random(),
+            instance,
             feedback: FeedbackGuard::new(),
             events: VecDeque::new(),
             counters: SenderCounters::default(),
