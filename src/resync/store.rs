@@ -24,10 +24,20 @@
 //!
 //! The files hold keys (the tree holds every key of the group; a message file its MAC key):
 //! they are created with mode 0600 in a directory of mode 0700.
+//!
+//! [`GcksStorage`] puts this directory and its leave journal ([`super::journal`]) behind the
+//! endpoint contract's [`Storage`] trait: it applies a [`GcksEndpoint`]'s store operations,
+//! and [`GcksStorage::open`] loads what a restarted endpoint resumes from.
+//!
+//! [`GcksEndpoint`]: rekeycast_proto::endpoint::gcks::GcksEndpoint
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use rekeycast_proto::endpoint::gcks::{GcksStoreOp, RestoredGcks};
+use rekeycast_proto::endpoint::{Storage, StoreError as OpError, StoreErrorKind};
+
+use super::journal::{JournalError, LeaveJournal};
 use crate::lkh::{KeyRng, KeyTree, SnapshotError};
 pub use crate::session::StoredMessage;
 
@@ -171,6 +181,25 @@ impl StateStore {
         Ok(())
     }
 
+    /// [`Self::commit`] with the tree given as its snapshot body
+    /// ([`KeyTree::snapshot_body`], encoded off the event loop by the batch's job).
+    pub fn commit_snapshot(
+        &self,
+        snapshot_body: &[u8],
+        message: &StoredMessage,
+    ) -> Result<(), StoreError> {
+        write_message_file(&self.message_path(message.seq), message)?;
+        let tree_path = self.dir.join(TREE_FILE);
+        crate::persist::write_durably(&tree_path, crate::lkh::snapshot::MAGIC, snapshot_body)
+            .map_err(|source| StoreError::Tree {
+                path: tree_path,
+                source: SnapshotError::Io(source),
+            })?;
+        // Committed: a failure to prune must not report the commit as failed.
+        let _ = self.prune(message.seq);
+        Ok(())
+    }
+
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -200,6 +229,116 @@ impl StateStore {
 
     fn read_message(&self, seq: u64) -> Result<StoredMessage, StoreError> {
         read_message_file(&self.message_path(seq), seq)
+    }
+}
+
+/// A GCKS's state directory and leave journal as the [`Storage`] of its endpoint.
+#[derive(Debug)]
+pub struct GcksStorage {
+    store: StateStore,
+    journal: LeaveJournal,
+    /// The journal's mark when the endpoint started: the endpoint counts its leaves from it.
+    leave_base: u64,
+}
+
+/// Why a state directory could not be opened for a GCKS.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The key tree or the messages.
+    #[error(transparent)]
+    State(#[from] StoreError),
+    /// The leave journal.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+impl GcksStorage {
+    /// Opens the state directory `dir` (see [`StateStore::open`]) and its leave journal, and
+    /// returns what an endpoint resumes from ([`RestoredGcks`]; `None` for a fresh directory).
+    pub fn open(
+        dir: &Path,
+        history: usize,
+        rng: KeyRng,
+    ) -> Result<(Self, Option<RestoredGcks>), OpenError> {
+        let (store, restored) = StateStore::open(dir, history, rng)?;
+        let committed = restored.as_ref().map_or(0, |r| r.tree.seq());
+        let (journal, replay) = LeaveJournal::open(dir, committed)?;
+        let restored = restored.map(|restored| RestoredGcks {
+            tree: restored.tree,
+            messages: restored.messages,
+            journal_leaves: replay.leaves,
+            unreleased_batch: replay.unreleased_batch,
+        });
+        let leave_base = journal.mark();
+        Ok((
+            Self {
+                store,
+                journal,
+                leave_base,
+            },
+            restored,
+        ))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        self.store.dir()
+    }
+}
+
+impl Storage<GcksStoreOp> for GcksStorage {
+    fn apply(&mut self, op: &GcksStoreOp) -> Result<(), OpError> {
+        match op {
+            GcksStoreOp::RecordLeave(member) => self
+                .journal
+                .record_leave(*member)
+                .map_err(|e| journal_error(&e)),
+            GcksStoreOp::CommitBatch { tree, message, .. } => self
+                .store
+                .commit_snapshot(tree, message)
+                .map_err(|e| store_error(&e)),
+            GcksStoreOp::Release { seq, mark } => self
+                .journal
+                .release(*seq, self.leave_base.saturating_add(*mark))
+                .map_err(|e| journal_error(&e)),
+        }
+    }
+}
+
+/// The class of an I/O failure: a full device is worth retrying later.
+fn io_kind(kind: std::io::ErrorKind) -> StoreErrorKind {
+    match kind {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            StoreErrorKind::NoSpace
+        }
+        _ => StoreErrorKind::Io,
+    }
+}
+
+fn store_error(error: &StoreError) -> OpError {
+    let kind = match error {
+        StoreError::Io { source, .. }
+        | StoreError::Tree {
+            source: SnapshotError::Io(source),
+            ..
+        } => io_kind(source.kind()),
+        _ => StoreErrorKind::Inconsistent,
+    };
+    OpError {
+        kind,
+        detail: crate::report::Chain(error).to_string(),
+    }
+}
+
+fn journal_error(error: &JournalError) -> OpError {
+    let kind = match error {
+        JournalError::Io { kind, .. } => io_kind(*kind),
+        _ => StoreErrorKind::Inconsistent,
+    };
+    OpError {
+        kind,
+        detail: error.to_string(),
     }
 }
 
@@ -420,5 +559,64 @@ mod tests {
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(TREE_FILE)), 0o600);
         assert_eq!(mode(&store.message_path(1)), 0o600);
+    }
+
+    #[test]
+    fn gcks_storage_applies_an_endpoints_operations_and_reopens_to_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tree, key) = tree();
+        let (mut storage, restored) =
+            GcksStorage::open(dir.path(), 3, KeyRng::seeded_for_simulation(1)).unwrap();
+        assert!(restored.is_none());
+        let message = rekey(&mut tree, &key, &[MemberId(1), MemberId(2)]);
+        let commit = GcksStoreOp::CommitBatch {
+            seq: 1,
+            tree: tree.snapshot_body().unwrap(),
+            message: message.clone(),
+        };
+        storage.apply(&commit).unwrap();
+        storage
+            .apply(&GcksStoreOp::Release { seq: 1, mark: 0 })
+            .unwrap();
+        // Acknowledged, not applied by any batch: replayed.
+        storage
+            .apply(&GcksStoreOp::RecordLeave(MemberId(2)))
+            .unwrap();
+        drop(storage);
+        let (mut storage, restored) =
+            GcksStorage::open(dir.path(), 3, KeyRng::seeded_for_simulation(2)).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.tree.seq(), 1);
+        assert_eq!(restored.messages, vec![message]);
+        assert_eq!(restored.journal_leaves, vec![MemberId(2)]);
+        assert!(!restored.unreleased_batch);
+        // A batch of the restarted endpoint (its marks count from zero) releases the replayed
+        // leave; a committed batch without its release is reported unreleased.
+        let message = rekey(&mut tree, &key, &[MemberId(3)]);
+        storage
+            .apply(&GcksStoreOp::CommitBatch {
+                seq: 2,
+                tree: tree.snapshot_body().unwrap(),
+                message,
+            })
+            .unwrap();
+        storage
+            .apply(&GcksStoreOp::Release { seq: 2, mark: 0 })
+            .unwrap();
+        let message = rekey(&mut tree, &key, &[MemberId(4)]);
+        storage
+            .apply(&GcksStoreOp::CommitBatch {
+                seq: 3,
+                tree: tree.snapshot_body().unwrap(),
+                message,
+            })
+            .unwrap();
+        drop(storage);
+        let (_, restored) =
+            GcksStorage::open(dir.path(), 3, KeyRng::seeded_for_simulation(3)).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.tree.seq(), 3);
+        assert!(restored.journal_leaves.is_empty());
+        assert!(restored.unreleased_batch);
     }
 }

@@ -935,8 +935,7 @@ impl<T: Clone> GcksEndpoint<T> {
     }
 
     fn batch_output(&mut self, now: Instant, output: BatchOutput) {
-        if self.membership.poisoned().is_some() || self.stopped || !self.membership.is_building()
-        {
+        if self.membership.poisoned().is_some() || self.stopped || !self.membership.is_building() {
             return;
         }
         match output.0 {
@@ -1250,7 +1249,7 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
-        if self.stopped {
+        if self.is_stopped() {
             return None;
         }
         let transmit = self.session.poll_transmit(now, buf);

@@ -1,0 +1,691 @@
+//! The GCKS endpoint driven by hand in virtual time over a storage in memory: the order of
+//! commits against store acknowledgements, retries, poison, the admission delay, leaves that
+//! wait for their record, and a restart from what was stored.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+
+use super::*;
+use crate::endpoint::{Endpoint, Job, Storage};
+use crate::lkh::snapshot;
+
+/// A storage in memory: what a state directory and a leave journal would hold, with faults
+/// injected per kind of operation.
+#[derive(Default)]
+struct MemStorage {
+    /// The committed tree's snapshot file (magic, hash, body).
+    tree: Option<Vec<u8>>,
+    messages: Vec<StoredMessage>,
+    /// Leaves recorded (in order), and the number released by the latest release.
+    leaves: Vec<MemberId>,
+    released_through: usize,
+    /// The latest released batch.
+    released_seq: u64,
+    /// Base of the endpoint's marks (leaves recorded before it started).
+    base: usize,
+    fail_commits: u32,
+    fail_releases: u32,
+    fail_records: u32,
+    applied: Vec<&'static str>,
+}
+
+impl Storage<GcksStoreOp> for MemStorage {
+    fn apply(&mut self, op: &GcksStoreOp) -> Result<(), StoreError> {
+        let no_space = || StoreError {
+            kind: StoreErrorKind::NoSpace,
+            detail: "injected".into(),
+        };
+        match op {
+            GcksStoreOp::RecordLeave(member) => {
+                self.applied.push("record");
+                if self.fail_records > 0 {
+                    self.fail_records -= 1;
+                    return Err(no_space());
+                }
+                self.leaves.push(*member);
+            }
+            GcksStoreOp::CommitBatch { tree, message, .. } => {
+                self.applied.push("commit");
+                if self.fail_commits > 0 {
+                    self.fail_commits -= 1;
+                    return Err(no_space());
+                }
+                let mut file = snapshot::MAGIC.to_vec();
+                file.extend_from_slice(blake3::hash(tree).as_bytes());
+                file.extend_from_slice(tree);
+                self.tree = Some(file);
+                self.messages.push(message.clone());
+            }
+            GcksStoreOp::Release { seq, mark } => {
+                self.applied.push("release");
+                if self.fail_releases > 0 {
+                    self.fail_releases -= 1;
+                    return Err(no_space());
+                }
+                self.released_seq = *seq;
+                self.released_through = self.base + usize::try_from(*mark).unwrap();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MemStorage {
+    /// What a restarted driver loads.
+    fn restored(&self, seed: u64) -> RestoredGcks {
+        let tree = KeyTree::from_snapshot_bytes(
+            self.tree.as_ref().expect("a committed tree"),
+            KeyRng::seeded_for_simulation(seed),
+        )
+        .unwrap();
+        let unreleased_batch = self.released_seq < tree.seq();
+        RestoredGcks {
+            messages: self
+                .messages
+                .iter()
+                .filter(|m| m.seq <= tree.seq())
+                .cloned()
+                .collect(),
+            tree,
+            journal_leaves: self.leaves[self.released_through..].to_vec(),
+            unreleased_batch,
+        }
+    }
+}
+
+fn config(durable: bool) -> GcksEndpointConfig {
+    GcksEndpointConfig {
+        group_id: 7,
+        spi: 3,
+        degree: Degree::DEFAULT,
+        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+        data_sa_lifetime_secs: 60,
+        sender: SenderConfig::default(),
+        message: MessageParams {
+            signing_threads: 1,
+            ..MessageParams::default()
+        },
+        schedule: Schedule::new(Duration::from_secs(3600), 10_000),
+        admission_delay: Duration::ZERO,
+        durable,
+    }
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+
+/// A test harness: the endpoint, virtual time, the storage and every event seen.
+struct Harness {
+    endpoint: GcksEndpoint<u32>,
+    now: Instant,
+    storage: MemStorage,
+    events: Vec<GcksEvent<u32>>,
+    /// Jobs handed out and not run yet (when `run_jobs` is off).
+    jobs: VecDeque<BatchJob>,
+    /// Store operations handed out and not applied yet (when `apply_stores` is off).
+    stores: VecDeque<(StoreId, GcksStoreOp)>,
+    run_jobs: bool,
+    apply_stores: bool,
+    /// Datagrams sent while advancing time.
+    sent: usize,
+}
+
+impl Harness {
+    fn new(config: GcksEndpointConfig) -> Self {
+        #[allow(clippy::disallowed_methods)] // the start of virtual time
+        let now = Instant::now();
+        let clock = WallClock {
+            unix_micros: 1_700_000_000_000_000,
+            at: now,
+        };
+        let endpoint = GcksEndpoint::new(
+            config,
+            key(),
+            KeyRng::seeded_for_simulation(1),
+            42,
+            clock,
+            now,
+        )
+        .unwrap();
+        Self::around(endpoint, now, MemStorage::default())
+    }
+
+    fn around(endpoint: GcksEndpoint<u32>, now: Instant, storage: MemStorage) -> Self {
+        Self {
+            endpoint,
+            now,
+            storage,
+            events: Vec::new(),
+            jobs: VecDeque::new(),
+            stores: VecDeque::new(),
+            run_jobs: true,
+            apply_stores: true,
+            sent: 0,
+        }
+    }
+
+    /// Drains every poll method, running jobs and applying store operations as configured.
+    fn settle(&mut self) {
+        loop {
+            let mut progress = false;
+            while let Some(op) = self.endpoint.poll_store() {
+                self.stores.push_back(op);
+                progress = true;
+            }
+            while let Some(job) = self.endpoint.poll_job() {
+                self.jobs.push_back(job);
+                progress = true;
+            }
+            while let Some(event) = self.endpoint.poll_event() {
+                self.events.push(event);
+                progress = true;
+            }
+            if self.apply_stores {
+                if let Some((id, op)) = self.stores.pop_front() {
+                    let result = self.storage.apply(&op);
+                    self.endpoint.handle_stored(self.now, id, result);
+                    progress = true;
+                }
+            }
+            if self.run_jobs {
+                if let Some(job) = self.jobs.pop_front() {
+                    let output = job.run();
+                    self.endpoint.handle_job_result(self.now, output);
+                    progress = true;
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn command(&mut self, command: GcksCommand<u32>) {
+        self.endpoint.handle_command(self.now, command);
+        self.settle();
+    }
+
+    fn join(&mut self, member: u64, ticket: u32) {
+        self.command(GcksCommand::Join {
+            member: MemberId(member),
+            relay: false,
+            ticket,
+        });
+    }
+
+    fn leave(&mut self, member: u64, ticket: u32) {
+        self.command(GcksCommand::Leave {
+            member: MemberId(member),
+            ticket,
+        });
+    }
+
+    fn rekey(&mut self) {
+        self.command(GcksCommand::RekeyNow);
+    }
+
+    /// Advances virtual time to `at`, firing the endpoint's timeouts on the way.
+    fn advance_to(&mut self, at: Instant) {
+        while let Some(deadline) = self.endpoint.poll_timeout().filter(|d| *d <= at) {
+            self.now = self.now.max(deadline);
+            self.endpoint.handle_timeout(self.now);
+            self.settle();
+            // As a driver does: what the session has to send goes (pacing and heartbeats
+            // deadlines move only as it sends).
+            self.sent += self.transmit();
+        }
+        self.now = self.now.max(at);
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.advance_to(self.now + by);
+    }
+
+    /// Sends whatever the endpoint has now; returns how many datagrams.
+    fn transmit(&mut self) -> usize {
+        let mut buf = vec![0u8; 65_536];
+        let mut count = 0;
+        while let Some(transmit) = self.endpoint.poll_transmit(self.now, &mut buf) {
+            assert_eq!(transmit.port, Port::Serve);
+            count += 1;
+        }
+        self.settle();
+        count
+    }
+
+    /// The join answers seen, by ticket.
+    fn join_answers(&self) -> Vec<(u32, Result<u64, JoinError>)> {
+        self.events
+            .iter()
+            .filter_map(|event| match event {
+                GcksEvent::JoinAnswered { ticket, result, .. } => Some((
+                    *ticket,
+                    result.as_ref().map(|b| b.first_seq).map_err(Clone::clone),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn leave_answers(&self) -> Vec<(u32, Result<LeaveOutcome, LeaveError>)> {
+        self.events
+            .iter()
+            .filter_map(|event| match event {
+                GcksEvent::LeaveAnswered { ticket, result, .. } => Some((*ticket, result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn rekeyed(&self) -> Vec<(u64, usize, usize, usize)> {
+        self.events
+            .iter()
+            .filter_map(|event| match event {
+                GcksEvent::Rekeyed {
+                    seq,
+                    joined,
+                    left,
+                    members,
+                    ..
+                } => Some((*seq, *joined, *left, *members)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failures(&self) -> Vec<(u64, u32, BatchFailure, Option<Duration>)> {
+        self.events
+            .iter()
+            .filter_map(|event| match event {
+                GcksEvent::BatchFailed {
+                    seq,
+                    attempt,
+                    reason,
+                    retry_in,
+                    ..
+                } => Some((*seq, *attempt, *reason, *retry_in)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn a_batch_commits_only_after_its_store_and_release_are_acknowledged() {
+    let mut h = Harness::new(config(true));
+    h.apply_stores = false;
+    h.join(1, 10);
+    h.rekey();
+    // Built, handed to the storage, not acknowledged: nothing committed, nothing answered.
+    assert_eq!(h.stores.len(), 1);
+    assert!(matches!(
+        h.stores[0].1,
+        GcksStoreOp::CommitBatch { seq: 1, .. }
+    ));
+    assert_eq!(h.endpoint.tree().seq(), 0);
+    assert_eq!(h.endpoint.stats().members, 0);
+    assert!(h.join_answers().is_empty());
+    assert_eq!(
+        h.transmit(),
+        0,
+        "nothing is sent before the batch is stored"
+    );
+    // The commit is acknowledged: the tree advances, the release goes out, no bundle yet.
+    let (id, op) = h.stores.pop_front().unwrap();
+    let result = h.storage.apply(&op);
+    h.endpoint.handle_stored(h.now, id, result);
+    h.settle();
+    assert_eq!(h.endpoint.tree().seq(), 1);
+    assert!(matches!(
+        h.stores.front(),
+        Some((_, GcksStoreOp::Release { seq: 1, mark: 0 }))
+    ));
+    assert!(h.join_answers().is_empty(), "no bundle before the release");
+    assert_eq!(h.transmit(), 0, "nothing is sent before the release");
+    // Released: the bundle, then the message.
+    h.apply_stores = true;
+    h.settle();
+    assert_eq!(h.join_answers(), vec![(10, Ok(1))]);
+    assert_eq!(h.rekeyed(), vec![(1, 1, 0, 1)]);
+    assert!(h.transmit() > 0);
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { seq: 1 })));
+    assert_eq!(h.storage.applied, vec!["commit", "release"]);
+}
+
+#[test]
+fn a_failed_store_leaves_the_state_untouched_and_the_same_batch_is_retried_after_a_backoff() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    h.join(2, 2);
+    h.storage.fail_commits = 2;
+    h.rekey();
+    assert_eq!(
+        h.failures(),
+        vec![(
+            2,
+            1,
+            BatchFailure::Store(StoreErrorKind::NoSpace),
+            Some(Duration::from_millis(100))
+        )]
+    );
+    let stats = h.endpoint.stats();
+    assert_eq!((stats.members, stats.seq, stats.pending), (1, 1, 1));
+    assert_eq!(h.storage.messages.len(), 1);
+    // Not before the backoff.
+    h.advance(Duration::from_millis(99));
+    assert_eq!(h.failures().len(), 1);
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.failures().len(), 2);
+    assert_eq!(
+        h.failures()[1],
+        (
+            2,
+            2,
+            BatchFailure::Store(StoreErrorKind::NoSpace),
+            Some(Duration::from_millis(200))
+        )
+    );
+    h.advance(Duration::from_millis(200));
+    assert_eq!(h.rekeyed().last(), Some(&(2, 1, 0, 2)));
+    assert_eq!(h.join_answers(), vec![(1, Ok(1)), (2, Ok(2))]);
+    assert_eq!(h.endpoint.stats().pending, 0);
+}
+
+#[test]
+fn a_panicked_job_poisons_and_answers_every_waiting_join() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    h.run_jobs = false;
+    h.join(2, 2);
+    h.rekey();
+    assert_eq!(h.jobs.len(), 1);
+    h.join(3, 3);
+    h.jobs.clear();
+    h.endpoint.handle_job_panicked(h.now);
+    h.settle();
+    let mut answers = h.join_answers();
+    answers.sort_by_key(|(ticket, _)| *ticket);
+    assert_eq!(
+        answers,
+        vec![
+            (1, Ok(1)),
+            (2, Err(JoinError::Poisoned(PoisonReason::WorkerPanicked))),
+            (3, Err(JoinError::Poisoned(PoisonReason::WorkerPanicked))),
+        ]
+    );
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        GcksEvent::Poisoned {
+            reason: PoisonReason::WorkerPanicked
+        }
+    )));
+    h.join(4, 4);
+    h.leave(1, 5);
+    assert_eq!(
+        h.join_answers().last(),
+        Some(&(4, Err(JoinError::Poisoned(PoisonReason::WorkerPanicked))))
+    );
+    assert_eq!(
+        h.leave_answers(),
+        vec![(5, Err(LeaveError::Poisoned(PoisonReason::WorkerPanicked)))]
+    );
+    assert!(h.endpoint.is_stopped());
+    // The stored state is the committed one.
+    assert_eq!(h.storage.messages.len(), 1);
+}
+
+#[test]
+fn a_failed_release_poisons_and_the_joiners_get_no_bundle() {
+    let mut h = Harness::new(config(true));
+    h.join(5, 5);
+    h.rekey();
+    h.join(1, 1);
+    h.storage.fail_releases = 1;
+    h.rekey();
+    assert_eq!(
+        h.join_answers()[1..],
+        [(
+            1,
+            Err(JoinError::Poisoned(PoisonReason::Journal(
+                StoreErrorKind::NoSpace
+            )))
+        )]
+    );
+    assert_eq!(
+        h.transmit(),
+        0,
+        "the message of an unreleased batch is not sent"
+    );
+    // A restart removes the joiner that never got its bundle.
+    let restored = h.storage.restored(2);
+    assert!(restored.unreleased_batch);
+    let mut h = restart(h, restored);
+    h.rekey();
+    // (A batch that would leave the group empty cannot be laid out: member 5 stays.)
+    assert_eq!(h.rekeyed(), vec![(3, 0, 1, 1)], "{:?}", h.events);
+}
+
+#[test]
+fn the_admission_delay_holds_the_message_after_the_bundles() {
+    let mut config = config(false);
+    config.admission_delay = Duration::from_millis(50);
+    let mut h = Harness::new(config);
+    h.join(1, 1);
+    h.join(2, 2);
+    h.rekey();
+    assert_eq!(h.join_answers(), vec![(1, Ok(1)), (2, Ok(1))]);
+    assert_eq!(h.transmit(), 0, "held for the admission delay");
+    let started = h.now;
+    assert_eq!(
+        h.endpoint.poll_timeout(),
+        Some(started + Duration::from_millis(50))
+    );
+    h.advance(Duration::from_millis(49));
+    assert_eq!(h.sent + h.transmit(), 0);
+    h.advance(Duration::from_millis(1));
+    assert!(h.sent + h.transmit() > 0);
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { seq: 1 })));
+    // A batch without joiners is not held.
+    h.leave(1, 3);
+    h.rekey();
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { seq: 2 })));
+}
+
+#[test]
+fn a_leave_is_answered_once_recorded_and_later_commands_wait_for_it() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    h.apply_stores = false;
+    h.leave(1, 2);
+    assert!(matches!(
+        h.stores.front(),
+        Some((_, GcksStoreOp::RecordLeave(MemberId(1))))
+    ));
+    assert!(h.leave_answers().is_empty());
+    // A rejoin and a rekey wait for the record: no batch takes a leave not yet durable.
+    h.join(1, 3);
+    h.rekey();
+    assert_eq!(h.jobs.len() + h.stores.len(), 1);
+    h.apply_stores = true;
+    h.settle();
+    assert_eq!(
+        h.leave_answers(),
+        vec![(2, Ok(LeaveOutcome::Revoked { durable: true }))]
+    );
+    // The rekey ran after the record: member 1 revoked and admitted again, with a new leaf.
+    assert_eq!(h.rekeyed().last(), Some(&(2, 1, 1, 1)));
+    assert_eq!(h.join_answers(), vec![(1, Ok(1)), (3, Ok(2))]);
+    assert!(matches!(
+        h.storage.applied.as_slice(),
+        ["commit", "release", "record", "commit", "release"]
+    ));
+}
+
+#[test]
+fn a_leave_that_cannot_be_recorded_is_refused_and_changes_nothing() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    h.storage.fail_records = 1;
+    h.leave(1, 2);
+    assert!(matches!(
+        h.leave_answers().as_slice(),
+        [(2, Err(LeaveError::NotDurable(_)))]
+    ));
+    assert_eq!(h.endpoint.stats().pending, 0);
+    h.rekey();
+    assert_eq!(h.rekeyed().last(), Some(&(2, 0, 0, 1)), "member 1 stays");
+}
+
+#[test]
+fn changes_under_one_ticket_are_answered_part_by_part() {
+    let mut h = Harness::new(config(true));
+    h.join(5, 1);
+    h.rekey();
+    h.command(GcksCommand::Changes {
+        changes: vec![
+            Change::Join(MemberId(1)),
+            Change::JoinRelay(MemberId(2)),
+            Change::Leave(MemberId(5)),
+            Change::Join(MemberId(1)),
+        ],
+        ticket: 9,
+    });
+    h.rekey();
+    let parts: Vec<(Option<usize>, bool)> = h
+        .events
+        .iter()
+        .filter_map(|event| match event {
+            GcksEvent::JoinAnswered {
+                ticket: 9,
+                part,
+                result,
+            } => Some((*part, result.is_ok())),
+            GcksEvent::LeaveAnswered {
+                ticket: 9,
+                part,
+                result,
+            } => Some((*part, result.is_ok())),
+            _ => None,
+        })
+        .collect();
+    let mut sorted = parts.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        vec![
+            (Some(0), true),
+            (Some(1), true),
+            (Some(2), true),
+            (Some(3), false)
+        ]
+    );
+    assert_eq!(h.endpoint.stats().relays, 1);
+    assert_eq!(h.rekeyed().last(), Some(&(2, 2, 1, 2)));
+}
+
+/// A restarted endpoint over what `h`'s storage holds.
+fn restart(h: Harness, restored: RestoredGcks) -> Harness {
+    let now = h.now + Duration::from_secs(1);
+    let clock = WallClock {
+        unix_micros: 1_800_000_000_000_000,
+        at: now,
+    };
+    let mut storage = h.storage;
+    storage.base = storage.leaves.len();
+    let endpoint = GcksEndpoint::restore(config(true), key(), restored, 43, clock, now).unwrap();
+    Harness::around(endpoint, now, storage)
+}
+
+#[test]
+fn a_restored_endpoint_resumes_the_sequence_and_applies_the_journaled_leaves() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.join(2, 2);
+    h.rekey();
+    h.join(3, 3);
+    h.rekey();
+    // Acknowledged, never applied: the process dies here.
+    h.leave(2, 4);
+    assert_eq!(
+        h.leave_answers(),
+        vec![(4, Ok(LeaveOutcome::Revoked { durable: true }))]
+    );
+    let restored = h.storage.restored(5);
+    assert_eq!(restored.tree.seq(), 2);
+    assert!(!restored.unreleased_batch);
+    let mut h = restart(h, restored);
+    let stats = h.endpoint.stats();
+    assert_eq!((stats.seq, stats.members, stats.pending), (2, 3, 1));
+    assert_eq!(h.endpoint.session().instance(), 43);
+    // The last message goes out again; the history serves resync.
+    assert!(h.transmit() > 0);
+    assert!(matches!(
+        h.endpoint.resync_item(1, 0),
+        ResyncAnswer::Item { .. } | ResyncAnswer::NoChunk
+    ));
+    assert_eq!(h.endpoint.resync_item(3, 0), ResyncAnswer::NotSent);
+    h.rekey();
+    assert_eq!(h.rekeyed(), vec![(3, 0, 1, 2)]);
+    assert!(h.endpoint.tree().leaf_of(MemberId(2)).is_none());
+    // The release covers the replayed leave: a second restart replays nothing.
+    let restored = h.storage.restored(6);
+    assert!(restored.journal_leaves.is_empty());
+    assert!(!restored.unreleased_batch);
+}
+
+#[test]
+fn a_restore_refuses_state_of_another_signing_key() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    let restored = h.storage.restored(2);
+    let clock = WallClock {
+        unix_micros: 0,
+        at: h.now,
+    };
+    let other = SigningKey::from_bytes(&[1; 32]);
+    assert!(matches!(
+        GcksEndpoint::<u32>::restore(config(true), other, restored, 1, clock, h.now),
+        Err(GcksSetupError::ForeignState)
+    ));
+}
+
+#[test]
+fn messages_are_stamped_from_the_wall_clock_anchor() {
+    let mut h = Harness::new(config(true));
+    h.advance(Duration::from_millis(1500));
+    h.join(1, 1);
+    h.rekey();
+    let manifest = h.endpoint.latest_manifest().unwrap();
+    let parsed = crate::session::manifest::SignedManifest::parse(&manifest)
+        .unwrap()
+        .manifest;
+    assert_eq!(parsed.timestamp_us, 1_700_000_000_000_000 + 1_500_000);
+}
+
+#[test]
+fn stop_answers_waiting_joins_and_refuses_later_commands() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.command(GcksCommand::Stop);
+    assert_eq!(h.join_answers(), vec![(1, Err(JoinError::Stopped))]);
+    h.leave(1, 2);
+    assert_eq!(h.leave_answers(), vec![(2, Err(LeaveError::Stopped))]);
+    assert!(h.endpoint.is_stopped());
+}
