@@ -17,7 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::gcks::{
-    EngineError, Gcks, GcksConfig, GcksEvent, GcksStats, JoinError, LeaveError, ResyncAnswer,
+    EngineError, Gcks, GcksConfig, GcksError, GcksEvent, GcksStats, JoinError, LeaveError,
+    ResyncAnswer,
 };
 use crate::lkh::MemberId;
 use crate::member::{Member, MemberConfig, MemberStats};
@@ -137,6 +138,9 @@ pub enum DemoError {
     /// The engine failed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The GCKS engine failed.
+    #[error(transparent)]
+    Gcks(#[from] GcksError),
     /// A member was not admitted.
     #[error("join failed")]
     Join(#[from] JoinError),

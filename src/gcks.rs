@@ -1,13 +1,7 @@
-//! The embedding API for a GCKS product: [`Gcks`], the key server side of one group, running
-//! its event loop on its own thread.
-//!
-//! The product keeps registration and authorization (RFC 4046 section 4); rekeycast keeps the
-//! key tree, batches membership changes, builds, signs and sends each rekey message, answers
-//! NACKs with repair, and serves what resync needs from its history. Commands go in over a
-//! channel that wakes the loop ([`Gcks::join`], [`Gcks::leave`], [`Gcks::rekey_now`]); events
-//! come out over another ([`Gcks::events`]). Building a batch (the key tree, the layout, the
-//! signatures, the FEC encoder) runs on worker threads, so the loop keeps sending and
-//! repairing meanwhile.
+//! The GCKS's embedding API: [`Gcks`] (the key server side of one group, a thin handle over
+//! the engine's driver running the sans-IO GCKS endpoint, see [`crate::engine::gcks`]), its
+//! configuration [`GcksConfig`], its figures [`GcksStats`], and the answer and error types of
+//! the endpoint ([`rekeycast_proto::endpoint::gcks`]) re-exported under one path.
 //!
 //! Membership commands are ordered: the last command for a member wins ([`membership`]); a
 //! leave is journaled before it is acknowledged and a join is acknowledged by its bundle once
@@ -15,42 +9,25 @@
 //! it commits the key tree, the sequence number and the state directory only when its message
 //! is built and stored, and a failed batch is retried with the same changes
 //! ([`GcksEvent::BatchFailed`]); what cannot be recovered poisons the engine
-//! ([`GcksEvent::Poisoned`]). Products with their own runtime can drive
-//! [`crate::session::SenderSession`] themselves instead.
-//!
-//! ```
-//! use std::time::Duration;
-//! use rekeycast::gcks::{Gcks, GcksConfig};
-//! use rekeycast::lkh::MemberId;
-//!
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let signing_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-//! let config = GcksConfig::loopback("239.1.2.3:7400".parse()?);
-//! let gcks = Gcks::start(config, signing_key)?;
-//! // Registration: the bundle arrives once the batch that admits the member is built.
-//! let bundle = gcks.join(MemberId(1))?.recv_timeout(Duration::from_secs(10))??;
-//! println!("member 1 starts at message {}", bundle.first_seq);
-//! gcks.shutdown()?;
-//! # Ok(()) }
-//! ```
+//! ([`GcksEvent::Poisoned`]).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
-use ed25519_dalek::SigningKey;
+pub use rekeycast_proto::endpoint::gcks::membership;
+pub use rekeycast_proto::endpoint::gcks::{
+    BatchFailure, Change, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
+};
 
+pub use crate::engine::driver::FeedbackLimit;
+pub use crate::engine::gcks::{ChangeAnswer, ChangesTicket, Gcks, GcksError, GcksEvent};
 use crate::gsa::WrapAlgorithm;
-use crate::io::handle::LoopHandle;
 use crate::io::socket::MulticastConfig;
-use crate::lkh::{Degree, LkhError, MemberId, RegistrationBundle};
+use crate::lkh::Degree;
 use crate::resync::journal::JournalError;
 use crate::session::layout::MessageParams;
 use crate::session::sender::SenderCounters;
 use crate::session::SenderConfig;
-
-pub mod membership;
 
 /// Configuration of a [`Gcks`].
 #[derive(Debug, Clone)]
@@ -99,11 +76,38 @@ pub struct GcksConfig {
     /// Seed of the key tree's randomness for simulations and demos; `None` (the default) uses
     /// the operating system's RNG, as a real deployment must.
     pub key_seed: Option<u64>,
+    /// The per-source limit on the feedback (NACKs, probe replies) the GCKS takes; `None`: no
+    /// limit. Default [`FeedbackLimit::default`]; [`GcksConfig::loopback`] has none (every
+    /// member of a one-host test shares one source address).
+    pub feedback_limit: Option<FeedbackLimit>,
 }
 
 impl GcksConfig {
+    /// A configuration with the production defaults for the multicast settings `multicast`:
+    /// sending from any local address, batches every second or every 10,000 changes, an
+    /// admission delay of 100 ms, one worker per core, the operating system's RNG, a
+    /// per-source feedback limit, nothing persisted and no resync endpoint (set
+    /// [`Self::state_dir`] and the resync addresses for a deployment).
+    pub fn new(multicast: MulticastConfig) -> Self {
+        let bind = match multicast.group {
+            SocketAddr::V4(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        Self {
+            bind,
+            feedback_limit: Some(FeedbackLimit::default()),
+            ..Self::loopback(multicast.group)
+        }
+        .with_multicast(multicast)
+    }
+
+    fn with_multicast(mut self, multicast: MulticastConfig) -> Self {
+        self.multicast = multicast;
+        self
+    }
+
     /// A configuration for the multicast group `group` on the loopback interface, with
-    /// loopback delivery on: for tests and demos on one host.
+    /// loopback delivery on and no per-source feedback limit: for tests and demos on one host.
     pub fn loopback(group: SocketAddr) -> Self {
         let multicast = MulticastConfig::loopback_v4(group);
         Self {
@@ -125,142 +129,9 @@ impl GcksConfig {
             resync_http: None,
             resync_limits: crate::resync::limits::Limits::default(),
             key_seed: None,
+            feedback_limit: None,
         }
     }
-}
-
-/// What the GCKS reports to the product.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum GcksEvent {
-    /// A batch was applied and its message queued for sending.
-    Rekeyed {
-        /// The message's sequence number.
-        seq: u64,
-        /// Members admitted by it.
-        joined: usize,
-        /// Members removed by it.
-        left: usize,
-        /// Group size after it.
-        members: usize,
-        /// Chunks (source symbols) of its message.
-        chunks: usize,
-        /// Time the workers took to apply, lay out, sign and encode it.
-        build_time: Duration,
-    },
-    /// Message `seq` went to the sender (after the admission delay when it admits members):
-    /// its transmission starts now.
-    Queued {
-        /// The message.
-        seq: u64,
-    },
-    /// The initial transmission of message `seq` is on the wire.
-    Sent {
-        /// The message.
-        seq: u64,
-    },
-    /// A batch failed before anything of it was committed: the key tree, the sequence number
-    /// and the state directory are as they were, and a batch with membership changes is tried
-    /// again (same changes, same sequence number) after `retry_in` or at the next
-    /// [`Gcks::rekey_now`]. A batch without changes (a refresh of the group key) is not
-    /// retried (`retry_in` is `None`): the next rekey takes the same sequence number.
-    BatchFailed {
-        /// The sequence number the batch's message gets when it succeeds.
-        seq: u64,
-        /// Attempts of this batch so far.
-        attempt: u32,
-        /// What went wrong.
-        reason: BatchFailure,
-        /// The error's text, for the operator's log.
-        detail: String,
-        /// When the batch is tried again; `None`: not retried (it had no changes).
-        retry_in: Option<Duration>,
-    },
-    /// The engine cannot go on: every pending join has failed with
-    /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
-    /// has stopped. The committed state (tree, sequence, state directory) is intact: a GCKS
-    /// started again on the state directory resumes from it.
-    Poisoned {
-        /// Why.
-        reason: PoisonReason,
-    },
-}
-
-/// Why a batch failed (it is retried; nothing of it was committed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum BatchFailure {
-    /// The key tree refused the batch (full, or its counters exhausted, or no randomness).
-    #[error("key tree: {0}")]
-    Tree(LkhError),
-    /// Laying out, signing or encoding the message failed.
-    #[error("building the message")]
-    Build,
-    /// The message's FEC encoders could not be built.
-    #[error("encoding the message")]
-    Encode,
-    /// The state directory could not be written (a full or read-only disk).
-    #[error("writing the state directory: {0}")]
-    StateWrite(std::io::ErrorKind),
-    /// The state could not be encoded or was refused for another reason.
-    #[error("storing the state")]
-    State,
-}
-
-/// Why the engine stopped for good ([`GcksEvent::Poisoned`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PoisonReason {
-    /// A batch's job panicked on a worker thread.
-    #[error("a batch job panicked on a worker")]
-    WorkerPanicked,
-    /// The worker pool is gone: no batch can be built.
-    #[error("the worker pool is shut down")]
-    WorkersGone,
-    /// A committed batch's leaves could not be released in the leave journal.
-    #[error("the leave journal could not be written: {0}")]
-    Journal(JournalError),
-    /// A committed message was refused by the sender session.
-    #[error("a committed message could not be queued for sending")]
-    QueueRefused,
-}
-
-/// What an acknowledged leave did ([`Gcks::leave`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaveOutcome {
-    /// The member is removed in the next batch; `durable`: the leave is in the state
-    /// directory's journal, so it is applied even if the GCKS crashes first (false without a
-    /// state directory).
-    Revoked {
-        /// Whether the leave survives a crash.
-        durable: bool,
-    },
-    /// The member had a join waiting for its batch: the join is cancelled (its caller gets
-    /// [`JoinError::Cancelled`], no bundle is issued). A member that had left and asked to
-    /// join again in the same batch stays removed.
-    JoinCancelled,
-    /// A leave of the member was already waiting for its batch.
-    AlreadyLeaving,
-}
-
-/// Why a leave was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum LeaveError {
-    /// The member is not in the group and has no join waiting.
-    #[error("member {0:?} is not in the group")]
-    UnknownMember(MemberId),
-    /// The leave could not be written to the journal: it is not acknowledged and nothing
-    /// changed.
-    #[error("leave not recorded: {0}")]
-    NotDurable(JournalError),
-    /// The engine is poisoned.
-    #[error("engine poisoned: {0}")]
-    Poisoned(PoisonReason),
-    /// The engine is gone.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
 }
 
 /// A snapshot of the GCKS's figures.
@@ -491,46 +362,6 @@ impl LagSummary {
     }
 }
 
-/// What a resync endpoint needs from the GCKS for one missed message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResyncAnswer {
-    /// The signed manifest and the asking member's chunk.
-    Item {
-        /// The signed manifest.
-        manifest: Vec<u8>,
-        /// The member's chunk (a whole source symbol).
-        chunk: Vec<u8>,
-    },
-    /// The message left the history window: the member must re-register.
-    BeyondHistory,
-    /// The message was not sent yet (the member is up to date).
-    NotSent,
-    /// No chunk serves that leaf.
-    NoChunk,
-}
-
-/// Why a join did not produce a registration bundle.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum JoinError {
-    /// The member is in the group (or joins in the batch being built): a member re-keys its
-    /// leaf by leaving and joining again (both may wait for the same batch).
-    #[error("member {0:?} is already in the group")]
-    AlreadyMember(MemberId),
-    /// A join of the member is already waiting for its batch.
-    #[error("member {0:?} is already joining")]
-    AlreadyJoining(MemberId),
-    /// A leave of the member came before the batch: no bundle is issued.
-    #[error("the join was cancelled by a later leave")]
-    Cancelled,
-    /// The engine is poisoned ([`GcksEvent::Poisoned`]).
-    #[error("engine poisoned: {0}")]
-    Poisoned(PoisonReason),
-    /// The key tree did not produce the member's bundle.
-    #[error(transparent)]
-    Lkh(#[from] LkhError),
-}
-
 /// Why the engine could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -565,216 +396,6 @@ pub enum EngineError {
     /// The state directory's leave journal is corrupt or cannot be written.
     #[error(transparent)]
     Journal(#[from] JournalError),
-}
-
-pub(crate) enum Command {
-    Join(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
-    JoinRelay(MemberId, Sender<Result<RegistrationBundle, JoinError>>),
-    Leave(MemberId, Sender<Result<LeaveOutcome, LeaveError>>),
-    RekeyNow,
-    Stats(Sender<GcksStats>),
-    Resync {
-        seq: u64,
-        order_key: u32,
-        reply: Sender<ResyncAnswer>,
-    },
-    LatestManifest(Sender<Option<Vec<u8>>>),
-    Shutdown,
-}
-
-/// The key server side of one group, its loop running on its own thread.
-#[derive(Debug)]
-pub struct Gcks {
-    handle: LoopHandle<Command>,
-    events: Receiver<GcksEvent>,
-    local_addr: SocketAddr,
-    resync_addrs: (Option<SocketAddr>, Option<SocketAddr>),
-    public_key: ed25519_dalek::VerifyingKey,
-    poisoned: Arc<OnceLock<PoisonReason>>,
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Join(..) => "Join",
-            Self::JoinRelay(..) => "JoinRelay",
-            Self::Leave(..) => "Leave",
-            Self::RekeyNow => "RekeyNow",
-            Self::Stats(_) => "Stats",
-            Self::Resync { .. } => "Resync",
-            Self::LatestManifest(_) => "LatestManifest",
-            Self::Shutdown => "Shutdown",
-        })
-    }
-}
-
-impl Gcks {
-    /// Sets up the sockets and starts the loop. `signing_key` signs every message (load it
-    /// from the key file of the state directory in a deployment).
-    pub fn start(config: GcksConfig, signing_key: SigningKey) -> Result<Self, EngineError> {
-        Self::start_with_hooks(
-            config,
-            signing_key,
-            crate::io::gcks_loop::BatchHooks::default(),
-        )
-    }
-
-    /// [`Self::start`] with faults injected in the batch path (tests).
-    pub(crate) fn start_with_hooks(
-        config: GcksConfig,
-        signing_key: SigningKey,
-        hooks: crate::io::gcks_loop::BatchHooks,
-    ) -> Result<Self, EngineError> {
-        let public_key = signing_key.verifying_key();
-        let poisoned = Arc::new(OnceLock::new());
-        let started =
-            crate::io::gcks_loop::spawn(config, signing_key, hooks, Arc::clone(&poisoned))?;
-        Ok(Self {
-            handle: LoopHandle::new(started.commands, started.waker, started.thread, || {
-                Command::Shutdown
-            }),
-            events: started.events,
-            local_addr: started.local_addr,
-            resync_addrs: started.resync_addrs,
-            public_key,
-            poisoned,
-        })
-    }
-
-    /// Why the engine is poisoned, if it is ([`GcksEvent::Poisoned`]).
-    pub fn poisoned(&self) -> Option<PoisonReason> {
-        self.poisoned.get().copied()
-    }
-
-    /// The engine's error for a command that found the loop gone: the poison, if that is why.
-    fn gone(&self, error: EngineError) -> EngineError {
-        match (self.poisoned(), error) {
-            (Some(reason), EngineError::Gone) => EngineError::Poisoned(reason),
-            (_, error) => error,
-        }
-    }
-
-    fn send(&self, command: Command) -> Result<(), EngineError> {
-        if let Some(reason) = self.poisoned() {
-            return Err(EngineError::Poisoned(reason));
-        }
-        self.handle.send(command).map_err(|e| self.gone(e))
-    }
-
-    /// The unicast address members send NACKs to (their feedback address).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// The resync endpoints' bound addresses (TCP, HTTP), where configured.
-    pub fn resync_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
-        self.resync_addrs
-    }
-
-    /// The GCKS's public key (in every registration bundle's Rekey SA).
-    pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
-        self.public_key
-    }
-
-    /// Admits `member` in the next batch. The registration bundle arrives on the returned
-    /// channel once the batch that admits the member is committed (its message built and, with
-    /// a state directory, written and fsynced with the key tree) and released in the leave
-    /// journal; it comes before the message is sent (see [`GcksConfig::admission_delay`]).
-    ///
-    /// Durability: a join is acknowledged only by its bundle, so it needs no journal. A crash
-    /// before the commit loses the join (never acknowledged; its caller's channel closes); a
-    /// crash after the commit and before the release leaves the member in the stored tree
-    /// without a bundle, and the GCKS that starts on the state directory removes it in its
-    /// first batch. So after a restart the key tree holds no member whose join was not
-    /// acknowledged.
-    ///
-    /// The last command for a member wins: a [`Self::leave`] before the batch cancels the join
-    /// ([`JoinError::Cancelled`]); a join of a member in the group is
-    /// [`JoinError::AlreadyMember`] (to give a member a new leaf, leave and join again); a
-    /// second join while one waits is [`JoinError::AlreadyJoining`].
-    pub fn join(
-        &self,
-        member: MemberId,
-    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
-        let (reply, bundle) = crossbeam_channel::bounded(1);
-        self.send(Command::Join(member, reply))?;
-        Ok(bundle)
-    }
-
-    /// Admits `member` in the next batch as a relay: a relay holds a leaf like any member (it
-    /// checks and produces the group's MACs and verifies everything), and the GCKS counts it
-    /// as a relay ([`GcksStats::relays`]) until it leaves. Otherwise as [`Self::join`].
-    pub fn join_relay(
-        &self,
-        member: MemberId,
-    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, EngineError> {
-        let (reply, bundle) = crossbeam_channel::bounded(1);
-        self.send(Command::JoinRelay(member, reply))?;
-        Ok(bundle)
-    }
-
-    /// Removes `member` in the next batch, or cancels its join if the join still waits for
-    /// its batch ([`LeaveOutcome::JoinCancelled`]). A leave of a member that is neither in
-    /// the group nor joining is [`LeaveError::UnknownMember`].
-    ///
-    /// Durability: with a state directory, a revocation is appended to the directory's leave
-    /// journal and fsynced before this returns [`LeaveOutcome::Revoked`] with `durable: true`;
-    /// a GCKS that crashes before the batch applying it is durable replays the journal when it
-    /// starts and applies the leave in its first batch. So an acknowledged leave is never
-    /// lost, and the member opens no message built after the batch that was being built when
-    /// the leave came (that one batch may still carry its keys).
-    pub fn leave(&self, member: MemberId) -> Result<LeaveOutcome, LeaveError> {
-        if let Some(reason) = self.poisoned() {
-            return Err(LeaveError::Poisoned(reason));
-        }
-        match self
-            .handle
-            .request(|reply| Command::Leave(member, reply))
-            .map_err(|e| self.gone(e))
-        {
-            Ok(answer) => answer,
-            Err(EngineError::Poisoned(reason)) => Err(LeaveError::Poisoned(reason)),
-            Err(error) => Err(LeaveError::Engine(error)),
-        }
-    }
-
-    /// Applies the pending changes now (or refreshes the group key if there are none); a
-    /// failed batch waiting for its retry is retried now.
-    pub fn rekey_now(&self) -> Result<(), EngineError> {
-        self.send(Command::RekeyNow)
-    }
-
-    /// The GCKS's figures.
-    pub fn stats(&self) -> Result<GcksStats, EngineError> {
-        self.handle
-            .request(Command::Stats)
-            .map_err(|e| self.gone(e))
-    }
-
-    /// The signed manifest of message `seq` and the chunk of the member whose leaf has order
-    /// key `order_key`: what a resync endpoint serves.
-    pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncAnswer, EngineError> {
-        self.handle.request(|reply| Command::Resync {
-            seq,
-            order_key,
-            reply,
-        })
-    }
-
-    /// The latest signed manifest: a resync endpoint's state answer.
-    pub fn latest_manifest(&self) -> Result<Option<Vec<u8>>, EngineError> {
-        self.handle.request(Command::LatestManifest)
-    }
-
-    /// The GCKS's events.
-    pub fn events(&self) -> &Receiver<GcksEvent> {
-        &self.events
-    }
-
-    /// Stops the loop and waits for its thread.
-    pub fn shutdown(mut self) -> Result<(), EngineError> {
-        self.handle.stop()
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rekeycast::config::ServerConfig;
-use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent, GcksStats, LeaveOutcome};
+use rekeycast::gcks::{Gcks, GcksConfig, GcksError, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;
 use serde_json::{json, Value};
@@ -121,7 +121,7 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     match Arc::try_unwrap(gcks) {
         Ok(gcks) => match gcks.shutdown() {
             Ok(()) => {}
-            Err(EngineError::Poisoned(_)) => exit = ExitCode::FAILURE,
+            Err(GcksError::Poisoned(_)) => exit = ExitCode::FAILURE,
             Err(error) => return Err(error).context("stopping the GCKS engine"),
         },
         // An admin connection still holds it (a join waiting for its batch): the engine stops

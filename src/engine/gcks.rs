@@ -1,0 +1,571 @@
+//! [`Gcks`]: the key server side of one group, a thin handle over the [`Driver`] running a
+//! [`GcksEndpoint`].
+//!
+//! The product keeps registration and authorization (RFC 4046 section 4); rekeycast keeps the
+//! key tree, batches membership changes, builds, signs and sends each rekey message, answers
+//! NACKs with repair, and serves what resync needs from its history. Every decision is the
+//! sans-IO [`GcksEndpoint`]'s (see its documentation for batches as transactions, the
+//! admission delay, retries and poison); this module only wires it to the driver: it opens
+//! the state directory ([`GcksStorage`]) and resumes from it, draws the key tree's RNG and the
+//! sender instance id, anchors the wall clock, routes each join and leave answer to its
+//! caller (never dropped: every waiting caller has its own channel) and hands the other events
+//! to the product over a bounded channel.
+//!
+//! ```
+//! use std::time::Duration;
+//! use rekeycast::gcks::{Gcks, GcksConfig};
+//! use rekeycast::lkh::MemberId;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let signing_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+//! let config = GcksConfig::loopback("239.1.2.3:7400".parse()?);
+//! let gcks = Gcks::start(config, signing_key)?;
+//! // Registration: the bundle arrives once the batch that admits the member is built.
+//! let bundle = gcks.join(MemberId(1))?.recv_timeout(Duration::from_secs(10))??;
+//! println!("member 1 starts at message {}", bundle.first_seq);
+//! gcks.shutdown()?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use ed25519_dalek::SigningKey;
+use rekeycast_proto::endpoint::gcks::membership::Schedule;
+use rekeycast_proto::endpoint::gcks::{
+    BatchFailure, Change, GcksCommand, GcksEndpoint, GcksEndpointConfig,
+    GcksEvent as EndpointEvent, GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome,
+    PoisonReason, ResyncAnswer, WallClock,
+};
+use rekeycast_proto::endpoint::{Port, Storage, StoreError};
+
+use super::driver::{
+    bounded_events, ChannelSink, Delivery, Driver, DriverConfig, DriverError, DriverHandle,
+    DriverStats, EventSink, SenderPort, DEFAULT_EVENT_CAPACITY,
+};
+use crate::gcks::{GcksConfig, GcksStats, LagSummary};
+use crate::lkh::{KeyRng, LkhError, MemberId, RegistrationBundle};
+use crate::resync::store::{GcksStorage, OpenError};
+
+/// What the GCKS reports to the product (the answers to joins and leaves go to their callers
+/// instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GcksEvent {
+    /// A batch was committed and its message waits out the admission delay.
+    Rekeyed {
+        /// The message's sequence number.
+        seq: u64,
+        /// Members admitted by it.
+        joined: usize,
+        /// Members removed by it.
+        left: usize,
+        /// Group size after it.
+        members: usize,
+        /// Chunks (source symbols) of its message.
+        chunks: usize,
+        /// Time from handing the batch to a worker to its commit (build, sign, encode,
+        /// store).
+        build_time: Duration,
+    },
+    /// Message `seq` went to the sender (after the admission delay when it admits members):
+    /// its transmission starts now.
+    Queued {
+        /// The message.
+        seq: u64,
+    },
+    /// The initial transmission of message `seq` is on the wire.
+    Sent {
+        /// The message.
+        seq: u64,
+    },
+    /// A batch failed before anything of it was committed; it is retried after `retry_in`
+    /// (see [`EndpointEvent::BatchFailed`]).
+    BatchFailed {
+        /// The sequence number the batch's message gets when it succeeds.
+        seq: u64,
+        /// Attempts of this batch so far.
+        attempt: u32,
+        /// What went wrong.
+        reason: BatchFailure,
+        /// The error's text, for the operator's log.
+        detail: String,
+        /// When the batch is tried again; `None`: not retried (it had no changes).
+        retry_in: Option<Duration>,
+    },
+    /// The engine cannot go on: every pending join has failed with
+    /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
+    /// has stopped. The state directory is intact: a GCKS started again on it resumes.
+    Poisoned {
+        /// Why.
+        reason: PoisonReason,
+    },
+}
+
+/// Why the GCKS engine could not start, or a call to it failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GcksError {
+    /// The driver could not start (a socket, a listener, a thread) or is gone.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The endpoint could not be set up (an invalid configuration, a restored state of
+    /// another group or key).
+    #[error(transparent)]
+    Setup(#[from] GcksSetupError),
+    /// The state directory or its leave journal is corrupt or cannot be read.
+    #[error(transparent)]
+    State(#[from] OpenError),
+    /// The key tree's RNG could not be seeded from the operating system.
+    #[error("key tree RNG")]
+    Rng(#[source] LkhError),
+    /// A leave was refused.
+    #[error(transparent)]
+    Leave(#[from] LeaveError),
+    /// The engine is poisoned ([`GcksEvent::Poisoned`]) and has stopped.
+    #[error("engine poisoned: {0}")]
+    Poisoned(PoisonReason),
+}
+
+/// The answer to one change of [`Gcks::apply`].
+#[derive(Debug, Clone)]
+pub enum ChangeAnswer {
+    /// A join's: the member's registration bundle, or why not.
+    Join(Result<RegistrationBundle, JoinError>),
+    /// A leave's.
+    Leave(Result<LeaveOutcome, LeaveError>),
+}
+
+/// The answers of one [`Gcks::apply`] call, as they come.
+#[derive(Debug)]
+pub struct ChangesTicket {
+    count: usize,
+    answers: Receiver<(usize, ChangeAnswer)>,
+}
+
+impl ChangesTicket {
+    /// Waits up to `timeout` for every answer; they come back in the order of the changes.
+    /// `None` if some did not come in time (or the engine went away first).
+    pub fn wait(&self, timeout: Duration) -> Option<Vec<ChangeAnswer>> {
+        let deadline = Instant::now() + timeout;
+        let mut answers: Vec<Option<ChangeAnswer>> = vec![None; self.count];
+        let mut missing = self.count;
+        while missing > 0 {
+            let (index, answer) = self.answers.recv_deadline(deadline).ok()?;
+            if let Some(slot) = answers.get_mut(index) {
+                if slot.replace(answer).is_none() {
+                    missing -= 1;
+                }
+            }
+        }
+        answers.into_iter().collect()
+    }
+
+    /// How many changes it answers.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether it answers no change.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Where an answer goes: the waiting caller's channel.
+#[derive(Debug, Clone)]
+pub(crate) enum Reply {
+    Join(Sender<Result<RegistrationBundle, JoinError>>),
+    Leave(Sender<Result<LeaveOutcome, LeaveError>>),
+    Changes(Sender<(usize, ChangeAnswer)>),
+}
+
+type Endpoint = GcksEndpoint<Reply>;
+
+/// The key server side of one group, its driver's loop on its own thread.
+#[derive(Debug)]
+pub struct Gcks {
+    driver: DriverHandle<Endpoint>,
+    events: Receiver<GcksEvent>,
+    public_key: ed25519_dalek::VerifyingKey,
+    poisoned: Arc<OnceLock<PoisonReason>>,
+}
+
+impl Gcks {
+    /// Sets up the sockets and starts the loop, resuming from the state directory if it holds
+    /// a state (the same group and sequence, the history, the journaled leaves). `signing_key`
+    /// signs every message (load it from the key file of the state directory in a
+    /// deployment).
+    pub fn start(config: GcksConfig, signing_key: SigningKey) -> Result<Self, GcksError> {
+        let public_key = signing_key.verifying_key();
+        let rng = || match config.key_seed {
+            Some(seed) => Ok(KeyRng::seeded_for_simulation(seed)),
+            None => KeyRng::from_os().map_err(GcksError::Rng),
+        };
+        let endpoint_config = GcksEndpointConfig {
+            group_id: config.group_id,
+            spi: config.spi,
+            degree: config.degree,
+            wrap_algorithm: config.wrap_algorithm,
+            data_sa_lifetime_secs: config.data_sa_lifetime_secs,
+            sender: config.sender.clone(),
+            message: config.message,
+            schedule: Schedule::new(config.batch_interval, config.max_batch),
+            admission_delay: config.admission_delay,
+            durable: config.state_dir.is_some(),
+        };
+        let now = Instant::now();
+        let clock = WallClock {
+            unix_micros: unix_micros(),
+            at: now,
+        };
+        let instance: u32 = rand::random();
+        let (endpoint, storage) = match &config.state_dir {
+            None => (
+                GcksEndpoint::new(endpoint_config, signing_key, rng()?, instance, clock, now)?,
+                GcksStore::Memory,
+            ),
+            Some(dir) => {
+                let (storage, restored) = GcksStorage::open(dir, config.sender.history, rng()?)?;
+                let endpoint = match restored {
+                    Some(restored) => GcksEndpoint::restore(
+                        endpoint_config,
+                        signing_key,
+                        restored,
+                        instance,
+                        clock,
+                        now,
+                    )?,
+                    None => GcksEndpoint::new(
+                        endpoint_config,
+                        signing_key,
+                        rng()?,
+                        instance,
+                        clock,
+                        now,
+                    )?,
+                };
+                (endpoint, GcksStore::Dir(storage))
+            }
+        };
+        let mut driver_config = DriverConfig::new("rekeycast-gcks");
+        driver_config.serve = Some(SenderPort {
+            multicast: config.multicast.clone(),
+            bind: config.bind,
+        });
+        driver_config.resync_tcp = config.resync_tcp;
+        driver_config.resync_http = config.resync_http;
+        driver_config.resync_limits = config.resync_limits.clone();
+        driver_config.feedback_limit = config.feedback_limit;
+        driver_config.workers = config.workers;
+        driver_config.max_datagram_size = config.sender.datagram_size;
+        let (events_sink, events) = bounded_events(DEFAULT_EVENT_CAPACITY);
+        let poisoned = Arc::new(OnceLock::new());
+        let sink = GcksSink {
+            events: events_sink,
+            poisoned: Arc::clone(&poisoned),
+        };
+        let driver = Driver::new(endpoint, driver_config, storage, sink)
+            .metrics(Box::new(|endpoint: &Endpoint, stats: &DriverStats| {
+                gcks_stats(endpoint, stats).prometheus_text()
+            }))
+            .spawn()?;
+        Ok(Self {
+            driver,
+            events,
+            public_key,
+            poisoned,
+        })
+    }
+
+    /// Why the engine is poisoned, if it is ([`GcksEvent::Poisoned`]).
+    pub fn poisoned(&self) -> Option<PoisonReason> {
+        self.poisoned.get().copied()
+    }
+
+    /// The engine's error for a call that found the loop gone: the poison, if that is why.
+    fn gone(&self, error: DriverError) -> GcksError {
+        match (self.poisoned(), error) {
+            (Some(reason), DriverError::Gone) => GcksError::Poisoned(reason),
+            (_, error) => GcksError::Driver(error),
+        }
+    }
+
+    fn command(&self, command: GcksCommand<Reply>) -> Result<(), GcksError> {
+        if let Some(reason) = self.poisoned() {
+            return Err(GcksError::Poisoned(reason));
+        }
+        self.driver.command(command).map_err(|e| self.gone(e))
+    }
+
+    /// The unicast address members send NACKs to (their feedback address).
+    pub fn local_addr(&self) -> SocketAddr {
+        // Invariant: the driver was configured with a serving port, so it has its address.
+        self.driver
+            .local_addr(Port::Serve)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The resync endpoints' bound addresses (TCP, HTTP), where configured.
+    pub fn resync_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        self.driver.resync_addrs()
+    }
+
+    /// The GCKS's public key (in every registration bundle's Rekey SA).
+    pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
+        self.public_key
+    }
+
+    /// Admits `member` in the next batch. The registration bundle arrives on the returned
+    /// channel once the batch that admits the member is committed (its message built and, with
+    /// a state directory, written and fsynced with the key tree) and released in the leave
+    /// journal; it comes before the message is sent (see [`GcksConfig::admission_delay`]).
+    ///
+    /// Durability: a join is acknowledged only by its bundle, so it needs no journal. A crash
+    /// before the commit loses the join (never acknowledged; its caller's channel closes); a
+    /// crash after the commit and before the release leaves the member in the stored tree
+    /// without a bundle, and the GCKS that starts on the state directory removes it in its
+    /// first batch.
+    ///
+    /// The last command for a member wins: a [`Self::leave`] before the batch cancels the join
+    /// ([`JoinError::Cancelled`]); a join of a member in the group is
+    /// [`JoinError::AlreadyMember`]; a second join while one waits is
+    /// [`JoinError::AlreadyJoining`].
+    pub fn join(
+        &self,
+        member: MemberId,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, GcksError> {
+        self.join_as(member, false)
+    }
+
+    /// Admits `member` in the next batch as a relay: it holds a leaf like any member, and the
+    /// GCKS counts it as a relay ([`GcksStats::relays`]) until it leaves. Otherwise as
+    /// [`Self::join`].
+    pub fn join_relay(
+        &self,
+        member: MemberId,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, GcksError> {
+        self.join_as(member, true)
+    }
+
+    fn join_as(
+        &self,
+        member: MemberId,
+        relay: bool,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, GcksError> {
+        let (reply, bundle) = crossbeam_channel::bounded(1);
+        self.command(GcksCommand::Join {
+            member,
+            relay,
+            ticket: Reply::Join(reply),
+        })?;
+        Ok(bundle)
+    }
+
+    /// Removes `member` in the next batch, or cancels its join if the join still waits for
+    /// its batch ([`LeaveOutcome::JoinCancelled`]). A leave of a member that is neither in
+    /// the group nor joining is refused ([`LeaveError::UnknownMember`]).
+    ///
+    /// Durability: with a state directory, a revocation is appended to the directory's leave
+    /// journal and fsynced before this returns [`LeaveOutcome::Revoked`] with `durable: true`;
+    /// a GCKS that crashes before the batch applying it is durable replays the journal when it
+    /// starts and applies the leave in its first batch.
+    pub fn leave(&self, member: MemberId) -> Result<LeaveOutcome, GcksError> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.command(GcksCommand::Leave {
+            member,
+            ticket: Reply::Leave(reply),
+        })?;
+        match answer.recv() {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(LeaveError::Poisoned(reason))) => Err(GcksError::Poisoned(reason)),
+            Ok(Err(error)) => Err(GcksError::Leave(error)),
+            Err(_) => Err(self.gone(DriverError::Gone)),
+        }
+    }
+
+    /// Submits several membership changes at once, in order, as if each were its own
+    /// [`Self::join`], [`Self::join_relay`] or [`Self::leave`]; the returned ticket collects
+    /// their answers.
+    pub fn apply(&self, changes: Vec<Change>) -> Result<ChangesTicket, GcksError> {
+        let count = changes.len();
+        let (reply, answers) = crossbeam_channel::bounded(count.max(1));
+        self.command(GcksCommand::Changes {
+            changes,
+            ticket: Reply::Changes(reply),
+        })?;
+        Ok(ChangesTicket { count, answers })
+    }
+
+    /// Applies the pending changes now (or refreshes the group key if there are none); a
+    /// failed batch waiting for its retry is retried now.
+    pub fn rekey_now(&self) -> Result<(), GcksError> {
+        self.command(GcksCommand::RekeyNow)
+    }
+
+    /// The GCKS's figures.
+    pub fn stats(&self) -> Result<GcksStats, GcksError> {
+        self.driver
+            .inspect(|endpoint, stats| gcks_stats(endpoint, stats))
+            .map_err(|e| self.gone(e))
+    }
+
+    /// The signed manifest of message `seq` and the chunk of the member whose leaf has order
+    /// key `order_key`: what a resync endpoint serves.
+    pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncAnswer, GcksError> {
+        self.driver
+            .inspect(move |endpoint, _| endpoint.resync_item(seq, order_key))
+            .map_err(|e| self.gone(e))
+    }
+
+    /// The latest signed manifest: a resync endpoint's state answer.
+    pub fn latest_manifest(&self) -> Result<Option<Vec<u8>>, GcksError> {
+        self.driver
+            .inspect(|endpoint, _| endpoint.latest_manifest())
+            .map_err(|e| self.gone(e))
+    }
+
+    /// The GCKS's events.
+    pub fn events(&self) -> &Receiver<GcksEvent> {
+        &self.events
+    }
+
+    /// Stops the engine: joins still waiting are answered [`JoinError::Stopped`], what the
+    /// sender has queued goes out, and the loop's thread is joined.
+    pub fn shutdown(mut self) -> Result<(), GcksError> {
+        let _ = self.driver.command(GcksCommand::Stop);
+        let result = self.driver.stop();
+        match (self.poisoned(), result) {
+            (Some(reason), _) => Err(GcksError::Poisoned(reason)),
+            (None, result) => result.map_err(GcksError::Driver),
+        }
+    }
+}
+
+/// The GCKS's storage: its state directory, or none (nothing is persisted; the endpoint then
+/// issues no store operation).
+enum GcksStore {
+    Memory,
+    Dir(GcksStorage),
+}
+
+impl Storage<GcksStoreOp> for GcksStore {
+    fn apply(&mut self, op: &GcksStoreOp) -> Result<(), StoreError> {
+        match self {
+            Self::Memory => Ok(()),
+            Self::Dir(storage) => storage.apply(op),
+        }
+    }
+}
+
+/// Routes the endpoint's answers to their callers and the rest to the product's channel.
+struct GcksSink {
+    events: ChannelSink<GcksEvent>,
+    poisoned: Arc<OnceLock<PoisonReason>>,
+}
+
+impl EventSink<EndpointEvent<Reply>> for GcksSink {
+    fn deliver(&mut self, event: EndpointEvent<Reply>) -> Delivery {
+        // A caller's channel has room for its answer (one per join or leave, one per change of
+        // a batch call); one that is gone no longer waits.
+        let event = match event {
+            EndpointEvent::JoinAnswered {
+                ticket,
+                part,
+                result,
+            } => {
+                match ticket {
+                    Reply::Join(reply) => drop(reply.try_send(result)),
+                    Reply::Changes(reply) => {
+                        drop(reply.try_send((part.unwrap_or(0), ChangeAnswer::Join(result))))
+                    }
+                    Reply::Leave(_) => {}
+                }
+                return Delivery::Delivered;
+            }
+            EndpointEvent::LeaveAnswered {
+                ticket,
+                part,
+                result,
+            } => {
+                match ticket {
+                    Reply::Leave(reply) => drop(reply.try_send(result)),
+                    Reply::Changes(reply) => {
+                        drop(reply.try_send((part.unwrap_or(0), ChangeAnswer::Leave(result))))
+                    }
+                    Reply::Join(_) => {}
+                }
+                return Delivery::Delivered;
+            }
+            EndpointEvent::Rekeyed {
+                seq,
+                joined,
+                left,
+                members,
+                chunks,
+                build_time,
+            } => GcksEvent::Rekeyed {
+                seq,
+                joined,
+                left,
+                members,
+                chunks,
+                build_time,
+            },
+            EndpointEvent::Queued { seq } => GcksEvent::Queued { seq },
+            EndpointEvent::Sent { seq } => GcksEvent::Sent { seq },
+            EndpointEvent::BatchFailed {
+                seq,
+                attempt,
+                reason,
+                detail,
+                retry_in,
+            } => GcksEvent::BatchFailed {
+                seq,
+                attempt,
+                reason,
+                detail,
+                retry_in,
+            },
+            EndpointEvent::Poisoned { reason } => {
+                let _ = self.poisoned.set(reason);
+                GcksEvent::Poisoned { reason }
+            }
+            _ => return Delivery::Delivered,
+        };
+        self.events.deliver(event)
+    }
+}
+
+/// The GCKS's figures: the endpoint's and the driver's.
+fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
+    let stats = endpoint.stats();
+    let lag = driver.lag;
+    GcksStats {
+        sender: stats.sender,
+        repair_orders: stats.repair_orders,
+        members: stats.members,
+        seq: stats.seq,
+        group_key_version: stats.group_key_version,
+        pending: stats.pending,
+        loop_lag_us: LagSummary {
+            p50: lag.p50,
+            p90: lag.p90,
+            p99: lag.p99,
+            max: lag.max,
+            count: lag.count,
+        },
+        datagrams_sent: driver.sent,
+        send_blocked: driver.send_blocked,
+        resync: driver.resync,
+        relays: stats.relays,
+    }
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
