@@ -71,6 +71,8 @@ impl<const N: usize> TimerTable<N> {
 }
 
 #[cfg(test)]
+// The test starts its virtual time at the process's present instant.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use std::time::Duration;
 
