@@ -571,3 +571,77 @@ fn unix_micros() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use super::*;
+
+    fn config(salt: u8) -> GcksConfig {
+        let pid = std::process::id();
+        let group = SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::new(239, 84, salt, pid as u8),
+            25_000 + (pid % 10_000) as u16 + u16::from(salt),
+        ));
+        let mut config = GcksConfig::loopback(group);
+        config.batch_interval = Duration::from_secs(3600);
+        config.admission_delay = Duration::ZERO;
+        config
+    }
+
+    #[test]
+    fn a_batch_of_changes_is_answered_change_by_change() {
+        let gcks = Gcks::start(config(1), SigningKey::from_bytes(&[8; 32])).unwrap();
+        let first = gcks.join(MemberId(3)).unwrap();
+        gcks.rekey_now().unwrap();
+        first
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        let ticket = gcks
+            .apply(vec![
+                Change::Join(MemberId(1)),
+                Change::JoinRelay(MemberId(2)),
+                Change::Leave(MemberId(3)),
+                Change::Join(MemberId(1)),
+                Change::Leave(MemberId(9)),
+            ])
+            .unwrap();
+        assert_eq!(ticket.len(), 5);
+        gcks.rekey_now().unwrap();
+        let answers = ticket.wait(Duration::from_secs(30)).expect("every answer");
+        assert!(matches!(&answers[0], ChangeAnswer::Join(Ok(b)) if b.first_seq == 2));
+        assert!(matches!(&answers[1], ChangeAnswer::Join(Ok(b)) if b.member == MemberId(2)));
+        assert!(matches!(
+            answers[2],
+            ChangeAnswer::Leave(Ok(LeaveOutcome::Revoked { durable: false }))
+        ));
+        assert!(matches!(
+            answers[3],
+            ChangeAnswer::Join(Err(JoinError::AlreadyJoining(MemberId(1))))
+        ));
+        assert!(matches!(
+            answers[4],
+            ChangeAnswer::Leave(Err(LeaveError::UnknownMember(MemberId(9))))
+        ));
+        let stats = gcks.stats().unwrap();
+        assert_eq!((stats.members, stats.relays, stats.seq), (2, 1, 2));
+        assert!(matches!(
+            gcks.leave(MemberId(9)),
+            Err(GcksError::Leave(LeaveError::UnknownMember(MemberId(9))))
+        ));
+        gcks.shutdown().unwrap();
+    }
+
+    #[test]
+    fn shutdown_answers_a_waiting_join() {
+        let gcks = Gcks::start(config(2), SigningKey::from_bytes(&[8; 32])).unwrap();
+        let waiting = gcks.join(MemberId(1)).unwrap();
+        gcks.shutdown().unwrap();
+        assert!(matches!(
+            waiting.recv_timeout(Duration::from_secs(10)),
+            Ok(Err(JoinError::Stopped))
+        ));
+    }
+}
