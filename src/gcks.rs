@@ -20,7 +20,9 @@ pub use rekeycast_proto::endpoint::gcks::{
 };
 
 pub use crate::engine::driver::FeedbackLimit;
-pub use crate::engine::gcks::{ChangeAnswer, ChangesTicket, Gcks, GcksError, GcksEvent};
+pub use crate::engine::gcks::{
+    ChangeAnswer, ChangesTicket, Gcks, GcksBuilder, GcksError, GcksEvent,
+};
 use crate::gsa::WrapAlgorithm;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::Degree;

@@ -446,6 +446,111 @@ impl Gcks {
     }
 }
 
+/// Builds a [`Gcks`] from production defaults ([`GcksConfig::new`]): set what differs, then
+/// [`GcksBuilder::start`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use rekeycast::engine::gcks::GcksBuilder;
+/// use rekeycast::io::socket::MulticastConfig;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let signing_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+/// let gcks = GcksBuilder::new(MulticastConfig::loopback_v4("239.1.2.4:7400".parse()?))
+///     .state_dir("/var/lib/rekeycast")
+///     .resync_tcp("0.0.0.0:7401".parse()?)
+///     .batch_interval(Duration::from_millis(500))
+///     .start(signing_key)?;
+/// # gcks.shutdown()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct GcksBuilder {
+    config: GcksConfig,
+}
+
+impl GcksBuilder {
+    /// A builder for a GCKS sending with the multicast settings `multicast`, with the
+    /// production defaults of [`GcksConfig::new`].
+    pub fn new(multicast: crate::io::socket::MulticastConfig) -> Self {
+        Self {
+            config: GcksConfig::new(multicast),
+        }
+    }
+
+    /// The group id and the SPI of its Rekey SA (default 1 and 1).
+    pub fn group(mut self, group_id: u32, spi: u32) -> Self {
+        self.config.group_id = group_id;
+        self.config.spi = spi;
+        self
+    }
+
+    /// The local address to send from and take feedback on.
+    pub fn bind(mut self, bind: SocketAddr) -> Self {
+        self.config.bind = bind;
+        self
+    }
+
+    /// The state directory (persisted, resumed from on start).
+    pub fn state_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Serves resync over TCP at `addr`.
+    pub fn resync_tcp(mut self, addr: SocketAddr) -> Self {
+        self.config.resync_tcp = Some(addr);
+        self
+    }
+
+    /// Serves resync over HTTP (and `/metrics`) at `addr`.
+    pub fn resync_http(mut self, addr: SocketAddr) -> Self {
+        self.config.resync_http = Some(addr);
+        self
+    }
+
+    /// The time between batches while changes are pending.
+    pub fn batch_interval(mut self, interval: Duration) -> Self {
+        self.config.batch_interval = interval;
+        self
+    }
+
+    /// The pending changes that make a batch due before the interval ends.
+    pub fn max_batch(mut self, changes: usize) -> Self {
+        self.config.max_batch = changes;
+        self
+    }
+
+    /// The admission delay ([`GcksConfig::admission_delay`]).
+    pub fn admission_delay(mut self, delay: Duration) -> Self {
+        self.config.admission_delay = delay;
+        self
+    }
+
+    /// Worker threads for batches (0: one per core).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// Any other setting, on the configuration itself.
+    pub fn configure(mut self, configure: impl FnOnce(&mut GcksConfig)) -> Self {
+        configure(&mut self.config);
+        self
+    }
+
+    /// The configuration built so far.
+    pub fn config(&self) -> &GcksConfig {
+        &self.config
+    }
+
+    /// Starts the GCKS ([`Gcks::start`]).
+    pub fn start(self, signing_key: SigningKey) -> Result<Gcks, GcksError> {
+        Gcks::start(self.config, signing_key)
+    }
+}
+
 /// The GCKS's storage: its state directory, or none (nothing is persisted; the endpoint then
 /// issues no store operation).
 enum GcksStore {
@@ -643,5 +748,29 @@ mod tests {
             waiting.recv_timeout(Duration::from_secs(10)),
             Ok(Err(JoinError::Stopped))
         ));
+    }
+
+    #[test]
+    fn the_builder_starts_from_production_defaults() {
+        let multicast =
+            crate::io::socket::MulticastConfig::loopback_v4("239.84.9.9:7400".parse().unwrap());
+        let builder = GcksBuilder::new(multicast.clone());
+        let config = builder.config();
+        assert_eq!(config.key_seed, None, "the operating system's RNG");
+        assert!(
+            config.feedback_limit.is_some(),
+            "feedback is rate-limited per source"
+        );
+        assert!(config.bind.ip().is_unspecified());
+        assert_eq!(config.multicast, multicast);
+        let loopback = GcksConfig::loopback(multicast.group);
+        assert_eq!(loopback.feedback_limit, None);
+        let built = GcksBuilder::new(multicast)
+            .state_dir("/tmp/x")
+            .batch_interval(Duration::from_millis(5))
+            .configure(|c| c.key_seed = Some(3));
+        assert_eq!(built.config().batch_interval, Duration::from_millis(5));
+        assert_eq!(built.config().key_seed, Some(3));
+        assert!(built.config().state_dir.is_some());
     }
 }
