@@ -22,6 +22,8 @@
 //! Time is always an argument: the same endpoint runs in real time under the engine's driver
 //! and in virtual time under the simulator.
 
+pub mod member;
+pub mod resync_policy;
 mod timer;
 
 use std::net::SocketAddr;
@@ -73,6 +75,17 @@ pub trait Job: Send + 'static {
     type Output: Send + 'static;
     /// Does the work.
     fn run(self) -> Self::Output;
+}
+
+/// The job of an endpoint that hands out none (a member): it has no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoJob {}
+
+impl Job for NoJob {
+    type Output = NoJob;
+    fn run(self) -> NoJob {
+        match self {}
+    }
 }
 
 /// Identifies one store operation, so its acknowledgement finds what waits for it.
@@ -242,6 +255,12 @@ pub trait Endpoint {
     fn poll_store(&mut self) -> Option<(StoreId, Self::StoreOp)>;
     /// The next fetch to perform.
     fn poll_fetch(&mut self) -> Option<FetchRequest>;
+    /// The next fetch to abandon before its end (its endpoint misbehaved and was dropped): the
+    /// driver closes its connection and reports nothing more of it. What a driver still
+    /// delivers of a cancelled fetch is ignored, so a driver may also let it run out.
+    fn poll_cancel_fetch(&mut self) -> Option<FetchId> {
+        None
+    }
     /// The next event for its owner.
     fn poll_event(&mut self) -> Option<Self::Event>;
     /// When [`Endpoint::handle_timeout`] must next be called.
