@@ -41,6 +41,7 @@ pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
 pub mod config;
 pub mod demo;
+pub mod engine;
 pub mod gcks;
 pub mod io;
 pub mod keyfile;

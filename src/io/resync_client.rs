@@ -1,5 +1,10 @@
-//! The member's side of resync: a small blocking client for the TCP and HTTP resync endpoints,
-//! run on its own thread so the member's event loop never waits on a connection.
+//! The asking side of resync: a small blocking client for the TCP and HTTP resync endpoints,
+//! run on a thread of its own so that an event loop never waits on a connection.
+//!
+//! [`fetch_streaming`] performs one [`FetchRequest`] of an endpoint (the driver's fetches):
+//! each item is handed on as it arrives, one deadline bounds the whole fetch and one byte cap
+//! everything read, and exactly one terminal item ends it. [`fetch_items`] and
+//! [`fetch_state`] gather a whole answer, each operation bounded by a timeout.
 //!
 //! It fetches, for each message the member lacks, the signed manifest and the member's chunk
 //! (about one datagram's worth per message), and hands them to the member's session, which
@@ -12,6 +17,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+use rekeycast_proto::endpoint::{
+    FetchFailure, FetchRequest, FetchWhat, Fetched as Item, ResyncProtocol,
+};
 
 use crate::resync::http::{LATEST_SEQ_HEADER, OLDEST_SEQ_HEADER};
 use crate::wire::frame::{FrameRepr, MAX_FRAME_LEN, PREFIX_LEN};
@@ -78,6 +87,18 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+    /// The whole fetch's deadline passed before it ended.
+    #[error("{endpoint}: the fetch's deadline passed")]
+    Deadline {
+        /// The endpoint.
+        endpoint: Endpoint,
+    },
+    /// The answer exceeded the fetch's byte cap.
+    #[error("{endpoint}: the answer exceeded the fetch's byte cap")]
+    TooLarge {
+        /// The endpoint.
+        endpoint: Endpoint,
+    },
     /// The endpoint refused: rate limited or overloaded (try later or elsewhere).
     #[error("{endpoint}: refused ({reason})")]
     Refused {
@@ -124,18 +145,23 @@ pub fn fetch_items_from(
     leaf: u32,
     timeout: Duration,
 ) -> Result<Fetched, ClientError> {
-    let dial = Dial { local, timeout };
-    match endpoint {
-        Endpoint::Tcp(addr) => tcp_fetch(endpoint, addr, group_id, from_seq, leaf, dial),
-        Endpoint::Http(addr) => http_fetch(endpoint, addr, group_id, from_seq, leaf, dial),
+    let dial = Dial::per_operation(local, timeout);
+    let mut fetched = Fetched::default();
+    let what = FetchWhat::Items { from_seq, leaf };
+    let end = fetch_core(&dial, endpoint, group_id, what, &mut |item| {
+        if let Item::Item { manifest, chunk } = item {
+            fetched.items.push((manifest, chunk));
+        }
+    })?;
+    match end {
+        Terminal::End => {}
+        Terminal::BeyondHistory => fetched.beyond_history = true,
+        // A hole in the endpoint's (a relay's) history: keep what came before it; with
+        // nothing, the next endpoint is asked.
+        Terminal::NotHeld if !fetched.items.is_empty() => fetched.not_held = true,
+        Terminal::NotHeld => return Err(refusal(endpoint, ErrorCode::NotHeld)),
     }
-}
-
-/// Where and how long to connect.
-#[derive(Debug, Clone, Copy)]
-struct Dial {
-    local: Option<IpAddr>,
-    timeout: Duration,
+    Ok(fetched)
 }
 
 /// Fetches the endpoint's latest signed manifest (its state answer).
@@ -154,59 +180,176 @@ pub fn fetch_state_from(
     group_id: u32,
     timeout: Duration,
 ) -> Result<Option<Vec<u8>>, ClientError> {
-    let dial = Dial { local, timeout };
-    match endpoint {
-        Endpoint::Tcp(addr) => {
-            let mut stream = connect(endpoint, addr, dial)?;
-            send_frame(endpoint, &mut stream, &FrameRepr::StateRequest { group_id })?;
-            let mut reader = FrameReader::default();
-            let frame = reader.next(endpoint, &mut stream)?;
-            match FrameRepr::parse(&frame).map_err(|e| protocol(endpoint, e))? {
-                FrameRepr::State { manifest, .. } => Ok(Some(manifest.to_vec())),
-                FrameRepr::Error {
-                    code: ErrorCode::NotYetSent,
-                    ..
-                } => Ok(None),
-                FrameRepr::Error { code, .. } => Err(refusal(endpoint, code)),
-                _ => Err(protocol(endpoint, "unexpected frame")),
-            }
+    let dial = Dial::per_operation(local, timeout);
+    let mut state = None;
+    fetch_core(&dial, endpoint, group_id, FetchWhat::State, &mut |item| {
+        if let Item::State(manifest) = item {
+            state = Some(manifest);
         }
-        Endpoint::Http(addr) => {
-            let path = format!("/v1/groups/{group_id}/state");
-            let mut stream = connect(endpoint, addr, dial)?;
-            match http_get(endpoint, &mut stream, addr, &path, true)? {
-                (200, body) => Ok(Some(body)),
-                (404, _) => Ok(None),
-                (status, _) => Err(http_refusal(endpoint, status)),
-            }
+    })?;
+    Ok(state)
+}
+
+/// Performs `request` from the local address `local` (`None`: the system chooses), handing
+/// each item to `deliver` as it arrives, then exactly one terminal item ([`Item::End`],
+/// [`Item::BeyondHistory`], [`Item::NotHeld`] or [`Item::Failed`]).
+///
+/// The request's `deadline` bounds the whole fetch (connect, request, every item) and its
+/// `max_bytes` every byte read; past either the fetch fails with [`FetchFailure::Deadline`] or
+/// [`FetchFailure::TooLarge`]. Items delivered before a failure stay delivered: the endpoint
+/// that asked verifies each on its own.
+pub fn fetch_streaming(
+    local: Option<IpAddr>,
+    request: &FetchRequest,
+    deliver: &mut dyn FnMut(Item),
+) {
+    let endpoint = match request.endpoint.protocol {
+        ResyncProtocol::Tcp => Endpoint::Tcp(request.endpoint.addr),
+        ResyncProtocol::Http => Endpoint::Http(request.endpoint.addr),
+    };
+    let dial = Dial {
+        local,
+        per_operation: None,
+        deadline: Some(request.deadline),
+        max_bytes: request.max_bytes,
+    };
+    let terminal = match fetch_core(&dial, endpoint, request.group_id, request.what, deliver) {
+        Ok(Terminal::End) => Item::End,
+        Ok(Terminal::BeyondHistory) => Item::BeyondHistory,
+        Ok(Terminal::NotHeld) => Item::NotHeld,
+        Err(error) => Item::Failed {
+            reason: error.failure(),
+        },
+    };
+    deliver(terminal);
+}
+
+impl ClientError {
+    /// The class of this error, as a fetch reports it.
+    pub fn failure(&self) -> FetchFailure {
+        match self {
+            Self::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                    FetchFailure::Deadline
+                }
+                _ => FetchFailure::Connection,
+            },
+            Self::Deadline { .. } => FetchFailure::Deadline,
+            Self::TooLarge { .. } => FetchFailure::TooLarge,
+            Self::Refused { .. } => FetchFailure::Refused,
+            Self::BadEndpoint(_) | Self::Protocol { .. } => FetchFailure::Malformed,
         }
     }
 }
 
-fn tcp_fetch(
-    endpoint: Endpoint,
-    addr: SocketAddr,
-    group_id: u32,
-    from_seq: u64,
-    leaf: u32,
-    dial: Dial,
-) -> Result<Fetched, ClientError> {
-    let mut stream = connect(endpoint, addr, dial)?;
-    let request = FrameRepr::ResyncRequest {
-        group_id,
-        from_seq,
-        leaf,
-    };
-    send_frame(endpoint, &mut stream, &request)?;
-    read_stream(endpoint, &mut stream)
+/// How a resync stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Terminal {
+    /// Everything up to the endpoint's latest message (or its state answer) was served.
+    End,
+    /// The messages asked for left the endpoint's history.
+    BeyondHistory,
+    /// The endpoint does not hold the next message asked for.
+    NotHeld,
 }
 
-/// Reads a resync stream (manifest and chunk frames, then an end or an error frame) to its end:
-/// the TCP endpoint's answer to a resync request, and the body of the HTTP endpoint's batched
-/// resync route.
-fn read_stream(endpoint: Endpoint, stream: &mut impl Read) -> Result<Fetched, ClientError> {
+/// Where to connect from, and what bounds the fetch.
+#[derive(Debug, Clone, Copy)]
+struct Dial {
+    local: Option<IpAddr>,
+    /// Bounds each connect, read and write.
+    per_operation: Option<Duration>,
+    /// Bounds the whole fetch.
+    deadline: Option<Instant>,
+    /// Bounds every byte read, in all.
+    max_bytes: usize,
+}
+
+impl Dial {
+    fn per_operation(local: Option<IpAddr>, timeout: Duration) -> Self {
+        Self {
+            local,
+            per_operation: Some(timeout),
+            deadline: None,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// One fetch of `what` from `endpoint`: each item to `deliver`, the way it ended returned.
+fn fetch_core(
+    dial: &Dial,
+    endpoint: Endpoint,
+    group_id: u32,
+    what: FetchWhat,
+    deliver: &mut dyn FnMut(Item),
+) -> Result<Terminal, ClientError> {
+    // One byte budget for every connection of the fetch (the per-message HTTP fallback opens
+    // a second one).
+    let mut budget = dial.max_bytes;
+    match (endpoint, what) {
+        (Endpoint::Tcp(addr), FetchWhat::State) => {
+            let mut stream = connect(endpoint, addr, dial, &mut budget)?;
+            send_frame(endpoint, &mut stream, &FrameRepr::StateRequest { group_id })?;
+            let mut reader = FrameReader::default();
+            let frame = reader.next(endpoint, &mut stream)?;
+            match FrameRepr::parse(&frame).map_err(|e| protocol(endpoint, e))? {
+                FrameRepr::State { manifest, .. } => {
+                    deliver(Item::State(manifest.to_vec()));
+                    Ok(Terminal::End)
+                }
+                FrameRepr::Error {
+                    code: ErrorCode::NotYetSent,
+                    ..
+                } => Ok(Terminal::End),
+                FrameRepr::Error { code, .. } => Err(refusal(endpoint, code)),
+                _ => Err(protocol(endpoint, "unexpected frame")),
+            }
+        }
+        (Endpoint::Http(addr), FetchWhat::State) => {
+            let path = format!("/v1/groups/{group_id}/state");
+            let mut stream = connect(endpoint, addr, dial, &mut budget)?;
+            match http_get(endpoint, &mut stream, addr, &path, true)? {
+                (200, body) => {
+                    deliver(Item::State(body));
+                    Ok(Terminal::End)
+                }
+                (404, _) => Ok(Terminal::End),
+                (status, _) => Err(http_refusal(endpoint, status)),
+            }
+        }
+        (Endpoint::Tcp(addr), FetchWhat::Items { from_seq, leaf }) => {
+            let mut stream = connect(endpoint, addr, dial, &mut budget)?;
+            let request = FrameRepr::ResyncRequest {
+                group_id,
+                from_seq,
+                leaf,
+            };
+            send_frame(endpoint, &mut stream, &request)?;
+            read_stream(endpoint, &mut stream, deliver)
+        }
+        (Endpoint::Http(addr), FetchWhat::Items { from_seq, leaf }) => {
+            let at = HttpFetch {
+                endpoint,
+                addr,
+                group_id,
+                from_seq,
+                leaf,
+            };
+            http_fetch(&at, dial, &mut budget, deliver)
+        }
+    }
+}
+
+/// Reads a resync stream (manifest and chunk frames, then an end or an error frame) to its end,
+/// handing each message to `deliver` as it completes: the TCP endpoint's answer to a resync
+/// request, and the body of the HTTP endpoint's batched resync route.
+fn read_stream(
+    endpoint: Endpoint,
+    stream: &mut impl Read,
+    deliver: &mut dyn FnMut(Item),
+) -> Result<Terminal, ClientError> {
     let mut reader = FrameReader::default();
-    let mut fetched = Fetched::default();
     let mut manifest: Option<(u64, Vec<u8>)> = None;
     // Bounded: a hostile endpoint cannot keep a member reading forever.
     for _ in 0..100_000 {
@@ -215,31 +358,26 @@ fn read_stream(endpoint: Endpoint, stream: &mut impl Read) -> Result<Fetched, Cl
             FrameRepr::Manifest { seq, manifest: m } => manifest = Some((seq, m.to_vec())),
             FrameRepr::Chunk { seq, chunk, .. } => match manifest.take() {
                 Some((manifest_seq, manifest)) if manifest_seq == seq => {
-                    fetched.items.push((manifest, chunk.to_vec()));
+                    deliver(Item::Item {
+                        manifest,
+                        chunk: chunk.to_vec(),
+                    });
                 }
                 _ => return Err(protocol(endpoint, "chunk without its manifest")),
             },
-            FrameRepr::End { .. } => return Ok(fetched),
+            FrameRepr::End { .. } => return Ok(Terminal::End),
             FrameRepr::Error {
                 code: ErrorCode::BeyondHistory,
                 ..
-            } => {
-                fetched.beyond_history = true;
-                return Ok(fetched);
-            }
+            } => return Ok(Terminal::BeyondHistory),
             FrameRepr::Error {
                 code: ErrorCode::NotYetSent,
                 ..
-            } => return Ok(fetched),
-            // A hole in the endpoint's (a relay's) history: keep what came before it; with
-            // nothing, the next endpoint is asked.
+            } => return Ok(Terminal::End),
             FrameRepr::Error {
                 code: ErrorCode::NotHeld,
                 ..
-            } if !fetched.items.is_empty() => {
-                fetched.not_held = true;
-                return Ok(fetched);
-            }
+            } => return Ok(Terminal::NotHeld),
             FrameRepr::Error { code, .. } => return Err(refusal(endpoint, code)),
             _ => return Err(protocol(endpoint, "unexpected frame")),
         }
@@ -247,34 +385,47 @@ fn read_stream(endpoint: Endpoint, stream: &mut impl Read) -> Result<Fetched, Cl
     Err(protocol(endpoint, "endless stream"))
 }
 
-/// The batched route: one request, one streamed response holding every message.
-fn http_fetch(
+/// What an HTTP resync fetch asks, and of whom.
+#[derive(Debug, Clone, Copy)]
+struct HttpFetch {
     endpoint: Endpoint,
     addr: SocketAddr,
     group_id: u32,
     from_seq: u64,
     leaf: u32,
-    dial: Dial,
-) -> Result<Fetched, ClientError> {
-    let io = |source| ClientError::Io { endpoint, source };
-    let mut stream = connect(endpoint, addr, dial)?;
+}
+
+/// The batched route: one request, one streamed response holding every message.
+fn http_fetch(
+    at: &HttpFetch,
+    dial: &Dial,
+    budget: &mut usize,
+    deliver: &mut dyn FnMut(Item),
+) -> Result<Terminal, ClientError> {
+    let HttpFetch {
+        endpoint,
+        addr,
+        group_id,
+        from_seq,
+        leaf,
+    } = *at;
+    let mut stream = connect(endpoint, addr, dial, budget)?;
     let path = format!("/v1/groups/{group_id}/resync?from={from_seq}&leaf={leaf}");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(io)?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|source| io_error(endpoint, source))?;
     let head = read_head(endpoint, &mut stream)?;
     let number = |name: &str| {
         head.header(name)
             .and_then(|value| value.trim().parse::<u64>().ok())
     };
-    match head.status {
+    let outcome = match head.status {
         200 => {
             if number(OLDEST_SEQ_HEADER).is_some_and(|oldest| oldest > from_seq) {
                 // The first messages wanted are not held: the member must re-register, and
                 // what follows them is of no use to it.
-                return Ok(Fetched {
-                    beyond_history: true,
-                    ..Fetched::default()
-                });
+                return Ok(Terminal::BeyondHistory);
             }
             let chunked = head
                 .header("transfer-encoding")
@@ -282,39 +433,50 @@ fn http_fetch(
             let length = number("content-length");
             let mut body = std::io::Cursor::new(head.rest).chain(&mut stream);
             if chunked {
-                read_stream(endpoint, &mut ChunkedBody::new(BufReader::new(body)))
+                read_stream(
+                    endpoint,
+                    &mut ChunkedBody::new(BufReader::new(body)),
+                    deliver,
+                )
             } else {
                 // Delimited by a length, or by the close.
                 match length {
-                    Some(length) => read_stream(endpoint, &mut body.take(length)),
-                    None => read_stream(endpoint, &mut body),
+                    Some(length) => read_stream(endpoint, &mut body.take(length), deliver),
+                    None => read_stream(endpoint, &mut body, deliver),
                 }
             }
         }
         // Nothing newer than what the member has.
-        404 if number(LATEST_SEQ_HEADER).is_some() => Ok(Fetched::default()),
+        404 if number(LATEST_SEQ_HEADER).is_some() => Ok(Terminal::End),
         // An endpoint that does not know the batched route (an older relay).
-        404 => http_fetch_per_message(endpoint, addr, group_id, from_seq, leaf, dial),
-        410 => Ok(Fetched {
-            beyond_history: true,
-            ..Fetched::default()
-        }),
+        404 => {
+            *budget = stream.budget;
+            drop(stream);
+            return http_fetch_per_message(at, dial, budget, deliver);
+        }
+        410 => Ok(Terminal::BeyondHistory),
         status => Err(http_refusal(endpoint, status)),
-    }
+    };
+    *budget = stream.budget;
+    outcome
 }
 
 /// The per-message routes, two requests per message on one keep-alive connection, for an
 /// endpoint without the batched route.
 fn http_fetch_per_message(
-    endpoint: Endpoint,
-    addr: SocketAddr,
-    group_id: u32,
-    from_seq: u64,
-    leaf: u32,
-    dial: Dial,
-) -> Result<Fetched, ClientError> {
-    let mut stream = connect(endpoint, addr, dial)?;
-    let mut fetched = Fetched::default();
+    at: &HttpFetch,
+    dial: &Dial,
+    budget: &mut usize,
+    deliver: &mut dyn FnMut(Item),
+) -> Result<Terminal, ClientError> {
+    let HttpFetch {
+        endpoint,
+        addr,
+        group_id,
+        from_seq,
+        leaf,
+    } = *at;
+    let mut stream = connect(endpoint, addr, dial, budget)?;
     // One keep-alive connection, two requests per message, until the endpoint has no more.
     for seq in from_seq..from_seq.saturating_add(100_000) {
         let base = format!("/v1/groups/{group_id}/rekeys/{seq}");
@@ -326,17 +488,10 @@ fn http_fetch_per_message(
             false,
         )? {
             (200, body) => body,
-            (404, _) => return Ok(fetched),
-            // A hole in the endpoint's (a relay's) history: keep what came before it; with
-            // nothing, the next endpoint is asked.
-            (421, _) if !fetched.items.is_empty() => {
-                fetched.not_held = true;
-                return Ok(fetched);
-            }
-            (410, _) => {
-                fetched.beyond_history = true;
-                return Ok(fetched);
-            }
+            (404, _) => return Ok(Terminal::End),
+            // A hole in the endpoint's (a relay's) history.
+            (421, _) => return Ok(Terminal::NotHeld),
+            (410, _) => return Ok(Terminal::BeyondHistory),
             (status, _) => return Err(http_refusal(endpoint, status)),
         };
         let chunk = match http_get(
@@ -347,21 +502,133 @@ fn http_fetch_per_message(
             false,
         )? {
             (200, body) => body,
-            (410, _) => {
-                fetched.beyond_history = true;
-                return Ok(fetched);
-            }
+            (410, _) => return Ok(Terminal::BeyondHistory),
             (status, _) => return Err(http_refusal(endpoint, status)),
         };
-        fetched.items.push((manifest, chunk));
+        deliver(Item::Item { manifest, chunk });
     }
-    Ok(fetched)
+    Ok(Terminal::End)
 }
 
-fn connect(endpoint: Endpoint, addr: SocketAddr, dial: Dial) -> Result<TcpStream, ClientError> {
-    let io = |source| ClientError::Io { endpoint, source };
+/// A connection to a resync endpoint that enforces the fetch's bounds on every read and
+/// write: the per-operation timeout, the whole fetch's deadline and its byte budget.
+struct Bounded {
+    stream: TcpStream,
+    per_operation: Option<Duration>,
+    deadline: Option<Instant>,
+    /// Bytes that may still be read.
+    budget: usize,
+}
+
+/// A fetch's bound was reached: carried inside the `std::io::Error` a read or write returns,
+/// so that it keeps its class through the readers stacked on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Exceeded {
+    #[error("the fetch's deadline passed")]
+    Deadline,
+    #[error("the fetch's byte cap was reached")]
+    Bytes,
+}
+
+impl Bounded {
+    /// The time the next operation may take.
+    fn timeout(&self) -> std::io::Result<Duration> {
+        operation_timeout(self.per_operation, self.deadline)
+    }
+}
+
+/// The time the next operation may take: the per-operation timeout, cut to what is left
+/// before the deadline; an error once the deadline has passed.
+fn operation_timeout(
+    per_operation: Option<Duration>,
+    deadline: Option<Instant>,
+) -> std::io::Result<Duration> {
+    let left = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+    let timeout = match (per_operation, left) {
+        (Some(op), Some(left)) => op.min(left),
+        (Some(op), None) => op,
+        (None, Some(left)) => left,
+        // Neither bound: a blocking read may wait an hour, no longer.
+        (None, None) => Duration::from_secs(3_600),
+    };
+    if timeout.is_zero() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            Exceeded::Deadline,
+        ));
+    }
+    Ok(timeout)
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.budget == 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                Exceeded::Bytes,
+            ));
+        }
+        let timeout = self.timeout()?;
+        self.stream.set_read_timeout(Some(timeout))?;
+        let want = buf.len().min(self.budget);
+        match self.stream.read(&mut buf[..want]) {
+            Ok(n) => {
+                self.budget -= n;
+                Ok(n)
+            }
+            Err(e) if is_timeout(&e) && self.deadline.is_some_and(|at| Instant::now() >= at) => {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    Exceeded::Deadline,
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let timeout = self.timeout()?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Whether `error` is a socket timeout (reported as `WouldBlock` on some systems).
+fn is_timeout(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    )
+}
+
+/// The [`ClientError`] of an I/O error, keeping a reached bound's class.
+fn io_error(endpoint: Endpoint, source: std::io::Error) -> ClientError {
+    match source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Exceeded>())
+    {
+        Some(Exceeded::Deadline) => ClientError::Deadline { endpoint },
+        Some(Exceeded::Bytes) => ClientError::TooLarge { endpoint },
+        None => ClientError::Io { endpoint, source },
+    }
+}
+
+fn connect(
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    dial: &Dial,
+    budget: &mut usize,
+) -> Result<Bounded, ClientError> {
+    let io = |source| io_error(endpoint, source);
+    let timeout = operation_timeout(dial.per_operation, dial.deadline).map_err(io)?;
     let stream = match dial.local {
-        None => TcpStream::connect_timeout(&addr, dial.timeout).map_err(io)?,
+        None => TcpStream::connect_timeout(&addr, timeout).map_err(io)?,
         Some(local) => {
             let socket = socket2::Socket::new(
                 socket2::Domain::for_address(addr),
@@ -370,28 +637,29 @@ fn connect(endpoint: Endpoint, addr: SocketAddr, dial: Dial) -> Result<TcpStream
             )
             .map_err(io)?;
             socket.bind(&SocketAddr::new(local, 0).into()).map_err(io)?;
-            socket
-                .connect_timeout(&addr.into(), dial.timeout)
-                .map_err(io)?;
+            socket.connect_timeout(&addr.into(), timeout).map_err(io)?;
             socket.into()
         }
     };
-    stream.set_read_timeout(Some(dial.timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(dial.timeout)).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
-    Ok(stream)
+    Ok(Bounded {
+        stream,
+        per_operation: dial.per_operation,
+        deadline: dial.deadline,
+        budget: *budget,
+    })
 }
 
 fn send_frame(
     endpoint: Endpoint,
-    stream: &mut TcpStream,
+    stream: &mut impl Write,
     frame: &FrameRepr<'_>,
 ) -> Result<(), ClientError> {
     let mut buf = vec![0u8; frame.buffer_len()];
     let len = frame.emit(&mut buf).map_err(|e| protocol(endpoint, e))?;
     stream
         .write_all(&buf[..len])
-        .map_err(|source| ClientError::Io { endpoint, source })
+        .map_err(|source| io_error(endpoint, source))
 }
 
 /// Reads whole frames off a stream, never buffering more than one maximal frame.
@@ -415,7 +683,7 @@ impl FrameReader {
             }
             let n = stream
                 .read(&mut chunk)
-                .map_err(|source| ClientError::Io { endpoint, source })?;
+                .map_err(|source| io_error(endpoint, source))?;
             if n == 0 {
                 return Err(protocol(endpoint, "connection closed mid-stream"));
             }
@@ -430,12 +698,12 @@ const MAX_HTTP_RESPONSE: usize = 256 * 1024;
 /// One GET on a keep-alive connection: returns the status and the body.
 fn http_get(
     endpoint: Endpoint,
-    stream: &mut TcpStream,
+    stream: &mut (impl Read + Write),
     addr: SocketAddr,
     path: &str,
     close: bool,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    let io = |source| ClientError::Io { endpoint, source };
+    let io = |source| io_error(endpoint, source);
     let connection = if close { "close" } else { "keep-alive" };
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: {connection}\r\n\r\n");
@@ -479,8 +747,8 @@ impl ResponseHead {
 }
 
 /// Reads a response head.
-fn read_head(endpoint: Endpoint, stream: &mut TcpStream) -> Result<ResponseHead, ClientError> {
-    let io = |source| ClientError::Io { endpoint, source };
+fn read_head(endpoint: Endpoint, stream: &mut impl Read) -> Result<ResponseHead, ClientError> {
+    let io = |source| io_error(endpoint, source);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4_096];
     let started = Instant::now();

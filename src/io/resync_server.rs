@@ -19,6 +19,8 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use rekeycast_proto::endpoint::ResyncProtocol;
+
 use crate::resync::connection::{AnyConnection, Counters};
 use crate::resync::http::HttpConnection;
 use crate::resync::limits::{Limits, RateLimiter};
@@ -45,6 +47,19 @@ pub struct EndpointCounters {
     pub closed: u64,
     /// Connections open now.
     pub open: u64,
+}
+
+/// A resync listener could not be bound or registered.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the resync {protocol:?} endpoint {addr}")]
+pub struct BindError {
+    /// The endpoint's protocol.
+    pub protocol: ResyncProtocol,
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// What the system said.
+    #[source]
+    pub source: std::io::Error,
 }
 
 struct Connection {
@@ -81,6 +96,7 @@ pub(crate) struct Endpoints {
 impl Endpoints {
     /// Binds the listeners (either may be absent) and registers them with `registry` under
     /// `tcp_token` and `http_token`; connections get tokens from `first_connection_token` up.
+    /// The error's message names the endpoint and its address.
     pub(crate) fn bind(
         registry: &Registry,
         tcp: Option<SocketAddr>,
@@ -88,22 +104,47 @@ impl Endpoints {
         tokens: (Token, Token, usize),
         limits: Limits,
     ) -> std::io::Result<Self> {
-        let bind = |addr: Option<SocketAddr>, token: Token, name: &str| -> std::io::Result<_> {
+        Self::try_bind(registry, tcp, http, tokens, limits).map_err(|error| {
+            let name = match error.protocol {
+                ResyncProtocol::Tcp => "TCP",
+                ResyncProtocol::Http => "HTTP",
+            };
+            // The kind stays; the message names the endpoint and its address.
+            std::io::Error::new(
+                error.source.kind(),
+                format!(
+                    "binding the resync {name} endpoint {}: {}",
+                    error.addr, error.source
+                ),
+            )
+        })
+    }
+
+    /// [`Endpoints::bind`] with a typed error: which listener failed, at which address.
+    pub(crate) fn try_bind(
+        registry: &Registry,
+        tcp: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        tokens: (Token, Token, usize),
+        limits: Limits,
+    ) -> Result<Self, BindError> {
+        let bind = |addr: Option<SocketAddr>, token: Token, protocol| {
             addr.map(|addr| {
-                let mut listener = TcpListener::bind(addr).map_err(|error| {
-                    // The kind stays; the message names the endpoint and its address.
-                    std::io::Error::new(
-                        error.kind(),
-                        format!("binding the resync {name} endpoint {addr}: {error}"),
-                    )
-                })?;
-                registry.register(&mut listener, token, Interest::READABLE)?;
+                let failed = |source| BindError {
+                    protocol,
+                    addr,
+                    source,
+                };
+                let mut listener = TcpListener::bind(addr).map_err(failed)?;
+                registry
+                    .register(&mut listener, token, Interest::READABLE)
+                    .map_err(failed)?;
                 Ok(listener)
             })
             .transpose()
         };
-        let tcp = bind(tcp, tokens.0, "TCP")?;
-        let http = bind(http, tokens.1, "HTTP")?;
+        let tcp = bind(tcp, tokens.0, ResyncProtocol::Tcp)?;
+        let http = bind(http, tokens.1, ResyncProtocol::Http)?;
         Ok(Self {
             tcp,
             http,

@@ -88,6 +88,15 @@ impl WorkerPool {
     }
 }
 
+impl WorkerPool {
+    /// Closes the pool without waiting for its threads: the queued jobs still run, and each
+    /// thread ends after the last. For a loop that must end at once.
+    pub fn detach(mut self) {
+        self.jobs = None;
+        self.threads.clear();
+    }
+}
+
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         // Closing the channel ends every worker's loop once the queued jobs are done.
