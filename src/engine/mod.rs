@@ -12,5 +12,7 @@
 pub mod driver;
 
 pub use driver::{
-    DriverConfig, DriverError, DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs,
+    bounded_events, ChannelSink, Control, Delivery, Driver, DriverConfig, DriverError,
+    DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs, LoopLag, ReceiveFilter,
+    SenderPort,
 };
