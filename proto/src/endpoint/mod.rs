@@ -23,6 +23,7 @@
 //! and in virtual time under the simulator.
 
 pub mod member;
+pub mod relay;
 pub mod resync_policy;
 mod timer;
 
@@ -50,7 +51,8 @@ pub enum Port {
 /// Where a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Destination {
-    /// The multicast group the port serves ([`Port::Serve`] only).
+    /// The port's multicast group: the group a [`Port::Serve`] socket serves, or for
+    /// [`Port::Feedback`] the listened group (NACKs in the multicast feedback mode).
     Group,
     /// One address.
     Unicast(SocketAddr),
