@@ -28,8 +28,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rekeycast_proto::endpoint::{ResyncEndpoint, ResyncProtocol};
 use rekeycast_nack::{AggregatorConfig, GrttConfig, ProactiveConfig};
+use rekeycast_proto::endpoint::{ResyncEndpoint, ResyncProtocol};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -2068,7 +2068,9 @@ mod tests {
         assert_eq!(engine.resync_tcp, Some("0.0.0.0:7412".parse().unwrap()));
         assert_eq!(engine.resync_limits.max_connections, 7);
         assert_eq!(
-            engine.feedback_limit.map(|limit| limit.datagrams_per_second),
+            engine
+                .feedback_limit
+                .map(|limit| limit.datagrams_per_second),
             Some(10.0)
         );
         assert_eq!(engine.state_dir, Some(PathBuf::from("/tmp/r")));

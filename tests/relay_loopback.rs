@@ -24,17 +24,17 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::mac::MacKey;
+use rekeycast::engine::driver::{FeedbackLimit, ReceiveFilter};
 use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, ResyncAnswer};
 use rekeycast::io::resync_client::{fetch_items, Endpoint};
 use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
-use rekeycast::engine::driver::{FeedbackLimit, ReceiveFilter};
 use rekeycast::relay::{Relay, RelayBuilder, RelayEngineConfig, RelayStats};
-use rekeycast::sim::LossModel;
-use rekeycast_proto::endpoint::{Port, ResyncEndpoint, ResyncProtocol};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::sim::Loss;
+use rekeycast::sim::LossModel;
 use rekeycast::wire::{BodyRepr, DatagramRepr, NackRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast_proto::endpoint::{Port, ResyncEndpoint, ResyncProtocol};
 
 /// The group id and SPI of [`GcksConfig::loopback`].
 const GROUP_ID: u32 = 1;

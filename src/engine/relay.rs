@@ -55,8 +55,8 @@ use rekeycast_proto::endpoint::resync_policy::{ResyncConfig, ResyncCounters};
 use rekeycast_proto::endpoint::{Port, Storage, StoreError, StoreErrorKind};
 
 use super::driver::{
-    bounded_events, Driver, DriverConfig, DriverError, DriverHandle, DriverStats,
-    FeedbackLimit, LoopLag, ReceiveFilter, SenderPort, DEFAULT_EVENT_CAPACITY,
+    bounded_events, Driver, DriverConfig, DriverError, DriverHandle, DriverStats, FeedbackLimit,
+    LoopLag, ReceiveFilter, SenderPort, DEFAULT_EVENT_CAPACITY,
 };
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
@@ -323,8 +323,7 @@ impl RelayBuilder {
             }
             None => None,
         };
-        let endpoint =
-            RelayEndpoint::new(bundle, self.config.endpoint_config(), Instant::now())?;
+        let endpoint = RelayEndpoint::new(bundle, self.config.endpoint_config(), Instant::now())?;
         self.spawn(endpoint, store)
     }
 
@@ -335,7 +334,8 @@ impl RelayBuilder {
     /// them from the next endpoint in their lists).
     pub fn resume(mut self, state_dir: &Path) -> Result<Relay, RelayEngineError> {
         self.config.state_dir = Some(state_dir.to_path_buf());
-        let (store, restored) = RelayStore::open(state_dir, self.config.session.downstream.history)?;
+        let (store, restored) =
+            RelayStore::open(state_dir, self.config.session.downstream.history)?;
         let restored =
             restored.ok_or_else(|| RelayEngineError::NothingToResume(state_dir.to_path_buf()))?;
         let endpoint = RelayEndpoint::resume(
@@ -443,9 +443,11 @@ impl Relay {
 
     /// The relay's figures.
     pub fn stats(&self) -> Result<RelayStats, RelayEngineError> {
-        Ok(self.driver.inspect(|endpoint: &mut RelayEndpoint, driver| {
-            RelayStats::of(&endpoint.stats(), driver)
-        })?)
+        Ok(self
+            .driver
+            .inspect(|endpoint: &mut RelayEndpoint, driver| {
+                RelayStats::of(&endpoint.stats(), driver)
+            })?)
     }
 
     /// Saves the keys (if they moved since the last save), closes the sockets and waits for
@@ -729,7 +731,10 @@ mod tests {
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let name = line.split_whitespace().nth(2).unwrap_or_default();
             assert!(names.insert(name.to_string()), "{name} twice");
-            assert!(text.contains(&format!("# HELP {name} ")), "{name} has no help");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no help"
+            );
         }
         assert!(text.contains("\nrekeycast_relay_next_seq 7\n"));
         assert!(text.contains("\nrekeycast_relay_oldest_held_seq 2\n"));

@@ -284,7 +284,9 @@ mod tests {
         assert!(restored.is_none());
         // Message 4 came by resync only: never stored.
         for message in messages.iter().filter(|m| m.seq() != 4) {
-            store.store_message(&StoredMessage::from_prepared(message)).unwrap();
+            store
+                .store_message(&StoredMessage::from_prepared(message))
+                .unwrap();
         }
         store.save_keys(receiver.keys()).unwrap();
         // The window of 4 keeps 3..=6.
@@ -309,9 +311,13 @@ mod tests {
         // A relay that died after storing message 4 and before saving the keys that applied it.
         let (later, _) = self::messages(4);
         for message in &messages {
-            store.store_message(&StoredMessage::from_prepared(message)).unwrap();
+            store
+                .store_message(&StoredMessage::from_prepared(message))
+                .unwrap();
         }
-        store.store_message(&StoredMessage::from_prepared(&later[3])).unwrap();
+        store
+            .store_message(&StoredMessage::from_prepared(&later[3]))
+            .unwrap();
         let (store, restored) = RelayStore::open(dir.path(), 8).unwrap();
         let restored = restored.unwrap();
         assert_eq!(seqs(&restored.messages), vec![1, 2, 3]);
@@ -326,7 +332,9 @@ mod tests {
         let state = dir.path().join("relay");
         let (messages, receiver) = messages(1);
         let (store, _) = RelayStore::open(&state, 8).unwrap();
-        store.store_message(&StoredMessage::from_prepared(&messages[0])).unwrap();
+        store
+            .store_message(&StoredMessage::from_prepared(&messages[0]))
+            .unwrap();
         // Messages without keys.
         let error = RelayStore::open(&state, 8).unwrap_err();
         assert!(matches!(error, RelayStoreError::MissingKeys(_)), "{error}");
@@ -373,6 +381,9 @@ mod tests {
             source: std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32),
         });
         let error = crate::persist::store_error(&full);
-        assert_eq!(error.kind, rekeycast_proto::endpoint::StoreErrorKind::NoSpace);
+        assert_eq!(
+            error.kind,
+            rekeycast_proto::endpoint::StoreErrorKind::NoSpace
+        );
     }
 }

@@ -295,10 +295,10 @@ fn a_forwarded_message_is_stored_before_the_keys_and_its_events_wait_for_both() 
     net.relay.handle_stored(net.now, keys_id, Ok(()));
     net.drain();
     assert_eq!(forwarded(&net.events), vec![1]);
-    assert!(net
-        .events
-        .iter()
-        .any(|e| matches!(e, RelayEvent::Upstream(ReceiverEvent::GroupKeyUpdated { seq: 1, .. }))));
+    assert!(net.events.iter().any(|e| matches!(
+        e,
+        RelayEvent::Upstream(ReceiverEvent::GroupKeyUpdated { seq: 1, .. })
+    )));
     // Served from its history.
     let source = net.relay.resync_source().unwrap();
     assert_eq!(source.latest().map(|(seq, _)| seq), Some(1));
@@ -332,7 +332,8 @@ fn failed_store_operations_are_counted_and_the_keys_saved_again_at_shutdown() {
     assert_eq!(forwarded(&net.events), vec![1]);
     assert!(net.relay.resync_source().unwrap().latest().is_some());
     // An acknowledgement nobody waits for changes nothing.
-    net.relay.handle_stored(net.now, StoreId(999), Err(failure()));
+    net.relay
+        .handle_stored(net.now, StoreId(999), Err(failure()));
     assert_eq!(net.relay.stats().store_failures, 1);
     // Shutdown tries the keys again and stops only once they are durable.
     net.stores.clear();
@@ -340,7 +341,11 @@ fn failed_store_operations_are_counted_and_the_keys_saved_again_at_shutdown() {
     assert!(!net.relay.is_stopped());
     net.drain();
     assert_eq!(net.saved_keys(), vec![1]);
-    assert_eq!(net.relay.poll_timeout(), None, "no timer while shutting down");
+    assert_eq!(
+        net.relay.poll_timeout(),
+        None,
+        "no timer while shutting down"
+    );
     let mut buf = vec![0u8; 65_536];
     net.relay
         .handle_datagram(net.now, Port::Serve, addr(9), &[0u8; 64]);
@@ -464,8 +469,5 @@ fn nacks_go_upstream_by_the_feedback_port_and_repair_downstream_by_the_serve_por
     assert!(net
         .transmits
         .contains(&(Port::Feedback, Destination::Unicast(gcks_addr()))));
-    assert!(net
-        .transmits
-        .iter()
-        .all(|(port, _)| *port != Port::Listen));
+    assert!(net.transmits.iter().all(|(port, _)| *port != Port::Listen));
 }
