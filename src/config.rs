@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rekeycast_nack::{AggregatorConfig, GrttConfig, ProactiveConfig};
+use rekeycast_proto::endpoint::{ResyncEndpoint, ResyncProtocol};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -979,15 +980,32 @@ impl RelayConfig {
         engine.downstream = downstream;
         engine.downstream_bind = down.feedback_listen;
         engine.session = self.session_config();
-        engine.upstream_resync = self.upstream_resync_endpoints()?;
-        engine.resync_timeout = Duration::from_millis(up.resync_timeout_ms);
-        engine.resync_max_delay = Duration::from_millis(up.resync_max_delay_ms);
-        engine.resync_attempts = up.resync_attempts;
+        // One list, tried in order: the relay's resync policy asks its `gcks` endpoints in
+        // the order given.
+        engine.resync.gcks = self
+            .upstream_resync_endpoints()?
+            .into_iter()
+            .map(|endpoint| match endpoint {
+                crate::io::resync_client::Endpoint::Tcp(addr) => ResyncEndpoint {
+                    protocol: ResyncProtocol::Tcp,
+                    addr,
+                },
+                crate::io::resync_client::Endpoint::Http(addr) => ResyncEndpoint {
+                    protocol: ResyncProtocol::Http,
+                    addr,
+                },
+            })
+            .collect();
+        engine.resync.fetch_timeout = Duration::from_millis(up.resync_timeout_ms);
+        engine.resync.max_spread = Duration::from_millis(up.resync_max_delay_ms);
+        engine.resync.rounds = up.resync_attempts;
         engine.resync_tcp = self.resync.tcp_listen;
         engine.resync_http = self.resync.http_listen;
         engine.resync_limits = self.resync.limits();
-        engine.downstream_datagrams_per_second = down.datagrams_per_second_per_source;
-        engine.downstream_burst = down.burst_per_source;
+        engine.feedback_limit = Some(crate::engine::driver::FeedbackLimit {
+            datagrams_per_second: down.datagrams_per_second_per_source,
+            burst: down.burst_per_source,
+        });
         engine.state_dir = Some(self.state_dir.clone());
         Ok(engine)
     }
@@ -2041,14 +2059,20 @@ mod tests {
         assert_eq!(engine.session.downstream_group_size, Some(50));
         assert!(!engine.session.cut_through);
         assert_eq!(
-            engine.upstream_resync,
-            vec![crate::io::resync_client::Endpoint::Tcp(
-                "198.18.0.1:7402".parse().unwrap()
-            )]
+            engine.resync.gcks,
+            vec![ResyncEndpoint {
+                protocol: ResyncProtocol::Tcp,
+                addr: "198.18.0.1:7402".parse().unwrap()
+            }]
         );
         assert_eq!(engine.resync_tcp, Some("0.0.0.0:7412".parse().unwrap()));
         assert_eq!(engine.resync_limits.max_connections, 7);
-        assert_eq!(engine.downstream_datagrams_per_second, 10.0);
+        assert_eq!(
+            engine
+                .feedback_limit
+                .map(|limit| limit.datagrams_per_second),
+            Some(10.0)
+        );
         assert_eq!(engine.state_dir, Some(PathBuf::from("/tmp/r")));
         assert_eq!(engine.downstream.group, relay.downstream.multicast);
         assert_eq!(engine.upstream.group, relay.upstream.multicast);

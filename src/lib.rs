@@ -39,6 +39,8 @@
 
 pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
+pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};
+
 pub mod config;
 pub mod demo;
 pub mod engine;

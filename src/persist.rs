@@ -13,8 +13,33 @@ use std::path::Path;
 
 use zeroize::Zeroize;
 
+use rekeycast_proto::endpoint::{StoreError, StoreErrorKind};
+
 use crate::lkh::SnapshotError;
 use crate::lkh::{member_state, snapshot, KeyRng, KeyTree, MemberKeys, MemberStateError};
+
+/// The endpoint contract's form of a storage failure: [`StoreErrorKind::NoSpace`] when an I/O
+/// error in `error`'s chain says the device is full or over quota, else
+/// [`StoreErrorKind::Io`]; the detail is the whole chain.
+pub fn store_error(error: &(dyn std::error::Error + 'static)) -> StoreError {
+    let mut kind = StoreErrorKind::Io;
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let full = [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT]
+                .iter()
+                .any(|errno| io.raw_os_error() == Some(*errno as i32));
+            if full {
+                kind = StoreErrorKind::NoSpace;
+            }
+        }
+        source = cause.source();
+    }
+    StoreError {
+        kind,
+        detail: crate::report::Chain(error).to_string(),
+    }
+}
 
 /// Writes `magic`, the BLAKE3 hash of `body` and `body` to `path` durably: a temporary file
 /// (mode 0600) beside it, fsync, rename, fsync of the directory. A crash leaves the old file

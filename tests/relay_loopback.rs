@@ -24,14 +24,17 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::mac::MacKey;
+use rekeycast::engine::driver::{FeedbackLimit, ReceiveFilter};
 use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, ResyncAnswer};
 use rekeycast::io::resync_client::{fetch_items, Endpoint};
 use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
-use rekeycast::relay::{Relay, RelayEngineConfig, RelayStats};
+use rekeycast::relay::{Relay, RelayBuilder, RelayEngineConfig, RelayStats};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::sim::Loss;
+use rekeycast::sim::LossModel;
 use rekeycast::wire::{BodyRepr, DatagramRepr, NackRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast_proto::endpoint::{Port, ResyncEndpoint, ResyncProtocol};
 
 /// The group id and SPI of [`GcksConfig::loopback`].
 const GROUP_ID: u32 = 1;
@@ -106,9 +109,12 @@ fn wait_sent(gcks: &Gcks, seq: u64) {
 
 fn relay_config(gcks: &Gcks, up: SocketAddr, down: SocketAddr) -> RelayEngineConfig {
     let mut config = RelayEngineConfig::loopback(up, gcks.local_addr(), down);
-    config.upstream_resync = vec![Endpoint::Tcp(gcks.resync_addrs().0.unwrap())];
-    config.resync_max_delay = Duration::from_millis(100);
-    config.resync_timeout = Duration::from_secs(2);
+    config.resync.gcks = vec![ResyncEndpoint {
+        protocol: ResyncProtocol::Tcp,
+        addr: gcks.resync_addrs().0.unwrap(),
+    }];
+    config.resync.max_spread = Duration::from_millis(100);
+    config.resync.fetch_timeout = Duration::from_secs(2);
     config.resync_tcp = Some(localhost());
     config.resync_http = Some(localhost());
     // Heartbeats well inside the members' silence timeout, so only a dead relay is silent.
@@ -116,6 +122,14 @@ fn relay_config(gcks: &Gcks, up: SocketAddr, down: SocketAddr) -> RelayEngineCon
     config.session.upstream.state_check_interval = Duration::from_millis(200);
     config.session.upstream.scheduler.seed = 5;
     config
+}
+
+/// Drops each upstream group datagram with probability `p` (seeded): simulated loss on the
+/// relay's upstream tier.
+fn upstream_loss(p: f64, seed: u64) -> ReceiveFilter {
+    let mut model = LossModel::new(Loss::Bernoulli { p }).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Box::new(move |port, _, _| port != Port::Listen || !model.lose(&mut rng))
 }
 
 /// A member behind `relay`: its feedback goes to the relay, it resyncs from the relay, then
@@ -197,14 +211,14 @@ fn assert_current(members: &[(u64, Member)], gcks: &Gcks) {
 fn relay_and_members(
     gcks: &Gcks,
     down: SocketAddr,
-    relay_config: RelayEngineConfig,
+    relay: RelayBuilder,
     count: u64,
     loss: Option<f64>,
 ) -> (Relay, Vec<(u64, Member)>) {
     let mut ids = vec![RELAY_ID];
     ids.extend(1..=count);
     let mut bundles = admit(gcks, &ids).into_iter();
-    let relay = Relay::start(&bundles.next().unwrap(), relay_config).unwrap();
+    let relay = relay.start(&bundles.next().unwrap()).unwrap();
     let members = bundles
         .zip(1..)
         .map(|(bundle, id)| {
@@ -226,9 +240,9 @@ fn members_behind_a_relay_stay_current_through_churn_and_loss() {
     let (up, down) = (group(1, 0), group(1, 1));
     let gcks = start_gcks(up);
     let mut config = relay_config(&gcks, up, down);
-    config.simulated_loss = Some((Loss::Bernoulli { p: 0.05 }, 77));
     config.session.downstream_group_size = Some(16);
-    let (relay, mut members) = relay_and_members(&gcks, down, config, 14, Some(0.05));
+    let relay = Relay::builder(config).receive_filter(upstream_loss(0.05, 77));
+    let (relay, mut members) = relay_and_members(&gcks, down, relay, 14, Some(0.05));
     wait_sent(&gcks, 1);
     wait_members(&members, 1, Duration::from_secs(20));
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -313,7 +327,7 @@ fn relay_kill_members_resync_from_gcks() {
     // half forwarded.
     let gcks = start_gcks_pacing(up, 20.0);
     let config = relay_config(&gcks, up, down);
-    let (relay, members) = relay_and_members(&gcks, down, config, 12, None);
+    let (relay, members) = relay_and_members(&gcks, down, Relay::builder(config), 12, None);
     wait_sent(&gcks, 1);
     wait_members(&members, 1, Duration::from_secs(20));
     gcks.rekey_now().unwrap();
@@ -621,7 +635,7 @@ fn forged_upstream_datagrams_are_counted_and_never_forwarded() {
     let (up, down) = (group(4, 0), group(4, 1));
     let gcks = start_gcks(up);
     let config = relay_config(&gcks, up, down);
-    let (relay, members) = relay_and_members(&gcks, down, config, 3, None);
+    let (relay, members) = relay_and_members(&gcks, down, Relay::builder(config), 3, None);
     wait_sent(&gcks, 1);
     wait_members(&members, 1, Duration::from_secs(20));
     let before = wait_relay(&relay, 1);
@@ -737,8 +751,10 @@ fn a_downstream_flood_is_rate_limited_per_source() {
     let (up, down) = (group(5, 0), group(5, 1));
     let gcks = start_gcks(up);
     let mut config = relay_config(&gcks, up, down);
-    config.downstream_datagrams_per_second = 10.0;
-    config.downstream_burst = 20;
+    config.feedback_limit = Some(FeedbackLimit {
+        datagrams_per_second: 10.0,
+        burst: 20,
+    });
     let bundle = admit(&gcks, &[RELAY_ID]).pop().unwrap();
     let relay = Relay::start(&bundle, config).unwrap();
     wait_sent(&gcks, 1);

@@ -60,6 +60,7 @@ use std::time::Instant;
 
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
+use crate::endpoint::resync_policy::ResyncEvent;
 use crate::lkh::{MemberKeys, RegistrationBundle};
 use crate::resync::{Lookup, ResyncSource};
 use crate::session::receiver::{ResyncError, Scope, StateVerdict};
@@ -170,6 +171,10 @@ pub enum RelayEvent {
     Upstream(ReceiverEvent),
     /// What the downstream side said (initial transmissions done, messages retired).
     Downstream(SenderEvent),
+    /// How the relay's own resync with its upstream endpoints went: raised by the relay
+    /// endpoint's resync policy ([`crate::endpoint::relay::RelayEndpoint`]), never by the
+    /// session itself.
+    Resync(ResyncEvent),
 }
 
 /// Why a relay cannot start.

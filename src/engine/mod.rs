@@ -17,3 +17,6 @@ pub use driver::{
     DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs, LoopLag, ReceiveFilter,
     SenderPort,
 };
+
+pub mod relay;
+pub use relay::{Relay, RelayBuilder, RelayEngineConfig, RelayEngineError, RelayStats};

@@ -3,12 +3,12 @@
 //!
 //! Everything else in the crate is sans-IO and is driven from here: the UDP multicast sockets
 //! ([`socket`]), the worker pool for CPU-heavy work ([`workers`]), and the mio event loops of
-//! the GCKS ([`crate::gcks::Gcks`]), of a member ([`crate::member::Member`]) and of a relay
-//! ([`crate::relay::Relay`]), which own the sockets and drive the sans-IO sessions over them.
+//! the GCKS ([`crate::gcks::Gcks`]) and of a member ([`crate::member::Member`]), which own the
+//! sockets and drive the sans-IO sessions over them. A relay runs on [`crate::engine`]'s
+//! driver.
 
 pub(crate) mod handle;
 pub(crate) mod member_loop;
-pub(crate) mod relay_loop;
 pub mod resync_client;
 pub mod resync_server;
 pub mod socket;

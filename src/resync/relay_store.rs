@@ -10,9 +10,10 @@
 //!                                    format (see [`super::store`]), mode 0600
 //! ```
 //!
-//! The driver stores each message the moment the relay forwards it
-//! ([`RelayStore::store_message`]) and saves the keys after every applied message
-//! ([`RelayStore::save_keys`]), each durably (temporary file, fsync, rename, fsync of the
+//! The relay endpoint asks for each message to be stored the moment the relay forwards it
+//! ([`RelayStoreOp::Message`], [`RelayStore::store_message`]) and for the keys to be saved
+//! after the messages it applied ([`RelayStoreOp::Keys`], [`RelayStore::save_keys`]); the
+//! driver applies both through this store's [`Storage`] implementation, each durably (temporary file, fsync, rename, fsync of the
 //! directory). On open, message files newer than the saved keys (the relay died between the
 //! two writes) are discarded: the relay resumes at its keys and gets the rest by resync, and a
 //! missing message is a gap its endpoints answer "not held" for, never a wrong answer. Files
@@ -22,6 +23,9 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use rekeycast_proto::endpoint::relay::RelayStoreOp;
+use rekeycast_proto::endpoint::{Storage, StoreError as OpError};
 
 use super::store::{
     create_private_dir, list_message_seqs, message_file_name, read_message_file,
@@ -148,9 +152,8 @@ impl RelayStore {
 
     /// Stores a forwarded message durably (mode 0600) and removes the files that left the
     /// history window.
-    pub fn store_message(&self, message: &PreparedMessage) -> Result<(), RelayStoreError> {
-        let stored = StoredMessage::from_prepared(message);
-        write_message_file(&self.message_path(stored.seq), &stored)?;
+    pub fn store_message(&self, stored: &StoredMessage) -> Result<(), RelayStoreError> {
+        write_message_file(&self.message_path(stored.seq), stored)?;
         for seq in list_message_seqs(&self.messages_dir())? {
             if seq + (self.history as u64) <= stored.seq {
                 self.remove(seq)?;
@@ -192,6 +195,17 @@ impl RelayStore {
                 source,
             })
         })
+    }
+}
+
+/// The relay endpoint's store operations, applied to the state directory.
+impl Storage<RelayStoreOp> for RelayStore {
+    fn apply(&mut self, op: &RelayStoreOp) -> Result<(), OpError> {
+        let result = match op {
+            RelayStoreOp::Message(message) => self.store_message(message),
+            RelayStoreOp::Keys(keys) => self.save_keys(keys),
+        };
+        result.map_err(|error| crate::persist::store_error(&error))
     }
 }
 
@@ -270,7 +284,9 @@ mod tests {
         assert!(restored.is_none());
         // Message 4 came by resync only: never stored.
         for message in messages.iter().filter(|m| m.seq() != 4) {
-            store.store_message(message).unwrap();
+            store
+                .store_message(&StoredMessage::from_prepared(message))
+                .unwrap();
         }
         store.save_keys(receiver.keys()).unwrap();
         // The window of 4 keeps 3..=6.
@@ -295,9 +311,13 @@ mod tests {
         // A relay that died after storing message 4 and before saving the keys that applied it.
         let (later, _) = self::messages(4);
         for message in &messages {
-            store.store_message(message).unwrap();
+            store
+                .store_message(&StoredMessage::from_prepared(message))
+                .unwrap();
         }
-        store.store_message(&later[3]).unwrap();
+        store
+            .store_message(&StoredMessage::from_prepared(&later[3]))
+            .unwrap();
         let (store, restored) = RelayStore::open(dir.path(), 8).unwrap();
         let restored = restored.unwrap();
         assert_eq!(seqs(&restored.messages), vec![1, 2, 3]);
@@ -312,7 +332,9 @@ mod tests {
         let state = dir.path().join("relay");
         let (messages, receiver) = messages(1);
         let (store, _) = RelayStore::open(&state, 8).unwrap();
-        store.store_message(&messages[0]).unwrap();
+        store
+            .store_message(&StoredMessage::from_prepared(&messages[0]))
+            .unwrap();
         // Messages without keys.
         let error = RelayStore::open(&state, 8).unwrap_err();
         assert!(matches!(error, RelayStoreError::MissingKeys(_)), "{error}");
@@ -329,5 +351,39 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let error = RelayStore::open(&state, 8).unwrap_err();
         assert!(matches!(error, RelayStoreError::Keys { .. }), "{error}");
+    }
+
+    #[test]
+    fn store_operations_are_applied_durably_and_their_failures_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let (messages, receiver) = messages(2);
+        let (mut store, _) = RelayStore::open(dir.path(), 8).unwrap();
+        for message in &messages {
+            let op = RelayStoreOp::Message(StoredMessage::from_prepared(message));
+            store.apply(&op).unwrap();
+        }
+        let keys = Box::new(receiver.keys().clone());
+        store.apply(&RelayStoreOp::Keys(keys.clone())).unwrap();
+        let (_, restored) = RelayStore::open(dir.path(), 8).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.keys.last_seq(), 2);
+        assert_eq!(seqs(&restored.messages), vec![1, 2]);
+        // The messages directory gone: an I/O failure, named with its path.
+        fs::remove_dir_all(dir.path().join(MESSAGES_DIR)).unwrap();
+        let op = RelayStoreOp::Message(StoredMessage::from_prepared(&messages[0]));
+        let error = store.apply(&op).unwrap_err();
+        assert_eq!(error.kind, rekeycast_proto::endpoint::StoreErrorKind::Io);
+        assert!(error.detail.contains("messages"), "{}", error.detail);
+        // A full device anywhere in the chain is worth retrying later.
+        let full = RelayStoreError::Store(StoreError::Io {
+            action: "write",
+            path: dir.path().join("x"),
+            source: std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32),
+        });
+        let error = crate::persist::store_error(&full);
+        assert_eq!(
+            error.kind,
+            rekeycast_proto::endpoint::StoreErrorKind::NoSpace
+        );
     }
 }

@@ -25,6 +25,9 @@
 //! and in virtual time under the simulator.
 
 pub mod gcks;
+pub mod member;
+pub mod relay;
+pub mod resync_policy;
 mod timer;
 
 use std::net::SocketAddr;
@@ -51,7 +54,8 @@ pub enum Port {
 /// Where a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Destination {
-    /// The multicast group the port serves ([`Port::Serve`] only).
+    /// The port's multicast group: the group a [`Port::Serve`] socket serves, or for
+    /// [`Port::Feedback`] the listened group (NACKs in the multicast feedback mode).
     Group,
     /// One address.
     Unicast(SocketAddr),
@@ -76,6 +80,17 @@ pub trait Job: Send + 'static {
     type Output: Send + 'static;
     /// Does the work.
     fn run(self) -> Self::Output;
+}
+
+/// The job of an endpoint that hands out none (a member): it has no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoJob {}
+
+impl Job for NoJob {
+    type Output = NoJob;
+    fn run(self) -> NoJob {
+        match self {}
+    }
 }
 
 /// Identifies one store operation, so its acknowledgement finds what waits for it.
@@ -245,6 +260,12 @@ pub trait Endpoint {
     fn poll_store(&mut self) -> Option<(StoreId, Self::StoreOp)>;
     /// The next fetch to perform.
     fn poll_fetch(&mut self) -> Option<FetchRequest>;
+    /// The next fetch to abandon before its end (its endpoint misbehaved and was dropped): the
+    /// driver closes its connection and reports nothing more of it. What a driver still
+    /// delivers of a cancelled fetch is ignored, so a driver may also let it run out.
+    fn poll_cancel_fetch(&mut self) -> Option<FetchId> {
+        None
+    }
     /// The next event for its owner.
     fn poll_event(&mut self) -> Option<Self::Event>;
     /// When [`Endpoint::handle_timeout`] must next be called.

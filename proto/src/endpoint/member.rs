@@ -1,0 +1,463 @@
+//! The member endpoint: one group member's rekey receiver as a sans-IO [`Endpoint`].
+//!
+//! [`MemberEndpoint`] owns a [`ReceiverSession`] and everything a member decides around it:
+//!
+//! - it feeds the session every datagram, sends its NACKs and probe replies, and calls it at
+//!   its deadlines;
+//! - it acts on the session's out-of-sync and state-check events through the one
+//!   [`ResyncPolicy`] (which endpoint, in which order, spread, backoff, streamed verification),
+//!   handing the driver [`FetchRequest`]s and applying what they stream back item by item;
+//! - with key persistence on, it hands the driver a [`MemberStoreOp::SaveKeys`] after every
+//!   applied message and holds that message's events until the save is acknowledged, so the
+//!   keys are durable before the product hears of them;
+//! - it answers its owner's commands: resync items and state answers the product fetched
+//!   itself, a beyond-history verdict, a group-size estimate, its figures, stop.
+//!
+//! It owns no socket, clock, thread, file or entropy source: the time is an argument and its
+//! random delays come from the seeded generator it is given.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use zeroize::Zeroizing;
+
+use super::resync_policy::{ResyncConfig, ResyncCounters, ResyncEvent, ResyncPolicy};
+use super::{
+    Destination, Endpoint, FetchId, FetchRequest, Fetched, NoJob, Port, StoreError, StoreId,
+    Transmit,
+};
+use crate::auth::datagram::DatagramCounters;
+use crate::auth::message::MessageCounters;
+use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::session::receiver::{ResyncError, StateVerdict};
+use crate::session::{
+    ConfigError, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+};
+
+/// Configuration of a [`MemberEndpoint`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberEndpointConfig {
+    /// The multicast group's address: where NACKs go in the multicast feedback mode.
+    pub group: SocketAddr,
+    /// The receiver session's configuration; its `feedback_addr` is the GCKS's (or relay's).
+    pub receiver: ReceiverConfig,
+    /// The resync policy's configuration: its endpoints (none: the product resyncs the
+    /// member itself, after [`ReceiverEvent::OutOfSync`] and
+    /// [`ReceiverEvent::StateCheckNeeded`]), deadlines, caps, spreading and backoff.
+    pub resync: ResyncConfig,
+    /// Whether the member's keys are saved ([`MemberStoreOp::SaveKeys`]) after every applied
+    /// message, before its events are released.
+    pub persist_keys: bool,
+}
+
+impl MemberEndpointConfig {
+    /// A member of the group at `group` sending its feedback to `feedback`, with the default
+    /// receiver and resync settings, no resync endpoint and no persistence.
+    pub fn new(group: SocketAddr, feedback: SocketAddr) -> Self {
+        Self {
+            group,
+            receiver: ReceiverConfig::new(feedback),
+            resync: ResyncConfig::default(),
+            persist_keys: false,
+        }
+    }
+}
+
+/// Where a command's answer goes: called once with it, on the driver's thread.
+pub type Reply<T> = Box<dyn FnOnce(T) + Send>;
+
+/// What a member's owner asks of it.
+#[non_exhaustive]
+pub enum MemberCommand {
+    /// Resync items the owner fetched itself, in sequence order from the member's next
+    /// message: each a signed manifest and the member's chunk. Verified like multicast
+    /// traffic; the reply is the last sequence number applied, or the first refusal.
+    Resync {
+        /// The (manifest, chunk) pairs.
+        items: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Gets the outcome.
+        reply: Reply<Result<u64, ResyncError>>,
+    },
+    /// A resync endpoint's state answer the owner fetched itself (its latest signed
+    /// manifest).
+    StateAnswer {
+        /// The signed manifest.
+        manifest: Vec<u8>,
+        /// Gets the verdict.
+        reply: Reply<Result<StateVerdict, ResyncError>>,
+    },
+    /// A resync endpoint said the member's messages left its history: it must re-register.
+    BeyondHistory,
+    /// An estimate of the group's size, for the resync policy's spreading and backoff.
+    GroupSize(u32),
+    /// The member's figures.
+    Figures(Reply<MemberFigures>),
+    /// Stop: the keys applied since the last save are saved first.
+    Stop,
+}
+
+impl std::fmt::Debug for MemberCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Resync { items, .. } => write!(f, "Resync({} items)", items.len()),
+            Self::StateAnswer { .. } => f.write_str("StateAnswer"),
+            Self::BeyondHistory => f.write_str("BeyondHistory"),
+            Self::GroupSize(size) => write!(f, "GroupSize({size})"),
+            Self::Figures(_) => f.write_str("Figures"),
+            Self::Stop => f.write_str("Stop"),
+        }
+    }
+}
+
+/// What a member needs made durable.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum MemberStoreOp {
+    /// Replace the saved keys with these: the body of a member state file
+    /// ([`MemberKeys::state_body`]; the driver adds the magic number and checksum, and
+    /// [`MemberKeys::from_state_bytes`] reads the whole back).
+    SaveKeys {
+        /// The last message the keys applied.
+        last_seq: u64,
+        /// The encoded keys (zeroized on drop).
+        body: Zeroizing<Vec<u8>>,
+    },
+}
+
+/// A snapshot of what a member endpoint counts and knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberFigures {
+    /// The session's counters.
+    pub receiver: ReceiverCounters,
+    /// Header, MAC and window rejections.
+    pub datagrams: DatagramCounters,
+    /// Signature checks made and failed.
+    pub messages: MessageCounters,
+    /// Datagrams handed to the endpoint.
+    pub datagrams_handled: u64,
+    /// The next message the member needs.
+    pub next_seq: u64,
+    /// The order key of the member's leaf.
+    pub order_key: u32,
+    /// The version of the member's group key, once it has one.
+    pub group_key_version: Option<u32>,
+    /// The resync policy's figures (resyncs and state checks started and failed, fetches,
+    /// items applied and rejected).
+    pub resync: ResyncCounters,
+    /// Saves of the keys that failed (the member goes on; the next applied message tries
+    /// again).
+    pub state_save_failures: u64,
+    /// Why the member must register again, once it must.
+    pub must_reregister: Option<ReregisterReason>,
+}
+
+/// One member's rekey receiver and resync policy. See the [module docs](self).
+#[derive(Debug)]
+pub struct MemberEndpoint {
+    group: SocketAddr,
+    session: ReceiverSession,
+    policy: ResyncPolicy,
+    persist_keys: bool,
+    /// The last message whose keys a save was asked for (or the starting state).
+    save_asked_seq: u64,
+    /// The save in flight and the message it covers.
+    saving: Option<(StoreId, u64)>,
+    next_store_id: u64,
+    stores: VecDeque<(StoreId, MemberStoreOp)>,
+    /// Events waiting for the save in flight.
+    held: VecDeque<ReceiverEvent>,
+    /// Events for the owner.
+    ready: VecDeque<ReceiverEvent>,
+    datagrams_handled: u64,
+    state_save_failures: u64,
+    stopping: bool,
+}
+
+impl MemberEndpoint {
+    /// The endpoint of a member that registered with `bundle`, started at `now`; its random
+    /// delays come from `rng`. Fails on an invalid configuration or bundle.
+    pub fn new(
+        bundle: &RegistrationBundle,
+        config: MemberEndpointConfig,
+        rng: ChaCha8Rng,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        let session = ReceiverSession::new(bundle, config.receiver.clone())?;
+        Ok(Self::with_session(session, config, rng, now))
+    }
+
+    /// The endpoint of a member coming back after its own restart from the keys it saved
+    /// ([`MemberStoreOp::SaveKeys`]), started at `now`. See [`ReceiverSession::resume`].
+    pub fn resume(
+        keys: MemberKeys,
+        config: MemberEndpointConfig,
+        rng: ChaCha8Rng,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        let session = ReceiverSession::resume(keys, config.receiver.clone())?;
+        Ok(Self::with_session(session, config, rng, now))
+    }
+
+    /// The endpoint over a session built by the caller, started at `now`.
+    pub fn with_session(
+        mut session: ReceiverSession,
+        config: MemberEndpointConfig,
+        rng: ChaCha8Rng,
+        now: Instant,
+    ) -> Self {
+        // The silence timer runs from the start: a member that never hears anything (its
+        // relay died before it registered) asks for the group's state too.
+        session.start(now);
+        let group_size = config
+            .resync
+            .group_size
+            .max(config.receiver.scheduler.group_size);
+        let mut policy = ResyncPolicy::new(config.resync, rng);
+        policy.set_group_size(group_size);
+        let mut endpoint = Self {
+            group: config.group,
+            save_asked_seq: session.keys().last_seq(),
+            session,
+            policy,
+            persist_keys: config.persist_keys,
+            saving: None,
+            next_store_id: 0,
+            stores: VecDeque::new(),
+            held: VecDeque::new(),
+            ready: VecDeque::new(),
+            datagrams_handled: 0,
+            state_save_failures: 0,
+            stopping: false,
+        };
+        // A resumed session announces the Data SA in force.
+        endpoint.pump(now);
+        endpoint
+    }
+
+    /// The receiver session.
+    pub fn session(&self) -> &ReceiverSession {
+        &self.session
+    }
+
+    /// The resync policy.
+    pub fn policy(&self) -> &ResyncPolicy {
+        &self.policy
+    }
+
+    /// The member's figures.
+    pub fn figures(&self) -> MemberFigures {
+        let session = &self.session;
+        MemberFigures {
+            receiver: *session.counters(),
+            datagrams: *session.datagram_counters(),
+            messages: *session.message_counters(),
+            datagrams_handled: self.datagrams_handled,
+            next_seq: session.next_seq(),
+            order_key: session.order_key(),
+            group_key_version: session.group_key().map(|k| k.version),
+            resync: *self.policy.counters(),
+            state_save_failures: self.state_save_failures,
+            must_reregister: session.reregister_reason(),
+        }
+    }
+
+    /// The next event of the resync policy (endpoint failures, rejected items, resyncs that
+    /// gave up), for logs; the policy keeps the latest few.
+    pub fn poll_resync_event(&mut self) -> Option<ResyncEvent> {
+        self.policy.poll_event()
+    }
+
+    /// Applies resync items the owner fetched itself (see [`MemberCommand::Resync`]).
+    pub fn apply_resync(
+        &mut self,
+        now: Instant,
+        items: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<u64, ResyncError> {
+        let mut outcome = Err(ResyncError::MalformedManifest);
+        for (manifest, chunk) in items {
+            outcome = self.session.handle_resync(now, manifest, chunk);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        self.pump(now);
+        outcome
+    }
+
+    /// Applies a state answer the owner fetched itself (see [`MemberCommand::StateAnswer`]).
+    pub fn apply_state_answer(
+        &mut self,
+        now: Instant,
+        manifest: &[u8],
+    ) -> Result<StateVerdict, ResyncError> {
+        let verdict = self.session.handle_state_answer(now, manifest);
+        self.pump(now);
+        verdict
+    }
+
+    /// Moves the session's events through the resync policy and the key save to the owner.
+    fn pump(&mut self, now: Instant) {
+        while let Some(event) = self.session.poll_event() {
+            if !self.stopping {
+                self.policy.handle_event(now, &event, &self.session);
+            }
+            self.held.push_back(event);
+        }
+        self.save_keys();
+        if self.saving.is_none() {
+            self.ready.append(&mut self.held);
+        }
+    }
+
+    /// Asks for a save of the keys when a message was applied since the last one asked and
+    /// none is in flight.
+    fn save_keys(&mut self) {
+        if !self.persist_keys || self.saving.is_some() {
+            return;
+        }
+        let keys = self.session.keys();
+        let last_seq = keys.last_seq();
+        if last_seq <= self.save_asked_seq {
+            return;
+        }
+        self.save_asked_seq = last_seq;
+        match keys.state_body() {
+            Ok(body) => {
+                let id = StoreId(self.next_store_id);
+                self.next_store_id += 1;
+                self.stores
+                    .push_back((id, MemberStoreOp::SaveKeys { last_seq, body }));
+                self.saving = Some((id, last_seq));
+            }
+            // Not expected (the encoding of keys in memory); counted like a failed write.
+            Err(_) => self.state_save_failures += 1,
+        }
+    }
+}
+
+impl Endpoint for MemberEndpoint {
+    type Command = MemberCommand;
+    type Event = ReceiverEvent;
+    type Job = NoJob;
+    type StoreOp = MemberStoreOp;
+
+    fn handle_datagram(&mut self, now: Instant, port: Port, from: SocketAddr, bytes: &[u8]) {
+        let _ = port;
+        self.datagrams_handled += 1;
+        if self.stopping {
+            return;
+        }
+        self.session.handle_datagram(now, from, bytes);
+        self.pump(now);
+    }
+
+    fn handle_command(&mut self, now: Instant, command: MemberCommand) {
+        match command {
+            MemberCommand::Resync { items, reply } => reply(self.apply_resync(now, &items)),
+            MemberCommand::StateAnswer { manifest, reply } => {
+                reply(self.apply_state_answer(now, &manifest));
+            }
+            MemberCommand::BeyondHistory => {
+                self.session.handle_beyond_history(now);
+                self.pump(now);
+            }
+            MemberCommand::GroupSize(size) => self.policy.set_group_size(size),
+            MemberCommand::Figures(reply) => reply(self.figures()),
+            MemberCommand::Stop => {
+                self.stopping = true;
+                self.pump(now);
+            }
+        }
+    }
+
+    fn handle_job_result(&mut self, now: Instant, result: NoJob) {
+        let _ = now;
+        match result {}
+    }
+
+    fn handle_job_panicked(&mut self, now: Instant) {
+        // A member hands out no job.
+        let _ = now;
+    }
+
+    fn handle_stored(&mut self, now: Instant, id: StoreId, result: Result<(), StoreError>) {
+        if self.saving.is_some_and(|(saving, _)| saving == id) {
+            self.saving = None;
+            if result.is_err() {
+                self.state_save_failures += 1;
+            }
+        }
+        self.pump(now);
+    }
+
+    fn handle_fetched(&mut self, now: Instant, id: FetchId, item: Fetched) {
+        self.policy.handle_fetched(now, id, item, &mut self.session);
+        self.pump(now);
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.session.poll_timeout().is_some_and(|at| at <= now) {
+            self.session.handle_timeout(now);
+        }
+        self.policy.handle_timeout(now, &mut self.session);
+        self.pump(now);
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if self.stopping {
+            return None;
+        }
+        let transmit = self.session.poll_transmit(now, buf)?;
+        let destination = match transmit.destination {
+            crate::session::Destination::Group => self.group,
+            crate::session::Destination::Unicast(addr) => addr,
+        };
+        Some(Transmit {
+            port: Port::Feedback,
+            destination: Destination::Unicast(destination),
+            len: transmit.len,
+        })
+    }
+
+    fn poll_job(&mut self) -> Option<NoJob> {
+        None
+    }
+
+    fn poll_store(&mut self) -> Option<(StoreId, MemberStoreOp)> {
+        self.stores.pop_front()
+    }
+
+    fn poll_fetch(&mut self) -> Option<FetchRequest> {
+        if self.stopping {
+            return None;
+        }
+        self.policy.poll_fetch()
+    }
+
+    fn poll_cancel_fetch(&mut self) -> Option<FetchId> {
+        self.policy.poll_cancel()
+    }
+
+    fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.ready.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.stopping {
+            return None;
+        }
+        [self.session.poll_timeout(), self.policy.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopping && self.saving.is_none() && self.stores.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,330 @@
+//! The member endpoint over a real receiver session and real signed messages: keys durable
+//! before events, a fetch with a tampered item, a forged "ahead" flood.
+
+// Test helpers unwrap: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use rand::SeedableRng;
+
+use super::*;
+use crate::endpoint::resync_policy::ResyncConfig;
+use crate::endpoint::{FetchWhat, ResyncEndpoint, ResyncProtocol, StoreErrorKind};
+use crate::gsa::{RekeySa, WrapAlgorithm};
+use crate::lkh::{Degree, KeyRng, KeyTree, MemberId, RekeyBatch};
+use crate::session::layout::{build_message, MessageParams};
+use crate::session::seal_into;
+use crate::session::sender::{PreparedMessage, SenderConfig, SenderSession};
+use crate::wire::{self, BodyRepr, DatagramRepr, ObjectKind, SymbolRepr};
+
+const GROUP_ID: u32 = 0x00AB_CDEF;
+const SPI: u32 = 4;
+
+fn addr(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([198, 18, 0, last], port))
+}
+
+fn tcp(last: u8) -> ResyncEndpoint {
+    ResyncEndpoint {
+        protocol: ResyncProtocol::Tcp,
+        addr: addr(last, 9000),
+    }
+}
+
+/// A GCKS's key tree and sender (serving resync items), and the bundle of member 2.
+struct Gcks {
+    tree: KeyTree,
+    signing_key: SigningKey,
+    sender: SenderSession,
+    /// The first message's MAC key (any key will do to seal forged traffic).
+    first_mac_key: crate::auth::mac::MacKey,
+}
+
+impl Gcks {
+    fn new(now: Instant) -> (Self, RegistrationBundle) {
+        let signing_key = SigningKey::from_bytes(&[5; 32]);
+        let sa = RekeySa {
+            group_id: GROUP_ID,
+            spi: SPI,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::new(4).unwrap(),
+            gcks_public_key: signing_key.verifying_key(),
+            data_sa_lifetime_secs: 3600,
+        };
+        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(11));
+        let joins: Vec<MemberId> = (1..=20).map(MemberId).collect();
+        let first = tree.apply_batch(&joins, &[]).unwrap();
+        let bundle = tree.join(MemberId(2)).unwrap();
+        let sender = SenderSession::new(SenderConfig::default(), GROUP_ID, SPI, now).unwrap();
+        let mut gcks = Self {
+            tree,
+            signing_key,
+            sender,
+            first_mac_key: first.mac_key.clone(),
+        };
+        gcks.queue(now, &first);
+        (gcks, bundle)
+    }
+
+    fn queue(&mut self, now: Instant, batch: &RekeyBatch) {
+        let params = MessageParams {
+            spi: SPI,
+            ..MessageParams::default()
+        };
+        let built = build_message(
+            batch,
+            &self.tree.leaves_in_order(),
+            &self.signing_key,
+            &params,
+        )
+        .unwrap();
+        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+        self.sender.queue_message(now, prepared).unwrap();
+    }
+
+    /// The next message: member `leaving` leaves.
+    fn rekey(&mut self, now: Instant, leaving: u64) {
+        let batch = self.tree.apply_batch(&[], &[MemberId(leaving)]).unwrap();
+        self.queue(now, &batch);
+    }
+
+    /// The resync item of message `seq` for the leaf with `order_key`.
+    fn item(&self, seq: u64, order_key: u32) -> (Vec<u8>, Vec<u8>) {
+        let item = self.sender.resync_item(seq, order_key).unwrap();
+        (item.manifest.to_vec(), item.chunk.to_vec())
+    }
+
+    fn fetched(&self, seq: u64, order_key: u32) -> Fetched {
+        let (manifest, chunk) = self.item(seq, order_key);
+        Fetched::Item { manifest, chunk }
+    }
+
+    /// A datagram of the group claiming message `seq`, which the member cannot check.
+    fn forged_ahead(&self, seq: u64) -> Vec<u8> {
+        let repr = DatagramRepr {
+            group_id: GROUP_ID,
+            spi: SPI,
+            seq,
+            body: BodyRepr::Symbol(SymbolRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                esi: 0,
+                data: &[0x5A; 64],
+            }),
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        let mut buf = vec![0u8; 2048];
+        let len = seal_into(&repr, &self.first_mac_key, &mut buf).unwrap();
+        buf.truncate(len);
+        buf
+    }
+}
+
+/// Any instant will do as the origin: time goes on only as the test advances it.
+#[allow(clippy::disallowed_methods)]
+fn origin() -> Instant {
+    Instant::now()
+}
+
+fn member(bundle: &RegistrationBundle, now: Instant, persist: bool) -> MemberEndpoint {
+    let mut config = MemberEndpointConfig::new(addr(200, 7400), addr(1, 7401));
+    config.resync = ResyncConfig {
+        relays: vec![tcp(2)],
+        gcks: vec![tcp(1)],
+        ..ResyncConfig::default()
+    };
+    config.persist_keys = persist;
+    MemberEndpoint::new(bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap()
+}
+
+fn events(member: &mut MemberEndpoint) -> Vec<ReceiverEvent> {
+    std::iter::from_fn(|| member.poll_event()).collect()
+}
+
+/// Runs the member's timers until it asks for a fetch, within `limit`.
+fn next_fetch(member: &mut MemberEndpoint, now: &mut Instant, limit: Duration) -> FetchRequest {
+    let end = *now + limit;
+    loop {
+        if let Some(fetch) = member.poll_fetch() {
+            return fetch;
+        }
+        let at = member.poll_timeout().unwrap();
+        assert!(at <= end, "no fetch within {limit:?}");
+        *now = (*now).max(at);
+        member.handle_timeout(*now);
+    }
+}
+
+#[test]
+fn keys_are_saved_before_the_events_of_the_message_that_made_them() {
+    let now = origin();
+    let (gcks, bundle) = Gcks::new(now);
+    let mut member = member(&bundle, now, true);
+    let order_key = member.session().order_key();
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    member.handle_command(
+        now,
+        MemberCommand::Resync {
+            items: vec![gcks.item(1, order_key)],
+            reply: Box::new(move |outcome| reply_tx.send(outcome).unwrap()),
+        },
+    );
+    assert_eq!(reply_rx.try_recv().unwrap(), Ok(1));
+    assert_eq!(
+        events(&mut member),
+        Vec::new(),
+        "held until the keys are durable"
+    );
+    let (id, MemberStoreOp::SaveKeys { last_seq, body }) = member.poll_store().unwrap();
+    assert_eq!(last_seq, 1);
+    // The body is a member state file's, which reads back as the member's keys.
+    let mut file = crate::lkh::member_state::MAGIC.to_vec();
+    file.extend_from_slice(blake3::hash(&body).as_bytes());
+    file.extend_from_slice(&body);
+    let keys = MemberKeys::from_state_bytes(&file).unwrap();
+    assert_eq!(keys.last_seq(), 1);
+    assert_eq!(keys.member(), MemberId(2));
+    member.handle_stored(now, id, Ok(()));
+    let released = events(&mut member);
+    assert!(
+        matches!(
+            released[..],
+            [
+                ReceiverEvent::GroupKeyUpdated { seq: 1, .. },
+                ReceiverEvent::NewDataSa { seq: 1, .. }
+            ]
+        ),
+        "{released:?}"
+    );
+    assert_eq!(member.poll_store().map(|(id, _)| id), None, "saved once");
+    assert_eq!(member.figures().state_save_failures, 0);
+}
+
+#[test]
+fn a_failed_save_is_counted_and_the_events_are_released() {
+    let now = origin();
+    let (gcks, bundle) = Gcks::new(now);
+    let mut member = member(&bundle, now, true);
+    let item = gcks.item(1, member.session().order_key());
+    assert_eq!(member.apply_resync(now, &[item]), Ok(1));
+    let (id, _) = member.poll_store().unwrap();
+    let error = StoreError {
+        kind: StoreErrorKind::NoSpace,
+        detail: "full".into(),
+    };
+    member.handle_stored(now, id, Err(error));
+    assert_eq!(member.figures().state_save_failures, 1);
+    assert_eq!(events(&mut member).len(), 2);
+    // Stopping with nothing new to save stops at once.
+    member.handle_command(now, MemberCommand::Stop);
+    assert!(member.is_stopped());
+}
+
+#[test]
+fn a_state_check_finds_the_member_behind_and_a_tampered_item_moves_the_resync_to_the_gcks() {
+    let mut now = origin();
+    let (mut gcks, bundle) = Gcks::new(now);
+    gcks.rekey(now, 7);
+    gcks.rekey(now, 8);
+    let mut member = member(&bundle, now, false);
+    let order_key = member.session().order_key();
+    // Traffic of message 3, which the member cannot check: a state check, to the relay first.
+    member.handle_datagram(now, Port::Listen, addr(1, 7400), &gcks.forged_ahead(3));
+    let check = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(check.what, FetchWhat::State);
+    assert_eq!(check.endpoint, tcp(2));
+    let latest = gcks.item(3, order_key).0;
+    member.handle_fetched(now, check.id, Fetched::State(latest));
+    member.handle_fetched(now, check.id, Fetched::End);
+    // Behind: a resync from message 1, to the relay first.
+    let resync = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(resync.endpoint, tcp(2));
+    assert_eq!(
+        resync.what,
+        FetchWhat::Items {
+            from_seq: 1,
+            leaf: order_key
+        }
+    );
+    member.handle_fetched(now, resync.id, gcks.fetched(1, order_key));
+    // The relay tampers with message 2's chunk, then streams good items.
+    let (manifest, mut chunk) = gcks.item(2, order_key);
+    let last = chunk.len() - 1;
+    chunk[last] ^= 1;
+    member.handle_fetched(now, resync.id, Fetched::Item { manifest, chunk });
+    assert_eq!(member.poll_cancel_fetch(), Some(resync.id));
+    member.handle_fetched(now, resync.id, gcks.fetched(2, order_key));
+    member.handle_fetched(now, resync.id, gcks.fetched(3, order_key));
+    assert_eq!(
+        member.session().next_seq(),
+        2,
+        "nothing more from the dropped relay"
+    );
+    let from_gcks = member.poll_fetch().unwrap();
+    assert_eq!(from_gcks.endpoint, tcp(1));
+    assert_eq!(
+        from_gcks.what,
+        FetchWhat::Items {
+            from_seq: 2,
+            leaf: order_key
+        }
+    );
+    member.handle_fetched(now, from_gcks.id, gcks.fetched(2, order_key));
+    member.handle_fetched(now, from_gcks.id, gcks.fetched(3, order_key));
+    member.handle_fetched(now, from_gcks.id, Fetched::End);
+    assert_eq!(member.session().next_seq(), 4);
+    let figures = member.figures();
+    assert_eq!(figures.resync.items_applied, 3);
+    assert_eq!(figures.resync.items_rejected, 1);
+    assert_eq!(figures.resync.state_checks_started, 1);
+    assert_eq!(figures.resync.resyncs_started, 1);
+    assert_eq!(figures.receiver.applied_from_resync, 3);
+    let applied: Vec<u64> = events(&mut member)
+        .into_iter()
+        .filter_map(|e| match e {
+            ReceiverEvent::GroupKeyUpdated { seq, .. } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(applied, vec![1, 2, 3]);
+}
+
+#[test]
+fn a_forged_ahead_flood_costs_each_member_a_few_state_checks_a_minute_not_one_a_second() {
+    let start = origin();
+    let mut now = start;
+    let (gcks, bundle) = Gcks::new(now);
+    let mut member = member(&bundle, now, false);
+    let order_key = member.session().order_key();
+    assert_eq!(member.apply_resync(now, &[gcks.item(1, order_key)]), Ok(1));
+    let latest = gcks.item(1, order_key).0;
+    let forged = gcks.forged_ahead(5);
+    let mut checks = 0;
+    let end = start + Duration::from_secs(60);
+    while now < end {
+        // A forged datagram every 10 ms.
+        member.handle_datagram(now, Port::Listen, addr(66, 7400), &forged);
+        while let Some(fetch) = member.poll_fetch() {
+            assert_eq!(fetch.what, FetchWhat::State);
+            assert_eq!(fetch.endpoint, tcp(2), "the relay is asked, not the GCKS");
+            checks += 1;
+            member.handle_fetched(now, fetch.id, Fetched::State(latest.clone()));
+            member.handle_fetched(now, fetch.id, Fetched::End);
+        }
+        now += Duration::from_millis(10);
+        if member.poll_timeout().is_some_and(|at| at <= now) {
+            member.handle_timeout(now);
+        }
+        while member.poll_event().is_some() {}
+    }
+    let raised = member.figures().receiver.state_checks;
+    // The session asks once a second (its own limit); the policy sends a handful.
+    assert!(raised >= 55, "the session raised {raised}");
+    assert!(
+        (3..=7).contains(&checks),
+        "{checks} state checks in a minute"
+    );
+    assert_eq!(member.session().next_seq(), 2, "the flood changed nothing");
+}
