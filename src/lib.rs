@@ -30,7 +30,8 @@
 //!   and rekey scenarios over it ([`sim::rekey`]).
 //! - [`io`]: real sockets and threads: multicast sockets, worker pool, event loops.
 //! - [`gcks`], [`member`]: the embedding API.
-//! - [`config`], [`keyfile`]: TOML configuration of the server and member, the GCKS's key file.
+//! - [`keyfile`]: the GCKS's key file, and secret files written with mode 0600. (Configuration
+//!   files, the admin socket and bundle files belong to the `rekeycast-cli` crate.)
 //! - [`resync`]: the resync protocol handlers (from the sans-IO crate) and the durable state of
 //!   a GCKS and a relay (key tree and history of signed messages).
 //! - [`persist`]: writing files durably; saving and loading a key tree and a member's keys.
@@ -41,7 +42,6 @@ pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
 pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};
 
-pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod gcks;

@@ -25,10 +25,12 @@ pub const MAX_ESI: u32 = (1 << 24) - 1;
 const TOKEN_EPSILON: f64 = 1e-9;
 
 /// Configuration of a [`RepairAggregator`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct AggregatorConfig {
     /// How long NACKs of a round are collected after the first one arrives (of the order of
     /// `K * GRTT`, so that it covers the receivers' backoff window).
+    #[serde(rename = "hold_off_ms", with = "crate::duration_ms")]
     pub hold_off: Duration,
     /// The most repair symbols ordered per block per round, whatever the NACKs ask.
     pub max_repair_per_round: u16,

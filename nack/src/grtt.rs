@@ -21,15 +21,20 @@ use std::time::{Duration, Instant};
 use crate::{duration_us, ConfigError, ProbeEcho};
 
 /// Configuration of a [`GrttEstimator`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GrttConfig {
     /// The estimate before any sample.
+    #[serde(rename = "initial_ms", with = "crate::duration_ms")]
     pub initial: Duration,
     /// The lower bound.
+    #[serde(rename = "min_ms", with = "crate::duration_ms")]
     pub min: Duration,
     /// The upper bound.
+    #[serde(rename = "max_ms", with = "crate::duration_ms")]
     pub max: Duration,
     /// The probe interval: the estimate decays at most once per interval.
+    #[serde(rename = "probe_interval_ms", with = "crate::duration_ms")]
     pub probe_interval: Duration,
 }
 
@@ -45,11 +50,18 @@ impl Default for GrttConfig {
 }
 
 impl GrttConfig {
-    /// Checks that the bounds are ordered and the interval is not zero.
+    /// Checks that the bounds are ordered, the initial estimate lies within them and is not
+    /// zero, and the interval is not zero.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, reason| ConfigError::Invalid { field, reason };
         if self.min > self.max {
             return Err(invalid("min", "must not exceed max"));
+        }
+        if self.initial.is_zero() {
+            return Err(invalid("initial", "must not be 0"));
+        }
+        if self.initial < self.min || self.initial > self.max {
+            return Err(invalid("initial", "must lie within min..=max"));
         }
         if self.probe_interval.is_zero() {
             return Err(invalid("probe_interval", "must not be zero"));

@@ -16,6 +16,7 @@
 //! - [`ProactiveRepair`]: the number of proactive repair symbols per block from NACK
 //!   statistics (the Keystone / UKA idea), for a target fraction of NACKing receivers.
 //! - [`backoff`]: the backoff distribution and the analytic expectation of NACKs per loss.
+//! - [`duration_ms`]: serde's form of a configuration's durations, whole milliseconds.
 //! - [`sim`]: a seeded discrete-event simulator of one sender and many receivers, used by the
 //!   tests and by `rekeycast-bench nack`.
 //!
@@ -28,6 +29,7 @@
 
 pub mod aggregator;
 pub mod backoff;
+pub mod duration_ms;
 pub mod grtt;
 pub mod proactive;
 pub mod scheduler;
@@ -90,7 +92,10 @@ pub struct ProbeEcho {
 }
 
 /// Where receivers send their NACKs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum FeedbackMode {
     /// NACKs go unicast to the sender (or relay), which at once multicasts a repair
     /// advertisement that suppresses the others. Works on source-specific multicast and on

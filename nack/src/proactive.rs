@@ -22,7 +22,8 @@
 use crate::ConfigError;
 
 /// Configuration of a [`ProactiveRepair`] helper.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProactiveConfig {
     /// The target fraction of receivers that still need to NACK a block.
     pub target_fraction: f64,

@@ -27,7 +27,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::{backoff, duration_us, BlockKey, ConfigError, FeedbackMode, ProbeEcho};
 
 /// Configuration of a [`NackScheduler`].
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SchedulerConfig {
     /// This receiver's id (its leaf id), carried in its NACKs.
     pub receiver_id: u32,
@@ -36,6 +37,7 @@ pub struct SchedulerConfig {
     /// Backoff factor K until a heartbeat advertises one: the backoff window is `K * GRTT`.
     pub backoff_factor: u8,
     /// GRTT until a heartbeat advertises one.
+    #[serde(rename = "grtt_ms", with = "crate::duration_ms")]
     pub grtt: Duration,
     /// R: NACK rounds for a block without success before [`Event::OutOfSync`].
     pub max_rounds: u8,

@@ -61,7 +61,7 @@ fn binaries() -> &'static RunOptions {
         let mut build = Command::new(cargo);
         build
             .current_dir(workspace)
-            .args(["build", "-p", "rekeycast", "--bins", "--target-dir"])
+            .args(["build", "-p", "rekeycast-cli", "--bins", "--target-dir"])
             .arg(target_dir);
         if profile_dir.file_name().and_then(|name| name.to_str()) == Some("release") {
             build.arg("--release");

@@ -72,12 +72,13 @@ pub struct Server {
 impl Server {
     /// Writes the server's configuration into `dir` and starts it in `host`'s namespace.
     pub fn start(binary: &Path, host: &Host, dir: &Path) -> Result<Self, RunError> {
-        let mut config = rekeycast::config::ServerConfig::from_toml_str("").map_err(|error| {
-            RunError::Config {
-                what: "the server's defaults".into(),
-                message: error.to_string(),
-            }
-        })?;
+        let mut config =
+            rekeycast_cli::config::ServerConfig::from_toml_str("").map_err(|error| {
+                RunError::Config {
+                    what: "the server's defaults".into(),
+                    message: error.to_string(),
+                }
+            })?;
         let address = host.address;
         config.feedback_listen = SocketAddr::from((address, FEEDBACK_PORT));
         config.state_dir = dir.join("state");
@@ -439,12 +440,13 @@ impl MemberProcess {
     ) -> Result<Self, RunError> {
         let id = spec.id;
         let upstream = &spec.upstream;
-        let mut config = rekeycast::config::MemberConfig::from_toml_str("").map_err(|error| {
-            RunError::Config {
-                what: "a member's defaults".into(),
-                message: error.to_string(),
-            }
-        })?;
+        let mut config =
+            rekeycast_cli::config::MemberConfig::from_toml_str("").map_err(|error| {
+                RunError::Config {
+                    what: "a member's defaults".into(),
+                    message: error.to_string(),
+                }
+            })?;
         config.group.multicast = SocketAddr::V4(upstream.group);
         config.group.interface = host.address.to_string();
         config.group.loopback = false;
@@ -577,12 +579,13 @@ impl RelayProcess {
             members,
             seed,
         } = *spec;
-        let mut config = rekeycast::config::RelayConfig::from_toml_str("").map_err(|error| {
-            RunError::Config {
-                what: "a relay's defaults".into(),
-                message: error.to_string(),
-            }
-        })?;
+        let mut config =
+            rekeycast_cli::config::RelayConfig::from_toml_str("").map_err(|error| {
+                RunError::Config {
+                    what: "a relay's defaults".into(),
+                    message: error.to_string(),
+                }
+            })?;
         let address = host.address;
         config.bundle = MemberProcess::bundle_path(dir, id);
         config.state_dir = dir.join(format!("relay-{number}-state"));

@@ -16,6 +16,7 @@
 //! - [`member`]: a member's path keys.
 //! - [`snapshot`]: saving and loading the tree.
 //! - [`member_state`]: saving and loading a member's keys, to resume after its restart.
+//! - [`bundle`]: the versioned encoding of a registration bundle.
 //!
 //! # Access control
 //!
@@ -27,6 +28,7 @@
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+pub mod bundle;
 pub mod member;
 pub mod member_state;
 pub mod snapshot;
@@ -37,6 +39,7 @@ pub mod wrap;
 #[cfg(test)]
 mod tests;
 
+pub use bundle::BundleError;
 pub use member::{MemberError, MemberKeys, Rekeyed};
 pub use member_state::MemberStateError;
 pub use snapshot::SnapshotError;

@@ -11,7 +11,12 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 /// The bounds of the resync endpoints, shared by the HTTP and TCP handlers and the listeners.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default), the timeouts are whole milliseconds (`header_timeout_ms`, `idle_timeout_ms`), and a
+/// key that is not a field is an error. Check what was read with [`Limits::validate`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// The largest request: an HTTP request line and headers, or a TCP request frame.
     /// Default 8 KiB.
@@ -19,8 +24,10 @@ pub struct Limits {
     /// The most headers an HTTP request may carry. Default 32.
     pub max_headers: usize,
     /// How long a started request may take to arrive whole. Default 5 s.
+    #[serde(rename = "header_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub header_timeout: Duration,
     /// How long a connection may stay without traffic before it is closed. Default 30 s.
+    #[serde(rename = "idle_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub idle_timeout: Duration,
     /// The most requests one connection may make; the last is answered, then the connection
     /// closes. Default 10,000.
@@ -375,5 +382,82 @@ mod tests {
         }
         assert_eq!(limiter.len(), 3);
         assert_eq!(limiter.by_age.len(), 3);
+    }
+}
+
+/// The serde form of the library's configurations, as configuration files write them.
+#[cfg(test)]
+mod serde_form_tests {
+    use std::time::Duration;
+
+    use super::Limits;
+    use crate::session::SenderConfig;
+
+    #[test]
+    fn an_empty_table_is_the_default_and_durations_are_milliseconds() {
+        let limits: Limits = serde_json::from_str("{}").unwrap();
+        assert_eq!(limits, Limits::default());
+        let limits: Limits =
+            serde_json::from_str(r#"{"header_timeout_ms": 250, "max_connections": 9}"#).unwrap();
+        assert_eq!(limits.header_timeout, Duration::from_millis(250));
+        assert_eq!(limits.max_connections, 9);
+        assert_eq!(limits.idle_timeout, Limits::default().idle_timeout);
+
+        let sender: SenderConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(sender, SenderConfig::default());
+        let sender: SenderConfig = serde_json::from_str(
+            r#"{"heartbeat_min_ms": 20, "grtt": {"initial_ms": 30},
+                "aggregator": {"hold_off_ms": 7, "repair_rate": 5.5},
+                "proactive": {"target_fraction": 0.1}}"#,
+        )
+        .unwrap();
+        assert_eq!(sender.heartbeat_min, Duration::from_millis(20));
+        assert_eq!(sender.grtt.initial, Duration::from_millis(30));
+        assert_eq!(sender.aggregator.hold_off, Duration::from_millis(7));
+        assert_eq!(sender.aggregator.repair_rate, 5.5);
+        assert_eq!(sender.proactive.target_fraction, 0.1);
+        assert_eq!(sender.burst, SenderConfig::default().burst);
+        sender.validate().unwrap();
+    }
+
+    #[test]
+    fn the_serde_form_round_trips_and_refuses_unknown_keys() {
+        let sender = SenderConfig::default();
+        let text = serde_json::to_string(&sender).unwrap();
+        assert!(text.contains("\"heartbeat_max_ms\":30000"), "{text}");
+        assert_eq!(serde_json::from_str::<SenderConfig>(&text).unwrap(), sender);
+        let limits = Limits::default();
+        let text = serde_json::to_string(&limits).unwrap();
+        assert_eq!(serde_json::from_str::<Limits>(&text).unwrap(), limits);
+        for (text, key) in [
+            (r#"{"heartbeat_min": 20}"#, "heartbeat_min"),
+            (r#"{"grtt": {"initial": 30}}"#, "initial"),
+            (r#"{"aggregator": {"hold_off_ms": 1, "typo": 2}}"#, "typo"),
+        ] {
+            let error = serde_json::from_str::<SenderConfig>(text).unwrap_err();
+            assert!(error.to_string().contains(&format!("`{key}`")), "{error}");
+        }
+        let error = serde_json::from_str::<Limits>(r#"{"idle_timeout": 1}"#).unwrap_err();
+        assert!(error.to_string().contains("`idle_timeout`"), "{error}");
+    }
+
+    #[test]
+    fn validate_checks_what_was_read() {
+        for (text, field) in [
+            (r#"{"repair_window": 65}"#, "repair_window"),
+            (r#"{"heartbeat_max_ms": 0}"#, "heartbeat_max"),
+            (r#"{"backoff_factor": 17}"#, "backoff_factor"),
+        ] {
+            let sender: SenderConfig = serde_json::from_str(text).unwrap();
+            let error = sender.validate().unwrap_err();
+            assert!(
+                matches!(error, crate::session::ConfigError::Invalid { field: f, .. } if f == field),
+                "{text}: {error}"
+            );
+        }
+        let sender: SenderConfig = serde_json::from_str(r#"{"grtt": {"initial_ms": 0}}"#).unwrap();
+        assert!(sender.validate().is_err());
+        let limits: Limits = serde_json::from_str(r#"{"header_timeout_ms": 0}"#).unwrap();
+        assert!(limits.validate().is_err());
     }
 }

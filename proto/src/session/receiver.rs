@@ -133,7 +133,10 @@ impl ReceiverConfig {
             return invalid("idle_grtt", "must be positive and finite");
         }
         if self.silence_timeout.is_zero() {
-            return invalid("silence_timeout", "must be positive");
+            return invalid("silence_timeout", "must not be 0");
+        }
+        if self.state_check_interval.is_zero() {
+            return invalid("state_check_interval", "must not be 0");
         }
         self.scheduler.validate()?;
         Ok(())

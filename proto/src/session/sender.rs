@@ -56,7 +56,13 @@ use crate::wire::{
 };
 
 /// Configuration of a [`SenderSession`].
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default), durations are whole milliseconds in fields named `*_ms`, the nested configurations
+/// are tables (`grtt`, `aggregator`, `proactive`), and a key that is not a field is an error.
+/// Check what was read with [`SenderConfig::validate`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SenderConfig {
     /// The largest datagram the session emits (UDP payload bytes); every message's symbols
     /// must fit it.
@@ -75,8 +81,10 @@ pub struct SenderConfig {
     /// served by resync only.
     pub repair_window: usize,
     /// The first heartbeat interval after a message (raised to two GRTTs if shorter).
+    #[serde(rename = "heartbeat_min_ms", with = "rekeycast_nack::duration_ms")]
     pub heartbeat_min: Duration,
     /// The longest heartbeat interval: intervals double after each message up to it.
+    #[serde(rename = "heartbeat_max_ms", with = "rekeycast_nack::duration_ms")]
     pub heartbeat_max: Duration,
     /// The NACK backoff factor K advertised to receivers (window `K * GRTT`), within
     /// `1..=16` (receivers take no more from a heartbeat).
@@ -124,18 +132,34 @@ impl SenderConfig {
         if self.manifest_repeats == 0 {
             return invalid("manifest_repeats", "must be at least 1");
         }
-        if self.history == 0 || self.repair_window == 0 {
-            return invalid("history", "history and repair_window must be at least 1");
+        if self.history == 0 {
+            return invalid("history", "must be at least 1");
         }
-        if self.heartbeat_min.is_zero() || self.heartbeat_max < self.heartbeat_min {
-            return invalid(
-                "heartbeat_min",
-                "must be positive and at most heartbeat_max",
-            );
+        if self.repair_window == 0 {
+            return invalid("repair_window", "must be at least 1");
         }
-        if !(1..=crate::auth::heartbeat::MAX_BACKOFF_FACTOR).contains(&self.backoff_factor) {
+        if self.repair_window > self.history {
+            // Repair is for messages the history still holds.
+            return invalid("repair_window", "must not exceed history");
+        }
+        if self.heartbeat_min.is_zero() {
+            return invalid("heartbeat_min", "must not be 0");
+        }
+        if self.heartbeat_max.is_zero() {
+            return invalid("heartbeat_max", "must not be 0");
+        }
+        if self.heartbeat_max < self.heartbeat_min {
+            return invalid("heartbeat_min", "must not exceed heartbeat_max");
+        }
+        if self.backoff_factor == 0 {
+            return invalid("backoff_factor", "must be at least 1");
+        }
+        if self.backoff_factor > crate::auth::heartbeat::MAX_BACKOFF_FACTOR {
             // Members take at most this from a heartbeat (an insider could claim more).
-            return invalid("backoff_factor", "must be within 1..=16");
+            return invalid(
+                "backoff_factor",
+                "must be at most 16 (members take no more from a heartbeat)",
+            );
         }
         self.grtt.validate()?;
         self.aggregator.validate()?;

@@ -23,21 +23,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use crossbeam_channel::RecvTimeoutError;
-use rekeycast::config::RelayConfig;
 use rekeycast::relay::{Relay, RelayEvent};
 use rekeycast::resync::relay_store::KEYS_FILE;
 use rekeycast::session::ReceiverEvent;
+use rekeycast_cli::config::RelayConfig;
+use rekeycast_cli::{bundle, logging, shutdown};
 use tracing::{error, info, warn};
-
-// Shared with the `rekeycast` binary. The relay reads bundles but never writes one, so the
-// bundle module's writing half is unused here.
-#[allow(dead_code)]
-#[path = "cli/bundle.rs"]
-mod bundle;
-#[path = "cli/logging.rs"]
-mod logging;
-#[path = "cli/shutdown.rs"]
-mod shutdown;
 
 /// The exit status when the relay must register again because the messages it lacks left the
 /// GCKS's history.

@@ -1,8 +1,17 @@
-//! The subcommands of `rekeycast`, one module each, and the pieces they share.
+//! The rekeycast command line: the subcommands of `rekeycast` (`demo`, `server`, `member`,
+//! `admin`, `sim`), one module each, and what they share with `rekey-relay`: the configuration
+//! files ([`config`]), registration bundle files ([`bundle`]), logging and shutdown on a signal.
+//!
+//! The engine library `rekeycast` knows nothing of files, flags or the admin socket: this crate
+//! turns them into the library's configurations and runs its engines. The binaries
+//! `rekeycast` and `rekey-relay` are thin `main`s over it.
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bundle;
 pub mod chart;
+pub mod config;
 pub mod demo;
 pub mod logging;
 pub mod loss;
@@ -18,9 +27,9 @@ pub fn ms(us: u64) -> f64 {
 
 /// The socket options of a multicast group from a configuration file's `[group]`.
 pub fn multicast_config(
-    group: &rekeycast::config::GroupConfig,
+    group: &crate::config::GroupConfig,
 ) -> anyhow::Result<rekeycast::io::socket::MulticastConfig> {
-    use rekeycast::config::MulticastInterface;
+    use crate::config::MulticastInterface;
     use rekeycast::io::socket::{Interface, MulticastConfig};
 
     let mut multicast = MulticastConfig::new(group.multicast);

@@ -20,7 +20,7 @@
 //! Relative paths are taken relative to the working directory of the process.
 //!
 //! This module's [`ConfigError`] is about configuration files; the sessions' own range checks
-//! have their own [`crate::session::ConfigError`], which is mapped onto this one (with the
+//! have their own [`rekeycast::session::ConfigError`], which is mapped onto this one (with the
 //! option's dotted path) when a converted configuration fails them.
 
 use std::fmt;
@@ -33,10 +33,10 @@ use rekeycast_proto::endpoint::{ResyncEndpoint, ResyncProtocol};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::lkh::Degree;
-use crate::session::layout::MessageParams;
-use crate::session::{ReceiverConfig, SenderConfig};
-use crate::wire;
+use rekeycast::lkh::Degree;
+use rekeycast::session::layout::MessageParams;
+use rekeycast::session::{ReceiverConfig, SenderConfig};
+use rekeycast::wire;
 
 /// The longest path of a Unix domain socket, in bytes (`sun_path` is 108 bytes on Linux,
 /// including the terminating NUL).
@@ -281,11 +281,13 @@ impl ServerConfig {
         Ok(config)
     }
 
-    /// Checks every option's range, and the session configuration it converts to.
+    /// Checks every option's range (the sender's through the session configuration it
+    /// converts to).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.group.validate()?;
         check_port("feedback_listen", self.feedback_listen)?;
-        self.sender.validate(&self.group)?;
+        self.sender
+            .validate(self.group.datagram_size, "group.datagram_size")?;
         self.batch.validate()?;
         if self.state_dir.as_os_str().is_empty() {
             return Err(invalid(
@@ -295,40 +297,12 @@ impl ServerConfig {
             ));
         }
         check_socket_path("admin_socket", &self.admin_socket)?;
-        self.resync.validate()?;
-        self.sender_config()
-            .validate()
-            .map_err(|error| self.map_session_error(error))
+        self.resync.validate()
     }
 
     /// The sender session's configuration.
     pub fn sender_config(&self) -> SenderConfig {
-        let sender = &self.sender;
-        let defaults = SenderConfig::default();
-        SenderConfig {
-            datagram_size: self.group.datagram_size,
-            send_rate: sender.send_rate,
-            burst: sender.burst,
-            manifest_repeats: sender.manifest_repeats,
-            history: sender.history,
-            repair_window: sender.repair_window,
-            heartbeat_min: Duration::from_millis(sender.heartbeat_min_ms),
-            heartbeat_max: Duration::from_millis(sender.heartbeat_max_ms),
-            backoff_factor: sender.backoff_factor,
-            grtt: GrttConfig {
-                initial: Duration::from_millis(sender.grtt_initial_ms),
-                ..defaults.grtt
-            },
-            aggregator: AggregatorConfig {
-                repair_rate: sender.repair_rate,
-                max_repair_per_round: sender.max_repair_per_round,
-                ..defaults.aggregator
-            },
-            proactive: ProactiveConfig {
-                target_fraction: sender.proactive_target_fraction,
-                ..defaults.proactive
-            },
-        }
+        self.sender.sender_config(self.group.datagram_size)
     }
 
     /// How the GCKS builds its messages: the SPI, symbol size and signing threads from this
@@ -341,49 +315,6 @@ impl ServerConfig {
             signing_threads: self.sender.signing_threads,
             ..MessageParams::default()
         }
-    }
-
-    /// Names the option behind a failed check of the converted sender configuration.
-    fn map_session_error(&self, error: crate::session::ConfigError) -> ConfigError {
-        let (field, reason) = match error {
-            crate::session::ConfigError::Invalid { field, reason } => (field, reason),
-            crate::session::ConfigError::Nack(rekeycast_nack::ConfigError::Invalid {
-                field,
-                reason,
-            }) => (field, reason),
-            other => return invalid("sender", "(derived)", other.to_string()),
-        };
-        let sender = &self.sender;
-        let (option, value) = match field {
-            "datagram_size" => ("group.datagram_size", self.group.datagram_size.to_string()),
-            "send_rate" => ("sender.send_rate", sender.send_rate.to_string()),
-            "burst" => ("sender.burst", sender.burst.to_string()),
-            "manifest_repeats" => (
-                "sender.manifest_repeats",
-                sender.manifest_repeats.to_string(),
-            ),
-            "history" => ("sender.history", sender.history.to_string()),
-            "repair_window" => ("sender.repair_window", sender.repair_window.to_string()),
-            "heartbeat_min" | "heartbeat_max" => (
-                "sender.heartbeat_min_ms",
-                sender.heartbeat_min_ms.to_string(),
-            ),
-            "backoff_factor" => ("sender.backoff_factor", sender.backoff_factor.to_string()),
-            "repair_rate" => ("sender.repair_rate", sender.repair_rate.to_string()),
-            "max_repair_per_round" => (
-                "sender.max_repair_per_round",
-                sender.max_repair_per_round.to_string(),
-            ),
-            "target_fraction" => (
-                "sender.proactive_target_fraction",
-                sender.proactive_target_fraction.to_string(),
-            ),
-            "initial" | "min" | "max" => {
-                ("sender.grtt_initial_ms", sender.grtt_initial_ms.to_string())
-            }
-            other => ("sender", format!("(derived {other})")),
-        };
-        invalid(option, value, format!("{field} {reason}"))
     }
 }
 
@@ -445,37 +376,14 @@ impl MemberConfig {
         for endpoint in &self.resync_endpoints {
             check_resync_endpoint(endpoint)?;
         }
-        if self.nack_max_rounds == 0 {
-            return Err(invalid(
-                "nack_max_rounds",
-                self.nack_max_rounds,
-                "must be at least 1",
-            ));
-        }
-        if self.state_check_interval_ms == 0 {
-            return Err(invalid(
-                "state_check_interval_ms",
-                self.state_check_interval_ms,
-                "must not be 0",
-            ));
-        }
         self.receiver_config_seeded(0).validate().map_err(|error| {
-            let (field, reason) = match error {
-                crate::session::ConfigError::Invalid { field, reason } => (field, reason),
-                crate::session::ConfigError::Nack(rekeycast_nack::ConfigError::Invalid {
-                    field,
-                    reason,
-                }) => (field, reason),
-                other => return invalid("member", "(derived)", other.to_string()),
-            };
-            match field {
-                "max_rounds" => invalid(
-                    "nack_max_rounds",
-                    self.nack_max_rounds,
-                    format!("{field} {reason}"),
-                ),
-                other => invalid("member", format!("(derived {other})"), reason),
-            }
+            receiver_option(
+                error,
+                "",
+                self.nack_max_rounds,
+                self.state_check_interval_ms,
+                None,
+            )
         })
     }
 
@@ -496,14 +404,16 @@ impl MemberConfig {
 
 impl Default for MemberConfig {
     fn default() -> Self {
+        let feedback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1);
+        let receiver = ReceiverConfig::new(feedback);
         Self {
             group: GroupConfig::default(),
-            feedback: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1),
+            feedback,
             bundle: PathBuf::from("member.bundle"),
             state_file: None,
             resync_endpoints: Vec::new(),
-            nack_max_rounds: 4,
-            state_check_interval_ms: 1000,
+            nack_max_rounds: receiver.scheduler.max_rounds,
+            state_check_interval_ms: millis(receiver.state_check_interval),
             seed: None,
             log: LogSection::default(),
         }
@@ -585,98 +495,140 @@ impl Default for GroupConfig {
 }
 
 impl SenderSection {
-    /// Checks every option's range (`group` for the datagram size the symbols must fit).
-    pub fn validate(&self, group: &GroupConfig) -> Result<(), ConfigError> {
-        check_rate("sender.send_rate", self.send_rate)?;
-        at_least_one("sender.burst", u64::from(self.burst))?;
-        at_least_one("sender.manifest_repeats", u64::from(self.manifest_repeats))?;
-        at_least_one("sender.history", self.history as u64)?;
-        at_least_one("sender.repair_window", self.repair_window as u64)?;
-        if self.repair_window > self.history {
-            return Err(invalid(
-                "sender.repair_window",
-                self.repair_window,
-                format!("must not exceed sender.history ({})", self.history),
-            ));
+    /// The section that sets `sender` and `message` (their other fields are not options of the
+    /// section). [`SenderSection::default`] is this of the library's defaults.
+    pub fn from_library(sender: &SenderConfig, message: &MessageParams) -> Self {
+        Self {
+            send_rate: sender.send_rate,
+            burst: sender.burst,
+            manifest_repeats: sender.manifest_repeats,
+            history: sender.history,
+            repair_window: sender.repair_window,
+            heartbeat_min_ms: millis(sender.heartbeat_min),
+            heartbeat_max_ms: millis(sender.heartbeat_max),
+            backoff_factor: sender.backoff_factor,
+            grtt_initial_ms: millis(sender.grtt.initial),
+            proactive_target_fraction: sender.proactive.target_fraction,
+            repair_rate: sender.aggregator.repair_rate,
+            max_repair_per_round: sender.aggregator.max_repair_per_round,
+            symbol_size: message.symbol_size,
+            signing_threads: message.signing_threads,
         }
-        non_zero_interval("sender.heartbeat_min_ms", self.heartbeat_min_ms)?;
-        non_zero_interval("sender.heartbeat_max_ms", self.heartbeat_max_ms)?;
-        if self.heartbeat_min_ms > self.heartbeat_max_ms {
-            return Err(invalid(
-                "sender.heartbeat_min_ms",
-                self.heartbeat_min_ms,
-                format!(
-                    "must not exceed sender.heartbeat_max_ms ({})",
-                    self.heartbeat_max_ms
-                ),
-            ));
+    }
+
+    /// The sender session's configuration for datagrams of `datagram_size` bytes: the
+    /// section's options, the rest at the library's defaults.
+    pub fn sender_config(&self, datagram_size: usize) -> SenderConfig {
+        let defaults = SenderConfig::default();
+        SenderConfig {
+            datagram_size,
+            send_rate: self.send_rate,
+            burst: self.burst,
+            manifest_repeats: self.manifest_repeats,
+            history: self.history,
+            repair_window: self.repair_window,
+            heartbeat_min: Duration::from_millis(self.heartbeat_min_ms),
+            heartbeat_max: Duration::from_millis(self.heartbeat_max_ms),
+            backoff_factor: self.backoff_factor,
+            grtt: GrttConfig {
+                initial: Duration::from_millis(self.grtt_initial_ms),
+                ..defaults.grtt
+            },
+            aggregator: AggregatorConfig {
+                repair_rate: self.repair_rate,
+                max_repair_per_round: self.max_repair_per_round,
+                ..defaults.aggregator
+            },
+            proactive: ProactiveConfig {
+                target_fraction: self.proactive_target_fraction,
+                ..defaults.proactive
+            },
         }
-        at_least_one("sender.backoff_factor", u64::from(self.backoff_factor))?;
-        let max_factor = crate::auth::heartbeat::MAX_BACKOFF_FACTOR;
-        if self.backoff_factor > max_factor {
-            return Err(invalid(
-                "sender.backoff_factor",
-                self.backoff_factor,
-                format!("must be at most {max_factor} (members take no more from a heartbeat)"),
-            ));
-        }
-        non_zero_interval("sender.grtt_initial_ms", self.grtt_initial_ms)?;
-        let grtt_max = GrttConfig::default().max;
-        if Duration::from_millis(self.grtt_initial_ms) > grtt_max {
-            return Err(invalid(
-                "sender.grtt_initial_ms",
-                self.grtt_initial_ms,
-                format!("must be at most {} ms", grtt_max.as_millis()),
-            ));
-        }
-        let fraction = self.proactive_target_fraction;
-        if !(fraction > 0.0 && fraction < 1.0) {
-            return Err(invalid(
-                "sender.proactive_target_fraction",
-                fraction,
-                "must be between 0 and 1 (exclusive)",
-            ));
-        }
-        check_rate("sender.repair_rate", self.repair_rate)?;
-        at_least_one(
-            "sender.max_repair_per_round",
-            u64::from(self.max_repair_per_round),
-        )?;
+    }
+
+    /// Checks every option through the session configuration it converts to (the library's
+    /// ranges, named here by their options), and that symbol datagrams fit datagrams of
+    /// `datagram_size` bytes (the option `datagram_option`).
+    pub fn validate(
+        &self,
+        datagram_size: usize,
+        datagram_option: &'static str,
+    ) -> Result<(), ConfigError> {
+        self.sender_config(datagram_size)
+            .validate()
+            .map_err(|error| self.name_option(error, datagram_size, datagram_option))?;
         at_least_one("sender.symbol_size", u64::from(self.symbol_size))?;
-        if usize::from(self.symbol_size) + SYMBOL_DATAGRAM_OVERHEAD > group.datagram_size {
+        if usize::from(self.symbol_size) + SYMBOL_DATAGRAM_OVERHEAD > datagram_size {
             return Err(invalid(
                 "sender.symbol_size",
                 self.symbol_size,
                 format!(
                     "symbol datagrams ({} bytes with {SYMBOL_DATAGRAM_OVERHEAD} of overhead) \
-                     must fit group.datagram_size ({})",
+                     must fit {datagram_option} ({datagram_size})",
                     usize::from(self.symbol_size) + SYMBOL_DATAGRAM_OVERHEAD,
-                    group.datagram_size
                 ),
             ));
         }
         Ok(())
     }
+
+    /// Names the option behind a failed check of the converted sender configuration.
+    fn name_option(
+        &self,
+        error: rekeycast::session::ConfigError,
+        datagram_size: usize,
+        datagram_option: &'static str,
+    ) -> ConfigError {
+        let (field, reason) = match error {
+            rekeycast::session::ConfigError::Invalid { field, reason } => (field, reason),
+            rekeycast::session::ConfigError::Nack(rekeycast_nack::ConfigError::Invalid {
+                field,
+                reason,
+            }) => (field, reason),
+            other => return invalid("sender", "(derived)", other.to_string()),
+        };
+        let (option, value) = match field {
+            "datagram_size" => (datagram_option, datagram_size.to_string()),
+            "send_rate" => ("sender.send_rate", self.send_rate.to_string()),
+            "burst" => ("sender.burst", self.burst.to_string()),
+            "manifest_repeats" => ("sender.manifest_repeats", self.manifest_repeats.to_string()),
+            "history" => ("sender.history", self.history.to_string()),
+            "repair_window" => ("sender.repair_window", self.repair_window.to_string()),
+            "heartbeat_min" => ("sender.heartbeat_min_ms", self.heartbeat_min_ms.to_string()),
+            "heartbeat_max" => ("sender.heartbeat_max_ms", self.heartbeat_max_ms.to_string()),
+            "backoff_factor" => ("sender.backoff_factor", self.backoff_factor.to_string()),
+            "repair_rate" => ("sender.repair_rate", self.repair_rate.to_string()),
+            "max_repair_per_round" => (
+                "sender.max_repair_per_round",
+                self.max_repair_per_round.to_string(),
+            ),
+            "target_fraction" => (
+                "sender.proactive_target_fraction",
+                self.proactive_target_fraction.to_string(),
+            ),
+            "initial" => ("sender.grtt_initial_ms", self.grtt_initial_ms.to_string()),
+            other => return invalid("sender", format!("(derived {other})"), reason),
+        };
+        let reason = reason
+            .replace(
+                "exceed heartbeat_max",
+                &format!("exceed sender.heartbeat_max_ms ({})", self.heartbeat_max_ms),
+            )
+            .replace(
+                "exceed history",
+                &format!("exceed sender.history ({})", self.history),
+            )
+            .replace(
+                "min..=max",
+                &format!("1..={} ms", millis(GrttConfig::default().max)),
+            );
+        invalid(option, value, reason)
+    }
 }
 
 impl Default for SenderSection {
     fn default() -> Self {
-        Self {
-            send_rate: 20_000.0,
-            burst: 32,
-            manifest_repeats: 3,
-            history: 64,
-            repair_window: 8,
-            heartbeat_min_ms: 50,
-            heartbeat_max_ms: 30_000,
-            backoff_factor: 4,
-            grtt_initial_ms: 100,
-            proactive_target_fraction: 0.05,
-            repair_rate: 10_000.0,
-            max_repair_per_round: 64,
-            symbol_size: 1200,
-            signing_threads: 0,
-        }
+        Self::from_library(&SenderConfig::default(), &MessageParams::default())
     }
 }
 
@@ -908,38 +860,42 @@ impl RelayConfig {
                 "must differ from upstream.multicast (the relay would hear its own forwards)",
             ));
         }
-        self.sender.validate(&GroupConfig {
-            datagram_size: self.downstream.datagram_size,
-            ..GroupConfig::default()
-        })?;
+        self.sender
+            .validate(self.downstream.datagram_size, "downstream.datagram_size")?;
         self.resync.validate()?;
+        let up = &self.upstream;
         self.session_config_seeded(0)
+            .upstream
             .validate()
-            .map_err(|error| invalid("relay", "(derived)", error.to_string()))
+            .map_err(|error| {
+                receiver_option(
+                    error,
+                    "upstream.",
+                    up.nack_max_rounds,
+                    up.state_check_interval_ms,
+                    Some(up.silence_timeout_ms),
+                )
+            })?;
+        if self.downstream.group_size == Some(0) {
+            return Err(invalid("downstream.group_size", 0, "must be at least 1"));
+        }
+        Ok(())
     }
 
     /// The relay session's configuration. Its NACK scheduler's seed is `upstream.seed`, or a
     /// fresh random one when it is not set.
-    pub fn session_config(&self) -> crate::relay::RelayConfig {
+    pub fn session_config(&self) -> rekeycast::relay::RelayConfig {
         self.session_config_seeded(self.upstream.seed.unwrap_or_else(rand::random))
     }
 
-    fn session_config_seeded(&self, seed: u64) -> crate::relay::RelayConfig {
+    fn session_config_seeded(&self, seed: u64) -> rekeycast::relay::RelayConfig {
         let up = &self.upstream;
-        let mut config = crate::relay::RelayConfig::new(up.feedback);
+        let mut config = rekeycast::relay::RelayConfig::new(up.feedback);
         config.upstream.scheduler.max_rounds = up.nack_max_rounds;
         config.upstream.scheduler.seed = seed;
         config.upstream.state_check_interval = Duration::from_millis(up.state_check_interval_ms);
         config.upstream.silence_timeout = Duration::from_millis(up.silence_timeout_ms);
-        config.downstream = ServerConfig {
-            group: GroupConfig {
-                datagram_size: self.downstream.datagram_size,
-                ..GroupConfig::default()
-            },
-            sender: self.sender.clone(),
-            ..ServerConfig::default()
-        }
-        .sender_config();
+        config.downstream = self.sender.sender_config(self.downstream.datagram_size);
         config.downstream_group_size = self.downstream.group_size;
         config.cut_through = self.downstream.cut_through;
         config
@@ -948,13 +904,13 @@ impl RelayConfig {
     /// The upstream resync endpoints, parsed.
     pub fn upstream_resync_endpoints(
         &self,
-    ) -> Result<Vec<crate::io::resync_client::Endpoint>, ConfigError> {
+    ) -> Result<Vec<rekeycast::io::resync_client::Endpoint>, ConfigError> {
         self.upstream
             .resync_endpoints
             .iter()
             .map(|text| {
                 text.parse()
-                    .map_err(|error: crate::io::resync_client::ClientError| {
+                    .map_err(|error: rekeycast::io::resync_client::ClientError| {
                         invalid("upstream.resync_endpoints", quoted(text), error.to_string())
                     })
             })
@@ -963,18 +919,21 @@ impl RelayConfig {
 
     /// The relay engine's configuration (sockets, session, endpoints, limits, state
     /// directory). Name resolution of the resync endpoints happens here.
-    pub fn engine_config(&self) -> Result<crate::relay::RelayEngineConfig, ConfigError> {
+    pub fn engine_config(&self) -> Result<rekeycast::relay::RelayEngineConfig, ConfigError> {
         let up = &self.upstream;
         let down = &self.downstream;
-        let mut upstream = crate::io::socket::MulticastConfig::new(up.multicast);
+        let mut upstream = rekeycast::io::socket::MulticastConfig::new(up.multicast);
         upstream.interface = socket_interface(up.multicast, &up.interface, "upstream.interface")?;
-        let mut downstream = crate::io::socket::MulticastConfig::new(down.multicast);
+        let mut downstream = rekeycast::io::socket::MulticastConfig::new(down.multicast);
         downstream.interface =
             socket_interface(down.multicast, &down.interface, "downstream.interface")?;
         downstream.ttl = down.ttl;
         downstream.loopback = down.loopback;
-        let mut engine =
-            crate::relay::RelayEngineConfig::loopback(up.multicast, up.feedback, down.multicast);
+        let mut engine = rekeycast::relay::RelayEngineConfig::loopback(
+            up.multicast,
+            up.feedback,
+            down.multicast,
+        );
         engine.upstream = upstream;
         engine.upstream_bind = up.bind;
         engine.downstream = downstream;
@@ -1061,12 +1020,6 @@ impl UpstreamSection {
                 )
             })?;
         }
-        at_least_one("upstream.nack_max_rounds", u64::from(self.nack_max_rounds))?;
-        non_zero_interval(
-            "upstream.state_check_interval_ms",
-            self.state_check_interval_ms,
-        )?;
-        non_zero_interval("upstream.silence_timeout_ms", self.silence_timeout_ms)?;
         non_zero_interval("upstream.resync_timeout_ms", self.resync_timeout_ms)?;
         at_least_one("upstream.resync_attempts", u64::from(self.resync_attempts))?;
         Ok(())
@@ -1075,15 +1028,17 @@ impl UpstreamSection {
 
 impl Default for UpstreamSection {
     fn default() -> Self {
+        let feedback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1);
+        let receiver = ReceiverConfig::new(feedback);
         Self {
             multicast: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(239, 255, 77, 1)), DEFAULT_PORT),
             interface: "127.0.0.1".to_string(),
-            feedback: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT + 1),
+            feedback,
             bind: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
             resync_endpoints: Vec::new(),
-            nack_max_rounds: 4,
-            state_check_interval_ms: 1000,
-            silence_timeout_ms: 120_000,
+            nack_max_rounds: receiver.scheduler.max_rounds,
+            state_check_interval_ms: millis(receiver.state_check_interval),
+            silence_timeout_ms: millis(receiver.silence_timeout),
             resync_timeout_ms: 5000,
             resync_max_delay_ms: 500,
             resync_attempts: 5,
@@ -1126,9 +1081,6 @@ impl DownstreamSection {
                 "must be of the downstream group's address family",
             ));
         }
-        if self.group_size == Some(0) {
-            return Err(invalid("downstream.group_size", 0, "must be at least 1"));
-        }
         check_rate(
             "downstream.datagrams_per_second_per_source",
             self.datagrams_per_second_per_source,
@@ -1168,7 +1120,7 @@ impl RelayResyncSection {
         .validate()?;
         self.limits().validate().map_err(|error| {
             let (field, value) = match &error {
-                crate::resync::limits::LimitsError::Invalid { field, value, .. } => {
+                rekeycast::resync::limits::LimitsError::Invalid { field, value, .. } => {
                     (*field, value.clone())
                 }
                 _ => ("", String::new()),
@@ -1189,8 +1141,8 @@ impl RelayResyncSection {
     }
 
     /// The endpoints' limits.
-    pub fn limits(&self) -> crate::resync::limits::Limits {
-        crate::resync::limits::Limits {
+    pub fn limits(&self) -> rekeycast::resync::limits::Limits {
+        rekeycast::resync::limits::Limits {
             max_request_bytes: self.max_request_bytes,
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
@@ -1199,14 +1151,14 @@ impl RelayResyncSection {
             requests_per_second_per_source: self.requests_per_second_per_source,
             burst_per_source: self.burst_per_source,
             max_output_bytes: self.max_output_bytes,
-            ..crate::resync::limits::Limits::default()
+            ..rekeycast::resync::limits::Limits::default()
         }
     }
 }
 
 impl Default for RelayResyncSection {
     fn default() -> Self {
-        let limits = crate::resync::limits::Limits::default();
+        let limits = rekeycast::resync::limits::Limits::default();
         Self {
             tcp_listen: None,
             http_listen: None,
@@ -1222,6 +1174,45 @@ impl Default for RelayResyncSection {
     }
 }
 
+/// Names the option behind a failed check of a converted receiver configuration: a member's
+/// (`prefix` empty) or a relay's upstream side (`prefix` `"upstream."`, which also has
+/// `silence_timeout_ms`).
+fn receiver_option(
+    error: rekeycast::session::ConfigError,
+    prefix: &'static str,
+    nack_max_rounds: u8,
+    state_check_interval_ms: u64,
+    silence_timeout_ms: Option<u64>,
+) -> ConfigError {
+    let (field, reason) = match error {
+        rekeycast::session::ConfigError::Invalid { field, reason } => (field, reason),
+        rekeycast::session::ConfigError::Nack(rekeycast_nack::ConfigError::Invalid {
+            field,
+            reason,
+        }) => (field, reason),
+        other => return invalid("receiver", "(derived)", other.to_string()),
+    };
+    let upstream = !prefix.is_empty();
+    let (option, value) = match (field, upstream) {
+        ("max_rounds", false) => ("nack_max_rounds", nack_max_rounds.to_string()),
+        ("max_rounds", true) => ("upstream.nack_max_rounds", nack_max_rounds.to_string()),
+        ("state_check_interval", false) => (
+            "state_check_interval_ms",
+            state_check_interval_ms.to_string(),
+        ),
+        ("state_check_interval", true) => (
+            "upstream.state_check_interval_ms",
+            state_check_interval_ms.to_string(),
+        ),
+        ("silence_timeout", true) => (
+            "upstream.silence_timeout_ms",
+            silence_timeout_ms.unwrap_or_default().to_string(),
+        ),
+        (other, _) => return invalid("receiver", format!("(derived {other})"), reason),
+    };
+    invalid(option, value, reason)
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1231,8 +1222,8 @@ fn socket_interface(
     group: SocketAddr,
     text: &str,
     option: &'static str,
-) -> Result<crate::io::socket::Interface, ConfigError> {
-    use crate::io::socket::Interface;
+) -> Result<rekeycast::io::socket::Interface, ConfigError> {
+    use rekeycast::io::socket::Interface;
     let trimmed = text.trim();
     match group {
         SocketAddr::V4(_) => match trimmed.parse::<Ipv4Addr>() {
@@ -1414,9 +1405,9 @@ mod tests {
 
     use super::*;
 
-    const SERVER_EXAMPLE: &str = include_str!("../rekeycast.example.toml");
-    const MEMBER_EXAMPLE: &str = include_str!("../rekeycast-member.example.toml");
-    const RELAY_EXAMPLE: &str = include_str!("../rekey-relay.example.toml");
+    const SERVER_EXAMPLE: &str = include_str!("../../rekeycast.example.toml");
+    const MEMBER_EXAMPLE: &str = include_str!("../../rekeycast-member.example.toml");
+    const RELAY_EXAMPLE: &str = include_str!("../../rekey-relay.example.toml");
 
     /// Parses `text` as a server configuration and returns the validation error's message,
     /// checking that it names `option` and shows `value`.
@@ -1942,15 +1933,28 @@ mod tests {
     #[test]
     fn session_errors_are_mapped_to_options() {
         let config = ServerConfig::default();
-        let error = config.map_session_error(crate::session::ConfigError::Invalid {
+        let name = |error| {
+            config
+                .sender
+                .name_option(error, 1472, "group.datagram_size")
+        };
+        let error = name(rekeycast::session::ConfigError::Invalid {
             field: "send_rate",
             reason: "must be positive and finite",
         });
         assert_eq!(
             error.to_string(),
-            "sender.send_rate = 20000: send_rate must be positive and finite"
+            "sender.send_rate = 20000: must be positive and finite"
         );
-        let error = config.map_session_error(crate::session::ConfigError::Nack(
+        let error = name(rekeycast::session::ConfigError::Invalid {
+            field: "datagram_size",
+            reason: "must be within 256..=65507",
+        });
+        assert_eq!(
+            error.to_string(),
+            "group.datagram_size = 1472: must be within 256..=65507"
+        );
+        let error = name(rekeycast::session::ConfigError::Nack(
             rekeycast_nack::ConfigError::Invalid {
                 field: "target_fraction",
                 reason: "must be in (0, 1)",

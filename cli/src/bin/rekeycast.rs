@@ -7,13 +7,12 @@
 //!   socket; `admin` is that interface's client; `member` runs one member from a registration
 //!   bundle written by `admin join`.
 //!
-//! Each subcommand lives in its own module under `bin/cli/`.
+//! Each subcommand lives in its own module of the `rekeycast_cli` library.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-mod cli;
+use rekeycast_cli as cli;
 
 /// rekeycast: reliable multicast rekeying (LKH over UDP multicast with RaptorQ FEC and NACKs).
 #[derive(Debug, Parser)]

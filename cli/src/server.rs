@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::config::ServerConfig;
 use anyhow::{bail, Context};
-use rekeycast::config::ServerConfig;
 use rekeycast::gcks::{Gcks, GcksConfig, GcksError, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;

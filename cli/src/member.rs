@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::config::MemberConfig;
 use anyhow::{bail, Context};
 use crossbeam_channel::RecvTimeoutError;
-use rekeycast::config::MemberConfig;
 use rekeycast::member::{self, Member, MemberStats};
 use rekeycast::session::{ReceiverEvent, ReregisterReason};
 use serde_json::{json, Value};
