@@ -16,6 +16,8 @@
 //! - [`ProactiveRepair`]: the number of proactive repair symbols per block from NACK
 //!   statistics (the Keystone / UKA idea), for a target fraction of NACKing receivers.
 //! - [`backoff`]: the backoff distribution and the analytic expectation of NACKs per loss.
+//! - [`loss`]: the workspace's one per-packet loss model (independent and Gilbert-Elliott,
+//!   seeded), shared by [`sim`], the network simulator of `rekeycast` and the netns switch.
 //! - [`sim`]: a seeded discrete-event simulator of one sender and many receivers, used by the
 //!   tests and by `rekeycast-bench nack`.
 //!
@@ -29,6 +31,7 @@
 pub mod aggregator;
 pub mod backoff;
 pub mod grtt;
+pub mod loss;
 pub mod proactive;
 pub mod scheduler;
 pub mod sim;
