@@ -17,10 +17,15 @@ use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys, RekeyBatch};
 use rekeycast::session::chunk::SignedChunk;
 use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::manifest::ChunkAuth;
-use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::wire::{BodyRepr, ObjectKind};
+use rekeycast_testkit::forge::{self, Sa};
 
 const GROUP: u32 = 0x00C0_FFEE;
 const SPI: u32 = 3;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 const SYMBOL_SIZE: u16 = 1200;
 
 /// The member side of the verifier pipeline, composed from the public pieces: datagram MAC and
@@ -108,40 +113,18 @@ fn datagrams(tree: &KeyTree, batch: &RekeyBatch, gcks: &SigningKey) -> Vec<Vec<u
 }
 
 fn seal(seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8], key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body: BodyRepr::Symbol(SymbolRepr {
-            object,
-            sbn,
-            esi,
-            data,
-        }),
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal_symbol(seq, object, sbn, esi, data, key)
 }
 
 /// One forged datagram, of one of four kinds.
 fn forge(rng: &mut ChaCha8Rng, real: &[Vec<u8>], newest_seq: u64) -> Vec<u8> {
     match rng.gen_range(0..4) {
         // Random bytes of a random length.
-        0 => {
-            let len = rng.gen_range(0..1500);
-            (0..len).map(|_| rng.gen()).collect()
-        }
+        0 => forge::random_bytes(rng, 1500),
         // A real datagram with one to eight bits flipped.
         1 => {
-            let mut bytes = real[rng.gen_range(0..real.len())].clone();
-            for _ in 0..rng.gen_range(1..=8) {
-                let bit = rng.gen_range(0..bytes.len() * 8);
-                bytes[bit / 8] ^= 1 << (bit % 8);
-            }
-            bytes
+            let real = &real[rng.gen_range(0..real.len())];
+            forge::flip_bits(rng, real)
         }
         // The right group, SA and a current or next sequence number, a plausible manifest or
         // chunk symbol, sealed with a key the attacker made up.
@@ -307,19 +290,7 @@ fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step
         }),
     ];
     for body in others {
-        let repr = DatagramRepr {
-            group_id: GROUP,
-            spi: SPI,
-            seq,
-            body,
-            mac: [0; 16],
-        };
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        batch
-            .mac_key
-            .seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-        real.push(buf);
+        real.push(SA.seal(seq, body, &batch.mac_key));
     }
 
     let mut flips = 0u64;

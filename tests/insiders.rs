@@ -28,12 +28,15 @@ use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{
     ReceiverConfig, ReceiverEvent, ReceiverSession, SenderConfig, SenderSession,
 };
-use rekeycast::wire::{
-    BodyRepr, DatagramRepr, HeartbeatRepr, NackRepr, ObjectKind, Packet, SymbolRepr,
-};
+use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, NackRepr, ObjectKind};
+use rekeycast_testkit::forge::{self, Sa};
 
 const GROUP: u32 = 0x1A51_DE25;
 const SPI: u32 = 5;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 const SYMBOL_SIZE: u16 = 1200;
 /// The drivers' buffer: every datagram of the sessions fits it.
 const DATAGRAM: usize = 1500;
@@ -196,30 +199,11 @@ impl Own {
 
 /// Emits `body` for `seq` and seals it with `key`.
 fn seal(seq: u64, body: BodyRepr<'_>, key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal(seq, body, key)
 }
 
 fn symbol(seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8], key: &MacKey) -> Vec<u8> {
-    seal(
-        seq,
-        BodyRepr::Symbol(SymbolRepr {
-            object,
-            sbn,
-            esi,
-            data,
-        }),
-        key,
-    )
+    SA.seal_symbol(seq, object, sbn, esi, data, key)
 }
 
 /// An insider's forged repair symbol for the member's block: random bytes of the right length
@@ -240,18 +224,11 @@ fn forged_repair(rng: &mut ChaCha8Rng, message: &Message, own: Own, esi: u32) ->
 fn outsider(rng: &mut ChaCha8Rng, real: &[Vec<u8>], message: &Message) -> Vec<u8> {
     match rng.gen_range(0..5) {
         // Random bytes of a random length.
-        0 => {
-            let len = rng.gen_range(0..DATAGRAM);
-            (0..len).map(|_| rng.gen()).collect()
-        }
+        0 => forge::random_bytes(rng, DATAGRAM),
         // A real datagram with one to eight bits flipped.
         1 => {
-            let mut bytes = real[rng.gen_range(0..real.len())].clone();
-            for _ in 0..rng.gen_range(1..=8) {
-                let bit = rng.gen_range(0..bytes.len() * 8);
-                bytes[bit / 8] ^= 1 << (bit % 8);
-            }
-            bytes
+            let real = &real[rng.gen_range(0..real.len())];
+            forge::flip_bits(rng, real)
         }
         // The real signed manifest, or the member's real chunk, under a made-up key: a
         // signature check would pass if the MAC did not stop it first.

@@ -16,22 +16,24 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rekeycast::auth::mac::MacKey;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, ResyncAnswer};
+use rekeycast::gcks::{Gcks, GcksConfig, ResyncAnswer};
 use rekeycast::io::resync_client::{fetch_items, Endpoint};
 use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
 use rekeycast::relay::{Relay, RelayEngineConfig, RelayStats};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::sim::Loss;
-use rekeycast::wire::{BodyRepr, DatagramRepr, NackRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::wire::{BodyRepr, NackRepr, ObjectKind, SymbolRepr};
+use rekeycast_testkit::engine::{self, wait_sent};
+use rekeycast_testkit::forge::Sa;
+use rekeycast_testkit::{addr, wait};
 
 /// The group id and SPI of [`GcksConfig::loopback`].
 const GROUP_ID: u32 = 1;
@@ -42,11 +44,7 @@ const RELAY_ID: u64 = 1_000_000;
 /// The upstream (`tier` 0) or downstream (`tier` 1) group and port of test `salt` in this
 /// process, away from other tests' groups.
 fn group(salt: u8, tier: u8) -> SocketAddr {
-    let pid = std::process::id();
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(239, 83 + tier, salt, pid as u8),
-        46_000 + (pid % 8_000) as u16 + 2 * u16::from(salt) + u16::from(tier),
-    ))
+    rekeycast_testkit::addr::multicast_group(83 + tier, 2 * salt + tier)
 }
 
 fn localhost() -> SocketAddr {
@@ -72,36 +70,7 @@ fn start_gcks_pacing(group: SocketAddr, send_rate: f64) -> Gcks {
 /// Admits `ids` in one batch; returns their bundles in order once the batch is built (its
 /// message goes out after the admission delay).
 fn admit(gcks: &Gcks, ids: &[u64]) -> Vec<RegistrationBundle> {
-    let replies: Vec<_> = ids
-        .iter()
-        .map(|&i| {
-            if i == RELAY_ID {
-                gcks.join_relay(MemberId(i)).unwrap()
-            } else {
-                gcks.join(MemberId(i)).unwrap()
-            }
-        })
-        .collect();
-    gcks.rekey_now().unwrap();
-    replies
-        .into_iter()
-        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
-        .collect()
-}
-
-/// Waits until the GCKS sent message `seq` (its initial transmission is on the wire).
-fn wait_sent(gcks: &Gcks, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(GcksEvent::Sent { seq: sent }) =
-            gcks.events().recv_timeout(Duration::from_millis(100))
-        {
-            if sent >= seq {
-                return;
-            }
-        }
-    }
-    panic!("message {seq} was not sent");
+    engine::admit_with(gcks, ids, |id| id == RELAY_ID)
 }
 
 fn relay_config(gcks: &Gcks, up: SocketAddr, down: SocketAddr) -> RelayEngineConfig {
@@ -144,22 +113,7 @@ fn member_config(
 
 /// Waits until every member applied message `seq`, at most `limit`; returns how long it took.
 fn wait_members(members: &[(u64, Member)], seq: u64, limit: Duration) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if members
-            .iter()
-            .all(|(_, m)| m.stats().unwrap().next_seq > seq)
-        {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let behind: Vec<(u64, u64)> = members
-        .iter()
-        .map(|(id, m)| (*id, m.stats().unwrap().next_seq))
-        .filter(|(_, next)| *next <= seq)
-        .collect();
-    panic!("members (id, next seq) still behind message {seq}: {behind:?}");
+    engine::wait_applied(members, seq, limit)
 }
 
 /// Waits until the relay applied message `seq`.
@@ -589,31 +543,16 @@ fn assert_private(state: &Path) {
 
 /// A socket that sends to loopback multicast groups.
 fn sender() -> UdpSocket {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .unwrap();
-    socket.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-    socket.set_multicast_loop_v4(true).unwrap();
-    socket.bind(&localhost().into()).unwrap();
-    socket.into()
+    addr::multicast_sender()
 }
 
 /// A datagram of the group's SA for message `seq`, sealed under a key nobody holds.
 fn forged(rng: &mut ChaCha8Rng, seq: u64, body: BodyRepr<'_>) -> Vec<u8> {
-    let repr = DatagramRepr {
+    Sa {
         group_id: GROUP_ID,
         spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    MacKey::from_bytes(rng.gen()).seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    }
+    .wrongly_keyed(rng, seq, body)
 }
 
 #[test]
@@ -796,19 +735,11 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     use std::io::BufRead;
     use std::process::{Child, Command, Stdio};
 
+    use rekeycast_testkit::process::{self, Processes};
+
     const REKEYCAST: &str = env!("CARGO_BIN_EXE_rekeycast");
     const RELAY: &str = env!("CARGO_BIN_EXE_rekey-relay");
 
-    /// Children killed on drop, so a failing test leaves no process behind.
-    struct Processes(Vec<Child>);
-    impl Drop for Processes {
-        fn drop(&mut self) {
-            for child in &mut self.0 {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
     fn admin(socket: &Path, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["admin", "--socket", socket.to_str().unwrap()];
         all.extend_from_slice(args);
@@ -818,14 +749,9 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     }
     /// Waits for `child` to exit, at most 30 s.
     fn wait_exit(child: &mut Child, what: &str, logs: &dyn Fn() -> String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "{what} exited with {status}\n{}", logs());
-                return;
-            }
-            assert!(Instant::now() < deadline, "{what} did not exit\n{}", logs());
-            std::thread::sleep(Duration::from_millis(50));
+        match process::wait_exit(child, Duration::from_secs(30)) {
+            Some(status) => assert!(status.success(), "{what} exited with {status}\n{}", logs()),
+            None => panic!("{what} did not exit\n{}", logs()),
         }
     }
     /// Starts the relay and returns its ready line.
@@ -928,11 +854,7 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "no admin socket\n{}", logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    process::wait_for_file(&socket, Duration::from_secs(20));
     // The relay and a member in one batch (message 1).
     let relay_join = {
         let (socket, bundle) = (socket.clone(), relay_bundle.clone());
@@ -982,7 +904,7 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    process::wait_for_log(&member_log, "member running", Duration::from_secs(20));
     for _ in 0..2 {
         assert_eq!(admin(&socket, &["rekey"])["ok"], true);
         std::thread::sleep(Duration::from_millis(300));
@@ -992,14 +914,16 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     assert_eq!(status["relays"], 1, "{status}");
     let (code, body) = http_get(relay_http, "/healthz");
     assert_eq!((code, body.trim()), (200, "ok"));
-    // /metrics is renewed at most once a second.
-    std::thread::sleep(Duration::from_millis(1_100));
-    let (code, text) = http_get(relay_http, "/metrics");
-    assert_eq!(code, 200);
-    assert!(
-        metric(&text, "rekeycast_relay_forwarded_total") >= 2,
-        "{text}\n{}",
-        logs()
+    // /metrics is renewed at most once a second: until it shows both messages forwarded.
+    let text = wait::until(
+        Duration::from_secs(10),
+        "/metrics with 2 messages forwarded",
+        || {
+            let (code, text) = http_get(relay_http, "/metrics");
+            assert_eq!(code, 200);
+            (metric(&text, "rekeycast_relay_forwarded_total") >= 2).then_some(text)
+        },
+        logs,
     );
     assert_eq!(
         metric(&text, "rekeycast_relay_latest_held_seq"),

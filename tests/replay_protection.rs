@@ -26,10 +26,15 @@ use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{
     ReceiverConfig, ReceiverEvent, ReceiverSession, SenderConfig, SenderSession,
 };
-use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind, Packet};
+use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind};
+use rekeycast_testkit::forge::Sa;
 
 const GROUP: u32 = 0x2E91_A7E5;
 const SPI: u32 = 11;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 /// The drivers' buffer: every datagram of the sessions fits it.
 const DATAGRAM: usize = 1500;
 
@@ -112,17 +117,7 @@ impl Group {
 
 /// Emits `body` for `seq` and seals it with `key`, as an insider holding the key can.
 fn seal(seq: u64, body: BodyRepr<'_>, key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal(seq, body, key)
 }
 
 /// The sender and its members, joined by a lossless zero-delay network the test controls.
