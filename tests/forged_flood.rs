@@ -12,13 +12,13 @@ use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::datagram::DatagramVerifier;
 use rekeycast::auth::mac::MacKey;
 use rekeycast::auth::message::MessageVerifier;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys, RekeyBatch};
+use rekeycast::lkh::{Degree, KeyTree, MemberId, MemberKeys, RekeyBatch};
 use rekeycast::session::chunk::SignedChunk;
 use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::manifest::ChunkAuth;
 use rekeycast::wire::{BodyRepr, ObjectKind};
 use rekeycast_testkit::forge::{self, Sa};
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x00C0_FFEE;
 const SPI: u32 = 3;
@@ -146,18 +146,7 @@ fn forge(rng: &mut ChaCha8Rng, real: &[Vec<u8>], newest_seq: u64) -> Vec<u8> {
 
 #[test]
 fn forged_flood_costs_no_signature_checks() {
-    let gcks = SigningKey::from_bytes(&[77; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: gcks.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(1));
-    let others: Vec<MemberId> = (0..300).map(MemberId).collect();
-    tree.apply_batch(&others, &[]).unwrap();
+    let KeyServer { mut tree, gcks } = KeyServer::new(SA, 77, 1, 0..300);
     let me = MemberId(1_000_000);
     let batch = tree.apply_batch(&[me], &[]).unwrap();
     let bundle = tree.join(me).unwrap();
@@ -225,18 +214,7 @@ fn forged_flood_costs_no_signature_checks() {
 
 #[test]
 fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step() {
-    let gcks = SigningKey::from_bytes(&[78; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: gcks.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(9));
-    tree.apply_batch(&(0..40).map(MemberId).collect::<Vec<_>>(), &[])
-        .unwrap();
+    let KeyServer { mut tree, gcks } = KeyServer::new(SA, 78, 9, 0..40);
     let me = MemberId(500);
     let batch = tree.apply_batch(&[me], &[]).unwrap();
     let bundle = tree.join(me).unwrap();

@@ -19,8 +19,7 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, RegistrationBundle};
+use rekeycast::lkh::{Degree, KeyTree, MemberId, RegistrationBundle};
 use rekeycast::session::chunk::SignedChunk;
 use rekeycast::session::layout::{build_message, BuiltMessage, MessageParams};
 use rekeycast::session::manifest::{ChunkAuth, SignedManifest};
@@ -30,6 +29,7 @@ use rekeycast::session::{
 };
 use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, NackRepr, ObjectKind};
 use rekeycast_testkit::forge::{self, Sa};
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x1A51_DE25;
 const SPI: u32 = 5;
@@ -74,18 +74,7 @@ struct Message {
 impl Group {
     /// A group of `others` members (admitted by a first message nobody here receives).
     fn new(seed: u64, others: u64, chunk_auth: ChunkAuth) -> Self {
-        let gcks = SigningKey::from_bytes(&[seed as u8; 32]);
-        let sa = RekeySa {
-            group_id: GROUP,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
-        let members: Vec<MemberId> = (0..others).map(MemberId).collect();
-        tree.apply_batch(&members, &[]).unwrap();
+        let KeyServer { tree, gcks } = KeyServer::new(SA, seed as u8, seed, 0..others);
         Self {
             tree,
             gcks,

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, RegistrationBundle};
+use rekeycast::lkh::{KeyTree, MemberId, RegistrationBundle};
 use rekeycast::session::layout::{build_message, BuiltMessage, MessageParams};
 use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{
@@ -28,6 +27,7 @@ use rekeycast::session::{
 };
 use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind};
 use rekeycast_testkit::forge::Sa;
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x2E91_A7E5;
 const SPI: u32 = 11;
@@ -74,17 +74,7 @@ impl Message {
 
 impl Group {
     fn new(seed: u64) -> Self {
-        let gcks = SigningKey::from_bytes(&[seed as u8; 32]);
-        let sa = RekeySa {
-            group_id: GROUP,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
-        tree.apply_batch(&[MemberId(0)], &[]).unwrap();
+        let KeyServer { tree, gcks } = KeyServer::new(SA, seed as u8, seed, 0..1);
         Self {
             tree,
             gcks,

@@ -10,6 +10,7 @@
 //!   or applied.
 //! - [`forge`]: datagrams sealed as an insider (with a real MAC key) or an outsider (a made-up
 //!   key) would, random bytes and bit flips.
+//! - [`keys`]: a GCKS's key tree and signing key from fixed seeds, for the sans-IO tests.
 //! - [`process`]: child processes killed on drop, waiting for files and exits, configuration
 //!   files of the `rekeycast` and `rekey-relay` binaries.
 //! - [`loss`]: the workspace's loss model (re-exported from `rekeycast_nack::loss`).
@@ -22,6 +23,7 @@
 pub mod addr;
 pub mod engine;
 pub mod forge;
+pub mod keys;
 pub mod process;
 pub mod wait;
 
