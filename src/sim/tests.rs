@@ -6,8 +6,6 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rekeycast_nack::loss::loss_and_bursts;
 
 use super::*;
