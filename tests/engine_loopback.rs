@@ -5,42 +5,33 @@
 // Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rekeycast::auth::mac::MacKey;
 use rekeycast::demo::{run, DemoConfig};
 use rekeycast::sim::Loss;
-use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::wire::{BodyRepr, ObjectKind, SymbolRepr};
+use rekeycast_testkit::forge::{self, Sa};
+
+/// The demo's group and SA.
+const DEMO_SA: Sa = Sa {
+    group_id: 1,
+    spi: 1,
+};
 
 /// A group and port of this test process, away from other tests' groups.
 fn group(salt: u8) -> SocketAddr {
-    let pid = std::process::id();
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(239, 78, salt, pid as u8),
-        30_000 + (pid % 10_000) as u16 + u16::from(salt),
-    ))
+    rekeycast_testkit::addr::multicast_group(78, salt)
 }
 
 /// Sends forged datagrams to `group` until `stop`: random bytes, and datagrams of the demo's
 /// group and SA (group 1, SPI 1) with plausible symbols sealed under keys the forger made up.
 fn forger(group: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .unwrap();
-    socket.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-    socket.set_multicast_loop_v4(true).unwrap();
-    socket
-        .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
-        .unwrap();
-    let socket: UdpSocket = socket.into();
+    let socket = rekeycast_testkit::addr::multicast_sender();
     let mut rng = ChaCha8Rng::seed_from_u64(99);
     // Bounded in count and time: at most 200,000 datagrams, and it stops with the run.
     for i in 0..200_000u64 {
@@ -48,30 +39,21 @@ fn forger(group: SocketAddr, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>) {
             break;
         }
         let datagram = if i % 2 == 0 {
-            let len = rng.gen_range(0..1_300);
-            (0..len).map(|_| rng.gen()).collect::<Vec<u8>>()
+            forge::random_bytes(&mut rng, 1_300)
         } else {
             let data: Vec<u8> = (0..rng.gen_range(1..1_200)).map(|_| rng.gen()).collect();
-            let repr = DatagramRepr {
-                group_id: 1,
-                spi: 1,
-                seq: rng.gen_range(1..30),
-                body: BodyRepr::Symbol(SymbolRepr {
-                    object: if rng.gen() {
-                        ObjectKind::Manifest
-                    } else {
-                        ObjectKind::Chunks
-                    },
-                    sbn: 0,
-                    esi: rng.gen_range(0..50),
-                    data: &data,
-                }),
-                mac: [0; 16],
+            let symbol = SymbolRepr {
+                object: if rng.gen() {
+                    ObjectKind::Manifest
+                } else {
+                    ObjectKind::Chunks
+                },
+                sbn: 0,
+                esi: rng.gen_range(0..50),
+                data: &data,
             };
-            let mut buf = vec![0u8; repr.buffer_len()];
-            repr.emit(&mut buf).unwrap();
-            MacKey::from_bytes(rng.gen()).seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-            buf
+            let seq = rng.gen_range(1..30);
+            DEMO_SA.wrongly_keyed(&mut rng, seq, BodyRepr::Symbol(symbol))
         };
         if socket.send_to(&datagram, group).is_ok() {
             sent.fetch_add(1, Ordering::Relaxed);

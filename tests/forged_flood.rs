@@ -12,15 +12,20 @@ use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::datagram::DatagramVerifier;
 use rekeycast::auth::mac::MacKey;
 use rekeycast::auth::message::MessageVerifier;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys, RekeyBatch};
+use rekeycast::lkh::{Degree, KeyTree, MemberId, MemberKeys, RekeyBatch};
 use rekeycast::session::chunk::SignedChunk;
 use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::manifest::ChunkAuth;
-use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::wire::{BodyRepr, ObjectKind};
+use rekeycast_testkit::forge::{self, Sa};
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x00C0_FFEE;
 const SPI: u32 = 3;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 const SYMBOL_SIZE: u16 = 1200;
 
 /// The member side of the verifier pipeline, composed from the public pieces: datagram MAC and
@@ -108,40 +113,18 @@ fn datagrams(tree: &KeyTree, batch: &RekeyBatch, gcks: &SigningKey) -> Vec<Vec<u
 }
 
 fn seal(seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8], key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body: BodyRepr::Symbol(SymbolRepr {
-            object,
-            sbn,
-            esi,
-            data,
-        }),
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal_symbol(seq, object, sbn, esi, data, key)
 }
 
 /// One forged datagram, of one of four kinds.
 fn forge(rng: &mut ChaCha8Rng, real: &[Vec<u8>], newest_seq: u64) -> Vec<u8> {
     match rng.gen_range(0..4) {
         // Random bytes of a random length.
-        0 => {
-            let len = rng.gen_range(0..1500);
-            (0..len).map(|_| rng.gen()).collect()
-        }
+        0 => forge::random_bytes(rng, 1500),
         // A real datagram with one to eight bits flipped.
         1 => {
-            let mut bytes = real[rng.gen_range(0..real.len())].clone();
-            for _ in 0..rng.gen_range(1..=8) {
-                let bit = rng.gen_range(0..bytes.len() * 8);
-                bytes[bit / 8] ^= 1 << (bit % 8);
-            }
-            bytes
+            let real = &real[rng.gen_range(0..real.len())];
+            forge::flip_bits(rng, real)
         }
         // The right group, SA and a current or next sequence number, a plausible manifest or
         // chunk symbol, sealed with a key the attacker made up.
@@ -163,18 +146,7 @@ fn forge(rng: &mut ChaCha8Rng, real: &[Vec<u8>], newest_seq: u64) -> Vec<u8> {
 
 #[test]
 fn forged_flood_costs_no_signature_checks() {
-    let gcks = SigningKey::from_bytes(&[77; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: gcks.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(1));
-    let others: Vec<MemberId> = (0..300).map(MemberId).collect();
-    tree.apply_batch(&others, &[]).unwrap();
+    let KeyServer { mut tree, gcks } = KeyServer::new(SA, 77, 1, 0..300);
     let me = MemberId(1_000_000);
     let batch = tree.apply_batch(&[me], &[]).unwrap();
     let bundle = tree.join(me).unwrap();
@@ -242,18 +214,7 @@ fn forged_flood_costs_no_signature_checks() {
 
 #[test]
 fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step() {
-    let gcks = SigningKey::from_bytes(&[78; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: gcks.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(9));
-    tree.apply_batch(&(0..40).map(MemberId).collect::<Vec<_>>(), &[])
-        .unwrap();
+    let KeyServer { mut tree, gcks } = KeyServer::new(SA, 78, 9, 0..40);
     let me = MemberId(500);
     let batch = tree.apply_batch(&[me], &[]).unwrap();
     let bundle = tree.join(me).unwrap();
@@ -307,19 +268,7 @@ fn every_single_bit_flip_of_every_datagram_is_rejected_before_the_signature_step
         }),
     ];
     for body in others {
-        let repr = DatagramRepr {
-            group_id: GROUP,
-            spi: SPI,
-            seq,
-            body,
-            mac: [0; 16],
-        };
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        batch
-            .mac_key
-            .seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-        real.push(buf);
+        real.push(SA.seal(seq, body, &batch.mac_key));
     }
 
     let mut flips = 0u64;

@@ -7,15 +7,17 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent};
+use rekeycast::gcks::{Gcks, GcksConfig};
 use rekeycast::lkh::{KeyRng, MemberId};
 use rekeycast::member::{Member, MemberConfig};
 use rekeycast::resync::store::{StateStore, StoredMessage};
 use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::sender::PreparedMessage;
+use rekeycast_testkit::engine::wait_sent;
+use rekeycast_testkit::wait;
 
 fn addresses() -> (SocketAddr, SocketAddr) {
     let pid = std::process::id();
@@ -35,34 +37,25 @@ fn config(group: SocketAddr, bind: SocketAddr, state: &Path) -> GcksConfig {
     config
 }
 
-fn wait_sent(gcks: &Gcks, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(GcksEvent::Sent { seq: sent }) =
-            gcks.events().recv_timeout(Duration::from_millis(100))
-        {
-            if sent == seq {
-                return;
-            }
-        }
-    }
-    panic!("message {seq} was not sent");
-}
-
 /// Waits until every member has applied message `seq`.
 fn wait_current(members: &[Member], seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if members.iter().all(|m| m.stats().unwrap().next_seq > seq) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let behind: Vec<u64> = members
-        .iter()
-        .map(|m| m.stats().unwrap().next_seq)
-        .collect();
-    panic!("members not at message {seq}: next_seq {behind:?}");
+    wait::until(
+        wait::PATIENCE,
+        &format!("every member at message {seq}"),
+        || {
+            members
+                .iter()
+                .all(|m| m.stats().unwrap().next_seq > seq)
+                .then_some(())
+        },
+        || {
+            let next: Vec<u64> = members
+                .iter()
+                .map(|m| m.stats().unwrap().next_seq)
+                .collect();
+            format!("next_seq {next:?}")
+        },
+    );
 }
 
 #[test]

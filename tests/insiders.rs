@@ -19,8 +19,7 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, RegistrationBundle};
+use rekeycast::lkh::{Degree, KeyTree, MemberId, RegistrationBundle};
 use rekeycast::session::chunk::SignedChunk;
 use rekeycast::session::layout::{build_message, BuiltMessage, MessageParams};
 use rekeycast::session::manifest::{ChunkAuth, SignedManifest};
@@ -28,12 +27,16 @@ use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{
     ReceiverConfig, ReceiverEvent, ReceiverSession, SenderConfig, SenderSession,
 };
-use rekeycast::wire::{
-    BodyRepr, DatagramRepr, HeartbeatRepr, NackRepr, ObjectKind, Packet, SymbolRepr,
-};
+use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, NackRepr, ObjectKind};
+use rekeycast_testkit::forge::{self, Sa};
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x1A51_DE25;
 const SPI: u32 = 5;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 const SYMBOL_SIZE: u16 = 1200;
 /// The drivers' buffer: every datagram of the sessions fits it.
 const DATAGRAM: usize = 1500;
@@ -71,18 +74,7 @@ struct Message {
 impl Group {
     /// A group of `others` members (admitted by a first message nobody here receives).
     fn new(seed: u64, others: u64, chunk_auth: ChunkAuth) -> Self {
-        let gcks = SigningKey::from_bytes(&[seed as u8; 32]);
-        let sa = RekeySa {
-            group_id: GROUP,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
-        let members: Vec<MemberId> = (0..others).map(MemberId).collect();
-        tree.apply_batch(&members, &[]).unwrap();
+        let KeyServer { tree, gcks } = KeyServer::new(SA, seed as u8, seed, 0..others);
         Self {
             tree,
             gcks,
@@ -196,30 +188,11 @@ impl Own {
 
 /// Emits `body` for `seq` and seals it with `key`.
 fn seal(seq: u64, body: BodyRepr<'_>, key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal(seq, body, key)
 }
 
 fn symbol(seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8], key: &MacKey) -> Vec<u8> {
-    seal(
-        seq,
-        BodyRepr::Symbol(SymbolRepr {
-            object,
-            sbn,
-            esi,
-            data,
-        }),
-        key,
-    )
+    SA.seal_symbol(seq, object, sbn, esi, data, key)
 }
 
 /// An insider's forged repair symbol for the member's block: random bytes of the right length
@@ -240,18 +213,11 @@ fn forged_repair(rng: &mut ChaCha8Rng, message: &Message, own: Own, esi: u32) ->
 fn outsider(rng: &mut ChaCha8Rng, real: &[Vec<u8>], message: &Message) -> Vec<u8> {
     match rng.gen_range(0..5) {
         // Random bytes of a random length.
-        0 => {
-            let len = rng.gen_range(0..DATAGRAM);
-            (0..len).map(|_| rng.gen()).collect()
-        }
+        0 => forge::random_bytes(rng, DATAGRAM),
         // A real datagram with one to eight bits flipped.
         1 => {
-            let mut bytes = real[rng.gen_range(0..real.len())].clone();
-            for _ in 0..rng.gen_range(1..=8) {
-                let bit = rng.gen_range(0..bytes.len() * 8);
-                bytes[bit / 8] ^= 1 << (bit % 8);
-            }
-            bytes
+            let real = &real[rng.gen_range(0..real.len())];
+            forge::flip_bits(rng, real)
         }
         // The real signed manifest, or the member's real chunk, under a made-up key: a
         // signature check would pass if the MAC did not stop it first.

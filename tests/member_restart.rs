@@ -5,24 +5,21 @@
 // Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent};
+use rekeycast::gcks::{EngineError, Gcks, GcksConfig};
 use rekeycast::io::resync_client::Endpoint;
-use rekeycast::lkh::{MemberId, MemberStateError, RegistrationBundle};
+use rekeycast::lkh::{MemberStateError, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
 use rekeycast::session::ReceiverEvent;
+use rekeycast_testkit::engine::wait_sent;
 
 /// A multicast group and port for test `salt` of this process.
 fn group(salt: u8) -> SocketAddr {
-    let pid = std::process::id();
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(239, 81, salt, pid as u8),
-        43_000 + (pid % 8_000) as u16 + u16::from(salt),
-    ))
+    rekeycast_testkit::addr::multicast_group(81, salt)
 }
 
 fn start_gcks(group: SocketAddr) -> Gcks {
@@ -32,37 +29,14 @@ fn start_gcks(group: SocketAddr) -> Gcks {
     Gcks::start(config, SigningKey::from_bytes(&[11; 32])).unwrap()
 }
 
-fn wait_sent(gcks: &Gcks, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(GcksEvent::Sent { seq: sent }) =
-            gcks.events().recv_timeout(Duration::from_millis(100))
-        {
-            if sent >= seq {
-                return;
-            }
-        }
-    }
-    panic!("message {seq} was not sent");
-}
-
 /// Admits members 1..=3 in one batch (message 1) and returns member 1's bundle.
 fn admit(gcks: &Gcks) -> RegistrationBundle {
-    let replies: Vec<_> = (1..=3).map(|i| gcks.join(MemberId(i)).unwrap()).collect();
-    gcks.rekey_now().unwrap();
-    let mut bundles: Vec<RegistrationBundle> = replies
-        .into_iter()
-        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
-        .collect();
-    bundles.swap_remove(0)
+    rekeycast_testkit::engine::admit(gcks, &[1, 2, 3]).swap_remove(0)
 }
 
 /// Rekeys once (a refresh) and waits until it is sent; returns its sequence number.
 fn rekey(gcks: &Gcks) -> u64 {
-    let seq = gcks.stats().unwrap().seq + 1;
-    gcks.rekey_now().unwrap();
-    wait_sent(gcks, seq);
-    seq
+    rekeycast_testkit::engine::rekey(gcks)
 }
 
 /// Waits for the member to apply message `seq`; returns the events it raised meanwhile.

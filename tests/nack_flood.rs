@@ -18,15 +18,20 @@ use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId};
+use rekeycast::lkh::{KeyTree, MemberId};
 use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{SenderConfig, SenderCounters, SenderSession};
 use rekeycast::wire::{BodyRepr, DatagramRepr, NackRepr, ObjectKind, Packet};
+use rekeycast_testkit::forge::Sa;
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x0F10_0D00;
 const SPI: u32 = 9;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 /// The driver's buffer: every datagram of the session fits it.
 const DATAGRAM: usize = 1500;
 /// NACKs per wave.
@@ -56,18 +61,7 @@ struct Message {
 
 impl Group {
     fn new(seed: u64) -> Self {
-        let gcks = SigningKey::from_bytes(&[seed as u8; 32]);
-        let sa = RekeySa {
-            group_id: GROUP,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
-        let members: Vec<MemberId> = (0..1000).map(MemberId).collect();
-        tree.apply_batch(&members, &[]).unwrap();
+        let KeyServer { tree, gcks } = KeyServer::new(SA, seed as u8, seed, 0..1000);
         Self {
             tree,
             gcks,

@@ -16,16 +16,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rekeycast::auth::mac::MacKey;
 use rekeycast::engine::driver::{FeedbackLimit, ReceiveFilter};
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, ResyncAnswer};
+use rekeycast::gcks::{Gcks, GcksConfig, ResyncAnswer};
 use rekeycast::io::resync_client::{fetch_items, Endpoint};
 use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::member::{Member, MemberConfig};
@@ -33,8 +32,11 @@ use rekeycast::relay::{Relay, RelayBuilder, RelayEngineConfig, RelayStats};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::sim::Loss;
 use rekeycast::sim::LossModel;
-use rekeycast::wire::{BodyRepr, DatagramRepr, NackRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::wire::{BodyRepr, NackRepr, ObjectKind, SymbolRepr};
 use rekeycast_proto::endpoint::{Port, ResyncEndpoint, ResyncProtocol};
+use rekeycast_testkit::addr;
+use rekeycast_testkit::engine::{self, wait_sent};
+use rekeycast_testkit::forge::Sa;
 
 /// The group id and SPI of [`GcksConfig::loopback`].
 const GROUP_ID: u32 = 1;
@@ -45,11 +47,7 @@ const RELAY_ID: u64 = 1_000_000;
 /// The upstream (`tier` 0) or downstream (`tier` 1) group and port of test `salt` in this
 /// process, away from other tests' groups.
 fn group(salt: u8, tier: u8) -> SocketAddr {
-    let pid = std::process::id();
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(239, 83 + tier, salt, pid as u8),
-        46_000 + (pid % 8_000) as u16 + 2 * u16::from(salt) + u16::from(tier),
-    ))
+    rekeycast_testkit::addr::multicast_group(83 + tier, 2 * salt + tier)
 }
 
 fn localhost() -> SocketAddr {
@@ -75,36 +73,7 @@ fn start_gcks_pacing(group: SocketAddr, send_rate: f64) -> Gcks {
 /// Admits `ids` in one batch; returns their bundles in order once the batch is built (its
 /// message goes out after the admission delay).
 fn admit(gcks: &Gcks, ids: &[u64]) -> Vec<RegistrationBundle> {
-    let replies: Vec<_> = ids
-        .iter()
-        .map(|&i| {
-            if i == RELAY_ID {
-                gcks.join_relay(MemberId(i)).unwrap()
-            } else {
-                gcks.join(MemberId(i)).unwrap()
-            }
-        })
-        .collect();
-    gcks.rekey_now().unwrap();
-    replies
-        .into_iter()
-        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
-        .collect()
-}
-
-/// Waits until the GCKS sent message `seq` (its initial transmission is on the wire).
-fn wait_sent(gcks: &Gcks, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(GcksEvent::Sent { seq: sent }) =
-            gcks.events().recv_timeout(Duration::from_millis(100))
-        {
-            if sent >= seq {
-                return;
-            }
-        }
-    }
-    panic!("message {seq} was not sent");
+    engine::admit_with(gcks, ids, |id| id == RELAY_ID)
 }
 
 fn relay_config(gcks: &Gcks, up: SocketAddr, down: SocketAddr) -> RelayEngineConfig {
@@ -158,22 +127,7 @@ fn member_config(
 
 /// Waits until every member applied message `seq`, at most `limit`; returns how long it took.
 fn wait_members(members: &[(u64, Member)], seq: u64, limit: Duration) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if members
-            .iter()
-            .all(|(_, m)| m.stats().unwrap().next_seq > seq)
-        {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let behind: Vec<(u64, u64)> = members
-        .iter()
-        .map(|(id, m)| (*id, m.stats().unwrap().next_seq))
-        .filter(|(_, next)| *next <= seq)
-        .collect();
-    panic!("members (id, next seq) still behind message {seq}: {behind:?}");
+    engine::wait_applied(members, seq, limit)
 }
 
 /// Waits until the relay applied message `seq`.
@@ -603,31 +557,16 @@ fn assert_private(state: &Path) {
 
 /// A socket that sends to loopback multicast groups.
 fn sender() -> UdpSocket {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .unwrap();
-    socket.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-    socket.set_multicast_loop_v4(true).unwrap();
-    socket.bind(&localhost().into()).unwrap();
-    socket.into()
+    addr::multicast_sender()
 }
 
 /// A datagram of the group's SA for message `seq`, sealed under a key nobody holds.
 fn forged(rng: &mut ChaCha8Rng, seq: u64, body: BodyRepr<'_>) -> Vec<u8> {
-    let repr = DatagramRepr {
+    Sa {
         group_id: GROUP_ID,
         spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    MacKey::from_bytes(rng.gen()).seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    }
+    .wrongly_keyed(rng, seq, body)
 }
 
 #[test]

@@ -19,17 +19,22 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, RegistrationBundle};
+use rekeycast::lkh::{KeyTree, MemberId, RegistrationBundle};
 use rekeycast::session::layout::{build_message, BuiltMessage, MessageParams};
 use rekeycast::session::sender::{PreparedMessage, SenderEvent};
 use rekeycast::session::{
     ReceiverConfig, ReceiverEvent, ReceiverSession, SenderConfig, SenderSession,
 };
-use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind, Packet};
+use rekeycast::wire::{BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind};
+use rekeycast_testkit::forge::Sa;
+use rekeycast_testkit::keys::KeyServer;
 
 const GROUP: u32 = 0x2E91_A7E5;
 const SPI: u32 = 11;
+const SA: Sa = Sa {
+    group_id: GROUP,
+    spi: SPI,
+};
 /// The drivers' buffer: every datagram of the sessions fits it.
 const DATAGRAM: usize = 1500;
 
@@ -69,17 +74,7 @@ impl Message {
 
 impl Group {
     fn new(seed: u64) -> Self {
-        let gcks = SigningKey::from_bytes(&[seed as u8; 32]);
-        let sa = RekeySa {
-            group_id: GROUP,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
-        tree.apply_batch(&[MemberId(0)], &[]).unwrap();
+        let KeyServer { tree, gcks } = KeyServer::new(SA, seed as u8, seed, 0..1);
         Self {
             tree,
             gcks,
@@ -112,17 +107,7 @@ impl Group {
 
 /// Emits `body` for `seq` and seals it with `key`, as an insider holding the key can.
 fn seal(seq: u64, body: BodyRepr<'_>, key: &MacKey) -> Vec<u8> {
-    let repr = DatagramRepr {
-        group_id: GROUP,
-        spi: SPI,
-        seq,
-        body,
-        mac: [0; 16],
-    };
-    let mut buf = vec![0u8; repr.buffer_len()];
-    repr.emit(&mut buf).unwrap();
-    key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-    buf
+    SA.seal(seq, body, key)
 }
 
 /// The sender and its members, joined by a lossless zero-delay network the test controls.

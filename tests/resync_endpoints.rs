@@ -8,24 +8,22 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent};
+use rekeycast::gcks::{Gcks, GcksConfig};
 use rekeycast::io::resync_client::Endpoint;
-use rekeycast::lkh::{MemberId, RegistrationBundle};
+use rekeycast::lkh::RegistrationBundle;
 use rekeycast::member::{Member, MemberConfig};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::wire::frame::FrameRepr;
+use rekeycast_testkit::engine::wait_sent;
+use rekeycast_testkit::wait;
 
 /// A multicast group and port for test `salt` of this process.
 fn group(salt: u8) -> SocketAddr {
-    let pid = std::process::id();
-    SocketAddr::V4(SocketAddrV4::new(
-        Ipv4Addr::new(239, 80, salt, pid as u8),
-        41_000 + (pid % 8_000) as u16 + u16::from(salt),
-    ))
+    rekeycast_testkit::addr::multicast_group(80, salt)
 }
 
 fn start_gcks(group: SocketAddr, history: usize) -> Gcks {
@@ -38,30 +36,10 @@ fn start_gcks(group: SocketAddr, history: usize) -> Gcks {
     Gcks::start(config, SigningKey::from_bytes(&[9; 32])).unwrap()
 }
 
-fn wait_sent(gcks: &Gcks, seq: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(GcksEvent::Sent { seq: sent }) =
-            gcks.events().recv_timeout(Duration::from_millis(100))
-        {
-            if sent >= seq {
-                return;
-            }
-        }
-    }
-    panic!("message {seq} was not sent");
-}
-
 /// Admits `count` members in one batch and returns their bundles (message 1 carries them).
 fn admit(gcks: &Gcks, first: u64, count: u64) -> Vec<RegistrationBundle> {
-    let replies: Vec<_> = (first..first + count)
-        .map(|i| gcks.join(MemberId(i)).unwrap())
-        .collect();
-    gcks.rekey_now().unwrap();
-    replies
-        .into_iter()
-        .map(|r| r.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
-        .collect()
+    let ids: Vec<u64> = (first..first + count).collect();
+    rekeycast_testkit::engine::admit(gcks, &ids)
 }
 
 /// Rekeys `count` times (refreshes with no membership change) and waits for each to be sent.
@@ -257,12 +235,17 @@ fn tampered_resync_data_is_rejected() {
     });
     let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(fake_addr));
     gcks.rekey_now().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && member.stats().unwrap().resyncs_started == 0 {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let stats = member.stats().unwrap();
+    // Until the member started a second resync: the first one, through the corrupting
+    // endpoint, was over and gave it nothing.
+    let stats = wait::until(
+        Duration::from_secs(10),
+        "a second resync",
+        || {
+            let stats = member.stats().unwrap();
+            (stats.resyncs_started >= 2).then_some(stats)
+        },
+        || format!("{:?}", member.stats().unwrap()),
+    );
     assert!(stats.resyncs_started > 0, "{stats:?}");
     assert_eq!(stats.receiver.applied_from_resync, 0, "{stats:?}");
     assert_eq!(stats.group_key_version, None);
@@ -337,12 +320,14 @@ fn ten_thousand_idle_connections_are_capped_and_timed_out_and_resync_still_works
     );
     assert!(during.refused_overloaded > 0, "{during:?}");
 
-    // The idle ones left are closed by the endpoints' timeouts.
-    std::thread::sleep(Duration::from_secs(3));
+    // The idle ones left are closed by the endpoints' timeouts: each read ends when its
+    // connection closes, all of them by the deadline.
+    let deadline = Instant::now() + Duration::from_secs(6);
     let mut closed_by_server = 0;
     for stream in idle.iter_mut().take(64) {
+        let left = deadline.saturating_duration_since(Instant::now());
         stream
-            .set_read_timeout(Some(Duration::from_millis(200)))
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
         let mut buf = [0u8; 512];
         match stream.read(&mut buf) {

@@ -39,6 +39,8 @@ use rekeycast::lkh::MemberId;
 use rekeycast::sim::Loss;
 use serde_json::{json, Value};
 
+use crate::machine::{format_load, load_average, ms};
+
 /// The largest FEC block of the big batch's message in part 3, in symbols.
 const BIG_BATCH_BLOCK_SYMBOLS: u32 = 1024;
 
@@ -105,31 +107,6 @@ fn group(offset: u16) -> SocketAddr {
         Ipv4Addr::new(239, 78, (pid >> 8) as u8, pid as u8),
         port,
     ))
-}
-
-fn load_average() -> Vec<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .filter_map(|field| field.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn format_load(load: &[f64]) -> String {
-    if load.is_empty() {
-        return "unknown".into();
-    }
-    load.iter()
-        .map(|l| format!("{l:.2}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1e3
 }
 
 fn lag_json(lag: &LagSummary) -> Value {

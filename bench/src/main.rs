@@ -58,6 +58,7 @@ mod auth;
 mod engine;
 mod fec;
 mod lkh;
+mod machine;
 mod nack;
 mod relay;
 mod resync;

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use rekeycast_nack::backoff;
-use rekeycast_nack::sim::{self, LossModel, ProactiveMode, SimConfig, SimReport};
+use rekeycast_nack::loss::Loss;
+use rekeycast_nack::sim::{self, ProactiveMode, SimConfig, SimReport};
 use rekeycast_nack::{FeedbackMode, ProactiveConfig};
 use serde_json::{json, Value};
 
@@ -31,10 +32,10 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     };
     let messages = if quick { 14 } else { 54 };
     let losses = [
-        ("iid 1%", LossModel::Bernoulli { p: 0.01 }),
-        ("iid 10%", LossModel::Bernoulli { p: 0.10 }),
-        ("iid 30%", LossModel::Bernoulli { p: 0.30 }),
-        ("GE 5% b10", LossModel::BURSTY_5_PERCENT),
+        ("iid 1%", Loss::Bernoulli { p: 0.01 }),
+        ("iid 10%", Loss::Bernoulli { p: 0.10 }),
+        ("iid 30%", Loss::Bernoulli { p: 0.30 }),
+        ("GE 5% b10", Loss::BURSTY_5_PERCENT),
     ];
     let base = default_config(messages);
     println!(
@@ -75,8 +76,8 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     let mut variants = Vec::new();
     let g1000 = SimConfig {
         receivers: 1000,
-        data_loss: LossModel::Bernoulli { p: 0.1 },
-        feedback_loss: LossModel::Bernoulli { p: 0.1 },
+        data_loss: Loss::Bernoulli { p: 0.1 },
+        feedback_loss: Loss::Bernoulli { p: 0.1 },
         seed: 1000,
         ..base.clone()
     };

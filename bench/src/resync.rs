@@ -38,6 +38,8 @@ use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::session::{ReceiverConfig, ReceiverSession};
 use serde_json::{json, Value};
 
+use crate::machine::{format_load, load_average, ms};
+
 /// Members admitted in message 1.
 const MEMBERS: u64 = 64;
 /// Refreshes after message 1: the member admitted at message 1 misses 101 messages.
@@ -87,31 +89,6 @@ fn group() -> SocketAddr {
         Ipv4Addr::new(239, 79, (pid >> 8) as u8, pid as u8),
         23_000 + (pid % 20_000) as u16,
     ))
-}
-
-fn load_average() -> Vec<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .filter_map(|field| field.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn format_load(load: &[f64]) -> String {
-    if load.is_empty() {
-        return "unknown".into();
-    }
-    load.iter()
-        .map(|l| format!("{l:.2}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1e3
 }
 
 /// The GCKS with its history, and the bundle of a member admitted at message 1.

@@ -945,11 +945,11 @@ impl RelayConfig {
             .upstream_resync_endpoints()?
             .into_iter()
             .map(|endpoint| match endpoint {
-                crate::io::resync_client::Endpoint::Tcp(addr) => ResyncEndpoint {
+                rekeycast::io::resync_client::Endpoint::Tcp(addr) => ResyncEndpoint {
                     protocol: ResyncProtocol::Tcp,
                     addr,
                 },
-                crate::io::resync_client::Endpoint::Http(addr) => ResyncEndpoint {
+                rekeycast::io::resync_client::Endpoint::Http(addr) => ResyncEndpoint {
                     protocol: ResyncProtocol::Http,
                     addr,
                 },
@@ -961,7 +961,7 @@ impl RelayConfig {
         engine.resync_tcp = self.resync.tcp_listen;
         engine.resync_http = self.resync.http_listen;
         engine.resync_limits = self.resync.limits();
-        engine.feedback_limit = Some(crate::engine::driver::FeedbackLimit {
+        engine.feedback_limit = Some(rekeycast::engine::driver::FeedbackLimit {
             datagrams_per_second: down.datagrams_per_second_per_source,
             burst: down.burst_per_source,
         });

@@ -6,8 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use rekeycast_testkit::addr::{multicast_group, port};
+use rekeycast_testkit::process::{
+    log_file, wait_exit, wait_for_file, wait_for_log, MemberFile, Processes, ServerFile,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rekeycast");
 
@@ -97,31 +102,53 @@ fn server_bad_config_exits_naming_the_option() {
     assert!(text(&output.stderr).contains("send_rat"));
 }
 
-/// Kills and reaps the processes it holds when the test ends, however it ends.
-struct Processes(Vec<Child>);
+/// The files of a server and one member on loopback, for process test `test` (its own
+/// multicast group, and its own loopback address 127.0.0.`test + 1`, so the process tests can
+/// run at once), written into `dir`; `batch_interval_ms` 0 leaves the batch interval at its
+/// default.
+struct Files {
+    socket: PathBuf,
+    server: ServerFile,
+    server_config: PathBuf,
+    bundle: PathBuf,
+    member_config: PathBuf,
+}
 
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
+impl Files {
+    fn new(dir: &Path, test: u8, batch_interval_ms: u64) -> Self {
+        let host = format!("127.0.0.{}", test + 1);
+        let group = multicast_group(85, test).to_string();
+        let feedback = format!("{host}:{}", port(2 * test));
+        let resync = format!("{host}:{}", port(2 * test + 1));
+        let socket = dir.join("admin.sock");
+        let server = ServerFile {
+            feedback: feedback.clone(),
+            state_dir: dir.join("state"),
+            admin_socket: socket.clone(),
+            multicast: group.clone(),
+            batch_interval_ms: (batch_interval_ms > 0).then_some(batch_interval_ms),
+            sender: vec![("grtt_initial_ms", 10)],
+            resync_tcp: resync.clone(),
+        };
+        let server_config = dir.join("server.toml");
+        server.write(&server_config);
+        let bundle = dir.join("member-1.bundle");
+        let member_config = dir.join("member.toml");
+        MemberFile {
+            feedback,
+            bundle: bundle.clone(),
+            resync_endpoints: vec![format!("tcp://{resync}")],
+            state_check_interval_ms: 100,
+            multicast: group,
         }
-    }
-}
-
-fn log_file(path: &Path) -> Stdio {
-    Stdio::from(std::fs::File::create(path).unwrap())
-}
-
-fn wait_for_file(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        .write(&member_config);
+        Self {
+            socket,
+            server,
+            server_config,
+            bundle,
+            member_config,
+        }
     }
 }
 
@@ -141,41 +168,14 @@ fn admin(socket: &Path, args: &[&str]) -> serde_json::Value {
 #[test]
 fn server_admin_member_processes_deliver_a_rekey() {
     let dir = tempfile::tempdir().unwrap();
-    let pid = std::process::id();
-    let group = format!(
-        "239.80.{}.{}:{}",
-        (pid >> 8) as u8,
-        pid as u8,
-        41_000 + pid % 10_000
-    );
-    let feedback = format!("127.0.0.1:{}", 51_000 + pid % 10_000);
-    let resync = format!("127.0.0.1:{}", 55_000 + pid % 10_000);
-    let state: PathBuf = dir.path().join("state");
-    let socket = dir.path().join("admin.sock");
-    let server_config = dir.path().join("server.toml");
-    std::fs::write(
-        &server_config,
-        format!(
-            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{group}\"\n[batch]\ninterval_ms = 200\n\
-             [sender]\ngrtt_initial_ms = 10\n[resync]\ntcp_listen = \"{resync}\"\n",
-            state.display(),
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let bundle = dir.path().join("member-1.bundle");
-    let member_config = dir.path().join("member.toml");
-    std::fs::write(
-        &member_config,
-        format!(
-            "feedback = \"{feedback}\"\nbundle = \"{}\"\n\
-             resync_endpoints = [\"tcp://{resync}\"]\nstate_check_interval_ms = 100\n\
-             [group]\nmulticast = \"{group}\"\n",
-            bundle.display()
-        ),
-    )
-    .unwrap();
+    let files = Files::new(dir.path(), 0, 200);
+    let Files {
+        socket,
+        server_config,
+        bundle,
+        member_config,
+        ..
+    } = files;
 
     let server_log = dir.path().join("server.log");
     let member_log = dir.path().join("member.log");
@@ -234,22 +234,13 @@ fn server_admin_member_processes_deliver_a_rekey() {
             .spawn()
             .unwrap(),
     );
-    // Give the member time to join the group, then rekey until it has the next message.
-    std::thread::sleep(Duration::from_millis(500));
+    // Once the member runs (its sockets bound, the group joined), rekey: it needs that message.
+    wait_for_log(&member_log, "member running", Duration::from_secs(20));
     let rekeyed = admin(&socket, &["rekey"]);
     assert_eq!(rekeyed["ok"], true, "{rekeyed}");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = processes.0[1].try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the member did not reach message {target}\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = wait_exit(&mut processes.0[1], Duration::from_secs(30)) else {
+        panic!("the member did not reach message {target}\n{}", logs());
     };
     assert!(status.success(), "member exited with {status}\n{}", logs());
     let status = admin(&socket, &["status"]);
@@ -280,20 +271,18 @@ fn server_admin_member_processes_deliver_a_rekey() {
             .spawn()
             .unwrap(),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_log(
+        &member_log,
+        "member resumed from its saved keys",
+        Duration::from_secs(20),
+    );
     let rekeyed = admin(&socket, &["rekey"]);
     assert_eq!(rekeyed["ok"], true, "{rekeyed}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = processes.0[2].try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
+    let Some(status) = wait_exit(&mut processes.0[2], Duration::from_secs(30)) else {
+        panic!(
             "the resumed member did not reach message {target}\n{}",
             logs()
         );
-        std::thread::sleep(Duration::from_millis(50));
     };
     assert!(
         status.success(),
@@ -301,20 +290,6 @@ fn server_admin_member_processes_deliver_a_rekey() {
         logs()
     );
     assert!(logs().contains("resumed from its saved keys"), "{}", logs());
-}
-
-/// Waits up to `timeout` for `child` to exit.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `bundle` (a bundle file's JSON) with one hex digit of its leaf key changed.
@@ -332,41 +307,14 @@ fn flip_leaf_key_digit(bundle: &mut serde_json::Value) {
 #[test]
 fn member_with_a_corrupt_bundle_exits_naming_the_cause() {
     let dir = tempfile::tempdir().unwrap();
-    let pid = std::process::id();
     // Apart from the other process tests: another multicast group, and 127.0.0.2.
-    let group = format!(
-        "239.81.{}.{}:{}",
-        (pid >> 8) as u8,
-        pid as u8,
-        41_000 + pid % 10_000
-    );
-    let feedback = format!("127.0.0.2:{}", 51_000 + pid % 10_000);
-    let resync = format!("127.0.0.2:{}", 55_000 + pid % 10_000);
-    let socket = dir.path().join("admin.sock");
-    let server_config = dir.path().join("server.toml");
-    std::fs::write(
-        &server_config,
-        format!(
-            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{group}\"\n[batch]\ninterval_ms = 100\n\
-             [sender]\ngrtt_initial_ms = 10\n[resync]\ntcp_listen = \"{resync}\"\n",
-            dir.path().join("state").display(),
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let bundle = dir.path().join("member-1.bundle");
-    let member_config = dir.path().join("member.toml");
-    std::fs::write(
-        &member_config,
-        format!(
-            "feedback = \"{feedback}\"\nbundle = \"{}\"\n\
-             resync_endpoints = [\"tcp://{resync}\"]\nstate_check_interval_ms = 100\n\
-             [group]\nmulticast = \"{group}\"\n",
-            bundle.display()
-        ),
-    )
-    .unwrap();
+    let Files {
+        socket,
+        server_config,
+        bundle,
+        member_config,
+        ..
+    } = Files::new(dir.path(), 1, 100);
     let server_log = dir.path().join("server.log");
     let member_log = dir.path().join("member.log");
     let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
@@ -411,9 +359,11 @@ fn member_with_a_corrupt_bundle_exits_naming_the_cause() {
     // Rekeys keep coming until the member exits: it hears the next message (or learns of it
     // and resyncs) and must then stop within that message.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut next_rekey = Instant::now();
     let status = loop {
-        if let Some(status) = processes.0[1].try_wait().unwrap() {
+        let rekeyed = admin(&socket, &["rekey"]);
+        assert_eq!(rekeyed["ok"], true, "{rekeyed}");
+        // The next rekey when the member has not exited within 300 ms of this one.
+        if let Some(status) = wait_exit(&mut processes.0[1], Duration::from_millis(300)) {
             break status;
         }
         assert!(
@@ -422,12 +372,6 @@ fn member_with_a_corrupt_bundle_exits_naming_the_cause() {
             read(&member_log),
             read(&server_log)
         );
-        if Instant::now() >= next_rekey {
-            let rekeyed = admin(&socket, &["rekey"]);
-            assert_eq!(rekeyed["ok"], true, "{rekeyed}");
-            next_rekey = Instant::now() + Duration::from_millis(300);
-        }
-        std::thread::sleep(Duration::from_millis(50));
     };
     let log = read(&member_log);
     assert_eq!(status.code(), Some(4), "{status}\n{log}");
@@ -464,25 +408,12 @@ fn server_on_a_taken_resync_port_names_the_address_and_the_cause_once() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let resync = taken.local_addr().unwrap();
-    let pid = std::process::id();
-    let group = format!(
-        "239.81.{}.{}:{}",
-        (pid >> 8) as u8,
-        pid as u8,
-        41_000 + pid % 10_000
-    );
-    let feedback = format!("127.0.0.3:{}", 51_000 + pid % 10_000);
-    let server_config = dir.path().join("server.toml");
-    std::fs::write(
-        &server_config,
-        format!(
-            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{group}\"\n[resync]\ntcp_listen = \"{resync}\"\n",
-            dir.path().join("state").display(),
-            dir.path().join("admin.sock").display()
-        ),
-    )
-    .unwrap();
+    let mut files = Files::new(dir.path(), 2, 0);
+    files.server.batch_interval_ms = None;
+    files.server.sender.clear();
+    files.server.resync_tcp = resync.to_string();
+    files.server.write(&files.server_config);
+    let server_config = files.server_config;
     let server_log = dir.path().join("server.log");
     let mut processes = Processes(vec![Command::new(BIN)
         .args(["server", "--config", server_config.to_str().unwrap()])

@@ -17,6 +17,8 @@
 //!   statistics (the Keystone / UKA idea), for a target fraction of NACKing receivers.
 //! - [`backoff`]: the backoff distribution and the analytic expectation of NACKs per loss.
 //! - [`duration_ms`]: serde's form of a configuration's durations, whole milliseconds.
+//! - [`loss`]: the workspace's one per-packet loss model (independent and Gilbert-Elliott,
+//!   seeded), shared by [`sim`], the network simulator of `rekeycast` and the netns switch.
 //! - [`sim`]: a seeded discrete-event simulator of one sender and many receivers, used by the
 //!   tests and by `rekeycast-bench nack`.
 //!
@@ -31,6 +33,7 @@ pub mod aggregator;
 pub mod backoff;
 pub mod duration_ms;
 pub mod grtt;
+pub mod loss;
 pub mod proactive;
 pub mod scheduler;
 pub mod sim;

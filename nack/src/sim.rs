@@ -33,90 +33,12 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::loss::{Loss, LossModel};
 use crate::{
     AggregatorConfig, BlockKey, BlockNackStats, ConfigError, Event, FeedbackMode, GrttConfig,
     GrttEstimator, HeartbeatInfo, IncomingNack, NackScheduler, ObjectId, ProactiveConfig,
     ProactiveRepair, ProbeEcho, RepairAggregator, SchedulerConfig,
 };
-
-/// A per-link, per-packet loss model.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum LossModel {
-    /// Nothing is lost.
-    None,
-    /// Each packet is lost with probability `p`.
-    Bernoulli {
-        /// Loss probability.
-        p: f64,
-    },
-    /// Gilbert-Elliott: Good and Bad states; per packet Good -> Bad with `p_gb` and
-    /// Bad -> Good with `p_bg`; a packet is lost with `loss_good` in Good, `loss_bad` in Bad.
-    GilbertElliott {
-        /// Good -> Bad transition probability per packet.
-        p_gb: f64,
-        /// Bad -> Good transition probability per packet.
-        p_bg: f64,
-        /// Loss probability in Good.
-        loss_good: f64,
-        /// Loss probability in Bad.
-        loss_bad: f64,
-    },
-}
-
-impl LossModel {
-    /// The bursty setting of ALGORITHMS.md: 5% mean loss in bursts of 10 packets on average.
-    pub const BURSTY_5_PERCENT: Self = Self::GilbertElliott {
-        p_gb: 0.05 * 0.1 / 0.95,
-        p_bg: 0.1,
-        loss_good: 0.0,
-        loss_bad: 1.0,
-    };
-
-    /// The long-run loss rate.
-    pub fn mean_loss(&self) -> f64 {
-        match *self {
-            Self::None => 0.0,
-            Self::Bernoulli { p } => p,
-            Self::GilbertElliott {
-                p_gb,
-                p_bg,
-                loss_good,
-                loss_bad,
-            } => {
-                let bad = if p_gb + p_bg > 0.0 {
-                    p_gb / (p_gb + p_bg)
-                } else {
-                    0.0
-                };
-                (1.0 - bad) * loss_good + bad * loss_bad
-            }
-        }
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let probability = |p: f64| (0.0..=1.0).contains(&p);
-        let ok = match *self {
-            Self::None => true,
-            Self::Bernoulli { p } => probability(p),
-            Self::GilbertElliott {
-                p_gb,
-                p_bg,
-                loss_good,
-                loss_bad,
-            } => [p_gb, p_bg, loss_good, loss_bad]
-                .into_iter()
-                .all(probability),
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid {
-                field: "loss model",
-                reason: "probabilities must be in [0, 1]",
-            })
-        }
-    }
-}
 
 /// How the simulated sender picks its proactive repair.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -143,9 +65,9 @@ pub struct SimConfig {
     /// Proactive repair per block.
     pub proactive: ProactiveMode,
     /// Loss on every receiver's downlink (symbols, advertisements, heard NACKs).
-    pub data_loss: LossModel,
+    pub data_loss: Loss,
     /// Loss on every receiver's uplink (its NACKs).
-    pub feedback_loss: LossModel,
+    pub feedback_loss: Loss,
     /// Smallest one-way delay between the sender and a receiver.
     pub min_delay: Duration,
     /// Largest one-way delay; the GRTT is twice this.
@@ -182,8 +104,8 @@ impl Default for SimConfig {
             blocks_per_message: 4,
             source_symbols: 32,
             proactive: ProactiveMode::Fixed(0),
-            data_loss: LossModel::Bernoulli { p: 0.1 },
-            feedback_loss: LossModel::Bernoulli { p: 0.1 },
+            data_loss: Loss::Bernoulli { p: 0.1 },
+            feedback_loss: Loss::Bernoulli { p: 0.1 },
             min_delay: Duration::from_millis(5),
             max_delay: Duration::from_millis(25),
             feedback: FeedbackMode::Unicast,
@@ -236,8 +158,20 @@ impl SimConfig {
         if !(self.hold_off_grtt.is_finite() && self.hold_off_grtt >= 0.0) {
             return Err(invalid("hold_off_grtt", "must be >= 0 and finite"));
         }
-        self.data_loss.validate()?;
-        self.feedback_loss.validate()
+        self.data_loss
+            .validate()
+            .map_err(|_| invalid_loss("data_loss"))?;
+        self.feedback_loss
+            .validate()
+            .map_err(|_| invalid_loss("feedback_loss"))
+    }
+}
+
+/// The error of a loss setting with a knob that is not a probability.
+fn invalid_loss(field: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: "probabilities must be finite and in [0, 1]",
     }
 }
 
@@ -405,44 +339,6 @@ impl Ord for Item {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Link {
-    model: LossModel,
-    bad: bool,
-}
-
-impl Link {
-    fn new(model: LossModel, rng: &mut ChaCha8Rng) -> Self {
-        let bad = match model {
-            LossModel::GilbertElliott { p_gb, p_bg, .. } if p_gb + p_bg > 0.0 => {
-                rng.gen_bool((p_gb / (p_gb + p_bg)).clamp(0.0, 1.0))
-            }
-            _ => false,
-        };
-        Self { model, bad }
-    }
-
-    fn lose(&mut self, rng: &mut ChaCha8Rng) -> bool {
-        match self.model {
-            LossModel::None => false,
-            LossModel::Bernoulli { p } => rng.gen_bool(p),
-            LossModel::GilbertElliott {
-                p_gb,
-                p_bg,
-                loss_good,
-                loss_bad,
-            } => {
-                self.bad = if self.bad {
-                    !rng.gen_bool(p_bg)
-                } else {
-                    rng.gen_bool(p_gb)
-                };
-                rng.gen_bool(if self.bad { loss_bad } else { loss_good })
-            }
-        }
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct RxBlock {
     arrived: u32,
@@ -458,8 +354,8 @@ struct RxBlock {
 struct Receiver {
     scheduler: NackScheduler,
     delay: Duration,
-    data: Link,
-    feedback: Link,
+    data: LossModel,
+    feedback: LossModel,
     timer: Option<Instant>,
     blocks: Vec<RxBlock>,
 }
@@ -527,8 +423,10 @@ impl<'a> Sim<'a> {
             receivers.push(Receiver {
                 scheduler,
                 delay,
-                data: Link::new(config.data_loss, &mut rng),
-                feedback: Link::new(config.feedback_loss, &mut rng),
+                data: LossModel::stationary(config.data_loss, &mut rng)
+                    .map_err(|_| invalid_loss("data_loss"))?,
+                feedback: LossModel::stationary(config.feedback_loss, &mut rng)
+                    .map_err(|_| invalid_loss("feedback_loss"))?,
                 timer: None,
                 blocks: Vec::new(),
             });

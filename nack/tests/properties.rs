@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use rekeycast_nack::sim::{self, LossModel, ProactiveMode, SimConfig};
+use rekeycast_nack::loss::Loss;
+use rekeycast_nack::sim::{self, ProactiveMode, SimConfig};
 use rekeycast_nack::{
     AggregatorConfig, BlockKey, FeedbackMode, IncomingNack, NackScheduler, ObjectId,
     RepairAggregator, SchedulerConfig,
@@ -160,9 +161,9 @@ proptest! {
         backoff_factor in 1u8..9,
     ) {
         let data_loss = if bursty {
-            LossModel::GilbertElliott { p_gb: loss * 0.2, p_bg: 0.3, loss_good: 0.0, loss_bad: 1.0 }
+            Loss::GilbertElliott { p_gb: loss * 0.2, p_bg: 0.3, loss_good: 0.0, loss_bad: 1.0 }
         } else {
-            LossModel::Bernoulli { p: loss }
+            Loss::Bernoulli { p: loss }
         };
         let config = SimConfig {
             receivers,
@@ -171,7 +172,7 @@ proptest! {
             source_symbols,
             proactive: ProactiveMode::Fixed(proactive),
             data_loss,
-            feedback_loss: LossModel::Bernoulli { p: feedback_loss },
+            feedback_loss: Loss::Bernoulli { p: feedback_loss },
             feedback: if multicast { FeedbackMode::Multicast } else { FeedbackMode::Unicast },
             backoff_factor,
             hold_off_grtt: f64::from(backoff_factor) + 1.0,

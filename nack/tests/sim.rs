@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use rekeycast_nack::backoff;
-use rekeycast_nack::sim::{self, LossModel, ProactiveMode, SimConfig};
+use rekeycast_nack::loss::Loss;
+use rekeycast_nack::sim::{self, ProactiveMode, SimConfig};
 use rekeycast_nack::{FeedbackMode, ProactiveConfig};
 
 fn median(mut values: Vec<u32>) -> u32 {
@@ -18,7 +19,7 @@ fn same_seed_same_trace() {
             receivers: 200,
             messages: 3,
             feedback,
-            data_loss: LossModel::BURSTY_5_PERCENT,
+            data_loss: Loss::BURSTY_5_PERCENT,
             proactive: ProactiveMode::Adaptive(ProactiveConfig::default()),
             seed: 11,
             ..SimConfig::default()
@@ -41,8 +42,8 @@ fn identical_losses_match_the_analytic_suppression_model() {
         messages: 12,
         blocks_per_message: 4,
         source_symbols: 8,
-        data_loss: LossModel::None,
-        feedback_loss: LossModel::None,
+        data_loss: Loss::None,
+        feedback_loss: Loss::None,
         min_delay: Duration::from_millis(10),
         max_delay: Duration::from_millis(10),
         backoff_factor: 4,
@@ -59,7 +60,7 @@ fn identical_losses_match_the_analytic_suppression_model() {
         .all(|b| b.repair_sent == 0 && !b.lost()));
     // With the receivers' losses independent, NACKs per event stay tiny next to G.
     let lossy = SimConfig {
-        data_loss: LossModel::Bernoulli { p: 0.01 },
+        data_loss: Loss::Bernoulli { p: 0.01 },
         ..config
     };
     let report = sim::run(&lossy).unwrap();
@@ -102,7 +103,7 @@ fn repair_is_bounded_by_the_worst_receivers_need() {
     let config = SimConfig {
         receivers: 300,
         messages: 3,
-        data_loss: LossModel::Bernoulli { p: 0.1 },
+        data_loss: Loss::Bernoulli { p: 0.1 },
         seed: 21,
         ..SimConfig::default()
     };

@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rekeycast_nack::loss::{Loss as ModelLoss, LossError, LossModel};
 use serde::{Deserialize, Serialize};
 
 use crate::switch::forwarding::MAX_PORTS;
@@ -227,39 +228,14 @@ impl Impairment {
                 Err(invalid(name, format!("{p} is not a probability (0 to 1)")))
             }
         };
-        match self.loss {
-            Loss::None => {}
-            Loss::Iid { p } => probability("loss.p", p)?,
-            Loss::GilbertElliott {
-                average,
-                mean_burst,
-            } => {
-                if !(0.0..1.0).contains(&average) {
-                    return Err(invalid(
-                        "loss.average",
-                        format!("{average} must be at least 0 and below 1"),
-                    ));
-                }
-                if !(mean_burst >= 1.0 && mean_burst.is_finite()) {
-                    return Err(invalid(
-                        "loss.mean_burst",
-                        format!("{mean_burst} must be a finite number of frames, at least 1"),
-                    ));
-                }
-                // The good-to-bad probability average / (mean_burst (1 - average)) must not
-                // exceed 1 (see GilbertElliott::transitions).
-                let limit = mean_burst / (1.0 + mean_burst);
-                if average > limit {
-                    return Err(invalid(
-                        "loss.average",
-                        format!(
-                            "{average} is unreachable with bursts of mean {mean_burst} frames \
-                             (at most {limit:.4}: good runs cannot be shorter than one frame)"
-                        ),
-                    ));
-                }
-            }
-        }
+        self.loss.to_model().map_err(|error| {
+            let knob = match error {
+                LossError::MeanLoss(_) | LossError::Unreachable { .. } => "loss.average",
+                LossError::MeanBurst(_) => "loss.mean_burst",
+                _ => "loss.p",
+            };
+            invalid(knob, error.to_string())
+        })?;
         if let Some(reorder) = &self.reorder {
             probability("reorder.p", reorder.p)?;
         }
@@ -305,18 +281,32 @@ pub enum Loss {
         /// The loss probability, 0 to 1.
         p: f64,
     },
-    /// Bursty loss: a two-state Markov chain, every frame lost in the bad state and none in
-    /// the good state, stepped once per frame. With `r` the bad-to-good and `p` the
-    /// good-to-bad probability, a burst lasts `1 / r` frames on average and the chain is bad
-    /// a fraction `p / (p + r)` of the time, so `r = 1 / mean_burst` and `p = average / (
-    /// mean_burst (1 - average))`, which must not exceed 1: `average <= mean_burst / (1 +
-    /// mean_burst)`.
+    /// Bursty loss: Gilbert-Elliott with every frame lost in the bad state and none in the
+    /// good state, stepped once per frame ([`ModelLoss::bursty`]: a burst lasts `mean_burst`
+    /// frames on average, and `average` must not exceed `mean_burst / (1 + mean_burst)`).
     GilbertElliott {
         /// The long-run fraction of frames lost, at least 0 and below 1.
         average: f64,
         /// The mean length of a run of lost frames, at least 1.
         mean_burst: f64,
     },
+}
+
+impl Loss {
+    /// The workspace's loss model this setting describes (the model the simulators use), or
+    /// why it is refused.
+    pub fn to_model(self) -> Result<ModelLoss, LossError> {
+        let model = match self {
+            Self::None => ModelLoss::None,
+            Self::Iid { p } => ModelLoss::Bernoulli { p },
+            Self::GilbertElliott {
+                average,
+                mean_burst,
+            } => ModelLoss::bursty(average, mean_burst)?,
+        };
+        model.validate()?;
+        Ok(model)
+    }
 }
 
 /// Reordering: each frame is, with probability `p`, held `extra_delay_ms` longer than its delay,
@@ -458,10 +448,8 @@ pub struct Delivery {
 pub struct Impairer {
     config: Impairment,
     rng: ChaCha8Rng,
-    /// Gilbert-Elliott: whether the chain is in the bad (losing) state.
-    bad_state: bool,
-    /// Gilbert-Elliott transition probabilities (good to bad, bad to good).
-    transitions: (f64, f64),
+    /// The loss process (its Gilbert-Elliott state included).
+    loss: LossModel,
     /// Bytes in the token bucket, and when it was last filled.
     tokens: f64,
     refilled_at: Duration,
@@ -485,23 +473,20 @@ impl Impairer {
             Direction::Egress => 1,
         };
         rng.set_stream(((port_index as u64) << 1) | direction_bit);
-        let transitions = match config.loss {
-            Loss::GilbertElliott {
-                average,
-                mean_burst,
-            } => gilbert_elliott_transitions(average, mean_burst),
-            Loss::None | Loss::Iid { .. } => (0.0, 1.0),
-        };
-        let mut bad_state = false;
-        if let Loss::GilbertElliott { average, .. } = config.loss {
-            // Start in the stationary distribution so short runs are not biased towards good.
-            bad_state = rng.gen::<f64>() < average;
-        }
+        // Valid by the check above. The first state is drawn from the stationary distribution,
+        // so short runs are not biased towards good.
+        let loss = config
+            .loss
+            .to_model()
+            .and_then(|model| LossModel::stationary(model, &mut rng))
+            .map_err(|error| ConfigError::Invalid {
+                field: format!("port[{port_index}].{direction:?}.loss"),
+                reason: error.to_string(),
+            })?;
         Ok(Self {
             config: config.clone(),
             rng,
-            bad_state,
-            transitions,
+            loss,
             tokens: config.rate.map_or(0.0, |rate| rate.burst_bytes as f64),
             refilled_at: Duration::ZERO,
             commanded_outages: Vec::new(),
@@ -546,20 +531,7 @@ impl Impairer {
             }
             self.tokens -= needed;
         }
-        let lost = match self.config.loss {
-            Loss::None => false,
-            Loss::Iid { p } => self.rng.gen::<f64>() < p,
-            Loss::GilbertElliott { .. } => {
-                let (good_to_bad, bad_to_good) = self.transitions;
-                let draw = self.rng.gen::<f64>();
-                self.bad_state = if self.bad_state {
-                    draw >= bad_to_good
-                } else {
-                    draw < good_to_bad
-                };
-                self.bad_state
-            }
-        };
+        let lost = self.loss.lose(&mut self.rng);
         if lost {
             return Fate::Dropped(DropReason::Loss);
         }
@@ -598,25 +570,6 @@ impl Impairer {
         };
         Duration::from_micros(u64::try_from(micros.max(0)).unwrap_or(u64::MAX))
     }
-}
-
-/// The Gilbert-Elliott transition probabilities `(good to bad, bad to good)` for a long-run
-/// loss fraction `average` and a mean burst length `mean_burst` (in frames), with every frame
-/// lost in the bad state and none in the good state.
-///
-/// A burst ends each frame with probability `r`, so its length is geometric with mean `1 /
-/// r`: `r = 1 / mean_burst`. The stationary probability of the bad state is `p / (p + r)`;
-/// setting it to `average` gives `p = average r / (1 - average) = average / (mean_burst (1 -
-/// average))`. Values outside what [`Impairment::validate`] accepts are clamped into 0 to 1.
-pub fn gilbert_elliott_transitions(average: f64, mean_burst: f64) -> (f64, f64) {
-    let bad_to_good = (1.0 / mean_burst.max(1.0)).clamp(0.0, 1.0);
-    let average = average.clamp(0.0, 1.0);
-    let good_to_bad = if average >= 1.0 {
-        1.0
-    } else {
-        (average * bad_to_good / (1.0 - average)).clamp(0.0, 1.0)
-    };
-    (good_to_bad, bad_to_good)
 }
 
 /// Why [`corrupt_udp_payload`] left a frame alone.
@@ -876,80 +829,38 @@ mod tests {
         }
     }
 
+    /// The switch loses exactly the frames the workspace's loss model loses when drawing from
+    /// the same stream (the model's rates and bursts are checked in `rekeycast_nack::loss`).
     #[test]
-    fn iid_loss_rate_is_within_tolerance() {
-        for p in [0.01, 0.2, 0.5] {
-            let mut impairer = engine(Impairment {
-                loss: Loss::Iid { p },
-                ..Impairment::default()
-            });
-            let all = fates(&mut impairer, 100_000);
-            let lost = all
-                .iter()
-                .filter(|fate| **fate == Fate::Dropped(DropReason::Loss))
-                .count();
-            let measured = lost as f64 / 100_000.0;
-            eprintln!("iid p {p}: measured {measured:.4} over 100,000 frames");
-            // Five standard deviations of a binomial proportion over 100k frames.
-            let tolerance = 5.0 * (p * (1.0 - p) / 100_000.0).sqrt();
-            assert!(
-                (measured - p).abs() < tolerance,
-                "p {p}: measured {measured}"
-            );
-        }
-    }
-
-    #[test]
-    fn gilbert_elliott_average_and_mean_burst_are_within_tolerance() {
-        for (average, mean_burst) in [(0.05, 4.0), (0.2, 10.0), (0.1, 1.0)] {
-            let mut impairer = engine(Impairment {
-                loss: Loss::GilbertElliott {
-                    average,
-                    mean_burst,
+    fn losses_are_the_shared_models_draws() {
+        let cases = [
+            (Loss::Iid { p: 0.2 }, ModelLoss::Bernoulli { p: 0.2 }),
+            (
+                Loss::GilbertElliott {
+                    average: 0.05,
+                    mean_burst: 10.0,
                 },
+                ModelLoss::BURSTY_5_PERCENT,
+            ),
+        ];
+        for (loss, model) in cases {
+            assert_eq!(loss.to_model(), Ok(model));
+            let mut impairer = engine(Impairment {
+                loss,
                 ..Impairment::default()
             });
-            let all = fates(&mut impairer, 400_000);
-            let lost: Vec<bool> = all.iter().map(|fate| delivered(fate).is_none()).collect();
-            let measured = lost.iter().filter(|&&l| l).count() as f64 / lost.len() as f64;
-            let mut bursts = Vec::new();
-            let mut run = 0u32;
-            for &l in &lost {
-                if l {
-                    run += 1;
-                } else if run > 0 {
-                    bursts.push(run);
-                    run = 0;
-                }
-            }
-            let mean = f64::from(bursts.iter().sum::<u32>()) / bursts.len() as f64;
-            eprintln!(
-                "Gilbert-Elliott average {average} mean burst {mean_burst}: measured loss \
-                 {measured:.4}, mean burst {mean:.3} over {} frames",
-                lost.len()
-            );
-            assert!(
-                (measured - average).abs() < 0.1 * average,
-                "average {average}: measured {measured}"
-            );
-            assert!(
-                (mean - mean_burst).abs() < 0.1 * mean_burst,
-                "mean burst {mean_burst}: measured {mean}"
-            );
-            if mean_burst == 1.0 {
-                assert!(bursts.iter().all(|&b| b == 1));
-            }
+            let lost: Vec<bool> = fates(&mut impairer, 20_000)
+                .iter()
+                .map(|fate| *fate == Fate::Dropped(DropReason::Loss))
+                .collect();
+            // `engine` seeds 42, port 0, ingress: stream 0.
+            let mut rng = ChaCha8Rng::seed_from_u64(42);
+            rng.set_stream(0);
+            let mut reference = LossModel::stationary(model, &mut rng).expect("valid");
+            let expected: Vec<bool> = (0..20_000).map(|_| reference.lose(&mut rng)).collect();
+            assert_eq!(lost, expected, "{loss:?}");
+            assert!(lost.iter().any(|l| *l) && !lost.iter().all(|l| *l));
         }
-    }
-
-    #[test]
-    fn gilbert_elliott_transitions_follow_the_formulas() {
-        let (good_to_bad, bad_to_good) = gilbert_elliott_transitions(0.2, 4.0);
-        assert!((bad_to_good - 0.25).abs() < 1e-12);
-        assert!((good_to_bad - 0.0625).abs() < 1e-12);
-        assert_eq!(gilbert_elliott_transitions(0.0, 3.0).0, 0.0);
-        // The limit average = mean_burst / (1 + mean_burst) makes good last one frame.
-        assert!((gilbert_elliott_transitions(0.8, 4.0).0 - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -82,7 +82,6 @@ pub(crate) struct Endpoints {
     http: Option<TcpListener>,
     tcp_token: Token,
     http_token: Token,
-    first_connection_token: usize,
     next_token: usize,
     connections: HashMap<Token, Connection>,
     per_source: HashMap<IpAddr, usize>,
@@ -95,8 +94,9 @@ pub(crate) struct Endpoints {
 
 impl Endpoints {
     /// Binds the listeners (either may be absent) and registers them with `registry` under
-    /// `tcp_token` and `http_token`; connections get tokens from `first_connection_token` up.
+    /// `tcp_token` and `http_token`; connections get tokens from the third token up.
     /// The error's message names the endpoint and its address.
+    #[cfg(test)]
     pub(crate) fn bind(
         registry: &Registry,
         tcp: Option<SocketAddr>,
@@ -150,7 +150,6 @@ impl Endpoints {
             http,
             tcp_token: tokens.0,
             http_token: tokens.1,
-            first_connection_token: tokens.2,
             next_token: tokens.2,
             connections: HashMap::new(),
             per_source: HashMap::new(),
@@ -179,13 +178,6 @@ impl Endpoints {
             messages_served: connections.messages_served,
             ..self.counters
         }
-    }
-
-    /// Whether `token` is one of this set's.
-    pub(crate) fn owns(&self, token: Token) -> bool {
-        token == self.tcp_token
-            || token == self.http_token
-            || token.0 >= self.first_connection_token
     }
 
     /// Handles a readiness event of one of this set's tokens.

@@ -6,7 +6,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::loss::{chance, is_probability, lose};
+use rekeycast_nack::loss::{chance, is_probability};
+
 use super::{Loss, SimError};
 
 /// The longest `delay`, `jitter` or `reorder_delay` a [`LinkConfig`] accepts: one day, so that
@@ -189,7 +190,7 @@ impl LinkState {
             Some(bad) => bad,
             None => chance(rng, config.loss.stationary_bad()),
         };
-        let lost = lose(&config.loss, &mut bad, rng);
+        let lost = config.loss.lose(&mut bad, rng);
         self.bad = Some(bad);
         if lost {
             return Fate::Lost;

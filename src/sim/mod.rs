@@ -3,11 +3,11 @@
 //! This module owns the simulated network that scenario tests and benchmarks run rekeycast's
 //! sans-IO cores over, in the manner of quinn-proto's `tests/util.rs` and s2n-quic's network
 //! model: a star topology (every node has an uplink to an impairment switch and a downlink from
-//! it), per-link loss models ([`Loss`]: independent or Gilbert-Elliott), fixed delay, jitter,
-//! explicit reordering, duplication, single-bit corruption and outages ([`LinkConfig`]), virtual
-//! time and counters ([`NetworkStats`], [`NodeStats`]). It drives anything that implements
-//! [`Node`]; [`Destination`] and [`Transmit`] are the plain types a node's `poll_transmit`
-//! returns.
+//! it), per-link loss models ([`Loss`]: independent or Gilbert-Elliott, the workspace's one model
+//! from [`rekeycast_nack::loss`]), fixed delay, jitter, explicit reordering, duplication,
+//! single-bit corruption and outages ([`LinkConfig`]), virtual time and counters
+//! ([`NetworkStats`], [`NodeStats`]). It drives anything that implements [`Node`];
+//! [`Destination`] and [`Transmit`] are the plain types a node's `poll_transmit` returns.
 //!
 //! What it must not do: depend on the session, auth or key-tree types (it is generic over
 //! [`Node`] so that those layers can be tested with it, not the other way round); read the
@@ -23,7 +23,6 @@
 //! not change the draws of the links of the others.
 
 mod link;
-mod loss;
 mod network;
 pub mod rekey;
 
@@ -34,11 +33,12 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 pub use link::{LinkConfig, MAX_LINK_DELAY};
-pub use loss::{Loss, LossModel};
+// The workspace's one loss model (also the NACK simulator's and the netns switch's).
 pub use network::{
     Network, NetworkConfig, NetworkStats, NodeId, NodeStats, MAX_NODES, MAX_TIMER_REFIRES,
     NODE_PORT,
 };
+pub use rekeycast_nack::loss::{Loss, LossError, LossModel};
 
 // The sessions' own types: a session is a `Node` with no conversion.
 pub use crate::session::{Destination, Transmit};
@@ -77,4 +77,13 @@ pub enum SimError {
     /// Every address of 198.18.0.0/15 is taken: at most [`MAX_NODES`] nodes.
     #[error("address space exhausted: at most {MAX_NODES} nodes")]
     TooManyNodes,
+}
+
+impl From<LossError> for SimError {
+    fn from(_: LossError) -> Self {
+        Self::InvalidConfig {
+            field: "loss",
+            reason: "probabilities must be finite and in [0, 1]",
+        }
+    }
 }
