@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{EngineError, Gcks, GcksConfig, GcksEvent};
+use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent};
 use rekeycast::io::resync_client::Endpoint;
 use rekeycast::lkh::{MemberId, MemberStateError, RegistrationBundle};
-use rekeycast::member::{Member, MemberConfig};
+use rekeycast::member::{Member, MemberConfig, MemberError};
 use rekeycast::session::ReceiverEvent;
 
 /// A multicast group and port for test `salt` of this process.
@@ -217,7 +217,10 @@ fn member_resumed_without_missing_a_message_continues_by_multicast() {
     assert!(
         matches!(
             resumed,
-            Err(EngineError::MemberState(MemberStateError::Checksum))
+            Err(MemberError::State {
+                source: MemberStateError::Checksum,
+                ..
+            })
         ),
         "{resumed:?}"
     );

@@ -10,6 +10,7 @@
 //! policy (bounded, drop-and-count) and the logs. An endpoint decides; the driver carries out.
 
 pub mod driver;
+pub mod member;
 
 pub use driver::{
     DriverConfig, DriverError, DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs,

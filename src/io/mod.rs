@@ -6,9 +6,9 @@
 //! the GCKS ([`crate::gcks::Gcks`]), of a member ([`crate::member::Member`]) and of a relay
 //! ([`crate::relay::Relay`]), which own the sockets and drive the sans-IO sessions over them.
 
+pub(crate) mod fetch_job;
 pub(crate) mod gcks_loop;
 pub(crate) mod handle;
-pub(crate) mod member_loop;
 pub(crate) mod relay_loop;
 pub mod resync_client;
 pub mod resync_server;

@@ -21,7 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::member_loop::{Fetch, FetchJob, FetchOutcome};
+use super::fetch_job::{Fetch, FetchJob, FetchOutcome};
 use super::resync_client::Endpoint;
 use super::resync_server::Endpoints;
 use super::socket::MulticastSocket;
@@ -415,7 +415,7 @@ impl LoopState {
         }
         let next_seq = self.session.next_seq();
         if let Some(event) =
-            crate::io::member_loop::take_deferred(&mut self.deferred, self.fetching, next_seq)
+            crate::io::fetch_job::take_deferred(&mut self.deferred, self.fetching, next_seq)
         {
             self.act_on(&event);
         }
@@ -533,7 +533,7 @@ impl LoopState {
             return;
         }
         if self.fetching {
-            crate::io::member_loop::defer(&mut self.deferred, event);
+            crate::io::fetch_job::defer(&mut self.deferred, event);
             return;
         }
         let delay = match request {
