@@ -241,7 +241,13 @@ fn failed_saves_are_counted_and_do_not_stop_the_member() {
     wait_member(&member, 1, &mut events);
     let latest = rekey(&gcks);
     wait_member(&member, latest, &mut events);
-    let stats = member.stats().unwrap();
+    // Saves run on the driver's storage thread: their failure is counted when it comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stats = member.stats().unwrap();
+    while stats.state_save_failures == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        stats = member.stats().unwrap();
+    }
     assert!(stats.state_save_failures >= 1, "{stats:?}");
     assert_eq!(
         stats.group_key_version,
