@@ -1170,8 +1170,14 @@ where
     /// Sends what the endpoint has, batch by batch, after what waits in the backlogs.
     fn transmit(&mut self, now: Instant) {
         self.more_to_send = false;
+        let mut drained = true;
         for port in 0..3 {
-            self.drain_backlog(port);
+            drained &= self.drain_backlog(port);
+        }
+        if !drained {
+            // A socket is full: what the endpoint has waits with it (paced, nothing dropped)
+            // until writability or the backlog timer brings the loop back here.
+            return;
         }
         for _ in 0..TRANSMIT_ROUNDS {
             let mut lens: Vec<usize> = Vec::with_capacity(BATCH_DATAGRAMS);
@@ -1427,8 +1433,7 @@ fn spawn_storage<Op: Send + 'static>(
     Ok((ops, thread))
 }
 
-/// Performs one fetch on the current (fetch) thread, streaming each item back; a panic is
-/// caught and reported as [`Fetched::Failed`] unless the terminal item went already.
+/// Performs one fetch on the current (fetch) thread, streaming each item back.
 fn run_fetch(
     name: &str,
     local: Option<IpAddr>,
@@ -1436,16 +1441,33 @@ fn run_fetch(
     results: &Sender<(FetchId, Fetched)>,
     waker: &Waker,
 ) {
-    let id = request.id;
+    stream_fetch(name, request.id, results, waker, |deliver| {
+        fetch_streaming(local, request, deliver);
+    });
+}
+
+/// Runs `fetch`, sending each item it delivers back as fetch `id`'s and waking the loop:
+/// nothing after the first terminal item goes, and a panic is caught and reported as
+/// [`Fetched::Failed`] unless the terminal item went already, so that exactly one terminal
+/// item reaches the endpoint.
+fn stream_fetch(
+    name: &str,
+    id: FetchId,
+    results: &Sender<(FetchId, Fetched)>,
+    waker: &Waker,
+    fetch: impl FnOnce(&mut dyn FnMut(Fetched)),
+) {
     let mut ended = false;
+    let send = |item: Fetched| {
+        if results.send((id, item)).is_ok() {
+            let _ = waker.wake();
+        }
+    };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        fetch_streaming(local, request, &mut |item| {
-            if ended {
-                return;
-            }
-            ended = is_terminal(&item);
-            if results.send((id, item)).is_ok() {
-                let _ = waker.wake();
+        fetch(&mut |item| {
+            if !ended {
+                ended = is_terminal(&item);
+                send(item);
             }
         });
     }));
@@ -1453,12 +1475,9 @@ fn run_fetch(
         tracing::error!(driver = %name, fetch = id.0, "fetch panicked");
         if !ended {
             // The answer that made the client panic was not one it could read.
-            let failed = Fetched::Failed {
+            send(Fetched::Failed {
                 reason: FetchFailure::Malformed,
-            };
-            if results.send((id, failed)).is_ok() {
-                let _ = waker.wake();
-            }
+            });
         }
     }
 }
@@ -2178,6 +2197,56 @@ mod tests {
         assert!(took < Duration::from_secs(10), "{took:?}");
         client.stop().unwrap();
         drop(silent);
+    }
+
+    #[test]
+    fn a_panicking_fetch_ends_with_exactly_one_terminal_item() {
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), WAKER).unwrap();
+        let item = Fetched::Item {
+            manifest: vec![1],
+            chunk: vec![2],
+        };
+        let cases: [(Vec<Fetched>, Vec<Fetched>); 3] = [
+            // Panics after an item: the failure ends it.
+            (
+                vec![item.clone()],
+                vec![
+                    item.clone(),
+                    Fetched::Failed {
+                        reason: FetchFailure::Malformed,
+                    },
+                ],
+            ),
+            // Panics after its terminal item: nothing more.
+            (
+                vec![item.clone(), Fetched::End],
+                vec![item.clone(), Fetched::End],
+            ),
+            // Items after a terminal one are not passed on.
+            (
+                vec![Fetched::NotHeld, item.clone(), Fetched::End],
+                vec![Fetched::NotHeld],
+            ),
+        ];
+        for (n, (delivered, wanted)) in cases.into_iter().enumerate() {
+            let (results, received) = crossbeam_channel::unbounded();
+            let panics = n < 2;
+            stream_fetch("test", FetchId(7), &results, &waker, |deliver| {
+                for item in delivered {
+                    deliver(item);
+                }
+                assert!(!panics, "injected fetch panic");
+            });
+            let got: Vec<Fetched> = received
+                .try_iter()
+                .map(|(id, item)| {
+                    assert_eq!(id, FetchId(7));
+                    item
+                })
+                .collect();
+            assert_eq!(got, wanted, "case {n}");
+        }
     }
 
     #[test]

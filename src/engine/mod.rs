@@ -13,5 +13,7 @@ pub mod driver;
 pub mod member;
 
 pub use driver::{
-    DriverConfig, DriverError, DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs,
+    bounded_events, ChannelSink, Control, Delivery, Driver, DriverConfig, DriverError,
+    DriverHandle, DriverStats, EventSink, FeedbackLimit, LocalAddrs, LoopLag, ReceiveFilter,
+    SenderPort,
 };

@@ -518,6 +518,30 @@ struct Bounded {
     deadline: Option<Instant>,
     /// Bytes that may still be read.
     budget: usize,
+    /// The read and write timeouts last set on the socket: set again only when the time left
+    /// falls below them by more than [`TIMEOUT_SLACK`] (a system call saved per read).
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+/// How far past the deadline one blocking read or write may go, at most.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+
+/// Sets `stream`'s timeout through `set` when `wanted` is shorter than `current` by more than
+/// [`TIMEOUT_SLACK`] (or longer at all, or was never set).
+fn refresh_timeout(
+    current: &mut Option<Duration>,
+    wanted: Duration,
+    set: impl FnOnce(Option<Duration>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let stale = current.map_or(true, |current| {
+        current < wanted || current > wanted + TIMEOUT_SLACK
+    });
+    if stale {
+        set(Some(wanted))?;
+        *current = Some(wanted);
+    }
+    Ok(())
 }
 
 /// A fetch's bound was reached: carried inside the `std::io::Error` a read or write returns,
@@ -569,7 +593,10 @@ impl Read for Bounded {
             ));
         }
         let timeout = self.timeout()?;
-        self.stream.set_read_timeout(Some(timeout))?;
+        let stream = &self.stream;
+        refresh_timeout(&mut self.read_timeout, timeout, |t| {
+            stream.set_read_timeout(t)
+        })?;
         let want = buf.len().min(self.budget);
         match self.stream.read(&mut buf[..want]) {
             Ok(n) => {
@@ -590,7 +617,10 @@ impl Read for Bounded {
 impl Write for Bounded {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let timeout = self.timeout()?;
-        self.stream.set_write_timeout(Some(timeout))?;
+        let stream = &self.stream;
+        refresh_timeout(&mut self.write_timeout, timeout, |t| {
+            stream.set_write_timeout(t)
+        })?;
         self.stream.write(buf)
     }
 
@@ -647,6 +677,8 @@ fn connect(
         per_operation: dial.per_operation,
         deadline: dial.deadline,
         budget: *budget,
+        read_timeout: None,
+        write_timeout: None,
     })
 }
 
