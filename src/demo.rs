@@ -21,7 +21,7 @@ use crate::gcks::{
     ResyncAnswer,
 };
 use crate::lkh::MemberId;
-use crate::member::{Member, MemberConfig, MemberStats};
+use crate::member::{group_loss_filter, Member, MemberConfig, MemberError, MemberStats};
 use crate::session::ReceiverEvent;
 use crate::sim::Loss;
 
@@ -141,6 +141,12 @@ pub enum DemoError {
     /// The GCKS engine failed.
     #[error(transparent)]
     Gcks(#[from] GcksError),
+    /// A member engine failed.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    /// The simulated loss settings are invalid.
+    #[error("simulated loss")]
+    Loss(#[from] rekeycast_nack::loss::LossError),
     /// A member was not admitted.
     #[error("join failed")]
     Join(#[from] JoinError),
@@ -213,9 +219,12 @@ pub fn run(
                 .map_err(|_| DemoError::Timeout("a registration bundle"))??;
             let mut member_config = MemberConfig::loopback(config.group, gcks.local_addr());
             member_config.receiver.scheduler.grtt = Duration::from_millis(10);
-            member_config.simulated_loss = Some((config.loss, rng.gen()));
+            let mut loss = crate::sim::LossModel::new(config.loss)?;
+            let mut loss_rng = ChaCha8Rng::seed_from_u64(rng.gen());
             members.push(Running {
-                member: Member::start(&bundle, member_config)?,
+                member: Member::builder(member_config)
+                    .receive_filter(group_loss_filter(move || loss.lose(&mut loss_rng)))
+                    .start(&bundle)?,
                 id,
             });
         }

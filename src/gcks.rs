@@ -351,19 +351,6 @@ impl GcksStats {
     }
 }
 
-impl LagSummary {
-    /// The percentiles of a histogram of microseconds.
-    pub(crate) fn from_histogram(histogram: Option<&hdrhistogram::Histogram<u64>>) -> Self {
-        histogram.map_or_else(Self::default, |h| Self {
-            p50: h.value_at_quantile(0.5),
-            p90: h.value_at_quantile(0.9),
-            p99: h.value_at_quantile(0.99),
-            max: h.max(),
-            count: h.len(),
-        })
-    }
-}
-
 /// Why the engine could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

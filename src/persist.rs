@@ -11,9 +11,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 
+use rekeycast_proto::endpoint::member::MemberStoreOp;
+use rekeycast_proto::endpoint::{Storage, StoreError, StoreErrorKind};
 use zeroize::Zeroize;
-
-use rekeycast_proto::endpoint::{StoreError, StoreErrorKind};
 
 use crate::lkh::SnapshotError;
 use crate::lkh::{member_state, snapshot, KeyRng, KeyTree, MemberKeys, MemberStateError};
@@ -96,6 +96,50 @@ pub fn save_member_keys(keys: &MemberKeys, path: &Path) -> Result<(), MemberStat
     write_durably(path, member_state::MAGIC, &body).map_err(MemberStateError::Io)
 }
 
+/// A member's key file as the [`Storage`] of a member endpoint: each
+/// [`MemberStoreOp::SaveKeys`] replaces the file durably (as [`save_member_keys`] does), and
+/// [`load_member_keys`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberKeyFile {
+    path: std::path::PathBuf,
+}
+
+impl MemberKeyFile {
+    /// The key file at `path`.
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Storage<MemberStoreOp> for MemberKeyFile {
+    fn apply(&mut self, op: &MemberStoreOp) -> Result<(), StoreError> {
+        match op {
+            MemberStoreOp::SaveKeys { body, .. } => {
+                write_durably(&self.path, member_state::MAGIC, body).map_err(|error| {
+                    let kind = match error.raw_os_error() {
+                        Some(code) if code == 28 || code == 122 => StoreErrorKind::NoSpace,
+                        _ => StoreErrorKind::Io,
+                    };
+                    StoreError {
+                        kind,
+                        detail: format!("{}: {error}", self.path.display()),
+                    }
+                })
+            }
+            // Operations a later version adds: not this storage's to apply.
+            _ => Err(StoreError {
+                kind: StoreErrorKind::Inconsistent,
+                detail: "unknown member store operation".into(),
+            }),
+        }
+    }
+}
+
 /// Loads keys saved by [`save_member_keys`]. A missing file is an I/O error; a corrupt,
 /// truncated or inconsistent one is an error of its own kind.
 pub fn load_member_keys(path: &Path) -> Result<MemberKeys, MemberStateError> {
@@ -175,6 +219,31 @@ mod tests {
         }
         assert!(!dir.path().join("member.state.tmp").exists());
         assert!(!dir.path().join("tree.snapshot.tmp").exists());
+    }
+
+    #[test]
+    fn a_key_file_storage_writes_what_load_member_keys_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("member.state");
+        let (_, keys) = tree_and_member();
+        let mut storage = MemberKeyFile::new(&path);
+        let op = MemberStoreOp::SaveKeys {
+            last_seq: keys.last_seq(),
+            body: keys.state_body().unwrap(),
+        };
+        storage.apply(&op).unwrap();
+        let loaded = load_member_keys(&path).unwrap();
+        assert_eq!(loaded.member(), keys.member());
+        assert_eq!(loaded.last_seq(), keys.last_seq());
+        // A missing directory: an I/O error naming the path.
+        let missing = dir.path().join("missing").join("member.state");
+        let mut bad = MemberKeyFile::new(&missing);
+        let error = bad.apply(&op).unwrap_err();
+        assert_eq!(error.kind, StoreErrorKind::Io);
+        assert!(
+            error.detail.contains(&missing.display().to_string()),
+            "{error}"
+        );
     }
 
     #[test]

@@ -10,10 +10,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{EngineError, Gcks, GcksConfig};
+use rekeycast::gcks::{Gcks, GcksConfig};
 use rekeycast::io::resync_client::Endpoint;
 use rekeycast::lkh::{MemberStateError, RegistrationBundle};
-use rekeycast::member::{Member, MemberConfig};
+use rekeycast::member::{Member, MemberConfig, MemberError};
 use rekeycast::session::ReceiverEvent;
 use rekeycast_testkit::engine::wait_sent;
 
@@ -191,7 +191,10 @@ fn member_resumed_without_missing_a_message_continues_by_multicast() {
     assert!(
         matches!(
             resumed,
-            Err(EngineError::MemberState(MemberStateError::Checksum))
+            Err(MemberError::State {
+                source: MemberStateError::Checksum,
+                ..
+            })
         ),
         "{resumed:?}"
     );
@@ -212,7 +215,13 @@ fn failed_saves_are_counted_and_do_not_stop_the_member() {
     wait_member(&member, 1, &mut events);
     let latest = rekey(&gcks);
     wait_member(&member, latest, &mut events);
-    let stats = member.stats().unwrap();
+    // Saves run on the driver's storage thread: their failure is counted when it comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stats = member.stats().unwrap();
+    while stats.state_save_failures == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        stats = member.stats().unwrap();
+    }
     assert!(stats.state_save_failures >= 1, "{stats:?}");
     assert_eq!(
         stats.group_key_version,

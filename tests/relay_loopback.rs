@@ -27,7 +27,7 @@ use rekeycast::engine::driver::{FeedbackLimit, ReceiveFilter};
 use rekeycast::gcks::{Gcks, GcksConfig, ResyncAnswer};
 use rekeycast::io::resync_client::{fetch_items, Endpoint};
 use rekeycast::lkh::{MemberId, RegistrationBundle};
-use rekeycast::member::{Member, MemberConfig};
+use rekeycast::member::{group_loss_filter, Member, MemberConfig};
 use rekeycast::relay::{Relay, RelayBuilder, RelayEngineConfig, RelayStats};
 use rekeycast::session::ReceiverEvent;
 use rekeycast::sim::Loss;
@@ -103,26 +103,34 @@ fn upstream_loss(p: f64, seed: u64) -> ReceiveFilter {
 
 /// A member behind `relay`: its feedback goes to the relay, it resyncs from the relay, then
 /// the GCKS, and a silence of 2 s makes it ask for the group's state.
-fn member_config(
-    down: SocketAddr,
-    relay: &Relay,
-    gcks: &Gcks,
-    loss: Option<f64>,
-    seed: u64,
-) -> MemberConfig {
+fn member_config(down: SocketAddr, relay: &Relay, gcks: &Gcks, seed: u64) -> MemberConfig {
     let mut config = MemberConfig::loopback(down, relay.feedback_addr());
-    config.resync_endpoints = vec![
-        Endpoint::Tcp(relay.resync_addrs().0.unwrap()),
-        Endpoint::Tcp(gcks.resync_addrs().0.unwrap()),
-    ];
+    config.resync_relays = vec![Endpoint::Tcp(relay.resync_addrs().0.unwrap())];
+    config.resync_endpoints = vec![Endpoint::Tcp(gcks.resync_addrs().0.unwrap())];
     config.resync_max_delay = Duration::from_millis(200);
     config.resync_timeout = Duration::from_secs(2);
     config.resync_attempts = 3;
     config.receiver.state_check_interval = Duration::from_millis(200);
     config.receiver.silence_timeout = Duration::from_secs(2);
     config.receiver.scheduler.seed = seed;
-    config.simulated_loss = loss.map(|p| (Loss::Bernoulli { p }, seed));
+    config.seed = Some(seed);
     config
+}
+
+/// Starts a member with `config`, losing each group datagram with probability `loss` (seeded
+/// by `seed`).
+fn start_member(
+    bundle: &RegistrationBundle,
+    config: MemberConfig,
+    loss: Option<f64>,
+    seed: u64,
+) -> Member {
+    let mut builder = Member::builder(config);
+    if let Some(p) = loss {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        builder = builder.receive_filter(group_loss_filter(move || rng.gen_bool(p)));
+    }
+    builder.start(bundle).unwrap()
 }
 
 /// Waits until every member applied message `seq`, at most `limit`; returns how long it took.
@@ -176,8 +184,8 @@ fn relay_and_members(
     let members = bundles
         .zip(1..)
         .map(|(bundle, id)| {
-            let config = member_config(down, &relay, gcks, loss, id);
-            (id, Member::start(&bundle, config).unwrap())
+            let config = member_config(down, &relay, gcks, id);
+            (id, start_member(&bundle, config, loss, id))
         })
         .collect();
     (relay, members)
@@ -214,8 +222,8 @@ fn members_behind_a_relay_stay_current_through_churn_and_loss() {
         let ids = [next_id, next_id + 1];
         next_id += 2;
         for (bundle, id) in admit(&gcks, &ids).into_iter().zip(ids) {
-            let config = member_config(down, &relay, &gcks, Some(0.05), id);
-            members.push((id, Member::start(&bundle, config).unwrap()));
+            let config = member_config(down, &relay, &gcks, id);
+            members.push((id, start_member(&bundle, config, Some(0.05), id)));
         }
         wait_sent(&gcks, seq);
         slowest = slowest.max(wait_members(&members, seq, Duration::from_secs(20)));
@@ -418,7 +426,7 @@ fn restarted_relay_serves_its_store_at_once_and_gaps_fall_through_to_the_gcks() 
     let mut members: Vec<(u64, Member)> = bundles
         .zip(1..)
         .map(|(bundle, id)| {
-            let mut member = member_config(down, &relay, &gcks, None, id);
+            let mut member = member_config(down, &relay, &gcks, id);
             member.state_file = Some(member_state(id));
             (id, Member::start(&bundle, member).unwrap())
         })
@@ -435,16 +443,13 @@ fn restarted_relay_serves_its_store_at_once_and_gaps_fall_through_to_the_gcks() 
     wait_members(&members, 3, Duration::from_secs(20));
     shutdown(members);
     wait_relay(&relay, 3);
-    let leaf = Member::resume(
-        &member_state(1),
-        member_config(down, &relay, &gcks, None, 1),
-    )
-    .map(|m| {
-        let key = m.stats().unwrap().order_key;
-        m.shutdown().unwrap();
-        key
-    })
-    .unwrap();
+    let leaf = Member::resume(&member_state(1), member_config(down, &relay, &gcks, 1))
+        .map(|m| {
+            let key = m.stats().unwrap().order_key;
+            m.shutdown().unwrap();
+            key
+        })
+        .unwrap();
     relay.shutdown().unwrap();
     assert_private(&state);
 
@@ -511,7 +516,7 @@ fn restarted_relay_serves_its_store_at_once_and_gaps_fall_through_to_the_gcks() 
     // at 3 get 4 to 6 from the GCKS, through the relay's gap.
     let members: Vec<(u64, Member)> = (1..=6)
         .map(|id| {
-            let mut member = member_config(down, &relay, &gcks, None, id);
+            let mut member = member_config(down, &relay, &gcks, id);
             member.state_file = Some(member_state(id));
             (id, Member::resume(&member_state(id), member).unwrap())
         })

@@ -11,6 +11,7 @@
 
 pub mod driver;
 pub mod gcks;
+pub mod member;
 
 pub use driver::{
     bounded_events, ChannelSink, Control, Delivery, Driver, DriverConfig, DriverError,

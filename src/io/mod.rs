@@ -2,13 +2,9 @@
 //! `std::io::Error`.
 //!
 //! Everything else in the crate is sans-IO and is driven from here: the UDP multicast sockets
-//! ([`socket`]), the worker pool for CPU-heavy work ([`workers`]), and the mio event loops of
-//! the GCKS ([`crate::gcks::Gcks`]) and of a member ([`crate::member::Member`]), which own the
-//! sockets and drive the sans-IO sessions over them. A relay runs on [`crate::engine`]'s
-//! driver.
+//! ([`socket`]), the worker pool for CPU-heavy work ([`workers`]), and the resync client and
+//! server. Every engine (GCKS, member, relay) runs on the generic driver of [`crate::engine`].
 
-pub(crate) mod handle;
-pub(crate) mod member_loop;
 pub mod resync_client;
 pub mod resync_server;
 pub mod socket;
