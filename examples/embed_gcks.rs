@@ -1,11 +1,12 @@
-//! A small product embedding the GCKS: the smallest complete use of [`rekeycast::gcks::Gcks`]
-//! and [`rekeycast::member::Member`] in one process.
+//! A small product embedding the GCKS: the smallest complete use of [`rekeycast::Gcks`] and
+//! [`rekeycast::Member`] in one process. Both are thin handles over rekeycast's one driver,
+//! running the sans-IO `GcksEndpoint` and `MemberEndpoint` of `rekeycast-proto`.
 //!
-//! It starts a GCKS on a loopback multicast group, admits 20 members (the product's
-//! registration step is a function call here: `Gcks::join` hands back each member's
-//! registration bundle, which a real product carries over its own authenticated, confidential
-//! channel), starts a `Member` from each bundle, then rekeys 3 times, each time with one member
-//! leaving and one joining. It prints every member's key events (sequence numbers, versions
+//! It starts a GCKS on a loopback multicast group, admits 20 members in one batch (the
+//! product's registration step is a function call here: `Gcks::apply` takes the batch's joins
+//! and leaves and returns a ticket whose answers carry each joiner's registration bundle, which
+//! a real product carries over its own authenticated, confidential channel), starts a `Member`
+//! from each bundle, then rekeys 3 times, each time with one member leaving and one joining. It prints every member's key events (sequence numbers, versions
 //! and SPIs, never key bytes) and shuts everything down cleanly.
 //!
 //! Run it with `cargo run --example embed_gcks`.
@@ -15,10 +16,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksEvent, ResyncAnswer};
+use rekeycast::gcks::{Change, ChangeAnswer, ResyncAnswer};
 use rekeycast::lkh::MemberId;
-use rekeycast::member::{Member, MemberConfig};
 use rekeycast::session::ReceiverEvent;
+use rekeycast::{Gcks, GcksConfig, GcksEvent, Member, MemberConfig};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -69,32 +70,39 @@ fn rekey(
     leaving: &[u64],
     group: SocketAddr,
 ) -> Result<(), Error> {
-    for id in leaving {
-        // Revoked: with a state directory, journaled before this returns (`durable`).
-        let outcome = gcks.leave(MemberId(*id))?;
-        println!("member {id} leaving: {outcome:?}");
-    }
-    let mut bundles = Vec::new();
-    for id in joining {
-        bundles.push((*id, gcks.join(MemberId(*id))?));
-    }
+    // One batch: every change in one call, answered change by change through the ticket.
+    let changes: Vec<Change> = leaving
+        .iter()
+        .map(|id| Change::Leave(MemberId(*id)))
+        .chain(joining.iter().map(|id| Change::Join(MemberId(*id))))
+        .collect();
+    let ticket = gcks.apply(changes)?;
     gcks.rekey_now()?;
     for id in leaving {
         if let Some(member) = members.remove(id) {
             member.shutdown()?;
-            println!("member {id} left");
         }
     }
-    // Each bundle arrives once the batch is built, a little before its message is sent, so
-    // that the member can join the multicast group first.
-    for (id, bundle) in bundles {
-        let bundle = bundle.recv_timeout(Duration::from_secs(30))??;
-        let config = MemberConfig::loopback(group, gcks.local_addr());
-        members.insert(id, Member::start(&bundle, config)?);
-        println!(
-            "member {id} joined: its keys arrive in message {}",
-            bundle.first_seq
-        );
+    // A leave is answered once it is recorded (with a state directory: durably); a join once
+    // the batch is built, a little before its message is sent, so that the member can join
+    // the multicast group first.
+    let answers = ticket
+        .wait(Duration::from_secs(30))
+        .ok_or("the batch's answers did not come in 30 s")?;
+    let ids = leaving.iter().chain(joining);
+    for (id, answer) in ids.zip(answers) {
+        match answer {
+            ChangeAnswer::Leave(outcome) => println!("member {id} left: {:?}", outcome?),
+            ChangeAnswer::Join(bundle) => {
+                let bundle = bundle?;
+                let config = MemberConfig::loopback(group, gcks.local_addr());
+                members.insert(*id, Member::start(&bundle, config)?);
+                println!(
+                    "member {id} joined: its keys arrive in message {}",
+                    bundle.first_seq
+                );
+            }
+        }
     }
     let seq = loop {
         match gcks.events().recv_timeout(Duration::from_secs(30))? {

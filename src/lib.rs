@@ -12,10 +12,11 @@
 //! what does I/O: sockets, threads, files. See `DESIGN.md` in the project's shared documents for
 //! the architecture; each module's documentation says what it owns.
 //!
-//! For a GCKS product: [`gcks::Gcks`] (the key server side, its event loop on its own thread)
-//! and [`member::Member`] (one member); both are thin drivers of the sans-IO
-//! [`session::SenderSession`] and [`session::ReceiverSession`], which products with their own
-//! runtime can drive themselves.
+//! For a GCKS product: [`Gcks`] (the key server side of a group), [`Member`] (one member) and
+//! [`Relay`] (a relay tier), exported here. Each is a thin handle over one generic driver
+//! ([`engine::Driver`]: sockets, threads, timers, storage) running a sans-IO endpoint of
+//! `rekeycast-proto` (`GcksEndpoint`, `MemberEndpoint`, `RelayEndpoint`), which products with
+//! their own runtime, and the simulator, can drive themselves.
 //!
 //! Modules:
 //!
@@ -40,7 +41,10 @@
 
 pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
+pub use engine::gcks::{Gcks, GcksBuilder, GcksError, GcksEvent};
+pub use engine::member::{Member, MemberBuilder, MemberConfig, MemberError, MemberStats};
 pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};
+pub use gcks::{GcksConfig, GcksStats};
 
 pub mod demo;
 pub mod engine;
