@@ -15,8 +15,7 @@
 // Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,7 @@ use rekeycast_proto::endpoint::{Port, ResyncEndpoint, ResyncProtocol};
 use rekeycast_testkit::addr;
 use rekeycast_testkit::engine::{self, wait_sent};
 use rekeycast_testkit::forge::Sa;
+use rekeycast_testkit::http::{get as http_get, metric};
 
 /// The group id and SPI of [`GcksConfig::loopback`].
 const GROUP_ID: u32 = 1;
@@ -355,39 +355,6 @@ fn relay_kill_members_resync_from_gcks() {
     assert!(gcks.stats().unwrap().resync.accepted >= members.len() as u64);
     shutdown(members);
     gcks.shutdown().unwrap();
-}
-
-/// The body of an HTTP GET's answer, with its status.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).unwrap();
-    // Bodies may be binary (manifests): the head is ASCII, the body is shown lossily.
-    let answer = String::from_utf8_lossy(&bytes);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
-}
-
-/// The value of the Prometheus sample `name` in `text`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
 fn assert_serves(relay: &Relay, gcks: &Gcks, from: u64, to: u64, leaf: u32) {

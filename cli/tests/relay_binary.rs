@@ -6,10 +6,11 @@
 // Test helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use rekeycast_testkit::http::{get as http_get, metric};
 
 /// The group id of a configuration file that does not set one.
 const GROUP_ID: u32 = 1;
@@ -22,39 +23,6 @@ fn group(salt: u8, tier: u8) -> SocketAddr {
         Ipv4Addr::new(239, 83 + tier, salt, pid as u8),
         46_000 + (pid % 8_000) as u16 + 2 * u16::from(salt) + u16::from(tier),
     ))
-}
-
-/// The body of an HTTP GET's answer, with its status.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).unwrap();
-    // Bodies may be binary (manifests): the head is ASCII, the body is shown lossily.
-    let answer = String::from_utf8_lossy(&bytes);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
-}
-
-/// The value of the Prometheus sample `name` in `text`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
 /// The `rekey-relay` binary as an operator runs it, between `rekeycast server` and

@@ -13,6 +13,7 @@
 //! - [`keys`]: a GCKS's key tree and signing key from fixed seeds, for the sans-IO tests.
 //! - [`process`]: child processes killed on drop, waiting for files and exits, configuration
 //!   files of the `rekeycast` and `rekey-relay` binaries.
+//! - [`http`]: a bare HTTP GET and reading a Prometheus sample.
 //! - [`loss`]: the workspace's loss model (re-exported from `rekeycast_nack::loss`).
 //!
 //! Helpers panic with a message naming what did not happen: a failure here is a test failure.
@@ -23,6 +24,7 @@
 pub mod addr;
 pub mod engine;
 pub mod forge;
+pub mod http;
 pub mod keys;
 pub mod process;
 pub mod wait;
