@@ -235,17 +235,18 @@ fn tampered_resync_data_is_rejected() {
     });
     let member = late_member(&gcks, group, &bundles[0], Endpoint::Tcp(fake_addr));
     gcks.rekey_now().unwrap();
-    // Until the member started a second resync: the first one, through the corrupting
-    // endpoint, was over and gave it nothing.
+    // Until the member's resync through the corrupting endpoint is over (every round failed,
+    // or it started another): it got nothing it could verify.
     let stats = wait::until(
-        Duration::from_secs(10),
-        "a second resync",
+        Duration::from_secs(30),
+        "the resync through the corrupting endpoint to end",
         || {
             let stats = member.stats().unwrap();
-            (stats.resyncs_started >= 2).then_some(stats)
+            (stats.resync.resyncs_failed >= 1 || stats.resyncs_started >= 2).then_some(stats)
         },
         || format!("{:?}", member.stats().unwrap()),
     );
+    assert!(stats.resync.fetches > 0, "{stats:?}");
     assert!(stats.resyncs_started > 0, "{stats:?}");
     assert_eq!(stats.receiver.applied_from_resync, 0, "{stats:?}");
     assert_eq!(stats.group_key_version, None);
