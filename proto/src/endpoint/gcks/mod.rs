@@ -1020,13 +1020,24 @@ impl<T: Clone> GcksEndpoint<T> {
         for member in &committed.leaves {
             self.relays.remove(member);
         }
-        let mut bundles: HashMap<MemberId, Result<RegistrationBundle, LkhError>> =
-            bundles.into_iter().collect();
+        // The job built the bundles in the order of the batch's joins: take them in step, and
+        // only index what is out of step (a 2^20-join batch's bundles are hundreds of MB, too
+        // much to move through a hash table on the loop).
+        let mut in_order = bundles.into_iter().peekable();
+        let mut out_of_step: Option<HashMap<MemberId, Result<RegistrationBundle, LkhError>>> = None;
         let joined = committed.joins.len();
         for joiner in committed.joins {
-            let bundle = bundles
-                .remove(&joiner.member)
-                .unwrap_or(Err(LkhError::NotJustJoined(joiner.member)));
+            let next = match in_order.peek() {
+                Some((member, _)) if *member == joiner.member => in_order.next(),
+                _ => None,
+            };
+            let bundle = match next {
+                Some((_, bundle)) => bundle,
+                None => out_of_step
+                    .get_or_insert_with(|| in_order.by_ref().collect())
+                    .remove(&joiner.member)
+                    .unwrap_or(Err(LkhError::NotJustJoined(joiner.member))),
+            };
             if bundle.is_ok() && joiner.relay {
                 self.relays.insert(joiner.member);
             }
