@@ -1153,6 +1153,75 @@ mod tests {
         end_of_input_answers_what_was_asked::<HttpCodec>();
     }
 
+    fn a_connection_earns_its_slot<C: Requests>(answer: Option<&str>) {
+        let limits = Limits {
+            silent_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(3),
+            ..Limits::default()
+        };
+        // Silent: closed without a word at the silent timeout, not the idle timeout.
+        let mut h = Harness::<C>::new(limits.clone());
+        let accepted = h.now;
+        assert!(h.conn.is_silent());
+        assert_eq!(h.conn.waiting_since(), Some(accepted));
+        assert_eq!(
+            h.conn.poll_timeout(),
+            Some(accepted + Duration::from_secs(1))
+        );
+        h.now += Duration::from_secs(1);
+        h.conn.handle_timeout(h.now);
+        assert!(h.conn.wants_close());
+        assert!(h.take().is_empty());
+        assert_eq!(h.conn.counters().silent_timeouts, 1);
+        assert_eq!(h.conn.counters().header_timeouts, 0);
+        assert_eq!(h.conn.waiting_since(), None);
+        // A first byte late in the silent window: the first request is still due by the
+        // header timeout from the accept, not from that byte.
+        let mut h = Harness::<C>::new(limits.clone());
+        h.now += Duration::from_millis(900);
+        h.send(&C::state()[..2]);
+        assert!(!h.conn.is_silent());
+        assert_eq!(h.conn.poll_timeout(), Some(accepted_plus(&h, 3)));
+        assert_eq!(h.conn.waiting_since(), Some(h.conn.accepted_at()));
+        h.now = accepted_plus(&h, 3);
+        h.conn.handle_timeout(h.now);
+        assert!(h.conn.wants_close());
+        assert_eq!(h.conn.counters().header_timeouts, 1);
+        let answers = C::answers(&h.take());
+        assert_eq!(answers.first().map(String::as_str), answer);
+        // A whole first request: then only the idle timeout runs, and the connection ranks
+        // by its last request.
+        let mut h = Harness::<C>::new(limits);
+        h.now += Duration::from_millis(500);
+        h.send(&C::state());
+        assert_eq!(h.conn.waiting_since(), None, "being answered");
+        h.take();
+        assert_eq!(h.conn.waiting_since(), Some(h.now));
+        assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(30)));
+        // A long stream is not evictable while it is generated.
+        h.source = VecSource::new(GROUP, 10, 100, 2);
+        h.conn = Connection::new(
+            h.now,
+            &Limits {
+                max_output_bytes: 4096,
+                ..Limits::default()
+            },
+        );
+        h.send(&C::resync());
+        assert!(h.conn.has_more_to_send());
+        assert_eq!(h.conn.waiting_since(), None);
+    }
+
+    fn accepted_plus<C: Requests>(h: &Harness<C>, secs: u64) -> Instant {
+        h.conn.accepted_at() + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_connection_earns_its_slot_in_both_protocols() {
+        a_connection_earns_its_slot::<TcpCodec>(None);
+        a_connection_earns_its_slot::<HttpCodec>(Some("408 16"));
+    }
+
     #[test]
     fn requests_piled_behind_a_stream_past_the_cap_end_it_cleanly() {
         // TCP: the stream's frames, then TooLarge.
