@@ -74,6 +74,22 @@ pub struct EndpointCounters {
     pub open: u64,
 }
 
+/// The accept queue of each listener (the system clamps it to `net.core.somaxconn`). Deeper
+/// than the usual 128, so that a flood of connections does not overflow it and drop a member's
+/// connection attempt (its retry would come a second later).
+const LISTEN_BACKLOG: i32 = 4_096;
+
+/// A non-blocking listener on `addr` (address reuse on, as mio's) with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// A resync listener could not be bound or registered.
 #[derive(Debug, thiserror::Error)]
 #[error("binding the resync {protocol:?} endpoint {addr}")]
@@ -191,7 +207,7 @@ impl Endpoints {
                     addr,
                     source,
                 };
-                let mut listener = TcpListener::bind(addr).map_err(failed)?;
+                let mut listener = listen(addr).map_err(failed)?;
                 registry
                     .register(&mut listener, token, Interest::READABLE)
                     .map_err(failed)?;
