@@ -153,6 +153,9 @@ pub enum StoreError {
     /// The tree is at a sequence number whose message is missing.
     #[error("key tree is at message {0}, whose file is missing: partial state")]
     MissingMessage(u64),
+    /// Something other than a directory is where a state directory should be.
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
 }
 
 /// Whether the state directory `dir` holds a GCKS's state (a key tree snapshot or a message
@@ -559,6 +562,10 @@ pub(crate) fn read_message_file(path: &Path, seq: u64) -> Result<StoredMessage, 
 }
 
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    // A file in the way would otherwise read as "File exists".
+    if fs::metadata(dir).is_ok_and(|metadata| !metadata.is_dir()) {
+        return Err(StoreError::NotADirectory(dir.to_path_buf()));
+    }
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -802,6 +809,21 @@ mod tests {
         assert_eq!(seqs, vec![1, 20, 21]);
         assert!(store.message_path(1).is_dir());
         assert_eq!(stored.len(), 20);
+    }
+
+    #[test]
+    fn a_file_in_place_of_a_state_directory_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _) = committed(dir.path(), 4, 1);
+        let messages = dir.path().join(MESSAGES_DIR);
+        fs::remove_dir_all(&messages).unwrap();
+        fs::write(&messages, b"").unwrap();
+        let error = StateStore::open(dir.path(), 4, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::NotADirectory(path) if *path == messages),
+            "{error}"
+        );
+        assert!(error.to_string().ends_with("is not a directory"), "{error}");
     }
 
     #[test]
