@@ -302,11 +302,6 @@ impl GcksStats {
         ];
         let gauges: [(&str, &str, u64); 10] = [
             (
-                "rekeycast_history_not_held",
-                "Messages inside the history window not held (lost from the state directory).",
-                self.history_not_held as u64,
-            ),
-            (
                 "rekeycast_members",
                 "Members in the committed key tree.",
                 self.members as u64,
@@ -346,6 +341,11 @@ impl GcksStats {
                 "rekeycast_loop_lag_max_microseconds",
                 "Event loop lag, maximum.",
                 self.loop_lag_us.max,
+            ),
+            (
+                "rekeycast_history_not_held",
+                "Messages inside the history window not held (lost from the state directory).",
+                self.history_not_held as u64,
             ),
         ];
         let mut text = String::new();
