@@ -721,17 +721,17 @@ fn a_big_batch_is_answered_a_slice_per_turn_before_its_message_goes() {
         h.endpoint.handle_timeout(h.now);
         h.settle();
         let given = h.join_answers().len() - before;
-        assert!(given > 0 && given <= ANSWER_SLICE, "{given} answers in one turn");
+        assert!(
+            given > 0 && given <= ANSWER_SLICE,
+            "{given} answers in one turn"
+        );
         slices += 1;
     }
     assert_eq!(slices, 3);
     let expected: Vec<(u32, Result<u64, JoinError>)> =
         (1..=count).map(|member| (member as u32, Ok(1))).collect();
     assert_eq!(h.join_answers(), expected, "every joiner, in order, once");
-    assert_eq!(
-        h.rekeyed(),
-        vec![(1, count as usize, 0, count as usize)]
-    );
+    assert_eq!(h.rekeyed(), vec![(1, count as usize, 0, count as usize)]);
     let last_answer = h
         .events
         .iter()
@@ -739,7 +739,10 @@ fn a_big_batch_is_answered_a_slice_per_turn_before_its_message_goes() {
         .unwrap();
     let rekeyed = position(&h.events, |e| matches!(e, GcksEvent::Rekeyed { .. }));
     let queued = position(&h.events, |e| matches!(e, GcksEvent::Queued { seq: 1 }));
-    assert!(last_answer < rekeyed && rekeyed < queued, "{last_answer} {rekeyed} {queued}");
+    assert!(
+        last_answer < rekeyed && rekeyed < queued,
+        "{last_answer} {rekeyed} {queued}"
+    );
     assert!(h.transmit() > 0);
     assert_eq!(h.endpoint.poll_timeout().map(|at| at > h.now), Some(true));
 }
@@ -754,6 +757,9 @@ fn a_stop_while_a_big_batch_is_answered_hands_out_the_rest_at_once() {
         (1..=count).map(|member| (member as u32, Ok(1))).collect();
     assert_eq!(h.join_answers(), expected);
     assert_eq!(h.rekeyed().len(), 1);
-    assert!(!h.events.iter().any(|e| matches!(e, GcksEvent::Queued { .. })));
+    assert!(!h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { .. })));
     assert_eq!(h.transmit(), 0);
 }
