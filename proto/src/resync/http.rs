@@ -539,7 +539,14 @@ fn route<'s>(
             if group != source.group_id() {
                 return Reply::error(404);
             }
-            lookup_reply(source.chunk(seq, leaf))
+            match source.chunk(seq, leaf) {
+                // No chunk for this leaf, or no message at all: a hole in the history is 421,
+                // as for the manifest, so the member asks another endpoint.
+                Lookup::NotFound if matches!(source.manifest(seq), Lookup::NotFound) => {
+                    Reply::error(421)
+                }
+                lookup => lookup_reply(lookup),
+            }
         }
         Route::BadRequest => Reply::error(400),
         Route::Resync { .. } | Route::NotFound => Reply::error(404),
@@ -908,6 +915,7 @@ mod tests {
         let mut h = Harness::new();
         h.source.messages.remove(2);
         assert_eq!(h.get("/v1/groups/7/rekeys/12/manifest").status, 421);
+        assert_eq!(h.get("/v1/groups/7/rekeys/12/chunks/0").status, 421);
         assert_eq!(h.get("/v1/groups/7/rekeys/11/manifest").status, 200);
         assert_eq!(h.get("/v1/groups/7/rekeys/13/manifest").status, 200);
     }
