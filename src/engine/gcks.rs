@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,9 +36,9 @@ use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
 use rekeycast_proto::endpoint::gcks::{
-    BatchFailure, Change, GcksCommand, GcksEndpoint, GcksEndpointConfig,
-    GcksEvent as EndpointEvent, GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome,
-    PoisonReason, ResyncAnswer, WallClock,
+    Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent as EndpointEvent,
+    GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
+    WallClock,
 };
 use rekeycast_proto::endpoint::{Port, Storage, StoreError};
 
@@ -49,60 +50,10 @@ use crate::gcks::{GcksConfig, GcksStats, LagSummary};
 use crate::lkh::{KeyRng, LkhError, MemberId, RegistrationBundle};
 use crate::resync::store::{GcksStorage, OpenError};
 
-/// What the GCKS reports to the product (the answers to joins and leaves go to their callers
-/// instead).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum GcksEvent {
-    /// A batch was committed and its message waits out the admission delay.
-    Rekeyed {
-        /// The message's sequence number.
-        seq: u64,
-        /// Members admitted by it.
-        joined: usize,
-        /// Members removed by it.
-        left: usize,
-        /// Group size after it.
-        members: usize,
-        /// Chunks (source symbols) of its message.
-        chunks: usize,
-        /// Time from handing the batch to a worker to its commit (build, sign, encode,
-        /// store).
-        build_time: Duration,
-    },
-    /// Message `seq` went to the sender (after the admission delay when it admits members):
-    /// its transmission starts now.
-    Queued {
-        /// The message.
-        seq: u64,
-    },
-    /// The initial transmission of message `seq` is on the wire.
-    Sent {
-        /// The message.
-        seq: u64,
-    },
-    /// A batch failed before anything of it was committed; it is retried after `retry_in`
-    /// (see [`EndpointEvent::BatchFailed`]).
-    BatchFailed {
-        /// The sequence number the batch's message gets when it succeeds.
-        seq: u64,
-        /// Attempts of this batch so far.
-        attempt: u32,
-        /// What went wrong.
-        reason: BatchFailure,
-        /// The error's text, for the operator's log.
-        detail: String,
-        /// When the batch is tried again; `None`: not retried (it had no changes).
-        retry_in: Option<Duration>,
-    },
-    /// The engine cannot go on: every pending join has failed with
-    /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
-    /// has stopped. The state directory is intact: a GCKS started again on it resumes.
-    Poisoned {
-        /// Why.
-        reason: PoisonReason,
-    },
-}
+/// What the GCKS reports to the product: the endpoint's [`EndpointEvent`] with an uninhabited
+/// ticket, since the answers to joins and leaves go to their callers instead
+/// ([`EndpointEvent::JoinAnswered`] and [`EndpointEvent::LeaveAnswered`] never arrive here).
+pub type GcksEvent = EndpointEvent<Infallible>;
 
 /// Why the GCKS engine could not start, or a call to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -577,12 +528,13 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
     fn deliver(&mut self, event: EndpointEvent<Reply>) -> Delivery {
         // A caller's channel has room for its answer (one per join or leave, one per change of
         // a batch call); one that is gone no longer waits.
-        let event = match event {
-            EndpointEvent::JoinAnswered {
+        let event = match event.without_ticket() {
+            Ok(event) => event,
+            Err(EndpointEvent::JoinAnswered {
                 ticket,
                 part,
                 result,
-            } => {
+            }) => {
                 match ticket {
                     Reply::Join(reply) => drop(reply.try_send(result)),
                     Reply::Changes(reply) => {
@@ -592,11 +544,11 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
                 }
                 return Delivery::Delivered;
             }
-            EndpointEvent::LeaveAnswered {
+            Err(EndpointEvent::LeaveAnswered {
                 ticket,
                 part,
                 result,
-            } => {
+            }) => {
                 match ticket {
                     Reply::Leave(reply) => drop(reply.try_send(result)),
                     Reply::Changes(reply) => {
@@ -606,42 +558,11 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
                 }
                 return Delivery::Delivered;
             }
-            EndpointEvent::Rekeyed {
-                seq,
-                joined,
-                left,
-                members,
-                chunks,
-                build_time,
-            } => GcksEvent::Rekeyed {
-                seq,
-                joined,
-                left,
-                members,
-                chunks,
-                build_time,
-            },
-            EndpointEvent::Queued { seq } => GcksEvent::Queued { seq },
-            EndpointEvent::Sent { seq } => GcksEvent::Sent { seq },
-            EndpointEvent::BatchFailed {
-                seq,
-                attempt,
-                reason,
-                detail,
-                retry_in,
-            } => GcksEvent::BatchFailed {
-                seq,
-                attempt,
-                reason,
-                detail,
-                retry_in,
-            },
-            EndpointEvent::Poisoned { reason } => {
-                let _ = self.poisoned.set(reason);
-                GcksEvent::Poisoned { reason }
-            }
-            _ => return Delivery::Delivered,
+            Err(_) => return Delivery::Delivered,
         };
+        if let GcksEvent::Poisoned { reason } = &event {
+            let _ = self.poisoned.set(*reason);
+        }
         self.events.deliver(event)
     }
 }

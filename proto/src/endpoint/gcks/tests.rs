@@ -689,3 +689,33 @@ fn stop_answers_waiting_joins_and_refuses_later_commands() {
     assert_eq!(h.leave_answers(), vec![(2, Err(LeaveError::Stopped))]);
     assert!(h.endpoint.is_stopped());
 }
+
+#[test]
+fn without_ticket_passes_events_on_and_keeps_answers() {
+    use std::convert::Infallible;
+    let events: Vec<GcksEvent<u32>> = vec![
+        GcksEvent::Queued { seq: 4 },
+        GcksEvent::Sent { seq: 4 },
+        GcksEvent::Poisoned {
+            reason: PoisonReason::WorkersGone,
+        },
+    ];
+    for event in events {
+        let text = format!("{event:?}");
+        let passed: GcksEvent<Infallible> = event.without_ticket().unwrap();
+        assert_eq!(format!("{passed:?}"), text);
+    }
+    let answer: GcksEvent<u32> = GcksEvent::LeaveAnswered {
+        ticket: 9,
+        part: Some(1),
+        result: Ok(LeaveOutcome::AlreadyLeaving),
+    };
+    let Err(GcksEvent::LeaveAnswered {
+        ticket: 9,
+        part: Some(1),
+        result: Ok(LeaveOutcome::AlreadyLeaving),
+    }) = answer.without_ticket::<Infallible>()
+    else {
+        panic!("an answer passed as an event");
+    };
+}
