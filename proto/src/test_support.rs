@@ -86,6 +86,25 @@ impl TestGcks {
         self.sender.queue_message(now, prepared).unwrap();
     }
 
+    /// The virtual clock's step once nothing is left to send: moves `now` on to the earliest
+    /// of the sender's deadline and `other` (when that is by `end`), hands the sender its
+    /// timeout and `on_timeout` the new time, and returns true. With no deadline by `end`,
+    /// moves `now` to `end` and returns false: the run is over.
+    pub(crate) fn wait_for_timers(
+        &mut self,
+        now: &mut Instant,
+        end: Instant,
+        other: Option<Instant>,
+        on_timeout: impl FnOnce(Instant),
+    ) -> bool {
+        if !advance_to_deadline(now, end, [self.sender.poll_timeout(), other]) {
+            return false;
+        }
+        self.sender.handle_timeout(*now);
+        on_timeout(*now);
+        true
+    }
+
     /// Applies a batch in which `joins` join and `leaves` leave, and queues its message.
     pub(crate) fn rekey(&mut self, now: Instant, joins: &[u64], leaves: &[u64]) {
         let joins: Vec<MemberId> = joins.iter().copied().map(MemberId).collect();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::lkh::MemberId;
 use crate::session::StoredMessage;
-use crate::test_support::{advance_to_deadline, sealed, test_addr, TestGcks};
+use crate::test_support::{sealed, test_addr, TestGcks};
 use crate::wire::{self, BodyRepr, DatagramRepr, NackRepr, ObjectKind};
 
 const GROUP: u32 = 0x5E1A_0001;
@@ -100,12 +100,15 @@ impl Harness {
             if busy {
                 continue;
             }
-            let deadlines = [self.gcks.sender.poll_timeout(), self.relay.poll_timeout()];
-            if !advance_to_deadline(&mut self.now, end, deadlines) {
+            let relay = &mut self.relay;
+            let deadline = relay.poll_timeout();
+            let on_timeout = |now| relay.handle_timeout(now);
+            if !self
+                .gcks
+                .wait_for_timers(&mut self.now, end, deadline, on_timeout)
+            {
                 return;
             }
-            self.gcks.sender.handle_timeout(self.now);
-            self.relay.handle_timeout(self.now);
         }
         panic!("the sessions did not go quiet");
     }

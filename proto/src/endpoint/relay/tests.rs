@@ -11,7 +11,7 @@ use crate::endpoint::{FetchWhat, ResyncEndpoint, ResyncProtocol, StoreErrorKind}
 use crate::lkh::MemberId;
 use crate::resync::Lookup;
 use crate::session::{ReceiverEvent, SenderConfig, SenderSession};
-use crate::test_support::{advance_to_deadline, test_addr, TestGcks};
+use crate::test_support::{test_addr, TestGcks};
 
 const GROUP: u32 = 0x5E1A_0002;
 const SPI: u32 = 3;
@@ -116,12 +116,15 @@ impl Net {
             if busy {
                 continue;
             }
-            let deadlines = [self.gcks.sender.poll_timeout(), self.relay.poll_timeout()];
-            if !advance_to_deadline(&mut self.now, end, deadlines) {
+            let relay = &mut self.relay;
+            let deadline = relay.poll_timeout();
+            let on_timeout = |now| relay.handle_timeout(now);
+            if !self
+                .gcks
+                .wait_for_timers(&mut self.now, end, deadline, on_timeout)
+            {
                 return;
             }
-            self.gcks.sender.handle_timeout(self.now);
-            self.relay.handle_timeout(self.now);
         }
         panic!("the virtual network never went quiet");
     }
