@@ -271,6 +271,8 @@ impl<T> GcksEvent<T> {
     ///
     /// An owner that routes the answers itself hands the rest on as `GcksEvent<U>` with an
     /// uninhabited `U` ([`std::convert::Infallible`]): events that can never be answers.
+    // An answer comes back as it came (the large variant, like the event itself).
+    #[allow(clippy::result_large_err)]
     pub fn without_ticket<U>(self) -> Result<GcksEvent<U>, Self> {
         Ok(match self {
             answer @ (Self::JoinAnswered { .. } | Self::LeaveAnswered { .. }) => {
