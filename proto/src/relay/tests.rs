@@ -63,6 +63,16 @@ fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBu
     }
 }
 
+/// What becomes of one of the GCKS's datagrams on its way to the relay.
+enum Fate {
+    /// It arrives as sent.
+    Pass,
+    /// It is lost.
+    Drop,
+    /// These bytes arrive instead.
+    Send(Vec<u8>),
+}
+
 impl Harness {
     fn queue(&mut self, batch: &crate::lkh::RekeyBatch) {
         self.gcks.queue(self.now, batch);
@@ -111,6 +121,28 @@ impl Harness {
             }
         }
         panic!("the sessions did not go quiet");
+    }
+
+    /// [`Harness::run`] with every symbol datagram of the GCKS handed to `rewrite` on the
+    /// way to the relay (with its message's sequence number), which decides its [`Fate`];
+    /// every other datagram passes.
+    fn run_rewriting_symbols(
+        &mut self,
+        duration: Duration,
+        mut rewrite: impl FnMut(u64, &wire::SymbolRepr<'_>) -> Fate,
+    ) {
+        self.run(duration, |bytes| {
+            let repr = DatagramRepr::parse(bytes).ok()?;
+            let fate = match &repr.body {
+                BodyRepr::Symbol(symbol) => rewrite(repr.seq, symbol),
+                _ => Fate::Pass,
+            };
+            match fate {
+                Fate::Pass => Some(bytes.to_vec()),
+                Fate::Drop => None,
+                Fate::Send(bytes) => Some(bytes),
+            }
+        });
     }
 
     fn events(&mut self) -> Vec<RelayEvent> {
@@ -258,33 +290,30 @@ fn tampered_and_forged_upstream_datagrams_are_never_forwarded() {
     // An insider (it holds the MAC key) changes one byte of source symbols 0 and 2 of block 0
     // and seals them again; an outsider sends the other even source symbols with a wrong MAC.
     // The genuine symbols never arrive: repair has to fill in.
-    h.run(Duration::from_secs(3), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks
-                && symbol.sbn == 0
-                && symbol.esi < k0
-                && symbol.esi % 2 == 0
-            {
-                let mut data = symbol.data.to_vec();
-                let last = data.len() - 1;
-                data[last] ^= 0x40;
-                let body = BodyRepr::Symbol(wire::SymbolRepr {
-                    data: &data,
-                    ..*symbol
-                });
-                if symbol.esi < 4 {
-                    tampered += 1;
-                    return Some(Harness::sealed(repr.seq, body, &key));
-                }
-                forged += 1;
-                let mut bytes = Harness::sealed(repr.seq, body, &key);
-                let last = bytes.len() - 1;
-                bytes[last] ^= 1;
-                return Some(bytes);
+    h.run_rewriting_symbols(Duration::from_secs(3), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks
+            && symbol.sbn == 0
+            && symbol.esi < k0
+            && symbol.esi % 2 == 0
+        {
+            let mut data = symbol.data.to_vec();
+            let last = data.len() - 1;
+            data[last] ^= 0x40;
+            let body = BodyRepr::Symbol(wire::SymbolRepr {
+                data: &data,
+                ..*symbol
+            });
+            if symbol.esi < 4 {
+                tampered += 1;
+                return Fate::Send(Harness::sealed(seq, body, &key));
             }
+            forged += 1;
+            let mut bytes = Harness::sealed(seq, body, &key);
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            return Fate::Send(bytes);
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(tampered > 0 && forged > 0);
     let counters = h.relay.upstream_counters();
@@ -438,21 +467,18 @@ fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
     let mut poisoned = 0;
     // Source symbols 0..3 of block 0 are lost, so the block must decode from repair; the
     // first repair symbols of block 0 carry an insider's garbage under a valid MAC.
-    h.run(Duration::from_secs(4), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
-                if symbol.esi < 4 {
-                    return None;
-                }
-                if symbol.esi >= k0 && poisoned < 4 {
-                    poisoned += 1;
-                    let garbage = vec![0xA5; symbol.data.len()];
-                    return Some(with_data(repr.seq, symbol, &garbage, &key));
-                }
+    h.run_rewriting_symbols(Duration::from_secs(4), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+            if symbol.esi < 4 {
+                return Fate::Drop;
+            }
+            if symbol.esi >= k0 && poisoned < 4 {
+                poisoned += 1;
+                let garbage = vec![0xA5; symbol.data.len()];
+                return Fate::Send(with_data(seq, symbol, &garbage, &key));
             }
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(poisoned > 0);
     assert!(
@@ -661,15 +687,12 @@ fn an_authentic_chunk_replayed_at_another_esi_is_not_forwarded() {
     let mut replaced = 0;
     // An insider (it holds the group MAC key) races the GCKS: source symbol 0 of block 0
     // carries the genuine, signed chunk 1 instead.
-    h.run(Duration::from_secs(3), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
-                replaced += 1;
-                return Some(with_data(repr.seq, symbol, &chunk1, &key));
-            }
+    h.run_rewriting_symbols(Duration::from_secs(3), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
+            replaced += 1;
+            return Fate::Send(with_data(seq, symbol, &chunk1, &key));
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(replaced > 0);
     assert!(h.relay.upstream_counters().bad_chunks >= 1);
@@ -688,25 +711,22 @@ fn forged_repair_reconstructing_a_misplaced_authentic_chunk_is_not_forwarded() {
     let encoder = rekeycast_fec::ObjectEncoder::new(info, forged).unwrap();
     let k0 = info.partition().block_len(0).unwrap();
     let mut poisoned = 0;
-    h.run(Duration::from_secs(4), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
-                if symbol.esi == 2 {
-                    return None;
-                }
-                if symbol.esi >= k0 {
-                    poisoned += 1;
-                    let data = encoder
-                        .repair_symbols(0, symbol.esi, 1)
-                        .unwrap()
-                        .next()
-                        .unwrap();
-                    return Some(with_data(repr.seq, symbol, &data, &key));
-                }
+    h.run_rewriting_symbols(Duration::from_secs(4), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+            if symbol.esi == 2 {
+                return Fate::Drop;
+            }
+            if symbol.esi >= k0 {
+                poisoned += 1;
+                let data = encoder
+                    .repair_symbols(0, symbol.esi, 1)
+                    .unwrap()
+                    .next()
+                    .unwrap();
+                return Fate::Send(with_data(seq, symbol, &data, &key));
             }
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(poisoned > 0);
     assert!(h.relay.upstream_counters().decode_failures >= 1);
@@ -725,14 +745,11 @@ fn a_manifest_verified_by_a_state_answer_does_not_let_other_bytes_through() {
     let mut tampered = manifest.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x01;
-    h.run(Duration::from_secs(2), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Manifest {
-                return Some(with_data(repr.seq, symbol, &tampered, &key));
-            }
+    h.run_rewriting_symbols(Duration::from_secs(2), |seq, symbol| {
+        if symbol.object == ObjectKind::Manifest {
+            return Fate::Send(with_data(seq, symbol, &tampered, &key));
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     let forwarded = symbols(&h.downstream);
     assert_ne!(
