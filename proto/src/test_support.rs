@@ -11,8 +11,10 @@ use std::time::Instant;
 use ed25519_dalek::SigningKey;
 
 use crate::auth::mac::MacKey;
+use crate::endpoint::Endpoint;
 use crate::gsa::{RekeySa, WrapAlgorithm};
 use crate::lkh::{Degree, KeyRng, KeyTree, MemberId, RekeyBatch};
+use crate::relay::RelaySession;
 use crate::session::layout::{build_message, MessageParams};
 use crate::session::seal_into;
 use crate::session::sender::{PreparedMessage, SenderConfig, SenderSession};
@@ -21,6 +23,34 @@ use crate::wire::{self, BodyRepr, DatagramRepr};
 /// Address `198.18.0.<last>:<port>` (the benchmarking range: never a real peer).
 pub(crate) fn test_addr(last: u8, port: u16) -> SocketAddr {
     SocketAddr::from(([198, 18, 0, last], port))
+}
+
+/// What runs on timers: a session or an endpoint, seen by a virtual clock.
+pub(crate) trait Timed {
+    /// When it next wants [`Timed::handle_timeout`].
+    fn poll_timeout(&self) -> Option<Instant>;
+    /// Its timers at `now`.
+    fn handle_timeout(&mut self, now: Instant);
+}
+
+impl<E: Endpoint> Timed for E {
+    fn poll_timeout(&self) -> Option<Instant> {
+        Endpoint::poll_timeout(self)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Endpoint::handle_timeout(self, now);
+    }
+}
+
+impl Timed for RelaySession {
+    fn poll_timeout(&self) -> Option<Instant> {
+        RelaySession::poll_timeout(self)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        RelaySession::handle_timeout(self, now);
+    }
 }
 
 /// A GCKS without a network: its key tree, its signing key and its sender session.
@@ -87,21 +117,20 @@ impl TestGcks {
     }
 
     /// The virtual clock's step once nothing is left to send: moves `now` on to the earliest
-    /// of the sender's deadline and `other` (when that is by `end`), hands the sender its
-    /// timeout and `on_timeout` the new time, and returns true. With no deadline by `end`,
-    /// moves `now` to `end` and returns false: the run is over.
+    /// of the sender's and `peer`'s deadlines (when that is by `end`), hands both their
+    /// timeout, and returns true. With no deadline by `end`, moves `now` to `end` and returns
+    /// false: the run is over.
     pub(crate) fn wait_for_timers(
         &mut self,
         now: &mut Instant,
         end: Instant,
-        other: Option<Instant>,
-        on_timeout: impl FnOnce(Instant),
+        peer: &mut impl Timed,
     ) -> bool {
-        if !advance_to_deadline(now, end, [self.sender.poll_timeout(), other]) {
+        if !advance_to_deadline(now, end, [self.sender.poll_timeout(), peer.poll_timeout()]) {
             return false;
         }
         self.sender.handle_timeout(*now);
-        on_timeout(*now);
+        peer.handle_timeout(*now);
         true
     }
 

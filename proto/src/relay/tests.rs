@@ -110,12 +110,9 @@ impl Harness {
             if busy {
                 continue;
             }
-            let relay = &mut self.relay;
-            let deadline = relay.poll_timeout();
-            let on_timeout = |now| relay.handle_timeout(now);
             if !self
                 .gcks
-                .wait_for_timers(&mut self.now, end, deadline, on_timeout)
+                .wait_for_timers(&mut self.now, end, &mut self.relay)
             {
                 return;
             }
