@@ -60,6 +60,17 @@ fn wait_member(member: &Member, seq: u64, events: &mut Vec<ReceiverEvent>) {
     );
 }
 
+/// Admits members 1 to 3 and starts member 1 with `config`; returns it once it applied
+/// message 1, with the events it raised.
+fn start_member(gcks: &Gcks, config: MemberConfig) -> (Member, Vec<ReceiverEvent>) {
+    let bundle = admit(gcks);
+    let member = Member::start(&bundle, config).unwrap();
+    wait_sent(gcks, 1);
+    let mut events = Vec::new();
+    wait_member(&member, 1, &mut events);
+    (member, events)
+}
+
 fn member_config(gcks: &Gcks, group: SocketAddr, state: &Path, resync: bool) -> MemberConfig {
     let mut config = MemberConfig::loopback(group, gcks.local_addr());
     config.state_file = Some(state.to_path_buf());
@@ -88,11 +99,7 @@ fn restarted_member_resyncs_what_it_missed_and_does_not_reregister() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("member.state");
     let gcks = start_gcks(group);
-    let bundle = admit(&gcks);
-    let member = Member::start(&bundle, member_config(&gcks, group, &state, true)).unwrap();
-    wait_sent(&gcks, 1);
-    let mut events = Vec::new();
-    wait_member(&member, 1, &mut events);
+    let (member, mut events) = start_member(&gcks, member_config(&gcks, group, &state, true));
     let second = rekey(&gcks);
     wait_member(&member, second, &mut events);
     assert_current(&member, &gcks);
@@ -158,11 +165,7 @@ fn member_resumed_without_missing_a_message_continues_by_multicast() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("member.state");
     let gcks = start_gcks(group);
-    let bundle = admit(&gcks);
-    let member = Member::start(&bundle, member_config(&gcks, group, &state, false)).unwrap();
-    wait_sent(&gcks, 1);
-    let mut events = Vec::new();
-    wait_member(&member, 1, &mut events);
+    let (member, _) = start_member(&gcks, member_config(&gcks, group, &state, false));
     member.shutdown().unwrap();
 
     let member = Member::resume(&state, member_config(&gcks, group, &state, false)).unwrap();
@@ -208,11 +211,7 @@ fn failed_saves_are_counted_and_do_not_stop_the_member() {
     // A directory that does not exist: every save fails.
     let state = dir.path().join("missing").join("member.state");
     let gcks = start_gcks(group);
-    let bundle = admit(&gcks);
-    let member = Member::start(&bundle, member_config(&gcks, group, &state, false)).unwrap();
-    wait_sent(&gcks, 1);
-    let mut events = Vec::new();
-    wait_member(&member, 1, &mut events);
+    let (member, mut events) = start_member(&gcks, member_config(&gcks, group, &state, false));
     let latest = rekey(&gcks);
     wait_member(&member, latest, &mut events);
     // Saves run on the driver's storage thread: their failure is counted when it comes back.

@@ -541,6 +541,26 @@ fn forged(rng: &mut ChaCha8Rng, seq: u64, body: BodyRepr<'_>) -> Vec<u8> {
     .wrongly_keyed(rng, seq, body)
 }
 
+/// Sends `count` NACKs for message 1 under a wrong key, each of its own receiver id, to `to`.
+fn send_forged_nacks(socket: &UdpSocket, rng: &mut ChaCha8Rng, to: SocketAddr, count: u64) {
+    for _ in 0..count {
+        let receiver_id = rng.gen();
+        let nack = forged(
+            rng,
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need: 8,
+                receiver_id,
+                echo: None,
+            }),
+        );
+        socket.send_to(&nack, to).unwrap();
+    }
+}
+
 #[test]
 fn forged_upstream_datagrams_are_counted_and_never_forwarded() {
     let (up, down) = (group(4, 0), group(4, 1));
@@ -579,22 +599,7 @@ fn forged_upstream_datagrams_are_counted_and_never_forwarded() {
         socket.send_to(&datagram, up).unwrap();
     }
     // Downstream NACKs for message 1 under a wrong key, to the relay's feedback address.
-    for _ in 0..100 {
-        let receiver_id = rng.gen();
-        let nack = forged(
-            &mut rng,
-            1,
-            BodyRepr::Nack(NackRepr {
-                object: ObjectKind::Chunks,
-                sbn: 0,
-                round: 1,
-                need: 8,
-                receiver_id,
-                echo: None,
-            }),
-        );
-        socket.send_to(&nack, relay.feedback_addr()).unwrap();
-    }
+    send_forged_nacks(&socket, &mut rng, relay.feedback_addr(), 100);
     // Give the relay time to take them all in (and to repair, were it fooled).
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
@@ -673,22 +678,7 @@ fn a_downstream_flood_is_rate_limited_per_source() {
     let socket = sender();
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let flood = 500;
-    for _ in 0..flood {
-        let receiver_id = rng.gen();
-        let nack = forged(
-            &mut rng,
-            1,
-            BodyRepr::Nack(NackRepr {
-                object: ObjectKind::Chunks,
-                sbn: 0,
-                round: 1,
-                need: 8,
-                receiver_id,
-                echo: None,
-            }),
-        );
-        socket.send_to(&nack, relay.feedback_addr()).unwrap();
-    }
+    send_forged_nacks(&socket, &mut rng, relay.feedback_addr(), flood);
     let deadline = Instant::now() + Duration::from_secs(10);
     let stats = loop {
         let stats = relay.stats().unwrap();

@@ -184,7 +184,7 @@ impl SendRun {
 
 /// The CPU time a thread of this process has run, nanoseconds (the first field of its
 /// schedstat). `None` for the calling thread.
-fn thread_cpu_ns(tid: Option<&str>) -> Option<u64> {
+pub(crate) fn thread_cpu_ns(tid: Option<&str>) -> Option<u64> {
     let path = match tid {
         Some(tid) => format!("/proc/self/task/{tid}/schedstat"),
         None => "/proc/thread-self/schedstat".into(),
@@ -198,7 +198,7 @@ fn thread_cpu_ns(tid: Option<&str>) -> Option<u64> {
 }
 
 /// The thread id of the thread of this process named exactly `name`.
-fn thread_named(name: &str) -> Option<String> {
+pub(crate) fn thread_named(name: &str) -> Option<String> {
     std::fs::read_dir("/proc/self/task")
         .ok()?
         .filter_map(Result::ok)

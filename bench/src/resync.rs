@@ -38,6 +38,7 @@ use rekeycast::lkh::{MemberId, RegistrationBundle};
 use rekeycast::session::{ReceiverConfig, ReceiverSession};
 use serde_json::{json, Value};
 
+use crate::engine::{thread_cpu_ns, thread_named};
 use crate::machine::{format_load, load_average, ms};
 
 /// Members admitted in message 1.
@@ -513,28 +514,6 @@ fn own_run(addr: SocketAddr, path: &str, secs: u64) -> anyhow::Result<LoadRun> {
     })
 }
 
-/// The CPU time a thread of this process has run, nanoseconds.
-fn thread_cpu_ns(tid: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The thread id of the thread of this process named exactly `name`.
-fn thread_named(name: &str) -> Option<String> {
-    std::fs::read_dir("/proc/self/task")
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|entry| {
-            std::fs::read_to_string(entry.path().join("comm"))
-                .is_ok_and(|comm| comm.trim_end_matches('\n') == name)
-        })
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-}
-
 fn best(runs: &[LoadRun]) -> LoadRun {
     runs.iter()
         .copied()
@@ -599,13 +578,17 @@ fn http_load(quick: bool, setup: &Setup) -> anyhow::Result<Value> {
     let mut theirs = Vec::new();
     for round in 0..rounds {
         eprintln!("resync: load round {} of {rounds}: ours", round + 1);
-        let cpu_start = loop_thread.as_deref().and_then(thread_cpu_ns);
+        let cpu_start = loop_thread
+            .as_deref()
+            .and_then(|tid| thread_cpu_ns(Some(tid)));
         let mut run = if use_wrk {
             wrk_run(&format!("http://{}{path}", setup.http), secs)?
         } else {
             own_run(setup.http, &path, secs)?
         };
-        let cpu_end = loop_thread.as_deref().and_then(thread_cpu_ns);
+        let cpu_end = loop_thread
+            .as_deref()
+            .and_then(|tid| thread_cpu_ns(Some(tid)));
         if let (Some(start), Some(end)) = (cpu_start, cpu_end) {
             run.server_cpu_s = end.saturating_sub(start) as f64 / 1e9;
         }

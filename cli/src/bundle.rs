@@ -61,24 +61,20 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use std::fs::{self, Permissions};
 
-    use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-    use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId};
+    use rekeycast::lkh::MemberId;
+    use rekeycast_testkit::forge::Sa;
+    use rekeycast_testkit::keys::KeyServer;
 
     use super::*;
 
+    /// Member 1's bundle.
     fn bundle() -> RegistrationBundle {
-        let gcks = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
-        let sa = RekeySa {
+        let sa = Sa {
             group_id: 7,
             spi: 4,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::DEFAULT,
-            gcks_public_key: gcks.verifying_key(),
-            data_sa_lifetime_secs: 600,
         };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(5));
-        tree.apply_batch(&[MemberId(1)], &[]).expect("batch");
-        tree.join(MemberId(1)).expect("bundle")
+        let server = KeyServer::new(sa, 3, 5, [1]);
+        server.tree.join(MemberId(1)).expect("bundle")
     }
 
     #[test]

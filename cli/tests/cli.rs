@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rekeycast_testkit::addr::{multicast_group, port};
@@ -165,6 +165,25 @@ fn admin(socket: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// A member process on `config` and `state` that exits once it applied message `target`,
+/// logging to `log`.
+fn member_until(config: &Path, state: &Path, target: &str, log: &Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "member",
+            "--config",
+            config.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--exit-after-seq",
+            target,
+        ])
+        .stdout(Stdio::null())
+        .stderr(log_file(log))
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn server_admin_member_processes_deliver_a_rekey() {
     let dir = tempfile::tempdir().unwrap();
@@ -218,22 +237,12 @@ fn server_admin_member_processes_deliver_a_rekey() {
 
     let member_state = dir.path().join("member.state");
     let target = (first_seq + 1).to_string();
-    processes.0.push(
-        Command::new(BIN)
-            .args([
-                "member",
-                "--config",
-                member_config.to_str().unwrap(),
-                "--state",
-                member_state.to_str().unwrap(),
-                "--exit-after-seq",
-                &target,
-            ])
-            .stdout(Stdio::null())
-            .stderr(log_file(&member_log))
-            .spawn()
-            .unwrap(),
-    );
+    processes.0.push(member_until(
+        &member_config,
+        &member_state,
+        &target,
+        &member_log,
+    ));
     // Once the member runs (its sockets bound, the group joined), rekey: it needs that message.
     wait_for_log(&member_log, "member running", Duration::from_secs(20));
     let rekeyed = admin(&socket, &["rekey"]);
@@ -255,22 +264,12 @@ fn server_admin_member_processes_deliver_a_rekey() {
     // message (resyncing any it missed while down).
     std::fs::remove_file(&bundle).unwrap();
     let target = (status["seq"].as_u64().unwrap() + 1).to_string();
-    processes.0.push(
-        Command::new(BIN)
-            .args([
-                "member",
-                "--config",
-                member_config.to_str().unwrap(),
-                "--state",
-                member_state.to_str().unwrap(),
-                "--exit-after-seq",
-                &target,
-            ])
-            .stdout(Stdio::null())
-            .stderr(log_file(&member_log))
-            .spawn()
-            .unwrap(),
-    );
+    processes.0.push(member_until(
+        &member_config,
+        &member_state,
+        &target,
+        &member_log,
+    ));
     wait_for_log(
         &member_log,
         "member resumed from its saved keys",

@@ -30,4 +30,6 @@ pub mod lkh;
 pub mod relay;
 pub mod resync;
 pub mod session;
+#[cfg(test)]
+mod test_support;
 pub mod wire;

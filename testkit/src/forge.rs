@@ -3,7 +3,9 @@
 
 use rand::Rng;
 use rekeycast::auth::mac::MacKey;
-use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, Packet, SymbolRepr};
+use rekeycast::session::seal_into;
+use rekeycast::wire::datagram::MAC_LEN;
+use rekeycast::wire::{BodyRepr, DatagramRepr, ObjectKind, SymbolRepr};
 
 /// The group and Rekey SA a datagram claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +25,11 @@ impl Sa {
             spi: self.spi,
             seq,
             body,
-            mac: [0; 16],
+            mac: [0; MAC_LEN],
         };
         let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
+        let len = seal_into(&repr, key, &mut buf).unwrap();
+        buf.truncate(len);
         buf
     }
 

@@ -272,17 +272,7 @@ mod tests {
     }
 
     fn sealed(seq: u64, body: BodyRepr<'_>, key: &MacKey) -> Vec<u8> {
-        let repr = DatagramRepr {
-            group_id: GROUP,
-            spi: SPI,
-            seq,
-            body,
-            mac: [0; 16],
-        };
-        let mut buf = vec![0u8; repr.buffer_len()];
-        repr.emit(&mut buf).unwrap();
-        key.seal(&mut Packet::new_checked(&mut buf[..]).unwrap());
-        buf
+        crate::test_support::sealed((GROUP, SPI), seq, body, key)
     }
 
     fn symbol(seq: u64) -> Vec<u8> {

@@ -8,28 +8,22 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::SigningKey;
-
 use super::*;
-use crate::gsa::{RekeySa, WrapAlgorithm};
-use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
-use crate::session::layout::{build_message, MessageParams};
-use crate::session::seal_into;
+use crate::lkh::MemberId;
 use crate::session::StoredMessage;
+use crate::test_support::{sealed, test_addr, TestGcks};
 use crate::wire::{self, BodyRepr, DatagramRepr, NackRepr, ObjectKind};
 
 const GROUP: u32 = 0x5E1A_0001;
 const SPI: u32 = 9;
 
 fn addr(last: u8) -> SocketAddr {
-    SocketAddr::from(([198, 18, 0, last], 7000))
+    test_addr(last, 7000)
 }
 
 /// A GCKS (key tree, signing key, sender session) and one relay registered with it.
 struct Harness {
-    tree: KeyTree,
-    signing_key: SigningKey,
-    gcks: SenderSession,
+    gcks: TestGcks,
     relay: RelaySession,
     now: Instant,
     /// Every symbol datagram the GCKS sent: (seq, object, sbn, esi) -> data.
@@ -46,16 +40,6 @@ fn harness(members: u64) -> Harness {
 
 /// [`harness`] with the relay's registration bundle changed by `alter` first.
 fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBundle)) -> Harness {
-    let signing_key = SigningKey::from_bytes(&[7; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: signing_key.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(3));
     // Any instant will do as the origin: the time goes on only as the code advances it.
     #[allow(clippy::disallowed_methods)]
     let now = Instant::now();
@@ -63,42 +47,35 @@ fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBu
         heartbeat_min: Duration::from_millis(20),
         ..SenderConfig::default()
     };
-    let gcks = SenderSession::new(config, GROUP, SPI, now).unwrap();
-    let joins: Vec<MemberId> = (1..=members + 1).map(MemberId).collect();
-    let batch = tree.apply_batch(&joins, &[]).unwrap();
-    let mut relay_bundle = tree.join(MemberId(1)).unwrap();
+    let (mut gcks, batch) = TestGcks::new(GROUP, SPI, (7, 3), members + 1, config, now);
+    let mut relay_bundle = gcks.tree.join(MemberId(1)).unwrap();
     alter(&mut relay_bundle);
     let mut relay_config = RelayConfig::new(addr(1));
     relay_config.downstream.heartbeat_min = Duration::from_millis(20);
     let relay = RelaySession::new(&relay_bundle, relay_config, now).unwrap();
-    let mut harness = Harness {
-        tree,
-        signing_key,
+    gcks.queue(now, &batch);
+    Harness {
         gcks,
         relay,
         now,
         gcks_symbols: HashMap::new(),
         downstream: Vec::new(),
-    };
-    harness.queue(&batch);
-    harness
+    }
+}
+
+/// What becomes of one of the GCKS's datagrams on its way to the relay.
+enum Fate {
+    /// It arrives as sent.
+    Pass,
+    /// It is lost.
+    Drop,
+    /// These bytes arrive instead.
+    Send(Vec<u8>),
 }
 
 impl Harness {
     fn queue(&mut self, batch: &crate::lkh::RekeyBatch) {
-        let params = MessageParams {
-            spi: SPI,
-            ..MessageParams::default()
-        };
-        let built = build_message(
-            batch,
-            &self.tree.leaves_in_order(),
-            &self.signing_key,
-            &params,
-        )
-        .unwrap();
-        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
-        self.gcks.queue_message(self.now, prepared).unwrap();
+        self.gcks.queue(self.now, batch);
     }
 
     /// Runs both sessions for `duration` of virtual time: the GCKS's datagrams go through
@@ -109,7 +86,7 @@ impl Harness {
         let mut buf = vec![0u8; 65_536];
         for _ in 0..1_000_000 {
             let mut busy = false;
-            while let Some(transmit) = self.gcks.poll_transmit(self.now, &mut buf) {
+            while let Some(transmit) = self.gcks.sender.poll_transmit(self.now, &mut buf) {
                 busy = true;
                 let bytes = buf[..transmit.len].to_vec();
                 if let Ok(repr) = DatagramRepr::parse(&bytes) {
@@ -126,30 +103,43 @@ impl Harness {
                 busy = true;
                 let bytes = buf[..transmit.len].to_vec();
                 match transmit.tier {
-                    Tier::Upstream => self.gcks.handle_datagram(self.now, addr(2), &bytes),
+                    Tier::Upstream => self.gcks.sender.handle_datagram(self.now, addr(2), &bytes),
                     Tier::Downstream => self.downstream.push(bytes),
                 }
             }
             if busy {
                 continue;
             }
-            let next = [self.gcks.poll_timeout(), self.relay.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
-            match next {
-                Some(at) if at <= end => {
-                    self.now = self.now.max(at);
-                    self.gcks.handle_timeout(self.now);
-                    self.relay.handle_timeout(self.now);
-                }
-                _ => {
-                    self.now = end;
-                    return;
-                }
+            if !self
+                .gcks
+                .wait_for_timers(&mut self.now, end, &mut self.relay)
+            {
+                return;
             }
         }
         panic!("the sessions did not go quiet");
+    }
+
+    /// [`Harness::run`] with every symbol datagram of the GCKS handed to `rewrite` on the
+    /// way to the relay (with its message's sequence number), which decides its [`Fate`];
+    /// every other datagram passes.
+    fn run_rewriting_symbols(
+        &mut self,
+        duration: Duration,
+        mut rewrite: impl FnMut(u64, &wire::SymbolRepr<'_>) -> Fate,
+    ) {
+        self.run(duration, |bytes| {
+            let repr = DatagramRepr::parse(bytes).ok()?;
+            let fate = match &repr.body {
+                BodyRepr::Symbol(symbol) => rewrite(repr.seq, symbol),
+                _ => Fate::Pass,
+            };
+            match fate {
+                Fate::Pass => Some(bytes.to_vec()),
+                Fate::Drop => None,
+                Fate::Send(bytes) => Some(bytes),
+            }
+        });
     }
 
     fn events(&mut self) -> Vec<RelayEvent> {
@@ -158,17 +148,7 @@ impl Harness {
 
     /// A datagram of message `seq` with `body`, sealed under `key`.
     fn sealed(seq: u64, body: BodyRepr<'_>, key: &crate::auth::mac::MacKey) -> Vec<u8> {
-        let repr = DatagramRepr {
-            group_id: GROUP,
-            spi: SPI,
-            seq,
-            body,
-            mac: [0; wire::datagram::MAC_LEN],
-        };
-        let mut buf = vec![0u8; 2048];
-        let len = seal_into(&repr, key, &mut buf).unwrap();
-        buf.truncate(len);
-        buf
+        sealed((GROUP, SPI), seq, body, key)
     }
 }
 
@@ -224,7 +204,7 @@ fn a_verified_message_is_forwarded_whole_and_its_repair_symbols_equal_the_gckss(
         chunks as u64
     );
     let upstream = {
-        let (seq, key, manifest, symbols) = h.gcks.message(1).unwrap().parts();
+        let (seq, key, manifest, symbols) = h.gcks.sender.message(1).unwrap().parts();
         (seq, key, manifest.to_vec(), symbols.to_vec())
     };
     let (seq, key, manifest, data) = h.relay.message(1).unwrap().parts();
@@ -253,7 +233,7 @@ fn a_verified_message_is_forwarded_whole_and_its_repair_symbols_equal_the_gckss(
     };
     let sent_before = h.downstream.len();
     h.relay.handle_downstream(h.now, addr(3), &nack(6));
-    h.gcks.handle_datagram(h.now, addr(3), &nack(6));
+    h.gcks.sender.handle_datagram(h.now, addr(3), &nack(6));
     h.run(Duration::from_secs(1), |bytes| Some(bytes.to_vec()));
     let relay_symbols = symbols(&h.downstream);
     let repairs = symbols(&h.downstream[sent_before..])
@@ -295,7 +275,7 @@ fn a_verified_message_is_forwarded_whole_and_its_repair_symbols_equal_the_gckss(
 #[test]
 fn tampered_and_forged_upstream_datagrams_are_never_forwarded() {
     let mut h = harness(300);
-    let (_, key, manifest, _) = h.gcks.message(1).unwrap().parts();
+    let (_, key, manifest, _) = h.gcks.sender.message(1).unwrap().parts();
     let key = crate::auth::mac::MacKey::from_bytes(key);
     let manifest = crate::session::manifest::SignedManifest::parse(manifest)
         .unwrap()
@@ -307,33 +287,30 @@ fn tampered_and_forged_upstream_datagrams_are_never_forwarded() {
     // An insider (it holds the MAC key) changes one byte of source symbols 0 and 2 of block 0
     // and seals them again; an outsider sends the other even source symbols with a wrong MAC.
     // The genuine symbols never arrive: repair has to fill in.
-    h.run(Duration::from_secs(3), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks
-                && symbol.sbn == 0
-                && symbol.esi < k0
-                && symbol.esi % 2 == 0
-            {
-                let mut data = symbol.data.to_vec();
-                let last = data.len() - 1;
-                data[last] ^= 0x40;
-                let body = BodyRepr::Symbol(wire::SymbolRepr {
-                    data: &data,
-                    ..*symbol
-                });
-                if symbol.esi < 4 {
-                    tampered += 1;
-                    return Some(Harness::sealed(repr.seq, body, &key));
-                }
-                forged += 1;
-                let mut bytes = Harness::sealed(repr.seq, body, &key);
-                let last = bytes.len() - 1;
-                bytes[last] ^= 1;
-                return Some(bytes);
+    h.run_rewriting_symbols(Duration::from_secs(3), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks
+            && symbol.sbn == 0
+            && symbol.esi < k0
+            && symbol.esi % 2 == 0
+        {
+            let mut data = symbol.data.to_vec();
+            let last = data.len() - 1;
+            data[last] ^= 0x40;
+            let body = BodyRepr::Symbol(wire::SymbolRepr {
+                data: &data,
+                ..*symbol
+            });
+            if symbol.esi < 4 {
+                tampered += 1;
+                return Fate::Send(Harness::sealed(seq, body, &key));
             }
+            forged += 1;
+            let mut bytes = Harness::sealed(seq, body, &key);
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            return Fate::Send(bytes);
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(tampered > 0 && forged > 0);
     let counters = h.relay.upstream_counters();
@@ -355,7 +332,7 @@ fn tampered_and_forged_upstream_datagrams_are_never_forwarded() {
     );
     assert_eq!(
         h.relay.message(1).unwrap().parts(),
-        h.gcks.message(1).unwrap().parts()
+        h.gcks.sender.message(1).unwrap().parts()
     );
     let downstream = symbols(&h.downstream);
     for (id, data) in &downstream {
@@ -413,20 +390,20 @@ fn the_relay_forwards_the_next_messages_with_the_keys_it_got() {
     for round in 0..3u64 {
         let leave = MemberId(10 + round);
         let join = MemberId(1_000 + round);
-        let batch = h.tree.apply_batch(&[join], &[leave]).unwrap();
+        let batch = h.gcks.tree.apply_batch(&[join], &[leave]).unwrap();
         h.queue(&batch);
         h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
     }
     assert_eq!(h.relay.counters().forwarded, 4);
     assert_eq!(h.relay.next_seq(), 5);
-    let (version, key) = h.tree.group_key();
+    let (version, key) = h.gcks.tree.group_key();
     let relay_key = h.relay.keys().group_key().unwrap();
     assert_eq!(relay_key.version, version);
     assert_eq!(relay_key.key.as_bytes(), key.as_bytes());
     for seq in 1..=4 {
         assert_eq!(
             h.relay.message(seq).unwrap().parts(),
-            h.gcks.message(seq).unwrap().parts()
+            h.gcks.sender.message(seq).unwrap().parts()
         );
     }
 }
@@ -451,14 +428,14 @@ fn a_resumed_relay_serves_its_stored_history_at_once() {
     assert!(matches!(resumed.chunk(1, leaf), Lookup::Found(_)));
     assert_eq!(
         resumed.manifest(1),
-        Lookup::Found(h.gcks.message(1).unwrap().parts().2)
+        Lookup::Found(h.gcks.sender.message(1).unwrap().parts().2)
     );
     // A relay never sends a member to re-register: what it lacks, the GCKS may hold.
     assert_eq!(resumed.manifest(0), Lookup::NotFound);
     // History newer than the keys is refused: message 2, which the relay never received.
-    let batch = h.tree.apply_batch(&[MemberId(5_000)], &[]).unwrap();
+    let batch = h.gcks.tree.apply_batch(&[MemberId(5_000)], &[]).unwrap();
     h.queue(&batch);
-    let newer = StoredMessage::from_prepared(h.gcks.message(2).unwrap());
+    let newer = StoredMessage::from_prepared(h.gcks.sender.message(2).unwrap());
     let error = RelaySession::resume(
         keys,
         vec![stored.to_prepared().unwrap(), newer.to_prepared().unwrap()],
@@ -477,7 +454,7 @@ fn a_resumed_relay_serves_its_stored_history_at_once() {
 #[test]
 fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
     let mut h = harness(300);
-    let (_, key, manifest, _) = h.gcks.message(1).unwrap().parts();
+    let (_, key, manifest, _) = h.gcks.sender.message(1).unwrap().parts();
     let key = crate::auth::mac::MacKey::from_bytes(key);
     let manifest = crate::session::manifest::SignedManifest::parse(manifest)
         .unwrap()
@@ -487,21 +464,18 @@ fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
     let mut poisoned = 0;
     // Source symbols 0..3 of block 0 are lost, so the block must decode from repair; the
     // first repair symbols of block 0 carry an insider's garbage under a valid MAC.
-    h.run(Duration::from_secs(4), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
-                if symbol.esi < 4 {
-                    return None;
-                }
-                if symbol.esi >= k0 && poisoned < 4 {
-                    poisoned += 1;
-                    let garbage = vec![0xA5; symbol.data.len()];
-                    return Some(with_data(repr.seq, symbol, &garbage, &key));
-                }
+    h.run_rewriting_symbols(Duration::from_secs(4), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+            if symbol.esi < 4 {
+                return Fate::Drop;
+            }
+            if symbol.esi >= k0 && poisoned < 4 {
+                poisoned += 1;
+                let garbage = vec![0xA5; symbol.data.len()];
+                return Fate::Send(with_data(seq, symbol, &garbage, &key));
             }
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(poisoned > 0);
     assert!(
@@ -515,7 +489,7 @@ fn forged_repair_symbols_from_an_insider_poison_no_forwarded_message() {
     );
     assert_eq!(
         h.relay.message(1).unwrap().parts(),
-        h.gcks.message(1).unwrap().parts()
+        h.gcks.sender.message(1).unwrap().parts()
     );
 }
 
@@ -584,7 +558,7 @@ fn relays_stack_a_relay_behind_a_relay_forwards_the_same_message() {
     let mut h = harness(200);
     // A second relay, registered like the first (member 2), whose upstream is the first
     // relay's downstream group.
-    let bundle = h.tree.join(MemberId(2)).unwrap();
+    let bundle = h.gcks.tree.join(MemberId(2)).unwrap();
     let mut second = RelaySession::new(&bundle, RelayConfig::new(addr(2)), h.now).unwrap();
     h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
     assert_eq!(h.relay.counters().forwarded, 1);
@@ -605,7 +579,7 @@ fn relays_stack_a_relay_behind_a_relay_forwards_the_same_message() {
     );
     assert_eq!(
         second.message(1).unwrap().parts(),
-        h.gcks.message(1).unwrap().parts()
+        h.gcks.sender.message(1).unwrap().parts()
     );
     assert_eq!(second.upstream_counters().bad_chunks, 0);
 }
@@ -616,6 +590,7 @@ fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
     h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
     // Message 2 never reaches the relay by multicast; it takes its own chunk by resync.
     let batch = h
+        .gcks
         .tree
         .apply_batch(&[MemberId(700)], &[MemberId(30)])
         .unwrap();
@@ -624,7 +599,7 @@ fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
         let seq = DatagramRepr::parse(bytes).ok()?.seq;
         (seq != 2).then(|| bytes.to_vec())
     });
-    let item = h.gcks.resync_item(2, h.relay.order_key()).unwrap();
+    let item = h.gcks.sender.resync_item(2, h.relay.order_key()).unwrap();
     let (manifest, chunk) = (item.manifest.to_vec(), item.chunk.to_vec());
     assert_eq!(h.relay.handle_resync(h.now, &manifest, &chunk), Ok(2));
     assert!(h.events().contains(&RelayEvent::NotForwarded { seq: 2 }));
@@ -636,6 +611,7 @@ fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
 
     // Message 3 comes whole and is forwarded behind the gap.
     let batch = h
+        .gcks
         .tree
         .apply_batch(&[MemberId(701)], &[MemberId(31)])
         .unwrap();
@@ -673,7 +649,7 @@ fn a_message_got_by_resync_only_leaves_a_gap_the_relay_reports_as_not_held() {
 
 /// Message 1's key, FEC info and source symbols as the GCKS holds them.
 fn gcks_parts(h: &Harness) -> (crate::auth::mac::MacKey, rekeycast_fec::ObjectInfo, Vec<u8>) {
-    let (_, key, manifest, symbols) = h.gcks.message(1).unwrap().parts();
+    let (_, key, manifest, symbols) = h.gcks.sender.message(1).unwrap().parts();
     let key = crate::auth::mac::MacKey::from_bytes(key);
     let manifest = crate::session::manifest::SignedManifest::parse(manifest)
         .unwrap()
@@ -692,7 +668,7 @@ fn assert_only_the_gckss(h: &Harness) {
     if let Some(message) = h.relay.message(1) {
         assert_eq!(
             message.parts(),
-            h.gcks.message(1).unwrap().parts(),
+            h.gcks.sender.message(1).unwrap().parts(),
             "the stored message differs"
         );
     }
@@ -708,15 +684,12 @@ fn an_authentic_chunk_replayed_at_another_esi_is_not_forwarded() {
     let mut replaced = 0;
     // An insider (it holds the group MAC key) races the GCKS: source symbol 0 of block 0
     // carries the genuine, signed chunk 1 instead.
-    h.run(Duration::from_secs(3), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
-                replaced += 1;
-                return Some(with_data(repr.seq, symbol, &chunk1, &key));
-            }
+    h.run_rewriting_symbols(Duration::from_secs(3), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi == 0 {
+            replaced += 1;
+            return Fate::Send(with_data(seq, symbol, &chunk1, &key));
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(replaced > 0);
     assert!(h.relay.upstream_counters().bad_chunks >= 1);
@@ -735,25 +708,22 @@ fn forged_repair_reconstructing_a_misplaced_authentic_chunk_is_not_forwarded() {
     let encoder = rekeycast_fec::ObjectEncoder::new(info, forged).unwrap();
     let k0 = info.partition().block_len(0).unwrap();
     let mut poisoned = 0;
-    h.run(Duration::from_secs(4), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
-                if symbol.esi == 2 {
-                    return None;
-                }
-                if symbol.esi >= k0 {
-                    poisoned += 1;
-                    let data = encoder
-                        .repair_symbols(0, symbol.esi, 1)
-                        .unwrap()
-                        .next()
-                        .unwrap();
-                    return Some(with_data(repr.seq, symbol, &data, &key));
-                }
+    h.run_rewriting_symbols(Duration::from_secs(4), |seq, symbol| {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 {
+            if symbol.esi == 2 {
+                return Fate::Drop;
+            }
+            if symbol.esi >= k0 {
+                poisoned += 1;
+                let data = encoder
+                    .repair_symbols(0, symbol.esi, 1)
+                    .unwrap()
+                    .next()
+                    .unwrap();
+                return Fate::Send(with_data(seq, symbol, &data, &key));
             }
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     assert!(poisoned > 0);
     assert!(h.relay.upstream_counters().decode_failures >= 1);
@@ -765,21 +735,18 @@ fn a_manifest_verified_by_a_state_answer_does_not_let_other_bytes_through() {
     // Found in review: the verifier's manifest cache answered for any bytes of that seq.
     let mut h = harness(100);
     let (key, _, _) = gcks_parts(&h);
-    let manifest = h.gcks.message(1).unwrap().parts().2.to_vec();
+    let manifest = h.gcks.sender.message(1).unwrap().parts().2.to_vec();
     // A state check verifies and caches message 1's manifest.
     let _ = h.relay.handle_state_answer(h.now, &manifest).unwrap();
     // Then an insider's manifest datagrams for message 1: its signature broken.
     let mut tampered = manifest.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x01;
-    h.run(Duration::from_secs(2), |bytes| {
-        let repr = DatagramRepr::parse(bytes).ok()?;
-        if let BodyRepr::Symbol(symbol) = &repr.body {
-            if symbol.object == ObjectKind::Manifest {
-                return Some(with_data(repr.seq, symbol, &tampered, &key));
-            }
+    h.run_rewriting_symbols(Duration::from_secs(2), |seq, symbol| {
+        if symbol.object == ObjectKind::Manifest {
+            return Fate::Send(with_data(seq, symbol, &tampered, &key));
         }
-        Some(bytes.to_vec())
+        Fate::Pass
     });
     let forwarded = symbols(&h.downstream);
     assert_ne!(
@@ -798,7 +765,7 @@ fn a_behind_session_whose_resync_failed_is_prompted_again_after_a_silence() {
     // Found in review: OutOfSync was raised once per message; a failed (or dropped) resync
     // left the session behind for good.
     let mut h = harness(10);
-    let manifest = h.gcks.message(1).unwrap().parts().2.to_vec();
+    let manifest = h.gcks.sender.message(1).unwrap().parts().2.to_vec();
     let t0 = h.now;
     h.relay.start(t0);
     let verdict = h.relay.handle_state_answer(t0, &manifest).unwrap();
@@ -969,7 +936,7 @@ fn probe_timestamps(datagrams: &[Vec<u8>]) -> Vec<u64> {
 #[test]
 fn a_restarted_relay_is_heard_at_once_by_the_members_behind_it() {
     let mut h = harness(2);
-    let bundle = h.tree.join(MemberId(2)).unwrap();
+    let bundle = h.gcks.tree.join(MemberId(2)).unwrap();
     let member = ReceiverSession::new(&bundle, ReceiverConfig::new(addr(1))).unwrap();
     let mut downstream = Downstream {
         member,
@@ -1046,6 +1013,7 @@ fn a_relay_whose_keys_cannot_open_its_own_chunk_says_so_and_stops() {
         h.relay.reregister_reason()
     );
     let batch = h
+        .gcks
         .tree
         .apply_batch(&[MemberId(5_000)], &[MemberId(7)])
         .unwrap();

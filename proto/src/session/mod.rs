@@ -68,8 +68,9 @@ pub enum ConfigError {
 }
 
 /// Emits `repr` into `buf`, seals it with `key` and returns its length, or `None` if `buf` is
-/// too small (the caller counts that).
-pub(crate) fn seal_into(
+/// too small (the caller counts that). This is how every session seals what it sends; test
+/// kits and forgers seal with it too.
+pub fn seal_into(
     repr: &crate::wire::DatagramRepr<'_>,
     key: &crate::auth::mac::MacKey,
     buf: &mut [u8],

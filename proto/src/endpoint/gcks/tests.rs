@@ -725,6 +725,48 @@ fn stop_answers_waiting_joins_and_refuses_later_commands() {
     assert!(h.endpoint.is_stopped());
 }
 
+#[test]
+fn a_leave_after_a_join_in_the_same_batch_cancels_the_join() {
+    let mut config = config(false);
+    config.admission_delay = Duration::from_millis(20);
+    let mut h = Harness::new(config);
+    h.join(1, 1);
+    h.join(7, 2);
+    h.leave(7, 3);
+    assert_eq!(
+        h.leave_answers(),
+        vec![(3, Ok(LeaveOutcome::JoinCancelled))]
+    );
+    h.rekey();
+    h.advance(Duration::from_millis(20));
+    assert_eq!(
+        h.join_answers(),
+        vec![(2, Err(JoinError::Cancelled)), (1, Ok(1))],
+        "no bundle for a join a later leave cancelled"
+    );
+    assert_eq!(h.rekeyed(), vec![(1, 1, 0, 1)]);
+    assert!(h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { seq: 1 })));
+    assert_eq!(h.endpoint.stats().members, 1);
+}
+
+#[test]
+fn a_leave_of_a_member_never_admitted_is_refused() {
+    let mut h = Harness::new(config(false));
+    h.join(1, 1);
+    h.rekey();
+    h.leave(99, 2);
+    assert_eq!(
+        h.leave_answers(),
+        vec![(2, Err(LeaveError::UnknownMember(MemberId(99))))]
+    );
+    assert_eq!(h.endpoint.stats().pending, 0);
+    h.rekey();
+    assert_eq!(h.rekeyed().last(), Some(&(2, 0, 0, 1)), "member 1 stays");
+}
+
 /// Joins members `1..=count` (ticket = member) and builds them in one batch.
 fn big_batch(count: u64) -> Harness {
     let mut h = Harness::new(config(true));

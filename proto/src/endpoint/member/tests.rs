@@ -6,24 +6,21 @@
 
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
 use rand::SeedableRng;
 
 use super::*;
 use crate::endpoint::resync_policy::ResyncConfig;
 use crate::endpoint::{FetchWhat, ResyncEndpoint, ResyncProtocol, StoreErrorKind};
-use crate::gsa::{RekeySa, WrapAlgorithm};
-use crate::lkh::{Degree, KeyRng, KeyTree, MemberId, RekeyBatch};
-use crate::session::layout::{build_message, MessageParams};
-use crate::session::seal_into;
-use crate::session::sender::{PreparedMessage, SenderConfig, SenderSession};
-use crate::wire::{self, BodyRepr, DatagramRepr, ObjectKind, SymbolRepr};
+use crate::lkh::MemberId;
+use crate::session::sender::SenderConfig;
+use crate::test_support::{sealed, test_addr, TestGcks};
+use crate::wire::{BodyRepr, ObjectKind, SymbolRepr};
 
 const GROUP_ID: u32 = 0x00AB_CDEF;
 const SPI: u32 = 4;
 
 fn addr(last: u8, port: u16) -> SocketAddr {
-    SocketAddr::from(([198, 18, 0, last], port))
+    test_addr(last, port)
 }
 
 fn tcp(last: u8) -> ResyncEndpoint {
@@ -35,64 +32,32 @@ fn tcp(last: u8) -> ResyncEndpoint {
 
 /// A GCKS's key tree and sender (serving resync items), and the bundle of member 2.
 struct Gcks {
-    tree: KeyTree,
-    signing_key: SigningKey,
-    sender: SenderSession,
+    gcks: TestGcks,
     /// The first message's MAC key (any key will do to seal forged traffic).
     first_mac_key: crate::auth::mac::MacKey,
 }
 
 impl Gcks {
     fn new(now: Instant) -> (Self, RegistrationBundle) {
-        let signing_key = SigningKey::from_bytes(&[5; 32]);
-        let sa = RekeySa {
-            group_id: GROUP_ID,
-            spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-            degree: Degree::new(4).unwrap(),
-            gcks_public_key: signing_key.verifying_key(),
-            data_sa_lifetime_secs: 3600,
-        };
-        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(11));
-        let joins: Vec<MemberId> = (1..=20).map(MemberId).collect();
-        let first = tree.apply_batch(&joins, &[]).unwrap();
-        let bundle = tree.join(MemberId(2)).unwrap();
-        let sender = SenderSession::new(SenderConfig::default(), GROUP_ID, SPI, now).unwrap();
-        let mut gcks = Self {
-            tree,
-            signing_key,
-            sender,
+        let (mut gcks, first) =
+            TestGcks::new(GROUP_ID, SPI, (5, 11), 20, SenderConfig::default(), now);
+        let bundle = gcks.tree.join(MemberId(2)).unwrap();
+        gcks.queue(now, &first);
+        let gcks = Self {
+            gcks,
             first_mac_key: first.mac_key.clone(),
         };
-        gcks.queue(now, &first);
         (gcks, bundle)
-    }
-
-    fn queue(&mut self, now: Instant, batch: &RekeyBatch) {
-        let params = MessageParams {
-            spi: SPI,
-            ..MessageParams::default()
-        };
-        let built = build_message(
-            batch,
-            &self.tree.leaves_in_order(),
-            &self.signing_key,
-            &params,
-        )
-        .unwrap();
-        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
-        self.sender.queue_message(now, prepared).unwrap();
     }
 
     /// The next message: member `leaving` leaves.
     fn rekey(&mut self, now: Instant, leaving: u64) {
-        let batch = self.tree.apply_batch(&[], &[MemberId(leaving)]).unwrap();
-        self.queue(now, &batch);
+        self.gcks.rekey(now, &[], &[leaving]);
     }
 
     /// The resync item of message `seq` for the leaf with `order_key`.
     fn item(&self, seq: u64, order_key: u32) -> (Vec<u8>, Vec<u8>) {
-        let item = self.sender.resync_item(seq, order_key).unwrap();
+        let item = self.gcks.sender.resync_item(seq, order_key).unwrap();
         (item.manifest.to_vec(), item.chunk.to_vec())
     }
 
@@ -103,22 +68,13 @@ impl Gcks {
 
     /// A datagram of the group claiming message `seq`, which the member cannot check.
     fn forged_ahead(&self, seq: u64) -> Vec<u8> {
-        let repr = DatagramRepr {
-            group_id: GROUP_ID,
-            spi: SPI,
-            seq,
-            body: BodyRepr::Symbol(SymbolRepr {
-                object: ObjectKind::Chunks,
-                sbn: 0,
-                esi: 0,
-                data: &[0x5A; 64],
-            }),
-            mac: [0; wire::datagram::MAC_LEN],
-        };
-        let mut buf = vec![0u8; 2048];
-        let len = seal_into(&repr, &self.first_mac_key, &mut buf).unwrap();
-        buf.truncate(len);
-        buf
+        let body = BodyRepr::Symbol(SymbolRepr {
+            object: ObjectKind::Chunks,
+            sbn: 0,
+            esi: 0,
+            data: &[0x5A; 64],
+        });
+        sealed((GROUP_ID, SPI), seq, body, &self.first_mac_key)
     }
 }
 

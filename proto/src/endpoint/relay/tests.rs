@@ -6,21 +6,18 @@
 
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
-
 use super::*;
 use crate::endpoint::{FetchWhat, ResyncEndpoint, ResyncProtocol, StoreErrorKind};
-use crate::gsa::{RekeySa, WrapAlgorithm};
-use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
+use crate::lkh::MemberId;
 use crate::resync::Lookup;
-use crate::session::layout::{build_message, MessageParams};
 use crate::session::{ReceiverEvent, SenderConfig, SenderSession};
+use crate::test_support::{test_addr, TestGcks};
 
 const GROUP: u32 = 0x5E1A_0002;
 const SPI: u32 = 3;
 
 fn addr(last: u8) -> SocketAddr {
-    SocketAddr::from(([198, 18, 0, last], 7000))
+    test_addr(last, 7000)
 }
 
 /// The GCKS's address (its feedback and resync endpoint).
@@ -31,9 +28,7 @@ fn gcks_addr() -> SocketAddr {
 /// A GCKS (tree, signing key, sender session) and a relay endpoint registered with it, over a
 /// virtual network whose time moves only as [`Net::run`] advances it.
 struct Net {
-    tree: KeyTree,
-    signing_key: SigningKey,
-    gcks: SenderSession,
+    gcks: TestGcks,
     relay: RelayEndpoint,
     now: Instant,
     /// GCKS datagrams of this message never reach the relay.
@@ -53,16 +48,6 @@ struct Net {
 /// The GCKS with `members` members and the relay, the first message (admitting them all)
 /// queued but not yet sent.
 fn net(members: u64, persistent: bool) -> Net {
-    let signing_key = SigningKey::from_bytes(&[11; 32]);
-    let sa = RekeySa {
-        group_id: GROUP,
-        spi: SPI,
-        wrap_algorithm: WrapAlgorithm::Aes256Gcm,
-        degree: Degree::new(4).unwrap(),
-        gcks_public_key: signing_key.verifying_key(),
-        data_sa_lifetime_secs: 3600,
-    };
-    let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(5));
     // Any instant will do as the origin: the time goes on only as the test advances it.
     #[allow(clippy::disallowed_methods)]
     let now = Instant::now();
@@ -70,10 +55,8 @@ fn net(members: u64, persistent: bool) -> Net {
         heartbeat_min: Duration::from_millis(20),
         ..SenderConfig::default()
     };
-    let gcks = SenderSession::new(sender_config, GROUP, SPI, now).unwrap();
-    let joins: Vec<MemberId> = (1..=members + 1).map(MemberId).collect();
-    let batch = tree.apply_batch(&joins, &[]).unwrap();
-    let bundle = tree.join(MemberId(1)).unwrap();
+    let (gcks, batch) = TestGcks::new(GROUP, SPI, (11, 5), members + 1, sender_config, now);
+    let bundle = gcks.tree.join(MemberId(1)).unwrap();
     let mut config = RelayEndpointConfig::new(gcks_addr());
     config.persistent = persistent;
     config.session.downstream.heartbeat_min = Duration::from_millis(20);
@@ -83,8 +66,6 @@ fn net(members: u64, persistent: bool) -> Net {
     }];
     let relay = RelayEndpoint::new(&bundle, config, now).unwrap();
     let mut net = Net {
-        tree,
-        signing_key,
         gcks,
         relay,
         now,
@@ -96,31 +77,14 @@ fn net(members: u64, persistent: bool) -> Net {
         transmits: Vec::new(),
         fetches: Vec::new(),
     };
-    net.queue(&batch);
+    net.gcks.queue(now, &batch);
     net
 }
 
 impl Net {
-    fn queue(&mut self, batch: &crate::lkh::RekeyBatch) {
-        let params = MessageParams {
-            spi: SPI,
-            ..MessageParams::default()
-        };
-        let built = build_message(
-            batch,
-            &self.tree.leaves_in_order(),
-            &self.signing_key,
-            &params,
-        )
-        .unwrap();
-        let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
-        self.gcks.queue_message(self.now, prepared).unwrap();
-    }
-
     /// Queues the next message at the GCKS: member `id` joins.
     fn join(&mut self, id: u64) {
-        let batch = self.tree.apply_batch(&[MemberId(id)], &[]).unwrap();
-        self.queue(&batch);
+        self.gcks.rekey(self.now, &[id], &[]);
     }
 
     /// Runs the GCKS and the relay for `duration` of virtual time.
@@ -129,7 +93,7 @@ impl Net {
         let mut buf = vec![0u8; 65_536];
         for _ in 0..1_000_000 {
             let mut busy = false;
-            while let Some(transmit) = self.gcks.poll_transmit(self.now, &mut buf) {
+            while let Some(transmit) = self.gcks.sender.poll_transmit(self.now, &mut buf) {
                 busy = true;
                 let bytes = &buf[..transmit.len];
                 let seq = crate::wire::Packet::new_checked(bytes).unwrap().seq();
@@ -144,6 +108,7 @@ impl Net {
                 self.transmits.push((transmit.port, transmit.destination));
                 if transmit.port == Port::Feedback {
                     self.gcks
+                        .sender
                         .handle_datagram(self.now, addr(2), &buf[..transmit.len]);
                 }
             }
@@ -151,20 +116,11 @@ impl Net {
             if busy {
                 continue;
             }
-            let next = [self.gcks.poll_timeout(), self.relay.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
-            match next {
-                Some(at) if at <= end => {
-                    self.now = self.now.max(at);
-                    self.gcks.handle_timeout(self.now);
-                    self.relay.handle_timeout(self.now);
-                }
-                _ => {
-                    self.now = end;
-                    return;
-                }
+            if !self
+                .gcks
+                .wait_for_timers(&mut self.now, end, &mut self.relay)
+            {
+                return;
             }
         }
         panic!("the virtual network never went quiet");
@@ -184,7 +140,7 @@ impl Net {
             busy = true;
             self.fetches.push(fetch);
             if self.serve_fetches {
-                for item in answer(&self.gcks, fetch.what) {
+                for item in answer(&self.gcks.sender, fetch.what) {
                     self.relay.handle_fetched(self.now, fetch.id, item);
                 }
             }
@@ -370,7 +326,7 @@ fn a_shutdown_with_saved_keys_stops_at_once_and_abort_stores_nothing() {
     // Deliver message 1 without draining the relay's store operations.
     let mut buf = vec![0u8; 65_536];
     for _ in 0..10_000 {
-        let Some(transmit) = net.gcks.poll_transmit(net.now, &mut buf) else {
+        let Some(transmit) = net.gcks.sender.poll_transmit(net.now, &mut buf) else {
             break;
         };
         net.relay
@@ -447,11 +403,11 @@ fn nacks_go_upstream_by_the_feedback_port_and_repair_downstream_by_the_serve_por
     let mut buf = vec![0u8; 65_536];
     let mut n = 0u32;
     for _ in 0..100_000 {
-        let Some(transmit) = net.gcks.poll_transmit(net.now, &mut buf) else {
-            match net.gcks.poll_timeout() {
+        let Some(transmit) = net.gcks.sender.poll_transmit(net.now, &mut buf) else {
+            match net.gcks.sender.poll_timeout() {
                 Some(at) if at <= net.now + Duration::from_millis(50) => {
                     net.now = net.now.max(at);
-                    net.gcks.handle_timeout(net.now);
+                    net.gcks.sender.handle_timeout(net.now);
                     continue;
                 }
                 _ => break,
