@@ -164,7 +164,7 @@ pub struct GcksStats {
     /// Of the members, those registered as relays ([`Gcks::join_relay`]).
     pub relays: usize,
     /// Messages inside the history window that the GCKS does not hold: their files were
-    /// missing or corrupt when it started ([`crate::GcksEvent::HistoryLost`]); resync answers
+    /// missing or corrupt when it started ([`crate::Gcks::lost_history`]); resync answers
     /// "not held" for them.
     pub history_not_held: usize,
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use rekeycast::engine::gcks::GcksBuilder;
-use rekeycast::gcks::{Gcks, GcksConfig, GcksError, GcksEvent};
+use rekeycast::gcks::{Gcks, GcksConfig, GcksError};
 use rekeycast::io::resync_client::fetch_streaming;
 use rekeycast::io::socket::MulticastConfig;
 use rekeycast::keyfile::{KeyFileError, KeyOrigin, SIGNING_KEY_FILE};
@@ -24,7 +24,7 @@ use rekeycast_proto::endpoint::{
     FetchId, FetchRequest, FetchWhat, Fetched, ResyncEndpoint, ResyncProtocol,
 };
 use rekeycast_testkit::engine::{admit, rekey, wait_sent};
-use rekeycast_testkit::{http, wait};
+use rekeycast_testkit::http;
 
 /// A multicast group and port for test `salt` of this process.
 fn group(salt: u8) -> SocketAddr {
@@ -73,20 +73,11 @@ fn lost_history_messages_are_reported_and_answered_not_held() {
     let gcks = Gcks::start(config(group, state.path()), key).unwrap();
     let stats = gcks.stats().unwrap();
     assert_eq!((stats.seq, stats.history_not_held), (6, 2));
-    let mut lost = Vec::new();
-    while lost.len() < 2 {
-        lost.push(wait::event(
-            gcks.events(),
-            wait::PATIENCE,
-            "a lost message reported",
-            |event| match event {
-                GcksEvent::HistoryLost { seq, path, problem } => {
-                    Some((*seq, path.clone(), *problem))
-                }
-                _ => None,
-            },
-        ));
-    }
+    let lost: Vec<_> = gcks
+        .lost_history()
+        .iter()
+        .map(|lost| (lost.seq, lost.path.clone(), lost.problem))
+        .collect();
     assert_eq!(
         lost,
         vec![

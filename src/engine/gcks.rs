@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -35,9 +36,9 @@ use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
 use rekeycast_proto::endpoint::gcks::{
-    BatchFailure, Change, GcksCommand, GcksEndpoint, GcksEndpointConfig,
-    GcksEvent as EndpointEvent, GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome,
-    PoisonReason, ResyncAnswer, WallClock,
+    Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent as EndpointEvent,
+    GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
+    WallClock,
 };
 use rekeycast_proto::endpoint::{Port, Storage, StoreError};
 
@@ -48,75 +49,12 @@ use super::driver::{
 use crate::gcks::{GcksConfig, GcksStats, LagSummary};
 use crate::keyfile::{KeyFileError, KeyOrigin};
 use crate::lkh::{KeyRng, LkhError, MemberId, RegistrationBundle};
-use crate::resync::store::{GcksStorage, LostMessage, MessageProblem, OpenError};
+use crate::resync::store::{GcksStorage, LostMessage, OpenError};
 
-/// What the GCKS reports to the product (the answers to joins and leaves go to their callers
-/// instead).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum GcksEvent {
-    /// A batch was committed and its message waits out the admission delay.
-    Rekeyed {
-        /// The message's sequence number.
-        seq: u64,
-        /// Members admitted by it.
-        joined: usize,
-        /// Members removed by it.
-        left: usize,
-        /// Group size after it.
-        members: usize,
-        /// Chunks (source symbols) of its message.
-        chunks: usize,
-        /// Time from handing the batch to a worker to its commit (build, sign, encode,
-        /// store).
-        build_time: Duration,
-    },
-    /// Message `seq` went to the sender (after the admission delay when it admits members):
-    /// its transmission starts now.
-    Queued {
-        /// The message.
-        seq: u64,
-    },
-    /// The initial transmission of message `seq` is on the wire.
-    Sent {
-        /// The message.
-        seq: u64,
-    },
-    /// A batch failed before anything of it was committed; it is retried after `retry_in`
-    /// (see [`EndpointEvent::BatchFailed`]).
-    BatchFailed {
-        /// The sequence number the batch's message gets when it succeeds.
-        seq: u64,
-        /// Attempts of this batch so far.
-        attempt: u32,
-        /// What went wrong.
-        reason: BatchFailure,
-        /// The error's text, for the operator's log.
-        detail: String,
-        /// When the batch is tried again; `None`: not retried (it had no changes).
-        retry_in: Option<Duration>,
-    },
-    /// A message of the history window was lost from the state directory (its file was
-    /// missing or corrupt when the GCKS started): the GCKS started without it, and resync
-    /// answers "not held" for it (TCP `NotHeld`, HTTP 421), so members ask their next
-    /// endpoint. Reported once per message at start ([`GcksStats::history_not_held`] counts
-    /// them while they are in the window).
-    HistoryLost {
-        /// The message.
-        seq: u64,
-        /// Its file.
-        path: std::path::PathBuf,
-        /// What was wrong with it.
-        problem: MessageProblem,
-    },
-    /// The engine cannot go on: every pending join has failed with
-    /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
-    /// has stopped. The state directory is intact: a GCKS started again on it resumes.
-    Poisoned {
-        /// Why.
-        reason: PoisonReason,
-    },
-}
+/// What the GCKS reports to the product: the endpoint's [`EndpointEvent`] with an uninhabited
+/// ticket, since the answers to joins and leaves go to their callers instead
+/// ([`EndpointEvent::JoinAnswered`] and [`EndpointEvent::LeaveAnswered`] never arrive here).
+pub type GcksEvent = EndpointEvent<Infallible>;
 
 /// Why the GCKS engine could not start, or a call to it failed.
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +152,7 @@ pub struct Gcks {
     events: Receiver<GcksEvent>,
     public_key: ed25519_dalek::VerifyingKey,
     poisoned: Arc<OnceLock<PoisonReason>>,
+    lost: Vec<LostMessage>,
 }
 
 impl Gcks {
@@ -286,8 +225,8 @@ impl Gcks {
         driver_config.feedback_limit = config.feedback_limit;
         driver_config.workers = config.workers;
         driver_config.max_datagram_size = config.sender.datagram_size;
-        let (mut events_sink, events) = bounded_events(DEFAULT_EVENT_CAPACITY);
-        for lost in lost {
+        let (events_sink, events) = bounded_events(DEFAULT_EVENT_CAPACITY);
+        for lost in &lost {
             tracing::warn!(
                 seq = lost.seq,
                 file = %lost.path.display(),
@@ -295,13 +234,6 @@ impl Gcks {
                 "history message lost from the state directory: started without it, resync \
                  answers \"not held\" for it"
             );
-            // A start with more lost messages than the channel holds reports the first ones;
-            // the count stays in the stats.
-            let _ = events_sink.deliver(GcksEvent::HistoryLost {
-                seq: lost.seq,
-                path: lost.path,
-                problem: lost.problem,
-            });
         }
         let poisoned = Arc::new(OnceLock::new());
         let sink = GcksSink {
@@ -318,7 +250,17 @@ impl Gcks {
             events,
             public_key,
             poisoned,
+            lost,
         })
+    }
+
+    /// The messages of the history window that were lost from the state directory (their
+    /// files missing or corrupt) when this GCKS started: it started without them, and resync
+    /// answers "not held" for them (TCP `NotHeld`, HTTP 421), so members ask their next
+    /// endpoint. Each is also logged at start; [`GcksStats::history_not_held`] counts those
+    /// still in the window.
+    pub fn lost_history(&self) -> &[LostMessage] {
+        &self.lost
     }
 
     /// Why the engine is poisoned, if it is ([`GcksEvent::Poisoned`]).
@@ -631,12 +573,13 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
     fn deliver(&mut self, event: EndpointEvent<Reply>) -> Delivery {
         // A caller's channel has room for its answer (one per join or leave, one per change of
         // a batch call); one that is gone no longer waits.
-        let event = match event {
-            EndpointEvent::JoinAnswered {
+        let event = match event.without_ticket() {
+            Ok(event) => event,
+            Err(EndpointEvent::JoinAnswered {
                 ticket,
                 part,
                 result,
-            } => {
+            }) => {
                 match ticket {
                     Reply::Join(reply) => drop(reply.try_send(result)),
                     Reply::Changes(reply) => {
@@ -646,11 +589,11 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
                 }
                 return Delivery::Delivered;
             }
-            EndpointEvent::LeaveAnswered {
+            Err(EndpointEvent::LeaveAnswered {
                 ticket,
                 part,
                 result,
-            } => {
+            }) => {
                 match ticket {
                     Reply::Leave(reply) => drop(reply.try_send(result)),
                     Reply::Changes(reply) => {
@@ -660,42 +603,11 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
                 }
                 return Delivery::Delivered;
             }
-            EndpointEvent::Rekeyed {
-                seq,
-                joined,
-                left,
-                members,
-                chunks,
-                build_time,
-            } => GcksEvent::Rekeyed {
-                seq,
-                joined,
-                left,
-                members,
-                chunks,
-                build_time,
-            },
-            EndpointEvent::Queued { seq } => GcksEvent::Queued { seq },
-            EndpointEvent::Sent { seq } => GcksEvent::Sent { seq },
-            EndpointEvent::BatchFailed {
-                seq,
-                attempt,
-                reason,
-                detail,
-                retry_in,
-            } => GcksEvent::BatchFailed {
-                seq,
-                attempt,
-                reason,
-                detail,
-                retry_in,
-            },
-            EndpointEvent::Poisoned { reason } => {
-                let _ = self.poisoned.set(reason);
-                GcksEvent::Poisoned { reason }
-            }
-            _ => return Delivery::Delivered,
+            Err(_) => return Delivery::Delivered,
         };
+        if let GcksEvent::Poisoned { reason } = &event {
+            let _ = self.poisoned.set(*reason);
+        }
         self.events.deliver(event)
     }
 }

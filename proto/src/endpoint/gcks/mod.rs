@@ -266,6 +266,55 @@ pub enum GcksEvent<T> {
     },
 }
 
+impl<T> GcksEvent<T> {
+    /// Splits the answers off the other events: an event that carries no ticket (every one
+    /// but [`GcksEvent::JoinAnswered`] and [`GcksEvent::LeaveAnswered`]) comes back as `Ok`
+    /// under any ticket type `U`, an answer comes back unchanged as `Err`.
+    ///
+    /// An owner that routes the answers itself hands the rest on as `GcksEvent<U>` with an
+    /// uninhabited `U` ([`std::convert::Infallible`]): events that can never be answers.
+    // An answer comes back as it came (the large variant, like the event itself).
+    #[allow(clippy::result_large_err)]
+    pub fn without_ticket<U>(self) -> Result<GcksEvent<U>, Self> {
+        Ok(match self {
+            answer @ (Self::JoinAnswered { .. } | Self::LeaveAnswered { .. }) => {
+                return Err(answer)
+            }
+            Self::Rekeyed {
+                seq,
+                joined,
+                left,
+                members,
+                chunks,
+                build_time,
+            } => GcksEvent::Rekeyed {
+                seq,
+                joined,
+                left,
+                members,
+                chunks,
+                build_time,
+            },
+            Self::Queued { seq } => GcksEvent::Queued { seq },
+            Self::Sent { seq } => GcksEvent::Sent { seq },
+            Self::BatchFailed {
+                seq,
+                attempt,
+                reason,
+                detail,
+                retry_in,
+            } => GcksEvent::BatchFailed {
+                seq,
+                attempt,
+                reason,
+                detail,
+                retry_in,
+            },
+            Self::Poisoned { reason } => GcksEvent::Poisoned { reason },
+        })
+    }
+}
+
 /// An operation a durable [`GcksEndpoint`] needs applied to its storage, in the order given.
 #[derive(Debug)]
 pub enum GcksStoreOp {

@@ -840,3 +840,33 @@ fn a_stop_while_a_big_batch_is_answered_hands_out_the_rest_at_once() {
         .any(|e| matches!(e, GcksEvent::Queued { .. })));
     assert_eq!(h.transmit(), 0);
 }
+
+#[test]
+fn without_ticket_passes_events_on_and_keeps_answers() {
+    use std::convert::Infallible;
+    let events: Vec<GcksEvent<u32>> = vec![
+        GcksEvent::Queued { seq: 4 },
+        GcksEvent::Sent { seq: 4 },
+        GcksEvent::Poisoned {
+            reason: PoisonReason::WorkersGone,
+        },
+    ];
+    for event in events {
+        let text = format!("{event:?}");
+        let passed: GcksEvent<Infallible> = event.without_ticket().unwrap();
+        assert_eq!(format!("{passed:?}"), text);
+    }
+    let answer: GcksEvent<u32> = GcksEvent::LeaveAnswered {
+        ticket: 9,
+        part: Some(1),
+        result: Ok(LeaveOutcome::AlreadyLeaving),
+    };
+    let Err(GcksEvent::LeaveAnswered {
+        ticket: 9,
+        part: Some(1),
+        result: Ok(LeaveOutcome::AlreadyLeaving),
+    }) = answer.without_ticket::<Infallible>()
+    else {
+        panic!("an answer passed as an event");
+    };
+}
