@@ -718,16 +718,21 @@ impl<'c> Scenario<'c> {
         changes.extend(relays.iter().map(|&m| Change::JoinRelay(m)));
         changes.extend(joins.iter().map(|&m| Change::Join(m)));
         let ticket = self.messages;
-        let asked = self.net.with_node(self.gcks, |node, now| {
-            if let SimNode::Gcks(gcks) = node {
+        let now = self.net.now();
+        // Not `with_node`: its transmits are drained only once the joiners are in the
+        // network. With no admission delay the message is queued within the command, and the
+        // joiners (who join the multicast group the instant they have their bundle here) must
+        // not miss its first datagrams.
+        match self.net.node_mut(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => {
                 gcks.command(now, GcksCommand::Changes { changes, ticket });
                 gcks.command(now, GcksCommand::RekeyNow);
             }
-        });
-        if asked.is_none() {
-            return Err(ScenarioError::Invalid(
-                "a rekey fell while the GCKS was down",
-            ));
+            _ => {
+                return Err(ScenarioError::Invalid(
+                    "a rekey fell while the GCKS was down",
+                ))
+            }
         }
         self.messages += 1;
         let mut bundles: HashMap<MemberId, RegistrationBundle> =
@@ -746,11 +751,13 @@ impl<'c> Scenario<'c> {
             .filter_map(|(i, member)| Some((initial.then_some(i), bundles.remove(member)?)))
             .collect();
         if initial && self.config.bootstrap_initial {
+            self.net.touch(self.gcks)?;
             return self.bootstrap(joiners);
         }
         for (initial_index, bundle) in joiners {
             self.add_member(&bundle, initial_index)?;
         }
+        self.net.touch(self.gcks)?;
         Ok(())
     }
 
