@@ -408,6 +408,9 @@ pub enum ResyncAnswer {
     NotSent,
     /// No chunk serves that leaf.
     NoChunk,
+    /// The message is inside the history window but not held (lost from the state directory
+    /// before a restart, [`RestoredGcks::not_held`]): another endpoint may hold it.
+    NotHeld,
 }
 
 /// The endpoint's figures ([`GcksEndpoint::stats`]).
@@ -429,6 +432,9 @@ pub struct GcksEndpointStats {
     pub pending: usize,
     /// Of the members, those registered as relays.
     pub relays: usize,
+    /// Messages inside the history window that are not held (lost from the state directory
+    /// before a restart, [`RestoredGcks::not_held`]).
+    pub history_not_held: usize,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -441,6 +447,19 @@ pub enum GcksSetupError {
     /// The restored key tree belongs to another group, SA or signing key.
     #[error("the restored state belongs to another group, SA or signing key")]
     ForeignState,
+    /// The restored key tree's messages are signed by another key than the one given: the
+    /// group's members only accept the key in their bundles, so the state cannot go on under
+    /// this key (the right key is missing or was replaced).
+    #[error(
+        "the restored state was signed by key {stored}, not by the signing key given ({given}): \
+         start with the key that signed it"
+    )]
+    ForeignKey {
+        /// The public key of the restored state (hex).
+        stored: String,
+        /// The public key given (hex).
+        given: String,
+    },
     /// A restored message cannot be put back in the sender's history.
     #[error("restored message {seq}")]
     Message {
@@ -459,6 +478,9 @@ pub struct RestoredGcks {
     /// The committed messages still in the history window, ascending; the last one is the
     /// tree's sequence number.
     pub messages: Vec<StoredMessage>,
+    /// Sequence numbers of messages inside the history window, older than the last, that the
+    /// storage lost (missing or corrupt files): resync answers "not held" for them.
+    pub not_held: Vec<u64>,
     /// Members whose leaves were acknowledged and not released by a committed batch, from
     /// the leave journal.
     pub journal_leaves: Vec<MemberId>,
@@ -615,16 +637,23 @@ impl<T: Clone> GcksEndpoint<T> {
         let RestoredGcks {
             tree,
             messages,
+            not_held,
             journal_leaves,
             unreleased_batch,
         } = restored;
         let sa = config.rekey_sa(signing_key.verifying_key());
         let tree_sa = tree.rekey_sa();
-        if tree_sa.group_id != sa.group_id
-            || tree_sa.spi != sa.spi
-            || tree_sa.gcks_public_key != sa.gcks_public_key
-        {
+        if tree_sa.group_id != sa.group_id || tree_sa.spi != sa.spi {
             return Err(GcksSetupError::ForeignState);
+        }
+        if tree_sa.gcks_public_key != sa.gcks_public_key {
+            let hex = |key: &ed25519_dalek::VerifyingKey| {
+                key.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+            };
+            return Err(GcksSetupError::ForeignKey {
+                stored: hex(&tree_sa.gcks_public_key),
+                given: hex(&sa.gcks_public_key),
+            });
         }
         let mut session = SenderSession::with_instance(
             config.sender.clone(),
@@ -634,8 +663,19 @@ impl<T: Clone> GcksEndpoint<T> {
             now,
         )?;
         let count = messages.len();
+        // Lost messages go back in order among the held ones; the last message is held.
+        let latest = messages.last().map_or(0, |m| m.seq);
+        let mut lost = not_held.into_iter().filter(|&seq| seq < latest).peekable();
         for (index, stored) in messages.iter().enumerate() {
             let seq = stored.seq;
+            while let Some(lost_seq) = lost.next_if(|&lost_seq| lost_seq < seq) {
+                session
+                    .restore_not_held(lost_seq)
+                    .map_err(|source| GcksSetupError::Message {
+                        seq: lost_seq,
+                        source,
+                    })?;
+            }
             let message = stored
                 .to_prepared()
                 .map_err(|source| GcksSetupError::Message { seq, source })?;
@@ -726,6 +766,7 @@ impl<T: Clone> GcksEndpoint<T> {
             group_key_version: self.tree.group_key().0,
             pending: self.membership.pending_changes(),
             relays: self.relays.len(),
+            history_not_held: self.session.not_held().count(),
         }
     }
 
@@ -739,6 +780,7 @@ impl<T: Clone> GcksEndpoint<T> {
             },
             Err(ResyncLookup::BeyondHistory { .. }) => ResyncAnswer::BeyondHistory,
             Err(ResyncLookup::NotSent) => ResyncAnswer::NotSent,
+            Err(ResyncLookup::NotHeld) => ResyncAnswer::NotHeld,
             Err(_) => ResyncAnswer::NoChunk,
         }
     }

@@ -89,6 +89,7 @@ impl MemStorage {
                 .cloned()
                 .collect(),
             tree,
+            not_held: Vec::new(),
             journal_leaves: self.leaves[self.released_through..].to_vec(),
             unreleased_batch,
         }
@@ -660,10 +661,44 @@ fn a_restore_refuses_state_of_another_signing_key() {
         at: h.now,
     };
     let other = SigningKey::from_bytes(&[1; 32]);
+    let error =
+        GcksEndpoint::<u32>::restore(config(true), other, restored, 1, clock, h.now).unwrap_err();
+    // Named as what it is: the key, with both public keys, not "another group or SA".
+    assert!(
+        matches!(&error, GcksSetupError::ForeignKey { stored, given } if stored != given),
+        "{error}"
+    );
+    assert!(error.to_string().contains("signing key given"), "{error}");
+}
+
+#[test]
+fn messages_lost_from_storage_are_answered_not_held() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    for _ in 0..4 {
+        h.rekey();
+    }
+    let mut restored = h.storage.restored(2);
+    assert_eq!(restored.tree.seq(), 5);
+    // Messages 1 (the oldest) and 3 were lost from the state directory.
+    restored.messages.retain(|m| m.seq != 1 && m.seq != 3);
+    restored.not_held = vec![1, 3];
+    let h = restart(h, restored);
+    assert_eq!(h.endpoint.stats().history_not_held, 2);
+    for lost in [1, 3] {
+        assert_eq!(h.endpoint.resync_item(lost, 0), ResyncAnswer::NotHeld);
+        let source: &dyn crate::resync::ResyncSource = h.endpoint.session();
+        assert_eq!(source.manifest(lost), crate::resync::Lookup::NotFound);
+    }
     assert!(matches!(
-        GcksEndpoint::<u32>::restore(config(true), other, restored, 1, clock, h.now),
-        Err(GcksSetupError::ForeignState)
+        h.endpoint.resync_item(2, 0),
+        ResyncAnswer::Item { .. } | ResyncAnswer::NoChunk
     ));
+    let source: &dyn crate::resync::ResyncSource = h.endpoint.session();
+    // The window still starts at the lost oldest message: "not held", not "beyond history".
+    assert_eq!(source.oldest(), Some(1));
+    assert_eq!(h.endpoint.resync_item(6, 0), ResyncAnswer::NotSent);
 }
 
 #[test]
