@@ -457,6 +457,8 @@ impl MemGcksStorage {
                 .cloned()
                 .collect(),
             tree,
+            // Memory loses nothing it was given.
+            not_held: Vec::new(),
             journal_leaves: self.leaves[self.released_through.min(self.leaves.len())..].to_vec(),
             unreleased_batch,
         })
