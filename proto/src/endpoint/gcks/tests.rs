@@ -724,3 +724,77 @@ fn stop_answers_waiting_joins_and_refuses_later_commands() {
     assert_eq!(h.leave_answers(), vec![(2, Err(LeaveError::Stopped))]);
     assert!(h.endpoint.is_stopped());
 }
+
+/// Joins members `1..=count` (ticket = member) and builds them in one batch.
+fn big_batch(count: u64) -> Harness {
+    let mut h = Harness::new(config(true));
+    for member in 1..=count {
+        h.join(member, member as u32);
+    }
+    h.rekey();
+    h
+}
+
+/// Where the first event `matches` is in `events`.
+fn position(events: &[GcksEvent<u32>], matches: impl Fn(&GcksEvent<u32>) -> bool) -> usize {
+    events.iter().position(matches).unwrap_or(usize::MAX)
+}
+
+#[test]
+fn a_big_batch_is_answered_a_slice_per_turn_before_its_message_goes() {
+    let count = 2 * ANSWER_SLICE as u64 + 3;
+    let mut h = big_batch(count);
+    // The release hands out one slice; the next is due at once.
+    assert_eq!(h.join_answers().len(), ANSWER_SLICE);
+    assert!(h.rekeyed().is_empty());
+    assert_eq!(h.endpoint.poll_timeout(), Some(h.now));
+    let mut slices = 1;
+    while h.join_answers().len() < count as usize {
+        assert_eq!(h.transmit(), 0, "the message waits for its last answer");
+        assert!(h.rekeyed().is_empty());
+        let before = h.join_answers().len();
+        h.endpoint.handle_timeout(h.now);
+        h.settle();
+        let given = h.join_answers().len() - before;
+        assert!(
+            given > 0 && given <= ANSWER_SLICE,
+            "{given} answers in one turn"
+        );
+        slices += 1;
+    }
+    assert_eq!(slices, 3);
+    let expected: Vec<(u32, Result<u64, JoinError>)> =
+        (1..=count).map(|member| (member as u32, Ok(1))).collect();
+    assert_eq!(h.join_answers(), expected, "every joiner, in order, once");
+    assert_eq!(h.rekeyed(), vec![(1, count as usize, 0, count as usize)]);
+    let last_answer = h
+        .events
+        .iter()
+        .rposition(|e| matches!(e, GcksEvent::JoinAnswered { .. }))
+        .unwrap();
+    let rekeyed = position(&h.events, |e| matches!(e, GcksEvent::Rekeyed { .. }));
+    let queued = position(&h.events, |e| matches!(e, GcksEvent::Queued { seq: 1 }));
+    assert!(
+        last_answer < rekeyed && rekeyed < queued,
+        "{last_answer} {rekeyed} {queued}"
+    );
+    assert!(h.transmit() > 0);
+    assert_eq!(h.endpoint.poll_timeout().map(|at| at > h.now), Some(true));
+}
+
+#[test]
+fn a_stop_while_a_big_batch_is_answered_hands_out_the_rest_at_once() {
+    let count = ANSWER_SLICE as u64 + 1;
+    let mut h = big_batch(count);
+    assert_eq!(h.join_answers().len(), ANSWER_SLICE);
+    h.command(GcksCommand::Stop);
+    let expected: Vec<(u32, Result<u64, JoinError>)> =
+        (1..=count).map(|member| (member as u32, Ok(1))).collect();
+    assert_eq!(h.join_answers(), expected);
+    assert_eq!(h.rekeyed().len(), 1);
+    assert!(!h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { .. })));
+    assert_eq!(h.transmit(), 0);
+}
