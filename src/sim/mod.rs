@@ -8,6 +8,10 @@
 //! single-bit corruption and outages ([`LinkConfig`]), virtual time and counters
 //! ([`NetworkStats`], [`NodeStats`]). It drives anything that implements [`Node`];
 //! [`Destination`] and [`Transmit`] are the plain types a node's `poll_transmit` returns.
+//! [`endpoint::EndpointNode`] makes any sans-IO endpoint of `rekeycast-proto` (the GCKS,
+//! member and relay endpoints the engine's driver runs) such a node, doing in virtual time
+//! what the driver does with sockets, workers, files and resync connections; the rekey
+//! scenarios of [`rekey`] run on it.
 //!
 //! What it must not do: depend on the session, auth or key-tree types (it is generic over
 //! [`Node`] so that those layers can be tested with it, not the other way round); read the
@@ -22,6 +26,7 @@
 //! [`rand_chacha::ChaCha8Rng`] derived from (seed, node index, direction), so adding a node does
 //! not change the draws of the links of the others.
 
+pub mod endpoint;
 mod link;
 mod network;
 pub mod rekey;

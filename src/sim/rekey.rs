@@ -1,15 +1,24 @@
-//! Rekey scenarios over the simulated network: one GCKS ([`SenderSession`] fed by an LKH
-//! [`KeyTree`]) and thousands of members ([`ReceiverSession`]), with batched joins and leaves,
-//! per-link loss, and resync served from the sender's history as a resync endpoint would
-//! serve it (the engine puts TCP and HTTP under it; here it is a delayed, reliable exchange).
+//! Rekey scenarios over the simulated network, run on the endpoints the engine runs: one GCKS
+//! ([`GcksEndpoint`]), relays ([`RelayEndpoint`]) and thousands of members
+//! ([`MemberEndpoint`]), each wrapped as a simulator node by [`EndpointNode`] (jobs inline,
+//! storage in memory, fetches answered from the serving node's history after a modelled
+//! round trip).
+//!
+//! Membership changes go to the GCKS as [`GcksCommand::Changes`] and a
+//! [`GcksCommand::RekeyNow`] at each rekey; joiners are admitted with the registration bundles
+//! the GCKS answers with, exactly as a product admits them. Resync is the endpoints' own
+//! policy: a member asks its relay, then the GCKS, with the deadlines, caps, spreading and
+//! verification the engine uses. A scenario can restart the GCKS mid-message from its
+//! in-memory storage ([`GcksRestart`]) and make one relay's resync endpoint hostile
+//! ([`Hostility`]).
 //!
 //! Used by the scenario tests, by `rekeycast-bench sim` and by the `sim` subcommand. Everything
-//! is seeded: the key tree's randomness, the GCKS's signing key, the churn and every link, so a
-//! run reproduces from its [`ScenarioConfig`]. Outcomes are read from the sessions' own
-//! counters and events ([`ScenarioReport`]).
+//! is seeded: the key tree's randomness, the GCKS's signing key, the churn, every member's
+//! policy and every link, so a run reproduces from its [`ScenarioConfig`]. Outcomes are read
+//! from the endpoints' own counters and events ([`ScenarioReport`]).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::rc::Rc;
@@ -19,18 +28,29 @@ use ed25519_dalek::SigningKey;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
-use crate::gsa::{RekeySa, WrapAlgorithm};
-use crate::lkh::{Degree, KeyRng, KeyTree, MemberId};
-use crate::relay::{RelayConfig, RelayEvent, RelaySession};
-use crate::resync::{Lookup, ResyncSource};
-use crate::session::layout::{build_message, MessageParams};
-use crate::session::sender::{PreparedMessage, SenderCounters};
-use crate::session::{
-    self, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, SenderConfig,
-    SenderSession,
+use rekeycast_proto::endpoint::gcks::membership::Schedule;
+use rekeycast_proto::endpoint::gcks::{
+    Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, GcksSetupError, WallClock,
 };
+use rekeycast_proto::endpoint::member::{MemberEndpoint, MemberEndpointConfig};
+use rekeycast_proto::endpoint::relay::{RelayEndpoint, RelayEndpointConfig};
+use rekeycast_proto::endpoint::resync_policy::{ResyncConfig, ResyncCounters};
+use rekeycast_proto::endpoint::{
+    Endpoint, FetchFailure, FetchRequest, Fetched, Port, ResyncEndpoint, ResyncProtocol,
+};
+
+use super::endpoint::{
+    answer_fetch, EndpointNode, EndpointNodeCounters, MemGcksStorage, MemMemberStorage, NoStorage,
+    PortMap, SharedStorage,
+};
+use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
+use crate::gsa::WrapAlgorithm;
+use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle};
+use crate::relay::RelayConfig;
+use crate::resync::ResyncSource;
+use crate::session::layout::MessageParams;
+use crate::session::sender::SenderCounters;
+use crate::session::{self, ReceiverConfig, ReceiverCounters, ReceiverEvent, SenderConfig};
 
 /// The group id of simulated groups.
 pub const GROUP_ID: u32 = 0x5E55_1011;
@@ -65,25 +85,32 @@ pub struct ScenarioConfig {
     pub sender: SenderConfig,
     /// The members' session configuration (the feedback address is set by the scenario).
     pub receiver: ReceiverConfig,
-    /// How messages are built (SPI, epoch and timestamp are set by the scenario).
+    /// How messages are built (SPI and timestamp are set by the GCKS endpoint).
     pub message: MessageParams,
     /// The key tree's degree.
     pub degree: u8,
-    /// Round-trip time of a resync exchange (a TCP connection and a request per message).
+    /// Round-trip time of a resync exchange: a fetch's answer arrives this long after it was
+    /// asked for.
     pub resync_rtt: Duration,
-    /// Members wait a uniform random delay in `[0, resync_spread]` before resyncing, against
-    /// out-of-sync implosion.
+    /// The window the members' resync policy spreads a resync's start over, against
+    /// out-of-sync implosion (its capacity is set so that the whole initial group fits it).
     pub resync_spread: Duration,
-    /// How often the scenario serves members' state-check and resync requests.
+    /// The deadline of one whole fetch (the resync policy's fetch timeout).
+    pub resync_timeout: Duration,
+    /// How often the scenario picks up the fetches endpoints asked for and answers them from
+    /// the serving node's history (the answer still arrives [`Self::resync_rtt`] after the
+    /// request, or at the pick-up if that is later).
     pub service_tick: Duration,
-    /// Whether the initial members start in sync: the message that admits them goes into the
-    /// sender's history without being multicast and each member takes its chunk as resync
-    /// would give it. For very large groups, where multicasting that first message to every
-    /// simulated member costs more than all the rekeys after it. Those applications are
-    /// counted in [`ScenarioReport::bootstrapped`], not as resyncs.
+    /// Whether the initial members start in sync: the message that admits them is sent
+    /// before any of them is in the network, then each member takes its chunk from the
+    /// GCKS's history as resync would give it (through [`MemberEndpoint::apply_resync`]).
+    /// For very large groups, where multicasting that first message to every simulated member
+    /// costs more than all the rekeys after it. Those applications are counted in
+    /// [`ScenarioReport::bootstrapped`], not as resyncs, and the traffic of that first
+    /// message is not counted in the sender's and the network's figures.
     pub bootstrap_initial: bool,
     /// Relays between the GCKS and the members (0: every member receives from the GCKS).
-    /// Each relay is registered like a member (it holds a leaf), listens to the GCKS's group
+    /// Each relay is registered as a relay (it holds a leaf), listens to the GCKS's group
     /// and sends into a group of its own; member `i` (by slot) is behind relay `i % relays`,
     /// NACKs to it and resyncs from it first, then from the GCKS. The relays' upstream side
     /// takes [`Self::receiver`], their downstream side [`Self::sender`].
@@ -100,6 +127,44 @@ pub struct ScenarioConfig {
     /// nothing more, ask for the group's state after [`ReceiverConfig::silence_timeout`] and
     /// resync from the next endpoint, the GCKS.
     pub kill_relay: Option<(usize, usize)>,
+    /// Whether the GCKS persists (leaves recorded, batches stored before they are released),
+    /// to a storage in memory. Needed by [`Self::restart_gcks`]. Off by default: the history
+    /// it stores is a second copy of the sender's, which would count in the memory figures.
+    pub durable: bool,
+    /// Whether members save their keys after every applied message (to a storage in memory).
+    pub persist_member_keys: bool,
+    /// The GCKS crashes and is restored from its storage (needs [`Self::durable`]).
+    pub restart_gcks: Option<GcksRestart>,
+    /// `(relay index, how)`: that relay's resync endpoint misbehaves; its multicast is
+    /// honest.
+    pub hostile_relay: Option<(usize, Hostility)>,
+}
+
+/// When the GCKS crashes and how long it stays down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcksRestart {
+    /// The message after which it crashes: 0 for the admitting message, `k` for rekey `k`.
+    pub rekey: usize,
+    /// How long after that message was asked for (it is then still being sent or repaired).
+    pub after: Duration,
+    /// How long it stays down before a new endpoint is restored from the storage; `after +
+    /// down` must be shorter than the rekey interval.
+    pub down: Duration,
+}
+
+/// How a hostile resync endpoint answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostility {
+    /// Every item and state answer with one bit flipped (in the chunk, and in the manifest of
+    /// a state answer).
+    Tamper,
+    /// Random bytes of the same lengths in place of every manifest and chunk.
+    Garbage,
+    /// Nothing at all: the fetch runs into its deadline.
+    Stall,
+    /// Honest items, one per this interval: the fetch runs into its deadline with part of
+    /// the answer delivered.
+    Drip(Duration),
 }
 
 impl ScenarioConfig {
@@ -134,6 +199,7 @@ impl ScenarioConfig {
             degree: 4,
             resync_rtt: Duration::from_millis(40),
             resync_spread: Duration::from_millis(500),
+            resync_timeout: Duration::from_secs(10),
             service_tick: Duration::from_millis(5),
             bootstrap_initial: false,
             relays: 0,
@@ -141,6 +207,10 @@ impl ScenarioConfig {
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
             relay_cut_through: true,
             kill_relay: None,
+            durable: false,
+            persist_member_keys: false,
+            restart_gcks: None,
+            hostile_relay: None,
         }
     }
 }
@@ -155,15 +225,9 @@ pub enum ScenarioError {
     /// A session configuration is invalid.
     #[error(transparent)]
     Config(#[from] session::ConfigError),
-    /// The key tree refused a batch.
+    /// The GCKS endpoint could not be set up or restored.
     #[error(transparent)]
-    Lkh(#[from] crate::lkh::LkhError),
-    /// A message could not be built.
-    #[error(transparent)]
-    Build(#[from] crate::session::layout::BuildError),
-    /// A message could not be queued.
-    #[error(transparent)]
-    Queue(#[from] crate::session::sender::QueueError),
+    Gcks(#[from] GcksSetupError),
     /// The degree is not 2..=16.
     #[error("invalid tree degree {0}")]
     Degree(u8),
@@ -172,10 +236,10 @@ pub enum ScenarioError {
     Invalid(&'static str),
 }
 
-/// What a scenario did, from the sessions' own counters and events.
+/// What a scenario did, from the endpoints' own counters and events.
 #[derive(Debug, Clone)]
 pub struct ScenarioReport {
-    /// Messages sent (the first one, which admits the initial members, included).
+    /// Messages asked for (the first one, which admits the initial members, included).
     pub messages: u64,
     /// Members at the end.
     pub final_members: usize,
@@ -201,7 +265,7 @@ pub struct ScenarioReport {
     pub state_checks: u64,
     /// Time from a message's queueing to each member's key update, microseconds, sorted.
     pub time_to_key_us: Vec<u64>,
-    /// The sender's counters.
+    /// The sender's counters (over every GCKS endpoint of the run, if it restarted).
     pub sender: SenderCounters,
     /// Repair orders the sender's aggregator made.
     pub repair_orders: u64,
@@ -213,6 +277,10 @@ pub struct ScenarioReport {
     pub signature_failures: u64,
     /// The members' session counters, summed (members that left included).
     pub receivers: ReceiverCounters,
+    /// The members' resync policies' counters, summed (members that left included).
+    pub resync: ResyncCounters,
+    /// What the members' nodes did (fetches, items delivered, hostile items), summed.
+    pub member_nodes: EndpointNodeCounters,
     /// The network's counters.
     pub network: NetworkStats,
     /// The round-trip time of the member paths, for expressing times in GRTTs.
@@ -221,6 +289,8 @@ pub struct ScenarioReport {
     pub grtt_estimate: Duration,
     /// The relays' side of the run (all zero without relays).
     pub relays: RelayReport,
+    /// The GCKS's side of the run.
+    pub gcks: GcksReport,
 }
 
 /// What the relays of a scenario did, summed over the relays.
@@ -242,6 +312,29 @@ pub struct RelayReport {
     pub signature_checks: u64,
     /// The relays' downstream sides' counters, summed.
     pub downstream: SenderCounters,
+}
+
+/// What the GCKS endpoint and its storage did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GcksReport {
+    /// The latest message's sequence number at the end.
+    pub latest_seq: u64,
+    /// Times the GCKS was restored from its storage.
+    pub restarts: u64,
+    /// The highest sequence number committed to the storage (0 without persistence).
+    pub committed_seq: u64,
+    /// Commits that reused a sequence number committed before (0 for a correct GCKS).
+    pub reused_seqs: u64,
+    /// Joins the GCKS refused or could not answer with a bundle.
+    pub join_failures: u64,
+    /// Whether the GCKS poisoned itself.
+    pub poisoned: bool,
+    /// Whether the message the GCKS crashed after ([`ScenarioConfig::restart_gcks`]) had
+    /// finished its initial transmission when it crashed; `None` without a crash.
+    pub crashed_after_sent: Option<bool>,
+    /// Members whose saved keys (with [`ScenarioConfig::persist_member_keys`]) are not those
+    /// of the latest message at the end, or do not load.
+    pub stale_saved_keys: usize,
 }
 
 impl ScenarioReport {
@@ -273,136 +366,49 @@ pub fn quantile(values: &[u64], q: f64) -> u64 {
     values[rank.min(values.len() - 1)]
 }
 
+/// The GCKS endpoint of a scenario; its tickets are the rekey numbers.
+pub type SimGcks = GcksEndpoint<u64>;
+
 /// A node of a rekey scenario.
 #[derive(Debug)]
 pub enum SimNode {
     /// The GCKS.
-    Sender(Box<SenderSession>),
+    Gcks(Box<EndpointNode<SimGcks>>),
     /// A member.
     Member(Box<MemberNode>),
     /// A relay.
-    Relay(Box<RelayNode>),
+    Relay(Box<EndpointNode<RelayEndpoint>>),
 }
 
-/// A relay's session with what the scenario needs of it.
-#[derive(Debug)]
-pub struct RelayNode {
-    /// The session.
-    pub session: RelaySession,
-    /// The GCKS's address: datagrams from it are upstream traffic, the rest downstream.
-    upstream: SocketAddr,
-    index: usize,
-    shared: Rc<RefCell<Shared>>,
-}
-
-impl RelayNode {
-    fn drain_events(&mut self) {
-        let mut shared = self.shared.borrow_mut();
-        while let Some(event) = self.session.poll_event() {
-            if let RelayEvent::Upstream(
-                event @ (ReceiverEvent::OutOfSync { .. }
-                | ReceiverEvent::StateCheckNeeded { .. }
-                | ReceiverEvent::MustReregister),
-            ) = event
-            {
-                shared.relay_actions.push((self.index, event));
-            }
-        }
-    }
-}
-
-/// A member's session with what the scenario records about it.
+/// A member's node with what the scenario records about it.
 #[derive(Debug)]
 pub struct MemberNode {
-    /// The session.
-    pub session: ReceiverSession,
+    /// The member's endpoint as a node.
+    pub node: EndpointNode<MemberEndpoint>,
     /// The member's index among the initial members, `None` for a later joiner.
     pub initial_index: Option<usize>,
     /// The first message the member needed.
     pub first_seq: u64,
-    slot: usize,
-    shared: Rc<RefCell<Shared>>,
-}
-
-#[derive(Debug, Default)]
-struct Shared {
-    queued_at: BTreeMap<u64, Instant>,
-    time_to_key_us: Vec<u64>,
-    /// Events the scenario must act on: (member slot, event).
-    actions: Vec<(usize, ReceiverEvent)>,
-    /// Events of relays the scenario must act on: (relay index, event).
-    relay_actions: Vec<(usize, ReceiverEvent)>,
-    out_of_sync: Vec<(Option<usize>, u64)>,
-}
-
-impl MemberNode {
-    fn drain_events(&mut self, now: Instant) {
-        let mut shared = self.shared.borrow_mut();
-        while let Some(event) = self.session.poll_event() {
-            match event {
-                ReceiverEvent::GroupKeyUpdated { seq, .. } => {
-                    if let Some(queued) = shared.queued_at.get(&seq) {
-                        let us = now.saturating_duration_since(*queued).as_micros();
-                        let us = u64::try_from(us).unwrap_or(u64::MAX);
-                        shared.time_to_key_us.push(us);
-                    }
-                }
-                ReceiverEvent::NewDataSa { .. } => {}
-                ReceiverEvent::OutOfSync { from_seq } => {
-                    shared.out_of_sync.push((self.initial_index, from_seq));
-                    shared.actions.push((self.slot, event));
-                }
-                other => shared.actions.push((self.slot, other)),
-            }
-        }
-    }
+    /// Its saved keys, when it persists them.
+    storage: Option<SharedStorage<MemMemberStorage>>,
 }
 
 impl SimNode {
-    /// Hands a resync endpoint's state answer to a member or relay.
-    fn state_answer(&mut self, now: Instant, manifest: &[u8]) {
+    /// What the node serves resync from: the GCKS's history or a relay's.
+    fn resync_source(&self) -> Option<&dyn ResyncSource> {
         match self {
-            Self::Member(member) => {
-                let _verdict = member.session.handle_state_answer(now, manifest);
-                member.drain_events(now);
-            }
-            Self::Relay(relay) => {
-                let _verdict = relay.session.handle_state_answer(now, manifest);
-                relay.drain_events();
-            }
-            Self::Sender(_) => {}
+            Self::Gcks(node) => node.endpoint().resync_source(),
+            Self::Relay(node) => node.endpoint().resync_source(),
+            Self::Member(_) => None,
         }
     }
 
-    /// Hands one resync item to a member or relay; whether it was applied.
-    fn resync(&mut self, now: Instant, manifest: &[u8], chunk: &[u8]) -> bool {
+    /// Puts an item of a fetch the node asked for into its inbox.
+    fn deliver(&mut self, at: Instant, request: &FetchRequest, item: Fetched, hostile: bool) {
         match self {
-            Self::Member(member) => {
-                let applied = member.session.handle_resync(now, manifest, chunk).is_ok();
-                member.drain_events(now);
-                applied
-            }
-            Self::Relay(relay) => {
-                let applied = relay.session.handle_resync(now, manifest, chunk).is_ok();
-                relay.drain_events();
-                applied
-            }
-            Self::Sender(_) => false,
-        }
-    }
-
-    /// Tells a member or relay that what it lacks left the history.
-    fn beyond_history(&mut self, now: Instant) {
-        match self {
-            Self::Member(member) => {
-                member.session.handle_beyond_history(now);
-                member.drain_events(now);
-            }
-            Self::Relay(relay) => {
-                relay.session.handle_beyond_history(now);
-                relay.drain_events();
-            }
-            Self::Sender(_) => {}
+            Self::Member(member) => member.node.deliver_fetched(at, request.id, item, hostile),
+            Self::Relay(relay) => relay.deliver_fetched(at, request.id, item, hostile),
+            Self::Gcks(gcks) => gcks.deliver_fetched(at, request.id, item, hostile),
         }
     }
 }
@@ -410,64 +416,51 @@ impl SimNode {
 impl Node for SimNode {
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         match self {
-            Self::Sender(sender) => sender.handle_datagram(now, from, bytes),
-            Self::Member(member) => {
-                member.session.handle_datagram(now, from, bytes);
-                member.drain_events(now);
-            }
-            Self::Relay(relay) => {
-                if from == relay.upstream {
-                    relay.session.handle_upstream(now, from, bytes);
-                } else {
-                    relay.session.handle_downstream(now, from, bytes);
-                }
-                relay.drain_events();
-            }
+            Self::Gcks(node) => node.handle_datagram(now, from, bytes),
+            Self::Member(member) => member.node.handle_datagram(now, from, bytes),
+            Self::Relay(node) => node.handle_datagram(now, from, bytes),
         }
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         match self {
-            Self::Sender(sender) => sender.handle_timeout(now),
-            Self::Member(member) => {
-                member.session.handle_timeout(now);
-                member.drain_events(now);
-            }
-            Self::Relay(relay) => {
-                relay.session.handle_timeout(now);
-                relay.drain_events();
-            }
+            Self::Gcks(node) => node.handle_timeout(now),
+            Self::Member(member) => member.node.handle_timeout(now),
+            Self::Relay(node) => node.handle_timeout(now),
         }
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         match self {
-            Self::Sender(sender) => sender.poll_transmit(now, buf),
-            Self::Member(member) => member.session.poll_transmit(now, buf),
-            Self::Relay(relay) => relay.session.poll_transmit(now, buf).map(|t| Transmit {
-                destination: t.destination,
-                len: t.len,
-            }),
+            Self::Gcks(node) => node.poll_transmit(now, buf),
+            Self::Member(member) => member.node.poll_transmit(now, buf),
+            Self::Relay(node) => node.poll_transmit(now, buf),
         }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
         match self {
-            Self::Sender(sender) => sender.poll_timeout(),
-            Self::Member(member) => member.session.poll_timeout(),
-            Self::Relay(relay) => relay.session.poll_timeout(),
+            Self::Gcks(node) => node.poll_timeout(),
+            Self::Member(member) => member.node.poll_timeout(),
+            Self::Relay(node) => node.poll_timeout(),
         }
     }
 }
 
-/// A resync-endpoint action the scenario performs for a member at a time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Action {
-    StateAnswer,
-    Resync,
-    /// The same for the relay of that index.
-    RelayStateAnswer,
-    RelayResync,
+/// What the endpoints' hooks record for the scenario.
+#[derive(Debug, Default)]
+struct Shared {
+    queued_at: BTreeMap<u64, Instant>,
+    time_to_key_us: Vec<u64>,
+    out_of_sync: Vec<(Option<usize>, u64)>,
+    /// Bundles the GCKS answered joins with, not yet admitted.
+    bundles: Vec<RegistrationBundle>,
+    join_failures: u64,
+    /// Messages whose initial transmission is done.
+    sent: BTreeSet<u64>,
+    poisoned: bool,
+    /// Fetches asked for and not answered yet: (asking node, when, request).
+    fetches: Vec<(NodeId, Instant, FetchRequest)>,
 }
 
 /// Runs a scenario to its end and reports.
@@ -478,29 +471,34 @@ pub fn run(config: &ScenarioConfig) -> Result<ScenarioReport, ScenarioError> {
 struct Scenario<'c> {
     config: &'c ScenarioConfig,
     net: Network<SimNode>,
-    tree: KeyTree,
+    gcks: NodeId,
+    gcks_config: GcksEndpointConfig,
     signing_key: SigningKey,
-    sender: NodeId,
+    storage: SharedStorage<MemGcksStorage>,
+    /// The counters of GCKS endpoints that crashed, and of the bootstrap (subtracted).
+    sender_base: SenderCounters,
+    sender_bootstrap: SenderCounters,
+    repair_orders_base: u64,
+    restarts: u64,
+    crashed_after_sent: Option<bool>,
     /// The relays' nodes, by relay index.
     relays: Vec<NodeId>,
-    /// Relays' member ids, joined in the first message.
-    pending_relays: Vec<MemberId>,
     relays_killed: usize,
-    /// Each member slot's relay (as given when it joined).
-    member_relays: Vec<Option<NodeId>>,
     /// Member slots: (member id, node id); a slot is never reused.
     slots: Vec<(MemberId, NodeId)>,
     /// Slots of current members.
     current: Vec<usize>,
     shared: Rc<RefCell<Shared>>,
     rng: ChaCha8Rng,
+    /// Draws the hostile endpoint's garbage (apart, so it does not shift the scenario's own
+    /// draws).
+    hostile_rng: ChaCha8Rng,
     next_member_id: u64,
-    /// Scheduled endpoint actions: (time, tie-breaker, slot, action), earliest first.
-    scheduled: BinaryHeap<std::cmp::Reverse<(Instant, u64, usize, Action)>>,
-    scheduled_count: u64,
     /// Counters of members that left (their nodes are gone).
     departed: ReceiverCounters,
     departed_signatures: (u64, u64),
+    departed_resync: ResyncCounters,
+    departed_nodes: EndpointNodeCounters,
     member_messages: u64,
     must_reregister: u64,
     messages: u64,
@@ -517,46 +515,86 @@ impl<'c> Scenario<'c> {
         if config.service_tick.is_zero() {
             return Err(ScenarioError::Invalid("service_tick must be positive"));
         }
+        if let Some(restart) = config.restart_gcks {
+            if !config.durable {
+                return Err(ScenarioError::Invalid(
+                    "a GCKS restart needs durable storage",
+                ));
+            }
+            if restart.after + restart.down >= config.rekey_interval {
+                return Err(ScenarioError::Invalid(
+                    "a GCKS restart must end before the next rekey",
+                ));
+            }
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         let signing_key = SigningKey::from_bytes(&rng.gen());
         let degree =
             Degree::new(config.degree).map_err(|_| ScenarioError::Degree(config.degree))?;
-        let sa = RekeySa {
+        let gcks_config = GcksEndpointConfig {
             group_id: GROUP_ID,
             spi: SPI,
-            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
             degree,
-            gcks_public_key: signing_key.verifying_key(),
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
             data_sa_lifetime_secs: 3600,
+            sender: config.sender.clone(),
+            message: config.message,
+            // Batches only when the scenario asks (RekeyNow), as the old fixed schedule did.
+            schedule: Schedule::new(Duration::from_secs(10 * 365 * 24 * 3600), usize::MAX),
+            admission_delay: Duration::ZERO,
+            durable: config.durable,
         };
-        let tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(rng.gen()));
+        let tree_rng = KeyRng::seeded_for_simulation(rng.gen());
         let mut net = Network::with_config(super::NetworkConfig::new(rng.gen()))?;
         let start = net.start();
-        let sender = SenderSession::new(config.sender.clone(), GROUP_ID, SPI, start)?;
-        let sender = net.add_node(
-            SimNode::Sender(Box::new(sender)),
+        let instance: u32 = rng.gen();
+        let hostile_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+        let clock = WallClock {
+            unix_micros: 0,
+            at: start,
+        };
+        let endpoint = GcksEndpoint::new(
+            gcks_config.clone(),
+            signing_key.clone(),
+            tree_rng,
+            instance,
+            clock,
+            start,
+        )?;
+        let shared = Rc::new(RefCell::new(Shared::default()));
+        let storage = SharedStorage(Rc::new(RefCell::new(MemGcksStorage::new(
+            config.sender.history,
+        ))));
+        let node = gcks_node(endpoint, &storage, &shared, next_id(&net)?);
+        let gcks = net.add_node(
+            SimNode::Gcks(Box::new(node)),
             config.sender_link.clone(),
             config.sender_link.clone(),
         )?;
         Ok(Self {
             config,
             net,
-            tree,
+            gcks,
+            gcks_config,
             signing_key,
-            sender,
+            storage,
+            sender_base: SenderCounters::default(),
+            sender_bootstrap: SenderCounters::default(),
+            repair_orders_base: 0,
+            restarts: 0,
+            crashed_after_sent: None,
             relays: Vec::new(),
-            pending_relays: Vec::new(),
             relays_killed: 0,
-            member_relays: Vec::new(),
             slots: Vec::new(),
             current: Vec::new(),
-            shared: Rc::new(RefCell::new(Shared::default())),
+            shared,
             rng,
+            hostile_rng,
             next_member_id: 0,
-            scheduled: BinaryHeap::new(),
-            scheduled_count: 0,
             departed: ReceiverCounters::default(),
             departed_signatures: (0, 0),
+            departed_resync: ResyncCounters::default(),
+            departed_nodes: EndpointNodeCounters::default(),
             member_messages: 0,
             must_reregister: 0,
             messages: 0,
@@ -568,13 +606,13 @@ impl<'c> Scenario<'c> {
         let relays: Vec<MemberId> = (0..self.config.relays)
             .map(|_| self.new_member_id())
             .collect();
-        self.pending_relays = relays;
         let initial: Vec<MemberId> = (0..self.config.members)
             .map(|_| self.new_member_id())
             .collect();
-        self.rekey(&initial, &[], true)?;
+        self.rekey(&relays, &initial, &[], true)?;
+        let mut spent = self.restart_if_due(0)?;
         for rekey in 1..=self.config.rekeys {
-            self.advance(self.config.rekey_interval)?;
+            self.advance(self.config.rekey_interval.saturating_sub(spent))?;
             if let Some((index, at)) = self.config.kill_relay {
                 if at == rekey {
                     if let Some(&id) = self.relays.get(index) {
@@ -595,7 +633,8 @@ impl<'c> Scenario<'c> {
             }
             self.current
                 .retain(|slot| leaving_slots.binary_search(slot).is_err());
-            self.rekey(&joins, &leaves, false)?;
+            self.rekey(&[], &joins, &leaves, false)?;
+            spent = self.restart_if_due(rekey)?;
         }
         // Settle: repair and resync finish; stop early once every member has the latest
         // message (checked once a second of virtual time).
@@ -607,10 +646,49 @@ impl<'c> Scenario<'c> {
         Ok(self.report())
     }
 
-    /// The relay member slot `slot` is behind, if the scenario has relays: the one it was
-    /// given when it joined.
-    fn relay_of(&self, slot: usize) -> Option<NodeId> {
-        self.member_relays.get(slot).copied().flatten()
+    /// Crashes and restores the GCKS if the configuration says so after message `rekey`;
+    /// returns the time that took from the rekey interval.
+    fn restart_if_due(&mut self, rekey: usize) -> Result<Duration, ScenarioError> {
+        let Some(restart) = self.config.restart_gcks.filter(|r| r.rekey == rekey) else {
+            return Ok(Duration::ZERO);
+        };
+        self.advance(restart.after)?;
+        let seq = self.latest_seq();
+        self.crashed_after_sent = Some(self.shared.borrow().sent.contains(&seq));
+        // The process dies: what was not stored is gone.
+        if let Some(SimNode::Gcks(old)) = self.net.remove_node(self.gcks)? {
+            let stats = old.endpoint().stats();
+            add_sender_counters(&mut self.sender_base, &stats.sender);
+            self.repair_orders_base += stats.repair_orders;
+        }
+        self.advance(restart.down)?;
+        let now = self.net.now();
+        let restored = self
+            .storage
+            .0
+            .borrow_mut()
+            .restored(KeyRng::seeded_for_simulation(self.rng.gen()))
+            .ok_or(ScenarioError::Invalid(
+                "the GCKS crashed before its first commit",
+            ))?;
+        let clock = WallClock {
+            unix_micros: session::micros(now.saturating_duration_since(self.net.start())),
+            at: now,
+        };
+        let endpoint = GcksEndpoint::restore(
+            self.gcks_config.clone(),
+            self.signing_key.clone(),
+            restored,
+            self.rng.gen(),
+            clock,
+            now,
+        )?;
+        let node = gcks_node(endpoint, &self.storage, &self.shared, self.gcks);
+        self.net
+            .replace_node(self.gcks, SimNode::Gcks(Box::new(node)))?;
+        self.net.touch(self.gcks)?;
+        self.restarts += 1;
+        Ok(restart.after + restart.down)
     }
 
     /// The relay a member joining in slot `slot` is given: relay `slot % relays`, or the next
@@ -627,176 +705,283 @@ impl<'c> Scenario<'c> {
         MemberId(self.next_member_id)
     }
 
-    /// Applies a batch, admits the joiners as new nodes, builds and queues the message.
+    /// Submits a batch to the GCKS and asks for it now; admits the joiners it answers as new
+    /// nodes (relays first), before its message goes out.
     fn rekey(
         &mut self,
+        relays: &[MemberId],
         joins: &[MemberId],
         leaves: &[MemberId],
         initial: bool,
     ) -> Result<(), ScenarioError> {
-        let relay_ids = std::mem::take(&mut self.pending_relays);
-        let all_joins: Vec<MemberId> = relay_ids.iter().chain(joins).copied().collect();
-        let batch = self.tree.apply_batch(&all_joins, leaves)?;
+        let mut changes: Vec<Change> = leaves.iter().map(|&m| Change::Leave(m)).collect();
+        changes.extend(relays.iter().map(|&m| Change::JoinRelay(m)));
+        changes.extend(joins.iter().map(|&m| Change::Join(m)));
+        let ticket = self.messages;
         let now = self.net.now();
-        let params = MessageParams {
-            spi: SPI,
-            epoch: 0,
-            timestamp_us: session::micros(now.saturating_duration_since(self.net.start())),
-            ..self.config.message
-        };
-        let built = build_message(
-            &batch,
-            &self.tree.leaves_in_order(),
-            &self.signing_key,
-            &params,
-        )?;
-        let prepared = PreparedMessage::new(built, batch.mac_key.clone())?;
-        let seq = prepared.seq();
-        let upstream = self.net.addr(self.sender);
-        for &relay in &relay_ids {
-            let bundle = self.tree.join(relay)?;
-            let mut config = RelayConfig::new(upstream);
-            config.upstream = self.config.receiver.clone();
-            config.upstream.feedback_addr = upstream;
-            config.upstream.scheduler.group_size =
-                u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
-            config.upstream.scheduler.seed = self.rng.gen();
-            config.downstream = self.config.sender.clone();
-            config.cut_through = self.config.relay_cut_through;
-            let per_relay = self.config.members.div_ceil(self.config.relays.max(1));
-            config.downstream_group_size = Some(u32::try_from(per_relay.max(1)).unwrap_or(1));
-            let index = self.relays.len();
-            let session = RelaySession::new(&bundle, config, now).map_err(|e| match e {
-                crate::relay::RelayError::Config(e) => ScenarioError::Config(e),
-                _ => ScenarioError::Invalid("relay could not start"),
-            })?;
-            let node = SimNode::Relay(Box::new(RelayNode {
-                session,
-                upstream,
-                index,
-                shared: Rc::clone(&self.shared),
-            }));
-            let id = self.net.add_node(
-                node,
-                self.config.relay_uplink.clone(),
-                self.config.relay_downlink.clone(),
-            )?;
-            // The relay listens to the GCKS's group (0) and sends into its own.
-            self.net.set_groups(id, relay_group(index), 0)?;
-            self.net.with_node(id, |node, now| {
-                if let SimNode::Relay(relay) = node {
-                    relay.session.start(now);
-                }
-            });
-            self.relays.push(id);
-        }
-        for (i, &member) in joins.iter().enumerate() {
-            let bundle = self.tree.join(member)?;
-            let mut receiver_config = self.config.receiver.clone();
-            let slot = self.slots.len();
-            let relay = self.relay_for_joiner(slot);
-            receiver_config.feedback_addr = relay.map_or(upstream, |id| self.net.addr(id));
-            receiver_config.scheduler.group_size =
-                u32::try_from(self.tree.member_count()).unwrap_or(u32::MAX);
-            receiver_config.scheduler.seed = self.rng.gen();
-            let session = ReceiverSession::new(&bundle, receiver_config)?;
-            let initial_index = initial.then_some(i);
-            let node = SimNode::Member(Box::new(MemberNode {
-                session,
-                initial_index,
-                first_seq: bundle.first_seq,
-                slot,
-                shared: Rc::clone(&self.shared),
-            }));
-            let downlink = initial_index
-                .and_then(|index| {
-                    self.config
-                        .downlink_overrides
-                        .iter()
-                        .rev()
-                        .find(|(range, _)| range.contains(&index))
-                        .map(|(_, link)| link.clone())
-                })
-                .unwrap_or_else(|| self.config.member_downlink.clone());
-            let id = self
-                .net
-                .add_node(node, self.config.member_uplink.clone(), downlink)?;
-            if let Some(index) = relay.and_then(|r| self.relays.iter().position(|&x| x == r)) {
-                let group = relay_group(index);
-                self.net.set_groups(id, group, group)?;
+        // Not `with_node`: its transmits are drained only once the joiners are in the
+        // network. With no admission delay the message is queued within the command, and the
+        // joiners (who join the multicast group the instant they have their bundle here) must
+        // not miss its first datagrams.
+        match self.net.node_mut(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => {
+                gcks.command(now, GcksCommand::Changes { changes, ticket });
+                gcks.command(now, GcksCommand::RekeyNow);
             }
-            // The driver arms the member's silence timer when it starts.
-            self.net.with_node(id, |node, now| {
-                if let SimNode::Member(member) = node {
-                    member.session.start(now);
-                }
-            });
-            self.member_relays.push(relay);
-            self.slots.push((member, id));
-            self.current.push(slot);
+            _ => {
+                return Err(ScenarioError::Invalid(
+                    "a rekey fell while the GCKS was down",
+                ))
+            }
         }
         self.messages += 1;
+        let mut bundles: HashMap<MemberId, RegistrationBundle> =
+            std::mem::take(&mut self.shared.borrow_mut().bundles)
+                .into_iter()
+                .map(|bundle| (bundle.member, bundle))
+                .collect();
+        for member in relays {
+            if let Some(bundle) = bundles.remove(member) {
+                self.add_relay(&bundle)?;
+            }
+        }
+        let joiners: Vec<(Option<usize>, RegistrationBundle)> = joins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, member)| Some((initial.then_some(i), bundles.remove(member)?)))
+            .collect();
         if initial && self.config.bootstrap_initial {
-            return self.bootstrap(now, prepared);
+            self.net.touch(self.gcks)?;
+            return self.bootstrap(joiners);
         }
-        self.shared.borrow_mut().queued_at.insert(seq, now);
-        if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
-            sender.queue_message(now, prepared)?;
+        for (initial_index, bundle) in joiners {
+            self.add_member(&bundle, initial_index)?;
         }
-        self.net.touch(self.sender)?;
+        self.net.touch(self.gcks)?;
         Ok(())
     }
 
-    /// The message admitting the initial members goes into the sender's history without being
-    /// multicast, and each initial member takes its chunk through the resync path: the run
-    /// starts with a group in sync and measures the rekeys after it. (Multicasting a message
-    /// of tens of thousands of chunks to 100,000 simulated members costs billions of
+    /// The initial members come in once the admitting message was sent to nobody but the
+    /// relays, and each takes its chunk from the GCKS's history through its endpoint's own
+    /// resync command; that message's traffic is not counted. (Multicasting a message of
+    /// tens of thousands of chunks to 100,000 simulated members costs billions of
     /// deliveries.)
-    fn bootstrap(&mut self, now: Instant, prepared: PreparedMessage) -> Result<(), ScenarioError> {
-        let seq = prepared.seq();
-        if let Some(SimNode::Sender(sender)) = self.net.node_mut(self.sender) {
-            sender.restore_message(now, prepared)?;
+    fn bootstrap(
+        &mut self,
+        joiners: Vec<(Option<usize>, RegistrationBundle)>,
+    ) -> Result<(), ScenarioError> {
+        let seq = self.latest_seq();
+        let deadline = self.net.now() + self.config.settle;
+        while !self.shared.borrow().sent.contains(&seq) && self.net.now() < deadline {
+            self.advance(self.config.service_tick)?;
         }
-        for index in 0..self.relays.len() {
-            let id = self.relays[index];
-            let item = match (self.net.node(self.sender), self.net.node(id)) {
-                (Some(SimNode::Sender(sender)), Some(SimNode::Relay(relay))) => sender
-                    .resync_item(relay.session.next_seq(), relay.session.order_key())
-                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()))
-                    .ok(),
+        // The bootstrap's own key events are not time-to-key samples.
+        self.shared.borrow_mut().queued_at.remove(&seq);
+        for (initial_index, bundle) in joiners {
+            let id = self.add_member(&bundle, initial_index)?;
+            let order_key = match self.net.node(id) {
+                Some(SimNode::Member(member)) => member.node.endpoint().session().order_key(),
+                _ => continue,
+            };
+            let item = match self.net.node(self.gcks) {
+                Some(SimNode::Gcks(gcks)) => gcks
+                    .endpoint()
+                    .session()
+                    .resync_item(seq, order_key)
+                    .ok()
+                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec())),
                 _ => None,
             };
-            if let (Some((manifest, chunk)), Some(SimNode::Relay(relay))) =
-                (item, self.net.node_mut(id))
-            {
-                let _ = relay.session.handle_resync(now, &manifest, &chunk);
-                while relay.session.poll_event().is_some() {}
-            }
-            self.net.touch(id)?;
-        }
-        for slot in self.current.clone() {
-            let id = self.slots[slot].1;
-            let Some((next, key)) = self.resync_position(id) else {
+            let Some(item) = item else {
                 continue;
             };
-            let Some(SimNode::Sender(sender)) = self.net.node(self.sender) else {
-                break;
-            };
-            let Ok(item) = sender.resync_item(next, key) else {
-                continue;
-            };
-            let (manifest, chunk) = (item.manifest.to_vec(), item.chunk.to_vec());
-            if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
-                if member.session.handle_resync(now, &manifest, &chunk).is_ok() {
-                    self.bootstrapped += 1;
+            let applied = self.net.with_node(id, |node, now| match node {
+                SimNode::Member(member) => {
+                    let applied = member
+                        .node
+                        .endpoint_mut()
+                        .apply_resync(now, std::slice::from_ref(&item))
+                        .is_ok();
+                    member.node.pump(now);
+                    applied
                 }
-                // The bootstrap's own key event is not a time-to-key sample.
-                while member.session.poll_event().is_some() {}
+                _ => false,
+            });
+            if applied == Some(true) {
+                self.bootstrapped += 1;
             }
-            self.net.touch(id)?;
         }
-        let _ = seq;
+        if let Some(SimNode::Gcks(gcks)) = self.net.node(self.gcks) {
+            self.sender_bootstrap = gcks.endpoint().stats().sender;
+        }
+        self.net.reset_stats();
         Ok(())
+    }
+
+    /// The resync policy's settings for a member behind `relay` (or a relay, with `None`).
+    fn resync_config(&self, relay: Option<NodeId>, group_size: u32) -> ResyncConfig {
+        let endpoint = |addr| ResyncEndpoint {
+            protocol: ResyncProtocol::Tcp,
+            addr,
+        };
+        let spread = self.config.resync_spread.as_secs_f64();
+        // The whole initial group spreads over `resync_spread`.
+        let capacity = if spread > 0.0 {
+            self.config.members.max(1) as f64 / spread
+        } else {
+            f64::MAX
+        };
+        ResyncConfig {
+            relays: relay
+                .map(|id| endpoint(self.net.addr(id)))
+                .into_iter()
+                .collect(),
+            gcks: vec![endpoint(self.net.addr(self.gcks))],
+            fetch_timeout: self.config.resync_timeout,
+            group_size,
+            capacity,
+            max_spread: self.config.resync_spread,
+            ..ResyncConfig::default()
+        }
+    }
+
+    /// The group size the GCKS's committed tree holds.
+    fn group_size(&self) -> u32 {
+        match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => {
+                u32::try_from(gcks.endpoint().tree().member_count()).unwrap_or(u32::MAX)
+            }
+            _ => 1,
+        }
+    }
+
+    fn add_relay(&mut self, bundle: &RegistrationBundle) -> Result<NodeId, ScenarioError> {
+        let now = self.net.now();
+        let upstream = self.net.addr(self.gcks);
+        let group_size = self.group_size();
+        let mut session = RelayConfig::new(upstream);
+        session.upstream = self.config.receiver.clone();
+        session.upstream.feedback_addr = upstream;
+        session.upstream.scheduler.group_size = group_size;
+        session.upstream.scheduler.seed = self.rng.gen();
+        session.downstream = self.config.sender.clone();
+        session.cut_through = self.config.relay_cut_through;
+        let per_relay = self.config.members.div_ceil(self.config.relays.max(1));
+        session.downstream_group_size = Some(u32::try_from(per_relay.max(1)).unwrap_or(1));
+        let config = RelayEndpointConfig {
+            session,
+            resync: self.resync_config(None, group_size),
+            persistent: false,
+        };
+        let index = self.relays.len();
+        let endpoint = RelayEndpoint::new(bundle, config, now).map_err(|e| match e {
+            crate::relay::RelayError::Config(e) => ScenarioError::Config(e),
+            _ => ScenarioError::Invalid("relay could not start"),
+        })?;
+        let id = next_id(&self.net)?;
+        let ports = PortMap {
+            default: Port::Serve,
+            upstream: Some(upstream),
+            group: None,
+        };
+        let node = EndpointNode::new(
+            endpoint,
+            Box::new(NoStorage),
+            ports,
+            Box::new(|_, _| {}),
+            fetch_hook(&self.shared, id),
+        )
+        .with_progress(|relay| relay.session().next_seq());
+        let added = self.net.add_node(
+            SimNode::Relay(Box::new(node)),
+            self.config.relay_uplink.clone(),
+            self.config.relay_downlink.clone(),
+        )?;
+        debug_assert_eq!(added, id);
+        // The relay listens to the GCKS's group (0) and sends into its own.
+        self.net.set_groups(id, relay_group(index), 0)?;
+        self.net.touch(id)?;
+        self.relays.push(id);
+        Ok(id)
+    }
+
+    fn add_member(
+        &mut self,
+        bundle: &RegistrationBundle,
+        initial_index: Option<usize>,
+    ) -> Result<NodeId, ScenarioError> {
+        let now = self.net.now();
+        let slot = self.slots.len();
+        let relay = self.relay_for_joiner(slot);
+        let relay_index = relay.and_then(|r| self.relays.iter().position(|&x| x == r));
+        let group_size = self.group_size();
+        let mut receiver = self.config.receiver.clone();
+        receiver.feedback_addr = relay.map_or(self.net.addr(self.gcks), |id| self.net.addr(id));
+        receiver.scheduler.group_size = group_size;
+        receiver.scheduler.seed = self.rng.gen();
+        let group = group_addr(relay_index.map_or(0, relay_group));
+        let config = MemberEndpointConfig {
+            group,
+            receiver,
+            resync: self.resync_config(relay, group_size),
+            persist_keys: self.config.persist_member_keys,
+        };
+        let endpoint = MemberEndpoint::new(
+            bundle,
+            config,
+            ChaCha8Rng::seed_from_u64(self.rng.gen()),
+            now,
+        )?;
+        let id = next_id(&self.net)?;
+        let storage = self
+            .config
+            .persist_member_keys
+            .then(|| SharedStorage(Rc::new(RefCell::new(MemMemberStorage::default()))));
+        let boxed_storage: Box<dyn rekeycast_proto::endpoint::Storage<_>> = match &storage {
+            Some(storage) => Box::new(storage.clone()),
+            None => Box::new(NoStorage),
+        };
+        let ports = PortMap {
+            default: Port::Listen,
+            upstream: None,
+            group: Some(group),
+        };
+        let node = EndpointNode::new(
+            endpoint,
+            boxed_storage,
+            ports,
+            member_event_hook(&self.shared, initial_index),
+            fetch_hook(&self.shared, id),
+        )
+        .with_progress(|member| member.session().next_seq());
+        let node = SimNode::Member(Box::new(MemberNode {
+            node,
+            initial_index,
+            first_seq: bundle.first_seq,
+            storage,
+        }));
+        let downlink = initial_index
+            .and_then(|index| {
+                self.config
+                    .downlink_overrides
+                    .iter()
+                    .rev()
+                    .find(|(range, _)| range.contains(&index))
+                    .map(|(_, link)| link.clone())
+            })
+            .unwrap_or_else(|| self.config.member_downlink.clone());
+        let added = self
+            .net
+            .add_node(node, self.config.member_uplink.clone(), downlink)?;
+        debug_assert_eq!(added, id);
+        if let Some(index) = relay_index {
+            let group = relay_group(index);
+            self.net.set_groups(id, group, group)?;
+        }
+        self.net.touch(id)?;
+        self.slots.push((bundle.member, id));
+        self.current.push(slot);
+        Ok(id)
     }
 
     /// A member leaves: its node is removed and its counters kept.
@@ -809,18 +994,25 @@ impl<'c> Scenario<'c> {
     }
 
     fn account(&mut self, member: &MemberNode) {
-        let c = member.session.counters();
+        let session = member.node.endpoint().session();
+        let c = session.counters();
         add_counters(&mut self.departed, c);
-        let m = member.session.message_counters();
+        let m = session.message_counters();
         self.departed_signatures.0 += m.signature_checks;
         self.departed_signatures.1 += m.signature_failures;
+        add_resync_counters(
+            &mut self.departed_resync,
+            member.node.endpoint().policy().counters(),
+        );
+        add_node_counters(&mut self.departed_nodes, member.node.counters());
         // A departing member may leave in the middle of the latest message (its departure is
         // decided by the next batch, not by its progress): what it applied is what it needed.
         self.member_messages += c.messages_applied;
-        self.must_reregister += u64::from(member.session.must_reregister());
+        self.must_reregister += u64::from(session.must_reregister());
     }
 
-    /// Runs the network for `duration`, serving members' requests every service tick.
+    /// Runs the network for `duration`, answering the fetches endpoints asked for every
+    /// service tick.
     fn advance(&mut self, duration: Duration) -> Result<(), ScenarioError> {
         let end = self.net.now() + duration;
         let mut now = self.net.now();
@@ -833,181 +1025,178 @@ impl<'c> Scenario<'c> {
         Ok(())
     }
 
-    /// Schedules what members asked for and performs what is due.
+    /// Answers every fetch asked for so far from the serving node's history as it stands now;
+    /// the answer reaches the asking node's inbox with its arrival times.
     fn serve(&mut self, now: Instant) -> Result<(), ScenarioError> {
-        let relay_actions = std::mem::take(&mut self.shared.borrow_mut().relay_actions);
-        for (index, event) in relay_actions {
-            match event {
-                ReceiverEvent::StateCheckNeeded { .. } => {
-                    self.schedule(
-                        now + self.config.resync_rtt,
-                        index,
-                        Action::RelayStateAnswer,
-                    );
+        let fetches = std::mem::take(&mut self.shared.borrow_mut().fetches);
+        for (asker, asked_at, request) in fetches {
+            let arrival = (asked_at + self.config.resync_rtt).max(now);
+            let server = self.net.node_id(request.endpoint.addr);
+            let hostility = self.config.hostile_relay.and_then(|(index, how)| {
+                (server.is_some() && self.relays.get(index).copied() == server).then_some(how)
+            });
+            let answer = match server.and_then(|id| self.net.node(id)) {
+                Some(node) => answer_fetch(node.resync_source(), &request),
+                // Nobody listens there (a dead relay, a GCKS down): refused at once.
+                None => vec![Fetched::Failed {
+                    reason: FetchFailure::Connection,
+                }],
+            };
+            let timed = self.schedule_answer(answer, arrival, &request, hostility);
+            let hostile = hostility.is_some();
+            if let Some(node) = self.net.node_mut(asker) {
+                for (at, item) in timed {
+                    node.deliver(at, &request, item, hostile);
                 }
-                ReceiverEvent::OutOfSync { .. } => {
-                    self.schedule(now + self.config.resync_rtt, index, Action::RelayResync);
-                }
-                _ => {}
             }
+            self.net.touch(asker)?;
         }
-        let actions = std::mem::take(&mut self.shared.borrow_mut().actions);
-        for (slot, event) in actions {
-            match event {
-                ReceiverEvent::StateCheckNeeded { .. } => {
-                    self.schedule(now + self.config.resync_rtt, slot, Action::StateAnswer);
-                }
-                ReceiverEvent::OutOfSync { .. } => {
-                    let spread = self.config.resync_spread.mul_f64(self.rng.gen::<f64>());
-                    self.schedule(now + spread + self.config.resync_rtt, slot, Action::Resync);
-                }
-                _ => {}
-            }
-        }
-        while let Some(std::cmp::Reverse((at, _, slot, action))) = self.scheduled.peek().copied() {
-            if at > now {
+        Ok(())
+    }
+
+    /// When each item of an answer arrives: all at `arrival` from an honest endpoint; as the
+    /// hostile endpoint makes it otherwise. Nothing arrives after the request's deadline:
+    /// the fetch fails there, as the driver's fetch client does.
+    fn schedule_answer(
+        &mut self,
+        answer: Vec<Fetched>,
+        arrival: Instant,
+        request: &FetchRequest,
+        hostility: Option<Hostility>,
+    ) -> Vec<(Instant, Fetched)> {
+        let timed: Vec<(Instant, Fetched)> = match hostility {
+            None => answer.into_iter().map(|item| (arrival, item)).collect(),
+            Some(Hostility::Stall) => Vec::new(),
+            Some(Hostility::Drip(interval)) => answer
+                .into_iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let steps = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    (arrival + interval.saturating_mul(steps), item)
+                })
+                .collect(),
+            Some(how @ (Hostility::Tamper | Hostility::Garbage)) => answer
+                .into_iter()
+                .map(|item| (arrival, self.corrupt(item, how)))
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(timed.len() + 1);
+        for (at, item) in timed {
+            if at > request.deadline {
                 break;
             }
-            self.scheduled.pop();
-            self.perform(now, slot, action)?;
+            out.push((at, item));
         }
-        Ok(())
+        let ended = out
+            .last()
+            .is_some_and(|(_, item)| !matches!(item, Fetched::Item { .. } | Fetched::State(_)));
+        if !ended {
+            out.push((
+                request.deadline.max(arrival),
+                Fetched::Failed {
+                    reason: FetchFailure::Deadline,
+                },
+            ));
+        }
+        out
     }
 
-    fn schedule(&mut self, at: Instant, slot: usize, action: Action) {
-        self.scheduled_count += 1;
-        self.scheduled
-            .push(std::cmp::Reverse((at, self.scheduled_count, slot, action)));
-    }
-
-    /// One exchange with the resync endpoints for a member (its relay first, if it has one,
-    /// then the GCKS) or for a relay (the GCKS).
-    fn perform(&mut self, now: Instant, index: usize, action: Action) -> Result<(), ScenarioError> {
-        let (id, endpoints) = match action {
-            Action::StateAnswer | Action::Resync => {
-                let mut endpoints: Vec<NodeId> = self.relay_of(index).into_iter().collect();
-                endpoints.push(self.sender);
-                (self.slots[index].1, endpoints)
+    /// A hostile endpoint's version of an answer's item.
+    fn corrupt(&mut self, item: Fetched, how: Hostility) -> Fetched {
+        let flip = |mut bytes: Vec<u8>| {
+            let middle = bytes.len() / 2;
+            if let Some(byte) = bytes.get_mut(middle) {
+                *byte ^= 0x10;
             }
-            Action::RelayStateAnswer | Action::RelayResync => {
-                (self.relays[index], vec![self.sender])
-            }
+            bytes
         };
-        if !self.net.is_present(id) {
-            return Ok(());
-        }
-        match action {
-            Action::StateAnswer | Action::RelayStateAnswer => {
-                let manifest = endpoints.iter().find_map(|&endpoint| {
-                    let (_, manifest) = self.source(endpoint)?.latest()?;
-                    Some(manifest.to_vec())
-                });
-                if let (Some(manifest), Some(node)) = (manifest, self.net.node_mut(id)) {
-                    // A behind member raises OutOfSync, which the next service tick schedules;
-                    // a bad answer changes nothing.
-                    node.state_answer(now, &manifest);
-                }
-            }
-            Action::Resync | Action::RelayResync => {
-                // Fetch and apply in order until the member has the latest message; each item
-                // is one request on the resync connection.
-                while let Some((seq, key)) = self.resync_position(id) {
-                    let item = self.fetch(&endpoints, seq, key);
-                    let Some(node) = self.net.node_mut(id) else {
-                        break;
-                    };
-                    let more = match item {
-                        Lookup::Found((manifest, chunk)) => node.resync(now, &manifest, &chunk),
-                        Lookup::BeyondHistory { .. } => {
-                            node.beyond_history(now);
-                            false
-                        }
-                        Lookup::NotYetSent { .. } | Lookup::NotFound => false,
-                    };
-                    if !more {
-                        break;
-                    }
-                }
-            }
-        }
-        self.net.touch(id)?;
-        Ok(())
-    }
-
-    /// What a node serves resync from: the GCKS's history or a relay's.
-    fn source(&self, id: NodeId) -> Option<&dyn ResyncSource> {
-        match self.net.node(id)? {
-            SimNode::Sender(sender) => Some(sender.as_ref()),
-            SimNode::Relay(relay) => Some(&relay.session),
-            SimNode::Member(_) => None,
+        match (item, how) {
+            (Fetched::Item { manifest, chunk }, Hostility::Tamper) => Fetched::Item {
+                manifest,
+                chunk: flip(chunk),
+            },
+            (Fetched::State(manifest), Hostility::Tamper) => Fetched::State(flip(manifest)),
+            (Fetched::Item { manifest, chunk }, _) => Fetched::Item {
+                manifest: self.garbage(manifest.len()),
+                chunk: self.garbage(chunk.len()),
+            },
+            (Fetched::State(manifest), _) => Fetched::State(self.garbage(manifest.len())),
+            (terminal, _) => terminal,
         }
     }
 
-    /// Message `seq`'s manifest and the chunk of order key `key` from the first endpoint that
-    /// has them, or the last endpoint's answer.
-    fn fetch(&self, endpoints: &[NodeId], seq: u64, key: u32) -> Lookup<(Vec<u8>, Vec<u8>)> {
-        let mut outcome = Lookup::NotFound;
-        for &endpoint in endpoints {
-            let Some(source) = self.source(endpoint) else {
-                continue;
-            };
-            outcome = match (source.manifest(seq), source.chunk(seq, key)) {
-                (Lookup::Found(manifest), Lookup::Found(chunk)) => {
-                    return Lookup::Found((manifest.to_vec(), chunk.to_vec()));
-                }
-                (Lookup::Found(_), other) => other.map(|_| (Vec::new(), Vec::new())),
-                (other, _) => other.map(|_| (Vec::new(), Vec::new())),
-            };
+    fn garbage(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.hostile_rng.gen()).collect()
+    }
+
+    /// The latest message's sequence number: the GCKS's, or what its storage committed while
+    /// it is down.
+    fn latest_seq(&self) -> u64 {
+        match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => gcks.endpoint().tree().seq(),
+            _ => self.storage.0.borrow().last_committed(),
         }
-        outcome
     }
 
     /// Whether every current member has applied the latest message.
     fn all_current(&self) -> bool {
-        let latest = self.tree.seq();
+        let latest = self.latest_seq();
         self.current
             .iter()
             .all(|&slot| match self.net.node(self.slots[slot].1) {
-                Some(SimNode::Member(member)) => member.session.next_seq() > latest,
+                Some(SimNode::Member(member)) => {
+                    member.node.endpoint().session().next_seq() > latest
+                }
                 _ => true,
             })
     }
 
-    /// Where a member stands for resync: the message it needs next and its order key.
-    fn resync_position(&self, id: NodeId) -> Option<(u64, u32)> {
-        match self.net.node(id) {
-            Some(SimNode::Member(member)) if !member.session.must_reregister() => {
-                Some((member.session.next_seq(), member.session.order_key()))
-            }
-            Some(SimNode::Relay(relay)) if !relay.session.must_reregister() => {
-                Some((relay.session.next_seq(), relay.session.order_key()))
-            }
-            _ => None,
-        }
-    }
-
     fn report(self) -> ScenarioReport {
-        let (group_version, group_key) = self.tree.group_key();
-        let latest = self.tree.seq();
+        let latest = self.latest_seq();
+        let gcks = match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => Some(gcks.endpoint()),
+            _ => None,
+        };
+        let group_key = gcks.map(|gcks| {
+            let (version, key) = gcks.tree().group_key();
+            (version, key.clone())
+        });
+        let holds_group_key = |key: Option<&crate::lkh::member::VersionedKey>| {
+            matches!((key, &group_key), (Some(k), Some((version, key)))
+                if k.version == *version && k.key.as_bytes() == key.as_bytes())
+        };
         let mut receivers = self.departed;
         let (mut signature_checks, mut signature_failures) = self.departed_signatures;
+        let mut resync = self.departed_resync;
+        let mut member_nodes = self.departed_nodes;
         let mut converged = 0;
         let mut member_messages = self.member_messages;
         let mut must_reregister = self.must_reregister;
+        let mut stale_saved_keys = 0;
         for &slot in &self.current {
             let Some(SimNode::Member(member)) = self.net.node(self.slots[slot].1) else {
                 continue;
             };
-            let session = &member.session;
+            let endpoint = member.node.endpoint();
+            let session = endpoint.session();
             add_counters(&mut receivers, session.counters());
             signature_checks += session.message_counters().signature_checks;
             signature_failures += session.message_counters().signature_failures;
+            add_resync_counters(&mut resync, endpoint.policy().counters());
+            add_node_counters(&mut member_nodes, member.node.counters());
             member_messages += (latest + 1).saturating_sub(member.first_seq);
             must_reregister += u64::from(session.must_reregister());
-            if session.group_key().is_some_and(|k| {
-                k.version == group_version && k.key.as_bytes() == group_key.as_bytes()
-            }) {
+            if holds_group_key(session.group_key()) {
                 converged += 1;
+            }
+            if let Some(storage) = &member.storage {
+                let storage = storage.0.borrow();
+                let loads = storage
+                    .load()
+                    .is_some_and(|keys| keys.last_seq() == session.keys().last_seq());
+                if storage.saved_seq() != Some(latest) || !loads {
+                    stale_saved_keys += 1;
+                }
             }
         }
         // Bootstrapped applications are not member-messages of the run.
@@ -1015,14 +1204,16 @@ impl<'c> Scenario<'c> {
         receivers.applied_from_resync = receivers
             .applied_from_resync
             .saturating_sub(self.bootstrapped);
-        let (sender, repair_orders, grtt_estimate) = match self.net.node(self.sender) {
-            Some(SimNode::Sender(sender)) => (
-                *sender.counters(),
-                sender.repair_stats().orders,
-                sender.grtt(),
-            ),
-            _ => Default::default(),
-        };
+        let mut sender = self.sender_base;
+        let mut repair_orders = self.repair_orders_base;
+        let mut grtt_estimate = Duration::ZERO;
+        if let Some(gcks) = gcks {
+            let stats = gcks.stats();
+            add_sender_counters(&mut sender, &stats.sender);
+            repair_orders += stats.repair_orders;
+            grtt_estimate = gcks.session().grtt();
+        }
+        sub_sender_counters(&mut sender, &self.sender_bootstrap);
         let path_rtt = 2 * (self.config.sender_link.delay + self.config.member_downlink.delay)
             + self.config.member_downlink.jitter;
         let mut relays = RelayReport {
@@ -1033,19 +1224,18 @@ impl<'c> Scenario<'c> {
             let Some(SimNode::Relay(relay)) = self.net.node(id) else {
                 continue;
             };
-            let session = &relay.session;
+            let session = relay.endpoint().session();
             relays.forwarded += session.counters().forwarded;
             relays.not_forwarded += session.counters().not_forwarded;
             relays.upstream_nacks += session.upstream_counters().nacks_sent;
             relays.bad_chunks += session.upstream_counters().bad_chunks;
             relays.signature_checks += session.upstream_message_counters().signature_checks;
             add_sender_counters(&mut relays.downstream, session.downstream_counters());
-            if session.keys().group_key().is_some_and(|k| {
-                k.version == group_version && k.key.as_bytes() == group_key.as_bytes()
-            }) {
+            if holds_group_key(session.keys().group_key()) {
                 relays.converged += 1;
             }
         }
+        let storage = self.storage.0.borrow();
         let mut shared = self.shared.borrow_mut();
         shared.time_to_key_us.sort_unstable();
         ScenarioReport {
@@ -1067,12 +1257,94 @@ impl<'c> Scenario<'c> {
             signature_checks,
             signature_failures,
             receivers,
+            resync,
+            member_nodes,
             network: self.net.stats().clone(),
             path_rtt,
             grtt_estimate,
             relays,
+            gcks: GcksReport {
+                latest_seq: latest,
+                restarts: self.restarts,
+                committed_seq: storage.last_committed(),
+                reused_seqs: storage.reused_seqs(),
+                join_failures: shared.join_failures,
+                poisoned: shared.poisoned,
+                crashed_after_sent: self.crashed_after_sent,
+                stale_saved_keys,
+            },
         }
     }
+}
+
+/// The id the next node added to `net` gets (ids are handed out in order).
+fn next_id(net: &Network<SimNode>) -> Result<NodeId, ScenarioError> {
+    NodeId::from_index(net.id_count()).ok_or(ScenarioError::Sim(SimError::TooManyNodes))
+}
+
+/// The GCKS endpoint as node `id`, storing to `storage` and reporting to `shared`.
+fn gcks_node(
+    endpoint: SimGcks,
+    storage: &SharedStorage<MemGcksStorage>,
+    shared: &Rc<RefCell<Shared>>,
+    id: NodeId,
+) -> EndpointNode<SimGcks> {
+    let events = Rc::clone(shared);
+    let on_event = Box::new(move |now: Instant, event: GcksEvent<u64>| {
+        let mut shared = events.borrow_mut();
+        match event {
+            GcksEvent::JoinAnswered { result, .. } => match result {
+                Ok(bundle) => shared.bundles.push(bundle),
+                Err(_) => shared.join_failures += 1,
+            },
+            // A message queued again after a restart keeps its first queueing time.
+            GcksEvent::Queued { seq } => {
+                shared.queued_at.entry(seq).or_insert(now);
+            }
+            GcksEvent::Sent { seq } => {
+                shared.sent.insert(seq);
+            }
+            GcksEvent::Poisoned { .. } => shared.poisoned = true,
+            _ => {}
+        }
+    });
+    EndpointNode::new(
+        endpoint,
+        Box::new(storage.clone()),
+        PortMap::on(Port::Serve),
+        on_event,
+        fetch_hook(shared, id),
+    )
+}
+
+/// Records node `id`'s fetches for the scenario to answer.
+fn fetch_hook(shared: &Rc<RefCell<Shared>>, id: NodeId) -> Box<dyn FnMut(Instant, FetchRequest)> {
+    let shared = Rc::clone(shared);
+    Box::new(move |now, request| shared.borrow_mut().fetches.push((id, now, request)))
+}
+
+/// Records a member's key updates (time to key) and out-of-sync reports.
+fn member_event_hook(
+    shared: &Rc<RefCell<Shared>>,
+    initial_index: Option<usize>,
+) -> Box<dyn FnMut(Instant, ReceiverEvent)> {
+    let shared = Rc::clone(shared);
+    Box::new(move |now, event| {
+        let mut shared = shared.borrow_mut();
+        match event {
+            ReceiverEvent::GroupKeyUpdated { seq, .. } => {
+                if let Some(queued) = shared.queued_at.get(&seq) {
+                    let us = now.saturating_duration_since(*queued).as_micros();
+                    let us = u64::try_from(us).unwrap_or(u64::MAX);
+                    shared.time_to_key_us.push(us);
+                }
+            }
+            ReceiverEvent::OutOfSync { from_seq } => {
+                shared.out_of_sync.push((initial_index, from_seq));
+            }
+            _ => {}
+        }
+    })
 }
 
 /// The simulated multicast group relay `index` sends into (the GCKS's is 0).
@@ -1080,24 +1352,39 @@ fn relay_group(index: usize) -> u32 {
     u32::try_from(index + 1).unwrap_or(u32::MAX)
 }
 
+/// The address endpoints know simulated multicast group `group` by.
+fn group_addr(group: u32) -> SocketAddr {
+    let [_, a, b, c] = group.to_be_bytes();
+    SocketAddr::from(([239, a, b, c], super::NODE_PORT))
+}
+
+/// Applies `f` to each pair of fields of two [`SenderCounters`].
+fn zip_sender_counters(total: &mut SenderCounters, c: &SenderCounters, f: fn(u64, u64) -> u64) {
+    total.manifests_sent = f(total.manifests_sent, c.manifests_sent);
+    total.source_symbols_sent = f(total.source_symbols_sent, c.source_symbols_sent);
+    total.proactive_symbols_sent = f(total.proactive_symbols_sent, c.proactive_symbols_sent);
+    total.repair_symbols_sent = f(total.repair_symbols_sent, c.repair_symbols_sent);
+    total.heartbeats_sent = f(total.heartbeats_sent, c.heartbeats_sent);
+    total.advertisements_sent = f(total.advertisements_sent, c.advertisements_sent);
+    total.bytes_sent = f(total.bytes_sent, c.bytes_sent);
+    total.source_bytes_sent = f(total.source_bytes_sent, c.source_bytes_sent);
+    total.nacks_received = f(total.nacks_received, c.nacks_received);
+    total.probe_replies_received = f(total.probe_replies_received, c.probe_replies_received);
+    total.replayed_feedback = f(total.replayed_feedback, c.replayed_feedback);
+    total.stale_feedback = f(total.stale_feedback, c.stale_feedback);
+    total.repair_orders = f(total.repair_orders, c.repair_orders);
+    total.rejected = f(total.rejected, c.rejected);
+    total.ignored = f(total.ignored, c.ignored);
+    total.buffer_too_small = f(total.buffer_too_small, c.buffer_too_small);
+    total.fec_errors = f(total.fec_errors, c.fec_errors);
+}
+
 fn add_sender_counters(total: &mut SenderCounters, c: &SenderCounters) {
-    total.manifests_sent += c.manifests_sent;
-    total.source_symbols_sent += c.source_symbols_sent;
-    total.proactive_symbols_sent += c.proactive_symbols_sent;
-    total.repair_symbols_sent += c.repair_symbols_sent;
-    total.heartbeats_sent += c.heartbeats_sent;
-    total.advertisements_sent += c.advertisements_sent;
-    total.bytes_sent += c.bytes_sent;
-    total.source_bytes_sent += c.source_bytes_sent;
-    total.nacks_received += c.nacks_received;
-    total.probe_replies_received += c.probe_replies_received;
-    total.replayed_feedback += c.replayed_feedback;
-    total.stale_feedback += c.stale_feedback;
-    total.repair_orders += c.repair_orders;
-    total.rejected += c.rejected;
-    total.ignored += c.ignored;
-    total.buffer_too_small += c.buffer_too_small;
-    total.fec_errors += c.fec_errors;
+    zip_sender_counters(total, c, u64::saturating_add);
+}
+
+fn sub_sender_counters(total: &mut SenderCounters, c: &SenderCounters) {
+    zip_sender_counters(total, c, u64::saturating_sub);
 }
 
 fn add_counters(total: &mut ReceiverCounters, c: &ReceiverCounters) {
@@ -1121,4 +1408,28 @@ fn add_counters(total: &mut ReceiverCounters, c: &ReceiverCounters) {
     total.silences += c.silences;
     total.bad_chunks += c.bad_chunks;
     total.buffer_too_small += c.buffer_too_small;
+}
+
+fn add_resync_counters(total: &mut ResyncCounters, c: &ResyncCounters) {
+    total.resyncs_started += c.resyncs_started;
+    total.resyncs_failed += c.resyncs_failed;
+    total.state_checks_started += c.state_checks_started;
+    total.state_checks_failed += c.state_checks_failed;
+    total.requests_coalesced += c.requests_coalesced;
+    total.fetches += c.fetches;
+    total.fetch_failures += c.fetch_failures;
+    total.items_applied += c.items_applied;
+    total.items_rejected += c.items_rejected;
+}
+
+fn add_node_counters(total: &mut EndpointNodeCounters, c: &EndpointNodeCounters) {
+    total.jobs += c.jobs;
+    total.stores_applied += c.stores_applied;
+    total.stores_failed += c.stores_failed;
+    total.fetches += c.fetches;
+    total.fetches_cancelled += c.fetches_cancelled;
+    total.items_delivered += c.items_delivered;
+    total.hostile_items += c.hostile_items;
+    total.hostile_items_applied += c.hostile_items_applied;
+    total.fetches_failed += c.fetches_failed;
 }
