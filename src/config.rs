@@ -435,19 +435,224 @@ fn file_key(field: &'static str) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use rekeycast_proto::endpoint::resync_policy::ResyncConfig;
+    use rekeycast_proto::endpoint::{ResyncEndpoint, ResyncProtocol};
+
     use super::*;
+    use crate::relay::RelayConfig;
+    use crate::session::ReceiverConfig;
+    use crate::{GcksConfig, MemberConfig, RelayEngineConfig};
+
+    fn json<T: Serialize>(value: &T) -> String {
+        serde_json::to_string(value).unwrap()
+    }
+
+    /// Serializes, reads back and serializes again: the same text.
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned>(value: &T) -> T {
+        let text = json(value);
+        let again: T = serde_json::from_str(&text).unwrap();
+        assert_eq!(json(&again), text);
+        again
+    }
+
+    /// The error of reading `text` as a `T` names the unknown key `key`.
+    fn refuses<T: serde::de::DeserializeOwned>(text: &str, key: &str) {
+        let Err(error) = serde_json::from_str::<T>(text) else {
+            panic!("{text} was accepted");
+        };
+        assert!(error.to_string().contains(&format!("`{key}`")), "{error}");
+    }
 
     #[test]
     fn paths_name_nested_fields_by_their_file_keys() {
         let mut sender = crate::session::SenderConfig::default();
-        sender.heartbeat_min = std::time::Duration::ZERO;
+        sender.heartbeat_min = Duration::ZERO;
         let error = check_sender("sender", &sender).unwrap_err();
         assert_eq!(error.field, "sender.heartbeat_min_ms");
         assert_eq!(error.to_string(), "sender.heartbeat_min_ms: must not be 0");
         let mut sender = crate::session::SenderConfig::default();
-        sender.grtt.initial = std::time::Duration::ZERO;
+        sender.grtt.initial = Duration::ZERO;
         let error = check_sender("sender", &sender).unwrap_err();
         assert_eq!(error.field, "sender.grtt.initial_ms");
         assert_eq!(error.within("gcks").field, "gcks.sender.grtt.initial_ms");
+    }
+
+    #[test]
+    fn the_engine_configurations_round_trip_and_empty_tables_are_the_defaults() {
+        let mut gcks = GcksConfig::default();
+        gcks.resync_tcp = Some("127.0.0.1:7402".parse().unwrap());
+        gcks.resync_limits.max_connections = 9;
+        gcks.state_dir = Some("/var/lib/gcks".into());
+        gcks.multicast.interface = Interface::V4(Ipv4Addr::LOCALHOST);
+        let again = round_trip(&gcks);
+        assert_eq!(again.resync_limits.max_connections, 9);
+        assert_eq!(again.multicast, gcks.multicast);
+        assert_eq!(json(&serde_json::from_str::<GcksConfig>("{}").unwrap()), json(&GcksConfig::default()));
+
+        let mut member = MemberConfig::default();
+        member.group_id = Some(4);
+        member.bind = "127.0.0.9:0".parse().unwrap();
+        member.resync_endpoints = vec![crate::io::resync_client::Endpoint::Tcp(
+            "127.0.0.1:7402".parse().unwrap(),
+        )];
+        let again = round_trip(&member);
+        assert_eq!(again.bind, member.bind);
+        assert_eq!(again.resync_endpoints, member.resync_endpoints);
+        assert_eq!(json(&serde_json::from_str::<MemberConfig>("{}").unwrap()), json(&MemberConfig::default()));
+
+        let mut relay = RelayEngineConfig::default();
+        relay.resync.relays = vec!["tcp://198.18.0.2:7412".parse().unwrap()];
+        relay.resync.gcks = vec!["http://198.18.0.1:7403".parse().unwrap()];
+        relay.session.downstream_group_size = Some(12);
+        let again = round_trip(&relay);
+        assert_eq!(again.resync, relay.resync);
+        assert_eq!(again.session, relay.session);
+        assert_eq!(json(&serde_json::from_str::<RelayEngineConfig>("{}").unwrap()), json(&RelayEngineConfig::default()));
+
+        let receiver = ReceiverConfig::new("127.0.0.1:7401".parse().unwrap());
+        assert_eq!(round_trip(&receiver), ReceiverConfig { ..receiver.clone() });
+        assert_eq!(serde_json::from_str::<ReceiverConfig>("{}").unwrap(), ReceiverConfig::default());
+        let session = RelayConfig::new("127.0.0.1:7401".parse().unwrap());
+        assert_eq!(round_trip(&session), session);
+        assert_eq!(round_trip(&ResyncConfig::default()), ResyncConfig::default());
+    }
+
+    #[test]
+    fn durations_are_milliseconds_and_endpoints_text() {
+        let gcks: GcksConfig =
+            serde_json::from_str(r#"{"batch_interval_ms": 250, "admission_delay_ms": 7}"#).unwrap();
+        assert_eq!(gcks.batch_interval, Duration::from_millis(250));
+        assert_eq!(gcks.admission_delay, Duration::from_millis(7));
+        let receiver: ReceiverConfig =
+            serde_json::from_str(r#"{"silence_timeout_ms": 900, "scheduler": {"max_rounds": 2}}"#)
+                .unwrap();
+        assert_eq!(receiver.silence_timeout, Duration::from_millis(900));
+        assert_eq!(receiver.scheduler.max_rounds, 2);
+        let resync: ResyncConfig =
+            serde_json::from_str(r#"{"relays": ["tcp://10.0.0.2:1"], "gcks": ["http://[::1]:80/"]}"#)
+                .unwrap();
+        assert_eq!(
+            resync.relays,
+            vec![ResyncEndpoint { protocol: ResyncProtocol::Tcp, addr: "10.0.0.2:1".parse().unwrap() }]
+        );
+        assert_eq!(resync.gcks[0].addr, "[::1]:80".parse().unwrap());
+        assert_eq!(resync.gcks[0].to_string(), "http://[::1]:80");
+        for bad in ["udp://10.0.0.1:1", "tcp://host:1", "tcp://10.0.0.1:0", "10.0.0.1:1"] {
+            assert!(bad.parse::<ResyncEndpoint>().is_err(), "{bad}");
+        }
+        let multicast: MulticastConfig =
+            serde_json::from_str(r#"{"group": "239.1.1.1:7400", "interface": "3"}"#).unwrap();
+        assert_eq!(multicast.interface, Interface::V6(3));
+        assert_eq!(multicast.ttl, crate::io::socket::DEFAULT_TTL);
+        assert!(multicast.use_gso && multicast.reuse_port);
+        // A multicast table must name its group.
+        assert!(serde_json::from_str::<MulticastConfig>(r#"{"ttl": 2}"#).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_every_level() {
+        refuses::<GcksConfig>(r#"{"max_batchh": 1}"#, "max_batchh");
+        refuses::<GcksConfig>(r#"{"resync_limits": {"max_conections": 1}}"#, "max_conections");
+        refuses::<GcksConfig>(r#"{"message": {"spi": 3}}"#, "spi");
+        refuses::<GcksConfig>(r#"{"feedback_limit": {"rate": 3}}"#, "rate");
+        refuses::<GcksConfig>(r#"{"multicast": {"group": "239.1.1.1:1", "tll": 3}}"#, "tll");
+        refuses::<MemberConfig>(r#"{"receiver": {"feedback": "127.0.0.1:1"}}"#, "feedback");
+        refuses::<MemberConfig>(r#"{"receiver": {"limits": {}}}"#, "limits");
+        refuses::<RelayEngineConfig>(r#"{"resync": {"gks": []}}"#, "gks");
+        refuses::<RelayEngineConfig>(r#"{"session": {"upstream": {"x": 1}}}"#, "x");
+        refuses::<RelayConfig>(r#"{"cut_thru": true}"#, "cut_thru");
+        refuses::<ResyncConfig>(r#"{"fetch_timeout": 1}"#, "fetch_timeout");
+    }
+
+    /// The field `validate` names for the configuration `text` (JSON) of a `T`.
+    fn rule<T: serde::de::DeserializeOwned>(
+        text: &str,
+        validate: impl Fn(&T) -> Result<(), InvalidConfig>,
+    ) -> String {
+        let config: T = serde_json::from_str(text).unwrap();
+        validate(&config).unwrap_err().field
+    }
+
+    #[test]
+    fn each_gcks_rule_is_named() {
+        GcksConfig::default().validate().unwrap();
+        let check = |text: &str| rule::<GcksConfig>(text, GcksConfig::validate);
+        for (text, field) in [
+            (r#"{"multicast": {"group": "10.0.0.1:7400"}}"#, "multicast.group"),
+            (r#"{"multicast": {"group": "239.1.1.1:0"}}"#, "multicast.group"),
+            (r#"{"multicast": {"group": "[ff15::1]:7400", "interface": "127.0.0.1"}}"#, "multicast.interface"),
+            (r#"{"multicast": {"group": "239.1.1.1:7400", "ttl": 256}}"#, "multicast.ttl"),
+            (r#"{"bind": "[::1]:0"}"#, "bind"),
+            (r#"{"sender": {"send_rate": 0.0}}"#, "sender.send_rate"),
+            (r#"{"sender": {"aggregator": {"repair_rate": -1.0}}}"#, "sender.aggregator.repair_rate"),
+            (r#"{"message": {"symbol_size": 0}}"#, "message.symbol_size"),
+            (r#"{"message": {"symbol_size": 1430}}"#, "message.symbol_size"),
+            (r#"{"message": {"max_block_symbols": 0}}"#, "message.max_block_symbols"),
+            (r#"{"batch_interval_ms": 0}"#, "batch_interval_ms"),
+            (r#"{"max_batch": 0}"#, "max_batch"),
+            (r#"{"data_sa_lifetime_secs": 0}"#, "data_sa_lifetime_secs"),
+            (r#"{"state_dir": ""}"#, "state_dir"),
+            (r#"{"resync_tcp": "127.0.0.1:9", "resync_http": "127.0.0.1:9"}"#, "resync_http"),
+            (r#"{"resync_limits": {"max_connections_per_source": 0}}"#, "resync_limits.max_connections_per_source"),
+            (r#"{"resync_limits": {"header_timeout_ms": 0}}"#, "resync_limits.header_timeout_ms"),
+            (r#"{"feedback_limit": {"burst": 0}}"#, "feedback_limit.burst"),
+        ] {
+            assert_eq!(check(text), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn each_member_rule_is_named() {
+        let feedback = r#""receiver": {"feedback_addr": "127.0.0.1:7401""#;
+        let check = |text: &str| rule::<MemberConfig>(text, MemberConfig::validate);
+        assert_eq!(check("{}"), "receiver.feedback_addr");
+        let ok: MemberConfig = serde_json::from_str(&format!("{{{feedback}}}}}")).unwrap();
+        ok.validate().unwrap();
+        for (text, field) in [
+            (r#"{"receiver": {"feedback_addr": "127.0.0.1:0"}}"#.to_string(), "receiver.feedback_addr"),
+            (r#"{"receiver": {"feedback_addr": "239.1.1.1:1"}}"#.to_string(), "receiver.feedback_addr"),
+            (format!("{{{feedback}, \"decode_failure_limit\": 0}}}}"), "receiver.decode_failure_limit"),
+            (format!("{{{feedback}, \"scheduler\": {{\"max_rounds\": 0}}}}}}"), "receiver.scheduler.max_rounds"),
+            (format!("{{{feedback}}}, \"bind\": \"[::]:0\"}}"), "bind"),
+            (format!("{{{feedback}}}, \"resync_timeout_ms\": 0}}"), "resync_timeout_ms"),
+            (format!("{{{feedback}}}, \"resync_capacity\": 0.0}}"), "resync_capacity"),
+            (format!("{{{feedback}}}, \"resync_attempts\": 0}}"), "resync_attempts"),
+            (format!("{{{feedback}}}, \"state_file\": \"\"}}"), "state_file"),
+            (format!("{{{feedback}}}, \"event_capacity\": 0}}"), "event_capacity"),
+            (format!("{{{feedback}}}, \"multicast\": {{\"group\": \"10.1.1.1:1\"}}}}"), "multicast.group"),
+        ] {
+            assert_eq!(check(&text), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn each_relay_rule_is_named() {
+        let upstream = r#""session": {"upstream": {"feedback_addr": "127.0.0.1:7401"}"#;
+        let check = |text: &str| rule::<RelayEngineConfig>(text, RelayEngineConfig::validate);
+        assert_eq!(check("{}"), "session.upstream.feedback_addr");
+        let ok: RelayEngineConfig = serde_json::from_str(&format!("{{{upstream}}}}}")).unwrap();
+        ok.validate().unwrap();
+        for (text, field) in [
+            (format!("{{{upstream}, \"downstream_group_size\": 0}}}}"), "session.downstream_group_size"),
+            (format!("{{{upstream}, \"downstream\": {{\"history\": 0}}}}}}"), "session.downstream.history"),
+            (format!("{{{upstream}, \"downstream\": {{\"grtt\": {{\"probe_interval_ms\": 0}}}}}}}}"), "session.downstream.grtt.probe_interval_ms"),
+            (format!("{{{upstream}}}, \"downstream\": {{\"group\": \"239.255.77.1:7400\"}}}}"), "downstream.group"),
+            (format!("{{{upstream}}}, \"upstream\": {{\"group\": \"10.0.0.1:1\"}}}}"), "upstream.group"),
+            (format!("{{{upstream}}}, \"upstream_bind\": \"[::]:0\"}}"), "upstream_bind"),
+            (format!("{{{upstream}}}, \"downstream_bind\": \"[::]:0\"}}"), "downstream_bind"),
+            (format!("{{{upstream}}}, \"resync\": {{\"rounds\": 0}}}}"), "resync.rounds"),
+            (format!("{{{upstream}}}, \"resync\": {{\"capacity\": -1.0}}}}"), "resync.capacity"),
+            (format!("{{{upstream}}}, \"resync\": {{\"backoff_initial_ms\": 20000}}}}"), "resync.backoff_initial_ms"),
+            (format!("{{{upstream}}}, \"resync_limits\": {{\"max_output_bytes\": 1}}}}"), "resync_limits.max_output_bytes"),
+            (format!("{{{upstream}}}, \"feedback_limit\": {{\"datagrams_per_second\": 0.0}}}}"), "feedback_limit.datagrams_per_second"),
+            (format!("{{{upstream}}}, \"state_dir\": \"\"}}"), "state_dir"),
+            (format!("{{{upstream}}}, \"event_capacity\": 0}}"), "event_capacity"),
+        ] {
+            assert_eq!(check(&text), field, "{text}");
+        }
     }
 }
