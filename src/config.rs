@@ -124,7 +124,10 @@ pub(crate) fn check_receiver(
 
 /// Checks multicast socket settings at `prefix`: a multicast group with a port, an interface
 /// and a source of the group's address family, a TTL of at most 255.
-pub(crate) fn check_multicast(prefix: &str, multicast: &MulticastConfig) -> Result<(), InvalidConfig> {
+pub(crate) fn check_multicast(
+    prefix: &str,
+    multicast: &MulticastConfig,
+) -> Result<(), InvalidConfig> {
     let group = multicast.group;
     if !group.ip().is_multicast() {
         return Err(InvalidConfig::new(
@@ -133,7 +136,10 @@ pub(crate) fn check_multicast(prefix: &str, multicast: &MulticastConfig) -> Resu
         ));
     }
     if group.port() == 0 {
-        return Err(InvalidConfig::new(join(prefix, "group"), "the port must not be 0"));
+        return Err(InvalidConfig::new(
+            join(prefix, "group"),
+            "the port must not be 0",
+        ));
     }
     let family_ok = match multicast.interface {
         Interface::V4(_) => group.is_ipv4(),
@@ -147,14 +153,20 @@ pub(crate) fn check_multicast(prefix: &str, multicast: &MulticastConfig) -> Resu
              interface index for an IPv6 group)",
         ));
     }
-    if multicast.source.is_some_and(|source| source.is_ipv4() != group.is_ipv4()) {
+    if multicast
+        .source
+        .is_some_and(|source| source.is_ipv4() != group.is_ipv4())
+    {
         return Err(InvalidConfig::new(
             join(prefix, "source"),
             "must be of the group's address family",
         ));
     }
     if multicast.ttl > 255 {
-        return Err(InvalidConfig::new(join(prefix, "ttl"), "must be at most 255"));
+        return Err(InvalidConfig::new(
+            join(prefix, "ttl"),
+            "must be at most 255",
+        ));
     }
     Ok(())
 }
@@ -206,7 +218,10 @@ pub(crate) fn check_feedback_limit(
         ));
     }
     if limit.burst == 0 {
-        return Err(InvalidConfig::new(join(prefix, "burst"), "must be at least 1"));
+        return Err(InvalidConfig::new(
+            join(prefix, "burst"),
+            "must be at least 1",
+        ));
     }
     Ok(())
 }
@@ -469,8 +484,10 @@ mod tests {
 
     #[test]
     fn paths_name_nested_fields_by_their_file_keys() {
-        let mut sender = crate::session::SenderConfig::default();
-        sender.heartbeat_min = Duration::ZERO;
+        let sender = crate::session::SenderConfig {
+            heartbeat_min: Duration::ZERO,
+            ..crate::session::SenderConfig::default()
+        };
         let error = check_sender("sender", &sender).unwrap_err();
         assert_eq!(error.field, "sender.heartbeat_min_ms");
         assert_eq!(error.to_string(), "sender.heartbeat_min_ms: must not be 0");
@@ -483,26 +500,36 @@ mod tests {
 
     #[test]
     fn the_engine_configurations_round_trip_and_empty_tables_are_the_defaults() {
-        let mut gcks = GcksConfig::default();
-        gcks.resync_tcp = Some("127.0.0.1:7402".parse().unwrap());
+        let mut gcks = GcksConfig {
+            resync_tcp: Some("127.0.0.1:7402".parse().unwrap()),
+            ..GcksConfig::default()
+        };
         gcks.resync_limits.max_connections = 9;
         gcks.state_dir = Some("/var/lib/gcks".into());
         gcks.multicast.interface = Interface::V4(Ipv4Addr::LOCALHOST);
         let again = round_trip(&gcks);
         assert_eq!(again.resync_limits.max_connections, 9);
         assert_eq!(again.multicast, gcks.multicast);
-        assert_eq!(json(&serde_json::from_str::<GcksConfig>("{}").unwrap()), json(&GcksConfig::default()));
+        assert_eq!(
+            json(&serde_json::from_str::<GcksConfig>("{}").unwrap()),
+            json(&GcksConfig::default())
+        );
 
-        let mut member = MemberConfig::default();
-        member.group_id = Some(4);
-        member.bind = "127.0.0.9:0".parse().unwrap();
-        member.resync_endpoints = vec![crate::io::resync_client::Endpoint::Tcp(
-            "127.0.0.1:7402".parse().unwrap(),
-        )];
+        let member = MemberConfig {
+            group_id: Some(4),
+            bind: "127.0.0.9:0".parse().unwrap(),
+            resync_endpoints: vec![crate::io::resync_client::Endpoint::Tcp(
+                "127.0.0.1:7402".parse().unwrap(),
+            )],
+            ..MemberConfig::default()
+        };
         let again = round_trip(&member);
         assert_eq!(again.bind, member.bind);
         assert_eq!(again.resync_endpoints, member.resync_endpoints);
-        assert_eq!(json(&serde_json::from_str::<MemberConfig>("{}").unwrap()), json(&MemberConfig::default()));
+        assert_eq!(
+            json(&serde_json::from_str::<MemberConfig>("{}").unwrap()),
+            json(&MemberConfig::default())
+        );
 
         let mut relay = RelayEngineConfig::default();
         relay.resync.relays = vec!["tcp://198.18.0.2:7412".parse().unwrap()];
@@ -511,14 +538,23 @@ mod tests {
         let again = round_trip(&relay);
         assert_eq!(again.resync, relay.resync);
         assert_eq!(again.session, relay.session);
-        assert_eq!(json(&serde_json::from_str::<RelayEngineConfig>("{}").unwrap()), json(&RelayEngineConfig::default()));
+        assert_eq!(
+            json(&serde_json::from_str::<RelayEngineConfig>("{}").unwrap()),
+            json(&RelayEngineConfig::default())
+        );
 
         let receiver = ReceiverConfig::new("127.0.0.1:7401".parse().unwrap());
         assert_eq!(round_trip(&receiver), ReceiverConfig { ..receiver.clone() });
-        assert_eq!(serde_json::from_str::<ReceiverConfig>("{}").unwrap(), ReceiverConfig::default());
+        assert_eq!(
+            serde_json::from_str::<ReceiverConfig>("{}").unwrap(),
+            ReceiverConfig::default()
+        );
         let session = RelayConfig::new("127.0.0.1:7401".parse().unwrap());
         assert_eq!(round_trip(&session), session);
-        assert_eq!(round_trip(&ResyncConfig::default()), ResyncConfig::default());
+        assert_eq!(
+            round_trip(&ResyncConfig::default()),
+            ResyncConfig::default()
+        );
     }
 
     #[test]
@@ -532,16 +568,25 @@ mod tests {
                 .unwrap();
         assert_eq!(receiver.silence_timeout, Duration::from_millis(900));
         assert_eq!(receiver.scheduler.max_rounds, 2);
-        let resync: ResyncConfig =
-            serde_json::from_str(r#"{"relays": ["tcp://10.0.0.2:1"], "gcks": ["http://[::1]:80/"]}"#)
-                .unwrap();
+        let resync: ResyncConfig = serde_json::from_str(
+            r#"{"relays": ["tcp://10.0.0.2:1"], "gcks": ["http://[::1]:80/"]}"#,
+        )
+        .unwrap();
         assert_eq!(
             resync.relays,
-            vec![ResyncEndpoint { protocol: ResyncProtocol::Tcp, addr: "10.0.0.2:1".parse().unwrap() }]
+            vec![ResyncEndpoint {
+                protocol: ResyncProtocol::Tcp,
+                addr: "10.0.0.2:1".parse().unwrap()
+            }]
         );
         assert_eq!(resync.gcks[0].addr, "[::1]:80".parse().unwrap());
         assert_eq!(resync.gcks[0].to_string(), "http://[::1]:80");
-        for bad in ["udp://10.0.0.1:1", "tcp://host:1", "tcp://10.0.0.1:0", "10.0.0.1:1"] {
+        for bad in [
+            "udp://10.0.0.1:1",
+            "tcp://host:1",
+            "tcp://10.0.0.1:0",
+            "10.0.0.1:1",
+        ] {
             assert!(bad.parse::<ResyncEndpoint>().is_err(), "{bad}");
         }
         let multicast: MulticastConfig =
@@ -556,10 +601,16 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_at_every_level() {
         refuses::<GcksConfig>(r#"{"max_batchh": 1}"#, "max_batchh");
-        refuses::<GcksConfig>(r#"{"resync_limits": {"max_conections": 1}}"#, "max_conections");
+        refuses::<GcksConfig>(
+            r#"{"resync_limits": {"max_conections": 1}}"#,
+            "max_conections",
+        );
         refuses::<GcksConfig>(r#"{"message": {"spi": 3}}"#, "spi");
         refuses::<GcksConfig>(r#"{"feedback_limit": {"rate": 3}}"#, "rate");
-        refuses::<GcksConfig>(r#"{"multicast": {"group": "239.1.1.1:1", "tll": 3}}"#, "tll");
+        refuses::<GcksConfig>(
+            r#"{"multicast": {"group": "239.1.1.1:1", "tll": 3}}"#,
+            "tll",
+        );
         refuses::<MemberConfig>(r#"{"receiver": {"feedback": "127.0.0.1:1"}}"#, "feedback");
         refuses::<MemberConfig>(r#"{"receiver": {"limits": {}}}"#, "limits");
         refuses::<RelayEngineConfig>(r#"{"resync": {"gks": []}}"#, "gks");
@@ -582,24 +633,57 @@ mod tests {
         GcksConfig::default().validate().unwrap();
         let check = |text: &str| rule::<GcksConfig>(text, GcksConfig::validate);
         for (text, field) in [
-            (r#"{"multicast": {"group": "10.0.0.1:7400"}}"#, "multicast.group"),
-            (r#"{"multicast": {"group": "239.1.1.1:0"}}"#, "multicast.group"),
-            (r#"{"multicast": {"group": "[ff15::1]:7400", "interface": "127.0.0.1"}}"#, "multicast.interface"),
-            (r#"{"multicast": {"group": "239.1.1.1:7400", "ttl": 256}}"#, "multicast.ttl"),
+            (
+                r#"{"multicast": {"group": "10.0.0.1:7400"}}"#,
+                "multicast.group",
+            ),
+            (
+                r#"{"multicast": {"group": "239.1.1.1:0"}}"#,
+                "multicast.group",
+            ),
+            (
+                r#"{"multicast": {"group": "[ff15::1]:7400", "interface": "127.0.0.1"}}"#,
+                "multicast.interface",
+            ),
+            (
+                r#"{"multicast": {"group": "239.1.1.1:7400", "ttl": 256}}"#,
+                "multicast.ttl",
+            ),
             (r#"{"bind": "[::1]:0"}"#, "bind"),
             (r#"{"sender": {"send_rate": 0.0}}"#, "sender.send_rate"),
-            (r#"{"sender": {"aggregator": {"repair_rate": -1.0}}}"#, "sender.aggregator.repair_rate"),
+            (
+                r#"{"sender": {"aggregator": {"repair_rate": -1.0}}}"#,
+                "sender.aggregator.repair_rate",
+            ),
             (r#"{"message": {"symbol_size": 0}}"#, "message.symbol_size"),
-            (r#"{"message": {"symbol_size": 1430}}"#, "message.symbol_size"),
-            (r#"{"message": {"max_block_symbols": 0}}"#, "message.max_block_symbols"),
+            (
+                r#"{"message": {"symbol_size": 1430}}"#,
+                "message.symbol_size",
+            ),
+            (
+                r#"{"message": {"max_block_symbols": 0}}"#,
+                "message.max_block_symbols",
+            ),
             (r#"{"batch_interval_ms": 0}"#, "batch_interval_ms"),
             (r#"{"max_batch": 0}"#, "max_batch"),
             (r#"{"data_sa_lifetime_secs": 0}"#, "data_sa_lifetime_secs"),
             (r#"{"state_dir": ""}"#, "state_dir"),
-            (r#"{"resync_tcp": "127.0.0.1:9", "resync_http": "127.0.0.1:9"}"#, "resync_http"),
-            (r#"{"resync_limits": {"max_connections_per_source": 0}}"#, "resync_limits.max_connections_per_source"),
-            (r#"{"resync_limits": {"header_timeout_ms": 0}}"#, "resync_limits.header_timeout_ms"),
-            (r#"{"feedback_limit": {"burst": 0}}"#, "feedback_limit.burst"),
+            (
+                r#"{"resync_tcp": "127.0.0.1:9", "resync_http": "127.0.0.1:9"}"#,
+                "resync_http",
+            ),
+            (
+                r#"{"resync_limits": {"max_connections_per_source": 0}}"#,
+                "resync_limits.max_connections_per_source",
+            ),
+            (
+                r#"{"resync_limits": {"header_timeout_ms": 0}}"#,
+                "resync_limits.header_timeout_ms",
+            ),
+            (
+                r#"{"feedback_limit": {"burst": 0}}"#,
+                "feedback_limit.burst",
+            ),
         ] {
             assert_eq!(check(text), field, "{text}");
         }
@@ -613,17 +697,47 @@ mod tests {
         let ok: MemberConfig = serde_json::from_str(&format!("{{{feedback}}}}}")).unwrap();
         ok.validate().unwrap();
         for (text, field) in [
-            (r#"{"receiver": {"feedback_addr": "127.0.0.1:0"}}"#.to_string(), "receiver.feedback_addr"),
-            (r#"{"receiver": {"feedback_addr": "239.1.1.1:1"}}"#.to_string(), "receiver.feedback_addr"),
-            (format!("{{{feedback}, \"decode_failure_limit\": 0}}}}"), "receiver.decode_failure_limit"),
-            (format!("{{{feedback}, \"scheduler\": {{\"max_rounds\": 0}}}}}}"), "receiver.scheduler.max_rounds"),
+            (
+                r#"{"receiver": {"feedback_addr": "127.0.0.1:0"}}"#.to_string(),
+                "receiver.feedback_addr",
+            ),
+            (
+                r#"{"receiver": {"feedback_addr": "239.1.1.1:1"}}"#.to_string(),
+                "receiver.feedback_addr",
+            ),
+            (
+                format!("{{{feedback}, \"decode_failure_limit\": 0}}}}"),
+                "receiver.decode_failure_limit",
+            ),
+            (
+                format!("{{{feedback}, \"scheduler\": {{\"max_rounds\": 0}}}}}}"),
+                "receiver.scheduler.max_rounds",
+            ),
             (format!("{{{feedback}}}, \"bind\": \"[::]:0\"}}"), "bind"),
-            (format!("{{{feedback}}}, \"resync_timeout_ms\": 0}}"), "resync_timeout_ms"),
-            (format!("{{{feedback}}}, \"resync_capacity\": 0.0}}"), "resync_capacity"),
-            (format!("{{{feedback}}}, \"resync_attempts\": 0}}"), "resync_attempts"),
-            (format!("{{{feedback}}}, \"state_file\": \"\"}}"), "state_file"),
-            (format!("{{{feedback}}}, \"event_capacity\": 0}}"), "event_capacity"),
-            (format!("{{{feedback}}}, \"multicast\": {{\"group\": \"10.1.1.1:1\"}}}}"), "multicast.group"),
+            (
+                format!("{{{feedback}}}, \"resync_timeout_ms\": 0}}"),
+                "resync_timeout_ms",
+            ),
+            (
+                format!("{{{feedback}}}, \"resync_capacity\": 0.0}}"),
+                "resync_capacity",
+            ),
+            (
+                format!("{{{feedback}}}, \"resync_attempts\": 0}}"),
+                "resync_attempts",
+            ),
+            (
+                format!("{{{feedback}}}, \"state_file\": \"\"}}"),
+                "state_file",
+            ),
+            (
+                format!("{{{feedback}}}, \"event_capacity\": 0}}"),
+                "event_capacity",
+            ),
+            (
+                format!("{{{feedback}}}, \"multicast\": {{\"group\": \"10.1.1.1:1\"}}}}"),
+                "multicast.group",
+            ),
         ] {
             assert_eq!(check(&text), field, "{text}");
         }
@@ -637,20 +751,64 @@ mod tests {
         let ok: RelayEngineConfig = serde_json::from_str(&format!("{{{upstream}}}}}")).unwrap();
         ok.validate().unwrap();
         for (text, field) in [
-            (format!("{{{upstream}, \"downstream_group_size\": 0}}}}"), "session.downstream_group_size"),
-            (format!("{{{upstream}, \"downstream\": {{\"history\": 0}}}}}}"), "session.downstream.history"),
-            (format!("{{{upstream}, \"downstream\": {{\"grtt\": {{\"probe_interval_ms\": 0}}}}}}}}"), "session.downstream.grtt.probe_interval_ms"),
-            (format!("{{{upstream}}}, \"downstream\": {{\"group\": \"239.255.77.1:7400\"}}}}"), "downstream.group"),
-            (format!("{{{upstream}}}, \"upstream\": {{\"group\": \"10.0.0.1:1\"}}}}"), "upstream.group"),
-            (format!("{{{upstream}}}, \"upstream_bind\": \"[::]:0\"}}"), "upstream_bind"),
-            (format!("{{{upstream}}}, \"downstream_bind\": \"[::]:0\"}}"), "downstream_bind"),
-            (format!("{{{upstream}}}, \"resync\": {{\"rounds\": 0}}}}"), "resync.rounds"),
-            (format!("{{{upstream}}}, \"resync\": {{\"capacity\": -1.0}}}}"), "resync.capacity"),
-            (format!("{{{upstream}}}, \"resync\": {{\"backoff_initial_ms\": 20000}}}}"), "resync.backoff_initial_ms"),
-            (format!("{{{upstream}}}, \"resync_limits\": {{\"max_output_bytes\": 1}}}}"), "resync_limits.max_output_bytes"),
-            (format!("{{{upstream}}}, \"feedback_limit\": {{\"datagrams_per_second\": 0.0}}}}"), "feedback_limit.datagrams_per_second"),
-            (format!("{{{upstream}}}, \"state_dir\": \"\"}}"), "state_dir"),
-            (format!("{{{upstream}}}, \"event_capacity\": 0}}"), "event_capacity"),
+            (
+                format!("{{{upstream}, \"downstream_group_size\": 0}}}}"),
+                "session.downstream_group_size",
+            ),
+            (
+                format!("{{{upstream}, \"downstream\": {{\"history\": 0}}}}}}"),
+                "session.downstream.history",
+            ),
+            (
+                format!(
+                    "{{{upstream}, \"downstream\": {{\"grtt\": {{\"probe_interval_ms\": 0}}}}}}}}"
+                ),
+                "session.downstream.grtt.probe_interval_ms",
+            ),
+            (
+                format!("{{{upstream}}}, \"downstream\": {{\"group\": \"239.255.77.1:7400\"}}}}"),
+                "downstream.group",
+            ),
+            (
+                format!("{{{upstream}}}, \"upstream\": {{\"group\": \"10.0.0.1:1\"}}}}"),
+                "upstream.group",
+            ),
+            (
+                format!("{{{upstream}}}, \"upstream_bind\": \"[::]:0\"}}"),
+                "upstream_bind",
+            ),
+            (
+                format!("{{{upstream}}}, \"downstream_bind\": \"[::]:0\"}}"),
+                "downstream_bind",
+            ),
+            (
+                format!("{{{upstream}}}, \"resync\": {{\"rounds\": 0}}}}"),
+                "resync.rounds",
+            ),
+            (
+                format!("{{{upstream}}}, \"resync\": {{\"capacity\": -1.0}}}}"),
+                "resync.capacity",
+            ),
+            (
+                format!("{{{upstream}}}, \"resync\": {{\"backoff_initial_ms\": 20000}}}}"),
+                "resync.backoff_initial_ms",
+            ),
+            (
+                format!("{{{upstream}}}, \"resync_limits\": {{\"max_output_bytes\": 1}}}}"),
+                "resync_limits.max_output_bytes",
+            ),
+            (
+                format!("{{{upstream}}}, \"feedback_limit\": {{\"datagrams_per_second\": 0.0}}}}"),
+                "feedback_limit.datagrams_per_second",
+            ),
+            (
+                format!("{{{upstream}}}, \"state_dir\": \"\"}}"),
+                "state_dir",
+            ),
+            (
+                format!("{{{upstream}}}, \"event_capacity\": 0}}"),
+                "event_capacity",
+            ),
         ] {
             assert_eq!(check(&text), field, "{text}");
         }

@@ -21,13 +21,12 @@ pub use rekeycast_proto::endpoint::gcks::{
     BatchFailure, Change, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
 };
 
+use crate::config::{
+    check_bind, check_feedback_limit, check_listeners, check_multicast, check_sender, InvalidConfig,
+};
 pub use crate::engine::driver::FeedbackLimit;
 pub use crate::engine::gcks::{
     ChangeAnswer, ChangesTicket, Gcks, GcksBuilder, GcksError, GcksEvent,
-};
-use crate::config::{
-    check_bind, check_feedback_limit, check_listeners, check_multicast, check_sender,
-    InvalidConfig,
 };
 use crate::gsa::WrapAlgorithm;
 use crate::io::socket::MulticastConfig;
@@ -108,8 +107,10 @@ pub struct GcksConfig {
 
 /// The multicast group of [`GcksConfig::default`] (and of the configuration files' examples):
 /// an administratively scoped IPv4 group (RFC 2365).
-pub const DEFAULT_GROUP: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 1), 7400));
+pub const DEFAULT_GROUP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(239, 255, 77, 1),
+    7400,
+));
 
 /// The port [`GcksConfig::default`] takes NACKs and probe replies on: members' feedback
 /// address is the GCKS's host at this port.
@@ -189,7 +190,10 @@ impl GcksConfig {
         check_bind("bind", self.bind, self.multicast.group)?;
         check_sender("sender", &self.sender)?;
         if self.message.symbol_size == 0 {
-            return Err(InvalidConfig::new("message.symbol_size", "must be at least 1"));
+            return Err(InvalidConfig::new(
+                "message.symbol_size",
+                "must be at least 1",
+            ));
         }
         if usize::from(self.message.symbol_size) + SYMBOL_DATAGRAM_OVERHEAD
             > self.sender.datagram_size
@@ -222,7 +226,10 @@ impl GcksConfig {
             .as_ref()
             .is_some_and(|dir| dir.as_os_str().is_empty())
         {
-            return Err(InvalidConfig::new("state_dir", "must not be empty when set"));
+            return Err(InvalidConfig::new(
+                "state_dir",
+                "must not be empty when set",
+            ));
         }
         check_listeners(self.resync_tcp, self.resync_http, "resync_http")?;
         self.resync_limits

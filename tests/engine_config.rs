@@ -68,7 +68,10 @@ fn a_member_of_another_group_than_configured_is_refused() {
         "{error}"
     );
     let text = error.to_string();
-    assert!(text.contains("group_id 8") && text.contains("(7)"), "{text}");
+    assert!(
+        text.contains("group_id 8") && text.contains("(7)"),
+        "{text}"
+    );
     config.group_id = Some(7);
     let member = Member::start(&bundle, config).unwrap();
     member.shutdown().unwrap();

@@ -133,8 +133,10 @@ impl Default for LogSection {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        let mut gcks = GcksConfig::default();
-        gcks.state_dir = Some(PathBuf::from(DEFAULT_SERVER_STATE_DIR));
+        let gcks = GcksConfig {
+            state_dir: Some(PathBuf::from(DEFAULT_SERVER_STATE_DIR)),
+            ..GcksConfig::default()
+        };
         Self {
             admin_socket: PathBuf::from(DEFAULT_SERVER_STATE_DIR).join("admin.sock"),
             log: LogSection::default(),
@@ -155,8 +157,10 @@ impl Default for MemberConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        let mut relay = RelayEngineConfig::default();
-        relay.state_dir = Some(PathBuf::from(DEFAULT_RELAY_STATE_DIR));
+        let relay = RelayEngineConfig {
+            state_dir: Some(PathBuf::from(DEFAULT_RELAY_STATE_DIR)),
+            ..RelayEngineConfig::default()
+        };
         Self {
             bundle: PathBuf::from("relay.bundle"),
             log: LogSection::default(),
@@ -214,7 +218,9 @@ impl MemberConfig {
         if self.bundle.as_os_str().is_empty() {
             return Err(InvalidConfig::new("bundle", "must not be empty"));
         }
-        self.member.validate().map_err(|error| error.within("member"))
+        self.member
+            .validate()
+            .map_err(|error| error.within("member"))
     }
 
     /// The member engine's configuration: the `[member]` section, its NACK scheduler seeded
@@ -524,8 +530,7 @@ mod tests {
 
     #[test]
     fn syntax_error_keeps_line_and_column() {
-        let error =
-            ServerConfig::from_toml_str("[gcks]\ngroup_id = 1\nspi = = 3\n").unwrap_err();
+        let error = ServerConfig::from_toml_str("[gcks]\ngroup_id = 1\nspi = = 3\n").unwrap_err();
         let ConfigError::Syntax { line, column, .. } = &error else {
             panic!("expected a syntax error, got {error}");
         };
@@ -539,20 +544,30 @@ mod tests {
         for (text, key) in [
             ("[gcks]\nmax_batchh = 3\n", "max_batchh"),
             ("[gcks.sender]\nsend_rat = 5.0\n", "send_rat"),
-            ("[gcks.resync_limits]\nmax_conections = 3\n", "max_conections"),
-            ("[gcks.multicast]\ngroup = \"239.1.1.1:1\"\nttll = 3\n", "ttll"),
+            (
+                "[gcks.resync_limits]\nmax_conections = 3\n",
+                "max_conections",
+            ),
+            (
+                "[gcks.multicast]\ngroup = \"239.1.1.1:1\"\nttll = 3\n",
+                "ttll",
+            ),
             ("[group]\nmulticast = \"239.1.1.1:1\"\n", "group"),
             ("feedback_listen = \"0.0.0.0:7401\"\n", "feedback_listen"),
         ] {
             let error = ServerConfig::from_toml_str(text).unwrap_err();
-            assert!(matches!(error, ConfigError::Syntax { .. }), "{text}: {error}");
+            assert!(
+                matches!(error, ConfigError::Syntax { .. }),
+                "{text}: {error}"
+            );
             assert!(error.to_string().contains(&format!("`{key}`")), "{error}");
         }
         let error = MemberConfig::from_toml_str("bundel = \"b\"\n").unwrap_err();
         assert!(error.to_string().contains("`bundel`"), "{error}");
-        let error =
-            MemberConfig::from_toml_str(&format!("{MEMBER}[member.receiver.scheduler]\nrounds = 1\n"))
-                .unwrap_err();
+        let error = MemberConfig::from_toml_str(&format!(
+            "{MEMBER}[member.receiver.scheduler]\nrounds = 1\n"
+        ))
+        .unwrap_err();
         assert!(error.to_string().contains("`rounds`"), "{error}");
         let error = RelayConfig::from_toml_str("[relay.resync]\ngks = []\n").unwrap_err();
         assert!(error.to_string().contains("`gks`"), "{error}");
@@ -560,22 +575,21 @@ mod tests {
 
     #[test]
     fn wrong_types_and_bad_endpoints_are_syntax_errors() {
-        let error =
-            ServerConfig::from_toml_str("[gcks.sender]\n\nburst = \"lots\"\n").unwrap_err();
+        let error = ServerConfig::from_toml_str("[gcks.sender]\n\nburst = \"lots\"\n").unwrap_err();
         assert!(
             matches!(error, ConfigError::Syntax { line: Some(3), .. }),
             "{error}"
         );
-        let error = RelayConfig::from_toml_str("[relay.resync]\ngcks = [\"ftp://x:1\"]\n")
-            .unwrap_err();
+        let error =
+            RelayConfig::from_toml_str("[relay.resync]\ngcks = [\"ftp://x:1\"]\n").unwrap_err();
         assert!(error.to_string().contains("ftp://x:1"), "{error}");
-        let error =
-            MemberConfig::from_toml_str("[member]\nresync_endpoints = [\"udp://h:1\"]\n")
-                .unwrap_err();
+        let error = MemberConfig::from_toml_str("[member]\nresync_endpoints = [\"udp://h:1\"]\n")
+            .unwrap_err();
         assert!(error.to_string().contains("udp://h:1"), "{error}");
-        let error =
-            ServerConfig::from_toml_str("[gcks.multicast]\ngroup = \"239.1.1.1:1\"\ninterface = \"eth0\"\n")
-                .unwrap_err();
+        let error = ServerConfig::from_toml_str(
+            "[gcks.multicast]\ngroup = \"239.1.1.1:1\"\ninterface = \"eth0\"\n",
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("eth0"), "{error}");
     }
 
@@ -583,13 +597,22 @@ mod tests {
     fn each_library_rule_is_named_by_its_path() {
         for (text, field) in [
             ("[gcks.sender]\nsend_rate = -5.0\n", "gcks.sender.send_rate"),
-            ("[gcks.sender]\nheartbeat_min_ms = 0\n", "gcks.sender.heartbeat_min_ms"),
+            (
+                "[gcks.sender]\nheartbeat_min_ms = 0\n",
+                "gcks.sender.heartbeat_min_ms",
+            ),
             (
                 "[gcks.sender]\nhistory = 4\nrepair_window = 5\n",
                 "gcks.sender.repair_window",
             ),
-            ("[gcks.sender.grtt]\ninitial_ms = 0\n", "gcks.sender.grtt.initial_ms"),
-            ("[gcks.message]\nsymbol_size = 1500\n", "gcks.message.symbol_size"),
+            (
+                "[gcks.sender.grtt]\ninitial_ms = 0\n",
+                "gcks.sender.grtt.initial_ms",
+            ),
+            (
+                "[gcks.message]\nsymbol_size = 1500\n",
+                "gcks.message.symbol_size",
+            ),
             ("[gcks]\nbatch_interval_ms = 0\n", "gcks.batch_interval_ms"),
             ("[gcks]\nmax_batch = 0\n", "gcks.max_batch"),
             ("[gcks]\nstate_dir = \"\"\n", "gcks.state_dir"),
@@ -609,8 +632,14 @@ mod tests {
                 "[gcks.feedback_limit]\ndatagrams_per_second = 0.0\n",
                 "gcks.feedback_limit.datagrams_per_second",
             ),
-            ("[gcks.multicast]\ngroup = \"10.0.0.1:7400\"\n", "gcks.multicast.group"),
-            ("[gcks.multicast]\ngroup = \"239.1.1.1:7400\"\nttl = 256\n", "gcks.multicast.ttl"),
+            (
+                "[gcks.multicast]\ngroup = \"10.0.0.1:7400\"\n",
+                "gcks.multicast.group",
+            ),
+            (
+                "[gcks.multicast]\ngroup = \"239.1.1.1:7400\"\nttl = 256\n",
+                "gcks.multicast.ttl",
+            ),
             ("admin_socket = \"\"\n", "admin_socket"),
         ] {
             invalid(ServerConfig::from_toml_str(text), field);
@@ -618,7 +647,10 @@ mod tests {
         let long = format!("admin_socket = \"/run/{}/admin.sock\"\n", "x".repeat(120));
         invalid(ServerConfig::from_toml_str(&long), "admin_socket");
 
-        invalid(MemberConfig::from_toml_str(""), "member.receiver.feedback_addr");
+        invalid(
+            MemberConfig::from_toml_str(""),
+            "member.receiver.feedback_addr",
+        );
         for (text, field) in [
             (
                 "[member.receiver]\nfeedback_addr = \"239.1.1.1:7401\"\n",
@@ -649,7 +681,10 @@ mod tests {
             invalid(MemberConfig::from_toml_str(text), field);
         }
 
-        invalid(RelayConfig::from_toml_str(""), "relay.session.upstream.feedback_addr");
+        invalid(
+            RelayConfig::from_toml_str(""),
+            "relay.session.upstream.feedback_addr",
+        );
         for (text, field) in [
             (
                 "[relay.downstream]\ngroup = \"239.255.77.1:7400\"\n",
@@ -669,7 +704,10 @@ mod tests {
                 "relay.session.upstream.silence_timeout_ms",
             ),
             ("[relay.resync]\nrounds = 0\n", "relay.resync.rounds"),
-            ("[relay.resync]\nfetch_timeout_ms = 0\n", "relay.resync.fetch_timeout_ms"),
+            (
+                "[relay.resync]\nfetch_timeout_ms = 0\n",
+                "relay.resync.fetch_timeout_ms",
+            ),
             (
                 "[relay.resync_limits]\nmax_connections = 0\n",
                 "relay.resync_limits.max_connections",

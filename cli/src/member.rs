@@ -76,7 +76,10 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
     super::logging::init(&config.log.filter)?;
     let shutdown = ShutdownFlag::install()?;
     let mut engine_config = config.engine_config();
-    let state_file = args.state.clone().or_else(|| engine_config.state_file.clone());
+    let state_file = args
+        .state
+        .clone()
+        .or_else(|| engine_config.state_file.clone());
     if let Some(ms) = args.silence_timeout_ms {
         engine_config.receiver.silence_timeout = Duration::from_millis(ms);
     }

@@ -58,8 +58,8 @@ use super::driver::{
     ReceiveFilter, SenderPort, DEFAULT_EVENT_CAPACITY,
 };
 use crate::auth::datagram::DatagramCounters;
-use crate::config::{check_bind, check_multicast, check_receiver, InvalidConfig};
 use crate::auth::message::MessageCounters;
+use crate::config::{check_bind, check_multicast, check_receiver, InvalidConfig};
 use crate::io::resync_client::Endpoint;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::{MemberStateError, RegistrationBundle};
@@ -196,7 +196,10 @@ impl MemberConfig {
             .as_ref()
             .is_some_and(|path| path.as_os_str().is_empty())
         {
-            return Err(InvalidConfig::new("state_file", "must not be empty when set"));
+            return Err(InvalidConfig::new(
+                "state_file",
+                "must not be empty when set",
+            ));
         }
         if self.event_capacity == 0 {
             return Err(InvalidConfig::new("event_capacity", "must be at least 1"));

@@ -59,11 +59,11 @@ use super::driver::{
     LoopLag, ReceiveFilter, SenderPort, DEFAULT_EVENT_CAPACITY,
 };
 use crate::auth::datagram::DatagramCounters;
+use crate::auth::message::MessageCounters;
 use crate::config::{
     check_bind, check_feedback_limit, check_listeners, check_multicast, check_receiver,
     check_sender, InvalidConfig,
 };
-use crate::auth::message::MessageCounters;
 use crate::io::resync_server::EndpointCounters;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::RegistrationBundle;
@@ -188,7 +188,11 @@ impl RelayEngineConfig {
             ));
         }
         check_bind("upstream_bind", self.upstream_bind, self.upstream.group)?;
-        check_bind("downstream_bind", self.downstream_bind, self.downstream.group)?;
+        check_bind(
+            "downstream_bind",
+            self.downstream_bind,
+            self.downstream.group,
+        )?;
         check_receiver("session.upstream", &self.session.upstream)?;
         check_sender("session.downstream", &self.session.downstream)?;
         if self.session.downstream_group_size == Some(0) {
@@ -210,7 +214,10 @@ impl RelayEngineConfig {
             .as_ref()
             .is_some_and(|dir| dir.as_os_str().is_empty())
         {
-            return Err(InvalidConfig::new("state_dir", "must not be empty when set"));
+            return Err(InvalidConfig::new(
+                "state_dir",
+                "must not be empty when set",
+            ));
         }
         if self.event_capacity == 0 {
             return Err(InvalidConfig::new("event_capacity", "must be at least 1"));
@@ -250,8 +257,10 @@ impl RelayEngineConfig {
 
 /// The downstream group of [`RelayEngineConfig::default`]: an administratively scoped IPv4
 /// group (RFC 2365) beside [`crate::gcks::DEFAULT_GROUP`].
-pub const DEFAULT_DOWNSTREAM_GROUP: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(Ipv4Addr::new(239, 255, 78, 1), 7400));
+pub const DEFAULT_DOWNSTREAM_GROUP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(239, 255, 78, 1),
+    7400,
+));
 
 /// The port [`RelayEngineConfig::default`] takes its members' feedback on.
 pub const DEFAULT_DOWNSTREAM_FEEDBACK_PORT: u16 = 7411;

@@ -174,11 +174,17 @@ pub struct ResyncConfig {
     pub max_spread: Duration,
     /// The shortest spacing between two state checks raised by unverifiable traffic; it
     /// doubles with each check that finds nothing new. Default 2 s.
-    #[serde(rename = "state_check_backoff_initial_ms", with = "rekeycast_nack::duration_ms")]
+    #[serde(
+        rename = "state_check_backoff_initial_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_backoff_initial: Duration,
     /// The cap of that spacing, raised to `group size / capacity` for large groups. Default
     /// 60 s.
-    #[serde(rename = "state_check_backoff_max_ms", with = "rekeycast_nack::duration_ms")]
+    #[serde(
+        rename = "state_check_backoff_max_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_backoff_max: Duration,
 }
 

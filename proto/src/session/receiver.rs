@@ -98,7 +98,10 @@ pub struct ReceiverConfig {
     pub signature_failure_cap: u32,
     /// The shortest time between two state-check requests, and how long a message must have
     /// been quiet before traffic of a later one raises one.
-    #[serde(rename = "state_check_interval_ms", with = "rekeycast_nack::duration_ms")]
+    #[serde(
+        rename = "state_check_interval_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_interval: Duration,
     /// How long after the last datagram of a message, in GRTTs, the member takes its initial
     /// transmission to be over when no heartbeat said so.

@@ -513,7 +513,11 @@ fn upstream_relay_beyond_history(
             }
         }
     }
-    let endpoints = net.fetches.iter().map(|fetch| fetch.endpoint.addr).collect();
+    let endpoints = net
+        .fetches
+        .iter()
+        .map(|fetch| fetch.endpoint.addr)
+        .collect();
     (net.relay.stats(), endpoints)
 }
 
@@ -529,7 +533,10 @@ fn beyond_the_history_from_an_upstream_relay_sends_the_relay_to_the_gcks() {
     };
     let (stats, endpoints) = upstream_relay_beyond_history(vec![upstream], vec![gcks]);
     assert!(!stats.must_reregister, "{stats:?}");
-    assert!(stats.next_seq > 3, "the relay caught up from the GCKS: {stats:?}");
+    assert!(
+        stats.next_seq > 3,
+        "the relay caught up from the GCKS: {stats:?}"
+    );
     assert!(endpoints.contains(&addr(9)), "{endpoints:?}");
     let first_upstream = endpoints.iter().position(|a| *a == addr(9)).unwrap();
     assert!(
