@@ -347,7 +347,7 @@ fn resync(gcks: &Gcks, member: &Member) -> Result<(), DemoError> {
                 member.beyond_history()?;
                 return Ok(());
             }
-            ResyncAnswer::NotSent | ResyncAnswer::NoChunk => return Ok(()),
+            ResyncAnswer::NotSent | ResyncAnswer::NoChunk | ResyncAnswer::NotHeld => return Ok(()),
         }
     }
     Ok(())

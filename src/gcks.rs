@@ -271,6 +271,10 @@ pub struct GcksStats {
     pub resync: crate::io::resync_server::EndpointCounters,
     /// Of the members, those registered as relays ([`Gcks::join_relay`]).
     pub relays: usize,
+    /// Messages inside the history window that the GCKS does not hold: their files were
+    /// missing or corrupt when it started ([`crate::GcksEvent::HistoryLost`]); resync answers
+    /// "not held" for them.
+    pub history_not_held: usize,
 }
 
 /// Percentiles of the event loop's lag, microseconds.
@@ -404,7 +408,7 @@ impl GcksStats {
                 self.loop_lag_us.count,
             ),
         ];
-        let gauges: [(&str, &str, u64); 9] = [
+        let gauges: [(&str, &str, u64); 10] = [
             (
                 "rekeycast_members",
                 "Members in the committed key tree.",
@@ -445,6 +449,11 @@ impl GcksStats {
                 "rekeycast_loop_lag_max_microseconds",
                 "Event loop lag, maximum.",
                 self.loop_lag_us.max,
+            ),
+            (
+                "rekeycast_history_not_held",
+                "Messages inside the history window not held (lost from the state directory).",
+                self.history_not_held as u64,
             ),
         ];
         let mut text = String::new();

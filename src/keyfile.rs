@@ -103,11 +103,38 @@ pub enum KeyFileError {
         /// The path.
         path: PathBuf,
     },
+    /// The key file is missing but its state directory holds a GCKS's state (a key tree or
+    /// messages) signed with the key: no key is generated, since members accept only the
+    /// key of their bundles and a new key would split the group.
+    #[error(
+        "signing key file {path} is missing, but {state_dir} holds a GCKS state signed with \
+         it: refusing to generate a new key (restore the key file, or move the state away to \
+         start a new group)"
+    )]
+    MissingKey {
+        /// The missing key file.
+        path: PathBuf,
+        /// The state directory.
+        state_dir: PathBuf,
+    },
+    /// Whether the state directory holds a state could not be found out.
+    #[error("inspecting the state in {state_dir}")]
+    State {
+        /// The state directory.
+        state_dir: PathBuf,
+        /// What failed.
+        #[source]
+        source: crate::resync::store::StoreError,
+    },
 }
 
 /// Loads the GCKS's signing key from `state_dir/gcks-signing-key.pem` if that file exists,
 /// else generates one with the OS random number generator and writes it there with mode 0600
 /// (creating `state_dir`, mode 0700, if it is missing).
+///
+/// A key is generated only for a directory that holds no GCKS state: a missing key file
+/// beside a key tree or messages ([`crate::resync::store::holds_state`]) is
+/// [`KeyFileError::MissingKey`].
 ///
 /// An existing file is never replaced: one that does not parse, or whose mode lets group or
 /// others access it, is an error. If two processes start at once on an empty state directory,
@@ -124,6 +151,17 @@ pub fn load_or_generate(state_dir: &Path) -> Result<(SigningKey, KeyOrigin), Key
                 source,
             })
         }
+    }
+    let holds_state =
+        crate::resync::store::holds_state(state_dir).map_err(|source| KeyFileError::State {
+            state_dir: state_dir.to_path_buf(),
+            source,
+        })?;
+    if holds_state {
+        return Err(KeyFileError::MissingKey {
+            path,
+            state_dir: state_dir.to_path_buf(),
+        });
     }
     DirBuilder::new()
         .recursive(true)
@@ -387,6 +425,35 @@ mod tests {
         let explicit = load(&dir.path().join(SIGNING_KEY_FILE)).unwrap();
         assert_eq!(explicit.to_bytes(), generated.to_bytes());
         assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_missing_key_beside_a_stored_state_is_not_regenerated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = load_or_generate(dir.path()).unwrap();
+        // A key tree (any snapshot file counts) written with that key; then the key is lost.
+        let messages = dir.path().join("messages");
+        fs::create_dir(&messages).unwrap();
+        fs::write(messages.join(format!("{:020}.msg", 1)), b"RKMSG001").unwrap();
+        let path = dir.path().join(SIGNING_KEY_FILE);
+        fs::remove_file(&path).unwrap();
+        let error = load_or_generate(dir.path()).unwrap_err();
+        assert!(matches!(error, KeyFileError::MissingKey { .. }), "{error}");
+        let text = error.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("missing"), "{text}");
+        assert!(!path.exists(), "no key generated");
+        fs::write(dir.path().join("tree.snapshot"), b"").unwrap();
+        fs::remove_dir_all(&messages).unwrap();
+        assert!(matches!(
+            load_or_generate(dir.path()),
+            Err(KeyFileError::MissingKey { .. })
+        ));
+        // Put back, it loads.
+        write_bundle(&path, key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        let (loaded, origin) = load_or_generate(dir.path()).unwrap();
+        assert_eq!(origin, KeyOrigin::Loaded);
+        assert_eq!(loaded.verifying_key(), key.verifying_key());
     }
 
     #[test]

@@ -44,28 +44,58 @@ pub fn store_error(error: &(dyn std::error::Error + 'static)) -> StoreError {
 /// Writes `magic`, the BLAKE3 hash of `body` and `body` to `path` durably: a temporary file
 /// (mode 0600) beside it, fsync, rename, fsync of the directory. A crash leaves the old file
 /// or the new one, never a mix.
+///
+/// The temporary file is created afresh (a leftover of an earlier attempt is removed first,
+/// and a symbolic link in its place is never followed), and it is removed again when the write
+/// fails: a full device or a directory in the way leaves no half-written file behind.
 pub fn write_durably(path: &Path, magic: &[u8], body: &[u8]) -> std::io::Result<()> {
     let hash = blake3::hash(body);
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = Path::new(&tmp_name);
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(tmp)?;
-    file.write_all(magic)?;
-    file.write_all(hash.as_bytes())?;
-    file.write_all(body)?;
-    file.sync_all()?;
+    let mut file = create_temporary(tmp)?;
+    let written = file
+        .write_all(magic)
+        .and_then(|()| file.write_all(hash.as_bytes()))
+        .and_then(|()| file.write_all(body))
+        .and_then(|()| file.sync_all());
     drop(file);
-    fs::rename(tmp, path)?;
+    if let Err(error) = written.and_then(|()| fs::rename(tmp, path)) {
+        // Best effort: the write already failed, and a leftover is replaced by the next one.
+        let _ = fs::remove_file(tmp);
+        return Err(error);
+    }
+    sync_parent(path)
+}
+
+/// Creates the temporary file `tmp` for a durable write, mode 0600: any file left there by an
+/// interrupted write is removed first, and the new one is created exclusively without
+/// following a symbolic link, so a link planted at that name cannot redirect a secret
+/// elsewhere.
+pub(crate) fn create_temporary(tmp: &Path) -> std::io::Result<File> {
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+        options.custom_flags(nix::libc::O_NOFOLLOW);
+    }
+    options.open(tmp)
+}
+
+/// Syncs the directory holding `path`, so that a rename into it survives a crash.
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()?;
-    Ok(())
+    File::open(dir)?.sync_all()
 }
 
 /// Writes the tree to `path` durably. Call it after [`KeyTree::apply_batch`] and before
@@ -219,6 +249,49 @@ mod tests {
         }
         assert!(!dir.path().join("member.state.tmp").exists());
         assert!(!dir.path().join("tree.snapshot.tmp").exists());
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, _) = tree_and_member();
+        // A directory where the snapshot should be: the rename fails.
+        let snapshot = dir.path().join("tree.snapshot");
+        fs::create_dir(&snapshot).unwrap();
+        fs::write(snapshot.join("keep"), b"x").unwrap();
+        assert!(matches!(
+            save_tree(&tree, &snapshot),
+            Err(SnapshotError::Io(_))
+        ));
+        assert!(
+            !dir.path().join("tree.snapshot.tmp").exists(),
+            "a half-done write is removed"
+        );
+        // The leftover of an interrupted write is replaced, not appended to.
+        let path = dir.path().join("member.state");
+        fs::write(dir.path().join("member.state.tmp"), vec![7u8; 4096]).unwrap();
+        let (_, keys) = tree_and_member();
+        save_member_keys(&keys, &path).unwrap();
+        assert_eq!(load_member_keys(&path).unwrap().member(), keys.member());
+        assert!(!dir.path().join("member.state.tmp").exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_planted_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"untouched").unwrap();
+        let snapshot = dir.path().join("tree.snapshot");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("tree.snapshot.tmp")).unwrap();
+        let (tree, _) = tree_and_member();
+        save_tree(&tree, &snapshot).unwrap();
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"untouched");
+        assert_eq!(load_tree(&snapshot).unwrap().seq(), tree.seq());
+        assert!(!fs::symlink_metadata(&snapshot)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     #[test]

@@ -447,3 +447,20 @@ fn server_on_a_taken_resync_port_names_the_address_and_the_cause_once() {
     );
     drop(taken);
 }
+
+#[test]
+fn server_with_its_key_file_deleted_beside_a_kept_state_refuses_to_make_a_new_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new(dir.path(), 3, 0);
+    // A kept state (a key tree snapshot) whose signing key file was deleted.
+    let state = &files.server.state_dir;
+    std::fs::create_dir_all(state).unwrap();
+    std::fs::write(state.join("tree.snapshot"), b"RKTREE01").unwrap();
+    let key = state.join("gcks-signing-key.pem");
+    let output = rekeycast(&["server", "--config", files.server_config.to_str().unwrap()]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(!key.exists(), "no key was generated");
+}

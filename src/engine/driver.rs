@@ -23,7 +23,10 @@
 //!    ([`Endpoint::handle_fetched`]); then the endpoint's timeout when it is due;
 //! 5. drains the endpoint's outputs: store operations go, in order, to the one storage
 //!    thread (so an fsync never stalls the loop); jobs to the worker pool; fetches each to a
-//!    fetch thread that streams the answer back item by item; datagrams to their port's
+//!    fetch thread that streams the answer back item by item (at most
+//!    [`DriverConfig::max_fetches`] at once, the others wait in order; a fetch the endpoint
+//!    cancels ([`Endpoint::poll_cancel_fetch`]) has its connection shut down and nothing more
+//!    of it forwarded); datagrams to their port's
 //!    socket, gathered into UDP GSO batches of up to [`BATCH_DATAGRAMS`] where the socket can,
 //!    with a bounded per-port backlog, kept in order, when the socket would block; events to
 //!    the [`EventSink`] (by default a bounded channel that drops and counts when full).
@@ -38,7 +41,7 @@
 //! once a second). Lifecycle, storage failures, job panics and dropped events are logged with
 //! `tracing`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +59,7 @@ use rekeycast_proto::endpoint::{
 use rekeycast_proto::resync::limits::{Limits, RateLimiter};
 use rekeycast_proto::resync::{Lookup, ResyncSource};
 
-use crate::io::resync_client::fetch_streaming;
+use crate::io::resync_client::{fetch_streaming_cancellable, FetchCancel};
 use crate::io::resync_server::{BindError, EndpointCounters, Endpoints};
 use crate::io::socket::{MulticastConfig, MulticastSocket, SocketError};
 use crate::io::workers::{JobPanicked, WorkerPool};
@@ -71,6 +74,8 @@ const TRANSMIT_ROUNDS: usize = 256;
 const CONTROL_BUDGET: usize = 1_024;
 /// The capacity of the default event channel.
 pub const DEFAULT_EVENT_CAPACITY: usize = 4_096;
+/// The default of [`DriverConfig::max_fetches`].
+pub const DEFAULT_MAX_FETCHES: usize = 4;
 /// How long [`DriverHandle::inspect`] waits for the loop's answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The span of the recent loop-lag view: the last full window and the current one.
@@ -232,6 +237,9 @@ pub struct DriverConfig {
     /// this host's own address); `None`: the feedback port's address when it is a specific
     /// one, else the system chooses.
     pub fetch_local: Option<IpAddr>,
+    /// Fetches running at once (a thread each), at most; more wait, in order, until one
+    /// ends (0 counts as 1). Default [`DEFAULT_MAX_FETCHES`].
+    pub max_fetches: usize,
 }
 
 impl DriverConfig {
@@ -251,6 +259,7 @@ impl DriverConfig {
             max_backlog: 8_192,
             stop_drain_timeout: Duration::from_secs(2),
             fetch_local: None,
+            max_fetches: DEFAULT_MAX_FETCHES,
         }
     }
 }
@@ -388,6 +397,10 @@ pub struct DriverStats {
     pub fetches_started: u64,
     /// Fetches that ended in [`Fetched::Failed`].
     pub fetches_failed: u64,
+    /// Fetches the endpoint cancelled ([`Endpoint::poll_cancel_fetch`]) before their end.
+    pub fetches_cancelled: u64,
+    /// Fetches waiting now for one of the [`DriverConfig::max_fetches`] to end.
+    pub fetches_queued: u64,
     /// The loop's lag since it started.
     pub lag: LoopLag,
     /// The loop's lag over the last 10 to 20 seconds.
@@ -430,6 +443,7 @@ pub struct Driver<E: Endpoint> {
     sink: Box<dyn EventSink<E::Event>>,
     metrics: Option<MetricsText<E>>,
     filter: Option<ReceiveFilter>,
+    send_gate: SendGate,
 }
 
 impl<E> Driver<E>
@@ -454,6 +468,7 @@ where
             sink: Box::new(sink),
             metrics: None,
             filter: None,
+            send_gate: SendGate::default(),
         }
     }
 
@@ -469,6 +484,14 @@ where
         self
     }
 
+    /// Makes the next `closed_for` sends (the count is read as they happen) report that the
+    /// socket would block.
+    #[cfg(test)]
+    fn send_gate(mut self, closed_for: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        self.send_gate = SendGate { closed_for };
+        self
+    }
+
     /// Opens the sockets and listeners and starts the loop's thread.
     pub fn spawn(self) -> Result<DriverHandle<E>, DriverError> {
         let Self {
@@ -478,6 +501,7 @@ where
             sink,
             metrics,
             filter,
+            send_gate,
         } = self;
         let poll = Poll::new().map_err(DriverError::Poll)?;
         let mut sockets: [Option<MulticastSocket>; 3] = [None, None, None];
@@ -554,6 +578,7 @@ where
         });
         let slot = config.max_datagram_size.max(1);
         let name = config.name.clone();
+        let gate = send_gate;
         let loop_waker = Arc::clone(&waker);
         let thread = std::thread::Builder::new()
             .name(name.clone())
@@ -590,6 +615,10 @@ where
                     fetched,
                     fetched_rx,
                     fetch_local,
+                    fetches: HashMap::new(),
+                    fetch_queue: VecDeque::new(),
+                    max_fetches: config.max_fetches.max(1),
+                    gate,
                     sink,
                     stats: DriverStats::default(),
                     lag: new_histogram(),
@@ -814,6 +843,13 @@ struct Loop<E: Endpoint> {
     fetched: Sender<(FetchId, Fetched)>,
     fetched_rx: Receiver<(FetchId, Fetched)>,
     fetch_local: Option<IpAddr>,
+    /// Fetches whose thread runs (until its terminal item comes back), cancelled or not.
+    fetches: HashMap<FetchId, RunningFetch>,
+    /// Fetches waiting for a thread, in order.
+    fetch_queue: VecDeque<FetchRequest>,
+    max_fetches: usize,
+    /// Makes sends would-block on demand in tests.
+    gate: SendGate,
     sink: Box<dyn EventSink<E::Event>>,
     stats: DriverStats,
     lag: Histogram<u64>,
@@ -1033,6 +1069,15 @@ where
             self.endpoint.handle_stored(now, id, result);
         }
         while let Ok((id, item)) = self.fetched_rx.try_recv() {
+            let cancelled = self.fetches.get(&id).map_or(true, |fetch| fetch.cancelled);
+            if is_terminal(&item) {
+                // Its thread is done: a waiting fetch takes its place.
+                self.fetches.remove(&id);
+            }
+            if cancelled {
+                // The endpoint abandoned it: nothing more of it reaches the endpoint.
+                continue;
+            }
             if let Fetched::Failed { reason } = &item {
                 self.stats.fetches_failed += 1;
                 tracing::debug!(driver = %self.name, fetch = id.0, ?reason, "fetch failed");
@@ -1050,8 +1095,12 @@ where
             self.start_job(now, job);
         }
         while let Some(request) = self.endpoint.poll_fetch() {
-            self.start_fetch(now, request);
+            self.fetch_queue.push_back(request);
         }
+        while let Some(id) = self.endpoint.poll_cancel_fetch() {
+            self.cancel_fetch(id);
+        }
+        self.start_fetches(now);
         self.transmit(now);
         self.deliver_events(now);
     }
@@ -1123,15 +1172,60 @@ where
         }
     }
 
+    /// Starts the queued fetches that fit under [`DriverConfig::max_fetches`], in order.
+    fn start_fetches(&mut self, now: Instant) {
+        while self.fetches.len() < self.max_fetches {
+            let Some(request) = self.fetch_queue.pop_front() else {
+                break;
+            };
+            self.start_fetch(now, request);
+        }
+    }
+
+    /// Abandons fetch `id`: a queued one is dropped, a running one's connection is shut down
+    /// and nothing more of it is forwarded (its thread still counts until it ends).
+    fn cancel_fetch(&mut self, id: FetchId) {
+        if let Some(fetch) = self.fetches.get_mut(&id) {
+            if !fetch.cancelled {
+                fetch.cancelled = true;
+                fetch.cancel.cancel();
+                self.stats.fetches_cancelled += 1;
+            }
+        } else if let Some(at) = self.fetch_queue.iter().position(|r| r.id == id) {
+            self.fetch_queue.remove(at);
+            self.stats.fetches_cancelled += 1;
+        }
+    }
+
+    /// Cancels every fetch, running or queued (the loop ends).
+    fn cancel_fetches(&mut self) {
+        for fetch in self.fetches.values_mut() {
+            fetch.cancelled = true;
+            fetch.cancel.cancel();
+        }
+        self.fetch_queue.clear();
+    }
+
     fn start_fetch(&mut self, now: Instant, request: FetchRequest) {
         self.stats.fetches_started += 1;
         let results = self.fetched.clone();
         let waker = Arc::clone(&self.waker);
         let local = self.fetch_local;
         let name = self.name.clone();
+        let cancel = FetchCancel::new();
+        let thread_cancel = cancel.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("{}-fetch", self.name))
-            .spawn(move || run_fetch(&name, local, &request, &results, &waker));
+            .spawn(move || run_fetch(&name, local, &request, &thread_cancel, &results, &waker));
+        if spawned.is_ok() {
+            self.fetches.insert(
+                request.id,
+                RunningFetch {
+                    cancel,
+                    cancelled: false,
+                },
+            );
+        }
         if let Err(error) = spawned {
             self.stats.fetches_failed += 1;
             tracing::error!(driver = %self.name, %error, "fetch thread not started");
@@ -1256,7 +1350,7 @@ where
             .collect();
         let sent = if self.backlogs[port].is_empty() {
             match &self.sockets[port] {
-                Some(socket) => send_segments(socket, dest, &segments, &mut self.stats),
+                Some(socket) => send_segments(socket, &self.gate, dest, &segments, &mut self.stats),
                 None => 0,
             }
         } else {
@@ -1277,7 +1371,7 @@ where
             return true;
         };
         while let Some((datagram, dest)) = self.backlogs[port].pop_front() {
-            if send_segments(socket, dest, &[&datagram], &mut self.stats) == 0 {
+            if send_segments(socket, &self.gate, dest, &[&datagram], &mut self.stats) == 0 {
                 self.backlogs[port].push_front((datagram, dest));
                 return false;
             }
@@ -1293,6 +1387,7 @@ where
             self.resync.as_ref(),
         )
         .with_backlog(self.backlogs.iter().map(VecDeque::len).sum())
+        .with_fetches_queued(self.fetch_queue.len())
     }
 
     /// The end of a stop: the endpoint's last outputs, the datagrams it has to send and the
@@ -1300,6 +1395,8 @@ where
     fn finish(mut self) -> Result<(), DriverError> {
         let now = Instant::now();
         self.drain_outputs(now);
+        // Nobody will read what they bring.
+        self.cancel_fetches();
         let until = now + self.stop_drain_timeout;
         let mut events = Events::with_capacity(16);
         loop {
@@ -1338,6 +1435,7 @@ where
     /// The end of an abort: nothing more is sent or stored, no thread is waited for.
     fn abort(mut self) -> Result<(), DriverError> {
         self.store_abort.store(true, Ordering::SeqCst);
+        self.cancel_fetches();
         if let Some(pool) = self.workers.take() {
             pool.detach();
         }
@@ -1349,6 +1447,11 @@ where
 impl DriverStats {
     fn with_backlog(mut self, backlog: usize) -> Self {
         self.backlog = backlog as u64;
+        self
+    }
+
+    fn with_fetches_queued(mut self, queued: usize) -> Self {
+        self.fetches_queued = queued as u64;
         self
     }
 }
@@ -1373,13 +1476,19 @@ fn snapshot(
 /// Sends `segments` to `dest`; returns how many went (the rest would block).
 fn send_segments(
     socket: &MulticastSocket,
+    gate: &SendGate,
     dest: SocketAddr,
     segments: &[&[u8]],
     stats: &mut DriverStats,
 ) -> usize {
     let mut sent = 0;
     while sent < segments.len() {
-        match socket.send_batch(dest, &segments[sent..]) {
+        let outcome = if gate.would_block() {
+            Err(std::io::ErrorKind::WouldBlock.into())
+        } else {
+            socket.send_batch(dest, &segments[sent..])
+        };
+        match outcome {
             Ok(count) => {
                 sent += count;
                 stats.sent += count as u64;
@@ -1438,12 +1547,45 @@ fn run_fetch(
     name: &str,
     local: Option<IpAddr>,
     request: &FetchRequest,
+    cancel: &FetchCancel,
     results: &Sender<(FetchId, Fetched)>,
     waker: &Waker,
 ) {
     stream_fetch(name, request.id, results, waker, |deliver| {
-        fetch_streaming(local, request, deliver);
+        fetch_streaming_cancellable(local, request, cancel, deliver);
     });
+}
+
+/// A fetch whose thread runs.
+struct RunningFetch {
+    cancel: FetchCancel,
+    /// The endpoint abandoned it: what still comes of it is dropped.
+    cancelled: bool,
+}
+
+/// Makes sends report that they would block, on demand: how tests fill a socket. A
+/// production driver's gate never closes.
+#[derive(Debug, Clone, Default)]
+struct SendGate {
+    /// Sends still to be refused.
+    #[cfg(test)]
+    closed_for: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SendGate {
+    /// Whether the next send must report that it would block.
+    fn would_block(&self) -> bool {
+        #[cfg(test)]
+        {
+            let refuse = self
+                .closed_for
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if refuse.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Runs `fetch`, sending each item it delivers back as fetch `id`'s and waking the loop:
@@ -1552,6 +1694,7 @@ mod tests {
         Store(u64),
         Emit(usize),
         Fetch(FetchRequest),
+        CancelFetch(FetchId),
         TickIn(Duration),
         Stop,
     }
@@ -1616,6 +1759,7 @@ mod tests {
         stores: VecDeque<(StoreId, u64)>,
         next_store: u64,
         fetches: VecDeque<FetchRequest>,
+        cancels: VecDeque<FetchId>,
         events: VecDeque<ToyEvent>,
         tick_at: Option<Instant>,
         stopped: bool,
@@ -1669,6 +1813,7 @@ mod tests {
                     self.events.extend((0..count).map(ToyEvent::Emitted));
                 }
                 ToyCommand::Fetch(request) => self.fetches.push_back(request),
+                ToyCommand::CancelFetch(id) => self.cancels.push_back(id),
                 ToyCommand::TickIn(delay) => self.tick_at = Some(now + delay),
                 ToyCommand::Stop => self.stopped = true,
             }
@@ -1709,6 +1854,9 @@ mod tests {
         }
         fn poll_fetch(&mut self) -> Option<FetchRequest> {
             self.fetches.pop_front()
+        }
+        fn poll_cancel_fetch(&mut self) -> Option<FetchId> {
+            self.cancels.pop_front()
         }
         fn poll_event(&mut self) -> Option<ToyEvent> {
             self.events.pop_front()
@@ -2279,5 +2427,112 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_socket_that_would_block_keeps_a_backlog_and_sends_it_later_in_order() {
+        let mut config = DriverConfig::new("test-would-block");
+        config.serve = Some(loopback_port(7));
+        let closed_for = Arc::new(std::sync::atomic::AtomicUsize::new(3));
+        let recorder = Recorder::default();
+        let (sink, _events) = bounded_events(1_024);
+        let mut handle = Driver::new(Toy::default(), config, recorder, sink)
+            .send_gate(Arc::clone(&closed_for))
+            .spawn()
+            .unwrap();
+        let peer = test_socket();
+        let to = peer.local_addr().unwrap();
+        handle
+            .command(ToyCommand::Send {
+                port: Port::Serve,
+                destination: Destination::Unicast(to),
+                bytes: b"d".to_vec(),
+                count: 200,
+            })
+            .unwrap();
+        let got: Vec<Vec<u8>> = (0..200).map(|_| recv(&peer).0).collect();
+        let wanted: Vec<Vec<u8>> = (0..200u32)
+            .map(|i| [&b"d"[..], &i.to_be_bytes()].concat())
+            .collect();
+        assert_eq!(got, wanted, "every datagram, in order");
+        let stats = stats_when(&handle, |s| s.sent == 200);
+        assert_eq!(closed_for.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.send_blocked, 3);
+        assert_eq!((stats.backlog, stats.backlog_dropped), (0, 0));
+        handle.stop().unwrap();
+    }
+
+    /// Accepts one connection on `listener` (non-blocking) within 20 s.
+    fn accept_within(listener: &std::net::TcpListener) -> std::net::TcpStream {
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(20)))
+                        .unwrap();
+                    return stream;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no connection within 20 s");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fetches_wait_for_a_slot_and_a_cancelled_one_is_shut_down_and_forwards_nothing() {
+        // Accepts and never answers.
+        let silent = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = silent.local_addr().unwrap();
+        let mut config = DriverConfig::new("test-cancel");
+        config.max_fetches = 1;
+        let (mut client, events, _) = start(Toy::default(), config, None, 1_024);
+        let request = |id| FetchRequest {
+            id: FetchId(id),
+            group_id: 1,
+            endpoint: ResyncEndpoint {
+                protocol: ResyncProtocol::Tcp,
+                addr,
+            },
+            what: FetchWhat::State,
+            deadline: Instant::now() + Duration::from_secs(60),
+            max_bytes: 1 << 20,
+        };
+        client.command(ToyCommand::Fetch(request(1))).unwrap();
+        let mut first = accept_within(&silent);
+        client.command(ToyCommand::Fetch(request(2))).unwrap();
+        // One slot: the second waits, queued, not dropped.
+        let stats = stats_when(&client, |s| s.fetches_queued == 1);
+        assert_eq!(stats.fetches_started, 1);
+        client.command(ToyCommand::CancelFetch(FetchId(1))).unwrap();
+        // The cancel shuts the connection down: the server reads its end.
+        let mut buf = [0u8; 64];
+        let mut read = 0;
+        loop {
+            match std::io::Read::read(&mut first, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => read += n,
+                Err(e) => panic!("the cancelled fetch's connection stayed open: {e}"),
+            }
+        }
+        assert!(read > 0, "the state request was sent");
+        // Its thread ended: the waiting fetch takes the slot.
+        let second = accept_within(&silent);
+        let stats = stats_when(&client, |s| s.fetches_started == 2);
+        assert_eq!((stats.fetches_cancelled, stats.fetches_queued), (1, 0));
+        // The second ends when its server hangs up; nothing of the first came before it.
+        drop(second);
+        let ToyEvent::Fetched(id, item) = wait_for(&events, |e| matches!(e, ToyEvent::Fetched(..)))
+        else {
+            unreachable!()
+        };
+        assert_eq!(id, FetchId(2), "{item:?}");
+        assert!(is_terminal(&item), "{item:?}");
+        client.stop().unwrap();
     }
 }

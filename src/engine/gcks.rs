@@ -46,8 +46,9 @@ use super::driver::{
     DriverStats, EventSink, SenderPort, DEFAULT_EVENT_CAPACITY,
 };
 use crate::gcks::{GcksConfig, GcksStats, LagSummary};
+use crate::keyfile::{KeyFileError, KeyOrigin};
 use crate::lkh::{KeyRng, LkhError, MemberId, RegistrationBundle};
-use crate::resync::store::{GcksStorage, OpenError};
+use crate::resync::store::{GcksStorage, LostMessage, MessageProblem, OpenError};
 
 /// What the GCKS reports to the product (the answers to joins and leaves go to their callers
 /// instead).
@@ -95,6 +96,19 @@ pub enum GcksEvent {
         /// When the batch is tried again; `None`: not retried (it had no changes).
         retry_in: Option<Duration>,
     },
+    /// A message of the history window was lost from the state directory (its file was
+    /// missing or corrupt when the GCKS started): the GCKS started without it, and resync
+    /// answers "not held" for it (TCP `NotHeld`, HTTP 421), so members ask their next
+    /// endpoint. Reported once per message at start ([`GcksStats::history_not_held`] counts
+    /// them while they are in the window).
+    HistoryLost {
+        /// The message.
+        seq: u64,
+        /// Its file.
+        path: std::path::PathBuf,
+        /// What was wrong with it.
+        problem: MessageProblem,
+    },
     /// The engine cannot go on: every pending join has failed with
     /// [`JoinError::Poisoned`], every later command fails with the same reason, and the loop
     /// has stopped. The state directory is intact: a GCKS started again on it resumes.
@@ -121,6 +135,13 @@ pub enum GcksError {
     /// The key tree's RNG could not be seeded from the operating system.
     #[error("key tree RNG")]
     Rng(#[source] LkhError),
+    /// The signing key file of the state directory could not be loaded or created
+    /// ([`GcksBuilder::start_with_key_file`]), or is missing beside a stored state.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// [`GcksBuilder::start_with_key_file`] needs a state directory to hold the key file.
+    #[error("no state directory configured to hold the signing key file")]
+    NoStateDir,
     /// A leave was refused.
     #[error(transparent)]
     Leave(#[from] LeaveError),
@@ -224,6 +245,7 @@ impl Gcks {
             at: now,
         };
         let instance: u32 = rand::random();
+        let mut lost: Vec<LostMessage> = Vec::new();
         let (endpoint, storage) = match &config.state_dir {
             None => (
                 GcksEndpoint::new(endpoint_config, signing_key, rng()?, instance, clock, now)?,
@@ -231,6 +253,7 @@ impl Gcks {
             ),
             Some(dir) => {
                 let (storage, restored) = GcksStorage::open(dir, config.sender.history, rng()?)?;
+                lost = storage.lost().to_vec();
                 let endpoint = match restored {
                     Some(restored) => GcksEndpoint::restore(
                         endpoint_config,
@@ -263,7 +286,23 @@ impl Gcks {
         driver_config.feedback_limit = config.feedback_limit;
         driver_config.workers = config.workers;
         driver_config.max_datagram_size = config.sender.datagram_size;
-        let (events_sink, events) = bounded_events(DEFAULT_EVENT_CAPACITY);
+        let (mut events_sink, events) = bounded_events(DEFAULT_EVENT_CAPACITY);
+        for lost in lost {
+            tracing::warn!(
+                seq = lost.seq,
+                file = %lost.path.display(),
+                problem = %lost.problem,
+                "history message lost from the state directory: started without it, resync \
+                 answers \"not held\" for it"
+            );
+            // A start with more lost messages than the channel holds reports the first ones;
+            // the count stays in the stats.
+            let _ = events_sink.deliver(GcksEvent::HistoryLost {
+                seq: lost.seq,
+                path: lost.path,
+                problem: lost.problem,
+            });
+        }
         let poisoned = Arc::new(OnceLock::new());
         let sink = GcksSink {
             events: events_sink,
@@ -549,6 +588,21 @@ impl GcksBuilder {
     pub fn start(self, signing_key: SigningKey) -> Result<Gcks, GcksError> {
         Gcks::start(self.config, signing_key)
     }
+
+    /// Starts the GCKS with the signing key of its state directory's key file
+    /// ([`crate::keyfile::load_or_generate`]): loaded if the file exists, generated and
+    /// written (mode 0600) into a directory that holds no state yet. A key file missing
+    /// beside a stored state is an error naming the file ([`KeyFileError::MissingKey`]),
+    /// never replaced by a new key. Returns where the key came from.
+    pub fn start_with_key_file(self) -> Result<(Gcks, KeyOrigin), GcksError> {
+        let dir = self
+            .config
+            .state_dir
+            .as_ref()
+            .ok_or(GcksError::NoStateDir)?;
+        let (signing_key, origin) = crate::keyfile::load_or_generate(dir)?;
+        Ok((Gcks::start(self.config, signing_key)?, origin))
+    }
 }
 
 /// The GCKS's storage: its state directory, or none (nothing is persisted; the endpoint then
@@ -668,6 +722,7 @@ fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
         send_blocked: driver.send_blocked,
         resync: driver.resync,
         relays: stats.relays,
+        history_not_held: stats.history_not_held,
     }
 }
 

@@ -293,8 +293,21 @@ pub struct MemberStats {
     pub group_key_version: Option<u32>,
     /// Datagrams the receive filter dropped (simulated loss).
     pub simulated_drops: u64,
-    /// Datagrams received from the sockets.
+    /// Datagrams received from the sockets: each is counted once more, in
+    /// [`MemberStats::datagrams_accepted`] or in [`MemberStats::datagrams_rejected`].
     pub datagrams_received: u64,
+    /// Datagrams whose header, window and MAC checks passed.
+    pub datagrams_accepted: u64,
+    /// Datagrams received and not accepted: dropped by the receive filter
+    /// ([`MemberStats::simulated_drops`]), dropped before the MAC check
+    /// ([`MemberStats::dropped_before_mac`]), or rejected by the datagram checks
+    /// ([`MemberStats::datagrams`]: too short, another group or SA, outside the window, a bad
+    /// MAC, ...).
+    pub datagrams_rejected: u64,
+    /// Datagrams dropped before their header and MAC were checked: of a message already
+    /// applied, of another block than the member's, or while the member stops or must
+    /// register again.
+    pub dropped_before_mac: u64,
     /// Event-loop lag, microseconds, since the start.
     pub loop_lag_us: LoopLag,
     /// Resyncs (of missed messages) started with the endpoints.
@@ -327,6 +340,11 @@ impl MemberStats {
             group_key_version: figures.group_key_version,
             simulated_drops: driver.filtered,
             datagrams_received: driver.received.listen + driver.received.feedback,
+            datagrams_accepted: figures.datagrams.accepted,
+            datagrams_rejected: driver.filtered
+                + figures.dropped_before_mac
+                + figures.datagrams.rejected(),
+            dropped_before_mac: figures.dropped_before_mac,
             loop_lag_us: driver.lag,
             resyncs_started: figures.resync.resyncs_started,
             resyncs_failed: figures.resync.resyncs_failed,

@@ -439,6 +439,15 @@ impl RelayBuilder {
             RelayStore::open(state_dir, self.config.session.downstream.history)?;
         let restored =
             restored.ok_or_else(|| RelayEngineError::NothingToResume(state_dir.to_path_buf()))?;
+        for lost in &restored.lost {
+            tracing::warn!(
+                seq = lost.seq,
+                file = %lost.path.display(),
+                problem = %lost.problem,
+                "history message lost from the relay's state directory: a gap resync answers \
+                 \"not held\" for"
+            );
+        }
         let endpoint = RelayEndpoint::resume(
             restored.keys,
             restored.messages,

@@ -16,6 +16,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rekeycast_proto::endpoint::{
@@ -203,6 +204,77 @@ pub fn fetch_streaming(
     request: &FetchRequest,
     deliver: &mut dyn FnMut(Item),
 ) {
+    fetch_streaming_cancellable(local, request, &FetchCancel::new(), deliver);
+}
+
+/// A handle that cancels a running fetch from another thread: the fetch's connections are
+/// shut down (a read blocked on one returns at once) and a connection made after the cancel
+/// fails at once, so the fetch ends with [`Item::Failed`] soon after.
+#[derive(Debug, Clone, Default)]
+pub struct FetchCancel(Arc<Mutex<CancelState>>);
+
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: bool,
+    /// Clones of the fetch's open connections, to shut them down.
+    streams: Vec<TcpStream>,
+}
+
+/// A cancelled fetch's connection: carried inside the `std::io::Error` it fails with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the fetch was cancelled")]
+struct Cancelled;
+
+impl FetchCancel {
+    /// A handle for one fetch, not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the fetch: its connections are shut down, and it makes no other.
+    pub fn cancel(&self) {
+        let mut state = self.lock();
+        state.cancelled = true;
+        for stream in state.streams.drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Whether [`FetchCancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        // The state stays valid whatever a panicking holder did: a flag and a list.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps a clone of `stream` to shut down at a cancel; an error if already cancelled.
+    fn register(&self, stream: &TcpStream) -> std::io::Result<()> {
+        let mut state = self.lock();
+        if state.cancelled {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                Cancelled,
+            ));
+        }
+        state.streams.push(stream.try_clone()?);
+        Ok(())
+    }
+}
+
+/// [`fetch_streaming`] that `cancel` can end early: once cancelled, the fetch stops reading
+/// and ends with [`Item::Failed`] (what it delivers after the cancel is for nobody: a driver
+/// that cancels stops forwarding its items).
+pub fn fetch_streaming_cancellable(
+    local: Option<IpAddr>,
+    request: &FetchRequest,
+    cancel: &FetchCancel,
+    deliver: &mut dyn FnMut(Item),
+) {
     let endpoint = match request.endpoint.protocol {
         ResyncProtocol::Tcp => Endpoint::Tcp(request.endpoint.addr),
         ResyncProtocol::Http => Endpoint::Http(request.endpoint.addr),
@@ -212,6 +284,7 @@ pub fn fetch_streaming(
         per_operation: None,
         deadline: Some(request.deadline),
         max_bytes: request.max_bytes,
+        cancel: Some(cancel.clone()),
     };
     let terminal = match fetch_core(&dial, endpoint, request.group_id, request.what, deliver) {
         Ok(Terminal::End) => Item::End,
@@ -254,7 +327,7 @@ enum Terminal {
 }
 
 /// Where to connect from, and what bounds the fetch.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Dial {
     local: Option<IpAddr>,
     /// Bounds each connect, read and write.
@@ -263,6 +336,8 @@ struct Dial {
     deadline: Option<Instant>,
     /// Bounds every byte read, in all.
     max_bytes: usize,
+    /// Shuts the fetch's connections down when cancelled.
+    cancel: Option<FetchCancel>,
 }
 
 impl Dial {
@@ -272,6 +347,7 @@ impl Dial {
             per_operation: Some(timeout),
             deadline: None,
             max_bytes: usize::MAX,
+            cancel: None,
         }
     }
 }
@@ -672,6 +748,9 @@ fn connect(
         }
     };
     stream.set_nodelay(true).map_err(io)?;
+    if let Some(cancel) = &dial.cancel {
+        cancel.register(&stream).map_err(io)?;
+    }
     Ok(Bounded {
         stream,
         per_operation: dial.per_operation,

@@ -109,6 +109,11 @@ pub struct LeaveJournal {
     records: u64,
     /// Records after which a release compacts the file.
     compact_after: u64,
+    /// The length of the file's intact records: an append that failed part way (a full
+    /// device) is cut back to it, so the next append does not land after a torn record.
+    len: u64,
+    /// Whether a failed append could not be cut back yet: the next append tries first.
+    torn: bool,
 }
 
 /// What a journal holds when the GCKS starts.
@@ -164,6 +169,7 @@ impl LeaveJournal {
             unreleased_batch: released.0 < committed_seq,
         };
         let file = rewrite(&path, &leaves, released)?;
+        let len = journal_len(leaves.len());
         Ok((
             Self {
                 path,
@@ -173,6 +179,8 @@ impl LeaveJournal {
                 unreleased: leaves,
                 released,
                 compact_after: COMPACT_AFTER,
+                len,
+                torn: false,
             },
             replay,
         ))
@@ -204,6 +212,7 @@ impl LeaveJournal {
         if self.records > self.compact_after {
             self.file = rewrite(&self.path, &self.unreleased, self.released)?;
             self.records = self.unreleased.len() as u64 + 1;
+            self.len = journal_len(self.unreleased.len());
         }
         Ok(())
     }
@@ -214,11 +223,42 @@ impl LeaveJournal {
     }
 
     fn append(&mut self, record: &[u8; RECORD_LEN]) -> Result<(), JournalError> {
-        self.file
-            .write_all(record)
-            .map_err(|e| io_error("append", &e))?;
-        self.file.sync_data().map_err(|e| io_error("sync", &e))?;
+        self.append_with(record, |file, bytes| file.write_all(bytes))
+    }
+
+    /// Appends `record` with `write` (the file's `write_all`; a test injects a failing one).
+    /// A write or sync that fails may have left part of the record in the file: it is cut
+    /// back to the intact records, now or before the next append, since a record after a
+    /// torn one would make the journal unreadable (only the last record may be torn).
+    fn append_with(
+        &mut self,
+        record: &[u8; RECORD_LEN],
+        write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), JournalError> {
+        if self.torn {
+            self.cut_back()?;
+        }
+        let written = write(&mut self.file, record)
+            .map_err(|e| io_error("append", &e))
+            .and_then(|()| self.file.sync_data().map_err(|e| io_error("sync", &e)));
+        if let Err(error) = written {
+            self.torn = true;
+            // Best effort now; the next append tries again and fails if it still cannot.
+            let _ = self.cut_back();
+            return Err(error);
+        }
+        self.len += RECORD_LEN as u64;
         self.records += 1;
+        Ok(())
+    }
+
+    /// Cuts the file back to its intact records after a failed append.
+    fn cut_back(&mut self) -> Result<(), JournalError> {
+        self.file
+            .set_len(self.len)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_error("cut back a failed append", &e))?;
+        self.torn = false;
         Ok(())
     }
 }
@@ -285,6 +325,11 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, JournalError> {
     Ok(Parsed { records, torn_tail })
 }
 
+/// The length of a rewritten journal: the magic, the release and `leaves` leaves.
+fn journal_len(leaves: usize) -> u64 {
+    (MAGIC.len() + (leaves + 1) * RECORD_LEN) as u64
+}
+
 fn encode(kind: u8, id: u64, value: u64) -> [u8; RECORD_LEN] {
     let mut record = [0u8; RECORD_LEN];
     record[0] = kind;
@@ -311,22 +356,20 @@ fn rewrite(
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp).map_err(|e| io_error("create", &e))?;
-    file.write_all(&bytes).map_err(|e| io_error("write", &e))?;
-    file.sync_all().map_err(|e| io_error("sync", &e))?;
+    let mut file = crate::persist::create_temporary(&tmp).map_err(|e| io_error("create", &e))?;
+    let written = file
+        .write_all(&bytes)
+        .map_err(|e| io_error("write", &e))
+        .and_then(|()| file.sync_all().map_err(|e| io_error("sync", &e)));
     drop(file);
-    fs::rename(&tmp, path).map_err(|e| io_error("rename", &e))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| io_error("sync directory", &e))?;
+    if let Err(error) =
+        written.and_then(|()| fs::rename(&tmp, path).map_err(|e| io_error("rename", &e)))
+    {
+        // Best effort: a full device or a directory in the way leaves no half-written file.
+        let _ = fs::remove_file(&tmp);
+        return Err(error);
+    }
+    crate::persist::sync_parent(path).map_err(|e| io_error("sync directory", &e))?;
     OpenOptions::new()
         .append(true)
         .open(path)
@@ -443,6 +486,44 @@ mod tests {
             Err(JournalError::Corrupt { offset: 0, .. })
         ));
         assert_eq!(parse(b"RKL").unwrap().records, vec![]);
+    }
+
+    #[test]
+    fn an_append_that_fails_part_way_does_not_corrupt_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = LeaveJournal::open(dir.path(), 3).unwrap();
+        journal.record_leave(MemberId(5)).unwrap();
+        // A full device: ten bytes of the record reach the file, then the write fails. The
+        // leave is not acknowledged.
+        let full = journal.append_with(&encode(KIND_LEAVE, 1, 6), |file, bytes| {
+            file.write_all(&bytes[..10])?;
+            Err(std::io::Error::from_raw_os_error(28))
+        });
+        assert!(
+            matches!(full, Err(JournalError::Io { kind, .. }) if kind == std::io::ErrorKind::StorageFull),
+            "{full:?}"
+        );
+        // Space again: later leaves are acknowledged and the journal still reads.
+        journal.record_leave(MemberId(7)).unwrap();
+        journal.record_leave(MemberId(8)).unwrap();
+        drop(journal);
+        let (_, replay) = LeaveJournal::open(dir.path(), 3).unwrap();
+        assert_eq!(replay.leaves, vec![MemberId(5), MemberId(7), MemberId(8)]);
+    }
+
+    #[test]
+    fn a_directory_in_place_of_the_journal_is_an_error_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(JOURNAL_FILE)).unwrap();
+        assert!(matches!(
+            LeaveJournal::open(dir.path(), 0),
+            Err(JournalError::Io { .. })
+        ));
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(JOURNAL_FILE)]);
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //! driver applies both through this store's [`Storage`] implementation, each durably (temporary file, fsync, rename, fsync of the
 //! directory). On open, message files newer than the saved keys (the relay died between the
 //! two writes) are discarded: the relay resumes at its keys and gets the rest by resync, and a
-//! missing message is a gap its endpoints answer "not held" for, never a wrong answer. Files
+//! missing message is a gap its endpoints answer "not held" for, never a wrong answer; so is a
+//! message file that is corrupt or cannot be read ([`RestoredRelay::lost`] reports it). Files
 //! older than the history window are removed as newer ones arrive.
 //!
 //! This module owns no socket and no clock; it only reads and writes files.
@@ -29,7 +30,7 @@ use rekeycast_proto::endpoint::{Storage, StoreError as OpError};
 
 use super::store::{
     create_private_dir, list_message_seqs, message_file_name, read_message_file,
-    write_message_file, StoreError, StoredMessage,
+    write_message_file, LostMessage, MessageProblem, StoreError, StoredMessage,
 };
 use crate::lkh::{MemberKeys, MemberStateError};
 use crate::session::sender::PreparedMessage;
@@ -55,6 +56,9 @@ pub struct RestoredRelay {
     pub messages: Vec<PreparedMessage>,
     /// Message files discarded because they are newer than the saved keys.
     pub discarded: Vec<u64>,
+    /// Message files of the window that are corrupt or cannot be read, ascending: gaps like
+    /// a message got by resync only (answered "not held"), left on disk for the operator.
+    pub lost: Vec<LostMessage>,
 }
 
 /// Why a relay's state directory cannot be used.
@@ -118,17 +122,43 @@ impl RelayStore {
         let last = keys.last_seq();
         let mut messages = Vec::new();
         let mut discarded = Vec::new();
+        let mut lost = Vec::new();
         for seq in seqs {
             if seq > last {
                 store.remove(seq)?;
                 discarded.push(seq);
             } else if seq + store.history as u64 > last {
-                let stored = read_message_file(&store.message_path(seq), seq)?;
-                let prepared = stored.to_prepared().map_err(|e| RelayStoreError::Message {
-                    seq,
-                    reason: e.to_string(),
-                })?;
-                messages.push(prepared);
+                // The relay's history only serves resync and may have gaps: a file that cannot
+                // be used is one more gap, reported, not a relay that cannot start.
+                let path = store.message_path(seq);
+                let stored = match read_message_file(&path, seq) {
+                    Ok(stored) => stored,
+                    Err(StoreError::CorruptMessage { reason, .. }) => {
+                        lost.push(LostMessage {
+                            seq,
+                            path,
+                            problem: reason,
+                        });
+                        continue;
+                    }
+                    Err(StoreError::Io { source, .. }) => {
+                        lost.push(LostMessage {
+                            seq,
+                            path,
+                            problem: MessageProblem::Unreadable(source.kind()),
+                        });
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                match stored.to_prepared() {
+                    Ok(prepared) => messages.push(prepared),
+                    Err(_) => lost.push(LostMessage {
+                        seq,
+                        path,
+                        problem: MessageProblem::Body,
+                    }),
+                }
             } else {
                 store.remove(seq)?;
             }
@@ -139,6 +169,7 @@ impl RelayStore {
                 keys,
                 messages,
                 discarded,
+                lost,
             }),
         ))
     }
@@ -299,6 +330,34 @@ mod tests {
         assert_eq!(
             StoredMessage::from_prepared(&restored.messages[2]),
             StoredMessage::from_prepared(&messages[5])
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_unusable_history_file_is_a_reported_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let (messages, receiver) = messages(4);
+        let (store, _) = RelayStore::open(dir.path(), 8).unwrap();
+        for message in &messages {
+            store
+                .store_message(&StoredMessage::from_prepared(message))
+                .unwrap();
+        }
+        store.save_keys(receiver.keys()).unwrap();
+        let path = store.message_path(2);
+        let mut bytes = fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        fs::remove_file(store.message_path(3)).unwrap();
+        fs::create_dir(store.message_path(3)).unwrap();
+        let (_, restored) = RelayStore::open(dir.path(), 8).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(seqs(&restored.messages), vec![1, 4]);
+        let lost: Vec<_> = restored.lost.iter().map(|l| (l.seq, l.problem)).collect();
+        assert_eq!(
+            lost,
+            vec![(2, MessageProblem::Checksum), (3, MessageProblem::NotAFile)]
         );
     }
 

@@ -19,8 +19,13 @@
 //! - the tree's sequence number S is the last committed message; a message file beyond S was
 //!   written but never committed (the tree did not follow): it is discarded on open, and it was
 //!   never sent, since sending starts after the commit;
-//! - a tree at S without message S, a file that fails its hash, a message that does not parse:
-//!   corrupt state, reported as an error and never silently reset.
+//! - a tree at S without message S, or a message S that fails its hash or does not parse:
+//!   corrupt state, reported as an error and never silently reset;
+//! - an older message of the history window that is missing, fails its hash, does not parse or
+//!   cannot be read is only needed for resync: the directory still opens, the message is
+//!   reported lost ([`RestoredState::lost`]) and a restarted GCKS answers "not held" for it
+//!   (a member then asks its next endpoint). A lost message file is left as it is for the
+//!   operator to inspect; it is removed when the window moves past it.
 //!
 //! The files hold keys (the tree holds every key of the group; a message file its MAC key):
 //! they are created with mode 0600 in a directory of mode 0700.
@@ -62,6 +67,48 @@ pub struct RestoredState {
     pub messages: Vec<StoredMessage>,
     /// Sequence numbers of message files written but never committed (discarded).
     pub discarded: Vec<u64>,
+    /// Messages of the history window, older than the last, whose files are missing or cannot
+    /// be used, ascending: resync cannot serve them from this directory.
+    pub lost: Vec<LostMessage>,
+}
+
+/// A message of the history window that a state directory does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("message {seq} ({path}): {problem}")]
+pub struct LostMessage {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its file.
+    pub path: PathBuf,
+    /// What is wrong with the file.
+    pub problem: MessageProblem,
+}
+
+/// What is wrong with a message file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageProblem {
+    /// The file is missing.
+    #[error("file missing")]
+    Missing,
+    /// Something other than a regular file (a directory, a device) is in its place.
+    #[error("not a regular file")]
+    NotAFile,
+    /// The file cannot be read.
+    #[error("cannot be read ({0})")]
+    Unreadable(std::io::ErrorKind),
+    /// The file is shorter than its header or does not start with the magic number.
+    #[error("bad magic or truncated")]
+    Truncated,
+    /// The body does not match its checksum.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The body does not parse.
+    #[error("body does not parse")]
+    Body,
+    /// The body is of another sequence number than the file's name.
+    #[error("sequence number does not match the file name")]
+    WrongSeq,
 }
 
 /// What is wrong with a state directory.
@@ -92,7 +139,13 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: MessageProblem,
+    },
+    /// A message could not be encoded for its file.
+    #[error("message {seq} cannot be encoded")]
+    Encode {
+        /// The message.
+        seq: u64,
     },
     /// Messages exist but no key tree: the state is partial.
     #[error("state directory {0} holds messages but no key tree snapshot: partial state")]
@@ -100,6 +153,34 @@ pub enum StoreError {
     /// The tree is at a sequence number whose message is missing.
     #[error("key tree is at message {0}, whose file is missing: partial state")]
     MissingMessage(u64),
+    /// Something other than a directory is where a state directory should be.
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+/// Whether the state directory `dir` holds a GCKS's state (a key tree snapshot or a message
+/// file): a GCKS must then resume it with the key that signed it, never with a new one.
+pub fn holds_state(dir: &Path) -> Result<bool, StoreError> {
+    let tree = dir.join(TREE_FILE);
+    match fs::symlink_metadata(&tree) {
+        Ok(_) => return Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StoreError::Io {
+                action: "inspect",
+                path: tree,
+                source,
+            })
+        }
+    }
+    let messages = dir.join(MESSAGES_DIR);
+    match list_message_seqs(&messages) {
+        Ok(seqs) => Ok(!seqs.is_empty()),
+        Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 impl StateStore {
@@ -135,7 +216,7 @@ impl StateStore {
         })?;
         let committed = tree.seq();
         let mut discarded = Vec::new();
-        let mut messages = Vec::new();
+        let mut held = Vec::new();
         for seq in seqs {
             if seq > committed {
                 // Written, never committed, never sent.
@@ -147,11 +228,47 @@ impl StateStore {
                 })?;
                 discarded.push(seq);
             } else if seq + store.history as u64 > committed {
-                messages.push(store.read_message(seq)?);
+                held.push(seq);
             }
         }
-        if committed > 0 && messages.last().map(|m| m.seq) != Some(committed) {
-            return Err(StoreError::MissingMessage(committed));
+        let mut messages = Vec::new();
+        let mut lost = Vec::new();
+        if committed > 0 {
+            // The last message is sent again at start and answers state requests: without it
+            // the state is partial.
+            if held.last() != Some(&committed) {
+                return Err(StoreError::MissingMessage(committed));
+            }
+            let latest = store.read_message(committed)?;
+            // The window runs from the oldest file in it: older ones were pruned (or the
+            // window was larger). A message between that one and the last whose file is
+            // missing or unusable is lost, not fatal: only resync needs it.
+            let first = held.first().copied().unwrap_or(committed);
+            let mut files = held.iter().copied().peekable();
+            for seq in first..committed {
+                let present = files.next_if_eq(&seq).is_some();
+                let problem = if present {
+                    match store.read_message(seq) {
+                        Ok(message) => {
+                            messages.push(message);
+                            continue;
+                        }
+                        Err(StoreError::CorruptMessage { reason, .. }) => reason,
+                        Err(StoreError::Io { source, .. }) => {
+                            MessageProblem::Unreadable(source.kind())
+                        }
+                        Err(error) => return Err(error),
+                    }
+                } else {
+                    MessageProblem::Missing
+                };
+                lost.push(LostMessage {
+                    seq,
+                    path: store.message_path(seq),
+                    problem,
+                });
+            }
+            messages.push(latest);
         }
         Ok((
             store,
@@ -159,6 +276,7 @@ impl StateStore {
                 tree,
                 messages,
                 discarded,
+                lost,
             }),
         ))
     }
@@ -205,18 +323,24 @@ impl StateStore {
         &self.dir
     }
 
+    /// Removes the message files older than the window; one that cannot be removed (a
+    /// directory in its place) does not keep the others: the first failure is returned after
+    /// every file was tried.
     fn prune(&self, latest: u64) -> Result<(), StoreError> {
+        let mut first_error = None;
         for seq in self.message_seqs()? {
             if seq + (self.history as u64) <= latest {
                 let path = self.message_path(seq);
-                fs::remove_file(&path).map_err(|source| StoreError::Io {
-                    action: "remove",
-                    path,
-                    source,
-                })?;
+                if let Err(source) = fs::remove_file(&path) {
+                    first_error.get_or_insert(StoreError::Io {
+                        action: "remove",
+                        path,
+                        source,
+                    });
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn message_path(&self, seq: u64) -> PathBuf {
@@ -239,6 +363,8 @@ pub struct GcksStorage {
     journal: LeaveJournal,
     /// The journal's mark when the endpoint started: the endpoint counts its leaves from it.
     leave_base: u64,
+    /// Messages of the window found lost on open.
+    lost: Vec<LostMessage>,
 }
 
 /// Why a state directory could not be opened for a GCKS.
@@ -264,9 +390,14 @@ impl GcksStorage {
         let (store, restored) = StateStore::open(dir, history, rng)?;
         let committed = restored.as_ref().map_or(0, |r| r.tree.seq());
         let (journal, replay) = LeaveJournal::open(dir, committed)?;
+        let lost = restored
+            .as_ref()
+            .map(|restored| restored.lost.clone())
+            .unwrap_or_default();
         let restored = restored.map(|restored| RestoredGcks {
             tree: restored.tree,
             messages: restored.messages,
+            not_held: restored.lost.iter().map(|lost| lost.seq).collect(),
             journal_leaves: replay.leaves,
             unreleased_batch: replay.unreleased_batch,
         });
@@ -276,6 +407,7 @@ impl GcksStorage {
                 store,
                 journal,
                 leave_base,
+                lost,
             },
             restored,
         ))
@@ -284,6 +416,12 @@ impl GcksStorage {
     /// The state directory.
     pub fn dir(&self) -> &Path {
         self.store.dir()
+    }
+
+    /// The messages of the history window found lost when the directory was opened
+    /// ([`RestoredState::lost`]).
+    pub fn lost(&self) -> &[LostMessage] {
+        &self.lost
     }
 }
 
@@ -379,10 +517,8 @@ pub(crate) fn list_message_seqs(dir: &Path) -> Result<Vec<u64>, StoreError> {
 /// Writes `message` to `path` durably (mode 0600) in the message file format of the module
 /// docs; the relay's store ([`super::relay_store`]) shares it.
 pub(crate) fn write_message_file(path: &Path, message: &StoredMessage) -> Result<(), StoreError> {
-    let body = postcard::to_allocvec(message).map_err(|e| StoreError::CorruptMessage {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let body =
+        postcard::to_allocvec(message).map_err(|_| StoreError::Encode { seq: message.seq })?;
     crate::persist::write_durably(path, MESSAGE_MAGIC, &body).map_err(|source| StoreError::Io {
         action: "write",
         path: path.to_path_buf(),
@@ -390,34 +526,46 @@ pub(crate) fn write_message_file(path: &Path, message: &StoredMessage) -> Result
     })
 }
 
-/// Reads the message file at `path`, which must hold message `seq`: magic, checksum, body and
-/// sequence number checked.
+/// Reads the message file at `path`, which must hold message `seq`: a regular file, magic,
+/// checksum, body and sequence number checked.
 pub(crate) fn read_message_file(path: &Path, seq: u64) -> Result<StoredMessage, StoreError> {
-    let bytes = fs::read(path).map_err(|source| StoreError::Io {
+    let io_error = |source| StoreError::Io {
         action: "read",
         path: path.to_path_buf(),
         source,
-    })?;
-    let corrupt = |reason: &str| StoreError::CorruptMessage {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
     };
+    let corrupt = |reason| StoreError::CorruptMessage {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = fs::File::open(path).map_err(io_error)?;
+    // Checked on the opened file, so the file checked is the file read.
+    if !file.metadata().map_err(io_error)?.is_file() {
+        return Err(corrupt(MessageProblem::NotAFile));
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io_error)?;
     let header = MESSAGE_MAGIC.len() + 32;
     if bytes.len() < header || &bytes[..MESSAGE_MAGIC.len()] != MESSAGE_MAGIC {
-        return Err(corrupt("bad magic or truncated"));
+        return Err(corrupt(MessageProblem::Truncated));
     }
     let body = &bytes[header..];
     if blake3::hash(body).as_bytes()[..] != bytes[MESSAGE_MAGIC.len()..header] {
-        return Err(corrupt("checksum mismatch"));
+        return Err(corrupt(MessageProblem::Checksum));
     }
-    let message: StoredMessage = postcard::from_bytes(body).map_err(|e| corrupt(&e.to_string()))?;
+    let message: StoredMessage =
+        postcard::from_bytes(body).map_err(|_| corrupt(MessageProblem::Body))?;
     if message.seq != seq {
-        return Err(corrupt("sequence number does not match the file name"));
+        return Err(corrupt(MessageProblem::WrongSeq));
     }
     Ok(message)
 }
 
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    // A file in the way would otherwise read as "File exists".
+    if fs::metadata(dir).is_ok_and(|metadata| !metadata.is_dir()) {
+        return Err(StoreError::NotADirectory(dir.to_path_buf()));
+    }
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -544,6 +692,153 @@ mod tests {
         fs::remove_file(dir.path().join(TREE_FILE)).unwrap();
         let error = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap_err();
         assert!(matches!(error, StoreError::MissingTree(_)), "{error}");
+    }
+
+    /// A store with messages 1..=`count` committed, and the messages.
+    fn committed(dir: &Path, history: usize, count: u64) -> (StateStore, Vec<StoredMessage>) {
+        let (mut tree, key) = tree();
+        let (store, _) = StateStore::open(dir, history, KeyRng::seeded_for_simulation(1)).unwrap();
+        let mut stored = Vec::new();
+        for round in 0..count {
+            let message = rekey(&mut tree, &key, &[MemberId(round)]);
+            store.commit(&tree, &message).unwrap();
+            stored.push(message);
+        }
+        (store, stored)
+    }
+
+    #[test]
+    fn lost_older_messages_are_reported_and_the_rest_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, stored) = committed(dir.path(), 8, 6);
+        // Message 2: a flipped byte. Message 3: truncated. Message 4: deleted. Message 5: a
+        // directory in its place.
+        let flip = store.message_path(2);
+        let mut bytes = fs::read(&flip).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&flip, &bytes).unwrap();
+        let cut = store.message_path(3);
+        let bytes = fs::read(&cut).unwrap();
+        fs::write(&cut, &bytes[..20]).unwrap();
+        fs::remove_file(store.message_path(4)).unwrap();
+        fs::remove_file(store.message_path(5)).unwrap();
+        fs::create_dir(store.message_path(5)).unwrap();
+        let (_, restored) =
+            StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap();
+        let restored = restored.unwrap();
+        assert_eq!(restored.tree.seq(), 6);
+        assert_eq!(
+            restored.messages,
+            vec![stored[0].clone(), stored[5].clone()]
+        );
+        let lost: Vec<_> = restored
+            .lost
+            .iter()
+            .map(|lost| (lost.seq, lost.problem))
+            .collect();
+        assert_eq!(
+            lost,
+            vec![
+                (2, MessageProblem::Checksum),
+                (3, MessageProblem::Truncated),
+                (4, MessageProblem::Missing),
+                (5, MessageProblem::NotAFile),
+            ]
+        );
+        assert_eq!(restored.lost[0].path, store.message_path(2));
+        // Each is named in one line: its number, its file, what is wrong, and no cause twice.
+        let text = restored.lost[2].to_string();
+        assert!(
+            text.contains("message 4") && text.contains("file missing"),
+            "{text}"
+        );
+        // Left for the operator to inspect.
+        assert!(store.message_path(2).exists());
+        // Through the GCKS's storage: the endpoint is told which messages are not held.
+        let (storage, restored) =
+            GcksStorage::open(dir.path(), 8, KeyRng::seeded_for_simulation(3)).unwrap();
+        assert_eq!(restored.unwrap().not_held, vec![2, 3, 4, 5]);
+        assert_eq!(storage.lost().len(), 4);
+    }
+
+    #[test]
+    fn messages_before_the_oldest_file_are_outside_the_window_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = committed(dir.path(), 3, 5);
+        // The window was 3 (messages 3..=5); opened with a larger one, nothing is lost.
+        let (_, restored) =
+            StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap();
+        let restored = restored.unwrap();
+        assert!(restored.lost.is_empty(), "{:?}", restored.lost);
+        assert_eq!(restored.messages.len(), 3);
+        // The last message stays required: corrupt, the directory does not open.
+        let path = store.message_path(5);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let error = StateStore::open(dir.path(), 8, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StoreError::CorruptMessage {
+                    reason: MessageProblem::Checksum,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_pruned_does_not_keep_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, stored) = committed(dir.path(), 32, 20);
+        // A directory in place of the oldest message file: it cannot be removed as a file.
+        let (store, restored) =
+            StateStore::open(dir.path(), 2, KeyRng::seeded_for_simulation(2)).unwrap();
+        fs::remove_file(store.message_path(1)).unwrap();
+        fs::create_dir(store.message_path(1)).unwrap();
+        let mut tree = restored.unwrap().tree;
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let message = rekey(&mut tree, &key, &[MemberId(99)]);
+        store.commit(&tree, &message).unwrap();
+        // Every file the window left is pruned, whatever the order the directory lists them
+        // in; the directory stays.
+        let mut seqs = store.message_seqs().unwrap();
+        seqs.sort_unstable();
+        assert_eq!(seqs, vec![1, 20, 21]);
+        assert!(store.message_path(1).is_dir());
+        assert_eq!(stored.len(), 20);
+    }
+
+    #[test]
+    fn a_file_in_place_of_a_state_directory_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _) = committed(dir.path(), 4, 1);
+        let messages = dir.path().join(MESSAGES_DIR);
+        fs::remove_dir_all(&messages).unwrap();
+        fs::write(&messages, b"").unwrap();
+        let error = StateStore::open(dir.path(), 4, KeyRng::seeded_for_simulation(2)).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::NotADirectory(path) if *path == messages),
+            "{error}"
+        );
+        assert!(error.to_string().ends_with("is not a directory"), "{error}");
+    }
+
+    #[test]
+    fn holds_state_tells_a_new_directory_from_a_stored_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        assert!(!holds_state(&state).unwrap());
+        let (store, _) = committed(&state, 4, 1);
+        assert!(holds_state(&state).unwrap());
+        // The tree alone, or the messages alone, is a state too.
+        fs::remove_file(store.message_path(1)).unwrap();
+        assert!(holds_state(&state).unwrap());
+        let (_, _) = committed(&dir.path().join("other"), 4, 1);
+        fs::remove_file(dir.path().join("other").join(TREE_FILE)).unwrap();
+        assert!(holds_state(&dir.path().join("other")).unwrap());
     }
 
     #[test]

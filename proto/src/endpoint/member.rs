@@ -137,6 +137,11 @@ pub struct MemberFigures {
     pub messages: MessageCounters,
     /// Datagrams handed to the endpoint.
     pub datagrams_handled: u64,
+    /// Of those, datagrams dropped before their header and MAC were checked (so counted in
+    /// none of [`MemberFigures::datagrams`]): of a message already applied, of another
+    /// block than the member's, or taken while the member stops or must register again.
+    /// `datagrams_handled` = this + `datagrams.accepted` + `datagrams.rejected()`.
+    pub dropped_before_mac: u64,
     /// The next message the member needs.
     pub next_seq: u64,
     /// The order key of the member's leaf.
@@ -171,6 +176,7 @@ pub struct MemberEndpoint {
     /// Events for the owner.
     ready: VecDeque<ReceiverEvent>,
     datagrams_handled: u64,
+    dropped_before_mac: u64,
     state_save_failures: u64,
     stopping: bool,
 }
@@ -228,6 +234,7 @@ impl MemberEndpoint {
             held: VecDeque::new(),
             ready: VecDeque::new(),
             datagrams_handled: 0,
+            dropped_before_mac: 0,
             state_save_failures: 0,
             stopping: false,
         };
@@ -254,6 +261,7 @@ impl MemberEndpoint {
             datagrams: *session.datagram_counters(),
             messages: *session.message_counters(),
             datagrams_handled: self.datagrams_handled,
+            dropped_before_mac: self.dropped_before_mac,
             next_seq: session.next_seq(),
             order_key: session.order_key(),
             group_key_version: session.group_key().map(|k| k.version),
@@ -261,6 +269,12 @@ impl MemberEndpoint {
             state_save_failures: self.state_save_failures,
             must_reregister: session.reregister_reason(),
         }
+    }
+
+    /// Datagrams the session's datagram verifier has counted, accepted or rejected.
+    fn datagrams_checked(&self) -> u64 {
+        let counters = self.session.datagram_counters();
+        counters.accepted + counters.rejected()
     }
 
     /// The next event of the resync policy (endpoint failures, rejected items, resyncs that
@@ -346,11 +360,16 @@ impl Endpoint for MemberEndpoint {
     fn handle_datagram(&mut self, now: Instant, port: Port, from: SocketAddr, bytes: &[u8]) {
         let _ = port;
         self.datagrams_handled += 1;
-        if self.stopping {
-            return;
+        let checked = self.datagrams_checked();
+        if !self.stopping {
+            self.session.handle_datagram(now, from, bytes);
+            self.pump(now);
         }
-        self.session.handle_datagram(now, from, bytes);
-        self.pump(now);
+        // Every datagram is counted once: by the datagram verifier (accepted or one of its
+        // rejections), or here, dropped before the verifier saw it.
+        if self.datagrams_checked() == checked {
+            self.dropped_before_mac += 1;
+        }
     }
 
     fn handle_command(&mut self, now: Instant, command: MemberCommand) {

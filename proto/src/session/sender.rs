@@ -35,7 +35,7 @@
 //! [`SenderSession::resync_item`], [`SenderSession::latest_manifest`] and
 //! [`SenderSession::oldest_seq`]: everything they serve is already signed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -396,6 +396,9 @@ pub struct SenderSession {
     spi: u32,
     /// The history window, ascending by sequence number.
     messages: VecDeque<Outgoing>,
+    /// Sequence numbers inside the history window whose message this session does not hold
+    /// (lost from a restarted GCKS's state directory): resync answers "not held" for them.
+    not_held: BTreeSet<u64>,
     /// Sequence numbers whose initial transmission is not finished, in order.
     initial: VecDeque<u64>,
     tokens: f64,
@@ -458,6 +461,7 @@ impl SenderSession {
             group_id,
             spi,
             messages: VecDeque::new(),
+            not_held: BTreeSet::new(),
             initial: VecDeque::new(),
             grtt,
             aggregator,
@@ -538,10 +542,15 @@ impl SenderSession {
     /// The signed manifest of message `seq` and the chunk that serves the leaf with order key
     /// `order_key` (see [`crate::lkh::Degree::order_key`]): what a member fetches on resync.
     pub fn resync_item(&self, seq: u64, order_key: u32) -> Result<ResyncItem<'_>, ResyncLookup> {
-        let outgoing = self.find(seq).ok_or_else(|| match self.oldest_seq() {
-            Some(oldest) if seq < oldest => ResyncLookup::BeyondHistory { oldest },
-            _ => ResyncLookup::NotSent,
-        })?;
+        let outgoing = self
+            .find(seq)
+            .ok_or_else(|| match self.missing::<()>(seq) {
+                crate::resync::Lookup::BeyondHistory { oldest } => {
+                    ResyncLookup::BeyondHistory { oldest }
+                }
+                crate::resync::Lookup::NotFound => ResyncLookup::NotHeld,
+                _ => ResyncLookup::NotSent,
+            })?;
         let message = &outgoing.message;
         let index = find_chunk(&message.headers, order_key).ok_or(ResyncLookup::NoChunk)?;
         let index = u32::try_from(index).map_err(|_| ResyncLookup::NoChunk)?;
@@ -697,6 +706,27 @@ impl SenderSession {
         Ok(())
     }
 
+    /// Records that message `seq`, sent before a restart, is inside the history window but
+    /// lost (its stored copy is missing or corrupt): resync answers "not held" for it
+    /// ([`crate::resync::Lookup::NotFound`], [`ResyncLookup::NotHeld`]) instead of "not sent
+    /// yet", so a member asks its next endpoint. It comes in sequence order with
+    /// [`Self::restore_message`], before any [`Self::queue_message`] of a later message, and
+    /// leaves the window as a message would.
+    pub fn restore_not_held(&mut self, seq: u64) -> Result<(), QueueError> {
+        let last = self.latest_seq().max(self.not_held.last().copied());
+        if let Some(last) = last.filter(|&last| seq <= last) {
+            return Err(QueueError::OutOfOrder { seq, last });
+        }
+        self.not_held.insert(seq);
+        Ok(())
+    }
+
+    /// The sequence numbers inside the history window whose message is not held
+    /// ([`Self::restore_not_held`]), ascending.
+    pub fn not_held(&self) -> impl Iterator<Item = u64> + '_ {
+        self.not_held.iter().copied()
+    }
+
     fn check_queueable(&self, message: &PreparedMessage) -> Result<(), QueueError> {
         if message.group_id != self.group_id || message.spi != self.spi {
             return Err(QueueError::WrongGroup {
@@ -704,7 +734,7 @@ impl SenderSession {
                 spi: message.spi,
             });
         }
-        if let Some(last) = self.latest_seq() {
+        if let Some(last) = self.latest_seq().max(self.not_held.last().copied()) {
             if message.seq <= last {
                 return Err(QueueError::OutOfOrder {
                     seq: message.seq,
@@ -1200,6 +1230,12 @@ impl SenderSession {
                 });
             }
         }
+        // A message not held leaves the window when one held there would.
+        if let Some(latest) = self.latest_seq() {
+            let history = self.config.history as u64;
+            self.not_held
+                .retain(|&seq| seq.saturating_add(history) > latest);
+        }
         if self.messages.len() > self.config.repair_window {
             let first_repairable = self.messages[self.messages.len() - self.config.repair_window]
                 .message
@@ -1221,7 +1257,7 @@ impl crate::resync::ResyncSource for SenderSession {
     }
 
     fn oldest(&self) -> Option<u64> {
-        self.oldest_seq()
+        self.window_start()
     }
 
     fn manifest(&self, seq: u64) -> crate::resync::Lookup<&[u8]> {
@@ -1241,10 +1277,22 @@ impl crate::resync::ResyncSource for SenderSession {
 }
 
 impl SenderSession {
-    /// Why message `seq` is not in the history.
+    /// The first sequence number of the history window: the oldest message held, or an
+    /// older one in the window that is not held ([`Self::restore_not_held`]).
+    fn window_start(&self) -> Option<u64> {
+        match (self.not_held.first().copied(), self.oldest_seq()) {
+            (Some(lost), Some(held)) => Some(lost.min(held)),
+            (lost, held) => lost.or(held),
+        }
+    }
+
+    /// Why message `seq` is not in the history: older than the window, not sent yet, or a
+    /// hole inside the window ([`crate::resync::Lookup::NotFound`]: a message lost from a
+    /// restarted GCKS's state directory, or one a relay never queued).
     fn missing<T>(&self, seq: u64) -> crate::resync::Lookup<T> {
-        match (self.oldest_seq(), self.latest_seq()) {
+        match (self.window_start(), self.latest_seq()) {
             (Some(oldest), _) if seq < oldest => crate::resync::Lookup::BeyondHistory { oldest },
+            (Some(_), Some(latest)) if seq <= latest => crate::resync::Lookup::NotFound,
             (_, latest) => crate::resync::Lookup::NotYetSent {
                 latest: latest.unwrap_or(0),
             },
@@ -1279,6 +1327,10 @@ pub enum ResyncLookup {
     /// No chunk of the message serves that order key.
     #[error("no chunk serves that leaf")]
     NoChunk,
+    /// The message is inside the history window but not held (lost from a restarted GCKS's
+    /// state directory): another endpoint may hold it.
+    #[error("message inside the history window not held")]
+    NotHeld,
 }
 
 fn object_kind(object: ObjectId) -> ObjectKind {

@@ -58,8 +58,16 @@ impl std::fmt::Debug for BatchOutput {
     }
 }
 
-/// The bundles of a batch's joiners, by member.
-pub(super) type Bundles = Vec<(MemberId, Result<RegistrationBundle, LkhError>)>;
+/// A joiner's bundle, boxed: a 2^20-join batch's bundles are then 2^20 small allocations,
+/// freed one by one as their answers go, and a list of pointers, not hundreds of MB in one
+/// buffer that the loop would free at once.
+pub(super) type BundleResult = Result<Box<RegistrationBundle>, LkhError>;
+
+/// One joiner's bundle, with the member.
+pub(super) type Answer = (MemberId, BundleResult);
+
+/// The bundles of a batch's joiners, in the order of its joins.
+pub(super) type Bundles = Vec<Answer>;
 
 /// A built batch, not committed: the advanced fork of the tree, its message, the joiners'
 /// bundles and, for a durable endpoint, what the driver stores.
@@ -139,7 +147,7 @@ fn build(
         .map_err(|e| (BatchFailure::Tree(e), e.to_string()))?;
     let bundles = joins
         .iter()
-        .map(|member| (*member, tree.join(*member)))
+        .map(|member| (*member, tree.join(*member).map(Box::new)))
         .collect();
     let built = build_message(&batch, &tree.leaves_in_order(), key, params)
         .map_err(|e| (BatchFailure::Build, e.to_string()))?;

@@ -31,7 +31,9 @@
 //! ([`GcksStoreOp::CommitBatch`]: the message and the tree snapshot) and, once that is
 //! acknowledged, takes the fork as its committed tree and releases the batch in the leave
 //! journal ([`GcksStoreOp::Release`]); only after that acknowledgement do the joiners get their
-//! bundles and does the message wait out the admission delay and go to the sender. A failed
+//! bundles and does the message wait out the admission delay and go to the sender. The answers
+//! of a big batch go out [`ANSWER_SLICE`] per turn of the driver (the next slice is due at
+//! once), and its [`GcksEvent::Rekeyed`] and the admission delay follow the last one. A failed
 //! build or store leaves the tree, the sequence number and the stored state as they were, and
 //! the same batch (same changes, same sequence number) is offered again after a backoff
 //! ([`GcksEvent::BatchFailed`]). A job that panicked, a release that failed or a committed
@@ -408,6 +410,9 @@ pub enum ResyncAnswer {
     NotSent,
     /// No chunk serves that leaf.
     NoChunk,
+    /// The message is inside the history window but not held (lost from the state directory
+    /// before a restart, [`RestoredGcks::not_held`]): another endpoint may hold it.
+    NotHeld,
 }
 
 /// The endpoint's figures ([`GcksEndpoint::stats`]).
@@ -429,6 +434,9 @@ pub struct GcksEndpointStats {
     pub pending: usize,
     /// Of the members, those registered as relays.
     pub relays: usize,
+    /// Messages inside the history window that are not held (lost from the state directory
+    /// before a restart, [`RestoredGcks::not_held`]).
+    pub history_not_held: usize,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -441,6 +449,19 @@ pub enum GcksSetupError {
     /// The restored key tree belongs to another group, SA or signing key.
     #[error("the restored state belongs to another group, SA or signing key")]
     ForeignState,
+    /// The restored key tree's messages are signed by another key than the one given: the
+    /// group's members only accept the key in their bundles, so the state cannot go on under
+    /// this key (the right key is missing or was replaced).
+    #[error(
+        "the restored state was signed by key {stored}, not by the signing key given ({given}): \
+         start with the key that signed it"
+    )]
+    ForeignKey {
+        /// The public key of the restored state (hex).
+        stored: String,
+        /// The public key given (hex).
+        given: String,
+    },
     /// A restored message cannot be put back in the sender's history.
     #[error("restored message {seq}")]
     Message {
@@ -459,6 +480,9 @@ pub struct RestoredGcks {
     /// The committed messages still in the history window, ascending; the last one is the
     /// tree's sequence number.
     pub messages: Vec<StoredMessage>,
+    /// Sequence numbers of messages inside the history window, older than the last, that the
+    /// storage lost (missing or corrupt files): resync answers "not held" for them.
+    pub not_held: Vec<u64>,
     /// Members whose leaves were acknowledged and not released by a committed batch, from
     /// the leave journal.
     pub journal_leaves: Vec<MemberId>,
@@ -503,6 +527,10 @@ pub struct GcksEndpoint<T> {
     committing: Option<batch::Built>,
     /// A committed batch whose [`GcksStoreOp::Release`] is out.
     releasing: Option<Releasing<T>>,
+    /// Released batches whose joiners are being answered, [`ANSWER_SLICE`] a turn, in order;
+    /// and the time of the last slice (the next is due then).
+    answering: VecDeque<Answering<T>>,
+    answer_at: Option<Instant>,
     /// Messages whose joiners have their bundles, waiting out the admission delay.
     held: VecDeque<(Instant, PreparedMessage)>,
     /// Members registered as relays.
@@ -568,11 +596,47 @@ struct Releasing<T> {
     build_time: Duration,
 }
 
+/// A released batch whose joiners are answered slice by slice: the joiners left, their
+/// bundles in the order the job built them, and what follows the last answer.
+struct Answering<T> {
+    joins: std::vec::IntoIter<membership::Joiner<Waiter<T>>>,
+    bundles: std::iter::Peekable<std::vec::IntoIter<batch::Answer>>,
+    /// The bundles left once one came out of step with the joins (none does from a job).
+    out_of_step: Option<HashMap<MemberId, batch::BundleResult>>,
+    message: PreparedMessage,
+    joined: usize,
+    left: usize,
+    members: usize,
+    build_time: Duration,
+}
+
+impl<T> Answering<T> {
+    /// The bundle built for `member`.
+    fn bundle(&mut self, member: MemberId) -> batch::BundleResult {
+        if self.out_of_step.is_none() {
+            if let Some((_, bundle)) = self.bundles.next_if(|(next, _)| *next == member) {
+                return bundle;
+            }
+        }
+        self.out_of_step
+            .get_or_insert_with(|| self.bundles.by_ref().collect())
+            .remove(&member)
+            .unwrap_or(Err(LkhError::NotJustJoined(member)))
+    }
+}
+
+/// Join answers a released batch hands out at most per call of a `handle_*` method: a
+/// bigger batch's answers follow in slices, each due at once ([`Endpoint::poll_timeout`]),
+/// so that a driver's turn never carries the answers of a whole 2^20-join batch. Its message
+/// waits for its last answer before the admission delay starts.
+pub const ANSWER_SLICE: usize = 1_024;
+
 /// The endpoint's timers.
 const TIMER_SESSION: usize = 0;
 const TIMER_BATCH: usize = 1;
 const TIMER_ADMISSION: usize = 2;
-const TIMERS: usize = 3;
+const TIMER_ANSWERS: usize = 3;
+const TIMERS: usize = 4;
 
 impl<T: Clone> GcksEndpoint<T> {
     /// A GCKS with an empty key tree keyed by `rng` (the operating system's RNG in a
@@ -615,16 +679,23 @@ impl<T: Clone> GcksEndpoint<T> {
         let RestoredGcks {
             tree,
             messages,
+            not_held,
             journal_leaves,
             unreleased_batch,
         } = restored;
         let sa = config.rekey_sa(signing_key.verifying_key());
         let tree_sa = tree.rekey_sa();
-        if tree_sa.group_id != sa.group_id
-            || tree_sa.spi != sa.spi
-            || tree_sa.gcks_public_key != sa.gcks_public_key
-        {
+        if tree_sa.group_id != sa.group_id || tree_sa.spi != sa.spi {
             return Err(GcksSetupError::ForeignState);
+        }
+        if tree_sa.gcks_public_key != sa.gcks_public_key {
+            let hex = |key: &ed25519_dalek::VerifyingKey| {
+                key.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+            };
+            return Err(GcksSetupError::ForeignKey {
+                stored: hex(&tree_sa.gcks_public_key),
+                given: hex(&sa.gcks_public_key),
+            });
         }
         let mut session = SenderSession::with_instance(
             config.sender.clone(),
@@ -634,8 +705,19 @@ impl<T: Clone> GcksEndpoint<T> {
             now,
         )?;
         let count = messages.len();
+        // Lost messages go back in order among the held ones; the last message is held.
+        let latest = messages.last().map_or(0, |m| m.seq);
+        let mut lost = not_held.into_iter().filter(|&seq| seq < latest).peekable();
         for (index, stored) in messages.iter().enumerate() {
             let seq = stored.seq;
+            while let Some(lost_seq) = lost.next_if(|&lost_seq| lost_seq < seq) {
+                session
+                    .restore_not_held(lost_seq)
+                    .map_err(|source| GcksSetupError::Message {
+                        seq: lost_seq,
+                        source,
+                    })?;
+            }
             let message = stored
                 .to_prepared()
                 .map_err(|source| GcksSetupError::Message { seq, source })?;
@@ -688,6 +770,8 @@ impl<T: Clone> GcksEndpoint<T> {
             awaiting: BTreeMap::new(),
             committing: None,
             releasing: None,
+            answering: VecDeque::new(),
+            answer_at: None,
             held: VecDeque::new(),
             relays: HashSet::new(),
             events: VecDeque::new(),
@@ -726,6 +810,7 @@ impl<T: Clone> GcksEndpoint<T> {
             group_key_version: self.tree.group_key().0,
             pending: self.membership.pending_changes(),
             relays: self.relays.len(),
+            history_not_held: self.session.not_held().count(),
         }
     }
 
@@ -739,6 +824,7 @@ impl<T: Clone> GcksEndpoint<T> {
             },
             Err(ResyncLookup::BeyondHistory { .. }) => ResyncAnswer::BeyondHistory,
             Err(ResyncLookup::NotSent) => ResyncAnswer::NotSent,
+            Err(ResyncLookup::NotHeld) => ResyncAnswer::NotHeld,
             Err(_) => ResyncAnswer::NoChunk,
         }
     }
@@ -838,6 +924,7 @@ impl<T: Clone> GcksEndpoint<T> {
                 self.answer_join(joiner.ticket, Err(JoinError::Stopped));
             }
         }
+        self.flush_answers();
         for op in std::mem::take(&mut self.deferred) {
             self.refuse(op, None);
         }
@@ -872,6 +959,7 @@ impl<T: Clone> GcksEndpoint<T> {
                 self.answer_join(joiner.ticket, Err(JoinError::Poisoned(reason)));
             }
         }
+        self.flush_answers();
         for op in std::mem::take(&mut self.deferred) {
             self.refuse(op, Some(reason));
         }
@@ -1007,8 +1095,8 @@ impl<T: Clone> GcksEndpoint<T> {
         }
     }
 
-    /// Hands a released batch's joiners their bundles and holds its message for the admission
-    /// delay.
+    /// Hands a released batch's joiners their bundles, [`ANSWER_SLICE`] at a time, then holds
+    /// its message for the admission delay.
     fn release(&mut self, now: Instant, releasing: Releasing<T>) {
         let Releasing {
             committed,
@@ -1020,50 +1108,84 @@ impl<T: Clone> GcksEndpoint<T> {
         for member in &committed.leaves {
             self.relays.remove(member);
         }
-        // The job built the bundles in the order of the batch's joins: take them in step, and
-        // only index what is out of step (a 2^20-join batch's bundles are hundreds of MB, too
-        // much to move through a hash table on the loop).
-        let mut in_order = bundles.into_iter().peekable();
-        let mut out_of_step: Option<HashMap<MemberId, Result<RegistrationBundle, LkhError>>> = None;
-        let joined = committed.joins.len();
-        for joiner in committed.joins {
-            let next = match in_order.peek() {
-                Some((member, _)) if *member == joiner.member => in_order.next(),
-                _ => None,
-            };
-            let bundle = match next {
-                Some((_, bundle)) => bundle,
-                None => out_of_step
-                    .get_or_insert_with(|| in_order.by_ref().collect())
-                    .remove(&joiner.member)
-                    .unwrap_or(Err(LkhError::NotJustJoined(joiner.member))),
-            };
-            if bundle.is_ok() && joiner.relay {
-                self.relays.insert(joiner.member);
-            }
-            self.answer_join(joiner.ticket, bundle.map_err(JoinError::Lkh));
-        }
-        let seq = message.seq();
-        let chunks = message.chunk_count();
-        let delay = if joined == 0 {
-            Duration::ZERO
-        } else {
-            self.config.admission_delay
-        };
-        self.held.push_back((now + delay, message));
-        self.events.push_back(GcksEvent::Rekeyed {
-            seq,
-            joined,
+        // The job built the bundles in the order of the batch's joins: they are taken in
+        // step, a slice a turn (a 2^20-join batch's answers are too many for one turn of the
+        // loop), and only what is out of step is indexed.
+        self.answering.push_back(Answering {
+            joined: committed.joins.len(),
             left: committed.leaves.len(),
+            joins: committed.joins.into_iter(),
+            bundles: bundles.into_iter().peekable(),
+            out_of_step: None,
+            message,
             members,
-            chunks,
             build_time,
         });
+        self.answer_slice(now, ANSWER_SLICE);
+    }
+
+    /// Hands out up to `budget` join answers of the released batches, in order; a batch whose
+    /// last joiner is answered says it is rekeyed and its message is held for the admission
+    /// delay (from `now`).
+    fn answer_slice(&mut self, now: Instant, mut budget: usize) {
+        while let Some(answering) = self.answering.front_mut() {
+            while budget > 0 {
+                let Some(joiner) = answering.joins.next() else {
+                    break;
+                };
+                budget -= 1;
+                let bundle = answering.bundle(joiner.member);
+                if bundle.is_ok() && joiner.relay {
+                    self.relays.insert(joiner.member);
+                }
+                self.events.push_back(GcksEvent::JoinAnswered {
+                    ticket: joiner.ticket.ticket,
+                    part: joiner.ticket.part,
+                    result: bundle.map(|bundle| *bundle).map_err(JoinError::Lkh),
+                });
+            }
+            if !answering.joins.as_slice().is_empty() {
+                // The rest in the next turn.
+                self.answer_at = Some(now);
+                return;
+            }
+            let Some(done) = self.answering.pop_front() else {
+                break;
+            };
+            let seq = done.message.seq();
+            let chunks = done.message.chunk_count();
+            let delay = if done.joined == 0 {
+                Duration::ZERO
+            } else {
+                self.config.admission_delay
+            };
+            self.held.push_back((now + delay, done.message));
+            self.events.push_back(GcksEvent::Rekeyed {
+                seq,
+                joined: done.joined,
+                left: done.left,
+                members: done.members,
+                chunks,
+                build_time: done.build_time,
+            });
+        }
+        self.answer_at = None;
         self.release_held(now);
+    }
+
+    /// Hands out every answer still to come at once (the endpoint stops or is poisoned: its
+    /// messages will not be sent, its committed joiners still get their bundles).
+    fn flush_answers(&mut self) {
+        if let Some(at) = self.answer_at {
+            self.answer_slice(at, usize::MAX);
+        }
     }
 
     /// Queues the held messages whose admission delay is over, in order.
     fn release_held(&mut self, now: Instant) {
+        if self.stopped {
+            return;
+        }
         while self.held.front().is_some_and(|(at, _)| *at <= now) {
             let Some((_, message)) = self.held.pop_front() else {
                 return;
@@ -1149,6 +1271,10 @@ impl<T: Clone> GcksEndpoint<T> {
         match self.held.front() {
             Some((at, _)) if !stopped => self.timers.set(TIMER_ADMISSION, *at),
             _ => self.timers.stop(TIMER_ADMISSION),
+        }
+        match self.answer_at {
+            Some(at) => self.timers.set(TIMER_ANSWERS, at),
+            None => self.timers.stop(TIMER_ANSWERS),
         }
     }
 
@@ -1252,6 +1378,7 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
                     self.session.handle_timeout(now);
                 }
                 TIMER_ADMISSION => self.release_held(now),
+                TIMER_ANSWERS => self.answer_slice(now, ANSWER_SLICE),
                 // TIMER_BATCH: `after_input` polls the schedule.
                 _ => {}
             }

@@ -89,6 +89,7 @@ impl MemStorage {
                 .cloned()
                 .collect(),
             tree,
+            not_held: Vec::new(),
             journal_leaves: self.leaves[self.released_through..].to_vec(),
             unreleased_batch,
         }
@@ -660,10 +661,44 @@ fn a_restore_refuses_state_of_another_signing_key() {
         at: h.now,
     };
     let other = SigningKey::from_bytes(&[1; 32]);
+    let error =
+        GcksEndpoint::<u32>::restore(config(true), other, restored, 1, clock, h.now).unwrap_err();
+    // Named as what it is: the key, with both public keys, not "another group or SA".
+    assert!(
+        matches!(&error, GcksSetupError::ForeignKey { stored, given } if stored != given),
+        "{error}"
+    );
+    assert!(error.to_string().contains("signing key given"), "{error}");
+}
+
+#[test]
+fn messages_lost_from_storage_are_answered_not_held() {
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    for _ in 0..4 {
+        h.rekey();
+    }
+    let mut restored = h.storage.restored(2);
+    assert_eq!(restored.tree.seq(), 5);
+    // Messages 1 (the oldest) and 3 were lost from the state directory.
+    restored.messages.retain(|m| m.seq != 1 && m.seq != 3);
+    restored.not_held = vec![1, 3];
+    let h = restart(h, restored);
+    assert_eq!(h.endpoint.stats().history_not_held, 2);
+    for lost in [1, 3] {
+        assert_eq!(h.endpoint.resync_item(lost, 0), ResyncAnswer::NotHeld);
+        let source: &dyn crate::resync::ResyncSource = h.endpoint.session();
+        assert_eq!(source.manifest(lost), crate::resync::Lookup::NotFound);
+    }
     assert!(matches!(
-        GcksEndpoint::<u32>::restore(config(true), other, restored, 1, clock, h.now),
-        Err(GcksSetupError::ForeignState)
+        h.endpoint.resync_item(2, 0),
+        ResyncAnswer::Item { .. } | ResyncAnswer::NoChunk
     ));
+    let source: &dyn crate::resync::ResyncSource = h.endpoint.session();
+    // The window still starts at the lost oldest message: "not held", not "beyond history".
+    assert_eq!(source.oldest(), Some(1));
+    assert_eq!(h.endpoint.resync_item(6, 0), ResyncAnswer::NotSent);
 }
 
 #[test]
@@ -688,4 +723,78 @@ fn stop_answers_waiting_joins_and_refuses_later_commands() {
     h.leave(1, 2);
     assert_eq!(h.leave_answers(), vec![(2, Err(LeaveError::Stopped))]);
     assert!(h.endpoint.is_stopped());
+}
+
+/// Joins members `1..=count` (ticket = member) and builds them in one batch.
+fn big_batch(count: u64) -> Harness {
+    let mut h = Harness::new(config(true));
+    for member in 1..=count {
+        h.join(member, member as u32);
+    }
+    h.rekey();
+    h
+}
+
+/// Where the first event `matches` is in `events`.
+fn position(events: &[GcksEvent<u32>], matches: impl Fn(&GcksEvent<u32>) -> bool) -> usize {
+    events.iter().position(matches).unwrap_or(usize::MAX)
+}
+
+#[test]
+fn a_big_batch_is_answered_a_slice_per_turn_before_its_message_goes() {
+    let count = 2 * ANSWER_SLICE as u64 + 3;
+    let mut h = big_batch(count);
+    // The release hands out one slice; the next is due at once.
+    assert_eq!(h.join_answers().len(), ANSWER_SLICE);
+    assert!(h.rekeyed().is_empty());
+    assert_eq!(h.endpoint.poll_timeout(), Some(h.now));
+    let mut slices = 1;
+    while h.join_answers().len() < count as usize {
+        assert_eq!(h.transmit(), 0, "the message waits for its last answer");
+        assert!(h.rekeyed().is_empty());
+        let before = h.join_answers().len();
+        h.endpoint.handle_timeout(h.now);
+        h.settle();
+        let given = h.join_answers().len() - before;
+        assert!(
+            given > 0 && given <= ANSWER_SLICE,
+            "{given} answers in one turn"
+        );
+        slices += 1;
+    }
+    assert_eq!(slices, 3);
+    let expected: Vec<(u32, Result<u64, JoinError>)> =
+        (1..=count).map(|member| (member as u32, Ok(1))).collect();
+    assert_eq!(h.join_answers(), expected, "every joiner, in order, once");
+    assert_eq!(h.rekeyed(), vec![(1, count as usize, 0, count as usize)]);
+    let last_answer = h
+        .events
+        .iter()
+        .rposition(|e| matches!(e, GcksEvent::JoinAnswered { .. }))
+        .unwrap();
+    let rekeyed = position(&h.events, |e| matches!(e, GcksEvent::Rekeyed { .. }));
+    let queued = position(&h.events, |e| matches!(e, GcksEvent::Queued { seq: 1 }));
+    assert!(
+        last_answer < rekeyed && rekeyed < queued,
+        "{last_answer} {rekeyed} {queued}"
+    );
+    assert!(h.transmit() > 0);
+    assert_eq!(h.endpoint.poll_timeout().map(|at| at > h.now), Some(true));
+}
+
+#[test]
+fn a_stop_while_a_big_batch_is_answered_hands_out_the_rest_at_once() {
+    let count = ANSWER_SLICE as u64 + 1;
+    let mut h = big_batch(count);
+    assert_eq!(h.join_answers().len(), ANSWER_SLICE);
+    h.command(GcksCommand::Stop);
+    let expected: Vec<(u32, Result<u64, JoinError>)> =
+        (1..=count).map(|member| (member as u32, Ok(1))).collect();
+    assert_eq!(h.join_answers(), expected);
+    assert_eq!(h.rekeyed().len(), 1);
+    assert!(!h
+        .events
+        .iter()
+        .any(|e| matches!(e, GcksEvent::Queued { .. })));
+    assert_eq!(h.transmit(), 0);
 }
