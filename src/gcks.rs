@@ -296,7 +296,7 @@ impl GcksStats {
     /// The figures in the Prometheus text exposition format (served at `/metrics`).
     pub fn prometheus_text(&self) -> String {
         let s = &self.sender;
-        let counters: [(&str, &str, u64); 22] = [
+        let counters: [(&str, &str, u64); 26] = [
             (
                 "rekeycast_manifests_sent_total",
                 "Manifest datagrams sent.",
@@ -389,13 +389,35 @@ impl GcksStats {
             ),
             (
                 "rekeycast_resync_requests_total",
-                "Resync requests answered or refused.",
+                "Resync requests answered (rate-limited and malformed ones are counted apart).",
                 self.resync.requests,
             ),
             (
                 "rekeycast_resync_messages_served_total",
                 "Messages served by resync (a manifest and a chunk each).",
                 self.resync.messages_served,
+            ),
+            (
+                "rekeycast_resync_served_total",
+                "Resyncs served in full (streams sent to their end).",
+                self.resync.streams_completed,
+            ),
+            (
+                "rekeycast_resync_evicted_total",
+                "Resync connections closed to make room (waiting on their client).",
+                self.resync.evicted,
+            ),
+            (
+                "rekeycast_resync_timeouts_total",
+                "Resync connections closed by the silent, header or idle timeout.",
+                self.resync.silent_timeouts
+                    + self.resync.header_timeouts
+                    + self.resync.idle_timeouts,
+            ),
+            (
+                "rekeycast_resync_rejected_total",
+                "Resync requests rejected as malformed or too large.",
+                self.resync.rejected,
             ),
             (
                 "rekeycast_resync_connections_closed_total",
@@ -522,6 +544,8 @@ mod tests {
         stats.resync.requests = 7;
         stats.resync.messages_served = 11;
         stats.resync.rate_limited = 13;
+        stats.resync.streams_completed = 19;
+        stats.resync.evicted = 23;
         stats.members = 17;
         let text = stats.prometheus_text();
         for (name, value) in [
@@ -530,6 +554,8 @@ mod tests {
             ("rekeycast_resync_requests_total", 7),
             ("rekeycast_resync_messages_served_total", 11),
             ("rekeycast_resync_rate_limited_total", 13),
+            ("rekeycast_resync_served_total", 19),
+            ("rekeycast_resync_evicted_total", 23),
             ("rekeycast_members", 17),
         ] {
             assert_eq!(metric(&text, name), Some(value), "{name} in:\n{text}");

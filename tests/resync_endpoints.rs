@@ -369,7 +369,11 @@ fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
             break;
         }
         response.extend_from_slice(&buf[..n]);
-        if response.windows(4).any(|w| w == b"\r\n\r\n") && !request.ends_with(b"keep\r\n\r\n") {
+        // A request that asks the endpoint to close is read to its end (a long body such as
+        // /metrics takes several reads).
+        let read_to_end = request.ends_with(b"keep\r\n\r\n")
+            || request.windows(17).any(|w| w == b"Connection: close");
+        if response.windows(4).any(|w| w == b"\r\n\r\n") && !read_to_end {
             break;
         }
     }

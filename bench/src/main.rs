@@ -35,6 +35,8 @@ enum Area {
     Engine(engine::Args),
     /// The resync endpoints on loopback: HTTP requests/s next to nginx, resync of 100 messages.
     Resync,
+    /// A member's resync latency, RSS and loop lag while hostile clients attack the endpoints.
+    ResyncAttacks,
     /// GCKS repair per rekey for members behind relays vs all on the GCKS (simulated).
     Relay(relay::Args),
 }
@@ -51,9 +53,11 @@ fn main() -> anyhow::Result<()> {
         Area::Engine(args) => engine::run(cli.quick, &args),
         Area::Resync => resync::run(cli.quick),
         Area::Relay(args) => relay::run(cli.quick, &args),
+        Area::ResyncAttacks => attacks::run(cli.quick),
     }
 }
 
+mod attacks;
 mod auth;
 mod engine;
 mod fec;

@@ -588,7 +588,7 @@ impl RelayStats {
         let down = &self.downstream;
         let own = &self.own_resync;
         let mut text = String::new();
-        let counters: [(&str, &str, u64); 34] = [
+        let counters: [(&str, &str, u64); 38] = [
             (
                 "rekeycast_relay_forwarded_total",
                 "Messages forwarded downstream.",
@@ -701,7 +701,7 @@ impl RelayStats {
             ),
             (
                 "rekeycast_relay_resync_connections_accepted_total",
-                "Resync connections accepted (served).",
+                "Resync connections accepted (each may carry many requests).",
                 self.resync.accepted,
             ),
             (
@@ -716,13 +716,33 @@ impl RelayStats {
             ),
             (
                 "rekeycast_relay_resync_requests_total",
-                "Resync requests answered or refused.",
+                "Resync requests answered (rate-limited and malformed ones are counted apart).",
                 self.resync.requests,
             ),
             (
                 "rekeycast_relay_resync_messages_served_total",
                 "Messages served by resync (a manifest and a chunk each).",
                 self.resync.messages_served,
+            ),
+            (
+                "rekeycast_relay_resync_served_total",
+                "Resyncs served in full (streams sent to their end).",
+                self.resync.streams_completed,
+            ),
+            (
+                "rekeycast_relay_resync_evicted_total",
+                "Resync connections closed to make room (waiting on their client).",
+                self.resync.evicted,
+            ),
+            (
+                "rekeycast_relay_resync_timeouts_total",
+                "Resync connections closed by the silent, header or idle timeout.",
+                self.resync.silent_timeouts + self.resync.header_timeouts + self.resync.idle_timeouts,
+            ),
+            (
+                "rekeycast_relay_resync_rejected_total",
+                "Resync requests rejected as malformed or too large.",
+                self.resync.rejected,
             ),
             (
                 "rekeycast_relay_own_resyncs_total",
@@ -849,6 +869,25 @@ mod tests {
         assert!(text.contains("\nrekeycast_relay_next_seq 7\n"));
         assert!(text.contains("\nrekeycast_relay_oldest_held_seq 2\n"));
         assert!(text.contains("\nrekeycast_relay_store_failures_total 3\n"));
+    }
+
+    #[test]
+    fn resync_figures_count_requests_and_resyncs_not_connections() {
+        let mut stats = RelayStats::default();
+        stats.resync.accepted = 1;
+        stats.resync.requests = 40;
+        stats.resync.streams_completed = 30;
+        stats.resync.evicted = 5;
+        let text = stats.prometheus_text();
+        for line in [
+            "rekeycast_relay_resync_connections_accepted_total 1",
+            "rekeycast_relay_resync_requests_total 40",
+            "rekeycast_relay_resync_served_total 30",
+            "rekeycast_relay_resync_evicted_total 5",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line} in:\n{text}");
+        }
+        assert!(!text.contains("accepted (served)"), "{text}");
     }
 
     #[test]

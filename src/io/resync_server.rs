@@ -4,14 +4,23 @@
 //! its protocol's codec, behind [`AnyConnection`]; this module only accepts, reads, writes,
 //! charges requests to their source and closes.
 //!
-//! What protects the endpoint (DESIGN.md, security rules): a connection cap overall and per
-//! source address (beyond it a connection is answered 503 / `Overloaded` and closed), a token
-//! bucket per source address charged for every request (429 / `RateLimited`), header and idle
-//! timeouts (slowloris),
-//! request size caps, and an output cap for clients that ask and never read. Everything served
-//! is already signed, so nothing is authenticated here.
+//! What protects the endpoint (DESIGN.md, security rules): connections must earn their slots.
+//! Each endpoint (TCP, HTTP) has its own connection budget and a smaller one for connections
+//! that have sent nothing yet; a new connection beyond either evicts the connection that made
+//! progress least recently among those waiting on their client (the oldest silent one for the
+//! silent budget), and is refused (503 / `Overloaded`) only when every slot is busy answering.
+//! A source address beyond its own cap is refused. A connection is read at once when
+//! accepted, so a client that sends its request with the connect is never silent. Its first
+//! byte and its first request have deadlines from the accept (silent and header timeouts),
+//! later requests the header timeout from their first byte, and quiet connections the idle
+//! timeout (slowloris). A token bucket per source address is charged for every request (429 /
+//! `RateLimited`), requests have size caps and the output a cap for clients that ask and
+//! never read. Everything served is already signed, so nothing is authenticated here.
+//!
+//! Deadlines and eviction candidates are kept in ordered sets updated after each event of a
+//! connection, so no event costs a scan of all connections.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
@@ -33,20 +42,52 @@ use crate::resync::ResyncSource;
 pub struct EndpointCounters {
     /// Connections accepted.
     pub accepted: u64,
-    /// Connections refused at accept (connection caps): answered 503 / `Overloaded`.
+    /// Connections refused at accept (the per-source cap, or an endpoint full of connections
+    /// being answered): answered 503 / `Overloaded`.
     pub refused_overloaded: u64,
+    /// Connections closed to make room for a new one (the endpoint's or its silent budget
+    /// was full): the ones that made progress least recently, or the oldest silent one.
+    pub evicted: u64,
+    /// Connections closed because they sent nothing by the silent timeout.
+    pub silent_timeouts: u64,
+    /// Connections closed because a request (the first one counted from the accept) did not
+    /// arrive whole by the header timeout.
+    pub header_timeouts: u64,
+    /// Connections closed by the idle timeout.
+    pub idle_timeouts: u64,
+    /// Requests rejected as malformed or too large (each closes its connection).
+    pub rejected: u64,
     /// Requests refused by the per-source rate limit (each request is charged, pipelined or
     /// not).
     pub rate_limited: u64,
-    /// Requests answered (or refused by the rate limit), TCP and HTTP: a member's resync is one
-    /// request on either endpoint.
+    /// Requests answered, TCP and HTTP: a member's resync is one request on either endpoint
+    /// (a connection may carry many). Requests refused by the rate limit are counted in
+    /// [`Self::rate_limited`], malformed ones in [`Self::rejected`].
     pub requests: u64,
+    /// Resync streams sent to their end (the resyncs served in full).
+    pub streams_completed: u64,
     /// Messages (manifest and chunk) sent in resync streams.
     pub messages_served: u64,
     /// Connections closed (by the client, a timeout or an error).
     pub closed: u64,
     /// Connections open now.
     pub open: u64,
+}
+
+/// The accept queue of each listener (the system clamps it to `net.core.somaxconn`). Deeper
+/// than the usual 128, so that a flood of connections does not overflow it and drop a member's
+/// connection attempt (its retry would come a second later).
+const LISTEN_BACKLOG: i32 = 4_096;
+
+/// A non-blocking listener on `addr` (address reuse on, as mio's) with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// A resync listener could not be bound or registered.
@@ -65,8 +106,15 @@ pub struct BindError {
 struct Connection {
     stream: TcpStream,
     peer: IpAddr,
+    kind: Kind,
     handler: Box<dyn AnyConnection>,
     writable_registered: bool,
+    /// The deadline entered in [`Endpoints::deadlines`].
+    deadline: Option<Instant>,
+    /// The key entered in its budget's `waiting` set.
+    waiting: Option<Instant>,
+    /// Entered in its budget's `silent` set (under its accept time).
+    silent: bool,
 }
 
 /// Which listener a connection came from.
@@ -74,6 +122,26 @@ struct Connection {
 enum Kind {
     Tcp,
     Http,
+}
+
+impl Kind {
+    fn index(self) -> usize {
+        match self {
+            Self::Tcp => 0,
+            Self::Http => 1,
+        }
+    }
+}
+
+/// One endpoint's connections, as its budgets see them.
+#[derive(Debug, Default)]
+struct Budget {
+    /// Connections open.
+    open: usize,
+    /// Connections that sent nothing yet, by accept time.
+    silent: BTreeSet<(Instant, Token)>,
+    /// Connections waiting on their client, by their last progress: eviction candidates.
+    waiting: BTreeSet<(Instant, Token)>,
 }
 
 /// The resync listeners and their connections, for one event loop.
@@ -85,6 +153,10 @@ pub(crate) struct Endpoints {
     next_token: usize,
     connections: HashMap<Token, Connection>,
     per_source: HashMap<IpAddr, usize>,
+    /// The TCP and the HTTP endpoint's budgets ([`Kind::index`]).
+    budgets: [Budget; 2],
+    /// Every connection's next deadline.
+    deadlines: BTreeSet<(Instant, Token)>,
     limits: Limits,
     limiter: RateLimiter,
     counters: EndpointCounters,
@@ -135,7 +207,7 @@ impl Endpoints {
                     addr,
                     source,
                 };
-                let mut listener = TcpListener::bind(addr).map_err(failed)?;
+                let mut listener = listen(addr).map_err(failed)?;
                 registry
                     .register(&mut listener, token, Interest::READABLE)
                     .map_err(failed)?;
@@ -153,6 +225,8 @@ impl Endpoints {
             next_token: tokens.2,
             connections: HashMap::new(),
             per_source: HashMap::new(),
+            budgets: Default::default(),
+            deadlines: BTreeSet::new(),
             limiter: RateLimiter::new(&limits),
             limits,
             counters: EndpointCounters::default(),
@@ -175,7 +249,12 @@ impl Endpoints {
         EndpointCounters {
             open: self.connections.len() as u64,
             requests: connections.requests,
+            streams_completed: connections.streams_completed,
             messages_served: connections.messages_served,
+            silent_timeouts: connections.silent_timeouts,
+            header_timeouts: connections.header_timeouts,
+            idle_timeouts: connections.idle_timeouts,
+            rejected: connections.rejected,
             ..self.counters
         }
     }
@@ -191,9 +270,9 @@ impl Endpoints {
     ) {
         let token = event.token();
         if token == self.tcp_token {
-            self.accept(registry, now, Kind::Tcp);
+            self.accept(registry, now, Kind::Tcp, source, metrics);
         } else if token == self.http_token {
-            self.accept(registry, now, Kind::Http);
+            self.accept(registry, now, Kind::Http, source, metrics);
         } else {
             self.service(registry, now, token, source, metrics);
         }
@@ -207,29 +286,105 @@ impl Endpoints {
         source: &dyn ResyncSource,
         metrics: &dyn Fn() -> String,
     ) {
-        let due: Vec<Token> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| c.handler.poll_timeout().is_some_and(|at| at <= now))
-            .map(|(t, _)| *t)
-            .collect();
+        let mut due = Vec::new();
+        while let Some(&(at, token)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(connection) = self.connections.get_mut(&token) {
+                connection.deadline = None;
+                due.push(token);
+            }
+        }
         for token in due {
             if let Some(connection) = self.connections.get_mut(&token) {
                 connection.handler.handle_timeout(now);
             }
             self.flush(registry, token, now, source, metrics);
+            self.refresh(token);
         }
     }
 
     /// The earliest connection deadline.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.connections
-            .values()
-            .filter_map(|c| c.handler.poll_timeout())
-            .min()
+        self.deadlines.first().map(|&(at, _)| at)
     }
 
-    fn accept(&mut self, registry: &Registry, now: Instant, kind: Kind) {
+    /// Enters the connection's current deadline, eviction rank and silence in the ordered
+    /// sets, after anything that may have changed them.
+    fn refresh(&mut self, token: Token) {
+        let Some(connection) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let budget = &mut self.budgets[connection.kind.index()];
+        let deadline = connection.handler.poll_timeout();
+        if deadline != connection.deadline {
+            if let Some(old) = connection.deadline {
+                self.deadlines.remove(&(old, token));
+            }
+            if let Some(new) = deadline {
+                self.deadlines.insert((new, token));
+            }
+            connection.deadline = deadline;
+        }
+        let waiting = connection.handler.waiting_since();
+        if waiting != connection.waiting {
+            if let Some(old) = connection.waiting {
+                budget.waiting.remove(&(old, token));
+            }
+            if let Some(new) = waiting {
+                budget.waiting.insert((new, token));
+            }
+            connection.waiting = waiting;
+        }
+        let silent = connection.handler.is_silent();
+        if silent != connection.silent {
+            let key = (connection.handler.accepted_at(), token);
+            if silent {
+                budget.silent.insert(key);
+            } else {
+                budget.silent.remove(&key);
+            }
+            connection.silent = silent;
+        }
+    }
+
+    /// Makes room in `kind`'s budgets for a new connection, evicting what must go; false if
+    /// the endpoint is full of connections being answered.
+    fn make_room(&mut self, registry: &Registry, kind: Kind) -> bool {
+        let budget = &self.budgets[kind.index()];
+        if budget.silent.len() >= self.limits.max_silent_connections {
+            if let Some(&(_, oldest)) = budget.silent.first() {
+                self.evict(registry, oldest);
+            }
+        }
+        let budget = &self.budgets[kind.index()];
+        if budget.open < self.limits.max_connections {
+            return true;
+        }
+        match budget.waiting.first() {
+            Some(&(_, stalest)) => {
+                self.evict(registry, stalest);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn evict(&mut self, registry: &Registry, token: Token) {
+        self.counters.evicted += 1;
+        self.close(registry, token);
+    }
+
+    fn accept(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        kind: Kind,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
         // Bounded per wake-up; the listener stays readable and the next poll continues.
         for _ in 0..1_024 {
             let listener = match kind {
@@ -256,12 +411,16 @@ impl Endpoints {
             let mut connection = Connection {
                 stream,
                 peer,
+                kind,
                 handler,
                 writable_registered: false,
+                deadline: None,
+                waiting: None,
+                silent: false,
             };
             let from_source = self.per_source.get(&peer).copied().unwrap_or(0);
-            let overloaded = self.connections.len() >= self.limits.max_connections
-                || from_source >= self.limits.max_connections_per_source;
+            let overloaded = from_source >= self.limits.max_connections_per_source
+                || !self.make_room(registry, kind);
             if overloaded {
                 // Answer once, best effort, and close: the client tries another endpoint.
                 self.counters.refused_overloaded += 1;
@@ -277,11 +436,29 @@ impl Endpoints {
             }
             self.counters.accepted += 1;
             *self.per_source.entry(peer).or_insert(0) += 1;
+            self.budgets[kind.index()].open += 1;
             self.connections.insert(token, connection);
+            // Read at once: a request sent with the connect is served now, and its connection
+            // never counts as silent.
+            self.service(registry, now, token, source, metrics);
         }
     }
 
+    /// Reads, answers and writes what a connection's readiness allows, then enters its new
+    /// state in the ordered sets.
     fn service(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        token: Token,
+        source: &dyn ResyncSource,
+        metrics: &dyn Fn() -> String,
+    ) {
+        self.service_io(registry, now, token, source, metrics);
+        self.refresh(token);
+    }
+
+    fn service_io(
         &mut self,
         registry: &Registry,
         now: Instant,
@@ -431,6 +608,19 @@ impl Endpoints {
     fn close(&mut self, registry: &Registry, token: Token) {
         if let Some(mut connection) = self.connections.remove(&token) {
             let _ = registry.deregister(&mut connection.stream);
+            let budget = &mut self.budgets[connection.kind.index()];
+            budget.open = budget.open.saturating_sub(1);
+            if let Some(at) = connection.deadline {
+                self.deadlines.remove(&(at, token));
+            }
+            if let Some(at) = connection.waiting {
+                budget.waiting.remove(&(at, token));
+            }
+            if connection.silent {
+                budget
+                    .silent
+                    .remove(&(connection.handler.accepted_at(), token));
+            }
             self.counters.closed += 1;
             self.closed_connections.add(connection.handler.counters());
             if let Some(count) = self.per_source.get_mut(&connection.peer) {

@@ -20,9 +20,15 @@
 //! - Requests are answered in order, each once; the listener may refuse any of them before it
 //!   is answered (rate limit), and a refusal is answered in the protocol's terms, counted once,
 //!   and closes.
-//! - A started request must arrive whole within the header timeout, counted from its first
-//!   byte; a connection without traffic for the idle timeout closes, dropping output its client
-//!   did not read.
+//! - A connection earns its slot: its first byte must come within the silent timeout and its
+//!   first request whole within the header timeout, both counted from the accept (closing
+//!   without a word otherwise, or with the codec's answer once bytes came). A later request
+//!   must arrive whole within the header timeout, counted from its first byte; a connection
+//!   without traffic for the idle timeout closes, dropping output its client did not read.
+//! - [`Connection::waiting_since`] tells the listener which connections only wait on their
+//!   client, and since when they made progress, so that a full endpoint can evict the one
+//!   that made progress least recently instead of refusing a new client;
+//!   [`Connection::is_silent`] tells which have not sent a byte yet.
 //! - A request over the size cap is rejected from what has arrived, never buffered whole.
 //! - A resync stream is generated while the unwritten output is under half of
 //!   `max_output_bytes`, so a 100-message resync never sits in memory at once; requests
@@ -215,6 +221,9 @@ pub struct Counters {
     pub header_timeouts: u64,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: u64,
+    /// Connections closed because they sent nothing within the silent timeout (counted apart
+    /// from [`Self::header_timeouts`]).
+    pub silent_timeouts: u64,
     /// Connections closed because their client did not read its responses.
     pub output_overflows: u64,
 }
@@ -230,6 +239,7 @@ impl Counters {
         self.overloaded += other.overloaded;
         self.header_timeouts += other.header_timeouts;
         self.idle_timeouts += other.idle_timeouts;
+        self.silent_timeouts += other.silent_timeouts;
         self.output_overflows += other.output_overflows;
     }
 }
@@ -241,6 +251,14 @@ pub struct Connection<C: Codec> {
     max_request_bytes: usize,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// When the connection was accepted.
+    accepted: Instant,
+    /// The first byte must come by this; `None` once it came.
+    silent_deadline: Option<Instant>,
+    /// The first request must be whole by this; `None` once one was.
+    first_request_deadline: Option<Instant>,
+    /// The accept, or the last request completed, or output taken by the client.
+    last_progress: Instant,
     max_requests: u32,
     max_output_bytes: usize,
     /// Received bytes not yet answered: a partial request, or requests waiting behind a
@@ -277,6 +295,10 @@ impl<C: Codec> Connection<C> {
             max_request_bytes: limits.max_request_bytes.max(1),
             header_timeout: limits.header_timeout,
             idle_timeout: limits.idle_timeout,
+            accepted: now,
+            silent_deadline: now.checked_add(limits.silent_timeout),
+            first_request_deadline: now.checked_add(limits.header_timeout),
+            last_progress: now,
             max_requests: limits.max_requests_per_connection.max(1),
             max_output_bytes: limits.max_output_bytes,
             input: Vec::new(),
@@ -326,6 +348,12 @@ impl<C: Codec> Connection<C> {
         if !bytes.is_empty() || self.output_progress {
             self.last_activity = now;
         }
+        if !bytes.is_empty() {
+            self.silent_deadline = None;
+        }
+        if self.output_progress {
+            self.last_progress = now;
+        }
         self.output_progress = false;
         let mut started = match self.request_started {
             Some(started) if !self.input.is_empty() => started,
@@ -360,6 +388,8 @@ impl<C: Codec> Connection<C> {
                 Decoded::Request { len, request } => {
                     pos += len.max(1);
                     started = now;
+                    self.first_request_deadline = None;
+                    self.last_progress = now;
                     match admit() {
                         Ok(()) => self.answer(now, request, source, metrics),
                         Err(refusal) => self.refuse(refusal),
@@ -430,6 +460,12 @@ impl<C: Codec> Connection<C> {
             .header_deadline()
             .is_some_and(|deadline| now >= deadline)
         {
+            if self.is_silent() {
+                // Nothing was asked: nothing to answer.
+                self.counters.silent_timeouts += 1;
+                self.close(now);
+                return;
+            }
             self.counters.header_timeouts += 1;
             self.input.clear();
             self.request_started = None;
@@ -526,6 +562,29 @@ impl<C: Codec> Connection<C> {
             && self.output_pending() < self.watermark()
     }
 
+    /// Whether the client has sent nothing since the accept.
+    pub fn is_silent(&self) -> bool {
+        self.silent_deadline.is_some()
+    }
+
+    /// When the connection was accepted.
+    pub fn accepted_at(&self) -> Instant {
+        self.accepted
+    }
+
+    /// If the connection only waits on its client (nothing sent yet, idle between requests,
+    /// or a request still arriving: no answer being written or generated, not closing), the
+    /// last time it made progress (the accept, the last request completed, or output the
+    /// client took); `None` while it is being answered or closes. A full endpoint evicts the
+    /// connection with the earliest such time.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        let busy = self.closing
+            || self.stream.is_some()
+            || self.parse_pending
+            || self.output_pending() > 0;
+        (!busy).then_some(self.last_progress)
+    }
+
     /// What this connection did so far.
     pub fn counters(&self) -> &Counters {
         &self.counters
@@ -548,8 +607,15 @@ impl<C: Codec> Connection<C> {
         if self.stream.is_some() || self.parse_pending {
             return None;
         }
-        self.request_started
-            .and_then(|started| started.checked_add(self.header_timeout))
+        [
+            self.request_started
+                .and_then(|started| started.checked_add(self.header_timeout)),
+            self.first_request_deadline,
+            self.silent_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn output_pending(&self) -> usize {
@@ -739,6 +805,12 @@ pub trait AnyConnection: Send + Debug {
     fn wants_input(&self) -> bool;
     /// [`Connection::counters`].
     fn counters(&self) -> &Counters;
+    /// [`Connection::is_silent`].
+    fn is_silent(&self) -> bool;
+    /// [`Connection::accepted_at`].
+    fn accepted_at(&self) -> Instant;
+    /// [`Connection::waiting_since`].
+    fn waiting_since(&self) -> Option<Instant>;
 }
 
 impl<C: Codec + Send> AnyConnection for Connection<C> {
@@ -781,6 +853,15 @@ impl<C: Codec + Send> AnyConnection for Connection<C> {
     }
     fn counters(&self) -> &Counters {
         Connection::counters(self)
+    }
+    fn is_silent(&self) -> bool {
+        Connection::is_silent(self)
+    }
+    fn accepted_at(&self) -> Instant {
+        Connection::accepted_at(self)
+    }
+    fn waiting_since(&self) -> Option<Instant> {
+        Connection::waiting_since(self)
     }
 }
 
@@ -1070,6 +1151,75 @@ mod tests {
     fn end_of_input_answers_what_was_asked_in_both_protocols() {
         end_of_input_answers_what_was_asked::<TcpCodec>();
         end_of_input_answers_what_was_asked::<HttpCodec>();
+    }
+
+    fn a_connection_earns_its_slot<C: Requests>(answer: Option<&str>) {
+        let limits = Limits {
+            silent_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(3),
+            ..Limits::default()
+        };
+        // Silent: closed without a word at the silent timeout, not the idle timeout.
+        let mut h = Harness::<C>::new(limits.clone());
+        let accepted = h.now;
+        assert!(h.conn.is_silent());
+        assert_eq!(h.conn.waiting_since(), Some(accepted));
+        assert_eq!(
+            h.conn.poll_timeout(),
+            Some(accepted + Duration::from_secs(1))
+        );
+        h.now += Duration::from_secs(1);
+        h.conn.handle_timeout(h.now);
+        assert!(h.conn.wants_close());
+        assert!(h.take().is_empty());
+        assert_eq!(h.conn.counters().silent_timeouts, 1);
+        assert_eq!(h.conn.counters().header_timeouts, 0);
+        assert_eq!(h.conn.waiting_since(), None);
+        // A first byte late in the silent window: the first request is still due by the
+        // header timeout from the accept, not from that byte.
+        let mut h = Harness::<C>::new(limits.clone());
+        h.now += Duration::from_millis(900);
+        h.send(&C::state()[..2]);
+        assert!(!h.conn.is_silent());
+        assert_eq!(h.conn.poll_timeout(), Some(accepted_plus(&h, 3)));
+        assert_eq!(h.conn.waiting_since(), Some(h.conn.accepted_at()));
+        h.now = accepted_plus(&h, 3);
+        h.conn.handle_timeout(h.now);
+        assert!(h.conn.wants_close());
+        assert_eq!(h.conn.counters().header_timeouts, 1);
+        let answers = C::answers(&h.take());
+        assert_eq!(answers.first().map(String::as_str), answer);
+        // A whole first request: then only the idle timeout runs, and the connection ranks
+        // by its last request.
+        let mut h = Harness::<C>::new(limits);
+        h.now += Duration::from_millis(500);
+        h.send(&C::state());
+        assert_eq!(h.conn.waiting_since(), None, "being answered");
+        h.take();
+        assert_eq!(h.conn.waiting_since(), Some(h.now));
+        assert_eq!(h.conn.poll_timeout(), Some(h.now + Duration::from_secs(30)));
+        // A long stream is not evictable while it is generated.
+        h.source = VecSource::new(GROUP, 10, 100, 2);
+        h.conn = Connection::new(
+            h.now,
+            &Limits {
+                max_output_bytes: 4096,
+                ..Limits::default()
+            },
+        );
+        h.send(&C::resync());
+        assert!(h.conn.has_more_to_send());
+        assert_eq!(h.conn.waiting_since(), None);
+    }
+
+    fn accepted_plus<C: Requests>(h: &Harness<C>, secs: u64) -> Instant {
+        h.conn.accepted_at() + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_connection_earns_its_slot_in_both_protocols() {
+        a_connection_earns_its_slot::<TcpCodec>(None);
+        a_connection_earns_its_slot::<HttpCodec>(Some("408 16"));
     }
 
     #[test]

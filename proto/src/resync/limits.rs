@@ -23,17 +23,30 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// The most headers an HTTP request may carry. Default 32.
     pub max_headers: usize,
-    /// How long a started request may take to arrive whole. Default 5 s.
+    /// How long a started request may take to arrive whole; the first request of a
+    /// connection is counted from the accept, so a connection must earn its slot within this.
+    /// Default 5 s.
     #[serde(rename = "header_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub header_timeout: Duration,
+    /// How long a connection may stay open without sending its first byte, counted from the
+    /// accept (the deadline of the first request still applies). Default 2 s.
+    #[serde(rename = "silent_timeout_ms", with = "rekeycast_nack::duration_ms")]
+    pub silent_timeout: Duration,
     /// How long a connection may stay without traffic before it is closed. Default 30 s.
     #[serde(rename = "idle_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub idle_timeout: Duration,
     /// The most requests one connection may make; the last is answered, then the connection
     /// closes. Default 10,000.
     pub max_requests_per_connection: u32,
-    /// The most connections an endpoint holds at once. Default 1,024.
+    /// The most connections each endpoint (TCP, HTTP: separate budgets) holds at once. When
+    /// it is full, a new connection evicts the one that made progress least recently among
+    /// those that wait on their client (nothing sent yet, idle between requests, or a request
+    /// still arriving); only when every connection is being answered is the new one refused.
+    /// Default 1,024.
     pub max_connections: usize,
+    /// The most connections each endpoint holds that have not sent a byte yet: a new
+    /// connection beyond it evicts the oldest of them. Default 128.
+    pub max_silent_connections: usize,
     /// The most connections one source address may hold at once. Default 16.
     pub max_connections_per_source: usize,
     /// The sustained request rate allowed per source address. Default 200 per second.
@@ -51,9 +64,11 @@ impl Default for Limits {
             max_request_bytes: 8 * 1024,
             max_headers: 32,
             header_timeout: Duration::from_secs(5),
+            silent_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(30),
             max_requests_per_connection: 10_000,
             max_connections: 1024,
+            max_silent_connections: 128,
             max_connections_per_source: 16,
             requests_per_second_per_source: 200.0,
             burst_per_source: 400,
@@ -107,6 +122,9 @@ impl Limits {
         if self.header_timeout.is_zero() {
             return Err(invalid("header_timeout", "0s", "non-zero"));
         }
+        if self.silent_timeout.is_zero() {
+            return Err(invalid("silent_timeout", "0s", "non-zero"));
+        }
         if self.idle_timeout.is_zero() {
             return Err(invalid("idle_timeout", "0s", "non-zero"));
         }
@@ -115,6 +133,9 @@ impl Limits {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", 0, "at least 1"));
+        }
+        if self.max_silent_connections == 0 {
+            return Err(invalid("max_silent_connections", 0, "at least 1"));
         }
         if self.max_connections_per_source == 0 {
             return Err(invalid("max_connections_per_source", 0, "at least 1"));
@@ -298,6 +319,20 @@ mod tests {
             ),
             (
                 Limits {
+                    silent_timeout: Duration::ZERO,
+                    ..Limits::default()
+                },
+                "silent_timeout",
+            ),
+            (
+                Limits {
+                    max_silent_connections: 0,
+                    ..Limits::default()
+                },
+                "max_silent_connections",
+            ),
+            (
+                Limits {
                     requests_per_second_per_source: f64::NAN,
                     ..Limits::default()
                 },
@@ -402,6 +437,12 @@ mod serde_form_tests {
         assert_eq!(limits.header_timeout, Duration::from_millis(250));
         assert_eq!(limits.max_connections, 9);
         assert_eq!(limits.idle_timeout, Limits::default().idle_timeout);
+        let limits: Limits =
+            serde_json::from_str(r#"{"silent_timeout_ms": 300, "max_silent_connections": 4}"#)
+                .unwrap();
+        assert_eq!(limits.silent_timeout, Duration::from_millis(300));
+        assert_eq!(limits.max_silent_connections, 4);
+        assert_eq!(limits.max_connections, Limits::default().max_connections);
 
         let sender: SenderConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(sender, SenderConfig::default());
@@ -458,6 +499,8 @@ mod serde_form_tests {
         let sender: SenderConfig = serde_json::from_str(r#"{"grtt": {"initial_ms": 0}}"#).unwrap();
         assert!(sender.validate().is_err());
         let limits: Limits = serde_json::from_str(r#"{"header_timeout_ms": 0}"#).unwrap();
+        assert!(limits.validate().is_err());
+        let limits: Limits = serde_json::from_str(r#"{"silent_timeout_ms": 0}"#).unwrap();
         assert!(limits.validate().is_err());
     }
 }
