@@ -11,14 +11,19 @@
 //! ([`GcksEvent::BatchFailed`]); what cannot be recovered poisons the engine
 //! ([`GcksEvent::Poisoned`]).
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 pub use rekeycast_proto::endpoint::gcks::membership;
 pub use rekeycast_proto::endpoint::gcks::{
     BatchFailure, Change, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
 };
 
+use crate::config::{
+    check_bind, check_feedback_limit, check_listeners, check_multicast, check_sender, InvalidConfig,
+};
 pub use crate::engine::driver::FeedbackLimit;
 pub use crate::engine::gcks::{
     ChangeAnswer, ChangesTicket, Gcks, GcksBuilder, GcksError, GcksEvent,
@@ -27,12 +32,20 @@ use crate::gsa::WrapAlgorithm;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::Degree;
 use crate::resync::journal::JournalError;
+use crate::resync::limits::Limits;
 use crate::session::layout::MessageParams;
 use crate::session::sender::SenderCounters;
 use crate::session::SenderConfig;
 
 /// Configuration of a [`Gcks`].
-#[derive(Debug, Clone)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default, [`GcksConfig::default`]), durations are whole milliseconds in fields named `*_ms`,
+/// the nested configurations are tables (`multicast`, `sender`, `message`, `resync_limits`,
+/// `feedback_limit`), and a key that is not a field is an error. Check what was read with
+/// [`GcksConfig::validate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GcksConfig {
     /// The group id (in every datagram's header).
     pub group_id: u32,
@@ -53,12 +66,14 @@ pub struct GcksConfig {
     /// How messages are built (SPI, epoch and timestamp are set by the GCKS).
     pub message: MessageParams,
     /// Time between rekeys while membership changes are pending.
+    #[serde(rename = "batch_interval_ms", with = "rekeycast_nack::duration_ms")]
     pub batch_interval: Duration,
     /// Pending joins and leaves that trigger a rekey before the interval ends.
     pub max_batch: usize,
     /// Time between handing a batch's joiners their registration bundles and sending the
     /// batch's message, so that they can join the multicast group first (they need that
     /// message: it carries their path keys).
+    #[serde(rename = "admission_delay_ms", with = "rekeycast_nack::duration_ms")]
     pub admission_delay: Duration,
     /// Worker threads for building batches (0: one per core).
     pub workers: usize,
@@ -68,20 +83,48 @@ pub struct GcksConfig {
     /// member has to re-register; acknowledged leaves are journaled there
     /// ([`crate::resync::journal`]) and replayed on start. `None` (the default): nothing is
     /// persisted, and a leave does not survive a crash.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<std::path::PathBuf>,
     /// Where the TCP resync endpoint listens (length-prefixed frames); `None`: no endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_tcp: Option<SocketAddr>,
     /// Where the HTTP resync endpoint listens (also `/metrics` and `/healthz`); `None`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_http: Option<SocketAddr>,
-    /// The endpoints' limits: connection caps, rate limits, timeouts, request sizes.
-    pub resync_limits: crate::resync::limits::Limits,
+    /// The endpoints' limits: connection caps, per-source connection and request limits,
+    /// timeouts, request and output sizes (the same [`Limits`] a relay's endpoints take).
+    pub resync_limits: Limits,
     /// Seed of the key tree's randomness for simulations and demos; `None` (the default) uses
     /// the operating system's RNG, as a real deployment must.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key_seed: Option<u64>,
     /// The per-source limit on the feedback (NACKs, probe replies) the GCKS takes; `None`: no
     /// limit. Default [`FeedbackLimit::default`]; [`GcksConfig::loopback`] has none (every
     /// member of a one-host test shares one source address).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback_limit: Option<FeedbackLimit>,
+}
+
+/// The multicast group of [`GcksConfig::default`] (and of the configuration files' examples):
+/// an administratively scoped IPv4 group (RFC 2365).
+pub const DEFAULT_GROUP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(239, 255, 77, 1),
+    7400,
+));
+
+/// The port [`GcksConfig::default`] takes NACKs and probe replies on: members' feedback
+/// address is the GCKS's host at this port.
+pub const DEFAULT_FEEDBACK_PORT: u16 = 7401;
+
+impl Default for GcksConfig {
+    /// [`GcksConfig::new`] for [`DEFAULT_GROUP`] on the kernel's default interface, taking
+    /// feedback on port [`DEFAULT_FEEDBACK_PORT`] of any local address.
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_FEEDBACK_PORT)),
+            ..Self::new(MulticastConfig::new(DEFAULT_GROUP))
+        }
+    }
 }
 
 impl GcksConfig {
@@ -129,12 +172,77 @@ impl GcksConfig {
             state_dir: None,
             resync_tcp: None,
             resync_http: None,
-            resync_limits: crate::resync::limits::Limits::default(),
+            resync_limits: Limits::default(),
             key_seed: None,
             feedback_limit: None,
         }
     }
 }
+
+impl GcksConfig {
+    /// Checks every field's range, naming the first field that breaks a rule: the multicast
+    /// settings, a `bind` of the group's address family, the sender session's configuration,
+    /// FEC symbols whose datagrams fit `sender.datagram_size`, a non-zero batch interval,
+    /// batch size and Data SA lifetime, a non-empty state directory when set, distinct resync
+    /// listen addresses, the resync limits and the feedback limit.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        check_multicast("multicast", &self.multicast)?;
+        check_bind("bind", self.bind, self.multicast.group)?;
+        check_sender("sender", &self.sender)?;
+        if self.message.symbol_size == 0 {
+            return Err(InvalidConfig::new(
+                "message.symbol_size",
+                "must be at least 1",
+            ));
+        }
+        if usize::from(self.message.symbol_size) + SYMBOL_DATAGRAM_OVERHEAD
+            > self.sender.datagram_size
+        {
+            return Err(InvalidConfig::new(
+                "message.symbol_size",
+                "its datagrams (47 bytes more) must fit sender.datagram_size",
+            ));
+        }
+        if !(1..=rekeycast_fec::MAX_BLOCK_SYMBOLS).contains(&self.message.max_block_symbols) {
+            return Err(InvalidConfig::new(
+                "message.max_block_symbols",
+                "must be within 1..=56403",
+            ));
+        }
+        if self.batch_interval.is_zero() {
+            return Err(InvalidConfig::new("batch_interval_ms", "must not be 0"));
+        }
+        if self.max_batch == 0 {
+            return Err(InvalidConfig::new("max_batch", "must be at least 1"));
+        }
+        if self.data_sa_lifetime_secs == 0 {
+            return Err(InvalidConfig::new(
+                "data_sa_lifetime_secs",
+                "must be at least 1",
+            ));
+        }
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(InvalidConfig::new(
+                "state_dir",
+                "must not be empty when set",
+            ));
+        }
+        check_listeners(self.resync_tcp, self.resync_http, "resync_http")?;
+        self.resync_limits
+            .validate()
+            .map_err(|error| InvalidConfig::limits("resync_limits", error))?;
+        check_feedback_limit("feedback_limit", self.feedback_limit.as_ref())
+    }
+}
+
+/// Bytes a symbol datagram adds to its FEC symbol: the datagram header and MAC and the symbol
+/// fields.
+const SYMBOL_DATAGRAM_OVERHEAD: usize =
+    crate::wire::datagram::OVERHEAD + crate::wire::symbol::FIXED_LEN;
 
 /// A snapshot of the GCKS's figures.
 #[derive(Debug, Clone, Default)]

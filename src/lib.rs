@@ -31,6 +31,8 @@
 //!   and rekey scenarios over it ([`sim::rekey`]).
 //! - [`io`]: real sockets and threads: multicast sockets, worker pool, event loops.
 //! - [`gcks`], [`member`]: the embedding API.
+//! - [`config`]: what the engines' configurations share: serde forms and [`InvalidConfig`],
+//!   the error of their `validate()`.
 //! - [`keyfile`]: the GCKS's key file, and secret files written with mode 0600. (Configuration
 //!   files, the admin socket and bundle files belong to the `rekeycast-cli` crate.)
 //! - [`resync`]: the resync protocol handlers (from the sans-IO crate) and the durable state of
@@ -41,11 +43,13 @@
 
 pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
+pub use config::InvalidConfig;
 pub use engine::gcks::{Gcks, GcksBuilder, GcksError, GcksEvent};
 pub use engine::member::{Member, MemberBuilder, MemberConfig, MemberError, MemberStats};
 pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};
 pub use gcks::{GcksConfig, GcksStats};
 
+pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod gcks;

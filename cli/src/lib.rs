@@ -24,22 +24,3 @@ pub mod sim;
 pub fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
-
-/// The socket options of a multicast group from a configuration file's `[group]`.
-pub fn multicast_config(
-    group: &crate::config::GroupConfig,
-) -> anyhow::Result<rekeycast::io::socket::MulticastConfig> {
-    use crate::config::MulticastInterface;
-    use rekeycast::io::socket::{Interface, MulticastConfig};
-
-    let mut multicast = MulticastConfig::new(group.multicast);
-    multicast.interface = match group.multicast_interface()? {
-        MulticastInterface::V4(address) if address.is_unspecified() => Interface::Default,
-        MulticastInterface::V4(address) => Interface::V4(address),
-        MulticastInterface::V6(0) => Interface::Default,
-        MulticastInterface::V6(index) => Interface::V6(index),
-    };
-    multicast.ttl = group.ttl;
-    multicast.loopback = group.loopback;
-    Ok(multicast)
-}

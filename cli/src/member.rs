@@ -14,7 +14,6 @@
 //! judges its scenarios from these files.
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::MemberConfig;
 use anyhow::{bail, Context};
 use crossbeam_channel::RecvTimeoutError;
-use rekeycast::member::{self, Member, MemberStats};
+use rekeycast::member::{Member, MemberStats};
 use rekeycast::session::{ReceiverEvent, ReregisterReason};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
@@ -76,23 +75,14 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("configuration {}", args.config.display()))?;
     super::logging::init(&config.log.filter)?;
     let shutdown = ShutdownFlag::install()?;
-    let state_file = args.state.clone().or_else(|| config.state_file.clone());
-    let mut engine_config = member::MemberConfig::loopback(config.group.multicast, config.feedback);
-    engine_config.multicast = super::multicast_config(&config.group)?;
-    engine_config.bind = match config.feedback {
-        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-    };
-    engine_config.receiver = config.receiver_config();
+    let mut engine_config = config.engine_config();
+    let state_file = args
+        .state
+        .clone()
+        .or_else(|| engine_config.state_file.clone());
     if let Some(ms) = args.silence_timeout_ms {
         engine_config.receiver.silence_timeout = Duration::from_millis(ms);
     }
-    engine_config.resync_endpoints = config
-        .resync_endpoints
-        .iter()
-        .map(|endpoint| endpoint.parse())
-        .collect::<Result<_, _>>()
-        .context("resync_endpoints")?;
     engine_config.state_file = state_file.clone();
     let mut status = args.status_file.clone().map(StatusFile::new);
     let member = match state_file.filter(|path| path.exists()) {
@@ -103,8 +93,8 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             info!(
                 state = %path.display(),
                 next_seq,
-                group = %config.group.multicast,
-                feedback = %config.feedback,
+                group = %config.member.multicast.group,
+                feedback = %config.member.receiver.feedback_addr,
                 "member resumed from its saved keys"
             );
             member
@@ -120,8 +110,8 @@ pub fn run(args: &MemberArgs) -> anyhow::Result<ExitCode> {
             info!(
                 member = bundle.member.0,
                 first_seq = bundle.first_seq,
-                group = %config.group.multicast,
-                feedback = %config.feedback,
+                group = %config.member.multicast.group,
+                feedback = %config.member.receiver.feedback_addr,
                 "member running"
             );
             member

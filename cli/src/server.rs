@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::config::ServerConfig;
 use anyhow::{bail, Context};
-use rekeycast::gcks::{Gcks, GcksConfig, GcksError, GcksEvent, GcksStats, LeaveOutcome};
+use rekeycast::gcks::{Gcks, GcksError, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;
 use serde_json::{json, Value};
@@ -37,9 +37,10 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("configuration {}", args.config.display()))?;
     super::logging::init(&config.log.filter)?;
     let shutdown = ShutdownFlag::install()?;
-    let (signing_key, origin) = keyfile::load_or_generate(&config.state_dir)
-        .with_context(|| format!("signing key in {}", config.state_dir.display()))?;
-    let key_path = config.state_dir.join(keyfile::SIGNING_KEY_FILE);
+    let state_dir = config.state_dir();
+    let (signing_key, origin) = keyfile::load_or_generate(&state_dir)
+        .with_context(|| format!("signing key in {}", state_dir.display()))?;
+    let key_path = state_dir.join(keyfile::SIGNING_KEY_FILE);
     let public_key = bundle::hex(signing_key.verifying_key().as_bytes());
     // The public key on standard output too, for the operator to hand to members' products
     // out of band (the private key is never printed).
@@ -63,12 +64,12 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
             "loaded the GCKS signing key"
         ),
     }
-    let batch_interval = config.batch.interval();
+    let batch_interval = config.gcks.batch_interval;
     let gcks = Arc::new(
-        Gcks::start(gcks_config(&config)?, signing_key).context("starting the GCKS engine")?,
+        Gcks::start(config.gcks.clone(), signing_key).context("starting the GCKS engine")?,
     );
     info!(
-        group = %config.group.multicast,
+        group = %config.gcks.multicast.group,
         feedback = %gcks.local_addr(),
         admin_socket = %config.admin_socket.display(),
         "GCKS running"
@@ -133,29 +134,6 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     }
     info!("stopped");
     Ok(exit)
-}
-
-/// The engine's configuration from the file's.
-pub fn gcks_config(config: &ServerConfig) -> anyhow::Result<GcksConfig> {
-    let group = &config.group;
-    let mut gcks = GcksConfig::loopback(group.multicast);
-    gcks.group_id = group.group_id;
-    gcks.spi = group.spi;
-    gcks.degree = group.tree_degree()?;
-    gcks.multicast = super::multicast_config(group)?;
-    gcks.bind = config.feedback_listen;
-    gcks.sender = config.sender_config();
-    gcks.message = config.message_params();
-    gcks.batch_interval = config.batch.interval();
-    // The engine has one limit on a batch's pending changes; the file has one for joins and
-    // one for leaves: the smaller keeps both.
-    gcks.max_batch = config.batch.max_joins.min(config.batch.max_leaves);
-    // The key tree and message history persist beside the signing key, so a restarted server
-    // resumes the group and its members need not re-register.
-    gcks.state_dir = Some(config.state_dir.clone());
-    gcks.resync_tcp = config.resync.tcp_listen;
-    gcks.resync_http = config.resync.http_listen;
-    Ok(gcks)
 }
 
 /// The GCKS's figures as JSON (the admin `status` answer).

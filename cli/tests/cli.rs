@@ -90,13 +90,25 @@ fn sim_small_group_converges() {
 fn server_bad_config_exits_naming_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, "[sender]\nsend_rate = -5.0\n").unwrap();
+    std::fs::write(&config, "[gcks.sender]\nsend_rate = -5.0\n").unwrap();
     let output = rekeycast(&["server", "--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("sender.send_rate"), "{stderr}");
+    assert!(
+        stderr.contains("gcks.sender.send_rate: must be positive and finite"),
+        "{stderr}"
+    );
+    // The GCKS's resync limits are options of the file too, checked by the library.
+    std::fs::write(&config, "[gcks.resync_limits]\nmax_connections = 0\n").unwrap();
+    let output = rekeycast(&["server", "--config", config.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("gcks.resync_limits.max_connections: at least 1"),
+        "{stderr}"
+    );
 
-    std::fs::write(&config, "[sender]\nsend_rat = 5.0\n").unwrap();
+    std::fs::write(&config, "[gcks.sender]\nsend_rat = 5.0\n").unwrap();
     let output = rekeycast(&["server", "--config", config.to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(text(&output.stderr).contains("send_rat"));
@@ -127,7 +139,7 @@ impl Files {
             admin_socket: socket.clone(),
             multicast: group.clone(),
             batch_interval_ms: (batch_interval_ms > 0).then_some(batch_interval_ms),
-            sender: vec![("grtt_initial_ms", 10)],
+            sender: vec![("grtt.initial_ms", 10)],
             resync_tcp: resync.clone(),
         };
         let server_config = dir.join("server.toml");

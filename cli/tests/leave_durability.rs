@@ -60,11 +60,12 @@ fn setup(dir: &Path, seed: u64) -> Setup {
     std::fs::write(
         &config,
         format!(
-            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{group}\"\n[batch]\ninterval_ms = 400\n\
-             [sender]\nhistory = {HISTORY}\nrepair_window = 8\n[log]\nfilter = \"warn\"\n",
-            state.display(),
-            socket.display()
+            "admin_socket = \"{}\"\n[log]\nfilter = \"warn\"\n\
+             [gcks]\nbind = \"{feedback}\"\nstate_dir = \"{}\"\nbatch_interval_ms = 400\n\
+             [gcks.multicast]\ngroup = \"{group}\"\ninterface = \"127.0.0.1\"\nloopback = true\n\
+             [gcks.sender]\nhistory = {HISTORY}\nrepair_window = 8\n",
+            socket.display(),
+            state.display()
         ),
     )
     .unwrap();

@@ -102,11 +102,13 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     std::fs::write(
         &server_config,
         format!(
-            "feedback_listen = \"{feedback}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{up}\"\n[batch]\ninterval_ms = 200\n\
-             [sender]\nheartbeat_max_ms = 500\n[resync]\ntcp_listen = \"{gcks_resync}\"\n",
-            dir.path().join("gcks").display(),
-            socket.display()
+            "admin_socket = \"{}\"\n\
+             [gcks]\nbind = \"{feedback}\"\nstate_dir = \"{}\"\nbatch_interval_ms = 200\n\
+             resync_tcp = \"{gcks_resync}\"\n\
+             [gcks.multicast]\ngroup = \"{up}\"\ninterface = \"127.0.0.1\"\nloopback = true\n\
+             [gcks.sender]\nheartbeat_max_ms = 500\n",
+            socket.display(),
+            dir.path().join("gcks").display()
         ),
     )
     .unwrap();
@@ -115,12 +117,14 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     std::fs::write(
         &relay_config,
         format!(
-            "bundle = \"{}\"\nstate_dir = \"{}\"\n\
-             [upstream]\nmulticast = \"{up}\"\nfeedback = \"{feedback}\"\n\
-             resync_endpoints = [\"tcp://{gcks_resync}\"]\n\
-             [downstream]\nmulticast = \"{down}\"\nfeedback_listen = \"{relay_feedback}\"\n\
-             [sender]\nheartbeat_max_ms = 500\n\
-             [resync]\ntcp_listen = \"{relay_tcp}\"\nhttp_listen = \"{relay_http}\"\n",
+            "bundle = \"{}\"\n\
+             [relay]\nstate_dir = \"{}\"\ndownstream_bind = \"{relay_feedback}\"\n\
+             resync_tcp = \"{relay_tcp}\"\nresync_http = \"{relay_http}\"\n\
+             [relay.upstream]\ngroup = \"{up}\"\ninterface = \"127.0.0.1\"\n\
+             [relay.downstream]\ngroup = \"{down}\"\ninterface = \"127.0.0.1\"\nloopback = true\n\
+             [relay.session.upstream]\nfeedback_addr = \"{feedback}\"\n\
+             [relay.session.downstream]\nheartbeat_max_ms = 500\n\
+             [relay.resync]\ngcks = [\"tcp://{gcks_resync}\"]\n",
             relay_bundle.display(),
             dir.path().join("relay-state").display()
         ),
@@ -131,9 +135,10 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
     std::fs::write(
         &member_config,
         format!(
-            "feedback = \"{relay_feedback}\"\nbundle = \"{}\"\n\
-             resync_endpoints = [\"tcp://{relay_tcp}\", \"tcp://{gcks_resync}\"]\n\
-             state_check_interval_ms = 100\n[group]\nmulticast = \"{down}\"\n",
+            "bundle = \"{}\"\n[member]\nresync_relays = [\"tcp://{relay_tcp}\"]\n\
+             resync_endpoints = [\"tcp://{gcks_resync}\"]\n\
+             [member.multicast]\ngroup = \"{down}\"\ninterface = \"127.0.0.1\"\n\
+             [member.receiver]\nfeedback_addr = \"{relay_feedback}\"\nstate_check_interval_ms = 100\n",
             member_bundle.display()
         ),
     )
@@ -281,7 +286,12 @@ fn rekey_relay_binary_forwards_reports_metrics_stops_on_sigterm_and_resumes() {
 fn rekey_relay_binary_refuses_a_bad_configuration_naming_the_option() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
-    std::fs::write(&config, "[downstream]\nmulticast = \"239.255.77.1:7400\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[relay.downstream]\ngroup = \"239.255.77.1:7400\"\n\
+         [relay.session.upstream]\nfeedback_addr = \"127.0.0.1:7401\"\n",
+    )
+    .unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_rekey-relay"))
         .args(["--config", config.to_str().unwrap()])
         .output()
@@ -289,16 +299,15 @@ fn rekey_relay_binary_refuses_a_bad_configuration_naming_the_option() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(
-            "downstream.multicast = \"239.255.77.1:7400\": must differ from upstream.multicast"
-        ),
+        stderr.contains("relay.downstream.group: must differ from upstream.group"),
         "{stderr}"
     );
     // No bundle and no saved state: an error naming the bundle.
     std::fs::write(
         &config,
         format!(
-            "bundle = \"{}\"\nstate_dir = \"{}\"\n",
+            "bundle = \"{}\"\n[relay]\nstate_dir = \"{}\"\n\
+             [relay.session.upstream]\nfeedback_addr = \"127.0.0.1:7401\"\n",
             dir.path().join("missing.bundle").display(),
             dir.path().join("state").display()
         ),

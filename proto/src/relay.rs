@@ -71,7 +71,14 @@ use crate::session::{
 };
 
 /// Configuration of a [`RelaySession`].
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default, [`RelayConfig::default`]: the [`RelayConfig::new`] values with no upstream feedback
+/// address, which a deployment must set), both sides are tables (`upstream`, a
+/// [`ReceiverConfig`]; `downstream`, a [`SenderConfig`]), and a key that is not a field is an
+/// error. Check what was read with [`RelayConfig::validate`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayConfig {
     /// The upstream side: where the relay's NACKs go (the GCKS's or the upstream relay's
     /// address), NACK timing, decoder limits, silence timeout.
@@ -82,6 +89,7 @@ pub struct RelayConfig {
     /// The group size the downstream heartbeats advertise (the receivers' NACK backoff
     /// scales with it): the number of members behind this relay, if known. `None` advertises
     /// the whole group's size, from the manifests: correct but slower repair.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub downstream_group_size: Option<u32>,
     /// Cut-through forwarding: each verified source symbol (a whole chunk, authenticated on
     /// its own) and the verified manifest go downstream the moment they arrive, and the
@@ -90,6 +98,17 @@ pub struct RelayConfig {
     /// message is sent downstream only once it is complete (a member behind the relay then
     /// waits for the relay's own repair rounds on every block, not just its own).
     pub cut_through: bool,
+}
+
+impl Default for RelayConfig {
+    /// [`RelayConfig::new`] with the unspecified upstream feedback address `0.0.0.0:0`: set
+    /// `upstream.feedback_addr` before use.
+    fn default() -> Self {
+        Self {
+            upstream: ReceiverConfig::default(),
+            ..Self::new(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+        }
+    }
 }
 
 impl RelayConfig {

@@ -59,6 +59,7 @@ use super::driver::{
 };
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
+use crate::config::{check_bind, check_multicast, check_receiver, InvalidConfig};
 use crate::io::resync_client::Endpoint;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::{MemberStateError, RegistrationBundle};
@@ -70,8 +71,21 @@ use crate::session::{
 
 /// Configuration of a [`Member`]. [`MemberConfig::new`] holds production defaults;
 /// [`MemberConfig::loopback`] is for tests and demos on one host.
-#[derive(Debug, Clone)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default, [`MemberConfig::default`]), durations are whole milliseconds in fields named
+/// `*_ms`, resync endpoints are written `"tcp://HOST:PORT"` or `"http://HOST:PORT"` (host
+/// names are resolved when read), the nested configurations are tables (`multicast`,
+/// `receiver`), and a key that is not a field is an error. Check what was read with
+/// [`MemberConfig::validate`]: the receiver's `feedback_addr` has no usable default.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemberConfig {
+    /// The group the member expects to be in: a registration bundle (or saved keys) of
+    /// another group is refused ([`MemberError::GroupMismatch`]). `None` (the default): the
+    /// bundle's group, unchecked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<u32>,
     /// The multicast group, interface and loopback of the rekey traffic.
     pub multicast: MulticastConfig,
     /// The unicast address the member sends NACKs and probe replies from, and connects to
@@ -82,17 +96,21 @@ pub struct MemberConfig {
     pub receiver: ReceiverConfig,
     /// Relay resync endpoints, tried first, in order. A relay's "beyond the history" answer
     /// is not believed while a GCKS endpoint is configured.
+    #[serde(with = "crate::config::endpoint_list")]
     pub resync_relays: Vec<Endpoint>,
     /// The GCKS's resync endpoints, tried after the relays, in order. With no endpoint at all
     /// (the default) the member raises [`ReceiverEvent::OutOfSync`] and
     /// [`ReceiverEvent::StateCheckNeeded`] and the product resyncs it ([`Member::resync`],
     /// [`Member::state_answer`]).
+    #[serde(with = "crate::config::endpoint_list")]
     pub resync_endpoints: Vec<Endpoint>,
     /// The deadline of one whole fetch from one endpoint (connect, request, every item).
+    #[serde(rename = "resync_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub resync_timeout: Duration,
     /// The longest random wait before a resync or state check, against out-of-sync
     /// implosion: each member waits a uniform delay in
     /// `[0, min(this, group size / resync_capacity))`.
+    #[serde(rename = "resync_max_delay_ms", with = "rekeycast_nack::duration_ms")]
     pub resync_max_delay: Duration,
     /// Resyncs and state checks per second the endpoints can serve for the whole group, to
     /// scale that wait (and the backoff of state checks raised by unverifiable traffic) with
@@ -105,9 +123,11 @@ pub struct MemberConfig {
     /// (durably, mode 0600, before the message's events reach the product), so that after a
     /// restart [`Member::resume`] continues from them without registering again. `None` (the
     /// default): nothing is saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_file: Option<PathBuf>,
     /// The seed of the member's random delays; `None` (the default): drawn from the OS, so
     /// the members of a group spread differently.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Events kept for the product at most; beyond, new ones are dropped and counted.
     pub event_capacity: usize,
@@ -124,6 +144,7 @@ impl MemberConfig {
         };
         let resync = ResyncConfig::default();
         Self {
+            group_id: None,
             multicast: MulticastConfig::new(group),
             bind,
             receiver: ReceiverConfig::new(feedback),
@@ -149,6 +170,43 @@ impl MemberConfig {
         }
     }
 
+    /// Checks every field's range, naming the first field that breaks a rule: the multicast
+    /// settings, a `bind` of the group's address family, the receiver session's configuration
+    /// with a feedback address that can be sent to, a non-zero resync deadline, attempts and
+    /// event capacity, a positive, finite resync capacity, and a non-empty state file when
+    /// set.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        check_multicast("multicast", &self.multicast)?;
+        check_bind("bind", self.bind, self.multicast.group)?;
+        check_receiver("receiver", &self.receiver)?;
+        if self.resync_timeout.is_zero() {
+            return Err(InvalidConfig::new("resync_timeout_ms", "must not be 0"));
+        }
+        if !(self.resync_capacity.is_finite() && self.resync_capacity > 0.0) {
+            return Err(InvalidConfig::new(
+                "resync_capacity",
+                "must be positive and finite",
+            ));
+        }
+        if self.resync_attempts == 0 {
+            return Err(InvalidConfig::new("resync_attempts", "must be at least 1"));
+        }
+        if self
+            .state_file
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(InvalidConfig::new(
+                "state_file",
+                "must not be empty when set",
+            ));
+        }
+        if self.event_capacity == 0 {
+            return Err(InvalidConfig::new("event_capacity", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// The resync policy's configuration these settings make.
     pub fn resync_config(&self) -> ResyncConfig {
         ResyncConfig {
@@ -161,6 +219,17 @@ impl MemberConfig {
             max_spread: self.resync_max_delay,
             ..ResyncConfig::default()
         }
+    }
+}
+
+impl Default for MemberConfig {
+    /// [`MemberConfig::new`] for [`crate::gcks::DEFAULT_GROUP`] with no feedback address
+    /// (`0.0.0.0:0`): set `receiver.feedback_addr` to the GCKS's (or relay's) before use.
+    fn default() -> Self {
+        Self::new(
+            crate::gcks::DEFAULT_GROUP,
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        )
     }
 }
 
@@ -196,6 +265,15 @@ pub enum MemberError {
     /// The driver could not start (a socket, a thread), or its loop is gone.
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// The registration bundle (or the saved keys) is of another group than the configured
+    /// [`MemberConfig::group_id`].
+    #[error("the configured group_id {configured} is not the group of the member's keys ({keys})")]
+    GroupMismatch {
+        /// The configuration's group.
+        configured: u32,
+        /// The group of the bundle or saved keys.
+        keys: u32,
+    },
 }
 
 /// A snapshot of a member's figures.
@@ -310,6 +388,7 @@ impl MemberBuilder {
 
     /// Joins the group as the member `bundle` registered, and starts the loop.
     pub fn start(self, bundle: &RegistrationBundle) -> Result<Member, MemberError> {
+        check_group(&self.config, bundle.rekey_sa.group_id)?;
         let (endpoint_config, rng) = endpoint_parts(&self.config);
         let endpoint = MemberEndpoint::new(bundle, endpoint_config, rng, Instant::now())?;
         Member::spawn(endpoint, self.config, self.filter)
@@ -323,9 +402,20 @@ impl MemberBuilder {
                 path: state.to_path_buf(),
                 source,
             })?;
+        check_group(&self.config, keys.rekey_sa().group_id)?;
         let (endpoint_config, rng) = endpoint_parts(&self.config);
         let endpoint = MemberEndpoint::resume(keys, endpoint_config, rng, Instant::now())?;
         Member::spawn(endpoint, self.config, self.filter)
+    }
+}
+
+/// Refuses keys of another group than the configured one.
+fn check_group(config: &MemberConfig, keys: u32) -> Result<(), MemberError> {
+    match config.group_id {
+        Some(configured) if configured != keys => {
+            Err(MemberError::GroupMismatch { configured, keys })
+        }
+        _ => Ok(()),
     }
 }
 

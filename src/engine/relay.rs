@@ -60,6 +60,10 @@ use super::driver::{
 };
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
+use crate::config::{
+    check_bind, check_feedback_limit, check_listeners, check_multicast, check_receiver,
+    check_sender, InvalidConfig,
+};
 use crate::io::resync_server::EndpointCounters;
 use crate::io::socket::MulticastConfig;
 use crate::lkh::RegistrationBundle;
@@ -70,7 +74,15 @@ use crate::session::sender::SenderCounters;
 use crate::session::ReceiverCounters;
 
 /// Configuration of a [`Relay`]. [`RelayEngineConfig::new`] gives production defaults.
-#[derive(Debug, Clone)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default, [`RelayEngineConfig::default`]), durations are whole milliseconds in fields named
+/// `*_ms`, the nested configurations are tables (`upstream`, `downstream`, `session`,
+/// `resync`, `resync_limits`, `feedback_limit`), and a key that is not a field is an error.
+/// Check what was read with [`RelayEngineConfig::validate`]: the upstream feedback address
+/// (`session.upstream.feedback_addr`) has no usable default.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RelayEngineConfig {
     /// The upstream group (the GCKS's, or the upstream relay's) and the interface to join it
     /// on.
@@ -92,18 +104,22 @@ pub struct RelayEngineConfig {
     /// misses.
     pub resync: ResyncConfig,
     /// Where the relay's TCP resync endpoint listens; `None`: no endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_tcp: Option<SocketAddr>,
     /// Where the relay's HTTP resync endpoint listens (also `/metrics` and `/healthz`);
     /// `None`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_http: Option<SocketAddr>,
     /// The resync endpoints' limits: connection caps, rate limits, timeouts, request sizes.
     pub resync_limits: Limits,
     /// What one downstream host may send the relay's feedback socket, per source address;
     /// beyond it datagrams are dropped unread and counted
     /// ([`RelayStats::downstream_rate_limited`]). `None`: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback_limit: Option<FeedbackLimit>,
     /// The state directory: the relay's keys and the messages it forwarded, written durably
     /// as they come ([`crate::resync::relay_store`]). `None`: nothing is saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     /// Events held for a product that does not read them, at most; beyond, they are dropped
     /// and counted ([`RelayStats::events_dropped`]).
@@ -155,6 +171,60 @@ impl RelayEngineConfig {
         }
     }
 
+    /// Checks every field's range, naming the first field that breaks a rule: both groups'
+    /// multicast settings (and distinct groups: the relay must not hear its own forwards),
+    /// bind addresses of their groups' address families, the session's upstream receiver
+    /// (with a feedback address that can be sent to) and downstream sender, a non-zero
+    /// downstream group size when set, the resync policy, distinct resync listen addresses,
+    /// the resync limits, the feedback limit, a non-empty state directory when set and a
+    /// non-zero event capacity.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        check_multicast("upstream", &self.upstream)?;
+        check_multicast("downstream", &self.downstream)?;
+        if self.downstream.group == self.upstream.group {
+            return Err(InvalidConfig::new(
+                "downstream.group",
+                "must differ from upstream.group (the relay would hear its own forwards)",
+            ));
+        }
+        check_bind("upstream_bind", self.upstream_bind, self.upstream.group)?;
+        check_bind(
+            "downstream_bind",
+            self.downstream_bind,
+            self.downstream.group,
+        )?;
+        check_receiver("session.upstream", &self.session.upstream)?;
+        check_sender("session.downstream", &self.session.downstream)?;
+        if self.session.downstream_group_size == Some(0) {
+            return Err(InvalidConfig::new(
+                "session.downstream_group_size",
+                "must be at least 1",
+            ));
+        }
+        self.resync
+            .validate()
+            .map_err(|error| InvalidConfig::session("resync", error))?;
+        check_listeners(self.resync_tcp, self.resync_http, "resync_http")?;
+        self.resync_limits
+            .validate()
+            .map_err(|error| InvalidConfig::limits("resync_limits", error))?;
+        check_feedback_limit("feedback_limit", self.feedback_limit.as_ref())?;
+        if self
+            .state_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(InvalidConfig::new(
+                "state_dir",
+                "must not be empty when set",
+            ));
+        }
+        if self.event_capacity == 0 {
+            return Err(InvalidConfig::new("event_capacity", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     fn endpoint_config(&self) -> RelayEndpointConfig {
         RelayEndpointConfig {
             session: self.session.clone(),
@@ -182,6 +252,37 @@ impl RelayEngineConfig {
             .max_datagram_size
             .max(self.session.downstream.datagram_size);
         config
+    }
+}
+
+/// The downstream group of [`RelayEngineConfig::default`]: an administratively scoped IPv4
+/// group (RFC 2365) beside [`crate::gcks::DEFAULT_GROUP`].
+pub const DEFAULT_DOWNSTREAM_GROUP: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(239, 255, 78, 1),
+    7400,
+));
+
+/// The port [`RelayEngineConfig::default`] takes its members' feedback on.
+pub const DEFAULT_DOWNSTREAM_FEEDBACK_PORT: u16 = 7411;
+
+impl Default for RelayEngineConfig {
+    /// [`RelayEngineConfig::new`] from [`crate::gcks::DEFAULT_GROUP`] to
+    /// [`DEFAULT_DOWNSTREAM_GROUP`] on the kernel's default interfaces, taking its members'
+    /// feedback on port [`DEFAULT_DOWNSTREAM_FEEDBACK_PORT`], with no upstream feedback address
+    /// (`0.0.0.0:0`): set `session.upstream.feedback_addr` to the GCKS's (or upstream relay's)
+    /// before use.
+    fn default() -> Self {
+        Self {
+            downstream_bind: SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                DEFAULT_DOWNSTREAM_FEEDBACK_PORT,
+            )),
+            ..Self::new(
+                MulticastConfig::new(crate::gcks::DEFAULT_GROUP),
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                MulticastConfig::new(DEFAULT_DOWNSTREAM_GROUP),
+            )
+        }
     }
 }
 

@@ -67,19 +67,20 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 /// The configuration file of `rekeycast server` on loopback.
 #[derive(Debug, Clone)]
 pub struct ServerFile {
-    /// `feedback_listen`.
+    /// `gcks.bind`: the feedback address.
     pub feedback: String,
-    /// `state_dir`.
+    /// `gcks.state_dir`.
     pub state_dir: PathBuf,
     /// `admin_socket`.
     pub admin_socket: PathBuf,
-    /// `group.multicast`.
+    /// `gcks.multicast.group` (joined on the loopback interface, multicast loopback on).
     pub multicast: String,
-    /// `batch.interval_ms`, if set.
+    /// `gcks.batch_interval_ms`, if set.
     pub batch_interval_ms: Option<u64>,
-    /// `[sender]` settings (`name = integer`).
+    /// `[gcks.sender]` settings (`name = integer`; dotted names reach nested tables, as
+    /// `grtt.initial_ms`).
     pub sender: Vec<(&'static str, u64)>,
-    /// `resync.tcp_listen`.
+    /// `gcks.resync_tcp`.
     pub resync_tcp: String,
 }
 
@@ -87,23 +88,27 @@ impl ServerFile {
     /// The file's TOML text.
     pub fn to_toml(&self) -> String {
         let mut text = format!(
-            "feedback_listen = \"{}\"\nstate_dir = \"{}\"\nadmin_socket = \"{}\"\n\
-             [group]\nmulticast = \"{}\"\n",
+            "admin_socket = \"{}\"\n[gcks]\nbind = \"{}\"\nstate_dir = \"{}\"\n\
+             resync_tcp = \"{}\"\n",
+            self.admin_socket.display(),
             self.feedback,
             self.state_dir.display(),
-            self.admin_socket.display(),
-            self.multicast
+            self.resync_tcp,
         );
         if let Some(interval) = self.batch_interval_ms {
-            let _ = writeln!(text, "[batch]\ninterval_ms = {interval}");
+            let _ = writeln!(text, "batch_interval_ms = {interval}");
         }
+        let _ = writeln!(
+            text,
+            "[gcks.multicast]\ngroup = \"{}\"\ninterface = \"127.0.0.1\"\nloopback = true",
+            self.multicast
+        );
         if !self.sender.is_empty() {
-            text.push_str("[sender]\n");
+            text.push_str("[gcks.sender]\n");
             for (name, value) in &self.sender {
                 let _ = writeln!(text, "{name} = {value}");
             }
         }
-        let _ = writeln!(text, "[resync]\ntcp_listen = \"{}\"", self.resync_tcp);
         text
     }
 
@@ -116,15 +121,15 @@ impl ServerFile {
 /// The configuration file of `rekeycast member` on loopback.
 #[derive(Debug, Clone)]
 pub struct MemberFile {
-    /// `feedback`: where the member's NACKs go.
+    /// `member.receiver.feedback_addr`: where the member's NACKs go.
     pub feedback: String,
     /// `bundle`: its registration bundle file.
     pub bundle: PathBuf,
-    /// `resync_endpoints`, in order (`tcp://ADDR`).
+    /// `member.resync_endpoints`, in order (`tcp://ADDR`).
     pub resync_endpoints: Vec<String>,
-    /// `state_check_interval_ms`.
+    /// `member.receiver.state_check_interval_ms`.
     pub state_check_interval_ms: u64,
-    /// `group.multicast`.
+    /// `member.multicast.group` (joined on the loopback interface).
     pub multicast: String,
 }
 
@@ -137,13 +142,14 @@ impl MemberFile {
             .map(|e| format!("\"{e}\""))
             .collect();
         format!(
-            "feedback = \"{}\"\nbundle = \"{}\"\nresync_endpoints = [{}]\n\
-             state_check_interval_ms = {}\n[group]\nmulticast = \"{}\"\n",
-            self.feedback,
+            "bundle = \"{}\"\n[member]\nresync_endpoints = [{}]\n\
+             [member.multicast]\ngroup = \"{}\"\ninterface = \"127.0.0.1\"\n\
+             [member.receiver]\nfeedback_addr = \"{}\"\nstate_check_interval_ms = {}\n",
             self.bundle.display(),
             endpoints.join(", "),
+            self.multicast,
+            self.feedback,
             self.state_check_interval_ms,
-            self.multicast
         )
     }
 
@@ -165,14 +171,15 @@ mod tests {
             admin_socket: "/a.sock".into(),
             multicast: "239.1.2.3:4".into(),
             batch_interval_ms: Some(200),
-            sender: vec![("grtt_initial_ms", 10)],
+            sender: vec![("grtt.initial_ms", 10)],
             resync_tcp: "127.0.0.1:2".into(),
         };
         assert_eq!(
             server.to_toml(),
-            "feedback_listen = \"127.0.0.1:1\"\nstate_dir = \"/s\"\nadmin_socket = \"/a.sock\"\n\
-             [group]\nmulticast = \"239.1.2.3:4\"\n[batch]\ninterval_ms = 200\n\
-             [sender]\ngrtt_initial_ms = 10\n[resync]\ntcp_listen = \"127.0.0.1:2\"\n"
+            "admin_socket = \"/a.sock\"\n[gcks]\nbind = \"127.0.0.1:1\"\nstate_dir = \"/s\"\n\
+             resync_tcp = \"127.0.0.1:2\"\nbatch_interval_ms = 200\n\
+             [gcks.multicast]\ngroup = \"239.1.2.3:4\"\ninterface = \"127.0.0.1\"\n\
+             loopback = true\n[gcks.sender]\ngrtt.initial_ms = 10\n"
         );
         let member = MemberFile {
             feedback: "127.0.0.1:1".into(),
@@ -183,9 +190,10 @@ mod tests {
         };
         assert_eq!(
             member.to_toml(),
-            "feedback = \"127.0.0.1:1\"\nbundle = \"/b\"\n\
+            "bundle = \"/b\"\n[member]\n\
              resync_endpoints = [\"tcp://127.0.0.1:2\", \"tcp://127.0.0.1:3\"]\n\
-             state_check_interval_ms = 100\n[group]\nmulticast = \"239.1.2.3:4\"\n"
+             [member.multicast]\ngroup = \"239.1.2.3:4\"\ninterface = \"127.0.0.1\"\n\
+             [member.receiver]\nfeedback_addr = \"127.0.0.1:1\"\nstate_check_interval_ms = 100\n"
         );
     }
 }

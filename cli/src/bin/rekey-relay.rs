@@ -66,17 +66,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("configuration {}", cli.config.display()))?;
     logging::init(&config.log.filter)?;
     let shutdown = shutdown::ShutdownFlag::install()?;
-    let engine_config = config.engine_config()?;
-    let relay = if config.state_dir.join(KEYS_FILE).exists() {
-        let relay = Relay::resume(&config.state_dir, engine_config).with_context(|| {
-            format!(
-                "resuming from the state directory {}",
-                config.state_dir.display()
-            )
+    let engine_config = config.engine_config();
+    let state_dir = config.state_dir();
+    let relay = if state_dir.join(KEYS_FILE).exists() {
+        let relay = Relay::resume(&state_dir, engine_config).with_context(|| {
+            format!("resuming from the state directory {}", state_dir.display())
         })?;
         let stats = relay.stats().context("relay engine")?;
         info!(
-            state_dir = %config.state_dir.display(),
+            state_dir = %state_dir.display(),
             next_seq = stats.next_seq,
             held = ?stats.held,
             "relay resumed from its saved keys and history"
@@ -98,8 +96,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let show =
         |addr: Option<std::net::SocketAddr>| addr.map_or("none".to_string(), |a| a.to_string());
     info!(
-        upstream = %config.upstream.multicast,
-        downstream = %config.downstream.multicast,
+        upstream = %config.relay.upstream.group,
+        downstream = %config.relay.downstream.group,
         feedback = %relay.feedback_addr(),
         resync_tcp = %show(tcp),
         resync_http = %show(http),
@@ -108,8 +106,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     println!(
         "rekey-relay ready upstream={} downstream={} feedback={} upstream_from={} resync_tcp={} \
          resync_http={}",
-        config.upstream.multicast,
-        config.downstream.multicast,
+        config.relay.upstream.group,
+        config.relay.downstream.group,
         relay.feedback_addr(),
         relay.upstream_addr(),
         show(tcp),

@@ -405,6 +405,7 @@ impl<'a> Run<'a> {
         Ok(Upstream {
             group: processes::GROUP,
             feedback: SocketAddr::from((gcks, processes::FEEDBACK_PORT)),
+            resync_relays: Vec::new(),
             resync_endpoints,
         })
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use rekeycast::io::socket::Interface;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -80,22 +81,23 @@ impl Server {
                 }
             })?;
         let address = host.address;
-        config.feedback_listen = SocketAddr::from((address, FEEDBACK_PORT));
-        config.state_dir = dir.join("state");
-        config.admin_socket = dir.join("admin.sock");
-        config.group.multicast = SocketAddr::V4(GROUP);
-        config.group.interface = address.to_string();
-        config.group.loopback = false;
-        config.group.group_id = GROUP_ID;
-        config.group.spi = SPI;
+        let gcks = &mut config.gcks;
+        gcks.bind = SocketAddr::from((address, FEEDBACK_PORT));
+        gcks.state_dir = Some(dir.join("state"));
+        gcks.multicast.group = SocketAddr::V4(GROUP);
+        gcks.multicast.interface = Interface::V4(address);
+        gcks.multicast.loopback = false;
+        gcks.group_id = GROUP_ID;
+        gcks.spi = SPI;
         // Rekeys come from the runner (`rekey`), not from the batch timer.
-        config.batch.interval_ms = 3_600_000;
-        config.sender.grtt_initial_ms = 20;
+        gcks.batch_interval = Duration::from_secs(3600);
+        gcks.sender.grtt.initial = Duration::from_millis(20);
         // Heartbeats at least every HEARTBEAT_MAX: a member that lost all of a message learns of
         // it within that (and, under burst loss stepped per frame, the loss state moves on).
-        config.sender.heartbeat_max_ms = HEARTBEAT_MAX.as_millis() as u64;
-        config.resync.tcp_listen = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
-        config.resync.http_listen = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
+        gcks.sender.heartbeat_max = HEARTBEAT_MAX;
+        gcks.resync_tcp = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
+        gcks.resync_http = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
+        config.admin_socket = dir.join("admin.sock");
         let path = dir.join("server.toml");
         write_toml(&path, &config)?;
         let mut server = Self {
@@ -345,7 +347,9 @@ pub struct Upstream {
     pub group: SocketAddrV4,
     /// Where its NACKs go.
     pub feedback: SocketAddr,
-    /// Its resync endpoints, in order.
+    /// Its relay's resync endpoints, tried first, in order.
+    pub resync_relays: Vec<String>,
+    /// The GCKS's resync endpoints, tried after the relays', in order.
     pub resync_endpoints: Vec<String>,
 }
 
@@ -440,23 +444,18 @@ impl MemberProcess {
     ) -> Result<Self, RunError> {
         let id = spec.id;
         let upstream = &spec.upstream;
-        let mut config =
-            rekeycast_cli::config::MemberConfig::from_toml_str("").map_err(|error| {
-                RunError::Config {
-                    what: "a member's defaults".into(),
-                    message: error.to_string(),
-                }
-            })?;
-        config.group.multicast = SocketAddr::V4(upstream.group);
-        config.group.interface = host.address.to_string();
-        config.group.loopback = false;
-        config.group.group_id = GROUP_ID;
-        config.group.spi = SPI;
-        config.feedback = upstream.feedback;
+        let mut config = rekeycast_cli::config::MemberConfig::default();
+        let member = &mut config.member;
+        member.group_id = Some(GROUP_ID);
+        member.multicast.group = SocketAddr::V4(upstream.group);
+        member.multicast.interface = Interface::V4(host.address);
+        member.multicast.loopback = false;
+        member.receiver.feedback_addr = upstream.feedback;
+        member.resync_relays = endpoints(&upstream.resync_relays)?;
+        member.resync_endpoints = endpoints(&upstream.resync_endpoints)?;
+        member.receiver.state_check_interval = Duration::from_millis(200);
+        member.seed = Some(spec.seed ^ id);
         config.bundle = dir.join(format!("member-{id}.bundle"));
-        config.resync_endpoints = upstream.resync_endpoints.clone();
-        config.state_check_interval_ms = 200;
-        config.seed = Some(spec.seed ^ id);
         if let Ok(filter) = std::env::var(MEMBER_LOG_ENV) {
             config.log.filter = filter;
         }
@@ -579,32 +578,31 @@ impl RelayProcess {
             members,
             seed,
         } = *spec;
-        let mut config =
-            rekeycast_cli::config::RelayConfig::from_toml_str("").map_err(|error| {
-                RunError::Config {
-                    what: "a relay's defaults".into(),
-                    message: error.to_string(),
-                }
-            })?;
+        let mut config = rekeycast_cli::config::RelayConfig::default();
         let address = host.address;
         config.bundle = MemberProcess::bundle_path(dir, id);
-        config.state_dir = dir.join(format!("relay-{number}-state"));
-        config.upstream.multicast = SocketAddr::V4(GROUP);
-        config.upstream.interface = address.to_string();
-        config.upstream.feedback = SocketAddr::from((gcks, FEEDBACK_PORT));
-        config.upstream.resync_endpoints = vec![format!("tcp://{gcks}:{TCP_RESYNC_PORT}")];
-        config.upstream.state_check_interval_ms = 200;
-        config.upstream.silence_timeout_ms = 5_000;
-        config.upstream.seed = Some(seed ^ id);
-        config.downstream.multicast = SocketAddr::V4(relay_group(number));
-        config.downstream.interface = address.to_string();
-        config.downstream.loopback = false;
-        config.downstream.feedback_listen = SocketAddr::from((address, RELAY_FEEDBACK_PORT));
-        config.downstream.group_size = Some(members.max(1));
-        config.sender.grtt_initial_ms = 20;
-        config.sender.heartbeat_max_ms = HEARTBEAT_MAX.as_millis() as u64;
-        config.resync.tcp_listen = Some(SocketAddr::from((address, RELAY_TCP_PORT)));
-        config.resync.http_listen = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
+        let relay = &mut config.relay;
+        relay.state_dir = Some(dir.join(format!("relay-{number}-state")));
+        relay.upstream.group = SocketAddr::V4(GROUP);
+        relay.upstream.interface = Interface::V4(address);
+        relay.session.upstream.feedback_addr = SocketAddr::from((gcks, FEEDBACK_PORT));
+        let gcks_resync = format!("tcp://{gcks}:{TCP_RESYNC_PORT}");
+        relay.resync.gcks = vec![gcks_resync.parse().map_err(|_| RunError::Config {
+            what: "the GCKS's resync endpoint".into(),
+            message: gcks_resync.clone(),
+        })?];
+        relay.session.upstream.state_check_interval = Duration::from_millis(200);
+        relay.session.upstream.silence_timeout = Duration::from_secs(5);
+        relay.session.upstream.scheduler.seed = (seed ^ id).max(1);
+        relay.downstream.group = SocketAddr::V4(relay_group(number));
+        relay.downstream.interface = Interface::V4(address);
+        relay.downstream.loopback = false;
+        relay.downstream_bind = SocketAddr::from((address, RELAY_FEEDBACK_PORT));
+        relay.session.downstream_group_size = Some(members.max(1));
+        relay.session.downstream.grtt.initial = Duration::from_millis(20);
+        relay.session.downstream.heartbeat_max = HEARTBEAT_MAX;
+        relay.resync_tcp = Some(SocketAddr::from((address, RELAY_TCP_PORT)));
+        relay.resync_http = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
         let path = dir.join(format!("relay-{number}.toml"));
         write_toml(&path, &config)?;
         let mut relay = Self {
@@ -683,8 +681,8 @@ impl RelayProcess {
         Upstream {
             group: relay_group(self.number),
             feedback: SocketAddr::from((self.address, RELAY_FEEDBACK_PORT)),
+            resync_relays: vec![format!("tcp://{}:{RELAY_TCP_PORT}", self.address)],
             resync_endpoints: vec![
-                format!("tcp://{}:{RELAY_TCP_PORT}", self.address),
                 format!("tcp://{gcks}:{TCP_RESYNC_PORT}"),
                 format!("http://{gcks}:{HTTP_RESYNC_PORT}"),
             ],
@@ -720,6 +718,19 @@ impl RelayProcess {
         .ok()
         .map(|text| parse_prometheus(&text))
     }
+}
+
+/// The resync endpoints of their texts (`tcp://ADDR:PORT`).
+fn endpoints(texts: &[String]) -> Result<Vec<rekeycast::io::resync_client::Endpoint>, RunError> {
+    texts
+        .iter()
+        .map(|text| {
+            text.parse().map_err(|_| RunError::Config {
+                what: "a resync endpoint".into(),
+                message: text.clone(),
+            })
+        })
+        .collect()
 }
 
 fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), RunError> {

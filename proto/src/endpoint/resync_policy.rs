@@ -47,6 +47,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{FetchFailure, FetchId, FetchRequest, FetchWhat, Fetched, ResyncEndpoint};
 use crate::relay::RelaySession;
 use crate::session::receiver::{ResyncError, StateVerdict};
+use crate::session::ConfigError;
 use crate::session::{ReceiverEvent, ReceiverSession};
 
 /// What the policy resyncs: a member's receiver session, or a relay's upstream side.
@@ -131,13 +132,23 @@ impl ResyncTarget for RelaySession {
 }
 
 /// The policy's settings. [`ResyncConfig::default`] holds production values with no endpoint.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default), durations are whole milliseconds in fields named `*_ms`, endpoints are written
+/// `"tcp://ADDR:PORT"` or `"http://ADDR:PORT"` (see [`ResyncEndpoint`]'s `FromStr`), and a key
+/// that is not a field is an error. Check what was read with [`ResyncConfig::validate`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ResyncConfig {
-    /// Relay resync endpoints, tried first, in this order.
+    /// Relay resync endpoints, tried first, in this order. A relay's "beyond the history"
+    /// answer is not believed while a GCKS endpoint is configured: the GCKS is asked.
+    #[serde(with = "endpoint_list")]
     pub relays: Vec<ResyncEndpoint>,
     /// The GCKS's resync endpoints, tried after every relay, in this order.
+    #[serde(with = "endpoint_list")]
     pub gcks: Vec<ResyncEndpoint>,
     /// The deadline of one whole fetch (connect, request, every item). Default 10 s.
+    #[serde(rename = "fetch_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub fetch_timeout: Duration,
     /// The most bytes one fetch reads. Default 16 MiB.
     pub max_fetch_bytes: usize,
@@ -147,8 +158,10 @@ pub struct ResyncConfig {
     /// Rounds over the endpoint list before a resync or state check gives up. Default 5.
     pub rounds: u32,
     /// The backoff before the second round; it doubles each round. Default 200 ms.
+    #[serde(rename = "backoff_initial_ms", with = "rekeycast_nack::duration_ms")]
     pub backoff_initial: Duration,
     /// The longest backoff between rounds. Default 10 s.
+    #[serde(rename = "backoff_max_ms", with = "rekeycast_nack::duration_ms")]
     pub backoff_max: Duration,
     /// The group size the spreading assumes until told better
     /// ([`ResyncPolicy::set_group_size`]). Default 1.
@@ -157,12 +170,21 @@ pub struct ResyncConfig {
     /// spreading window is `group size / capacity`. Default 1,000.
     pub capacity: f64,
     /// The longest spreading window. Default 10 s.
+    #[serde(rename = "max_spread_ms", with = "rekeycast_nack::duration_ms")]
     pub max_spread: Duration,
     /// The shortest spacing between two state checks raised by unverifiable traffic; it
     /// doubles with each check that finds nothing new. Default 2 s.
+    #[serde(
+        rename = "state_check_backoff_initial_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_backoff_initial: Duration,
     /// The cap of that spacing, raised to `group size / capacity` for large groups. Default
     /// 60 s.
+    #[serde(
+        rename = "state_check_backoff_max_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_backoff_max: Duration,
 }
 
@@ -183,6 +205,111 @@ impl Default for ResyncConfig {
             state_check_backoff_initial: Duration::from_secs(2),
             state_check_backoff_max: Duration::from_secs(60),
         }
+    }
+}
+
+impl ResyncConfig {
+    /// Checks the ranges of every field: a non-zero fetch deadline, byte and item caps and
+    /// rounds, backoffs with the initial one not above the cap, a group size of at least 1 and
+    /// a positive, finite capacity.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+        if self.fetch_timeout.is_zero() {
+            return invalid("fetch_timeout", "must not be 0");
+        }
+        if self.max_fetch_bytes == 0 {
+            return invalid("max_fetch_bytes", "must be at least 1");
+        }
+        if self.max_fetch_items == 0 {
+            return invalid("max_fetch_items", "must be at least 1");
+        }
+        if self.rounds == 0 {
+            return invalid("rounds", "must be at least 1");
+        }
+        if self.backoff_initial > self.backoff_max {
+            return invalid("backoff_initial", "must not exceed backoff_max");
+        }
+        if self.group_size == 0 {
+            return invalid("group_size", "must be at least 1");
+        }
+        if !(self.capacity.is_finite() && self.capacity > 0.0) {
+            return invalid("capacity", "must be positive and finite");
+        }
+        if self.state_check_backoff_initial.is_zero() {
+            return invalid("state_check_backoff_initial", "must not be 0");
+        }
+        if self.state_check_backoff_initial > self.state_check_backoff_max {
+            return invalid(
+                "state_check_backoff_initial",
+                "must not exceed state_check_backoff_max",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Serde's form of a list of resync endpoints: their text forms (`"tcp://ADDR:PORT"`).
+mod endpoint_list {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::ResyncEndpoint;
+
+    pub(super) fn serialize<S: Serializer>(
+        endpoints: &[ResyncEndpoint],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let texts: Vec<String> = endpoints.iter().map(ToString::to_string).collect();
+        texts.serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<ResyncEndpoint>, D::Error> {
+        Vec::<String>::deserialize(deserializer)?
+            .iter()
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// A resync endpoint's text that is not `"tcp://ADDR:PORT"` or `"http://ADDR:PORT"`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("resync endpoint {text:?}: not \"tcp://ADDR:PORT\" or \"http://ADDR:PORT\" (an IP address and a port)")]
+pub struct EndpointParseError {
+    /// The text.
+    pub text: String,
+}
+
+impl std::str::FromStr for ResyncEndpoint {
+    type Err = EndpointParseError;
+
+    /// Parses `"tcp://ADDR:PORT"` or `"http://ADDR:PORT"` (a trailing `/` allowed; IPv6
+    /// addresses in brackets). Host names are not resolved here: this crate does no I/O.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || EndpointParseError {
+            text: text.to_string(),
+        };
+        let (scheme, rest) = text.split_once("://").ok_or_else(bad)?;
+        let protocol = match scheme {
+            "tcp" => super::ResyncProtocol::Tcp,
+            "http" => super::ResyncProtocol::Http,
+            _ => return Err(bad()),
+        };
+        let addr: std::net::SocketAddr = rest.trim_end_matches('/').parse().map_err(|_| bad())?;
+        if addr.port() == 0 {
+            return Err(bad());
+        }
+        Ok(Self { protocol, addr })
+    }
+}
+
+impl std::fmt::Display for ResyncEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = match self.protocol {
+            super::ResyncProtocol::Tcp => "tcp",
+            super::ResyncProtocol::Http => "http",
+        };
+        write!(f, "{scheme}://{}", self.addr)
     }
 }
 

@@ -228,9 +228,16 @@ pub fn read_payload(chunk: &Verified<Chunk>) -> Result<(Vec<Wrap>, WrappedDataSa
 
 /// How the GCKS builds a message. [`MessageParams::default`] gives the defaults named on each
 /// field; set at least `spi`, `epoch` and `timestamp_us` from the Rekey SA and the clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// It deserializes from a configuration file's table (serde) with the fields an operator
+/// chooses (`symbol_size`, `chunk_auth` as `"signature"` or `"merkle_path"`,
+/// `max_block_symbols`, `signing_threads`); `spi`, `epoch` and `timestamp_us` are the GCKS's to
+/// set and are neither read nor written. A key that is not a field is an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MessageParams {
     /// The SPI of the Rekey SA (RFC 4046 6.2). Default 1.
+    #[serde(skip)]
     pub spi: u32,
     /// The FEC symbol size in bytes: every chunk is padded to it, and a symbol datagram adds
     /// 47 bytes of header, symbol fields and MAC to it. Default 1,200 (a 1,247-byte datagram,
@@ -244,8 +251,10 @@ pub struct MessageParams {
     /// [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`].
     pub max_block_symbols: u32,
     /// The epoch of the Rekey SA: raised when the sequence restarts. Default 0.
+    #[serde(skip)]
     pub epoch: u32,
     /// When the message is built, microseconds since the Unix epoch. Default 0.
+    #[serde(skip)]
     pub timestamp_us: u64,
     /// Threads that sign chunks in [`ChunkAuth::Signature`] mode (one Ed25519 signature per
     /// chunk, thousands for a large group). 0, the default, means

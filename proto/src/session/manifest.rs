@@ -95,7 +95,10 @@ const FIXED_LEN: usize = 57;
 ///
 /// Every member receives the whole multicast message, so the 19% fewer bytes count on every
 /// link, while the member's extra 36 us is paid once per message and never grows with N.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 #[repr(u8)]
 pub enum ChunkAuth {
     /// Each chunk carries its path to the Merkle root in the manifest.

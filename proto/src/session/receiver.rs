@@ -69,7 +69,15 @@ use crate::lkh::{Degree, MemberError, MemberKeys, RegistrationBundle};
 use crate::wire::{self, BodyRepr, DatagramRepr, DatagramType, NackRepr, ObjectKind, Packet};
 
 /// Configuration of a [`ReceiverSession`].
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It deserializes from a configuration file's table (serde): every field may be left out (its
+/// default, [`ReceiverConfig::default`]: the [`ReceiverConfig::new`] values with no feedback
+/// address, which a deployment must set), durations are whole milliseconds in fields named
+/// `*_ms`, the scheduler is a table (`scheduler`), and a key that is not a field is an error.
+/// The FEC decoder's bounds (`limits`) are not read from files. Check what was read with
+/// [`ReceiverConfig::validate`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReceiverConfig {
     /// Where NACKs and probe replies go in the unicast feedback mode: the sender's (or the
     /// member's relay's) address.
@@ -79,6 +87,7 @@ pub struct ReceiverConfig {
     /// heartbeat (the registration should carry them), its `feedback` the NACK mode.
     pub scheduler: SchedulerConfig,
     /// Bounds on what the FEC decoder accepts and keeps.
+    #[serde(skip)]
     pub limits: Limits,
     /// Symbols of the current message kept while its manifest has not arrived.
     pub max_buffered_symbols: usize,
@@ -89,6 +98,10 @@ pub struct ReceiverConfig {
     pub signature_failure_cap: u32,
     /// The shortest time between two state-check requests, and how long a message must have
     /// been quiet before traffic of a later one raises one.
+    #[serde(
+        rename = "state_check_interval_ms",
+        with = "rekeycast_nack::duration_ms"
+    )]
     pub state_check_interval: Duration,
     /// How long after the last datagram of a message, in GRTTs, the member takes its initial
     /// transmission to be over when no heartbeat said so.
@@ -101,7 +114,16 @@ pub struct ReceiverConfig {
     /// told again ([`ReceiverEvent::OutOfSync`]). Counted from [`ReceiverSession::start`] or
     /// the first datagram the member hears. Keep it above the sender's (or relay's) `heartbeat_max`, or members of a quiet
     /// group ask for state between heartbeats.
+    #[serde(rename = "silence_timeout_ms", with = "rekeycast_nack::duration_ms")]
     pub silence_timeout: Duration,
+}
+
+impl Default for ReceiverConfig {
+    /// [`ReceiverConfig::new`] with the unspecified feedback address `0.0.0.0:0`: set
+    /// `feedback_addr` before use.
+    fn default() -> Self {
+        Self::new(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)))
+    }
 }
 
 impl ReceiverConfig {

@@ -427,3 +427,82 @@ fn nacks_go_upstream_by_the_feedback_port_and_repair_downstream_by_the_serve_por
         .contains(&(Port::Feedback, Destination::Unicast(gcks_addr()))));
     assert!(net.transmits.iter().all(|(port, _)| *port != Port::Listen));
 }
+
+/// The relay of [`net`] re-registered with its resync endpoints `relays` (an upstream relay's)
+/// and `gcks`, made to miss message 2, then run for 20 s while the upstream relay answers
+/// every fetch "beyond the history" and the GCKS answers from its history: the relay's figures
+/// and the endpoints its fetches went to.
+fn upstream_relay_beyond_history(
+    relays: Vec<ResyncEndpoint>,
+    gcks: Vec<ResyncEndpoint>,
+) -> (RelayEndpointStats, Vec<SocketAddr>) {
+    let mut net = net(4, false);
+    // The batch of `net` is still the tree's latest: member 1's bundle again.
+    let bundle = net.tree.join(MemberId(1)).unwrap();
+    let mut config = RelayEndpointConfig::new(gcks_addr());
+    config.session.downstream.heartbeat_min = Duration::from_millis(20);
+    config.resync.relays = relays;
+    config.resync.gcks = gcks;
+    net.relay = RelayEndpoint::new(&bundle, config, net.now).unwrap();
+    net.serve_fetches = false;
+    net.run(Duration::from_millis(500));
+    assert_eq!(net.relay.session().next_seq(), 2);
+    net.lose_seq = Some(2);
+    net.join(100);
+    net.run(Duration::from_millis(300));
+    net.lose_seq = None;
+    net.join(101);
+    let mut answered = 0;
+    for _ in 0..200 {
+        net.run(Duration::from_millis(100));
+        let fetches: Vec<FetchRequest> = net.fetches[answered..].to_vec();
+        answered = net.fetches.len();
+        for fetch in fetches {
+            let items = if fetch.endpoint.addr == gcks_addr() {
+                answer(&net.gcks, fetch.what)
+            } else {
+                vec![Fetched::BeyondHistory]
+            };
+            for item in items {
+                let now = net.now;
+                net.relay.handle_fetched(now, fetch.id, item);
+            }
+        }
+    }
+    let endpoints = net
+        .fetches
+        .iter()
+        .map(|fetch| fetch.endpoint.addr)
+        .collect();
+    (net.relay.stats(), endpoints)
+}
+
+#[test]
+fn beyond_the_history_from_an_upstream_relay_sends_the_relay_to_the_gcks() {
+    let upstream = ResyncEndpoint {
+        protocol: ResyncProtocol::Tcp,
+        addr: addr(9),
+    };
+    let gcks = ResyncEndpoint {
+        protocol: ResyncProtocol::Tcp,
+        addr: gcks_addr(),
+    };
+    let (stats, endpoints) = upstream_relay_beyond_history(vec![upstream], vec![gcks]);
+    assert!(!stats.must_reregister, "{stats:?}");
+    assert!(
+        stats.next_seq > 3,
+        "the relay caught up from the GCKS: {stats:?}"
+    );
+    assert!(endpoints.contains(&addr(9)), "{endpoints:?}");
+    let first_upstream = endpoints.iter().position(|a| *a == addr(9)).unwrap();
+    assert!(
+        endpoints[first_upstream..].contains(&gcks_addr()),
+        "after the relay's answer the GCKS was asked: {endpoints:?}"
+    );
+
+    // The same endpoint listed as the GCKS's (how every upstream endpoint was wired before
+    // the configuration kept them apart) is believed: the relay gives up and must register
+    // again.
+    let (stats, _) = upstream_relay_beyond_history(Vec::new(), vec![upstream, gcks]);
+    assert!(stats.must_reregister, "{stats:?}");
+}
