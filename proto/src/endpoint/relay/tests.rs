@@ -438,7 +438,7 @@ fn upstream_relay_beyond_history(
 ) -> (RelayEndpointStats, Vec<SocketAddr>) {
     let mut net = net(4, false);
     // The batch of `net` is still the tree's latest: member 1's bundle again.
-    let bundle = net.tree.join(MemberId(1)).unwrap();
+    let bundle = net.gcks.tree.join(MemberId(1)).unwrap();
     let mut config = RelayEndpointConfig::new(gcks_addr());
     config.session.downstream.heartbeat_min = Duration::from_millis(20);
     config.resync.relays = relays;
@@ -459,7 +459,7 @@ fn upstream_relay_beyond_history(
         answered = net.fetches.len();
         for fetch in fetches {
             let items = if fetch.endpoint.addr == gcks_addr() {
-                answer(&net.gcks, fetch.what)
+                answer(&net.gcks.sender, fetch.what)
             } else {
                 vec![Fetched::BeyondHistory]
             };
