@@ -261,8 +261,12 @@ pub struct GcksStats {
     /// Joins and leaves not committed yet: waiting for a batch, or in the batch being built or
     /// retried.
     pub pending: usize,
-    /// Event-loop lag (how late the loop woke for its deadlines), microseconds.
+    /// Event-loop lag (how late the loop woke for its deadlines), microseconds, since the
+    /// start.
     pub loop_lag_us: LagSummary,
+    /// Event-loop lag over the last 10 to 20 seconds: what an incident looks like now, not
+    /// averaged into the whole life of the process.
+    pub loop_lag_recent_us: LagSummary,
     /// Datagrams sent through the socket, and of those how many by GSO batches.
     pub datagrams_sent: u64,
     /// Send calls that would have blocked (the datagram waited for the socket).
@@ -277,20 +281,8 @@ pub struct GcksStats {
     pub history_not_held: usize,
 }
 
-/// Percentiles of the event loop's lag, microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LagSummary {
-    /// Median.
-    pub p50: u64,
-    /// 90th percentile.
-    pub p90: u64,
-    /// 99th percentile.
-    pub p99: u64,
-    /// Maximum.
-    pub max: u64,
-    /// Samples.
-    pub count: u64,
-}
+/// Percentiles of the event loop's lag, microseconds (the driver's [`LoopLag`]).
+pub type LagSummary = crate::engine::LoopLag;
 
 impl GcksStats {
     /// The figures in the Prometheus text exposition format (served at `/metrics`).
@@ -430,7 +422,7 @@ impl GcksStats {
                 self.loop_lag_us.count,
             ),
         ];
-        let gauges: [(&str, &str, u64); 10] = [
+        let gauges: [(&str, &str, u64); 13] = [
             (
                 "rekeycast_members",
                 "Members in the committed key tree.",
@@ -471,6 +463,21 @@ impl GcksStats {
                 "rekeycast_loop_lag_max_microseconds",
                 "Event loop lag, maximum.",
                 self.loop_lag_us.max,
+            ),
+            (
+                "rekeycast_loop_lag_recent_p50_microseconds",
+                "Event loop lag over the last 10 to 20 seconds, median.",
+                self.loop_lag_recent_us.p50,
+            ),
+            (
+                "rekeycast_loop_lag_recent_p99_microseconds",
+                "Event loop lag over the last 10 to 20 seconds, 99th percentile.",
+                self.loop_lag_recent_us.p99,
+            ),
+            (
+                "rekeycast_loop_lag_recent_max_microseconds",
+                "Event loop lag over the last 10 to 20 seconds, maximum.",
+                self.loop_lag_recent_us.max,
             ),
             (
                 "rekeycast_history_not_held",
@@ -557,6 +564,26 @@ mod tests {
             ("rekeycast_resync_served_total", 19),
             ("rekeycast_resync_evicted_total", 23),
             ("rekeycast_members", 17),
+        ] {
+            assert_eq!(metric(&text, name), Some(value), "{name} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn metrics_report_the_recent_loop_lag_apart_from_the_lifetime_figures() {
+        let mut stats = GcksStats::default();
+        stats.loop_lag_us.p99 = 900;
+        stats.loop_lag_us.max = 480_000;
+        stats.loop_lag_recent_us.p50 = 40;
+        stats.loop_lag_recent_us.p99 = 70;
+        stats.loop_lag_recent_us.max = 95;
+        let text = stats.prometheus_text();
+        for (name, value) in [
+            ("rekeycast_loop_lag_p99_microseconds", 900),
+            ("rekeycast_loop_lag_max_microseconds", 480_000),
+            ("rekeycast_loop_lag_recent_p50_microseconds", 40),
+            ("rekeycast_loop_lag_recent_p99_microseconds", 70),
+            ("rekeycast_loop_lag_recent_max_microseconds", 95),
         ] {
             assert_eq!(metric(&text, name), Some(value), "{name} in:\n{text}");
         }

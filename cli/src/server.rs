@@ -140,6 +140,7 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
 pub fn stats_json(stats: &GcksStats) -> Value {
     let s = &stats.sender;
     let lag = stats.loop_lag_us;
+    let recent = stats.loop_lag_recent_us;
     json!({
         "members": stats.members,
         "relays": stats.relays,
@@ -151,6 +152,8 @@ pub fn stats_json(stats: &GcksStats) -> Value {
         "repair_orders": stats.repair_orders,
         "loop_lag_us": {"p50": lag.p50, "p90": lag.p90, "p99": lag.p99, "max": lag.max,
                         "samples": lag.count},
+        "loop_lag_recent_us": {"p50": recent.p50, "p90": recent.p90, "p99": recent.p99,
+                               "max": recent.max, "samples": recent.count},
         "sender": {
             "manifests_sent": s.manifests_sent,
             "source_symbols_sent": s.source_symbols_sent,

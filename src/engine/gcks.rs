@@ -46,7 +46,7 @@ use super::driver::{
     bounded_events, ChannelSink, Delivery, Driver, DriverConfig, DriverError, DriverHandle,
     DriverStats, EventSink, SenderPort, DEFAULT_EVENT_CAPACITY,
 };
-use crate::gcks::{GcksConfig, GcksStats, LagSummary};
+use crate::gcks::{GcksConfig, GcksStats};
 use crate::keyfile::{KeyFileError, KeyOrigin};
 use crate::lkh::{KeyRng, LkhError, MemberId, RegistrationBundle};
 use crate::resync::store::{GcksStorage, LostMessage, OpenError};
@@ -615,7 +615,6 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
 /// The GCKS's figures: the endpoint's and the driver's.
 fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
     let stats = endpoint.stats();
-    let lag = driver.lag;
     GcksStats {
         sender: stats.sender,
         repair_orders: stats.repair_orders,
@@ -623,13 +622,8 @@ fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
         seq: stats.seq,
         group_key_version: stats.group_key_version,
         pending: stats.pending,
-        loop_lag_us: LagSummary {
-            p50: lag.p50,
-            p90: lag.p90,
-            p99: lag.p99,
-            max: lag.max,
-            count: lag.count,
-        },
+        loop_lag_us: driver.lag,
+        loop_lag_recent_us: driver.recent_lag,
         datagrams_sent: driver.sent,
         send_blocked: driver.send_blocked,
         resync: driver.resync,

@@ -310,6 +310,8 @@ pub struct MemberStats {
     pub dropped_before_mac: u64,
     /// Event-loop lag, microseconds, since the start.
     pub loop_lag_us: LoopLag,
+    /// Event-loop lag, microseconds, over the last 10 to 20 seconds.
+    pub loop_lag_recent_us: LoopLag,
     /// Resyncs (of missed messages) started with the endpoints.
     pub resyncs_started: u64,
     /// Resyncs that gave up after their last round over every endpoint.
@@ -346,6 +348,7 @@ impl MemberStats {
                 + figures.datagrams.rejected(),
             dropped_before_mac: figures.dropped_before_mac,
             loop_lag_us: driver.lag,
+            loop_lag_recent_us: driver.recent_lag,
             resyncs_started: figures.resync.resyncs_started,
             resyncs_failed: figures.resync.resyncs_failed,
             state_checks_started: figures.resync.state_checks_started,

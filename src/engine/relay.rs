@@ -328,8 +328,10 @@ pub struct RelayStats {
     pub send_failures: u64,
     /// Events not delivered because the product did not read them (the queue was full).
     pub events_dropped: u64,
-    /// Event-loop lag, microseconds.
+    /// Event-loop lag, microseconds, since the start.
     pub loop_lag_us: LoopLag,
+    /// Event-loop lag, microseconds, over the last 10 to 20 seconds.
+    pub loop_lag_recent_us: LoopLag,
 }
 
 impl RelayStats {
@@ -355,6 +357,7 @@ impl RelayStats {
             send_failures: driver.send_failed + driver.backlog_dropped + driver.unroutable,
             events_dropped: driver.events_dropped,
             loop_lag_us: driver.lag,
+            loop_lag_recent_us: driver.recent_lag,
         }
     }
 }
@@ -803,7 +806,7 @@ impl RelayStats {
             text.push_str(&format!("{name}{{cause=\"{cause}\"}} {value}\n"));
         }
         let (latest, oldest) = self.held.unwrap_or((0, 0));
-        let gauges: [(&str, &str, u64); 6] = [
+        let gauges: [(&str, &str, u64); 8] = [
             (
                 "rekeycast_relay_next_seq",
                 "The next message the relay needs from upstream.",
@@ -831,8 +834,18 @@ impl RelayStats {
             ),
             (
                 "rekeycast_relay_loop_lag_p99_microseconds",
-                "Event loop lag, 99th percentile.",
+                "Event loop lag since the start, 99th percentile.",
                 self.loop_lag_us.p99,
+            ),
+            (
+                "rekeycast_relay_loop_lag_recent_p99_microseconds",
+                "Event loop lag over the last 10 to 20 seconds, 99th percentile.",
+                self.loop_lag_recent_us.p99,
+            ),
+            (
+                "rekeycast_relay_loop_lag_recent_max_microseconds",
+                "Event loop lag over the last 10 to 20 seconds, maximum.",
+                self.loop_lag_recent_us.max,
             ),
         ];
         for (name, help, value) in gauges {
@@ -856,6 +869,9 @@ mod tests {
             store_failures: 3,
             ..RelayStats::default()
         };
+        let mut stats = stats;
+        stats.loop_lag_us.p99 = 800;
+        stats.loop_lag_recent_us.p99 = 60;
         let text = stats.prometheus_text();
         let mut names = std::collections::BTreeSet::new();
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
@@ -869,6 +885,8 @@ mod tests {
         assert!(text.contains("\nrekeycast_relay_next_seq 7\n"));
         assert!(text.contains("\nrekeycast_relay_oldest_held_seq 2\n"));
         assert!(text.contains("\nrekeycast_relay_store_failures_total 3\n"));
+        assert!(text.contains("\nrekeycast_relay_loop_lag_p99_microseconds 800\n"));
+        assert!(text.contains("\nrekeycast_relay_loop_lag_recent_p99_microseconds 60\n"));
     }
 
     #[test]
