@@ -281,7 +281,7 @@ pub struct GcksStats {
     pub history_not_held: usize,
 }
 
-/// Percentiles of the event loop's lag, microseconds (the driver's [`LoopLag`]).
+/// Percentiles of the event loop's lag, microseconds (the driver's [`crate::engine::LoopLag`]).
 pub type LagSummary = crate::engine::LoopLag;
 
 impl GcksStats {

@@ -19,6 +19,7 @@ use rekeycast::io::resync_client::{fetch_items_from, Endpoint};
 use rekeycast::resync::limits::Limits;
 use rekeycast::wire::frame::FrameRepr;
 use rekeycast_testkit::engine::wait_sent;
+use rekeycast_testkit::hostile::{attacker, connect_from, frame, raise_nofile};
 
 /// The legitimate member's source address (no attacker uses it).
 const MEMBER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 250);
@@ -97,33 +98,6 @@ impl Server {
     }
 }
 
-/// Raises the soft limit of open files towards `wanted`; returns what it could get.
-fn raise_nofile(wanted: u64) -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    let target = wanted.min(hard);
-    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
-        return target;
-    }
-    soft
-}
-
-/// Attacker source address `n` (from 1): 127.0.(1 + n / 250).(1 + n % 250).
-fn attacker(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 1 + (n / 250) as u8, 0, 1 + (n % 250) as u8)
-}
-
-/// A connection to `to` from `from`.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(3))?;
-    Ok(socket.into())
-}
-
 /// `per_source` connections to `to` from each of attacker addresses `sources` (the ones that
 /// connect; the rest are counted out).
 fn open_many(sources: std::ops::Range<usize>, per_source: usize, to: SocketAddr) -> Vec<TcpStream> {
@@ -136,14 +110,6 @@ fn open_many(sources: std::ops::Range<usize>, per_source: usize, to: SocketAddr)
         }
     }
     streams
-}
-
-/// A TCP request frame.
-fn frame(frame: &FrameRepr<'_>) -> Vec<u8> {
-    let mut buf = vec![0u8; 64];
-    let len = frame.emit(&mut buf).unwrap();
-    buf.truncate(len);
-    buf
 }
 
 /// Runs `attack` on a thread until `stop` is set (it must check `stop` in every loop).

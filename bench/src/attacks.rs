@@ -43,7 +43,16 @@ use rekeycast::lkh::MemberId;
 use rekeycast::wire::frame::FrameRepr;
 use serde_json::{json, Value};
 
+use rekeycast_testkit::hostile::{attacker, frame, raise_nofile};
+
 use crate::machine::{format_load, load_average};
+
+/// A non-blocking connection to `to` from `from`.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = rekeycast_testkit::hostile::connect_from(from, to)?;
+    stream.set_nonblocking(true)?;
+    Ok(stream)
+}
 
 /// The member's source address.
 const MEMBER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 250);
@@ -240,19 +249,6 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Raises the soft limit of open files towards `wanted`; returns what it could get.
-fn raise_nofile(wanted: u64) -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    let target = wanted.min(hard);
-    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
-        return target;
-    }
-    soft
-}
-
 struct Server {
     gcks: Gcks,
     group_id: u32,
@@ -307,29 +303,6 @@ fn wait_sent(gcks: &Gcks, seq: u64) -> anyhow::Result<()> {
         }
     }
     bail!("message {seq} was not sent within 60 s")
-}
-
-/// Attacker source address `n`: 127.(1 + n / 250).0.(1 + n % 250).
-fn attacker(n: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 1 + (n / 250) as u8, 0, 1 + (n % 250) as u8)
-}
-
-/// A non-blocking connection to `to` from `from`.
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    socket.bind(&SocketAddr::from((from, 0)).into())?;
-    socket.connect_timeout(&to.into(), Duration::from_secs(3))?;
-    let stream: TcpStream = socket.into();
-    stream.set_nonblocking(true)?;
-    Ok(stream)
-}
-
-fn frame(frame: &FrameRepr<'_>) -> Vec<u8> {
-    let mut buf = vec![0u8; 64];
-    let len = frame.emit(&mut buf).unwrap_or(0);
-    buf.truncate(len);
-    buf
 }
 
 /// Whether the endpoint closed `stream` (a read says so; unread answers are dropped).

@@ -14,6 +14,8 @@
 //! - [`process`]: child processes killed on drop, waiting for files and exits, configuration
 //!   files of the `rekeycast` and `rekey-relay` binaries.
 //! - [`http`]: a bare HTTP GET and reading a Prometheus sample.
+//! - [`hostile`]: hostile clients of the resync endpoints (many source addresses, raw frames,
+//!   the open-file limit of a flood).
 //! - [`loss`]: the workspace's loss model (re-exported from `rekeycast_nack::loss`).
 //!
 //! Helpers panic with a message naming what did not happen: a failure here is a test failure.
@@ -24,6 +26,7 @@
 pub mod addr;
 pub mod engine;
 pub mod forge;
+pub mod hostile;
 pub mod http;
 pub mod keys;
 pub mod process;
