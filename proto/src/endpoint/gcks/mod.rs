@@ -678,7 +678,7 @@ impl<T> Answering<T> {
 /// bigger batch's answers follow in slices, each due at once ([`Endpoint::poll_timeout`]),
 /// so that a driver's turn never carries the answers of a whole 2^20-join batch. Its message
 /// waits for its last answer before the admission delay starts.
-pub const ANSWER_SLICE: usize = 1_024;
+pub const ANSWER_SLICE: usize = 256;
 
 /// The endpoint's timers.
 const TIMER_SESSION: usize = 0;
