@@ -31,6 +31,7 @@ use rand_chacha::ChaCha8Rng;
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
 use rekeycast_proto::endpoint::gcks::{
     Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, GcksSetupError, WallClock,
+    ANSWER_SLICE,
 };
 use rekeycast_proto::endpoint::member::{MemberEndpoint, MemberEndpointConfig};
 use rekeycast_proto::endpoint::relay::{RelayEndpoint, RelayEndpointConfig};
@@ -725,8 +726,17 @@ impl<'c> Scenario<'c> {
         // not miss its first datagrams.
         match self.net.node_mut(self.gcks) {
             Some(SimNode::Gcks(gcks)) => {
+                let slices = changes.len() / ANSWER_SLICE + 2;
                 gcks.command(now, GcksCommand::Changes { changes, ticket });
                 gcks.command(now, GcksCommand::RekeyNow);
+                // A big batch's answers come a slice at a time, the next slice due at once:
+                // take them all at this instant, as the driver's next turns would.
+                for _ in 0..slices {
+                    match gcks.poll_timeout() {
+                        Some(at) if at <= now => gcks.handle_timeout(now),
+                        _ => break,
+                    }
+                }
             }
             _ => {
                 return Err(ScenarioError::Invalid(
