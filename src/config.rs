@@ -661,7 +661,7 @@ mod tests {
                 "message.symbol_size",
             ),
             (
-                r#"{"message": {"max_block_symbols": 0}}"#,
+                r#"{"message": {"max_block_symbols": 56404}}"#,
                 "message.max_block_symbols",
             ),
             (r#"{"batch_interval_ms": 0}"#, "batch_interval_ms"),

@@ -470,8 +470,14 @@ pub struct MessageParams {
     /// How chunks authenticate themselves. Default [`ChunkAuth::Signature`] (see
     /// [`ChunkAuth`] for the measurements behind it).
     pub chunk_auth: ChunkAuth,
-    /// The largest FEC source block, in symbols (B). Default
-    /// [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`].
+    /// The largest FEC source block, in symbols (B). 0, the default, picks it from the chunk
+    /// count ([`MessageParams::block_symbols_for`]): [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`],
+    /// or the smallest B that fits the message in [`rekeycast_fec::MAX_SOURCE_BLOCKS`] blocks
+    /// when that is larger (a first batch of 2^20 members is about 175,000 chunks: B = 687).
+    /// Members decode blocks of up to 4 times the default by default
+    /// ([`rekeycast_fec::Limits`]): messages up to 261,120 chunks. A value set by hand (1 to
+    /// [`rekeycast_fec::MAX_BLOCK_SYMBOLS`]) is used as it is, and a message with more chunks
+    /// than 255 such blocks hold fails with [`BuildError::BlockSizeTooSmall`].
     pub max_block_symbols: u32,
     /// The epoch of the Rekey SA: raised when the sequence restarts. Default 0.
     #[serde(skip)]
@@ -493,7 +499,7 @@ impl Default for MessageParams {
             spi: 1,
             symbol_size: 1200,
             chunk_auth: ChunkAuth::default(),
-            max_block_symbols: rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS,
+            max_block_symbols: 0,
             epoch: 0,
             timestamp_us: 0,
             signing_threads: 0,
@@ -502,6 +508,20 @@ impl Default for MessageParams {
 }
 
 impl MessageParams {
+    /// The largest FEC source block of a message of `chunks` chunks: `max_block_symbols`
+    /// itself when it is set, else [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`] or, when more
+    /// than 255 blocks of that size would be needed, the smallest size that needs 255 or fewer
+    /// (at most [`rekeycast_fec::MAX_BLOCK_SYMBOLS`]).
+    pub fn block_symbols_for(&self, chunks: u32) -> u32 {
+        match self.max_block_symbols {
+            0 => chunks.div_ceil(rekeycast_fec::MAX_SOURCE_BLOCKS).clamp(
+                rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS,
+                rekeycast_fec::MAX_BLOCK_SYMBOLS,
+            ),
+            set => set,
+        }
+    }
+
     /// The number of signing threads `signing_threads` stands for: itself, or the available
     /// parallelism when it is 0.
     pub fn resolved_signing_threads(&self) -> usize {
@@ -542,6 +562,20 @@ pub enum BuildError {
     /// The FEC parameters are out of range.
     #[error(transparent)]
     Fec(#[from] rekeycast_fec::Error),
+    /// `max_block_symbols` was set too small for the message: more than
+    /// [`rekeycast_fec::MAX_SOURCE_BLOCKS`] blocks would be needed.
+    #[error(
+        "{chunks} chunks need FEC blocks of at least {needed} symbols, but max_block_symbols \
+         is {max_block_symbols} (0 picks the size from the chunk count)"
+    )]
+    BlockSizeTooSmall {
+        /// The message's chunks.
+        chunks: u32,
+        /// The block size set.
+        max_block_symbols: u32,
+        /// The smallest block size that fits the message.
+        needed: u32,
+    },
 }
 
 /// Lays out, authenticates and signs the message of `batch` for the members at `leaves`.
@@ -558,8 +592,16 @@ pub fn build_message(
     let symbol_size = usize::from(params.symbol_size);
     let layout = lay_out(batch, leaves, symbol_size, params.chunk_auth)?;
     let chunk_count = u32::try_from(layout.chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
-    let fec_info =
-        rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, params.max_block_symbols)?;
+    let block_symbols = params.block_symbols_for(chunk_count);
+    let needed = chunk_count.div_ceil(rekeycast_fec::MAX_SOURCE_BLOCKS);
+    if (1..needed).contains(&block_symbols) {
+        return Err(BuildError::BlockSizeTooSmall {
+            chunks: chunk_count,
+            max_block_symbols: block_symbols,
+            needed,
+        });
+    }
+    let fec_info = rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, block_symbols)?;
     let block_first_keys = block_first_keys(&layout, &fec_info)?;
     let authenticated = layout
         .chunks
@@ -1179,16 +1221,82 @@ mod tests {
         ));
     }
 
+    /// The block size follows the chunk count unless set; a size set too small is a typed
+    /// error naming the size needed.
+    #[test]
+    fn block_size_is_picked_from_the_chunk_count() {
+        let auto = MessageParams::default();
+        let default = rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS;
+        assert_eq!(auto.block_symbols_for(1), default);
+        assert_eq!(auto.block_symbols_for(255 * default), default);
+        assert_eq!(auto.block_symbols_for(255 * default + 1), default + 1);
+        // A first batch of 2^20 members: about 175,000 chunks in 255 blocks.
+        assert_eq!(auto.block_symbols_for(175_000), 687);
+        assert_eq!(
+            auto.block_symbols_for(u32::MAX),
+            rekeycast_fec::MAX_BLOCK_SYMBOLS
+        );
+        // Whatever the count, the FEC parameters accept the size picked (a fixed 256 fails
+        // past 65,280 chunks).
+        for chunks in [1, 255, 65_280, 65_281, 175_000, 1 << 22, 255 * 56_403] {
+            let block_symbols = auto.block_symbols_for(chunks);
+            assert!(
+                rekeycast_fec::ObjectInfo::new(chunks, 1200, block_symbols).is_ok(),
+                "{chunks} chunks, blocks of {block_symbols}"
+            );
+        }
+        let set = MessageParams {
+            max_block_symbols: 7,
+            ..auto
+        };
+        assert_eq!(set.block_symbols_for(1_000_000), 7);
+
+        // 10,000 members in their first batch: a few hundred chunks of 1,424 bytes.
+        let mut tree = tree();
+        let batch = tree
+            .apply_batch(&(0..10_000).map(MemberId).collect::<Vec<_>>(), &[])
+            .unwrap();
+        let leaves = tree.leaves_in_order();
+        let build = |max_block_symbols| {
+            let params = MessageParams {
+                max_block_symbols,
+                ..params(ChunkAuth::Signature)
+            };
+            build_message(&batch, &leaves, &gcks(), &params)
+        };
+        let chunks = build(0).unwrap().chunks.len() as u32;
+        assert!(chunks > 255, "{chunks} chunks");
+        assert_eq!(
+            u32::from(build(0).unwrap().fec_info.source_blocks()),
+            chunks.div_ceil(default)
+        );
+        // One symbol a block is too small for more than 255 chunks.
+        let needed = chunks.div_ceil(255);
+        match build(1) {
+            Err(BuildError::BlockSizeTooSmall {
+                chunks: c,
+                max_block_symbols: 1,
+                needed: n,
+            }) => assert_eq!((c, n), (chunks, needed)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            u32::from(build(needed).unwrap().fec_info.source_blocks()),
+            chunks.div_ceil(needed)
+        );
+        assert!(matches!(
+            build(rekeycast_fec::MAX_BLOCK_SYMBOLS + 1),
+            Err(BuildError::Fec(_))
+        ));
+    }
+
     #[test]
     fn default_params() {
         let params = MessageParams::default();
         assert_eq!(params.chunk_auth, ChunkAuth::Signature);
         assert_eq!(params.spi, 1);
         assert_eq!(params.symbol_size, 1200);
-        assert_eq!(
-            params.max_block_symbols,
-            rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS
-        );
+        assert_eq!(params.max_block_symbols, 0);
         assert_eq!((params.epoch, params.timestamp_us), (0, 0));
         assert_eq!(params.signing_threads, 0);
         assert!(params.resolved_signing_threads() >= 1);
