@@ -91,16 +91,26 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
             "ratio": ratio,
         }));
     }
-    let (messages, signing_threads) = message_costs(quick)?;
+    let (messages, signing_threads, steps, first_messages) = message_costs(quick)?;
     println!(
         "{}",
         serde_json::json!({
             "bench": "auth", "bad_mac_rejection": rows, "messages": messages,
-            "signing_threads": signing_threads,
+            "signing_threads": signing_threads, "steps": steps,
+            "first_messages": first_messages,
         })
     );
     Ok(())
 }
+
+/// The JSON rows of [`message_costs`]' tables: messages, signing threads, steps, first
+/// messages.
+type MessageTables = (
+    Vec<serde_json::Value>,
+    Vec<serde_json::Value>,
+    Vec<serde_json::Value>,
+    Vec<serde_json::Value>,
+);
 
 /// For N members at 1% churn (half joins, half leaves), both chunk authentications: the
 /// message's bytes and datagrams, the layout's duplication, the GCKS's time to lay out,
@@ -108,7 +118,7 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
 /// the manifest and its chunk and apply it. Then, in signature mode, the GCKS's build time
 /// with one signing thread and with two, measured alternately in the same run, and their ratio.
 /// Returns the rows of both tables.
-fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<serde_json::Value>)> {
+fn message_costs(quick: bool) -> anyhow::Result<MessageTables> {
     use rekeycast::gsa::{RekeySa, WrapAlgorithm};
     use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId, MemberKeys};
     use rekeycast::session::layout::{build_message, MessageParams};
@@ -141,6 +151,8 @@ fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<ser
     );
     let mut out = Vec::new();
     let mut thread_rows = Vec::new();
+    let mut steps = Vec::new();
+    let mut first_batches = Vec::new();
     for &log_n in sizes {
         let n = 1u64 << log_n;
         let sa = RekeySa {
@@ -153,7 +165,33 @@ fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<ser
         };
         let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(log_n.into()));
         let all: Vec<MemberId> = (0..n).map(MemberId).collect();
-        tree.apply_batch(&all, &[])?;
+        let first = tree.apply_batch(&all, &[])?;
+        // The group's first message, with the default parameters: the block size follows the
+        // chunk count (a fixed 256 failed past 65,280 chunks).
+        let start = Instant::now();
+        let first_message = build_message(
+            &first,
+            &tree.leaves_in_order(),
+            &signing_key,
+            &MessageParams {
+                symbol_size,
+                ..MessageParams::default()
+            },
+        )?;
+        let first_ms = start.elapsed().as_secs_f64() * 1e3;
+        let info = first_message.fec_info;
+        first_batches.push(serde_json::json!({
+            "log_n": log_n, "chunks": info.source_symbols(), "blocks": info.source_blocks(),
+            "max_block_symbols": info.partition().max_block_len(), "build_ms": first_ms,
+        }));
+        println!(
+            "  first message of 2^{log_n} members, default parameters: {} chunks in {} blocks \
+             of up to {} symbols, built in {first_ms:.0} ms",
+            info.source_symbols(),
+            info.source_blocks(),
+            info.partition().max_block_len()
+        );
+        drop((first, first_message));
         let churn = (n / 200).max(1);
         let leaving: Vec<MemberId> = (0..churn).map(|i| MemberId(i * (n / churn))).collect();
         let joining: Vec<MemberId> = (n..n + churn).map(MemberId).collect();
@@ -176,6 +214,15 @@ fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<ser
         let index0 = own_chunk_index(&watcher_keys, &tree, &message0, ChunkAuth::MerklePath)?;
         verify_and_apply(&mut watcher_keys, &message0, index0, &signing_key)?;
 
+        let (wraps, chunks, measured) = message_steps(
+            &tree,
+            &joining,
+            &leaving,
+            &signing_key,
+            &params0,
+            build_rounds,
+        )?;
+        steps.push((log_n, wraps, chunks, measured));
         let batch = tree.apply_batch(&joining, &leaving)?;
         let leaves = tree.leaves_in_order();
         for auth in [ChunkAuth::MerklePath, ChunkAuth::Signature] {
@@ -275,7 +322,8 @@ fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<ser
             "load_average_1min": load,
         }));
     }
-    Ok((out, thread_json))
+    let steps_json = print_steps(&steps, cores);
+    Ok((out, thread_json, steps_json, first_batches))
 }
 
 /// The best times in milliseconds of laying out the message of `batch` alone (the part of the
@@ -379,4 +427,249 @@ fn verify_and_apply(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     keys.apply(&chunk).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(verifier.counters().signature_checks)
+}
+
+/// The time of each step of one rekey message at 1% churn, and their floors, measured in one
+/// run (best of `rounds` each).
+#[derive(Debug, Clone, Copy, Default)]
+struct Steps {
+    /// `apply_batch` with its wraps on one thread.
+    apply_one_thread: f64,
+    /// `apply_batch` with its wraps on every core (what the GCKS runs).
+    apply: f64,
+    /// The tree's leaves in order (`leaves_in_order`).
+    leaf_order: f64,
+    /// `lay_out` in signature mode.
+    layout: f64,
+    /// `lay_out` in Merkle mode.
+    layout_merkle: f64,
+    /// `build_message` in signature mode (layout, chunk authentication, manifest).
+    build: f64,
+    /// The FEC encoders of every block (`PreparedMessage::new` and `build_repair_encoders`).
+    fec: f64,
+    /// Floor: every wrap of the batch sealed with AES-256-GCM on one thread, nothing else.
+    wraps_floor: f64,
+    /// Floor: every chunk signed with Ed25519 on one thread, nothing else.
+    sign_floor: f64,
+    /// Floor: every block's RaptorQ encoder (intermediate symbols) built by `raptorq` with its
+    /// plan ready, on one thread.
+    raptorq_floor: f64,
+}
+
+/// Measures [`Steps`] for the batch `joining`/`leaving` applied to a fork of `base`.
+fn message_steps(
+    base: &rekeycast::lkh::KeyTree,
+    joining: &[rekeycast::lkh::MemberId],
+    leaving: &[rekeycast::lkh::MemberId],
+    signing_key: &ed25519_dalek::SigningKey,
+    params: &rekeycast::session::layout::MessageParams,
+    rounds: usize,
+) -> anyhow::Result<(usize, usize, Steps)> {
+    use ed25519_dalek::Signer;
+    use rekeycast::lkh::Wrap;
+    use rekeycast::session::chunk::encode_authenticated;
+    use rekeycast::session::layout::{build_message, lay_out};
+    use rekeycast::session::manifest::ChunkAuth;
+    use rekeycast::session::sender::PreparedMessage;
+
+    let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
+    let mut best = Steps {
+        apply_one_thread: f64::MAX,
+        apply: f64::MAX,
+        leaf_order: f64::MAX,
+        layout: f64::MAX,
+        layout_merkle: f64::MAX,
+        build: f64::MAX,
+        fec: f64::MAX,
+        wraps_floor: f64::MAX,
+        sign_floor: f64::MAX,
+        raptorq_floor: f64::MAX,
+    };
+    let symbol_size = usize::from(params.symbol_size);
+    let mut counts = (0, 0);
+    let params = rekeycast::session::layout::MessageParams {
+        chunk_auth: ChunkAuth::Signature,
+        signing_threads: 0,
+        ..*params
+    };
+    for _ in 0..rounds {
+        let mut one = base.fork();
+        one.set_wrap_threads(1);
+        let start = Instant::now();
+        let single = one.apply_batch(joining, leaving)?;
+        best.apply_one_thread = best.apply_one_thread.min(ms(start));
+        drop(one);
+
+        let mut tree = base.fork();
+        tree.set_wrap_threads(0);
+        let start = Instant::now();
+        let batch = tree.apply_batch(joining, leaving)?;
+        best.apply = best.apply.min(ms(start));
+        anyhow::ensure!(
+            single.wraps == batch.wraps,
+            "wrap threads changed the wraps"
+        );
+        drop(single);
+
+        let start = Instant::now();
+        let leaves = tree.leaves_in_order();
+        best.leaf_order = best.leaf_order.min(ms(start));
+
+        let start = Instant::now();
+        let layout = lay_out(&batch, &leaves, symbol_size, ChunkAuth::Signature)?;
+        best.layout = best.layout.min(ms(start));
+        let start = Instant::now();
+        black_box(lay_out(
+            &batch,
+            &leaves,
+            symbol_size,
+            ChunkAuth::MerklePath,
+        )?);
+        best.layout_merkle = best.layout_merkle.min(ms(start));
+
+        let start = Instant::now();
+        let built = build_message(&batch, &leaves, signing_key, &params)?;
+        best.build = best.build.min(ms(start));
+
+        // Floors, on the same data.
+        let (key, under) = (
+            rekeycast::lkh::Key::from_bytes([1; 32]),
+            rekeycast::lkh::Key::from_bytes([2; 32]),
+        );
+        let start = Instant::now();
+        for wrap in &batch.wraps {
+            black_box(Wrap::seal(
+                &batch.context,
+                wrap.node,
+                wrap.version,
+                wrap.child,
+                wrap.child_version,
+                &key,
+                &under,
+            ));
+        }
+        best.wraps_floor = best.wraps_floor.min(ms(start));
+        let authenticated = layout
+            .chunks
+            .iter()
+            .map(|(header, payload)| encode_authenticated(header, payload))
+            .collect::<Result<Vec<_>, _>>()?;
+        let start = Instant::now();
+        for bytes in &authenticated {
+            black_box(signing_key.sign(bytes));
+        }
+        best.sign_floor = best.sign_floor.min(ms(start));
+        let info = built.fec_info;
+        let partition = info.partition();
+        let blocks: Vec<(u8, Vec<u8>)> = (0..info.source_blocks())
+            .map(|sbn| {
+                let start = partition.block_start(sbn)? as usize;
+                let len = partition.block_len(sbn)? as usize;
+                Ok((sbn, built.chunks[start..start + len].concat()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let plans: Vec<_> = blocks
+            .iter()
+            .map(|(_, data)| {
+                raptorq::SourceBlockEncodingPlan::generate((data.len() / symbol_size) as u16)
+            })
+            .collect();
+        let start = Instant::now();
+        for ((sbn, data), plan) in blocks.iter().zip(&plans) {
+            let config = raptorq::ObjectTransmissionInformation::new(
+                data.len() as u64,
+                params.symbol_size,
+                1,
+                1,
+                1,
+            );
+            black_box(raptorq::SourceBlockEncoder::with_encoding_plan(
+                *sbn, &config, data, plan,
+            ));
+        }
+        best.raptorq_floor = best.raptorq_floor.min(ms(start));
+
+        let start = Instant::now();
+        let prepared = PreparedMessage::new(built, batch.mac_key.clone())?;
+        prepared.build_repair_encoders()?;
+        best.fec = best.fec.min(ms(start));
+        counts = (batch.wraps.len(), layout.chunks.len());
+    }
+    Ok((counts.0, counts.1, best))
+}
+
+/// Prints the steps table and returns its JSON rows.
+fn print_steps(rows: &[(u32, usize, usize, Steps)], cores: usize) -> Vec<serde_json::Value> {
+    println!();
+    println!(
+        "auth: the steps of one message at 1% churn (signature mode, {cores} cores), best of \
+         several runs, ms"
+    );
+    println!(
+        "  tree: apply_batch without its wraps (with wraps on 1 thread, minus the wraps \
+         floor); wraps: apply_batch on {cores} threads minus tree;"
+    );
+    println!(
+        "  chunk auth: build_message minus layout; FEC: every block's encoder; floors on \
+         {cores} cores: each floor / {cores}"
+    );
+    println!(
+        "{:>5} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} | {:>8} {:>8} \
+         {:>8} {:>9} {:>6}",
+        "log N",
+        "wraps",
+        "chunks",
+        "tree",
+        "wraps",
+        "leaves",
+        "layout",
+        "merkle",
+        "chunkauth",
+        "FEC",
+        "whole",
+        "aes-gcm",
+        "ed25519",
+        "raptorq",
+        "floors/c",
+        "ratio"
+    );
+    let mut json = Vec::new();
+    for &(log_n, wraps, chunks, s) in rows {
+        let tree = (s.apply_one_thread - s.wraps_floor).max(0.0);
+        let wrap_step = s.apply - tree;
+        let chunk_auth = s.build - s.layout;
+        let whole = s.apply + s.leaf_order + s.build + s.fec;
+        let floors = (s.wraps_floor + s.sign_floor + s.raptorq_floor) / cores as f64;
+        println!(
+            "{:>5} {:>7} {:>7} {:>8.1} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>9.1} {:>8.1} {:>9.1} | \
+             {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>6.2}",
+            log_n,
+            wraps,
+            chunks,
+            tree,
+            wrap_step,
+            s.leaf_order,
+            s.layout,
+            s.layout_merkle,
+            chunk_auth,
+            s.fec,
+            whole,
+            s.wraps_floor,
+            s.sign_floor,
+            s.raptorq_floor,
+            floors,
+            whole / floors
+        );
+        json.push(serde_json::json!({
+            "log_n": log_n, "wraps": wraps, "chunks": chunks, "cores": cores,
+            "tree_ms": tree, "wraps_ms": wrap_step, "apply_batch_ms": s.apply,
+            "apply_batch_1_thread_ms": s.apply_one_thread, "leaf_order_ms": s.leaf_order,
+            "layout_ms": s.layout, "layout_merkle_ms": s.layout_merkle,
+            "chunk_auth_ms": chunk_auth, "build_message_ms": s.build, "fec_encoders_ms": s.fec,
+            "whole_message_ms": whole, "floor_aes_gcm_wraps_ms": s.wraps_floor,
+            "floor_ed25519_signatures_ms": s.sign_floor, "floor_raptorq_ms": s.raptorq_floor,
+            "floors_on_cores_ms": floors, "ratio_to_floors": whole / floors,
+        }));
+    }
+    json
 }
