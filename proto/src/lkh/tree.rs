@@ -908,7 +908,7 @@ impl WrapSealer<'_> {
                     break;
                 };
                 let c = child as usize;
-                if self.kinds.get(c).is_none_or(|kind| *kind == Kind::Null) {
+                if !matches!(self.kinds.get(c), Some(Kind::Internal | Kind::Leaf)) {
                     continue;
                 }
                 let under = Key::from_bytes(self.keys[c]);
