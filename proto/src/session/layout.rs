@@ -188,6 +188,46 @@ impl Rekeyed {
     }
 }
 
+/// [`Degree::order_key`] by table: each level's first node id and its nodes' order-key
+/// stride, so a key is a short search and a multiplication (the planner takes a few keys per
+/// wrap).
+struct OrderKeys {
+    /// `starts[k]`: the first id of level `k`, for every level and one past the deepest.
+    starts: Vec<u64>,
+    /// `strides[k]`: `d^(max_depth - k)`, the order keys one node of level `k` spans.
+    strides: Vec<u64>,
+}
+
+impl OrderKeys {
+    fn new(degree: Degree) -> Self {
+        let max_depth = degree.max_depth();
+        let d = u64::from(degree.get());
+        let starts = (0..=max_depth + 1)
+            .map(|depth| degree.level_start(depth))
+            .collect();
+        let strides = (0..=max_depth)
+            .map(|depth| d.pow(max_depth - depth))
+            .collect();
+        Self { starts, strides }
+    }
+
+    /// The order key of `node` and the number of order keys its subtree spans.
+    fn key_and_span(&self, node: NodeId) -> (u32, u64) {
+        let node = u64::from(node);
+        // starts[0] is 0, so the level exists; a node past the deepest level has none.
+        let depth = self.starts.partition_point(|&start| start <= node) - 1;
+        match (self.starts.get(depth), self.strides.get(depth)) {
+            // rank * stride < d^max_depth < 2^32 (see Degree::order_key).
+            (Some(start), Some(&stride)) => (((node - start) * stride) as u32, stride),
+            _ => (u32::MAX, 1),
+        }
+    }
+
+    fn key(&self, node: NodeId) -> u32 {
+        self.key_and_span(node).0
+    }
+}
+
 /// Lays the leaves out into a [`Plan`] by a walk over the rekeyed nodes only.
 ///
 /// A leaf needs the wraps under the nodes of its path, and only children of rekeyed nodes
@@ -207,6 +247,7 @@ struct Planner<'a> {
     rekeyed: &'a Rekeyed,
     leaves: &'a [NodeId],
     degree: Degree,
+    keys: OrderKeys,
     /// Bytes a chunk has for wraps.
     available: usize,
     /// The next leaf to place, an index into `leaves`.
@@ -233,6 +274,7 @@ impl<'a> Planner<'a> {
             rekeyed,
             leaves,
             degree: batch.degree,
+            keys: OrderKeys::new(batch.degree),
             available,
             next_leaf: 0,
             path: Vec::new(),
@@ -295,12 +337,7 @@ impl<'a> Planner<'a> {
 
     /// The order keys of the leftmost and rightmost deepest-level descendants of `node`.
     fn key_range(&self, node: NodeId) -> (u32, u32) {
-        let first = self.degree.order_key(node);
-        let levels_below = self
-            .degree
-            .max_depth()
-            .saturating_sub(self.degree.depth(node));
-        let span = u64::from(self.degree.get()).pow(levels_below);
+        let (first, span) = self.keys.key_and_span(node);
         let last = (u64::from(first) + span - 1).min(u64::from(u32::MAX)) as u32;
         (first, last)
     }
@@ -308,9 +345,9 @@ impl<'a> Planner<'a> {
     /// The index one past the last leaf, from the next one on, whose order key is at most
     /// `last`: a galloping search, in time logarithmic in the leaves it passes.
     fn leaves_through(&self, last: u32) -> usize {
-        let degree = self.degree;
+        let keys = &self.keys;
         let rest = &self.leaves[self.next_leaf.min(self.leaves.len())..];
-        let within = |leaf: &NodeId| degree.order_key(*leaf) <= last;
+        let within = |leaf: &NodeId| keys.key(*leaf) <= last;
         if !rest.first().is_some_and(within) {
             return self.next_leaf;
         }
@@ -333,8 +370,8 @@ impl<'a> Planner<'a> {
             return Ok(());
         }
         self.next_leaf = end;
-        let first_key = self.degree.order_key(self.leaves[first]);
-        let last_key = self.degree.order_key(self.leaves[end - 1]);
+        let first_key = self.keys.key(self.leaves[first]);
+        let last_key = self.keys.key(self.leaves[end - 1]);
         let needed = usize::from(own.is_some()) + self.path.len();
         let alone = needed * WRAP_LEN;
         if alone > self.available || needed > usize::from(u16::MAX) {
@@ -1085,6 +1122,22 @@ mod tests {
             for auth in [ChunkAuth::Signature, ChunkAuth::MerklePath] {
                 let _ = lay_out(&batch, &leaves, 1200, auth);
             }
+        }
+    }
+
+    #[test]
+    fn order_keys_by_table_are_the_degrees() {
+        for d in Degree::MIN..=Degree::MAX {
+            let degree = Degree::new(d).unwrap();
+            let keys = OrderKeys::new(degree);
+            let max = degree.max_node();
+            for node in (0..5000).chain(max - 5000..=max) {
+                let (key, span) = keys.key_and_span(node);
+                assert_eq!(key, degree.order_key(node), "d = {d}, node {node}");
+                let below = degree.max_depth() - degree.depth(node);
+                assert_eq!(span, u64::from(d).pow(below));
+            }
+            assert_eq!(keys.key(max + 1), u32::MAX);
         }
     }
 
