@@ -510,7 +510,8 @@ pub struct MessageParams {
     /// The largest FEC source block, in symbols (B). 0, the default, picks it from the chunk
     /// count ([`MessageParams::block_symbols_for`]): [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`],
     /// or the smallest B that fits the message in [`rekeycast_fec::MAX_SOURCE_BLOCKS`] blocks
-    /// when that is larger (a first batch of 2^20 members is about 175,000 chunks: B = 687).
+    /// when that is larger (the first message of 2^20 members is 131,072 chunks of 1,200 bytes:
+    /// B = 515).
     /// Members decode blocks of up to 4 times the default by default
     /// ([`rekeycast_fec::Limits`]): messages up to 261,120 chunks. A value set by hand (1 to
     /// [`rekeycast_fec::MAX_BLOCK_SYMBOLS`]) is used as it is, and a message with more chunks
@@ -1283,7 +1284,7 @@ mod tests {
         assert_eq!(auto.block_symbols_for(1), default);
         assert_eq!(auto.block_symbols_for(255 * default), default);
         assert_eq!(auto.block_symbols_for(255 * default + 1), default + 1);
-        // A first batch of 2^20 members: about 175,000 chunks in 255 blocks.
+        // 175,000 chunks: 255 blocks of at most 687.
         assert_eq!(auto.block_symbols_for(175_000), 687);
         assert_eq!(
             auto.block_symbols_for(u32::MAX),
