@@ -79,7 +79,8 @@ pub enum SimError {
     /// No node was ever added with this id.
     #[error("no node with id {0}")]
     UnknownNode(NodeId),
-    /// Every address of 198.18.0.0/15 is taken: at most [`MAX_NODES`] nodes.
+    /// Every node address (198.18.0.0/15, then 100.64.0.0/10) is taken: at most
+    /// [`MAX_NODES`] nodes.
     #[error("address space exhausted: at most {MAX_NODES} nodes")]
     TooManyNodes,
 }
