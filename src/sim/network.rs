@@ -15,8 +15,8 @@ use super::{Destination, LinkConfig, Node, SimError};
 pub const NODE_PORT: u16 = 7000;
 
 /// The most nodes a network holds: one per host address of 198.18.0.0/15 (the first
-/// [`FIRST_BLOCK_NODES`] nodes), then of 100.64.0.0/10, without each block's first and last
-/// address.
+/// 131,070 nodes), then of 100.64.0.0/10 (4,194,302 more), without each block's first and
+/// last address.
 pub const MAX_NODES: usize = FIRST_BLOCK_NODES + SECOND_BLOCK_NODES;
 
 /// Nodes addressed in 198.18.0.0/15 (the first ones added).
@@ -218,7 +218,11 @@ impl NetworkStats {
 /// Time is virtual: the start is read once with `Instant::now()` at construction and every
 /// other instant is the start plus a duration. Events are datagram arrivals, ordered by (time,
 /// insertion order), and node timers, ordered by (deadline, node index); at equal times
-/// arrivals come first. After each interaction with a node (a datagram, a timeout, a
+/// arrivals come first. A multicast's copies (each with its own loss, delay and duplicate
+/// draws, made when it is sent) wait in the heap as one entry, ordered by its next copy, so
+/// that the heap holds one entry per datagram in flight rather than one per receiver; the
+/// copies still come out in (time, insertion order) among all arrivals, exactly as separate
+/// events would. After each interaction with a node (a datagram, a timeout, a
 /// [`Network::touch`]) the simulator drains its `poll_transmit` into the network and re-reads
 /// its `poll_timeout`. Timers are kept lazily (a heap entry is skipped when the node's deadline
 /// changed since), so no step scans the nodes.

@@ -579,12 +579,13 @@ fn hundred_thousand_node_multicast() {
     assert_eq!(net.in_flight(), 0);
 }
 
+/// Deliveries across nodes in network order: (offset from the start, node tag, source,
+/// bytes).
+type DeliveryTrace = Vec<(Duration, u32, SocketAddr, Vec<u8>)>;
+
 /// A run whose every impairment is on, with echoes back to the multicast sender and a
 /// second multicast sender, logged delivery by delivery across all nodes.
-fn interleaved_run(
-    net: Network<Toy>,
-    seed_nodes: usize,
-) -> (Vec<(Duration, u32, SocketAddr, Vec<u8>)>, NetworkStats) {
+fn interleaved_run(net: Network<Toy>, seed_nodes: usize) -> (DeliveryTrace, NetworkStats) {
     let mut net = net;
     let log = DeliveryLog::default();
     let mut ids = Vec::new();
