@@ -527,6 +527,19 @@ impl ResyncPolicy {
         &self.config
     }
 
+    /// Replaces the endpoints (relays first, then the GCKS's), as a member's failover does
+    /// when it moves: a fetch running goes on; a task waiting for its next fetch starts again
+    /// from the first endpoint of the new order.
+    pub fn set_endpoints(&mut self, relays: Vec<ResyncEndpoint>, gcks: Vec<ResyncEndpoint>) {
+        self.config.relays = relays;
+        self.config.gcks = gcks;
+        if let Some(task) = &mut self.task {
+            if matches!(task.stage, Stage::Waiting { .. }) {
+                task.index = 0;
+            }
+        }
+    }
+
     /// The figures.
     pub fn counters(&self) -> &ResyncCounters {
         &self.counters
