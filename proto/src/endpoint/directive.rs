@@ -1,13 +1,15 @@
 //! A relay directive: the GCKS's signed order moving members between relays (after a relay
 //! died, or when one joins and takes a share of the load).
 //!
-//! Members know their relays from their registration bundle's directory, by index. A directive
-//! names ranges of leaf order keys (the order the rekey message's chunks follow, so a range is
-//! a contiguous run of chunks) and, for each, the directory index of the relay its members go
-//! to, or the GCKS itself. It is signed with the GCKS's Ed25519 key, which every member holds
-//! in its Rekey SA, and carries an issue number that only grows, so a member applies only a
-//! directive newer than the last it applied and nobody but the GCKS can move members (a relay
-//! is an insider of the group, not of the GCKS).
+//! Members know their relays from their registration bundle's directory, where each relay has
+//! the number the GCKS gave it ([`crate::lkh::RelayContact::id`]). A directive is a list of
+//! moves, each "the members now on relay `from` (or anywhere), those whose member id is
+//! `residue` modulo `modulus`, go to relay `to` (or the GCKS)": all of a dead relay's members
+//! in one move, or a share of every relay's for a relay that joined, without the GCKS listing
+//! members. It is signed with the GCKS's Ed25519 key, which every member holds in its Rekey SA,
+//! and carries an issue number that only grows, so a member applies only a directive newer than
+//! the last it applied and nobody but the GCKS can move members (a relay is an insider of the
+//! group, not of the GCKS).
 //!
 //! How it reaches a member is the product's: it is a small, self-authenticating blob the
 //! product hands the member endpoint ([`super::member::MemberCommand::Directive`]), as it hands
@@ -16,8 +18,9 @@
 //! in the new order).
 //!
 //! Encoding (big-endian): `b"RKRD"`, version `1` (one byte), group id (u32), issue number
-//! (u64), the number of moves (u16, at most [`MAX_MOVES`]), each move as first and last order
-//! key (u32 each, inclusive) and target (u16: a relay's directory index, or [`TO_GCKS`]), then
+//! (u64), the number of moves (u16, at most [`MAX_MOVES`]), each move as `from` (u16: a relay's
+//! number, [`WIRE_GCKS`] or [`WIRE_ANY`]), `modulus` (u16, at least 1), `residue` (u16, below
+//! the modulus) and `to` (u16: a relay's number or [`WIRE_GCKS`]), then
 //! the 64-byte Ed25519 signature over [`SIGNING_CONTEXT`] followed by every byte before it.
 //! [`RelayDirective::verify`] is total: any input gives a directive or a [`DirectiveError`].
 
@@ -32,25 +35,47 @@ pub const VERSION: u8 = 1;
 /// The most moves one directive carries.
 pub const MAX_MOVES: usize = 4096;
 
-/// The target that means "the GCKS itself".
-pub const TO_GCKS: u16 = u16::MAX;
+/// The relay number that stands for the GCKS's own contact on the wire.
+pub const WIRE_GCKS: u16 = u16::MAX;
+
+/// The `from` that stands for "wherever the member is" on the wire.
+pub const WIRE_ANY: u16 = u16::MAX - 1;
 
 /// What the signature covers before the directive's bytes.
 pub const SIGNING_CONTEXT: &[u8] = b"rekeycast relay directive v1";
 
 const HEADER_LEN: usize = 4 + 1 + 4 + 8 + 2;
-const MOVE_LEN: usize = 4 + 4 + 2;
+const MOVE_LEN: usize = 2 + 2 + 2 + 2;
 const SIGNATURE_LEN: usize = 64;
 
-/// One range of members and where they go.
+/// A relay by its number, or the GCKS's own contact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RelayRef {
+    /// The relay with this number ([`crate::lkh::RelayContact::id`]).
+    Relay(u16),
+    /// The GCKS's contact.
+    Gcks,
+}
+
+/// Which members move, and where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirectiveMove {
-    /// The first order key of the range.
-    pub first_order_key: u32,
-    /// The last order key of the range (inclusive).
-    pub last_order_key: u32,
-    /// The relay's index in the members' directory; `None`: the GCKS's contact.
-    pub relay: Option<u16>,
+    /// Members on this contact; `None`: wherever they are.
+    pub from: Option<RelayRef>,
+    /// With `residue`: the members whose id is `residue` modulo `modulus` (1 and 0: all).
+    pub modulus: u16,
+    /// See `modulus`.
+    pub residue: u16,
+    /// Where they go.
+    pub to: RelayRef,
+}
+
+impl DirectiveMove {
+    /// Whether the move takes a member with `member_id` now on `current`.
+    pub fn takes(&self, current: RelayRef, member_id: u64) -> bool {
+        self.from.map_or(true, |from| from == current)
+            && member_id % u64::from(self.modulus.max(1)) == u64::from(self.residue)
+    }
 }
 
 /// A GCKS's order moving members between relays. See the [module docs](self).
@@ -83,13 +108,11 @@ pub enum DirectiveError {
     /// More than [`MAX_MOVES`] moves (also refused when signing).
     #[error("relay directive of {0} moves: at most {MAX_MOVES}")]
     TooManyMoves(usize),
-    /// A range whose first order key is above its last.
-    #[error("relay directive range {first}..={last} is empty")]
-    EmptyRange {
-        /// The first order key.
-        first: u32,
-        /// The last.
-        last: u32,
+    /// A move with a modulus of 0, a residue not below its modulus, or a `to` of "anywhere".
+    #[error("relay directive move {index} is not well formed")]
+    BadMove {
+        /// The move's index.
+        index: usize,
     },
     /// Of another group.
     #[error("relay directive of group {found:#x}")]
@@ -109,13 +132,13 @@ pub enum DirectiveError {
 }
 
 impl RelayDirective {
-    /// The target of the member with `order_key`: `Some(Some(i))` relay `i`, `Some(None)` the
-    /// GCKS, `None` no move for it.
-    pub fn target_of(&self, order_key: u32) -> Option<Option<usize>> {
+    /// Where the member with `member_id`, now on `current`, goes: the first move that takes
+    /// it; `None`, no move for it.
+    pub fn target_of(&self, current: RelayRef, member_id: u64) -> Option<RelayRef> {
         self.moves
             .iter()
-            .find(|m| (m.first_order_key..=m.last_order_key).contains(&order_key))
-            .map(|m| m.relay.map(usize::from))
+            .find(|m| m.takes(current, member_id))
+            .map(|m| m.to)
     }
 
     /// The signed encoding.
@@ -130,16 +153,20 @@ impl RelayDirective {
         out.extend_from_slice(&self.issued.to_be_bytes());
         // At most MAX_MOVES (checked above), which fits a u16.
         out.extend_from_slice(&(self.moves.len() as u16).to_be_bytes());
-        for m in &self.moves {
-            if m.first_order_key > m.last_order_key {
-                return Err(DirectiveError::EmptyRange {
-                    first: m.first_order_key,
-                    last: m.last_order_key,
-                });
+        for (index, m) in self.moves.iter().enumerate() {
+            let wire = |r: RelayRef| match r {
+                RelayRef::Relay(id) if id < WIRE_ANY => Ok(id),
+                RelayRef::Relay(_) => Err(DirectiveError::BadMove { index }),
+                RelayRef::Gcks => Ok(WIRE_GCKS),
+            };
+            if m.modulus == 0 || m.residue >= m.modulus {
+                return Err(DirectiveError::BadMove { index });
             }
-            out.extend_from_slice(&m.first_order_key.to_be_bytes());
-            out.extend_from_slice(&m.last_order_key.to_be_bytes());
-            out.extend_from_slice(&m.relay.unwrap_or(TO_GCKS).to_be_bytes());
+            let from = m.from.map_or(Ok(WIRE_ANY), wire)?;
+            out.extend_from_slice(&from.to_be_bytes());
+            out.extend_from_slice(&m.modulus.to_be_bytes());
+            out.extend_from_slice(&m.residue.to_be_bytes());
+            out.extend_from_slice(&wire(m.to)?.to_be_bytes());
         }
         let signature = key.sign(&signed_bytes(&out));
         out.extend_from_slice(&signature.to_bytes());
@@ -188,21 +215,23 @@ impl RelayDirective {
             return Err(DirectiveError::WrongGroup { found });
         }
         let moves = (0..count)
-            .map(|i| {
-                let at = HEADER_LEN + i * MOVE_LEN;
-                let target = u16::from_be_bytes([bytes[at + 8], bytes[at + 9]]);
-                let m = DirectiveMove {
-                    first_order_key: u32_at(at),
-                    last_order_key: u32_at(at + 4),
-                    relay: (target != TO_GCKS).then_some(target),
+            .map(|index| {
+                let at = HEADER_LEN + index * MOVE_LEN;
+                let u16_at = |k: usize| u16::from_be_bytes([bytes[at + k], bytes[at + k + 1]]);
+                let relay = |wire: u16| match wire {
+                    WIRE_GCKS => RelayRef::Gcks,
+                    id => RelayRef::Relay(id),
                 };
-                if m.first_order_key > m.last_order_key {
-                    return Err(DirectiveError::EmptyRange {
-                        first: m.first_order_key,
-                        last: m.last_order_key,
-                    });
+                let (from, modulus, residue, to) = (u16_at(0), u16_at(2), u16_at(4), u16_at(6));
+                if modulus == 0 || residue >= modulus || to == WIRE_ANY {
+                    return Err(DirectiveError::BadMove { index });
                 }
-                Ok(m)
+                Ok(DirectiveMove {
+                    from: (from != WIRE_ANY).then(|| relay(from)),
+                    modulus,
+                    residue,
+                    to: relay(to),
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -229,15 +258,19 @@ mod tests {
             group_id: 7,
             issued: 3,
             moves: vec![
+                // Relay 1 died: its members go to relay 2.
                 DirectiveMove {
-                    first_order_key: 0,
-                    last_order_key: 9,
-                    relay: Some(2),
+                    from: Some(RelayRef::Relay(1)),
+                    modulus: 1,
+                    residue: 0,
+                    to: RelayRef::Relay(2),
                 },
+                // A third of everybody else's members to the GCKS.
                 DirectiveMove {
-                    first_order_key: 10,
-                    last_order_key: 10,
-                    relay: None,
+                    from: None,
+                    modulus: 3,
+                    residue: 1,
+                    to: RelayRef::Gcks,
                 },
             ],
         }
@@ -254,9 +287,18 @@ mod tests {
         );
         let decoded = RelayDirective::verify(&bytes, 7, &key.verifying_key()).expect("verifies");
         assert_eq!(decoded, directive());
-        assert_eq!(decoded.target_of(4), Some(Some(2)));
-        assert_eq!(decoded.target_of(10), Some(None));
-        assert_eq!(decoded.target_of(11), None);
+        assert_eq!(
+            decoded.target_of(RelayRef::Relay(1), 9),
+            Some(RelayRef::Relay(2))
+        );
+        assert_eq!(
+            decoded.target_of(RelayRef::Relay(0), 4),
+            Some(RelayRef::Gcks)
+        );
+        assert_eq!(decoded.target_of(RelayRef::Relay(0), 5), None);
+        let mut bad = directive();
+        bad.moves[1].residue = 3;
+        assert_eq!(bad.sign(&key), Err(DirectiveError::BadMove { index: 1 }));
         assert_eq!(
             RelayDirective::verify(&bytes, 8, &key.verifying_key()),
             Err(DirectiveError::WrongGroup { found: 7 })

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::directive::RelayRef;
 use super::ResyncEndpoint;
 use crate::lkh::{RelayContact, RelayDirectory};
 use crate::session::ConfigError;
@@ -184,6 +185,14 @@ impl Failover {
         (self.current < self.directory.relays.len()).then_some(self.current)
     }
 
+    /// The current contact as a directive names it: the relay's number, or the GCKS.
+    pub fn current_ref(&self) -> RelayRef {
+        match self.directory.relays.get(self.current) {
+            Some(contact) => RelayRef::Relay(contact.id),
+            None => RelayRef::Gcks,
+        }
+    }
+
     /// The figures.
     pub fn counters(&self) -> &FailoverCounters {
         &self.counters
@@ -251,15 +260,16 @@ impl Failover {
         self.move_on(now, MoveReason::NackUnanswered)
     }
 
-    /// The GCKS ordered the member to `relay` (an index among the directory's relays; `None`:
-    /// the GCKS's contact). Returns whether that names a contact (a move to the current one
-    /// changes nothing and is not counted).
-    pub fn move_to(&mut self, now: Instant, relay: Option<usize>) -> bool {
-        let index = match relay {
-            Some(index) if index < self.directory.relays.len() => index,
-            Some(_) => return false,
-            None if self.directory.gcks.is_some() => self.directory.relays.len(),
-            None => return false,
+    /// The GCKS ordered the member to `to`. Returns whether the directory holds it (a move to
+    /// the current contact changes nothing and is not counted).
+    pub fn move_to(&mut self, now: Instant, to: RelayRef) -> bool {
+        let index = match to {
+            RelayRef::Relay(id) => match self.directory.relays.iter().position(|c| c.id == id) {
+                Some(index) => index,
+                None => return false,
+            },
+            RelayRef::Gcks if self.directory.gcks.is_some() => self.directory.relays.len(),
+            RelayRef::Gcks => return false,
         };
         if index != self.current {
             self.counters.ordered_moves += 1;
@@ -342,6 +352,7 @@ mod tests {
 
     fn contact(n: u8) -> RelayContact {
         RelayContact {
+            id: u16::from(n) * 10,
             group: SocketAddr::from(([239, 0, 0, n], 5000)),
             feedback: SocketAddr::from(([10, 0, 0, n], 5001)),
             resync: vec![ResyncEndpoint {
@@ -427,15 +438,16 @@ mod tests {
         let now = Instant::now();
         let mut f = failover(3);
         f.poll_attachment();
-        assert!(f.move_to(now, Some(2)));
+        assert!(f.move_to(now, RelayRef::Relay(30)));
         assert_eq!(
             f.poll_attachment().map(|a| (a.relay, a.reason)),
             Some((Some(2), Some(MoveReason::Ordered)))
         );
-        assert!(!f.move_to(now, Some(3)), "no fourth relay");
-        assert!(f.move_to(now, Some(2)));
+        assert_eq!(f.current_ref(), RelayRef::Relay(30));
+        assert!(!f.move_to(now, RelayRef::Relay(3)), "no relay 3");
+        assert!(f.move_to(now, RelayRef::Relay(30)));
         assert_eq!(f.poll_attachment(), None, "already there");
-        assert!(f.move_to(now, None));
+        assert!(f.move_to(now, RelayRef::Gcks));
         assert_eq!(f.relay(), None);
         let lone = RelayDirectory {
             relays: vec![contact(1)],

@@ -352,10 +352,11 @@ impl MemberEndpoint {
             });
         }
         self.directive_issued = Some(directive.issued);
-        let Some(target) = directive.target_of(self.session.order_key()) else {
+        let Some(failover) = self.failover.as_mut() else {
             return Ok(false);
         };
-        let Some(failover) = self.failover.as_mut() else {
+        let member = self.session.keys().member().0;
+        let Some(target) = directive.target_of(failover.current_ref(), member) else {
             return Ok(false);
         };
         let before = failover.relay();

@@ -54,6 +54,9 @@ pub const MAX_CONTACT_RESYNC: usize = 8;
 /// or the GCKS itself.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RelayContact {
+    /// The relay's number at the GCKS (what a relay directive names it by; 0 for the GCKS's
+    /// own contact).
+    pub id: u16,
     /// The multicast group the contact sends its rekeys into: the member listens there.
     pub group: SocketAddr,
     /// Where the member sends its NACKs and probe replies.
@@ -103,6 +106,8 @@ impl RelayDirectory {
 #[derive(Serialize, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct EncodedContact {
+    #[serde(default)]
+    id: u16,
     group: SocketAddr,
     feedback: SocketAddr,
     #[serde(default)]
@@ -122,6 +127,7 @@ struct EncodedDirectory {
 impl EncodedDirectory {
     fn from_directory(directory: &RelayDirectory) -> Self {
         let contact = |c: &RelayContact| EncodedContact {
+            id: c.id,
             group: c.group,
             feedback: c.feedback,
             resync: c.resync.iter().map(ToString::to_string).collect(),
@@ -152,6 +158,7 @@ impl EncodedDirectory {
                 })
                 .collect::<Result<_, _>>()?;
             Ok(RelayContact {
+                id: c.id,
                 group: c.group,
                 feedback: c.feedback,
                 resync,
@@ -446,6 +453,7 @@ mod tests {
 
     fn contact(n: u8) -> RelayContact {
         RelayContact {
+            id: u16::from(n),
             group: SocketAddr::from(([239, 1, 1, n], 5000)),
             feedback: SocketAddr::from(([10, 0, 0, n], 5001)),
             resync: vec!["tcp://10.0.0.1:7000".parse().expect("endpoint")],

@@ -288,6 +288,7 @@ fn a_forged_ahead_flood_costs_each_member_a_few_state_checks_a_minute_not_one_a_
 /// A directory of two relays (hosts 2 and 3) and the GCKS (host 1), each with its own group.
 fn directory() -> RelayDirectory {
     let contact = |last: u8| crate::lkh::RelayContact {
+        id: u16::from(last),
         group: addr(200 + last, 7400),
         feedback: addr(last, 7401),
         resync: vec![tcp(last)],
@@ -383,7 +384,7 @@ fn a_member_whose_relay_dies_mid_message_moves_to_the_next_relay_and_resyncs_the
 
 #[test]
 fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
-    use crate::endpoint::directive::{DirectiveMove, RelayDirective};
+    use crate::endpoint::directive::{DirectiveMove, RelayDirective, RelayRef};
     let now = origin();
     let (gcks, mut bundle) = Gcks::new(now);
     bundle.directory = directory();
@@ -391,17 +392,18 @@ fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
     let mut member =
         MemberEndpoint::new(&bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap();
     member.poll_attachment();
-    let order_key = member.session().order_key();
-    let directive = |issued, relay| RelayDirective {
+    // Relay 2 (the first) is gone: its members to relay 3.
+    let directive = |issued, from, to| RelayDirective {
         group_id: GROUP_ID,
         issued,
         moves: vec![DirectiveMove {
-            first_order_key: order_key,
-            last_order_key: order_key,
-            relay,
+            from: Some(RelayRef::Relay(from)),
+            modulus: 1,
+            residue: 0,
+            to: RelayRef::Relay(to),
         }],
     };
-    let forged = directive(1, Some(1))
+    let forged = directive(1, 2, 3)
         .sign(&ed25519_dalek::SigningKey::from_bytes(&[9; 32]))
         .unwrap();
     assert_eq!(
@@ -409,7 +411,7 @@ fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
         Err(DirectiveError::BadSignature)
     );
     assert_eq!(member.poll_attachment(), None);
-    let signed = directive(2, Some(1)).sign(&gcks.gcks.signing_key).unwrap();
+    let signed = directive(2, 2, 3).sign(&gcks.gcks.signing_key).unwrap();
     assert_eq!(member.apply_directive(now, &signed), Ok(true));
     let attachment = member.poll_attachment().unwrap();
     assert_eq!(
@@ -418,10 +420,13 @@ fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
     );
     assert_eq!(member.figures().failover.ordered_moves, 1);
     // Replayed: refused.
-    let back = directive(2, Some(0)).sign(&gcks.gcks.signing_key).unwrap();
+    let back = directive(2, 3, 2).sign(&gcks.gcks.signing_key).unwrap();
     assert_eq!(
         member.apply_directive(now, &back),
         Err(DirectiveError::Stale { issued: 2 })
     );
     assert_eq!(member.figures().relay, Some(1));
+    // A newer one that does not take the member (it is on relay 3 now) changes nothing.
+    let other = directive(3, 2, 3).sign(&gcks.gcks.signing_key).unwrap();
+    assert_eq!(member.apply_directive(now, &other), Ok(false));
 }
