@@ -429,6 +429,8 @@ fn endpoint_parts(config: &MemberConfig) -> (MemberEndpointConfig, ChaCha8Rng) {
         receiver: config.receiver.clone(),
         resync: config.resync_config(),
         persist_keys: config.state_file.is_some(),
+        directory: Default::default(),
+        failover: Default::default(),
     };
     (endpoint, ChaCha8Rng::seed_from_u64(seed))
 }

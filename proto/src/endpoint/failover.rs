@@ -12,9 +12,14 @@
 //!   contact to be dead: a live relay answers a NACK at once (a repair advertisement, then
 //!   repair), and sends heartbeats while a message is in flight. This is the fast path, and
 //!   the one a relay killed mid-message takes.
-//! - **A silence.** The receiver's silence timeout (no datagram for
-//!   [`crate::session::ReceiverConfig::silence_timeout`], longer than the sender's longest
-//!   heartbeat interval) moves the member too; its state check then goes to the new contact.
+//! - **A silence.** Nothing verified heard for [`FailoverConfig::idle_silence`] (set it above
+//!   the relays' longest heartbeat interval, [`crate::session::SenderConfig::heartbeat_max`]),
+//!   or the receiver's own silence timeout, moves the member too: a live relay heartbeats
+//!   between messages, so a member of a relay that died between messages moves before the
+//!   next message is due rather than after missing it.
+//! - **Unreachable.** A fetch to the current relay's resync endpoint that fails to connect
+//!   (the relay's process is gone) moves the member at once, before its resync policy turns
+//!   to the GCKS.
 //! - **Ordered.** The GCKS moves members between relays (after a relay died or joined) with a
 //!   signed [`RelayDirective`](super::directive::RelayDirective) the member verifies with the
 //!   GCKS's key from its Rekey SA; see [`Failover::move_to`].
@@ -54,6 +59,10 @@ pub struct FailoverConfig {
     /// each consecutive move that heard nothing. Default 500 ms.
     #[serde(rename = "backoff_initial_ms", with = "rekeycast_nack::duration_ms")]
     pub backoff_initial: Duration,
+    /// How long a member hears nothing verified before it moves on: above the relays' longest
+    /// heartbeat interval. Default 75 s (two and a half times the default 30 s).
+    #[serde(rename = "idle_silence_ms", with = "rekeycast_nack::duration_ms")]
+    pub idle_silence: Duration,
     /// The cap of that backoff. Default 60 s.
     #[serde(rename = "backoff_max_ms", with = "rekeycast_nack::duration_ms")]
     pub backoff_max: Duration,
@@ -67,6 +76,7 @@ impl Default for FailoverConfig {
         Self {
             nack_silence: Duration::from_secs(1),
             backoff_initial: Duration::from_millis(500),
+            idle_silence: Duration::from_secs(75),
             backoff_max: Duration::from_secs(60),
             jitter: 0.25,
         }
@@ -80,6 +90,9 @@ impl FailoverConfig {
         let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
         if self.nack_silence.is_zero() {
             return invalid("nack_silence", "must not be 0");
+        }
+        if self.idle_silence.is_zero() {
+            return invalid("idle_silence", "must not be 0");
         }
         if self.backoff_initial > self.backoff_max {
             return invalid("backoff_initial", "must not exceed backoff_max");
@@ -97,8 +110,11 @@ impl FailoverConfig {
 pub enum MoveReason {
     /// A NACK went unanswered for [`FailoverConfig::nack_silence`].
     NackUnanswered,
-    /// The receiver's silence timeout passed.
+    /// Nothing heard for [`FailoverConfig::idle_silence`], or the receiver's silence timeout
+    /// passed.
     Silence,
+    /// A connection to the current relay's resync endpoint failed.
+    Unreachable,
     /// The GCKS ordered it.
     Ordered,
 }
@@ -124,6 +140,8 @@ pub struct FailoverCounters {
     pub silence_moves: u64,
     /// Moves the GCKS ordered.
     pub ordered_moves: u64,
+    /// Moves after the current relay's resync endpoint could not be reached.
+    pub unreachable_moves: u64,
     /// Silences and unanswered NACKs that did not move the member (its backoff held, or it has
     /// a single contact).
     pub moves_held: u64,
@@ -138,6 +156,8 @@ pub struct Failover {
     current: usize,
     /// When the member first sent a NACK after it last heard anything.
     nack_since: Option<Instant>,
+    /// When the member last heard anything verified (or moved).
+    heard_at: Instant,
     /// The earliest the next unordered move may happen.
     hold_until: Option<Instant>,
     /// Consecutive moves without hearing anything in between.
@@ -149,9 +169,14 @@ pub struct Failover {
 }
 
 impl Failover {
-    /// Failover over `directory`, attached to its first contact (a first [`Attachment`] is
-    /// pending). `None` when the directory is empty.
-    pub fn new(directory: RelayDirectory, config: FailoverConfig, rng: ChaCha8Rng) -> Option<Self> {
+    /// Failover over `directory`, attached to its first contact from `now` (a first
+    /// [`Attachment`] is pending). `None` when the directory is empty.
+    pub fn new(
+        directory: RelayDirectory,
+        config: FailoverConfig,
+        rng: ChaCha8Rng,
+        now: Instant,
+    ) -> Option<Self> {
         if directory.is_empty() {
             return None;
         }
@@ -160,6 +185,7 @@ impl Failover {
             directory,
             current: 0,
             nack_since: None,
+            heard_at: now,
             hold_until: None,
             consecutive: 0,
             pending: None,
@@ -225,7 +251,7 @@ impl Failover {
 
     /// A datagram was verified (its MAC checked): the contact is alive.
     pub fn heard(&mut self, now: Instant) {
-        let _ = now;
+        self.heard_at = self.heard_at.max(now);
         self.nack_since = None;
         self.consecutive = 0;
     }
@@ -241,23 +267,44 @@ impl Failover {
         self.move_on(now, MoveReason::Silence)
     }
 
-    /// When [`Self::handle_timeout`] must next be called.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let unanswered = self.nack_since? + self.config.nack_silence;
-        Some(
-            self.hold_until
-                .map_or(unanswered, |hold| hold.max(unanswered)),
-        )
+    /// A connection to `endpoint` failed: if it is the current relay's, moves on unless the
+    /// backoff holds. Returns the move made.
+    pub fn unreachable(&mut self, now: Instant, endpoint: &ResyncEndpoint) -> Option<MoveReason> {
+        let current = self.directory.relays.get(self.current)?;
+        if !current.resync.contains(endpoint) {
+            return None;
+        }
+        self.move_on(now, MoveReason::Unreachable)
     }
 
-    /// Time passed: a NACK unanswered for long enough moves the member on. Returns the move
-    /// made.
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.count() < 2 {
+            return None;
+        }
+        let idle = self.heard_at + self.config.idle_silence;
+        let due = self
+            .nack_since
+            .map_or(idle, |since| idle.min(since + self.config.nack_silence));
+        Some(self.hold_until.map_or(due, |hold| hold.max(due)))
+    }
+
+    /// Time passed: a NACK unanswered, or a silence, long enough moves the member on.
+    /// Returns the move made.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<MoveReason> {
         let at = self.poll_timeout()?;
         if at > now {
             return None;
         }
-        self.move_on(now, MoveReason::NackUnanswered)
+        let unanswered = self
+            .nack_since
+            .is_some_and(|since| since + self.config.nack_silence <= now);
+        let reason = if unanswered {
+            MoveReason::NackUnanswered
+        } else {
+            MoveReason::Silence
+        };
+        self.move_on(now, reason)
     }
 
     /// The GCKS ordered the member to `to`. Returns whether the directory holds it (a move to
@@ -275,6 +322,7 @@ impl Failover {
             self.counters.ordered_moves += 1;
             self.current = index;
             self.nack_since = None;
+            self.heard_at = now;
             self.consecutive = 0;
             self.hold_until = Some(now + self.backoff());
             self.pending = Some(self.attachment(Some(MoveReason::Ordered)));
@@ -292,12 +340,15 @@ impl Failover {
         }
         self.current = (self.current + 1) % count;
         self.nack_since = None;
+        // The new contact gets a whole silence before it is judged.
+        self.heard_at = now;
         self.consecutive = self.consecutive.saturating_add(1);
         self.hold_until = Some(now + self.backoff());
         match reason {
             MoveReason::NackUnanswered => self.counters.nack_moves += 1,
             MoveReason::Silence => self.counters.silence_moves += 1,
             MoveReason::Ordered => self.counters.ordered_moves += 1,
+            MoveReason::Unreachable => self.counters.unreachable_moves += 1,
         }
         self.pending = Some(self.attachment(Some(reason)));
         Some(reason)
@@ -371,6 +422,7 @@ mod tests {
             directory,
             FailoverConfig::default(),
             ChaCha8Rng::seed_from_u64(1),
+            Instant::now(),
         )
         .expect("a directory")
     }
@@ -385,7 +437,11 @@ mod tests {
         assert_eq!(f.handle_timeout(start + Duration::from_millis(999)), None);
         // Heard something: the relay is alive.
         f.heard(start + Duration::from_millis(500));
-        assert_eq!(f.poll_timeout(), None);
+        // Only the silence deadline is left.
+        assert_eq!(
+            f.poll_timeout(),
+            Some(start + Duration::from_millis(500) + Duration::from_secs(75))
+        );
         f.nack_sent(start + Duration::from_millis(600));
         let moved = start + Duration::from_millis(1600);
         assert_eq!(f.handle_timeout(moved), Some(MoveReason::NackUnanswered));
@@ -457,6 +513,7 @@ mod tests {
             lone,
             FailoverConfig::default(),
             ChaCha8Rng::seed_from_u64(2),
+            now,
         )
         .expect("a directory");
         assert_eq!(f.silence(now), None);
@@ -464,7 +521,8 @@ mod tests {
         assert!(Failover::new(
             RelayDirectory::default(),
             FailoverConfig::default(),
-            ChaCha8Rng::seed_from_u64(2)
+            ChaCha8Rng::seed_from_u64(2),
+            now,
         )
         .is_none());
     }

@@ -177,9 +177,9 @@ pub struct MemberFigures {
     pub state_save_failures: u64,
     /// Why the member must register again, once it must.
     pub must_reregister: Option<ReregisterReason>,
-    /// The relay the member receives from: its index in the directory, `None` on the GCKS's
-    /// contact or without a directory.
-    pub relay: Option<usize>,
+    /// The relay the member receives from, by its number ([`crate::lkh::RelayContact::id`]);
+    /// `None` on the GCKS's contact or without a directory.
+    pub relay: Option<u16>,
     /// Failover's figures (moves, and why).
     pub failover: FailoverCounters,
 }
@@ -212,6 +212,9 @@ pub struct MemberEndpoint {
     session_feedback: SocketAddr,
     /// The latest directive applied (its issue number).
     directive_issued: Option<u64>,
+    /// The endpoint of each fetch running (with a directory): a connection failure to the
+    /// current relay's moves the member.
+    fetching: Vec<(FetchId, super::ResyncEndpoint)>,
 }
 
 impl MemberEndpoint {
@@ -259,7 +262,7 @@ impl MemberEndpoint {
             .max(config.receiver.scheduler.group_size);
         let mut rng = rng;
         let failover_rng = ChaCha8Rng::seed_from_u64(rng.gen());
-        let failover = Failover::new(config.directory, config.failover, failover_rng);
+        let failover = Failover::new(config.directory, config.failover, failover_rng, now);
         let mut resync = config.resync;
         let mut group = config.group;
         if let Some(failover) = &failover {
@@ -272,6 +275,7 @@ impl MemberEndpoint {
             failover,
             session_feedback: config.receiver.feedback_addr,
             directive_issued: None,
+            fetching: Vec::new(),
             group,
             save_asked_seq: session.keys().last_seq(),
             session,
@@ -317,7 +321,10 @@ impl MemberEndpoint {
             resync: *self.policy.counters(),
             state_save_failures: self.state_save_failures,
             must_reregister: session.reregister_reason(),
-            relay: self.failover.as_ref().and_then(Failover::relay),
+            relay: self.failover.as_ref().and_then(|f| match f.current_ref() {
+                super::directive::RelayRef::Relay(id) => Some(id),
+                super::directive::RelayRef::Gcks => None,
+            }),
             failover: self
                 .failover
                 .as_ref()
@@ -369,22 +376,21 @@ impl MemberEndpoint {
     }
 
     /// The member moved to its failover's current contact: its multicast-feedback group and
-    /// resync order follow; after an unanswered NACK or an order, it asks the new contact for
-    /// the group's state at once (what it lacks comes from there, not from the GCKS).
+    /// resync order follow, and it asks the new contact for the group's state at once (what
+    /// it lacks comes from there, not from the GCKS; a state check the receiver's silence
+    /// raised at the same time is absorbed by this one).
     fn moved(&mut self, now: Instant, reason: MoveReason) {
+        let _ = reason;
         let Some(failover) = &self.failover else {
             return;
         };
         self.group = failover.contact().group;
         let (relays, gcks) = failover.resync_order();
         self.policy.set_endpoints(relays, gcks);
-        // A silence raised its own state check, which the policy takes next.
-        if reason != MoveReason::Silence {
-            let event = ReceiverEvent::StateCheckNeeded {
-                claimed_seq: self.session.next_seq(),
-            };
-            self.policy.handle_event(now, &event, &self.session);
-        }
+        let event = ReceiverEvent::StateCheckNeeded {
+            claimed_seq: self.session.next_seq(),
+        };
+        self.policy.handle_event(now, &event, &self.session);
     }
 
     /// Datagrams the session's datagram verifier has counted, accepted or rejected.
@@ -539,6 +545,24 @@ impl Endpoint for MemberEndpoint {
     }
 
     fn handle_fetched(&mut self, now: Instant, id: FetchId, item: Fetched) {
+        if let Some(at) = self.fetching.iter().position(|(fetch, _)| *fetch == id) {
+            if matches!(item, Fetched::Failed { .. } | Fetched::End) {
+                let (_, endpoint) = self.fetching.swap_remove(at);
+                // Moved before the policy picks its next endpoint: the new relay, not the GCKS.
+                if let Fetched::Failed {
+                    reason: super::FetchFailure::Connection,
+                } = item
+                {
+                    if let Some(reason) = self
+                        .failover
+                        .as_mut()
+                        .and_then(|f| f.unreachable(now, &endpoint))
+                    {
+                        self.moved(now, reason);
+                    }
+                }
+            }
+        }
         self.policy.handle_fetched(now, id, item, &mut self.session);
         self.pump(now);
     }
@@ -602,7 +626,15 @@ impl Endpoint for MemberEndpoint {
         if self.stopping {
             return None;
         }
-        self.policy.poll_fetch()
+        let fetch = self.policy.poll_fetch()?;
+        if self.failover.is_some() {
+            // Bounded by the policy's one fetch at a time (and cancelled ones ending).
+            if self.fetching.len() >= 16 {
+                self.fetching.remove(0);
+            }
+            self.fetching.push((fetch.id, fetch.endpoint));
+        }
+        Some(fetch)
     }
 
     fn poll_cancel_fetch(&mut self) -> Option<FetchId> {

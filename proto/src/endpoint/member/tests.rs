@@ -375,7 +375,7 @@ fn a_member_whose_relay_dies_mid_message_moves_to_the_next_relay_and_resyncs_the
         now - start
     );
     let figures = member.figures();
-    assert_eq!(figures.relay, Some(1), "counted at its new relay");
+    assert_eq!(figures.relay, Some(3), "counted at its new relay");
     assert_eq!(figures.failover.nack_moves, 1);
     // The dead relay is not asked again: the new relay first, then the GCKS.
     assert_eq!(member.policy().config().relays, vec![tcp(3)]);
@@ -425,8 +425,42 @@ fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
         member.apply_directive(now, &back),
         Err(DirectiveError::Stale { issued: 2 })
     );
-    assert_eq!(member.figures().relay, Some(1));
+    assert_eq!(member.figures().relay, Some(3));
     // A newer one that does not take the member (it is on relay 3 now) changes nothing.
     let other = directive(3, 2, 3).sign(&gcks.gcks.signing_key).unwrap();
     assert_eq!(member.apply_directive(now, &other), Ok(false));
+}
+
+#[test]
+fn regression_a_fetch_running_when_the_member_moves_passes_to_the_new_relay_not_the_gcks() {
+    let start = origin();
+    let mut now = start;
+    let (gcks, mut bundle) = Gcks::new(now);
+    bundle.directory = directory();
+    let mut config = MemberEndpointConfig::new(addr(200, 7400), addr(1, 7401));
+    config.failover.idle_silence = Duration::from_secs(2);
+    let mut member =
+        MemberEndpoint::new(&bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap();
+    let order_key = member.session().order_key();
+    member.poll_attachment();
+    // Behind: a resync to relay 2 runs (and hangs) when the member moves to relay 3.
+    member.handle_datagram(now, Port::Listen, addr(2, 7401), &gcks.forged_ahead(3));
+    let check = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(check.endpoint, tcp(2));
+    while member.poll_attachment().is_none() {
+        now = member.poll_timeout().unwrap().max(now);
+        member.handle_timeout(now);
+        assert!(now - start < Duration::from_secs(10), "no move");
+    }
+    // The hung fetch fails: the next endpoint is the new relay, not the GCKS.
+    member.handle_fetched(
+        now,
+        check.id,
+        Fetched::Failed {
+            reason: crate::endpoint::FetchFailure::Connection,
+        },
+    );
+    let next = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(next.endpoint, tcp(3));
+    let _ = order_key;
 }
