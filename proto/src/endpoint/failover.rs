@@ -401,6 +401,12 @@ mod tests {
 
     use super::*;
 
+    /// Any instant will do as the origin: time goes on only as the test advances it.
+    #[allow(clippy::disallowed_methods)]
+    fn origin() -> Instant {
+        Instant::now()
+    }
+
     fn contact(n: u8) -> RelayContact {
         RelayContact {
             id: u16::from(n) * 10,
@@ -422,14 +428,14 @@ mod tests {
             directory,
             FailoverConfig::default(),
             ChaCha8Rng::seed_from_u64(1),
-            Instant::now(),
+            origin(),
         )
         .expect("a directory")
     }
 
     #[test]
     fn an_unanswered_nack_moves_to_the_next_relay_and_the_backoff_spaces_moves() {
-        let start = Instant::now();
+        let start = origin();
         let mut f = failover(2);
         assert_eq!(f.poll_attachment().map(|a| a.relay), Some(Some(0)));
         f.nack_sent(start);
@@ -463,7 +469,7 @@ mod tests {
     #[test]
     fn consecutive_silent_moves_back_off_exponentially_with_jitter_to_the_cap() {
         let mut f = failover(3);
-        let mut now = Instant::now();
+        let mut now = origin();
         let mut holds = Vec::new();
         for _ in 0..12 {
             // A silence is not held off by anything but the backoff.
@@ -491,7 +497,7 @@ mod tests {
 
     #[test]
     fn an_ordered_move_goes_where_it_is_told_and_a_lone_contact_never_moves() {
-        let now = Instant::now();
+        let now = origin();
         let mut f = failover(3);
         f.poll_attachment();
         assert!(f.move_to(now, RelayRef::Relay(30)));
