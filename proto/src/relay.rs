@@ -62,6 +62,8 @@
 //! [`RelaySession::poll_transmit`] (each transmit says which tier's socket it leaves by),
 //! [`RelaySession::poll_event`], and re-read [`RelaySession::poll_timeout`].
 
+pub mod uplink;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -70,6 +72,7 @@ use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::endpoint::resync_policy::ResyncEvent;
 use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::relay::uplink::{UnicastFanout, UnicastRelays, UplinkCounters};
 use crate::resync::{Lookup, ResyncSource};
 use crate::session::receiver::{ResyncError, Scope, StateVerdict};
 use crate::session::sender::{QueueError, SenderEvent};
@@ -106,6 +109,10 @@ pub struct RelayConfig {
     /// message is sent downstream only once it is complete (a member behind the relay then
     /// waits for the relay's own repair rounds on every block, not just its own).
     pub cut_through: bool,
+    /// Relays behind this one that take its downstream traffic over unicast UDP (they cannot
+    /// hear its group): every downstream datagram goes to each of them too, or only to them
+    /// ([`UnicastRelays::unicast_only`]); see [`uplink`]. Empty: none.
+    pub unicast_relays: UnicastRelays,
 }
 
 impl Default for RelayConfig {
@@ -127,6 +134,7 @@ impl RelayConfig {
             downstream: SenderConfig::default(),
             downstream_group_size: None,
             cut_through: true,
+            unicast_relays: UnicastRelays::default(),
         }
     }
 
@@ -140,6 +148,7 @@ impl RelayConfig {
                 reason: "must be at least 1",
             });
         }
+        self.unicast_relays.validate()?;
         Ok(())
     }
 }
@@ -293,6 +302,8 @@ pub struct RelaySession {
     counters: RelayCounters,
     /// Which side `poll_transmit` asks first: alternates so neither starves the other.
     upstream_first: bool,
+    /// The downstream copies for the unicast relays behind this one.
+    uplinks: UnicastFanout,
 }
 
 impl RelaySession {
@@ -308,7 +319,13 @@ impl RelaySession {
         upstream.set_scope(Scope::WholeMessage);
         let mut downstream = SenderSession::new(config.downstream, sa.group_id, sa.spi, now)?;
         downstream.set_advertised_group_size(config.downstream_group_size);
-        Ok(Self::assemble(upstream, downstream, config.cut_through))
+        let uplinks = UnicastFanout::new(config.unicast_relays)?;
+        Ok(Self::assemble(
+            upstream,
+            downstream,
+            config.cut_through,
+            uplinks,
+        ))
     }
 
     /// A relay back after its own restart: its saved keys (the engine's `persist::save_member_keys` after each
@@ -337,12 +354,18 @@ impl RelaySession {
                 .restore_message(now, message)
                 .map_err(|source| RelayError::History { seq, source })?;
         }
-        let mut relay = Self::assemble(upstream, downstream, config.cut_through);
+        let uplinks = UnicastFanout::new(config.unicast_relays)?;
+        let mut relay = Self::assemble(upstream, downstream, config.cut_through, uplinks);
         relay.pump(now);
         Ok(relay)
     }
 
-    fn assemble(upstream: ReceiverSession, downstream: SenderSession, cut_through: bool) -> Self {
+    fn assemble(
+        upstream: ReceiverSession,
+        downstream: SenderSession,
+        cut_through: bool,
+        uplinks: UnicastFanout,
+    ) -> Self {
         Self {
             upstream,
             downstream,
@@ -354,6 +377,7 @@ impl RelaySession {
             events: VecDeque::new(),
             counters: RelayCounters::default(),
             upstream_first: true,
+            uplinks,
         }
     }
 
@@ -432,10 +456,15 @@ impl RelaySession {
         for tier in order {
             let transmit = match tier {
                 Tier::Upstream => self.upstream.poll_transmit(now, buf),
-                Tier::Downstream => match self.forward_next(now, buf) {
-                    Some(transmit) => Some(transmit),
-                    None => self.downstream.poll_transmit(now, buf),
-                },
+                Tier::Downstream => {
+                    let mut uplinks = std::mem::take(&mut self.uplinks);
+                    let transmit = uplinks.poll_transmit(buf, |buf| {
+                        self.forward_next(now, buf)
+                            .or_else(|| self.downstream.poll_transmit(now, buf))
+                    });
+                    self.uplinks = uplinks;
+                    transmit
+                }
             };
             if let Some(transmit) = transmit {
                 match tier {
@@ -636,6 +665,11 @@ impl RelaySession {
     /// The downstream side's repair aggregator's counters.
     pub fn downstream_repair_stats(&self) -> rekeycast_nack::AggregatorStats {
         self.downstream.repair_stats()
+    }
+
+    /// What went to the unicast relays behind this one ([`RelayConfig::unicast_relays`]).
+    pub fn uplink_counters(&self) -> &UplinkCounters {
+        self.uplinks.counters()
     }
 
     /// The downstream side (its history, GRTT, loss estimate).
