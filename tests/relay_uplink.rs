@@ -180,7 +180,6 @@ fn relays_on_unicast_uplinks_keep_their_members_current_and_the_gcks_multicasts_
     wait_sent(&gcks, 1);
     engine::wait_applied(&members, 1, Duration::from_secs(20));
     // Rekeys with churn: a member of each relay leaves and one joins, in one batch.
-    let mut next_id = 50;
     for round in 0..4 {
         let seq = gcks.stats().unwrap().seq + 1;
         for r in 0..relays.len() {
@@ -193,9 +192,8 @@ fn relays_on_unicast_uplinks_keep_their_members_current_and_the_gcks_multicasts_
             member.shutdown().unwrap();
         }
         let joiners: Vec<u64> = (0..relays.len() as u64)
-            .map(|r| r * 100 + next_id + round)
+            .map(|r| r * 100 + 50 + round)
             .collect();
-        next_id += 1;
         for (bundle, id) in engine::admit(&gcks, &joiners).into_iter().zip(joiners) {
             let (down, relay) = &relays[(id / 100) as usize];
             members.push((id, start_member(&bundle, *down, relay, &gcks, id)));
