@@ -496,6 +496,8 @@ pub struct GcksEndpointStats {
     /// Messages inside the history window that are not held (lost from the state directory
     /// before a restart, [`RestoredGcks::not_held`]).
     pub history_not_held: usize,
+    /// What went to the unicast relays ([`GcksEndpoint::set_unicast_relays`]).
+    pub uplinks: crate::relay::uplink::UplinkCounters,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -596,6 +598,8 @@ pub struct GcksEndpoint<T> {
     held: VecDeque<(Instant, PreparedMessage)>,
     /// Members registered as relays.
     relays: HashSet<MemberId>,
+    /// The relays that take the rekeys over unicast uplinks, and the copies for them.
+    uplinks: crate::relay::uplink::UnicastFanout,
     events: VecDeque<GcksEvent<T>>,
     timers: TimerTable<TIMERS>,
     stopped: bool,
@@ -836,10 +840,24 @@ impl<T: Clone> GcksEndpoint<T> {
             answer_at: None,
             held: VecDeque::new(),
             relays: HashSet::new(),
+            uplinks: crate::relay::uplink::UnicastFanout::default(),
             events: VecDeque::new(),
             timers: TimerTable::new(),
             stopped: false,
         }
+    }
+
+    /// Registers the relays that take the rekeys over unicast UDP instead of multicast
+    /// (replacing those registered before): every datagram the GCKS multicasts (symbols,
+    /// manifests, repair, heartbeats) goes to each of them too, or only to them
+    /// ([`UnicastRelays::unicast_only`](crate::relay::uplink::UnicastRelays::unicast_only)),
+    /// paced as the multicast and gathered per relay for GSO; their NACKs are answered like
+    /// any receiver's, by the same copies. See [`crate::relay::uplink`].
+    pub fn set_unicast_relays(
+        &mut self,
+        relays: crate::relay::uplink::UnicastRelays,
+    ) -> Result<(), ConfigError> {
+        self.uplinks.set_relays(relays)
     }
 
     /// The configuration.
@@ -873,6 +891,7 @@ impl<T: Clone> GcksEndpoint<T> {
             pending: self.membership.pending_changes(),
             relays: self.relays.len(),
             history_not_held: self.session.not_held().count(),
+            uplinks: *self.uplinks.counters(),
         }
     }
 
@@ -1487,7 +1506,10 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
         if self.is_stopped() {
             return None;
         }
-        let transmit = self.session.poll_transmit(now, buf);
+        let session = &mut self.session;
+        let transmit = self
+            .uplinks
+            .poll_transmit(buf, |buf| session.poll_transmit(now, buf));
         // Sending moves the session's pacing and heartbeat deadlines.
         self.refresh_timers();
         let transmit = transmit?;
