@@ -306,6 +306,10 @@ impl Gcks {
                 (endpoint, GcksStore::Dir(storage))
             }
         };
+        let mut endpoint = endpoint;
+        endpoint
+            .set_unicast_relays(config.unicast_relays.clone())
+            .map_err(GcksSetupError::Config)?;
         let mut driver_config = DriverConfig::new("rekeycast-gcks");
         driver_config.serve = Some(SenderPort {
             multicast: config.multicast.clone(),
@@ -746,6 +750,7 @@ fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
         resync: driver.resync,
         relays: stats.relays,
         history_not_held: stats.history_not_held,
+        uplinks: stats.uplinks,
     }
 }
 
