@@ -88,6 +88,9 @@ impl Layout {
 pub fn authenticator_len(auth: ChunkAuth, max_chunks: usize) -> usize {
     match auth {
         ChunkAuth::Signature => SIGNATURE_LEN,
+        ChunkAuth::GroupSignature => {
+            chunk::group_authenticator_len(usize::from(chunk::DEFAULT_GROUP_LOG2))
+        }
         ChunkAuth::MerklePath => {
             // The longest path of a tree with max_chunks leaves: ceil(log2(max_chunks)).
             let depth = max_chunks.max(1).next_power_of_two().trailing_zeros() as usize;
@@ -126,7 +129,7 @@ pub fn lay_out(
             + authenticator_len(auth, allowed_chunks);
         let available = symbol_size.saturating_sub(fixed);
         let layout = fill(batch, leaves, available)?;
-        if layout.chunks.len() <= allowed_chunks || auth == ChunkAuth::Signature {
+        if layout.chunks.len() <= allowed_chunks || auth != ChunkAuth::MerklePath {
             return Ok(layout);
         }
         allowed_chunks = layout.chunks.len().next_power_of_two();
@@ -365,6 +368,18 @@ pub fn build_message(
             let chunks = sign_chunks(authenticated, signing_key, symbol_size, threads)?;
             (chunks, [0; HASH_LEN])
         }
+        ChunkAuth::GroupSignature => {
+            let chunks = chunk::authenticate_groups_on_threads(
+                authenticated,
+                chunk_count,
+                batch.context.seq,
+                chunk::DEFAULT_GROUP_LOG2,
+                signing_key,
+                symbol_size,
+                params.resolved_signing_threads(),
+            )?;
+            (chunks, [0; HASH_LEN])
+        }
     };
     let manifest = super::manifest::Manifest {
         wrap_algorithm: batch.context.algorithm.id(),
@@ -549,7 +564,7 @@ mod tests {
         assert_eq!(verifier.counters().signature_checks, {
             match chunk_auth {
                 ChunkAuth::MerklePath => 1,
-                ChunkAuth::Signature => 1 + members.len() as u64,
+                ChunkAuth::Signature | ChunkAuth::GroupSignature => 1 + members.len() as u64,
             }
         });
         message.chunks.len()
@@ -584,10 +599,10 @@ mod tests {
             for &member in &joining {
                 members.insert(member, MemberKeys::from_bundle(&tree.join(member).unwrap()));
             }
-            let auth = if round % 2 == 0 {
-                ChunkAuth::MerklePath
-            } else {
-                ChunkAuth::Signature
+            let auth = match round % 3 {
+                0 => ChunkAuth::MerklePath,
+                1 => ChunkAuth::Signature,
+                _ => ChunkAuth::GroupSignature,
             };
             let chunks = deliver(&tree, &batch, &mut members, auth);
             assert!(chunks >= 1);

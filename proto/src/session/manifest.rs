@@ -106,6 +106,10 @@ pub enum ChunkAuth {
     /// Each chunk carries its own Ed25519 signature.
     #[default]
     Signature = 2,
+    /// Chunks are signed in groups of `2^k` consecutive chunks: each carries its path in a
+    /// small Merkle tree over its group and the group's one signature over that tree's root
+    /// (see [`super::chunk`]).
+    GroupSignature = 3,
 }
 
 /// What can be wrong with a manifest's bytes.
@@ -268,6 +272,7 @@ impl<'a> SignedManifest<'a> {
         let chunk_auth = match fixed[3] {
             1 => ChunkAuth::MerklePath,
             2 => ChunkAuth::Signature,
+            3 => ChunkAuth::GroupSignature,
             other => {
                 return Err(ManifestError::UnknownAlgorithm(
                     "chunk authentication",
@@ -560,7 +565,7 @@ mod tests {
             Err(ManifestError::UnknownAlgorithm("signature", 9))
         ));
         let mut bad = bytes.clone();
-        bad[3] = 3;
+        bad[3] = 4;
         assert!(SignedManifest::parse(&bad).is_err());
         let mut bad = bytes.clone();
         bad[56] = 0;

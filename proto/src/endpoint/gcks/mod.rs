@@ -1068,6 +1068,7 @@ impl<T: Clone> GcksEndpoint<T> {
             signing_key: Arc::clone(&self.signing_key),
             params,
             durable: self.config.durable,
+            proactive: Some(self.session.proactive_repair().clone()),
         });
     }
 
