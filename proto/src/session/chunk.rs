@@ -60,9 +60,9 @@ pub const GROUP_SIGNATURE_CONTEXT: &[u8] = b"rekeycast chunk group v1\0";
 /// then still fit the 32-bit chunk index).
 pub const MAX_GROUP_LOG2: u8 = 31;
 /// The `k` of the signature groups of `2^k` chunks the GCKS builds in
-/// [`ChunkAuth::GroupSignature`] mode. Chosen from the `auth` benchmark's options table at
-/// N = 2^16 and 2^20: see [`ChunkAuth::GroupSignature`].
-pub const DEFAULT_GROUP_LOG2: u8 = 4;
+/// [`ChunkAuth::GroupSignature`] mode: groups of 8, chosen from the `auth` benchmark's options
+/// table at N = 2^16 and 2^20 (see [`ChunkAuth`]).
+pub const DEFAULT_GROUP_LOG2: u8 = 3;
 
 /// What can be wrong with a chunk's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -247,7 +247,7 @@ pub struct MessageParams {
     /// within [`crate::wire::DEFAULT_DATAGRAM_SIZE`]); a path that must stay within
     /// [`crate::wire::IPV6_SAFE_DATAGRAM_SIZE`] needs 1,185 or less.
     pub symbol_size: u16,
-    /// How chunks authenticate themselves. Default [`ChunkAuth::Signature`] (see
+    /// How chunks authenticate themselves. Default [`ChunkAuth::GroupSignature`] (see
     /// [`ChunkAuth`] for the measurements behind it).
     pub chunk_auth: ChunkAuth,
     /// The largest FEC source block, in symbols (B). Default
@@ -260,7 +260,8 @@ pub struct MessageParams {
     #[serde(skip)]
     pub timestamp_us: u64,
     /// Threads that sign chunks in [`ChunkAuth::Signature`] mode (one Ed25519 signature per
-    /// chunk, thousands for a large group). 0, the default, means
+    /// chunk, thousands for a large group) and [`ChunkAuth::GroupSignature`] mode (one per
+    /// group), and that seal the initial transmission's datagrams. 0, the default, means
     /// [`std::thread::available_parallelism`] (1 if that is unknown). A small message uses
     /// fewer threads (each signs at least 32 chunks). The message is the same bytes whatever
     /// the count.
@@ -746,7 +747,7 @@ mod tests {
     #[test]
     fn default_params() {
         let params = MessageParams::default();
-        assert_eq!(params.chunk_auth, ChunkAuth::Signature);
+        assert_eq!(params.chunk_auth, ChunkAuth::GroupSignature);
         assert_eq!(params.spi, 1);
         assert_eq!(params.symbol_size, 1200);
         assert_eq!(
