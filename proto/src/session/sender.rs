@@ -318,8 +318,8 @@ impl PreparedMessage {
         Ok(())
     }
 
-    /// Seals the datagrams of the initial transmission now, on the calling thread and up to
-    /// `threads - 1` more (one block's encoder and datagrams per task), so that the sender's
+    /// Seals the datagrams of the initial transmission now, on up to `threads` threads (one
+    /// block's encoder and datagrams per task, blocks dealt round-robin), so that the sender's
     /// event loop only copies them: the manifest's datagram, every source symbol's, and for
     /// each block the proactive repair symbols `proactive` asks for at this moment (the sender
     /// makes and seals any more it wants when it queues the message). Builds every block's
@@ -343,6 +343,8 @@ impl PreparedMessage {
             seq: self.seq,
             key: &self.mac_key,
         };
+        // Every buffer below is exactly one datagram's length, so sealing cannot run out of
+        // room; were it ever to, the message is refused as unsendable rather than sent short.
         sealer
             .seal(ObjectKind::Manifest, 0, 0, &self.manifest, &mut manifest)
             .ok_or(QueueError::CorruptChunk)?;
@@ -1600,6 +1602,7 @@ mod tests {
 
     /// Every datagram of the initial transmission, in order.
     fn initial_transmission(message: PreparedMessage, config: &SenderConfig) -> Vec<Vec<u8>> {
+        #[allow(clippy::disallowed_methods)] // the start of virtual time
         let now = Instant::now();
         let mut session = SenderSession::new(config.clone(), 7, 3, now).unwrap();
         session.queue_message(now, message).unwrap();
@@ -1630,8 +1633,10 @@ mod tests {
             },
             ..SenderConfig::default()
         };
+        #[allow(clippy::disallowed_methods)] // the start of virtual time
+        let start = Instant::now();
         let (gcks, batch) =
-            crate::test_support::TestGcks::new(7, 3, (1, 2), 3000, config.clone(), Instant::now());
+            crate::test_support::TestGcks::new(7, 3, (1, 2), 3000, config.clone(), start);
         let params = super::super::layout::MessageParams {
             spi: 3,
             max_block_symbols: 5,
