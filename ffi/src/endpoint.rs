@@ -2,10 +2,15 @@
 //! and `rkc_member_endpoint` (one member).
 //!
 //! The product owns the sockets and the clock. After creating an endpoint, and after every
-//! `*_handle_*` call or command, it drains `*_poll_transmit` (sending each datagram by the
-//! socket its port names) and `*_poll_event` until they return `RKC_DONE`, then reads
+//! `*_handle_*` call or command, it drains `*_poll_event` and `*_poll_transmit` (sending each
+//! datagram by the socket its port names) until they return `RKC_DONE`, then reads
 //! `*_timeout` and calls `*_handle_timeout` when that time comes. Times are microseconds of
 //! one monotonic clock (`CLOCK_MONOTONIC`), the same for every call on a handle.
+//!
+//! Events first: a GCKS's joiners must get their bundles (`RKC_GCKS_JOINED`) and join the
+//! group before the message that admits them goes out. The admission delay runs from the
+//! time of the call that built the batch, so a product slower than the delay (a batch built
+//! inline under valgrind took longer than 50 ms) would otherwise send that message first.
 //!
 //! The work an endpoint hands out (building and signing a batch) runs inline, inside the call
 //! that caused it; nothing is persisted (a product that needs a durable GCKS embeds the

@@ -59,3 +59,8 @@ timeout 600 "${vg[@]}" "$out/loopback" >/dev/null 2>"$out/valgrind-loopback.log"
 }
 grep -E "ERROR SUMMARY|definitely lost|indirectly lost|possibly lost|suppressed:" \
   "$out/valgrind-loopback.log"
+echo "ffi: the README's C example"
+awk '/^## C products/{f=1} f&&/^```c/{p=1;next} p&&/^```/{exit} p' README.md >"$out/readme.c"
+# shellcheck disable=SC2086
+gcc -std=c99 -Wall -Werror -o "$out/readme" "$out/readme.c" $cflags $libs
+timeout 60 "$out/readme"
