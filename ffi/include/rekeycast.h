@@ -62,6 +62,8 @@ typedef enum rkc_result {
   RKC_POISONED = 13,
   // The library panicked; the handle may be unusable and should be freed.
   RKC_PANIC = 14,
+  // The message asked for left the GCKS's history: the member must register again.
+  RKC_BEYOND_HISTORY = 15,
 } rkc_result;
 
 // The socket a datagram arrived on or leaves by.
@@ -468,6 +470,59 @@ enum rkc_result rkc_member_endpoint_traffic_key(const struct rkc_member_endpoint
 // `endpoint` is `NULL` or a pointer this library issued.
 enum rkc_result rkc_member_endpoint_stop(struct rkc_member_endpoint *endpoint, uint64_t now_us);
 
+// Copies what a member whose leaf has order key `order_key` (`*_order_key`) needs of message
+// `seq` to resync: its signed manifest into `manifest_out` and the member's chunk into
+// `chunk_out` (each at most `RKC_DATAGRAM_SIZE` bytes), their lengths to `*manifest_written` and
+// `*chunk_written`. `RKC_BEYOND_HISTORY`: the message left the history, the member must
+// register again; `RKC_NOT_FOUND`: not sent yet, or no chunk serves that leaf.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type (each buffer for its length).
+enum rkc_result rkc_gcks_endpoint_resync_item(const struct rkc_gcks_endpoint *endpoint,
+                                              uint64_t seq,
+                                              uint32_t order_key,
+                                              uint8_t *manifest_out,
+                                              size_t manifest_len,
+                                              uint8_t *chunk_out,
+                                              size_t chunk_len,
+                                              size_t *manifest_written,
+                                              size_t *chunk_written);
+
+// Writes the order key of the member's leaf (what it asks a resync endpoint for its chunk
+// with) to `*order_key_out`.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type.
+enum rkc_result rkc_member_endpoint_order_key(const struct rkc_member_endpoint *endpoint,
+                                              uint32_t *order_key_out);
+
+// Writes the next message the member needs (where a resync starts) to `*seq_out`.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type.
+enum rkc_result rkc_member_endpoint_next_seq(const struct rkc_member_endpoint *endpoint,
+                                             uint64_t *seq_out);
+
+// Applies one resync item the product fetched (from `rkc_gcks_endpoint_resync_item` or
+// `rkc_gcks_resync_item`, over its own channel): the signed manifest and the member's chunk
+// of the next message it needs, verified as if they had come by multicast. Writes the
+// message applied to `*applied_seq_out`; `RKC_REFUSED` if the item is not that message's or
+// fails verification. Its events (`RKC_MEMBER_KEY_INSTALLED`) follow as usual.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type (each buffer for its length).
+enum rkc_result rkc_member_endpoint_resync(struct rkc_member_endpoint *endpoint,
+                                           uint64_t now_us,
+                                           const uint8_t *manifest,
+                                           size_t manifest_len,
+                                           const uint8_t *chunk,
+                                           size_t chunk_len,
+                                           uint64_t *applied_seq_out);
+
 // Starts a GCKS engine with `config` on the multicast group `group`, signing with the
 // 32-byte Ed25519 key `signing_key`; writes it to `*gcks_out`. With `loopback` non-zero it
 // sends on the loopback interface with multicast loopback on and takes feedback on
@@ -598,6 +653,45 @@ enum rkc_result rkc_member_stop(struct rkc_member *member);
 // `member` is `NULL` or points to a readable and writable pointer; not called from one of
 // the member's callbacks.
 void rkc_member_free(struct rkc_member **member);
+
+// Copies what the member whose leaf has order key `order_key` (`rkc_member_order_key`) needs
+// of message `seq` to resync, as `rkc_gcks_endpoint_resync_item` does.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type (each buffer for its length).
+enum rkc_result rkc_gcks_resync_item(const struct rkc_gcks *gcks,
+                                     uint64_t seq,
+                                     uint32_t order_key,
+                                     uint8_t *manifest_out,
+                                     size_t manifest_len,
+                                     uint8_t *chunk_out,
+                                     size_t chunk_len,
+                                     size_t *manifest_written,
+                                     size_t *chunk_written);
+
+// Writes the order key of the member's leaf (what it asks for its chunk with) to
+// `*order_key_out`.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type.
+enum rkc_result rkc_member_order_key(const struct rkc_member *member, uint32_t *order_key_out);
+
+// Applies one resync item the product fetched after an `out_of_sync` callback (the signed
+// manifest and the member's chunk of the next message it needs), verified as if it had come
+// by multicast; writes the message applied to `*applied_seq_out`. `RKC_REFUSED`: not that
+// message's item, or it fails verification.
+//
+// # Safety
+//
+// Every pointer is `NULL` or valid for its type (each buffer for its length).
+enum rkc_result rkc_member_resync(struct rkc_member *member,
+                                  const uint8_t *manifest,
+                                  size_t manifest_len,
+                                  const uint8_t *chunk,
+                                  size_t chunk_len,
+                                  uint64_t *applied_seq_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast_proto::endpoint::gcks::{
-    GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, WallClock,
+    GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, ResyncAnswer, WallClock,
 };
 use rekeycast_proto::endpoint::member::{MemberEndpoint, MemberEndpointConfig};
 use rekeycast_proto::endpoint::{
@@ -1128,6 +1128,154 @@ pub unsafe extern "C" fn rkc_member_endpoint_stop(
             .handle_command(now, rekeycast_proto::endpoint::member::MemberCommand::Stop);
         handle.pump(now);
         handle.stopped = true;
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Copies a resync answer's manifest and chunk into the caller's buffers, both or neither.
+pub(crate) fn copy_resync_answer(
+    answer: ResyncAnswer,
+    manifest_out: &mut [u8],
+    chunk_out: &mut [u8],
+) -> Result<(usize, usize), rkc_result> {
+    let (manifest, chunk) = match answer {
+        ResyncAnswer::Item { manifest, chunk } => (manifest, chunk),
+        ResyncAnswer::BeyondHistory => return Err(rkc_result::RKC_BEYOND_HISTORY),
+        _ => return Err(rkc_result::RKC_NOT_FOUND),
+    };
+    if manifest_out.len() < manifest.len() || chunk_out.len() < chunk.len() {
+        return Err(rkc_result::RKC_BUFFER_TOO_SHORT);
+    }
+    manifest_out[..manifest.len()].copy_from_slice(&manifest);
+    chunk_out[..chunk.len()].copy_from_slice(&chunk);
+    Ok((manifest.len(), chunk.len()))
+}
+
+/// Copies what a member whose leaf has order key `order_key` (`*_order_key`) needs of message
+/// `seq` to resync: its signed manifest into `manifest_out` and the member's chunk into
+/// `chunk_out` (each at most `RKC_DATAGRAM_SIZE` bytes), their lengths to `*manifest_written` and
+/// `*chunk_written`. `RKC_BEYOND_HISTORY`: the message left the history, the member must
+/// register again; `RKC_NOT_FOUND`: not sent yet, or no chunk serves that leaf.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type (each buffer for its length).
+#[no_mangle]
+pub unsafe extern "C" fn rkc_gcks_endpoint_resync_item(
+    endpoint: *const rkc_gcks_endpoint,
+    seq: u64,
+    order_key: u32,
+    manifest_out: *mut u8,
+    manifest_len: usize,
+    chunk_out: *mut u8,
+    chunk_len: usize,
+    manifest_written: *mut usize,
+    chunk_written: *mut usize,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_ref(endpoint, Kind::GcksEndpoint) }?;
+        // SAFETY: the caller's contract.
+        let manifest_out = unsafe { out_slice(manifest_out, manifest_len) }?;
+        // SAFETY: the caller's contract.
+        let chunk_out = unsafe { out_slice(chunk_out, chunk_len) }?;
+        check_out(manifest_written)?;
+        check_out(chunk_written)?;
+        let answer = handle.endpoint.resync_item(seq, order_key);
+        let (manifest, chunk) = copy_resync_answer(answer, manifest_out, chunk_out)?;
+        // SAFETY: checked above.
+        unsafe {
+            write_out(manifest_written, manifest);
+            write_out(chunk_written, chunk);
+        }
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Writes the order key of the member's leaf (what it asks a resync endpoint for its chunk
+/// with) to `*order_key_out`.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type.
+#[no_mangle]
+pub unsafe extern "C" fn rkc_member_endpoint_order_key(
+    endpoint: *const rkc_member_endpoint,
+    order_key_out: *mut u32,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_ref(endpoint, Kind::MemberEndpoint) }?;
+        check_out(order_key_out)?;
+        // SAFETY: checked above.
+        unsafe { write_out(order_key_out, handle.endpoint.session().order_key()) };
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Writes the next message the member needs (where a resync starts) to `*seq_out`.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type.
+#[no_mangle]
+pub unsafe extern "C" fn rkc_member_endpoint_next_seq(
+    endpoint: *const rkc_member_endpoint,
+    seq_out: *mut u64,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_ref(endpoint, Kind::MemberEndpoint) }?;
+        check_out(seq_out)?;
+        let next = handle
+            .endpoint
+            .session()
+            .keys()
+            .last_seq()
+            .saturating_add(1);
+        // SAFETY: checked above.
+        unsafe { write_out(seq_out, next) };
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Applies one resync item the product fetched (from `rkc_gcks_endpoint_resync_item` or
+/// `rkc_gcks_resync_item`, over its own channel): the signed manifest and the member's chunk
+/// of the next message it needs, verified as if they had come by multicast. Writes the
+/// message applied to `*applied_seq_out`; `RKC_REFUSED` if the item is not that message's or
+/// fails verification. Its events (`RKC_MEMBER_KEY_INSTALLED`) follow as usual.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type (each buffer for its length).
+#[no_mangle]
+pub unsafe extern "C" fn rkc_member_endpoint_resync(
+    endpoint: *mut rkc_member_endpoint,
+    now_us: u64,
+    manifest: *const u8,
+    manifest_len: usize,
+    chunk: *const u8,
+    chunk_len: usize,
+    applied_seq_out: *mut u64,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_mut(endpoint, Kind::MemberEndpoint) }?;
+        // SAFETY: the caller's contract.
+        let manifest = unsafe { in_slice(manifest, manifest_len) }?;
+        // SAFETY: the caller's contract.
+        let chunk = unsafe { in_slice(chunk, chunk_len) }?;
+        check_out(applied_seq_out)?;
+        if handle.stopped {
+            return Err(rkc_result::RKC_STOPPED);
+        }
+        let now = handle.clock.at(now_us);
+        let items = [(manifest.to_vec(), chunk.to_vec())];
+        let applied = handle.endpoint.apply_resync(now, &items);
+        handle.pump(now);
+        let seq = applied.map_err(|_| rkc_result::RKC_REFUSED)?;
+        // SAFETY: checked above.
+        unsafe { write_out(applied_seq_out, seq) };
         Ok(rkc_result::RKC_OK)
     })
 }

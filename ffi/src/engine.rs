@@ -23,8 +23,8 @@ use rekeycast::GcksError;
 use zeroize::Zeroizing;
 
 use crate::endpoint::{
-    gcks_event, member_event, rkc_gcks_config, rkc_gcks_event, rkc_member_config,
-    rkc_member_event_kind, take_bundle,
+    copy_resync_answer, gcks_event, member_event, rkc_gcks_config, rkc_gcks_event,
+    rkc_member_config, rkc_member_event_kind, take_bundle,
 };
 use crate::keys::KeyStore;
 use crate::{
@@ -330,6 +330,7 @@ pub struct rkc_member {
     /// `None` once stopped.
     running: Option<Running>,
     keys: Arc<Mutex<KeyStore>>,
+    order_key: u32,
 }
 
 struct Running {
@@ -442,6 +443,10 @@ pub unsafe extern "C" fn rkc_member_start(
         check_out(member_out)?;
         let bundle =
             RegistrationBundle::decode(bundle).map_err(|_| rkc_result::RKC_INVALID_BUNDLE)?;
+        if bundle.leaf > bundle.rekey_sa.degree.max_node() {
+            return Err(rkc_result::RKC_INVALID_BUNDLE);
+        }
+        let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
         let group = config.group.to_socket_addr()?;
         let feedback = config.feedback.to_socket_addr()?;
         let mut engine_config = if loopback != 0 {
@@ -486,6 +491,7 @@ pub unsafe extern "C" fn rkc_member_start(
                 dispatch,
             }),
             keys,
+            order_key,
         };
         // SAFETY: checked above.
         unsafe { write_out(member_out, issue(handle, Kind::Member)) };
@@ -556,4 +562,103 @@ pub unsafe extern "C" fn rkc_member_free(member: *mut *mut rkc_member) {
         }
         Ok(rkc_result::RKC_OK)
     });
+}
+
+/// Copies what the member whose leaf has order key `order_key` (`rkc_member_order_key`) needs
+/// of message `seq` to resync, as `rkc_gcks_endpoint_resync_item` does.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type (each buffer for its length).
+#[no_mangle]
+pub unsafe extern "C" fn rkc_gcks_resync_item(
+    gcks: *const rkc_gcks,
+    seq: u64,
+    order_key: u32,
+    manifest_out: *mut u8,
+    manifest_len: usize,
+    chunk_out: *mut u8,
+    chunk_len: usize,
+    manifest_written: *mut usize,
+    chunk_written: *mut usize,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_ref(gcks, Kind::Gcks) }?;
+        // SAFETY: the caller's contract.
+        let manifest_out = unsafe { out_slice(manifest_out, manifest_len) }?;
+        // SAFETY: the caller's contract.
+        let chunk_out = unsafe { out_slice(chunk_out, chunk_len) }?;
+        check_out(manifest_written)?;
+        check_out(chunk_written)?;
+        let answer = handle
+            .running()?
+            .resync_item(seq, order_key)
+            .map_err(|e| gcks_error(&e))?;
+        let (manifest, chunk) = copy_resync_answer(answer, manifest_out, chunk_out)?;
+        // SAFETY: checked above.
+        unsafe {
+            write_out(manifest_written, manifest);
+            write_out(chunk_written, chunk);
+        }
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Writes the order key of the member's leaf (what it asks for its chunk with) to
+/// `*order_key_out`.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type.
+#[no_mangle]
+pub unsafe extern "C" fn rkc_member_order_key(
+    member: *const rkc_member,
+    order_key_out: *mut u32,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_ref(member, Kind::Member) }?;
+        check_out(order_key_out)?;
+        // SAFETY: checked above.
+        unsafe { write_out(order_key_out, handle.order_key) };
+        Ok(rkc_result::RKC_OK)
+    })
+}
+
+/// Applies one resync item the product fetched after an `out_of_sync` callback (the signed
+/// manifest and the member's chunk of the next message it needs), verified as if it had come
+/// by multicast; writes the message applied to `*applied_seq_out`. `RKC_REFUSED`: not that
+/// message's item, or it fails verification.
+///
+/// # Safety
+///
+/// Every pointer is `NULL` or valid for its type (each buffer for its length).
+#[no_mangle]
+pub unsafe extern "C" fn rkc_member_resync(
+    member: *mut rkc_member,
+    manifest: *const u8,
+    manifest_len: usize,
+    chunk: *const u8,
+    chunk_len: usize,
+    applied_seq_out: *mut u64,
+) -> rkc_result {
+    boundary(|| {
+        // SAFETY: checked against the registry of live handles.
+        let handle = unsafe { handle_mut(member, Kind::Member) }?;
+        // SAFETY: the caller's contract.
+        let manifest = unsafe { in_slice(manifest, manifest_len) }?;
+        // SAFETY: the caller's contract.
+        let chunk = unsafe { in_slice(chunk, chunk_len) }?;
+        check_out(applied_seq_out)?;
+        let running = handle.running.as_ref().ok_or(rkc_result::RKC_STOPPED)?;
+        let applied = running
+            .member
+            .resync(vec![(manifest.to_vec(), chunk.to_vec())])
+            .map_err(|_| rkc_result::RKC_IO)?
+            .map_err(|_| rkc_result::RKC_REFUSED)?;
+        // SAFETY: checked above.
+        unsafe { write_out(applied_seq_out, applied) };
+        Ok(rkc_result::RKC_OK)
+    })
 }

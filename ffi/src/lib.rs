@@ -26,7 +26,9 @@
 //! - key material reaches C only through calls that copy it into the caller's buffer
 //!   (`rkc_member_endpoint_traffic_key`, `rkc_*_take_bundle`); every copy the library keeps
 //!   is zeroized when dropped;
-//! - after `*_stop`, calls that would change the handle return [`rkc_result::RKC_STOPPED`].
+//! - after `*_stop`, calls that would change the handle return [`rkc_result::RKC_STOPPED`];
+//! - a handle is used by one thread at a time (the caller serializes its calls, as with
+//!   rustls-ffi's connections); handles may be moved between threads.
 //!
 //! The header `include/rekeycast.h` is generated from this crate by cbindgen
 //! (`tests/header.rs` checks that the committed copy is current).
@@ -97,6 +99,8 @@ pub enum rkc_result {
     RKC_POISONED = 13,
     /// The library panicked; the handle may be unusable and should be freed.
     RKC_PANIC = 14,
+    /// The message asked for left the GCKS's history: the member must register again.
+    RKC_BEYOND_HISTORY = 15,
 }
 
 /// The name of a result code (`"RKC_OK"`, ...) as a static NUL-terminated string, or
@@ -120,6 +124,7 @@ pub extern "C" fn rkc_result_name(result: c_int) -> *const c_char {
         12 => b"RKC_IO\0",
         13 => b"RKC_POISONED\0",
         14 => b"RKC_PANIC\0",
+        15 => b"RKC_BEYOND_HISTORY\0",
         _ => b"RKC_UNKNOWN\0",
     };
     name.as_ptr().cast()
@@ -397,7 +402,7 @@ mod tests {
             Ok("RKC_PANIC")
         );
         assert_eq!(name(-1).as_deref(), Ok("RKC_UNKNOWN"));
-        for code in 0..=14 {
+        for code in 0..=15 {
             assert_ne!(name(code).as_deref(), Ok("RKC_UNKNOWN"), "code {code}");
         }
     }

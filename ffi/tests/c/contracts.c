@@ -352,6 +352,30 @@ static void test_engines(void) {
                 RKC_BUFFER_TOO_SHORT);
   EXPECT_RESULT(rkc_member_traffic_key(member, atomic_load(&seen.spi), key, sizeof key), RKC_OK);
   EXPECT("a key", memcmp(key, zero, sizeof key) != 0);
+  {
+    /* Resync items the product would carry: message 1 is already applied, so refused. */
+    uint8_t manifest[RKC_DATAGRAM_SIZE], chunk[RKC_DATAGRAM_SIZE];
+    size_t manifest_len = 0, chunk_len = 0;
+    uint32_t order_key = 0;
+    uint64_t applied = 77;
+    EXPECT_RESULT(rkc_member_order_key(member, &order_key), RKC_OK);
+    EXPECT_RESULT(rkc_gcks_resync_item(gcks, 99, order_key, manifest, sizeof manifest, chunk,
+                                       sizeof chunk, &manifest_len, &chunk_len),
+                  RKC_NOT_FOUND);
+    EXPECT_RESULT(rkc_gcks_resync_item(gcks, 1, order_key, manifest, sizeof manifest, chunk, 4,
+                                       &manifest_len, &chunk_len),
+                  RKC_BUFFER_TOO_SHORT);
+    EXPECT("nothing written", manifest_len == 0 && chunk_len == 0);
+    EXPECT_RESULT(rkc_gcks_resync_item(gcks, 1, order_key, manifest, sizeof manifest, chunk,
+                                       sizeof chunk, &manifest_len, &chunk_len),
+                  RKC_OK);
+    EXPECT("an item", manifest_len > 0 && chunk_len > 0);
+    EXPECT_RESULT(rkc_member_resync(member, manifest, manifest_len, chunk, chunk_len, &applied),
+                  RKC_REFUSED);
+    EXPECT("nothing written", applied == 77);
+    EXPECT_RESULT(rkc_member_resync(member, NULL, manifest_len, chunk, chunk_len, &applied),
+                  RKC_NULL_POINTER);
+  }
   EXPECT("key expiring callback", wait_for(&seen.expiring, 10000));
   EXPECT("expiring within its warning", atomic_load(&seen.seconds_left) <= 1);
 
