@@ -28,6 +28,7 @@ use ed25519_dalek::SigningKey;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rekeycast_proto::endpoint::failover::{FailoverConfig, FailoverCounters};
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
 use rekeycast_proto::endpoint::gcks::{
     Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, GcksSetupError, WallClock,
@@ -46,7 +47,7 @@ use super::endpoint::{
 };
 use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
 use crate::gsa::WrapAlgorithm;
-use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle};
+use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle, RelayContact, RelayDirectory};
 use crate::relay::RelayConfig;
 use crate::resync::ResyncSource;
 use crate::session::layout::MessageParams;
@@ -110,6 +111,13 @@ pub struct ScenarioConfig {
     /// [`ScenarioReport::bootstrapped`], not as resyncs, and the traffic of that first
     /// message is not counted in the sender's and the network's figures.
     pub bootstrap_initial: bool,
+    /// With [`Self::bootstrap_initial`]: the relays too come in only once the admitting
+    /// message was sent (to nobody), and each takes its own chunk of it from the GCKS's
+    /// history as the members do ([`RelayEndpoint::apply_resync`]). A relay then neither
+    /// holds nor forwards that message: for groups whose admitting message, held by every
+    /// relay and forwarded to every member, would not fit in memory or time (a million
+    /// members behind a thousand relays).
+    pub bootstrap_relays: bool,
     /// Relays between the GCKS and the members (0: every member receives from the GCKS).
     /// Each relay is registered as a relay (it holds a leaf), listens to the GCKS's group
     /// and sends into a group of its own; member `i` (by slot) is behind relay `i % relays`,
@@ -128,6 +136,15 @@ pub struct ScenarioConfig {
     /// nothing more, ask for the group's state after [`ReceiverConfig::silence_timeout`] and
     /// resync from the next endpoint, the GCKS.
     pub kill_relay: Option<(usize, usize)>,
+    /// With [`Self::kill_relay`]: the relay dies this long after that rekey was asked (in the
+    /// middle of its message) instead of right before it.
+    pub kill_relay_after: Option<Duration>,
+    /// Whether members behind relays fail over: each gets a relay directory (its relay first,
+    /// then the relays after it, then the GCKS), as a GCKS's relay assignment would hand it,
+    /// and moves along it when its relay goes silent ([`MemberEndpointConfig::failover`]).
+    pub member_failover: bool,
+    /// The members' failover settings (with [`Self::member_failover`]).
+    pub failover: FailoverConfig,
     /// Whether the GCKS persists (leaves recorded, batches stored before they are released),
     /// to a storage in memory. Needed by [`Self::restart_gcks`]. Off by default: the history
     /// it stores is a second copy of the sender's, which would count in the memory figures.
@@ -139,6 +156,31 @@ pub struct ScenarioConfig {
     /// `(relay index, how)`: that relay's resync endpoint misbehaves; its multicast is
     /// honest.
     pub hostile_relay: Option<(usize, Hostility)>,
+    /// Called as a long run goes: every [`PROGRESS_MEMBERS`] members admitted or
+    /// bootstrapped, and at every second of virtual time; for progress lines (it may read
+    /// the wall clock and the process's memory; the scenario does not).
+    pub progress: Option<fn(&Progress)>,
+}
+
+/// How many members are admitted (or bootstrapped) between two [`ScenarioConfig::progress`]
+/// calls.
+pub const PROGRESS_MEMBERS: usize = 50_000;
+
+/// Where a scenario run is, handed to [`ScenarioConfig::progress`].
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// What the run is doing: `"admitting"`, `"bootstrapping"` or `"running"`.
+    pub phase: &'static str,
+    /// Virtual time since the start.
+    pub virtual_time: Duration,
+    /// Messages asked for so far.
+    pub messages: u64,
+    /// Member nodes added so far.
+    pub members_added: usize,
+    /// Datagrams handed to nodes so far (since the last reset of the network's counters).
+    pub delivered: u64,
+    /// Datagrams in flight.
+    pub in_flight: usize,
 }
 
 /// When the GCKS crashes and how long it stays down.
@@ -203,15 +245,20 @@ impl ScenarioConfig {
             resync_timeout: Duration::from_secs(10),
             service_tick: Duration::from_millis(5),
             bootstrap_initial: false,
+            bootstrap_relays: false,
             relays: 0,
             relay_downlink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(5)),
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
             relay_cut_through: true,
             kill_relay: None,
+            kill_relay_after: None,
+            member_failover: false,
+            failover: FailoverConfig::default(),
             durable: false,
             persist_member_keys: false,
             restart_gcks: None,
             hostile_relay: None,
+            progress: None,
         }
     }
 }
@@ -292,6 +339,34 @@ pub struct ScenarioReport {
     pub relays: RelayReport,
     /// The GCKS's side of the run.
     pub gcks: GcksReport,
+    /// Where members received from, their moves and the killed relay's members' recovery.
+    pub failover: FailoverReport,
+}
+
+/// Members' relays and failover in a scenario.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverReport {
+    /// The final members on each relay at the end, by relay index (with failover, where each
+    /// member then receives from; without, where it was placed).
+    pub members_per_relay: Vec<usize>,
+    /// Final members on the GCKS's contact (failover's last resort) or with no relay.
+    pub members_on_gcks: usize,
+    /// The members' failover counters, summed (final members).
+    pub moves: FailoverCounters,
+    /// Members on the killed relay when it died.
+    pub killed_relay_members: usize,
+    /// The longest wait of the killed relay's members (those still in the group) for a
+    /// message, over the message in flight at the kill (from the kill) and every later one
+    /// (from its asking, to a service tick), until all of them held it. `None`: no kill, or
+    /// one such message not held by all of them within the run.
+    pub kill_to_current: Option<Duration>,
+    /// Fetches (resync or state) members sent to the GCKS's endpoint, and to relays'.
+    pub member_fetches_to_gcks: u64,
+    /// See `member_fetches_to_gcks`.
+    pub member_fetches_to_relays: u64,
+    /// Of the fetches to the GCKS, those the killed relay's members sent while one of them
+    /// still lacked a message from the one in flight at the kill on (see `kill_to_current`).
+    pub killed_members_fetches_to_gcks: u64,
 }
 
 /// What the relays of a scenario did, summed over the relays.
@@ -485,6 +560,17 @@ struct Scenario<'c> {
     /// The relays' nodes, by relay index.
     relays: Vec<NodeId>,
     relays_killed: usize,
+    /// The relay each member node was placed behind.
+    placed: HashMap<NodeId, usize>,
+    /// The failover figures being gathered.
+    failover: FailoverReport,
+    /// When the relay was killed, and its members then.
+    killed: Option<(Instant, Vec<NodeId>)>,
+    /// Messages the killed relay's members do not all hold yet: (since, seq).
+    kill_pending: Vec<(Instant, u64)>,
+    /// The latest message watched so, and the waits of those all held.
+    kill_watched_seq: u64,
+    kill_waits: Vec<Duration>,
     /// Member slots: (member id, node id); a slot is never reused.
     slots: Vec<(MemberId, NodeId)>,
     /// Slots of current members.
@@ -586,6 +672,12 @@ impl<'c> Scenario<'c> {
             crashed_after_sent: None,
             relays: Vec::new(),
             relays_killed: 0,
+            placed: HashMap::new(),
+            failover: FailoverReport::default(),
+            killed: None,
+            kill_pending: Vec::new(),
+            kill_watched_seq: 0,
+            kill_waits: Vec::new(),
             slots: Vec::new(),
             current: Vec::new(),
             shared,
@@ -614,13 +706,13 @@ impl<'c> Scenario<'c> {
         let mut spent = self.restart_if_due(0)?;
         for rekey in 1..=self.config.rekeys {
             self.advance(self.config.rekey_interval.saturating_sub(spent))?;
-            if let Some((index, at)) = self.config.kill_relay {
-                if at == rekey {
-                    if let Some(&id) = self.relays.get(index) {
-                        self.net.remove_node(id)?;
-                        self.relays_killed += 1;
-                    }
-                }
+            let kill = self
+                .config
+                .kill_relay
+                .filter(|&(_, at)| at == rekey)
+                .map(|(index, _)| index);
+            if let (Some(index), None) = (kill, self.config.kill_relay_after) {
+                self.kill_relay(index)?;
             }
             let count = ((self.current.len() as f64) * self.config.churn).round() as usize;
             let count = count.min(self.current.len().saturating_sub(1));
@@ -636,6 +728,11 @@ impl<'c> Scenario<'c> {
                 .retain(|slot| leaving_slots.binary_search(slot).is_err());
             self.rekey(&[], &joins, &leaves, false)?;
             spent = self.restart_if_due(rekey)?;
+            if let (Some(index), Some(after)) = (kill, self.config.kill_relay_after) {
+                self.advance(after)?;
+                self.kill_relay(index)?;
+                spent += after;
+            }
         }
         // Settle: repair and resync finish; stop early once every member has the latest
         // message (checked once a second of virtual time).
@@ -690,6 +787,86 @@ impl<'c> Scenario<'c> {
         self.net.touch(self.gcks)?;
         self.restarts += 1;
         Ok(restart.after + restart.down)
+    }
+
+    /// Relay `index` dies: its node is removed for good; its members are watched until they
+    /// hold the latest message.
+    fn kill_relay(&mut self, index: usize) -> Result<(), ScenarioError> {
+        let Some(&id) = self.relays.get(index) else {
+            return Ok(());
+        };
+        self.net.remove_node(id)?;
+        self.relays_killed += 1;
+        let members: Vec<NodeId> = self
+            .current
+            .iter()
+            .map(|&slot| self.slots[slot].1)
+            .filter(|&node| self.relay_of(node) == Some(index))
+            .collect();
+        self.failover.killed_relay_members = members.len();
+        let now = self.net.now();
+        let latest = self.latest_seq();
+        self.killed = Some((now, members));
+        self.kill_pending.push((now, latest));
+        self.kill_watched_seq = latest;
+        Ok(())
+    }
+
+    /// The relay member `node` receives from: where failover has it, or where it was placed.
+    fn relay_of(&self, node: NodeId) -> Option<usize> {
+        match self.net.node(node) {
+            Some(SimNode::Member(member)) if self.config.member_failover => {
+                member.node.endpoint().figures().relay.map(usize::from)
+            }
+            Some(SimNode::Member(_)) => self.placed.get(&node).copied(),
+            _ => None,
+        }
+    }
+
+    /// Members that moved listen to their new contact's group from now on; the killed
+    /// relay's members are checked for the latest message.
+    fn follow_failover(&mut self) -> Result<(), ScenarioError> {
+        if self.config.member_failover {
+            for &slot in &self.current {
+                let id = self.slots[slot].1;
+                let attachment = match self.net.node_mut(id) {
+                    Some(SimNode::Member(member)) => member.node.endpoint_mut().poll_attachment(),
+                    _ => None,
+                };
+                if let Some(attachment) = attachment {
+                    let group = group_number(attachment.contact.group);
+                    self.net.set_groups(id, group, group)?;
+                }
+            }
+        }
+        if let Some((_, members)) = &self.killed {
+            let now = self.net.now();
+            let latest = self.latest_seq();
+            if latest > self.kill_watched_seq {
+                self.kill_pending.push((now, latest));
+                self.kill_watched_seq = latest;
+            }
+            // The oldest next message any of them lacks.
+            let lowest = members
+                .iter()
+                .filter_map(|&id| match self.net.node(id) {
+                    Some(SimNode::Member(member)) => {
+                        Some(member.node.endpoint().session().next_seq())
+                    }
+                    _ => None,
+                })
+                .min()
+                .unwrap_or(u64::MAX);
+            let waits = &mut self.kill_waits;
+            self.kill_pending.retain(|&(since, seq)| {
+                let held = lowest > seq;
+                if held {
+                    waits.push(now - since);
+                }
+                !held
+            });
+        }
+        Ok(())
     }
 
     /// The relay a member joining in slot `slot` is given: relay `slot % relays`, or the next
@@ -750,9 +927,15 @@ impl<'c> Scenario<'c> {
                 .into_iter()
                 .map(|bundle| (bundle.member, bundle))
                 .collect();
-        for member in relays {
-            if let Some(bundle) = bundles.remove(member) {
-                self.add_relay(&bundle)?;
+        let bootstrap = initial && self.config.bootstrap_initial;
+        let late_relays = bootstrap && self.config.bootstrap_relays;
+        let relay_bundles: Vec<RegistrationBundle> = relays
+            .iter()
+            .filter_map(|member| bundles.remove(member))
+            .collect();
+        if !late_relays {
+            for bundle in &relay_bundles {
+                self.add_relay(bundle)?;
             }
         }
         let joiners: Vec<(Option<usize>, RegistrationBundle)> = joins
@@ -760,30 +943,61 @@ impl<'c> Scenario<'c> {
             .enumerate()
             .filter_map(|(i, member)| Some((initial.then_some(i), bundles.remove(member)?)))
             .collect();
-        if initial && self.config.bootstrap_initial {
+        if bootstrap {
             self.net.touch(self.gcks)?;
-            return self.bootstrap(joiners);
+            let late = if late_relays {
+                relay_bundles
+            } else {
+                Vec::new()
+            };
+            return self.bootstrap(joiners, late);
         }
         for (initial_index, bundle) in joiners {
             self.add_member(&bundle, initial_index)?;
+            if self.slots.len() % PROGRESS_MEMBERS == 0 {
+                self.progress("admitting");
+            }
         }
         self.net.touch(self.gcks)?;
         Ok(())
     }
 
     /// The initial members come in once the admitting message was sent to nobody but the
-    /// relays, and each takes its chunk from the GCKS's history through its endpoint's own
-    /// resync command; that message's traffic is not counted. (Multicasting a message of
+    /// relays (or to nobody, with [`ScenarioConfig::bootstrap_relays`]: then `late_relays`
+    /// come in first and take their chunks the same way), and each takes its chunk from the
+    /// GCKS's history through its endpoint's own resync command; that message's traffic is
+    /// not counted. (Multicasting a message of
     /// tens of thousands of chunks to 100,000 simulated members costs billions of
     /// deliveries.)
     fn bootstrap(
         &mut self,
         joiners: Vec<(Option<usize>, RegistrationBundle)>,
+        late_relays: Vec<RegistrationBundle>,
     ) -> Result<(), ScenarioError> {
         let seq = self.latest_seq();
         let deadline = self.net.now() + self.config.settle;
         while !self.shared.borrow().sent.contains(&seq) && self.net.now() < deadline {
             self.advance(self.config.service_tick)?;
+        }
+        // Relays that come in late take their chunk as the members do, before any member is
+        // behind them: they neither hold nor forward the admitting message.
+        for bundle in &late_relays {
+            let id = self.add_relay(bundle)?;
+            let order_key = match self.net.node(id) {
+                Some(SimNode::Relay(relay)) => relay.endpoint().session().order_key(),
+                _ => continue,
+            };
+            let Some(item) = self.gcks_resync_item(seq, order_key) else {
+                continue;
+            };
+            self.net.with_node(id, |node, now| {
+                if let SimNode::Relay(relay) = node {
+                    let _ = relay
+                        .endpoint_mut()
+                        .apply_resync(now, std::slice::from_ref(&item));
+                    relay.pump(now);
+                }
+            });
         }
         // The bootstrap's own key events are not time-to-key samples.
         self.shared.borrow_mut().queued_at.remove(&seq);
@@ -793,15 +1007,7 @@ impl<'c> Scenario<'c> {
                 Some(SimNode::Member(member)) => member.node.endpoint().session().order_key(),
                 _ => continue,
             };
-            let item = match self.net.node(self.gcks) {
-                Some(SimNode::Gcks(gcks)) => gcks
-                    .endpoint()
-                    .session()
-                    .resync_item(seq, order_key)
-                    .ok()
-                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec())),
-                _ => None,
-            };
+            let item = self.gcks_resync_item(seq, order_key);
             let Some(item) = item else {
                 continue;
             };
@@ -819,6 +1025,9 @@ impl<'c> Scenario<'c> {
             });
             if applied == Some(true) {
                 self.bootstrapped += 1;
+            }
+            if self.slots.len() % PROGRESS_MEMBERS == 0 {
+                self.progress("bootstrapping");
             }
         }
         if let Some(SimNode::Gcks(gcks)) = self.net.node(self.gcks) {
@@ -852,6 +1061,39 @@ impl<'c> Scenario<'c> {
             capacity,
             max_spread: self.config.resync_spread,
             ..ResyncConfig::default()
+        }
+    }
+
+    /// The directory a member placed behind relay `first` gets: that relay, the live relays
+    /// after it (wrapping), the GCKS.
+    fn directory(&self, first: usize) -> RelayDirectory {
+        let endpoint = |addr| ResyncEndpoint {
+            protocol: ResyncProtocol::Tcp,
+            addr,
+        };
+        let count = self.relays.len();
+        let relays = (0..count)
+            .map(|k| (first + k) % count)
+            .filter(|&index| self.net.is_present(self.relays[index]))
+            .map(|index| {
+                let addr = self.net.addr(self.relays[index]);
+                RelayContact {
+                    id: u16::try_from(index).unwrap_or(u16::MAX),
+                    group: group_addr(relay_group(index)),
+                    feedback: addr,
+                    resync: vec![endpoint(addr)],
+                }
+            })
+            .collect();
+        let gcks = self.net.addr(self.gcks);
+        RelayDirectory {
+            relays,
+            gcks: Some(RelayContact {
+                id: 0,
+                group: group_addr(0),
+                feedback: gcks,
+                resync: vec![endpoint(gcks)],
+            }),
         }
     }
 
@@ -930,11 +1172,17 @@ impl<'c> Scenario<'c> {
         receiver.scheduler.group_size = group_size;
         receiver.scheduler.seed = self.rng.gen();
         let group = group_addr(relay_index.map_or(0, relay_group));
+        let directory = match relay_index {
+            Some(first) if self.config.member_failover => self.directory(first),
+            _ => RelayDirectory::default(),
+        };
         let config = MemberEndpointConfig {
             group,
             receiver,
             resync: self.resync_config(relay, group_size),
             persist_keys: self.config.persist_member_keys,
+            directory,
+            failover: self.config.failover.clone(),
         };
         let endpoint = MemberEndpoint::new(
             bundle,
@@ -987,6 +1235,11 @@ impl<'c> Scenario<'c> {
         if let Some(index) = relay_index {
             let group = relay_group(index);
             self.net.set_groups(id, group, group)?;
+            self.placed.insert(id, index);
+        }
+        // The endpoint's first attachment is where it was placed.
+        if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
+            member.node.endpoint_mut().poll_attachment();
         }
         self.net.touch(id)?;
         self.slots.push((bundle.member, id));
@@ -1028,11 +1281,31 @@ impl<'c> Scenario<'c> {
         let mut now = self.net.now();
         while now < end {
             let next = (now + self.config.service_tick).min(end);
+            let second = |t: Instant| t.saturating_duration_since(self.net.start()).as_secs();
+            let new_second = second(next) > second(now);
             self.net.run_until(next);
             now = next;
             self.serve(now)?;
+            self.follow_failover()?;
+            if new_second {
+                self.progress("running");
+            }
         }
         Ok(())
+    }
+
+    /// Tells the progress hook where the run is.
+    fn progress(&self, phase: &'static str) {
+        if let Some(progress) = self.config.progress {
+            progress(&Progress {
+                phase,
+                virtual_time: self.net.now().saturating_duration_since(self.net.start()),
+                messages: self.messages,
+                members_added: self.slots.len(),
+                delivered: self.net.stats().delivered,
+                in_flight: self.net.in_flight(),
+            });
+        }
     }
 
     /// Answers every fetch asked for so far from the serving node's history as it stands now;
@@ -1042,6 +1315,21 @@ impl<'c> Scenario<'c> {
         for (asker, asked_at, request) in fetches {
             let arrival = (asked_at + self.config.resync_rtt).max(now);
             let server = self.net.node_id(request.endpoint.addr);
+            if matches!(self.net.node(asker), Some(SimNode::Member(_))) {
+                if server == Some(self.gcks) {
+                    self.failover.member_fetches_to_gcks += 1;
+                    if !self.kill_pending.is_empty()
+                        && self
+                            .killed
+                            .as_ref()
+                            .is_some_and(|(_, members)| members.contains(&asker))
+                    {
+                        self.failover.killed_members_fetches_to_gcks += 1;
+                    }
+                } else {
+                    self.failover.member_fetches_to_relays += 1;
+                }
+            }
             let hostility = self.config.hostile_relay.and_then(|(index, how)| {
                 (server.is_some() && self.relays.get(index).copied() == server).then_some(how)
             });
@@ -1148,6 +1436,20 @@ impl<'c> Scenario<'c> {
         }
     }
 
+    /// The resync item (manifest, chunk) of message `seq` for the leaf with `order_key`, from
+    /// the GCKS's history.
+    fn gcks_resync_item(&self, seq: u64, order_key: u32) -> Option<(Vec<u8>, Vec<u8>)> {
+        match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => gcks
+                .endpoint()
+                .session()
+                .resync_item(seq, order_key)
+                .ok()
+                .map(|item| (item.manifest.to_vec(), item.chunk.to_vec())),
+            _ => None,
+        }
+    }
+
     /// Whether every current member has applied the latest message.
     fn all_current(&self) -> bool {
         let latest = self.latest_seq();
@@ -1245,6 +1547,26 @@ impl<'c> Scenario<'c> {
                 relays.converged += 1;
             }
         }
+        let mut failover = self.failover.clone();
+        if self.killed.is_some() && self.kill_pending.is_empty() {
+            failover.kill_to_current = self.kill_waits.iter().copied().max();
+        }
+        failover.members_per_relay = vec![0; self.relays.len()];
+        for &slot in &self.current {
+            let id = self.slots[slot].1;
+            match self.relay_of(id) {
+                Some(index) if index < self.relays.len() => failover.members_per_relay[index] += 1,
+                _ => failover.members_on_gcks += 1,
+            }
+            if let Some(SimNode::Member(member)) = self.net.node(id) {
+                let c = member.node.endpoint().figures().failover;
+                failover.moves.nack_moves += c.nack_moves;
+                failover.moves.silence_moves += c.silence_moves;
+                failover.moves.ordered_moves += c.ordered_moves;
+                failover.moves.unreachable_moves += c.unreachable_moves;
+                failover.moves.moves_held += c.moves_held;
+            }
+        }
         let storage = self.storage.0.borrow();
         let mut shared = self.shared.borrow_mut();
         shared.time_to_key_us.sort_unstable();
@@ -1283,6 +1605,7 @@ impl<'c> Scenario<'c> {
                 crashed_after_sent: self.crashed_after_sent,
                 stale_saved_keys,
             },
+            failover,
         }
     }
 }
@@ -1360,6 +1683,17 @@ fn member_event_hook(
 /// The simulated multicast group relay `index` sends into (the GCKS's is 0).
 fn relay_group(index: usize) -> u32 {
     u32::try_from(index + 1).unwrap_or(u32::MAX)
+}
+
+/// The simulated multicast group of the address [`group_addr`] gives.
+fn group_number(addr: SocketAddr) -> u32 {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let [_, a, b, c] = ip.octets();
+            u32::from_be_bytes([0, a, b, c])
+        }
+        std::net::IpAddr::V6(_) => 0,
+    }
 }
 
 /// The address endpoints know simulated multicast group `group` by.
