@@ -46,13 +46,15 @@ use rekeycast_nack::{
 };
 
 use super::chunk::ChunkHeader;
+use super::chunk_repair::{ChunkRepairLimiter, Refusal};
 use super::feedback::{FeedbackGuard, Verdict};
 use super::layout::{find_chunk, BuiltMessage};
 use super::manifest::SignedManifest;
 use super::{micros, seal_into, ConfigError, Destination, Transmit};
 use crate::auth::mac::MacKey;
 use crate::wire::{
-    self, BodyRepr, DatagramRepr, HeartbeatRepr, ObjectKind, Packet, RepairEntry, SymbolRepr,
+    self, BodyRepr, ChunkRepairRepr, DatagramRepr, HeartbeatRepr, ObjectKind, Packet, RepairEntry,
+    SymbolRepr,
 };
 
 /// Configuration of a [`SenderSession`].
@@ -95,6 +97,12 @@ pub struct SenderConfig {
     pub aggregator: AggregatorConfig,
     /// The proactive repair helper's configuration.
     pub proactive: ProactiveConfig,
+    /// Unicast chunk repairs answered per second to one source address (its token bucket's
+    /// rate; see [`ChunkRepairLimiter`]).
+    pub chunk_repair_rate: f64,
+    /// The depth of each source's chunk repair token bucket: the most chunk requests of one
+    /// source answered back to back.
+    pub chunk_repair_burst: u32,
 }
 
 impl Default for SenderConfig {
@@ -112,6 +120,8 @@ impl Default for SenderConfig {
             grtt: GrttConfig::default(),
             aggregator: AggregatorConfig::default(),
             proactive: ProactiveConfig::default(),
+            chunk_repair_rate: 10.0,
+            chunk_repair_burst: 4,
         }
     }
 }
@@ -160,6 +170,12 @@ impl SenderConfig {
                 "backoff_factor",
                 "must be at most 16 (members take no more from a heartbeat)",
             );
+        }
+        if !(self.chunk_repair_rate.is_finite() && self.chunk_repair_rate > 0.0) {
+            return invalid("chunk_repair_rate", "must be positive and finite");
+        }
+        if self.chunk_repair_burst == 0 {
+            return invalid("chunk_repair_burst", "must be at least 1");
         }
         self.grtt.validate()?;
         self.aggregator.validate()?;
@@ -564,6 +580,37 @@ pub struct SenderCounters {
     pub fec_errors: u64,
 }
 
+/// Counts of unicast chunk repair ([`super::chunk_repair`]): requests taken, answered and
+/// refused, and what the answers cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChunkRepairCounters {
+    /// Chunk requests that passed the MAC check and replay protection.
+    pub requests_received: u64,
+    /// Chunk repair datagrams sent (one member's chunk each, by unicast).
+    pub repairs_sent: u64,
+    /// Bytes of those datagrams (also counted in [`SenderCounters::bytes_sent`]).
+    pub bytes_sent: u64,
+    /// Requests refused by the source's token bucket (or because every bucket was in use).
+    pub rate_limited: u64,
+    /// Requests for a chunk already sent to that member less than a round trip ago.
+    pub answered_recently: u64,
+    /// Requests for a message outside the repair window, or for a leaf no chunk serves.
+    pub no_chunk: u64,
+}
+
+/// A unicast chunk repair the session owes a member.
+#[derive(Debug, Clone, Copy)]
+struct UnicastRepair {
+    to: SocketAddr,
+    seq: u64,
+    sbn: u8,
+    esi: u32,
+    receiver_id: u32,
+}
+
+/// Unicast chunk repairs queued at most; a request beyond is refused as rate-limited.
+const MAX_UNICAST_QUEUE: usize = 4096;
+
 /// One step of a message's initial transmission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -616,6 +663,9 @@ pub struct SenderSession {
     feedback: FeedbackGuard,
     events: VecDeque<SenderEvent>,
     counters: SenderCounters,
+    chunk_repair: ChunkRepairLimiter,
+    unicast: VecDeque<UnicastRepair>,
+    chunk_counters: ChunkRepairCounters,
 }
 
 /// Repair entries a heartbeat repeats (the newest orders).
@@ -649,6 +699,8 @@ impl SenderSession {
         let mut aggregator = RepairAggregator::new(config.aggregator.clone())?;
         aggregator.set_hold_off(grtt.grtt() * u32::from(config.backoff_factor));
         let proactive = ProactiveRepair::new(config.proactive)?;
+        let chunk_repair =
+            ChunkRepairLimiter::new(config.chunk_repair_rate, config.chunk_repair_burst);
         Ok(Self {
             tokens: f64::from(config.burst),
             refilled_at: now,
@@ -672,6 +724,9 @@ impl SenderSession {
             feedback: FeedbackGuard::new(),
             events: VecDeque::new(),
             counters: SenderCounters::default(),
+            chunk_repair,
+            unicast: VecDeque::new(),
+            chunk_counters: ChunkRepairCounters::default(),
         })
     }
 
@@ -683,6 +738,11 @@ impl SenderSession {
     /// The counters so far.
     pub fn counters(&self) -> &SenderCounters {
         &self.counters
+    }
+
+    /// The unicast chunk repair counters so far.
+    pub fn chunk_repair_counters(&self) -> &ChunkRepairCounters {
+        &self.chunk_counters
     }
 
     /// The repair aggregator's counters.
@@ -958,7 +1018,7 @@ impl SenderSession {
             return;
         };
         let verdict = match &repr.body {
-            BodyRepr::Nack(nack) => Some(self.feedback.check(
+            BodyRepr::Nack(nack) | BodyRepr::ChunkRequest(nack) => Some(self.feedback.check(
                 bytes,
                 nack.receiver_id,
                 nack.echo.map(|echo| echo.timestamp_us),
@@ -968,7 +1028,7 @@ impl SenderSession {
                 reply.receiver_id,
                 Some(reply.echo.timestamp_us),
             )),
-            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) => None,
+            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) | BodyRepr::ChunkRepair(_) => None,
         };
         let sample = match verdict {
             Some(Verdict::Replayed) => {
@@ -1008,8 +1068,106 @@ impl SenderSession {
                     self.handle_echo(now, reply.echo.timestamp_us, reply.echo.hold_us);
                 }
             }
-            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) => self.counters.ignored += 1,
+            BodyRepr::ChunkRequest(request) => {
+                self.chunk_counters.requests_received += 1;
+                if let Some(echo) = request.echo.filter(|_| sample) {
+                    self.handle_echo(now, echo.timestamp_us, echo.hold_us);
+                }
+                self.handle_chunk_request(now, from, repr.seq, request.receiver_id);
+            }
+            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) | BodyRepr::ChunkRepair(_) => {
+                self.counters.ignored += 1
+            }
         }
+    }
+
+    /// A MAC-checked, fresh chunk request from `from`: the chunk of message `seq` that serves
+    /// the leaf with order key `order_key` goes back to `from` by unicast, within the
+    /// source's rate and at most once per member, message and round trip.
+    fn handle_chunk_request(&mut self, now: Instant, from: SocketAddr, seq: u64, order_key: u32) {
+        if !self.in_repair_window(seq) {
+            self.chunk_counters.no_chunk += 1;
+            return;
+        }
+        let Some(outgoing) = self.find(seq) else {
+            self.chunk_counters.no_chunk += 1;
+            return;
+        };
+        let located = find_chunk(&outgoing.message.headers, order_key)
+            .and_then(|index| u32::try_from(index).ok())
+            .and_then(|index| outgoing.message.encoder.partition().locate(index).ok());
+        let Some(id) = located else {
+            self.chunk_counters.no_chunk += 1;
+            return;
+        };
+        if self.unicast.len() >= MAX_UNICAST_QUEUE {
+            self.chunk_counters.rate_limited += 1;
+            return;
+        }
+        match self
+            .chunk_repair
+            .admit(now, from, seq, order_key, self.grtt.grtt())
+        {
+            Ok(()) => self.unicast.push_back(UnicastRepair {
+                to: from,
+                seq,
+                sbn: id.sbn,
+                esi: id.esi,
+                receiver_id: order_key,
+            }),
+            Err(Refusal::AnsweredRecently) => self.chunk_counters.answered_recently += 1,
+            Err(Refusal::RateLimited | Refusal::TooManySources) => {
+                self.chunk_counters.rate_limited += 1
+            }
+        }
+    }
+
+    /// Whether message `seq` is among the newest [`SenderConfig::repair_window`] messages.
+    fn in_repair_window(&self, seq: u64) -> bool {
+        self.latest_seq()
+            .is_some_and(|latest| seq <= latest && latest - seq < self.config.repair_window as u64)
+    }
+
+    /// Writes the next queued unicast chunk repair into `buf`.
+    fn unicast_repair(&mut self, buf: &mut [u8]) -> Option<Transmit> {
+        while let Some(repair) = self.unicast.pop_front() {
+            let Some(outgoing) = self.find(repair.seq) else {
+                continue;
+            };
+            let key = outgoing.message.mac_key.clone();
+            let Ok(chunk) = outgoing
+                .message
+                .encoder
+                .source_symbol(repair.sbn, repair.esi)
+            else {
+                self.counters.fec_errors += 1;
+                continue;
+            };
+            let chunk = chunk.to_vec();
+            let repr = DatagramRepr {
+                group_id: self.group_id,
+                spi: self.spi,
+                seq: repair.seq,
+                body: BodyRepr::ChunkRepair(ChunkRepairRepr {
+                    sbn: repair.sbn,
+                    esi: repair.esi,
+                    receiver_id: repair.receiver_id,
+                    chunk: &chunk,
+                }),
+                mac: [0; wire::datagram::MAC_LEN],
+            };
+            let Some(len) = self.seal(&repr, &key, buf) else {
+                continue;
+            };
+            self.counters.bytes_sent += len as u64;
+            self.chunk_counters.repairs_sent += 1;
+            self.chunk_counters.bytes_sent += len as u64;
+            return Some(Transmit {
+                destination: Destination::Unicast(repair.to),
+                len,
+            });
+        }
+        None
     }
 
     /// Time passed: GRTT intervals end, aggregation windows close, statistics are recorded.
@@ -1057,6 +1215,9 @@ impl SenderSession {
                 self.counters.advertisements_sent += 1;
                 return Some(self.sent(len));
             }
+        }
+        if let Some(transmit) = self.unicast_repair(buf) {
+            return Some(transmit);
         }
         if self.initial.is_empty() && self.heartbeat_at.is_some_and(|at| at <= now) {
             if let Some(seq) = self.latest_seq() {
