@@ -323,3 +323,14 @@ fn ipv6_scenario_carries_rekeys_churn_and_resync_over_ipv6() {
     assert_eq!(kept.applied, kept.expected, "{}", report.table);
     assert!(report.switch.is_none(), "a kernel bridge has no counters");
 }
+
+#[test]
+fn ipv6_unicast_uplinks_carry_every_rekey_to_the_relays_members() {
+    let Some(report) = run("ipv6_unicast_uplink.toml", "w") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.members, 6);
+    assert_eq!(total.applied, total.expected, "{}", report.table);
+    assert_eq!(total.applied_by_resync, 0, "{}", report.table);
+}
