@@ -92,11 +92,12 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         }));
     }
     let (messages, signing_threads) = message_costs(quick)?;
+    let chunk_auth_options = chunk_auth_options(quick)?;
     println!(
         "{}",
         serde_json::json!({
             "bench": "auth", "bad_mac_rejection": rows, "messages": messages,
-            "signing_threads": signing_threads,
+            "signing_threads": signing_threads, "chunk_auth_options": chunk_auth_options,
         })
     );
     Ok(())
@@ -203,6 +204,7 @@ fn message_costs(quick: bool) -> anyhow::Result<(Vec<serde_json::Value>, Vec<ser
             let label = match auth {
                 ChunkAuth::MerklePath => "merkle",
                 ChunkAuth::Signature => "signature",
+                ChunkAuth::GroupSignature => "group",
             };
             println!(
                 "{:>5} {:>9} {:>7} {:>9} {:>9.2} {:>6.2} {:>10} {:>12.1} {:>12.1} {:>10.0} {:>10}",
@@ -379,4 +381,294 @@ fn verify_and_apply(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     keys.apply(&chunk).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(verifier.counters().signature_checks)
+}
+
+/// The chunk authentication options side by side, for N members at 1% churn: one signature per
+/// chunk, one per signature group of `2^k` chunks (each chunk carrying its path in the group's
+/// tree and the group's signature) for several `k`, and one Merkle tree over the whole message
+/// under the manifest's signature. For each: the chunks and bytes on the wire (the layout made
+/// with the room that option's authenticator leaves), the GCKS's time to authenticate the laid
+/// out chunks on one thread and on every core, and a member's time to verify the manifest and
+/// one chunk (best of 50), with its signature checks. Then the whole build (`build_message`) in
+/// the three modes the GCKS offers, measured alternately.
+fn chunk_auth_options(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    use rekeycast::auth::merkle::MerkleTree;
+    use rekeycast::auth::message::MessageVerifier;
+    use rekeycast::gsa::{RekeySa, WrapAlgorithm};
+    use rekeycast::lkh::{Degree, KeyRng, KeyTree, MemberId};
+    use rekeycast::session::chunk::{
+        authenticate_groups_on_threads, encode_authenticated, finish, group_authenticator_len,
+        sign, Authenticator, DEFAULT_GROUP_LOG2,
+    };
+    use rekeycast::session::layout::{build_message, lay_out, MessageParams};
+    use rekeycast::session::manifest::{ChunkAuth, Manifest, SIGNATURE_LEN};
+    use rekeycast::wire::{datagram::OVERHEAD, symbol::FIXED_LEN, DEFAULT_DATAGRAM_SIZE};
+
+    let sizes: &[u32] = if quick { &[12] } else { &[16, 20] };
+    let symbol_size = u16::try_from(DEFAULT_DATAGRAM_SIZE - OVERHEAD - FIXED_LEN)?;
+    let symbol = usize::from(symbol_size);
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let rounds = if quick { 2 } else { 3 };
+    println!();
+    println!(
+        "auth: chunk authentication options at 1% churn, symbol size {symbol_size} B; \
+         auth ms = authenticating the laid-out chunks (1 thread / {cores}), best of {rounds}"
+    );
+    println!(
+        "{:>5} {:>10} {:>8} {:>8} {:>7} {:>11} {:>11} {:>10} {:>7}",
+        "log N",
+        "option",
+        "chunks",
+        "MB",
+        "sigs",
+        "auth ms 1t",
+        "auth ms Nt",
+        "member us",
+        "checks"
+    );
+    let mut out = Vec::new();
+    for &log_n in sizes {
+        let n = 1u64 << log_n;
+        let sa = RekeySa {
+            group_id: 1,
+            spi: 1,
+            wrap_algorithm: WrapAlgorithm::Aes256Gcm,
+            degree: Degree::new(4)?,
+            gcks_public_key: key.verifying_key(),
+            data_sa_lifetime_secs: 3600,
+        };
+        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(log_n.into()));
+        let all: Vec<MemberId> = (0..n).map(MemberId).collect();
+        tree.apply_batch(&all, &[])?;
+        let churn = (n / 200).max(1);
+        let leaving: Vec<MemberId> = (0..churn).map(|i| MemberId(i * (n / churn))).collect();
+        let joining: Vec<MemberId> = (n..n + churn).map(MemberId).collect();
+        let batch = tree.apply_batch(&joining, &leaving)?;
+        let leaves = tree.leaves_in_order();
+        let seq = batch.context.seq;
+
+        // (label, k): None for one signature per chunk, Some(k) for groups of 2^k, and the
+        // whole-message Merkle tree as k = 255.
+        let mut options: Vec<(String, Option<u8>)> = vec![("signature".into(), None)];
+        for k in [2u8, 3, 4, 5, 6] {
+            options.push((format!("group k={k}"), Some(k)));
+        }
+        options.push(("merkle".into(), Some(u8::MAX)));
+        for (label, k) in options {
+            // The room the option's authenticator leaves, as a layout in signature mode of a
+            // symbol shortened by the difference.
+            let (auth, auth_len) = match k {
+                None => (ChunkAuth::Signature, SIGNATURE_LEN),
+                Some(u8::MAX) => (ChunkAuth::MerklePath, 0),
+                Some(k) => (
+                    ChunkAuth::GroupSignature,
+                    group_authenticator_len(usize::from(k)),
+                ),
+            };
+            let layout = if auth == ChunkAuth::MerklePath {
+                lay_out(&batch, &leaves, symbol, ChunkAuth::MerklePath)?
+            } else {
+                let shortened = symbol - (auth_len - SIGNATURE_LEN);
+                lay_out(&batch, &leaves, shortened, ChunkAuth::Signature)?
+            };
+            let count = u32::try_from(layout.chunks.len())?;
+            let authenticated = layout
+                .chunks
+                .iter()
+                .map(|(header, payload)| encode_authenticated(header, payload))
+                .collect::<Result<Vec<_>, _>>()?;
+            let authenticate = |threads: usize| -> anyhow::Result<(Vec<Vec<u8>>, [u8; 16])> {
+                let input = authenticated.clone();
+                Ok(match (auth, k) {
+                    (ChunkAuth::GroupSignature, Some(k)) => (
+                        authenticate_groups_on_threads(
+                            input, count, seq, k, &key, symbol, threads,
+                        )?,
+                        [0; 16],
+                    ),
+                    (ChunkAuth::MerklePath, _) => {
+                        let tree = MerkleTree::build(input.iter().map(Vec::as_slice))?;
+                        let chunks = input
+                            .into_iter()
+                            .enumerate()
+                            .map(|(index, bytes)| {
+                                let path = tree.proof(index).unwrap_or_default();
+                                finish(bytes, &Authenticator::MerklePath(path), symbol)
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        (chunks, tree.root())
+                    }
+                    _ => {
+                        let per = input.len().div_ceil(threads.max(1)).max(1);
+                        let sign_run = |run: Vec<Vec<u8>>| {
+                            run.into_iter()
+                                .map(|bytes| {
+                                    let signature = sign(&key, &bytes);
+                                    finish(bytes, &Authenticator::Signature(signature), symbol)
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        };
+                        let runs: Vec<Vec<Vec<u8>>> =
+                            input.chunks(per).map(<[Vec<u8>]>::to_vec).collect();
+                        let chunks = std::thread::scope(|scope| {
+                            let handles: Vec<_> = runs
+                                .into_iter()
+                                .map(|run| scope.spawn(move || sign_run(run)))
+                                .collect();
+                            let mut all = Vec::new();
+                            for handle in handles {
+                                match handle.join() {
+                                    Ok(run) => all.extend(run?),
+                                    Err(panic) => std::panic::resume_unwind(panic),
+                                }
+                            }
+                            Ok::<_, rekeycast::session::chunk::ChunkError>(all)
+                        })?;
+                        (chunks, [0; 16])
+                    }
+                })
+            };
+            let mut best = [f64::MAX; 2];
+            let mut built = None;
+            for _ in 0..rounds {
+                for (slot, threads) in [1, cores].into_iter().enumerate() {
+                    let start = Instant::now();
+                    let result = authenticate(threads)?;
+                    best[slot] = best[slot].min(start.elapsed().as_secs_f64() * 1e3);
+                    built = Some(result);
+                }
+            }
+            let (chunks, root) = built.ok_or_else(|| anyhow::anyhow!("no rounds"))?;
+            let fec_info = rekeycast_fec::ObjectInfo::new(count, symbol_size, 64)?;
+            let partition = fec_info.partition();
+            let block_first_keys = (0..fec_info.source_blocks())
+                .map(|sbn| {
+                    let start = usize::try_from(partition.block_start(sbn)?)?;
+                    Ok(layout.chunks[start].0.first_leaf)
+                })
+                .collect::<anyhow::Result<Vec<u32>>>()?;
+            let manifest = Manifest {
+                wrap_algorithm: batch.context.algorithm.id(),
+                chunk_auth: auth,
+                group_id: 1,
+                spi: 1,
+                seq,
+                epoch: 0,
+                group_size: u32::try_from(batch.group_size)?,
+                chunk_count: count,
+                timestamp_us: 0,
+                chunk_root: root,
+                fec_info: fec_info.to_bytes().to_vec(),
+                block_first_keys,
+            }
+            .sign(&key)?;
+            let bytes: usize = chunks.iter().map(Vec::len).sum::<usize>() + manifest.len();
+            let signatures = match k {
+                None => chunks.len(),
+                Some(u8::MAX) => 0,
+                Some(k) => chunks.len().div_ceil(1 << k),
+            } + 1;
+            let probe = chunks.len() / 2 + 1;
+            let mut member_us = f64::MAX;
+            let mut checks = 0;
+            for _ in 0..50 {
+                let mut verifier = MessageVerifier::new(key.verifying_key(), 1, 1, 0);
+                let start = Instant::now();
+                let verified = verifier
+                    .verify_manifest(seq, &manifest)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .clone();
+                let chunk = verifier
+                    .verify_chunk(&verified, &chunks[probe.min(chunks.len() - 1)])
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                member_us = member_us.min(start.elapsed().as_secs_f64() * 1e6);
+                black_box(chunk);
+                checks = verifier.counters().signature_checks;
+            }
+            println!(
+                "{:>5} {:>10} {:>8} {:>8.2} {:>7} {:>11.1} {:>11.1} {:>10.1} {:>7}",
+                log_n,
+                label,
+                chunks.len(),
+                bytes as f64 / 1e6,
+                signatures,
+                best[0],
+                best[1],
+                member_us,
+                checks
+            );
+            out.push(serde_json::json!({
+                "log_n": log_n, "option": label, "chunks": chunks.len(), "message_bytes": bytes,
+                "signatures": signatures, "authenticate_ms_1_thread": best[0],
+                "authenticate_ms_all_threads": best[1], "threads": cores,
+                "member_verify_us": member_us, "member_signature_checks": checks,
+            }));
+        }
+        // The whole build in the GCKS's three modes (the group mode at its default k).
+        let mut whole = [f64::MAX; 3];
+        let modes = [
+            ChunkAuth::Signature,
+            ChunkAuth::GroupSignature,
+            ChunkAuth::MerklePath,
+        ];
+        for _ in 0..rounds {
+            for (slot, mode) in modes.into_iter().enumerate() {
+                let params = MessageParams {
+                    chunk_auth: mode,
+                    max_block_symbols: 64,
+                    ..MessageParams::default()
+                };
+                let start = Instant::now();
+                black_box(build_message(&batch, &leaves, &key, &params)?);
+                whole[slot] = whole[slot].min(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
+            "{log_n:>5} whole build_message ms on {cores} threads: signature {:.1}, group k={} {:.1}, \
+             merkle {:.1}",
+            whole[0], DEFAULT_GROUP_LOG2, whole[1], whole[2]
+        );
+        // The steps after the message is built, on the worker that built it: the FEC object
+        // (a copy of the chunks) and the initial transmission sealed, every block's encoder
+        // built on the way, on every core.
+        let message = build_message(
+            &batch,
+            &leaves,
+            &key,
+            &MessageParams {
+                max_block_symbols: 64,
+                ..MessageParams::default()
+            },
+        )?;
+        let mut steps = [f64::MAX; 2];
+        for _ in 0..rounds {
+            let start = Instant::now();
+            let mut prepared = rekeycast::session::sender::PreparedMessage::new(
+                message.clone(),
+                batch.mac_key.clone(),
+            )?;
+            steps[0] = steps[0].min(start.elapsed().as_secs_f64() * 1e3);
+            let start = Instant::now();
+            prepared.seal_initial(None, cores)?;
+            steps[1] = steps[1].min(start.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "{log_n:>5} after the build, group k={}: FEC object {:.1} ms, initial transmission \
+             sealed with every block's encoder {:.1} ms ({} datagrams, {cores} threads)",
+            DEFAULT_GROUP_LOG2,
+            steps[0],
+            steps[1],
+            message.chunks.len() + 1
+        );
+        out.push(serde_json::json!({
+            "log_n": log_n, "prepare_ms": steps[0], "seal_initial_ms": steps[1],
+        }));
+        out.push(serde_json::json!({
+            "log_n": log_n, "build_message_ms_signature": whole[0],
+            "build_message_ms_group": whole[1], "build_message_ms_merkle": whole[2],
+            "group_log2": DEFAULT_GROUP_LOG2,
+        }));
+    }
+    Ok(out)
 }

@@ -88,6 +88,9 @@ impl Layout {
 pub fn authenticator_len(auth: ChunkAuth, max_chunks: usize) -> usize {
     match auth {
         ChunkAuth::Signature => SIGNATURE_LEN,
+        ChunkAuth::GroupSignature => {
+            chunk::group_authenticator_len(usize::from(chunk::DEFAULT_GROUP_LOG2))
+        }
         ChunkAuth::MerklePath => {
             // The longest path of a tree with max_chunks leaves: ceil(log2(max_chunks)).
             let depth = max_chunks.max(1).next_power_of_two().trailing_zeros() as usize;
@@ -126,7 +129,7 @@ pub fn lay_out(
             + authenticator_len(auth, allowed_chunks);
         let available = symbol_size.saturating_sub(fixed);
         let layout = fill(batch, leaves, available)?;
-        if layout.chunks.len() <= allowed_chunks || auth == ChunkAuth::Signature {
+        if layout.chunks.len() <= allowed_chunks || auth != ChunkAuth::MerklePath {
             return Ok(layout);
         }
         allowed_chunks = layout.chunks.len().next_power_of_two();
@@ -244,7 +247,7 @@ pub struct MessageParams {
     /// within [`crate::wire::DEFAULT_DATAGRAM_SIZE`]); a path that must stay within
     /// [`crate::wire::IPV6_SAFE_DATAGRAM_SIZE`] needs 1,185 or less.
     pub symbol_size: u16,
-    /// How chunks authenticate themselves. Default [`ChunkAuth::Signature`] (see
+    /// How chunks authenticate themselves. Default [`ChunkAuth::GroupSignature`] (see
     /// [`ChunkAuth`] for the measurements behind it).
     pub chunk_auth: ChunkAuth,
     /// The largest FEC source block, in symbols (B). Default
@@ -257,7 +260,8 @@ pub struct MessageParams {
     #[serde(skip)]
     pub timestamp_us: u64,
     /// Threads that sign chunks in [`ChunkAuth::Signature`] mode (one Ed25519 signature per
-    /// chunk, thousands for a large group). 0, the default, means
+    /// chunk, thousands for a large group) and [`ChunkAuth::GroupSignature`] mode (one per
+    /// group), and that seal the initial transmission's datagrams. 0, the default, means
     /// [`std::thread::available_parallelism`] (1 if that is unknown). A small message uses
     /// fewer threads (each signs at least 32 chunks). The message is the same bytes whatever
     /// the count.
@@ -363,6 +367,18 @@ pub fn build_message(
                 .resolved_signing_threads()
                 .min(authenticated.len().div_ceil(MIN_CHUNKS_PER_THREAD));
             let chunks = sign_chunks(authenticated, signing_key, symbol_size, threads)?;
+            (chunks, [0; HASH_LEN])
+        }
+        ChunkAuth::GroupSignature => {
+            let chunks = chunk::authenticate_groups_on_threads(
+                authenticated,
+                chunk_count,
+                batch.context.seq,
+                chunk::DEFAULT_GROUP_LOG2,
+                signing_key,
+                symbol_size,
+                params.resolved_signing_threads(),
+            )?;
             (chunks, [0; HASH_LEN])
         }
     };
@@ -549,7 +565,7 @@ mod tests {
         assert_eq!(verifier.counters().signature_checks, {
             match chunk_auth {
                 ChunkAuth::MerklePath => 1,
-                ChunkAuth::Signature => 1 + members.len() as u64,
+                ChunkAuth::Signature | ChunkAuth::GroupSignature => 1 + members.len() as u64,
             }
         });
         message.chunks.len()
@@ -584,10 +600,10 @@ mod tests {
             for &member in &joining {
                 members.insert(member, MemberKeys::from_bundle(&tree.join(member).unwrap()));
             }
-            let auth = if round % 2 == 0 {
-                ChunkAuth::MerklePath
-            } else {
-                ChunkAuth::Signature
+            let auth = match round % 3 {
+                0 => ChunkAuth::MerklePath,
+                1 => ChunkAuth::Signature,
+                _ => ChunkAuth::GroupSignature,
             };
             let chunks = deliver(&tree, &batch, &mut members, auth);
             assert!(chunks >= 1);
@@ -731,7 +747,7 @@ mod tests {
     #[test]
     fn default_params() {
         let params = MessageParams::default();
-        assert_eq!(params.chunk_auth, ChunkAuth::Signature);
+        assert_eq!(params.chunk_auth, ChunkAuth::GroupSignature);
         assert_eq!(params.spi, 1);
         assert_eq!(params.symbol_size, 1200);
         assert_eq!(

@@ -10,11 +10,13 @@
 //!   per member, and the GCKS's whole message build (layout, authentication, signing).
 //! - [`sender`]: [`SenderSession`], the GCKS side of one group: manifest, source symbols,
 //!   proactive and NACK-driven repair, heartbeats, history for repair and resync.
+//! - [`chunk_repair`]: which unicast chunk requests a sender answers (per-source rate limits).
 //! - [`feedback`]: replay protection of the NACKs and probe replies a sender takes.
 //! - [`receiver`]: [`ReceiverSession`], one member: the verifier pipeline, FEC decoding of its
 //!   own block, NACK scheduling, key events.
 
 pub mod chunk;
+pub mod chunk_repair;
 pub mod feedback;
 pub mod layout;
 pub mod manifest;

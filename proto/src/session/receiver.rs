@@ -293,6 +293,11 @@ pub struct ReceiverCounters {
     pub bad_chunks: u64,
     /// Transmits skipped because the driver's buffer was too small.
     pub buffer_too_small: u64,
+    /// Unicast chunk repairs addressed to this member that passed the MAC check (their chunk
+    /// is then checked as a source symbol is).
+    pub chunk_repairs_received: u64,
+    /// Chunk requests (NACKs asking for the member's own chunk by unicast) sent.
+    pub chunk_requests_sent: u64,
 }
 
 /// What a state answer told the member.
@@ -743,7 +748,18 @@ impl ReceiverSession {
                         .handle_nack_heard(now, block, nack.round, nack.need);
                 }
             }
-            BodyRepr::Nack(_) | BodyRepr::ProbeReply(_) => {}
+            BodyRepr::ChunkRepair(repair) if seq == self.next_seq => {
+                // Addressed by the leaf's order key: another member's chunk is not ours to
+                // check (a relay serving multi-unicast members sends each its own).
+                if repair.receiver_id == self.order_key() {
+                    self.counters.chunk_repairs_received += 1;
+                    let (sbn, esi) = (repair.sbn, repair.esi);
+                    let chunk = repair.chunk.to_vec();
+                    self.handle_chunk_symbol(now, seq, sbn, esi, &chunk);
+                }
+            }
+            BodyRepr::ChunkRepair(_) => self.counters.dropped_finished += 1,
+            BodyRepr::Nack(_) | BodyRepr::ChunkRequest(_) | BodyRepr::ProbeReply(_) => {}
         }
         self.pump(now);
     }

@@ -5,8 +5,10 @@
 //! panic, and the MAC can be checked over [`Packet::authenticated`] before the body is parsed.
 //! [`DatagramRepr`] parses and emits a whole datagram.
 
+use super::nack::FLAG_UNICAST_CHUNK;
 use super::{
-    be, check_len, check_room, Error, HeartbeatRepr, NackRepr, ProbeReplyRepr, Result, SymbolRepr,
+    be, check_len, check_room, ChunkRepairRepr, Error, HeartbeatRepr, NackRepr, ObjectKind,
+    ProbeReplyRepr, Result, SymbolRepr,
 };
 
 /// The magic number that starts every rekeycast datagram ("RK").
@@ -44,6 +46,8 @@ pub enum DatagramType {
     Heartbeat = 3,
     /// A receiver's reply to a GRTT probe ([`crate::wire::probe`]).
     ProbeReply = 4,
+    /// One member's chunk delivered by unicast ([`crate::wire::chunk_repair`]).
+    ChunkRepair = 5,
 }
 
 impl TryFrom<u8> for DatagramType {
@@ -54,6 +58,7 @@ impl TryFrom<u8> for DatagramType {
             2 => Ok(Self::Nack),
             3 => Ok(Self::Heartbeat),
             4 => Ok(Self::ProbeReply),
+            5 => Ok(Self::ChunkRepair),
             other => Err(Error::UnknownType(other)),
         }
     }
@@ -212,6 +217,11 @@ pub enum BodyRepr<'a> {
     Heartbeat(HeartbeatRepr),
     /// A GRTT probe reply.
     ProbeReply(ProbeReplyRepr),
+    /// One member's chunk delivered by unicast.
+    ChunkRepair(ChunkRepairRepr<'a>),
+    /// A NACK that asks for the receiver's own chunk by unicast (a NACK datagram with
+    /// [`crate::wire::nack::FLAG_UNICAST_CHUNK`]; its object is always the chunks).
+    ChunkRequest(NackRepr),
 }
 
 impl BodyRepr<'_> {
@@ -219,17 +229,19 @@ impl BodyRepr<'_> {
     pub fn datagram_type(&self) -> DatagramType {
         match self {
             Self::Symbol(_) => DatagramType::Symbol,
-            Self::Nack(_) => DatagramType::Nack,
+            Self::Nack(_) | Self::ChunkRequest(_) => DatagramType::Nack,
             Self::Heartbeat(_) => DatagramType::Heartbeat,
             Self::ProbeReply(_) => DatagramType::ProbeReply,
+            Self::ChunkRepair(_) => DatagramType::ChunkRepair,
         }
     }
 
     /// The flag bits this body puts in the header.
     pub fn flags(&self) -> u8 {
         match self {
-            Self::Symbol(_) | Self::ProbeReply(_) => 0,
+            Self::Symbol(_) | Self::ProbeReply(_) | Self::ChunkRepair(_) => 0,
             Self::Nack(nack) => nack.flags(),
+            Self::ChunkRequest(nack) => nack.flags() | FLAG_UNICAST_CHUNK,
             Self::Heartbeat(heartbeat) => heartbeat.flags(),
         }
     }
@@ -238,9 +250,10 @@ impl BodyRepr<'_> {
     pub fn buffer_len(&self) -> usize {
         match self {
             Self::Symbol(symbol) => symbol.buffer_len(),
-            Self::Nack(_) => NackRepr::BUFFER_LEN,
+            Self::Nack(_) | Self::ChunkRequest(_) => NackRepr::BUFFER_LEN,
             Self::Heartbeat(heartbeat) => heartbeat.buffer_len(),
             Self::ProbeReply(_) => ProbeReplyRepr::BUFFER_LEN,
+            Self::ChunkRepair(repair) => repair.buffer_len(),
         }
     }
 }
@@ -272,6 +285,13 @@ impl<'a> DatagramRepr<'a> {
                 check_flags(header.flags, 0)?;
                 BodyRepr::Symbol(SymbolRepr::parse(body_bytes)?)
             }
+            DatagramType::Nack if header.flags & FLAG_UNICAST_CHUNK != 0 => {
+                let nack = NackRepr::parse(header.flags & !FLAG_UNICAST_CHUNK, body_bytes)?;
+                if nack.object != ObjectKind::Chunks {
+                    return Err(Error::InvalidField("object of a chunk request"));
+                }
+                BodyRepr::ChunkRequest(nack)
+            }
             DatagramType::Nack => BodyRepr::Nack(NackRepr::parse(header.flags, body_bytes)?),
             DatagramType::Heartbeat => {
                 BodyRepr::Heartbeat(HeartbeatRepr::parse(header.flags, body_bytes)?)
@@ -279,6 +299,10 @@ impl<'a> DatagramRepr<'a> {
             DatagramType::ProbeReply => {
                 check_flags(header.flags, 0)?;
                 BodyRepr::ProbeReply(ProbeReplyRepr::parse(body_bytes)?)
+            }
+            DatagramType::ChunkRepair => {
+                check_flags(header.flags, 0)?;
+                BodyRepr::ChunkRepair(ChunkRepairRepr::parse(body_bytes)?)
             }
         };
         Ok(Self {
@@ -316,8 +340,15 @@ impl<'a> DatagramRepr<'a> {
         match &self.body {
             BodyRepr::Symbol(symbol) => symbol.emit(body)?,
             BodyRepr::Nack(nack) => nack.emit(body)?,
+            BodyRepr::ChunkRequest(nack) => {
+                if nack.object != ObjectKind::Chunks {
+                    return Err(Error::InvalidField("object of a chunk request"));
+                }
+                nack.emit(body)?
+            }
             BodyRepr::Heartbeat(heartbeat) => heartbeat.emit(body)?,
             BodyRepr::ProbeReply(reply) => reply.emit(body)?,
+            BodyRepr::ChunkRepair(repair) => repair.emit(body)?,
         }
         buf[len - MAC_LEN..len].copy_from_slice(&self.mac);
         Ok(len)
@@ -338,7 +369,6 @@ pub(crate) fn check_flags(flags: u8, defined: u8) -> Result<()> {
 mod tests {
     use super::*;
     use crate::wire::test_support::assert_every_truncation_fails;
-    use crate::wire::ObjectKind;
 
     // A symbol datagram: group 7, SPI 0x01020304, seq 42, chunk object, SBN 3, ESI 0x000105,
     // payload "abc", MAC 0xA0..0xAF.

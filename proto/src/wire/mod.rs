@@ -50,6 +50,7 @@
 //! | 2    | NACK                                  | [`nack`]      |
 //! | 3    | heartbeat / repair advertisement      | [`heartbeat`] |
 //! | 4    | GRTT probe reply                      | [`probe`]     |
+//! | 5    | one member's chunk, by unicast        | [`chunk_repair`] |
 //!
 //! The TCP resync stream has its own length-prefixed framing, in [`frame`].
 //!
@@ -58,6 +59,7 @@
 //! [`DEFAULT_DATAGRAM_SIZE`] (1,472 bytes) is the UDP payload that fits an IPv4 1,500-byte MTU;
 //! [`IPV6_SAFE_DATAGRAM_SIZE`] (1,232 bytes) fits the IPv6 minimum MTU of 1,280 bytes.
 
+pub mod chunk_repair;
 pub mod datagram;
 pub mod frame;
 pub mod heartbeat;
@@ -65,6 +67,7 @@ pub mod nack;
 pub mod probe;
 pub mod symbol;
 
+pub use chunk_repair::ChunkRepairRepr;
 pub use datagram::{BodyRepr, DatagramRepr, DatagramType, HeaderRepr, Packet};
 pub use frame::{ErrorCode, FrameRepr};
 pub use heartbeat::{HeartbeatRepr, RepairEntry};

@@ -26,12 +26,26 @@
 //! ```
 //!
 //! Symbols needed is at least 1: a receiver that needs nothing does not NACK.
+//!
+//! # Chunk requests
+//!
+//! With header flag bit 1 (`UNICAST_CHUNK`) the NACK asks for something else: the receiver's
+//! own chunk, by unicast ([`crate::wire::chunk_repair`]), not more multicast repair symbols.
+//! The body is the same (object is always the chunks, SBN the block holding the receiver's
+//! chunk, need what it still lacks of that block, the receiver id the member the chunk is
+//! for); it parses as [`crate::wire::BodyRepr::ChunkRequest`]. Such a NACK is never
+//! suppressed by other receivers' NACKs or the sender's advertisements (each member needs its
+//! own chunk), so a sender rate-limits chunk requests per source instead.
 
 use super::datagram::check_flags;
 use super::{be, check_len, check_room, Error, ObjectKind, Result};
 
 /// Flag bit: the NACK echoes a GRTT probe.
 pub const FLAG_ECHO: u8 = 0x01;
+/// Flag bit: the NACK asks for the receiver's own chunk by unicast (a chunk request; see the
+/// module docs). [`NackRepr`] itself does not take it: the datagram parser strips it and
+/// yields [`crate::wire::BodyRepr::ChunkRequest`].
+pub const FLAG_UNICAST_CHUNK: u8 = 0x02;
 
 mod field {
     use core::ops::Range;
@@ -264,6 +278,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn chunk_request_is_a_flagged_nack_of_the_chunks() {
+        let datagram = DatagramRepr {
+            group_id: 1,
+            spi: 2,
+            seq: 3,
+            body: BodyRepr::ChunkRequest(repr()),
+            mac: [0; 16],
+        };
+        let mut buf = vec![0u8; datagram.buffer_len()];
+        datagram.emit(&mut buf).unwrap();
+        assert_eq!(buf[3], 2, "a NACK datagram");
+        assert_eq!(buf[4], FLAG_ECHO | FLAG_UNICAST_CHUNK);
+        assert_eq!(&buf[24..46], &BYTES[..]);
+        assert_eq!(DatagramRepr::parse(&buf).unwrap(), datagram);
+        // The same body without the flag is an ordinary NACK.
+        buf[4] = FLAG_ECHO;
+        assert_eq!(
+            DatagramRepr::parse(&buf).unwrap().body,
+            BodyRepr::Nack(repr())
+        );
+        // A chunk request for the manifest object is refused both ways.
+        buf[4] = FLAG_ECHO | FLAG_UNICAST_CHUNK;
+        buf[24] = 0;
+        assert_eq!(
+            DatagramRepr::parse(&buf),
+            Err(Error::InvalidField("object of a chunk request"))
+        );
+        let manifest = DatagramRepr {
+            body: BodyRepr::ChunkRequest(NackRepr {
+                object: ObjectKind::Manifest,
+                ..repr()
+            }),
+            ..datagram
+        };
+        assert!(manifest.emit(&mut buf).is_err());
+        // Undefined flags are still refused.
+        buf[4] = FLAG_UNICAST_CHUNK | 0x04;
+        buf[24] = 1;
+        assert_eq!(DatagramRepr::parse(&buf), Err(Error::UndefinedFlags(0x04)));
+    }
+
     fn arb_nack() -> impl Strategy<Value = NackRepr> {
         (
             0u8..2,
@@ -291,6 +347,10 @@ mod tests {
         fn round_trip(nack in arb_nack(), seq: u64, mac: [u8; 16]) {
             let repr = DatagramRepr { group_id: 1, spi: 2, seq, body: BodyRepr::Nack(nack), mac };
             let mut buf = vec![0u8; repr.buffer_len()];
+            repr.emit(&mut buf).unwrap();
+            prop_assert_eq!(DatagramRepr::parse(&buf).unwrap(), repr.clone());
+            let request = NackRepr { object: ObjectKind::Chunks, ..nack };
+            let repr = DatagramRepr { body: BodyRepr::ChunkRequest(request), ..repr };
             repr.emit(&mut buf).unwrap();
             prop_assert_eq!(DatagramRepr::parse(&buf).unwrap(), repr);
         }
