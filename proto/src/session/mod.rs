@@ -12,6 +12,7 @@
 //!   proactive and NACK-driven repair, heartbeats, history for repair and resync.
 //! - [`chunk_repair`]: which unicast chunk requests a sender answers (per-source rate limits).
 //! - [`feedback`]: replay protection of the NACKs and probe replies a sender takes.
+//! - [`unicast`]: multi-unicast members: delivery, acknowledgement, retransmission.
 //! - [`receiver`]: [`ReceiverSession`], one member: the verifier pipeline, FEC decoding of its
 //!   own block, NACK scheduling, key events.
 
@@ -23,6 +24,7 @@ pub mod manifest;
 pub mod receiver;
 pub mod sender;
 pub mod stored;
+pub mod unicast;
 
 pub use receiver::{
     ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,

@@ -759,7 +759,11 @@ impl ReceiverSession {
                 }
             }
             BodyRepr::ChunkRepair(_) => self.counters.dropped_finished += 1,
-            BodyRepr::Nack(_) | BodyRepr::ChunkRequest(_) | BodyRepr::ProbeReply(_) => {}
+            BodyRepr::Nack(_)
+            | BodyRepr::ChunkRequest(_)
+            | BodyRepr::ProbeReply(_)
+            | BodyRepr::Delivery(_)
+            | BodyRepr::Ack(_) => {}
         }
         self.pump(now);
     }

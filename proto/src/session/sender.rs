@@ -1028,7 +1028,11 @@ impl SenderSession {
                 reply.receiver_id,
                 Some(reply.echo.timestamp_us),
             )),
-            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) | BodyRepr::ChunkRepair(_) => None,
+            BodyRepr::Symbol(_)
+            | BodyRepr::Heartbeat(_)
+            | BodyRepr::ChunkRepair(_)
+            | BodyRepr::Delivery(_)
+            | BodyRepr::Ack(_) => None,
         };
         let sample = match verdict {
             Some(Verdict::Replayed) => {
@@ -1075,9 +1079,11 @@ impl SenderSession {
                 }
                 self.handle_chunk_request(now, from, repr.seq, request.receiver_id);
             }
-            BodyRepr::Symbol(_) | BodyRepr::Heartbeat(_) | BodyRepr::ChunkRepair(_) => {
-                self.counters.ignored += 1
-            }
+            BodyRepr::Symbol(_)
+            | BodyRepr::Heartbeat(_)
+            | BodyRepr::ChunkRepair(_)
+            | BodyRepr::Delivery(_)
+            | BodyRepr::Ack(_) => self.counters.ignored += 1,
         }
     }
 

@@ -7,8 +7,8 @@
 
 use super::nack::FLAG_UNICAST_CHUNK;
 use super::{
-    be, check_len, check_room, ChunkRepairRepr, Error, HeartbeatRepr, NackRepr, ObjectKind,
-    ProbeReplyRepr, Result, SymbolRepr,
+    be, check_len, check_room, AckRepr, ChunkRepairRepr, DeliveryRepr, Error, HeartbeatRepr,
+    NackRepr, ObjectKind, ProbeReplyRepr, Result, SymbolRepr,
 };
 
 /// The magic number that starts every rekeycast datagram ("RK").
@@ -48,6 +48,10 @@ pub enum DatagramType {
     ProbeReply = 4,
     /// One member's chunk delivered by unicast ([`crate::wire::chunk_repair`]).
     ChunkRepair = 5,
+    /// A message's manifest and one member's chunk, by unicast ([`crate::wire::delivery`]).
+    Delivery = 6,
+    /// A receiver's acknowledgement ([`crate::wire::ack`]).
+    Ack = 7,
 }
 
 impl TryFrom<u8> for DatagramType {
@@ -59,6 +63,8 @@ impl TryFrom<u8> for DatagramType {
             3 => Ok(Self::Heartbeat),
             4 => Ok(Self::ProbeReply),
             5 => Ok(Self::ChunkRepair),
+            6 => Ok(Self::Delivery),
+            7 => Ok(Self::Ack),
             other => Err(Error::UnknownType(other)),
         }
     }
@@ -222,6 +228,10 @@ pub enum BodyRepr<'a> {
     /// A NACK that asks for the receiver's own chunk by unicast (a NACK datagram with
     /// [`crate::wire::nack::FLAG_UNICAST_CHUNK`]; its object is always the chunks).
     ChunkRequest(NackRepr),
+    /// A message's manifest and one member's chunk, by unicast.
+    Delivery(DeliveryRepr<'a>),
+    /// A receiver's acknowledgement.
+    Ack(AckRepr),
 }
 
 impl BodyRepr<'_> {
@@ -233,13 +243,19 @@ impl BodyRepr<'_> {
             Self::Heartbeat(_) => DatagramType::Heartbeat,
             Self::ProbeReply(_) => DatagramType::ProbeReply,
             Self::ChunkRepair(_) => DatagramType::ChunkRepair,
+            Self::Delivery(_) => DatagramType::Delivery,
+            Self::Ack(_) => DatagramType::Ack,
         }
     }
 
     /// The flag bits this body puts in the header.
     pub fn flags(&self) -> u8 {
         match self {
-            Self::Symbol(_) | Self::ProbeReply(_) | Self::ChunkRepair(_) => 0,
+            Self::Symbol(_)
+            | Self::ProbeReply(_)
+            | Self::ChunkRepair(_)
+            | Self::Delivery(_)
+            | Self::Ack(_) => 0,
             Self::Nack(nack) => nack.flags(),
             Self::ChunkRequest(nack) => nack.flags() | FLAG_UNICAST_CHUNK,
             Self::Heartbeat(heartbeat) => heartbeat.flags(),
@@ -254,6 +270,8 @@ impl BodyRepr<'_> {
             Self::Heartbeat(heartbeat) => heartbeat.buffer_len(),
             Self::ProbeReply(_) => ProbeReplyRepr::BUFFER_LEN,
             Self::ChunkRepair(repair) => repair.buffer_len(),
+            Self::Delivery(delivery) => delivery.buffer_len(),
+            Self::Ack(_) => AckRepr::BUFFER_LEN,
         }
     }
 }
@@ -304,6 +322,14 @@ impl<'a> DatagramRepr<'a> {
                 check_flags(header.flags, 0)?;
                 BodyRepr::ChunkRepair(ChunkRepairRepr::parse(body_bytes)?)
             }
+            DatagramType::Delivery => {
+                check_flags(header.flags, 0)?;
+                BodyRepr::Delivery(DeliveryRepr::parse(body_bytes)?)
+            }
+            DatagramType::Ack => {
+                check_flags(header.flags, 0)?;
+                BodyRepr::Ack(AckRepr::parse(body_bytes)?)
+            }
         };
         Ok(Self {
             group_id: header.group_id,
@@ -349,6 +375,8 @@ impl<'a> DatagramRepr<'a> {
             BodyRepr::Heartbeat(heartbeat) => heartbeat.emit(body)?,
             BodyRepr::ProbeReply(reply) => reply.emit(body)?,
             BodyRepr::ChunkRepair(repair) => repair.emit(body)?,
+            BodyRepr::Delivery(delivery) => delivery.emit(body)?,
+            BodyRepr::Ack(ack) => ack.emit(body)?,
         }
         buf[len - MAC_LEN..len].copy_from_slice(&self.mac);
         Ok(len)

@@ -51,6 +51,8 @@
 //! | 3    | heartbeat / repair advertisement      | [`heartbeat`] |
 //! | 4    | GRTT probe reply                      | [`probe`]     |
 //! | 5    | one member's chunk, by unicast        | [`chunk_repair`] |
+//! | 6    | manifest and own chunk, by unicast    | [`delivery`]  |
+//! | 7    | acknowledgement                       | [`ack`]       |
 //!
 //! The TCP resync stream has its own length-prefixed framing, in [`frame`].
 //!
@@ -59,16 +61,20 @@
 //! [`DEFAULT_DATAGRAM_SIZE`] (1,472 bytes) is the UDP payload that fits an IPv4 1,500-byte MTU;
 //! [`IPV6_SAFE_DATAGRAM_SIZE`] (1,232 bytes) fits the IPv6 minimum MTU of 1,280 bytes.
 
+pub mod ack;
 pub mod chunk_repair;
 pub mod datagram;
+pub mod delivery;
 pub mod frame;
 pub mod heartbeat;
 pub mod nack;
 pub mod probe;
 pub mod symbol;
 
+pub use ack::AckRepr;
 pub use chunk_repair::ChunkRepairRepr;
 pub use datagram::{BodyRepr, DatagramRepr, DatagramType, HeaderRepr, Packet};
+pub use delivery::DeliveryRepr;
 pub use frame::{ErrorCode, FrameRepr};
 pub use heartbeat::{HeartbeatRepr, RepairEntry};
 pub use nack::NackRepr;
