@@ -67,4 +67,5 @@ mod nack;
 mod relay;
 mod resync;
 mod sim;
+mod unicast;
 mod wire;

@@ -12,6 +12,9 @@
 //! same run without (they resync from the GCKS), over `--seeds` seeds: the killed relay's
 //! members' longest wait for a message from the kill on, their fetches to the GCKS, where they
 //! end up, each seed and the median.
+//!
+//! `--unicast` runs the multi-unicast cell instead ([`crate::unicast`]): unicast members
+//! beside multicast members on one GCKS at 5% loss, and what the unicast ones cost.
 
 use std::time::{Duration, Instant};
 
@@ -40,6 +43,16 @@ pub struct Args {
     /// Seeds of the failover cell.
     #[arg(long, default_value_t = 5)]
     seeds: u64,
+    /// Run the multi-unicast cell instead: `--unicast-members` unicast members beside
+    /// `--multicast-members` multicast members on one GCKS, 5% loss, over `--seeds` seeds.
+    #[arg(long)]
+    unicast: bool,
+    /// Unicast members of the multi-unicast cell.
+    #[arg(long, default_value_t = 1_000)]
+    unicast_members: usize,
+    /// Multicast members of the multi-unicast cell.
+    #[arg(long, default_value_t = 10_000)]
+    multicast_members: usize,
 }
 
 const CHURN: f64 = 0.01;
@@ -51,6 +64,9 @@ const BOOTSTRAP_FROM: usize = 100_000;
 pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
     if args.failover {
         return run_failover(quick, args);
+    }
+    if args.unicast {
+        return crate::unicast::run(quick, args.multicast_members, args.unicast_members, args.rekeys, args.seeds);
     }
     let (members, relays, rekeys) = if quick {
         (2_000, 20, 1)
