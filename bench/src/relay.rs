@@ -66,7 +66,13 @@ pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
         return run_failover(quick, args);
     }
     if args.unicast {
-        return crate::unicast::run(quick, args.multicast_members, args.unicast_members, args.rekeys, args.seeds);
+        return crate::unicast::run(
+            quick,
+            args.multicast_members,
+            args.unicast_members,
+            args.rekeys,
+            args.seeds,
+        );
     }
     let (members, relays, rekeys) = if quick {
         (2_000, 20, 1)

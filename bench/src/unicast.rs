@@ -26,8 +26,8 @@ use rekeycast::session::layout::{build_message, MessageParams};
 use rekeycast::session::receiver::{ReceiverConfig, ReceiverEvent, ReceiverSession};
 use rekeycast::session::sender::{PreparedMessage, SenderConfig, SenderSession};
 use rekeycast::session::unicast::{
-    DeliveryOutcome, SenderSource, UnicastConfig, UnicastCounters, UnicastEvent,
-    UnicastMembers, UnicastReceiver,
+    DeliveryOutcome, SenderSource, UnicastConfig, UnicastCounters, UnicastEvent, UnicastMembers,
+    UnicastReceiver,
 };
 use rekeycast::sim::{LinkConfig, Loss, Network, Node, NodeId, Transmit};
 use rekeycast::wire::{DatagramType, Packet};
@@ -110,7 +110,7 @@ impl GcksNode {
         let seq = prepared.seq();
         self.sender.queue_message(now, prepared)?;
         self.next_mac_key = self.tree.next_mac_key();
-        self.unicast.message_ready(now, seq);
+        self.unicast.message_ready(seq);
         Ok(seq)
     }
 }
@@ -146,7 +146,7 @@ impl Node for MixNode {
                         sender: &gcks.sender,
                         next_mac_key: Some(&gcks.next_mac_key),
                     };
-                    gcks.unicast.handle_ack(now, from, bytes, &source);
+                    gcks.unicast.handle_ack(from, bytes, &source);
                 } else {
                     gcks.sender.handle_datagram(now, from, bytes);
                 }
@@ -296,7 +296,9 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
                 Some(MixNode::Unicast(node)) => node.session.order_key(),
                 _ => unreachable!("just added"),
             };
-            gcks(&mut net).unicast.register(now, order_key, Some(addr), bundle.first_seq);
+            gcks(&mut net)
+                .unicast
+                .register(order_key, Some(addr), bundle.first_seq);
         }
         ids.push(id);
     }
@@ -339,7 +341,8 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
         let batch = node.tree.apply_batch(&[], &leaves)?;
         seq = node.queue(at, &batch)?;
         net.touch(gcks_id)?;
-        let (multicast_ok, unicast_ok) = settle_report(&mut net, &ids, &present, seq, at, params, &mut report)?;
+        let (multicast_ok, unicast_ok) =
+            settle_report(&mut net, &ids, &present, seq, at, params, &mut report)?;
         report.multicast_all_current += usize::from(multicast_ok);
         report.unicast_all_current += usize::from(unicast_ok);
     }
@@ -357,8 +360,9 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
     };
     report.acks_sent = acks_sent(&net, &ids) - acks_before;
     report.resyncs -= resyncs_before;
-    report.multicast_datagrams =
-        net.node_stats(gcks_id).map_or(0, |s| s.datagrams_sent) - multicast_before - report.counters.deliveries_sent;
+    report.multicast_datagrams = net.node_stats(gcks_id).map_or(0, |s| s.datagrams_sent)
+        - multicast_before
+        - report.counters.deliveries_sent;
     report.largest_delivery = gcks(&mut net).largest_delivery;
     report.unicast_time_to_key.sort();
     report.multicast_time_to_key.sort();
@@ -396,7 +400,11 @@ fn settle_report(
                 }
             }
             Some(MixNode::Unicast(node)) => {
-                let at = node.applied.iter().find(|(s, _)| *s == seq).map(|(_, at)| *at);
+                let at = node
+                    .applied
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .map(|(_, at)| *at);
                 unicast_ok &= node.session.next_seq() > seq;
                 if let Some(at) = at {
                     report.unicast_time_to_key.push(at - start);
@@ -583,7 +591,11 @@ pub fn run(
     }
     let mut per: Vec<f64> = rows
         .iter()
-        .map(|r| r["unicast_datagrams_per_member_rekey"].as_f64().unwrap_or(f64::NAN))
+        .map(|r| {
+            r["unicast_datagrams_per_member_rekey"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        })
         .collect();
     per.sort_by(f64::total_cmp);
     let median = per[per.len() / 2];

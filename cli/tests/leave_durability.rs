@@ -137,6 +137,7 @@ fn read_bundle(path: &Path) -> RegistrationBundle {
         first_seq: file["first_seq"].as_u64().unwrap(),
         mac_key: MacKey::from_bytes(unhex(file["mac_key"].as_str().unwrap())),
         directory: Default::default(),
+        unicast: false,
     }
 }
 

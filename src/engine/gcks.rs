@@ -429,6 +429,31 @@ impl Gcks {
         self.join_as(member, true)
     }
 
+    /// Admits `member` in the next batch as a unicast member (RFC 4046 5.1, multi-unicast):
+    /// its bundle has [`RegistrationBundle::unicast`] set, and the GCKS delivers each message
+    /// to it by unicast (manifest and own chunk in one datagram, retransmitted until
+    /// acknowledged; see [`rekeycast_proto::session::unicast`]) at the address its first
+    /// acknowledgement comes from. Otherwise as [`Self::join`].
+    pub fn join_unicast(
+        &self,
+        member: MemberId,
+    ) -> Result<Receiver<Result<RegistrationBundle, JoinError>>, GcksError> {
+        self.driver
+            .inspect(move |endpoint, _| endpoint.mark_unicast(member))
+            .map_err(|e| self.gone(e))?;
+        self.join_as(member, false)
+    }
+
+    /// What the unicast members cost the GCKS (deliveries, retransmissions, bytes,
+    /// acknowledgements, give-ups).
+    pub fn unicast_stats(
+        &self,
+    ) -> Result<rekeycast_proto::session::unicast::UnicastCounters, GcksError> {
+        self.driver
+            .inspect(|endpoint, _| *endpoint.unicast_counters())
+            .map_err(|e| self.gone(e))
+    }
+
     fn join_as(
         &self,
         member: MemberId,

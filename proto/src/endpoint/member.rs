@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -215,7 +215,13 @@ pub struct MemberEndpoint {
     /// The endpoint of each fetch running (with a directory): a connection failure to the
     /// current relay's moves the member.
     fetching: Vec<(FetchId, super::ResyncEndpoint)>,
+    /// A unicast member's side of multi-unicast (its bundle's `unicast` flag): deliveries in,
+    /// acknowledgements out. `None` for a multicast member.
+    unicast: Option<crate::session::unicast::UnicastReceiver>,
 }
+
+/// How often a unicast member tells its sender where it is until its first delivery arrives.
+pub const UNICAST_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl MemberEndpoint {
     /// The endpoint of a member that registered with `bundle`, started at `now`; its random
@@ -231,7 +237,36 @@ impl MemberEndpoint {
             config.directory = bundle.directory.clone();
         }
         let session = ReceiverSession::new(bundle, config.receiver.clone())?;
-        Ok(Self::with_session(session, config, rng, now))
+        let mut endpoint = Self::with_session(session, config, rng, now);
+        if bundle.unicast {
+            endpoint.set_unicast(now);
+        }
+        Ok(endpoint)
+    }
+
+    /// Makes the member a unicast member (RFC 4046 5.1, multi-unicast): it takes each
+    /// message's delivery from its contact by unicast and acknowledges it
+    /// ([`crate::session::unicast`]). Set from the bundle by [`Self::new`]; for a resumed
+    /// member, call it after [`Self::resume`].
+    pub fn set_unicast(&mut self, now: Instant) {
+        let server = self.unicast_server();
+        self.unicast = Some(crate::session::unicast::UnicastReceiver::new(
+            now,
+            server,
+            UNICAST_ANNOUNCE_INTERVAL,
+        ));
+    }
+
+    /// The unicast side's counters, for a unicast member.
+    pub fn unicast_counters(&self) -> Option<&crate::session::unicast::UnicastReceiverCounters> {
+        self.unicast.as_ref().map(|u| u.counters())
+    }
+
+    /// Where a unicast member's acknowledgements go: its current contact's feedback address.
+    fn unicast_server(&self) -> SocketAddr {
+        self.failover
+            .as_ref()
+            .map_or(self.session_feedback, |f| f.contact().feedback)
     }
 
     /// The endpoint of a member coming back after its own restart from the keys it saved
@@ -276,6 +311,7 @@ impl MemberEndpoint {
             session_feedback: config.receiver.feedback_addr,
             directive_issued: None,
             fetching: Vec::new(),
+            unicast: None,
             group,
             save_asked_seq: session.keys().last_seq(),
             session,
@@ -417,6 +453,9 @@ impl MemberEndpoint {
             if outcome.is_err() {
                 break;
             }
+            if let Some(unicast) = &mut self.unicast {
+                unicast.handle_resynced();
+            }
         }
         self.pump(now);
         outcome
@@ -483,9 +522,30 @@ impl Endpoint for MemberEndpoint {
         let _ = port;
         self.datagrams_handled += 1;
         let checked = self.datagrams_checked();
+        let mut unicast_counted = false;
         if !self.stopping {
             let accepted = self.session.datagram_counters().accepted;
-            self.session.handle_datagram(now, from, bytes);
+            let delivery = match &mut self.unicast {
+                Some(unicast) => unicast.handle_datagram(now, &mut self.session, from, bytes),
+                None => crate::session::unicast::DeliveryOutcome::NotDelivery,
+            };
+            match delivery {
+                crate::session::unicast::DeliveryOutcome::NotDelivery => {
+                    self.session.handle_datagram(now, from, bytes);
+                }
+                crate::session::unicast::DeliveryOutcome::Applied { .. }
+                | crate::session::unicast::DeliveryOutcome::Half
+                | crate::session::unicast::DeliveryOutcome::Duplicate => {
+                    // A delivery checked under the message's MAC key: the contact is alive.
+                    unicast_counted = true;
+                    if let Some(failover) = &mut self.failover {
+                        failover.heard(now);
+                    }
+                }
+                // Counted by the unicast side (a delivery ahead went to the session).
+                crate::session::unicast::DeliveryOutcome::Dropped => unicast_counted = true,
+                crate::session::unicast::DeliveryOutcome::Ahead => {}
+            }
             if self.session.datagram_counters().accepted > accepted {
                 if let Some(failover) = &mut self.failover {
                     failover.heard(now);
@@ -495,7 +555,7 @@ impl Endpoint for MemberEndpoint {
         }
         // Every datagram is counted once: by the datagram verifier (accepted or one of its
         // rejections), or here, dropped before the verifier saw it.
-        if self.datagrams_checked() == checked {
+        if self.datagrams_checked() == checked && !unicast_counted {
             self.dropped_before_mac += 1;
         }
     }
@@ -563,7 +623,13 @@ impl Endpoint for MemberEndpoint {
                 }
             }
         }
+        let next = self.session.next_seq();
         self.policy.handle_fetched(now, id, item, &mut self.session);
+        if self.session.next_seq() > next {
+            if let Some(unicast) = &mut self.unicast {
+                unicast.handle_resynced();
+            }
+        }
         self.pump(now);
     }
 
@@ -585,12 +651,30 @@ impl Endpoint for MemberEndpoint {
             }
         }
         self.policy.handle_timeout(now, &mut self.session);
+        if let Some(unicast) = &mut self.unicast {
+            unicast.handle_timeout(now);
+        }
         self.pump(now);
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         if self.stopping {
             return None;
+        }
+        if self.unicast.is_some() {
+            let server = self.unicast_server();
+            if let Some(unicast) = &mut self.unicast {
+                if unicast.server() != server {
+                    unicast.set_server(server);
+                }
+                if let Some(ack) = unicast.poll_transmit(now, &self.session, buf) {
+                    return Some(Transmit {
+                        port: Port::Feedback,
+                        destination: Destination::Unicast(server),
+                        len: ack.len,
+                    });
+                }
+            }
         }
         let nacks = self.session.counters().nacks_sent;
         let transmit = self.session.poll_transmit(now, buf)?;
@@ -653,6 +737,7 @@ impl Endpoint for MemberEndpoint {
             self.session.poll_timeout(),
             self.policy.poll_timeout(),
             self.failover.as_ref().and_then(Failover::poll_timeout),
+            self.unicast.as_ref().and_then(|u| u.poll_timeout()),
         ]
         .into_iter()
         .flatten()

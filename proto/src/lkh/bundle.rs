@@ -11,6 +11,12 @@
 //!
 //! Versions:
 //!
+//! - **4** ([`FORMAT_V4`]) adds the `unicast` flag: the member is registered as unicast
+//!   (RFC 4046 5.1, multi-unicast) and receives each message by unicast from its first contact
+//!   ([`crate::session::unicast`]). It is written only for such a member, so every other
+//!   bundle is still version 3 or 2; a previous version's member refuses it with its typed
+//!   "unknown format" error rather than listening to a multicast group nobody sends it to.
+//!   The `check` ([`CHECK_CONTEXT_V4`]) covers the flag and the directory (empty or not).
 //! - **3** ([`FORMAT_V3`]) adds the bundle's [`RelayDirectory`]: the ordered relays the member
 //!   may receive its rekeys from and the GCKS's own contact, the list a member fails over along
 //!   (see [`crate::endpoint::failover`]). The `check` covers it. A bundle is written as version 3
@@ -43,6 +49,13 @@ pub const FORMAT_V3: &str = "rekeycast-registration-bundle-v3";
 
 /// The BLAKE3 derive-key context of a version 3 `check`.
 pub const CHECK_CONTEXT_V3: &str = "rekeycast registration bundle file v3 check";
+
+/// The `format` tag of version 4 (a unicast member's bundle), written when the bundle's
+/// `unicast` flag is set.
+pub const FORMAT_V4: &str = "rekeycast-registration-bundle-v4";
+
+/// The BLAKE3 derive-key context of a version 4 `check`.
+pub const CHECK_CONTEXT_V4: &str = "rekeycast registration bundle file v4 check";
 
 /// The most relays a directory lists.
 pub const MAX_DIRECTORY_RELAYS: usize = 64;
@@ -202,7 +215,9 @@ pub enum BundleError {
     #[error("not a registration bundle")]
     Malformed(#[source] serde_json::Error),
     /// A `format` tag of no known version.
-    #[error("format {found:?}: expected {FORMAT_V3:?}, {FORMAT_V2:?} or {FORMAT_V1:?}")]
+    #[error(
+        "format {found:?}: expected {FORMAT_V4:?}, {FORMAT_V3:?}, {FORMAT_V2:?} or {FORMAT_V1:?}"
+    )]
     UnknownFormat {
         /// The tag found.
         found: String,
@@ -244,6 +259,10 @@ pub enum BundleError {
     /// A version 2 or 1 encoding with a relay directory (which only version 3 has).
     #[error("a relay directory in a bundle older than {FORMAT_V3}")]
     UnexpectedDirectory,
+    /// An encoding older than version 4 with the `unicast` flag, or a version 4 one without
+    /// it set.
+    #[error("the unicast flag set in a bundle other than {FORMAT_V4}, or clear in one")]
+    UnexpectedUnicast,
 }
 
 /// The JSON object. The hex strings of the keys are wiped on drop.
@@ -259,26 +278,37 @@ struct Encoded {
     rekey_sa: RekeySa,
     first_seq: u64,
     mac_key: String,
-    /// The relay directory (version 3 only).
+    /// The relay directory (version 3 and 4 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[zeroize(skip)]
     directory: Option<EncodedDirectory>,
+    /// The unicast flag (version 4 only, where it is true).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    unicast: bool,
     /// Hex of [`check`] over the decoded fields (version 2 on; absent in version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     check: Option<String>,
 }
 
 impl RegistrationBundle {
-    /// Encodes the bundle, version 3 ([`FORMAT_V3`]) when its relay directory is not empty and
-    /// version 2 ([`FORMAT_V2`]) otherwise, with its `check`: pretty JSON ending in a newline.
+    /// Encodes the bundle, version 4 ([`FORMAT_V4`]) for a unicast member, else version 3
+    /// ([`FORMAT_V3`]) when its relay directory is not empty and version 2 ([`FORMAT_V2`])
+    /// otherwise, with its `check`: pretty JSON ending in a newline.
     /// The bytes are secret (they hold the member's leaf key): keep them from others (a file of
     /// mode 0600).
     pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, BundleError> {
         self.directory.validate()?;
         let v3 = !self.directory.is_empty();
+        let format = match (self.unicast, v3) {
+            (true, _) => FORMAT_V4,
+            (false, true) => FORMAT_V3,
+            (false, false) => FORMAT_V2,
+        };
         let encoded = Encoded {
-            format: if v3 { FORMAT_V3 } else { FORMAT_V2 }.to_string(),
-            directory: v3.then(|| EncodedDirectory::from_directory(&self.directory)),
+            format: format.to_string(),
+            directory: (v3 || self.unicast)
+                .then(|| EncodedDirectory::from_directory(&self.directory)),
+            unicast: self.unicast,
             member: self.member.0,
             leaf: self.leaf,
             leaf_version: self.leaf_version,
@@ -302,7 +332,7 @@ impl RegistrationBundle {
         }
         let encoded: Encoded = serde_json::from_slice(bytes).map_err(BundleError::Malformed)?;
         let (checked, v3) = match encoded.format.as_str() {
-            FORMAT_V3 => (true, true),
+            FORMAT_V4 | FORMAT_V3 => (true, true),
             FORMAT_V2 => (true, false),
             FORMAT_V1 => (false, false),
             other => {
@@ -324,7 +354,11 @@ impl RegistrationBundle {
                 (false, None) => RelayDirectory::default(),
                 (false, Some(_)) => return Err(BundleError::UnexpectedDirectory),
             },
+            unicast: encoded.unicast,
         };
+        if encoded.unicast != (encoded.format == FORMAT_V4) {
+            return Err(BundleError::UnexpectedUnicast);
+        }
         if checked {
             let Some(stored) = encoded.check.as_deref() else {
                 return Err(BundleError::MissingCheck);
@@ -345,9 +379,16 @@ impl RegistrationBundle {
 fn check(bundle: &RegistrationBundle) -> Result<[u8; 32], BundleError> {
     let rekey_sa =
         Zeroizing::new(serde_json::to_vec(&bundle.rekey_sa).map_err(BundleError::Encode)?);
-    let v3 = !bundle.directory.is_empty();
-    let mut hasher =
-        blake3::Hasher::new_derive_key(if v3 { CHECK_CONTEXT_V3 } else { CHECK_CONTEXT });
+    let v3 = !bundle.directory.is_empty() || bundle.unicast;
+    let context = match (bundle.unicast, v3) {
+        (true, _) => CHECK_CONTEXT_V4,
+        (false, true) => CHECK_CONTEXT_V3,
+        (false, false) => CHECK_CONTEXT,
+    };
+    let mut hasher = blake3::Hasher::new_derive_key(context);
+    if bundle.unicast {
+        hasher.update(&[1]);
+    }
     if v3 {
         // The directory in its canonical (compact, fixed field order) JSON, length-prefixed.
         let directory = serde_json::to_vec(&EncodedDirectory::from_directory(&bundle.directory))
@@ -449,6 +490,7 @@ mod tests {
             && a.first_seq == b.first_seq
             && a.mac_key.as_bytes() == b.mac_key.as_bytes()
             && a.directory == b.directory
+            && a.unicast == b.unicast
     }
 
     fn contact(n: u8) -> RelayContact {
@@ -486,6 +528,57 @@ mod tests {
         ));
         // Without relays the bundle stays version 2, which the previous members read.
         assert!(super::tests::text(&bundle()).contains(FORMAT_V2));
+    }
+
+    #[test]
+    fn a_unicast_bundle_is_v4_its_flag_is_checked_and_old_versions_still_decode() {
+        for directory in [false, true] {
+            let mut original = if directory {
+                bundle_with_relays()
+            } else {
+                bundle()
+            };
+            original.unicast = true;
+            let text = text(&original);
+            assert!(text.contains(FORMAT_V4), "{text}");
+            assert!(text.contains("\"unicast\": true"), "{text}");
+            let decoded = RegistrationBundle::decode(text.as_bytes()).expect("decodes");
+            assert!(same(&decoded, &original));
+            assert!(decoded.unicast);
+            // The flag cannot be dropped, nor the bundle passed off as an older version.
+            let cleared = text.replace("\"unicast\": true", "\"unicast\": false");
+            assert!(matches!(
+                refused(cleared.as_bytes()),
+                BundleError::UnexpectedUnicast
+            ));
+            let as_v3 = text.replace(FORMAT_V4, FORMAT_V3);
+            assert!(matches!(
+                refused(as_v3.as_bytes()),
+                BundleError::UnexpectedUnicast
+            ));
+            for len in 0..text.len() - 1 {
+                assert!(RegistrationBundle::decode(&text.as_bytes()[..len]).is_err());
+            }
+        }
+        // A multicast member's bundles stay what they were, and decode with the flag clear.
+        for original in [bundle(), bundle_with_relays()] {
+            let text = text(&original);
+            assert!(!text.contains("unicast"), "{text}");
+            assert!(
+                !RegistrationBundle::decode(text.as_bytes())
+                    .expect("decodes")
+                    .unicast
+            );
+        }
+        // A version 4 bundle whose flag was set without the check being recomputed is refused.
+        let mut forged: serde_json::Value =
+            serde_json::from_str(&text(&bundle_with_relays())).expect("JSON");
+        forged["format"] = FORMAT_V4.into();
+        forged["unicast"] = true.into();
+        assert!(matches!(
+            refused(&serde_json::to_vec(&forged).expect("JSON")),
+            BundleError::CheckMismatch
+        ));
     }
 
     #[test]

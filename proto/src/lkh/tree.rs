@@ -230,6 +230,10 @@ pub struct RegistrationBundle {
     /// Where the member receives its rekeys from and fails over to (empty from the tree: the
     /// GCKS fills it in from its relay assignment).
     pub directory: super::bundle::RelayDirectory,
+    /// Whether the member is registered as unicast (RFC 4046 5.1, multi-unicast): it takes no
+    /// multicast, and its first contact delivers each message to it by unicast
+    /// ([`crate::session::unicast`]). False from the tree: the GCKS sets it at registration.
+    pub unicast: bool,
 }
 
 impl KeyTree {
@@ -441,6 +445,7 @@ impl KeyTree {
             first_seq: self.seq,
             mac_key: self.mac_key.clone(),
             directory: super::bundle::RelayDirectory::default(),
+            unicast: false,
         })
     }
 

@@ -7,7 +7,8 @@
 //! unicast member its address, the next message it wants, the tries of the current delivery
 //! and when to retransmit it. For each message, each unicast member gets one delivery
 //! datagram ([`crate::wire::delivery`]: the signed manifest and its own chunk, sealed with the
-//! message's MAC key) and acknowledges it ([`crate::wire::ack`]); an unacknowledged delivery
+//! message's MAC key; in two halves when the caller's datagrams are capped below its size)
+//! and acknowledges it ([`crate::wire::ack`]); an unacknowledged delivery
 //! is sent again after a timeout that grows by a factor per try, with jitter, and after
 //! [`UnicastConfig::max_tries`] the sender gives up on that message for that member
 //! ([`UnicastEvent::GaveUp`]): the member learns it is behind from the next delivery or from
@@ -178,6 +179,8 @@ pub struct UnicastMembers {
     deadlines: BTreeSet<(Instant, u32)>,
     /// Members with a try to send now, in order.
     queue: VecDeque<u32>,
+    /// Second halves of split deliveries to send next: (member, message).
+    halves: VecDeque<(u32, u64)>,
     latest: Option<u64>,
     events: VecDeque<UnicastEvent>,
     counters: UnicastCounters,
@@ -194,6 +197,7 @@ impl UnicastMembers {
             members: HashMap::new(),
             deadlines: BTreeSet::new(),
             queue: VecDeque::new(),
+            halves: VecDeque::new(),
             latest: None,
             events: VecDeque::new(),
             counters: UnicastCounters::default(),
@@ -224,7 +228,7 @@ impl UnicastMembers {
     /// Registers a unicast member by its receiver id (leaf order key): its address if known
     /// (else its first acknowledgement tells it) and the first message it wants (its
     /// bundle's first sequence number). Registering again replaces the entry.
-    pub fn register(&mut self, now: Instant, receiver_id: u32, addr: Option<SocketAddr>, wants: u64) {
+    pub fn register(&mut self, receiver_id: u32, addr: Option<SocketAddr>, wants: u64) {
         self.unregister(receiver_id);
         self.members.insert(
             receiver_id,
@@ -237,7 +241,7 @@ impl UnicastMembers {
                 queued: false,
             },
         );
-        self.start_if_ready(now, receiver_id);
+        self.start_if_ready(receiver_id);
     }
 
     /// Forgets a unicast member (it left, or moved to another sender).
@@ -252,11 +256,11 @@ impl UnicastMembers {
 
     /// Message `seq` entered the history: members that want it and are not busy with an
     /// older one get it now; members the sender gave up on resume with it.
-    pub fn message_ready(&mut self, now: Instant, seq: u64) {
+    pub fn message_ready(&mut self, seq: u64) {
         self.latest = Some(self.latest.map_or(seq, |latest| latest.max(seq)));
         let ids: Vec<u32> = self.members.keys().copied().collect();
         for receiver_id in ids {
-            self.start_if_ready(now, receiver_id);
+            self.start_if_ready(receiver_id);
         }
     }
 
@@ -266,13 +270,12 @@ impl UnicastMembers {
     /// Returns whether it was taken.
     pub fn handle_ack(
         &mut self,
-        now: Instant,
         from: SocketAddr,
         bytes: &[u8],
         source: &impl DeliverySource,
     ) -> bool {
         match self.check_ack(bytes, source) {
-            Ok((next_seq, receiver_id)) => self.take_ack(now, from, receiver_id, next_seq),
+            Ok((next_seq, receiver_id)) => self.take_ack(from, receiver_id, next_seq),
             Err(()) => {
                 self.counters.acks_rejected += 1;
                 false
@@ -298,7 +301,7 @@ impl UnicastMembers {
         }
     }
 
-    fn take_ack(&mut self, now: Instant, from: SocketAddr, receiver_id: u32, next_seq: u64) -> bool {
+    fn take_ack(&mut self, from: SocketAddr, receiver_id: u32, next_seq: u64) -> bool {
         let Some(member) = self.members.get_mut(&receiver_id) else {
             self.counters.acks_rejected += 1;
             return false;
@@ -324,7 +327,7 @@ impl UnicastMembers {
             receiver_id,
             next_seq,
         });
-        self.start_if_ready(now, receiver_id);
+        self.start_if_ready(receiver_id);
         true
     }
 
@@ -342,7 +345,7 @@ impl UnicastMembers {
             member.deadline = None;
             if member.tries >= max_tries {
                 let seq = member.wants;
-                self.give_up(now, receiver_id, seq);
+                self.give_up(receiver_id, seq);
             } else if !member.queued {
                 member.queued = true;
                 self.queue.push_back(receiver_id);
@@ -350,13 +353,36 @@ impl UnicastMembers {
         }
     }
 
-    /// The next delivery datagram to send, built from `source` into `buf`.
+    /// The next delivery datagram to send, built from `source` into `buf`. A delivery larger
+    /// than `buf` goes in two halves (manifest, then chunk), on this call and the next.
     pub fn poll_transmit(
         &mut self,
         now: Instant,
         buf: &mut [u8],
         source: &impl DeliverySource,
     ) -> Option<Transmit> {
+        while let Some((receiver_id, seq)) = self.halves.pop_front() {
+            let Some(addr) = self
+                .members
+                .get(&receiver_id)
+                .filter(|m| m.wants == seq && m.deadline.is_some())
+                .and_then(|m| m.addr)
+            else {
+                continue;
+            };
+            let Some((key, (_, chunk))) = source.mac_key(seq).zip(source.item(seq, receiver_id))
+            else {
+                continue;
+            };
+            if let Some(len) = self.seal_delivery(seq, receiver_id, (&[], chunk), &key, buf) {
+                self.counters.deliveries_sent += 1;
+                self.counters.bytes_sent += len as u64;
+                return Some(Transmit {
+                    destination: Destination::Unicast(addr),
+                    len,
+                });
+            }
+        }
         while let Some(receiver_id) = self.queue.pop_front() {
             let Some(member) = self.members.get_mut(&receiver_id) else {
                 continue;
@@ -368,24 +394,24 @@ impl UnicastMembers {
             let built = source.mac_key(seq).zip(source.item(seq, receiver_id));
             let Some((key, (manifest, chunk))) = built else {
                 // Out of the history (or never held): the member must resync.
-                self.give_up(now, receiver_id, seq);
+                self.give_up(receiver_id, seq);
                 continue;
             };
-            let repr = DatagramRepr {
-                group_id: self.group_id,
-                spi: self.spi,
-                seq,
-                body: BodyRepr::Delivery(DeliveryRepr {
-                    receiver_id,
-                    manifest,
-                    chunk,
-                }),
-                mac: [0; wire::datagram::MAC_LEN],
+            let whole =
+                wire::datagram::OVERHEAD + wire::delivery::FIXED_LEN + manifest.len() + chunk.len();
+            let split = whole > buf.len();
+            let part = if split {
+                (manifest, &[][..])
+            } else {
+                (manifest, chunk)
             };
-            let Some(len) = seal_into(&repr, &key, buf) else {
-                self.give_up(now, receiver_id, seq);
+            let Some(len) = self.seal_delivery(seq, receiver_id, part, &key, buf) else {
+                self.give_up(receiver_id, seq);
                 continue;
             };
+            if split {
+                self.halves.push_back((receiver_id, seq));
+            }
             let wait = self.wait(member_tries(&self.members, receiver_id));
             let Some(member) = self.members.get_mut(&receiver_id) else {
                 continue;
@@ -407,6 +433,28 @@ impl UnicastMembers {
         None
     }
 
+    fn seal_delivery(
+        &self,
+        seq: u64,
+        receiver_id: u32,
+        (manifest, chunk): (&[u8], &[u8]),
+        key: &MacKey,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        let repr = DatagramRepr {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq,
+            body: BodyRepr::Delivery(DeliveryRepr {
+                receiver_id,
+                manifest,
+                chunk,
+            }),
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        seal_into(&repr, key, buf)
+    }
+
     /// The next deadline, if any (a retransmission or a give-up).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadlines.first().map(|&(at, _)| at)
@@ -419,7 +467,7 @@ impl UnicastMembers {
 
     /// Queues the delivery of the member's wanted message if the history has it and none is
     /// outstanding.
-    fn start_if_ready(&mut self, _now: Instant, receiver_id: u32) {
+    fn start_if_ready(&mut self, receiver_id: u32) {
         let Some(latest) = self.latest else {
             return;
         };
@@ -436,7 +484,7 @@ impl UnicastMembers {
         self.queue.push_back(receiver_id);
     }
 
-    fn give_up(&mut self, now: Instant, receiver_id: u32, seq: u64) {
+    fn give_up(&mut self, receiver_id: u32, seq: u64) {
         self.counters.gave_up += 1;
         self.events
             .push_back(UnicastEvent::GaveUp { receiver_id, seq });
@@ -450,16 +498,12 @@ impl UnicastMembers {
             // (it is delivered as soon as one newer than `seq` exists).
             member.wants = latest.map_or(seq + 1, |latest| latest.max(seq) + 1);
         }
-        self.start_if_ready(now, receiver_id);
+        self.start_if_ready(receiver_id);
     }
 
     /// The wait after try number `tries + 1`: backoff, cap, jitter.
     fn wait(&mut self, tries: u32) -> Duration {
-        let factor = self
-            .config
-            .backoff
-            .max(1)
-            .saturating_pow(tries.min(16));
+        let factor = self.config.backoff.max(1).saturating_pow(tries.min(16));
         let base = self
             .config
             .initial_timeout
@@ -500,10 +544,15 @@ pub enum DeliveryOutcome {
     /// A delivery of a later message than the member wants: handed to the session, which
     /// treats it as a sign it is behind.
     Ahead,
-    /// Dropped: of another group or receiver, a MAC that does not check, or a manifest or
-    /// chunk the session refused.
+    /// The first half of a split delivery (the manifest), kept for the second.
+    Half,
+    /// Dropped: of another group or receiver, a MAC that does not check, a second half
+    /// without its first, or a manifest or chunk the session refused.
     Dropped,
 }
+
+/// The largest manifest half a member keeps (a signed manifest is far smaller).
+pub const MAX_MANIFEST_HALF: usize = 4096;
 
 /// What a member's unicast side counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -524,6 +573,8 @@ pub struct UnicastReceiver {
     server: SocketAddr,
     /// The last message applied by delivery and its MAC key, to recognise a duplicate.
     last: Option<(u64, MacKey)>,
+    /// The first half of a split delivery of the wanted message: its manifest.
+    half: Option<(u64, Vec<u8>)>,
     /// Whether an acknowledgement of the session's next sequence number is owed.
     ack_owed: bool,
     announce_interval: Duration,
@@ -542,6 +593,7 @@ impl UnicastReceiver {
         Self {
             server,
             last: None,
+            half: None,
             ack_owed: true,
             announce_interval,
             announcements_left: Self::ANNOUNCEMENTS,
@@ -615,7 +667,22 @@ impl UnicastReceiver {
             self.ack_owed = true;
             return DeliveryOutcome::Duplicate;
         }
-        match session.handle_resync(now, delivery.manifest, delivery.chunk) {
+        let manifest = match (delivery.manifest.is_empty(), delivery.chunk.is_empty()) {
+            (false, true) => {
+                // The first half: kept (one, of the wanted message) until the chunk comes.
+                if delivery.manifest.len() > MAX_MANIFEST_HALF {
+                    return self.dropped();
+                }
+                self.half = Some((seq, delivery.manifest.to_vec()));
+                return DeliveryOutcome::Half;
+            }
+            (true, _) => match self.half.take() {
+                Some((half_seq, manifest)) if half_seq == seq => manifest,
+                _ => return self.dropped(),
+            },
+            (false, false) => delivery.manifest.to_vec(),
+        };
+        match session.handle_resync(now, &manifest, delivery.chunk) {
             Ok(seq) => {
                 self.counters.applied += 1;
                 self.last = Some((seq, key));
@@ -658,8 +725,7 @@ impl UnicastReceiver {
         if let Some(at) = self.announce_at.filter(|&at| at <= now) {
             let _ = at;
             self.announcements_left = self.announcements_left.saturating_sub(1);
-            self.announce_at =
-                (self.announcements_left > 0).then(|| now + self.announce_interval);
+            self.announce_at = (self.announcements_left > 0).then(|| now + self.announce_interval);
         }
         let seq = session.next_seq();
         let key = session.mac_key(seq)?;

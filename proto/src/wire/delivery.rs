@@ -12,7 +12,9 @@
 //! member drops what is not addressed to it before any signature check. Manifest and chunk
 //! together are a little larger than a multicast symbol: on a 1,500-byte MTU path the
 //! datagram is sent as two IP fragments, which costs one datagram of the sender's and saves
-//! a second round of acknowledgement. The header flags are all zero.
+//! a second round of acknowledgement. A sender whose datagrams are capped below that size
+//! sends the two halves as two deliveries, one with an empty chunk and one with an empty
+//! manifest; a delivery with neither is malformed. The header flags are all zero.
 //!
 //! ```text
 //!  0                   1                   2                   3
@@ -20,11 +22,11 @@
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                    receiver id (32 bits)                      |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |   manifest length M (16 bits) |  signed manifest (M >= 1)     |
+//! |   manifest length M (16 bits) |  signed manifest (M bytes)     |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+                               +
 //! |                              ...                              |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |     chunk length T (16 bits)  |  chunk (exactly T >= 1 bytes) |
+//! |     chunk length T (16 bits)  |  chunk (exactly T bytes)       |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+                               +
 //! |                              ...                              |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
@@ -40,9 +42,10 @@ pub const FIXED_LEN: usize = 8;
 pub struct DeliveryRepr<'a> {
     /// The id of the member the delivery is for (its leaf order key).
     pub receiver_id: u32,
-    /// The message's signed manifest (never empty).
+    /// The message's signed manifest (empty in the second half of a split delivery).
     pub manifest: &'a [u8],
-    /// The member's chunk: the whole source symbol (never empty).
+    /// The member's chunk: the whole source symbol (empty in the first half of a split
+    /// delivery; never both empty).
     pub chunk: &'a [u8],
 }
 
@@ -52,15 +55,12 @@ impl<'a> DeliveryRepr<'a> {
         check_len(6, bytes.len())?;
         let receiver_id = be::u32(&bytes[0..4]);
         let manifest_len = usize::from(be::u16(&bytes[4..6]));
-        if manifest_len == 0 {
-            return Err(Error::InvalidField("manifest length"));
-        }
         let chunk_at = 6 + manifest_len;
         check_len(chunk_at + 2, bytes.len())?;
         let manifest = &bytes[6..chunk_at];
         let chunk_len = usize::from(be::u16(&bytes[chunk_at..chunk_at + 2]));
-        if chunk_len == 0 {
-            return Err(Error::InvalidField("chunk length"));
+        if manifest_len == 0 && chunk_len == 0 {
+            return Err(Error::InvalidField("delivery length"));
         }
         let end = chunk_at + 2 + chunk_len;
         check_len(end, bytes.len())?;
@@ -82,13 +82,12 @@ impl<'a> DeliveryRepr<'a> {
     /// Writes the body into the first [`Self::buffer_len`] bytes of `buf`.
     pub fn emit(&self, buf: &mut [u8]) -> Result<()> {
         let manifest_len = u16::try_from(self.manifest.len())
-            .ok()
-            .filter(|&len| len > 0)
-            .ok_or(Error::InvalidField("manifest length"))?;
-        let chunk_len = u16::try_from(self.chunk.len())
-            .ok()
-            .filter(|&len| len > 0)
-            .ok_or(Error::InvalidField("chunk length"))?;
+            .map_err(|_| Error::InvalidField("manifest length"))?;
+        let chunk_len =
+            u16::try_from(self.chunk.len()).map_err(|_| Error::InvalidField("chunk length"))?;
+        if manifest_len == 0 && chunk_len == 0 {
+            return Err(Error::InvalidField("delivery length"));
+        }
         check_room(self.buffer_len(), buf.len())?;
         be::put_u32(&mut buf[0..4], self.receiver_id);
         be::put_u16(&mut buf[4..6], manifest_len);
@@ -144,18 +143,36 @@ mod tests {
         let mut trailing = BYTES.to_vec();
         trailing.push(0);
         assert_eq!(DeliveryRepr::parse(&trailing), Err(Error::TrailingBytes(1)));
-        let no_manifest = [0, 0, 0, 1, 0, 0, 0, 1, 9];
+        // Either half alone is a delivery; neither is not.
+        let chunk_half = [0, 0, 0, 1, 0, 0, 0, 1, 9];
         assert_eq!(
-            DeliveryRepr::parse(&no_manifest),
-            Err(Error::InvalidField("manifest length"))
+            DeliveryRepr::parse(&chunk_half),
+            Ok(DeliveryRepr {
+                receiver_id: 1,
+                manifest: &[],
+                chunk: &[9]
+            })
         );
-        let no_chunk = [0, 0, 0, 1, 0, 1, 9, 0, 0];
+        let manifest_half = [0, 0, 0, 1, 0, 1, 9, 0, 0];
         assert_eq!(
-            DeliveryRepr::parse(&no_chunk),
-            Err(Error::InvalidField("chunk length"))
+            DeliveryRepr::parse(&manifest_half),
+            Ok(DeliveryRepr {
+                receiver_id: 1,
+                manifest: &[9],
+                chunk: &[]
+            })
         );
-        assert!(DeliveryRepr { chunk: &[], ..repr() }.emit(&mut [0u8; 32]).is_err());
-        assert!(DeliveryRepr { manifest: &[], ..repr() }.emit(&mut [0u8; 32]).is_err());
+        let empty = [0, 0, 0, 1, 0, 0, 0, 0];
+        assert_eq!(
+            DeliveryRepr::parse(&empty),
+            Err(Error::InvalidField("delivery length"))
+        );
+        let nothing = DeliveryRepr {
+            chunk: &[],
+            manifest: &[],
+            ..repr()
+        };
+        assert!(nothing.emit(&mut [0u8; 32]).is_err());
         assert!(repr().emit(&mut [0u8; 12]).is_err());
     }
 
@@ -179,7 +196,7 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(receiver_id: u32,
-                      manifest in proptest::collection::vec(any::<u8>(), 1..300),
+                      manifest in proptest::collection::vec(any::<u8>(), 0..300),
                       chunk in proptest::collection::vec(any::<u8>(), 1..1400)) {
             let repr = DeliveryRepr { receiver_id, manifest: &manifest, chunk: &chunk };
             let mut buf = vec![0u8; repr.buffer_len()];

@@ -600,6 +600,12 @@ pub struct GcksEndpoint<T> {
     relays: HashSet<MemberId>,
     /// The relays that take the rekeys over unicast uplinks, and the copies for them.
     uplinks: crate::relay::uplink::UnicastFanout,
+    /// The members registered as unicast, each message delivered to each by unicast.
+    unicast: crate::session::unicast::UnicastMembers,
+    /// Members whose join is to be answered with a unicast bundle ([`Self::mark_unicast`]).
+    unicast_joins: HashSet<MemberId>,
+    /// The registered unicast members' receiver ids (leaf order keys).
+    unicast_keys: HashMap<MemberId, u32>,
     events: VecDeque<GcksEvent<T>>,
     timers: TimerTable<TIMERS>,
     stopped: bool,
@@ -701,7 +707,8 @@ const TIMER_SESSION: usize = 0;
 const TIMER_BATCH: usize = 1;
 const TIMER_ADMISSION: usize = 2;
 const TIMER_ANSWERS: usize = 3;
-const TIMERS: usize = 4;
+const TIMER_UNICAST: usize = 4;
+const TIMERS: usize = 5;
 
 impl<T: Clone> GcksEndpoint<T> {
     /// A GCKS with an empty key tree keyed by `rng` (the operating system's RNG in a
@@ -816,6 +823,11 @@ impl<T: Clone> GcksEndpoint<T> {
         tree: KeyTree,
         now: Instant,
     ) -> Self {
+        let unicast = crate::session::unicast::UnicastMembers::new(
+            crate::session::unicast::UnicastConfig::default(),
+            config.group_id,
+            config.spi,
+        );
         Self {
             membership: Membership::new(config.schedule, now),
             config,
@@ -841,10 +853,57 @@ impl<T: Clone> GcksEndpoint<T> {
             held: VecDeque::new(),
             relays: HashSet::new(),
             uplinks: crate::relay::uplink::UnicastFanout::default(),
+            unicast,
+            unicast_joins: HashSet::new(),
+            unicast_keys: HashMap::new(),
             events: VecDeque::new(),
             timers: TimerTable::new(),
             stopped: false,
         }
+    }
+
+    /// Marks `member`, whose join is about to be (or was) commanded, as a unicast member: its
+    /// join is answered with a bundle that has [`RegistrationBundle::unicast`] set, and it is
+    /// registered ([`Self::register_unicast`]) then, to be found at the address its first
+    /// acknowledgement comes from. Its leave forgets it.
+    pub fn mark_unicast(&mut self, member: MemberId) {
+        self.unicast_joins.insert(member);
+    }
+
+    /// Registers a unicast member (RFC 4046 5.1, multi-unicast) from its bundle (which has
+    /// [`RegistrationBundle::unicast`] set): from its bundle's first message on, each message
+    /// is delivered to it by unicast, at `addr` or, if `None`, where its first
+    /// acknowledgement comes from. See [`crate::session::unicast`].
+    pub fn register_unicast(&mut self, bundle: &RegistrationBundle, addr: Option<SocketAddr>) {
+        let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
+        self.unicast.register(order_key, addr, bundle.first_seq);
+        self.unicast_keys.insert(bundle.member, order_key);
+        if let Some(seq) = self.session.latest_seq() {
+            self.unicast.message_ready(seq);
+        }
+        self.refresh_timers();
+    }
+
+    /// Forgets a unicast member registered with [`Self::register_unicast`] (it left).
+    pub fn unregister_unicast(&mut self, bundle: &RegistrationBundle) {
+        let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
+        self.unicast.unregister(order_key);
+        self.unicast_keys.remove(&bundle.member);
+        self.refresh_timers();
+    }
+
+    /// How unicast members are delivered to (replacing the default).
+    pub fn set_unicast_config(&mut self, config: crate::session::unicast::UnicastConfig) {
+        self.unicast = crate::session::unicast::UnicastMembers::new(
+            config,
+            self.config.group_id,
+            self.config.spi,
+        );
+    }
+
+    /// What the unicast members cost and what came of it.
+    pub fn unicast_counters(&self) -> &crate::session::unicast::UnicastCounters {
+        self.unicast.counters()
     }
 
     /// Registers the relays that take the rekeys over unicast UDP instead of multicast
@@ -945,6 +1004,10 @@ impl<T: Clone> GcksEndpoint<T> {
     }
 
     fn leave(&mut self, member: MemberId, waiter: Waiter<T>) {
+        self.unicast_joins.remove(&member);
+        if let Some(order_key) = self.unicast_keys.remove(&member) {
+            self.unicast.unregister(order_key);
+        }
         if self.stopped {
             self.answer_leave(waiter, Err(LeaveError::Stopped));
             return;
@@ -1079,6 +1142,15 @@ impl<T: Clone> GcksEndpoint<T> {
     }
 
     fn answer_join(&mut self, waiter: Waiter<T>, result: Result<RegistrationBundle, JoinError>) {
+        let result = result.map(|mut bundle| {
+            if self.unicast_joins.remove(&bundle.member) {
+                bundle.unicast = true;
+                let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
+                self.unicast.register(order_key, None, bundle.first_seq);
+                self.unicast_keys.insert(bundle.member, order_key);
+            }
+            bundle
+        });
         self.events.push_back(GcksEvent::JoinAnswered {
             ticket: waiter.ticket,
             part: waiter.part,
@@ -1312,7 +1384,10 @@ impl<T: Clone> GcksEndpoint<T> {
             }
             let seq = message.seq();
             match self.session.queue_message(now, message) {
-                Ok(()) => self.events.push_back(GcksEvent::Queued { seq }),
+                Ok(()) => {
+                    self.unicast.message_ready(seq);
+                    self.events.push_back(GcksEvent::Queued { seq })
+                }
                 // Committed, yet the session refuses it: members would wait for it forever.
                 Err(_) => self.poison(PoisonReason::QueueRefused),
             }
@@ -1393,6 +1468,10 @@ impl<T: Clone> GcksEndpoint<T> {
             Some(at) => self.timers.set(TIMER_ANSWERS, at),
             None => self.timers.stop(TIMER_ANSWERS),
         }
+        match self.unicast.poll_timeout() {
+            Some(at) if !stopped => self.timers.set(TIMER_UNICAST, at),
+            _ => self.timers.stop(TIMER_UNICAST),
+        }
     }
 
     /// What every `handle_*` call ends with: start a due batch, re-read the deadlines.
@@ -1411,7 +1490,19 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
     fn handle_datagram(&mut self, now: Instant, port: Port, from: SocketAddr, bytes: &[u8]) {
         // NACKs and probe replies come to the serving socket; nothing else is for a GCKS.
         if port == Port::Serve && !self.stopped {
-            self.session.handle_datagram(now, from, bytes);
+            let is_ack = crate::wire::Packet::new_checked(bytes)
+                .is_ok_and(|p| p.datagram_type() == crate::wire::DatagramType::Ack);
+            if is_ack {
+                let next_mac_key = self.tree.next_mac_key();
+                let source = crate::session::unicast::SenderSource {
+                    sender: &self.session,
+                    next_mac_key: Some(&next_mac_key),
+                };
+                self.unicast.handle_ack(from, bytes, &source);
+                while self.unicast.poll_event().is_some() {}
+            } else {
+                self.session.handle_datagram(now, from, bytes);
+            }
         }
         self.refresh_timers();
     }
@@ -1496,6 +1587,11 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
                 }
                 TIMER_ADMISSION => self.release_held(now),
                 TIMER_ANSWERS => self.answer_slice(now, ANSWER_SLICE),
+                TIMER_UNICAST => {
+                    self.unicast.handle_timeout(now);
+                    // A member given up on resyncs by itself: nothing for the GCKS to do.
+                    while self.unicast.poll_event().is_some() {}
+                }
                 // TIMER_BATCH: `after_input` polls the schedule.
                 _ => {}
             }
@@ -1511,6 +1607,18 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
         let transmit = self
             .uplinks
             .poll_transmit(buf, |buf| session.poll_transmit(now, buf));
+        let transmit = match transmit {
+            Some(transmit) => Some(transmit),
+            None => {
+                let source = crate::session::unicast::SenderSource {
+                    sender: &self.session,
+                    next_mac_key: None,
+                };
+                let delivery = self.unicast.poll_transmit(now, buf, &source);
+                while self.unicast.poll_event().is_some() {}
+                delivery
+            }
+        };
         // Sending moves the session's pacing and heartbeat deadlines.
         self.refresh_timers();
         let transmit = transmit?;

@@ -45,11 +45,11 @@ fn setup(unicast: u64, config: UnicastConfig) -> Setup {
     let mut delivery = UnicastMembers::new(config, GROUP, SPI);
     for (i, bundle) in bundles.iter().enumerate() {
         let session = ReceiverSession::new(bundle, ReceiverConfig::new(server())).unwrap();
-        delivery.register(now, session.order_key(), None, bundle.first_seq);
+        delivery.register(session.order_key(), None, bundle.first_seq);
         let receiver = UnicastReceiver::new(now, server(), Duration::from_millis(500));
         members.push((session, receiver, test_addr(100 + i as u8, 9000)));
     }
-    delivery.message_ready(now, gcks.sender.latest_seq().unwrap());
+    delivery.message_ready(gcks.sender.latest_seq().unwrap());
     Setup {
         gcks,
         unicast: delivery,
@@ -65,7 +65,7 @@ impl Setup {
             sender: &self.gcks.sender,
             next_mac_key: None,
         };
-        self.unicast.handle_ack(self.now, from, bytes, &source)
+        self.unicast.handle_ack(from, bytes, &source)
     }
 
     /// Every acknowledgement the members owe, as (member index, bytes).
@@ -90,7 +90,7 @@ impl Setup {
         let mut taken = 0;
         for (i, bytes) in acks {
             let from = self.members[*i].2;
-            taken += usize::from(self.unicast.handle_ack(self.now, from, bytes, &source));
+            taken += usize::from(self.unicast.handle_ack(from, bytes, &source));
         }
         taken
     }
@@ -159,7 +159,7 @@ fn announced_members_get_their_message_and_acknowledge_it() {
     // The next rekey goes out to them at once, one datagram each.
     s.now += Duration::from_millis(50);
     s.gcks.rekey(s.now, &[], &[20]);
-    s.unicast.message_ready(s.now, first_seq + 1);
+    s.unicast.message_ready(first_seq + 1);
     let deliveries = s.deliveries();
     assert_eq!(deliveries.len(), 3);
     let outcomes = s.hand_to_members(&deliveries);
@@ -341,7 +341,7 @@ fn after_the_last_try_the_gcks_gives_up_and_the_member_resyncs() {
     // learns it is behind.
     s.now += Duration::from_millis(10);
     s.gcks.rekey(s.now, &[], &[20]);
-    s.unicast.message_ready(s.now, first_seq + 1);
+    s.unicast.message_ready(first_seq + 1);
     let later = s.deliveries();
     assert_eq!(later.len(), 1);
     assert_eq!(s.hand_to_members(&later), [DeliveryOutcome::Ahead]);
@@ -394,4 +394,41 @@ fn a_delivery_for_another_member_or_under_a_wrong_key_is_dropped() {
             seq: session.next_seq() - 1
         }
     );
+}
+
+#[test]
+fn a_delivery_larger_than_the_datagram_cap_goes_in_two_halves() {
+    let mut s = setup(1, UnicastConfig::default());
+    let announcements = s.member_acks();
+    s.deliver_acks(&announcements);
+    let source = SenderSource {
+        sender: &s.gcks.sender,
+        next_mac_key: None,
+    };
+    // A cap one byte short of the whole delivery: manifest and chunk together do not fit.
+    let seq = s.members[0].0.next_seq();
+    let (manifest, chunk) = source.item(seq, s.members[0].0.order_key()).unwrap();
+    let whole = crate::wire::datagram::OVERHEAD
+        + crate::wire::delivery::FIXED_LEN
+        + manifest.len()
+        + chunk.len();
+    let mut buf = vec![0u8; whole - 1];
+    let mut halves = Vec::new();
+    while let Some(t) = s.unicast.poll_transmit(s.now, &mut buf, &source) {
+        halves.push((s.members[0].2, buf[..t.len].to_vec()));
+    }
+    assert_eq!(halves.len(), 2);
+    assert_eq!(s.unicast.counters().deliveries_sent, 2);
+    // The chunk half alone is not enough.
+    let (session, receiver, _) = &mut s.members[0];
+    assert_eq!(
+        receiver.handle_datagram(s.now, session, server(), &halves[1].1),
+        DeliveryOutcome::Dropped
+    );
+    let outcomes = s.hand_to_members(&halves);
+    assert_eq!(outcomes[0], DeliveryOutcome::Half);
+    assert!(matches!(outcomes[1], DeliveryOutcome::Applied { .. }));
+    let acks = s.member_acks();
+    assert_eq!(s.deliver_acks(&acks), 1);
+    assert_eq!(s.unicast.poll_timeout(), None);
 }
