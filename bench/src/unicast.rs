@@ -68,6 +68,9 @@ pub struct MixReport {
     pub acks_sent: u64,
     /// Unicast members that resynced after the GCKS gave up on them.
     pub resyncs: u64,
+    /// Members (either kind) still behind when a rekey's time was up
+    /// ([`SETTLE_LIMIT`]), resynced then; the admission message's are not counted.
+    pub late_resyncs: u64,
     /// Time from a rekey's queueing to each unicast member holding its key, sorted.
     pub unicast_time_to_key: Vec<Duration>,
     /// The same for the multicast members, sorted.
@@ -302,7 +305,7 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
         }
         ids.push(id);
     }
-    gcks(&mut net).queue(now, &first)?;
+    let first_seq = gcks(&mut net).queue(now, &first)?;
     net.touch(gcks_id)?;
     for &id in &ids {
         net.touch(id)?;
@@ -314,11 +317,12 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
         ..MixReport::default()
     };
     // The admission message, then the measured rekeys.
-    let mut seq = settle(&mut net, &ids, &present, 1, &mut report)?;
+    settle(&mut net, &ids, &present, first_seq, &mut report)?;
     let before = *gcks(&mut net).unicast.counters();
     let acks_before = acks_sent(&net, &ids);
     let multicast_before = net.node_stats(gcks_id).map_or(0, |s| s.datagrams_sent);
     let resyncs_before = report.resyncs;
+    report.late_resyncs = 0;
     for _ in 0..params.rekeys {
         let mut multicast_present: Vec<usize> = present
             .iter()
@@ -339,14 +343,13 @@ pub fn run_mix(params: MixParams) -> anyhow::Result<MixReport> {
         let at = net.now();
         let node = gcks(&mut net);
         let batch = node.tree.apply_batch(&[], &leaves)?;
-        seq = node.queue(at, &batch)?;
+        let seq = node.queue(at, &batch)?;
         net.touch(gcks_id)?;
         let (multicast_ok, unicast_ok) =
             settle_report(&mut net, &ids, &present, seq, at, params, &mut report)?;
         report.multicast_all_current += usize::from(multicast_ok);
         report.unicast_all_current += usize::from(unicast_ok);
     }
-    let _ = seq;
     let after = *gcks(&mut net).unicast.counters();
     report.counters = UnicastCounters {
         deliveries_sent: after.deliveries_sent - before.deliveries_sent,
@@ -388,8 +391,8 @@ fn settle_report(
     params: MixParams,
     report: &mut MixReport,
 ) -> anyhow::Result<(bool, bool)> {
-    settle(net, ids, present, seq, report)?;
-    let (mut multicast_ok, mut unicast_ok) = (true, true);
+    let late = settle(net, ids, present, seq, report)?;
+    let (mut multicast_ok, mut unicast_ok) = (late.0 == 0, late.1 == 0);
     for &i in present {
         match net.node(ids[i]) {
             Some(MixNode::Multicast(member)) => {
@@ -417,16 +420,17 @@ fn settle_report(
     Ok((multicast_ok, unicast_ok))
 }
 
-/// Runs the network until every present member holds message `seq` (or 30 s of virtual time
-/// pass), resyncing the unicast members the GCKS gave up on.
+/// Runs the network until every present member holds message `seq` (or [`SETTLE_LIMIT`]
+/// passes), resyncing the unicast members the GCKS gave up on; then resyncs the members still
+/// behind. Returns how many multicast and unicast members were still behind.
 fn settle(
     net: &mut Network<MixNode>,
     ids: &[NodeId],
     present: &[usize],
     seq: u64,
     report: &mut MixReport,
-) -> anyhow::Result<u64> {
-    let limit = net.now() + Duration::from_secs(30);
+) -> anyhow::Result<(usize, usize)> {
+    let limit = net.now() + SETTLE_LIMIT;
     let step = Duration::from_millis(50);
     let mut pending: Vec<usize> = present.to_vec();
     while net.now() < limit {
@@ -446,7 +450,59 @@ fn settle(
     let quiet = net.now() + Duration::from_millis(100);
     net.run_until(quiet);
     report.resyncs += resync_given_up(net, ids)?;
-    Ok(seq)
+    // Members still behind resync from the GCKS's history, as a TCP resync would serve them.
+    let mut late = (0, 0);
+    for &i in &pending {
+        let unicast = matches!(net.node(ids[i]), Some(MixNode::Unicast(_)));
+        if resync_member(net, ids[i])? {
+            report.late_resyncs += 1;
+            if unicast {
+                late.1 += 1;
+            } else {
+                late.0 += 1;
+            }
+        }
+    }
+    Ok(late)
+}
+
+/// How long a rekey may take before the members still behind resync.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
+
+/// Brings a member behind up to date from the GCKS's history; returns whether it was behind.
+fn resync_member(net: &mut Network<MixNode>, id: NodeId) -> anyhow::Result<bool> {
+    let mut behind = false;
+    let now = net.now();
+    loop {
+        let (next, order_key) = match net.node(id) {
+            Some(MixNode::Multicast(m)) => (m.0.next_seq(), m.0.order_key()),
+            Some(MixNode::Unicast(n)) => (n.session.next_seq(), n.session.order_key()),
+            _ => return Ok(behind),
+        };
+        let item = gcks(net)
+            .sender
+            .resync_item(next, order_key)
+            .ok()
+            .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()));
+        let Some((manifest, chunk)) = item else {
+            break;
+        };
+        behind = true;
+        match net.node_mut(id) {
+            Some(MixNode::Multicast(m)) => {
+                m.0.handle_resync(now, &manifest, &chunk)?;
+                drain_keys(&mut m.0, now, &mut m.1);
+            }
+            Some(MixNode::Unicast(n)) => {
+                n.session.handle_resync(now, &manifest, &chunk)?;
+                drain_keys(&mut n.session, now, &mut n.applied);
+                n.receiver.handle_resynced();
+            }
+            _ => break,
+        }
+    }
+    net.touch(id)?;
+    Ok(behind)
 }
 
 /// The unicast members the GCKS gave up on fetch what they lack from its history (what a TCP
@@ -516,10 +572,11 @@ pub fn run(
          every member link (both directions), 10 ms one way"
     );
     println!(
-        "{:>5} | {:>9} {:>9} | {:>9} {:>7} {:>7} {:>6} {:>7} | {:>8} {:>9} | {:>10} {:>10} | {:>7}",
+        "{:>5} | {:>9} {:>9} {:>5} | {:>9} {:>7} {:>7} {:>6} {:>7} | {:>8} {:>9} | {:>10} {:>10} | {:>7}",
         "seed",
         "mcast ok",
         "ucast ok",
+        "late",
         "dgram/m/r",
         "retx",
         "acks",
@@ -552,10 +609,11 @@ pub fn run(
             v[i].as_secs_f64() * 1000.0
         };
         println!(
-            "{:>5} | {:>9} {:>9} | {:>9.3} {:>7} {:>7} {:>6} {:>7} | {:>8} {:>9.0} | {:>10.1} {:>10.1} | {:>7.1}",
+            "{:>5} | {:>9} {:>9} {:>5} | {:>9.3} {:>7} {:>7} {:>6} {:>7} | {:>8} {:>9.0} | {:>10.1} {:>10.1} | {:>7.1}",
             seed,
             format!("{}/{}", report.multicast_all_current, rekeys),
             format!("{}/{}", report.unicast_all_current, rekeys),
+            report.late_resyncs,
             per,
             report.counters.retransmissions,
             report.acks_sent,
@@ -580,6 +638,7 @@ pub fn run(
             "unicast_acks_accepted": report.counters.acks_accepted,
             "unicast_gave_up": report.counters.gave_up,
             "unicast_resyncs": report.resyncs,
+            "late_resyncs": report.late_resyncs,
             "largest_delivery_bytes": report.largest_delivery,
             "multicast_datagrams": report.multicast_datagrams,
             "unicast_time_to_key_p50_ms": p(&report.unicast_time_to_key, 0.5),

@@ -1142,15 +1142,12 @@ impl<T: Clone> GcksEndpoint<T> {
     }
 
     fn answer_join(&mut self, waiter: Waiter<T>, result: Result<RegistrationBundle, JoinError>) {
-        let result = result.map(|mut bundle| {
-            if self.unicast_joins.remove(&bundle.member) {
-                bundle.unicast = true;
-                let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
-                self.unicast.register(order_key, None, bundle.first_seq);
-                self.unicast_keys.insert(bundle.member, order_key);
-            }
-            bundle
-        });
+        let unicast = (
+            &mut self.unicast_joins,
+            &mut self.unicast,
+            &mut self.unicast_keys,
+        );
+        let result = result.map(|bundle| unicast_bundle(unicast, bundle));
         self.events.push_back(GcksEvent::JoinAnswered {
             ticket: waiter.ticket,
             part: waiter.part,
@@ -1327,10 +1324,18 @@ impl<T: Clone> GcksEndpoint<T> {
                 {
                     bundle.directory = assignment.assign();
                 }
+                let unicast = (
+                    &mut self.unicast_joins,
+                    &mut self.unicast,
+                    &mut self.unicast_keys,
+                );
+                let result = bundle
+                    .map(|bundle| unicast_bundle(unicast, *bundle))
+                    .map_err(JoinError::Lkh);
                 self.events.push_back(GcksEvent::JoinAnswered {
                     ticket: joiner.ticket.ticket,
                     part: joiner.ticket.part,
-                    result: bundle.map(|bundle| *bundle).map_err(JoinError::Lkh),
+                    result,
                 });
             }
             if !answering.joins.as_slice().is_empty() {
@@ -1493,10 +1498,13 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
             let is_ack = crate::wire::Packet::new_checked(bytes)
                 .is_ok_and(|p| p.datagram_type() == crate::wire::DatagramType::Ack);
             if is_ack {
-                let next_mac_key = self.tree.next_mac_key();
+                // The committed tree's next key is the next message's only once the tree's
+                // latest message is the session's (not while it waits out the admission delay).
+                let next_mac_key = (self.session.latest_seq() == Some(self.tree.seq()))
+                    .then(|| self.tree.next_mac_key());
                 let source = crate::session::unicast::SenderSource {
                     sender: &self.session,
-                    next_mac_key: Some(&next_mac_key),
+                    next_mac_key: next_mac_key.as_ref(),
                 };
                 self.unicast.handle_ack(from, bytes, &source);
                 while self.unicast.poll_event().is_some() {}
@@ -1667,6 +1675,25 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
     fn is_stopped(&self) -> bool {
         self.stopped || self.membership.poisoned().is_some()
     }
+}
+
+/// A joiner's bundle as answered: a member marked unicast ([`GcksEndpoint::mark_unicast`])
+/// gets the flag and is registered with the unicast members.
+fn unicast_bundle(
+    (joins, members, keys): (
+        &mut HashSet<MemberId>,
+        &mut crate::session::unicast::UnicastMembers,
+        &mut HashMap<MemberId, u32>,
+    ),
+    mut bundle: RegistrationBundle,
+) -> RegistrationBundle {
+    if joins.remove(&bundle.member) {
+        bundle.unicast = true;
+        let order_key = bundle.rekey_sa.degree.order_key(bundle.leaf);
+        members.register(order_key, None, bundle.first_seq);
+        keys.insert(bundle.member, order_key);
+    }
+    bundle
 }
 
 fn micros(duration: Duration) -> u64 {

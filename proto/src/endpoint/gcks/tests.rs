@@ -914,3 +914,143 @@ fn with_a_relay_assignment_bundles_list_the_relays_and_a_dead_relay_yields_a_sig
         Some(RelayRef::Relay(2))
     );
 }
+
+/// Exchanges datagrams between the GCKS and one member endpoint at `member_addr` until
+/// neither has anything to send: the member's go to the GCKS's serving socket, the GCKS's
+/// unicast ones for the member go to the member's feedback socket, and multicast goes
+/// nowhere (the member takes none). Returns the datagrams the GCKS sent the member.
+fn exchange_unicast(
+    h: &mut Harness,
+    member: &mut crate::endpoint::member::MemberEndpoint,
+    member_addr: SocketAddr,
+) -> usize {
+    let gcks_addr = SocketAddr::from(([198, 18, 0, 1], 7000));
+    let mut buf = vec![0u8; 65_536];
+    let mut to_member = 0;
+    loop {
+        let mut progress = false;
+        while let Some(t) = member.poll_transmit(h.now, &mut buf) {
+            assert_eq!(t.destination, Destination::Unicast(gcks_addr));
+            h.endpoint
+                .handle_datagram(h.now, Port::Serve, member_addr, &buf[..t.len]);
+            progress = true;
+        }
+        h.settle();
+        while let Some(t) = h.endpoint.poll_transmit(h.now, &mut buf) {
+            if t.destination == Destination::Unicast(member_addr) {
+                to_member += 1;
+                let bytes = buf[..t.len].to_vec();
+                member.handle_datagram(h.now, Port::Feedback, gcks_addr, &bytes);
+                progress = true;
+            }
+        }
+        h.settle();
+        if !progress {
+            return to_member;
+        }
+    }
+}
+
+/// Advances virtual time by `by` as [`Harness::advance`] does, but exchanging datagrams with
+/// the member ([`exchange_unicast`]) instead of discarding them. Returns the datagrams the
+/// GCKS sent the member.
+fn advance_unicast(
+    h: &mut Harness,
+    member: &mut crate::endpoint::member::MemberEndpoint,
+    member_addr: SocketAddr,
+    by: Duration,
+) -> usize {
+    let at = h.now + by;
+    let mut to_member = exchange_unicast(h, member, member_addr);
+    loop {
+        let next = [h.endpoint.poll_timeout(), member.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|d| *d <= at);
+        let Some(deadline) = next else {
+            break;
+        };
+        h.now = h.now.max(deadline);
+        if h.endpoint.poll_timeout().is_some_and(|d| d <= h.now) {
+            h.endpoint.handle_timeout(h.now);
+        }
+        if member.poll_timeout().is_some_and(|d| d <= h.now) {
+            member.handle_timeout(h.now);
+        }
+        h.settle();
+        while member.poll_fetch().is_some() {}
+        while member.poll_event().is_some() {}
+        to_member += exchange_unicast(h, member, member_addr);
+    }
+    h.now = h.now.max(at);
+    to_member
+}
+
+#[test]
+fn a_unicast_member_gets_each_message_by_unicast_and_acknowledges_it() {
+    use rand::SeedableRng;
+
+    let mut h = Harness::new(config(false));
+    h.endpoint.mark_unicast(MemberId(2));
+    h.join(1, 1);
+    h.join(2, 2);
+    h.rekey();
+    h.advance(Duration::from_millis(10));
+    let bundles: Vec<RegistrationBundle> = h
+        .events
+        .iter()
+        .filter_map(|event| match event {
+            GcksEvent::JoinAnswered {
+                result: Ok(bundle), ..
+            } => Some(bundle.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bundles.len(), 2);
+    let unicast = bundles.iter().find(|b| b.member == MemberId(2)).unwrap();
+    assert!(unicast.unicast);
+    assert!(
+        !bundles
+            .iter()
+            .find(|b| b.member == MemberId(1))
+            .unwrap()
+            .unicast
+    );
+
+    let gcks_addr = SocketAddr::from(([198, 18, 0, 1], 7000));
+    let member_addr = SocketAddr::from(([198, 18, 0, 2], 9000));
+    let mut member = crate::endpoint::member::MemberEndpoint::new(
+        unicast,
+        crate::endpoint::member::MemberEndpointConfig::new(
+            SocketAddr::from(([239, 1, 1, 1], 5000)),
+            gcks_addr,
+        ),
+        rand_chacha::ChaCha8Rng::seed_from_u64(5),
+        h.now,
+    )
+    .unwrap();
+    // Its announcement tells the GCKS where it is; the first message follows, one datagram.
+    let step = Duration::from_millis(10);
+    assert_eq!(advance_unicast(&mut h, &mut member, member_addr, step), 1);
+    assert_eq!(member.session().next_seq(), unicast.first_seq + 1);
+    assert!(member.session().group_key().is_some());
+
+    // The next rekey (member 1 leaves) reaches it the same way.
+    h.leave(1, 3);
+    h.rekey();
+    assert_eq!(advance_unicast(&mut h, &mut member, member_addr, step), 1);
+    assert_eq!(member.session().next_seq(), unicast.first_seq + 2);
+    let counters = *h.endpoint.unicast_counters();
+    assert_eq!(counters.deliveries_sent, 2);
+    assert_eq!(counters.retransmissions, 0);
+    assert_eq!(counters.messages_acknowledged, 2);
+    assert_eq!(member.unicast_counters().unwrap().applied, 2);
+
+    // Once it leaves, it is sent nothing more.
+    h.leave(2, 4);
+    h.rekey();
+    let long = Duration::from_secs(30);
+    assert_eq!(advance_unicast(&mut h, &mut member, member_addr, long), 0);
+    assert_eq!(h.endpoint.unicast_counters().deliveries_sent, 2);
+}
