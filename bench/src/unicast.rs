@@ -68,8 +68,8 @@ pub struct MixReport {
     pub acks_sent: u64,
     /// Unicast members that resynced after the GCKS gave up on them.
     pub resyncs: u64,
-    /// Members (either kind) still behind when a rekey's time was up
-    /// ([`SETTLE_LIMIT`]), resynced then; the admission message's are not counted.
+    /// Members (either kind) still behind when a rekey's time was up (5 s), resynced then;
+    /// the admission message's are not counted.
     pub late_resyncs: u64,
     /// Time from a rekey's queueing to each unicast member holding its key, sorted.
     pub unicast_time_to_key: Vec<Duration>,
@@ -420,7 +420,7 @@ fn settle_report(
     Ok((multicast_ok, unicast_ok))
 }
 
-/// Runs the network until every present member holds message `seq` (or [`SETTLE_LIMIT`]
+/// Runs the network until every present member holds message `seq` (or `SETTLE_LIMIT`
 /// passes), resyncing the unicast members the GCKS gave up on; then resyncs the members still
 /// behind. Returns how many multicast and unicast members were still behind.
 fn settle(
@@ -524,30 +524,7 @@ fn resync_given_up(net: &mut Network<MixNode>, ids: &[NodeId]) -> anyhow::Result
         }) else {
             continue;
         };
-        let now = net.now();
-        loop {
-            let next = match net.node(id) {
-                Some(MixNode::Unicast(n)) => n.session.next_seq(),
-                _ => break,
-            };
-            let item = {
-                let node = gcks(net);
-                node.sender
-                    .resync_item(next, receiver_id)
-                    .ok()
-                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec()))
-            };
-            let Some((manifest, chunk)) = item else {
-                break;
-            };
-            let Some(MixNode::Unicast(n)) = net.node_mut(id) else {
-                break;
-            };
-            n.session.handle_resync(now, &manifest, &chunk)?;
-            drain_keys(&mut n.session, now, &mut n.applied);
-            n.receiver.handle_resynced();
-        }
-        net.touch(id)?;
+        resync_member(net, id)?;
         resynced += 1;
     }
     Ok(resynced)

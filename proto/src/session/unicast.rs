@@ -66,7 +66,7 @@ impl Default for UnicastConfig {
             max_timeout: Duration::from_secs(2),
             max_tries: 6,
             jitter: 0.25,
-            seed: 0x756e_6963_6173_74,
+            seed: 0x0075_6e69_6361_7374,
         }
     }
 }
@@ -722,8 +722,7 @@ impl UnicastReceiver {
             return None;
         }
         self.ack_owed = false;
-        if let Some(at) = self.announce_at.filter(|&at| at <= now) {
-            let _ = at;
+        if self.announce_at.is_some_and(|at| at <= now) {
             self.announcements_left = self.announcements_left.saturating_sub(1);
             self.announce_at = (self.announcements_left > 0).then(|| now + self.announce_interval);
         }
