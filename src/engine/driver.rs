@@ -407,6 +407,10 @@ pub struct DriverStats {
     pub recent_lag: LoopLag,
     /// The resync server's counters.
     pub resync: EndpointCounters,
+    /// Moves of [`Port::Listen`] to another group ([`Endpoint::poll_listen`]).
+    pub listen_moves: u64,
+    /// Such moves whose new socket could not be opened (the old group is kept).
+    pub listen_move_failures: u64,
 }
 
 /// The addresses a driver's sockets and listeners are bound to.
@@ -578,6 +582,7 @@ where
         });
         let slot = config.max_datagram_size.max(1);
         let name = config.name.clone();
+        let listen_config = config.listen.clone();
         let gate = send_gate;
         let loop_waker = Arc::clone(&waker);
         let thread = std::thread::Builder::new()
@@ -592,6 +597,7 @@ where
                     endpoint,
                     sockets,
                     groups,
+                    listen: listen_config,
                     backlogs: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
                     unread: [false; 3],
                     more_to_send: false,
@@ -814,6 +820,8 @@ struct Loop<E: Endpoint> {
     sockets: [Option<MulticastSocket>; 3],
     /// Where [`Destination::Group`] goes, per port.
     groups: [Option<SocketAddr>; 3],
+    /// [`Port::Listen`]'s settings, its group being the one listened to now.
+    listen: Option<MulticastConfig>,
     /// Datagrams a socket would not take yet, in order, per port.
     backlogs: [VecDeque<(Vec<u8>, SocketAddr)>; 3],
     /// Ports left readable at the end of a turn (their receive budget ran out).
@@ -905,6 +913,11 @@ where
                 }
             }
             self.serve_resync(now, None);
+            if let Some(resync) = self.resync.as_mut() {
+                for peer in resync.take_admitted() {
+                    self.endpoint.handle_resync_request(now, peer);
+                }
+            }
             match self.handle_controls(now) {
                 Some(Exit::Stop) => return self.finish(),
                 Some(Exit::Abort) => return self.abort(),
@@ -1088,6 +1101,9 @@ where
 
     /// Drains the endpoint's outputs: store operations, jobs, fetches, datagrams, events.
     fn drain_outputs(&mut self, now: Instant) {
+        while let Some(group) = self.endpoint.poll_listen() {
+            self.move_listen(group);
+        }
         while let Some((id, op)) = self.endpoint.poll_store() {
             self.store(now, id, op);
         }
@@ -1103,6 +1119,52 @@ where
         self.start_fetches(now);
         self.transmit(now);
         self.deliver_events(now);
+    }
+
+    /// Listens to `group` instead of [`Port::Listen`]'s group: opens a socket joined to it
+    /// (bound to it, on Linux), then drops the old socket, which leaves the old group. The
+    /// feedback port's group follows. Without a listen port, or if the new socket cannot be
+    /// opened (counted and logged), nothing changes.
+    fn move_listen(&mut self, group: SocketAddr) {
+        let Some(current) = &self.listen else {
+            return;
+        };
+        if current.group == group {
+            return;
+        }
+        let mut config = current.clone();
+        config.group = group;
+        // A source-specific join names the old group's sender, not the new one's.
+        config.source = None;
+        let opened = match MulticastSocket::receiver(&config) {
+            Ok((mut socket, _)) => self
+                .poll
+                .registry()
+                .register(&mut socket, Token(LISTEN), Interest::READABLE)
+                .map(|()| socket)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
+            Ok(socket) => {
+                if let Some(mut old) = self.sockets[LISTEN].replace(socket) {
+                    let _ = self.poll.registry().deregister(&mut old);
+                }
+                tracing::info!(driver = %self.name, from = %current.group, to = %group,
+                    "listening to another group");
+                self.listen = Some(config);
+                self.groups[FEEDBACK] = self.groups[FEEDBACK].map(|_| group);
+                // Whatever the old socket held is gone with it; the new one is read at the
+                // next readiness event.
+                self.unread[LISTEN] = false;
+                self.stats.listen_moves += 1;
+            }
+            Err(error) => {
+                self.stats.listen_move_failures += 1;
+                tracing::warn!(driver = %self.name, to = %group, error = %error,
+                    "cannot listen to the new group; staying on the old one");
+            }
+        }
     }
 
     fn store(&mut self, now: Instant, id: StoreId, op: E::StoreOp) {
