@@ -881,6 +881,11 @@ where
     fn run(mut self) -> Result<(), DriverError> {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 65_536];
+        // Where the endpoint listens from the start (a member's first relay, from its bundle's
+        // directory) may not be the configured group: move before the first datagram.
+        while let Some(group) = self.endpoint.poll_listen() {
+            self.move_listen(group);
+        }
         loop {
             let timer = self.timer();
             let deadline = self.deadline(timer);
