@@ -1763,6 +1763,7 @@ mod tests {
         Fetch(FetchRequest),
         CancelFetch(FetchId),
         TickIn(Duration),
+        Listen(SocketAddr),
         Stop,
     }
 
@@ -1831,6 +1832,8 @@ mod tests {
         tick_at: Option<Instant>,
         stopped: bool,
         history: Option<History>,
+        /// Groups to listen to instead, in order ([`Endpoint::poll_listen`]).
+        listen_to: VecDeque<SocketAddr>,
     }
 
     impl Endpoint for Toy {
@@ -1882,6 +1885,7 @@ mod tests {
                 ToyCommand::Fetch(request) => self.fetches.push_back(request),
                 ToyCommand::CancelFetch(id) => self.cancels.push_back(id),
                 ToyCommand::TickIn(delay) => self.tick_at = Some(now + delay),
+                ToyCommand::Listen(group) => self.listen_to.push_back(group),
                 ToyCommand::Stop => self.stopped = true,
             }
         }
@@ -1927,6 +1931,9 @@ mod tests {
         }
         fn poll_event(&mut self) -> Option<ToyEvent> {
             self.events.pop_front()
+        }
+        fn poll_listen(&mut self) -> Option<SocketAddr> {
+            self.listen_to.pop_front()
         }
         fn poll_timeout(&self) -> Option<Instant> {
             self.tick_at
@@ -2166,6 +2173,63 @@ mod tests {
         assert_eq!((stats.events_delivered, stats.events_dropped), (4, 6));
         let kept: Vec<ToyEvent> = events.try_iter().collect();
         assert_eq!(kept, (0..4).map(ToyEvent::Emitted).collect::<Vec<_>>());
+        handle.stop().unwrap();
+    }
+
+    /// Sends `bytes` to loopback multicast group `group` until `events` shows it arrived on
+    /// [`Port::Listen`] (IGMP joins are not instantaneous), within 20 s; returns the other
+    /// datagrams heard meanwhile.
+    fn multicast_until_heard(
+        events: &Receiver<ToyEvent>,
+        group: SocketAddr,
+        bytes: &[u8],
+    ) -> Vec<Vec<u8>> {
+        let sender = rekeycast_testkit::addr::multicast_sender();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut others = Vec::new();
+        loop {
+            sender.send_to(bytes, group).unwrap();
+            while let Ok(event) = events.recv_timeout(Duration::from_millis(50)) {
+                if let ToyEvent::Datagram { bytes: heard, .. } = event {
+                    if heard == bytes {
+                        return others;
+                    }
+                    others.push(heard);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{bytes:?} never heard on {group}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_endpoint_moves_the_listen_port_to_another_group_from_the_start_and_later() {
+        let (configured, first, second) = (group(20), group(21), group(22));
+        let mut config = DriverConfig::new("test-listen");
+        config.listen = Some(MulticastConfig::loopback_v4(configured));
+        // Its first group is not the configured one, and nothing else wakes the loop: the
+        // move must come before the first datagram.
+        let toy = Toy {
+            listen_to: VecDeque::from([first]),
+            ..Toy::default()
+        };
+        let (mut handle, events, _) = start(toy, config, None, 1_024);
+        multicast_until_heard(&events, first, b"to-first");
+        assert_eq!(handle.stats().unwrap().listen_moves, 1);
+        handle.command(ToyCommand::Listen(second)).unwrap();
+        multicast_until_heard(&events, second, b"to-second");
+        // The old group is left: what is sent there no longer arrives.
+        let sender = rekeycast_testkit::addr::multicast_sender();
+        sender.send_to(b"to-first-again", first).unwrap();
+        let others = multicast_until_heard(&events, second, b"to-second-again");
+        assert!(
+            !others.iter().any(|bytes| bytes == b"to-first-again"),
+            "{others:?}"
+        );
+        let stats = handle.stats().unwrap();
+        assert_eq!((stats.listen_moves, stats.listen_move_failures), (2, 0));
         handle.stop().unwrap();
     }
 
