@@ -638,6 +638,12 @@ impl ReceiverSession {
         self.reregister
     }
 
+    /// The GCKS signing key the member trusts now: its registration's, or the last key a
+    /// verified rollover put in force.
+    pub fn gcks_signing_key(&self) -> &ed25519_dalek::VerifyingKey {
+        self.messages.signing_key()
+    }
+
     /// The session's counters.
     pub fn counters(&self) -> &ReceiverCounters {
         &self.counters
