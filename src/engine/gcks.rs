@@ -262,6 +262,8 @@ pub struct Gcks {
 }
 
 /// Where a GCKS's signing key comes from.
+// Built once per start and consumed at once: boxing the key buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum KeySource {
     /// Given by the product.
     Given(SigningKey),

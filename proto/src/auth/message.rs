@@ -138,7 +138,7 @@ impl TrustedKey {
     }
 
     fn signs(&self, seq: u64) -> bool {
-        seq >= self.from_seq && self.until_seq.is_none_or(|until| seq < until)
+        seq >= self.from_seq && self.until_seq.map_or(true, |until| seq < until)
     }
 }
 
@@ -399,7 +399,7 @@ impl MessageVerifier {
             if let Some(rollover) = verified.key_rollover {
                 let next_id = rollover.next_key_id();
                 if next_id != self.current.id
-                    && self.announced.is_none_or(|known| known.id != next_id)
+                    && self.announced.map_or(true, |known| known.id != next_id)
                 {
                     self.announced = Some(TrustedKey::new(rollover.next_key, rollover.from_seq));
                 }
