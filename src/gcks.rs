@@ -54,7 +54,9 @@ pub struct GcksConfig {
     pub spi: u32,
     /// The key tree's degree (4 is the usual optimum).
     pub degree: Degree,
-    /// How keys are wrapped.
+    /// How keys are wrapped, by the algorithm's id: 1 for AES-256-GCM (the default), 2 for
+    /// the RFC 5649 AES key wrap with padding (G-IKEv2's `KW_5649_256`). Every manifest names
+    /// it, and members refuse messages under another than their bundle's.
     pub wrap_algorithm: WrapAlgorithm,
     /// Lifetime of each Data SA, seconds.
     pub data_sa_lifetime_secs: u32,

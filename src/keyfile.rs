@@ -8,6 +8,24 @@
 //! a secret is never world-readable, not even for a moment, and a crash leaves either the old
 //! file or the new one.
 //!
+//! # Signing-key rollover
+//!
+//! A rollover (the endpoint's `rollover` module) keeps the next key in a second file,
+//! `gcks-signing-key.next.pem`, written (mode 0600, synced) by [`write_next_key`] before the
+//! GCKS announces the key, and moved over the current key's file by [`promote_next`] once the
+//! first message signed with it is stored: then the old key is gone from the disk. Both steps
+//! are write-ahead: at every crash point, the key files and the stored state (whose key tree
+//! names the key that signed its latest message) say together which key signs next, and
+//! [`resolve_keys`] finds it at start:
+//!
+//! - only the current file, naming the stored key: no rollover;
+//! - a next file, the stored key the current one: a rollover announced (the GCKS resumes it)
+//!   or not yet announced (the endpoint says which; an unannounced next key is dropped with
+//!   [`discard_next`], and the operator rolls again);
+//! - a next file naming the stored key: the rollover took effect and the crash came before the
+//!   files were swapped: the next file is promoted now;
+//! - no file naming the stored key: [`KeyFileError::StateKeyMismatch`], nothing is changed.
+//!
 //! It must not log or print key material: [`SigningKey`]'s `Debug` shows only the public key,
 //! the file's bytes are held in [`Zeroizing`] buffers, and the key itself is zeroized on drop
 //! (ed25519-dalek's `zeroize` feature). It never regenerates a key over a file that exists.
@@ -27,6 +45,9 @@ use zeroize::Zeroizing;
 
 /// The name of the GCKS's signing key file in the state directory.
 pub const SIGNING_KEY_FILE: &str = "gcks-signing-key.pem";
+
+/// The name of the next signing key's file during a rollover, in the state directory.
+pub const NEXT_SIGNING_KEY_FILE: &str = "gcks-signing-key.next.pem";
 
 /// The largest key file read, in bytes: a PKCS#8 PEM Ed25519 key is about 120 bytes, so
 /// anything much larger is not one (and is not read into memory whole).
@@ -116,6 +137,28 @@ pub enum KeyFileError {
         path: PathBuf,
         /// The state directory.
         state_dir: PathBuf,
+    },
+    /// Neither the current nor the next key file holds the key that signed the stored state.
+    #[error(
+        "the state in {state_dir} was signed with GCKS key {stored}, which neither {current} \
+         nor the next key file holds: restore the right key file"
+    )]
+    StateKeyMismatch {
+        /// The state directory.
+        state_dir: PathBuf,
+        /// The current key file.
+        current: PathBuf,
+        /// The stored state's key, hex.
+        stored: String,
+    },
+    /// A next key file exists: a rollover is under way (or was never finished).
+    #[error(
+        "{path} exists: a signing-key rollover is under way; wait for it to take effect \
+         (or restart the GCKS, which finishes or drops it)"
+    )]
+    RolloverPending {
+        /// The next key file.
+        path: PathBuf,
     },
     /// Whether the state directory holds a state could not be found out.
     #[error("inspecting the state in {state_dir}")]
@@ -240,6 +283,144 @@ pub fn load(path: &Path) -> Result<SigningKey, KeyFileError> {
     };
     let pem = std::str::from_utf8(&bytes).map_err(|_| parse_error("not UTF-8 text".into()))?;
     SigningKey::from_pkcs8_pem(pem).map_err(|error| parse_error(error.to_string()))
+}
+
+/// The keys a GCKS starts with, from [`resolve_keys`].
+#[derive(Debug)]
+pub struct ResolvedKeys {
+    /// The key that signs next (the stored state's, or a new group's).
+    pub current: SigningKey,
+    /// A next key kept for a rollover the stored messages may announce: the GCKS resumes it,
+    /// or (never announced) the driver drops it with [`discard_next`].
+    pub next: Option<SigningKey>,
+    /// Whether a next key file was promoted to the current one (the rollover had taken effect
+    /// before a crash).
+    pub promoted: bool,
+}
+
+/// Generates the next signing key and writes it to `state_dir/gcks-signing-key.next.pem`
+/// (mode 0600, synced) before a rollover announces it. A next file already there is
+/// [`KeyFileError::RolloverPending`]: never overwritten.
+pub fn write_next_key(state_dir: &Path) -> Result<SigningKey, KeyFileError> {
+    let path = state_dir.join(NEXT_SIGNING_KEY_FILE);
+    let mut secret = Zeroizing::new([0u8; ed25519_dalek::SECRET_KEY_LENGTH]);
+    OsRng
+        .try_fill_bytes(secret.as_mut())
+        .map_err(|error| KeyFileError::Io {
+            action: "generating a key for",
+            path: path.clone(),
+            source: io::Error::other(error.to_string()),
+        })?;
+    let key = SigningKey::from_bytes(&secret);
+    write_key(&path, &key)?;
+    Ok(key)
+}
+
+/// Writes `key` to `path` (a next key file), refusing to replace a file there.
+fn write_key(path: &Path, key: &SigningKey) -> Result<(), KeyFileError> {
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|error| KeyFileError::Encode {
+            reason: error.to_string(),
+        })?;
+    match write_secret(path, pem.as_bytes(), Publish::NoClobber) {
+        Err(KeyFileError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+            Err(KeyFileError::RolloverPending {
+                path: path.to_path_buf(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// The next key of a rollover, if its file exists.
+pub fn load_next(state_dir: &Path) -> Result<Option<SigningKey>, KeyFileError> {
+    let path = state_dir.join(NEXT_SIGNING_KEY_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => load(&path).map(Some),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeyFileError::Io {
+            action: "inspecting",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Makes the next key the current one: renames its file over the current key's (the old key
+/// is gone from the disk) and syncs the directory. Call it once the first message signed with
+/// the next key is stored.
+pub fn promote_next(state_dir: &Path) -> Result<(), KeyFileError> {
+    let next = state_dir.join(NEXT_SIGNING_KEY_FILE);
+    let current = state_dir.join(SIGNING_KEY_FILE);
+    fs::rename(&next, &current).map_err(|source| KeyFileError::Io {
+        action: "promoting the next signing key over",
+        path: current,
+        source,
+    })?;
+    sync_dir(state_dir)
+}
+
+/// Deletes the next key's file (a rollover that was never announced) and syncs the directory.
+pub fn discard_next(state_dir: &Path) -> Result<(), KeyFileError> {
+    let next = state_dir.join(NEXT_SIGNING_KEY_FILE);
+    match fs::remove_file(&next) {
+        Ok(()) => sync_dir(state_dir),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(KeyFileError::Io {
+            action: "removing",
+            path: next,
+            source,
+        }),
+    }
+}
+
+/// The keys a GCKS on `state_dir` starts with, given the key that signed its stored state
+/// (`None` for a directory with no state): see the module docs for each case. A next file
+/// that names the stored key is promoted here.
+pub fn resolve_keys(
+    state_dir: &Path,
+    stored: Option<&ed25519_dalek::VerifyingKey>,
+) -> Result<ResolvedKeys, KeyFileError> {
+    let (current, _) = load_or_generate(state_dir)?;
+    let next = load_next(state_dir)?;
+    let Some(stored) = stored else {
+        if next.is_some() {
+            // No state yet: nothing was announced, nothing can need the next key.
+            discard_next(state_dir)?;
+        }
+        return Ok(ResolvedKeys {
+            current,
+            next: None,
+            promoted: false,
+        });
+    };
+    if current.verifying_key() == *stored {
+        return Ok(ResolvedKeys {
+            current,
+            next,
+            promoted: false,
+        });
+    }
+    match next {
+        Some(next) if next.verifying_key() == *stored => {
+            promote_next(state_dir)?;
+            Ok(ResolvedKeys {
+                current: next,
+                next: None,
+                promoted: true,
+            })
+        }
+        _ => Err(KeyFileError::StateKeyMismatch {
+            state_dir: state_dir.to_path_buf(),
+            current: state_dir.join(SIGNING_KEY_FILE),
+            stored: stored
+                .as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        }),
+    }
 }
 
 /// Writes `bytes` to `path` as a secret file, mode 0600, atomically: to a fresh temporary file
@@ -638,5 +819,75 @@ mod tests {
         let on_disk = load(&dir.path().join(SIGNING_KEY_FILE)).unwrap();
         assert!(keys.contains(&on_disk.verifying_key().to_bytes()));
         assert!(leftover_temp_files(dir.path()).is_empty());
+    }
+
+    /// The crash points of a rollover, each followed by a start: the key files and the state
+    /// resolve to the key that signs next, and the files end as that says.
+    #[test]
+    fn rollover_crash_points_resolve_to_the_key_the_state_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (old, _) = load_or_generate(&state).unwrap();
+        let old_public = old.verifying_key();
+        // No rollover: the current key.
+        let keys = resolve_keys(&state, Some(&old_public)).unwrap();
+        assert_eq!(keys.current.to_bytes(), old.to_bytes());
+        assert!(keys.next.is_none() && !keys.promoted);
+        // Crash after the next key was written, before (or after) its announcement was
+        // stored: the state still names the old key; the next key comes back for the GCKS to
+        // resume (or drop) the rollover.
+        let next = write_next_key(&state).unwrap();
+        assert_eq!(mode(&state.join(NEXT_SIGNING_KEY_FILE)), 0o600);
+        assert!(matches!(
+            write_next_key(&state),
+            Err(KeyFileError::RolloverPending { .. })
+        ));
+        let keys = resolve_keys(&state, Some(&old_public)).unwrap();
+        assert_eq!(keys.current.to_bytes(), old.to_bytes());
+        assert_eq!(keys.next.unwrap().to_bytes(), next.to_bytes());
+        // Crash after the first message under the next key was stored, before the files
+        // were swapped: the next key is promoted, the old one is gone.
+        let keys = resolve_keys(&state, Some(&next.verifying_key())).unwrap();
+        assert!(keys.promoted);
+        assert_eq!(keys.current.to_bytes(), next.to_bytes());
+        assert!(!state.join(NEXT_SIGNING_KEY_FILE).exists());
+        assert_eq!(
+            load(&state.join(SIGNING_KEY_FILE)).unwrap().to_bytes(),
+            next.to_bytes()
+        );
+        assert_eq!(mode(&state.join(SIGNING_KEY_FILE)), 0o600);
+        // After the swap (a normal start): the new key, no next file.
+        let keys = resolve_keys(&state, Some(&next.verifying_key())).unwrap();
+        assert_eq!(keys.current.to_bytes(), next.to_bytes());
+        assert!(keys.next.is_none() && !keys.promoted);
+        // A state signed by neither: refused, files untouched.
+        let error = resolve_keys(&state, Some(&old_public)).unwrap_err();
+        assert!(
+            matches!(error, KeyFileError::StateKeyMismatch { .. }),
+            "{error}"
+        );
+        assert_eq!(
+            load(&state.join(SIGNING_KEY_FILE)).unwrap().to_bytes(),
+            next.to_bytes()
+        );
+        // An unannounced next key is dropped on request, and a second drop is harmless.
+        write_next_key(&state).unwrap();
+        discard_next(&state).unwrap();
+        discard_next(&state).unwrap();
+        assert!(load_next(&state).unwrap().is_none());
+        assert!(leftover_temp_files(&state).is_empty());
+    }
+
+    /// A next key file with no stored state (a rollover cannot have been announced) is dropped.
+    #[test]
+    fn a_next_key_without_state_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (first, _) = load_or_generate(&state).unwrap();
+        write_next_key(&state).unwrap();
+        let keys = resolve_keys(&state, None).unwrap();
+        assert_eq!(keys.current.to_bytes(), first.to_bytes());
+        assert!(keys.next.is_none());
+        assert!(!state.join(NEXT_SIGNING_KEY_FILE).exists());
     }
 }

@@ -210,6 +210,7 @@ fn message_costs(quick: bool) -> anyhow::Result<MessageTables> {
             epoch: 0,
             timestamp_us: 0,
             signing_threads: 0,
+            key_rollover: None,
         };
         let message0 = build_message(&batch0, &leaves0, &signing_key, &params0)?;
         let index0 = own_chunk_index(&watcher_keys, &tree, &message0, ChunkAuth::MerklePath)?;
@@ -850,8 +851,13 @@ fn chunk_auth_options(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
                 })
                 .collect::<anyhow::Result<Vec<u32>>>()?;
             let manifest = Manifest {
+                version: rekeycast::session::manifest::VERSION,
                 wrap_algorithm: batch.context.algorithm.id(),
                 chunk_auth: auth,
+                gkm_algorithm: rekeycast::session::manifest::GkmAlgorithm::Lkh,
+                degree: batch.degree.get(),
+                signing_key_id: rekeycast::session::manifest::KeyId::of(&key.verifying_key()),
+                key_rollover: None,
                 group_id: 1,
                 spi: 1,
                 seq,

@@ -5,6 +5,11 @@
 //! sealing 32 bytes with 30 bytes of associated data under a fresh key, which every wrap
 //! needs), timed right after the batch on the same core, so both see the same machine. The measured wrap counts stand beside the expected counts of
 //! the marking algorithm (Li, Yang, Gouda, Lam 2001).
+//!
+//! The two key wrap algorithms of the Rekey SA are then measured side by side: AES-256-GCM and
+//! the RFC 5649 key wrap with padding (with its context tag), one [`Wrap`] sealed and opened
+//! at a time through the library's own code, and a 1% churn batch of a smaller tree built
+//! under each (the same members, the same leaves).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -17,7 +22,7 @@ use rand::seq::index::sample;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast::gsa::{RekeySa, WrapAlgorithm};
-use rekeycast::lkh::{Degree, KeyTree, MemberId};
+use rekeycast::lkh::{Degree, Key, KeyTree, MemberId, RekeyContext, Wrap};
 use serde_json::json;
 
 /// Runs the benchmark and prints its table and JSON line.
@@ -193,9 +198,11 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
     println!(
         "floor: one raw AES-256-GCM key wrap (fresh key) = {floor_ns:.1} ns (during the build)"
     );
+    let wraps = compare_wraps(quick)?;
     println!(
         "{}",
         json!({
+            "wrap_algorithms": wraps,
             "bench": "lkh",
             "members": n,
             "degree": degree,
@@ -215,6 +222,115 @@ pub fn run(quick: bool) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// Seal and open times of one wrap, and a churn batch, under each wrap algorithm; prints a
+/// table and returns its rows.
+fn compare_wraps(quick: bool) -> anyhow::Result<serde_json::Value> {
+    let samples = if quick { 200 } else { 2000 };
+    let per_sample = 100u32;
+    let log_n = if quick { 12 } else { 16 };
+    let n: u64 = 1 << log_n;
+    let churn = (n as f64 * 0.01 / 2.0).round() as u64;
+    let runs = if quick { 5 } else { 20 };
+    println!(
+        "wrap algorithms: one wrap (seal, open; ns, p50 of {samples} samples of {per_sample}), \
+         and a 1% churn batch at N = 2^{log_n} ({runs} runs)"
+    );
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "algorithm", "seal p50", "seal p99", "open p50", "open p99", "batch p50", "vs GCM"
+    );
+    let mut rows = Vec::new();
+    let mut gcm_batch = f64::NAN;
+    for (name, algorithm) in [
+        ("aes-256-gcm", WrapAlgorithm::Aes256Gcm),
+        ("rfc5649-kwp", WrapAlgorithm::Aes256Kwp),
+    ] {
+        let ctx = RekeyContext {
+            algorithm,
+            group_id: 1,
+            seq: 42,
+        };
+        let mut seals = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        let mut opens = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut bytes = [0u8; 32];
+        for _ in 0..samples {
+            rng.fill_bytes(&mut bytes);
+            let key = Key::from_bytes(bytes);
+            rng.fill_bytes(&mut bytes);
+            let under = Key::from_bytes(bytes);
+            let start = Instant::now();
+            let mut wrap = None;
+            for version in 0..per_sample {
+                wrap = Some(black_box(Wrap::seal(&ctx, 1, version, 5, 0, &key, &under)));
+            }
+            seals.record((start.elapsed().as_nanos() as u64 / u64::from(per_sample)).max(1))?;
+            let wrap = wrap.ok_or_else(|| anyhow::anyhow!("no wrap sealed"))?;
+            let start = Instant::now();
+            for _ in 0..per_sample {
+                black_box(wrap.open(&ctx, &under))?;
+            }
+            opens.record((start.elapsed().as_nanos() as u64 / u64::from(per_sample)).max(1))?;
+        }
+        // The same churn on a tree under each algorithm: same seed, same members.
+        let mut tree = KeyTree::with_rng(
+            RekeySa {
+                group_id: 1,
+                spi: 1,
+                wrap_algorithm: algorithm,
+                degree: Degree::DEFAULT,
+                gcks_public_key: SigningKey::from_bytes(&[9; 32]).verifying_key(),
+                data_sa_lifetime_secs: 3600,
+            },
+            rekeycast::lkh::KeyRng::seeded_for_simulation(3),
+        );
+        let all: Vec<MemberId> = (0..n).map(MemberId).collect();
+        tree.apply_batch(&all, &[])?;
+        let mut batches = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut pick = ChaCha8Rng::seed_from_u64(5);
+        let mut members = all;
+        let mut next_id = n;
+        for _ in 0..runs {
+            let mut picked = sample(&mut pick, members.len(), churn as usize).into_vec();
+            picked.sort_unstable_by(|a, b| b.cmp(a));
+            let leaving: Vec<MemberId> = picked.iter().map(|&i| members.swap_remove(i)).collect();
+            let joining: Vec<MemberId> = (next_id..next_id + churn).map(MemberId).collect();
+            next_id += churn;
+            members.extend_from_slice(&joining);
+            let start = Instant::now();
+            let batch = tree.apply_batch(&joining, &leaving)?;
+            batches.record(start.elapsed().as_micros().max(1) as u64)?;
+            drop(batch);
+        }
+        let batch_p50 = batches.value_at_quantile(0.5) as f64 / 1e3;
+        if algorithm == WrapAlgorithm::Aes256Gcm {
+            gcm_batch = batch_p50;
+        }
+        let row = json!({
+            "algorithm": name,
+            "wrap_id": algorithm.id(),
+            "seal_ns_p50": seals.value_at_quantile(0.5),
+            "seal_ns_p99": seals.value_at_quantile(0.99),
+            "open_ns_p50": opens.value_at_quantile(0.5),
+            "open_ns_p99": opens.value_at_quantile(0.99),
+            "churn_batch_members": n,
+            "churn_batch_ms_p50": batch_p50,
+            "churn_batch_ratio_to_gcm": batch_p50 / gcm_batch,
+        });
+        println!(
+            "{name:<12} {:>9} {:>9} {:>9} {:>9} {:>11.3} {:>9.2}",
+            seals.value_at_quantile(0.5),
+            seals.value_at_quantile(0.99),
+            opens.value_at_quantile(0.5),
+            opens.value_at_quantile(0.99),
+            batch_p50,
+            batch_p50 / gcm_batch
+        );
+        rows.push(row);
+    }
+    Ok(serde_json::Value::Array(rows))
 }
 
 /// The floor: raw AES-256-GCM wraps of 32-byte keys, each under another key (key setup

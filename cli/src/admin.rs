@@ -15,6 +15,14 @@
 //!   request fails). A leave of a member neither in the group nor joining fails.
 //! - `{"op":"rekey"}`: applies the pending changes now (or refreshes the group key).
 //! - `{"op":"status"}`: the GCKS's figures.
+//! - `{"op":"roll_key","compromised":false,"announcements":3}`: replaces the GCKS's signing
+//!   key. The next key is written beside the current one (mode 0600) first; it is announced,
+//!   under the current key, in the next `announcements` messages, and signs every message from
+//!   the one after them, whose sequence number is answered: `{"ok":true,"op":"roll_key",
+//!   "compromised":false,"from_seq":N}`. With `"compromised":true` nothing is announced (the
+//!   old key may be an attacker's): the next message is signed with the new key and every
+//!   member is told to re-register. Needs a server with a `state_dir`; refused while another
+//!   rollover is under way.
 //!
 //! Failures answer `{"ok":false,"error":"..."}`. A relative `bundle_path` is taken relative to
 //! the server's working directory; the client sends absolute paths.
@@ -50,6 +58,21 @@ pub enum Request {
     Rekey,
     /// The GCKS's figures.
     Status,
+    /// Replace the GCKS's signing key.
+    #[serde(rename = "roll_key")]
+    RollKey {
+        /// The current key may be compromised: announce nothing, every member re-registers.
+        #[serde(default)]
+        compromised: bool,
+        /// Messages that announce the next key under the current one (planned rollover).
+        #[serde(default = "default_announcements")]
+        announcements: u32,
+    },
+}
+
+/// The planned rollover's announcing messages when the request names none.
+fn default_announcements() -> u32 {
+    3
 }
 
 /// The flags of `rekeycast admin`.
@@ -88,6 +111,17 @@ pub enum AdminOp {
     Rekey,
     /// Print the GCKS's figures.
     Status,
+    /// Replace the GCKS's signing key: the new key is announced under the current one in the
+    /// next messages, then signs every message (needs a server with a `state_dir`).
+    RollKey {
+        /// The current key may be compromised: nothing is announced under it, and every
+        /// member is told to re-register (its registration hands it the new key).
+        #[arg(long)]
+        compromised: bool,
+        /// How many messages announce the next key before it signs (planned rollover).
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        announcements: u32,
+    },
 }
 
 /// Runs `rekeycast admin`: sends one request, prints the response; exits 1 if it failed.
@@ -114,6 +148,13 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<ExitCode> {
         AdminOp::Leave { member } => Request::Leave { member: *member },
         AdminOp::Rekey => Request::Rekey,
         AdminOp::Status => Request::Status,
+        AdminOp::RollKey {
+            compromised,
+            announcements,
+        } => Request::RollKey {
+            compromised: *compromised,
+            announcements: *announcements,
+        },
     };
     let response = call(&args.socket, &request)?;
     println!(

@@ -405,6 +405,29 @@ mod tests {
         assert_eq!(toml::to_string(&again).unwrap(), text);
     }
 
+    /// The key wrap algorithm is chosen by its id (1: AES-256-GCM, 2: RFC 5649 key wrap with
+    /// padding); an unknown id is an error that names the id.
+    #[test]
+    fn the_wrap_algorithm_is_chosen_by_id_and_an_unknown_id_is_named() {
+        let server = ServerConfig::from_toml_str("[gcks]\nwrap_algorithm = 2\n").unwrap();
+        assert_eq!(
+            server.gcks.wrap_algorithm,
+            rekeycast::gsa::WrapAlgorithm::Aes256Kwp
+        );
+        let server = ServerConfig::from_toml_str("[gcks]\n").unwrap();
+        assert_eq!(
+            server.gcks.wrap_algorithm,
+            rekeycast::gsa::WrapAlgorithm::Aes256Gcm
+        );
+        let error = ServerConfig::from_toml_str("[gcks]\nwrap_algorithm = 7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("unknown key-wrapping algorithm id 7"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn a_server_file_lists_the_relays_its_bundles_carry() {
         let text = "[[gcks.relay_directory.relays]]\nid = 1\ngroup = \"239.255.77.2:7400\"\n\

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::config::ServerConfig;
 use anyhow::{bail, Context};
+use rekeycast::engine::gcks::RolloverMode;
 use rekeycast::gcks::{Gcks, GcksError, GcksEvent, GcksStats, LeaveOutcome};
 use rekeycast::keyfile::{self, KeyOrigin};
 use rekeycast::lkh::MemberId;
@@ -38,10 +39,25 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     super::logging::init(&config.log.filter)?;
     let shutdown = ShutdownFlag::install()?;
     let state_dir = config.state_dir();
-    let (signing_key, origin) = keyfile::load_or_generate(&state_dir)
-        .with_context(|| format!("signing key in {}", state_dir.display()))?;
     let key_path = state_dir.join(keyfile::SIGNING_KEY_FILE);
-    let public_key = bundle::hex(signing_key.verifying_key().as_bytes());
+    let (gcks, origin) = if config.gcks.state_dir.is_some() {
+        // A durable GCKS takes its key from the key files, matched to its stored state (a
+        // signing-key rollover interrupted by a crash is finished or resumed), and can roll it.
+        let origin = match std::fs::symlink_metadata(&key_path) {
+            Ok(_) => KeyOrigin::Loaded,
+            Err(_) => KeyOrigin::Generated,
+        };
+        let gcks = Gcks::start_with_key_files(config.gcks.clone())
+            .with_context(|| format!("starting the GCKS engine on {}", state_dir.display()))?;
+        (gcks, origin)
+    } else {
+        let (signing_key, origin) = keyfile::load_or_generate(&state_dir)
+            .with_context(|| format!("signing key in {}", state_dir.display()))?;
+        let gcks =
+            Gcks::start(config.gcks.clone(), signing_key).context("starting the GCKS engine")?;
+        (gcks, origin)
+    };
+    let public_key = bundle::hex(gcks.public_key().as_bytes());
     // The public key on standard output too, for the operator to hand to members' products
     // out of band (the private key is never printed).
     println!(
@@ -65,9 +81,7 @@ pub fn run(args: &ServerArgs) -> anyhow::Result<ExitCode> {
         ),
     }
     let batch_interval = config.gcks.batch_interval;
-    let gcks = Arc::new(
-        Gcks::start(config.gcks.clone(), signing_key).context("starting the GCKS engine")?,
-    );
+    let gcks = Arc::new(gcks);
     info!(
         group = %config.gcks.multicast.group,
         feedback = %gcks.local_addr(),
@@ -319,6 +333,27 @@ fn answer(request: Request, gcks: &Gcks, batch_interval: Duration) -> Value {
                 json!({"ok": true, "op": "rekey"})
             })
             .map_err(anyhow::Error::from),
+        Request::RollKey {
+            compromised,
+            announcements,
+        } => {
+            let mode = if compromised {
+                RolloverMode::Compromised
+            } else {
+                RolloverMode::Planned { announcements }
+            };
+            gcks.roll_signing_key(mode)
+                .map(|from_seq| {
+                    warn!(compromised, from_seq, "admin: signing-key rollover started");
+                    json!({
+                        "ok": true,
+                        "op": "roll_key",
+                        "compromised": compromised,
+                        "from_seq": from_seq,
+                    })
+                })
+                .map_err(anyhow::Error::from)
+        }
         Request::Status => gcks
             .stats()
             .map(|stats| {

@@ -39,6 +39,10 @@ pub enum WrapAlgorithm {
     /// AES-256-GCM (RustCrypto `aes-gcm`), 12-byte nonce, 16-byte tag. Id 1.
     #[default]
     Aes256Gcm,
+    /// AES-256 key wrap with padding (RFC 5649, RustCrypto `aes-kw`), as G-IKEv2's
+    /// `KW_5649_256` (RFC 9838), with an 8-byte context tag beside it (see
+    /// [`crate::lkh::wrap`]). Id 2.
+    Aes256Kwp,
 }
 
 /// A wrap algorithm id this implementation does not know.
@@ -51,6 +55,7 @@ impl WrapAlgorithm {
     pub const fn id(self) -> u8 {
         match self {
             Self::Aes256Gcm => 1,
+            Self::Aes256Kwp => 2,
         }
     }
 
@@ -58,6 +63,7 @@ impl WrapAlgorithm {
     pub const fn from_id(id: u8) -> Result<Self, UnknownAlgorithm> {
         match id {
             1 => Ok(Self::Aes256Gcm),
+            2 => Ok(Self::Aes256Kwp),
             other => Err(UnknownAlgorithm(other)),
         }
     }
@@ -316,7 +322,9 @@ mod tests {
     #[test]
     fn algorithm_ids() {
         assert_eq!(WrapAlgorithm::from_id(1), Ok(WrapAlgorithm::Aes256Gcm));
-        assert_eq!(WrapAlgorithm::from_id(2), Err(UnknownAlgorithm(2)));
+        assert_eq!(WrapAlgorithm::from_id(2), Ok(WrapAlgorithm::Aes256Kwp));
+        assert_eq!(WrapAlgorithm::from_id(3), Err(UnknownAlgorithm(3)));
         assert_eq!(WrapAlgorithm::Aes256Gcm.id(), 1);
+        assert_eq!(WrapAlgorithm::Aes256Kwp.id(), 2);
     }
 }

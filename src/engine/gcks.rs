@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use ed25519_dalek::SigningKey;
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
+pub use rekeycast_proto::endpoint::gcks::rollover::{RolloverError, RolloverMode};
 use rekeycast_proto::endpoint::gcks::{
     Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent as EndpointEvent,
     GcksSetupError, GcksStoreOp, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
@@ -80,6 +81,16 @@ pub enum GcksError {
     /// [`GcksBuilder::start_with_key_file`] needs a state directory to hold the key file.
     #[error("no state directory configured to hold the signing key file")]
     NoStateDir,
+    /// A signing-key rollover needs a GCKS started from its key files
+    /// ([`GcksBuilder::start_with_key_file`]).
+    #[error(
+        "this GCKS was given its signing key, not started from its state directory's key file: \
+         a signing-key rollover needs the key file (to write the next key beside it)"
+    )]
+    NoKeyFile,
+    /// The endpoint refused the rollover.
+    #[error("signing-key rollover refused: {0}")]
+    Rollover(#[from] RolloverError),
     /// A leave was refused.
     #[error(transparent)]
     Leave(#[from] LeaveError),
@@ -245,6 +256,19 @@ pub struct Gcks {
     public_key: ed25519_dalek::VerifyingKey,
     poisoned: Arc<OnceLock<PoisonReason>>,
     lost: Vec<LostMessage>,
+    /// The state directory whose key files hold the signing key, when the GCKS was started
+    /// from them ([`GcksBuilder::start_with_key_file`]): rollovers write the next key there.
+    key_dir: Option<std::path::PathBuf>,
+}
+
+/// Where a GCKS's signing key comes from.
+// Built once per start and consumed at once: boxing the key buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum KeySource {
+    /// Given by the product.
+    Given(SigningKey),
+    /// The key files of the state directory ([`crate::keyfile::resolve_keys`]).
+    Files,
 }
 
 impl Gcks {
@@ -253,7 +277,20 @@ impl Gcks {
     /// signs every message (load it from the key file of the state directory in a
     /// deployment).
     pub fn start(config: GcksConfig, signing_key: SigningKey) -> Result<Self, GcksError> {
-        let public_key = signing_key.verifying_key();
+        Self::start_from(config, KeySource::Given(signing_key))
+    }
+
+    /// Starts the GCKS with the signing key of its state directory's key files (the
+    /// configuration's `state_dir`, required), matched to the stored state
+    /// ([`crate::keyfile::resolve_keys`]): generated into a new directory, loaded, or, after a
+    /// crash during a signing-key rollover, the key the stored state names (a rollover the
+    /// stored messages announce is resumed). Such a GCKS can roll its key
+    /// ([`Self::roll_signing_key`]).
+    pub fn start_with_key_files(config: GcksConfig) -> Result<Self, GcksError> {
+        Self::start_from(config, KeySource::Files)
+    }
+
+    fn start_from(config: GcksConfig, keys: KeySource) -> Result<Self, GcksError> {
         let rng = || match config.key_seed {
             Some(seed) => Ok(KeyRng::seeded_for_simulation(seed)),
             None => KeyRng::from_os().map_err(GcksError::Rng),
@@ -277,15 +314,47 @@ impl Gcks {
         };
         let instance: u32 = rand::random();
         let mut lost: Vec<LostMessage> = Vec::new();
+        let key_dir = match keys {
+            KeySource::Files => Some(config.state_dir.clone().ok_or(GcksError::NoStateDir)?),
+            KeySource::Given(_) => None,
+        };
+        let mut given = match keys {
+            KeySource::Given(key) => Some(key),
+            KeySource::Files => None,
+        };
+        let mut public_key = given.as_ref().map(SigningKey::verifying_key);
         let (endpoint, storage) = match &config.state_dir {
-            None => (
-                GcksEndpoint::new(endpoint_config, signing_key, rng()?, instance, clock, now)?,
-                GcksStore::Memory,
-            ),
+            None => {
+                // A GCKS without a state directory is always given its key.
+                let signing_key = given.take().ok_or(GcksError::NoStateDir)?;
+                (
+                    GcksEndpoint::new(endpoint_config, signing_key, rng()?, instance, clock, now)?,
+                    GcksStore::Memory,
+                )
+            }
             Some(dir) => {
                 let (storage, restored) = GcksStorage::open(dir, config.sender.history, rng()?)?;
                 lost = storage.lost().to_vec();
-                let endpoint = match restored {
+                // The stored tree names the key that signed its latest message: the key files
+                // are matched to it (a rollover's crash points, see `keyfile`).
+                let (signing_key, next) = match given.take() {
+                    Some(key) => (key, None),
+                    None => {
+                        let stored = restored
+                            .as_ref()
+                            .map(|restored| restored.tree.rekey_sa().gcks_public_key);
+                        let resolved = crate::keyfile::resolve_keys(dir, stored.as_ref())?;
+                        if resolved.promoted {
+                            tracing::warn!(
+                                "signing-key rollover had taken effect before the last stop: \
+                                 the next key file is now the current one"
+                            );
+                        }
+                        (resolved.current, resolved.next)
+                    }
+                };
+                public_key = Some(signing_key.verifying_key());
+                let mut endpoint = match restored {
                     Some(restored) => GcksEndpoint::restore(
                         endpoint_config,
                         signing_key,
@@ -303,6 +372,23 @@ impl Gcks {
                         now,
                     )?,
                 };
+                if let Some(next) = next {
+                    match endpoint.resume_rollover(now, next) {
+                        Ok(from_seq) => tracing::warn!(
+                            from_seq,
+                            "resuming the signing-key rollover the stored messages announce"
+                        ),
+                        Err(_) => {
+                            // Never announced: no member can know the key; the operator rolls
+                            // again.
+                            tracing::warn!(
+                                "dropping a next signing key no stored message announces (the \
+                                 GCKS stopped before the rollover started)"
+                            );
+                            crate::keyfile::discard_next(dir)?;
+                        }
+                    }
+                }
                 (endpoint, GcksStore::Dir(storage))
             }
         };
@@ -341,7 +427,10 @@ impl Gcks {
         let sink = GcksSink {
             events: events_sink,
             poisoned: Arc::clone(&poisoned),
+            key_dir: key_dir.clone(),
         };
+        // Set in both branches above (a given key, or the key files resolved).
+        let public_key = public_key.ok_or(GcksError::NoStateDir)?;
         let driver = Driver::new(endpoint, driver_config, storage, sink)
             .metrics(Box::new(|endpoint: &Endpoint, stats: &DriverStats| {
                 gcks_stats(endpoint, stats).prometheus_text()
@@ -353,6 +442,7 @@ impl Gcks {
             public_key,
             poisoned,
             lost,
+            key_dir,
         })
     }
 
@@ -398,9 +488,37 @@ impl Gcks {
         self.driver.resync_addrs()
     }
 
-    /// The GCKS's public key (in every registration bundle's Rekey SA).
+    /// The GCKS's public key at start (in every registration bundle's Rekey SA until a
+    /// signing-key rollover, [`Self::roll_signing_key`], takes effect).
     pub fn public_key(&self) -> ed25519_dalek::VerifyingKey {
         self.public_key
+    }
+
+    /// Replaces the GCKS's signing key (the endpoint's `rollover` module says how members
+    /// learn it): a new key is generated and written to the state directory's next key file
+    /// (`keyfile::write_next_key`, synced) before anything is announced; it becomes the key
+    /// file once the first message signed with it is stored. Returns the first sequence
+    /// number the new key signs. Needs a GCKS started from its key files
+    /// ([`GcksBuilder::start_with_key_file`]), so that a restart finds the key the state
+    /// names. [`RolloverMode::Compromised`] sends every member to re-registration.
+    pub fn roll_signing_key(&self, mode: RolloverMode) -> Result<u64, GcksError> {
+        let dir = self.key_dir.as_ref().ok_or(GcksError::NoKeyFile)?;
+        if let Some(reason) = self.poisoned() {
+            return Err(GcksError::Poisoned(reason));
+        }
+        let next = crate::keyfile::write_next_key(dir)?;
+        let answer = self
+            .driver
+            .inspect(move |endpoint, _| endpoint.roll_signing_key(Instant::now(), next, mode))
+            .map_err(|e| self.gone(e))?;
+        match answer {
+            Ok(from_seq) => Ok(from_seq),
+            Err(error) => {
+                // Refused before anything was announced: the next key is of no use.
+                crate::keyfile::discard_next(dir)?;
+                Err(GcksError::Rollover(error))
+            }
+        }
     }
 
     /// Admits `member` in the next batch. The registration bundle arrives on the returned
@@ -684,18 +802,24 @@ impl GcksBuilder {
     }
 
     /// Starts the GCKS with the signing key of its state directory's key file
-    /// ([`crate::keyfile::load_or_generate`]): loaded if the file exists, generated and
-    /// written (mode 0600) into a directory that holds no state yet. A key file missing
-    /// beside a stored state is an error naming the file ([`KeyFileError::MissingKey`]),
-    /// never replaced by a new key. Returns where the key came from.
+    /// ([`Gcks::start_with_key_files`]): loaded if the file exists, generated and written
+    /// (mode 0600) into a directory that holds no state yet, matched to the stored state after
+    /// a signing-key rollover. A key file missing beside a stored state is an error naming the
+    /// file ([`KeyFileError::MissingKey`]), never replaced by a new key. Returns where the key
+    /// came from.
     pub fn start_with_key_file(self) -> Result<(Gcks, KeyOrigin), GcksError> {
         let dir = self
             .config
             .state_dir
             .as_ref()
             .ok_or(GcksError::NoStateDir)?;
-        let (signing_key, origin) = crate::keyfile::load_or_generate(dir)?;
-        Ok((Gcks::start(self.config, signing_key)?, origin))
+        // Whether a key existed before: the start resolves the key files against the state.
+        let origin = if dir.join(crate::keyfile::SIGNING_KEY_FILE).exists() {
+            KeyOrigin::Loaded
+        } else {
+            KeyOrigin::Generated
+        };
+        Ok((Gcks::start_from(self.config, KeySource::Files)?, origin))
     }
 }
 
@@ -719,6 +843,8 @@ impl Storage<GcksStoreOp> for GcksStore {
 struct GcksSink {
     events: ChannelSink<GcksEvent>,
     poisoned: Arc<OnceLock<PoisonReason>>,
+    /// Where the key files are, for a GCKS started from them.
+    key_dir: Option<std::path::PathBuf>,
 }
 
 impl EventSink<EndpointEvent<Reply>> for GcksSink {
@@ -759,6 +885,13 @@ impl EventSink<EndpointEvent<Reply>> for GcksSink {
         };
         if let GcksEvent::Poisoned { reason } = &event {
             let _ = self.poisoned.set(*reason);
+        }
+        if let (GcksEvent::SigningKeyRolled { from_seq, .. }, Some(dir)) = (&event, &self.key_dir) {
+            // The first message under the new key is stored: the key files follow. A failure
+            // leaves both files, which the next start resolves from the stored state.
+            if let Err(error) = crate::keyfile::promote_next(dir) {
+                tracing::error!(%error, from_seq, "promoting the next signing key file");
+            }
         }
         self.events.deliver(event)
     }
@@ -936,5 +1069,55 @@ mod tests {
         assert_eq!(built.config().batch_interval, Duration::from_millis(5));
         assert_eq!(built.config().key_seed, Some(3));
         assert!(built.config().state_dir.is_some());
+    }
+
+    /// A rollover through the engine: the next key is written beside the current one, the
+    /// rollover's messages are stored, the key files are swapped once the new key signs, and
+    /// a restart on the state directory starts under the new key. A GCKS given its key
+    /// cannot roll it.
+    #[test]
+    fn a_rollover_swaps_the_key_files_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(5);
+        config.state_dir = Some(dir.path().join("state"));
+        let gcks = Gcks::start_with_key_files(config.clone()).unwrap();
+        let old = gcks.public_key();
+        let joined = gcks.join(MemberId(1)).unwrap();
+        gcks.rekey_now().unwrap();
+        joined
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        let from_seq = gcks
+            .roll_signing_key(RolloverMode::Planned { announcements: 1 })
+            .unwrap();
+        assert_eq!(from_seq, 3);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match gcks.events().recv_timeout(left) {
+                Ok(GcksEvent::SigningKeyRolled { from_seq, .. }) => {
+                    assert_eq!(from_seq, 3);
+                    break;
+                }
+                Ok(_) => {}
+                Err(error) => panic!("no rollover event: {error}"),
+            }
+        }
+        gcks.shutdown().unwrap();
+        let state = dir.path().join("state");
+        assert!(crate::keyfile::load_next(&state).unwrap().is_none());
+        let current = crate::keyfile::load(&state.join(crate::keyfile::SIGNING_KEY_FILE)).unwrap();
+        assert_ne!(current.verifying_key(), old);
+        let restarted = Gcks::start_with_key_files(config).unwrap();
+        assert_eq!(restarted.public_key(), current.verifying_key());
+        assert_eq!(restarted.stats().unwrap().seq, 3);
+        restarted.shutdown().unwrap();
+        let given = Gcks::start(self::config(6), SigningKey::from_bytes(&[8; 32])).unwrap();
+        assert!(matches!(
+            given.roll_signing_key(RolloverMode::DEFAULT_PLANNED),
+            Err(GcksError::NoKeyFile)
+        ));
+        given.shutdown().unwrap();
     }
 }

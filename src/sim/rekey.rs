@@ -30,6 +30,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast_proto::endpoint::failover::{FailoverConfig, FailoverCounters};
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
+pub use rekeycast_proto::endpoint::gcks::rollover::RolloverMode;
 use rekeycast_proto::endpoint::gcks::{
     Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, GcksSetupError, WallClock,
     ANSWER_SLICE,
@@ -51,6 +52,7 @@ use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle, RelayContact, Rel
 use crate::relay::RelayConfig;
 use crate::resync::ResyncSource;
 use crate::session::layout::MessageParams;
+use crate::session::manifest::KeyId;
 use crate::session::sender::SenderCounters;
 use crate::session::{self, ReceiverConfig, ReceiverCounters, ReceiverEvent, SenderConfig};
 
@@ -153,6 +155,8 @@ pub struct ScenarioConfig {
     pub persist_member_keys: bool,
     /// The GCKS crashes and is restored from its storage (needs [`Self::durable`]).
     pub restart_gcks: Option<GcksRestart>,
+    /// The GCKS replaces its signing key after a rekey ([`SigningKeyRoll`]).
+    pub roll_signing_key: Option<SigningKeyRoll>,
     /// `(relay index, how)`: that relay's resync endpoint misbehaves; its multicast is
     /// honest.
     pub hostile_relay: Option<(usize, Hostility)>,
@@ -193,6 +197,17 @@ pub struct GcksRestart {
     /// How long it stays down before a new endpoint is restored from the storage; `after +
     /// down` must be shorter than the rekey interval.
     pub down: Duration,
+}
+
+/// When and how the GCKS replaces its signing key (the endpoint's
+/// [`GcksEndpoint::roll_signing_key`]); the next key is drawn from the scenario's seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigningKeyRoll {
+    /// The message after which the rollover starts: 0 for the admitting message, `k` for
+    /// rekey `k` (a GCKS restart at the same rekey comes after it).
+    pub rekey: usize,
+    /// Planned (announced) or compromised (unannounced).
+    pub mode: RolloverMode,
 }
 
 /// How a hostile resync endpoint answers.
@@ -257,6 +272,7 @@ impl ScenarioConfig {
             durable: false,
             persist_member_keys: false,
             restart_gcks: None,
+            roll_signing_key: None,
             hostile_relay: None,
             progress: None,
         }
@@ -411,6 +427,13 @@ pub struct GcksReport {
     /// Members whose saved keys (with [`ScenarioConfig::persist_member_keys`]) are not those
     /// of the latest message at the end, or do not load.
     pub stale_saved_keys: usize,
+    /// The GCKS's signing key at the end (its public key).
+    pub signing_key: [u8; 32],
+    /// Members at the end whose verifier trusts the GCKS's signing key of the end.
+    pub members_on_signing_key: usize,
+    /// Members (current and departed) told to re-register because a message they needed was
+    /// signed with a key no message they received announced.
+    pub reregister_unknown_key: u64,
 }
 
 impl ScenarioReport {
@@ -550,6 +573,10 @@ struct Scenario<'c> {
     gcks: NodeId,
     gcks_config: GcksEndpointConfig,
     signing_key: SigningKey,
+    /// The key of a rollover under way ([`ScenarioConfig::roll_signing_key`]).
+    next_signing_key: Option<SigningKey>,
+    /// Members told to re-register for a key they were never told of (departed ones).
+    reregister_unknown_key: u64,
     storage: SharedStorage<MemGcksStorage>,
     /// The counters of GCKS endpoints that crashed, and of the bootstrap (subtracted).
     sender_base: SenderCounters,
@@ -664,6 +691,8 @@ impl<'c> Scenario<'c> {
             gcks,
             gcks_config,
             signing_key,
+            next_signing_key: None,
+            reregister_unknown_key: 0,
             storage,
             sender_base: SenderCounters::default(),
             sender_bootstrap: SenderCounters::default(),
@@ -703,6 +732,7 @@ impl<'c> Scenario<'c> {
             .map(|_| self.new_member_id())
             .collect();
         self.rekey(&relays, &initial, &[], true)?;
+        self.roll_if_due(0)?;
         let mut spent = self.restart_if_due(0)?;
         for rekey in 1..=self.config.rekeys {
             self.advance(self.config.rekey_interval.saturating_sub(spent))?;
@@ -727,6 +757,7 @@ impl<'c> Scenario<'c> {
             self.current
                 .retain(|slot| leaving_slots.binary_search(slot).is_err());
             self.rekey(&[], &joins, &leaves, false)?;
+            self.roll_if_due(rekey)?;
             spent = self.restart_if_due(rekey)?;
             if let (Some(index), Some(after)) = (kill, self.config.kill_relay_after) {
                 self.advance(after)?;
@@ -773,7 +804,16 @@ impl<'c> Scenario<'c> {
             unix_micros: session::micros(now.saturating_duration_since(self.net.start())),
             at: now,
         };
-        let endpoint = GcksEndpoint::restore(
+        // The stored tree names the key that signed its message: a rollover that took effect
+        // before the crash restarts under the next key, as the engine's key files do.
+        let stored_key = restored.tree.rekey_sa().gcks_public_key;
+        if let Some(next) = self
+            .next_signing_key
+            .take_if(|next| next.verifying_key() == stored_key)
+        {
+            self.signing_key = next;
+        }
+        let mut endpoint = GcksEndpoint::restore(
             self.gcks_config.clone(),
             self.signing_key.clone(),
             restored,
@@ -781,12 +821,38 @@ impl<'c> Scenario<'c> {
             clock,
             now,
         )?;
+        if let Some(next) = &self.next_signing_key {
+            // Announced and not yet in effect: resumed (else it was never announced).
+            if endpoint.resume_rollover(now, next.clone()).is_err() {
+                self.next_signing_key = None;
+            }
+        }
         let node = gcks_node(endpoint, &self.storage, &self.shared, self.gcks);
         self.net
             .replace_node(self.gcks, SimNode::Gcks(Box::new(node)))?;
         self.net.touch(self.gcks)?;
         self.restarts += 1;
         Ok(restart.after + restart.down)
+    }
+
+    /// Starts the GCKS's signing-key rollover if the configuration says so after message
+    /// `rekey`.
+    fn roll_if_due(&mut self, rekey: usize) -> Result<(), ScenarioError> {
+        let Some(roll) = self.config.roll_signing_key.filter(|r| r.rekey == rekey) else {
+            return Ok(());
+        };
+        let next = SigningKey::from_bytes(&self.rng.gen());
+        let now = self.net.now();
+        let Some(SimNode::Gcks(node)) = self.net.node_mut(self.gcks) else {
+            return Err(ScenarioError::Invalid("no GCKS to roll the signing key of"));
+        };
+        node.endpoint_mut()
+            .roll_signing_key(now, next.clone(), roll.mode)
+            .map_err(|_| ScenarioError::Invalid("the GCKS refused the rollover"))?;
+        node.pump(now);
+        self.net.touch(self.gcks)?;
+        self.next_signing_key = Some(next);
+        Ok(())
     }
 
     /// Relay `index` dies: its node is removed for good; its members are watched until they
@@ -1272,6 +1338,7 @@ impl<'c> Scenario<'c> {
         // decided by the next batch, not by its progress): what it applied is what it needed.
         self.member_messages += c.messages_applied;
         self.must_reregister += u64::from(session.must_reregister());
+        self.reregister_unknown_key += u64::from(unknown_key(session));
     }
 
     /// Runs the network for `duration`, answering the fetches endpoints asked for every
@@ -1484,6 +1551,21 @@ impl<'c> Scenario<'c> {
         let mut converged = 0;
         let mut member_messages = self.member_messages;
         let mut must_reregister = self.must_reregister;
+        let mut reregister_unknown_key = self.reregister_unknown_key;
+        let mut members_on_signing_key = 0;
+        let gcks_key = match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(node)) => node.endpoint().signing_key_id(),
+            _ => KeyId::of(&self.signing_key.verifying_key()),
+        };
+        let signing_key = [
+            self.signing_key.verifying_key(),
+            self.next_signing_key
+                .as_ref()
+                .map_or(self.signing_key.verifying_key(), SigningKey::verifying_key),
+        ]
+        .into_iter()
+        .find(|key| KeyId::of(key) == gcks_key)
+        .map_or([0; 32], |key| key.to_bytes());
         let mut stale_saved_keys = 0;
         for &slot in &self.current {
             let Some(SimNode::Member(member)) = self.net.node(self.slots[slot].1) else {
@@ -1498,6 +1580,10 @@ impl<'c> Scenario<'c> {
             add_node_counters(&mut member_nodes, member.node.counters());
             member_messages += (latest + 1).saturating_sub(member.first_seq);
             must_reregister += u64::from(session.must_reregister());
+            reregister_unknown_key += u64::from(unknown_key(session));
+            if KeyId::of(session.gcks_signing_key()) == gcks_key {
+                members_on_signing_key += 1;
+            }
             if holds_group_key(session.group_key()) {
                 converged += 1;
             }
@@ -1604,6 +1690,9 @@ impl<'c> Scenario<'c> {
                 poisoned: shared.poisoned,
                 crashed_after_sent: self.crashed_after_sent,
                 stale_saved_keys,
+                signing_key,
+                members_on_signing_key,
+                reregister_unknown_key,
             },
             failover,
         }
@@ -1616,6 +1705,15 @@ fn next_id(net: &Network<SimNode>) -> Result<NodeId, ScenarioError> {
 }
 
 /// The GCKS endpoint as node `id`, storing to `storage` and reporting to `shared`.
+/// Whether `session` must re-register because a message it needed was signed with a key it
+/// was never told of.
+fn unknown_key(session: &session::ReceiverSession) -> bool {
+    matches!(
+        session.reregister_reason(),
+        Some(session::ReregisterReason::UnknownSigningKey { .. })
+    )
+}
+
 fn gcks_node(
     endpoint: SimGcks,
     storage: &SharedStorage<MemGcksStorage>,

@@ -7,16 +7,31 @@
 //! checked once per sequence number and then cached, and failed signature checks per sequence
 //! number are capped, so a current member sending valid-MAC garbage cannot make others verify
 //! signatures without bound. Every check made and failed is counted.
+//!
+//! It also holds what the member registered for (RFC 4046 5.8): the key wrap algorithm and
+//! the key tree's degree ([`MessageVerifier::expect_identity`]), and the GCKS signing keys it
+//! trusts. A manifest naming another identity is refused before any signature check
+//! ([`MessageReject::IdentityMismatch`]). A signing key is trusted only if the member
+//! registered with it or a manifest verified under a trusted key announced it
+//! ([`crate::session::manifest::KeyRollover`]); the announced key is used from its first
+//! sequence number on, and then becomes the current key, the old one being kept (for the
+//! messages before that number, which resync may still serve) until the next rollover. A
+//! manifest naming any other key is [`MessageReject::UnknownSigningKey`], with no signature
+//! check: the receiver decides what that means (see `session::receiver`).
 
 use std::collections::BTreeMap;
 
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::{merkle, verify_manifest, AuthError, Verified};
+use crate::gsa::WrapAlgorithm;
+use crate::lkh::topology::Degree;
 use crate::session::chunk::{
     self, Authenticator, ChunkError, ChunkHeader, GroupPosition, SignedChunk,
 };
-use crate::session::manifest::{Manifest, ManifestError, SignedManifest, SIGNATURE_LEN};
+use crate::session::manifest::{
+    GkmAlgorithm, KeyId, Manifest, ManifestError, SignedManifest, SIGNATURE_LEN, VERSION_1,
+};
 
 /// Default cap on failed signature checks per sequence number.
 pub const DEFAULT_SIGNATURE_FAILURE_CAP: u32 = 4;
@@ -61,6 +76,70 @@ pub enum MessageReject {
     /// another length than the chunk's place in its group gives.
     #[error("bad Merkle path")]
     BadMerklePath,
+    /// The manifest names another algorithm or parameter than the member registered for.
+    #[error("manifest names another {0} than the member registered for")]
+    IdentityMismatch(IdentityField),
+    /// The manifest is signed (by its own account) with a key the member does not trust: not
+    /// the key it registered with, nor one announced under a trusted key.
+    #[error("manifest signed with unknown GCKS key {0}")]
+    UnknownSigningKey(KeyId),
+    /// A trusted key signed a message outside its range: an announced key before its first
+    /// sequence number, a replaced key after its last.
+    #[error("GCKS key {key_id} is not in force for sequence number {seq}")]
+    KeyNotInForce {
+        /// The key the manifest names.
+        key_id: KeyId,
+        /// The manifest's sequence number.
+        seq: u64,
+    },
+}
+
+/// Which part of a message's identity differs from the member's registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityField {
+    /// The key wrap algorithm.
+    #[error("key wrap algorithm")]
+    WrapAlgorithm,
+    /// The group key management algorithm.
+    #[error("group key management algorithm")]
+    GkmAlgorithm,
+    /// The key tree's degree.
+    #[error("key tree degree")]
+    Degree,
+}
+
+/// What a member registered for and checks every manifest against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExpectedIdentity {
+    wrap_algorithm: WrapAlgorithm,
+    degree: Degree,
+}
+
+/// A signing key the verifier trusts, and the sequence numbers it signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TrustedKey {
+    key: VerifyingKey,
+    id: KeyId,
+    /// The first sequence number it signs.
+    from_seq: u64,
+    /// The first sequence number it no longer signs (its successor's first), if replaced.
+    until_seq: Option<u64>,
+}
+
+impl TrustedKey {
+    fn new(key: VerifyingKey, from_seq: u64) -> Self {
+        Self {
+            key,
+            id: KeyId::of(&key),
+            from_seq,
+            until_seq: None,
+        }
+    }
+
+    fn signs(&self, seq: u64) -> bool {
+        seq >= self.from_seq && self.until_seq.map_or(true, |until| seq < until)
+    }
 }
 
 /// Counts of signature and chunk checks, made and failed.
@@ -104,7 +183,13 @@ struct MessageState {
 /// Verifies manifests and chunks for one group under the GCKS's public key.
 #[derive(Debug)]
 pub struct MessageVerifier {
-    gcks_key: VerifyingKey,
+    /// The current signing key (the registered one, or the last announced one in force).
+    current: TrustedKey,
+    /// The key the current one replaced, for the messages before the rollover.
+    previous: Option<TrustedKey>,
+    /// The next key, announced under the current one and not yet in force.
+    announced: Option<TrustedKey>,
+    identity: Option<ExpectedIdentity>,
     group_id: u32,
     spi: u32,
     epoch: u32,
@@ -117,7 +202,10 @@ impl MessageVerifier {
     /// A verifier for a group's messages, starting at `epoch`.
     pub fn new(gcks_key: VerifyingKey, group_id: u32, spi: u32, epoch: u32) -> Self {
         Self {
-            gcks_key,
+            current: TrustedKey::new(gcks_key, 0),
+            previous: None,
+            announced: None,
+            identity: None,
             group_id,
             spi,
             epoch,
@@ -125,6 +213,29 @@ impl MessageVerifier {
             messages: BTreeMap::new(),
             counters: MessageCounters::default(),
         }
+    }
+
+    /// Makes every manifest name the key wrap algorithm `wrap_algorithm`, LKH and a key tree
+    /// of degree `degree` (a member's registration: its bundle's Rekey SA), or be refused with
+    /// [`MessageReject::IdentityMismatch`] before its signature is checked. A version 1
+    /// manifest names no degree; its wrap algorithm is still checked.
+    pub fn expect_identity(&mut self, wrap_algorithm: WrapAlgorithm, degree: Degree) {
+        self.identity = Some(ExpectedIdentity {
+            wrap_algorithm,
+            degree,
+        });
+    }
+
+    /// The GCKS signing key currently in force for this member: the registered one, or the
+    /// last key announced by a rollover whose first message was verified.
+    pub fn signing_key(&self) -> &VerifyingKey {
+        &self.current.key
+    }
+
+    /// The next signing key a verified manifest announced and the first sequence number it
+    /// signs, while that message is not yet verified.
+    pub fn announced_key(&self) -> Option<(VerifyingKey, u64)> {
+        self.announced.map(|next| (next.key, next.from_seq))
     }
 
     /// Sets the cap on failed signature checks per sequence number.
@@ -217,11 +328,22 @@ impl MessageVerifier {
             self.counters.manifests_rejected_unchecked += 1;
             return Err(MessageReject::OldEpoch);
         }
+        let key = match self
+            .check_identity(manifest)
+            .and_then(|()| self.key_for(manifest))
+        {
+            Ok(key) => key,
+            Err(reject) => {
+                self.counters.manifests_rejected_unchecked += 1;
+                return Err(reject);
+            }
+        };
         self.counters.signature_checks += 1;
-        match verify_manifest(&self.gcks_key, signed) {
+        match verify_manifest(&key.key, signed) {
             Ok(verified) => {
                 self.counters.manifests_verified += 1;
                 self.epoch = self.epoch.max(verified.epoch);
+                self.take_rollover(&key, &verified);
                 let state = self.state(seq);
                 state.manifest = Some(verified);
                 state.manifest_bytes = bytes.to_vec();
@@ -231,6 +353,63 @@ impl MessageVerifier {
                 self.record_signature_failure(seq);
                 Err(MessageReject::BadSignature)
             }
+        }
+    }
+
+    /// The manifest names what the member registered for.
+    fn check_identity(&self, manifest: &Manifest) -> Result<(), MessageReject> {
+        let Some(expected) = self.identity else {
+            return Ok(());
+        };
+        if manifest.wrap_algorithm != expected.wrap_algorithm.id() {
+            return Err(MessageReject::IdentityMismatch(
+                IdentityField::WrapAlgorithm,
+            ));
+        }
+        if manifest.gkm_algorithm != GkmAlgorithm::Lkh {
+            return Err(MessageReject::IdentityMismatch(IdentityField::GkmAlgorithm));
+        }
+        if manifest.version != VERSION_1 && manifest.degree != expected.degree.get() {
+            return Err(MessageReject::IdentityMismatch(IdentityField::Degree));
+        }
+        Ok(())
+    }
+
+    /// The trusted key that signs `manifest`, by the key id it names and its sequence number.
+    fn key_for(&self, manifest: &Manifest) -> Result<TrustedKey, MessageReject> {
+        let seq = manifest.seq;
+        if manifest.version == VERSION_1 {
+            // An older GCKS's message names no key: only the key in force can have signed it.
+            return Ok(self.current);
+        }
+        let id = manifest.signing_key_id;
+        let candidates = [Some(self.current), self.announced, self.previous];
+        let mut named = candidates.iter().flatten().filter(|key| key.id == id);
+        match named.clone().find(|key| key.signs(seq)) {
+            Some(key) => Ok(*key),
+            None if named.next().is_some() => Err(MessageReject::KeyNotInForce { key_id: id, seq }),
+            None => Err(MessageReject::UnknownSigningKey(id)),
+        }
+    }
+
+    /// After a manifest verified under `key`: an announcement under the current key is
+    /// remembered; the first message under the announced key puts it in force.
+    fn take_rollover(&mut self, key: &TrustedKey, verified: &Verified<Manifest>) {
+        if key.id == self.current.id {
+            if let Some(rollover) = verified.key_rollover {
+                let next_id = rollover.next_key_id();
+                if next_id != self.current.id
+                    && self.announced.map_or(true, |known| known.id != next_id)
+                {
+                    self.announced = Some(TrustedKey::new(rollover.next_key, rollover.from_seq));
+                }
+            }
+        } else if self.announced.is_some_and(|next| next.id == key.id) {
+            let mut replaced = self.current;
+            replaced.until_seq = Some(key.from_seq);
+            self.previous = Some(replaced);
+            self.current = *key;
+            self.announced = None;
         }
     }
 
@@ -295,7 +474,7 @@ impl MessageVerifier {
             }
             Authenticator::Signature(signature) => {
                 let message = chunk::signed_message(signed.authenticated);
-                self.check_chunk_signature(manifest.seq, &message, signature, cap)?;
+                self.check_chunk_signature(manifest, &message, signature, cap)?;
             }
             Authenticator::GroupSignature {
                 log2_group,
@@ -321,7 +500,7 @@ impl MessageVerifier {
                     group.len,
                     &root,
                 );
-                self.check_chunk_signature(manifest.seq, &message, signature, cap)?;
+                self.check_chunk_signature(manifest, &message, signature, cap)?;
             }
         }
         Ok(Verified(Chunk {
@@ -330,21 +509,24 @@ impl MessageVerifier {
         }))
     }
 
-    /// One signature check over `message` for a chunk of `seq`, under the failure cap.
+    /// One signature check over `message` for a chunk of `manifest`'s message, under the key
+    /// that signed the manifest and the failure cap.
     fn check_chunk_signature(
         &mut self,
-        seq: u64,
+        manifest: &Manifest,
         message: &[u8],
         signature: &[u8; SIGNATURE_LEN],
         cap: Cap,
     ) -> Result<(), MessageReject> {
+        let seq = manifest.seq;
         if cap == Cap::Enforced && self.over_cap(seq) {
             self.counters.over_failure_cap += 1;
             return Err(MessageReject::FailureCapReached(seq));
         }
+        let key = self.key_for(manifest)?.key;
         self.counters.signature_checks += 1;
         let signature = Signature::from_bytes(signature);
-        if self.gcks_key.verify_strict(message, &signature).is_err() {
+        if key.verify_strict(message, &signature).is_err() {
             self.record_signature_failure(seq);
             return Err(MessageReject::BadSignature);
         }
@@ -435,8 +617,13 @@ mod tests {
                 .collect()
         };
         let manifest = Manifest {
+            version: crate::session::manifest::VERSION,
             wrap_algorithm: 1,
             chunk_auth: auth,
+            gkm_algorithm: crate::session::manifest::GkmAlgorithm::Lkh,
+            degree: 4,
+            signing_key_id: crate::session::manifest::KeyId::of(&key.verifying_key()),
+            key_rollover: None,
             group_id: 1,
             spi: 2,
             seq,
@@ -813,5 +1000,171 @@ mod tests {
         let mut verifier = verifier();
         verifier.set_failure_cap(cap);
         verifier
+    }
+
+    /// A manifest of group 1, SPI 2, sequence `seq`, naming and signed by `key`, with
+    /// `rollover` announced.
+    fn bare_manifest(
+        seq: u64,
+        key: &SigningKey,
+        rollover: Option<crate::session::manifest::KeyRollover>,
+    ) -> Vec<u8> {
+        Manifest {
+            version: crate::session::manifest::VERSION,
+            wrap_algorithm: 1,
+            chunk_auth: ChunkAuth::MerklePath,
+            gkm_algorithm: GkmAlgorithm::Lkh,
+            degree: 4,
+            signing_key_id: KeyId::of(&key.verifying_key()),
+            key_rollover: rollover,
+            group_id: 1,
+            spi: 2,
+            seq,
+            epoch: 0,
+            group_size: 10,
+            chunk_count: 1,
+            timestamp_us: 0,
+            chunk_root: [0; 16],
+            fec_info: vec![1; 12],
+            block_first_keys: vec![0],
+        }
+        .sign(key)
+        .unwrap()
+    }
+
+    fn registered(key: &SigningKey) -> MessageVerifier {
+        let mut verifier = MessageVerifier::new(key.verifying_key(), 1, 2, 0);
+        verifier.expect_identity(WrapAlgorithm::Aes256Gcm, Degree::DEFAULT);
+        verifier
+    }
+
+    /// The new key is trusted only from the announcement under the old one, and only from
+    /// the announced sequence number; the old key signs nothing from then on.
+    #[test]
+    fn announced_key_takes_over_at_its_first_sequence_number() {
+        let old = gcks();
+        let new = SigningKey::from_bytes(&[77; 32]);
+        let mut verifier = registered(&old);
+        // Before any announcement the new key is unknown, and costs no signature check.
+        let early = bare_manifest(7, &new, None);
+        assert_eq!(
+            verifier.verify_manifest(7, &early).err(),
+            Some(MessageReject::UnknownSigningKey(KeyId::of(
+                &new.verifying_key()
+            )))
+        );
+        assert_eq!(verifier.counters().signature_checks, 0);
+        let rollover = crate::session::manifest::KeyRollover {
+            next_key: new.verifying_key(),
+            from_seq: 7,
+        };
+        assert!(verifier
+            .verify_manifest(5, &bare_manifest(5, &old, Some(rollover)))
+            .is_ok());
+        assert_eq!(verifier.announced_key(), Some((new.verifying_key(), 7)));
+        // The new key before its first message: not in force.
+        assert_eq!(
+            verifier
+                .verify_manifest(6, &bare_manifest(6, &new, None))
+                .err(),
+            Some(MessageReject::KeyNotInForce {
+                key_id: KeyId::of(&new.verifying_key()),
+                seq: 6
+            })
+        );
+        assert!(verifier
+            .verify_manifest(6, &bare_manifest(6, &old, Some(rollover)))
+            .is_ok());
+        assert_eq!(verifier.signing_key(), &old.verifying_key());
+        assert!(verifier
+            .verify_manifest(7, &bare_manifest(7, &new, None))
+            .is_ok());
+        assert_eq!(verifier.signing_key(), &new.verifying_key());
+        assert_eq!(verifier.announced_key(), None);
+        // The old key signs nothing from 7 on, but its earlier messages (resync) still verify.
+        assert_eq!(
+            verifier
+                .verify_manifest(8, &bare_manifest(8, &old, None))
+                .err(),
+            Some(MessageReject::KeyNotInForce {
+                key_id: KeyId::of(&old.verifying_key()),
+                seq: 8
+            })
+        );
+        let mut history = registered(&old);
+        assert!(history
+            .verify_manifest(5, &bare_manifest(5, &old, Some(rollover)))
+            .is_ok());
+        assert!(history
+            .verify_manifest(7, &bare_manifest(7, &new, None))
+            .is_ok());
+        assert!(history
+            .verify_manifest_fetched(6, &bare_manifest(6, &old, Some(rollover)))
+            .is_ok());
+    }
+
+    /// An announcement whose signature does not verify under the current key teaches nothing.
+    #[test]
+    fn forged_announcement_is_not_trusted() {
+        let old = gcks();
+        let forger = SigningKey::from_bytes(&[78; 32]);
+        let mut verifier = registered(&old);
+        let rollover = crate::session::manifest::KeyRollover {
+            next_key: forger.verifying_key(),
+            from_seq: 6,
+        };
+        // Signed by the forger but naming the old key's id.
+        let mut forged = bare_manifest(5, &forger, Some(rollover));
+        forged[8..12].copy_from_slice(&KeyId::of(&old.verifying_key()).0);
+        assert_eq!(
+            verifier.verify_manifest(5, &forged).err(),
+            Some(MessageReject::BadSignature)
+        );
+        assert_eq!(verifier.announced_key(), None);
+        assert_eq!(
+            verifier
+                .verify_manifest(6, &bare_manifest(6, &forger, None))
+                .err(),
+            Some(MessageReject::UnknownSigningKey(KeyId::of(
+                &forger.verifying_key()
+            )))
+        );
+    }
+
+    /// A manifest naming another wrap algorithm or degree than the registration is refused
+    /// before its signature is checked.
+    #[test]
+    fn identity_mismatch_is_refused_unchecked() {
+        let key = gcks();
+        let mut verifier = registered(&key);
+        let mut other_wrap = SignedManifest::parse(&bare_manifest(5, &key, None))
+            .unwrap()
+            .manifest;
+        other_wrap.wrap_algorithm = WrapAlgorithm::Aes256Kwp.id();
+        assert_eq!(
+            verifier
+                .verify_manifest(5, &other_wrap.sign(&key).unwrap())
+                .err(),
+            Some(MessageReject::IdentityMismatch(
+                IdentityField::WrapAlgorithm
+            ))
+        );
+        let mut other_degree = other_wrap.clone();
+        other_degree.wrap_algorithm = WrapAlgorithm::Aes256Gcm.id();
+        other_degree.degree = 2;
+        assert_eq!(
+            verifier
+                .verify_manifest(5, &other_degree.sign(&key).unwrap())
+                .err(),
+            Some(MessageReject::IdentityMismatch(IdentityField::Degree))
+        );
+        assert_eq!(verifier.counters().signature_checks, 0);
+        assert_eq!(verifier.counters().manifests_rejected_unchecked, 2);
+        // A version 1 manifest names no degree: its wrap algorithm and signature decide.
+        let mut v1 = other_degree.clone();
+        v1.version = VERSION_1;
+        v1.degree = 0;
+        v1.signing_key_id = KeyId::UNSTATED;
+        assert!(verifier.verify_manifest(5, &v1.sign(&key).unwrap()).is_ok());
     }
 }

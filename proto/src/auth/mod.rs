@@ -83,8 +83,13 @@ mod tests {
 
     fn signed_bytes(key: &SigningKey) -> Vec<u8> {
         Manifest {
+            version: crate::session::manifest::VERSION,
             wrap_algorithm: 1,
             chunk_auth: ChunkAuth::MerklePath,
+            gkm_algorithm: crate::session::manifest::GkmAlgorithm::Lkh,
+            degree: 4,
+            signing_key_id: crate::session::manifest::KeyId::of(&key.verifying_key()),
+            key_rollover: None,
             group_id: 1,
             spi: 1,
             seq: 10,

@@ -138,6 +138,12 @@ impl MemberKeys {
         &self.sa
     }
 
+    /// Records the GCKS signing key in force after a signing-key rollover the member verified,
+    /// so that keys saved from now on resume under it.
+    pub(crate) fn set_gcks_public_key(&mut self, key: ed25519_dalek::VerifyingKey) {
+        self.sa.gcks_public_key = key;
+    }
+
     /// The last sequence number applied.
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -325,6 +325,12 @@ impl KeyTree {
         &self.sa
     }
 
+    /// Names `key` as the GCKS signing key in the Rekey SA (a signing-key rollover): bundles
+    /// issued from now on carry it.
+    pub(crate) fn set_gcks_public_key(&mut self, key: ed25519_dalek::VerifyingKey) {
+        self.sa.gcks_public_key = key;
+    }
+
     /// The tree's degree.
     pub fn degree(&self) -> Degree {
         self.sa.degree

@@ -45,9 +45,32 @@
 //! The associated data binds the algorithm id, the group id, the message's sequence number and
 //! all four ids and versions, so a wrap cannot be replayed in another message or group or
 //! moved to another place in the tree.
+//!
+//! # The two algorithms
+//!
+//! The Rekey SA's [`WrapAlgorithm`] (named in every manifest) picks how the 48 sealed bytes
+//! are made:
+//!
+//! - [`WrapAlgorithm::Aes256Gcm`]: AES-256-GCM with the nonce and associated data above: 32
+//!   bytes of ciphertext and the 16-byte tag.
+//! - [`WrapAlgorithm::Aes256Kwp`]: the AES key wrap with padding of RFC 5649 (G-IKEv2's
+//!   `KW_5649_256`, RFC 9838) under the child's key: the 40 bytes that RFC 5649 makes of a
+//!   32-byte key, exactly what a G-IKEv2 KD payload's wrapped key holds; then an 8-byte context
+//!   tag, a BLAKE3 keyed hash of the associated data and those 40 bytes under a key derived
+//!   from the child's key ([`KWP_TAG_CONTEXT`]). RFC 5649 has no associated data: its own
+//!   integrity check (the alternative IV) says the key was wrapped under this key, the tag says
+//!   it was wrapped for this message and this place in the tree. The member checks the tag
+//!   first, then unwraps. Key wrap is deterministic and needs no nonce.
+//!
+//! [`Wrap::key_id`] and [`Wrap::kwk_id`] give the wrap's key ids in the form of RFC 9838's
+//! wrapped-key format (the 32-bit Key ID of the wrapped key and the KWK ID of the key that
+//! wraps it), so a product speaking G-IKEv2 can map each [`Wrap`] onto a wrapped key of its KD
+//! payload: KWK ID, then the 40 bytes of [`Wrap::rfc5649_bytes`].
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes_kw::KekAes256;
+use zeroize::Zeroize;
 
 use super::topology::NodeId;
 use super::Key;
@@ -59,6 +82,13 @@ pub const WRAP_LEN: usize = 64;
 pub const SEALED_LEN: usize = 48;
 /// The node id no node has, used in the nonce of the Data SA's encryption.
 pub(crate) const NO_NODE: u32 = u32::MAX;
+/// Bytes RFC 5649 makes of a 32-byte key: the key and the 8-byte alternative IV.
+pub const RFC5649_LEN: usize = 40;
+/// Bytes of the context tag that follows an RFC 5649 wrap.
+pub const KWP_TAG_LEN: usize = SEALED_LEN - RFC5649_LEN;
+/// The context of the derivation of the context tag's key from the wrapping key (BLAKE3
+/// `derive_key`).
+pub const KWP_TAG_CONTEXT: &str = "rekeycast 2026 RFC 5649 wrap context tag";
 
 /// A key of the tree, encrypted under one of its children's keys.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -165,6 +195,27 @@ impl Wrap {
         })
     }
 
+    /// The RFC 9838 Key ID of the wrapped key: the id of its node in the tree (its version
+    /// is the message's; see [`Wrap::version`]).
+    pub fn key_id(&self) -> u32 {
+        self.node
+    }
+
+    /// The RFC 9838 KWK ID: the id of the key that wraps this one (the child's node).
+    pub fn kwk_id(&self) -> u32 {
+        self.child
+    }
+
+    /// The RFC 5649 wrap in the sealed bytes, as a G-IKEv2 wrapped key holds it, when the
+    /// Rekey SA's algorithm is [`WrapAlgorithm::Aes256Kwp`] (for AES-256-GCM these bytes mean
+    /// nothing to RFC 5649).
+    pub fn rfc5649_bytes(&self) -> &[u8; RFC5649_LEN] {
+        // SEALED_LEN (48) > RFC5649_LEN (40): the conversion of the prefix cannot fail.
+        self.sealed
+            .first_chunk::<RFC5649_LEN>()
+            .unwrap_or(&[0; RFC5649_LEN])
+    }
+
     fn nonce(&self) -> [u8; 12] {
         nonce(self.node, self.version, self.child)
     }
@@ -245,7 +296,33 @@ pub(crate) fn seal_key(
             sealed[32..].copy_from_slice(&tag);
             sealed
         }
+        WrapAlgorithm::Aes256Kwp => {
+            let _ = nonce; // Key wrap needs none: it is deterministic.
+            let kek = KekAes256::new(under.as_bytes().into());
+            let mut sealed = [0u8; SEALED_LEN];
+            // RFC 5649 of 32 bytes is exactly RFC5649_LEN bytes, so this cannot fail.
+            #[allow(clippy::expect_used)]
+            kek.wrap_with_padding(key.as_bytes(), &mut sealed[..RFC5649_LEN])
+                .expect("RFC 5649 wraps a 32-byte key into 40 bytes");
+            let tag = kwp_tag(under, aad, &sealed[..RFC5649_LEN]);
+            sealed[RFC5649_LEN..].copy_from_slice(&tag);
+            sealed
+        }
     }
+}
+
+/// The context tag of an RFC 5649 wrap: binds the associated data to the wrapped bytes under
+/// a key only the holders of the wrapping key have.
+fn kwp_tag(under: &Key, aad: &[u8], wrapped: &[u8]) -> [u8; KWP_TAG_LEN] {
+    let mut tag_key = blake3::derive_key(KWP_TAG_CONTEXT, under.as_bytes());
+    let mut hasher = blake3::Hasher::new_keyed(&tag_key);
+    tag_key.zeroize();
+    hasher.update(aad);
+    hasher.update(wrapped);
+    let digest = hasher.finalize();
+    let mut tag = [0u8; KWP_TAG_LEN];
+    tag.copy_from_slice(&digest.as_bytes()[..KWP_TAG_LEN]);
+    tag
 }
 
 /// Decrypts a sealed 32-byte key; the plaintext is released only if the tag verifies.
@@ -274,7 +351,31 @@ pub(crate) fn open_key(
                 .map_err(|_| WrapError::Authentication)?;
             Ok(plain)
         }
+        WrapAlgorithm::Aes256Kwp => {
+            let _ = nonce;
+            let (wrapped, tag) = sealed.split_at(RFC5649_LEN);
+            if !constant_time_eq(&kwp_tag(under, aad, wrapped), tag) {
+                return Err(WrapError::Authentication);
+            }
+            let kek = KekAes256::new(under.as_bytes().into());
+            // The key zeroizes itself on drop, whatever the unwrap left in it.
+            let mut plain = Key::from_bytes([0; 32]);
+            let unwrapped_len = kek
+                .unwrap_with_padding(wrapped, plain.as_mut_bytes())
+                .map_err(|_| WrapError::Authentication)?
+                .len();
+            // A wrap of fewer bytes (the padding said so) is not a key of the tree.
+            if unwrapped_len != 32 {
+                return Err(WrapError::Authentication);
+            }
+            Ok(plain)
+        }
     }
+}
+
+/// Compares two short tags without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -362,6 +463,97 @@ mod tests {
         );
         assert_eq!(
             wrap.open(&ctx(), &Key::from_bytes([0x23; 32])),
+            Err(WrapError::Authentication)
+        );
+    }
+
+    fn kwp_ctx() -> RekeyContext {
+        RekeyContext {
+            algorithm: WrapAlgorithm::Aes256Kwp,
+            ..ctx()
+        }
+    }
+
+    #[test]
+    fn kwp_round_trip_and_rfc5649_interop() {
+        let key = Key::from_bytes([0x11; 32]);
+        let under = Key::from_bytes([0x22; 32]);
+        let wrap = Wrap::seal(&kwp_ctx(), 1, 9, 6, 3, &key, &under);
+        assert_eq!(wrap.open(&kwp_ctx(), &under).unwrap(), key);
+        assert_eq!((wrap.key_id(), wrap.kwk_id()), (1, 6));
+        // The first 40 bytes are a plain RFC 5649 wrap of the key: what a G-IKEv2 peer
+        // unwraps with the KWK alone.
+        let kek = KekAes256::new(under.as_bytes().into());
+        let mut out = [0u8; 32];
+        let unwrapped = kek
+            .unwrap_with_padding(wrap.rfc5649_bytes(), &mut out)
+            .unwrap();
+        assert_eq!(unwrapped, key.as_bytes());
+        // RFC 5649's alternative IV: A65959A6 and the 32-bit length 32 come back out.
+        let mut expected = [0u8; RFC5649_LEN];
+        kek.wrap_with_padding(key.as_bytes(), &mut expected)
+            .unwrap();
+        assert_eq!(wrap.rfc5649_bytes(), &expected);
+        // Deterministic: the same key under the same key wraps the same.
+        let again = Wrap::seal(&kwp_ctx(), 1, 9, 6, 3, &key, &under);
+        assert_eq!(again, wrap);
+    }
+
+    #[test]
+    fn kwp_bit_flips_other_context_and_other_algorithm_fail() {
+        let key = Key::from_bytes([0x11; 32]);
+        let under = Key::from_bytes([0x22; 32]);
+        let wrap = Wrap::seal(&kwp_ctx(), 1, 9, 6, 3, &key, &under);
+        let bytes = wrap.to_bytes();
+        for bit in 0..WRAP_LEN * 8 {
+            let mut flipped = bytes;
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let parsed = Wrap::parse(&flipped).unwrap();
+            assert_eq!(
+                parsed.open(&kwp_ctx(), &under),
+                Err(WrapError::Authentication),
+                "bit {bit}"
+            );
+        }
+        let other_seq = RekeyContext {
+            seq: 43,
+            ..kwp_ctx()
+        };
+        assert_eq!(
+            wrap.open(&other_seq, &under),
+            Err(WrapError::Authentication)
+        );
+        assert_eq!(
+            wrap.open(&kwp_ctx(), &Key::from_bytes([0x23; 32])),
+            Err(WrapError::Authentication)
+        );
+        // A wrap made under one algorithm opens under neither the other nor a relabelled
+        // context.
+        assert_eq!(wrap.open(&ctx(), &under), Err(WrapError::Authentication));
+        let gcm = Wrap::seal(&ctx(), 1, 9, 6, 3, &key, &under);
+        assert_eq!(gcm.open(&kwp_ctx(), &under), Err(WrapError::Authentication));
+    }
+
+    /// A wrap whose RFC 5649 length says fewer than 32 bytes is refused even with a good tag:
+    /// only whole keys come out.
+    #[test]
+    fn kwp_short_plaintext_is_refused() {
+        let under = Key::from_bytes([0x22; 32]);
+        let kek = KekAes256::new(under.as_bytes().into());
+        let mut sealed = [0u8; SEALED_LEN];
+        kek.wrap_with_padding(&[7u8; 25], &mut sealed[..RFC5649_LEN])
+            .unwrap();
+        let mut wrap = Wrap::parse(&[0u8; WRAP_LEN]).unwrap();
+        wrap.node = 1;
+        wrap.version = 9;
+        wrap.child = 6;
+        wrap.child_version = 3;
+        let aad = wrap.associated_data(&kwp_ctx());
+        let tag = kwp_tag(&under, &aad, &sealed[..RFC5649_LEN]);
+        sealed[RFC5649_LEN..].copy_from_slice(&tag);
+        wrap.sealed = sealed;
+        assert_eq!(
+            wrap.open(&kwp_ctx(), &under),
             Err(WrapError::Authentication)
         );
     }

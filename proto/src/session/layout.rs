@@ -533,6 +533,12 @@ pub struct MessageParams {
     /// fewer threads (each signs at least 32 chunks). The message is the same bytes whatever
     /// the count.
     pub signing_threads: usize,
+    /// The announcement of the GCKS's next signing key to put in the manifest, while a
+    /// signing-key rollover is under way. Default none. A message with more than
+    /// [`super::manifest::MAX_BLOCKS_WITH_ROLLOVER`] FEC blocks leaves it out (the manifest
+    /// would not fit one datagram); the other messages of the rollover's delay carry it.
+    #[serde(skip)]
+    pub key_rollover: Option<super::manifest::KeyRollover>,
 }
 
 impl Default for MessageParams {
@@ -545,6 +551,7 @@ impl Default for MessageParams {
             epoch: 0,
             timestamp_us: 0,
             signing_threads: 0,
+            key_rollover: None,
         }
     }
 }
@@ -685,9 +692,17 @@ pub fn build_message(
             (chunks, [0; HASH_LEN])
         }
     };
+    let key_rollover = params
+        .key_rollover
+        .filter(|_| block_first_keys.len() <= super::manifest::MAX_BLOCKS_WITH_ROLLOVER);
     let manifest = super::manifest::Manifest {
+        version: super::manifest::VERSION,
         wrap_algorithm: batch.context.algorithm.id(),
         chunk_auth: params.chunk_auth,
+        gkm_algorithm: super::manifest::GkmAlgorithm::Lkh,
+        degree: batch.degree.get(),
+        signing_key_id: super::manifest::KeyId::of(&signing_key.verifying_key()),
+        key_rollover,
         group_id: batch.context.group_id,
         spi: params.spi,
         seq: batch.context.seq,
@@ -939,6 +954,7 @@ mod tests {
             epoch: 0,
             timestamp_us: 0,
             signing_threads: 1,
+            key_rollover: None,
         }
     }
 

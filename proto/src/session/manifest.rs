@@ -9,11 +9,33 @@
 //! single block holds its chunk ([`Manifest::block_of`]): it can drop the symbols of every other
 //! block before their MAC check and hold only its own block's symbols for decoding.
 //!
+//! # Identity (RFC 4046 5.8)
+//!
+//! Every message names, under its signature, the group key management algorithm and its
+//! parameter (LKH and the tree's degree), the key wrap algorithm, and the Rekey SA's identity:
+//! group id, SPI and the id of the GCKS signing key that signed it ([`KeyId`]). A member
+//! compares them with what it registered for (its bundle's Rekey SA) and refuses a message
+//! that names anything else (`auth::message::MessageReject::IdentityMismatch`); an id this
+//! implementation does not know is a typed parse error ([`ManifestError::UnknownAlgorithm`]).
+//!
+//! # Signing-key rollover
+//!
+//! A manifest may announce the GCKS's next signing key ([`KeyRollover`]): its public key and
+//! the first sequence number signed with it. The announcement is covered by the signature of
+//! the current key, so a member learns the new key only from the key it already trusts
+//! (RFC 4046 section 3, requirement 9: updating the Rekey SA).
+//!
+//! # Format, version 2
+//!
 //! ```text
 //!  0                   1                   2                   3
 //!  0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
-//! |  version = 1  |  sig alg = 1  |  wrap alg = 1 | chunk auth    |
+//! |  version = 2  |  sig alg = 1  |   wrap alg    | chunk auth    |
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! | GKM alg = 1   | tree degree   |     flags     | reserved = 0  |
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! |              signing key id (of the key that signs)           |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |                           group id                            |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
@@ -43,20 +65,33 @@
 //! +-+-+-+-+-+-+-+-+  FEC source block in SBN order, non-decreasing  |
 //! |                              ...                              |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+//! | if flags bit 0: the next signing key (32-byte Ed25519 public  |
+//! | key), then the first sequence number it signs (64 bits)       |
+//! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! |        Ed25519 signature (64 bytes) over all of the above      |
 //! |             prefixed with the context "rekeycast manifest v1"  |
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! ```
 //!
+//! Version 1, which GCKSs before version 2 wrote (and whose messages may still sit in a resync
+//! history), has no second and third words and no announcement: it starts with the version,
+//! signature, wrap and chunk authentication bytes and goes on with the group id. It is still
+//! parsed ([`Manifest::version`] says which format a manifest came in, and it re-encodes in
+//! that format); it names no degree and no signing key ([`Manifest::degree`] 0,
+//! [`Manifest::signing_key_id`] [`KeyId::UNSTATED`]).
+//!
 //! The signed bytes are parsed by [`SignedManifest::parse`] (total: any bytes give a value or
 //! a [`ManifestError`]); only `auth` turns a `SignedManifest` into a verified [`Manifest`].
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use crate::auth::merkle::{Digest, HASH_LEN};
+use crate::gsa::WrapAlgorithm;
 
-/// The manifest format version.
-pub const VERSION: u8 = 1;
+/// The manifest format version written.
+pub const VERSION: u8 = 2;
+/// The first manifest format version, still parsed (no identity words, no rollover).
+pub const VERSION_1: u8 = 1;
 /// The signature algorithm id of Ed25519 (RFC 8032).
 pub const SIGNATURE_ED25519: u8 = 1;
 /// Length of an Ed25519 signature.
@@ -66,13 +101,100 @@ pub const MAX_FEC_INFO_LEN: usize = 32;
 /// The most FEC source blocks whose first keys the manifest carries: the SBN is 8 bits
 /// ([`rekeycast_fec::MAX_SOURCE_BLOCKS`]).
 pub const MAX_BLOCKS: usize = rekeycast_fec::MAX_SOURCE_BLOCKS as usize;
+/// The most FEC source blocks a manifest that announces a key rollover carries, so that the
+/// largest such manifest still fits one IPv6-safe datagram (the announcement takes the room of
+/// ten blocks). A GCKS leaves the announcement out of a larger message (it repeats it in the
+/// others of the rollover's delay).
+pub const MAX_BLOCKS_WITH_ROLLOVER: usize = MAX_BLOCKS - 10;
 /// Bytes of one block's first leaf order key.
 const BLOCK_KEY_LEN: usize = 4;
+/// Bytes of a key rollover announcement: the public key and the first sequence number.
+pub const ROLLOVER_LEN: usize = 32 + 8;
 /// The context every manifest signature covers before the manifest's bytes, so a manifest
 /// signature can never be taken for a signature over anything else the GCKS signs.
 pub const SIGNATURE_CONTEXT: &[u8] = b"rekeycast manifest v1\0";
+/// The context of the signing key id derivation (BLAKE3 `derive_key`).
+pub const KEY_ID_CONTEXT: &str = "rekeycast 2026 GCKS signing key id";
 
-const FIXED_LEN: usize = 57;
+/// The flag bit that says an announcement of the next signing key follows the block keys.
+const FLAG_ROLLOVER: u8 = 1;
+
+const FIXED_LEN_V1: usize = 57;
+const FIXED_LEN_V2: usize = 65;
+
+/// The group key management algorithm of a Rekey SA (RFC 4046 5.8: the GKM algorithm is part
+/// of what a message names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum GkmAlgorithm {
+    /// Logical Key Hierarchy (RFC 2627; batch rekeying by the marking algorithm). Id 1.
+    #[default]
+    Lkh,
+}
+
+impl GkmAlgorithm {
+    /// The algorithm's id on the wire.
+    pub const fn id(self) -> u8 {
+        match self {
+            Self::Lkh => 1,
+        }
+    }
+
+    /// The algorithm with id `id`, or [`ManifestError::UnknownAlgorithm`].
+    pub const fn from_id(id: u8) -> Result<Self, ManifestError> {
+        match id {
+            1 => Ok(Self::Lkh),
+            other => Err(ManifestError::UnknownAlgorithm(
+                "group key management",
+                other,
+            )),
+        }
+    }
+}
+
+/// The id of a GCKS signing key: the first 4 bytes of a BLAKE3 key derivation
+/// ([`KEY_ID_CONTEXT`]) from its Ed25519 public key. It only selects which known key a member
+/// verifies a manifest under; the signature decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; 4]);
+
+impl KeyId {
+    /// The id a version 1 manifest carries: it names no key.
+    pub const UNSTATED: KeyId = KeyId([0; 4]);
+
+    /// The id of `key`.
+    pub fn of(key: &VerifyingKey) -> Self {
+        let digest = blake3::derive_key(KEY_ID_CONTEXT, key.as_bytes());
+        Self([digest[0], digest[1], digest[2], digest[3]])
+    }
+}
+
+impl core::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The announcement of the GCKS's next signing key, carried in manifests signed by the current
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyRollover {
+    /// The next key's Ed25519 public key.
+    pub next_key: VerifyingKey,
+    /// The first sequence number signed with the next key: messages from it on are signed
+    /// only with the next key, messages before it only with the current one.
+    pub from_seq: u64,
+}
+
+impl KeyRollover {
+    /// The id of the next key.
+    pub fn next_key_id(&self) -> KeyId {
+        KeyId::of(&self.next_key)
+    }
+}
 
 /// How the chunks of a message authenticate themselves.
 ///
@@ -145,10 +267,22 @@ pub enum ManifestError {
 /// The contents of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Manifest {
-    /// The key-wrapping algorithm id of the Rekey SA (RFC 4046 6.2.1).
+    /// The format version the manifest is encoded in: [`VERSION`] for every manifest a GCKS
+    /// builds, [`VERSION_1`] for one parsed from an older GCKS's bytes.
+    pub version: u8,
+    /// The key-wrapping algorithm id of the Rekey SA (RFC 4046 6.2.1): a
+    /// [`WrapAlgorithm::id`] (the parser and the encoder refuse any other).
     pub wrap_algorithm: u8,
     /// How the chunks authenticate themselves.
     pub chunk_auth: ChunkAuth,
+    /// The group key management algorithm.
+    pub gkm_algorithm: GkmAlgorithm,
+    /// The degree of the key tree (2 to 16); 0 in a version 1 manifest, which names none.
+    pub degree: u8,
+    /// The id of the GCKS key that signs this manifest; [`KeyId::UNSTATED`] in version 1.
+    pub signing_key_id: KeyId,
+    /// The announcement of the GCKS's next signing key, if a rollover is under way.
+    pub key_rollover: Option<KeyRollover>,
     /// The group id.
     pub group_id: u32,
     /// The SPI of the Rekey SA.
@@ -189,10 +323,21 @@ pub struct SignedManifest<'a> {
 impl Manifest {
     /// Bytes the signed manifest takes.
     pub fn buffer_len(&self) -> usize {
-        FIXED_LEN
+        let fixed = if self.version == VERSION_1 {
+            FIXED_LEN_V1
+        } else {
+            FIXED_LEN_V2
+        };
+        let rollover = if self.key_rollover.is_some() {
+            ROLLOVER_LEN
+        } else {
+            0
+        };
+        fixed
             + self.fec_info.len()
             + 1
             + self.block_first_keys.len() * BLOCK_KEY_LEN
+            + rollover
             + SIGNATURE_LEN
     }
 
@@ -211,8 +356,12 @@ impl Manifest {
         after.checked_sub(1).and_then(|sbn| u8::try_from(sbn).ok())
     }
 
-    /// Encodes the manifest and signs it with the GCKS's key.
+    /// Encodes the manifest and signs it with the GCKS's key. A version 2 manifest's
+    /// [`Manifest::signing_key_id`] must be the id of `key`.
     pub fn sign(&self, key: &SigningKey) -> Result<Vec<u8>, ManifestError> {
+        if self.version != VERSION_1 && self.signing_key_id != KeyId::of(&key.verifying_key()) {
+            return Err(ManifestError::InvalidField("signing key id"));
+        }
         let mut bytes = self.signed_bytes()?;
         let signature = key.sign(&signed_message(&bytes));
         bytes.extend_from_slice(&signature.to_bytes());
@@ -220,7 +369,7 @@ impl Manifest {
     }
 
     /// The bytes the signature covers (after [`SIGNATURE_CONTEXT`]): the manifest without
-    /// its signature.
+    /// its signature, in its [`Manifest::version`]'s format.
     pub fn signed_bytes(&self) -> Result<Vec<u8>, ManifestError> {
         if self.fec_info.is_empty() || self.fec_info.len() > MAX_FEC_INFO_LEN {
             return Err(ManifestError::InvalidField("fec info length"));
@@ -231,14 +380,40 @@ impl Manifest {
         if self.block_first_keys.len() > MAX_BLOCKS {
             return Err(ManifestError::InvalidField("block count"));
         }
+        WrapAlgorithm::from_id(self.wrap_algorithm)
+            .map_err(|unknown| ManifestError::UnknownAlgorithm("key wrap", unknown.0))?;
         check_block_keys(&self.block_first_keys)?;
         let mut bytes = Vec::with_capacity(self.buffer_len());
         bytes.extend_from_slice(&[
-            VERSION,
+            self.version,
             SIGNATURE_ED25519,
             self.wrap_algorithm,
             self.chunk_auth as u8,
         ]);
+        match self.version {
+            VERSION_1 => {
+                if self.degree != 0
+                    || self.signing_key_id != KeyId::UNSTATED
+                    || self.key_rollover.is_some()
+                {
+                    return Err(ManifestError::InvalidField("version 1 identity"));
+                }
+            }
+            VERSION => {
+                check_degree(self.degree)?;
+                if let Some(rollover) = &self.key_rollover {
+                    check_rollover(rollover, self.seq, self.block_first_keys.len())?;
+                }
+                let flags = if self.key_rollover.is_some() {
+                    FLAG_ROLLOVER
+                } else {
+                    0
+                };
+                bytes.extend_from_slice(&[self.gkm_algorithm.id(), self.degree, flags, 0]);
+                bytes.extend_from_slice(&self.signing_key_id.0);
+            }
+            other => return Err(ManifestError::UnsupportedVersion(other)),
+        }
         bytes.extend_from_slice(&self.group_id.to_be_bytes());
         bytes.extend_from_slice(&self.spi.to_be_bytes());
         bytes.extend_from_slice(&self.seq.to_be_bytes());
@@ -255,20 +430,32 @@ impl Manifest {
         for key in &self.block_first_keys {
             bytes.extend_from_slice(&key.to_be_bytes());
         }
+        if let Some(rollover) = &self.key_rollover {
+            bytes.extend_from_slice(rollover.next_key.as_bytes());
+            bytes.extend_from_slice(&rollover.from_seq.to_be_bytes());
+        }
         Ok(bytes)
     }
 }
 
 impl<'a> SignedManifest<'a> {
-    /// Parses a signed manifest without checking its signature.
+    /// Parses a signed manifest (version 2, or version 1) without checking its signature.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ManifestError> {
-        let fixed = bytes.get(..FIXED_LEN).ok_or(ManifestError::Truncated)?;
-        if fixed[0] != VERSION {
-            return Err(ManifestError::UnsupportedVersion(fixed[0]));
-        }
+        let version = *bytes.first().ok_or(ManifestError::Truncated)?;
+        // Version 1 lacks the identity words (bytes 4 to 11 of version 2); everything after
+        // them is the same, at an offset.
+        let (fixed_len, shift) = match version {
+            VERSION_1 => (FIXED_LEN_V1, 0),
+            VERSION => (FIXED_LEN_V2, FIXED_LEN_V2 - FIXED_LEN_V1),
+            other => return Err(ManifestError::UnsupportedVersion(other)),
+        };
+        let fixed = bytes.get(..fixed_len).ok_or(ManifestError::Truncated)?;
         if fixed[1] != SIGNATURE_ED25519 {
             return Err(ManifestError::UnknownAlgorithm("signature", fixed[1]));
         }
+        let wrap_algorithm = WrapAlgorithm::from_id(fixed[2])
+            .map_err(|unknown| ManifestError::UnknownAlgorithm("key wrap", unknown.0))?
+            .id();
         let chunk_auth = match fixed[3] {
             1 => ChunkAuth::MerklePath,
             2 => ChunkAuth::Signature,
@@ -280,14 +467,29 @@ impl<'a> SignedManifest<'a> {
                 ))
             }
         };
-        let fec_len = usize::from(fixed[56]);
+        let (gkm_algorithm, degree, has_rollover, signing_key_id) = if version == VERSION {
+            let gkm = GkmAlgorithm::from_id(fixed[4])?;
+            check_degree(fixed[5])?;
+            if fixed[6] & !FLAG_ROLLOVER != 0 {
+                return Err(ManifestError::InvalidField("flags"));
+            }
+            if fixed[7] != 0 {
+                return Err(ManifestError::InvalidField("reserved"));
+            }
+            let key_id = KeyId([fixed[8], fixed[9], fixed[10], fixed[11]]);
+            (gkm, fixed[5], fixed[6] & FLAG_ROLLOVER != 0, key_id)
+        } else {
+            (GkmAlgorithm::Lkh, 0, false, KeyId::UNSTATED)
+        };
+        let fec_len = usize::from(fixed[fixed_len - 1]);
         if fec_len == 0 || fec_len > MAX_FEC_INFO_LEN {
             return Err(ManifestError::InvalidField("fec info length"));
         }
-        let fec_end = FIXED_LEN + fec_len;
+        let fec_end = fixed_len + fec_len;
         let block_count = usize::from(*bytes.get(fec_end).ok_or(ManifestError::Truncated)?);
         let keys_start = fec_end + 1;
-        let signed_len = keys_start + block_count * BLOCK_KEY_LEN;
+        let keys_end = keys_start + block_count * BLOCK_KEY_LEN;
+        let signed_len = keys_end + if has_rollover { ROLLOVER_LEN } else { 0 };
         let total = signed_len + SIGNATURE_LEN;
         if bytes.len() < total {
             return Err(ManifestError::Truncated);
@@ -296,6 +498,7 @@ impl<'a> SignedManifest<'a> {
             return Err(ManifestError::TrailingBytes(bytes.len() - total));
         }
         let u32_at = |at: usize| {
+            let at = at + shift;
             u32::from_be_bytes([fixed[at], fixed[at + 1], fixed[at + 2], fixed[at + 3]])
         };
         let u64_at = |at: usize| (u64::from(u32_at(at)) << 32) | u64::from(u32_at(at + 4));
@@ -303,35 +506,80 @@ impl<'a> SignedManifest<'a> {
         if chunk_count == 0 {
             return Err(ManifestError::InvalidField("chunk count"));
         }
+        let seq = u64_at(12);
         let mut chunk_root = [0u8; HASH_LEN];
-        chunk_root.copy_from_slice(&fixed[40..56]);
+        chunk_root.copy_from_slice(&fixed[40 + shift..56 + shift]);
         // Exactly `total` bytes, checked above, so every slice below is in range.
-        let block_first_keys: Vec<u32> = bytes[keys_start..signed_len]
+        let block_first_keys: Vec<u32> = bytes[keys_start..keys_end]
             .chunks_exact(BLOCK_KEY_LEN)
             .map(|key| u32::from_be_bytes([key[0], key[1], key[2], key[3]]))
             .collect();
         check_block_keys(&block_first_keys)?;
+        let key_rollover = if has_rollover {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes[keys_end..keys_end + 32]);
+            let next_key = VerifyingKey::from_bytes(&key)
+                .map_err(|_| ManifestError::InvalidField("next signing key"))?;
+            let mut from = [0u8; 8];
+            from.copy_from_slice(&bytes[keys_end + 32..signed_len]);
+            let rollover = KeyRollover {
+                next_key,
+                from_seq: u64::from_be_bytes(from),
+            };
+            check_rollover(&rollover, seq, block_first_keys.len())?;
+            Some(rollover)
+        } else {
+            None
+        };
         let mut signature = [0u8; SIGNATURE_LEN];
         signature.copy_from_slice(&bytes[signed_len..]);
         Ok(Self {
             manifest: Manifest {
-                wrap_algorithm: fixed[2],
+                version,
+                wrap_algorithm,
                 chunk_auth,
+                gkm_algorithm,
+                degree,
+                signing_key_id,
+                key_rollover,
                 group_id: u32_at(4),
                 spi: u32_at(8),
-                seq: u64_at(12),
+                seq,
                 epoch: u32_at(20),
                 group_size: u32_at(24),
                 chunk_count,
                 timestamp_us: u64_at(32),
                 chunk_root,
-                fec_info: bytes[FIXED_LEN..fec_end].to_vec(),
+                fec_info: bytes[fixed_len..fec_end].to_vec(),
                 block_first_keys,
             },
             signed: &bytes[..signed_len],
             signature,
         })
     }
+}
+
+/// A version 2 manifest names a degree the key tree allows.
+fn check_degree(degree: u8) -> Result<(), ManifestError> {
+    crate::lkh::topology::Degree::new(degree)
+        .map(|_| ())
+        .map_err(|_| ManifestError::InvalidField("tree degree"))
+}
+
+/// An announcement takes effect after the message that carries it, in a manifest small enough
+/// to stay one datagram.
+fn check_rollover(
+    rollover: &KeyRollover,
+    seq: u64,
+    block_count: usize,
+) -> Result<(), ManifestError> {
+    if rollover.from_seq <= seq {
+        return Err(ManifestError::InvalidField("rollover sequence"));
+    }
+    if block_count > MAX_BLOCKS_WITH_ROLLOVER {
+        return Err(ManifestError::InvalidField("block count with rollover"));
+    }
+    Ok(())
 }
 
 /// Blocks hold chunks in leaf order, so their first keys never decrease.
@@ -362,8 +610,13 @@ mod tests {
 
     fn manifest() -> Manifest {
         Manifest {
+            version: VERSION,
             wrap_algorithm: 1,
             chunk_auth: ChunkAuth::MerklePath,
+            gkm_algorithm: GkmAlgorithm::Lkh,
+            degree: 4,
+            signing_key_id: KeyId::of(&key().verifying_key()),
+            key_rollover: None,
             group_id: 0x0A0B_0C0D,
             spi: 2,
             seq: 300,
@@ -381,9 +634,14 @@ mod tests {
         SigningKey::from_bytes(&[42; 32])
     }
 
+    /// The id of [`key`]'s public key.
+    const KEY_ID: [u8; 4] = [0x71, 0x73, 0xf9, 0x60];
+
     /// The signed bytes of [`manifest`], field by field.
-    const SIGNED: [u8; 86] = [
-        1, 1, 1, 1, // version, signature, wrap and chunk authentication algorithms
+    const SIGNED: [u8; 94] = [
+        2, 1, 1, 1, // version, signature, wrap and chunk authentication algorithms
+        1, 4, 0, 0, // LKH, degree 4, no flags, reserved
+        KEY_ID[0], KEY_ID[1], KEY_ID[2], KEY_ID[3], // signing key id
         0x0A, 0x0B, 0x0C, 0x0D, // group id
         0, 0, 0, 2, // SPI
         0, 0, 0, 0, 0, 0, 0x01, 0x2C, // sequence 300
@@ -431,8 +689,8 @@ mod tests {
         let mut no_blocks = manifest();
         no_blocks.block_first_keys.clear();
         let bytes = no_blocks.sign(&key()).unwrap();
-        assert_eq!(bytes.len(), 57 + 12 + 1 + SIGNATURE_LEN);
-        assert_eq!(bytes[57 + 12], 0);
+        assert_eq!(bytes.len(), 65 + 12 + 1 + SIGNATURE_LEN);
+        assert_eq!(bytes[65 + 12], 0);
         assert_eq!(SignedManifest::parse(&bytes).unwrap().manifest, no_blocks);
     }
 
@@ -447,13 +705,25 @@ mod tests {
         assert_eq!(bytes.len(), largest.buffer_len());
         assert_eq!(
             bytes.len(),
-            57 + MAX_FEC_INFO_LEN + 1 + 4 * 255 + SIGNATURE_LEN
+            65 + MAX_FEC_INFO_LEN + 1 + 4 * 255 + SIGNATURE_LEN
         );
         let room = crate::wire::IPV6_SAFE_DATAGRAM_SIZE
             - crate::wire::datagram::OVERHEAD
             - crate::wire::symbol::FIXED_LEN;
         assert!(bytes.len() <= room, "{} > {room}", bytes.len());
         assert_eq!(SignedManifest::parse(&bytes).unwrap().manifest, largest);
+        // With a rollover announcement, the most blocks it allows.
+        largest.block_first_keys.truncate(MAX_BLOCKS_WITH_ROLLOVER);
+        largest.key_rollover = Some(rollover(largest.seq + 1));
+        let bytes = largest.sign(&key()).unwrap();
+        assert_eq!(bytes.len(), largest.buffer_len());
+        assert!(bytes.len() <= room, "{} > {room}", bytes.len());
+        assert_eq!(SignedManifest::parse(&bytes).unwrap().manifest, largest);
+        largest.block_first_keys.push(u32::MAX);
+        assert_eq!(
+            largest.sign(&key()),
+            Err(ManifestError::InvalidField("block count with rollover"))
+        );
     }
 
     #[test]
@@ -466,7 +736,7 @@ mod tests {
         );
         // The same keys on the wire: the parser rejects them too.
         let mut bytes = manifest().sign(&key()).unwrap();
-        let keys = 57 + 12 + 1;
+        let keys = 65 + 12 + 1;
         bytes[keys..keys + 16].copy_from_slice(&[0, 0, 0, 5, 0, 0, 0, 9, 0, 0, 0, 8, 0, 0, 0, 10]);
         assert_eq!(
             SignedManifest::parse(&bytes),
@@ -553,10 +823,10 @@ mod tests {
     fn rejects_bad_fields() {
         let bytes = manifest().sign(&key()).unwrap();
         let mut bad = bytes.clone();
-        bad[0] = 2;
+        bad[0] = 3;
         assert_eq!(
             SignedManifest::parse(&bad),
-            Err(ManifestError::UnsupportedVersion(2))
+            Err(ManifestError::UnsupportedVersion(3))
         );
         let mut bad = bytes.clone();
         bad[1] = 9;
@@ -568,10 +838,10 @@ mod tests {
         bad[3] = 4;
         assert!(SignedManifest::parse(&bad).is_err());
         let mut bad = bytes.clone();
-        bad[56] = 0;
+        bad[64] = 0;
         assert!(SignedManifest::parse(&bad).is_err());
         let mut bad = bytes.clone();
-        bad[28..32].fill(0);
+        bad[36..40].fill(0);
         assert_eq!(
             SignedManifest::parse(&bad),
             Err(ManifestError::InvalidField("chunk count"))
@@ -579,6 +849,193 @@ mod tests {
         let mut empty_info = manifest();
         empty_info.fec_info.clear();
         assert!(empty_info.sign(&key()).is_err());
+    }
+
+    fn rollover(from_seq: u64) -> KeyRollover {
+        KeyRollover {
+            next_key: SigningKey::from_bytes(&[43; 32]).verifying_key(),
+            from_seq,
+        }
+    }
+
+    /// The signed bytes of [`manifest`] in the version 1 format an older GCKS wrote.
+    const SIGNED_V1: [u8; 86] = [
+        1, 1, 1, 1, // version, signature, wrap and chunk authentication algorithms
+        0x0A, 0x0B, 0x0C, 0x0D, // group id
+        0, 0, 0, 2, // SPI
+        0, 0, 0, 0, 0, 0, 0x01, 0x2C, // sequence 300
+        0, 0, 0, 1, // epoch
+        0, 0x10, 0, 0, // group size 2^20
+        0, 0, 0x0F, 0xA0, // chunk count 4000
+        0x00, 0x06, 0x5B, 0xFE, 0xDA, 0x25, 0xE0, 0x00, // timestamp
+        0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, // chunk root
+        0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, 0x5A, //
+        12, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, // FEC info
+        4,  // block count
+        0, 0, 0, 0, // block 0
+        1, 2, 3, 4, // block 1
+        1, 2, 3, 4, // block 2
+        0xFF, 0xFF, 0xFF, 0xFF, // block 3
+    ];
+
+    /// A version 1 manifest (an older GCKS's history) still parses, names no degree and no
+    /// signing key, and re-encodes to the same bytes.
+    #[test]
+    fn parses_version_1() {
+        let mut bytes = SIGNED_V1.to_vec();
+        bytes.extend_from_slice(&[0xEE; SIGNATURE_LEN]);
+        let parsed = SignedManifest::parse(&bytes).unwrap();
+        let expected = Manifest {
+            version: VERSION_1,
+            degree: 0,
+            signing_key_id: KeyId::UNSTATED,
+            ..manifest()
+        };
+        assert_eq!(parsed.manifest, expected);
+        assert_eq!(parsed.signed, &SIGNED_V1[..]);
+        assert_eq!(expected.signed_bytes().unwrap(), SIGNED_V1);
+        assert_eq!(expected.buffer_len(), bytes.len());
+        // Version 1 has no room for the identity words: a version 1 manifest stating them
+        // does not encode.
+        let stated = Manifest {
+            degree: 4,
+            ..expected.clone()
+        };
+        assert_eq!(
+            stated.signed_bytes(),
+            Err(ManifestError::InvalidField("version 1 identity"))
+        );
+        for len in 0..bytes.len() {
+            assert!(
+                SignedManifest::parse(&bytes[..len]).is_err(),
+                "prefix {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn rollover_round_trip_and_layout() {
+        let mut m = manifest();
+        m.key_rollover = Some(rollover(305));
+        let bytes = m.sign(&key()).unwrap();
+        assert_eq!(bytes[6], FLAG_ROLLOVER);
+        let keys_end = SIGNED.len();
+        assert_eq!(
+            &bytes[keys_end..keys_end + 32],
+            SigningKey::from_bytes(&[43; 32]).verifying_key().as_bytes()
+        );
+        assert_eq!(&bytes[keys_end + 32..keys_end + 40], &305u64.to_be_bytes());
+        assert_eq!(bytes.len(), m.buffer_len());
+        let parsed = SignedManifest::parse(&bytes).unwrap();
+        assert_eq!(parsed.manifest, m);
+        assert_eq!(
+            parsed.manifest.key_rollover.unwrap().next_key_id(),
+            KeyId::of(&SigningKey::from_bytes(&[43; 32]).verifying_key())
+        );
+        for len in 0..bytes.len() {
+            assert!(
+                SignedManifest::parse(&bytes[..len]).is_err(),
+                "prefix {len}"
+            );
+        }
+        // The announcement must take effect after the message that carries it.
+        m.key_rollover = Some(rollover(300));
+        assert_eq!(
+            m.sign(&key()),
+            Err(ManifestError::InvalidField("rollover sequence"))
+        );
+        let mut bad = bytes.clone();
+        bad[keys_end + 32..keys_end + 40].copy_from_slice(&300u64.to_be_bytes());
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::InvalidField("rollover sequence"))
+        );
+        // The flag without the announcement's bytes is a truncation.
+        let mut flagged = manifest().sign(&key()).unwrap();
+        flagged[6] = FLAG_ROLLOVER;
+        assert_eq!(
+            SignedManifest::parse(&flagged),
+            Err(ManifestError::Truncated)
+        );
+    }
+
+    /// Unknown algorithm ids are typed errors, naming the field and the id.
+    #[test]
+    fn unknown_algorithm_ids_are_typed_errors() {
+        let bytes = manifest().sign(&key()).unwrap();
+        let mut bad = bytes.clone();
+        bad[2] = 0x7F;
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::UnknownAlgorithm("key wrap", 0x7F))
+        );
+        let mut bad = bytes.clone();
+        bad[4] = 2;
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::UnknownAlgorithm("group key management", 2))
+        );
+        let mut bad = bytes.clone();
+        bad[3] = 9;
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::UnknownAlgorithm("chunk authentication", 9))
+        );
+        let mut v1 = SIGNED_V1.to_vec();
+        v1.extend_from_slice(&[0; SIGNATURE_LEN]);
+        v1[2] = 0;
+        assert_eq!(
+            SignedManifest::parse(&v1),
+            Err(ManifestError::UnknownAlgorithm("key wrap", 0))
+        );
+        let unknown_wrap = Manifest {
+            wrap_algorithm: 0x7F,
+            ..manifest()
+        };
+        assert_eq!(
+            unknown_wrap.sign(&key()),
+            Err(ManifestError::UnknownAlgorithm("key wrap", 0x7F))
+        );
+        assert_eq!(GkmAlgorithm::from_id(1), Ok(GkmAlgorithm::Lkh));
+        assert_eq!(GkmAlgorithm::Lkh.id(), 1);
+    }
+
+    #[test]
+    fn rejects_bad_identity_words() {
+        let bytes = manifest().sign(&key()).unwrap();
+        for degree in [0, 1, 17, 255] {
+            let mut bad = bytes.clone();
+            bad[5] = degree;
+            assert_eq!(
+                SignedManifest::parse(&bad),
+                Err(ManifestError::InvalidField("tree degree")),
+                "degree {degree}"
+            );
+        }
+        let mut bad = bytes.clone();
+        bad[6] = 2;
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::InvalidField("flags"))
+        );
+        let mut bad = bytes.clone();
+        bad[7] = 1;
+        assert_eq!(
+            SignedManifest::parse(&bad),
+            Err(ManifestError::InvalidField("reserved"))
+        );
+        // A manifest must name the key that signs it.
+        let other = SigningKey::from_bytes(&[44; 32]);
+        assert_eq!(
+            manifest().sign(&other),
+            Err(ManifestError::InvalidField("signing key id"))
+        );
+        let mut low = manifest();
+        low.degree = 1;
+        assert_eq!(
+            low.sign(&key()),
+            Err(ManifestError::InvalidField("tree degree"))
+        );
     }
 
     proptest! {
@@ -589,8 +1046,13 @@ mod tests {
                       mut block_first_keys in proptest::collection::vec(any::<u32>(), 0..=MAX_BLOCKS)) {
             block_first_keys.sort_unstable();
             let manifest = Manifest {
+                version: VERSION,
                 wrap_algorithm: 1,
                 chunk_auth: if signature_chunks { ChunkAuth::Signature } else { ChunkAuth::MerklePath },
+                gkm_algorithm: GkmAlgorithm::Lkh,
+                degree: 2 + (epoch % 15) as u8,
+                signing_key_id: KeyId::of(&key().verifying_key()),
+                key_rollover: None,
                 group_id: 3, spi, seq, epoch, group_size, chunk_count, timestamp_us,
                 chunk_root: root, fec_info, block_first_keys,
             };

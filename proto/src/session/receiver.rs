@@ -61,7 +61,7 @@ use super::manifest::{Manifest, SignedManifest};
 use super::{seal_into, ConfigError, Destination, Transmit};
 use crate::auth::datagram::{DatagramCounters, DatagramVerifier, Reject};
 use crate::auth::heartbeat::{HeartbeatCounters, HeartbeatGuard};
-use crate::auth::message::{MessageCounters, MessageVerifier};
+use crate::auth::message::{MessageCounters, MessageReject, MessageVerifier};
 use crate::auth::Verified;
 use crate::gsa::DataSa;
 use crate::lkh::member::VersionedKey;
@@ -214,8 +214,9 @@ pub enum ReceiverEvent {
         error: MemberError,
     },
     /// The member must register again (why: [`ReceiverSession::reregister_reason`]): the
-    /// messages it lacks left the history window, or its keys cannot open its own chunk
-    /// ([`ReceiverEvent::KeysCannotOpen`], raised just before).
+    /// messages it lacks left the history window, its keys cannot open its own chunk
+    /// ([`ReceiverEvent::KeysCannotOpen`], raised just before), or the next message it needs
+    /// is signed with a GCKS key no message it received announced.
     MustReregister,
 }
 
@@ -233,6 +234,18 @@ pub enum ReregisterReason {
         /// What failed when the chunk was applied.
         error: MemberError,
     },
+    /// The next message the member needs (`seq`, fetched by resync after every earlier one
+    /// was applied) is signed with a GCKS key the member does not trust: the GCKS rolled its
+    /// signing key and the member missed every message that announced the new key (or the
+    /// rollover was a compromised-key rollover, whose announcement the GCKS no longer
+    /// serves). The member never trusts a key it was not told of under a key it trusts, so
+    /// only registration can give it the new one.
+    UnknownSigningKey {
+        /// The message signed with the unknown key.
+        seq: u64,
+        /// The id of the key that message names.
+        key_id: crate::session::manifest::KeyId,
+    },
 }
 
 impl std::fmt::Display for ReregisterReason {
@@ -244,6 +257,11 @@ impl std::fmt::Display for ReregisterReason {
                 "its keys cannot open its own authenticated chunk of message {seq} ({error}): \
                  its registration bundle or saved keys are corrupt or not the GCKS's, or it was \
                  removed from the group"
+            ),
+            Self::UnknownSigningKey { seq, key_id } => write!(
+                f,
+                "message {seq}, the next it needs, is signed with GCKS key {key_id}, which no \
+                 message it received announced: it missed the GCKS's signing-key rollover"
             ),
         }
     }
@@ -503,6 +521,7 @@ impl ReceiverSession {
         let mut datagrams = DatagramVerifier::new(sa.group_id, sa.spi);
         datagrams.add_key(bundle.first_seq, bundle.mac_key.clone());
         let mut messages = MessageVerifier::new(sa.gcks_public_key, sa.group_id, sa.spi, 0);
+        messages.expect_identity(sa.wrap_algorithm, sa.degree);
         messages.set_failure_cap(config.signature_failure_cap);
         Ok(Self {
             grtt: config.scheduler.grtt,
@@ -555,6 +574,7 @@ impl ReceiverSession {
         let mut datagrams = DatagramVerifier::new(sa.group_id, sa.spi);
         datagrams.add_key(next_seq, mac_key);
         let mut messages = MessageVerifier::new(sa.gcks_public_key, sa.group_id, sa.spi, 0);
+        messages.expect_identity(sa.wrap_algorithm, sa.degree);
         messages.set_failure_cap(config.signature_failure_cap);
         let mut events = VecDeque::new();
         if let Some(data_sa) = keys.data_sa() {
@@ -616,6 +636,12 @@ impl ReceiverSession {
     /// Why the member must register again, once it must.
     pub fn reregister_reason(&self) -> Option<ReregisterReason> {
         self.reregister
+    }
+
+    /// The GCKS signing key the member trusts now: its registration's, or the last key a
+    /// verified rollover put in force.
+    pub fn gcks_signing_key(&self) -> &ed25519_dalek::VerifyingKey {
+        self.messages.signing_key()
     }
 
     /// The session's counters.
@@ -900,7 +926,18 @@ impl ReceiverSession {
         if seq < self.next_seq {
             return Ok(StateVerdict::UpToDate);
         }
-        self.messages.verify_manifest_fetched(seq, manifest)?;
+        match self.messages.verify_manifest_fetched(seq, manifest) {
+            Ok(_) => {}
+            // A later message under a key this member was not told of: it missed a rollover
+            // (or the answer is forged). Fetching its messages in order settles which.
+            Err(MessageReject::UnknownSigningKey(_)) => {
+                self.out_of_sync();
+                return Ok(StateVerdict::Behind {
+                    from_seq: self.next_seq,
+                });
+            }
+            Err(error) => return Err(error.into()),
+        }
         let receiving = seq == self.next_seq
             && self.current.as_ref().is_some_and(|c| {
                 now.saturating_duration_since(c.last_activity) < self.config.state_check_interval
@@ -936,10 +973,16 @@ impl ReceiverSession {
                 got: seq,
             });
         }
-        let manifest = self
-            .messages
-            .verify_manifest_fetched(seq, manifest)?
-            .clone();
+        let manifest = match self.messages.verify_manifest_fetched(seq, manifest) {
+            Ok(manifest) => manifest.clone(),
+            // Every message before `seq` is applied, so none this member lacks can announce
+            // the key: it missed the rollover, and only registration can give it the key.
+            Err(MessageReject::UnknownSigningKey(key_id)) => {
+                self.stop_for_reregistration(ReregisterReason::UnknownSigningKey { seq, key_id });
+                return Err(MessageReject::UnknownSigningKey(key_id).into());
+            }
+            Err(error) => return Err(error.into()),
+        };
         let unverified = SignedChunk::parse(chunk, manifest.chunk_auth).map_err(|e| {
             ResyncError::Rejected(crate::auth::message::MessageReject::MalformedChunk(e))
         })?;
@@ -1064,6 +1107,12 @@ impl ReceiverSession {
         }
         let manifest = match self.messages.verify_manifest(seq, bytes) {
             Ok(manifest) => manifest.clone(),
+            // Multicast under a key this member was not told of: an out-of-sync signal only
+            // (an insider can forge it), settled by fetching the missed messages in order.
+            Err(MessageReject::UnknownSigningKey(_)) if seq >= self.next_seq => {
+                self.out_of_sync();
+                return;
+            }
             Err(_) => {
                 self.capped_out(seq);
                 return;
@@ -1428,6 +1477,8 @@ impl ReceiverSession {
             }
         };
         let _ = now;
+        // A rollover in force from this message on: saved keys resume under the new key.
+        self.keys.set_gcks_public_key(*self.messages.signing_key());
         self.datagrams.add_key(seq + 1, rekeyed.next_mac_key);
         self.next_seq = seq + 1;
         self.current = None;

@@ -114,6 +114,9 @@ impl Job for BatchJob {
         // The endpoint's tree is unique again: once this batch commits, the tree it replaces
         // becomes the next batch's spare.
         drop(committed);
+        // The tree names the key that signs its batch (a signing-key rollover changes it), so
+        // the bundles it issues and the state stored with it name that key.
+        tree.set_gcks_public_key(signing_key.verifying_key());
         match build(
             &mut tree,
             &joins,

@@ -52,6 +52,7 @@
 pub mod assignment;
 mod batch;
 pub mod membership;
+pub mod rollover;
 #[cfg(test)]
 mod tests;
 
@@ -193,6 +194,15 @@ pub enum GcksCommand<T> {
 // A bundle is the large variant; events are a few per batch, so boxing it buys nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum GcksEvent<T> {
+    /// A signing-key rollover took effect: message `from_seq`, the first signed with the new
+    /// key, is committed (stored, for a durable endpoint). The driver may now make the new
+    /// key's file the current one and delete the old key's ([`rollover`]).
+    SigningKeyRolled {
+        /// The first message signed with the new key.
+        from_seq: u64,
+        /// The new key's id.
+        key_id: crate::session::manifest::KeyId,
+    },
     /// The answer to a join: the member's registration bundle once the batch admitting it is
     /// committed and released, or why not.
     JoinAnswered {
@@ -312,6 +322,9 @@ impl<T> GcksEvent<T> {
                 retry_in,
             },
             Self::Poisoned { reason } => GcksEvent::Poisoned { reason },
+            Self::SigningKeyRolled { from_seq, key_id } => {
+                GcksEvent::SigningKeyRolled { from_seq, key_id }
+            }
         })
     }
 }
@@ -563,6 +576,8 @@ pub struct GcksEndpoint<T> {
     /// The members' relays, when the GCKS assigns them ([`Self::set_relay_assignment`]).
     relay_assignment: Option<assignment::RelayAssignment>,
     signing_key: Arc<SigningKey>,
+    /// A signing-key rollover under way.
+    rollover: Option<rollover::Rollover>,
     clock: WallClock,
     session: SenderSession,
     /// The committed key tree; a batch job builds on a fork of it.
@@ -833,6 +848,7 @@ impl<T: Clone> GcksEndpoint<T> {
             config,
             relay_assignment: None,
             signing_key: Arc::new(signing_key),
+            rollover: None,
             clock,
             session,
             tree: Arc::new(tree),
@@ -1185,9 +1201,11 @@ impl<T: Clone> GcksEndpoint<T> {
             self.batch_mark = self.leaves_recorded;
         }
         self.batch_started = Some(now);
+        let (signing_key, key_rollover) = self.rollover_for_batch(self.tree.seq() + 1);
         let params = MessageParams {
             spi: self.config.spi,
             timestamp_us: self.clock.unix_micros_at(now),
+            key_rollover,
             ..self.config.message
         };
         self.job = Some(BatchJob {
@@ -1195,7 +1213,7 @@ impl<T: Clone> GcksEndpoint<T> {
             spare: self.spare.take(),
             joins: order.joins,
             leaves: order.leaves,
-            signing_key: Arc::clone(&self.signing_key),
+            signing_key,
             params,
             durable: self.config.durable,
             proactive: Some(self.session.proactive_repair().clone()),
@@ -1250,6 +1268,7 @@ impl<T: Clone> GcksEndpoint<T> {
         let Some(committed) = self.membership.batch_committed() else {
             return;
         };
+        self.rollover_committed(now);
         let releasing = Releasing {
             committed,
             bundles: built.bundles,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
+use super::rollover::{RolloverError, RolloverMode};
 use super::*;
 use crate::endpoint::{Endpoint, Job, Storage};
 use crate::lkh::snapshot;
@@ -1053,4 +1054,208 @@ fn a_unicast_member_gets_each_message_by_unicast_and_acknowledges_it() {
     let long = Duration::from_secs(30);
     assert_eq!(advance_unicast(&mut h, &mut member, member_addr, long), 0);
     assert_eq!(h.endpoint.unicast_counters().deliveries_sent, 2);
+}
+
+fn next_key() -> SigningKey {
+    SigningKey::from_bytes(&[10; 32])
+}
+
+/// The signing key id and announcement of each stored message's manifest, by sequence number.
+fn stored_signers(
+    storage: &MemStorage,
+) -> Vec<(u64, crate::session::manifest::KeyId, Option<u64>)> {
+    storage
+        .messages
+        .iter()
+        .map(|m| {
+            let manifest = crate::session::manifest::SignedManifest::parse(&m.manifest)
+                .unwrap()
+                .manifest;
+            (
+                m.seq,
+                manifest.signing_key_id,
+                manifest.key_rollover.map(|r| r.from_seq),
+            )
+        })
+        .collect()
+}
+
+fn rolled(events: &[GcksEvent<u32>]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            GcksEvent::SigningKeyRolled { from_seq, .. } => Some(*from_seq),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_planned_rollover_announces_under_the_old_key_then_signs_with_the_next() {
+    use crate::session::manifest::KeyId;
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    let now = h.now;
+    let from_seq = h
+        .endpoint
+        .roll_signing_key(now, next_key(), RolloverMode::Planned { announcements: 2 })
+        .unwrap();
+    h.settle();
+    assert_eq!(from_seq, 4);
+    let old = KeyId::of(&key().verifying_key());
+    let new = KeyId::of(&next_key().verifying_key());
+    // Messages 2 and 3 (refreshes the endpoint asked for itself) announce; 4 is the first
+    // under the next key, and the stored tree names it.
+    assert_eq!(
+        stored_signers(&h.storage),
+        vec![
+            (1, old, None),
+            (2, old, Some(4)),
+            (3, old, Some(4)),
+            (4, new, None)
+        ]
+    );
+    assert_eq!(rolled(&h.events), vec![4]);
+    assert_eq!(h.endpoint.signing_key_id(), new);
+    assert_eq!(h.endpoint.rollover_from_seq(), None);
+    assert_eq!(
+        h.endpoint.tree().rekey_sa().gcks_public_key,
+        next_key().verifying_key()
+    );
+    // A joiner now registers with the next key.
+    h.join(2, 2);
+    h.rekey();
+    assert_eq!(stored_signers(&h.storage).last(), Some(&(5, new, None)));
+    let restored = h.storage.restored(3);
+    assert_eq!(
+        restored.tree.rekey_sa().gcks_public_key,
+        next_key().verifying_key()
+    );
+    // A second rollover while none is under way is fine; two at once are not.
+    let now = h.now;
+    h.apply_stores = false;
+    let third = SigningKey::from_bytes(&[11; 32]);
+    assert!(h
+        .endpoint
+        .roll_signing_key(now, third.clone(), RolloverMode::DEFAULT_PLANNED)
+        .is_ok());
+    assert!(matches!(
+        h.endpoint
+            .roll_signing_key(now, third, RolloverMode::DEFAULT_PLANNED),
+        Err(RolloverError::InProgress { .. })
+    ));
+}
+
+#[test]
+fn rollover_refuses_the_same_key_and_no_announcement() {
+    let mut h = Harness::new(config(true));
+    let now = h.now;
+    assert_eq!(
+        h.endpoint
+            .roll_signing_key(now, key(), RolloverMode::DEFAULT_PLANNED),
+        Err(RolloverError::SameKey)
+    );
+    assert_eq!(
+        h.endpoint
+            .roll_signing_key(now, next_key(), RolloverMode::Planned { announcements: 0 }),
+        Err(RolloverError::NoAnnouncement)
+    );
+    h.command(GcksCommand::Stop);
+    assert_eq!(
+        h.endpoint
+            .roll_signing_key(h.now, next_key(), RolloverMode::DEFAULT_PLANNED),
+        Err(RolloverError::Stopped)
+    );
+}
+
+/// A crash after an announcing message was stored: the restarted endpoint (still under the
+/// old key, which the stored tree names) finds the announcement in its history and resumes
+/// the rollover with the next key the driver kept; a crash after the first message under the
+/// next key was stored restarts under the next key only.
+#[test]
+fn a_rollover_resumes_across_a_restart_at_each_crash_point() {
+    use crate::session::manifest::KeyId;
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    // Stores are held: the announcing message 2 is committed, then the process dies.
+    let now = h.now;
+    h.apply_stores = false;
+    h.endpoint
+        .roll_signing_key(now, next_key(), RolloverMode::Planned { announcements: 2 })
+        .unwrap();
+    h.settle();
+    let (id, op) = h.stores.pop_front().unwrap();
+    let result = h.storage.apply(&op);
+    assert!(result.is_ok());
+    let _ = id; // never acknowledged: the process died
+    let restored = h.storage.restored(7);
+    assert_eq!(restored.tree.seq(), 2);
+    assert_eq!(
+        restored.tree.rekey_sa().gcks_public_key,
+        key().verifying_key()
+    );
+    let mut h = restart(h, restored);
+    let announced = h.endpoint.announced_rollover().unwrap();
+    assert_eq!(
+        (announced.next_key, announced.from_seq),
+        (next_key().verifying_key(), 4)
+    );
+    // Only the announced key resumes it.
+    let now = h.now;
+    assert_eq!(
+        h.endpoint
+            .resume_rollover(now, SigningKey::from_bytes(&[12; 32])),
+        Err(RolloverError::NotAnnounced)
+    );
+    assert_eq!(h.endpoint.resume_rollover(now, next_key()), Ok(4));
+    h.settle();
+    let old = KeyId::of(&key().verifying_key());
+    let new = KeyId::of(&next_key().verifying_key());
+    assert_eq!(
+        stored_signers(&h.storage)[1..],
+        [(2, old, Some(4)), (3, old, Some(4)), (4, new, None)]
+    );
+    assert_eq!(rolled(&h.events), vec![4]);
+    // Crash after message 4: the stored tree names the next key; the old key is refused.
+    let restored = h.storage.restored(8);
+    let clock = WallClock {
+        unix_micros: 0,
+        at: h.now,
+    };
+    assert!(matches!(
+        GcksEndpoint::<u32>::restore(config(true), key(), restored, 1, clock, h.now),
+        Err(GcksSetupError::ForeignKey { .. })
+    ));
+    let restored = h.storage.restored(8);
+    let endpoint =
+        GcksEndpoint::<u32>::restore(config(true), next_key(), restored, 1, clock, h.now).unwrap();
+    assert_eq!(endpoint.announced_rollover(), None);
+    assert_eq!(endpoint.signing_key_id(), new);
+}
+
+/// A compromised-key rollover announces nothing: the next message is already under the new
+/// key.
+#[test]
+fn a_compromised_key_rollover_signs_the_next_message_with_the_new_key_unannounced() {
+    use crate::session::manifest::KeyId;
+    let mut h = Harness::new(config(true));
+    h.join(1, 1);
+    h.rekey();
+    let now = h.now;
+    assert_eq!(
+        h.endpoint
+            .roll_signing_key(now, next_key(), RolloverMode::Compromised),
+        Ok(2)
+    );
+    h.settle();
+    assert_eq!(
+        stored_signers(&h.storage),
+        vec![
+            (1, KeyId::of(&key().verifying_key()), None),
+            (2, KeyId::of(&next_key().verifying_key()), None)
+        ]
+    );
+    assert_eq!(rolled(&h.events), vec![2]);
 }
