@@ -2,8 +2,13 @@
 //! joins and leaves, build, sign and encode the message, encode what is stored), with no clock,
 //! file or socket. The [`GcksEndpoint`](super::GcksEndpoint) hands it out and commits its
 //! output only after the driver stored it.
+//!
+//! Between batches the endpoint also hands out a fork job: it copies the committed tree into
+//! the spare ahead of time (a copy of every key: the largest step of a small batch in a large
+//! group), so that the next batch starts from a ready fork.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 use zeroize::Zeroizing;
@@ -20,6 +25,12 @@ use crate::session::StoredMessage;
 pub struct BatchJob {
     pub(super) committed: Arc<KeyTree>,
     pub(super) spare: Option<KeyTree>,
+    /// Whether `spare` already is a fork of `committed` (made ahead by a fork job): the batch
+    /// then skips the copy of the whole tree.
+    pub(super) spare_ready: bool,
+    /// A fork job: only copy `committed` into the spare, ahead of the next batch, so that the
+    /// copy of a large tree is off the path from a batch's close to its first datagram.
+    pub(super) fork_only: bool,
     pub(super) joins: Vec<MemberId>,
     pub(super) leaves: Vec<MemberId>,
     pub(super) signing_key: Arc<SigningKey>,
@@ -38,17 +49,36 @@ impl std::fmt::Debug for BatchJob {
             .field("joins", &self.joins.len())
             .field("leaves", &self.leaves.len())
             .field("durable", &self.durable)
+            .field("spare_ready", &self.spare_ready)
+            .field("fork_only", &self.fork_only)
             .finish_non_exhaustive()
     }
 }
 
 /// What a [`BatchJob`] gives back: the built batch, or why it failed (nothing of it is
-/// committed either way until the endpoint takes it).
-pub struct BatchOutput(pub(super) Result<Built, Failed>);
+/// committed either way until the endpoint takes it); for a fork job, the fork.
+pub struct BatchOutput(pub(super) Outcome);
+
+/// What a job did.
+pub(super) enum Outcome {
+    /// A batch job: the built batch, or why it failed.
+    Batch(Result<Built, Failed>),
+    /// A fork job: the committed tree it was given, forked (the next batch's spare).
+    Forked(KeyTree),
+}
 
 impl std::fmt::Debug for BatchOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
+        let batch = match &self.0 {
+            Outcome::Batch(batch) => batch,
+            Outcome::Forked(tree) => {
+                return f
+                    .debug_struct("BatchOutput")
+                    .field("forked", &tree.seq())
+                    .finish_non_exhaustive()
+            }
+        };
+        match batch {
             Ok(built) => f
                 .debug_struct("BatchOutput")
                 .field("seq", &built.message.seq())
@@ -79,6 +109,49 @@ pub(super) struct Built {
     pub(super) message: PreparedMessage,
     pub(super) bundles: Bundles,
     pub(super) stored: Option<(Zeroizing<Vec<u8>>, StoredMessage)>,
+    /// How long its steps took.
+    pub(super) steps: BuildSteps,
+}
+
+/// How long each step of a built batch took on its worker, wall clock: what the time from a
+/// batch's close to its first datagram is made of. Diagnostics only: nothing the endpoint
+/// decides depends on them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildSteps {
+    /// Forking the committed key tree (a copy of it into the spare).
+    pub fork: Duration,
+    /// Applying the joins and leaves to the fork (new keys, the wraps).
+    pub apply: Duration,
+    /// The joiners' registration bundles.
+    pub bundles: Duration,
+    /// The leaves in order (what the layout walks).
+    pub leaves: Duration,
+    /// Building the message: layout, chunk encoding, chunk authentication, signed manifest.
+    pub message: Duration,
+    /// The FEC object encoder over the chunks (copies them into one buffer).
+    pub prepare: Duration,
+    /// Sealing the initial transmission's datagrams and the proactive repair (each block's
+    /// RaptorQ encoder is built here).
+    pub seal: Duration,
+    /// Encoding what a durable endpoint stores (tree snapshot, message parts).
+    pub store_encode: Duration,
+    /// Dropping what the job no longer needs before it hands its output back.
+    pub drop: Duration,
+}
+
+impl BuildSteps {
+    /// The sum of the steps.
+    pub fn total(&self) -> Duration {
+        self.fork
+            + self.apply
+            + self.bundles
+            + self.leaves
+            + self.message
+            + self.prepare
+            + self.seal
+            + self.store_encode
+            + self.drop
+    }
 }
 
 /// A failed batch: why, and the fork to reuse as the next spare.
@@ -95,6 +168,8 @@ impl Job for BatchJob {
         let Self {
             committed,
             spare,
+            spare_ready,
+            fork_only,
             joins,
             leaves,
             signing_key,
@@ -102,9 +177,14 @@ impl Job for BatchJob {
             durable,
             proactive,
         } = self;
+        let mut steps = BuildSteps::default();
+        let started = Instant::now();
         // The batch is built on a fork: the committed tree stays as it is until the endpoint
         // takes the fork, after the message is built and stored.
         let mut tree = match spare {
+            // Forked ahead by a fork job, from this same committed tree (which does not change
+            // until a batch commits): the same state a fork now would give.
+            Some(spare) if spare_ready && !fork_only => spare,
             Some(mut spare) => {
                 committed.fork_into(&mut spare);
                 spare
@@ -114,6 +194,10 @@ impl Job for BatchJob {
         // The endpoint's tree is unique again: once this batch commits, the tree it replaces
         // becomes the next batch's spare.
         drop(committed);
+        steps.fork = started.elapsed();
+        if fork_only {
+            return BatchOutput(Outcome::Forked(tree));
+        }
         match build(
             &mut tree,
             &joins,
@@ -122,18 +206,20 @@ impl Job for BatchJob {
             &params,
             durable,
             proactive.as_ref(),
+            &mut steps,
         ) {
-            Ok((message, bundles, stored)) => BatchOutput(Ok(Built {
+            Ok((message, bundles, stored)) => BatchOutput(Outcome::Batch(Ok(Built {
                 tree,
                 message,
                 bundles,
                 stored,
-            })),
-            Err((reason, detail)) => BatchOutput(Err(Failed {
+                steps,
+            }))),
+            Err((reason, detail)) => BatchOutput(Outcome::Batch(Err(Failed {
                 reason,
                 detail,
                 spare: Some(tree),
-            })),
+            }))),
         }
     }
 }
@@ -154,23 +240,38 @@ fn build(
     params: &MessageParams,
     durable: bool,
     proactive: Option<&rekeycast_nack::ProactiveRepair>,
+    steps: &mut BuildSteps,
 ) -> Result<BuildResult, (BatchFailure, String)> {
+    let mut at = Instant::now();
+    let mut lap = || {
+        let now = Instant::now();
+        let lap = now - at;
+        at = now;
+        lap
+    };
     let batch = tree
         .apply_batch(joins, leaves)
         .map_err(|e| (BatchFailure::Tree(e), e.to_string()))?;
+    steps.apply = lap();
     let bundles = joins
         .iter()
         .map(|member| (*member, tree.join(*member).map(Box::new)))
         .collect();
-    let built = build_message(&batch, &tree.leaves_in_order(), key, params)
+    steps.bundles = lap();
+    let leaves_in_order = tree.leaves_in_order();
+    steps.leaves = lap();
+    let built = build_message(&batch, &leaves_in_order, key, params)
         .map_err(|e| (BatchFailure::Build, e.to_string()))?;
+    steps.message = lap();
     let encode = |e: crate::session::sender::QueueError| (BatchFailure::Encode, e.to_string());
     let mut prepared = PreparedMessage::new(built, batch.mac_key.clone()).map_err(encode)?;
+    steps.prepare = lap();
     // The initial transmission sealed here, off the event loop (the MAC is most of a
     // datagram's cost on the loop), with every block's repair encoder built on the way.
     prepared
         .seal_initial(proactive, params.resolved_signing_threads())
         .map_err(encode)?;
+    steps.seal = lap();
     let stored = if durable {
         let snapshot = tree
             .snapshot_body()
@@ -179,5 +280,8 @@ fn build(
     } else {
         None
     };
+    steps.store_encode = lap();
+    drop((batch, leaves_in_order));
+    steps.drop = lap();
     Ok((prepared, bundles, stored))
 }

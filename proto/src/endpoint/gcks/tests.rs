@@ -132,6 +132,12 @@ struct Harness {
     apply_stores: bool,
     /// Datagrams sent while advancing time.
     sent: usize,
+    /// Every datagram sent, in order.
+    wire: Vec<Vec<u8>>,
+    /// Whether fork jobs are dropped instead of run (a driver on which they never finish).
+    drop_forks: bool,
+    /// The batch jobs run: whether each started from a fork made ahead.
+    batches_run: Vec<bool>,
 }
 
 impl Harness {
@@ -165,6 +171,9 @@ impl Harness {
             run_jobs: true,
             apply_stores: true,
             sent: 0,
+            wire: Vec::new(),
+            drop_forks: false,
+            batches_run: Vec::new(),
         }
     }
 
@@ -193,6 +202,12 @@ impl Harness {
             }
             if self.run_jobs {
                 if let Some(job) = self.jobs.pop_front() {
+                    if job.fork_only && self.drop_forks {
+                        continue;
+                    }
+                    if !job.fork_only {
+                        self.batches_run.push(job.spare_ready);
+                    }
                     let output = job.run();
                     self.endpoint.handle_job_result(self.now, output);
                     progress = true;
@@ -251,6 +266,7 @@ impl Harness {
         let mut count = 0;
         while let Some(transmit) = self.endpoint.poll_transmit(self.now, &mut buf) {
             assert_eq!(transmit.port, Port::Serve);
+            self.wire.push(buf[..transmit.len].to_vec());
             count += 1;
         }
         self.settle();
@@ -913,4 +929,37 @@ fn with_a_relay_assignment_bundles_list_the_relays_and_a_dead_relay_yields_a_sig
         directive.target_of(RelayRef::Relay(1), 1),
         Some(RelayRef::Relay(2))
     );
+}
+
+#[test]
+fn a_batch_from_a_tree_forked_ahead_sends_what_a_batch_that_forks_itself_sends() {
+    let run = |drop_forks: bool| {
+        let mut h = Harness::new(config(false));
+        h.drop_forks = drop_forks;
+        for member in 1..=40 {
+            h.join(member, member as u32);
+        }
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        for member in 1..=6 {
+            h.leave(member, 100 + member as u32);
+        }
+        for member in 41..=52 {
+            h.join(member, member as u32);
+        }
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        assert_eq!(h.rekeyed().len(), 3);
+        (h.wire, h.batches_run)
+    };
+    let (ahead, ahead_batches) = run(false);
+    let (itself, itself_batches) = run(true);
+    // Every batch starts from the fork made ahead (at the start, then after each commit) only
+    // when fork jobs run.
+    assert_eq!(ahead_batches, vec![true, true, true]);
+    assert_eq!(itself_batches, vec![false, false, false]);
+    assert!(ahead.len() > 20, "{} datagrams", ahead.len());
+    assert_eq!(ahead, itself);
 }
