@@ -17,7 +17,7 @@ use super::BatchFailure;
 use crate::endpoint::Job;
 use crate::lkh::{KeyTree, LkhError, MemberId, RegistrationBundle};
 use crate::session::layout::{build_message, MessageParams};
-use crate::session::sender::PreparedMessage;
+use crate::session::sender::{BlockSealer, PreparedMessage, QueueError, SealedBlocks};
 use crate::session::StoredMessage;
 
 /// One batch to build: run it on any thread and hand its [`BatchOutput`] back to
@@ -65,6 +65,8 @@ pub(super) enum Outcome {
     Batch(Result<Built, Failed>),
     /// A fork job: the committed tree it was given, forked (the next batch's spare).
     Forked(KeyTree),
+    /// A pipelined batch job's later blocks, sealed after its built batch went back.
+    Sealed(Result<SealedBlocks, (u64, QueueError)>),
 }
 
 impl std::fmt::Debug for BatchOutput {
@@ -75,6 +77,18 @@ impl std::fmt::Debug for BatchOutput {
                 return f
                     .debug_struct("BatchOutput")
                     .field("forked", &tree.seq())
+                    .finish_non_exhaustive()
+            }
+            Outcome::Sealed(sealed) => {
+                return f
+                    .debug_struct("BatchOutput")
+                    .field(
+                        "sealed",
+                        &sealed
+                            .as_ref()
+                            .map(|s| (s.seq(), s.is_last()))
+                            .map_err(|e| e.0),
+                    )
                     .finish_non_exhaustive()
             }
         };
@@ -131,7 +145,8 @@ pub struct BuildSteps {
     /// The FEC object encoder over the chunks (copies them into one buffer).
     pub prepare: Duration,
     /// Sealing the initial transmission's datagrams and the proactive repair (each block's
-    /// RaptorQ encoder is built here).
+    /// RaptorQ encoder is built here): of its first blocks only when the job is pipelined
+    /// ([`Job::run_partial`]), the others being sealed after the batch went back.
     pub seal: Duration,
     /// Encoding what a durable endpoint stores (tree snapshot, message parts).
     pub store_encode: Duration,
@@ -161,10 +176,28 @@ pub(super) struct Failed {
     pub(super) spare: Option<KeyTree>,
 }
 
+/// Blocks sealed per partial output of a pipelined batch job, per sealing thread: the first
+/// datagrams wait for one round of them.
+const BLOCKS_PER_PARTIAL: u32 = 2;
+
 impl Job for BatchJob {
     type Output = BatchOutput;
 
     fn run(self) -> BatchOutput {
+        self.run_with(None)
+    }
+
+    /// Pipelined: the built batch goes back with its manifest and first blocks sealed, then
+    /// the later blocks' datagrams a few blocks at a time, the last of them as the returned
+    /// output. The endpoint ends in the same state, with the same datagrams, as after
+    /// [`Job::run`].
+    fn run_partial(self, partial: &mut dyn FnMut(BatchOutput)) -> BatchOutput {
+        self.run_with(Some(partial))
+    }
+}
+
+impl BatchJob {
+    fn run_with(self, mut partial: Option<&mut dyn FnMut(BatchOutput)>) -> BatchOutput {
         let Self {
             committed,
             spare,
@@ -207,8 +240,37 @@ impl Job for BatchJob {
             durable,
             proactive.as_ref(),
             &mut steps,
+            partial.is_some(),
         ) {
-            Ok((message, bundles, stored)) => BatchOutput(Outcome::Batch(Ok(Built {
+            Ok((message, bundles, stored, Some(mut sealer))) => {
+                let seq = message.seq();
+                let built = BatchOutput(Outcome::Batch(Ok(Built {
+                    tree,
+                    message,
+                    bundles,
+                    stored,
+                    steps,
+                })));
+                if let Some(partial) = partial.as_mut() {
+                    partial(built);
+                }
+                let per_partial = BLOCKS_PER_PARTIAL
+                    * u32::try_from(params.resolved_signing_threads()).unwrap_or(1);
+                loop {
+                    match sealer.seal_next(per_partial) {
+                        Ok(sealed) if sealer.is_done() => {
+                            return BatchOutput(Outcome::Sealed(Ok(sealed)))
+                        }
+                        Ok(sealed) => {
+                            if let Some(partial) = partial.as_mut() {
+                                partial(BatchOutput(Outcome::Sealed(Ok(sealed))));
+                            }
+                        }
+                        Err(error) => return BatchOutput(Outcome::Sealed(Err((seq, error)))),
+                    }
+                }
+            }
+            Ok((message, bundles, stored, None)) => BatchOutput(Outcome::Batch(Ok(Built {
                 tree,
                 message,
                 bundles,
@@ -228,6 +290,7 @@ type BuildResult = (
     PreparedMessage,
     Bundles,
     Option<(Zeroizing<Vec<u8>>, StoredMessage)>,
+    Option<BlockSealer>,
 );
 
 /// Applies the batch to `tree` (a fork) and builds, signs and encodes its message, and for a
@@ -241,6 +304,7 @@ fn build(
     durable: bool,
     proactive: Option<&rekeycast_nack::ProactiveRepair>,
     steps: &mut BuildSteps,
+    pipelined: bool,
 ) -> Result<BuildResult, (BatchFailure, String)> {
     let mut at = Instant::now();
     let mut lap = || {
@@ -268,8 +332,16 @@ fn build(
     steps.prepare = lap();
     // The initial transmission sealed here, off the event loop (the MAC is most of a
     // datagram's cost on the loop), with every block's repair encoder built on the way.
-    prepared
-        .seal_initial(proactive, params.resolved_signing_threads())
+    // Pipelined, only the first round of blocks now: the rest is sealed after the batch went
+    // back, while its first datagrams are on the wire.
+    let threads = params.resolved_signing_threads();
+    let head_blocks = if pipelined {
+        u32::try_from(threads).unwrap_or(1)
+    } else {
+        u32::MAX
+    };
+    let sealer = prepared
+        .seal_head(proactive, threads, head_blocks)
         .map_err(encode)?;
     steps.seal = lap();
     let stored = if durable {
@@ -283,5 +355,5 @@ fn build(
     steps.store_encode = lap();
     drop((batch, leaves_in_order));
     steps.drop = lap();
-    Ok((prepared, bundles, stored))
+    Ok((prepared, bundles, stored, sealer))
 }

@@ -75,7 +75,7 @@ use crate::lkh::{Degree, KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle
 use crate::resync::ResyncSource;
 use crate::session::layout::MessageParams;
 use crate::session::sender::{
-    PreparedMessage, QueueError, ResyncLookup, SenderCounters, SenderEvent,
+    PreparedMessage, QueueError, ResyncLookup, SealedBlocks, SenderCounters, SenderEvent,
 };
 use crate::session::{ConfigError, SenderConfig, SenderSession, StoredMessage};
 
@@ -580,6 +580,9 @@ pub struct GcksEndpoint<T> {
     fork_out: bool,
     /// Whether fork jobs are handed out (not after one panicked: each batch forks itself).
     fork_ahead: bool,
+    /// The message whose later blocks a pipelined batch job is still sealing
+    /// ([`Job::run_partial`](crate::endpoint::Job::run_partial)).
+    sealing: Option<u64>,
     membership: Membership<Waiter<T>>,
     /// Leaves recorded durably since the endpoint started ([`GcksStoreOp::Release`]).
     leaves_recorded: u64,
@@ -839,6 +842,7 @@ impl<T: Clone> GcksEndpoint<T> {
             spare_ready: false,
             fork_out: false,
             fork_ahead: true,
+            sealing: None,
             leaves_recorded: 0,
             batch_mark: 0,
             job: None,
@@ -1163,6 +1167,7 @@ impl<T: Clone> GcksEndpoint<T> {
     /// batch), unless the spare is ready, a job is waiting for the driver or one is out.
     fn maybe_fork_ahead(&mut self) {
         if self.stopped
+            || self.sealing.is_some()
             || !self.fork_ahead
             || self.spare_ready
             || self.fork_out
@@ -1197,9 +1202,42 @@ impl<T: Clone> GcksEndpoint<T> {
         self.spare = Some(tree);
     }
 
+    /// Hands the sealed datagrams of a pipelined message's later blocks to the message,
+    /// wherever it is on its way to the sender session.
+    fn add_sealed(&mut self, sealed: SealedBlocks) {
+        let seq = sealed.seq();
+        if sealed.is_last() && self.sealing == Some(seq) {
+            self.sealing = None;
+        }
+        let message = self
+            .committing
+            .as_mut()
+            .map(|built| &mut built.message)
+            .into_iter()
+            .chain(self.releasing.as_mut().map(|r| &mut r.message))
+            .chain(self.answering.iter_mut().map(|a| &mut a.message))
+            .chain(self.held.iter_mut().map(|(_, message)| message))
+            .find(|message| message.seq() == seq);
+        match message {
+            Some(message) => message.add_sealed(sealed),
+            None => {
+                self.session.add_sealed(sealed);
+            }
+        }
+    }
+
     fn batch_output(&mut self, now: Instant, output: BatchOutput) {
         let output = match output.0 {
             batch::Outcome::Forked(tree) => return self.forked(tree),
+            batch::Outcome::Sealed(Ok(sealed)) => return self.add_sealed(sealed),
+            batch::Outcome::Sealed(Err((seq, _))) => {
+                // The message's initial transmission would wait for those blocks forever.
+                if self.sealing == Some(seq) {
+                    self.sealing = None;
+                    self.poison(PoisonReason::QueueRefused);
+                }
+                return;
+            }
             batch::Outcome::Batch(output) => output,
         };
         if self.membership.poisoned().is_some() || self.stopped || !self.membership.is_building() {
@@ -1215,6 +1253,9 @@ impl<T: Clone> GcksEndpoint<T> {
             }
             Ok(mut built) => match {
                 self.last_build_steps = Some(built.steps);
+                if built.message.is_sealing() {
+                    self.sealing = Some(built.message.seq());
+                }
                 built.stored.take()
             } {
                 Some((tree, message)) => {
@@ -1547,7 +1588,7 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
 
     fn handle_job_panicked(&mut self, now: Instant) {
         // Only a fork job out: the committed tree is intact and the next batch forks itself.
-        if self.fork_out && !self.membership.is_building() {
+        if self.fork_out && !self.membership.is_building() && self.sealing.is_none() {
             self.fork_out = false;
             self.fork_ahead = false;
             self.after_input(now);
