@@ -1126,8 +1126,11 @@ impl<T: Clone> GcksEndpoint<T> {
     /// Hands out the batch due, if one is (and no leave's record is out: a batch must not take
     /// a leave that is not durable yet).
     fn maybe_start_batch(&mut self, now: Instant) {
+        // A fork job out will have the spare ready sooner than a fork of the batch's own: the
+        // batch waits for it (its output, or its panic, comes back).
         if self.stopped
             || self.leave_in_flight
+            || self.fork_out && self.job.is_none()
             || self.job.as_ref().is_some_and(|job| !job.fork_only)
         {
             return;
@@ -1139,6 +1142,7 @@ impl<T: Clone> GcksEndpoint<T> {
         if let Some(fork) = self.job.take() {
             self.spare = fork.spare;
             self.spare_ready = false;
+            self.fork_out = false;
         }
         if order.attempt == 1 {
             self.batch_mark = self.leaves_recorded;

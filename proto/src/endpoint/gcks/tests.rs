@@ -134,7 +134,7 @@ struct Harness {
     sent: usize,
     /// Every datagram sent, in order.
     wire: Vec<Vec<u8>>,
-    /// Whether fork jobs are dropped instead of run (a driver on which they never finish).
+    /// Whether fork jobs panic instead of running (the endpoint then stops handing them out).
     drop_forks: bool,
     /// The batch jobs run: whether each started from a fork made ahead.
     batches_run: Vec<bool>,
@@ -203,6 +203,8 @@ impl Harness {
             if self.run_jobs {
                 if let Some(job) = self.jobs.pop_front() {
                     if job.fork_only && self.drop_forks {
+                        self.endpoint.handle_job_panicked(self.now);
+                        progress = true;
                         continue;
                     }
                     if !job.fork_only {
