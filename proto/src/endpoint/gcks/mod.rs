@@ -1255,21 +1255,21 @@ impl<T: Clone> GcksEndpoint<T> {
                 }
                 self.batch_failed(now, failed.reason, failed.detail);
             }
-            Ok(mut built) => match {
+            Ok(mut built) => {
                 self.last_build_steps = Some(built.steps);
                 if built.message.is_sealing() {
                     self.sealing = Some(built.message.seq());
                 }
-                built.stored.take()
-            } {
-                Some((tree, message)) => {
-                    let seq = message.seq;
-                    let id = self.push_store(GcksStoreOp::CommitBatch { seq, tree, message });
-                    self.awaiting.insert(id, Awaiting::Commit);
-                    self.committing = Some(built);
+                match built.stored.take() {
+                    Some((tree, message)) => {
+                        let seq = message.seq;
+                        let id = self.push_store(GcksStoreOp::CommitBatch { seq, tree, message });
+                        self.awaiting.insert(id, Awaiting::Commit);
+                        self.committing = Some(built);
+                    }
+                    None => self.commit(now, built),
                 }
-                None => self.commit(now, built),
-            },
+            }
         }
     }
 

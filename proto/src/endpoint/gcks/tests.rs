@@ -204,7 +204,6 @@ impl Harness {
                 if let Some(job) = self.jobs.pop_front() {
                     if job.fork_only && self.drop_forks {
                         self.endpoint.handle_job_panicked(self.now);
-                        progress = true;
                         continue;
                     }
                     if !job.fork_only {
