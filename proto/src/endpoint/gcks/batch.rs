@@ -346,11 +346,8 @@ fn build(
     // Pipelined, only the first round of blocks now: the rest is sealed after the batch went
     // back, while its first datagrams are on the wire.
     let threads = params.resolved_signing_threads();
-    let head_blocks = if pipelined {
-        u32::try_from(threads).unwrap_or(1)
-    } else {
-        u32::MAX
-    };
+    // One block on this thread (no thread to start): the first datagrams wait for no more.
+    let head_blocks = if pipelined { 1 } else { u32::MAX };
     let sealer = prepared
         .seal_head(proactive, threads, head_blocks)
         .map_err(encode)?;
