@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 pub use rekeycast_proto::endpoint::gcks::membership;
 pub use rekeycast_proto::endpoint::gcks::{
-    BatchFailure, Change, JoinError, LeaveError, LeaveOutcome, PoisonReason, ResyncAnswer,
+    BatchFailure, BuildSteps, Change, JoinError, LeaveError, LeaveOutcome, PoisonReason,
+    ResyncAnswer,
 };
 
 use crate::config::{
@@ -305,6 +306,8 @@ pub struct GcksStats {
     /// What the GCKS sent its unicast relays ([`GcksConfig::unicast_relays`]): datagrams
     /// and bytes (each group datagram once per relay).
     pub uplinks: crate::relay::uplink::UplinkCounters,
+    /// How long the steps of the last batch built took on its worker (wall clock).
+    pub last_build_steps: Option<BuildSteps>,
 }
 
 /// Percentiles of the event loop's lag, microseconds (the driver's [`crate::engine::LoopLag`]).

@@ -19,7 +19,7 @@
 //!    each), 10 rekeys (quick: 3) with 5% churn, at 0% and 5% simulated iid loss: p50, p90,
 //!    p99 and max over every member and rekey, and whether every member ended current.
 //! 3. Event-loop lag while a big batch is built: a GCKS with 256 members sending a heartbeat
-//!    every millisecond takes 2^20 joins (quick: 2^16) and builds them in one batch on its
+//!    every millisecond takes 2^20 joins (quick: 2^16; one `join_many` call) and builds them in one batch on its
 //!    worker pool (FEC blocks of up to 1,024 symbols: the message is about 200,000 chunks, more
 //!    than the 255 blocks of the default 256 allow). The loop's lag histogram (cumulative since
 //!    start) is read after 1 s of heartbeats alone, after the joins were taken in, and after the
@@ -757,7 +757,8 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
     let idle = gcks.stats()?;
     eprintln!("engine: loop lag: taking {big} joins");
     let intake_start = Instant::now();
-    let bundles = join_all!(gcks, small + 1, big);
+    // One command for all of them (`join_many`): the answers collect in its ticket.
+    let bundles = gcks.join_many((small + 1..small + 1 + big).map(MemberId).collect())?;
     // Commands are taken in order: this answer comes after every join is in the loop's list.
     let intake = gcks.stats()?;
     let intake_time = intake_start.elapsed();
@@ -831,11 +832,13 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
         ms(churn.to_queued),
         ms(churn.build)
     );
+    let steps_json = churn.steps.map(|steps| print_steps(&steps));
     Ok(json!({
         "churn_batch": {
             "leaves": churn.leaves, "joins": churn.joins, "chunks": churn.chunks,
             "close_to_first_datagram_ms": ms(churn.to_first_datagram),
             "close_to_queued_ms": ms(churn.to_queued), "build_ms": ms(churn.build),
+            "job_steps_ms": steps_json,
         },
         "pool": setup.label,
         "workers": setup.workers,
@@ -851,6 +854,32 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
     }))
 }
 
+/// Prints the batch job's steps (ms, wall clock on its worker) and returns them as JSON.
+fn print_steps(steps: &rekeycast::gcks::BuildSteps) -> Value {
+    let rows = [
+        ("fork the committed tree", steps.fork),
+        ("apply joins and leaves (wraps)", steps.apply),
+        ("joiners' bundles", steps.bundles),
+        ("leaves in order", steps.leaves),
+        (
+            "build_message (layout, chunk auth, manifest)",
+            steps.message,
+        ),
+        ("FEC object encoder (copy of the chunks)", steps.prepare),
+        ("seal the initial transmission (block encoders)", steps.seal),
+        ("encode what is stored", steps.store_encode),
+        ("drop the batch", steps.drop),
+        ("total", steps.total()),
+    ];
+    println!("  batch job steps on the worker:");
+    let mut out = serde_json::Map::new();
+    for (name, time) in rows {
+        println!("    {name:<50} {:>8.1} ms", ms(time));
+        out.insert(name.to_string(), json!(ms(time)));
+    }
+    Value::Object(out)
+}
+
 /// A 1% churn batch's timing, from its close.
 struct ChurnTiming {
     leaves: u64,
@@ -861,6 +890,8 @@ struct ChurnTiming {
     /// From `rekey_now` to the message's `Queued` event.
     to_queued: Duration,
     build: Duration,
+    /// The batch job's steps on its worker.
+    steps: Option<rekeycast::gcks::BuildSteps>,
 }
 
 /// After the message `last_seq` (which admitted members `first..first + count`) is sent: half
@@ -883,7 +914,11 @@ fn first_datagram_after_churn(
     for i in 0..churn {
         gcks.leave(MemberId(first + i * (count / churn)))?;
     }
-    let bundles = join_all!(gcks, first + count, churn);
+    let bundles = gcks.join_many(
+        (first + count..first + count + churn)
+            .map(MemberId)
+            .collect(),
+    )?;
     let (receiver, _) = MulticastSocket::receiver(&MulticastConfig::loopback_v4(group))?;
     let target = last_seq + 1;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -931,6 +966,7 @@ fn first_datagram_after_churn(
         .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?
         .context("no datagram of the churn batch arrived")?;
     drop(bundles);
+    let steps = gcks.stats()?.last_build_steps;
     Ok(ChurnTiming {
         leaves: churn,
         joins: churn,
@@ -938,5 +974,6 @@ fn first_datagram_after_churn(
         to_first_datagram: arrived - close,
         to_queued: queued - close,
         build,
+        steps,
     })
 }

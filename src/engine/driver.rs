@@ -1223,9 +1223,18 @@ where
             }
         }
         self.stats.jobs_started += 1;
+        // Partial outputs go back as they come, each waking the loop, before the last one.
+        let partials = self.job_results.clone();
+        let partial_waker = Arc::clone(&self.waker);
         let spawned = self.workers.as_ref().is_some_and(|pool| {
             pool.spawn(
-                move || job.run(),
+                move || {
+                    job.run_partial(&mut |output| {
+                        if partials.send(Ok(output)).is_ok() {
+                            let _ = partial_waker.wake();
+                        }
+                    })
+                },
                 self.job_results.clone(),
                 Arc::clone(&self.waker),
             )

@@ -915,6 +915,7 @@ fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
         relays: stats.relays,
         history_not_held: stats.history_not_held,
         uplinks: stats.uplinks,
+        last_build_steps: stats.last_build_steps,
     }
 }
 

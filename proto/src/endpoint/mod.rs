@@ -82,6 +82,18 @@ pub trait Job: Send + 'static {
     type Output: Send + 'static;
     /// Does the work.
     fn run(self) -> Self::Output;
+    /// Does the work, handing out partial outputs as they are ready: each one given to
+    /// `partial` goes to [`Endpoint::handle_job_result`] in order, before the returned (last)
+    /// one, so that the endpoint acts on the first part of a long job (sends the first blocks
+    /// of a message) while the rest is computed. The endpoint ends in the same state as after
+    /// [`Job::run`]'s one output. By default there is no partial output: [`Job::run`].
+    fn run_partial(self, partial: &mut dyn FnMut(Self::Output)) -> Self::Output
+    where
+        Self: Sized,
+    {
+        let _ = partial;
+        self.run()
+    }
 }
 
 /// The job of an endpoint that hands out none (a member): it has no value.

@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rekeycast_fec::ObjectEncoder;
@@ -195,7 +196,8 @@ pub struct PreparedMessage {
     mac_key: MacKey,
     manifest: Vec<u8>,
     headers: Vec<ChunkHeader>,
-    encoder: ObjectEncoder,
+    /// Shared with a [`BlockSealer`] that seals the later blocks of a pipelined message.
+    encoder: Arc<ObjectEncoder>,
     /// The initial transmission's datagrams, sealed off the event loop
     /// ([`PreparedMessage::seal_initial`]); dropped once that transmission is over.
     sealed: Option<SealedInitial>,
@@ -207,12 +209,13 @@ pub struct PreparedMessage {
 struct SealedInitial {
     /// The manifest's datagram.
     manifest: Vec<u8>,
-    /// Every source symbol's datagram, `stride` bytes each, in chunk index order.
-    source: Vec<u8>,
-    /// Per block, its first proactive repair symbols' datagrams (ESIs `k ..`), `stride` each.
-    proactive: Vec<Vec<u8>>,
+    /// Per block (by SBN), its datagrams; `None` for a block still being sealed.
+    blocks: Vec<Option<SealedBlock>>,
     /// The length of a symbol datagram (all are the same).
     stride: usize,
+    /// Whether blocks are still being sealed ([`PreparedMessage::seal_head`]): the initial
+    /// transmission waits for them instead of sealing them itself.
+    pending: bool,
 }
 
 /// Why a built message cannot be prepared or queued.
@@ -260,8 +263,10 @@ impl PreparedMessage {
     pub fn new(built: BuiltMessage, mac_key: MacKey) -> Result<Self, QueueError> {
         let signed = SignedManifest::parse(&built.manifest)?;
         let manifest = signed.manifest;
-        let encoder =
-            ObjectEncoder::from_chunks(built.fec_info, built.chunks.iter().map(Vec::as_slice))?;
+        let encoder = Arc::new(ObjectEncoder::from_chunks(
+            built.fec_info,
+            built.chunks.iter().map(Vec::as_slice),
+        )?);
         let headers = built.layout.chunks.iter().map(|(h, _)| *h).collect();
         Ok(Self {
             seq: manifest.seq,
@@ -286,7 +291,7 @@ impl PreparedMessage {
     ) -> Result<Self, QueueError> {
         let parsed = SignedManifest::parse(&manifest)?.manifest;
         let info = rekeycast_fec::ObjectInfo::parse(&parsed.fec_info)?;
-        let encoder = ObjectEncoder::new(info, symbols)?;
+        let encoder = Arc::new(ObjectEncoder::new(info, symbols)?);
         let symbol_size = usize::from(info.symbol_size());
         let headers = encoder
             .data()
@@ -346,110 +351,106 @@ impl PreparedMessage {
         proactive: Option<&ProactiveRepair>,
         threads: usize,
     ) -> Result<(), QueueError> {
+        let blocks = self.encoder.partition().block_count();
+        let sealer = self.seal_head(proactive, threads, blocks)?;
+        debug_assert!(sealer.is_none());
+        Ok(())
+    }
+
+    /// As [`Self::seal_initial`] for the manifest and the first `head_blocks` blocks only; the
+    /// sender sends them and then waits for the others, which the returned [`BlockSealer`]
+    /// seals (on a worker, while the first ones are on the wire) and
+    /// [`SenderSession::add_sealed`] hands over. `None` when `head_blocks` covers every block:
+    /// the message is then as after [`Self::seal_initial`]. The datagrams are the same either
+    /// way.
+    pub fn seal_head(
+        &mut self,
+        proactive: Option<&ProactiveRepair>,
+        threads: usize,
+        head_blocks: u32,
+    ) -> Result<Option<BlockSealer>, QueueError> {
         let info = *self.encoder.info();
         let partition = info.partition();
-        let blocks = partition.block_count() as usize;
+        let block_count = partition.block_count();
         let stride =
             wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + usize::from(info.symbol_size());
         let mut manifest =
             vec![0u8; wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + self.manifest.len()];
-        let sealer = Sealer {
+        let sealer = BlockSealer {
+            encoder: Arc::clone(&self.encoder),
             group_id: self.group_id,
             spi: self.spi,
             seq: self.seq,
-            key: &self.mac_key,
+            key: self.mac_key.clone(),
+            proactive: (0..block_count)
+                .map(|sbn| {
+                    // block_count() <= 255 (the SBN is 8 bits), so the cast is exact.
+                    let k = partition.block_len(sbn as u8)?;
+                    Ok(proactive.map_or(0, |p| {
+                        p.proactive_symbols(u16::try_from(k).unwrap_or(u16::MAX))
+                    }))
+                })
+                .collect::<Result<Vec<u16>, QueueError>>()?,
+            stride,
+            threads,
+            next: 0,
         };
-        // Every buffer below is exactly one datagram's length, so sealing cannot run out of
-        // room; were it ever to, the message is refused as unsendable rather than sent short.
+        // Every buffer is exactly one datagram's length, so sealing cannot run out of room;
+        // were it ever to, the message is refused as unsendable rather than sent short.
         sealer
+            .sealer()
             .seal(ObjectKind::Manifest, 0, 0, &self.manifest, &mut manifest)
             .ok_or(QueueError::CorruptChunk)?;
-        // One task per block: its source datagrams (a slice of `source`) and its proactive
-        // repair, which needs the block's encoder.
-        let mut source = vec![0u8; self.headers.len() * stride];
-        let mut tasks = Vec::with_capacity(blocks);
-        let mut rest = source.as_mut_slice();
-        for sbn in 0..blocks {
-            // block_count() <= 255 (the SBN is 8 bits), so the cast is exact.
-            let sbn = sbn as u8;
-            let k = partition.block_len(sbn)?;
-            let h = proactive.map_or(0, |p| {
-                p.proactive_symbols(u16::try_from(k).unwrap_or(u16::MAX))
-            });
-            let (mine, tail) = rest.split_at_mut((k as usize * stride).min(rest.len()));
-            rest = tail;
-            tasks.push((sbn, k, h, mine));
-        }
-        let encoder = &self.encoder;
-        let run = |(sbn, k, h, out): (u8, u32, u16, &mut [u8])| -> Result<Vec<u8>, QueueError> {
-            for (esi, slot) in (0..k).zip(out.chunks_exact_mut(stride)) {
-                let data = encoder.source_symbol(sbn, esi)?;
-                sealer
-                    .seal(ObjectKind::Chunks, sbn, esi, data, slot)
-                    .ok_or(QueueError::CorruptChunk)?;
-            }
-            let block = encoder.block(sbn)?;
-            let mut repair = vec![0u8; usize::from(h) * stride];
-            if h > 0 {
-                let symbols = block.repair_symbols(k, u32::from(h))?;
-                for (symbol, (esi, slot)) in symbols.zip((k..).zip(repair.chunks_exact_mut(stride)))
-                {
-                    sealer
-                        .seal(ObjectKind::Chunks, sbn, esi, &symbol, slot)
-                        .ok_or(QueueError::CorruptChunk)?;
-                }
-            }
-            Ok(repair)
-        };
-        let threads = threads.clamp(1, blocks.max(1));
-        let proactive = if threads == 1 {
-            tasks.into_iter().map(run).collect::<Result<Vec<_>, _>>()?
-        } else {
-            // Blocks dealt round-robin, so that each thread gets a share of every size.
-            let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
-            for (i, task) in tasks.into_iter().enumerate() {
-                shares[i % threads].push(task);
-            }
-            let mut results: Vec<Option<Vec<u8>>> = (0..blocks).map(|_| None).collect();
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = shares
-                    .into_iter()
-                    .map(|share| {
-                        let run = &run;
-                        scope.spawn(move || {
-                            share
-                                .into_iter()
-                                .map(|task| {
-                                    let sbn = task.0;
-                                    run(task).map(|repair| (sbn, repair))
-                                })
-                                .collect::<Result<Vec<_>, _>>()
-                        })
-                    })
-                    .collect();
-                for handle in handles {
-                    match handle.join() {
-                        Ok(done) => {
-                            for (sbn, repair) in done? {
-                                results[usize::from(sbn)] = Some(repair);
-                            }
-                        }
-                        // Sealing does not panic; if it ever did, the panic goes on to the
-                        // caller as it would have on one thread.
-                        Err(panic) => std::panic::resume_unwind(panic),
-                    }
-                }
-                Ok::<_, QueueError>(())
-            })?;
-            results.into_iter().map(Option::unwrap_or_default).collect()
-        };
+        let mut sealer = sealer;
+        let head = sealer.seal_next(head_blocks.max(1))?;
+        let mut blocks: Vec<Option<SealedBlock>> = head.blocks.into_iter().map(Some).collect();
+        blocks.resize_with(block_count as usize, || None);
+        let pending = !head.last;
         self.sealed = Some(SealedInitial {
             manifest,
-            source,
-            proactive,
+            blocks,
             stride,
+            pending,
         });
-        Ok(())
+        Ok(pending.then_some(sealer))
+    }
+
+    /// Takes the sealed datagrams of blocks that [`Self::seal_head`] left to a
+    /// [`BlockSealer`]. Blocks of another message, or whose transmission is over, are ignored.
+    pub fn add_sealed(&mut self, sealed: SealedBlocks) {
+        if sealed.seq != self.seq {
+            return;
+        }
+        let Some(initial) = self.sealed.as_mut() else {
+            return;
+        };
+        let first = usize::from(sealed.first);
+        for (slot, block) in initial.blocks.iter_mut().skip(first).zip(sealed.blocks) {
+            *slot = Some(block);
+        }
+        if sealed.last {
+            initial.pending = false;
+        }
+    }
+
+    /// Whether blocks of it are still being sealed by a [`BlockSealer`] ([`Self::seal_head`]).
+    pub fn is_sealing(&self) -> bool {
+        self.sealed.as_ref().is_some_and(|sealed| sealed.pending)
+    }
+
+    /// Whether the initial transmission's step `step` waits for blocks still being sealed
+    /// ([`Self::seal_head`]).
+    fn waits_for(&self, step: Step) -> bool {
+        let Some(sealed) = self.sealed.as_ref().filter(|sealed| sealed.pending) else {
+            return false;
+        };
+        match step {
+            Step::Manifest => false,
+            Step::Source { sbn, .. } | Step::Proactive { sbn, .. } => sealed
+                .blocks
+                .get(usize::from(sbn))
+                .is_some_and(Option::is_none),
+        }
     }
 
     /// Whether the initial transmission's datagrams are sealed in advance.
@@ -463,17 +464,15 @@ impl PreparedMessage {
         match step {
             Step::Manifest => Some(&sealed.manifest),
             Step::Source { sbn, esi } => {
-                let start = self.encoder.partition().block_start(sbn).ok()?;
-                let at = (start as usize + esi as usize) * sealed.stride;
-                sealed.source.get(at..at + sealed.stride)
+                let block = sealed.blocks.get(usize::from(sbn))?.as_ref()?;
+                let at = esi as usize * sealed.stride;
+                block.source.get(at..at + sealed.stride)
             }
             Step::Proactive { sbn, esi } => {
                 let k = self.encoder.partition().block_len(sbn).ok()?;
+                let block = sealed.blocks.get(usize::from(sbn))?.as_ref()?;
                 let at = (esi.checked_sub(k)? as usize) * sealed.stride;
-                sealed
-                    .proactive
-                    .get(usize::from(sbn))?
-                    .get(at..at + sealed.stride)
+                block.proactive.get(at..at + sealed.stride)
             }
         }
     }
@@ -486,6 +485,157 @@ impl PreparedMessage {
     /// The number of chunks (source symbols) of the message.
     pub fn chunk_count(&self) -> usize {
         self.headers.len()
+    }
+}
+
+/// One block's initial datagrams, sealed in advance.
+#[derive(Debug)]
+struct SealedBlock {
+    /// Its source symbols' datagrams, `stride` bytes each, by ESI.
+    source: Vec<u8>,
+    /// Its first proactive repair symbols' datagrams (ESIs `k ..`), `stride` each.
+    proactive: Vec<u8>,
+}
+
+/// The sealed datagrams of consecutive blocks of a message, from a [`BlockSealer`], for
+/// [`SenderSession::add_sealed`].
+#[derive(Debug)]
+pub struct SealedBlocks {
+    seq: u64,
+    first: u8,
+    blocks: Vec<SealedBlock>,
+    last: bool,
+}
+
+impl SealedBlocks {
+    /// The message's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether these are the message's last blocks.
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+}
+
+/// Seals a message's blocks in order, a few at a time, off the event loop: what
+/// [`PreparedMessage::seal_head`] leaves for later. It shares the message's encoder.
+#[derive(Debug)]
+pub struct BlockSealer {
+    encoder: Arc<ObjectEncoder>,
+    group_id: u32,
+    spi: u32,
+    seq: u64,
+    key: MacKey,
+    /// Per block, how many proactive repair symbols to seal.
+    proactive: Vec<u16>,
+    stride: usize,
+    threads: usize,
+    /// The first block not sealed yet.
+    next: u32,
+}
+
+impl BlockSealer {
+    fn sealer(&self) -> Sealer<'_> {
+        Sealer {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq: self.seq,
+            key: &self.key,
+        }
+    }
+
+    /// Whether every block is sealed.
+    pub fn is_done(&self) -> bool {
+        self.next as usize >= self.proactive.len()
+    }
+
+    /// Seals the next `count` blocks (fewer at the end; at least one) on up to the
+    /// sealer's threads, each block's repair encoder built on the way.
+    pub fn seal_next(&mut self, count: u32) -> Result<SealedBlocks, QueueError> {
+        let total = self.proactive.len() as u32;
+        let first = self.next.min(total);
+        let end = first.saturating_add(count.max(1)).min(total);
+        self.next = end;
+        let partition = self.encoder.partition();
+        let stride = self.stride;
+        let sealer = self.sealer();
+        let encoder = &self.encoder;
+        let run = |sbn: u8| -> Result<SealedBlock, QueueError> {
+            let k = partition.block_len(sbn)?;
+            let h = self.proactive.get(usize::from(sbn)).copied().unwrap_or(0);
+            let mut source = vec![0u8; k as usize * stride];
+            for (esi, slot) in (0..k).zip(source.chunks_exact_mut(stride)) {
+                let data = encoder.source_symbol(sbn, esi)?;
+                sealer
+                    .seal(ObjectKind::Chunks, sbn, esi, data, slot)
+                    .ok_or(QueueError::CorruptChunk)?;
+            }
+            let block = encoder.block(sbn)?;
+            let mut proactive = vec![0u8; usize::from(h) * stride];
+            if h > 0 {
+                let symbols = block.repair_symbols(k, u32::from(h))?;
+                for (symbol, (esi, slot)) in
+                    symbols.zip((k..).zip(proactive.chunks_exact_mut(stride)))
+                {
+                    sealer
+                        .seal(ObjectKind::Chunks, sbn, esi, &symbol, slot)
+                        .ok_or(QueueError::CorruptChunk)?;
+                }
+            }
+            Ok(SealedBlock { source, proactive })
+        };
+        // block_count() <= 255 (the SBN is 8 bits), so the casts are exact.
+        let sbns: Vec<u8> = (first..end).map(|sbn| sbn as u8).collect();
+        let threads = self.threads.clamp(1, sbns.len().max(1));
+        let blocks = if threads == 1 {
+            sbns.into_iter().map(run).collect::<Result<Vec<_>, _>>()?
+        } else {
+            // Blocks dealt round-robin, so that each thread gets a share of every size.
+            let mut shares: Vec<Vec<(usize, u8)>> = (0..threads).map(|_| Vec::new()).collect();
+            for (i, sbn) in sbns.iter().enumerate() {
+                shares[i % threads].push((i, *sbn));
+            }
+            let mut results: Vec<Option<SealedBlock>> = sbns.iter().map(|_| None).collect();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = shares
+                    .into_iter()
+                    .map(|share| {
+                        let run = &run;
+                        scope.spawn(move || {
+                            share
+                                .into_iter()
+                                .map(|(i, sbn)| run(sbn).map(|block| (i, block)))
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                    })
+                    .collect();
+                for handle in handles {
+                    match handle.join() {
+                        Ok(done) => {
+                            for (i, block) in done? {
+                                results[i] = Some(block);
+                            }
+                        }
+                        // Sealing does not panic; if it ever did, the panic goes on to the
+                        // caller as it would have on one thread.
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                Ok::<_, QueueError>(())
+            })?;
+            results
+                .into_iter()
+                .map(|block| block.ok_or(QueueError::CorruptChunk))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        Ok(SealedBlocks {
+            seq: self.seq,
+            first: first as u8,
+            blocks,
+            last: end >= total,
+        })
     }
 }
 
@@ -1257,7 +1407,7 @@ impl SenderSession {
         consider(self.grtt.poll_timeout());
         if self.initial.is_empty() {
             consider(self.heartbeat_at);
-        } else {
+        } else if !self.initial_waits() {
             consider(Some(self.next_token_at()));
         }
         consider(
@@ -1441,6 +1591,38 @@ impl SenderSession {
         }
     }
 
+    /// Whether the initial transmission waits for blocks still being sealed (its next step's).
+    fn initial_waits(&self) -> bool {
+        let Some(outgoing) = self
+            .initial
+            .front()
+            .and_then(|&seq| self.index_of(seq))
+            .and_then(|index| self.messages.get(index))
+        else {
+            return false;
+        };
+        outgoing
+            .plan
+            .get(outgoing.next_step)
+            .is_some_and(|&step| outgoing.message.waits_for(step))
+    }
+
+    /// Hands over the sealed datagrams of blocks of a queued message whose initial
+    /// transmission waits for them ([`PreparedMessage::seal_head`]); returns whether the
+    /// message is held here. The driver then polls [`Self::poll_transmit`] again.
+    pub fn add_sealed(&mut self, sealed: SealedBlocks) -> bool {
+        let Some(index) = self.index_of(sealed.seq) else {
+            return false;
+        };
+        match self.messages.get_mut(index) {
+            Some(outgoing) => {
+                outgoing.message.add_sealed(sealed);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn initial_step(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.refill(now);
         while let Some(&seq) = self.initial.front() {
@@ -1469,6 +1651,11 @@ impl SenderSession {
                     .min(self.config.heartbeat_max);
                 continue;
             };
+            if outgoing.message.waits_for(step) {
+                // Its block is still being sealed on a worker: the datagrams come in order,
+                // so the rest waits ([`Self::add_sealed`]).
+                return None;
+            }
             outgoing.next_step += 1;
             self.tokens -= 1.0;
             if let Some(sealed) = outgoing.message.sealed_step(step) {

@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use zeroize::Zeroizing;
 
-pub use batch::{BatchJob, BatchOutput};
+pub use batch::{BatchJob, BatchOutput, BuildSteps};
 use membership::{Membership, Schedule};
 
 use super::{
@@ -76,7 +76,7 @@ use crate::lkh::{Degree, KeyRng, KeyTree, LkhError, MemberId, RegistrationBundle
 use crate::resync::ResyncSource;
 use crate::session::layout::MessageParams;
 use crate::session::sender::{
-    PreparedMessage, QueueError, ResyncLookup, SenderCounters, SenderEvent,
+    PreparedMessage, QueueError, ResyncLookup, SealedBlocks, SenderCounters, SenderEvent,
 };
 use crate::session::{ConfigError, SenderConfig, SenderSession, StoredMessage};
 
@@ -511,6 +511,8 @@ pub struct GcksEndpointStats {
     pub history_not_held: usize,
     /// What went to the unicast relays ([`GcksEndpoint::set_unicast_relays`]).
     pub uplinks: crate::relay::uplink::UplinkCounters,
+    /// How long the steps of the last batch built took on its worker (wall clock).
+    pub last_build_steps: Option<BuildSteps>,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -586,6 +588,16 @@ pub struct GcksEndpoint<T> {
     /// fork reuses ([`KeyTree::fork_into`]: about a third of a fresh copy's time at 2^20
     /// members, for a second tree's memory).
     spare: Option<KeyTree>,
+    /// Whether `spare` is a fork of the committed tree (a fork job made it), ready for the
+    /// next batch.
+    spare_ready: bool,
+    /// Whether a fork job is out (handed to the driver, its output not back yet).
+    fork_out: bool,
+    /// Whether fork jobs are handed out (not after one panicked: each batch forks itself).
+    fork_ahead: bool,
+    /// The message whose later blocks a pipelined batch job is still sealing
+    /// ([`Job::run_partial`](crate::endpoint::Job::run_partial)).
+    sealing: Option<u64>,
     membership: Membership<Waiter<T>>,
     /// Leaves recorded durably since the endpoint started ([`GcksStoreOp::Release`]).
     leaves_recorded: u64,
@@ -594,6 +606,8 @@ pub struct GcksEndpoint<T> {
     /// The job of the batch out, until the driver takes it, and when the batch started.
     job: Option<BatchJob>,
     batch_started: Option<Instant>,
+    /// How long the steps of the last built batch took on its worker.
+    last_build_steps: Option<BuildSteps>,
     /// Commands that wait for a leave's record to be acknowledged, in order.
     deferred: VecDeque<Op<T>>,
     /// Whether a leave's record is out (commands and batches wait for it).
@@ -853,10 +867,15 @@ impl<T: Clone> GcksEndpoint<T> {
             session,
             tree: Arc::new(tree),
             spare: None,
+            spare_ready: false,
+            fork_out: false,
+            fork_ahead: true,
+            sealing: None,
             leaves_recorded: 0,
             batch_mark: 0,
             job: None,
             batch_started: None,
+            last_build_steps: None,
             deferred: VecDeque::new(),
             leave_in_flight: false,
             store_ops: VecDeque::new(),
@@ -967,6 +986,7 @@ impl<T: Clone> GcksEndpoint<T> {
             relays: self.relays.len(),
             history_not_held: self.session.not_held().count(),
             uplinks: *self.uplinks.counters(),
+            last_build_steps: self.last_build_steps,
         }
     }
 
@@ -1191,12 +1211,24 @@ impl<T: Clone> GcksEndpoint<T> {
     /// Hands out the batch due, if one is (and no leave's record is out: a batch must not take
     /// a leave that is not durable yet).
     fn maybe_start_batch(&mut self, now: Instant) {
-        if self.stopped || self.leave_in_flight || self.job.is_some() {
+        // A fork job out will have the spare ready sooner than a fork of the batch's own: the
+        // batch waits for it (its output, or its panic, comes back).
+        if self.stopped
+            || self.leave_in_flight
+            || self.fork_out && self.job.is_none()
+            || self.job.as_ref().is_some_and(|job| !job.fork_only)
+        {
             return;
         }
         let Some(order) = self.membership.poll_batch(now) else {
             return;
         };
+        // A fork job the driver has not taken yet: the batch forks itself.
+        if let Some(fork) = self.job.take() {
+            self.spare = fork.spare;
+            self.spare_ready = false;
+            self.fork_out = false;
+        }
         if order.attempt == 1 {
             self.batch_mark = self.leaves_recorded;
         }
@@ -1211,6 +1243,8 @@ impl<T: Clone> GcksEndpoint<T> {
         self.job = Some(BatchJob {
             committed: Arc::clone(&self.tree),
             spare: self.spare.take(),
+            spare_ready: std::mem::take(&mut self.spare_ready),
+            fork_only: false,
             joins: order.joins,
             leaves: order.leaves,
             signing_key,
@@ -1220,26 +1254,109 @@ impl<T: Clone> GcksEndpoint<T> {
         });
     }
 
+    /// Hands out a fork job (the committed tree copied into the spare ahead of the next
+    /// batch), unless the spare is ready, a job is waiting for the driver or one is out.
+    fn maybe_fork_ahead(&mut self) {
+        if self.stopped
+            || self.sealing.is_some()
+            || !self.fork_ahead
+            || self.spare_ready
+            || self.fork_out
+            || self.job.is_some()
+            || self.membership.is_building()
+            || self.membership.poisoned().is_some()
+        {
+            return;
+        }
+        self.fork_out = true;
+        self.job = Some(BatchJob {
+            committed: Arc::clone(&self.tree),
+            spare: self.spare.take(),
+            spare_ready: false,
+            fork_only: true,
+            joins: Vec::new(),
+            leaves: Vec::new(),
+            signing_key: Arc::clone(&self.signing_key),
+            params: self.config.message,
+            durable: false,
+            proactive: None,
+        });
+    }
+
+    /// A fork job's output: the spare, ready if the committed tree has not moved since.
+    fn forked(&mut self, tree: KeyTree) {
+        self.fork_out = false;
+        if self.spare.is_some() {
+            return;
+        }
+        self.spare_ready = tree.seq() == self.tree.seq();
+        self.spare = Some(tree);
+    }
+
+    /// Hands the sealed datagrams of a pipelined message's later blocks to the message,
+    /// wherever it is on its way to the sender session.
+    fn add_sealed(&mut self, sealed: SealedBlocks) {
+        let seq = sealed.seq();
+        if sealed.is_last() && self.sealing == Some(seq) {
+            self.sealing = None;
+        }
+        let message = self
+            .committing
+            .as_mut()
+            .map(|built| &mut built.message)
+            .into_iter()
+            .chain(self.releasing.as_mut().map(|r| &mut r.message))
+            .chain(self.answering.iter_mut().map(|a| &mut a.message))
+            .chain(self.held.iter_mut().map(|(_, message)| message))
+            .find(|message| message.seq() == seq);
+        match message {
+            Some(message) => message.add_sealed(sealed),
+            None => {
+                self.session.add_sealed(sealed);
+            }
+        }
+    }
+
     fn batch_output(&mut self, now: Instant, output: BatchOutput) {
+        let output = match output.0 {
+            batch::Outcome::Forked(tree) => return self.forked(tree),
+            batch::Outcome::Sealed(Ok(sealed)) => return self.add_sealed(sealed),
+            batch::Outcome::Sealed(Err((seq, _))) => {
+                // The message's initial transmission would wait for those blocks forever.
+                if self.sealing == Some(seq) {
+                    self.sealing = None;
+                    self.poison(PoisonReason::QueueRefused);
+                }
+                return;
+            }
+            batch::Outcome::Batch(output) => output,
+        };
         if self.membership.poisoned().is_some() || self.stopped || !self.membership.is_building() {
             return;
         }
-        match output.0 {
+        match output {
             Err(failed) => {
                 if self.spare.is_none() {
                     self.spare = failed.spare;
+                    self.spare_ready = false;
                 }
                 self.batch_failed(now, failed.reason, failed.detail);
             }
-            Ok(mut built) => match built.stored.take() {
-                Some((tree, message)) => {
-                    let seq = message.seq;
-                    let id = self.push_store(GcksStoreOp::CommitBatch { seq, tree, message });
-                    self.awaiting.insert(id, Awaiting::Commit);
-                    self.committing = Some(built);
+            Ok(mut built) => {
+                self.last_build_steps = Some(built.steps);
+                if built.message.is_sealing() {
+                    self.sealing = Some(built.message.seq());
                 }
-                None => self.commit(now, built),
-            },
+                match built.stored.take() {
+                    Some((tree, message)) => {
+                        let seq = message.seq;
+                        let id = self.push_store(GcksStoreOp::CommitBatch { seq, tree, message });
+                        self.awaiting.insert(id, Awaiting::Commit);
+                        self.committing = Some(built);
+                    }
+                    None => self.commit(now, built),
+                }
+            }
         }
     }
 
@@ -1261,6 +1378,7 @@ impl<T: Clone> GcksEndpoint<T> {
         let members = built.tree.member_count();
         let replaced = std::mem::replace(&mut self.tree, Arc::new(built.tree));
         self.spare = Arc::try_unwrap(replaced).ok();
+        self.spare_ready = false;
         let build_time = self
             .batch_started
             .take()
@@ -1449,6 +1567,7 @@ impl<T: Clone> GcksEndpoint<T> {
                     Ok(()) => self.commit(now, built),
                     Err(error) => {
                         if self.spare.is_none() {
+                            self.spare_ready = false;
                             self.spare = Some(built.tree);
                         }
                         let detail = format!("state not written, nothing committed: {error}");
@@ -1501,6 +1620,7 @@ impl<T: Clone> GcksEndpoint<T> {
     /// What every `handle_*` call ends with: start a due batch, re-read the deadlines.
     fn after_input(&mut self, now: Instant) {
         self.maybe_start_batch(now);
+        self.maybe_fork_ahead();
         self.refresh_timers();
     }
 }
@@ -1589,6 +1709,13 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
     }
 
     fn handle_job_panicked(&mut self, now: Instant) {
+        // Only a fork job out: the committed tree is intact and the next batch forks itself.
+        if self.fork_out && !self.membership.is_building() && self.sealing.is_none() {
+            self.fork_out = false;
+            self.fork_ahead = false;
+            self.after_input(now);
+            return;
+        }
         // The job's state is unknown: the committed tree is intact, but what panicked may panic
         // again on every retry.
         if !self.stopped {

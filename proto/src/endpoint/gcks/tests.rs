@@ -133,6 +133,12 @@ struct Harness {
     apply_stores: bool,
     /// Datagrams sent while advancing time.
     sent: usize,
+    /// Every datagram sent, in order.
+    wire: Vec<Vec<u8>>,
+    /// Whether fork jobs panic instead of running (the endpoint then stops handing them out).
+    drop_forks: bool,
+    /// The batch jobs run: whether each started from a fork made ahead.
+    batches_run: Vec<bool>,
 }
 
 impl Harness {
@@ -166,6 +172,9 @@ impl Harness {
             run_jobs: true,
             apply_stores: true,
             sent: 0,
+            wire: Vec::new(),
+            drop_forks: false,
+            batches_run: Vec::new(),
         }
     }
 
@@ -194,6 +203,13 @@ impl Harness {
             }
             if self.run_jobs {
                 if let Some(job) = self.jobs.pop_front() {
+                    if job.fork_only && self.drop_forks {
+                        self.endpoint.handle_job_panicked(self.now);
+                        continue;
+                    }
+                    if !job.fork_only {
+                        self.batches_run.push(job.spare_ready);
+                    }
                     let output = job.run();
                     self.endpoint.handle_job_result(self.now, output);
                     progress = true;
@@ -252,6 +268,7 @@ impl Harness {
         let mut count = 0;
         while let Some(transmit) = self.endpoint.poll_transmit(self.now, &mut buf) {
             assert_eq!(transmit.port, Port::Serve);
+            self.wire.push(buf[..transmit.len].to_vec());
             count += 1;
         }
         self.settle();
@@ -1258,4 +1275,112 @@ fn a_compromised_key_rollover_signs_the_next_message_with_the_new_key_unannounce
         ]
     );
     assert_eq!(rolled(&h.events), vec![2]);
+}
+
+#[test]
+fn a_batch_from_a_tree_forked_ahead_sends_what_a_batch_that_forks_itself_sends() {
+    let run = |drop_forks: bool| {
+        let mut h = Harness::new(config(false));
+        h.drop_forks = drop_forks;
+        for member in 1..=40 {
+            h.join(member, member as u32);
+        }
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        for member in 1..=6 {
+            h.leave(member, 100 + member as u32);
+        }
+        for member in 41..=52 {
+            h.join(member, member as u32);
+        }
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        h.rekey();
+        h.advance(Duration::from_secs(2));
+        assert_eq!(h.rekeyed().len(), 3);
+        (h.wire, h.batches_run)
+    };
+    let (ahead, ahead_batches) = run(false);
+    let (itself, itself_batches) = run(true);
+    // Every batch starts from the fork made ahead (at the start, then after each commit) only
+    // when fork jobs run.
+    assert_eq!(ahead_batches, vec![true, true, true]);
+    assert_eq!(itself_batches, vec![false, false, false]);
+    assert!(ahead.len() > 20, "{} datagrams", ahead.len());
+    assert_eq!(ahead, itself);
+}
+
+/// The symbol datagrams (manifests and chunks) of message `seq` among `wire`, in order.
+fn symbols_of(wire: &[Vec<u8>], seq: u64) -> Vec<Vec<u8>> {
+    use crate::wire::{DatagramType, Packet};
+    wire.iter()
+        .filter(|bytes| {
+            Packet::new_checked(bytes.as_slice()).is_ok_and(|packet| {
+                packet.seq() == seq && packet.datagram_type() == DatagramType::Symbol
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_pipelined_batch_sends_its_first_blocks_before_its_last_blocks_are_sealed() {
+    let mut config = config(false);
+    // Small blocks: the message of 300 fresh members is many blocks.
+    config.message.max_block_symbols = 2;
+    config.message.signing_threads = 1;
+    let joins = |h: &mut Harness| {
+        for member in 1..=300 {
+            h.join(member, member as u32);
+        }
+    };
+    // The reference: the job run whole.
+    let mut whole = Harness::new(config.clone());
+    joins(&mut whole);
+    whole.rekey();
+    whole.advance(Duration::from_secs(5));
+    let reference = symbols_of(&whole.wire, 1);
+    // Pipelined: the job's outputs handed over one at a time.
+    let mut h = Harness::new(config);
+    joins(&mut h);
+    h.run_jobs = false;
+    h.rekey();
+    let job = h.jobs.pop_front().expect("the batch job");
+    assert!(!job.fork_only);
+    let mut outputs = Vec::new();
+    let last = job.run_partial(&mut |output| outputs.push(output));
+    outputs.push(last);
+    assert!(
+        outputs.len() >= 3,
+        "the job gave {} outputs: not pipelined",
+        outputs.len()
+    );
+    let mut outputs = outputs.into_iter();
+    h.run_jobs = true;
+    h.endpoint
+        .handle_job_result(h.now, outputs.next().expect("the built batch"));
+    h.settle();
+    h.advance(Duration::from_secs(1));
+    // The manifest and the first block went out; the rest waits for its blocks.
+    let early = symbols_of(&h.wire, 1);
+    assert!(
+        early.len() >= 2,
+        "{} datagrams before the rest",
+        early.len()
+    );
+    assert!(early.len() < reference.len());
+    assert_eq!(early, reference[..early.len()]);
+    assert!(h.endpoint.poll_timeout().map_or(true, |at| at > h.now));
+    let mut sent = early.len();
+    for output in outputs {
+        h.endpoint.handle_job_result(h.now, output);
+        h.settle();
+        h.advance(Duration::from_millis(500));
+        let now_sent = symbols_of(&h.wire, 1).len();
+        assert!(now_sent > sent, "each part sends more");
+        sent = now_sent;
+    }
+    h.advance(Duration::from_secs(5));
+    // The same datagrams as the job run whole, in the same order.
+    assert_eq!(symbols_of(&h.wire, 1), reference);
 }
