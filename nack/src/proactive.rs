@@ -14,10 +14,35 @@
 //! - or, when the number of receivers that needed repair is known (no suppression, or
 //!   counted elsewhere), the `p` for which `P(X > h)` equals the observed fraction.
 //!
-//! The estimates are smoothed (an exponentially weighted average over recent blocks) and the
-//! helper returns the smallest `h` with `P(Binomial(k + h, p) > h) <= target`, within
-//! `[min_rho * k, max_rho * k]`. The binomial model assumes independent loss; under bursty
-//! loss it errs towards more repair, since bursts widen the spread of per-receiver loss.
+//! The estimates are smoothed (an exponentially weighted average over recent blocks).
+//!
+//! # The model of needs
+//!
+//! A rekey member needs one chunk: one source symbol of one block. It needs repair only if
+//! that symbol was lost (probability `p`) and the block cannot be decoded without it, that is
+//! if it lost at least `h` of the other `k + h - 1` symbols. So the fraction of a block's
+//! members that NACK is
+//!
+//! ```text
+//!     f(k, h, p) = p * P(Binomial(k + h - 1, p) >= h)
+//! ```
+//!
+//! and their need (symbols beyond what they hold) is `1 + L - h` with `L` the symbols lost of
+//! the other `k + h - 1`, conditioned on `L >= h`. The helper returns the smallest `h` with
+//! `f(k, h, p) <= target` within `[min_rho * k, max_rho * k]` ([`Self::proactive_symbols`]):
+//! proactive repair for a target fraction of NACKing members, not for the worst one.
+//!
+//! [`ProactiveRepair::repair_bounds`] sizes the multicast repair of a block from the same
+//! distribution: the floor is the need that covers nine in ten of the NACKing members (the
+//! sender orders at least that much, so its advertisement suppresses most of them), the
+//! ceiling the repair after which the expected number of members of the block still missing
+//! their chunk is at most a residual (about one member, or a small fraction of a large
+//! block's). Members beyond it get their chunk by unicast (limited unicast recovery, Zhang,
+//! Lam, Lee and Yang, IEEE/ACM ToN 2003): a handful of unicast datagrams instead of the
+//! worst receiver's need multicast to the whole group.
+//!
+//! The binomial model assumes independent loss; under bursty loss it errs towards more
+//! repair, since bursts widen the spread of per-receiver loss.
 
 use crate::ConfigError;
 
@@ -25,7 +50,8 @@ use crate::ConfigError;
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProactiveConfig {
-    /// The target fraction of receivers that still need to NACK a block.
+    /// The target fraction of a block's members that still need to NACK it (their own chunk
+    /// lost and the block not decodable; see the module docs).
     pub target_fraction: f64,
     /// The loss rate assumed before any statistics.
     pub initial_loss: f64,
@@ -40,7 +66,7 @@ pub struct ProactiveConfig {
 impl Default for ProactiveConfig {
     fn default() -> Self {
         Self {
-            target_fraction: 0.05,
+            target_fraction: 0.005,
             initial_loss: 0.01,
             smoothing: 0.3,
             min_rho: 0.0,
@@ -142,7 +168,9 @@ impl ProactiveRepair {
         self.loss = ((1.0 - a) * self.loss + a * estimate).clamp(0.0, 0.999);
     }
 
-    /// The number of proactive repair symbols to send with a block of `source_symbols`.
+    /// The number of proactive repair symbols to send with a block of `source_symbols`: the
+    /// smallest `h` for which the expected fraction of the block's members that NACK,
+    /// [`nack_fraction`], is within the target.
     pub fn proactive_symbols(&self, source_symbols: u16) -> u16 {
         let k = u32::from(source_symbols);
         if k == 0 {
@@ -151,10 +179,47 @@ impl ProactiveRepair {
         let min = (self.config.min_rho * f64::from(k)).ceil() as u32;
         let max = ((self.config.max_rho * f64::from(k)).ceil() as u32).max(min);
         let mut h = min;
-        while h < max && 1.0 - binomial_cdf(h, k + h, self.loss) > self.config.target_fraction {
+        while h < max && nack_fraction(k, h, self.loss) > self.config.target_fraction {
             h += 1;
         }
         u16::try_from(h).unwrap_or(u16::MAX)
+    }
+
+    /// The floor and ceiling of one multicast repair round of a block of `source_symbols`
+    /// sent with `proactive_symbols`, whose chunks serve `receivers` members (see the module
+    /// docs): the floor covers nine in ten of the NACKing members' needs; after the ceiling
+    /// the expected number of the block's members still missing their chunk is at most
+    /// `max(0.5, residual_fraction * receivers)`. Both at least 1 and at most `cap`.
+    pub fn repair_bounds(
+        &self,
+        source_symbols: u16,
+        proactive_symbols: u16,
+        receivers: u32,
+        residual_fraction: f64,
+        cap: u16,
+    ) -> (u16, u16) {
+        let k = u32::from(source_symbols);
+        let h = u32::from(proactive_symbols);
+        let p = self.loss.max(1e-4);
+        let cap = u32::from(cap.max(1));
+        if k == 0 {
+            return (1, 1);
+        }
+        let others = k + h - 1;
+        let needing = 1.0 - binomial_cdf(h.saturating_sub(1), others, p);
+        let mut floor = 1;
+        if needing > 0.0 {
+            while floor < cap && (1.0 - binomial_cdf(h + floor - 1, others, p)) / needing > 0.1 {
+                floor += 1;
+            }
+        }
+        let allowed = (residual_fraction * f64::from(receivers)).max(0.5);
+        let mut ceiling = floor;
+        while ceiling < cap && f64::from(receivers) * nack_fraction(k, h + ceiling, p) > allowed {
+            ceiling += 1;
+        }
+        let as_u16 = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        (as_u16(floor), as_u16(ceiling))
     }
 
     /// The current rho for blocks of `source_symbols`.
@@ -164,6 +229,19 @@ impl ProactiveRepair {
         }
         f64::from(self.proactive_symbols(source_symbols)) / f64::from(source_symbols)
     }
+}
+
+/// The expected fraction of a block's members that need repair: own chunk lost (`p`) and at
+/// least `h` of the other `k + h - 1` symbols lost too (`k` source and `h` repair symbols
+/// sent, independent loss `p`).
+pub fn nack_fraction(k: u32, h: u32, p: f64) -> f64 {
+    if k == 0 {
+        return 0.0;
+    }
+    if h == 0 {
+        return p;
+    }
+    p * (1.0 - binomial_cdf(h - 1, k + h - 1, p))
 }
 
 /// `P(Binomial(n, p) <= x)`, computed in log space so that large `n` does not underflow.
@@ -238,7 +316,12 @@ mod tests {
             let n = u32::from(k) + u32::from(h);
             let losses: Vec<u32> = (0..g).map(|_| binomial(&mut rng, n, p)).collect();
             let max_need = losses.iter().map(|&x| x.saturating_sub(u32::from(h))).max();
-            let needing = losses.iter().filter(|&&x| x > u32::from(h)).count();
+            // A member NACKs when its own chunk is among its losses (x of n) and the block
+            // does not decode.
+            let needing = losses
+                .iter()
+                .filter(|&&x| x > u32::from(h) && rng.gen_bool(f64::from(x) / f64::from(n)))
+                .count();
             needing_fraction.push(needing as f64 / f64::from(g));
             helper.record(&BlockNackStats {
                 source_symbols: k,
@@ -251,11 +334,32 @@ mod tests {
         let estimate = helper.loss_estimate();
         assert!((0.07..0.14).contains(&estimate), "estimate {estimate}");
         let late: f64 = needing_fraction[20..].iter().sum::<f64>() / 20.0;
-        assert!(late < 0.12, "fraction of receivers needing repair {late}");
+        assert!(late < 0.08, "fraction of members needing repair {late}");
         assert!(
-            needing_fraction[0] > 0.5,
-            "the first block, with 1% assumed, is under-protected"
+            needing_fraction[0] > 0.05,
+            "the first block, with 1% assumed, is under-protected: {}",
+            needing_fraction[0]
         );
+    }
+
+    #[test]
+    fn repair_bounds_cover_the_typical_need_and_leave_a_residual() {
+        let helper = ProactiveRepair::new(ProactiveConfig {
+            initial_loss: 0.05,
+            ..ProactiveConfig::default()
+        })
+        .unwrap();
+        let h = helper.proactive_symbols(64);
+        assert!(nack_fraction(64, u32::from(h), 0.05) <= 0.05);
+        let (floor, ceiling) = helper.repair_bounds(64, h, 1_000, 0.002, 64);
+        assert!(floor >= 1 && floor <= ceiling, "{floor} {ceiling}");
+        // After the ceiling at most ~2 of 1,000 members still miss their chunk...
+        assert!(1_000.0 * nack_fraction(64, u32::from(h + ceiling), 0.05) <= 2.0);
+        // ...and the ceiling is far below the worst of 1,000 receivers' need.
+        assert!(ceiling < 10, "ceiling {ceiling}");
+        // Larger blocks of members want a larger ceiling, never a smaller one.
+        let (_, big) = helper.repair_bounds(64, h, 100_000, 0.0, 64);
+        assert!(big >= ceiling);
     }
 
     #[test]

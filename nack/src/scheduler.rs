@@ -10,6 +10,13 @@
 //!  any --need 0 (decoded)--> Done;   R rounds failed --> OutOfSync (the resync takes over)
 //! ```
 //!
+//! Of the R rounds of a chunk block, the first [`SchedulerConfig::multicast_rounds`] ask for
+//! multicast repair; the later ones ask for the receiver's own chunk by unicast
+//! ([`Nack::unicast_chunk`]): by then the few members still missing their chunk are better
+//! served one datagram each than by another round for the whole group (limited unicast
+//! recovery). A chunk request is never suppressed (each member needs its own chunk) and is
+//! sent after a short random delay (up to one GRTT) that spreads the requests of a burst.
+//!
 //! The backoff is drawn from the truncated exponential distribution over `[0, K * GRTT]` with
 //! parameter `ln(G) + 1` (RFC 5740 5.5.2; the group size is exact here, since the GCKS knows
 //! and advertises it). The scheduler does not own a socket: the embedding layer routes each
@@ -41,6 +48,10 @@ pub struct SchedulerConfig {
     pub grtt: Duration,
     /// R: NACK rounds for a block without success before [`Event::OutOfSync`].
     pub max_rounds: u8,
+    /// Of those, the rounds that ask for multicast repair of a chunk block; the later ones ask
+    /// for the receiver's own chunk by unicast ([`Nack::unicast_chunk`]). At least
+    /// `max_rounds` means never by unicast. Manifest blocks always ask for multicast repair.
+    pub multicast_rounds: u8,
     /// How long, in GRTTs, to wait for the repair of a round after sending (or being
     /// suppressed from sending) its NACK before the round counts as failed. Arriving repair
     /// symbols extend the wait.
@@ -63,7 +74,8 @@ impl Default for SchedulerConfig {
             backoff_factor: 4,
             grtt: Duration::from_millis(100),
             max_rounds: 4,
-            repair_wait_grtt: 6.0,
+            multicast_rounds: 2,
+            repair_wait_grtt: 3.0,
             feedback: FeedbackMode::Unicast,
             probe_replies_per_probe: 4.0,
             seed: 0,
@@ -114,6 +126,9 @@ pub struct Nack {
     pub echo: Option<ProbeEcho>,
     /// Where to send it.
     pub destination: FeedbackMode,
+    /// Whether it asks for the receiver's own chunk by unicast instead of multicast repair
+    /// (always sent to the sender, never suppressed).
+    pub unicast_chunk: bool,
 }
 
 /// Something the embedding layer must act on.
@@ -477,6 +492,13 @@ impl NackScheduler {
         }
         state.rounds += 1;
         let round = state.answered.saturating_add(1);
+        if block.object == crate::ObjectId::Chunks && state.rounds > self.config.multicast_rounds {
+            state.phase = Phase::Backoff {
+                at: now + self.grtt.mul_f64(unit),
+                round,
+            };
+            return;
+        }
         state.phase = match state.suppressed(round, need) {
             Some(heard_round) => Phase::Waiting {
                 round: heard_round,
@@ -499,6 +521,24 @@ impl NackScheduler {
             Phase::Backoff { round, .. } => {
                 let round = round.max(state.answered.saturating_add(1));
                 let need = state.need.unwrap_or(0);
+                let unicast_chunk = block.object == crate::ObjectId::Chunks
+                    && state.rounds > self.config.multicast_rounds;
+                if unicast_chunk {
+                    state.phase = Phase::Waiting {
+                        round,
+                        until: now + wait,
+                    };
+                    self.nacks.push_back(Nack {
+                        block,
+                        round,
+                        need,
+                        receiver_id: self.config.receiver_id,
+                        echo,
+                        destination: FeedbackMode::Unicast,
+                        unicast_chunk: true,
+                    });
+                    return;
+                }
                 if let Some(heard_round) = state.suppressed(round, need) {
                     state.phase = Phase::Waiting {
                         round: heard_round,
@@ -517,6 +557,7 @@ impl NackScheduler {
                     receiver_id: self.config.receiver_id,
                     echo,
                     destination: self.config.feedback,
+                    unicast_chunk: false,
                 });
                 if echo.is_some() {
                     // The NACK carries the echo, so a separate probe reply is redundant.
@@ -553,7 +594,10 @@ impl NackScheduler {
             _ => Some((round, need)),
         };
         let own_need = state.need.unwrap_or(0);
+        let unicast_round =
+            block.object == crate::ObjectId::Chunks && state.rounds > self.config.multicast_rounds;
         match state.phase {
+            Phase::Backoff { .. } if unicast_round => {}
             Phase::Backoff { round: own, .. } => {
                 if let Some(heard_round) = state.suppressed(own, own_need) {
                     state.phase = Phase::Waiting {
@@ -610,10 +654,70 @@ mod tests {
             backoff_factor: 4,
             grtt: GRTT,
             max_rounds: 3,
+            // These tests are about multicast rounds and their timing.
+            multicast_rounds: 3,
+            repair_wait_grtt: 6.0,
             seed,
             ..SchedulerConfig::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn after_the_multicast_rounds_a_member_asks_for_its_chunk_unsuppressed() {
+        let config = SchedulerConfig {
+            receiver_id: 9,
+            group_size: 1000,
+            grtt: GRTT,
+            max_rounds: 4,
+            multicast_rounds: 2,
+            feedback: FeedbackMode::Multicast,
+            seed: 5,
+            ..SchedulerConfig::default()
+        };
+        let mut s = NackScheduler::new(config.clone()).unwrap();
+        let t0 = Instant::now();
+        s.handle_expected_complete(t0, block(0), 0, 3);
+        let kinds: Vec<(bool, FeedbackMode)> = drive(&mut s, t0 + 100 * GRTT)
+            .iter()
+            .map(|(_, n)| (n.unicast_chunk, n.destination))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (false, FeedbackMode::Multicast),
+                (false, FeedbackMode::Multicast),
+                (true, FeedbackMode::Unicast),
+                (true, FeedbackMode::Unicast),
+            ]
+        );
+        assert!(matches!(s.poll_event(), Some(Event::OutOfSync { .. })));
+        // A chunk request is not suppressed by what the receiver hears, and leaves within a
+        // GRTT.
+        let mut s = NackScheduler::new(SchedulerConfig {
+            multicast_rounds: 0,
+            ..config
+        })
+        .unwrap();
+        s.handle_expected_complete(t0, block(0), 0, 3);
+        s.handle_repair_advertisement(t0, block(0), 1, 10);
+        s.handle_nack_heard(t0, block(0), 1, 10);
+        let nacks = drive(&mut s, t0 + GRTT);
+        assert_eq!(nacks.len(), 1);
+        assert!(nacks[0].1.unicast_chunk);
+        // A manifest block never asks by unicast.
+        let manifest = BlockKey {
+            object: crate::ObjectId::Manifest,
+            ..block(0)
+        };
+        let mut m = NackScheduler::new(SchedulerConfig {
+            multicast_rounds: 0,
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        m.handle_expected_complete(t0, manifest, 0, 1);
+        let nacks = drive(&mut m, t0 + 100 * GRTT);
+        assert!(nacks.iter().all(|(_, n)| !n.unicast_chunk));
     }
 
     /// Runs the scheduler's timers up to `until`, collecting NACKs.

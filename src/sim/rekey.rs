@@ -292,6 +292,11 @@ pub struct ScenarioReport {
     pub relays: RelayReport,
     /// The GCKS's side of the run.
     pub gcks: GcksReport,
+    /// How many block-rounds drew each number of NACKs at the (last) GCKS
+    /// ([`crate::session::SenderSession::nacks_per_lost_block`]; empty without a GCKS).
+    pub nacks_per_lost_block: Vec<u64>,
+    /// Unicast chunk repairs the (last) GCKS sent.
+    pub chunk_repairs_sent: u64,
 }
 
 /// What the relays of a scenario did, summed over the relays.
@@ -1217,7 +1222,11 @@ impl<'c> Scenario<'c> {
         let mut sender = self.sender_base;
         let mut repair_orders = self.repair_orders_base;
         let mut grtt_estimate = Duration::ZERO;
+        let mut nacks_per_lost_block = Vec::new();
+        let mut chunk_repairs_sent = 0;
         if let Some(gcks) = gcks {
+            nacks_per_lost_block = gcks.session().nacks_per_lost_block();
+            chunk_repairs_sent = gcks.session().chunk_repair_counters().repairs_sent;
             let stats = gcks.stats();
             add_sender_counters(&mut sender, &stats.sender);
             repair_orders += stats.repair_orders;
@@ -1283,6 +1292,8 @@ impl<'c> Scenario<'c> {
                 crashed_after_sent: self.crashed_after_sent,
                 stale_saved_keys,
             },
+            nacks_per_lost_block,
+            chunk_repairs_sent,
         }
     }
 }
