@@ -99,6 +99,29 @@ pub(crate) fn check_sender(
         .map_err(|error| InvalidConfig::session(prefix, error))
 }
 
+/// Checks the unicast relays at `prefix` ([`crate::relay::uplink::UnicastRelays`]): the
+/// list's own rules, and addresses of the family of `bind` (the socket they are sent from).
+pub(crate) fn check_unicast_relays(
+    prefix: &str,
+    relays: &crate::relay::uplink::UnicastRelays,
+    bind: SocketAddr,
+) -> Result<(), InvalidConfig> {
+    relays
+        .validate()
+        .map_err(|error| InvalidConfig::session(prefix, error))?;
+    if relays
+        .relays
+        .iter()
+        .any(|relay| relay.is_ipv4() != bind.is_ipv4())
+    {
+        return Err(InvalidConfig::new(
+            join(prefix, "relays"),
+            "must be of the sending socket's address family (its bind address)",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a receiver session's configuration at `prefix`: its scheduler's table, its own
 /// fields, and a feedback address that can be sent to (a unicast address with a port).
 pub(crate) fn check_receiver(

@@ -22,7 +22,8 @@ pub use rekeycast_proto::endpoint::gcks::{
 };
 
 use crate::config::{
-    check_bind, check_feedback_limit, check_listeners, check_multicast, check_sender, InvalidConfig,
+    check_bind, check_feedback_limit, check_listeners, check_multicast, check_sender,
+    check_unicast_relays, InvalidConfig,
 };
 pub use crate::engine::driver::FeedbackLimit;
 pub use crate::engine::gcks::{
@@ -103,6 +104,13 @@ pub struct GcksConfig {
     /// member of a one-host test shares one source address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feedback_limit: Option<FeedbackLimit>,
+    /// Relays that take the rekeys over unicast UDP instead of multicast (a wide-area network
+    /// without multicast routing): their upstream addresses (each relay's `upstream_bind`,
+    /// with `upstream_unicast` set), and whether the GCKS multicasts at all. Every datagram
+    /// the GCKS multicasts also goes to each of them, paced and gathered per relay for GSO;
+    /// their NACKs are answered by the same path ([`crate::relay::uplink`]). A table
+    /// (`[gcks.unicast_relays]`: `relays = ["192.0.2.7:7402"]`, `unicast_only = false`).
+    pub unicast_relays: crate::relay::uplink::UnicastRelays,
 }
 
 /// The multicast group of [`GcksConfig::default`] (and of the configuration files' examples):
@@ -175,6 +183,7 @@ impl GcksConfig {
             resync_limits: Limits::default(),
             key_seed: None,
             feedback_limit: None,
+            unicast_relays: crate::relay::uplink::UnicastRelays::default(),
         }
     }
 }
@@ -184,7 +193,8 @@ impl GcksConfig {
     /// settings, a `bind` of the group's address family, the sender session's configuration,
     /// FEC symbols whose datagrams fit `sender.datagram_size`, a non-zero batch interval,
     /// batch size and Data SA lifetime, a non-empty state directory when set, distinct resync
-    /// listen addresses, the resync limits and the feedback limit.
+    /// listen addresses, the resync limits, the feedback limit, and unicast relays with
+    /// distinct unicast addresses of `bind`'s family (at least one when unicast only).
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         check_multicast("multicast", &self.multicast)?;
         check_bind("bind", self.bind, self.multicast.group)?;
@@ -235,7 +245,8 @@ impl GcksConfig {
         self.resync_limits
             .validate()
             .map_err(|error| InvalidConfig::limits("resync_limits", error))?;
-        check_feedback_limit("feedback_limit", self.feedback_limit.as_ref())
+        check_feedback_limit("feedback_limit", self.feedback_limit.as_ref())?;
+        check_unicast_relays("unicast_relays", &self.unicast_relays, self.bind)
     }
 }
 
@@ -279,6 +290,9 @@ pub struct GcksStats {
     /// missing or corrupt when it started ([`crate::Gcks::lost_history`]); resync answers
     /// "not held" for them.
     pub history_not_held: usize,
+    /// What the GCKS sent its unicast relays ([`GcksConfig::unicast_relays`]): datagrams
+    /// and bytes (each group datagram once per relay).
+    pub uplinks: crate::relay::uplink::UplinkCounters,
 }
 
 /// Percentiles of the event loop's lag, microseconds (the driver's [`crate::engine::LoopLag`]).

@@ -203,3 +203,84 @@ fn members_of_a_dead_relay_notice_the_silence_and_resync_from_the_gcks() {
     );
     assert_eq!(report.must_reregister, 0);
 }
+
+/// A relay killed 8 ms into rekey 3's message (it has forwarded part of it; the members have
+/// not all got their chunks), with 4 relays of 50 members each at 2% loss.
+fn killed_mid_message(seed: u64, failover: bool) -> ScenarioConfig {
+    let mut config = scenario(
+        seed,
+        4,
+        50,
+        4,
+        Loss::Bernoulli { p: 0.02 },
+        Loss::Bernoulli { p: 0.02 },
+    );
+    config.sender.heartbeat_max = Duration::from_secs(1);
+    config.receiver.silence_timeout = Duration::from_secs(3);
+    config.kill_relay = Some((1, 3));
+    config.kill_relay_after = Some(Duration::from_millis(8));
+    config.member_failover = failover;
+    // Relays heartbeat at least every second: two seconds of silence is a dead relay.
+    config.failover.idle_silence = Duration::from_secs(2);
+    config
+}
+
+#[test]
+fn members_of_a_relay_killed_mid_message_fail_over_to_another_relay_within_3_s() {
+    let report = run(&killed_mid_message(41, true)).unwrap();
+    let f = &report.failover;
+    eprintln!(
+        "failover: {} members on the killed relay, current {:?} after the kill, moves {:?}, \
+         members per relay {:?} (+{} on the GCKS), member fetches to the GCKS {} (of the \
+         killed relay's members {}), to relays {}",
+        f.killed_relay_members,
+        f.kill_to_current,
+        f.moves,
+        f.members_per_relay,
+        f.members_on_gcks,
+        f.member_fetches_to_gcks,
+        f.killed_members_fetches_to_gcks,
+        f.member_fetches_to_relays,
+    );
+    assert_converged("failover", &report);
+    assert!(f.killed_relay_members >= 40, "{}", f.killed_relay_members);
+    let took = f
+        .kill_to_current
+        .expect("the killed relay's members got current");
+    assert!(
+        took <= Duration::from_secs(3),
+        "current {took:?} after the kill"
+    );
+    // Counted at their new relays: nobody is left on the dead relay, nobody on the GCKS.
+    assert_eq!(f.members_per_relay[1], 0, "{:?}", f.members_per_relay);
+    assert_eq!(f.members_on_gcks, 0);
+    assert!(
+        f.moves.nack_moves + f.moves.silence_moves + f.moves.unreachable_moves >= 40,
+        "{:?}",
+        f.moves
+    );
+    // Not through the GCKS's resync (without failover: about two fetches a member, 100).
+    // A stray one is allowed: a member current on its new relay that is told of a message
+    // not built yet asks every relay, then the GCKS (seed 41: one, at 8.7 s).
+    assert!(
+        f.killed_members_fetches_to_gcks <= 2,
+        "{}",
+        f.killed_members_fetches_to_gcks
+    );
+    assert_eq!(report.must_reregister, 0);
+}
+
+#[test]
+fn without_failover_the_killed_relays_members_resync_from_the_gcks() {
+    // The same run as the failover test, members without a relay directory (the behaviour
+    // before failover): they resync from the GCKS and stay counted on the dead relay.
+    let report = run(&killed_mid_message(41, false)).unwrap();
+    let f = &report.failover;
+    eprintln!(
+        "no failover: current {:?} after the kill, fetches to the GCKS from the killed \
+         relay's members {}",
+        f.kill_to_current, f.killed_members_fetches_to_gcks
+    );
+    assert!(f.killed_members_fetches_to_gcks >= 40);
+    assert!(f.members_per_relay[1] > 0, "still placed on the dead relay");
+}

@@ -6,6 +6,12 @@
 //!
 //! The group starts in sync from 100,000 members on ([`ScenarioConfig::bootstrap_initial`],
 //! blocks of 64 symbols, as in `sim --huge`), then `--rekeys` rekeys at 1% churn are measured.
+//!
+//! `--failover` runs the relay-failover cell instead: one relay killed 10 ms into a rekey's
+//! message, its members with relay directories (they fail over to the next relay) against the
+//! same run without (they resync from the GCKS), over `--seeds` seeds: the killed relay's
+//! members' longest wait for a message from the kill on, their fetches to the GCKS, where they
+//! end up, each seed and the median.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +34,12 @@ pub struct Args {
     /// Also run the relays in store-and-forward mode (no cut-through), a third row.
     #[arg(long)]
     store_and_forward: bool,
+    /// Run the relay-failover cell (a relay killed mid-message) instead.
+    #[arg(long)]
+    failover: bool,
+    /// Seeds of the failover cell.
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
 }
 
 const CHURN: f64 = 0.01;
@@ -37,6 +49,9 @@ const BOOTSTRAP_FROM: usize = 100_000;
 
 /// Runs the two scenarios and prints the table and the JSON line.
 pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
+    if args.failover {
+        return run_failover(quick, args);
+    }
     let (members, relays, rekeys) = if quick {
         (2_000, 20, 1)
     } else {
@@ -197,4 +212,112 @@ fn row(relays: usize, rekeys: usize, report: &ScenarioReport, wall: Duration) ->
         "time_to_key_p99_us": report.time_to_key_quantile_us(0.99),
         "wall_s": wall.as_secs_f64(),
     })
+}
+
+/// The relay-failover cell: see the [module docs](self).
+fn run_failover(quick: bool, args: &Args) -> anyhow::Result<()> {
+    let (members, relays) = if quick { (2_000, 20) } else { (10_000, 100) };
+    anyhow::ensure!(args.seeds >= 1, "--seeds must be >= 1");
+    println!(
+        "relay failover: {members} members behind {relays} relays, 5% iid loss on both tiers, \
+         heartbeats at least every 1 s; relay 1 killed 10 ms into rekey 2's message; {} seeds",
+        args.seeds
+    );
+    let mut rows = Vec::new();
+    for failover in [true, false] {
+        for seed in 1..=args.seeds {
+            eprintln!(
+                "relay failover: seed {seed}, failover {failover} ... [{}]",
+                crate::sim::clock()
+            );
+            let mut config = config(members, relays, 3);
+            config.seed = seed * 1_000 + 7;
+            config.sender.heartbeat_max = Duration::from_secs(1);
+            config.receiver.silence_timeout = Duration::from_secs(3);
+            config.failover.idle_silence = Duration::from_secs(2);
+            config.kill_relay = Some((1, 2));
+            config.kill_relay_after = Some(Duration::from_millis(10));
+            config.member_failover = failover;
+            let start = Instant::now();
+            let report = rekey::run(&config)?;
+            let f = &report.failover;
+            rows.push(json!({
+                "failover": failover,
+                "seed": config.seed,
+                "killed_relay_members": f.killed_relay_members,
+                "kill_to_current_ms": f.kill_to_current.map(|d| d.as_secs_f64() * 1e3),
+                "killed_members_fetches_to_gcks": f.killed_members_fetches_to_gcks,
+                "left_on_dead_relay": f.members_per_relay.get(1).copied().unwrap_or(0),
+                "on_gcks": f.members_on_gcks,
+                "moves": f.moves.nack_moves + f.moves.silence_moves + f.moves.unreachable_moves,
+                "converged": report.converged,
+                "final_members": report.final_members,
+                "wall_s": start.elapsed().as_secs_f64(),
+            }));
+        }
+    }
+    println!();
+    println!(
+        "{:>9} {:>6} | {:>7} {:>16} {:>12} {:>9} {:>7} {:>6} | {:>11}",
+        "failover",
+        "seed",
+        "killed",
+        "current after ms",
+        "GCKS fetches",
+        "left dead",
+        "on GCKS",
+        "moves",
+        "converged"
+    );
+    for row in &rows {
+        let n = |key: &str| row[key].as_u64().unwrap_or(0);
+        println!(
+            "{:>9} {:>6} | {:>7} {:>16} {:>12} {:>9} {:>7} {:>6} | {:>11}",
+            row["failover"],
+            n("seed"),
+            n("killed_relay_members"),
+            row["kill_to_current_ms"]
+                .as_f64()
+                .map_or("never".to_string(), |ms| format!("{ms:.0}")),
+            n("killed_members_fetches_to_gcks"),
+            n("left_on_dead_relay"),
+            n("on_gcks"),
+            n("moves"),
+            format!("{}/{}", n("converged"), n("final_members")),
+        );
+    }
+    let median = |failover: bool, key: &str| -> Value {
+        let mut values: Vec<f64> = rows
+            .iter()
+            .filter(|r| r["failover"] == json!(failover))
+            .map(|r| r[key].as_f64().unwrap_or(f64::INFINITY))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values
+            .get(values.len() / 2)
+            .copied()
+            .filter(|v| v.is_finite())
+            .map_or(Value::Null, |v| json!(v))
+    };
+    let summary = json!({
+        "failover_kill_to_current_ms_median": median(true, "kill_to_current_ms"),
+        "failover_gcks_fetches_median": median(true, "killed_members_fetches_to_gcks"),
+        "no_failover_kill_to_current_ms_median": median(false, "kill_to_current_ms"),
+        "no_failover_gcks_fetches_median": median(false, "killed_members_fetches_to_gcks"),
+    });
+    println!();
+    println!("medians: {summary}");
+    println!(
+        "{}",
+        json!({
+            "bench": "relay-failover",
+            "quick": quick,
+            "members": members,
+            "relays": relays,
+            "seeds": args.seeds,
+            "rows": rows,
+            "medians": summary,
+        })
+    );
+    Ok(())
 }

@@ -637,6 +637,18 @@ mod tests {
                 "gcks.multicast.group",
             ),
             (
+                "[gcks.unicast_relays]\nunicast_only = true\n",
+                "gcks.unicast_relays.relays",
+            ),
+            (
+                "[gcks.unicast_relays]\nrelays = [\"192.0.2.7:7402\", \"192.0.2.7:7402\"]\n",
+                "gcks.unicast_relays.relays",
+            ),
+            (
+                "[gcks.unicast_relays]\nrelays = [\"[2001:db8::7]:7402\"]\n",
+                "gcks.unicast_relays.relays",
+            ),
+            (
                 "[gcks.multicast]\ngroup = \"239.1.1.1:7400\"\nttl = 256\n",
                 "gcks.multicast.ttl",
             ),
@@ -713,6 +725,15 @@ mod tests {
                 "relay.resync_limits.max_connections",
             ),
             ("[relay]\nstate_dir = \"\"\n", "relay.state_dir"),
+            ("[relay]\nupstream_unicast = true\n", "relay.upstream_bind"),
+            (
+                "[relay]\nupstream_unicast = true\nupstream_bind = \"[::]:7402\"\n",
+                "relay.upstream_bind",
+            ),
+            (
+                "[relay.session.unicast_relays]\nrelays = [\"0.0.0.0:7402\"]\n",
+                "relay.session.unicast_relays.relays",
+            ),
         ] {
             // The feedback address given, so that the rule named is the one tested.
             let text = if text.contains("feedback_addr") {

@@ -136,6 +136,7 @@ fn read_bundle(path: &Path) -> RegistrationBundle {
         rekey_sa: serde_json::from_value::<RekeySa>(file["rekey_sa"].clone()).unwrap(),
         first_seq: file["first_seq"].as_u64().unwrap(),
         mac_key: MacKey::from_bytes(unhex(file["mac_key"].as_str().unwrap())),
+        directory: Default::default(),
     }
 }
 

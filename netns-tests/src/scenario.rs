@@ -78,6 +78,12 @@ pub struct TopologySpec {
     /// Whether there is an attacker host (`atk`) on the switch.
     #[serde(default)]
     pub attacker: bool,
+    /// Whether the relays take the GCKS's rekeys over unicast UDP (the GCKS lists them as
+    /// unicast relays, each relay joins no upstream group) instead of its multicast group.
+    /// Without direct members the GCKS then multicasts nothing. Downstream the relays multicast
+    /// as always.
+    #[serde(default)]
+    pub unicast_uplinks: bool,
     /// What joins the hosts' links in the switch namespace.
     #[serde(default)]
     pub fabric: Fabric,

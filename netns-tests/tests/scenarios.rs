@@ -270,3 +270,24 @@ fn fifty_members_converge_under_ten_percent_burst_loss() {
     assert_eq!(total.applied, total.expected);
     assert!(switch_loss(&report, "m") > 500, "{}", report.table);
 }
+
+#[test]
+fn relays_on_unicast_uplinks_carry_every_rekey_to_their_members() {
+    let Some(report) = run("relay_unicast_uplink.toml", "u") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.members, 16);
+    assert_eq!(total.applied, total.expected, "{}", report.table);
+    // Over the relays, not by resync from the GCKS: the uplinks carried every message.
+    assert_eq!(total.applied_by_resync, 0, "{}", report.table);
+    // The uplinks lost datagrams (the relays' switch ports) and the relays repaired them.
+    let counters = report.switch.as_ref().expect("switch counters");
+    let uplink_loss: u64 = counters
+        .ports
+        .iter()
+        .filter(|(name, _)| name.starts_with('r') && !name.contains('m'))
+        .map(|(_, port)| port.egress.dropped_loss)
+        .sum();
+    assert!(uplink_loss > 0, "{}", report.table);
+}

@@ -20,10 +20,13 @@
 //! By default the relay forwards **cut-through** ([`RelayConfig::cut_through`]): the verified
 //! manifest and each verified source symbol (a whole chunk, authenticated on its own) go
 //! downstream the moment they arrive, so a member behind the relay gets its chunk about as
-//! soon as the relay does. Once the relay holds the message whole (every block decoded, every
-//! chunk authenticated), its downstream side adopts it
-//! ([`SenderSession::adopt_message`]): the source symbols the relay recovered by decoding, the
-//! proactive repair and a last manifest go out, then heartbeats and repair as for any message.
+//! soon as the relay does; and the source symbols a block's decode reconstructs go the moment
+//! that block decodes and its chunks pass authentication, not when the whole message is held.
+//! Forwards take their tokens from the downstream side's token bucket, so the segment sees one
+//! pacing. Once the relay holds the message whole (every block decoded, every chunk
+//! authenticated), its downstream side adopts it ([`SenderSession::adopt_message`]): the
+//! proactive repair (sized by the downstream side's own policy from the loss its segment
+//! reports) and a last manifest go out, then heartbeats and repair as for any message.
 //! Downstream NACKs for the message in progress are MAC-checked and held until then. With
 //! cut-through off, the relay stores and forwards: the whole message goes downstream only once
 //! complete, and its members wait for the relay's repair rounds on every block (measured in
@@ -40,6 +43,11 @@
 //! tier, not with the members behind the relay. Downstream NACKs never travel upstream: a
 //! message the relay forwarded is a message it holds whole.
 //!
+//! An insider can forge repair symbols under a valid MAC: a relay counts the decodes that
+//! fail authentication per block against [`ReceiverConfig::decode_failure_limit`], so that
+//! one forged symbol in each of a few blocks does not send it, and its whole segment, to
+//! resync.
+//!
 //! A message the relay itself could only get by resync (its own chunk, over TCP or HTTP) is
 //! applied to its keys but cannot be forwarded ([`RelayEvent::NotForwarded`]); its
 //! downstream members see the next message's datagrams, which they cannot check, ask for the
@@ -54,6 +62,8 @@
 //! [`RelaySession::poll_transmit`] (each transmit says which tier's socket it leaves by),
 //! [`RelaySession::poll_event`], and re-read [`RelaySession::poll_timeout`].
 
+pub mod uplink;
+
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -62,6 +72,7 @@ use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::endpoint::resync_policy::ResyncEvent;
 use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::relay::uplink::{UnicastFanout, UnicastRelays, UplinkCounters};
 use crate::resync::{Lookup, ResyncSource};
 use crate::session::receiver::{ResyncError, Scope, StateVerdict};
 use crate::session::sender::{QueueError, SenderEvent};
@@ -98,6 +109,10 @@ pub struct RelayConfig {
     /// message is sent downstream only once it is complete (a member behind the relay then
     /// waits for the relay's own repair rounds on every block, not just its own).
     pub cut_through: bool,
+    /// Relays behind this one that take its downstream traffic over unicast UDP (they cannot
+    /// hear its group): every downstream datagram goes to each of them too, or only to them
+    /// ([`UnicastRelays::unicast_only`]); see [`uplink`]. Empty: none.
+    pub unicast_relays: UnicastRelays,
 }
 
 impl Default for RelayConfig {
@@ -119,6 +134,7 @@ impl RelayConfig {
             downstream: SenderConfig::default(),
             downstream_group_size: None,
             cut_through: true,
+            unicast_relays: UnicastRelays::default(),
         }
     }
 
@@ -132,6 +148,7 @@ impl RelayConfig {
                 reason: "must be at least 1",
             });
         }
+        self.unicast_relays.validate()?;
         Ok(())
     }
 }
@@ -237,8 +254,11 @@ pub struct RelayCounters {
     pub upstream_sent: u64,
     /// Datagrams the relay sent downstream (cut-through forwards included).
     pub downstream_sent: u64,
-    /// Of those, verified manifests and source symbols forwarded cut-through.
+    /// Of those, verified manifests and source symbols forwarded cut-through (those a block
+    /// decode reconstructed included, sent as the block decodes).
     pub cut_through_sent: u64,
+    /// Times a cut-through forward waited for the downstream token bucket.
+    pub cut_through_paced: u64,
     /// Downstream NACKs for the message being received (MAC-checked), held until the relay
     /// holds it whole and then handed to the downstream side.
     pub early_nacks_held: u64,
@@ -249,14 +269,32 @@ pub struct RelayCounters {
 /// Downstream NACKs held for the message in progress, at most.
 const MAX_EARLY_NACKS: usize = 4_096;
 
+/// A downstream NACK for the message in progress, held until the relay holds it whole.
+#[derive(Debug)]
+struct HeldNack {
+    seq: u64,
+    from: SocketAddr,
+    bytes: Vec<u8>,
+    /// Source symbols of its block that a decode had reconstructed and the relay had
+    /// forwarded when it came: those forwarded after it answer it in part.
+    recovered_before: u32,
+}
+
 /// One relay. See the [module docs](self).
 #[derive(Debug)]
 pub struct RelaySession {
     upstream: ReceiverSession,
     downstream: SenderSession,
     cut_through: bool,
-    /// Downstream NACKs of the message in progress: (seq, from, datagram).
-    early_nacks: Vec<(u64, SocketAddr, Vec<u8>)>,
+    /// Downstream NACKs of the message in progress, with what had been forwarded of their
+    /// block by then.
+    early_nacks: Vec<HeldNack>,
+    /// Verified pieces of the message in progress taken from the upstream side, waiting for
+    /// the downstream token bucket.
+    forwards: VecDeque<crate::session::receiver::Forward>,
+    /// The message in progress and, per block, how many source symbols its decode
+    /// reconstructed and the relay forwarded.
+    recovered: (u64, Vec<u32>),
     /// The newest manifest the relay verified and applied, with its sequence number: also
     /// one it got by resync only (its state answer).
     latest_verified: Option<(u64, Vec<u8>)>,
@@ -264,6 +302,8 @@ pub struct RelaySession {
     counters: RelayCounters,
     /// Which side `poll_transmit` asks first: alternates so neither starves the other.
     upstream_first: bool,
+    /// The downstream copies for the unicast relays behind this one.
+    uplinks: UnicastFanout,
 }
 
 impl RelaySession {
@@ -279,7 +319,13 @@ impl RelaySession {
         upstream.set_scope(Scope::WholeMessage);
         let mut downstream = SenderSession::new(config.downstream, sa.group_id, sa.spi, now)?;
         downstream.set_advertised_group_size(config.downstream_group_size);
-        Ok(Self::assemble(upstream, downstream, config.cut_through))
+        let uplinks = UnicastFanout::new(config.unicast_relays)?;
+        Ok(Self::assemble(
+            upstream,
+            downstream,
+            config.cut_through,
+            uplinks,
+        ))
     }
 
     /// A relay back after its own restart: its saved keys (the engine's `persist::save_member_keys` after each
@@ -308,21 +354,30 @@ impl RelaySession {
                 .restore_message(now, message)
                 .map_err(|source| RelayError::History { seq, source })?;
         }
-        let mut relay = Self::assemble(upstream, downstream, config.cut_through);
+        let uplinks = UnicastFanout::new(config.unicast_relays)?;
+        let mut relay = Self::assemble(upstream, downstream, config.cut_through, uplinks);
         relay.pump(now);
         Ok(relay)
     }
 
-    fn assemble(upstream: ReceiverSession, downstream: SenderSession, cut_through: bool) -> Self {
+    fn assemble(
+        upstream: ReceiverSession,
+        downstream: SenderSession,
+        cut_through: bool,
+        uplinks: UnicastFanout,
+    ) -> Self {
         Self {
             upstream,
             downstream,
             cut_through,
             early_nacks: Vec::new(),
+            forwards: VecDeque::new(),
+            recovered: (0, Vec::new()),
             latest_verified: None,
             events: VecDeque::new(),
             counters: RelayCounters::default(),
             upstream_first: true,
+            uplinks,
         }
     }
 
@@ -345,7 +400,13 @@ impl RelaySession {
         if let Some(seq) = self.early_nack(bytes) {
             if self.early_nacks.len() < MAX_EARLY_NACKS {
                 self.counters.early_nacks_held += 1;
-                self.early_nacks.push((seq, from, bytes.to_vec()));
+                let recovered_before = self.recovered_in(seq, nack_block(bytes));
+                self.early_nacks.push(HeldNack {
+                    seq,
+                    from,
+                    bytes: bytes.to_vec(),
+                    recovered_before,
+                });
             } else {
                 self.counters.early_nacks_dropped += 1;
             }
@@ -395,10 +456,15 @@ impl RelaySession {
         for tier in order {
             let transmit = match tier {
                 Tier::Upstream => self.upstream.poll_transmit(now, buf),
-                Tier::Downstream => match self.forward_next(buf) {
-                    Some(transmit) => Some(transmit),
-                    None => self.downstream.poll_transmit(now, buf),
-                },
+                Tier::Downstream => {
+                    let mut uplinks = std::mem::take(&mut self.uplinks);
+                    let transmit = uplinks.poll_transmit(buf, |buf| {
+                        self.forward_next(now, buf)
+                            .or_else(|| self.downstream.poll_transmit(now, buf))
+                    });
+                    self.uplinks = uplinks;
+                    transmit
+                }
             };
             if let Some(transmit) = transmit {
                 match tier {
@@ -416,12 +482,17 @@ impl RelaySession {
         None
     }
 
-    /// The next verified piece of the message in progress, sealed into `buf` (cut-through).
-    fn forward_next(&mut self, buf: &mut [u8]) -> Option<crate::session::Transmit> {
-        while let Some(forward) = self.upstream.take_forward() {
-            if !self.cut_through {
-                continue;
+    /// The next verified piece of the message in progress, sealed into `buf` (cut-through),
+    /// when the downstream token bucket has a token for it: forwards and the downstream
+    /// side's own initial transmissions share one pacing.
+    fn forward_next(&mut self, now: Instant, buf: &mut [u8]) -> Option<crate::session::Transmit> {
+        self.take_forwards();
+        while !self.forwards.is_empty() {
+            if !self.downstream.take_send_token(now) {
+                self.counters.cut_through_paced += 1;
+                return None;
             }
+            let forward = self.forwards.pop_front()?;
             let sa = *self.upstream.keys().rekey_sa();
             let repr = crate::wire::DatagramRepr {
                 group_id: sa.group_id,
@@ -446,13 +517,51 @@ impl RelaySession {
         None
     }
 
-    /// The next deadline of either side.
+    /// Moves the upstream side's verified pieces into the forwarding queue, counting the
+    /// reconstructed ones per block (cut-through only: store and forward drops them).
+    fn take_forwards(&mut self) {
+        while let Some(forward) = self.upstream.take_forward() {
+            if !self.cut_through {
+                continue;
+            }
+            if forward.recovered {
+                if self.recovered.0 != forward.seq {
+                    self.recovered = (forward.seq, Vec::new());
+                }
+                let sbn = usize::from(forward.sbn);
+                let counts = &mut self.recovered.1;
+                if counts.len() <= sbn {
+                    counts.resize(sbn + 1, 0);
+                }
+                counts[sbn] += 1;
+            }
+            self.forwards.push_back(forward);
+        }
+    }
+
+    /// Source symbols of block `sbn` of message `seq` that a decode reconstructed and the
+    /// relay took for forwarding.
+    fn recovered_in(&self, seq: u64, sbn: Option<u8>) -> u32 {
+        match sbn {
+            Some(sbn) if self.recovered.0 == seq => {
+                self.recovered.1.get(usize::from(sbn)).copied().unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The next deadline of either side, and of the forwards waiting for a token.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match (self.upstream.poll_timeout(), self.downstream.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let forwards = (!self.forwards.is_empty()).then(|| self.downstream.send_token_at());
+        [
+            self.upstream.poll_timeout(),
+            self.downstream.poll_timeout(),
+            forwards,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next event for the driver.
@@ -558,6 +667,11 @@ impl RelaySession {
         self.downstream.repair_stats()
     }
 
+    /// What went to the unicast relays behind this one ([`RelayConfig::unicast_relays`]).
+    pub fn uplink_counters(&self) -> &UplinkCounters {
+        self.uplinks.counters()
+    }
+
     /// The downstream side (its history, GRTT, loss estimate).
     pub fn downstream(&self) -> &SenderSession {
         &self.downstream
@@ -565,6 +679,7 @@ impl RelaySession {
 
     /// Moves both sides' events into the relay's, forwarding completed messages.
     fn pump(&mut self, now: Instant) {
+        self.take_forwards();
         while let Some(event) = self.upstream.poll_event() {
             if let ReceiverEvent::GroupKeyUpdated { seq, .. } = event {
                 self.events.push_back(RelayEvent::Upstream(event));
@@ -581,7 +696,7 @@ impl RelaySession {
     /// Message `seq` was applied upstream: queue it downstream if it came whole.
     fn forward(&mut self, now: Instant, seq: u64) {
         let Some(completed) = self.upstream.take_completed().filter(|c| c.seq == seq) else {
-            self.early_nacks.retain(|(nack_seq, _, _)| *nack_seq > seq);
+            self.early_nacks.retain(|held| held.seq > seq);
             self.counters.not_forwarded += 1;
             self.events.push_back(RelayEvent::NotForwarded { seq });
             return;
@@ -602,15 +717,19 @@ impl RelaySession {
         // NACKs that came while the message was in progress: the downstream side holds it
         // now (or never will).
         let held = std::mem::take(&mut self.early_nacks);
-        for (nack_seq, from, bytes) in held {
-            if nack_seq == seq {
-                // The adoption sends the source symbols the relay recovered by decoding; a
-                // held NACK asks only for what is left beyond them.
-                if let Some(bytes) = trim_held_nack(&bytes, &arrived, &mac_key) {
-                    self.downstream.handle_datagram(now, from, &bytes);
+        for nack in held {
+            if nack.seq == seq {
+                // The source symbols of its block forwarded since it came (reconstructed by
+                // the block's decode) and those the adoption sends answer it in part: it
+                // asks only for what is left beyond them.
+                let since = self
+                    .recovered_in(seq, nack_block(&nack.bytes))
+                    .saturating_sub(nack.recovered_before);
+                if let Some(bytes) = trim_held_nack(&nack.bytes, since, &arrived, &mac_key) {
+                    self.downstream.handle_datagram(now, nack.from, &bytes);
                 }
-            } else if nack_seq > seq {
-                self.early_nacks.push((nack_seq, from, bytes));
+            } else if nack.seq > seq {
+                self.early_nacks.push(nack);
             }
         }
         match prepared {
@@ -630,11 +749,22 @@ impl RelaySession {
     }
 }
 
-/// A NACK held while its message was in progress, less the source symbols of its block that
-/// the adoption sends anyway (those not in `arrived`), sealed again under `key`; `None` when
-/// nothing is left to ask for. Other datagrams come back unchanged.
+/// The block a chunk NACK asks about, if `bytes` is one.
+fn nack_block(bytes: &[u8]) -> Option<u8> {
+    use crate::wire::{BodyRepr, DatagramRepr, ObjectKind};
+    match DatagramRepr::parse(bytes).ok()?.body {
+        BodyRepr::Nack(nack) if nack.object == ObjectKind::Chunks => Some(nack.sbn),
+        _ => None,
+    }
+}
+
+/// A NACK held while its message was in progress, less the source symbols of its block sent
+/// after it came: `since` forwarded already, and those the adoption sends (not in `arrived`);
+/// sealed again under `key`; `None` when nothing is left to ask for. Other datagrams come
+/// back unchanged.
 fn trim_held_nack(
     bytes: &[u8],
+    since: u32,
     arrived: &[Vec<bool>],
     key: &crate::auth::mac::MacKey,
 ) -> Option<Vec<u8>> {
@@ -650,7 +780,8 @@ fn trim_held_nack(
     }
     let sent = arrived
         .get(usize::from(nack.sbn))
-        .map_or(0, |block| block.iter().filter(|&&a| !a).count());
+        .map_or(0, |block| block.iter().filter(|&&a| !a).count())
+        + since as usize;
     if sent == 0 {
         return Some(bytes.to_vec());
     }

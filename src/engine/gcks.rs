@@ -214,6 +214,10 @@ impl Gcks {
                 (endpoint, GcksStore::Dir(storage))
             }
         };
+        let mut endpoint = endpoint;
+        endpoint
+            .set_unicast_relays(config.unicast_relays.clone())
+            .map_err(GcksSetupError::Config)?;
         let mut driver_config = DriverConfig::new("rekeycast-gcks");
         driver_config.serve = Some(SenderPort {
             multicast: config.multicast.clone(),
@@ -629,6 +633,7 @@ fn gcks_stats(endpoint: &Endpoint, driver: &DriverStats) -> GcksStats {
         resync: driver.resync,
         relays: stats.relays,
         history_not_held: stats.history_not_held,
+        uplinks: stats.uplinks,
     }
 }
 

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rekeycast_proto::endpoint::failover::FailoverConfig;
 use rekeycast_proto::endpoint::member::{
     MemberCommand, MemberEndpoint, MemberEndpointConfig, MemberFigures, MemberStoreOp,
 };
@@ -131,6 +132,12 @@ pub struct MemberConfig {
     pub seed: Option<u64>,
     /// Events kept for the product at most; beyond, new ones are dropped and counted.
     pub event_capacity: usize,
+    /// Relay failover (a table; see [`FailoverConfig`]): when the member gives up on its
+    /// relay and how moves are spaced. The relays it moves between are its registration
+    /// bundle's directory. The member listens to the one group it was started on for its
+    /// whole life: a move changes where its NACKs go and whose resync endpoints it asks first
+    /// (relays that serve one segment share its group).
+    pub failover: FailoverConfig,
 }
 
 impl MemberConfig {
@@ -157,6 +164,7 @@ impl MemberConfig {
             state_file: None,
             seed: None,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            failover: FailoverConfig::default(),
         }
     }
 
@@ -179,6 +187,9 @@ impl MemberConfig {
         check_multicast("multicast", &self.multicast)?;
         check_bind("bind", self.bind, self.multicast.group)?;
         check_receiver("receiver", &self.receiver)?;
+        self.failover
+            .validate()
+            .map_err(|error| InvalidConfig::session("failover", error))?;
         if self.resync_timeout.is_zero() {
             return Err(InvalidConfig::new("resync_timeout_ms", "must not be 0"));
         }
@@ -429,6 +440,8 @@ fn endpoint_parts(config: &MemberConfig) -> (MemberEndpointConfig, ChaCha8Rng) {
         receiver: config.receiver.clone(),
         resync: config.resync_config(),
         persist_keys: config.state_file.is_some(),
+        directory: Default::default(),
+        failover: config.failover.clone(),
     };
     (endpoint, ChaCha8Rng::seed_from_u64(seed))
 }

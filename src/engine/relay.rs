@@ -85,11 +85,19 @@ use crate::session::ReceiverCounters;
 #[serde(default, deny_unknown_fields)]
 pub struct RelayEngineConfig {
     /// The upstream group (the GCKS's, or the upstream relay's) and the interface to join it
-    /// on.
+    /// on (not joined with [`Self::upstream_unicast`]).
     pub upstream: MulticastConfig,
     /// The unicast address the relay sends its NACKs and probe replies upstream from (port 0:
-    /// any). The upstream sender's address is [`RelayConfig::upstream`]'s `feedback_addr`.
+    /// any), and with [`Self::upstream_unicast`] where it takes the upstream traffic. The
+    /// upstream sender's address is [`RelayConfig::upstream`]'s `feedback_addr`.
     pub upstream_bind: SocketAddr,
+    /// Take the upstream sender's traffic over unicast UDP instead of its multicast group (a
+    /// wide-area uplink without multicast routing): the relay joins no upstream group, and the
+    /// upstream sender (the GCKS's `unicast_relays`, or an upstream relay's
+    /// `session.unicast_relays`) must list this relay's `upstream_bind` address, which then
+    /// needs a fixed port. NACKs and repair travel the same unicast path
+    /// ([`crate::relay::uplink`]). Downstream, the relay multicasts as always.
+    pub upstream_unicast: bool,
     /// The downstream group (the relay's own), its interface, TTL and loopback.
     pub downstream: MulticastConfig,
     /// The unicast address the relay sends downstream from and takes its members' NACKs and
@@ -139,6 +147,7 @@ impl RelayEngineConfig {
         Self {
             upstream,
             upstream_bind: any,
+            upstream_unicast: false,
             downstream,
             downstream_bind: any,
             session: RelayConfig::new(upstream_feedback),
@@ -179,15 +188,37 @@ impl RelayEngineConfig {
     /// the resync limits, the feedback limit, a non-empty state directory when set and a
     /// non-zero event capacity.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        check_multicast("upstream", &self.upstream)?;
         check_multicast("downstream", &self.downstream)?;
-        if self.downstream.group == self.upstream.group {
-            return Err(InvalidConfig::new(
-                "downstream.group",
-                "must differ from upstream.group (the relay would hear its own forwards)",
-            ));
+        if self.upstream_unicast {
+            if self.upstream_bind.port() == 0 {
+                return Err(InvalidConfig::new(
+                    "upstream_bind",
+                    "must have a fixed port with upstream_unicast (the upstream sender lists \
+                     this address)",
+                ));
+            }
+            check_bind(
+                "upstream_bind",
+                self.upstream_bind,
+                self.session.upstream.feedback_addr,
+            )
+            .map_err(|_| {
+                InvalidConfig::new(
+                    "upstream_bind",
+                    "must be of session.upstream.feedback_addr's address family with \
+                     upstream_unicast",
+                )
+            })?;
+        } else {
+            check_multicast("upstream", &self.upstream)?;
+            if self.downstream.group == self.upstream.group {
+                return Err(InvalidConfig::new(
+                    "downstream.group",
+                    "must differ from upstream.group (the relay would hear its own forwards)",
+                ));
+            }
+            check_bind("upstream_bind", self.upstream_bind, self.upstream.group)?;
         }
-        check_bind("upstream_bind", self.upstream_bind, self.upstream.group)?;
         check_bind(
             "downstream_bind",
             self.downstream_bind,
@@ -195,6 +226,11 @@ impl RelayEngineConfig {
         )?;
         check_receiver("session.upstream", &self.session.upstream)?;
         check_sender("session.downstream", &self.session.downstream)?;
+        crate::config::check_unicast_relays(
+            "session.unicast_relays",
+            &self.session.unicast_relays,
+            self.downstream_bind,
+        )?;
         if self.session.downstream_group_size == Some(0) {
             return Err(InvalidConfig::new(
                 "session.downstream_group_size",
@@ -235,9 +271,23 @@ impl RelayEngineConfig {
 
     fn driver_config(&self) -> DriverConfig {
         let mut config = DriverConfig::new("rekey-relay");
-        config.listen = Some(self.upstream.clone());
+        // A unicast uplink joins no group: the upstream traffic comes to the feedback socket.
+        config.listen = (!self.upstream_unicast).then(|| self.upstream.clone());
+        // The feedback socket's multicast settings matter only to the multicast feedback mode
+        // (NACKs to the upstream group); a unicast uplink has no upstream group, and its
+        // socket takes the family of its bind address.
+        let feedback_multicast = if !self.upstream_unicast
+            || self.upstream.group.is_ipv4() == self.upstream_bind.is_ipv4()
+        {
+            self.upstream.clone()
+        } else {
+            MulticastConfig::new(match self.upstream_bind {
+                SocketAddr::V4(_) => crate::gcks::DEFAULT_GROUP,
+                SocketAddr::V6(_) => UNICAST_UPLINK_V6_PLACEHOLDER,
+            })
+        };
         config.feedback = Some(SenderPort {
-            multicast: self.upstream.clone(),
+            multicast: feedback_multicast,
             bind: self.upstream_bind,
         });
         config.serve = Some(SenderPort {
@@ -254,6 +304,15 @@ impl RelayEngineConfig {
         config
     }
 }
+
+/// The group an IPv6 unicast uplink's feedback socket is set up with when the configured
+/// upstream group is IPv4: never sent to (a unicast uplink has no upstream group).
+const UNICAST_UPLINK_V6_PLACEHOLDER: SocketAddr = SocketAddr::V6(std::net::SocketAddrV6::new(
+    std::net::Ipv6Addr::new(0xff15, 0, 0, 0, 0, 0, 0x7e1a, 1),
+    7400,
+    0,
+    0,
+));
 
 /// The downstream group of [`RelayEngineConfig::default`]: an administratively scoped IPv4
 /// group (RFC 2365) beside [`crate::gcks::DEFAULT_GROUP`].
@@ -332,6 +391,8 @@ pub struct RelayStats {
     pub loop_lag_us: LoopLag,
     /// Event-loop lag, microseconds, over the last 10 to 20 seconds.
     pub loop_lag_recent_us: LoopLag,
+    /// What went to the unicast relays behind this one (`session.unicast_relays`).
+    pub uplinks: crate::relay::uplink::UplinkCounters,
 }
 
 impl RelayStats {
@@ -358,6 +419,7 @@ impl RelayStats {
             events_dropped: driver.events_dropped,
             loop_lag_us: driver.lag,
             loop_lag_recent_us: driver.recent_lag,
+            uplinks: endpoint.uplinks,
         }
     }
 }

@@ -28,6 +28,7 @@ use ed25519_dalek::SigningKey;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rekeycast_proto::endpoint::failover::{FailoverConfig, FailoverCounters};
 use rekeycast_proto::endpoint::gcks::membership::Schedule;
 use rekeycast_proto::endpoint::gcks::{
     Change, GcksCommand, GcksEndpoint, GcksEndpointConfig, GcksEvent, GcksSetupError, WallClock,
@@ -46,7 +47,7 @@ use super::endpoint::{
 };
 use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
 use crate::gsa::WrapAlgorithm;
-use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle};
+use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle, RelayContact, RelayDirectory};
 use crate::relay::RelayConfig;
 use crate::resync::ResyncSource;
 use crate::session::layout::MessageParams;
@@ -128,6 +129,15 @@ pub struct ScenarioConfig {
     /// nothing more, ask for the group's state after [`ReceiverConfig::silence_timeout`] and
     /// resync from the next endpoint, the GCKS.
     pub kill_relay: Option<(usize, usize)>,
+    /// With [`Self::kill_relay`]: the relay dies this long after that rekey was asked (in the
+    /// middle of its message) instead of right before it.
+    pub kill_relay_after: Option<Duration>,
+    /// Whether members behind relays fail over: each gets a relay directory (its relay first,
+    /// then the relays after it, then the GCKS), as a GCKS's relay assignment would hand it,
+    /// and moves along it when its relay goes silent ([`MemberEndpointConfig::failover`]).
+    pub member_failover: bool,
+    /// The members' failover settings (with [`Self::member_failover`]).
+    pub failover: FailoverConfig,
     /// Whether the GCKS persists (leaves recorded, batches stored before they are released),
     /// to a storage in memory. Needed by [`Self::restart_gcks`]. Off by default: the history
     /// it stores is a second copy of the sender's, which would count in the memory figures.
@@ -208,6 +218,9 @@ impl ScenarioConfig {
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
             relay_cut_through: true,
             kill_relay: None,
+            kill_relay_after: None,
+            member_failover: false,
+            failover: FailoverConfig::default(),
             durable: false,
             persist_member_keys: false,
             restart_gcks: None,
@@ -297,6 +310,34 @@ pub struct ScenarioReport {
     pub nacks_per_lost_block: Vec<u64>,
     /// Unicast chunk repairs the (last) GCKS sent.
     pub chunk_repairs_sent: u64,
+    /// Where members received from, their moves and the killed relay's members' recovery.
+    pub failover: FailoverReport,
+}
+
+/// Members' relays and failover in a scenario.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverReport {
+    /// The final members on each relay at the end, by relay index (with failover, where each
+    /// member then receives from; without, where it was placed).
+    pub members_per_relay: Vec<usize>,
+    /// Final members on the GCKS's contact (failover's last resort) or with no relay.
+    pub members_on_gcks: usize,
+    /// The members' failover counters, summed (final members).
+    pub moves: FailoverCounters,
+    /// Members on the killed relay when it died.
+    pub killed_relay_members: usize,
+    /// The longest wait of the killed relay's members (those still in the group) for a
+    /// message, over the message in flight at the kill (from the kill) and every later one
+    /// (from its asking, to a service tick), until all of them held it. `None`: no kill, or
+    /// one such message not held by all of them within the run.
+    pub kill_to_current: Option<Duration>,
+    /// Fetches (resync or state) members sent to the GCKS's endpoint, and to relays'.
+    pub member_fetches_to_gcks: u64,
+    /// See `member_fetches_to_gcks`.
+    pub member_fetches_to_relays: u64,
+    /// Of the fetches to the GCKS, those the killed relay's members sent while one of them
+    /// still lacked a message from the one in flight at the kill on (see `kill_to_current`).
+    pub killed_members_fetches_to_gcks: u64,
 }
 
 /// What the relays of a scenario did, summed over the relays.
@@ -490,6 +531,17 @@ struct Scenario<'c> {
     /// The relays' nodes, by relay index.
     relays: Vec<NodeId>,
     relays_killed: usize,
+    /// The relay each member node was placed behind.
+    placed: HashMap<NodeId, usize>,
+    /// The failover figures being gathered.
+    failover: FailoverReport,
+    /// When the relay was killed, and its members then.
+    killed: Option<(Instant, Vec<NodeId>)>,
+    /// Messages the killed relay's members do not all hold yet: (since, seq).
+    kill_pending: Vec<(Instant, u64)>,
+    /// The latest message watched so, and the waits of those all held.
+    kill_watched_seq: u64,
+    kill_waits: Vec<Duration>,
     /// Member slots: (member id, node id); a slot is never reused.
     slots: Vec<(MemberId, NodeId)>,
     /// Slots of current members.
@@ -591,6 +643,12 @@ impl<'c> Scenario<'c> {
             crashed_after_sent: None,
             relays: Vec::new(),
             relays_killed: 0,
+            placed: HashMap::new(),
+            failover: FailoverReport::default(),
+            killed: None,
+            kill_pending: Vec::new(),
+            kill_watched_seq: 0,
+            kill_waits: Vec::new(),
             slots: Vec::new(),
             current: Vec::new(),
             shared,
@@ -619,13 +677,13 @@ impl<'c> Scenario<'c> {
         let mut spent = self.restart_if_due(0)?;
         for rekey in 1..=self.config.rekeys {
             self.advance(self.config.rekey_interval.saturating_sub(spent))?;
-            if let Some((index, at)) = self.config.kill_relay {
-                if at == rekey {
-                    if let Some(&id) = self.relays.get(index) {
-                        self.net.remove_node(id)?;
-                        self.relays_killed += 1;
-                    }
-                }
+            let kill = self
+                .config
+                .kill_relay
+                .filter(|&(_, at)| at == rekey)
+                .map(|(index, _)| index);
+            if let (Some(index), None) = (kill, self.config.kill_relay_after) {
+                self.kill_relay(index)?;
             }
             let count = ((self.current.len() as f64) * self.config.churn).round() as usize;
             let count = count.min(self.current.len().saturating_sub(1));
@@ -641,6 +699,11 @@ impl<'c> Scenario<'c> {
                 .retain(|slot| leaving_slots.binary_search(slot).is_err());
             self.rekey(&[], &joins, &leaves, false)?;
             spent = self.restart_if_due(rekey)?;
+            if let (Some(index), Some(after)) = (kill, self.config.kill_relay_after) {
+                self.advance(after)?;
+                self.kill_relay(index)?;
+                spent += after;
+            }
         }
         // Settle: repair and resync finish; stop early once every member has the latest
         // message (checked once a second of virtual time).
@@ -695,6 +758,86 @@ impl<'c> Scenario<'c> {
         self.net.touch(self.gcks)?;
         self.restarts += 1;
         Ok(restart.after + restart.down)
+    }
+
+    /// Relay `index` dies: its node is removed for good; its members are watched until they
+    /// hold the latest message.
+    fn kill_relay(&mut self, index: usize) -> Result<(), ScenarioError> {
+        let Some(&id) = self.relays.get(index) else {
+            return Ok(());
+        };
+        self.net.remove_node(id)?;
+        self.relays_killed += 1;
+        let members: Vec<NodeId> = self
+            .current
+            .iter()
+            .map(|&slot| self.slots[slot].1)
+            .filter(|&node| self.relay_of(node) == Some(index))
+            .collect();
+        self.failover.killed_relay_members = members.len();
+        let now = self.net.now();
+        let latest = self.latest_seq();
+        self.killed = Some((now, members));
+        self.kill_pending.push((now, latest));
+        self.kill_watched_seq = latest;
+        Ok(())
+    }
+
+    /// The relay member `node` receives from: where failover has it, or where it was placed.
+    fn relay_of(&self, node: NodeId) -> Option<usize> {
+        match self.net.node(node) {
+            Some(SimNode::Member(member)) if self.config.member_failover => {
+                member.node.endpoint().figures().relay.map(usize::from)
+            }
+            Some(SimNode::Member(_)) => self.placed.get(&node).copied(),
+            _ => None,
+        }
+    }
+
+    /// Members that moved listen to their new contact's group from now on; the killed
+    /// relay's members are checked for the latest message.
+    fn follow_failover(&mut self) -> Result<(), ScenarioError> {
+        if self.config.member_failover {
+            for &slot in &self.current {
+                let id = self.slots[slot].1;
+                let attachment = match self.net.node_mut(id) {
+                    Some(SimNode::Member(member)) => member.node.endpoint_mut().poll_attachment(),
+                    _ => None,
+                };
+                if let Some(attachment) = attachment {
+                    let group = group_number(attachment.contact.group);
+                    self.net.set_groups(id, group, group)?;
+                }
+            }
+        }
+        if let Some((_, members)) = &self.killed {
+            let now = self.net.now();
+            let latest = self.latest_seq();
+            if latest > self.kill_watched_seq {
+                self.kill_pending.push((now, latest));
+                self.kill_watched_seq = latest;
+            }
+            // The oldest next message any of them lacks.
+            let lowest = members
+                .iter()
+                .filter_map(|&id| match self.net.node(id) {
+                    Some(SimNode::Member(member)) => {
+                        Some(member.node.endpoint().session().next_seq())
+                    }
+                    _ => None,
+                })
+                .min()
+                .unwrap_or(u64::MAX);
+            let waits = &mut self.kill_waits;
+            self.kill_pending.retain(|&(since, seq)| {
+                let held = lowest > seq;
+                if held {
+                    waits.push(now - since);
+                }
+                !held
+            });
+        }
+        Ok(())
     }
 
     /// The relay a member joining in slot `slot` is given: relay `slot % relays`, or the next
@@ -860,6 +1003,39 @@ impl<'c> Scenario<'c> {
         }
     }
 
+    /// The directory a member placed behind relay `first` gets: that relay, the live relays
+    /// after it (wrapping), the GCKS.
+    fn directory(&self, first: usize) -> RelayDirectory {
+        let endpoint = |addr| ResyncEndpoint {
+            protocol: ResyncProtocol::Tcp,
+            addr,
+        };
+        let count = self.relays.len();
+        let relays = (0..count)
+            .map(|k| (first + k) % count)
+            .filter(|&index| self.net.is_present(self.relays[index]))
+            .map(|index| {
+                let addr = self.net.addr(self.relays[index]);
+                RelayContact {
+                    id: u16::try_from(index).unwrap_or(u16::MAX),
+                    group: group_addr(relay_group(index)),
+                    feedback: addr,
+                    resync: vec![endpoint(addr)],
+                }
+            })
+            .collect();
+        let gcks = self.net.addr(self.gcks);
+        RelayDirectory {
+            relays,
+            gcks: Some(RelayContact {
+                id: 0,
+                group: group_addr(0),
+                feedback: gcks,
+                resync: vec![endpoint(gcks)],
+            }),
+        }
+    }
+
     /// The group size the GCKS's committed tree holds.
     fn group_size(&self) -> u32 {
         match self.net.node(self.gcks) {
@@ -935,11 +1111,17 @@ impl<'c> Scenario<'c> {
         receiver.scheduler.group_size = group_size;
         receiver.scheduler.seed = self.rng.gen();
         let group = group_addr(relay_index.map_or(0, relay_group));
+        let directory = match relay_index {
+            Some(first) if self.config.member_failover => self.directory(first),
+            _ => RelayDirectory::default(),
+        };
         let config = MemberEndpointConfig {
             group,
             receiver,
             resync: self.resync_config(relay, group_size),
             persist_keys: self.config.persist_member_keys,
+            directory,
+            failover: self.config.failover.clone(),
         };
         let endpoint = MemberEndpoint::new(
             bundle,
@@ -992,6 +1174,11 @@ impl<'c> Scenario<'c> {
         if let Some(index) = relay_index {
             let group = relay_group(index);
             self.net.set_groups(id, group, group)?;
+            self.placed.insert(id, index);
+        }
+        // The endpoint's first attachment is where it was placed.
+        if let Some(SimNode::Member(member)) = self.net.node_mut(id) {
+            member.node.endpoint_mut().poll_attachment();
         }
         self.net.touch(id)?;
         self.slots.push((bundle.member, id));
@@ -1036,6 +1223,7 @@ impl<'c> Scenario<'c> {
             self.net.run_until(next);
             now = next;
             self.serve(now)?;
+            self.follow_failover()?;
         }
         Ok(())
     }
@@ -1047,6 +1235,21 @@ impl<'c> Scenario<'c> {
         for (asker, asked_at, request) in fetches {
             let arrival = (asked_at + self.config.resync_rtt).max(now);
             let server = self.net.node_id(request.endpoint.addr);
+            if matches!(self.net.node(asker), Some(SimNode::Member(_))) {
+                if server == Some(self.gcks) {
+                    self.failover.member_fetches_to_gcks += 1;
+                    if !self.kill_pending.is_empty()
+                        && self
+                            .killed
+                            .as_ref()
+                            .is_some_and(|(_, members)| members.contains(&asker))
+                    {
+                        self.failover.killed_members_fetches_to_gcks += 1;
+                    }
+                } else {
+                    self.failover.member_fetches_to_relays += 1;
+                }
+            }
             let hostility = self.config.hostile_relay.and_then(|(index, how)| {
                 (server.is_some() && self.relays.get(index).copied() == server).then_some(how)
             });
@@ -1254,6 +1457,26 @@ impl<'c> Scenario<'c> {
                 relays.converged += 1;
             }
         }
+        let mut failover = self.failover.clone();
+        if self.killed.is_some() && self.kill_pending.is_empty() {
+            failover.kill_to_current = self.kill_waits.iter().copied().max();
+        }
+        failover.members_per_relay = vec![0; self.relays.len()];
+        for &slot in &self.current {
+            let id = self.slots[slot].1;
+            match self.relay_of(id) {
+                Some(index) if index < self.relays.len() => failover.members_per_relay[index] += 1,
+                _ => failover.members_on_gcks += 1,
+            }
+            if let Some(SimNode::Member(member)) = self.net.node(id) {
+                let c = member.node.endpoint().figures().failover;
+                failover.moves.nack_moves += c.nack_moves;
+                failover.moves.silence_moves += c.silence_moves;
+                failover.moves.ordered_moves += c.ordered_moves;
+                failover.moves.unreachable_moves += c.unreachable_moves;
+                failover.moves.moves_held += c.moves_held;
+            }
+        }
         let storage = self.storage.0.borrow();
         let mut shared = self.shared.borrow_mut();
         shared.time_to_key_us.sort_unstable();
@@ -1294,6 +1517,7 @@ impl<'c> Scenario<'c> {
             },
             nacks_per_lost_block,
             chunk_repairs_sent,
+            failover,
         }
     }
 }
@@ -1371,6 +1595,17 @@ fn member_event_hook(
 /// The simulated multicast group relay `index` sends into (the GCKS's is 0).
 fn relay_group(index: usize) -> u32 {
     u32::try_from(index + 1).unwrap_or(u32::MAX)
+}
+
+/// The simulated multicast group of the address [`group_addr`] gives.
+fn group_number(addr: SocketAddr) -> u32 {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let [_, a, b, c] = ip.octets();
+            u32::from_be_bytes([0, a, b, c])
+        }
+        std::net::IpAddr::V6(_) => 0,
+    }
 }
 
 /// The address endpoints know simulated multicast group `group` by.

@@ -367,7 +367,29 @@ impl<'a> Run<'a> {
             },
             setup.elapsed().as_millis()
         );
-        let server = Server::start(&options.rekeycast, topology.host("gcks")?, work_dir)?;
+        let uplinks = if scenario.topology.unicast_uplinks {
+            let relays = (1..=scenario.topology.relays)
+                .map(|relay| {
+                    let host = topology.host(&format!("r{relay}"))?;
+                    Ok(SocketAddr::from((
+                        host.address,
+                        processes::RELAY_UPLINK_PORT,
+                    )))
+                })
+                .collect::<Result<Vec<_>, RunError>>()?;
+            rekeycast::relay::uplink::UnicastRelays {
+                unicast_only: scenario.topology.members == 0 && !relays.is_empty(),
+                relays,
+            }
+        } else {
+            rekeycast::relay::uplink::UnicastRelays::default()
+        };
+        let server = Server::start_with_uplinks(
+            &options.rekeycast,
+            topology.host("gcks")?,
+            work_dir,
+            uplinks,
+        )?;
         Ok(Self {
             scenario,
             options,
@@ -454,6 +476,7 @@ impl<'a> Run<'a> {
                     id,
                     members: topology.members_per_relay,
                     seed: self.scenario.seed,
+                    unicast_uplink: topology.unicast_uplinks,
                 },
             )?);
         }

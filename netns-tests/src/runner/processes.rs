@@ -32,6 +32,8 @@ pub const HTTP_RESYNC_PORT: u16 = 7403;
 pub const RELAY_FEEDBACK_PORT: u16 = 7411;
 /// A relay's TCP resync port.
 pub const RELAY_TCP_PORT: u16 = 7412;
+/// A relay's upstream port on a unicast uplink (where the GCKS sends it the rekeys).
+pub const RELAY_UPLINK_PORT: u16 = 7414;
 /// A relay's HTTP resync port.
 pub const RELAY_HTTP_PORT: u16 = 7413;
 /// The group id and SPI of every scenario.
@@ -73,6 +75,22 @@ pub struct Server {
 impl Server {
     /// Writes the server's configuration into `dir` and starts it in `host`'s namespace.
     pub fn start(binary: &Path, host: &Host, dir: &Path) -> Result<Self, RunError> {
+        Self::start_with_uplinks(
+            binary,
+            host,
+            dir,
+            rekeycast::relay::uplink::UnicastRelays::default(),
+        )
+    }
+
+    /// [`Server::start`] with relays on unicast uplinks: the GCKS sends its rekeys to
+    /// `unicast_relays` by unicast too (or only).
+    pub fn start_with_uplinks(
+        binary: &Path,
+        host: &Host,
+        dir: &Path,
+        unicast_relays: rekeycast::relay::uplink::UnicastRelays,
+    ) -> Result<Self, RunError> {
         let mut config =
             rekeycast_cli::config::ServerConfig::from_toml_str("").map_err(|error| {
                 RunError::Config {
@@ -97,6 +115,7 @@ impl Server {
         gcks.sender.heartbeat_max = HEARTBEAT_MAX;
         gcks.resync_tcp = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
         gcks.resync_http = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
+        gcks.unicast_relays = unicast_relays;
         config.admin_socket = dir.join("admin.sock");
         let path = dir.join("server.toml");
         write_toml(&path, &config)?;
@@ -542,6 +561,8 @@ pub struct RelaySpec {
     pub members: u32,
     /// The scenario's seed.
     pub seed: u64,
+    /// Whether it takes the GCKS's rekeys over a unicast uplink (at [`RELAY_UPLINK_PORT`]).
+    pub unicast_uplink: bool,
 }
 
 /// A relay process.
@@ -577,6 +598,7 @@ impl RelayProcess {
             id,
             members,
             seed,
+            unicast_uplink,
         } = *spec;
         let mut config = rekeycast_cli::config::RelayConfig::default();
         let address = host.address;
@@ -603,6 +625,10 @@ impl RelayProcess {
         relay.session.downstream.heartbeat_max = HEARTBEAT_MAX;
         relay.resync_tcp = Some(SocketAddr::from((address, RELAY_TCP_PORT)));
         relay.resync_http = Some(SocketAddr::from((address, RELAY_HTTP_PORT)));
+        if unicast_uplink {
+            relay.upstream_unicast = true;
+            relay.upstream_bind = SocketAddr::from((address, RELAY_UPLINK_PORT));
+        }
         let path = dir.join(format!("relay-{number}.toml"));
         write_toml(&path, &config)?;
         let mut relay = Self {

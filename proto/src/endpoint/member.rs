@@ -20,9 +20,12 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zeroize::Zeroizing;
 
+use super::directive::{DirectiveError, RelayDirective};
+use super::failover::{Attachment, Failover, FailoverConfig, FailoverCounters, MoveReason};
 use super::resync_policy::{ResyncConfig, ResyncCounters, ResyncEvent, ResyncPolicy};
 use super::{
     Destination, Endpoint, FetchId, FetchRequest, Fetched, NoJob, Port, StoreError, StoreId,
@@ -30,7 +33,7 @@ use super::{
 };
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
-use crate::lkh::{MemberKeys, RegistrationBundle};
+use crate::lkh::{MemberKeys, RegistrationBundle, RelayDirectory};
 use crate::session::receiver::{ResyncError, StateVerdict};
 use crate::session::{
     ConfigError, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
@@ -50,6 +53,13 @@ pub struct MemberEndpointConfig {
     /// Whether the member's keys are saved ([`MemberStoreOp::SaveKeys`]) after every applied
     /// message, before its events are released.
     pub persist_keys: bool,
+    /// The relays (in order) and the GCKS's contact the member fails over between. Empty: the
+    /// registration bundle's directory is used ([`MemberEndpoint::new`]); empty there too, the
+    /// member stays on `group`, `receiver.feedback_addr` and `resync` and never fails over.
+    /// Not empty, its first contact replaces those three.
+    pub directory: RelayDirectory,
+    /// When the member gives up on a contact and how moves are spaced.
+    pub failover: FailoverConfig,
 }
 
 impl MemberEndpointConfig {
@@ -61,6 +71,8 @@ impl MemberEndpointConfig {
             receiver: ReceiverConfig::new(feedback),
             resync: ResyncConfig::default(),
             persist_keys: false,
+            directory: RelayDirectory::default(),
+            failover: FailoverConfig::default(),
         }
     }
 }
@@ -92,6 +104,14 @@ pub enum MemberCommand {
     BeyondHistory,
     /// An estimate of the group's size, for the resync policy's spreading and backoff.
     GroupSize(u32),
+    /// A GCKS's signed relay directive (its encoding): verified with the GCKS's key, then the
+    /// member moves to the relay it names for the member, if any. The reply says what it did.
+    Directive {
+        /// The encoded directive.
+        bytes: Vec<u8>,
+        /// Gets the outcome: whether the member moved.
+        reply: Reply<Result<bool, DirectiveError>>,
+    },
     /// The member's figures.
     Figures(Reply<MemberFigures>),
     /// Stop: the keys applied since the last save are saved first.
@@ -105,6 +125,7 @@ impl std::fmt::Debug for MemberCommand {
             Self::StateAnswer { .. } => f.write_str("StateAnswer"),
             Self::BeyondHistory => f.write_str("BeyondHistory"),
             Self::GroupSize(size) => write!(f, "GroupSize({size})"),
+            Self::Directive { bytes, .. } => write!(f, "Directive({} bytes)", bytes.len()),
             Self::Figures(_) => f.write_str("Figures"),
             Self::Stop => f.write_str("Stop"),
         }
@@ -156,6 +177,11 @@ pub struct MemberFigures {
     pub state_save_failures: u64,
     /// Why the member must register again, once it must.
     pub must_reregister: Option<ReregisterReason>,
+    /// The relay the member receives from, by its number ([`crate::lkh::RelayContact::id`]);
+    /// `None` on the GCKS's contact or without a directory.
+    pub relay: Option<u16>,
+    /// Failover's figures (moves, and why).
+    pub failover: FailoverCounters,
 }
 
 /// One member's rekey receiver and resync policy. See the [module docs](self).
@@ -179,6 +205,16 @@ pub struct MemberEndpoint {
     dropped_before_mac: u64,
     state_save_failures: u64,
     stopping: bool,
+    /// Failover between the directory's contacts; `None` without a directory.
+    failover: Option<Failover>,
+    /// The feedback address the session was configured with: its unicast transmits there go
+    /// to the current contact's.
+    session_feedback: SocketAddr,
+    /// The latest directive applied (its issue number).
+    directive_issued: Option<u64>,
+    /// The endpoint of each fetch running (with a directory): a connection failure to the
+    /// current relay's moves the member.
+    fetching: Vec<(FetchId, super::ResyncEndpoint)>,
 }
 
 impl MemberEndpoint {
@@ -190,6 +226,10 @@ impl MemberEndpoint {
         rng: ChaCha8Rng,
         now: Instant,
     ) -> Result<Self, ConfigError> {
+        let mut config = config;
+        if config.directory.is_empty() {
+            config.directory = bundle.directory.clone();
+        }
         let session = ReceiverSession::new(bundle, config.receiver.clone())?;
         Ok(Self::with_session(session, config, rng, now))
     }
@@ -220,10 +260,23 @@ impl MemberEndpoint {
             .resync
             .group_size
             .max(config.receiver.scheduler.group_size);
-        let mut policy = ResyncPolicy::new(config.resync, rng);
+        let mut rng = rng;
+        let failover_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+        let failover = Failover::new(config.directory, config.failover, failover_rng, now);
+        let mut resync = config.resync;
+        let mut group = config.group;
+        if let Some(failover) = &failover {
+            (resync.relays, resync.gcks) = failover.resync_order();
+            group = failover.contact().group;
+        }
+        let mut policy = ResyncPolicy::new(resync, rng);
         policy.set_group_size(group_size);
         let mut endpoint = Self {
-            group: config.group,
+            failover,
+            session_feedback: config.receiver.feedback_addr,
+            directive_issued: None,
+            fetching: Vec::new(),
+            group,
             save_asked_seq: session.keys().last_seq(),
             session,
             policy,
@@ -268,7 +321,76 @@ impl MemberEndpoint {
             resync: *self.policy.counters(),
             state_save_failures: self.state_save_failures,
             must_reregister: session.reregister_reason(),
+            relay: self.failover.as_ref().and_then(|f| match f.current_ref() {
+                super::directive::RelayRef::Relay(id) => Some(id),
+                super::directive::RelayRef::Gcks => None,
+            }),
+            failover: self
+                .failover
+                .as_ref()
+                .map(|f| *f.counters())
+                .unwrap_or_default(),
         }
+    }
+
+    /// Failover's state, with a directory.
+    pub fn failover(&self) -> Option<&Failover> {
+        self.failover.as_ref()
+    }
+
+    /// Where the member must now listen, once after each move (and once at the start, with a
+    /// directory): the driver joins `contact.group` and leaves the group it listened to.
+    pub fn poll_attachment(&mut self) -> Option<Attachment> {
+        self.failover.as_mut()?.poll_attachment()
+    }
+
+    /// Applies a GCKS's signed relay directive (see [`MemberCommand::Directive`]): returns
+    /// whether the member moved.
+    pub fn apply_directive(&mut self, now: Instant, bytes: &[u8]) -> Result<bool, DirectiveError> {
+        let keys = self.session.keys();
+        let sa = keys.rekey_sa();
+        let directive = RelayDirective::verify(bytes, sa.group_id, &sa.gcks_public_key)?;
+        if self
+            .directive_issued
+            .is_some_and(|issued| directive.issued <= issued)
+        {
+            return Err(DirectiveError::Stale {
+                issued: directive.issued,
+            });
+        }
+        self.directive_issued = Some(directive.issued);
+        let Some(failover) = self.failover.as_mut() else {
+            return Ok(false);
+        };
+        let member = self.session.keys().member().0;
+        let Some(target) = directive.target_of(failover.current_ref(), member) else {
+            return Ok(false);
+        };
+        let before = failover.relay();
+        let known = failover.move_to(now, target);
+        let moved = known && failover.relay() != before;
+        if moved {
+            self.moved(now, MoveReason::Ordered);
+        }
+        Ok(moved)
+    }
+
+    /// The member moved to its failover's current contact: its multicast-feedback group and
+    /// resync order follow, and it asks the new contact for the group's state at once (what
+    /// it lacks comes from there, not from the GCKS; a state check the receiver's silence
+    /// raised at the same time is absorbed by this one).
+    fn moved(&mut self, now: Instant, reason: MoveReason) {
+        let _ = reason;
+        let Some(failover) = &self.failover else {
+            return;
+        };
+        self.group = failover.contact().group;
+        let (relays, gcks) = failover.resync_order();
+        self.policy.set_endpoints(relays, gcks);
+        let event = ReceiverEvent::StateCheckNeeded {
+            claimed_seq: self.session.next_seq(),
+        };
+        self.policy.handle_event(now, &event, &self.session);
     }
 
     /// Datagrams the session's datagram verifier has counted, accepted or rejected.
@@ -362,7 +484,13 @@ impl Endpoint for MemberEndpoint {
         self.datagrams_handled += 1;
         let checked = self.datagrams_checked();
         if !self.stopping {
+            let accepted = self.session.datagram_counters().accepted;
             self.session.handle_datagram(now, from, bytes);
+            if self.session.datagram_counters().accepted > accepted {
+                if let Some(failover) = &mut self.failover {
+                    failover.heard(now);
+                }
+            }
             self.pump(now);
         }
         // Every datagram is counted once: by the datagram verifier (accepted or one of its
@@ -383,6 +511,11 @@ impl Endpoint for MemberEndpoint {
                 self.pump(now);
             }
             MemberCommand::GroupSize(size) => self.policy.set_group_size(size),
+            MemberCommand::Directive { bytes, reply } => {
+                let outcome = self.apply_directive(now, &bytes);
+                self.pump(now);
+                reply(outcome);
+            }
             MemberCommand::Figures(reply) => reply(self.figures()),
             MemberCommand::Stop => {
                 self.stopping = true;
@@ -412,13 +545,44 @@ impl Endpoint for MemberEndpoint {
     }
 
     fn handle_fetched(&mut self, now: Instant, id: FetchId, item: Fetched) {
+        if let Some(at) = self.fetching.iter().position(|(fetch, _)| *fetch == id) {
+            if matches!(item, Fetched::Failed { .. } | Fetched::End) {
+                let (_, endpoint) = self.fetching.swap_remove(at);
+                // Moved before the policy picks its next endpoint: the new relay, not the GCKS.
+                if let Fetched::Failed {
+                    reason: super::FetchFailure::Connection,
+                } = item
+                {
+                    if let Some(reason) = self
+                        .failover
+                        .as_mut()
+                        .and_then(|f| f.unreachable(now, &endpoint))
+                    {
+                        self.moved(now, reason);
+                    }
+                }
+            }
+        }
         self.policy.handle_fetched(now, id, item, &mut self.session);
         self.pump(now);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
         if self.session.poll_timeout().is_some_and(|at| at <= now) {
+            let silences = self.session.counters().silences;
             self.session.handle_timeout(now);
+            // Moved before the silence's state check reaches the policy: it asks the new
+            // contact.
+            if self.session.counters().silences > silences && !self.stopping {
+                if let Some(reason) = self.failover.as_mut().and_then(|f| f.silence(now)) {
+                    self.moved(now, reason);
+                }
+            }
+        }
+        if !self.stopping {
+            if let Some(reason) = self.failover.as_mut().and_then(|f| f.handle_timeout(now)) {
+                self.moved(now, reason);
+            }
         }
         self.policy.handle_timeout(now, &mut self.session);
         self.pump(now);
@@ -428,10 +592,20 @@ impl Endpoint for MemberEndpoint {
         if self.stopping {
             return None;
         }
+        let nacks = self.session.counters().nacks_sent;
         let transmit = self.session.poll_transmit(now, buf)?;
-        let destination = match transmit.destination {
-            crate::session::Destination::Group => self.group,
-            crate::session::Destination::Unicast(addr) => addr,
+        let failover = self.failover.as_mut();
+        let destination = match (transmit.destination, failover) {
+            (crate::session::Destination::Group, _) => self.group,
+            (crate::session::Destination::Unicast(addr), Some(failover))
+                if addr == self.session_feedback =>
+            {
+                if self.session.counters().nacks_sent > nacks {
+                    failover.nack_sent(now);
+                }
+                failover.contact().feedback
+            }
+            (crate::session::Destination::Unicast(addr), _) => addr,
         };
         Some(Transmit {
             port: Port::Feedback,
@@ -452,7 +626,15 @@ impl Endpoint for MemberEndpoint {
         if self.stopping {
             return None;
         }
-        self.policy.poll_fetch()
+        let fetch = self.policy.poll_fetch()?;
+        if self.failover.is_some() {
+            // Bounded by the policy's one fetch at a time (and cancelled ones ending).
+            if self.fetching.len() >= 16 {
+                self.fetching.remove(0);
+            }
+            self.fetching.push((fetch.id, fetch.endpoint));
+        }
+        Some(fetch)
     }
 
     fn poll_cancel_fetch(&mut self) -> Option<FetchId> {
@@ -467,10 +649,14 @@ impl Endpoint for MemberEndpoint {
         if self.stopping {
             return None;
         }
-        [self.session.poll_timeout(), self.policy.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.session.poll_timeout(),
+            self.policy.poll_timeout(),
+            self.failover.as_ref().and_then(Failover::poll_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn is_stopped(&self) -> bool {

@@ -24,6 +24,8 @@
 //! Time is always an argument: the same endpoint runs in real time under the engine's driver
 //! and in virtual time under the simulator.
 
+pub mod directive;
+pub mod failover;
 pub mod gcks;
 pub mod member;
 pub mod relay;

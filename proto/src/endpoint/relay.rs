@@ -129,6 +129,9 @@ pub struct RelayEndpointStats {
     pub store_failures: u64,
     /// Key saves that failed (the store keeps the last keys saved).
     pub key_save_failures: u64,
+    /// What went to the unicast relays behind this one
+    /// ([`RelayConfig::unicast_relays`](crate::relay::RelayConfig::unicast_relays)).
+    pub uplinks: crate::relay::uplink::UplinkCounters,
 }
 
 /// The relay's timers, indexes of its [`TimerTable`].
@@ -264,6 +267,7 @@ impl RelayEndpoint {
             resync: *self.resync.counters(),
             store_failures: self.store_failures,
             key_save_failures: self.key_save_failures,
+            uplinks: *s.uplink_counters(),
         }
     }
 

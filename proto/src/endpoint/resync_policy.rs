@@ -452,6 +452,9 @@ struct Task {
     started: bool,
     /// Items applied over the task.
     applied: u64,
+    /// The endpoints were replaced while a fetch ran: the next turn goes to the first of the
+    /// new order, not to the one after the running fetch's index.
+    reordered: bool,
 }
 
 #[derive(Debug)]
@@ -525,6 +528,20 @@ impl ResyncPolicy {
     /// The settings.
     pub fn config(&self) -> &ResyncConfig {
         &self.config
+    }
+
+    /// Replaces the endpoints (relays first, then the GCKS's), as a member's failover does
+    /// when it moves: a fetch running goes on; a task waiting for its next fetch starts again
+    /// from the first endpoint of the new order.
+    pub fn set_endpoints(&mut self, relays: Vec<ResyncEndpoint>, gcks: Vec<ResyncEndpoint>) {
+        self.config.relays = relays;
+        self.config.gcks = gcks;
+        if let Some(task) = &mut self.task {
+            match task.stage {
+                Stage::Waiting { .. } => task.index = 0,
+                Stage::Fetching(_) => task.reordered = true,
+            }
+        }
     }
 
     /// The figures.
@@ -656,6 +673,7 @@ impl ResyncPolicy {
             round_failed: false,
             started: false,
             applied: 0,
+            reordered: false,
         });
     }
 
@@ -872,7 +890,11 @@ impl ResyncPolicy {
             return;
         };
         task.round_failed |= turn == Turn::Failed;
-        task.index += 1;
+        task.index = if std::mem::take(&mut task.reordered) {
+            0
+        } else {
+            task.index + 1
+        };
         if task.index < count {
             self.launch(now, target);
             return;

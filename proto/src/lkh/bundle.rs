@@ -3,12 +3,22 @@
 //!
 //! The encoding is a JSON object: the bundle's fields, the two keys in hex, a `format` tag that
 //! names the version and, from version 2 on, a `check`: the BLAKE3 hash (in derive-key mode,
-//! [`CHECK_CONTEXT`]) of the decoded fields, so that bytes damaged on disk or by hand (one hex
-//! digit of a key is enough to leave a member unable to open anything) are refused when they are
-//! decoded, naming the cause. Version 1, which has no `check`, is still decoded; every encoding
-//! made is version 2. It stands in for the registration protocol of a real GCKS product (RFC
-//! 4046 section 4), which carries the same fields over its own authenticated, confidential
-//! channel.
+//! [`CHECK_CONTEXT`], or [`CHECK_CONTEXT_V3`]) of the decoded fields, so that bytes damaged on
+//! disk or by hand (one hex digit of a key is enough to leave a member unable to open anything)
+//! are refused when they are decoded, naming the cause. It stands in for the registration
+//! protocol of a real GCKS product (RFC 4046 section 4), which carries the same fields over its
+//! own authenticated, confidential channel.
+//!
+//! Versions:
+//!
+//! - **3** ([`FORMAT_V3`]) adds the bundle's [`RelayDirectory`]: the ordered relays the member
+//!   may receive its rekeys from and the GCKS's own contact, the list a member fails over along
+//!   (see [`crate::endpoint::failover`]). The `check` covers it. A bundle is written as version 3
+//!   only when its directory is not empty, so a GCKS without relays keeps writing bundles that
+//!   members of the previous version read; a previous version's member refuses a version 3
+//!   bundle with its typed "unknown format" error rather than ignoring the relays.
+//! - **2** ([`FORMAT_V2`]): no directory (decoded with an empty one).
+//! - **1** ([`FORMAT_V1`]): no `check` and no directory, still decoded.
 //!
 //! [`RegistrationBundle::decode`] is total: any input gives a bundle or a [`BundleError`],
 //! never a panic. Secrets are zeroized: the encoded bytes come in a [`Zeroizing`] buffer, the
@@ -19,10 +29,151 @@
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use std::net::SocketAddr;
+
 use super::tree::{MemberId, RegistrationBundle};
 use super::Key;
 use crate::auth::mac::MacKey;
+use crate::endpoint::ResyncEndpoint;
 use crate::gsa::RekeySa;
+
+/// The `format` tag of version 3 (with a `check` and a relay directory), written when the
+/// bundle's directory is not empty.
+pub const FORMAT_V3: &str = "rekeycast-registration-bundle-v3";
+
+/// The BLAKE3 derive-key context of a version 3 `check`.
+pub const CHECK_CONTEXT_V3: &str = "rekeycast registration bundle file v3 check";
+
+/// The most relays a directory lists.
+pub const MAX_DIRECTORY_RELAYS: usize = 64;
+
+/// The most resync endpoints one contact of a directory lists.
+pub const MAX_CONTACT_RESYNC: usize = 8;
+
+/// Where a member can receive its rekeys from: a relay (which multicasts into its own segment)
+/// or the GCKS itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RelayContact {
+    /// The relay's number at the GCKS (what a relay directive names it by; 0 for the GCKS's
+    /// own contact).
+    pub id: u16,
+    /// The multicast group the contact sends its rekeys into: the member listens there.
+    pub group: SocketAddr,
+    /// Where the member sends its NACKs and probe replies.
+    pub feedback: SocketAddr,
+    /// The contact's resync endpoints, in order.
+    pub resync: Vec<ResyncEndpoint>,
+}
+
+/// What registration tells a member about where to receive its rekeys: an ordered list of
+/// relays (the first is the one the GCKS assigned it; the others are where it fails over to, in
+/// order) and the GCKS's own contact, the last resort. Empty: the member was configured by
+/// hand and does not fail over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RelayDirectory {
+    /// The relays, most preferred first.
+    pub relays: Vec<RelayContact>,
+    /// The GCKS's contact, if the member may receive from it directly.
+    pub gcks: Option<RelayContact>,
+}
+
+impl RelayDirectory {
+    /// Whether the directory lists nothing.
+    pub fn is_empty(&self) -> bool {
+        self.relays.is_empty() && self.gcks.is_none()
+    }
+
+    /// Checks the directory's bounds: at most [`MAX_DIRECTORY_RELAYS`] relays and
+    /// [`MAX_CONTACT_RESYNC`] resync endpoints per contact.
+    pub fn validate(&self) -> Result<(), BundleError> {
+        if self.relays.len() > MAX_DIRECTORY_RELAYS {
+            return Err(BundleError::DirectoryTooLarge {
+                relays: self.relays.len(),
+            });
+        }
+        for contact in self.relays.iter().chain(&self.gcks) {
+            if contact.resync.len() > MAX_CONTACT_RESYNC {
+                return Err(BundleError::DirectoryTooLarge {
+                    relays: self.relays.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`RelayContact`] as encoded: addresses and resync endpoints in their text forms.
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct EncodedContact {
+    #[serde(default)]
+    id: u16,
+    group: SocketAddr,
+    feedback: SocketAddr,
+    #[serde(default)]
+    resync: Vec<String>,
+}
+
+/// A [`RelayDirectory`] as encoded.
+#[derive(Serialize, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct EncodedDirectory {
+    #[serde(default)]
+    relays: Vec<EncodedContact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gcks: Option<EncodedContact>,
+}
+
+impl EncodedDirectory {
+    fn from_directory(directory: &RelayDirectory) -> Self {
+        let contact = |c: &RelayContact| EncodedContact {
+            id: c.id,
+            group: c.group,
+            feedback: c.feedback,
+            resync: c.resync.iter().map(ToString::to_string).collect(),
+        };
+        Self {
+            relays: directory.relays.iter().map(contact).collect(),
+            gcks: directory.gcks.as_ref().map(contact),
+        }
+    }
+
+    fn into_directory(self) -> Result<RelayDirectory, BundleError> {
+        if self.relays.len() > MAX_DIRECTORY_RELAYS {
+            return Err(BundleError::DirectoryTooLarge {
+                relays: self.relays.len(),
+            });
+        }
+        let relays = self.relays.len();
+        let contact = |c: EncodedContact| -> Result<RelayContact, BundleError> {
+            if c.resync.len() > MAX_CONTACT_RESYNC {
+                return Err(BundleError::DirectoryTooLarge { relays });
+            }
+            let resync = c
+                .resync
+                .iter()
+                .map(|text| {
+                    text.parse()
+                        .map_err(|_| BundleError::BadResyncEndpoint { text: text.clone() })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(RelayContact {
+                id: c.id,
+                group: c.group,
+                feedback: c.feedback,
+                resync,
+            })
+        };
+        Ok(RelayDirectory {
+            relays: self
+                .relays
+                .into_iter()
+                .map(contact)
+                .collect::<Result<_, _>>()?,
+            gcks: self.gcks.map(contact).transpose()?,
+        })
+    }
+}
 
 /// The `format` tag of version 2 (with a `check`), the version [`RegistrationBundle::encode`]
 /// writes.
@@ -51,7 +202,7 @@ pub enum BundleError {
     #[error("not a registration bundle")]
     Malformed(#[source] serde_json::Error),
     /// A `format` tag of no known version.
-    #[error("format {found:?}: expected {FORMAT_V2:?} or {FORMAT_V1:?}")]
+    #[error("format {found:?}: expected {FORMAT_V3:?}, {FORMAT_V2:?} or {FORMAT_V1:?}")]
     UnknownFormat {
         /// The tag found.
         found: String,
@@ -76,6 +227,23 @@ pub enum BundleError {
     /// The Rekey SA could not be encoded (for the check, or in the output).
     #[error("encoding the Rekey SA")]
     Encode(#[source] serde_json::Error),
+    /// The relay directory lists more than [`MAX_DIRECTORY_RELAYS`] relays, or a contact more
+    /// than [`MAX_CONTACT_RESYNC`] resync endpoints.
+    #[error("relay directory of {relays} relays: beyond its bounds")]
+    DirectoryTooLarge {
+        /// The relays it lists.
+        relays: usize,
+    },
+    /// A resync endpoint of the relay directory is not `"tcp://ADDR:PORT"` or
+    /// `"http://ADDR:PORT"`.
+    #[error("relay directory: resync endpoint {text:?} is not \"tcp://ADDR:PORT\" or \"http://ADDR:PORT\"")]
+    BadResyncEndpoint {
+        /// The text.
+        text: String,
+    },
+    /// A version 2 or 1 encoding with a relay directory (which only version 3 has).
+    #[error("a relay directory in a bundle older than {FORMAT_V3}")]
+    UnexpectedDirectory,
 }
 
 /// The JSON object. The hex strings of the keys are wiped on drop.
@@ -91,18 +259,26 @@ struct Encoded {
     rekey_sa: RekeySa,
     first_seq: u64,
     mac_key: String,
+    /// The relay directory (version 3 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[zeroize(skip)]
+    directory: Option<EncodedDirectory>,
     /// Hex of [`check`] over the decoded fields (version 2 on; absent in version 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     check: Option<String>,
 }
 
 impl RegistrationBundle {
-    /// Encodes the bundle, version 2 ([`FORMAT_V2`], with its `check`): pretty JSON ending in a
-    /// newline. The bytes are secret (they hold the member's leaf key): keep them from others
-    /// (a file of mode 0600).
+    /// Encodes the bundle, version 3 ([`FORMAT_V3`]) when its relay directory is not empty and
+    /// version 2 ([`FORMAT_V2`]) otherwise, with its `check`: pretty JSON ending in a newline.
+    /// The bytes are secret (they hold the member's leaf key): keep them from others (a file of
+    /// mode 0600).
     pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>, BundleError> {
+        self.directory.validate()?;
+        let v3 = !self.directory.is_empty();
         let encoded = Encoded {
-            format: FORMAT_V2.to_string(),
+            format: if v3 { FORMAT_V3 } else { FORMAT_V2 }.to_string(),
+            directory: v3.then(|| EncodedDirectory::from_directory(&self.directory)),
             member: self.member.0,
             leaf: self.leaf,
             leaf_version: self.leaf_version,
@@ -118,16 +294,17 @@ impl RegistrationBundle {
         Ok(bytes)
     }
 
-    /// Decodes an encoded bundle: version 2 (its `check` must match the decoded fields) or
+    /// Decodes an encoded bundle: version 3 or 2 (its `check` must match the decoded fields) or
     /// version 1 (no `check`). Unknown fields are refused.
     pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
         if bytes.len() > MAX_ENCODED_LEN {
             return Err(BundleError::TooLarge { len: bytes.len() });
         }
         let encoded: Encoded = serde_json::from_slice(bytes).map_err(BundleError::Malformed)?;
-        let checked = match encoded.format.as_str() {
-            FORMAT_V2 => true,
-            FORMAT_V1 => false,
+        let (checked, v3) = match encoded.format.as_str() {
+            FORMAT_V3 => (true, true),
+            FORMAT_V2 => (true, false),
+            FORMAT_V1 => (false, false),
             other => {
                 return Err(BundleError::UnknownFormat {
                     found: other.to_string(),
@@ -142,6 +319,11 @@ impl RegistrationBundle {
             rekey_sa: encoded.rekey_sa,
             first_seq: encoded.first_seq,
             mac_key: MacKey::from_bytes(unhex32("mac_key", &encoded.mac_key)?),
+            directory: match (v3, encoded.directory.clone()) {
+                (true, directory) => directory.unwrap_or_default().into_directory()?,
+                (false, None) => RelayDirectory::default(),
+                (false, Some(_)) => return Err(BundleError::UnexpectedDirectory),
+            },
         };
         if checked {
             let Some(stored) = encoded.check.as_deref() else {
@@ -156,13 +338,23 @@ impl RegistrationBundle {
     }
 }
 
-/// The `check` of version 2: BLAKE3 in derive-key mode ([`CHECK_CONTEXT`]) over every field of
-/// the bundle, each in a fixed-length or length-prefixed encoding, so that it covers the
-/// contents whatever the JSON's spacing or key order.
+/// The `check` of version 2 (an empty directory) or 3: BLAKE3 in derive-key mode
+/// ([`CHECK_CONTEXT`], [`CHECK_CONTEXT_V3`]) over every field of the bundle, each in a
+/// fixed-length or length-prefixed encoding, so that it covers the contents whatever the JSON's
+/// spacing or key order.
 fn check(bundle: &RegistrationBundle) -> Result<[u8; 32], BundleError> {
     let rekey_sa =
         Zeroizing::new(serde_json::to_vec(&bundle.rekey_sa).map_err(BundleError::Encode)?);
-    let mut hasher = blake3::Hasher::new_derive_key(CHECK_CONTEXT);
+    let v3 = !bundle.directory.is_empty();
+    let mut hasher =
+        blake3::Hasher::new_derive_key(if v3 { CHECK_CONTEXT_V3 } else { CHECK_CONTEXT });
+    if v3 {
+        // The directory in its canonical (compact, fixed field order) JSON, length-prefixed.
+        let directory = serde_json::to_vec(&EncodedDirectory::from_directory(&bundle.directory))
+            .map_err(BundleError::Encode)?;
+        hasher.update(&(directory.len() as u64).to_be_bytes());
+        hasher.update(&directory);
+    }
     hasher.update(&bundle.member.0.to_be_bytes());
     hasher.update(&bundle.leaf.to_be_bytes());
     hasher.update(&bundle.leaf_version.to_be_bytes());
@@ -256,6 +448,76 @@ mod tests {
             && a.rekey_sa == b.rekey_sa
             && a.first_seq == b.first_seq
             && a.mac_key.as_bytes() == b.mac_key.as_bytes()
+            && a.directory == b.directory
+    }
+
+    fn contact(n: u8) -> RelayContact {
+        RelayContact {
+            id: u16::from(n),
+            group: SocketAddr::from(([239, 1, 1, n], 5000)),
+            feedback: SocketAddr::from(([10, 0, 0, n], 5001)),
+            resync: vec!["tcp://10.0.0.1:7000".parse().expect("endpoint")],
+        }
+    }
+
+    fn bundle_with_relays() -> RegistrationBundle {
+        let mut bundle = bundle();
+        bundle.directory = RelayDirectory {
+            relays: vec![contact(2), contact(3)],
+            gcks: Some(contact(1)),
+        };
+        bundle
+    }
+
+    #[test]
+    fn a_bundle_with_relays_is_v3_and_its_directory_round_trips_under_the_check() {
+        let original = bundle_with_relays();
+        let text = text(&original);
+        assert!(text.contains(FORMAT_V3), "{text}");
+        let decoded = RegistrationBundle::decode(text.as_bytes()).expect("decodes");
+        assert!(same(&decoded, &original));
+        assert_eq!(decoded.directory.relays.len(), 2);
+        // The check covers the directory: another relay port is refused.
+        let moved = text.replacen("10.0.0.2:5001", "10.0.0.2:5002", 1);
+        assert_ne!(moved, text);
+        assert!(matches!(
+            refused(moved.as_bytes()),
+            BundleError::CheckMismatch
+        ));
+        // Without relays the bundle stays version 2, which the previous members read.
+        assert!(super::tests::text(&bundle()).contains(FORMAT_V2));
+    }
+
+    #[test]
+    fn a_directory_in_an_old_version_or_beyond_its_bounds_is_a_typed_error() {
+        let text = text(&bundle_with_relays());
+        let as_v2 = text.replace(FORMAT_V3, FORMAT_V2);
+        assert!(matches!(
+            refused(as_v2.as_bytes()),
+            BundleError::UnexpectedDirectory
+        ));
+        let bad_endpoint = text.replace("tcp://10.0.0.1:7000", "udp://10.0.0.1:7000");
+        assert!(matches!(
+            refused(bad_endpoint.as_bytes()),
+            BundleError::BadResyncEndpoint { .. }
+        ));
+        let mut many = bundle_with_relays();
+        many.directory.relays = vec![contact(9); MAX_DIRECTORY_RELAYS + 1];
+        assert!(matches!(
+            many.encode(),
+            Err(BundleError::DirectoryTooLarge { .. })
+        ));
+        let mut value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let relay = value["directory"]["relays"][0].clone();
+        value["directory"]["relays"] = vec![relay; MAX_DIRECTORY_RELAYS + 1].into();
+        assert!(matches!(
+            refused(&serde_json::to_vec(&value).expect("JSON")),
+            BundleError::DirectoryTooLarge { .. }
+        ));
+        // Every truncation of a version 3 encoding is refused without a panic.
+        for len in 0..text.len() - 1 {
+            assert!(RegistrationBundle::decode(&text.as_bytes()[..len]).is_err());
+        }
     }
 
     /// `text` with one hex digit of the leaf key changed.

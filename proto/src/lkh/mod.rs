@@ -39,7 +39,7 @@ pub mod wrap;
 #[cfg(test)]
 mod tests;
 
-pub use bundle::BundleError;
+pub use bundle::{BundleError, RelayContact, RelayDirectory};
 pub use member::{MemberError, MemberKeys, Rekeyed};
 pub use member_state::MemberStateError;
 pub use snapshot::SnapshotError;

@@ -225,6 +225,9 @@ pub struct RegistrationBundle {
     pub first_seq: u64,
     /// The datagram MAC key of message `first_seq`.
     pub mac_key: MacKey,
+    /// Where the member receives its rekeys from and fails over to (empty from the tree: the
+    /// GCKS fills it in from its relay assignment).
+    pub directory: super::bundle::RelayDirectory,
 }
 
 impl KeyTree {
@@ -432,6 +435,7 @@ impl KeyTree {
             rekey_sa: self.sa,
             first_seq: self.seq,
             mac_key: self.mac_key.clone(),
+            directory: super::bundle::RelayDirectory::default(),
         })
     }
 

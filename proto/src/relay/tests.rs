@@ -30,6 +30,8 @@ struct Harness {
     gcks_symbols: HashMap<(u64, u8, u8, u32), Vec<u8>>,
     /// Every datagram the relay sent downstream.
     downstream: Vec<Vec<u8>>,
+    /// The first batch, when the harness was asked not to queue it.
+    first: Option<crate::lkh::RekeyBatch>,
 }
 
 /// The GCKS with `members` members and the relay, the first message (admitting them all)
@@ -38,8 +40,39 @@ fn harness(members: u64) -> Harness {
     harness_with(members, |_| {})
 }
 
+/// [`harness`] whose first message has blocks of at most `max_block_symbols` chunks.
+fn harness_in_blocks(members: u64, max_block_symbols: u32) -> Harness {
+    let mut h = harness_with_queue(members, |_| {}, |_| {}, false);
+    let params = crate::session::layout::MessageParams {
+        spi: SPI,
+        max_block_symbols,
+        ..crate::session::layout::MessageParams::default()
+    };
+    let batch = h.first.take().unwrap();
+    let built = crate::session::layout::build_message(
+        &batch,
+        &h.gcks.tree.leaves_in_order(),
+        &h.gcks.signing_key,
+        &params,
+    )
+    .unwrap();
+    let prepared = PreparedMessage::new(built, batch.mac_key.clone()).unwrap();
+    h.gcks.sender.queue_message(h.now, prepared).unwrap();
+    h
+}
+
 /// [`harness`] with the relay's registration bundle changed by `alter` first.
 fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBundle)) -> Harness {
+    harness_with_queue(members, alter, |_| {}, true)
+}
+
+/// [`harness_with`], the first message queued at the GCKS or kept in [`Harness::first`].
+fn harness_with_queue(
+    members: u64,
+    alter: impl FnOnce(&mut crate::lkh::RegistrationBundle),
+    configure: impl FnOnce(&mut RelayConfig),
+    queue: bool,
+) -> Harness {
     // Any instant will do as the origin: the time goes on only as the code advances it.
     #[allow(clippy::disallowed_methods)]
     let now = Instant::now();
@@ -52,14 +85,21 @@ fn harness_with(members: u64, alter: impl FnOnce(&mut crate::lkh::RegistrationBu
     alter(&mut relay_bundle);
     let mut relay_config = RelayConfig::new(addr(1));
     relay_config.downstream.heartbeat_min = Duration::from_millis(20);
+    configure(&mut relay_config);
     let relay = RelaySession::new(&relay_bundle, relay_config, now).unwrap();
-    gcks.queue(now, &batch);
+    let first = if queue {
+        gcks.queue(now, &batch);
+        None
+    } else {
+        Some(batch)
+    };
     Harness {
         gcks,
         relay,
         now,
         gcks_symbols: HashMap::new(),
         downstream: Vec::new(),
+        first,
     }
 }
 
@@ -1021,4 +1061,125 @@ fn a_relay_whose_keys_cannot_open_its_own_chunk_says_so_and_stops() {
     h.run(Duration::from_secs(30), |bytes| Some(bytes.to_vec()));
     assert_eq!(h.events(), Vec::new());
     assert_eq!(h.relay.counters().forwarded, 0);
+}
+
+#[test]
+fn one_forged_decode_in_each_of_several_blocks_does_not_send_the_relay_to_resync() {
+    // An insider forges the first repair symbol of each of the first three blocks once. A
+    // member counts decode failures per message (it decodes one block); a relay decodes every
+    // block, so it counts them per block: three blocks failing once each must not reach the
+    // limit of three and push the relay, and its whole segment, to resync.
+    let mut h = harness_in_blocks(300, 8);
+    let (key, info, _) = gcks_parts(&h);
+    let partition = info.partition();
+    assert!(
+        partition.block_count() >= 3,
+        "the message has several blocks"
+    );
+    assert_eq!(RelayConfig::new(addr(1)).upstream.decode_failure_limit, 3);
+    let mut poisoned = [false; 3];
+    h.run_rewriting_symbols(Duration::from_secs(6), |seq, symbol| {
+        let sbn = usize::from(symbol.sbn);
+        if seq != 1 || symbol.object != ObjectKind::Chunks || sbn >= poisoned.len() {
+            return Fate::Pass;
+        }
+        let k = partition.block_len(symbol.sbn).unwrap();
+        if symbol.esi < 2 {
+            // The block must decode from repair.
+            return Fate::Drop;
+        }
+        if symbol.esi >= k && !poisoned[sbn] {
+            poisoned[sbn] = true;
+            let garbage = vec![0x5A; symbol.data.len()];
+            return Fate::Send(with_data(seq, symbol, &garbage, &key));
+        }
+        Fate::Pass
+    });
+    assert_eq!(poisoned, [true; 3]);
+    assert_eq!(
+        h.relay.upstream_counters().decode_failures,
+        3,
+        "each poisoned block failed its decode once"
+    );
+    let events = h.events();
+    assert!(
+        !events
+            .iter()
+            .any(|event| matches!(event, RelayEvent::Upstream(ReceiverEvent::OutOfSync { .. }))),
+        "the relay did not give up on the message: {events:?}"
+    );
+    assert_eq!(
+        h.relay.counters().forwarded,
+        1,
+        "genuine repair completed it"
+    );
+    assert_only_the_gckss(&h);
+}
+
+#[test]
+fn a_block_decoded_from_repair_is_forwarded_before_the_message_is_whole() {
+    // Block 0 loses a source symbol and decodes from the proactive repair; block 1 loses one
+    // and its proactive repair, and waits for a NACK round. Block 0's recovered symbols go downstream as soon as it
+    // decodes (block-level cut-through), not when the whole message is held.
+    let mut h = harness_in_blocks(300, 8);
+    let (_, info, source) = gcks_parts(&h);
+    let partition = info.partition();
+    assert!(
+        partition.block_count() >= 2,
+        "the message has several blocks"
+    );
+    let k1 = partition.block_len(1).unwrap();
+    let mut filter = |bytes: &[u8]| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn <= 1 && symbol.esi == 0 {
+                return None;
+            }
+            // Block 1's proactive repair is lost too: it needs a repair round.
+            if symbol.object == ObjectKind::Chunks && symbol.sbn == 1 && symbol.esi >= k1 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    };
+    // Long enough for the initial transmission, too short for a repair round.
+    h.run(Duration::from_millis(3), &mut filter);
+    assert_eq!(h.relay.counters().forwarded, 0, "not whole yet");
+    let early = symbols(&h.downstream);
+    let t = usize::from(info.symbol_size());
+    let sent = early
+        .get(&(1, ObjectKind::Chunks as u8, 0, 0))
+        .expect("block 0's recovered symbol was forwarded when block 0 decoded");
+    assert_eq!(&source[..t], &sent[..]);
+    assert!(
+        !early.contains_key(&(1, ObjectKind::Chunks as u8, 1, 0)),
+        "block 1 cannot have decoded"
+    );
+}
+
+#[test]
+fn cut_through_forwards_are_paced_by_the_downstream_token_bucket() {
+    // The relay's downstream group gets at most a burst of 4 datagrams and then 1,000 a
+    // second, forwards included: a relay whose upstream is faster than its downstream must
+    // not burst its whole message into its segment.
+    let mut h = harness_with_queue(
+        300,
+        |_| {},
+        |config| {
+            config.downstream.burst = 4;
+            config.downstream.send_rate = 1_000.0;
+        },
+        true,
+    );
+    h.run(Duration::from_millis(10), |bytes| Some(bytes.to_vec()));
+    let sent = h.relay.counters().downstream_sent;
+    assert!(
+        sent <= 4 + 10 + 1,
+        "{sent} datagrams downstream in 10 ms at 1,000/s after a burst of 4"
+    );
+    assert!(h.relay.counters().cut_through_paced > 0);
+    // Given time, everything goes.
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.counters().forwarded, 1);
+    assert_only_the_gckss(&h);
 }

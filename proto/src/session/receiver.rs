@@ -92,7 +92,8 @@ pub struct ReceiverConfig {
     /// Symbols of the current message kept while its manifest has not arrived.
     pub max_buffered_symbols: usize,
     /// Decoded blocks whose chunk fails authentication before the member gives up on a
-    /// message and asks for resync (an insider is forging repair symbols).
+    /// message and asks for resync (an insider is forging repair symbols). A relay, which
+    /// decodes every block of a message, counts the failures of each block on its own.
     pub decode_failure_limit: u32,
     /// Failed signature checks per sequence number before no more are made.
     pub signature_failure_cap: u32,
@@ -391,6 +392,10 @@ struct BlockState {
     verified: Vec<bool>,
     /// Decoded and every chunk authenticated ([`Scope::WholeMessage`] only).
     complete: bool,
+    /// Decodes of this block that failed authentication: a relay counts them per block, so
+    /// that an insider forging repair in a few blocks once each cannot push it (and with it
+    /// the whole segment behind it) to resync ([`Scope::WholeMessage`] only).
+    decode_failures: u32,
 }
 
 impl BlockState {
@@ -401,6 +406,7 @@ impl BlockState {
             decoder,
             verified: Vec::new(),
             complete: false,
+            decode_failures: 0,
         }
     }
 }
@@ -424,9 +430,9 @@ pub(crate) struct CompletedMessage {
     pub(crate) mac_key: crate::auth::mac::MacKey,
     pub(crate) manifest: Vec<u8>,
     pub(crate) symbols: Vec<u8>,
-    /// `[sbn][esi]`: the source symbols that arrived and were queued for
-    /// [`ReceiverSession::take_forward`] (none if any piece could not be queued); the others
-    /// came from decoding.
+    /// `[sbn][esi]`: the source symbols queued for [`ReceiverSession::take_forward`], those
+    /// that arrived and those a block decode reconstructed (none if any piece could not be
+    /// queued).
     pub(crate) arrived: Vec<Vec<bool>>,
 }
 
@@ -442,6 +448,8 @@ pub(crate) struct Forward {
     pub(crate) sbn: u8,
     pub(crate) esi: u32,
     pub(crate) data: Vec<u8>,
+    /// Reconstructed by a block decode (and authenticated after it), not received.
+    pub(crate) recovered: bool,
 }
 
 /// Verified pieces kept for [`ReceiverSession::take_forward`] at most (a driver takes them
@@ -664,7 +672,14 @@ impl ReceiverSession {
         self.datagrams.key(seq)
     }
 
-    fn push_forward(&mut self, seq: u64, object: ObjectKind, sbn: u8, esi: u32, data: &[u8]) {
+    fn push_forward(
+        &mut self,
+        seq: u64,
+        object: ObjectKind,
+        (sbn, esi): (u8, u32),
+        data: &[u8],
+        recovered: bool,
+    ) {
         if self.scope != Scope::WholeMessage {
             return;
         }
@@ -685,6 +700,7 @@ impl ReceiverSession {
             sbn,
             esi,
             data: data.to_vec(),
+            recovered,
         });
     }
 
@@ -1077,7 +1093,7 @@ impl ReceiverSession {
             return;
         };
         let whole = self.scope == Scope::WholeMessage;
-        self.push_forward(seq, ObjectKind::Manifest, 0, 0, bytes);
+        self.push_forward(seq, ObjectKind::Manifest, (0, 0), bytes, false);
         let incoming = self.incoming(now, seq);
         let buffered = std::mem::take(&mut incoming.buffered);
         let expected_complete = incoming.expected_complete;
@@ -1174,7 +1190,7 @@ impl ReceiverSession {
                             if chunk.header.serves(order_key) {
                                 incoming.own = Some(chunk);
                             }
-                            self.push_forward(seq, ObjectKind::Chunks, sbn, esi, data);
+                            self.push_forward(seq, ObjectKind::Chunks, (sbn, esi), data, false);
                         }
                         Err(_) => {
                             self.counters.bad_chunks += 1;
@@ -1253,6 +1269,9 @@ impl ReceiverSession {
             return;
         };
         let mut failed = false;
+        // The source symbols this decode reconstructed, once authenticated: forwarded at once
+        // (block-level cut-through), not when the whole message is held.
+        let mut recovered: Vec<(u32, Vec<u8>)> = Vec::new();
         for esi in 0..state.decoder.block_len() {
             let slot = esi as usize;
             if state.verified.get(slot).copied().unwrap_or(true) {
@@ -1275,6 +1294,7 @@ impl ReceiverSession {
                     if chunk.header.serves(order_key) {
                         incoming.own = Some(chunk);
                     }
+                    recovered.push((esi, data.to_vec()));
                 }
                 None => {
                     failed = true;
@@ -1287,6 +1307,20 @@ impl ReceiverSession {
             return;
         }
         state.complete = true;
+        let sbn = state.sbn;
+        for &(esi, _) in &recovered {
+            // Authenticated above; marked so that the message's adoption does not send them
+            // again (`CompletedMessage::arrived`).
+            if let Some(slot) = state.verified.get_mut(esi as usize) {
+                *slot = true;
+            }
+        }
+        for (esi, data) in recovered {
+            self.push_forward(seq, ObjectKind::Chunks, (sbn, esi), &data, true);
+        }
+        let Some(incoming) = self.current.as_mut() else {
+            return;
+        };
         if incoming.blocks.iter().all(|b| b.complete) {
             self.complete_whole(now, seq);
         }
@@ -1347,9 +1381,17 @@ impl ReceiverSession {
             return;
         };
         incoming.decode_failures += 1;
-        let failures = incoming.decode_failures;
+        let mut failures = incoming.decode_failures;
         let expected_complete = incoming.expected_complete;
+        let per_block = self.scope == Scope::WholeMessage;
         if let Some(state) = incoming.blocks.get_mut(index) {
+            state.decode_failures += 1;
+            if per_block {
+                // A relay decodes every block: the limit applies to each block, not to the
+                // message, or one insider forging a symbol in a few blocks would send the
+                // relay and every member behind it to resync.
+                failures = state.decode_failures;
+            }
             state.decoder.discard_repair_symbols();
             let needed = u16::try_from(state.decoder.needed()).unwrap_or(u16::MAX);
             let block = BlockKey {

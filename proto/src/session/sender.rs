@@ -1048,6 +1048,25 @@ impl SenderSession {
         self.record_quiet_blocks(now);
     }
 
+    /// Takes one token from the initial transmissions' bucket for a datagram sent into this
+    /// session's group on its behalf (a relay's cut-through forwards), so that the group sees
+    /// one pacing: true if a whole token was there, false (nothing taken) to wait until
+    /// [`Self::send_token_at`].
+    pub fn take_send_token(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// When the initial transmissions' bucket next holds a whole token (in the past if it
+    /// holds one now).
+    pub fn send_token_at(&self) -> Instant {
+        self.next_token_at()
+    }
+
     /// The next datagram to send, written into `buf` (which must hold
     /// [`SenderConfig::datagram_size`] bytes).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {

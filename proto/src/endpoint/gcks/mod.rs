@@ -49,6 +49,7 @@
 //! out), journaled leaves and the joiners of a batch committed but never released are removed
 //! in the first batch.
 
+pub mod assignment;
 mod batch;
 pub mod membership;
 #[cfg(test)]
@@ -418,6 +419,15 @@ pub enum LeaveError {
     Stopped,
 }
 
+/// A change in the GCKS's relays ([`GcksEndpoint::relay_directive`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayChange {
+    /// The relay with this number died.
+    Down(u16),
+    /// This relay joined or came back.
+    Up(crate::lkh::RelayContact),
+}
+
 /// Why a join did not produce a registration bundle.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -486,6 +496,8 @@ pub struct GcksEndpointStats {
     /// Messages inside the history window that are not held (lost from the state directory
     /// before a restart, [`RestoredGcks::not_held`]).
     pub history_not_held: usize,
+    /// What went to the unicast relays ([`GcksEndpoint::set_unicast_relays`]).
+    pub uplinks: crate::relay::uplink::UplinkCounters,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -548,6 +560,8 @@ pub struct RestoredGcks {
 /// [`Endpoint::poll_event`], then re-read [`Endpoint::poll_timeout`].
 pub struct GcksEndpoint<T> {
     config: GcksEndpointConfig,
+    /// The members' relays, when the GCKS assigns them ([`Self::set_relay_assignment`]).
+    relay_assignment: Option<assignment::RelayAssignment>,
     signing_key: Arc<SigningKey>,
     clock: WallClock,
     session: SenderSession,
@@ -584,6 +598,8 @@ pub struct GcksEndpoint<T> {
     held: VecDeque<(Instant, PreparedMessage)>,
     /// Members registered as relays.
     relays: HashSet<MemberId>,
+    /// The relays that take the rekeys over unicast uplinks, and the copies for them.
+    uplinks: crate::relay::uplink::UnicastFanout,
     events: VecDeque<GcksEvent<T>>,
     timers: TimerTable<TIMERS>,
     stopped: bool,
@@ -803,6 +819,7 @@ impl<T: Clone> GcksEndpoint<T> {
         Self {
             membership: Membership::new(config.schedule, now),
             config,
+            relay_assignment: None,
             signing_key: Arc::new(signing_key),
             clock,
             session,
@@ -823,10 +840,24 @@ impl<T: Clone> GcksEndpoint<T> {
             answer_at: None,
             held: VecDeque::new(),
             relays: HashSet::new(),
+            uplinks: crate::relay::uplink::UnicastFanout::default(),
             events: VecDeque::new(),
             timers: TimerTable::new(),
             stopped: false,
         }
+    }
+
+    /// Registers the relays that take the rekeys over unicast UDP instead of multicast
+    /// (replacing those registered before): every datagram the GCKS multicasts (symbols,
+    /// manifests, repair, heartbeats) goes to each of them too, or only to them
+    /// ([`UnicastRelays::unicast_only`](crate::relay::uplink::UnicastRelays::unicast_only)),
+    /// paced as the multicast and gathered per relay for GSO; their NACKs are answered like
+    /// any receiver's, by the same copies. See [`crate::relay::uplink`].
+    pub fn set_unicast_relays(
+        &mut self,
+        relays: crate::relay::uplink::UnicastRelays,
+    ) -> Result<(), ConfigError> {
+        self.uplinks.set_relays(relays)
     }
 
     /// The configuration.
@@ -860,6 +891,7 @@ impl<T: Clone> GcksEndpoint<T> {
             pending: self.membership.pending_changes(),
             relays: self.relays.len(),
             history_not_held: self.session.not_held().count(),
+            uplinks: *self.uplinks.counters(),
         }
     }
 
@@ -1015,6 +1047,35 @@ impl<T: Clone> GcksEndpoint<T> {
         self.job = None;
         self.committing = None;
         self.events.push_back(GcksEvent::Poisoned { reason });
+    }
+
+    /// Makes the GCKS assign members to relays: every member's registration bundle it answers
+    /// from now on lists the member's relays ([`assignment::RelayAssignment::assign`]); a
+    /// relay's does not.
+    pub fn set_relay_assignment(&mut self, assignment: assignment::RelayAssignment) {
+        self.relay_assignment = Some(assignment);
+    }
+
+    /// The relay assignment, if set.
+    pub fn relay_assignment(&self) -> Option<&assignment::RelayAssignment> {
+        self.relay_assignment.as_ref()
+    }
+
+    /// Relay `id` died (`up` false) or joined or came back (`up` true, with its contact): the
+    /// signed [`RelayDirective`](crate::endpoint::directive::RelayDirective) moving members,
+    /// for the product to hand its members. `None` without an assignment or when nothing
+    /// changes.
+    pub fn relay_directive(
+        &mut self,
+        change: RelayChange,
+    ) -> Option<Result<Vec<u8>, crate::endpoint::directive::DirectiveError>> {
+        let assignment = self.relay_assignment.as_mut()?;
+        let mut directive = match change {
+            RelayChange::Down(id) => assignment.relay_down(id)?,
+            RelayChange::Up(contact) => assignment.relay_up(contact)?,
+        };
+        directive.group_id = self.config.group_id;
+        Some(directive.sign(&self.signing_key))
     }
 
     fn answer_join(&mut self, waiter: Waiter<T>, result: Result<RegistrationBundle, JoinError>) {
@@ -1183,9 +1244,15 @@ impl<T: Clone> GcksEndpoint<T> {
                     break;
                 };
                 budget -= 1;
-                let bundle = answering.bundle(joiner.member);
+                let mut bundle = answering.bundle(joiner.member);
                 if bundle.is_ok() && joiner.relay {
                     self.relays.insert(joiner.member);
+                }
+                // A member (not a relay) is given its relays.
+                if let (Ok(bundle), Some(assignment), false) =
+                    (&mut bundle, &mut self.relay_assignment, joiner.relay)
+                {
+                    bundle.directory = assignment.assign();
                 }
                 self.events.push_back(GcksEvent::JoinAnswered {
                     ticket: joiner.ticket.ticket,
@@ -1439,7 +1506,10 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
         if self.is_stopped() {
             return None;
         }
-        let transmit = self.session.poll_transmit(now, buf);
+        let session = &mut self.session;
+        let transmit = self
+            .uplinks
+            .poll_transmit(buf, |buf| session.poll_transmit(now, buf));
         // Sending moves the session's pacing and heartbeat deadlines.
         self.refresh_timers();
         let transmit = transmit?;

@@ -870,3 +870,47 @@ fn without_ticket_passes_events_on_and_keeps_answers() {
         panic!("an answer passed as an event");
     };
 }
+
+#[test]
+fn with_a_relay_assignment_bundles_list_the_relays_and_a_dead_relay_yields_a_signed_directive() {
+    use crate::endpoint::directive::{RelayDirective, RelayRef};
+    use crate::endpoint::gcks::assignment::RelayAssignment;
+    use crate::lkh::RelayContact;
+    let contact = |id: u16| RelayContact {
+        id,
+        group: SocketAddr::from(([239, 0, 0, id as u8], 5000)),
+        feedback: SocketAddr::from(([10, 0, 0, id as u8], 5001)),
+        resync: Vec::new(),
+    };
+    let mut h = Harness::new(config(false));
+    assert!(h.endpoint.relay_directive(RelayChange::Down(1)).is_none());
+    h.endpoint.set_relay_assignment(RelayAssignment::new(
+        vec![contact(1), contact(2)],
+        Some(contact(0)),
+    ));
+    h.join(1, 1);
+    h.join(2, 2);
+    h.rekey();
+    let firsts: Vec<u16> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            GcksEvent::JoinAnswered {
+                result: Ok(bundle), ..
+            } => Some(bundle.directory.relays[0].id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(firsts, vec![1, 2], "one member on each relay");
+    let bytes = h
+        .endpoint
+        .relay_directive(RelayChange::Down(1))
+        .unwrap()
+        .unwrap();
+    let directive =
+        RelayDirective::verify(&bytes, config(false).group_id, &key().verifying_key()).unwrap();
+    assert_eq!(
+        directive.target_of(RelayRef::Relay(1), 1),
+        Some(RelayRef::Relay(2))
+    );
+}

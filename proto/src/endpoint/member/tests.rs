@@ -284,3 +284,183 @@ fn a_forged_ahead_flood_costs_each_member_a_few_state_checks_a_minute_not_one_a_
     );
     assert_eq!(member.session().next_seq(), 2, "the flood changed nothing");
 }
+
+/// A directory of two relays (hosts 2 and 3) and the GCKS (host 1), each with its own group.
+fn directory() -> RelayDirectory {
+    let contact = |last: u8| crate::lkh::RelayContact {
+        id: u16::from(last),
+        group: addr(200 + last, 7400),
+        feedback: addr(last, 7401),
+        resync: vec![tcp(last)],
+    };
+    RelayDirectory {
+        relays: vec![contact(2), contact(3)],
+        gcks: Some(contact(1)),
+    }
+}
+
+/// The first datagram the GCKS's sender sends of its next message (its manifest).
+fn first_datagram(gcks: &mut Gcks, now: Instant) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    let transmit = gcks.gcks.sender.poll_transmit(now, &mut buf).unwrap();
+    buf[..transmit.len].to_vec()
+}
+
+#[test]
+fn a_member_whose_relay_dies_mid_message_moves_to_the_next_relay_and_resyncs_there() {
+    let start = origin();
+    let mut now = start;
+    let (mut gcks, mut bundle) = Gcks::new(now);
+    bundle.directory = directory();
+    // The configuration names the GCKS only: the bundle's directory replaces it.
+    let config = MemberEndpointConfig::new(addr(200, 7400), addr(1, 7401));
+    let mut member =
+        MemberEndpoint::new(&bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap();
+    let order_key = member.session().order_key();
+    let first = member.poll_attachment().unwrap();
+    assert_eq!(
+        (first.relay, first.contact.group),
+        (Some(0), addr(202, 7400))
+    );
+    assert_eq!(member.poll_attachment(), None);
+    // Relay 0 sends the message's first datagram and dies.
+    let manifest = first_datagram(&mut gcks, now);
+    member.handle_datagram(now, Port::Listen, addr(2, 7401), &manifest);
+    let mut buf = vec![0u8; 2048];
+    let mut nacks_to = Vec::new();
+    let mut moved_at = None;
+    let mut fetch = None;
+    while now < start + Duration::from_secs(10) && fetch.is_none() {
+        while let Some(transmit) = member.poll_transmit(now, &mut buf) {
+            if let Destination::Unicast(to) = transmit.destination {
+                nacks_to.push(to);
+            }
+        }
+        if let Some(attachment) = member.poll_attachment() {
+            moved_at = Some(now);
+            assert_eq!(attachment.relay, Some(1));
+            assert_eq!(attachment.reason, Some(MoveReason::NackUnanswered));
+            assert_eq!(attachment.contact.group, addr(203, 7400));
+        }
+        fetch = member.poll_fetch();
+        if fetch.is_none() {
+            now = member.poll_timeout().unwrap().max(now);
+            member.handle_timeout(now);
+        }
+    }
+    assert!(!nacks_to.is_empty(), "the member NACKed");
+    assert!(
+        nacks_to.iter().all(|&to| to == addr(2, 7401)),
+        "to its relay: {nacks_to:?}"
+    );
+    let moved_at = moved_at.expect("moved");
+    assert!(
+        moved_at - start <= Duration::from_secs(3),
+        "{:?}",
+        moved_at - start
+    );
+    // Its state check goes to the new relay, and so does the resync that follows.
+    let check = fetch.unwrap();
+    assert_eq!((check.what, check.endpoint), (FetchWhat::State, tcp(3)));
+    member.handle_fetched(now, check.id, Fetched::State(gcks.item(1, order_key).0));
+    member.handle_fetched(now, check.id, Fetched::End);
+    let resync = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(resync.endpoint, tcp(3));
+    member.handle_fetched(now, resync.id, gcks.fetched(1, order_key));
+    member.handle_fetched(now, resync.id, Fetched::End);
+    assert_eq!(member.session().next_seq(), 2);
+    assert!(
+        now - start <= Duration::from_secs(3),
+        "current at {:?}",
+        now - start
+    );
+    let figures = member.figures();
+    assert_eq!(figures.relay, Some(3), "counted at its new relay");
+    assert_eq!(figures.failover.nack_moves, 1);
+    // The dead relay is not asked again: the new relay first, then the GCKS.
+    assert_eq!(member.policy().config().relays, vec![tcp(3)]);
+    assert_eq!(member.policy().config().gcks, vec![tcp(1)]);
+}
+
+#[test]
+fn a_signed_directive_moves_the_member_and_a_forged_or_stale_one_does_not() {
+    use crate::endpoint::directive::{DirectiveMove, RelayDirective, RelayRef};
+    let now = origin();
+    let (gcks, mut bundle) = Gcks::new(now);
+    bundle.directory = directory();
+    let config = MemberEndpointConfig::new(addr(200, 7400), addr(1, 7401));
+    let mut member =
+        MemberEndpoint::new(&bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap();
+    member.poll_attachment();
+    // Relay 2 (the first) is gone: its members to relay 3.
+    let directive = |issued, from, to| RelayDirective {
+        group_id: GROUP_ID,
+        issued,
+        moves: vec![DirectiveMove {
+            from: Some(RelayRef::Relay(from)),
+            modulus: 1,
+            residue: 0,
+            to: RelayRef::Relay(to),
+        }],
+    };
+    let forged = directive(1, 2, 3)
+        .sign(&ed25519_dalek::SigningKey::from_bytes(&[9; 32]))
+        .unwrap();
+    assert_eq!(
+        member.apply_directive(now, &forged),
+        Err(DirectiveError::BadSignature)
+    );
+    assert_eq!(member.poll_attachment(), None);
+    let signed = directive(2, 2, 3).sign(&gcks.gcks.signing_key).unwrap();
+    assert_eq!(member.apply_directive(now, &signed), Ok(true));
+    let attachment = member.poll_attachment().unwrap();
+    assert_eq!(
+        (attachment.relay, attachment.reason),
+        (Some(1), Some(MoveReason::Ordered))
+    );
+    assert_eq!(member.figures().failover.ordered_moves, 1);
+    // Replayed: refused.
+    let back = directive(2, 3, 2).sign(&gcks.gcks.signing_key).unwrap();
+    assert_eq!(
+        member.apply_directive(now, &back),
+        Err(DirectiveError::Stale { issued: 2 })
+    );
+    assert_eq!(member.figures().relay, Some(3));
+    // A newer one that does not take the member (it is on relay 3 now) changes nothing.
+    let other = directive(3, 2, 3).sign(&gcks.gcks.signing_key).unwrap();
+    assert_eq!(member.apply_directive(now, &other), Ok(false));
+}
+
+#[test]
+fn regression_a_fetch_running_when_the_member_moves_passes_to_the_new_relay_not_the_gcks() {
+    let start = origin();
+    let mut now = start;
+    let (gcks, mut bundle) = Gcks::new(now);
+    bundle.directory = directory();
+    let mut config = MemberEndpointConfig::new(addr(200, 7400), addr(1, 7401));
+    config.failover.idle_silence = Duration::from_secs(2);
+    let mut member =
+        MemberEndpoint::new(&bundle, config, ChaCha8Rng::seed_from_u64(3), now).unwrap();
+    let order_key = member.session().order_key();
+    member.poll_attachment();
+    // Behind: a resync to relay 2 runs (and hangs) when the member moves to relay 3.
+    member.handle_datagram(now, Port::Listen, addr(2, 7401), &gcks.forged_ahead(3));
+    let check = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(check.endpoint, tcp(2));
+    while member.poll_attachment().is_none() {
+        now = member.poll_timeout().unwrap().max(now);
+        member.handle_timeout(now);
+        assert!(now - start < Duration::from_secs(10), "no move");
+    }
+    // The hung fetch fails: the next endpoint is the new relay, not the GCKS.
+    member.handle_fetched(
+        now,
+        check.id,
+        Fetched::Failed {
+            reason: crate::endpoint::FetchFailure::Connection,
+        },
+    );
+    let next = next_fetch(&mut member, &mut now, Duration::from_secs(5));
+    assert_eq!(next.endpoint, tcp(3));
+    let _ = order_key;
+}
