@@ -15,8 +15,8 @@
 //! a per-source rate ([`super::chunk_repair`]). The repair policy and its model are described
 //! in [`rekeycast_nack`]. Control traffic is sized to the message: a small message sends
 //! fewer manifest copies (as many as the loss estimate needs, at most
-//! [`SenderConfig::manifest_repeats`]) and its heartbeats fall off faster; the first
-//! heartbeat after the one ending a message comes one NACK window later. Feedback that passes
+//! [`SenderConfig::manifest_repeats`]); the first heartbeat after the one ending a message
+//! comes one NACK window later. Feedback that passes
 //! the MAC goes through replay protection ([`super::feedback::FeedbackGuard`]) before it
 //! reaches the aggregator or the GRTT estimator.
 //!
@@ -466,8 +466,6 @@ pub struct SenderSession {
     proactive: ProactiveRepair,
     heartbeat_at: Option<Instant>,
     heartbeat_interval: Duration,
-    /// How much each heartbeat interval grows after a message: 2, or 4 after a small one.
-    heartbeat_growth: u32,
     probe_request_at: Instant,
     last_probe_us: Option<u64>,
     recent_orders: VecDeque<RepairEntry>,
@@ -530,7 +528,6 @@ impl SenderSession {
             tokens: f64::from(config.burst),
             refilled_at: now,
             heartbeat_interval: config.heartbeat_min,
-            heartbeat_growth: 2,
             probe_request_at: now,
             config,
             group_id,
@@ -1091,8 +1088,8 @@ impl SenderSession {
             if let Some(seq) = self.latest_seq() {
                 let entries = self.recent_orders.iter().copied().collect();
                 self.heartbeat_at = Some(now + self.heartbeat_interval);
-                self.heartbeat_interval = (self.heartbeat_interval * self.heartbeat_growth)
-                    .min(self.config.heartbeat_max);
+                self.heartbeat_interval =
+                    (self.heartbeat_interval * 2).min(self.config.heartbeat_max);
                 if let Some(len) = self.heartbeat(now, seq, false, entries, buf) {
                     self.counters.heartbeats_sent += 1;
                     return Some(self.sent(len));
@@ -1326,20 +1323,14 @@ impl SenderSession {
                 // is over; later ones fall off.
                 self.heartbeat_at = Some(now);
                 // The next one a NACK window later, when a member that lost the whole message
-                // has had time to ask; then they fall off, faster after a small message,
-                // whose control datagrams weigh more against its bytes.
+                // has had time to ask; then they fall off, doubling (a member that lost a
+                // whole message in an outage hears one soon after it ends).
                 let window = self.grtt.grtt() * u32::from(self.config.backoff_factor);
                 self.heartbeat_interval = self
                     .config
                     .heartbeat_min
                     .max(window)
                     .min(self.config.heartbeat_max);
-                let symbols = self.messages[index].plan.len();
-                self.heartbeat_growth = if symbols <= SMALL_MESSAGE_DATAGRAMS {
-                    4
-                } else {
-                    2
-                };
                 continue;
             };
             outgoing.next_step += 1;
@@ -1600,10 +1591,6 @@ fn tune_aggregator(aggregator: &mut RepairAggregator, grtt: Duration, backoff_fa
     aggregator.set_hold_off(Duration::ZERO);
     aggregator.set_top_up_window(grtt * u32::from(backoff_factor).max(1));
 }
-
-/// Messages of at most this many datagrams (manifests included) are small: the heartbeats
-/// after them fall off four times per interval instead of twice.
-const SMALL_MESSAGE_DATAGRAMS: usize = 8;
 
 /// The share of a block's members the multicast repair rounds may leave to unicast chunk
 /// repair (each of those costs one datagram to one member).
