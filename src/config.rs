@@ -206,7 +206,9 @@ pub(crate) fn check_bind(
     } else {
         Err(InvalidConfig::new(
             field,
-            "must be of the multicast group's address family",
+            "must be of the multicast group's address family (its default in configuration \
+             files is IPv4, 0.0.0.0: an IPv6 group needs an IPv6 address here, such as [::] \
+             with the port wanted)",
         ))
     }
 }
@@ -684,7 +686,7 @@ mod tests {
                 "message.symbol_size",
             ),
             (
-                r#"{"message": {"max_block_symbols": 0}}"#,
+                r#"{"message": {"max_block_symbols": 56404}}"#,
                 "message.max_block_symbols",
             ),
             (r#"{"batch_interval_ms": 0}"#, "batch_interval_ms"),

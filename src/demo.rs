@@ -6,7 +6,7 @@
 //! TCP and HTTP resync endpoints serve over the network); state checks are answered the same
 //! way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,13 @@ use crate::sim::Loss;
 /// What the demo runs.
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
-    /// Members at the start.
+    /// Members at the start (running, each with its own socket and thread).
     pub members: usize,
+    /// Members the first message admits, at least [`Self::members`]: those beyond the
+    /// running ones hold a leaf and never start, so the first message is that of a bigger
+    /// group (512 admitted: a 55-chunk message) while only `members` receive it. The running
+    /// members' leaves are spread evenly among the admitted ones.
+    pub admitted: usize,
     /// Rekeys after the one that admits the first members.
     pub rekeys: usize,
     /// Fraction of the members replaced in each rekey (as many leave as join).
@@ -45,13 +50,15 @@ pub struct DemoConfig {
 }
 
 impl DemoConfig {
-    /// The defaults of `rekeycast demo`: 200 members, 20 rekeys, 5% churn, 5% iid loss, a
-    /// group in 239.0.0.0/8 and a port derived from the process id.
+    /// The defaults of `rekeycast demo`: 200 members (every admitted member runs: `admitted`
+    /// 0 counts as `members`), 20 rekeys, 5% churn, 5% iid loss, a group in 239.0.0.0/8 and a
+    /// port derived from the process id.
     pub fn new() -> Self {
         let pid = std::process::id();
         let port = 20_000 + (pid % 20_000) as u16;
         Self {
             members: 200,
+            admitted: 0,
             rekeys: 20,
             churn: 0.05,
             loss: Loss::Bernoulli { p: 0.05 },
@@ -190,7 +197,7 @@ pub fn run(
     let total = config.rekeys + 1;
     for round in 0..total {
         let (joining, leaving) = if round == 0 {
-            (config.members, Vec::new())
+            (config.admitted.max(config.members), Vec::new())
         } else {
             let count = ((members.len() as f64) * config.churn).round() as usize;
             let count = count.min(members.len().saturating_sub(1));
@@ -213,6 +220,23 @@ pub fn run(
         for running in leaving {
             let _ = running.member.shutdown();
         }
+        // Of the first message's admitted members, `members` run, spread evenly over them;
+        // the others hold their leaves and never start.
+        let admitted = pending.len();
+        let running_count = if round == 0 {
+            config.members.min(admitted)
+        } else {
+            admitted
+        };
+        let chosen: HashSet<usize> = (0..running_count)
+            .map(|k| k * admitted / running_count.max(1))
+            .collect();
+        let pending: Vec<_> = pending
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| chosen.contains(index))
+            .map(|(_, joiner)| joiner)
+            .collect();
         for (id, bundle) in pending {
             let bundle = bundle
                 .recv_timeout(Duration::from_secs(60))

@@ -213,10 +213,10 @@ impl GcksConfig {
                 "its datagrams (47 bytes more) must fit sender.datagram_size",
             ));
         }
-        if !(1..=rekeycast_fec::MAX_BLOCK_SYMBOLS).contains(&self.message.max_block_symbols) {
+        if self.message.max_block_symbols > rekeycast_fec::MAX_BLOCK_SYMBOLS {
             return Err(InvalidConfig::new(
                 "message.max_block_symbols",
-                "must be within 1..=56403",
+                "must be 0 (chosen from the chunk count) or within 1..=56403",
             ));
         }
         if self.batch_interval.is_zero() {

@@ -44,7 +44,7 @@
 pub use rekeycast_proto::{auth, fuzz_support, gsa, lkh, session, wire};
 
 pub use config::InvalidConfig;
-pub use engine::gcks::{Gcks, GcksBuilder, GcksError, GcksEvent};
+pub use engine::gcks::{Gcks, GcksBuilder, GcksError, GcksEvent, JoinsTicket, JoinsWaitError};
 pub use engine::member::{Member, MemberBuilder, MemberConfig, MemberError, MemberStats};
 pub use engine::{Relay, RelayEngineConfig, RelayEngineError, RelayStats};
 pub use gcks::{GcksConfig, GcksStats};

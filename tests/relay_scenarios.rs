@@ -204,6 +204,36 @@ fn members_of_a_dead_relay_notice_the_silence_and_resync_from_the_gcks() {
     assert_eq!(report.must_reregister, 0);
 }
 
+#[test]
+fn relays_started_in_sync_with_a_bootstrapped_group_forward_only_the_rekeys() {
+    // The relays come in after the admitting message went out to nobody and take their own
+    // chunk of it from the GCKS's history, as the bootstrapped members do: they forward the
+    // rekeys, not the admitting message, and every member ends current without resync.
+    let mut config = scenario(41, 4, 50, 2, Loss::None, Loss::Bernoulli { p: 0.05 });
+    config.bootstrap_initial = true;
+    config.bootstrap_relays = true;
+    let report = run(&config).unwrap();
+    let relays = &report.relays;
+    eprintln!(
+        "bootstrapped relays: members {}/{}, relays {}/{}, forwarded {}, not forwarded {}, \
+         bootstrapped {}, resync {}",
+        report.converged,
+        report.final_members,
+        relays.converged,
+        relays.relays,
+        relays.forwarded,
+        relays.not_forwarded,
+        report.bootstrapped,
+        report.applied_from_resync,
+    );
+    assert_eq!(report.bootstrapped, 200);
+    assert_eq!(relays.converged, 4);
+    assert_eq!(report.converged, report.final_members);
+    // Each relay forwarded the two rekeys and nothing of the admitting message.
+    assert_eq!(relays.forwarded, 4 * 2);
+    assert_eq!(report.applied_from_resync, 0);
+}
+
 /// A relay killed 8 ms into rekey 3's message (it has forwarded part of it; the members have
 /// not all got their chunks), with 4 relays of 50 members each at 2% loss.
 fn killed_mid_message(seed: u64, failover: bool) -> ScenarioConfig {

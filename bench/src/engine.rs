@@ -365,6 +365,40 @@ fn bare_gso(group: SocketAddr, count: u64, datagram: &[u8]) -> anyhow::Result<(S
     ))
 }
 
+/// The floor of the engine's send path: [`MulticastSocket::send_batch`] (UDP GSO where the
+/// kernel has it) over `count` distinct datagrams of the engine's size laid out back to back in
+/// one buffer (as the engine's datagrams are distinct bytes in memory), `BATCH` at a time as
+/// the engine's driver batches them, retrying when the buffer is full. Nothing else: no
+/// sealing, no copying, no event loop.
+fn bare_gso_distinct(group: SocketAddr, datagrams: &[u8]) -> anyhow::Result<SendRun> {
+    const BATCH: usize = 64;
+    let socket = bare_socket(group)?;
+    let all: Vec<&[u8]> = datagrams.chunks_exact(DATAGRAM_SIZE).collect();
+    let count = all.len();
+    let mut blocked = 0;
+    let mut sent = 0usize;
+    let cpu_start = thread_cpu_ns(None);
+    let start = Instant::now();
+    while sent < count {
+        let take = (count - sent).min(BATCH);
+        match socket.send_batch(group, &all[sent..sent + take]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                blocked += 1;
+                std::thread::yield_now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("bare send_batch over distinct datagrams"),
+        }
+    }
+    Ok(SendRun {
+        datagrams: count as u64,
+        secs: start.elapsed().as_secs_f64(),
+        cpu_secs: cpu_secs(cpu_start, thread_cpu_ns(None)),
+        blocked,
+    })
+}
+
 /// The run with the highest `metric`.
 fn best(runs: &[SendRun], metric: fn(&SendRun) -> f64) -> SendRun {
     runs.iter()
@@ -394,6 +428,7 @@ fn send_rate(quick: bool) -> anyhow::Result<Value> {
         .collect();
     let mut plain = Vec::new();
     let mut gso_runs = Vec::new();
+    let mut floor_runs = Vec::new();
     let mut engine = Vec::new();
     let mut gso_on = false;
     for round in 0..rounds {
@@ -417,6 +452,11 @@ fn send_rate(quick: bool) -> anyhow::Result<Value> {
         let (gso_run, on) = bare_gso(group, count, &datagram)?;
         gso_on = on;
         gso_runs.push(gso_run);
+        drain(&receiver);
+        let distinct: Vec<u8> = (0..count as usize * DATAGRAM_SIZE)
+            .map(|i| (i as u8).wrapping_mul(31) ^ (i / DATAGRAM_SIZE) as u8)
+            .collect();
+        floor_runs.push(bare_gso_distinct(group, &distinct)?);
     }
     let engine_sends: Vec<SendRun> = engine.iter().map(|r| r.send).collect();
     let first = engine.first().context("no engine run")?;
@@ -431,6 +471,7 @@ fn send_rate(quick: bool) -> anyhow::Result<Value> {
             },
             gso_runs,
         ),
+        ("floor: send_batch, distinct", floor_runs),
     ];
     let mean_size = first.bytes as f64 / first.send.datagrams as f64;
     println!(
@@ -475,9 +516,15 @@ fn send_rate(quick: bool) -> anyhow::Result<Value> {
     let ratio_gso = div(best_wall[0].rate(), best_wall[2].rate());
     let cpu_ratio_plain = div(best_cpu[0].cpu_rate(), best_cpu[1].cpu_rate());
     let cpu_ratio_gso = div(best_cpu[0].cpu_rate(), best_cpu[2].cpu_rate());
+    let ratio_floor = div(best_wall[0].rate(), best_wall[3].rate());
+    let cpu_ratio_floor = div(best_cpu[0].cpu_rate(), best_cpu[3].cpu_rate());
     println!(
         "ratio engine / bare send_to: {ratio_plain:.2} wall, {cpu_ratio_plain:.2} per CPU-s \
          (goal >= 0.8); engine / send_batch: {ratio_gso:.2} wall, {cpu_ratio_gso:.2} per CPU-s"
+    );
+    println!(
+        "ratio engine / floor (send_batch over as many distinct datagrams): {ratio_floor:.2} \
+         wall, {cpu_ratio_floor:.2} per CPU-s (goal >= 0.6)"
     );
     let runs_json = |runs: &[SendRun]| {
         runs.iter()
@@ -504,6 +551,11 @@ fn send_rate(quick: bool) -> anyhow::Result<Value> {
         "ratio_to_send_batch": ratio_gso,
         "cpu_ratio_to_send_to": cpu_ratio_plain,
         "cpu_ratio_to_send_batch": cpu_ratio_gso,
+        "floor_send_batch_distinct_datagrams_per_s": best_wall[3].rate(),
+        "floor_send_batch_distinct_datagrams_per_cpu_s": best_cpu[3].cpu_rate(),
+        "ratio_to_floor": ratio_floor,
+        "cpu_ratio_to_floor": cpu_ratio_floor,
+        "floor_runs": runs_json(&sends[3].1),
         "engine_runs": runs_json(&sends[0].1),
         "send_to_runs": runs_json(&sends[1].1),
         "send_batch_runs": runs_json(&sends[2].1),
@@ -720,16 +772,20 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
     );
     let batch_start = Instant::now();
     gcks.rekey_now()?;
-    let ((chunks, build), rekeyed_at) =
+    let ((big_seq, chunks, build), rekeyed_at) =
         wait_for(&gcks, "Rekeyed", Duration::from_secs(1200), |e| match e {
             GcksEvent::Rekeyed {
-                chunks, build_time, ..
-            } => Some((*chunks, *build_time)),
+                seq,
+                chunks,
+                build_time,
+                ..
+            } => Some((*seq, *chunks, *build_time)),
             _ => None,
         })?;
     let batch = gcks.stats()?;
     let batch_wall = rekeyed_at - batch_start;
     let members = batch.members;
+    let churn = first_datagram_after_churn(&gcks, group(40 + index), big_seq, small + 1, big)?;
     drop(bundles);
     gcks.shutdown()?;
     println!(
@@ -765,7 +821,22 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
         ms(build),
         ms(batch_wall)
     );
+    println!(
+        "1% churn batch after it ({} leaves, {} joins, {} chunks): close to first datagram on \
+         the wire {:.1} ms (Queued event at {:.1} ms; build time {:.1} ms on the workers)",
+        churn.leaves,
+        churn.joins,
+        churn.chunks,
+        ms(churn.to_first_datagram),
+        ms(churn.to_queued),
+        ms(churn.build)
+    );
     Ok(json!({
+        "churn_batch": {
+            "leaves": churn.leaves, "joins": churn.joins, "chunks": churn.chunks,
+            "close_to_first_datagram_ms": ms(churn.to_first_datagram),
+            "close_to_queued_ms": ms(churn.to_queued), "build_ms": ms(churn.build),
+        },
         "pool": setup.label,
         "workers": setup.workers,
         "signing_threads": setup.signing_threads,
@@ -778,4 +849,94 @@ fn lag_run(big: u64, small: u64, setup: &PoolSetup, index: u16) -> anyhow::Resul
         "lag_after_intake": lag_json(&intake.loop_lag_us),
         "lag_after_batch": lag_json(&batch.loop_lag_us),
     }))
+}
+
+/// A 1% churn batch's timing, from its close.
+struct ChurnTiming {
+    leaves: u64,
+    joins: u64,
+    chunks: usize,
+    /// From `rekey_now` to the first symbol datagram of the batch's message at a receiver.
+    to_first_datagram: Duration,
+    /// From `rekey_now` to the message's `Queued` event.
+    to_queued: Duration,
+    build: Duration,
+}
+
+/// After the message `last_seq` (which admitted members `first..first + count`) is sent: half
+/// a percent of those members leave and as many join (1% churn), the batch is closed
+/// (`rekey_now`), and a receiver joined to `group` stamps the first symbol datagram of the new
+/// message.
+fn first_datagram_after_churn(
+    gcks: &Gcks,
+    group: SocketAddr,
+    last_seq: u64,
+    first: u64,
+    count: u64,
+) -> anyhow::Result<ChurnTiming> {
+    use rekeycast::wire::{DatagramType, Packet};
+
+    wait_for(gcks, "Sent", Duration::from_secs(600), |e| {
+        matches!(e, GcksEvent::Sent { seq } if *seq == last_seq).then_some(())
+    })?;
+    let churn = (count / 200).max(1);
+    for i in 0..churn {
+        gcks.leave(MemberId(first + i * (count / churn)))?;
+    }
+    let bundles = join_all!(gcks, first + count, churn);
+    let (receiver, _) = MulticastSocket::receiver(&MulticastConfig::loopback_v4(group))?;
+    let target = last_seq + 1;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match receiver.recv_from(&mut buf) {
+                    Ok((len, _)) => {
+                        let is_target = Packet::new_checked(&buf[..len]).is_ok_and(|packet| {
+                            packet.seq() == target && packet.datagram_type() == DatagramType::Symbol
+                        });
+                        if is_target {
+                            return Some(Instant::now());
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(20)),
+                }
+            }
+            None
+        })
+    };
+    let close = Instant::now();
+    gcks.rekey_now()?;
+    let ((chunks, build), _) = wait_for(gcks, "Rekeyed", Duration::from_secs(600), |e| match e {
+        GcksEvent::Rekeyed {
+            seq,
+            chunks,
+            build_time,
+            ..
+        } if *seq == target => Some((*chunks, *build_time)),
+        _ => None,
+    })?;
+    let (_, queued) = wait_for(gcks, "Queued", Duration::from_secs(60), |e| {
+        matches!(e, GcksEvent::Queued { seq } if *seq == target).then_some(())
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !watcher.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let arrived = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiver thread panicked"))?
+        .context("no datagram of the churn batch arrived")?;
+    drop(bundles);
+    Ok(ChurnTiming {
+        leaves: churn,
+        joins: churn,
+        chunks,
+        to_first_datagram: arrived - close,
+        to_queued: queued - close,
+        build,
+    })
 }

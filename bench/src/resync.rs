@@ -117,14 +117,12 @@ impl Setup {
         let group_id = config.group_id;
         let gcks = Gcks::start(config, SigningKey::from_bytes(&[11; 32]))?;
         eprintln!("resync: admitting {MEMBERS} members, then {REFRESHES} refreshes");
-        let replies = (1..=MEMBERS)
-            .map(|id| gcks.join(MemberId(id)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut ticket = gcks.join_many((1..=MEMBERS).map(MemberId).collect())?;
         gcks.rekey_now()?;
-        let mut bundles = Vec::new();
-        for reply in replies {
-            bundles.push(reply.recv_timeout(Duration::from_secs(60))??);
-        }
+        let mut bundles = ticket
+            .wait(Duration::from_secs(60))?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         let bundle = bundles.swap_remove(0);
         ensure!(bundle.first_seq == 1, "admitted at {}", bundle.first_seq);
         wait_sent(&gcks, 1)?;

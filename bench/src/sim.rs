@@ -51,7 +51,22 @@ pub struct Args {
     /// scenario's own).
     #[arg(long, hide = true)]
     child: Option<String>,
+    /// Run the scale cells instead (see `scale`): 100,000 members admitted by a multicast
+    /// first message, and 1,000,000 members behind 1,000 relays; wall time and peak RSS.
+    #[arg(long)]
+    scale: bool,
+    /// With `--scale`: run the cells at this many members instead (relays at one per 1,000).
+    #[arg(long)]
+    scale_members: Option<usize>,
+    /// With `--scale`: run only this cell (`first` or `relays`).
+    #[arg(long)]
+    scale_cell: Option<String>,
+    /// Internal: run scale cell `NAME:MEMBERS` in this process and print its row as JSON.
+    #[arg(long, hide = true)]
+    scale_child: Option<String>,
 }
+
+mod scale;
 
 /// The loss settings, by index (the child process gets the index).
 const LOSSES: [(&str, Loss); 4] = [
@@ -65,6 +80,12 @@ const LOSSES: [(&str, Loss); 4] = [
 pub fn run(quick: bool, args: &Args) -> anyhow::Result<()> {
     if let Some(spec) = &args.child {
         return run_child(spec);
+    }
+    if let Some(spec) = &args.scale_child {
+        return scale::run_child(spec);
+    }
+    if args.scale {
+        return scale::run(args.scale_members, args.scale_cell.as_deref());
     }
     // (members, rekeys): rekeys chosen so that the full run stays within about 15 minutes on
     // two cores. Cost grows with members x datagrams: every member handles every multicast

@@ -406,6 +406,28 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_group_without_bind_says_the_default_is_ipv4_and_what_to_set() {
+        let member = MemberConfig::from_toml_str(
+            "[member.multicast]\ngroup = \"[ff15::7]:7400\"\ninterface = \"2\"\n\
+             [member.receiver]\nfeedback_addr = \"[fd00::1]:7401\"\n",
+        );
+        let relay = RelayConfig::from_toml_str(
+            "[relay.upstream]\ngroup = \"[ff15::7]:7400\"\ninterface = \"2\"\n\
+             [relay.downstream]\ngroup = \"[ff15::8]:7400\"\ninterface = \"2\"\n\
+             [relay.session.upstream]\nfeedback_addr = \"[fd00::1]:7401\"\n",
+        );
+        for message in [
+            invalid(member, "member.bind"),
+            invalid(relay, "relay.upstream_bind"),
+        ] {
+            assert!(
+                message.contains("IPv4") && message.contains("[::]"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
     fn options_reach_the_library_configurations() {
         let server = ServerConfig::from_toml_str(
             "[gcks]\ngroup_id = 9\nspi = 4\nbatch_interval_ms = 250\nmax_batch = 7\n\

@@ -23,6 +23,12 @@ pub struct DemoArgs {
     /// Members at the start (each with its own socket and thread).
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub members: usize,
+    /// Members the first message admits, of which only `--members` run (the others hold a
+    /// leaf and never start): the first message of a bigger group. `--admit 512 --members
+    /// 50 --rekeys 0 --loss 0.05` is the first message of a group admitting 512 members (55
+    /// chunks) received by 50. Default: `--members`.
+    #[arg(long, value_name = "N")]
+    pub admit: Option<usize>,
     /// Rekeys after the first message (which admits the members).
     #[arg(long, value_name = "R", default_value_t = 20)]
     pub rekeys: usize,
@@ -111,8 +117,10 @@ pub struct SenderSummary {
 /// Everything `rekeycast demo` reports: printed, and written as `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    /// Members at the start.
+    /// Members at the start (running).
     pub members_initial: usize,
+    /// Members the first message admitted (running or not).
+    pub members_admitted: usize,
     /// Members at the end.
     pub members_final: usize,
     /// Rekeys after the first message.
@@ -158,6 +166,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     if args.members == 0 {
         bail!("--members 0: the demo needs at least one member");
     }
+    if args.admit.is_some_and(|admit| admit < args.members) {
+        bail!("--admit must be at least --members ({})", args.members);
+    }
     if !(0.0..=1.0).contains(&args.churn) {
         bail!("--churn {}: must be between 0 and 1", args.churn);
     }
@@ -169,6 +180,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let config = DemoConfig {
         rekey_timeout: Duration::from_secs(REKEY_TIMEOUT_S),
         members: args.members,
+        admitted: args.admit.unwrap_or(args.members),
         rekeys: args.rekeys,
         churn: args.churn,
         loss,
@@ -184,6 +196,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         config.churn * 100.0,
         config.seed
     );
+    if config.admitted > config.members {
+        println!(
+            "the first message admits {} members; {} of them run (the others hold a leaf and \
+             never start)",
+            config.admitted, config.members
+        );
+    }
     println!(
         "loss: {}, SIMULATED at each member's receive (loopback multicast loses nothing)",
         args.loss.describe()
@@ -234,6 +253,7 @@ pub fn summarize(args: &DemoArgs, report: &DemoReport) -> Summary {
     let lag = report.gcks.loop_lag_us;
     Summary {
         members_initial: args.members,
+        members_admitted: args.admit.unwrap_or(args.members).max(args.members),
         members_final: report.members.len(),
         rekeys: args.rekeys,
         messages: report.rekeys.len(),
@@ -302,6 +322,14 @@ fn print_summary(s: &Summary) {
          updates)",
         t.p50, t.p90, t.p99, t.max, t.samples
     );
+    if let Some(first) = s.per_rekey.first() {
+        let f = &first.time_to_key_ms;
+        println!(
+            "first message:    {} chunks admitting {} members ({} running): time to key p50 \
+             {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            first.chunks, s.members_admitted, s.members_initial, f.p50, f.p99, f.max
+        );
+    }
     if s.missing > 0 {
         println!(
             "                  {} key updates not within the {} s wait of their rekey (those \

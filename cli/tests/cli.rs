@@ -64,6 +64,45 @@ fn demo_report_writes_summary_json_and_svg_chart() {
 }
 
 #[test]
+fn demo_admit_sends_the_first_message_of_the_bigger_group_to_the_running_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let output = rekeycast(&[
+        "demo",
+        "--members",
+        "5",
+        "--admit",
+        "64",
+        "--rekeys",
+        "0",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert!(
+        stdout.contains("admits 64 members; 5 of them run"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["all_current"], serde_json::Value::Bool(true));
+    assert_eq!(summary["members_admitted"], 64);
+    assert_eq!(summary["members_final"], 5);
+    let first = &summary["per_rekey"][0];
+    assert_eq!(first["time_to_key_ms"]["samples"], 5);
+    // Five members alone fit one chunk; 64 leaves do not.
+    assert!(first["chunks"].as_u64().unwrap() > 1, "{first}");
+    let output = rekeycast(&["demo", "--members", "5", "--admit", "4"]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("--admit"));
+}
+
+#[test]
 fn demo_rejects_bad_loss_flags() {
     let output = rekeycast(&["demo", "--burst-loss", "0.05"]);
     assert!(!output.status.success());

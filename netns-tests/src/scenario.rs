@@ -87,6 +87,12 @@ pub struct TopologySpec {
     /// What joins the hosts' links in the switch namespace.
     #[serde(default)]
     pub fabric: Fabric,
+    /// Whether the scenario runs over IPv6: every host gets a unique-local address, the GCKS
+    /// and the relays multicast to `ff15::` groups, and every unicast path (feedback, unicast
+    /// uplinks, TCP and HTTP resync, `/metrics`) uses the IPv6 addresses. Needs
+    /// `fabric = "bridge"` (the impairment switch forwards IPv4 only) and no flood.
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// What joins the hosts in the switch namespace.
@@ -511,7 +517,19 @@ impl Scenario {
                 }
             }
         }
+        if topology.ipv6 && switch {
+            return Err(invalid(
+                "topology.ipv6",
+                "needs fabric = \"bridge\" (the impairment switch forwards IPv4 only)".into(),
+            ));
+        }
         if let Some(flood) = &self.flood {
+            if topology.ipv6 {
+                return Err(invalid(
+                    "flood",
+                    "the flood sends IPv4 only; not with topology.ipv6".into(),
+                ));
+            }
             if !topology.attacker {
                 return Err(invalid("flood", "needs topology.attacker = true".into()));
             }
@@ -679,6 +697,10 @@ mod tests {
                 MINIMAL.replace("members = 3", "members = 3\nfabric = \"bridge\"")
                     + "\n[impairments.members.egress]\nloss = { model = \"iid\", p = 0.1 }\n",
                 "impairments.members.egress",
+            ),
+            (
+                MINIMAL.replace("members = 3", "members = 3\nipv6 = true"),
+                "topology.ipv6",
             ),
             (
                 MINIMAL.to_string() + "\n[impairments.gcks.ingress]\nloss = { model = \"iid\", p = 2.0 }\n",

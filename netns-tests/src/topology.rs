@@ -2,7 +2,8 @@
 //! the switch by a veth pair.
 //!
 //! Host ends are addressed from 198.18.0.0/15 (all hosts in one /15, so one link-layer
-//! segment) and carry a route for 239.0.0.0/8. Their transmit checksum offload stays on (the
+//! segment) and carry a route for 239.0.0.0/8; a topology built with IPv6 (kernel bridge only)
+//! also gives them unique-local addresses from `fd00:198:18::/64` and a route for `ff15::/16`. Their transmit checksum offload stays on (the
 //! veth default): the userspace switch completes the UDP and TCP checksums it relays itself
 //! (the veth pitfall of `PLATFORM.md`; see [`crate::switch`]), so no `ethtool` is needed, and
 //! they send one segment per GSO packet (`gso_max_segs 1`), so no frame exceeds the MTU. The
@@ -18,7 +19,7 @@
 //! module must not start the processes of the scenario: [`crate::runner`] does.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Stdio};
 use std::sync::mpsc;
@@ -72,6 +73,9 @@ pub enum TopologyError {
     /// No host by that name.
     #[error("no host {0:?} in this topology")]
     NoHost(String),
+    /// IPv6 was asked for with the impairment switch, which forwards IPv4 only.
+    #[error("IPv6 needs a kernel bridge: the impairment switch forwards IPv4 only")]
+    Ipv6NeedsBridge,
 }
 
 /// A host to create: its name (also its switch port's name) and its port's impairments.
@@ -111,6 +115,29 @@ pub struct Host {
     pub address: Ipv4Addr,
     /// Its veth end's interface name.
     pub interface: String,
+    /// Its IPv6 unique-local address (on its veth, /64), in a topology built with IPv6
+    /// ([`Topology::build_with_ipv6`]); `None` otherwise.
+    pub address6: Option<Ipv6Addr>,
+    /// Its veth end's interface index inside its namespace (what `IPV6_MULTICAST_IF` and
+    /// `IPV6_JOIN_GROUP` take).
+    pub index: u32,
+}
+
+impl Host {
+    /// The address the scenario's processes use: the IPv6 one when the host has one, the
+    /// IPv4 one otherwise.
+    pub fn ip(&self) -> IpAddr {
+        self.address6.map_or(IpAddr::V4(self.address), IpAddr::V6)
+    }
+
+    /// The multicast interface of [`Host::ip`]'s family: the veth's index for IPv6, its
+    /// address for IPv4.
+    pub fn multicast_interface(&self) -> rekeycast::io::socket::Interface {
+        match self.address6 {
+            Some(_) => rekeycast::io::socket::Interface::V6(self.index),
+            None => rekeycast::io::socket::Interface::V4(self.address),
+        }
+    }
 }
 
 /// A built topology; dropping it removes everything it made.
@@ -125,6 +152,24 @@ pub struct Topology {
 
 /// The prefix length of every host address.
 pub const PREFIX_LEN: u8 = 15;
+
+/// The prefix length of every host's IPv6 address.
+pub const PREFIX6_LEN: u8 = 64;
+
+/// The IPv6 unique-local address of host number `index` (from 0): `fd00:198:18::1` onward.
+pub fn host_address6(index: usize) -> Ipv6Addr {
+    let number = index as u32 + 1;
+    Ipv6Addr::new(
+        0xfd00,
+        0x198,
+        0x18,
+        0,
+        0,
+        0,
+        (number >> 16) as u16,
+        number as u16,
+    )
+}
 
 /// The address of host number `index` (from 0): 198.18.0.1 onward, skipping .0 and .255.
 pub fn host_address(index: usize) -> Ipv4Addr {
@@ -148,6 +193,34 @@ impl Topology {
         hosts: &[HostPlan],
         fabric: &FabricPlan,
         work_dir: &Path,
+    ) -> Result<Self, TopologyError> {
+        Self::build_inner(tag, hosts, fabric, work_dir, false)
+    }
+
+    /// [`Topology::build`] with IPv6 on every host besides IPv4: IPv6 enabled in the host
+    /// namespaces, a unique-local address from `fd00:198:18::/64` on each veth (added with
+    /// `nodad`, usable at once) and a route for `ff15::/16`. The userspace switch forwards
+    /// IPv4 only, so IPv6 needs [`FabricPlan::Bridge`] (its multicast snooping off: IPv6
+    /// multicast is flooded to every port); anything else is refused with
+    /// [`TopologyError::Ipv6NeedsBridge`] before anything is made.
+    pub fn build_with_ipv6(
+        tag: &str,
+        hosts: &[HostPlan],
+        fabric: &FabricPlan,
+        work_dir: &Path,
+    ) -> Result<Self, TopologyError> {
+        if *fabric != FabricPlan::Bridge {
+            return Err(TopologyError::Ipv6NeedsBridge);
+        }
+        Self::build_inner(tag, hosts, fabric, work_dir, true)
+    }
+
+    fn build_inner(
+        tag: &str,
+        hosts: &[HostPlan],
+        fabric: &FabricPlan,
+        work_dir: &Path,
+        ipv6: bool,
     ) -> Result<Self, TopologyError> {
         if tag.len() != 1 || !tag.chars().all(|c| c.is_ascii_lowercase()) {
             return Err(TopologyError::BadTag(tag.into()));
@@ -174,6 +247,19 @@ impl Topology {
             topology
                 .switch_namespace
                 .ip(&["link", "add", &bridge, "type", "bridge"])?;
+            if ipv6 {
+                // Flood multicast to every port: no MLD snooping state to wait for (the
+                // switch namespace has no IPv6, so it would never query).
+                topology.switch_namespace.ip(&[
+                    "link",
+                    "set",
+                    &bridge,
+                    "type",
+                    "bridge",
+                    "mcast_snooping",
+                    "0",
+                ])?;
+            }
             topology
                 .switch_namespace
                 .ip(&["link", "set", &bridge, "up"])?;
@@ -181,7 +267,11 @@ impl Topology {
         let mut ports = Vec::with_capacity(hosts.len());
         for (index, plan) in hosts.iter().enumerate() {
             let namespace = Namespace::create(&format!("{base}h{index}"))?;
-            quiet_ipv6(&namespace);
+            if ipv6 {
+                enable_ipv6(&namespace)?;
+            } else {
+                quiet_ipv6(&namespace);
+            }
             let host_if = format!("{base}{index}h");
             let switch_if = format!("{base}{index}s");
             for name in [&host_if, &switch_if] {
@@ -221,6 +311,23 @@ impl Topology {
             ])?;
             namespace.ip(&["link", "set", &host_if, "up"])?;
             namespace.ip(&["route", "add", "239.0.0.0/8", "dev", &host_if])?;
+            let address6 = if ipv6 {
+                let address6 = host_address6(index);
+                namespace.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{address6}/{PREFIX6_LEN}"),
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ])?;
+                namespace.ip(&["-6", "route", "add", "ff15::/16", "dev", &host_if])?;
+                Some(address6)
+            } else {
+                None
+            };
+            let index = interface_index(&namespace, &host_if)?;
             if *fabric == FabricPlan::Bridge {
                 topology
                     .switch_namespace
@@ -240,6 +347,8 @@ impl Topology {
                 namespace,
                 address,
                 interface: host_if,
+                address6,
+                index,
             });
         }
         if let FabricPlan::Switch { binary, seed } = fabric {
@@ -392,6 +501,42 @@ fn quiet_ipv6(namespace: &Namespace) {
     );
 }
 
+/// Turns IPv6 on in a namespace (a namespace starts with the system's defaults, and the
+/// harness's other namespaces turn it off), without router solicitations.
+fn enable_ipv6(namespace: &Namespace) -> Result<(), TopologyError> {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            namespace.name(),
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.default.router_solicitations=0",
+        ],
+    )?;
+    Ok(())
+}
+
+/// The interface index of `interface` inside `namespace`, from `ip -o link show`'s first
+/// field (`5: name@if6: ...`).
+fn interface_index(namespace: &Namespace, interface: &str) -> Result<u32, TopologyError> {
+    let output = namespace.ip(&["-o", "link", "show", "dev", interface])?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split(':')
+        .next()
+        .and_then(|index| index.trim().parse().ok())
+        .ok_or_else(|| {
+            TopologyError::Command(Error::Failed {
+                command: format!("ip -n {} -o link show dev {interface}", namespace.name()),
+                status: output.status,
+                stderr: format!("no interface index in {text:?}"),
+            })
+        })
+}
+
 /// The impairment switch process and its command channel.
 #[derive(Debug)]
 struct SwitchProcess {
@@ -517,6 +662,37 @@ mod tests {
             assert!(d != 0 && d != 255, "{address}");
             assert!(!addresses[..index].contains(address));
         }
+    }
+
+    #[test]
+    fn ipv6_host_addresses_are_distinct_unique_local() {
+        let addresses: Vec<Ipv6Addr> = (0..999).map(host_address6).collect();
+        assert_eq!(addresses[0], "fd00:198:18::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            addresses[998],
+            "fd00:198:18::3e7".parse::<Ipv6Addr>().unwrap()
+        );
+        for (index, address) in addresses.iter().enumerate() {
+            assert_eq!(address.segments()[0], 0xfd00, "{address}");
+            assert!(!addresses[..index].contains(address));
+        }
+    }
+
+    #[test]
+    fn ipv6_with_the_switch_is_refused_before_anything_is_made() {
+        let plan = HostPlan {
+            name: "a".into(),
+            ingress: Impairment::default(),
+            egress: Impairment::default(),
+        };
+        let fabric = FabricPlan::Switch {
+            binary: PathBuf::from("/nonexistent"),
+            seed: 1,
+        };
+        assert!(matches!(
+            Topology::build_with_ipv6("q", &[plan], &fabric, &std::env::temp_dir()),
+            Err(TopologyError::Ipv6NeedsBridge)
+        ));
     }
 
     #[test]

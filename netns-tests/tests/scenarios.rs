@@ -291,3 +291,46 @@ fn relays_on_unicast_uplinks_carry_every_rekey_to_their_members() {
         .sum();
     assert!(uplink_loss > 0, "{}", report.table);
 }
+
+#[test]
+fn ipv6_scenario_carries_rekeys_churn_and_resync_over_ipv6() {
+    let Some(report) = run("ipv6_bridge.toml", "v") else {
+        return;
+    };
+    let total = total(&report);
+    // 4 + 3 joiners direct, 2 x 3 behind relays.
+    assert_eq!(total.members, 13, "{}", report.table);
+    assert_eq!(total.applied, total.expected, "{}", report.table);
+    // Relay 1's members were carried by IPv6 TCP or HTTP resync from the GCKS.
+    let killed = report
+        .groups
+        .iter()
+        .find(|group| group.group == "relay1-killed")
+        .expect("a row for the killed relay's members");
+    assert_eq!(killed.members, 3);
+    assert_eq!(killed.applied, killed.expected, "{}", report.table);
+    assert!(
+        killed.resyncs >= 3 && killed.applied_by_resync >= 3,
+        "{}",
+        report.table
+    );
+    // Relay 2's members got every rekey through it over IPv6 multicast.
+    let kept = report
+        .groups
+        .iter()
+        .find(|group| group.group == "relay2")
+        .expect("a row for relay 2's members");
+    assert_eq!(kept.applied, kept.expected, "{}", report.table);
+    assert!(report.switch.is_none(), "a kernel bridge has no counters");
+}
+
+#[test]
+fn ipv6_unicast_uplinks_carry_every_rekey_to_the_relays_members() {
+    let Some(report) = run("ipv6_unicast_uplink.toml", "w") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.members, 6);
+    assert_eq!(total.applied, total.expected, "{}", report.table);
+    assert_eq!(total.applied_by_resync, 0, "{}", report.table);
+}

@@ -415,6 +415,20 @@ fn outage_command_blackholes_a_port_then_traffic_resumes() {
     // Resolve h2's address first, so the datagrams below leave at once instead of queueing
     // behind ARP (which, as control plane, passes outages anyway).
     lab.blast(1, "198.18.0.2:46020", &["--count", "1"]);
+    // The blast returns when the datagram is sent, not when the switch has passed it on: on a
+    // busy machine the outage command could overtake it and blackhole it too (101 dropped).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let egress = port(&lab.counters(), 2).egress.clone();
+        if egress.forwarded.saturating_sub(egress.control) >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the address-resolving datagram did not reach h2: {egress:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let reply = lab.command("outage h2 1500");
     assert!(reply.starts_with("ok outage h2 "), "{reply}");
     let outage_started = Instant::now();

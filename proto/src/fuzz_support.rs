@@ -126,16 +126,16 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
-/// A chunk; the first input byte picks the chunk authentication (even: Merkle path, odd:
-/// signature). A parsed chunk re-encodes, with its padding, to the input.
+/// A chunk; the first input byte picks the chunk authentication (modulo 3: Merkle path,
+/// signature, group signature). A parsed chunk re-encodes, with its padding, to the input.
 pub fn chunk(data: &[u8]) {
     let Some((&mode, bytes)) = data.split_first() else {
         return;
     };
-    let auth = if mode % 2 == 0 {
-        ChunkAuth::MerklePath
-    } else {
-        ChunkAuth::Signature
+    let auth = match mode % 3 {
+        0 => ChunkAuth::MerklePath,
+        1 => ChunkAuth::Signature,
+        _ => ChunkAuth::GroupSignature,
     };
     if let Ok(parsed) = SignedChunk::parse(bytes, auth) {
         let encoded = encode_authenticated(&parsed.header, parsed.payload)

@@ -135,6 +135,98 @@ impl ChangesTicket {
     }
 }
 
+/// The answers of one [`Gcks::join_many`] call: each joiner's registration bundle, or why
+/// not, in the order of the call's members.
+#[derive(Debug)]
+pub struct JoinsTicket {
+    answers: Receiver<(usize, ChangeAnswer)>,
+    /// The answers so far, by the member's position in the call.
+    received: Vec<Option<Result<RegistrationBundle, JoinError>>>,
+    missing: usize,
+}
+
+/// Why [`JoinsTicket::wait`] returned without every answer. The answers that came are kept:
+/// a later `wait` goes on from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinsWaitError {
+    /// The deadline passed first.
+    #[error("{answered} of {count} joins answered before the deadline")]
+    TimedOut {
+        /// Joins answered so far.
+        answered: usize,
+        /// Joins in the call.
+        count: usize,
+    },
+    /// The engine went away before answering them all.
+    #[error("the engine stopped with {answered} of {count} joins answered")]
+    Gone {
+        /// Joins answered so far.
+        answered: usize,
+        /// Joins in the call.
+        count: usize,
+    },
+}
+
+impl JoinsTicket {
+    /// Waits up to `timeout` for the answers still missing, and returns them all in the order
+    /// of the call's members. On error the answers that came are kept for the next call.
+    pub fn wait(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<Result<RegistrationBundle, JoinError>>, JoinsWaitError> {
+        let deadline = Instant::now() + timeout;
+        while self.missing > 0 {
+            let error = |gone: bool, ticket: &Self| {
+                let count = ticket.received.len();
+                let answered = count - ticket.missing;
+                if gone {
+                    JoinsWaitError::Gone { answered, count }
+                } else {
+                    JoinsWaitError::TimedOut { answered, count }
+                }
+            };
+            let (index, answer) = match self.answers.recv_deadline(deadline) {
+                Ok(received) => received,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    return Err(error(false, self))
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(error(true, self))
+                }
+            };
+            // Only joins were sent: a leave's answer cannot come.
+            let ChangeAnswer::Join(result) = answer else {
+                continue;
+            };
+            if let Some(slot) = self.received.get_mut(index) {
+                if slot.replace(result).is_none() {
+                    self.missing -= 1;
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.received)
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// How many joins it answers.
+    pub fn len(&self) -> usize {
+        self.received.len()
+    }
+
+    /// Whether it answers no join.
+    pub fn is_empty(&self) -> bool {
+        self.received.is_empty()
+    }
+
+    /// How many answers have not come yet (as of the last [`Self::wait`]).
+    pub fn missing(&self) -> usize {
+        self.missing
+    }
+}
+
 /// Where an answer goes: the waiting caller's channel.
 #[derive(Debug, Clone)]
 pub(crate) enum Reply {
@@ -384,6 +476,31 @@ impl Gcks {
             ticket: Reply::Changes(reply),
         })?;
         Ok(ChangesTicket { count, answers })
+    }
+
+    /// Admits `members` in the next batch, as one [`Self::join`] each would (the same answers,
+    /// the same rules), but in one command: the loop takes them all from one message, where
+    /// joins one by one cost a channel round trip and a wake-up each. For bulk registration
+    /// (a group's first batch of a million members). A batch holds at most
+    /// [`GcksConfig::max_batch`] changes: more joins than that go in the batches after it.
+    ///
+    /// The returned [`JoinsTicket`] collects the answers in the order of `members`; they
+    /// wait in an unbounded channel, so collect them (the bundles hold the joiners' keys).
+    pub fn join_many(&self, members: Vec<MemberId>) -> Result<JoinsTicket, GcksError> {
+        let count = members.len();
+        let (reply, answers) = crossbeam_channel::unbounded();
+        let changes = members.into_iter().map(Change::Join).collect();
+        self.command(GcksCommand::Changes {
+            changes,
+            ticket: Reply::Changes(reply),
+        })?;
+        let mut received = Vec::with_capacity(count);
+        received.resize_with(count, || None);
+        Ok(JoinsTicket {
+            answers,
+            received,
+            missing: count,
+        })
     }
 
     /// Applies the pending changes now (or refreshes the group key if there are none); a
@@ -703,6 +820,56 @@ mod tests {
             Err(GcksError::Leave(LeaveError::UnknownMember(MemberId(9))))
         ));
         gcks.shutdown().unwrap();
+    }
+
+    #[test]
+    fn joins_in_one_call_are_answered_in_order() {
+        let gcks = Gcks::start(config(3), SigningKey::from_bytes(&[8; 32])).unwrap();
+        let first = gcks.join(MemberId(0)).unwrap();
+        gcks.rekey_now().unwrap();
+        first
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
+        // Member 0 is in the group, member 5 is asked twice.
+        let mut members: Vec<MemberId> = (1..=1000).map(MemberId).collect();
+        members.extend([MemberId(0), MemberId(5)]);
+        let mut ticket = gcks.join_many(members).unwrap();
+        assert_eq!((ticket.len(), ticket.is_empty()), (1002, false));
+        // The bundles come only with the batch.
+        match ticket.wait(Duration::from_millis(1)) {
+            Err(JoinsWaitError::TimedOut { answered, count }) => {
+                assert_eq!(count, 1002);
+                assert!(answered <= 2, "{answered} answered");
+                assert_eq!(answered + ticket.missing(), 1002);
+            }
+            other => panic!("{:?}", other.map(|answers| answers.len())),
+        }
+        gcks.rekey_now().unwrap();
+        let answers = ticket.wait(Duration::from_secs(30)).expect("every answer");
+        assert_eq!(answers.len(), 1002);
+        for (index, answer) in answers[..1000].iter().enumerate() {
+            let bundle = answer.as_ref().unwrap();
+            assert_eq!(bundle.member, MemberId(index as u64 + 1));
+            assert_eq!(bundle.first_seq, 2);
+        }
+        assert!(matches!(
+            answers[1000],
+            Err(JoinError::AlreadyMember(MemberId(0)))
+        ));
+        assert!(matches!(
+            answers[1001],
+            Err(JoinError::AlreadyJoining(MemberId(5)))
+        ));
+        assert_eq!(gcks.stats().unwrap().members, 1001);
+        assert!(gcks.join_many(Vec::new()).unwrap().is_empty());
+        let mut left = gcks.join_many(vec![MemberId(2000)]).unwrap();
+        gcks.shutdown().unwrap();
+        // Answered Stopped at shutdown, or the engine is gone: never a hang.
+        match left.wait(Duration::from_secs(10)) {
+            Ok(answers) => assert!(matches!(answers[0], Err(JoinError::Stopped))),
+            Err(error) => assert!(matches!(error, JoinsWaitError::Gone { .. })),
+        }
     }
 
     #[test]

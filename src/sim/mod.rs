@@ -17,7 +17,7 @@
 //! [`Node`] so that those layers can be tested with it, not the other way round); read the
 //! clock other than once, at construction (all time is virtual: the start instant plus a
 //! duration); use any randomness that is not derived from the network's one seed; open sockets
-//! or spawn threads; scan all nodes per event (it must scale to 100,000 nodes); panic on
+//! or spawn threads; scan all nodes per event (it must scale to a million nodes); panic on
 //! anything a node or a configuration can do.
 //!
 //! Determinism: a [`Network`] built with the same seed, the same nodes (added in the same order
@@ -79,7 +79,8 @@ pub enum SimError {
     /// No node was ever added with this id.
     #[error("no node with id {0}")]
     UnknownNode(NodeId),
-    /// Every address of 198.18.0.0/15 is taken: at most [`MAX_NODES`] nodes.
+    /// Every node address (198.18.0.0/15, then 100.64.0.0/10) is taken: at most
+    /// [`MAX_NODES`] nodes.
     #[error("address space exhausted: at most {MAX_NODES} nodes")]
     TooManyNodes,
 }

@@ -1,6 +1,7 @@
 //! The simulated network: nodes, links, the event queues and the loop that drives them.
 
 use std::cmp::{Ordering, Reverse};
+use std::collections::binary_heap::PeekMut;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -13,9 +14,17 @@ use super::{Destination, LinkConfig, Node, SimError};
 /// The UDP port of every node's address.
 pub const NODE_PORT: u16 = 7000;
 
-/// The most nodes a network holds: one per host address of 198.18.0.0/15, without the first
-/// (198.18.0.0) and the last (198.19.255.255).
-pub const MAX_NODES: usize = (1 << 17) - 2;
+/// The most nodes a network holds: one per host address of 198.18.0.0/15 (the first
+/// 131,070 nodes), then of 100.64.0.0/10 (4,194,302 more), without each block's first and
+/// last address.
+pub const MAX_NODES: usize = FIRST_BLOCK_NODES + SECOND_BLOCK_NODES;
+
+/// Nodes addressed in 198.18.0.0/15 (the first ones added).
+const FIRST_BLOCK_NODES: usize = (1 << 17) - 2;
+
+/// Nodes addressed in 100.64.0.0/10, after the first block is full (a network of a million
+/// members).
+const SECOND_BLOCK_NODES: usize = (1 << 22) - 2;
 
 /// How many times in a row a node's timer may fire at one instant and still be due right after
 /// `handle_timeout` (the node did not consume it). Beyond this the simulator drops that
@@ -23,11 +32,14 @@ pub const MAX_NODES: usize = (1 << 17) - 2;
 /// again as soon as `poll_timeout` returns a different value.
 pub const MAX_TIMER_REFIRES: u32 = 64;
 
-/// 198.18.0.0, the base of the node address block.
+/// 198.18.0.0, the base of the first node address block.
 const ADDRESS_BASE: u32 = 0xC612_0000;
 
+/// 100.64.0.0, the base of the second node address block.
+const SECOND_ADDRESS_BASE: u32 = 0x6440_0000;
+
 /// Tags a sender index as an entry of the table of external (injected) source addresses.
-/// Node indices stay far below it ([`MAX_NODES`] < 2^17).
+/// Node indices stay far below it ([`MAX_NODES`] < 2^23).
 const EXTERNAL: u32 = 1 << 31;
 
 /// The virtual-time horizon, in nanoseconds since the start (about 100 years). Offsets are
@@ -206,7 +218,11 @@ impl NetworkStats {
 /// Time is virtual: the start is read once with `Instant::now()` at construction and every
 /// other instant is the start plus a duration. Events are datagram arrivals, ordered by (time,
 /// insertion order), and node timers, ordered by (deadline, node index); at equal times
-/// arrivals come first. After each interaction with a node (a datagram, a timeout, a
+/// arrivals come first. A multicast's copies (each with its own loss, delay and duplicate
+/// draws, made when it is sent) wait in the heap as one entry, ordered by its next copy, so
+/// that the heap holds one entry per datagram in flight rather than one per receiver; the
+/// copies still come out in (time, insertion order) among all arrivals, exactly as separate
+/// events would. After each interaction with a node (a datagram, a timeout, a
 /// [`Network::touch`]) the simulator drains its `poll_transmit` into the network and re-reads
 /// its `poll_timeout`. Timers are kept lazily (a heap entry is skipped when the node's deadline
 /// changed since), so no step scans the nodes.
@@ -279,7 +295,14 @@ pub struct Network<N> {
     listeners: HashMap<u32, Vec<u32>>,
     /// The distinct link configurations; links refer to them by index.
     links: Vec<LinkConfig>,
-    arrivals: BinaryHeap<Arrival>,
+    /// Datagrams on their way, by their next arrival: a unicast or a corrupted copy alone, a
+    /// multicast's copies to its receivers as one batch ([`Flight`]).
+    arrivals: BinaryHeap<Flight>,
+    /// Copies scheduled and not yet delivered or discarded.
+    in_flight: usize,
+    /// Whether a multicast's copies go into the heap as one fanout (always, but for the test
+    /// that checks the order is the same without).
+    batch_multicast: bool,
     /// (deadline, node index, generation); valid while it equals the node's armed timer.
     timers: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Insertion counter of arrivals: ties in time go in insertion order.
@@ -332,24 +355,74 @@ struct Arrival {
     payload: Arc<[u8]>,
 }
 
-impl PartialEq for Arrival {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.sequence) == (other.at, other.sequence)
+/// One receiver's copy of a multicast datagram, in a [`Fanout`].
+#[derive(Debug, Clone, Copy)]
+struct FanoutCopy {
+    at: u64,
+    /// Offset of its sequence number from the fanout's base.
+    offset: u32,
+    to: u32,
+}
+
+/// The copies of one multicast datagram (one uplink copy of it) on their way to its
+/// receivers, sharing their bytes: one heap entry for all of them instead of one per
+/// receiver. Each copy keeps the (time, sequence) it would have had as an arrival of its own,
+/// so the copies leave the heap in exactly the order single arrivals would (the heap's
+/// minimum over fanout heads is the minimum over all copies).
+struct Fanout {
+    from: u32,
+    payload: Arc<[u8]>,
+    base: u64,
+    /// Sorted by (time, sequence), the next at `next`.
+    copies: Vec<FanoutCopy>,
+    next: usize,
+}
+
+impl Fanout {
+    fn head(&self) -> Option<(u64, u64)> {
+        let copy = self.copies.get(self.next)?;
+        Some((copy.at, self.base + u64::from(copy.offset)))
     }
 }
 
-impl Eq for Arrival {}
+/// An entry of the arrival heap.
+enum Flight {
+    /// A unicast datagram, or a copy with its own bytes (corrupted on a downlink).
+    One(Arrival),
+    /// A multicast datagram's copies that share its bytes (never empty in the heap), with
+    /// the (time, sequence) of the next one kept here, so that ordering the heap does not
+    /// chase the fanout's pointer.
+    Many((u64, u64), Box<Fanout>),
+}
 
-impl PartialOrd for Arrival {
+impl Flight {
+    /// The (time, sequence) of the next copy to arrive.
+    fn key(&self) -> (u64, u64) {
+        match self {
+            Self::One(arrival) => (arrival.at, arrival.sequence),
+            Self::Many(key, _) => *key,
+        }
+    }
+}
+
+impl PartialEq for Flight {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Flight {}
+
+impl PartialOrd for Flight {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Arrival {
+impl Ord for Flight {
     /// Reversed, so that the max-heap pops the earliest (time, sequence) first.
     fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.sequence).cmp(&(self.at, self.sequence))
+        other.key().cmp(&self.key())
     }
 }
 
@@ -388,6 +461,8 @@ impl<N: Node> Network<N> {
             listeners: HashMap::new(),
             links: Vec::new(),
             arrivals: BinaryHeap::new(),
+            in_flight: 0,
+            batch_multicast: true,
             timers: BinaryHeap::new(),
             sequence: 0,
             externals: Vec::new(),
@@ -477,9 +552,15 @@ impl<N: Node> Network<N> {
         Ok(())
     }
 
-    /// The address of a node: 198.18.0.0 plus (index + 1), port [`NODE_PORT`].
+    /// The address of a node: 198.18.0.0 plus (index + 1) for the first 131,070 nodes, then
+    /// 100.64.0.0 plus (index - 131,070 + 1); port [`NODE_PORT`].
     pub fn addr(&self, id: NodeId) -> SocketAddr {
-        let ip = Ipv4Addr::from(ADDRESS_BASE + id.0 + 1);
+        let first = FIRST_BLOCK_NODES as u32;
+        let ip = if id.0 < first {
+            Ipv4Addr::from(ADDRESS_BASE + id.0 + 1)
+        } else {
+            Ipv4Addr::from(SECOND_ADDRESS_BASE + (id.0 - first) + 1)
+        };
         SocketAddr::V4(SocketAddrV4::new(ip, NODE_PORT))
     }
 
@@ -491,8 +572,15 @@ impl<N: Node> Network<N> {
         if v4.port() != NODE_PORT {
             return None;
         }
-        let host = u32::from(*v4.ip()).checked_sub(ADDRESS_BASE + 1)?;
-        ((host as usize) < self.slots.len()).then_some(NodeId(host))
+        let ip = u32::from(*v4.ip());
+        let index = match ip.checked_sub(ADDRESS_BASE + 1) {
+            Some(host) if (host as usize) < FIRST_BLOCK_NODES => host as usize,
+            _ => {
+                let host = ip.checked_sub(SECOND_ADDRESS_BASE + 1)? as usize;
+                (host < SECOND_BLOCK_NODES).then_some(FIRST_BLOCK_NODES + host)?
+            }
+        };
+        (index < self.slots.len()).then_some(NodeId(index as u32))
     }
 
     /// The node with this id, if it is present.
@@ -673,9 +761,9 @@ impl<N: Node> Network<N> {
         self.next_event().map(|(at, _)| self.instant(at))
     }
 
-    /// Datagrams in flight (scheduled arrivals).
+    /// Datagrams in flight (scheduled arrivals; a multicast counts once per receiver).
     pub fn in_flight(&self) -> usize {
-        self.arrivals.len()
+        self.in_flight
     }
 
     // ---- helpers ----
@@ -733,7 +821,7 @@ impl<N: Node> Network<N> {
             }
             self.timers.pop();
         };
-        match (self.arrivals.peek().map(|a| a.at), timer) {
+        match (self.arrivals.peek().map(|a| a.key().0), timer) {
             (None, None) => None,
             (Some(arrival), None) => Some((arrival, true)),
             (None, Some(timer)) => Some((timer, false)),
@@ -762,7 +850,7 @@ impl<N: Node> Network<N> {
                 continue;
             }
             if is_arrival {
-                if let Some(arrival) = self.arrivals.pop() {
+                if let Some(arrival) = self.pop_arrival() {
                     self.deliver(arrival);
                 }
             } else if let Some(Reverse((_, node, _))) = self.timers.pop() {
@@ -774,12 +862,52 @@ impl<N: Node> Network<N> {
     /// Discards every datagram scheduled at the current instant.
     fn break_livelock(&mut self) {
         self.stats.livelocks += 1;
-        while self.arrivals.peek().is_some_and(|a| a.at <= self.now) {
-            self.arrivals.pop();
+        while self.arrivals.peek().is_some_and(|a| a.key().0 <= self.now) {
+            self.pop_arrival();
             self.stats.dropped_livelock += 1;
         }
         // Timers at this instant are bounded by MAX_TIMER_REFIRES; let them run.
         self.instant_events.1 = 0;
+    }
+
+    /// Schedules each multicast copy as an arrival of its own (the reference the fanouts
+    /// must match).
+    #[cfg(test)]
+    pub(super) fn unbatched(mut self) -> Self {
+        self.batch_multicast = false;
+        self
+    }
+
+    /// Takes the earliest copy off the heap: a single arrival, or the head of a fanout (which
+    /// goes back into the heap by its next copy, if it has one).
+    fn pop_arrival(&mut self) -> Option<Arrival> {
+        let mut top = self.arrivals.peek_mut()?;
+        let arrival = match &mut *top {
+            Flight::One(_) => match PeekMut::pop(top) {
+                Flight::One(arrival) => arrival,
+                // Invariant: the entry just matched as `One`.
+                Flight::Many(..) => return None,
+            },
+            Flight::Many(key, fanout) => {
+                let copy = *fanout.copies.get(fanout.next)?;
+                fanout.next += 1;
+                let arrival = Arrival {
+                    at: copy.at,
+                    sequence: fanout.base + u64::from(copy.offset),
+                    to: copy.to,
+                    from: fanout.from,
+                    payload: Arc::clone(&fanout.payload),
+                };
+                match fanout.head() {
+                    // Dropping `top` moves the fanout to its place for its next copy.
+                    Some(next) => *key = next,
+                    None => drop(PeekMut::pop(top)),
+                }
+                arrival
+            }
+        };
+        self.in_flight -= 1;
+        Some(arrival)
     }
 
     fn deliver(&mut self, arrival: Arrival) {
@@ -987,24 +1115,50 @@ impl<N: Node> Network<N> {
         };
         for (at, payload) in copies.into_iter().flatten() {
             match target {
-                Some(target) => self.downlink(target, sender, at, &payload),
+                Some(target) => self.downlink(target, sender, at, &payload, None),
                 None => {
                     let Some(listeners) = self.listeners.remove(&group) else {
                         continue;
                     };
+                    let mut fanout = self.batch_multicast.then(|| Fanout {
+                        from: sender,
+                        payload: Arc::clone(&payload),
+                        base: self.sequence + 1,
+                        copies: Vec::with_capacity(listeners.len()),
+                        next: 0,
+                    });
                     for &receiver in &listeners {
                         if receiver != sender && self.slots[receiver as usize].node.is_some() {
-                            self.downlink(receiver, sender, at, &payload);
+                            self.downlink(receiver, sender, at, &payload, fanout.as_mut());
                         }
                     }
                     self.listeners.insert(group, listeners);
+                    let Some(mut fanout) = fanout else {
+                        continue;
+                    };
+                    fanout.copies.shrink_to_fit();
+                    if !fanout.copies.is_empty() {
+                        fanout.copies.sort_unstable_by_key(|c| (c.at, c.offset));
+                        self.in_flight += fanout.copies.len();
+                        let key = fanout.head().unwrap_or((u64::MAX, u64::MAX));
+                        self.arrivals.push(Flight::Many(key, Box::new(fanout)));
+                    }
                 }
             }
         }
     }
 
-    /// Crosses `receiver`'s downlink at `at` and schedules the resulting arrivals.
-    fn downlink(&mut self, receiver: u32, sender: u32, at: u64, payload: &Arc<[u8]>) {
+    /// Crosses `receiver`'s downlink at `at` and schedules the resulting copies, each with the
+    /// next sequence number: into `fanout` (a multicast's batch) those that keep its shared
+    /// bytes, into the heap alone the others (a unicast, a copy corrupted on this link).
+    fn downlink(
+        &mut self,
+        receiver: u32,
+        sender: u32,
+        at: u64,
+        payload: &Arc<[u8]>,
+        mut fanout: Option<&mut Fanout>,
+    ) {
         let index = receiver as usize;
         let config = &self.links[self.slots[index].downlink.config as usize];
         let fate = self.slots[index].downlink.traverse(
@@ -1017,15 +1171,27 @@ impl<N: Node> Network<N> {
         let Some(copies) = self.apply(fate, at, Arc::clone(payload)) else {
             return;
         };
-        for (at, payload) in copies.into_iter().flatten() {
+        for (at, copy) in copies.into_iter().flatten() {
             self.sequence += 1;
-            self.arrivals.push(Arrival {
+            if let Some(fanout) = fanout.as_deref_mut() {
+                let offset = u32::try_from(self.sequence - fanout.base);
+                if let (true, Ok(offset)) = (Arc::ptr_eq(&copy, &fanout.payload), offset) {
+                    fanout.copies.push(FanoutCopy {
+                        at,
+                        offset,
+                        to: receiver,
+                    });
+                    continue;
+                }
+            }
+            self.in_flight += 1;
+            self.arrivals.push(Flight::One(Arrival {
                 at,
                 sequence: self.sequence,
                 to: receiver,
                 from: sender,
-                payload,
-            });
+                payload: copy,
+            }));
         }
     }
 
@@ -1079,7 +1245,7 @@ impl<N> fmt::Debug for Network<N> {
             .field("now_ns", &self.now)
             .field("nodes", &self.slots.len())
             .field("present", &self.present)
-            .field("in_flight", &self.arrivals.len())
+            .field("in_flight", &self.in_flight)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }

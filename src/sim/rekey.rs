@@ -111,6 +111,13 @@ pub struct ScenarioConfig {
     /// [`ScenarioReport::bootstrapped`], not as resyncs, and the traffic of that first
     /// message is not counted in the sender's and the network's figures.
     pub bootstrap_initial: bool,
+    /// With [`Self::bootstrap_initial`]: the relays too come in only once the admitting
+    /// message was sent (to nobody), and each takes its own chunk of it from the GCKS's
+    /// history as the members do ([`RelayEndpoint::apply_resync`]). A relay then neither
+    /// holds nor forwards that message: for groups whose admitting message, held by every
+    /// relay and forwarded to every member, would not fit in memory or time (a million
+    /// members behind a thousand relays).
+    pub bootstrap_relays: bool,
     /// Relays between the GCKS and the members (0: every member receives from the GCKS).
     /// Each relay is registered as a relay (it holds a leaf), listens to the GCKS's group
     /// and sends into a group of its own; member `i` (by slot) is behind relay `i % relays`,
@@ -149,6 +156,31 @@ pub struct ScenarioConfig {
     /// `(relay index, how)`: that relay's resync endpoint misbehaves; its multicast is
     /// honest.
     pub hostile_relay: Option<(usize, Hostility)>,
+    /// Called as a long run goes: every [`PROGRESS_MEMBERS`] members admitted or
+    /// bootstrapped, and at every second of virtual time; for progress lines (it may read
+    /// the wall clock and the process's memory; the scenario does not).
+    pub progress: Option<fn(&Progress)>,
+}
+
+/// How many members are admitted (or bootstrapped) between two [`ScenarioConfig::progress`]
+/// calls.
+pub const PROGRESS_MEMBERS: usize = 50_000;
+
+/// Where a scenario run is, handed to [`ScenarioConfig::progress`].
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// What the run is doing: `"admitting"`, `"bootstrapping"` or `"running"`.
+    pub phase: &'static str,
+    /// Virtual time since the start.
+    pub virtual_time: Duration,
+    /// Messages asked for so far.
+    pub messages: u64,
+    /// Member nodes added so far.
+    pub members_added: usize,
+    /// Datagrams handed to nodes so far (since the last reset of the network's counters).
+    pub delivered: u64,
+    /// Datagrams in flight.
+    pub in_flight: usize,
 }
 
 /// When the GCKS crashes and how long it stays down.
@@ -213,6 +245,7 @@ impl ScenarioConfig {
             resync_timeout: Duration::from_secs(10),
             service_tick: Duration::from_millis(5),
             bootstrap_initial: false,
+            bootstrap_relays: false,
             relays: 0,
             relay_downlink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(5)),
             relay_uplink: LinkConfig::lossy(super::Loss::None, Duration::from_millis(1)),
@@ -225,6 +258,7 @@ impl ScenarioConfig {
             persist_member_keys: false,
             restart_gcks: None,
             hostile_relay: None,
+            progress: None,
         }
     }
 }
@@ -898,9 +932,15 @@ impl<'c> Scenario<'c> {
                 .into_iter()
                 .map(|bundle| (bundle.member, bundle))
                 .collect();
-        for member in relays {
-            if let Some(bundle) = bundles.remove(member) {
-                self.add_relay(&bundle)?;
+        let bootstrap = initial && self.config.bootstrap_initial;
+        let late_relays = bootstrap && self.config.bootstrap_relays;
+        let relay_bundles: Vec<RegistrationBundle> = relays
+            .iter()
+            .filter_map(|member| bundles.remove(member))
+            .collect();
+        if !late_relays {
+            for bundle in &relay_bundles {
+                self.add_relay(bundle)?;
             }
         }
         let joiners: Vec<(Option<usize>, RegistrationBundle)> = joins
@@ -908,30 +948,61 @@ impl<'c> Scenario<'c> {
             .enumerate()
             .filter_map(|(i, member)| Some((initial.then_some(i), bundles.remove(member)?)))
             .collect();
-        if initial && self.config.bootstrap_initial {
+        if bootstrap {
             self.net.touch(self.gcks)?;
-            return self.bootstrap(joiners);
+            let late = if late_relays {
+                relay_bundles
+            } else {
+                Vec::new()
+            };
+            return self.bootstrap(joiners, late);
         }
         for (initial_index, bundle) in joiners {
             self.add_member(&bundle, initial_index)?;
+            if self.slots.len() % PROGRESS_MEMBERS == 0 {
+                self.progress("admitting");
+            }
         }
         self.net.touch(self.gcks)?;
         Ok(())
     }
 
     /// The initial members come in once the admitting message was sent to nobody but the
-    /// relays, and each takes its chunk from the GCKS's history through its endpoint's own
-    /// resync command; that message's traffic is not counted. (Multicasting a message of
+    /// relays (or to nobody, with [`ScenarioConfig::bootstrap_relays`]: then `late_relays`
+    /// come in first and take their chunks the same way), and each takes its chunk from the
+    /// GCKS's history through its endpoint's own resync command; that message's traffic is
+    /// not counted. (Multicasting a message of
     /// tens of thousands of chunks to 100,000 simulated members costs billions of
     /// deliveries.)
     fn bootstrap(
         &mut self,
         joiners: Vec<(Option<usize>, RegistrationBundle)>,
+        late_relays: Vec<RegistrationBundle>,
     ) -> Result<(), ScenarioError> {
         let seq = self.latest_seq();
         let deadline = self.net.now() + self.config.settle;
         while !self.shared.borrow().sent.contains(&seq) && self.net.now() < deadline {
             self.advance(self.config.service_tick)?;
+        }
+        // Relays that come in late take their chunk as the members do, before any member is
+        // behind them: they neither hold nor forward the admitting message.
+        for bundle in &late_relays {
+            let id = self.add_relay(bundle)?;
+            let order_key = match self.net.node(id) {
+                Some(SimNode::Relay(relay)) => relay.endpoint().session().order_key(),
+                _ => continue,
+            };
+            let Some(item) = self.gcks_resync_item(seq, order_key) else {
+                continue;
+            };
+            self.net.with_node(id, |node, now| {
+                if let SimNode::Relay(relay) = node {
+                    let _ = relay
+                        .endpoint_mut()
+                        .apply_resync(now, std::slice::from_ref(&item));
+                    relay.pump(now);
+                }
+            });
         }
         // The bootstrap's own key events are not time-to-key samples.
         self.shared.borrow_mut().queued_at.remove(&seq);
@@ -941,15 +1012,7 @@ impl<'c> Scenario<'c> {
                 Some(SimNode::Member(member)) => member.node.endpoint().session().order_key(),
                 _ => continue,
             };
-            let item = match self.net.node(self.gcks) {
-                Some(SimNode::Gcks(gcks)) => gcks
-                    .endpoint()
-                    .session()
-                    .resync_item(seq, order_key)
-                    .ok()
-                    .map(|item| (item.manifest.to_vec(), item.chunk.to_vec())),
-                _ => None,
-            };
+            let item = self.gcks_resync_item(seq, order_key);
             let Some(item) = item else {
                 continue;
             };
@@ -967,6 +1030,9 @@ impl<'c> Scenario<'c> {
             });
             if applied == Some(true) {
                 self.bootstrapped += 1;
+            }
+            if self.slots.len() % PROGRESS_MEMBERS == 0 {
+                self.progress("bootstrapping");
             }
         }
         if let Some(SimNode::Gcks(gcks)) = self.net.node(self.gcks) {
@@ -1220,12 +1286,31 @@ impl<'c> Scenario<'c> {
         let mut now = self.net.now();
         while now < end {
             let next = (now + self.config.service_tick).min(end);
+            let second = |t: Instant| t.saturating_duration_since(self.net.start()).as_secs();
+            let new_second = second(next) > second(now);
             self.net.run_until(next);
             now = next;
             self.serve(now)?;
             self.follow_failover()?;
+            if new_second {
+                self.progress("running");
+            }
         }
         Ok(())
+    }
+
+    /// Tells the progress hook where the run is.
+    fn progress(&self, phase: &'static str) {
+        if let Some(progress) = self.config.progress {
+            progress(&Progress {
+                phase,
+                virtual_time: self.net.now().saturating_duration_since(self.net.start()),
+                messages: self.messages,
+                members_added: self.slots.len(),
+                delivered: self.net.stats().delivered,
+                in_flight: self.net.in_flight(),
+            });
+        }
     }
 
     /// Answers every fetch asked for so far from the serving node's history as it stands now;
@@ -1353,6 +1438,20 @@ impl<'c> Scenario<'c> {
         match self.net.node(self.gcks) {
             Some(SimNode::Gcks(gcks)) => gcks.endpoint().tree().seq(),
             _ => self.storage.0.borrow().last_committed(),
+        }
+    }
+
+    /// The resync item (manifest, chunk) of message `seq` for the leaf with `order_key`, from
+    /// the GCKS's history.
+    fn gcks_resync_item(&self, seq: u64, order_key: u32) -> Option<(Vec<u8>, Vec<u8>)> {
+        match self.net.node(self.gcks) {
+            Some(SimNode::Gcks(gcks)) => gcks
+                .endpoint()
+                .session()
+                .resync_item(seq, order_key)
+                .ok()
+                .map(|item| (item.manifest.to_vec(), item.chunk.to_vec())),
+            _ => None,
         }
     }
 

@@ -356,10 +356,15 @@ impl<'a> Run<'a> {
             Fabric::Bridge => FabricPlan::Bridge,
         };
         let setup = Instant::now();
-        let topology = Topology::build(&options.tag, &plans, &fabric, work_dir)?;
+        let topology = if scenario.topology.ipv6 {
+            Topology::build_with_ipv6(&options.tag, &plans, &fabric, work_dir)?
+        } else {
+            Topology::build(&options.tag, &plans, &fabric, work_dir)?
+        };
         println!(
-            "topology: {} hosts on a {} in {} ms",
+            "topology: {} {}hosts on a {} in {} ms",
             plans.len(),
+            if scenario.topology.ipv6 { "IPv6 " } else { "" },
             if topology.has_switch() {
                 "userspace impairment switch"
             } else {
@@ -371,10 +376,7 @@ impl<'a> Run<'a> {
             let relays = (1..=scenario.topology.relays)
                 .map(|relay| {
                     let host = topology.host(&format!("r{relay}"))?;
-                    Ok(SocketAddr::from((
-                        host.address,
-                        processes::RELAY_UPLINK_PORT,
-                    )))
+                    Ok(SocketAddr::from((host.ip(), processes::RELAY_UPLINK_PORT)))
                 })
                 .collect::<Result<Vec<_>, RunError>>()?;
             rekeycast::relay::uplink::UnicastRelays {
@@ -410,14 +412,20 @@ impl<'a> Run<'a> {
         })
     }
 
-    fn gcks_address(&self) -> Result<std::net::Ipv4Addr, RunError> {
-        Ok(self.topology.host("gcks")?.address)
+    fn gcks_address(&self) -> Result<std::net::IpAddr, RunError> {
+        Ok(self.topology.host("gcks")?.ip())
     }
 
     fn direct_upstream(&self, id: u64) -> Result<Upstream, RunError> {
         let gcks = self.gcks_address()?;
-        let tcp = format!("tcp://{gcks}:{}", processes::TCP_RESYNC_PORT);
-        let http = format!("http://{gcks}:{}", processes::HTTP_RESYNC_PORT);
+        let tcp = format!(
+            "tcp://{}",
+            SocketAddr::from((gcks, processes::TCP_RESYNC_PORT))
+        );
+        let http = format!(
+            "http://{}",
+            SocketAddr::from((gcks, processes::HTTP_RESYNC_PORT))
+        );
         // Odd members ask the TCP endpoint first, even ones HTTP: both get exercised.
         let resync_endpoints = if id % 2 == 1 {
             vec![tcp, http]
@@ -425,7 +433,7 @@ impl<'a> Run<'a> {
             vec![http, tcp]
         };
         Ok(Upstream {
-            group: processes::GROUP,
+            group: processes::group_for(gcks),
             feedback: SocketAddr::from((gcks, processes::FEEDBACK_PORT)),
             resync_relays: Vec::new(),
             resync_endpoints,

@@ -5,14 +5,13 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rekeycast::io::socket::Interface;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -46,6 +45,46 @@ pub fn relay_group(relay: u32) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::new(239, 77, relay as u8, 1), 7400)
 }
 
+/// The GCKS's multicast group in every IPv6 scenario (`ff15::`: transient, site-local scope).
+pub const GROUP6: SocketAddrV6 =
+    SocketAddrV6::new(Ipv6Addr::new(0xff15, 0, 0, 0, 0, 0, 0x77, 1), 7400, 0, 0);
+
+/// Relay `relay`'s downstream group in an IPv6 scenario.
+pub fn relay_group6(relay: u32) -> SocketAddrV6 {
+    SocketAddrV6::new(
+        Ipv6Addr::new(0xff15, 0, 0, 0, 0, 0, 0x77, 1 + relay as u16 * 0x100),
+        7400,
+        0,
+        0,
+    )
+}
+
+/// The GCKS's group for the family of `address`.
+pub fn group_for(address: IpAddr) -> SocketAddr {
+    match address {
+        IpAddr::V4(_) => SocketAddr::V4(GROUP),
+        IpAddr::V6(_) => SocketAddr::V6(GROUP6),
+    }
+}
+
+/// Relay `relay`'s downstream group for the family of `address`.
+pub fn relay_group_for(relay: u32, address: IpAddr) -> SocketAddr {
+    match address {
+        IpAddr::V4(_) => SocketAddr::V4(relay_group(relay)),
+        IpAddr::V6(_) => SocketAddr::V6(relay_group6(relay)),
+    }
+}
+
+/// The unspecified address with any port, of the family of `address`: the bind address of a
+/// socket that must match its group's family (an IPv6 group needs an IPv6 bind; the
+/// binaries' default is IPv4).
+pub fn any_of(address: IpAddr) -> SocketAddr {
+    match address {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
 /// The environment variable whose value, when set, is the members' log filter (`tracing`
 /// directives such as `rekeycast=debug`), for looking into a scenario's member logs.
 pub const MEMBER_LOG_ENV: &str = "REKEYCAST_NETNS_MEMBER_LOG";
@@ -61,7 +100,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(90);
 pub struct Server {
     child: Option<ChildGuard>,
     host_namespace: String,
-    address: Ipv4Addr,
+    address: IpAddr,
     binary: PathBuf,
     config: PathBuf,
     log: PathBuf,
@@ -98,12 +137,12 @@ impl Server {
                     message: error.to_string(),
                 }
             })?;
-        let address = host.address;
+        let address = host.ip();
         let gcks = &mut config.gcks;
         gcks.bind = SocketAddr::from((address, FEEDBACK_PORT));
         gcks.state_dir = Some(dir.join("state"));
-        gcks.multicast.group = SocketAddr::V4(GROUP);
-        gcks.multicast.interface = Interface::V4(address);
+        gcks.multicast.group = group_for(address);
+        gcks.multicast.interface = host.multicast_interface();
         gcks.multicast.loopback = false;
         gcks.group_id = GROUP_ID;
         gcks.spi = SPI;
@@ -363,7 +402,7 @@ pub fn join(socket: &Path, member: u64, bundle: &Path, relay: bool) -> Result<u6
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// The group it joins.
-    pub group: SocketAddrV4,
+    pub group: SocketAddr,
     /// Where its NACKs go.
     pub feedback: SocketAddr,
     /// Its relay's resync endpoints, tried first, in order.
@@ -466,8 +505,10 @@ impl MemberProcess {
         let mut config = rekeycast_cli::config::MemberConfig::default();
         let member = &mut config.member;
         member.group_id = Some(GROUP_ID);
-        member.multicast.group = SocketAddr::V4(upstream.group);
-        member.multicast.interface = Interface::V4(host.address);
+        member.multicast.group = upstream.group;
+        member.multicast.interface = host.multicast_interface();
+        // The binaries' default bind is IPv4; an IPv6 group needs an IPv6 one.
+        member.bind = any_of(host.ip());
         member.multicast.loopback = false;
         member.receiver.feedback_addr = upstream.feedback;
         member.resync_relays = endpoints(&upstream.resync_relays)?;
@@ -578,7 +619,7 @@ pub struct RelayProcess {
     /// Whether it was killed on purpose (and not restarted).
     pub killed: bool,
     namespace: String,
-    address: Ipv4Addr,
+    address: IpAddr,
     binary: PathBuf,
     config: PathBuf,
 }
@@ -589,7 +630,7 @@ impl RelayProcess {
     pub fn start(
         binary: &Path,
         host: &Host,
-        gcks: Ipv4Addr,
+        gcks: IpAddr,
         dir: &Path,
         spec: &RelaySpec,
     ) -> Result<Self, RunError> {
@@ -601,14 +642,16 @@ impl RelayProcess {
             unicast_uplink,
         } = *spec;
         let mut config = rekeycast_cli::config::RelayConfig::default();
-        let address = host.address;
+        let address = host.ip();
         config.bundle = MemberProcess::bundle_path(dir, id);
         let relay = &mut config.relay;
         relay.state_dir = Some(dir.join(format!("relay-{number}-state")));
-        relay.upstream.group = SocketAddr::V4(GROUP);
-        relay.upstream.interface = Interface::V4(address);
+        relay.upstream.group = group_for(address);
+        relay.upstream.interface = host.multicast_interface();
+        // The binaries' default bind is IPv4; an IPv6 group needs an IPv6 one.
+        relay.upstream_bind = any_of(address);
         relay.session.upstream.feedback_addr = SocketAddr::from((gcks, FEEDBACK_PORT));
-        let gcks_resync = format!("tcp://{gcks}:{TCP_RESYNC_PORT}");
+        let gcks_resync = format!("tcp://{}", SocketAddr::from((gcks, TCP_RESYNC_PORT)));
         relay.resync.gcks = vec![gcks_resync.parse().map_err(|_| RunError::Config {
             what: "the GCKS's resync endpoint".into(),
             message: gcks_resync.clone(),
@@ -616,8 +659,8 @@ impl RelayProcess {
         relay.session.upstream.state_check_interval = Duration::from_millis(200);
         relay.session.upstream.silence_timeout = Duration::from_secs(5);
         relay.session.upstream.scheduler.seed = (seed ^ id).max(1);
-        relay.downstream.group = SocketAddr::V4(relay_group(number));
-        relay.downstream.interface = Interface::V4(address);
+        relay.downstream.group = relay_group_for(number, address);
+        relay.downstream.interface = host.multicast_interface();
         relay.downstream.loopback = false;
         relay.downstream_bind = SocketAddr::from((address, RELAY_FEEDBACK_PORT));
         relay.session.downstream_group_size = Some(members.max(1));
@@ -703,14 +746,17 @@ impl RelayProcess {
     }
 
     /// The endpoints and group of this relay's members.
-    pub fn upstream_for_members(&self, gcks: Ipv4Addr) -> Upstream {
+    pub fn upstream_for_members(&self, gcks: IpAddr) -> Upstream {
         Upstream {
-            group: relay_group(self.number),
+            group: relay_group_for(self.number, self.address),
             feedback: SocketAddr::from((self.address, RELAY_FEEDBACK_PORT)),
-            resync_relays: vec![format!("tcp://{}:{RELAY_TCP_PORT}", self.address)],
+            resync_relays: vec![format!(
+                "tcp://{}",
+                SocketAddr::from((self.address, RELAY_TCP_PORT))
+            )],
             resync_endpoints: vec![
-                format!("tcp://{gcks}:{TCP_RESYNC_PORT}"),
-                format!("http://{gcks}:{HTTP_RESYNC_PORT}"),
+                format!("tcp://{}", SocketAddr::from((gcks, TCP_RESYNC_PORT))),
+                format!("http://{}", SocketAddr::from((gcks, HTTP_RESYNC_PORT))),
             ],
         }
     }

@@ -6,6 +6,9 @@
 //! large the group. This module builds the tree, gives each chunk its path, and verifies a
 //! path. It hashes with the `blake3` crate; nothing here is a primitive of its own.
 //!
+//! The same tree serves a signature group of chunks (see [`crate::session::chunk`]): there the
+//! GCKS signs a small tree's root and each chunk's path leads to it ([`root_from_path`]).
+//!
 //! Construction: leaf `i` is `H(0x00 || i as u32 BE || chunk)`, an inner node is
 //! `H(0x01 || left || right)`, where `H` is BLAKE3 truncated to [`HASH_LEN`] bytes. The domain
 //! bytes keep a leaf from passing as an inner node, and the index binds a chunk to its
@@ -139,20 +142,29 @@ pub fn verify(
     leaf: &[u8],
     path: &[Digest],
 ) -> bool {
-    let Ok(index32) = u32::try_from(index) else {
-        return false;
-    };
+    root_from_path(leaf_count, index, leaf, path)
+        .is_some_and(|computed| constant_time_eq::constant_time_eq(&computed, root))
+}
+
+/// The root that `leaf` at `index` of a tree with `leaf_count` leaves leads to along `path`,
+/// or `None` when the path's length is not the one that leaf's path has (or `index` is out of
+/// range). A signature over the root then stands for every leaf whose path leads to it.
+pub fn root_from_path(
+    leaf_count: usize,
+    index: usize,
+    leaf: &[u8],
+    path: &[Digest],
+) -> Option<Digest> {
+    let index32 = u32::try_from(index).ok()?;
     if proof_len(leaf_count, index) != Some(path.len()) {
-        return false;
+        return None;
     }
     let mut hash = leaf_hash(index32, leaf);
     let (mut width, mut position) = (leaf_count, index);
     let mut siblings = path.iter();
     while width > 1 {
         if (position ^ 1) < width {
-            let Some(sibling) = siblings.next() else {
-                return false;
-            };
+            let sibling = siblings.next()?;
             hash = if position % 2 == 0 {
                 node_hash(&hash, sibling)
             } else {
@@ -162,7 +174,7 @@ pub fn verify(
         position /= 2;
         width = width.div_ceil(2);
     }
-    constant_time_eq::constant_time_eq(&hash, root)
+    Some(hash)
 }
 
 fn leaf_hash(index: u32, leaf: &[u8]) -> Digest {

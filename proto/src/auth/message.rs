@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::{merkle, verify_manifest, AuthError, Verified};
-use crate::session::chunk::{self, Authenticator, ChunkError, ChunkHeader, SignedChunk};
-use crate::session::manifest::{Manifest, ManifestError, SignedManifest};
+use crate::session::chunk::{
+    self, Authenticator, ChunkError, ChunkHeader, GroupPosition, SignedChunk,
+};
+use crate::session::manifest::{Manifest, ManifestError, SignedManifest, SIGNATURE_LEN};
 
 /// Default cap on failed signature checks per sequence number.
 pub const DEFAULT_SIGNATURE_FAILURE_CAP: u32 = 4;
@@ -55,7 +57,8 @@ pub enum MessageReject {
     /// The chunk names another message or an index beyond the manifest's chunk count.
     #[error("chunk does not belong to its manifest")]
     ChunkMismatch,
-    /// The chunk's Merkle path does not lead to the manifest's root.
+    /// The chunk's Merkle path does not lead to the manifest's root, or (signature groups) has
+    /// another length than the chunk's place in its group gives.
     #[error("bad Merkle path")]
     BadMerklePath,
 }
@@ -291,24 +294,61 @@ impl MessageVerifier {
                 }
             }
             Authenticator::Signature(signature) => {
-                let seq = manifest.seq;
-                if cap == Cap::Enforced && self.over_cap(seq) {
-                    self.counters.over_failure_cap += 1;
-                    return Err(MessageReject::FailureCapReached(seq));
-                }
-                self.counters.signature_checks += 1;
                 let message = chunk::signed_message(signed.authenticated);
-                let signature = Signature::from_bytes(signature);
-                if self.gcks_key.verify_strict(&message, &signature).is_err() {
-                    self.record_signature_failure(seq);
-                    return Err(MessageReject::BadSignature);
-                }
+                self.check_chunk_signature(manifest.seq, &message, signature, cap)?;
+            }
+            Authenticator::GroupSignature {
+                log2_group,
+                path,
+                signature,
+            } => {
+                // The group's shape comes from the index and the verified chunk count; the
+                // path must have exactly the length it gives, or no signature is checked.
+                let group =
+                    GroupPosition::of(signed.header.index, manifest.chunk_count, *log2_group)
+                        .ok_or(MessageReject::ChunkMismatch)?;
+                let root = merkle::root_from_path(
+                    group.len as usize,
+                    group.position as usize,
+                    signed.authenticated,
+                    path,
+                )
+                .ok_or(MessageReject::BadMerklePath)?;
+                let message = chunk::group_signed_message(
+                    manifest.seq,
+                    *log2_group,
+                    group.group,
+                    group.len,
+                    &root,
+                );
+                self.check_chunk_signature(manifest.seq, &message, signature, cap)?;
             }
         }
         Ok(Verified(Chunk {
             header: signed.header,
             payload: signed.payload.to_vec(),
         }))
+    }
+
+    /// One signature check over `message` for a chunk of `seq`, under the failure cap.
+    fn check_chunk_signature(
+        &mut self,
+        seq: u64,
+        message: &[u8],
+        signature: &[u8; SIGNATURE_LEN],
+        cap: Cap,
+    ) -> Result<(), MessageReject> {
+        if cap == Cap::Enforced && self.over_cap(seq) {
+            self.counters.over_failure_cap += 1;
+            return Err(MessageReject::FailureCapReached(seq));
+        }
+        self.counters.signature_checks += 1;
+        let signature = Signature::from_bytes(signature);
+        if self.gcks_key.verify_strict(message, &signature).is_err() {
+            self.record_signature_failure(seq);
+            return Err(MessageReject::BadSignature);
+        }
+        Ok(())
     }
 
     fn over_cap(&self, seq: u64) -> bool {
@@ -340,10 +380,12 @@ mod tests {
 
     use super::*;
     use crate::auth::merkle::MerkleTree;
-    use crate::session::chunk::{encode_authenticated, finish, sign};
+    use crate::session::chunk::{authenticate_groups, encode_authenticated, finish, sign};
     use crate::session::manifest::ChunkAuth;
 
     const SYMBOL: usize = 256;
+    /// Groups of 4 chunks in the tests' group-signature messages.
+    const GROUP_LOG2: u8 = 2;
 
     struct Message {
         manifest: Vec<u8>,
@@ -368,17 +410,30 @@ mod tests {
             })
             .collect();
         let tree = MerkleTree::build(authenticated.iter().map(Vec::as_slice)).unwrap();
-        let chunks = authenticated
-            .iter()
-            .enumerate()
-            .map(|(index, bytes)| {
-                let authenticator = match auth {
-                    ChunkAuth::MerklePath => Authenticator::MerklePath(tree.proof(index).unwrap()),
-                    ChunkAuth::Signature => Authenticator::Signature(sign(&key, bytes)),
-                };
-                finish(bytes.clone(), &authenticator, SYMBOL).unwrap()
-            })
-            .collect();
+        let chunks = if auth == ChunkAuth::GroupSignature {
+            authenticate_groups(
+                authenticated.clone(),
+                0,
+                chunk_count,
+                seq,
+                GROUP_LOG2,
+                &key,
+                SYMBOL,
+            )
+            .unwrap()
+        } else {
+            authenticated
+                .iter()
+                .enumerate()
+                .map(|(index, bytes)| {
+                    let authenticator = match auth {
+                        ChunkAuth::Signature => Authenticator::Signature(sign(&key, bytes)),
+                        _ => Authenticator::MerklePath(tree.proof(index).unwrap()),
+                    };
+                    finish(bytes.clone(), &authenticator, SYMBOL).unwrap()
+                })
+                .collect()
+        };
         let manifest = Manifest {
             wrap_algorithm: 1,
             chunk_auth: auth,
@@ -391,7 +446,7 @@ mod tests {
             timestamp_us: 0,
             chunk_root: match auth {
                 ChunkAuth::MerklePath => tree.root(),
-                ChunkAuth::Signature => [0; 16],
+                _ => [0; 16],
             },
             fec_info: vec![1; 12],
             block_first_keys: vec![0],
@@ -528,5 +583,235 @@ mod tests {
             Some(MessageReject::OldEpoch)
         );
         assert_eq!(verifier.counters().signature_checks, 0);
+    }
+
+    /// Parses `bytes` as a group-signed chunk and gives its parts.
+    fn group_parts(bytes: &[u8]) -> (u8, Vec<crate::auth::merkle::Digest>, [u8; 64]) {
+        match SignedChunk::parse(bytes, ChunkAuth::GroupSignature)
+            .unwrap()
+            .authenticator
+        {
+            Authenticator::GroupSignature {
+                log2_group,
+                path,
+                signature,
+            } => (log2_group, path, signature),
+            other => panic!("not a group authenticator: {other:?}"),
+        }
+    }
+
+    /// Rebuilds chunk `bytes` with another authenticator (its authenticated bytes kept).
+    fn reauthenticated(bytes: &[u8], authenticator: &Authenticator) -> Vec<u8> {
+        let parsed = SignedChunk::parse(bytes, ChunkAuth::GroupSignature).unwrap();
+        finish(parsed.authenticated.to_vec(), authenticator, SYMBOL).unwrap()
+    }
+
+    #[test]
+    fn every_group_signed_chunk_verifies_with_two_signature_checks() {
+        // 11 chunks in groups of 4: two full groups and a short last one of 3.
+        let message = message(5, ChunkAuth::GroupSignature, 11);
+        for (index, chunk) in message.chunks.iter().enumerate() {
+            let mut verifier = verifier();
+            let manifest = verifier
+                .verify_manifest(5, &message.manifest)
+                .unwrap()
+                .clone();
+            let verified = verifier.verify_chunk(&manifest, chunk).unwrap();
+            assert_eq!(verified.header.index as usize, index);
+            assert_eq!(verifier.counters().signature_checks, 2);
+        }
+        // Chunks of one group share its signature; groups do not.
+        let signature = |index: usize| group_parts(&message.chunks[index]).2;
+        assert_eq!(signature(0), signature(3));
+        assert_ne!(signature(3), signature(4));
+        // The short last group's paths fit its 3 chunks.
+        assert_eq!(group_parts(&message.chunks[10]).1.len(), 1);
+        assert_eq!(group_parts(&message.chunks[8]).1.len(), 2);
+    }
+
+    #[test]
+    fn group_attacks_get_typed_errors() {
+        let message = message(5, ChunkAuth::GroupSignature, 11);
+        let mut verifier = verifier();
+        let manifest = verifier
+            .verify_manifest(5, &message.manifest)
+            .unwrap()
+            .clone();
+        let (log2_group, path1, signature) = group_parts(&message.chunks[1]);
+        let (_, path2, _) = group_parts(&message.chunks[2]);
+
+        // A valid signature with the path of another chunk of its group: the path leads to
+        // another root, and the group's signature does not cover it.
+        let swapped = reauthenticated(
+            &message.chunks[1],
+            &Authenticator::GroupSignature {
+                log2_group,
+                path: path2.clone(),
+                signature,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &swapped).err(),
+            Some(MessageReject::BadSignature)
+        );
+        // A truncated path: rejected before any signature check.
+        let checks = verifier.counters().signature_checks;
+        let truncated = reauthenticated(
+            &message.chunks[1],
+            &Authenticator::GroupSignature {
+                log2_group,
+                path: path1[..1].to_vec(),
+                signature,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &truncated).err(),
+            Some(MessageReject::BadMerklePath)
+        );
+        // A path hash changed.
+        let mut flipped = path1.clone();
+        flipped[0][3] ^= 1;
+        let flipped = reauthenticated(
+            &message.chunks[1],
+            &Authenticator::GroupSignature {
+                log2_group,
+                path: flipped,
+                signature,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &flipped).err(),
+            Some(MessageReject::BadSignature)
+        );
+        // Another grouping claimed (groups of 2): the path has the length a group of 2 gives,
+        // but the signature was made over groups of 4.
+        let regrouped = reauthenticated(
+            &message.chunks[1],
+            &Authenticator::GroupSignature {
+                log2_group: 1,
+                path: path1[..1].to_vec(),
+                signature,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &regrouped).err(),
+            Some(MessageReject::BadSignature)
+        );
+        // The signature of another group.
+        let (_, _, other_signature) = group_parts(&message.chunks[5]);
+        let other_group = reauthenticated(
+            &message.chunks[1],
+            &Authenticator::GroupSignature {
+                log2_group,
+                path: path1.clone(),
+                signature: other_signature,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &other_group).err(),
+            Some(MessageReject::BadSignature)
+        );
+        assert_eq!(verifier.counters().signature_checks, checks + 3);
+
+        // The chunk's index changed in its header: its leaf hashes differently.
+        let mut wrong_index = message.chunks[1].clone();
+        wrong_index[11] = 2;
+        let mut budget = verifier_with_cap(100);
+        let manifest = budget
+            .verify_manifest(5, &message.manifest)
+            .unwrap()
+            .clone();
+        assert_eq!(
+            budget.verify_chunk(&manifest, &wrong_index).err(),
+            Some(MessageReject::BadSignature)
+        );
+        // An index past the message's chunks costs no signature check.
+        let mut past_end = message.chunks[1].clone();
+        past_end[11] = 11;
+        let checks = budget.counters().signature_checks;
+        assert_eq!(
+            budget.verify_chunk(&manifest, &past_end).err(),
+            Some(MessageReject::ChunkMismatch)
+        );
+        // A path longer than the group allows does not parse.
+        let mut long = message.chunks[1].clone();
+        let parsed = SignedChunk::parse(&message.chunks[1], ChunkAuth::GroupSignature).unwrap();
+        long[parsed.authenticated.len() + 1] = log2_group + 1;
+        assert!(matches!(
+            budget.verify_chunk(&manifest, &long).err(),
+            Some(MessageReject::MalformedChunk(_))
+        ));
+        // A group size beyond the index's 32 bits does not parse.
+        let mut huge = message.chunks[1].clone();
+        huge[parsed.authenticated.len()] = 40;
+        assert_eq!(
+            budget.verify_chunk(&manifest, &huge).err(),
+            Some(MessageReject::MalformedChunk(ChunkError::InvalidField(
+                "group size"
+            )))
+        );
+        assert_eq!(budget.counters().signature_checks, checks);
+        assert_eq!(budget.counters().chunks_verified, 0);
+    }
+
+    #[test]
+    fn group_signature_failures_count_toward_the_cap() {
+        let message = message(5, ChunkAuth::GroupSignature, 8);
+        let mut verifier = verifier();
+        let manifest = verifier
+            .verify_manifest(5, &message.manifest)
+            .unwrap()
+            .clone();
+        let (log2_group, path, _) = group_parts(&message.chunks[0]);
+        for attempt in 0..20u8 {
+            let forged = reauthenticated(
+                &message.chunks[0],
+                &Authenticator::GroupSignature {
+                    log2_group,
+                    path: path.clone(),
+                    signature: [attempt; 64],
+                },
+            );
+            assert!(verifier.verify_chunk(&manifest, &forged).is_err());
+        }
+        // One manifest check, then the cap's worth of failed chunk checks.
+        assert_eq!(
+            verifier.counters().signature_checks,
+            1 + u64::from(DEFAULT_SIGNATURE_FAILURE_CAP)
+        );
+    }
+
+    #[test]
+    fn a_group_signature_is_bound_to_its_message() {
+        // The same chunk bytes cannot be moved to another sequence number: the header carries
+        // the sequence number, and the group signature covers it too.
+        let five = message(5, ChunkAuth::GroupSignature, 4);
+        let six = message(6, ChunkAuth::GroupSignature, 4);
+        let mut verifier = verifier();
+        let manifest = verifier.verify_manifest(6, &six.manifest).unwrap().clone();
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &five.chunks[0]).err(),
+            Some(MessageReject::ChunkMismatch)
+        );
+        let (log2_group, path, _) = group_parts(&six.chunks[0]);
+        let (_, _, signature_of_five) = group_parts(&five.chunks[0]);
+        let moved = reauthenticated(
+            &six.chunks[0],
+            &Authenticator::GroupSignature {
+                log2_group,
+                path,
+                signature: signature_of_five,
+            },
+        );
+        assert_eq!(
+            verifier.verify_chunk(&manifest, &moved).err(),
+            Some(MessageReject::BadSignature)
+        );
+    }
+
+    fn verifier_with_cap(cap: u32) -> MessageVerifier {
+        let mut verifier = verifier();
+        verifier.set_failure_cap(cap);
+        verifier
     }
 }

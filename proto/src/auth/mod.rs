@@ -12,10 +12,11 @@
 //! - [`heartbeat`]: per sender instance replay windows for heartbeats, and bounds on the
 //!   GRTT, group size and backoff factor a heartbeat may set.
 //! - [`message`]: the manifest's signature once per sequence number, then a chunk's Merkle
-//!   path or signature, with failed signature checks capped per sequence number.
+//!   path, its own signature, or its path in its signature group and the group's signature,
+//!   with failed signature checks capped per sequence number.
 //! - [`mac`]: the 16-byte BLAKE3 datagram MAC, checked before anything else.
-//! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks, one of the two ways a chunk can
-//!   authenticate itself under the manifest's single signature.
+//! - [`merkle`]: a BLAKE3 Merkle tree over a message's chunks (authenticated by the manifest's
+//!   signature) or over a signature group of chunks (authenticated by the group's signature).
 //! - [`verify_manifest`]: the manifest's Ed25519 signature.
 
 use ed25519_dalek::{Signature, VerifyingKey};

@@ -45,6 +45,7 @@ use crate::auth::message::MessageCounters;
 use crate::lkh::{MemberKeys, RegistrationBundle};
 use crate::relay::{RelayConfig, RelayCounters, RelayError, RelayEvent, RelaySession, Tier};
 use crate::resync::ResyncSource;
+use crate::session::receiver::ResyncError;
 use crate::session::{
     ConfigError, PreparedMessage, ReceiverCounters, SenderCounters, StoredMessage,
 };
@@ -274,6 +275,27 @@ impl RelayEndpoint {
     /// The relay session (its keys, history and counters).
     pub fn session(&self) -> &RelaySession {
         &self.session
+    }
+
+    /// Applies resync items its owner fetched, not the relay's own policy (a simulator
+    /// starting a relay in sync with a group's admitting message): each a manifest and the
+    /// relay's own chunk, in sequence order from its next message. Verified like multicast
+    /// traffic; those messages are not forwarded. The last sequence number applied, or the
+    /// first refusal.
+    pub fn apply_resync(
+        &mut self,
+        now: Instant,
+        items: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<u64, ResyncError> {
+        let mut outcome = Err(ResyncError::MalformedManifest);
+        for (manifest, chunk) in items {
+            outcome = self.session.handle_resync(now, manifest, chunk);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        self.after_input(now);
+        outcome
     }
 
     /// Whether the relay still takes input: not shutting down or stopped.

@@ -201,6 +201,7 @@ impl KeyTree {
             next_spi: body.next_spi,
             data_sa,
             rng,
+            wrap_threads: 0,
         })
     }
 }

@@ -885,3 +885,29 @@ fn a_fork_into_a_spare_of_any_size_equals_a_fresh_fork_and_leaves_the_original_a
         assert_eq!(original.seq(), 1);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Wraps sealed on several threads.
+
+/// The wraps of every batch are the same bytes on 1, 2 or 3 wrapping threads (or the
+/// available parallelism), for batches large enough to be split and small ones that are not.
+#[test]
+fn wrap_threads_do_not_change_the_wraps() {
+    let batches = |threads: usize| {
+        let mut tree = tree(4, 11);
+        tree.set_wrap_threads(threads);
+        assert_eq!(tree.wrap_threads(), threads);
+        let first = tree.apply_batch(&ids(0..20_000), &[]).unwrap();
+        let leaving: Vec<MemberId> = (0..20_000).step_by(7).map(MemberId).collect();
+        let second = tree.apply_batch(&ids(20_000..22_000), &leaving).unwrap();
+        let third = tree.apply_batch(&[], &[MemberId(1)]).unwrap();
+        // A fork keeps the setting.
+        assert_eq!(tree.fork().wrap_threads(), threads);
+        [first, second, third].map(|batch| batch.wraps)
+    };
+    let one = batches(1);
+    assert!(one[0].len() > 3 * super::tree::MIN_WRAPS_PER_THREAD);
+    for threads in [0, 2, 3] {
+        assert!(batches(threads) == one, "{threads} threads");
+    }
+}

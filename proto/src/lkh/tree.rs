@@ -179,6 +179,8 @@ pub struct KeyTree {
     /// The Data SA of the latest message (`None` before the first).
     pub(crate) data_sa: Option<DataSa>,
     pub(crate) rng: KeyRng,
+    /// Threads that seal a batch's wraps (0: the available parallelism).
+    pub(crate) wrap_threads: usize,
 }
 
 /// The outcome of one batch: everything the rekey message `seq` must carry, and the figures
@@ -256,6 +258,7 @@ impl KeyTree {
             next_spi: 1,
             data_sa: None,
             rng,
+            wrap_threads: 0,
         }
     }
 
@@ -278,6 +281,7 @@ impl KeyTree {
             next_spi: self.next_spi,
             data_sa: self.data_sa.clone(),
             rng: self.rng.clone(),
+            wrap_threads: self.wrap_threads,
         }
     }
 
@@ -309,6 +313,7 @@ impl KeyTree {
         spare.next_spi = self.next_spi;
         spare.data_sa = self.data_sa.clone();
         spare.rng = self.rng.clone();
+        spare.wrap_threads = self.wrap_threads;
     }
 
     /// The Rekey SA.
@@ -561,32 +566,7 @@ impl KeyTree {
             self.rng.fill(&mut self.keys[i]);
             self.versions[i] = generation;
         }
-        let mut wraps = Vec::with_capacity(marked.len() * usize::from(degree.get()));
-        // Marked nodes in ascending order give wraps sorted by child (children of a smaller
-        // node have smaller ids).
-        for &node in &marked {
-            let i = node as usize;
-            let key = Key::from_bytes(self.keys[i]);
-            for index in 0..degree.get() {
-                let Some(child) = degree.child(node, index) else {
-                    break;
-                };
-                let c = child as usize;
-                if self.kind(child) == Kind::Null {
-                    continue;
-                }
-                let under = Key::from_bytes(self.keys[c]);
-                wraps.push(Wrap::seal(
-                    &ctx,
-                    node,
-                    generation,
-                    child,
-                    self.versions[c],
-                    &key,
-                    &under,
-                ));
-            }
-        }
+        let wraps = self.seal_wraps(&marked, &ctx);
 
         let data_sa = DataSa {
             spi: self.next_spi,
@@ -618,6 +598,68 @@ impl KeyTree {
 
     pub(crate) fn kind(&self, node: NodeId) -> Kind {
         self.kinds.get(node as usize).copied().unwrap_or(Kind::Null)
+    }
+
+    /// Wraps each marked node's new key under each of its non-null children's keys, sorted by
+    /// child. Disjoint slices of the marked nodes are independent: a large batch seals them on
+    /// [`Self::wrap_threads`] threads, each a contiguous slice, and joins the results in order,
+    /// so the wraps are the same whatever the thread count.
+    fn seal_wraps(&self, marked: &[NodeId], ctx: &RekeyContext) -> Vec<Wrap> {
+        let sealer = WrapSealer {
+            keys: &self.keys,
+            versions: &self.versions,
+            kinds: &self.kinds,
+            degree: self.sa.degree,
+            generation: self.generation,
+            ctx,
+        };
+        let expected = marked.len() * usize::from(self.sa.degree.get());
+        let threads = self
+            .resolved_wrap_threads()
+            .min(expected / MIN_WRAPS_PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return sealer.seal(marked);
+        }
+        let per_thread = marked.len().div_ceil(threads);
+        let mut slices = marked.chunks(per_thread);
+        let first = slices.next().unwrap_or_default();
+        std::thread::scope(|scope| {
+            let sealer = &sealer;
+            let others: Vec<_> = slices
+                .map(|slice| scope.spawn(move || sealer.seal(slice)))
+                .collect();
+            let mut wraps = sealer.seal(first);
+            wraps.reserve(expected.saturating_sub(wraps.len()));
+            for handle in others {
+                match handle.join() {
+                    Ok(sealed) => wraps.extend(sealed),
+                    // Sealing does not panic; if it ever did, the panic goes on to the caller
+                    // as it would have on one thread.
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            wraps
+        })
+    }
+
+    /// Threads that seal a batch's wraps (0: the available parallelism, the default). A batch
+    /// with fewer than 4,096 wraps a thread seals on fewer threads. The wraps are the same
+    /// bytes whatever the count.
+    pub fn wrap_threads(&self) -> usize {
+        self.wrap_threads
+    }
+
+    /// Sets [`Self::wrap_threads`].
+    pub fn set_wrap_threads(&mut self, threads: usize) {
+        self.wrap_threads = threads;
+    }
+
+    fn resolved_wrap_threads(&self) -> usize {
+        match self.wrap_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            threads => threads,
+        }
     }
 
     fn has_live_child(&self, node: NodeId) -> bool {
@@ -841,6 +883,51 @@ impl core::fmt::Debug for KeyTree {
             .field("nodes", &self.kinds.len())
             .field("seq", &self.seq)
             .finish_non_exhaustive()
+    }
+}
+
+/// The fewest wraps a wrapping thread is given: a wrap costs about 0.35 us and starting a
+/// thread tens of microseconds, so smaller shares would slow a small batch down.
+pub(crate) const MIN_WRAPS_PER_THREAD: usize = 4096;
+
+/// What sealing a batch's wraps reads of the tree (shared by the wrapping threads).
+struct WrapSealer<'a> {
+    keys: &'a [[u8; 32]],
+    versions: &'a [u32],
+    kinds: &'a [Kind],
+    degree: Degree,
+    generation: u32,
+    ctx: &'a RekeyContext,
+}
+
+impl WrapSealer<'_> {
+    /// The wraps of the marked nodes `marked` (ascending), sorted by child: children of a
+    /// smaller node have smaller ids.
+    fn seal(&self, marked: &[NodeId]) -> Vec<Wrap> {
+        let mut wraps = Vec::with_capacity(marked.len() * usize::from(self.degree.get()));
+        for &node in marked {
+            let key = Key::from_bytes(self.keys[node as usize]);
+            for index in 0..self.degree.get() {
+                let Some(child) = self.degree.child(node, index) else {
+                    break;
+                };
+                let c = child as usize;
+                if !matches!(self.kinds.get(c), Some(Kind::Internal | Kind::Leaf)) {
+                    continue;
+                }
+                let under = Key::from_bytes(self.keys[c]);
+                wraps.push(Wrap::seal(
+                    self.ctx,
+                    node,
+                    self.generation,
+                    child,
+                    self.versions[c],
+                    &key,
+                    &under,
+                ));
+            }
+        }
+        wraps
     }
 }
 

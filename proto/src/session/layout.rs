@@ -18,15 +18,13 @@
 //! +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
 //! ```
 
-use std::collections::HashSet;
-
 use super::chunk::{self, ChunkHeader};
 use super::manifest::{ChunkAuth, SIGNATURE_LEN};
 use crate::auth::merkle::HASH_LEN;
 use crate::auth::message::Chunk;
 use crate::auth::Verified;
 use crate::gsa::{WrappedDataSa, WRAPPED_DATA_SA_LEN};
-use crate::lkh::{Degree, NodeId, RekeyBatch, Wrap, WrapError, WRAP_LEN};
+use crate::lkh::{Degree, NodeId, RekeyBatch, Wrap, WrapError, ROOT, WRAP_LEN};
 
 /// Bytes of the wrap count that starts a payload.
 const COUNT_LEN: usize = 2;
@@ -88,6 +86,9 @@ impl Layout {
 pub fn authenticator_len(auth: ChunkAuth, max_chunks: usize) -> usize {
     match auth {
         ChunkAuth::Signature => SIGNATURE_LEN,
+        ChunkAuth::GroupSignature => {
+            chunk::group_authenticator_len(usize::from(chunk::DEFAULT_GROUP_LOG2))
+        }
         ChunkAuth::MerklePath => {
             // The longest path of a tree with max_chunks leaves: ceil(log2(max_chunks)).
             let depth = max_chunks.max(1).next_power_of_two().trailing_zeros() as usize;
@@ -100,9 +101,13 @@ pub fn authenticator_len(auth: ChunkAuth, max_chunks: usize) -> usize {
 /// [`crate::lkh::KeyTree::leaves_in_order`] gives them) into chunks of `symbol_size` bytes
 /// whose authenticator is `auth`.
 ///
-/// With Merkle paths the room in a chunk depends on the chunk count: the layout is made with
-/// room for a path of an estimated count and made again, with a longer path, if the result
-/// has more chunks than the estimate allowed for.
+/// The time grows with the batch's wraps (times the tree's depth), not with the members: only
+/// rekeyed nodes are walked, and the leaves of an unchanged subtree join a chunk in one step.
+///
+/// With Merkle paths the room in a chunk depends on the chunk count: the chunks are planned
+/// (which wraps and leaves each holds, no bytes yet) with room for a path of an estimated
+/// count and planned again, with a longer path, if the plan has more chunks than the estimate
+/// allowed for; the payloads are written once, for the last plan.
 pub fn lay_out(
     batch: &RekeyBatch,
     leaves: &[NodeId],
@@ -119,89 +124,347 @@ pub fn lay_out(
     let mut allowed_chunks = (batch.wraps.len() * WRAP_LEN)
         .div_ceil(room_without_path.max(1))
         .next_power_of_two();
+    let rekeyed = Rekeyed::of(batch);
     loop {
         let fixed = chunk::HEADER_LEN
             + COUNT_LEN
             + WRAPPED_DATA_SA_LEN
             + authenticator_len(auth, allowed_chunks);
         let available = symbol_size.saturating_sub(fixed);
-        let layout = fill(batch, leaves, available)?;
-        if layout.chunks.len() <= allowed_chunks || auth == ChunkAuth::Signature {
-            return Ok(layout);
+        let plan = Planner::plan(batch, &rekeyed, leaves, available)?;
+        if plan.chunks.len() <= allowed_chunks || auth != ChunkAuth::MerklePath {
+            return materialize(batch, &plan);
         }
-        allowed_chunks = layout.chunks.len().next_power_of_two();
+        allowed_chunks = plan.chunks.len().next_power_of_two();
     }
 }
 
-fn fill(batch: &RekeyBatch, leaves: &[NodeId], available: usize) -> Result<Layout, LayoutError> {
-    let degree: Degree = batch.degree;
+/// No chunk: the stamp of a wrap that is in no chunk yet.
+const NO_CHUNK: usize = usize::MAX;
+
+/// The chunks of a layout before their payloads are written: the wraps each holds (indices
+/// into the batch's wraps, in payload order) and the order keys of its first and last leaf.
+#[derive(Debug, Default)]
+struct Plan {
+    /// The wrap indices of every chunk, chunk after chunk.
+    wraps: Vec<u32>,
+    /// The chunks in leaf order.
+    chunks: Vec<PlannedChunk>,
+}
+
+/// One chunk of a [`Plan`].
+#[derive(Debug, Clone, Copy)]
+struct PlannedChunk {
+    /// Where its wraps start in [`Plan::wraps`] (they end where the next chunk's start).
+    start: usize,
+    /// The order key of its first leaf.
+    first_key: u32,
+    /// The order key of its last leaf.
+    last_key: u32,
+}
+
+/// The rekeyed (marked) nodes of a batch: the distinct parents of its wraps, ascending, and
+/// where each one's wraps start. Wraps sorted by child are sorted by parent, so one pass finds
+/// them.
+struct Rekeyed {
+    nodes: Vec<NodeId>,
+    /// `starts[i]..starts[i + 1]` are the wraps of `nodes[i]`; one more entry than `nodes`.
+    starts: Vec<usize>,
+}
+
+impl Rekeyed {
+    fn of(batch: &RekeyBatch) -> Self {
+        let degree = batch.degree;
+        let mut nodes = Vec::new();
+        let mut starts = Vec::new();
+        for (index, wrap) in batch.wraps.iter().enumerate() {
+            let parent = degree.parent(wrap.child);
+            if parent.is_some() && parent != nodes.last().copied() {
+                if let Some(parent) = parent {
+                    nodes.push(parent);
+                    starts.push(index);
+                }
+            }
+        }
+        starts.push(batch.wraps.len());
+        Self { nodes, starts }
+    }
+}
+
+/// [`Degree::order_key`] by table: each level's first node id and its nodes' order-key
+/// stride, so a key is a short search and a multiplication (the planner takes a few keys per
+/// wrap).
+struct OrderKeys {
+    /// `starts[k]`: the first id of level `k`, for every level and one past the deepest.
+    starts: Vec<u64>,
+    /// `strides[k]`: `d^(max_depth - k)`, the order keys one node of level `k` spans.
+    strides: Vec<u64>,
+}
+
+impl OrderKeys {
+    fn new(degree: Degree) -> Self {
+        let max_depth = degree.max_depth();
+        let d = u64::from(degree.get());
+        let starts = (0..=max_depth + 1)
+            .map(|depth| degree.level_start(depth))
+            .collect();
+        let strides = (0..=max_depth)
+            .map(|depth| d.pow(max_depth - depth))
+            .collect();
+        Self { starts, strides }
+    }
+
+    /// The order key of `node` and the number of order keys its subtree spans.
+    fn key_and_span(&self, node: NodeId) -> (u32, u64) {
+        let node = u64::from(node);
+        // starts[0] is 0, so the level exists; a node past the deepest level has none.
+        let depth = self.starts.partition_point(|&start| start <= node) - 1;
+        match (self.starts.get(depth), self.strides.get(depth)) {
+            // rank * stride < d^max_depth < 2^32 (see Degree::order_key).
+            (Some(start), Some(&stride)) => (((node - start) * stride) as u32, stride),
+            _ => (u32::MAX, 1),
+        }
+    }
+
+    fn key(&self, node: NodeId) -> u32 {
+        self.key_and_span(node).0
+    }
+}
+
+/// Lays the leaves out into a [`Plan`] by a walk over the rekeyed nodes only.
+///
+/// A leaf needs the wraps under the nodes of its path, and only children of rekeyed nodes
+/// have a wrap. So the walk goes down from the root through rekeyed nodes, child by child in
+/// left-to-right order; a child that was not rekeyed (an unchanged subtree or a leaf) covers a
+/// run of consecutive leaves that all need the same wraps (the one under that child and those
+/// on the path above it), and the run joins the current chunk in one step: its first leaf adds
+/// what the chunk lacks, the others add nothing. Which path wraps the current chunk holds is a
+/// chunk stamp kept beside each path entry. The leaves of a subtree are found in `leaves` by a
+/// galloping search over order keys. The cost grows with the wraps (times the depth), not with
+/// the members; the chunks are those of the leaf-by-leaf fill the module describes.
+///
+/// `leaves` must be the tree's leaves left to right and `batch` made by
+/// [`crate::lkh::KeyTree::apply_batch`] (every rekeyed node but the root has a wrap under it).
+struct Planner<'a> {
+    batch: &'a RekeyBatch,
+    rekeyed: &'a Rekeyed,
+    leaves: &'a [NodeId],
+    degree: Degree,
+    keys: OrderKeys,
+    /// Bytes a chunk has for wraps.
+    available: usize,
+    /// The next leaf to place, an index into `leaves`.
+    next_leaf: usize,
+    /// The wraps on the path from the node being visited up to the root (the wrap under the
+    /// depth-1 node first), each with the chunk that last took it.
+    path: Vec<(u32, usize)>,
+    plan: Plan,
+    /// Where the current chunk's wraps start in the plan's wraps.
+    current_start: usize,
+    first_key: u32,
+    last_key: u32,
+}
+
+impl<'a> Planner<'a> {
+    fn plan(
+        batch: &'a RekeyBatch,
+        rekeyed: &'a Rekeyed,
+        leaves: &'a [NodeId],
+        available: usize,
+    ) -> Result<Plan, LayoutError> {
+        let mut planner = Planner {
+            batch,
+            rekeyed,
+            leaves,
+            degree: batch.degree,
+            keys: OrderKeys::new(batch.degree),
+            available,
+            next_leaf: 0,
+            path: Vec::new(),
+            plan: Plan {
+                wraps: Vec::with_capacity(batch.wraps.len() * 2),
+                chunks: Vec::new(),
+            },
+            current_start: 0,
+            first_key: 0,
+            last_key: 0,
+        };
+        if rekeyed.nodes.first() == Some(&ROOT) {
+            planner.visit(0, u32::MAX)?;
+        }
+        // Leaves no rekeyed node covers (none in a batch of the tree) need no wrap.
+        planner.place_run(leaves.len(), None)?;
+        planner.close();
+        Ok(planner.plan)
+    }
+
+    /// Places the leaves under the rekeyed node `rekeyed.nodes[group]`, whose leaves' order
+    /// keys end at `last`.
+    fn visit(&mut self, group: usize, last: u32) -> Result<(), LayoutError> {
+        let rekeyed = self.rekeyed;
+        let node = rekeyed.nodes[group];
+        // Its rekeyed children are consecutive in `rekeyed.nodes` (ascending ids have
+        // ascending parents).
+        let mut next_group = rekeyed
+            .nodes
+            .partition_point(|&n| self.degree.parent(n) < Some(node));
+        for wrap in rekeyed.starts[group]..rekeyed.starts[group + 1] {
+            let child = self.batch.wraps[wrap].child;
+            let (first_key, last_key) = self.key_range(child);
+            if first_key > 0 {
+                let end = self.leaves_through(first_key - 1);
+                self.place_run(end, None)?;
+            }
+            while rekeyed
+                .nodes
+                .get(next_group)
+                .is_some_and(|&n| n < child && self.degree.parent(n) == Some(node))
+            {
+                next_group += 1;
+            }
+            // The wrap index fits u32: a batch has fewer wraps than the tree has nodes.
+            let wrap = wrap as u32;
+            if rekeyed.nodes.get(next_group) == Some(&child) {
+                self.path.push((wrap, NO_CHUNK));
+                self.visit(next_group, last_key)?;
+                self.path.pop();
+                next_group += 1;
+            } else {
+                let end = self.leaves_through(last_key);
+                self.place_run(end, Some(wrap))?;
+            }
+        }
+        let end = self.leaves_through(last);
+        self.place_run(end, None)
+    }
+
+    /// The order keys of the leftmost and rightmost deepest-level descendants of `node`.
+    fn key_range(&self, node: NodeId) -> (u32, u32) {
+        let (first, span) = self.keys.key_and_span(node);
+        let last = (u64::from(first) + span - 1).min(u64::from(u32::MAX)) as u32;
+        (first, last)
+    }
+
+    /// The index one past the last leaf, from the next one on, whose order key is at most
+    /// `last`: a galloping search, in time logarithmic in the leaves it passes.
+    fn leaves_through(&self, last: u32) -> usize {
+        let keys = &self.keys;
+        let rest = &self.leaves[self.next_leaf.min(self.leaves.len())..];
+        let within = |leaf: &NodeId| keys.key(*leaf) <= last;
+        if !rest.first().is_some_and(within) {
+            return self.next_leaf;
+        }
+        let mut bound = 1;
+        while bound < rest.len() && within(&rest[bound]) {
+            bound *= 2;
+        }
+        let low = bound / 2 + 1;
+        let high = bound.min(rest.len());
+        self.next_leaf + low + rest[low..high].partition_point(within)
+    }
+
+    /// Places the leaves from the next one up to `end` (exclusive), which all need the same
+    /// wraps: `own` (the wrap under the child whose subtree they are), then the path's, bottom
+    /// up. Exactly what placing them one by one does: the first may close the current chunk,
+    /// the others find all they need in the chunk.
+    fn place_run(&mut self, end: usize, own: Option<u32>) -> Result<(), LayoutError> {
+        let first = self.next_leaf;
+        if first >= end {
+            return Ok(());
+        }
+        self.next_leaf = end;
+        let first_key = self.keys.key(self.leaves[first]);
+        let last_key = self.keys.key(self.leaves[end - 1]);
+        let needed = usize::from(own.is_some()) + self.path.len();
+        let alone = needed * WRAP_LEN;
+        if alone > self.available || needed > usize::from(u16::MAX) {
+            return Err(LayoutError::SymbolTooSmall {
+                needed: alone,
+                available: self.available,
+            });
+        }
+        let chunk = self.plan.chunks.len();
+        let current_len = self.plan.wraps.len() - self.current_start;
+        let new = usize::from(own.is_some())
+            + self
+                .path
+                .iter()
+                .filter(|(_, stamp)| *stamp != chunk)
+                .count();
+        if current_len > 0 && (current_len + new) * WRAP_LEN > self.available {
+            self.close();
+            let chunk = self.plan.chunks.len();
+            self.plan.wraps.extend(own);
+            for (wrap, stamp) in self.path.iter_mut().rev() {
+                self.plan.wraps.push(*wrap);
+                *stamp = chunk;
+            }
+            self.first_key = first_key;
+        } else {
+            if current_len == 0 {
+                // Each leaf of a run that needs nothing names itself first while the chunk is
+                // still empty, so the last one stays.
+                self.first_key = if needed == 0 { last_key } else { first_key };
+            }
+            self.plan.wraps.extend(own);
+            for (wrap, stamp) in self.path.iter_mut().rev() {
+                if *stamp != chunk {
+                    self.plan.wraps.push(*wrap);
+                    *stamp = chunk;
+                }
+            }
+        }
+        self.last_key = last_key;
+        Ok(())
+    }
+
+    /// Ends the current chunk.
+    fn close(&mut self) {
+        self.plan.chunks.push(PlannedChunk {
+            start: self.current_start,
+            first_key: self.first_key,
+            last_key: self.last_key,
+        });
+        self.current_start = self.plan.wraps.len();
+    }
+}
+
+/// Writes the chunks of `plan`: each payload is the wrap count, the wraps and the Data SA.
+fn materialize(batch: &RekeyBatch, plan: &Plan) -> Result<Layout, LayoutError> {
     let seq = batch.context.seq;
     let data_sa = batch.wrapped_data_sa.to_bytes();
-    let mut chunks = Vec::new();
-    let mut current: Vec<&Wrap> = Vec::new();
-    let mut in_current: HashSet<NodeId> = HashSet::new();
-    let mut first_key = 0u32;
-    let mut last_key = 0u32;
-    let mut chunk_wrap_bytes = 0usize;
-
-    let mut close = |wraps: &mut Vec<&Wrap>, first: u32, last: u32| -> Result<(), LayoutError> {
-        let index = u32::try_from(chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
-        let mut payload = Vec::with_capacity(COUNT_LEN + wraps.len() * WRAP_LEN + data_sa.len());
+    let mut chunks = Vec::with_capacity(plan.chunks.len());
+    for (position, planned) in plan.chunks.iter().enumerate() {
+        let index = u32::try_from(position).map_err(|_| LayoutError::TooManyChunks)?;
+        let end = plan
+            .chunks
+            .get(position + 1)
+            .map_or(plan.wraps.len(), |next| next.start);
+        let wraps = &plan.wraps[planned.start..end];
+        let mut payload = vec![0u8; COUNT_LEN + wraps.len() * WRAP_LEN + data_sa.len()];
         // The wrap count fits u16: a chunk holds fewer than 65,536 bytes of wraps.
-        payload.extend_from_slice(&(wraps.len() as u16).to_be_bytes());
-        for wrap in wraps.iter() {
-            payload.extend_from_slice(&wrap.to_bytes());
+        payload[..COUNT_LEN].copy_from_slice(&(wraps.len() as u16).to_be_bytes());
+        let (wrap_bytes, data_sa_bytes) = payload[COUNT_LEN..].split_at_mut(wraps.len() * WRAP_LEN);
+        for (&wrap, out) in wraps.iter().zip(wrap_bytes.chunks_exact_mut(WRAP_LEN)) {
+            if let (Some(wrap), Ok(out)) = (batch.wraps.get(wrap as usize), out.try_into()) {
+                wrap.emit(out);
+            }
         }
-        payload.extend_from_slice(&data_sa);
-        chunk_wrap_bytes += wraps.len() * WRAP_LEN;
+        data_sa_bytes.copy_from_slice(&data_sa);
         chunks.push((
             ChunkHeader {
                 seq,
                 index,
-                first_leaf: first,
-                last_leaf: last,
+                first_leaf: planned.first_key,
+                last_leaf: planned.last_key,
             },
             payload,
         ));
-        wraps.clear();
-        Ok(())
-    };
-
-    for &leaf in leaves {
-        let key = degree.order_key(leaf);
-        let needed: Vec<&Wrap> = batch.wraps_for_leaf(leaf).collect();
-        let alone = needed.len() * WRAP_LEN;
-        if alone > available || needed.len() > usize::from(u16::MAX) {
-            return Err(LayoutError::SymbolTooSmall {
-                needed: alone,
-                available,
-            });
-        }
-        let new: Vec<&Wrap> = needed
-            .iter()
-            .copied()
-            .filter(|wrap| !in_current.contains(&wrap.child))
-            .collect();
-        if !current.is_empty() && (current.len() + new.len()) * WRAP_LEN > available {
-            close(&mut current, first_key, last_key)?;
-            in_current.clear();
-            current.extend(needed.iter().copied());
-            in_current.extend(needed.iter().map(|wrap| wrap.child));
-            first_key = key;
-        } else {
-            if current.is_empty() && in_current.is_empty() {
-                first_key = key;
-            }
-            in_current.extend(new.iter().map(|wrap| wrap.child));
-            current.extend(new);
-        }
-        last_key = key;
     }
-    close(&mut current, first_key, last_key)?;
     Ok(Layout {
         chunks,
         distinct_wrap_bytes: batch.wraps.len() * WRAP_LEN,
-        chunk_wrap_bytes,
+        chunk_wrap_bytes: plan.wraps.len() * WRAP_LEN,
     })
 }
 
@@ -244,11 +507,18 @@ pub struct MessageParams {
     /// within [`crate::wire::DEFAULT_DATAGRAM_SIZE`]); a path that must stay within
     /// [`crate::wire::IPV6_SAFE_DATAGRAM_SIZE`] needs 1,185 or less.
     pub symbol_size: u16,
-    /// How chunks authenticate themselves. Default [`ChunkAuth::Signature`] (see
+    /// How chunks authenticate themselves. Default [`ChunkAuth::GroupSignature`] (see
     /// [`ChunkAuth`] for the measurements behind it).
     pub chunk_auth: ChunkAuth,
-    /// The largest FEC source block, in symbols (B). Default
-    /// [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`].
+    /// The largest FEC source block, in symbols (B). 0, the default, picks it from the chunk
+    /// count ([`MessageParams::block_symbols_for`]): [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`],
+    /// or the smallest B that fits the message in [`rekeycast_fec::MAX_SOURCE_BLOCKS`] blocks
+    /// when that is larger (the first message of 2^20 members is 131,072 chunks of 1,200 bytes:
+    /// B = 515).
+    /// Members decode blocks of up to 4 times the default by default
+    /// ([`rekeycast_fec::Limits`]): messages up to 261,120 chunks. A value set by hand (1 to
+    /// [`rekeycast_fec::MAX_BLOCK_SYMBOLS`]) is used as it is, and a message with more chunks
+    /// than 255 such blocks hold fails with [`BuildError::BlockSizeTooSmall`].
     pub max_block_symbols: u32,
     /// The epoch of the Rekey SA: raised when the sequence restarts. Default 0.
     #[serde(skip)]
@@ -257,7 +527,8 @@ pub struct MessageParams {
     #[serde(skip)]
     pub timestamp_us: u64,
     /// Threads that sign chunks in [`ChunkAuth::Signature`] mode (one Ed25519 signature per
-    /// chunk, thousands for a large group). 0, the default, means
+    /// chunk, thousands for a large group) and [`ChunkAuth::GroupSignature`] mode (one per
+    /// group), and that seal the initial transmission's datagrams. 0, the default, means
     /// [`std::thread::available_parallelism`] (1 if that is unknown). A small message uses
     /// fewer threads (each signs at least 32 chunks). The message is the same bytes whatever
     /// the count.
@@ -270,7 +541,7 @@ impl Default for MessageParams {
             spi: 1,
             symbol_size: 1200,
             chunk_auth: ChunkAuth::default(),
-            max_block_symbols: rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS,
+            max_block_symbols: 0,
             epoch: 0,
             timestamp_us: 0,
             signing_threads: 0,
@@ -279,6 +550,20 @@ impl Default for MessageParams {
 }
 
 impl MessageParams {
+    /// The largest FEC source block of a message of `chunks` chunks: `max_block_symbols`
+    /// itself when it is set, else [`rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS`] or, when more
+    /// than 255 blocks of that size would be needed, the smallest size that needs 255 or fewer
+    /// (at most [`rekeycast_fec::MAX_BLOCK_SYMBOLS`]).
+    pub fn block_symbols_for(&self, chunks: u32) -> u32 {
+        match self.max_block_symbols {
+            0 => chunks.div_ceil(rekeycast_fec::MAX_SOURCE_BLOCKS).clamp(
+                rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS,
+                rekeycast_fec::MAX_BLOCK_SYMBOLS,
+            ),
+            set => set,
+        }
+    }
+
     /// The number of signing threads `signing_threads` stands for: itself, or the available
     /// parallelism when it is 0.
     pub fn resolved_signing_threads(&self) -> usize {
@@ -319,6 +604,20 @@ pub enum BuildError {
     /// The FEC parameters are out of range.
     #[error(transparent)]
     Fec(#[from] rekeycast_fec::Error),
+    /// `max_block_symbols` was set too small for the message: more than
+    /// [`rekeycast_fec::MAX_SOURCE_BLOCKS`] blocks would be needed.
+    #[error(
+        "{chunks} chunks need FEC blocks of at least {needed} symbols, but max_block_symbols \
+         is {max_block_symbols} (0 picks the size from the chunk count)"
+    )]
+    BlockSizeTooSmall {
+        /// The message's chunks.
+        chunks: u32,
+        /// The block size set.
+        max_block_symbols: u32,
+        /// The smallest block size that fits the message.
+        needed: u32,
+    },
 }
 
 /// Lays out, authenticates and signs the message of `batch` for the members at `leaves`.
@@ -335,8 +634,16 @@ pub fn build_message(
     let symbol_size = usize::from(params.symbol_size);
     let layout = lay_out(batch, leaves, symbol_size, params.chunk_auth)?;
     let chunk_count = u32::try_from(layout.chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
-    let fec_info =
-        rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, params.max_block_symbols)?;
+    let block_symbols = params.block_symbols_for(chunk_count);
+    let needed = chunk_count.div_ceil(rekeycast_fec::MAX_SOURCE_BLOCKS);
+    if (1..needed).contains(&block_symbols) {
+        return Err(BuildError::BlockSizeTooSmall {
+            chunks: chunk_count,
+            max_block_symbols: block_symbols,
+            needed,
+        });
+    }
+    let fec_info = rekeycast_fec::ObjectInfo::new(chunk_count, params.symbol_size, block_symbols)?;
     let block_first_keys = block_first_keys(&layout, &fec_info)?;
     let authenticated = layout
         .chunks
@@ -363,6 +670,18 @@ pub fn build_message(
                 .resolved_signing_threads()
                 .min(authenticated.len().div_ceil(MIN_CHUNKS_PER_THREAD));
             let chunks = sign_chunks(authenticated, signing_key, symbol_size, threads)?;
+            (chunks, [0; HASH_LEN])
+        }
+        ChunkAuth::GroupSignature => {
+            let chunks = chunk::authenticate_groups_on_threads(
+                authenticated,
+                chunk_count,
+                batch.context.seq,
+                chunk::DEFAULT_GROUP_LOG2,
+                signing_key,
+                symbol_size,
+                params.resolved_signing_threads(),
+            )?;
             (chunks, [0; HASH_LEN])
         }
     };
@@ -474,7 +793,7 @@ pub fn find_chunk(headers: &[ChunkHeader], order_key: u32) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     use ed25519_dalek::SigningKey;
 
@@ -486,6 +805,114 @@ mod tests {
     use crate::session::manifest::SignedManifest;
 
     const SPI: u32 = 9;
+
+    /// The leaf-by-leaf layout the planner replaced, kept as the oracle it must equal byte for
+    /// byte: for each leaf its whole root path, the wraps filtered through a hash set.
+    fn oracle_lay_out(
+        batch: &RekeyBatch,
+        leaves: &[NodeId],
+        symbol_size: usize,
+        auth: ChunkAuth,
+    ) -> Result<Layout, LayoutError> {
+        if leaves.is_empty() {
+            return Err(LayoutError::NoLeaves);
+        }
+        let room_without_path =
+            symbol_size.saturating_sub(chunk::HEADER_LEN + COUNT_LEN + WRAPPED_DATA_SA_LEN + 1);
+        let mut allowed_chunks = (batch.wraps.len() * WRAP_LEN)
+            .div_ceil(room_without_path.max(1))
+            .next_power_of_two();
+        loop {
+            let fixed = chunk::HEADER_LEN
+                + COUNT_LEN
+                + WRAPPED_DATA_SA_LEN
+                + authenticator_len(auth, allowed_chunks);
+            let available = symbol_size.saturating_sub(fixed);
+            let layout = oracle_fill(batch, leaves, available)?;
+            if layout.chunks.len() <= allowed_chunks || auth != ChunkAuth::MerklePath {
+                return Ok(layout);
+            }
+            allowed_chunks = layout.chunks.len().next_power_of_two();
+        }
+    }
+
+    fn oracle_fill(
+        batch: &RekeyBatch,
+        leaves: &[NodeId],
+        available: usize,
+    ) -> Result<Layout, LayoutError> {
+        let degree: Degree = batch.degree;
+        let seq = batch.context.seq;
+        let data_sa = batch.wrapped_data_sa.to_bytes();
+        let mut chunks = Vec::new();
+        let mut current: Vec<&Wrap> = Vec::new();
+        let mut in_current: HashSet<NodeId> = HashSet::new();
+        let mut first_key = 0u32;
+        let mut last_key = 0u32;
+        let mut chunk_wrap_bytes = 0usize;
+
+        let mut close =
+            |wraps: &mut Vec<&Wrap>, first: u32, last: u32| -> Result<(), LayoutError> {
+                let index = u32::try_from(chunks.len()).map_err(|_| LayoutError::TooManyChunks)?;
+                let mut payload =
+                    Vec::with_capacity(COUNT_LEN + wraps.len() * WRAP_LEN + data_sa.len());
+                // The wrap count fits u16: a chunk holds fewer than 65,536 bytes of wraps.
+                payload.extend_from_slice(&(wraps.len() as u16).to_be_bytes());
+                for wrap in wraps.iter() {
+                    payload.extend_from_slice(&wrap.to_bytes());
+                }
+                payload.extend_from_slice(&data_sa);
+                chunk_wrap_bytes += wraps.len() * WRAP_LEN;
+                chunks.push((
+                    ChunkHeader {
+                        seq,
+                        index,
+                        first_leaf: first,
+                        last_leaf: last,
+                    },
+                    payload,
+                ));
+                wraps.clear();
+                Ok(())
+            };
+
+        for &leaf in leaves {
+            let key = degree.order_key(leaf);
+            let needed: Vec<&Wrap> = batch.wraps_for_leaf(leaf).collect();
+            let alone = needed.len() * WRAP_LEN;
+            if alone > available || needed.len() > usize::from(u16::MAX) {
+                return Err(LayoutError::SymbolTooSmall {
+                    needed: alone,
+                    available,
+                });
+            }
+            let new: Vec<&Wrap> = needed
+                .iter()
+                .copied()
+                .filter(|wrap| !in_current.contains(&wrap.child))
+                .collect();
+            if !current.is_empty() && (current.len() + new.len()) * WRAP_LEN > available {
+                close(&mut current, first_key, last_key)?;
+                in_current.clear();
+                current.extend(needed.iter().copied());
+                in_current.extend(needed.iter().map(|wrap| wrap.child));
+                first_key = key;
+            } else {
+                if current.is_empty() && in_current.is_empty() {
+                    first_key = key;
+                }
+                in_current.extend(new.iter().map(|wrap| wrap.child));
+                current.extend(new);
+            }
+            last_key = key;
+        }
+        close(&mut current, first_key, last_key)?;
+        Ok(Layout {
+            chunks,
+            distinct_wrap_bytes: batch.wraps.len() * WRAP_LEN,
+            chunk_wrap_bytes,
+        })
+    }
 
     fn gcks() -> SigningKey {
         SigningKey::from_bytes(&[21; 32])
@@ -549,7 +976,7 @@ mod tests {
         assert_eq!(verifier.counters().signature_checks, {
             match chunk_auth {
                 ChunkAuth::MerklePath => 1,
-                ChunkAuth::Signature => 1 + members.len() as u64,
+                ChunkAuth::Signature | ChunkAuth::GroupSignature => 1 + members.len() as u64,
             }
         });
         message.chunks.len()
@@ -584,15 +1011,151 @@ mod tests {
             for &member in &joining {
                 members.insert(member, MemberKeys::from_bundle(&tree.join(member).unwrap()));
             }
-            let auth = if round % 2 == 0 {
-                ChunkAuth::MerklePath
-            } else {
-                ChunkAuth::Signature
+            let auth = match round % 3 {
+                0 => ChunkAuth::MerklePath,
+                1 => ChunkAuth::Signature,
+                _ => ChunkAuth::GroupSignature,
             };
             let chunks = deliver(&tree, &batch, &mut members, auth);
             assert!(chunks >= 1);
         }
         assert_eq!(members.len(), 10_000 - 50 + 50 + 100 - 100 + 300 - 7);
+    }
+
+    /// The planner's layout against the oracle's, for both authentications and several symbol
+    /// sizes (down to one where deep paths do not fit, so the error must match too).
+    fn assert_same_as_oracle(batch: &RekeyBatch, leaves: &[NodeId], what: &str) {
+        for symbol_size in [1200usize, 1424, 700, 500] {
+            for auth in [ChunkAuth::Signature, ChunkAuth::MerklePath] {
+                let planned = lay_out(batch, leaves, symbol_size, auth);
+                let oracle = oracle_lay_out(batch, leaves, symbol_size, auth);
+                assert!(
+                    planned == oracle,
+                    "{what}: symbol size {symbol_size}, {auth:?}: {} chunks, oracle {}",
+                    planned.as_ref().map_or(0, |l| l.chunks.len()),
+                    oracle.as_ref().map_or(0, |l| l.chunks.len()),
+                );
+            }
+        }
+    }
+
+    /// A tree of degree `degree` with `members` members, then batches of every shape, each
+    /// laid out by the planner and by the oracle: the first batch (joins only, from an empty
+    /// tree), 1% churn (J = L), leaves only, a leave of every member of a run of leaves (whole
+    /// subtrees pruned), joins beyond the free slots (leaves split), an empty batch, and
+    /// mixed batches with J > L and J < L.
+    fn layouts_equal_the_oracle(degree: u8, members: u64, seed: u64) {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+
+        let sa = RekeySa {
+            degree: Degree::new(degree).unwrap(),
+            ..tree().sa
+        };
+        let mut tree = KeyTree::with_rng(sa, KeyRng::seeded_for_simulation(seed));
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+        let mut next_id = 0u64;
+        let mut fresh = |count: u64| -> Vec<MemberId> {
+            let ids = (next_id..next_id + count).map(MemberId).collect();
+            next_id += count;
+            ids
+        };
+        let current = |tree: &KeyTree| -> Vec<MemberId> {
+            tree.leaves_in_order()
+                .iter()
+                .map(|&leaf| tree.members[leaf as usize])
+                .collect()
+        };
+        let batch = tree.apply_batch(&fresh(members), &[]).unwrap();
+        assert_same_as_oracle(&batch, &tree.leaves_in_order(), "first batch");
+
+        let churn = (members / 100).max(1);
+        let shapes: [(&str, u64, u64); 7] = [
+            ("1% churn", churn, churn),
+            ("leaves only", 0, churn * 3),
+            ("a run of leaves", 0, 0),
+            ("joins with splits", 0, members / 20 + churn * 5),
+            ("empty", 0, 0),
+            ("more joins than leaves", churn * 2, churn),
+            ("more leaves than joins", churn, churn * 2),
+        ];
+        for (what, leaves, joins) in shapes {
+            let mut leaving = current(&tree);
+            if what == "a run of leaves" {
+                // A contiguous stretch of leaves: their parents and grandparents are pruned.
+                let start = leaving.len() / 3;
+                let end = start + (leaving.len() / 16).max(2);
+                leaving = leaving[start..end].to_vec();
+            } else {
+                leaving.shuffle(&mut rng);
+                leaving.truncate(leaves as usize);
+            }
+            let batch = tree.apply_batch(&fresh(joins), &leaving).unwrap();
+            assert_same_as_oracle(&batch, &tree.leaves_in_order(), what);
+        }
+    }
+
+    #[test]
+    fn layout_equals_the_oracle_at_2_10_to_2_16_members() {
+        for log_n in [10u32, 12, 14, 16] {
+            layouts_equal_the_oracle(4, 1 << log_n, u64::from(log_n));
+        }
+    }
+
+    #[test]
+    fn layout_equals_the_oracle_for_every_degree() {
+        for degree in [2u8, 3, 5, 8, 16] {
+            layouts_equal_the_oracle(degree, 3000, u64::from(degree));
+        }
+        // Groups too small for a full level.
+        for members in [1u64, 2, 3, 5, 17] {
+            layouts_equal_the_oracle(4, members, members);
+        }
+    }
+
+    /// The same at 2^20 members: slow in a debug build, so run it in release:
+    /// `cargo test --release -p rekeycast-proto --lib layout_equals -- --ignored`.
+    #[test]
+    #[ignore]
+    fn layout_equals_the_oracle_at_2_20_members() {
+        layouts_equal_the_oracle(4, 1 << 20, 20);
+    }
+
+    /// Leaves given out of the tree's order, or nodes that are not its leaves, lay out without a
+    /// panic (the chunks are then whatever they are).
+    #[test]
+    fn leaves_not_of_the_tree_do_not_panic() {
+        let mut tree = tree();
+        let batch = tree
+            .apply_batch(&(0..500).map(MemberId).collect::<Vec<_>>(), &[])
+            .unwrap();
+        let mut leaves = tree.leaves_in_order();
+        leaves.reverse();
+        for leaves in [
+            leaves,
+            vec![0, 0, 3, 70_000, 7],
+            vec![tree.degree().max_node()],
+        ] {
+            for auth in [ChunkAuth::Signature, ChunkAuth::MerklePath] {
+                let _ = lay_out(&batch, &leaves, 1200, auth);
+            }
+        }
+    }
+
+    #[test]
+    fn order_keys_by_table_are_the_degrees() {
+        for d in Degree::MIN..=Degree::MAX {
+            let degree = Degree::new(d).unwrap();
+            let keys = OrderKeys::new(degree);
+            let max = degree.max_node();
+            for node in (0..5000).chain(max - 5000..=max) {
+                let (key, span) = keys.key_and_span(node);
+                assert_eq!(key, degree.order_key(node), "d = {d}, node {node}");
+                let below = degree.max_depth() - degree.depth(node);
+                assert_eq!(span, u64::from(d).pow(below));
+            }
+            assert_eq!(keys.key(max + 1), u32::MAX);
+        }
     }
 
     #[test]
@@ -728,16 +1291,82 @@ mod tests {
         ));
     }
 
+    /// The block size follows the chunk count unless set; a size set too small is a typed
+    /// error naming the size needed.
+    #[test]
+    fn block_size_is_picked_from_the_chunk_count() {
+        let auto = MessageParams::default();
+        let default = rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS;
+        assert_eq!(auto.block_symbols_for(1), default);
+        assert_eq!(auto.block_symbols_for(255 * default), default);
+        assert_eq!(auto.block_symbols_for(255 * default + 1), default + 1);
+        // 175,000 chunks: 255 blocks of at most 687.
+        assert_eq!(auto.block_symbols_for(175_000), 687);
+        assert_eq!(
+            auto.block_symbols_for(u32::MAX),
+            rekeycast_fec::MAX_BLOCK_SYMBOLS
+        );
+        // Whatever the count, the FEC parameters accept the size picked (a fixed 256 fails
+        // past 65,280 chunks).
+        for chunks in [1, 255, 65_280, 65_281, 175_000, 1 << 22, 255 * 56_403] {
+            let block_symbols = auto.block_symbols_for(chunks);
+            assert!(
+                rekeycast_fec::ObjectInfo::new(chunks, 1200, block_symbols).is_ok(),
+                "{chunks} chunks, blocks of {block_symbols}"
+            );
+        }
+        let set = MessageParams {
+            max_block_symbols: 7,
+            ..auto
+        };
+        assert_eq!(set.block_symbols_for(1_000_000), 7);
+
+        // 10,000 members in their first batch: a few hundred chunks of 1,424 bytes.
+        let mut tree = tree();
+        let batch = tree
+            .apply_batch(&(0..10_000).map(MemberId).collect::<Vec<_>>(), &[])
+            .unwrap();
+        let leaves = tree.leaves_in_order();
+        let build = |max_block_symbols| {
+            let params = MessageParams {
+                max_block_symbols,
+                ..params(ChunkAuth::Signature)
+            };
+            build_message(&batch, &leaves, &gcks(), &params)
+        };
+        let chunks = build(0).unwrap().chunks.len() as u32;
+        assert!(chunks > 255, "{chunks} chunks");
+        assert_eq!(
+            u32::from(build(0).unwrap().fec_info.source_blocks()),
+            chunks.div_ceil(default)
+        );
+        // One symbol a block is too small for more than 255 chunks.
+        let needed = chunks.div_ceil(255);
+        match build(1) {
+            Err(BuildError::BlockSizeTooSmall {
+                chunks: c,
+                max_block_symbols: 1,
+                needed: n,
+            }) => assert_eq!((c, n), (chunks, needed)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            u32::from(build(needed).unwrap().fec_info.source_blocks()),
+            chunks.div_ceil(needed)
+        );
+        assert!(matches!(
+            build(rekeycast_fec::MAX_BLOCK_SYMBOLS + 1),
+            Err(BuildError::Fec(_))
+        ));
+    }
+
     #[test]
     fn default_params() {
         let params = MessageParams::default();
-        assert_eq!(params.chunk_auth, ChunkAuth::Signature);
+        assert_eq!(params.chunk_auth, ChunkAuth::GroupSignature);
         assert_eq!(params.spi, 1);
         assert_eq!(params.symbol_size, 1200);
-        assert_eq!(
-            params.max_block_symbols,
-            rekeycast_fec::DEFAULT_MAX_BLOCK_SYMBOLS
-        );
+        assert_eq!(params.max_block_symbols, 0);
         assert_eq!((params.epoch, params.timestamp_us), (0, 0));
         assert_eq!(params.signing_threads, 0);
         assert!(params.resolved_signing_threads() >= 1);

@@ -76,25 +76,25 @@ const FIXED_LEN: usize = 57;
 
 /// How the chunks of a message authenticate themselves.
 ///
-/// The default is [`ChunkAuth::Signature`], chosen from the `auth` benchmark (one message at
-/// N = 2^20 members and 1% churn, 1,425-byte symbols in 1,472-byte datagrams):
+/// The default is [`ChunkAuth::GroupSignature`] with groups of 8 chunks
+/// ([`super::chunk::DEFAULT_GROUP_LOG2`] = 3), chosen from the `auth` benchmark's options
+/// table (one message at N = 2^20 members and 1% churn, 1,425-byte symbols in 1,472-byte
+/// datagrams, every option laid out with the room its authenticator leaves):
 ///
-/// - On the wire, per-chunk signatures sent 9.12 MB against 11.24 MB with Merkle paths: a
-///   13-level path takes 208 bytes of a chunk against a signature's 64, so fewer leaves fit a
-///   chunk and the message has more chunks.
-/// - A member's verify-and-apply took about 79 us with a signature against about 43 us with a
-///   path (70 and 39 us in later runs); both make at most 2 signature checks per message (the
-///   manifest's and, for a signature, its chunk's), and the manifest is one datagram either way.
-/// - The GCKS pays one signature per chunk (6,398 at that size), which
-///   [`super::layout::build_message`] spreads over worker threads
-///   ([`super::layout::MessageParams::signing_threads`]). Measured, that is small: about 100 ms
-///   on one core (15.5 us a signature) next to about 500 ms for the layout both modes share,
-///   and the whole signature build was faster than the Merkle one (440 against 702 ms): a
-///   path's length depends on the chunk count, and at that size the first estimate was short,
-///   so the Merkle layout was made twice.
+/// - Bytes on the wire: groups of 4 or 8 send the same 6,397 chunks (9.12 MB) as one signature
+///   per chunk: their 98 or 114 authenticator bytes still fit the slack the layout leaves in a
+///   chunk. Groups of 16 to 64 (130 to 162 bytes) need 7,092 chunks (10.11 MB, +11%), and one
+///   Merkle tree over the message (a 13-hash path) 7,885 (11.24 MB, +23%).
+/// - GCKS signatures: 801 with groups of 8 against 6,398 per chunk; authenticating the laid
+///   out chunks took 96 ms against 508 ms on one thread in the same run (a loaded machine:
+///   about 15 us a signature on a quiet one), the whole-message tree 35 ms.
+/// - Member: the manifest's signature and the group's, as with one signature per chunk (at
+///   most 2 checks per message); both verified in about 92 us in that run, the Merkle path
+///   (one check) in about 49 us.
 ///
-/// Every member receives the whole multicast message, so the 19% fewer bytes count on every
-/// link, while the member's extra 36 us is paid once per message and never grows with N.
+/// So groups of 8 cost the member and the wire what per-chunk signatures cost, and the GCKS
+/// an eighth of the signatures. [`ChunkAuth::Signature`] and [`ChunkAuth::MerklePath`] stay
+/// available.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
@@ -104,8 +104,12 @@ pub enum ChunkAuth {
     /// Each chunk carries its path to the Merkle root in the manifest.
     MerklePath = 1,
     /// Each chunk carries its own Ed25519 signature.
-    #[default]
     Signature = 2,
+    /// Chunks are signed in groups of `2^k` consecutive chunks: each carries its path in a
+    /// small Merkle tree over its group and the group's one signature over that tree's root
+    /// (see [`super::chunk`]).
+    #[default]
+    GroupSignature = 3,
 }
 
 /// What can be wrong with a manifest's bytes.
@@ -268,6 +272,7 @@ impl<'a> SignedManifest<'a> {
         let chunk_auth = match fixed[3] {
             1 => ChunkAuth::MerklePath,
             2 => ChunkAuth::Signature,
+            3 => ChunkAuth::GroupSignature,
             other => {
                 return Err(ManifestError::UnknownAlgorithm(
                     "chunk authentication",
@@ -560,7 +565,7 @@ mod tests {
             Err(ManifestError::UnknownAlgorithm("signature", 9))
         ));
         let mut bad = bytes.clone();
-        bad[3] = 3;
+        bad[3] = 4;
         assert!(SignedManifest::parse(&bad).is_err());
         let mut bad = bytes.clone();
         bad[56] = 0;

@@ -205,6 +205,23 @@ pub struct PreparedMessage {
     manifest: Vec<u8>,
     headers: Vec<ChunkHeader>,
     encoder: ObjectEncoder,
+    /// The initial transmission's datagrams, sealed off the event loop
+    /// ([`PreparedMessage::seal_initial`]); dropped once that transmission is over.
+    sealed: Option<SealedInitial>,
+}
+
+/// The datagrams of a message's initial transmission, sealed in advance: the loop only copies
+/// them out.
+#[derive(Debug)]
+struct SealedInitial {
+    /// The manifest's datagram.
+    manifest: Vec<u8>,
+    /// Every source symbol's datagram, `stride` bytes each, in chunk index order.
+    source: Vec<u8>,
+    /// Per block, its first proactive repair symbols' datagrams (ESIs `k ..`), `stride` each.
+    proactive: Vec<Vec<u8>>,
+    /// The length of a symbol datagram (all are the same).
+    stride: usize,
 }
 
 /// Why a built message cannot be prepared or queued.
@@ -264,6 +281,7 @@ impl PreparedMessage {
             manifest: built.manifest,
             headers,
             encoder,
+            sealed: None,
         })
     }
 
@@ -297,6 +315,7 @@ impl PreparedMessage {
             manifest,
             headers,
             encoder,
+            sealed: None,
         })
     }
 
@@ -324,6 +343,150 @@ impl PreparedMessage {
         Ok(())
     }
 
+    /// Seals the datagrams of the initial transmission now, on up to `threads` threads (one
+    /// block's encoder and datagrams per task, blocks dealt round-robin), so that the sender's
+    /// event loop only copies them: the manifest's datagram, every source symbol's, and for
+    /// each block the proactive repair symbols `proactive` asks for at this moment (the sender
+    /// makes and seals any more it wants when it queues the message). Builds every block's
+    /// repair encoder on the way, as [`Self::build_repair_encoders`] does. Call it where the
+    /// message is prepared, on a worker thread.
+    pub fn seal_initial(
+        &mut self,
+        proactive: Option<&ProactiveRepair>,
+        threads: usize,
+    ) -> Result<(), QueueError> {
+        let info = *self.encoder.info();
+        let partition = info.partition();
+        let blocks = partition.block_count() as usize;
+        let stride =
+            wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + usize::from(info.symbol_size());
+        let mut manifest =
+            vec![0u8; wire::datagram::OVERHEAD + wire::symbol::FIXED_LEN + self.manifest.len()];
+        let sealer = Sealer {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq: self.seq,
+            key: &self.mac_key,
+        };
+        // Every buffer below is exactly one datagram's length, so sealing cannot run out of
+        // room; were it ever to, the message is refused as unsendable rather than sent short.
+        sealer
+            .seal(ObjectKind::Manifest, 0, 0, &self.manifest, &mut manifest)
+            .ok_or(QueueError::CorruptChunk)?;
+        // One task per block: its source datagrams (a slice of `source`) and its proactive
+        // repair, which needs the block's encoder.
+        let mut source = vec![0u8; self.headers.len() * stride];
+        let mut tasks = Vec::with_capacity(blocks);
+        let mut rest = source.as_mut_slice();
+        for sbn in 0..blocks {
+            // block_count() <= 255 (the SBN is 8 bits), so the cast is exact.
+            let sbn = sbn as u8;
+            let k = partition.block_len(sbn)?;
+            let h = proactive.map_or(0, |p| {
+                p.proactive_symbols(u16::try_from(k).unwrap_or(u16::MAX))
+            });
+            let (mine, tail) = rest.split_at_mut((k as usize * stride).min(rest.len()));
+            rest = tail;
+            tasks.push((sbn, k, h, mine));
+        }
+        let encoder = &self.encoder;
+        let run = |(sbn, k, h, out): (u8, u32, u16, &mut [u8])| -> Result<Vec<u8>, QueueError> {
+            for (esi, slot) in (0..k).zip(out.chunks_exact_mut(stride)) {
+                let data = encoder.source_symbol(sbn, esi)?;
+                sealer
+                    .seal(ObjectKind::Chunks, sbn, esi, data, slot)
+                    .ok_or(QueueError::CorruptChunk)?;
+            }
+            let block = encoder.block(sbn)?;
+            let mut repair = vec![0u8; usize::from(h) * stride];
+            if h > 0 {
+                let symbols = block.repair_symbols(k, u32::from(h))?;
+                for (symbol, (esi, slot)) in symbols.zip((k..).zip(repair.chunks_exact_mut(stride)))
+                {
+                    sealer
+                        .seal(ObjectKind::Chunks, sbn, esi, &symbol, slot)
+                        .ok_or(QueueError::CorruptChunk)?;
+                }
+            }
+            Ok(repair)
+        };
+        let threads = threads.clamp(1, blocks.max(1));
+        let proactive = if threads == 1 {
+            tasks.into_iter().map(run).collect::<Result<Vec<_>, _>>()?
+        } else {
+            // Blocks dealt round-robin, so that each thread gets a share of every size.
+            let mut shares: Vec<Vec<_>> = (0..threads).map(|_| Vec::new()).collect();
+            for (i, task) in tasks.into_iter().enumerate() {
+                shares[i % threads].push(task);
+            }
+            let mut results: Vec<Option<Vec<u8>>> = (0..blocks).map(|_| None).collect();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = shares
+                    .into_iter()
+                    .map(|share| {
+                        let run = &run;
+                        scope.spawn(move || {
+                            share
+                                .into_iter()
+                                .map(|task| {
+                                    let sbn = task.0;
+                                    run(task).map(|repair| (sbn, repair))
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                    })
+                    .collect();
+                for handle in handles {
+                    match handle.join() {
+                        Ok(done) => {
+                            for (sbn, repair) in done? {
+                                results[usize::from(sbn)] = Some(repair);
+                            }
+                        }
+                        // Sealing does not panic; if it ever did, the panic goes on to the
+                        // caller as it would have on one thread.
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                Ok::<_, QueueError>(())
+            })?;
+            results.into_iter().map(Option::unwrap_or_default).collect()
+        };
+        self.sealed = Some(SealedInitial {
+            manifest,
+            source,
+            proactive,
+            stride,
+        });
+        Ok(())
+    }
+
+    /// Whether the initial transmission's datagrams are sealed in advance.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.is_some()
+    }
+
+    /// The sealed datagram of an initial transmission step, if it was sealed in advance.
+    fn sealed_step(&self, step: Step) -> Option<&[u8]> {
+        let sealed = self.sealed.as_ref()?;
+        match step {
+            Step::Manifest => Some(&sealed.manifest),
+            Step::Source { sbn, esi } => {
+                let start = self.encoder.partition().block_start(sbn).ok()?;
+                let at = (start as usize + esi as usize) * sealed.stride;
+                sealed.source.get(at..at + sealed.stride)
+            }
+            Step::Proactive { sbn, esi } => {
+                let k = self.encoder.partition().block_len(sbn).ok()?;
+                let at = (esi.checked_sub(k)? as usize) * sealed.stride;
+                sealed
+                    .proactive
+                    .get(usize::from(sbn))?
+                    .get(at..at + sealed.stride)
+            }
+        }
+    }
+
     /// The message's sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -332,6 +495,40 @@ impl PreparedMessage {
     /// The number of chunks (source symbols) of the message.
     pub fn chunk_count(&self) -> usize {
         self.headers.len()
+    }
+}
+
+/// Seals symbol datagrams of one message (its group, SPI, sequence number and MAC key).
+#[derive(Clone, Copy)]
+struct Sealer<'a> {
+    group_id: u32,
+    spi: u32,
+    seq: u64,
+    key: &'a MacKey,
+}
+
+impl Sealer<'_> {
+    fn seal(
+        &self,
+        object: ObjectKind,
+        sbn: u8,
+        esi: u32,
+        data: &[u8],
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        let repr = DatagramRepr {
+            group_id: self.group_id,
+            spi: self.spi,
+            seq: self.seq,
+            body: BodyRepr::Symbol(SymbolRepr {
+                object,
+                sbn,
+                esi,
+                data,
+            }),
+            mac: [0; wire::datagram::MAC_LEN],
+        };
+        seal_into(&repr, self.key, buf)
     }
 }
 
@@ -589,6 +786,12 @@ impl SenderSession {
     /// This sender instance's id, carried in its heartbeats.
     pub fn instance(&self) -> u32 {
         self.instance
+    }
+
+    /// The proactive repair estimator as it stands: how many repair symbols a block of `k`
+    /// would get if a message were queued now (see [`PreparedMessage::seal_initial`]).
+    pub fn proactive_repair(&self) -> &ProactiveRepair {
+        &self.proactive
     }
 
     /// The current GRTT estimate.
@@ -1316,6 +1519,8 @@ impl SenderSession {
             let outgoing = &mut self.messages[index];
             let Some(&step) = outgoing.plan.get(outgoing.next_step) else {
                 outgoing.finished_at = Some(now);
+                // Repair and resync make their datagrams afresh: the sealed copies go.
+                outgoing.message.sealed = None;
                 self.initial.pop_front();
                 self.events
                     .push_back(SenderEvent::InitialTransmissionDone { seq });
@@ -1335,6 +1540,24 @@ impl SenderSession {
             };
             outgoing.next_step += 1;
             self.tokens -= 1.0;
+            if let Some(sealed) = outgoing.message.sealed_step(step) {
+                // Sealed on a worker when the message was built: the loop only copies.
+                let Some(room) = buf.get_mut(..sealed.len()) else {
+                    self.counters.buffer_too_small += 1;
+                    continue;
+                };
+                room.copy_from_slice(sealed);
+                let len = sealed.len();
+                match step {
+                    Step::Manifest => self.counters.manifests_sent += 1,
+                    Step::Source { .. } => {
+                        self.counters.source_symbols_sent += 1;
+                        self.counters.source_bytes_sent += len as u64;
+                    }
+                    Step::Proactive { .. } => self.counters.proactive_symbols_sent += 1,
+                }
+                return Some(self.sent(len));
+            }
             let key = outgoing.message.mac_key.clone();
             let written = match step {
                 Step::Manifest => {
@@ -1662,6 +1885,70 @@ fn interleave_manifests(symbols: Vec<Step>, repeats: u8) -> Vec<Step> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every datagram of the initial transmission, in order.
+    fn initial_transmission(message: PreparedMessage, config: &SenderConfig) -> Vec<Vec<u8>> {
+        #[allow(clippy::disallowed_methods)] // the start of virtual time
+        let now = Instant::now();
+        let mut session = SenderSession::new(config.clone(), 7, 3, now).unwrap();
+        session.queue_message(now, message).unwrap();
+        let mut buf = vec![0u8; config.datagram_size];
+        let mut datagrams = Vec::new();
+        while let Some(transmit) = session.poll_transmit(now, &mut buf) {
+            datagrams.push(buf[..transmit.len].to_vec());
+        }
+        assert!(
+            session.poll_event() == Some(SenderEvent::InitialTransmissionDone { seq: 1 }),
+            "the initial transmission ended"
+        );
+        assert!(
+            session.messages[0].message.sealed.is_none(),
+            "sealed copies dropped"
+        );
+        datagrams
+    }
+
+    #[test]
+    fn datagrams_sealed_in_advance_are_the_ones_the_loop_would_seal() {
+        let config = SenderConfig {
+            send_rate: 1e9,
+            burst: 1_000_000,
+            proactive: ProactiveConfig {
+                min_rho: 0.25,
+                ..ProactiveConfig::default()
+            },
+            ..SenderConfig::default()
+        };
+        #[allow(clippy::disallowed_methods)] // the start of virtual time
+        let start = Instant::now();
+        let (gcks, batch) =
+            crate::test_support::TestGcks::new(7, 3, (1, 2), 3000, config.clone(), start);
+        let params = super::super::layout::MessageParams {
+            spi: 3,
+            max_block_symbols: 5,
+            ..Default::default()
+        };
+        let leaves = gcks.tree.leaves_in_order();
+        let built =
+            super::super::layout::build_message(&batch, &leaves, &gcks.signing_key, &params)
+                .unwrap();
+        let prepare = || PreparedMessage::new(built.clone(), batch.mac_key.clone()).unwrap();
+        let reference = initial_transmission(prepare(), &config);
+        assert!(reference.len() > 20, "{} datagrams", reference.len());
+        let proactive = ProactiveRepair::new(config.proactive).unwrap();
+        // All sealed in advance, on one and on three threads; then the proactive repair left
+        // to the loop (none sealed), which seals it as before.
+        for (threads, proactive) in [(1, Some(&proactive)), (3, Some(&proactive)), (2, None)] {
+            let mut sealed = prepare();
+            sealed.seal_initial(proactive, threads).unwrap();
+            assert!(sealed.is_sealed());
+            assert_eq!(
+                initial_transmission(sealed, &config),
+                reference,
+                "{threads} threads"
+            );
+        }
+    }
 
     #[test]
     fn backoff_factor_is_within_what_members_take() {

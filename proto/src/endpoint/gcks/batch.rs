@@ -26,6 +26,9 @@ pub struct BatchJob {
     pub(super) params: MessageParams,
     /// Whether to encode what the driver stores (the tree snapshot, the message's parts).
     pub(super) durable: bool,
+    /// The sender's proactive repair estimator when the batch closed: how many repair symbols
+    /// per block to seal in advance with the rest of the initial transmission.
+    pub(super) proactive: Option<rekeycast_nack::ProactiveRepair>,
 }
 
 impl std::fmt::Debug for BatchJob {
@@ -97,6 +100,7 @@ impl Job for BatchJob {
             signing_key,
             params,
             durable,
+            proactive,
         } = self;
         // The batch is built on a fork: the committed tree stays as it is until the endpoint
         // takes the fork, after the message is built and stored.
@@ -110,7 +114,15 @@ impl Job for BatchJob {
         // The endpoint's tree is unique again: once this batch commits, the tree it replaces
         // becomes the next batch's spare.
         drop(committed);
-        match build(&mut tree, &joins, &leaves, &signing_key, &params, durable) {
+        match build(
+            &mut tree,
+            &joins,
+            &leaves,
+            &signing_key,
+            &params,
+            durable,
+            proactive.as_ref(),
+        ) {
             Ok((message, bundles, stored)) => BatchOutput(Ok(Built {
                 tree,
                 message,
@@ -141,6 +153,7 @@ fn build(
     key: &SigningKey,
     params: &MessageParams,
     durable: bool,
+    proactive: Option<&rekeycast_nack::ProactiveRepair>,
 ) -> Result<BuildResult, (BatchFailure, String)> {
     let batch = tree
         .apply_batch(joins, leaves)
@@ -152,8 +165,12 @@ fn build(
     let built = build_message(&batch, &tree.leaves_in_order(), key, params)
         .map_err(|e| (BatchFailure::Build, e.to_string()))?;
     let encode = |e: crate::session::sender::QueueError| (BatchFailure::Encode, e.to_string());
-    let prepared = PreparedMessage::new(built, batch.mac_key.clone()).map_err(encode)?;
-    prepared.build_repair_encoders().map_err(encode)?;
+    let mut prepared = PreparedMessage::new(built, batch.mac_key.clone()).map_err(encode)?;
+    // The initial transmission sealed here, off the event loop (the MAC is most of a
+    // datagram's cost on the loop), with every block's repair encoder built on the way.
+    prepared
+        .seal_initial(proactive, params.resolved_signing_threads())
+        .map_err(encode)?;
     let stored = if durable {
         let snapshot = tree
             .snapshot_body()

@@ -1129,6 +1129,7 @@ impl<T: Clone> GcksEndpoint<T> {
             signing_key: Arc::clone(&self.signing_key),
             params,
             durable: self.config.durable,
+            proactive: Some(self.session.proactive_repair().clone()),
         });
     }
 
