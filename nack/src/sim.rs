@@ -1048,7 +1048,7 @@ impl<'a> Sim<'a> {
                     source_symbols: self.config.source_symbols,
                     proactive_symbols: self.proactive,
                     group_size: self.config.receivers,
-                    max_need: track.first_round_max_need,
+                    first_need: track.first_round_max_need,
                     needing_receivers: None,
                 });
             }

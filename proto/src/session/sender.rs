@@ -12,8 +12,11 @@
 //! ([`rekeycast_nack::RepairAggregator`], [`rekeycast_nack::ProactiveRepair::repair_bounds`]),
 //! announced at once by a repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7);
 //! chunk requests answered by unicast, one datagram with the member's own chunk each, within
-//! a per-source rate ([`super::chunk_repair`]). The repair policy and its model are described
-//! in [`rekeycast_nack`]. Control traffic is sized to the message: a small message sends
+//! a per-source rate ([`super::chunk_repair`]). The loss estimate behind proactive repair and
+//! the repair bounds learns from each chunk block's first round: the first NACK of a block is
+//! recorded the moment it arrives (and the message's bounds recomputed before it is
+//! answered), a block that drew none once its round is surely over. The repair policy and its
+//! model are described in [`rekeycast_nack`]. Control traffic is sized to the message: a small message sends
 //! fewer manifest copies (as many as the loss estimate needs, at most
 //! [`SenderConfig::manifest_repeats`]); the first heartbeat after the one ending a message
 //! comes one NACK window later. Feedback that passes
@@ -638,7 +641,7 @@ struct Outgoing {
     finished_at: Option<Instant>,
     /// Per block: whether its first-round statistics were recorded.
     recorded: Vec<bool>,
-    /// Per block: the largest need heard in a first-round NACK (0: none yet).
+    /// Per block: the need of the first first-round NACK heard (0: none yet).
     first_round_need: Vec<u16>,
 }
 
@@ -1106,22 +1109,15 @@ impl SenderSession {
                     round: nack.round,
                     need: nack.need,
                 };
+                if object == ObjectId::Chunks && nack.round == 1 {
+                    self.first_nack_of_block(repr.seq, nack.sbn, nack.need);
+                }
                 let _ = self.aggregator.handle_nack(now, &incoming);
                 if self.in_repair_window(repr.seq) {
                     *self
                         .nack_counts
                         .entry((repr.seq, object, nack.sbn, nack.round.max(1)))
                         .or_insert(0) += 1;
-                }
-                if object == ObjectId::Chunks && nack.round == 1 {
-                    if let Some(index) = self.index_of(repr.seq) {
-                        if let Some(need) = self.messages[index]
-                            .first_round_need
-                            .get_mut(usize::from(nack.sbn))
-                        {
-                            *need = (*need).max(nack.need);
-                        }
-                    }
                 }
                 if let Some(echo) = nack.echo.filter(|_| sample) {
                     self.handle_echo(now, echo.timestamp_us, echo.hold_us);
@@ -1639,12 +1635,66 @@ impl SenderSession {
         }
     }
 
-    /// Once a block's first repair round is surely over, the largest need its NACKs asked
-    /// for (0 when none came) tells the proactive helper about the loss rate.
+    /// A round-1 NACK for chunk block `sbn` of message `seq`. The first one of a block is
+    /// recorded at once (its need is a fair draw of a NACKing member's need; later ones passed
+    /// suppression by needing more), and the message's blocks get repair bounds from the
+    /// estimate it updated, before the NACK is answered: the first message of a group, sent
+    /// with the assumed loss rate, is repaired for the loss rate its first NACKs show.
+    fn first_nack_of_block(&mut self, seq: u64, sbn: u8, need: u16) {
+        let Some(index) = self.index_of(seq) else {
+            return;
+        };
+        let group_size = self
+            .advertised_group_size
+            .unwrap_or(self.messages[index].message.group_size);
+        let outgoing = &mut self.messages[index];
+        let block = usize::from(sbn);
+        let (Some(first), Some(recorded)) = (
+            outgoing.first_round_need.get_mut(block),
+            outgoing.recorded.get(block),
+        ) else {
+            return;
+        };
+        if *first != 0 || *recorded || need == 0 {
+            return;
+        }
+        *first = need;
+        outgoing.recorded[block] = true;
+        let chunks = outgoing.message.headers.len();
+        let k = block_len(&outgoing.message, sbn);
+        self.proactive.record(&BlockNackStats {
+            source_symbols: k,
+            proactive_symbols: outgoing.proactive[block],
+            group_size: block_receivers(group_size, u32::from(k), chunks),
+            first_need: need,
+            needing_receivers: None,
+        });
+        let outgoing = &self.messages[index];
+        for (sbn, &h) in outgoing.proactive.iter().enumerate() {
+            // sbn < block count <= 255.
+            let sbn = sbn as u8;
+            let k = block_len(&outgoing.message, sbn);
+            let (floor, ceiling) = self.proactive.repair_bounds(
+                k,
+                h,
+                block_receivers(group_size, u32::from(k), chunks),
+                UNICAST_RESIDUAL,
+                self.config.aggregator.max_repair_per_round,
+            );
+            let key = BlockKey {
+                seq,
+                object: ObjectId::Chunks,
+                sbn,
+            };
+            self.aggregator.set_block_bounds(key, floor, ceiling);
+        }
+    }
+
+    /// Once a block's first repair round is surely over, whether it drew a NACK and the need
+    /// of the one that opened the round tell the proactive helper about the loss rate.
     fn record_quiet_blocks(&mut self, now: Instant) {
         let delay = self.stats_delay();
         let advertised = self.advertised_group_size;
-        let loss = self.proactive.loss_estimate().max(1e-3);
         let mut observations = Vec::new();
         for outgoing in self.messages.iter_mut() {
             if !outgoing.finished_at.is_some_and(|at| at + delay <= now) {
@@ -1657,15 +1707,11 @@ impl SenderSession {
                     outgoing.recorded[sbn] = true;
                     // sbn < block count <= 255.
                     let k = block_len(&outgoing.message, sbn as u8);
-                    // Only the members whose own chunk was lost can NACK: the largest need
-                    // is the largest among about `p` of the block's members.
-                    let receivers = block_receivers(group_size, u32::from(k), chunks);
-                    let eligible = (f64::from(receivers) * loss).ceil().max(1.0) as u32;
                     observations.push(BlockNackStats {
                         source_symbols: k,
                         proactive_symbols: outgoing.proactive[sbn],
-                        group_size: eligible,
-                        max_need: outgoing.first_round_need.get(sbn).copied().unwrap_or(0),
+                        group_size: block_receivers(group_size, u32::from(k), chunks),
+                        first_need: outgoing.first_round_need.get(sbn).copied().unwrap_or(0),
                         needing_receivers: None,
                     });
                 }
