@@ -39,10 +39,11 @@
 //!
 //! and their need (symbols beyond what they hold) is `1 + L - h` with `L` the symbols lost of
 //! the other `k + h - 1`, conditioned on `L >= h`. The helper returns the smallest `h` with
-//! `f(k, h, p) <= target` within `[min_rho * k, max_rho * k]` ([`Self::proactive_symbols`]):
-//! proactive repair for a target fraction of NACKing members, not for the worst one. Loss
-//! rate, block size (through `k`) and message size (through the number of blocks and `k`)
-//! enter through the model; the group size through `R`, the members each block serves.
+//! `f(k, h, p) <= target` within `[min_rho * k, max_rho * k]`
+//! ([`ProactiveRepair::proactive_symbols`]): proactive repair for a target fraction of
+//! NACKing members, not for the worst one. Loss rate, block size (through `k`) and message
+//! size (through the number of blocks and `k`) enter through the model; the group size
+//! through `R`, the members each block serves.
 //!
 //! [`ProactiveRepair::repair_bounds`] sizes the multicast repair of a block from the same
 //! distribution: the floor is the need that covers nine in ten of the NACKing members (the
