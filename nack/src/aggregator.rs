@@ -1,10 +1,19 @@
 //! The sender side: how much repair to send for which block, and when.
 //!
 //! [`RepairAggregator`] collects NACKs per block over a hold-off window that opens with the
-//! first NACK of a round, then orders `max(need)` fresh repair symbols (ESIs never sent
-//! before), at most [`AggregatorConfig::max_repair_per_round`] per block and round, and paces
-//! them with a token bucket. Any number of NACKs in one window costs at most one order; a
-//! NACK for a round already answered is folded into the next round (RFC 4046 5.5's bound on
+//! first NACK of a round, then orders fresh repair symbols (ESIs never sent before) for the
+//! round's largest need, within the block's bounds ([`RepairAggregator::set_block_bounds`]:
+//! at least a floor that covers the typical receiver, so that the advertisement suppresses
+//! most of the others, and at most a ceiling sized from the distribution of needs rather than
+//! the worst receiver, or the need of the NACK that opened the round if larger: it may be the
+//! only member in need) and at most [`AggregatorConfig::max_repair_per_round`], and paces
+//! them with a token bucket. Any number of NACKs in one window costs at most one order.
+//!
+//! With a zero hold-off the first NACK of a round is answered at once; NACKs of the same round
+//! that arrive within the top-up window after the order ([`RepairAggregator::set_top_up_window`],
+//! the receivers' backoff window) join it, and one needing more than was ordered gets a top-up
+//! of the difference (still within the ceiling) instead of a new round. A NACK for a round
+//! already answered, after that window, is folded into the next round (RFC 4046 5.5's bound on
 //! repair traffic: unauthenticated or duplicate NACKs buy nothing beyond the cap).
 //!
 //! In the unicast feedback mode it also emits an [`Advertisement`] whenever the round's
@@ -124,6 +133,9 @@ pub struct RepairOrder {
     pub max_need: u16,
     /// NACKs aggregated into the round.
     pub nacks: u32,
+    /// Whether this is a top-up of the round's earlier order (a NACK that needed more
+    /// arrived within the top-up window) rather than the round's own order.
+    pub top_up: bool,
 }
 
 /// One repair symbol to encode and multicast now.
@@ -154,6 +166,10 @@ pub struct AggregatorStats {
     pub symbols_ordered: u64,
     /// Advertisements emitted.
     pub advertisements: u64,
+    /// NACKs that joined a round answered within the top-up window.
+    pub joined: u64,
+    /// Top-up orders made for them.
+    pub top_ups: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -161,11 +177,17 @@ struct SenderBlock {
     next_esi: u32,
     answered: u8,
     pending: Option<Pending>,
+    /// The smallest and largest order per round (`None`: 1 and the cap).
+    bounds: Option<(u16, u16)>,
+    /// The last order: its round, count so far, and when it was made.
+    last: Option<(u8, u16, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     round: u8,
+    /// The need of the NACK that opened the round.
+    first_need: u16,
     max_need: u16,
     advertised: u16,
     deadline: Instant,
@@ -196,6 +218,7 @@ pub struct RepairAggregator {
     advertisements: VecDeque<Advertisement>,
     orders: VecDeque<RepairOrder>,
     stats: AggregatorStats,
+    top_up_window: Duration,
 }
 
 impl RepairAggregator {
@@ -211,7 +234,26 @@ impl RepairAggregator {
             advertisements: VecDeque::new(),
             orders: VecDeque::new(),
             stats: AggregatorStats::default(),
+            top_up_window: Duration::ZERO,
         })
+    }
+
+    /// Sets how long after an order NACKs of its round still join it (a top-up when they need
+    /// more) instead of opening the next round: the receivers' backoff window, so that NACKs
+    /// sent before the advertisement reached their senders do not make a second round.
+    pub fn set_top_up_window(&mut self, window: Duration) {
+        self.top_up_window = window;
+    }
+
+    /// Bounds every order of `block`: at least `floor` symbols (covering the typical
+    /// receiver's need, so that the advertisement suppresses most others) and at most
+    /// `ceiling` (sized from the distribution of needs; receivers needing more are left to
+    /// the next round or to unicast chunk repair), both within the per-round cap.
+    pub fn set_block_bounds(&mut self, block: BlockKey, floor: u16, ceiling: u16) {
+        if let Some(state) = self.blocks.get_mut(&block) {
+            let ceiling = ceiling.max(1);
+            state.bounds = Some((floor.clamp(1, ceiling), ceiling));
+        }
     }
 
     /// The configuration.
@@ -238,6 +280,8 @@ impl RepairAggregator {
             next_esi: first_repair_esi,
             answered: 0,
             pending: None,
+            bounds: None,
+            last: None,
         });
         entry.next_esi = entry.next_esi.max(first_repair_esi);
     }
@@ -266,7 +310,63 @@ impl RepairAggregator {
             return NackDisposition::Ignored;
         }
         self.stats.nacks += 1;
-        let need = nack.need.min(cap);
+        let (floor, ceiling) = state.bounds.unwrap_or((1, cap));
+        let ceiling = ceiling.min(cap);
+        if state.pending.is_none() && nack.round <= state.answered {
+            if let Some((round, count, at)) = state.last {
+                if now.saturating_duration_since(at) < self.top_up_window {
+                    // The round was answered a moment ago: this NACK left before the
+                    // advertisement reached its sender. It joins the order.
+                    let wanted = nack.need.min(ceiling.max(count));
+                    if wanted > count {
+                        let extra = wanted - count;
+                        let room = (MAX_ESI + 1).saturating_sub(state.next_esi);
+                        let extra = extra.min(u16::try_from(room).unwrap_or(u16::MAX));
+                        if extra > 0 {
+                            let first_esi = state.next_esi;
+                            state.next_esi = first_esi.saturating_add(u32::from(extra));
+                            state.last = Some((round, count + extra, at));
+                            for i in 0..extra {
+                                self.queue.push_back(RepairSymbol {
+                                    block: nack.block,
+                                    round,
+                                    esi: first_esi + u32::from(i),
+                                    last_of_order: i + 1 == extra,
+                                });
+                            }
+                            self.orders.push_back(RepairOrder {
+                                block: nack.block,
+                                round,
+                                first_esi,
+                                count: extra,
+                                max_need: nack.need,
+                                nacks: 1,
+                                top_up: true,
+                            });
+                            self.stats.symbols_ordered += u64::from(extra);
+                            self.stats.top_ups += 1;
+                            if self.config.advertise {
+                                self.advertisements.push_back(Advertisement {
+                                    block: nack.block,
+                                    round,
+                                    count: count + extra,
+                                });
+                                self.stats.advertisements += 1;
+                            }
+                        }
+                    }
+                    self.stats.joined += 1;
+                    return NackDisposition::Aggregated;
+                }
+            }
+        }
+        let need = nack.need.clamp(floor, ceiling.max(floor));
+        let opening = state.pending.is_none();
+        let need = if opening {
+            need.max(nack.need.min(cap))
+        } else {
+            need
+        };
         let folded = nack.round <= state.answered;
         let disposition = match state.pending.as_mut() {
             Some(pending) => {
@@ -287,6 +387,7 @@ impl RepairAggregator {
                 let round = state.answered + 1;
                 state.pending = Some(Pending {
                     round,
+                    first_need: nack.need,
                     max_need: nack.need,
                     advertised: if self.config.advertise { need } else { 0 },
                     deadline: now + hold_off,
@@ -303,6 +404,9 @@ impl RepairAggregator {
                 NackDisposition::Opened
             }
         };
+        if hold_off.is_zero() {
+            self.close_due(now);
+        }
         if folded {
             self.stats.folded += 1;
             return NackDisposition::Folded;
@@ -312,8 +416,12 @@ impl RepairAggregator {
 
     /// Closes the hold-off windows that are due and queues their repair.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let cap = self.config.max_repair_per_round;
         self.refill(now);
+        self.close_due(now);
+    }
+
+    fn close_due(&mut self, now: Instant) {
+        let cap = self.config.max_repair_per_round;
         for (block, state) in self.blocks.iter_mut() {
             let Some(pending) = state.pending else {
                 continue;
@@ -323,16 +431,22 @@ impl RepairAggregator {
             }
             state.pending = None;
             state.answered = pending.round;
+            let (floor, ceiling) = state.bounds.unwrap_or((1, cap));
+            let ceiling = ceiling.min(cap);
             let room = (MAX_ESI + 1).saturating_sub(state.next_esi);
+            // The NACK that opened the round is served in full (it may be the only member
+            // in need); larger needs of the same window only up to the ceiling.
+            let ceiling = ceiling.max(pending.first_need.min(cap));
             let count = pending
                 .max_need
-                .min(cap)
+                .clamp(floor.min(ceiling), ceiling)
                 .min(u16::try_from(room).unwrap_or(u16::MAX));
             if count == 0 {
                 continue;
             }
             let first_esi = state.next_esi;
             state.next_esi = first_esi.saturating_add(u32::from(count));
+            state.last = Some((pending.round, count, now));
             for i in 0..count {
                 self.queue.push_back(RepairSymbol {
                     block: *block,
@@ -348,6 +462,7 @@ impl RepairAggregator {
                 count,
                 max_need: pending.max_need,
                 nacks: pending.nacks,
+                top_up: false,
             });
             self.stats.orders += 1;
             self.stats.symbols_ordered += u64::from(count);

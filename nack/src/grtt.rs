@@ -15,6 +15,15 @@
 //! receiver's NACK backoff and the sender's repair hold-off) to the upper bound at once; a
 //! true rise in round-trip time is followed within a few intervals (from 100 ms to 10 s in
 //! seven). The caller is expected to drop replayed and stale echoes before they get here.
+//!
+//! While the estimate is uncertain (after start, and after it rose) the decay runs on short
+//! intervals, four GRTTs (at most the probe interval), for
+//! [`GrttConfig::converging_intervals`] intervals that brought samples: an initial estimate
+//! far above the group's round trip comes down within a few round trips rather than one
+//! halving per probe interval, and [`GrttEstimator::probe_interval`] tells the sender to ask
+//! for probe replies that often meanwhile. Rises keep their bound per configured probe
+//! interval, so an insider gains nothing from the short intervals: a forged small sample can
+//! pull the estimate no lower than the largest honest sample of the interval, as before.
 
 use std::time::{Duration, Instant};
 
@@ -33,9 +42,14 @@ pub struct GrttConfig {
     /// The upper bound.
     #[serde(rename = "max_ms", with = "crate::duration_ms")]
     pub max: Duration,
-    /// The probe interval: the estimate decays at most once per interval.
+    /// The probe interval: the estimate decays at most once per interval (once converged)
+    /// and rises at most twofold per interval.
     #[serde(rename = "probe_interval_ms", with = "crate::duration_ms")]
     pub probe_interval: Duration,
+    /// After start and after each rise, this many short intervals (four GRTTs) with samples
+    /// decay the estimate before it goes back to one decay per probe interval (0: never
+    /// short).
+    pub converging_intervals: u8,
 }
 
 impl Default for GrttConfig {
@@ -45,6 +59,7 @@ impl Default for GrttConfig {
             min: Duration::from_millis(1),
             max: Duration::from_secs(10),
             probe_interval: Duration::from_secs(1),
+            converging_intervals: 4,
         }
     }
 }
@@ -86,6 +101,10 @@ pub struct GrttEstimator {
     interval_base: Duration,
     interval_max: Option<Duration>,
     raised_in_interval: bool,
+    /// Short intervals with samples still to run before the estimate counts as converged.
+    converging: u8,
+    /// When the current rise window (one configured probe interval) started.
+    rise_window_start: Instant,
 }
 
 impl GrttEstimator {
@@ -101,7 +120,23 @@ impl GrttEstimator {
             interval_base: grtt,
             interval_max: None,
             raised_in_interval: false,
+            converging: config.converging_intervals,
+            rise_window_start: now,
         })
+    }
+
+    /// The current decay interval: four GRTTs (within the configured minimum and the probe
+    /// interval) while the estimate is converging, else the probe interval. A sender asks for
+    /// probe replies this often.
+    pub fn probe_interval(&self) -> Duration {
+        if self.converging > 0 {
+            (self.grtt * 4).clamp(
+                self.config.min.min(self.config.probe_interval),
+                self.config.probe_interval,
+            )
+        } else {
+            self.config.probe_interval
+        }
     }
 
     /// The current estimate.
@@ -136,7 +171,11 @@ impl GrttEstimator {
         self.interval_max = Some(self.interval_max.map_or(sample, |max| max.max(sample)));
         if sample > self.grtt {
             let limit = self.rise_limit().max(self.grtt);
-            self.grtt = sample.min(limit).clamp(self.config.min, self.config.max);
+            let raised = sample.min(limit).clamp(self.config.min, self.config.max);
+            if raised > self.grtt {
+                self.converging = self.config.converging_intervals;
+            }
+            self.grtt = raised;
             self.raised_in_interval = true;
         }
         Some(sample)
@@ -144,32 +183,43 @@ impl GrttEstimator {
 
     /// Ends the probe intervals that are over, letting the estimate decay.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while now >= self.interval_start + self.config.probe_interval {
-            self.interval_start += self.config.probe_interval;
+        while now >= self.interval_start + self.probe_interval() {
+            let interval = self.probe_interval();
+            self.interval_start += interval;
             if let Some(max) = self.interval_max.take() {
                 if !self.raised_in_interval && max < self.grtt {
                     self.grtt =
                         (max + (self.grtt - max) / 2).clamp(self.config.min, self.config.max);
                 }
+                self.converging = self.converging.saturating_sub(1);
             }
             self.raised_in_interval = false;
-            if self.interval_max.is_none()
-                && now >= self.interval_start + self.config.probe_interval
-            {
+            let interval = self.probe_interval();
+            if self.interval_max.is_none() && now >= self.interval_start + interval {
                 // Skip the empty intervals at once: they change nothing.
                 let behind = now.saturating_duration_since(self.interval_start);
-                let intervals = behind.as_nanos() / self.config.probe_interval.as_nanos();
+                let intervals = behind.as_nanos() / interval.as_nanos();
                 let skip = u32::try_from(intervals).unwrap_or(u32::MAX);
-                self.interval_start += self.config.probe_interval.saturating_mul(skip);
+                self.interval_start += interval.saturating_mul(skip);
             }
+        }
+        // Rises are bounded per configured probe interval, whatever the decay intervals.
+        while now >= self.rise_window_start + self.config.probe_interval {
+            let behind = now.saturating_duration_since(self.rise_window_start);
+            let windows = behind.as_nanos() / self.config.probe_interval.as_nanos();
+            let skip = u32::try_from(windows).unwrap_or(u32::MAX);
+            self.rise_window_start += self.config.probe_interval.saturating_mul(skip);
             self.interval_base = self.grtt;
         }
     }
 
-    /// The end of the current probe interval.
+    /// The end of the current decay interval (or rise window, if sooner).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        Some(self.interval_start + self.config.probe_interval)
+        Some(
+            (self.interval_start + self.probe_interval())
+                .min(self.rise_window_start + self.config.probe_interval),
+        )
     }
 }
 
@@ -183,7 +233,41 @@ mod tests {
             min: Duration::from_millis(5),
             max: Duration::from_millis(500),
             probe_interval: Duration::from_millis(100),
+            // These tests are about the converged estimator's intervals.
+            converging_intervals: 0,
         }
+    }
+
+    #[test]
+    fn converges_within_a_few_round_trips_after_start() {
+        let t0 = Instant::now();
+        let config = GrttConfig {
+            initial: Duration::from_millis(50),
+            min: Duration::from_millis(1),
+            max: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(1),
+            converging_intervals: 4,
+        };
+        let mut e = GrttEstimator::new(config, t0).unwrap();
+        assert_eq!(e.probe_interval(), Duration::from_millis(200));
+        // The true round trip is 24 ms: one echo per short interval.
+        let mut now = t0;
+        while now < t0 + Duration::from_millis(800) {
+            let probe = echo(&e, now, 0);
+            e.handle_echo(now + Duration::from_millis(24), probe);
+            now = e.poll_timeout().unwrap();
+            e.handle_timeout(now);
+        }
+        // Four short intervals: 50 -> 37 -> 30.5 -> 27.25 -> 25.6 ms, within 800 ms, where
+        // one halving per second would still be at 37 ms.
+        assert!(e.grtt() <= Duration::from_millis(26), "{:?}", e.grtt());
+        assert!(e.grtt() >= Duration::from_millis(24));
+        assert_eq!(e.probe_interval(), Duration::from_secs(1), "converged");
+        // A rise makes it uncertain again; the rise stays within twice per probe interval.
+        let probe = echo(&e, now, 0);
+        e.handle_echo(now + Duration::from_millis(500), probe);
+        assert!(e.grtt() <= Duration::from_millis(52));
+        assert!(e.probe_interval() < Duration::from_secs(1));
     }
 
     fn echo(estimator: &GrttEstimator, sent: Instant, hold_ms: u32) -> ProbeEcho {

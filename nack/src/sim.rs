@@ -414,6 +414,8 @@ impl<'a> Sim<'a> {
                 backoff_factor: config.backoff_factor,
                 grtt,
                 max_rounds: config.max_rounds,
+                // This simulator models multicast repair only.
+                multicast_rounds: config.max_rounds,
                 repair_wait_grtt: config.repair_wait_grtt,
                 feedback: config.feedback,
                 probe_replies_per_probe: 4.0,
@@ -444,6 +446,7 @@ impl<'a> Sim<'a> {
                 min: Duration::from_micros(100),
                 max: Duration::from_secs(10),
                 probe_interval: grtt * 20,
+                converging_intervals: 0,
             },
             base,
         )?;
@@ -1045,7 +1048,7 @@ impl<'a> Sim<'a> {
                     source_symbols: self.config.source_symbols,
                     proactive_symbols: self.proactive,
                     group_size: self.config.receivers,
-                    max_need: track.first_round_max_need,
+                    first_need: track.first_round_max_need,
                     needing_receivers: None,
                 });
             }

@@ -355,6 +355,11 @@ pub struct ScenarioReport {
     pub relays: RelayReport,
     /// The GCKS's side of the run.
     pub gcks: GcksReport,
+    /// How many block-rounds drew each number of NACKs at the (last) GCKS
+    /// ([`crate::session::SenderSession::nacks_per_lost_block`]; empty without a GCKS).
+    pub nacks_per_lost_block: Vec<u64>,
+    /// Unicast chunk repairs the (last) GCKS sent.
+    pub chunk_repairs_sent: u64,
     /// Where members received from, their moves and the killed relay's members' recovery.
     pub failover: FailoverReport,
 }
@@ -1605,7 +1610,11 @@ impl<'c> Scenario<'c> {
         let mut sender = self.sender_base;
         let mut repair_orders = self.repair_orders_base;
         let mut grtt_estimate = Duration::ZERO;
+        let mut nacks_per_lost_block = Vec::new();
+        let mut chunk_repairs_sent = 0;
         if let Some(gcks) = gcks {
+            nacks_per_lost_block = gcks.session().nacks_per_lost_block();
+            chunk_repairs_sent = gcks.session().chunk_repair_counters().repairs_sent;
             let stats = gcks.stats();
             add_sender_counters(&mut sender, &stats.sender);
             repair_orders += stats.repair_orders;
@@ -1694,6 +1703,8 @@ impl<'c> Scenario<'c> {
                 members_on_signing_key,
                 reregister_unknown_key,
             },
+            nacks_per_lost_block,
+            chunk_repairs_sent,
             failover,
         }
     }

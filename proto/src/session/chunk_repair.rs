@@ -246,6 +246,37 @@ mod session_tests {
             .any(|event| matches!(event, ReceiverEvent::GroupKeyUpdated { .. }))
     }
 
+    /// The first round-1 NACK of a block tells the sender about the loss rate at once (its
+    /// need is a fair draw of a NACKing member's), and the message's blocks are repaired for
+    /// the rate it shows. The estimate used to move only once the message's first round was
+    /// surely over, so the first message of a group at high loss was repaired, round after
+    /// round, for the 1% assumed.
+    #[test]
+    fn a_first_round_nack_moves_the_loss_estimate_at_once() {
+        let (mut gcks, member, _sent, key, now) = setup();
+        let seq = member.next_seq();
+        let before = gcks.sender.loss_estimate();
+        let nack = NackRepr {
+            object: ObjectKind::Chunks,
+            sbn: 0,
+            round: 1,
+            need: 3,
+            receiver_id: member.order_key(),
+            echo: None,
+        };
+        let bytes = sealed((GROUP, SPI), seq, BodyRepr::Nack(nack), &key);
+        gcks.sender
+            .handle_datagram(now, test_addr(50, 7100), &bytes);
+        let after = gcks.sender.loss_estimate();
+        assert!(after > 2.0 * before, "estimate {before} -> {after}");
+        // A later NACK of the same round and block is not a fair draw: it changes nothing.
+        let nack = NackRepr { need: 9, ..nack };
+        let bytes = sealed((GROUP, SPI), seq, BodyRepr::Nack(nack), &key);
+        gcks.sender
+            .handle_datagram(now, test_addr(51, 7100), &bytes);
+        assert_eq!(gcks.sender.loss_estimate(), after);
+    }
+
     #[test]
     fn a_member_that_lost_every_chunk_symbol_applies_its_unicast_chunk() {
         let (mut gcks, mut member, sent, key, now) = setup();

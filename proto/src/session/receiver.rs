@@ -838,7 +838,7 @@ impl ReceiverSession {
                     let Some(object) = wire_object(nack.block.object) else {
                         continue;
                     };
-                    let body = BodyRepr::Nack(NackRepr {
+                    let repr = NackRepr {
                         object,
                         sbn: nack.block.sbn,
                         round: nack.round,
@@ -848,8 +848,19 @@ impl ReceiverSession {
                             timestamp_us: e.timestamp_us,
                             hold_us: e.hold_us,
                         }),
-                    });
+                    };
+                    let body = if nack.unicast_chunk && object == ObjectKind::Chunks {
+                        // A chunk request names the leaf by its order key: the chunk that
+                        // serves it is what the sender looks up.
+                        BodyRepr::ChunkRequest(NackRepr {
+                            receiver_id: self.order_key(),
+                            ..repr
+                        })
+                    } else {
+                        BodyRepr::Nack(repr)
+                    };
                     let destination = match nack.destination {
+                        _ if nack.unicast_chunk => Destination::Unicast(self.config.feedback_addr),
                         FeedbackMode::Unicast => Destination::Unicast(self.config.feedback_addr),
                         FeedbackMode::Multicast => Destination::Group,
                     };
@@ -881,6 +892,7 @@ impl ReceiverSession {
                 continue;
             };
             match pending {
+                Pending::Nack(nack) if nack.unicast_chunk => self.counters.chunk_requests_sent += 1,
                 Pending::Nack(_) => self.counters.nacks_sent += 1,
                 Pending::ProbeReply { .. } => self.counters.probe_replies_sent += 1,
             }

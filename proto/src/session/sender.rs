@@ -6,9 +6,20 @@
 //! a token bucket; heartbeats carrying the latest sequence number, the GRTT probe, the group
 //! size and the repair entries, at an interval that starts short after each message and
 //! doubles up to a maximum (so a late member learns fast that it missed something, without
-//! steady chatter); NACKs, MAC-checked, aggregated per block into repair orders of `max(need)`
-//! fresh symbols within a cap ([`rekeycast_nack::RepairAggregator`]), announced at once by a
-//! repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7). Feedback that passes
+//! steady chatter); NACKs, MAC-checked, answered at once with fresh symbols sized from the
+//! distribution of needs, between a floor that covers the typical NACKing member and a
+//! ceiling that leaves only a small residual of the block's members to unicast
+//! ([`rekeycast_nack::RepairAggregator`], [`rekeycast_nack::ProactiveRepair::repair_bounds`]),
+//! announced at once by a repair advertisement (RFC 4046 5.2 and 5.4; DESIGN.md steps 4 and 7);
+//! chunk requests answered by unicast, one datagram with the member's own chunk each, within
+//! a per-source rate ([`super::chunk_repair`]). The loss estimate behind proactive repair and
+//! the repair bounds learns from each chunk block's first round: the first NACK of a block is
+//! recorded the moment it arrives (and the message's bounds recomputed before it is
+//! answered), a block that drew none once its round is surely over. The repair policy and its
+//! model are described in [`rekeycast_nack`]. Control traffic is sized to the message: a small message sends
+//! fewer manifest copies (as many as the loss estimate needs, at most
+//! [`SenderConfig::manifest_repeats`]); the first heartbeat after the one ending a message
+//! comes one NACK window later. Feedback that passes
 //! the MAC goes through replay protection ([`super::feedback::FeedbackGuard`]) before it
 //! reaches the aggregator or the GRTT estimator.
 //!
@@ -43,7 +54,7 @@ use std::time::{Duration, Instant};
 use rekeycast_fec::ObjectEncoder;
 use rekeycast_nack::{
     AggregatorConfig, BlockKey, BlockNackStats, GrttConfig, GrttEstimator, IncomingNack, ObjectId,
-    ProactiveConfig, ProactiveRepair, ProbeEcho, RepairAggregator, RepairOrder,
+    ProactiveConfig, ProactiveRepair, ProbeEcho, RepairAggregator,
 };
 
 use super::chunk::ChunkHeader;
@@ -75,8 +86,9 @@ pub struct SenderConfig {
     pub send_rate: f64,
     /// Depth of the initial transmissions' token bucket: the largest burst, in datagrams.
     pub burst: u32,
-    /// How many times each manifest is sent in a message's initial transmission (first, then
-    /// spread evenly, the last one after every symbol).
+    /// The most copies of each manifest sent in a message's initial transmission (first, then
+    /// spread evenly, the last one after every symbol). A small message sends only as many as
+    /// the loss estimate calls for, at least one.
     pub manifest_repeats: u8,
     /// Messages kept for resync (the history window H).
     pub history: usize,
@@ -779,6 +791,8 @@ struct Outgoing {
     finished_at: Option<Instant>,
     /// Per block: whether its first-round statistics were recorded.
     recorded: Vec<bool>,
+    /// Per block: the need of the first first-round NACK heard (0: none yet).
+    first_round_need: Vec<u16>,
 }
 
 /// The GCKS side of one group's rekey transport. See the [module docs](self) for the call
@@ -816,7 +830,16 @@ pub struct SenderSession {
     chunk_repair: ChunkRepairLimiter,
     unicast: VecDeque<UnicastRepair>,
     chunk_counters: ChunkRepairCounters,
+    /// NACKs received per block and round of the messages still repairable.
+    nack_counts: std::collections::BTreeMap<(u64, ObjectId, u8, u8), u32>,
+    /// How many block-rounds drew `i` NACKs, `i` capped at [`NACK_HISTOGRAM_LEN`] - 1, for
+    /// the messages that left the repair window.
+    nack_histogram: Vec<u64>,
 }
+
+/// Buckets of [`SenderSession::nacks_per_lost_block`]: the last one holds every block-round
+/// that drew at least this many NACKs less one.
+pub const NACK_HISTOGRAM_LEN: usize = 256;
 
 /// Repair entries a heartbeat repeats (the newest orders).
 const HEARTBEAT_ENTRIES: usize = 8;
@@ -847,7 +870,7 @@ impl SenderSession {
         config.validate()?;
         let grtt = GrttEstimator::new(config.grtt, now)?;
         let mut aggregator = RepairAggregator::new(config.aggregator.clone())?;
-        aggregator.set_hold_off(grtt.grtt() * u32::from(config.backoff_factor));
+        tune_aggregator(&mut aggregator, grtt.grtt(), config.backoff_factor);
         let proactive = ProactiveRepair::new(config.proactive)?;
         let chunk_repair =
             ChunkRepairLimiter::new(config.chunk_repair_rate, config.chunk_repair_burst);
@@ -877,6 +900,8 @@ impl SenderSession {
             chunk_repair,
             unicast: VecDeque::new(),
             chunk_counters: ChunkRepairCounters::default(),
+            nack_counts: std::collections::BTreeMap::new(),
+            nack_histogram: vec![0; NACK_HISTOGRAM_LEN],
         })
     }
 
@@ -888,6 +913,17 @@ impl SenderSession {
     /// The counters so far.
     pub fn counters(&self) -> &SenderCounters {
         &self.counters
+    }
+
+    /// How many block-rounds (a block of a message that somebody NACKed, in one repair round)
+    /// drew each number of NACKs: element `i` counts those that drew `i` (the last element,
+    /// [`NACK_HISTOGRAM_LEN`] - 1 or more). Element 0 is always 0.
+    pub fn nacks_per_lost_block(&self) -> Vec<u64> {
+        let mut histogram = self.nack_histogram.clone();
+        for &count in self.nack_counts.values() {
+            histogram[(count as usize).min(NACK_HISTOGRAM_LEN - 1)] += 1;
+        }
+        histogram
     }
 
     /// The unicast chunk repair counters so far.
@@ -1030,6 +1066,8 @@ impl SenderSession {
         }
         let partition = info.partition();
         let blocks = partition.block_count();
+        let group_size = self.advertised_group_size.unwrap_or(message.group_size);
+        let chunk_count = message.headers.len();
         let mut proactive = Vec::new();
         let mut symbol_steps = Vec::new();
         for sbn in 0..blocks {
@@ -1052,14 +1090,21 @@ impl SenderSession {
                     .map(|esi| Step::Source { sbn, esi }),
             );
             symbol_steps.extend((k..k + u32::from(h)).map(|esi| Step::Proactive { sbn, esi }));
-            self.aggregator.register_block(
-                BlockKey {
-                    seq: message.seq,
-                    object: ObjectId::Chunks,
-                    sbn,
-                },
-                k + u32::from(h),
+            let key = BlockKey {
+                seq: message.seq,
+                object: ObjectId::Chunks,
+                sbn,
+            };
+            self.aggregator.register_block(key, k + u32::from(h));
+            let receivers = block_receivers(group_size, k, chunk_count);
+            let (floor, ceiling) = self.proactive.repair_bounds(
+                u16::try_from(k).unwrap_or(u16::MAX),
+                h,
+                receivers,
+                UNICAST_RESIDUAL,
+                self.config.aggregator.max_repair_per_round,
             );
+            self.aggregator.set_block_bounds(key, floor, ceiling);
         }
         self.aggregator.register_block(
             BlockKey {
@@ -1076,12 +1121,18 @@ impl SenderSession {
             plan.push(Step::Manifest);
             plan
         } else {
-            interleave_manifests(symbol_steps, self.config.manifest_repeats)
+            let copies = manifest_copies(
+                self.config.manifest_repeats,
+                symbol_steps.len(),
+                self.proactive.loss_estimate(),
+            );
+            interleave_manifests(symbol_steps, copies)
         };
         self.group_size = message.group_size;
         self.initial.push_back(message.seq);
         self.messages.push_back(Outgoing {
             recorded: vec![false; proactive.len()],
+            first_round_need: vec![0; proactive.len()],
             proactive,
             plan,
             next_step: 0,
@@ -1108,6 +1159,7 @@ impl SenderSession {
             next_step: 0,
             finished_at: Some(now),
             recorded: Vec::new(),
+            first_round_need: Vec::new(),
             message,
         });
         // Heartbeats go on after a restart: members behind a quiet sender would otherwise
@@ -1211,7 +1263,16 @@ impl SenderSession {
                     round: nack.round,
                     need: nack.need,
                 };
+                if object == ObjectId::Chunks && nack.round == 1 {
+                    self.first_nack_of_block(repr.seq, nack.sbn, nack.need);
+                }
                 let _ = self.aggregator.handle_nack(now, &incoming);
+                if self.in_repair_window(repr.seq) {
+                    *self
+                        .nack_counts
+                        .entry((repr.seq, object, nack.sbn, nack.round.max(1)))
+                        .or_insert(0) += 1;
+                }
                 if let Some(echo) = nack.echo.filter(|_| sample) {
                     self.handle_echo(now, echo.timestamp_us, echo.hold_us);
                 }
@@ -1329,8 +1390,11 @@ impl SenderSession {
     /// Time passed: GRTT intervals end, aggregation windows close, statistics are recorded.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.grtt.handle_timeout(now);
-        self.aggregator
-            .set_hold_off(self.grtt.grtt() * u32::from(self.config.backoff_factor));
+        tune_aggregator(
+            &mut self.aggregator,
+            self.grtt.grtt(),
+            self.config.backoff_factor,
+        );
         self.aggregator.handle_timeout(now);
         self.drain_orders();
         self.record_quiet_blocks(now);
@@ -1448,8 +1512,11 @@ impl SenderSession {
             hold_us,
         };
         if self.grtt.handle_echo(now, echo).is_some() {
-            self.aggregator
-                .set_hold_off(self.grtt.grtt() * u32::from(self.config.backoff_factor));
+            tune_aggregator(
+                &mut self.aggregator,
+                self.grtt.grtt(),
+                self.config.backoff_factor,
+            );
         }
     }
 
@@ -1477,7 +1544,7 @@ impl SenderSession {
             .max(self.last_probe_us.map_or(0, |last| last + 1));
         let probe_reply_requested = !advertisement && now >= self.probe_request_at;
         if probe_reply_requested {
-            self.probe_request_at = now + self.config.grtt.probe_interval;
+            self.probe_request_at = now + self.grtt.probe_interval();
         }
         let oldest_seq = self.oldest_seq()?;
         let key = self.find(seq)?.message.mac_key.clone();
@@ -1644,10 +1711,14 @@ impl SenderSession {
                 // The heartbeat right after a message tells members its initial transmission
                 // is over; later ones fall off.
                 self.heartbeat_at = Some(now);
+                // The next one a NACK window later, when a member that lost the whole message
+                // has had time to ask; then they fall off, doubling (a member that lost a
+                // whole message in an outage hears one soon after it ends).
+                let window = self.grtt.grtt() * u32::from(self.config.backoff_factor);
                 self.heartbeat_interval = self
                     .config
                     .heartbeat_min
-                    .max(self.grtt.grtt() * 2)
+                    .max(window)
                     .min(self.config.heartbeat_max);
                 continue;
             };
@@ -1741,8 +1812,9 @@ impl SenderSession {
     /// Moves new repair orders into the heartbeat's entries and the proactive statistics.
     fn drain_orders(&mut self) {
         while let Some(order) = self.aggregator.poll_order() {
-            self.counters.repair_orders += 1;
-            self.record_order(&order);
+            if !order.top_up {
+                self.counters.repair_orders += 1;
+            }
             self.recent_orders.push_back(RepairEntry {
                 seq: order.block.seq,
                 object: object_kind(order.block.object),
@@ -1756,51 +1828,83 @@ impl SenderSession {
         }
     }
 
-    /// A first-round order tells the proactive helper how much the worst receiver lacked.
-    fn record_order(&mut self, order: &RepairOrder) {
-        if order.round != 1 || order.block.object != ObjectId::Chunks {
-            return;
-        }
-        let Some(index) = self.index_of(order.block.seq) else {
+    /// A round-1 NACK for chunk block `sbn` of message `seq`. The first one of a block is
+    /// recorded at once (its need is a fair draw of a NACKing member's need; later ones passed
+    /// suppression by needing more), and the message's blocks get repair bounds from the
+    /// estimate it updated, before the NACK is answered: the first message of a group, sent
+    /// with the assumed loss rate, is repaired for the loss rate its first NACKs show.
+    fn first_nack_of_block(&mut self, seq: u64, sbn: u8, need: u16) {
+        let Some(index) = self.index_of(seq) else {
             return;
         };
         let group_size = self
             .advertised_group_size
             .unwrap_or(self.messages[index].message.group_size);
-        let sbn = usize::from(order.block.sbn);
         let outgoing = &mut self.messages[index];
-        if outgoing.recorded.get(sbn).copied() != Some(false) {
+        let block = usize::from(sbn);
+        let (Some(first), Some(recorded)) = (
+            outgoing.first_round_need.get_mut(block),
+            outgoing.recorded.get(block),
+        ) else {
+            return;
+        };
+        if *first != 0 || *recorded || need == 0 {
             return;
         }
-        outgoing.recorded[sbn] = true;
-        let stats = BlockNackStats {
-            source_symbols: block_len(&outgoing.message, order.block.sbn),
-            proactive_symbols: outgoing.proactive[sbn],
-            group_size,
-            max_need: order.max_need,
+        *first = need;
+        outgoing.recorded[block] = true;
+        let chunks = outgoing.message.headers.len();
+        let k = block_len(&outgoing.message, sbn);
+        self.proactive.record(&BlockNackStats {
+            source_symbols: k,
+            proactive_symbols: outgoing.proactive[block],
+            group_size: block_receivers(group_size, u32::from(k), chunks),
+            first_need: need,
             needing_receivers: None,
-        };
-        self.proactive.record(&stats);
+        });
+        let outgoing = &self.messages[index];
+        for (sbn, &h) in outgoing.proactive.iter().enumerate() {
+            // sbn < block count <= 255.
+            let sbn = sbn as u8;
+            let k = block_len(&outgoing.message, sbn);
+            let (floor, ceiling) = self.proactive.repair_bounds(
+                k,
+                h,
+                block_receivers(group_size, u32::from(k), chunks),
+                UNICAST_RESIDUAL,
+                self.config.aggregator.max_repair_per_round,
+            );
+            let key = BlockKey {
+                seq,
+                object: ObjectId::Chunks,
+                sbn,
+            };
+            self.aggregator.set_block_bounds(key, floor, ceiling);
+        }
     }
 
-    /// Blocks that drew no NACK by the time a first round would have closed count as
-    /// NACK-free observations.
+    /// Once a block's first repair round is surely over, whether it drew a NACK and the need
+    /// of the one that opened the round tell the proactive helper about the loss rate.
     fn record_quiet_blocks(&mut self, now: Instant) {
         let delay = self.stats_delay();
+        let advertised = self.advertised_group_size;
         let mut observations = Vec::new();
         for outgoing in self.messages.iter_mut() {
             if !outgoing.finished_at.is_some_and(|at| at + delay <= now) {
                 continue;
             }
+            let group_size = advertised.unwrap_or(outgoing.message.group_size);
+            let chunks = outgoing.message.headers.len();
             for sbn in 0..outgoing.recorded.len() {
                 if !outgoing.recorded[sbn] {
                     outgoing.recorded[sbn] = true;
                     // sbn < block count <= 255.
+                    let k = block_len(&outgoing.message, sbn as u8);
                     observations.push(BlockNackStats {
-                        source_symbols: block_len(&outgoing.message, sbn as u8),
+                        source_symbols: k,
                         proactive_symbols: outgoing.proactive[sbn],
-                        group_size: outgoing.message.group_size,
-                        max_need: 0,
+                        group_size: block_receivers(group_size, u32::from(k), chunks),
+                        first_need: outgoing.first_round_need.get(sbn).copied().unwrap_or(0),
                         needing_receivers: None,
                     });
                 }
@@ -1837,6 +1941,12 @@ impl SenderSession {
                 .message
                 .seq;
             self.aggregator.retire_before(first_repairable);
+            let kept = self
+                .nack_counts
+                .split_off(&(first_repairable, ObjectId::Manifest, 0, 0));
+            for count in std::mem::replace(&mut self.nack_counts, kept).into_values() {
+                self.nack_histogram[(count as usize).min(NACK_HISTOGRAM_LEN - 1)] += 1;
+            }
             self.recent_orders
                 .retain(|entry| entry.seq >= first_repairable);
         }
@@ -1934,6 +2044,48 @@ fn object_kind(object: ObjectId) -> ObjectKind {
         ObjectId::Manifest => ObjectKind::Manifest,
         ObjectId::Chunks => ObjectKind::Chunks,
     }
+}
+
+/// Repair rounds are answered at once (a zero hold-off: the first NACK of a round orders its
+/// repair), and NACKs of the round that arrive within the receivers' backoff window, `K *
+/// GRTT`, join that order (a top-up when they need more) instead of opening another round.
+fn tune_aggregator(aggregator: &mut RepairAggregator, grtt: Duration, backoff_factor: u8) {
+    aggregator.set_hold_off(Duration::ZERO);
+    aggregator.set_top_up_window(grtt * u32::from(backoff_factor).max(1));
+}
+
+/// The share of a block's members the multicast repair rounds may leave to unicast chunk
+/// repair (each of those costs one datagram to one member).
+const UNICAST_RESIDUAL: f64 = 0.001;
+
+/// The probability of missing every copy of the manifest that the number of copies is sized
+/// for: below it, a member needs a manifest repair round.
+const MANIFEST_MISS_TARGET: f64 = 0.005;
+
+/// Messages of at least this many symbols per configured manifest copy send every configured
+/// copy: there they cost next to nothing.
+const SYMBOLS_PER_FULL_MANIFEST: usize = 32;
+
+/// How many copies of the manifest a message of `symbols` source and proactive symbols sends,
+/// at loss estimate `loss`: the fewest for which a member misses them all with probability at
+/// most [`MANIFEST_MISS_TARGET`], at least 1 and at most `configured`.
+fn manifest_copies(configured: u8, symbols: usize, loss: f64) -> u8 {
+    if symbols >= SYMBOLS_PER_FULL_MANIFEST * usize::from(configured) {
+        return configured;
+    }
+    let mut copies = 1u8;
+    while copies < configured && loss.powi(i32::from(copies)) > MANIFEST_MISS_TARGET {
+        copies += 1;
+    }
+    copies
+}
+
+/// The members a block of `k` of a message's `chunks` chunks serves, of `group_size` (each
+/// chunk serves a contiguous range of leaves; at least 1).
+fn block_receivers(group_size: u32, k: u32, chunks: usize) -> u32 {
+    let chunks = u64::try_from(chunks.max(1)).unwrap_or(u64::MAX);
+    let share = (u64::from(group_size) * u64::from(k)).div_ceil(chunks);
+    u32::try_from(share).unwrap_or(u32::MAX).max(1)
 }
 
 fn block_len(message: &PreparedMessage, sbn: u8) -> u16 {
