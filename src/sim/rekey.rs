@@ -45,7 +45,7 @@ use super::endpoint::{
     answer_fetch, EndpointNode, EndpointNodeCounters, MemGcksStorage, MemMemberStorage, NoStorage,
     PortMap, SharedStorage,
 };
-use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
+use super::{Interest, LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Tag, Transmit};
 use crate::gsa::WrapAlgorithm;
 use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle, RelayContact, RelayDirectory};
 use crate::relay::RelayConfig;
@@ -160,6 +160,69 @@ pub struct ScenarioConfig {
     /// bootstrapped, and at every second of virtual time; for progress lines (it may read
     /// the wall clock and the process's memory; the scenario does not).
     pub progress: Option<fn(&Progress)>,
+    /// How the network draws link fates and whether it hands members the datagrams they
+    /// drop unread.
+    pub deliveries: Deliveries,
+}
+
+/// How a scenario's network delivers ([`ScenarioConfig::deliveries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deliveries {
+    /// Every datagram to every listener; each link draws from its own stream (the seeded
+    /// figures of the scenario tests and benches).
+    #[default]
+    Streams,
+    /// Every datagram to every listener; each packet draws its fates from a generator of its
+    /// own ([`Network::per_packet_draws`]): the reference [`Deliveries::Filtered`] must
+    /// match.
+    PerPacket,
+    /// As [`Deliveries::PerPacket`], but a member is not handed the symbols its session
+    /// drops unread at the cost of a header read ([`crate::session::DropFilter`]: other
+    /// blocks than its own once the manifest named it, finished messages), as if its socket
+    /// had dropped them ([`Network::filter_deliveries`]). Every member still receives its
+    /// own block, the manifests, heartbeats and NACKs, and verifies everything it uses as
+    /// before (no verification is shared or skipped): the members' keys, outcomes and times
+    /// are those of [`Deliveries::PerPacket`]; only the receivers' drop counters and the
+    /// network's delivery count differ (the skipped copies are counted in
+    /// [`NetworkStats::filtered`]). Relays and the GCKS take everything.
+    Filtered,
+}
+
+/// Tags the datagrams a member's session may drop unread: symbol datagrams, by (group id and
+/// SPI, sequence number, chunk block or none for a manifest symbol).
+pub fn classify(bytes: &[u8]) -> Option<Tag> {
+    use crate::wire::{self, DatagramType, ObjectKind, Packet};
+    let packet = Packet::new_checked(bytes).ok()?;
+    if packet.datagram_type() != DatagramType::Symbol {
+        return None;
+    }
+    let symbol = wire::symbol::Packet::new_checked(packet.body()).ok()?;
+    let block = match symbol.object() {
+        ObjectKind::Chunks => Some(symbol.sbn()),
+        ObjectKind::Manifest => None,
+    };
+    Some(Tag {
+        stream: stream_of(packet.group_id(), packet.spi()),
+        seq: packet.seq(),
+        block,
+    })
+}
+
+/// The stream of a group's Rekey SA, as tags and interests name it.
+fn stream_of(group_id: u32, spi: u32) -> u64 {
+    (u64::from(group_id) << 32) | u64::from(spi)
+}
+
+/// What a member's session drops unread, as an interest.
+fn member_interest(member: &MemberEndpoint) -> Interest {
+    match member.session().drop_filter() {
+        Some(filter) => Interest::From {
+            stream: stream_of(filter.group_id, filter.spi),
+            seq: filter.next_seq,
+            block: filter.own_block,
+        },
+        None => Interest::All,
+    }
 }
 
 /// How many members are admitted (or bootstrapped) between two [`ScenarioConfig::progress`]
@@ -259,6 +322,7 @@ impl ScenarioConfig {
             restart_gcks: None,
             hostile_relay: None,
             progress: None,
+            deliveries: Deliveries::Streams,
         }
     }
 }
@@ -341,6 +405,25 @@ pub struct ScenarioReport {
     pub gcks: GcksReport,
     /// Where members received from, their moves and the killed relay's members' recovery.
     pub failover: FailoverReport,
+    /// Each final member's outcome, by slot (the order members were added).
+    pub member_outcomes: Vec<MemberOutcome>,
+}
+
+/// How one final member of a scenario ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberOutcome {
+    /// The last message it applied.
+    pub last_seq: u64,
+    /// Its group key's version, and the first bytes of the key (none without a key).
+    pub group_key: Option<(u32, [u8; 8])>,
+    /// Messages it applied from its own source symbol, from a decoded block, by resync.
+    pub applied: [u64; 3],
+    /// NACKs it sent.
+    pub nacks_sent: u64,
+    /// Times it found itself out of sync.
+    pub out_of_sync: u64,
+    /// Signature checks it made.
+    pub signature_checks: u64,
 }
 
 /// Members' relays and failover in a scenario.
@@ -521,6 +604,13 @@ impl Node for SimNode {
             Self::Relay(node) => node.poll_timeout(),
         }
     }
+
+    fn interest(&self) -> Interest {
+        match self {
+            Self::Member(member) => member.node.interest(),
+            Self::Gcks(_) | Self::Relay(_) => Interest::All,
+        }
+    }
 }
 
 /// What the endpoints' hooks record for the scenario.
@@ -633,6 +723,11 @@ impl<'c> Scenario<'c> {
         };
         let tree_rng = KeyRng::seeded_for_simulation(rng.gen());
         let mut net = Network::with_config(super::NetworkConfig::new(rng.gen()))?;
+        match config.deliveries {
+            Deliveries::Streams => {}
+            Deliveries::PerPacket => net.per_packet_draws()?,
+            Deliveries::Filtered => net.filter_deliveries(classify)?,
+        }
         let start = net.start();
         let instance: u32 = rng.gen();
         let hostile_rng = ChaCha8Rng::seed_from_u64(rng.gen());
@@ -1211,7 +1306,8 @@ impl<'c> Scenario<'c> {
             member_event_hook(&self.shared, initial_index),
             fetch_hook(&self.shared, id),
         )
-        .with_progress(|member| member.session().next_seq());
+        .with_progress(|member| member.session().next_seq())
+        .with_interest(member_interest);
         let node = SimNode::Member(Box::new(MemberNode {
             node,
             initial_index,
@@ -1485,12 +1581,30 @@ impl<'c> Scenario<'c> {
         let mut member_messages = self.member_messages;
         let mut must_reregister = self.must_reregister;
         let mut stale_saved_keys = 0;
+        let mut member_outcomes = Vec::with_capacity(self.current.len());
         for &slot in &self.current {
             let Some(SimNode::Member(member)) = self.net.node(self.slots[slot].1) else {
                 continue;
             };
             let endpoint = member.node.endpoint();
             let session = endpoint.session();
+            let counters = session.counters();
+            member_outcomes.push(MemberOutcome {
+                last_seq: session.keys().last_seq(),
+                group_key: session.group_key().map(|k| {
+                    let mut head = [0; 8];
+                    head.copy_from_slice(&k.key.as_bytes()[..8]);
+                    (k.version, head)
+                }),
+                applied: [
+                    counters.applied_from_source,
+                    counters.applied_from_decode,
+                    counters.applied_from_resync,
+                ],
+                nacks_sent: counters.nacks_sent,
+                out_of_sync: counters.out_of_sync,
+                signature_checks: session.message_counters().signature_checks,
+            });
             add_counters(&mut receivers, session.counters());
             signature_checks += session.message_counters().signature_checks;
             signature_failures += session.message_counters().signature_failures;
@@ -1606,6 +1720,7 @@ impl<'c> Scenario<'c> {
                 stale_saved_keys,
             },
             failover,
+            member_outcomes,
         }
     }
 }

@@ -25,7 +25,7 @@ pub mod sender;
 pub mod stored;
 
 pub use receiver::{
-    ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+    DropFilter, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
 };
 pub use sender::{PreparedMessage, SenderConfig, SenderCounters, SenderSession};
 pub use stored::StoredMessage;
