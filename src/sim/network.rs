@@ -192,11 +192,12 @@ pub struct NetworkStats {
     pub stalled_timers: u64,
     /// Times the per-instant event cap was hit.
     pub livelocks: u64,
-    /// Multicast copies not scheduled because the receiver's [`Interest`] excludes them
-    /// (with [`Network::filter_deliveries`]; counted before the downlink, so copies the
-    /// downlink would have lost are among them, and so are copies to absent nodes still
-    /// listed in the group). Unfiltered, such a copy would have been delivered (or dropped)
-    /// and dropped unread by the receiver.
+    /// Multicast copies skipped because the receiver's [`Interest`] excludes them (with
+    /// [`Network::filter_deliveries`]): when the datagram is sent (counted before the
+    /// downlink, so copies the downlink would have lost are among them, and so are copies to
+    /// absent nodes still listed in the group), or when it arrives (the receiver's interest
+    /// narrowed in between). Unfiltered, such a copy would have been delivered (or lost) and
+    /// dropped unread by the receiver.
     pub filtered: u64,
 }
 
@@ -485,6 +486,8 @@ struct Arrival {
     /// Node index, or [`EXTERNAL`] | index into the table of external sources.
     from: u32,
     payload: Arc<[u8]>,
+    /// The classifier's tag of a filtered multicast's copy: checked again on arrival.
+    tag: Option<Tag>,
 }
 
 /// One receiver's copy of a multicast datagram, in a [`Fanout`].
@@ -504,6 +507,8 @@ struct FanoutCopy {
 struct Fanout {
     from: u32,
     payload: Arc<[u8]>,
+    /// The classifier's tag (with filtered deliveries).
+    tag: Option<Tag>,
     base: u64,
     /// Sorted by (time, sequence), the next at `next`.
     copies: Vec<FanoutCopy>,
@@ -635,7 +640,9 @@ impl<N: Node> Network<N> {
     /// ([`Network::per_packet_draws`]) are switched on, so that the datagrams a node does take
     /// have the fates they would have had unfiltered, and a run filtered and one not filtered
     /// (both with per-packet draws) deliver the same datagrams at the same times to every node,
-    /// as long as each node's interest at a datagram's sending still holds at its arrival.
+    /// as long as a node that drops a datagram by its interest when it is sent would still
+    /// drop it when it arrives. The interest is checked again on arrival (with the one the
+    /// node has then), so a copy sent before the node knew its block is skipped too.
     /// Links must then have memoryless loss (a Gilbert-Elliott link's state would advance
     /// only with the packets it carries). Unicast datagrams are never filtered. Only on a
     /// network without nodes yet.
@@ -1104,6 +1111,7 @@ impl<N: Node> Network<N> {
                     to: copy.to,
                     from: fanout.from,
                     payload: Arc::clone(&fanout.payload),
+                    tag: fanout.tag,
                 };
                 match fanout.head() {
                     // Dropping `top` moves the fanout to its place for its next copy.
@@ -1128,6 +1136,14 @@ impl<N: Node> Network<N> {
             self.stats.dropped_absent += 1;
             return;
         };
+        // The receiver's interest may have narrowed since the copy was sent (it learned its
+        // block): skip what it now drops unread.
+        if let Some(tag) = &arrival.tag {
+            if !slot.interest.takes(tag) {
+                self.stats.filtered += 1;
+                return;
+            }
+        }
         node.handle_datagram(now, from, &arrival.payload);
         let len = arrival.payload.len() as u64;
         slot.stats.datagrams_received += 1;
@@ -1374,6 +1390,7 @@ impl<N: Node> Network<N> {
                     let mut fanout = self.batch_multicast.then(|| Fanout {
                         from: sender,
                         payload: Arc::clone(&payload),
+                        tag,
                         base: self.sequence + 1,
                         copies: Vec::with_capacity(listeners.len()),
                         next: 0,
@@ -1448,6 +1465,7 @@ impl<N: Node> Network<N> {
                 to: receiver,
                 from: sender,
                 payload: copy,
+                tag: None,
             }));
         }
     }
