@@ -486,6 +486,8 @@ pub struct GcksReport {
     pub reused_seqs: u64,
     /// Joins the GCKS refused or could not answer with a bundle.
     pub join_failures: u64,
+    /// Batches whose message could not be built or committed (each attempt counts).
+    pub batch_failures: u64,
     /// Whether the GCKS poisoned itself.
     pub poisoned: bool,
     /// Whether the message the GCKS crashed after ([`ScenarioConfig::restart_gcks`]) had
@@ -622,6 +624,7 @@ struct Shared {
     /// Bundles the GCKS answered joins with, not yet admitted.
     bundles: Vec<RegistrationBundle>,
     join_failures: u64,
+    batch_failures: u64,
     /// Messages whose initial transmission is done.
     sent: BTreeSet<u64>,
     poisoned: bool,
@@ -1715,6 +1718,7 @@ impl<'c> Scenario<'c> {
                 committed_seq: storage.last_committed(),
                 reused_seqs: storage.reused_seqs(),
                 join_failures: shared.join_failures,
+                batch_failures: shared.batch_failures,
                 poisoned: shared.poisoned,
                 crashed_after_sent: self.crashed_after_sent,
                 stale_saved_keys,
@@ -1753,6 +1757,7 @@ fn gcks_node(
                 shared.sent.insert(seq);
             }
             GcksEvent::Poisoned { .. } => shared.poisoned = true,
+            GcksEvent::BatchFailed { .. } => shared.batch_failures += 1,
             _ => {}
         }
     });
