@@ -232,7 +232,9 @@ pub const PROGRESS_MEMBERS: usize = 50_000;
 /// Where a scenario run is, handed to [`ScenarioConfig::progress`].
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// What the run is doing: `"admitting"`, `"bootstrapping"` or `"running"`.
+    /// What the run is doing: `"admitting"`, `"bootstrapping"`, `"running"` (at each new
+    /// second of virtual time) or `"tick"` (at every other service tick while running: a
+    /// callback that prints should rate-limit these by the wall clock).
     pub phase: &'static str,
     /// Virtual time since the start.
     pub virtual_time: Duration,
@@ -244,6 +246,8 @@ pub struct Progress {
     pub delivered: u64,
     /// Datagrams in flight.
     pub in_flight: usize,
+    /// Copies skipped by filtered deliveries so far ([`NetworkStats::filtered`]).
+    pub filtered: u64,
 }
 
 /// When the GCKS crashes and how long it stays down.
@@ -1386,9 +1390,7 @@ impl<'c> Scenario<'c> {
             now = next;
             self.serve(now)?;
             self.follow_failover()?;
-            if new_second {
-                self.progress("running");
-            }
+            self.progress(if new_second { "running" } else { "tick" });
         }
         Ok(())
     }
@@ -1402,6 +1404,7 @@ impl<'c> Scenario<'c> {
                 messages: self.messages,
                 members_added: self.slots.len(),
                 delivered: self.net.stats().delivered,
+                filtered: self.net.stats().filtered,
                 in_flight: self.net.in_flight(),
             });
         }

@@ -9,8 +9,9 @@
 //!   member links.
 //!
 //! Each cell runs in a fresh process (so that its peak RSS is its own), prints a progress
-//! line to stderr every 50,000 members admitted and every second of virtual time (wall
-//! time, CPU time, RSS, datagrams delivered), then its row: wall and CPU time (the
+//! line to stderr every 50,000 members admitted, every second of virtual time and every 15
+//! seconds of wall time (wall time, CPU time, RSS, datagrams delivered and skipped), then
+//! its row: wall and CPU time (the
 //! scenario thread's, which on a shared machine says more than the wall time), peak RSS
 //! (VmHWM), peak RSS per member, datagrams delivered and CPU nanoseconds per delivery
 //! (everything, the bootstrap included, over the deliveries), the copies the network skipped
@@ -74,20 +75,34 @@ fn cpu_ns() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// The progress line of a long run.
+/// Wall seconds (since the start) of the last progress line.
+static LAST_LINE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Seconds of wall time between progress lines inside one second of virtual time.
+const TICK_LINE_SECS: u64 = 15;
+
+/// The progress line of a long run: at each phase step and second of virtual time, and
+/// every [`TICK_LINE_SECS`] of wall time in between.
 fn progress(p: &Progress) {
+    use std::sync::atomic::Ordering;
     let wall = STARTED.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let last = LAST_LINE.load(Ordering::Relaxed);
+    if p.phase == "tick" && (wall as u64) < last + TICK_LINE_SECS {
+        return;
+    }
+    LAST_LINE.store(wall as u64, Ordering::Relaxed);
     let cpu = cpu_ns().map_or(0.0, |ns| ns as f64 / 1e9);
     let rss = read_status_kib("VmRSS").unwrap_or(0) as f64 / (1024.0 * 1024.0);
     eprintln!(
         "sim scale: [{} wall {wall:.0} s, CPU {cpu:.0} s, RSS {rss:.2} GiB] {}, virtual {:.1} s, \
-         {} messages, {} members added, {} delivered, {} in flight",
+         {} messages, {} members added, {} delivered, {} skipped, {} in flight",
         clock(),
         p.phase,
         p.virtual_time.as_secs_f64(),
         p.messages,
         p.members_added,
         p.delivered,
+        p.filtered,
         p.in_flight,
     );
 }
