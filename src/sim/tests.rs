@@ -1082,7 +1082,10 @@ fn toy_tag(bytes: &[u8]) -> Option<Tag> {
 /// 40 receivers each taking one block of four over a memoryless impaired link; `filter`:
 /// the network filters deliveries, else it only draws per packet. Returns each receiver's
 /// datagrams (time, bytes), its block, and the counters.
-fn filtered_run(filter: bool) -> (Vec<(u8, Vec<(Duration, Vec<u8>)>)>, NetworkStats) {
+/// Each receiver's block and the datagrams it got: (time since the start, bytes).
+type ByBlock = Vec<(u8, Vec<(Duration, Vec<u8>)>)>;
+
+fn filtered_run(filter: bool) -> (ByBlock, NetworkStats) {
     let mut net = Network::new(99);
     if filter {
         net.filter_deliveries(toy_tag).unwrap();
