@@ -40,7 +40,7 @@ use rekeycast_proto::resync::connection::StreamStart;
 use rekeycast_proto::resync::{Lookup, ResyncSource};
 use rekeycast_proto::session::StoredMessage;
 
-use super::{Destination, Node, Transmit};
+use super::{Destination, Interest, Node, Transmit};
 
 /// Bytes a resync answer costs beyond its payloads, per frame (the TCP codec's frame header
 /// and sequence fields), counted against a fetch's byte cap.
@@ -126,6 +126,8 @@ pub struct EndpointNode<E: Endpoint> {
     /// How far the endpoint has got (a member's next sequence number), to tell whether an
     /// item applied.
     progress: Option<fn(&E) -> u64>,
+    /// Which datagrams the endpoint drops unread ([`Node::interest`]); `None`: none.
+    interest: Option<fn(&E) -> Interest>,
     /// Fetch answers waiting for their arrival time, by (time, arrival order).
     inbox: BTreeMap<(Instant, u64), Delivery>,
     next_order: u64,
@@ -160,6 +162,7 @@ impl<E: Endpoint> EndpointNode<E> {
             on_event,
             on_fetch,
             progress: None,
+            interest: None,
             inbox: BTreeMap::new(),
             next_order: 0,
             cancelled: BTreeSet::new(),
@@ -172,6 +175,14 @@ impl<E: Endpoint> EndpointNode<E> {
     /// counted ([`EndpointNodeCounters::hostile_items_applied`]).
     pub fn with_progress(mut self, progress: fn(&E) -> u64) -> Self {
         self.progress = Some(progress);
+        self
+    }
+
+    /// Reads which datagrams the endpoint would drop unread with `interest` (see
+    /// [`Node::interest`]): it must name only datagrams whose handling changes nothing in the
+    /// endpoint but its drop counters.
+    pub fn with_interest(mut self, interest: fn(&E) -> Interest) -> Self {
+        self.interest = Some(interest);
         self
     }
 
@@ -322,6 +333,11 @@ impl<E: Endpoint> Node for EndpointNode<E> {
             destination,
             len: transmit.len,
         })
+    }
+
+    fn interest(&self) -> Interest {
+        self.interest
+            .map_or(Interest::All, |interest| interest(&self.endpoint))
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

@@ -167,7 +167,9 @@ impl LinkState {
         self.bad = None;
     }
 
-    /// Decides the fate of a packet of `len` bytes entering the link at `offset`.
+    /// Decides the fate of a packet of `len` bytes entering the link at `offset`. With
+    /// `packet`, the draws come from that packet's own generator ([`PacketRng`]) instead of
+    /// the link's stream, so that they do not depend on which other packets crossed the link.
     pub(super) fn traverse(
         &mut self,
         config: &LinkConfig,
@@ -175,9 +177,14 @@ impl LinkState {
         len: usize,
         seed: u64,
         stream: (u32, Direction),
+        packet: Option<u64>,
     ) -> Fate {
         if config.in_outage(offset) {
             return Fate::Outage;
+        }
+        if let Some(packet) = packet {
+            let mut rng = PacketRng::new(seed, stream, packet);
+            return self.draw(config, len, &mut rng);
         }
         let rng = self.rng.get_or_insert_with(|| {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -185,37 +192,104 @@ impl LinkState {
             Box::new(rng)
         });
         let rng: &mut ChaCha8Rng = rng;
-        // For the models without states, the stationary draw is certain Good: no draw.
-        let mut bad = match self.bad {
-            Some(bad) => bad,
-            None => chance(rng, config.loss.stationary_bad()),
-        };
-        let lost = config.loss.lose(&mut bad, rng);
-        self.bad = Some(bad);
-        if lost {
-            return Fate::Lost;
-        }
-        let base = nanos(config.delay);
-        let mut delay = base.saturating_add(draw_jitter(rng, config.jitter));
-        let reordered = chance(rng, config.reorder_probability);
-        if reordered {
-            delay = delay.saturating_add(nanos(config.reorder_delay));
-        }
-        let flip = (len > 0 && chance(rng, config.corrupt_probability))
-            .then(|| rng.gen_range(0..len.saturating_mul(8)));
-        let duplicate = chance(rng, config.duplicate_probability)
-            .then(|| base.saturating_add(draw_jitter(rng, config.jitter)));
-        Fate::Passed {
-            delay,
-            duplicate,
-            flip,
-            reordered,
-        }
+        let bad = &mut self.bad;
+        draw_fate(bad, config, len, rng)
+    }
+
+    fn draw<R: Rng>(&mut self, config: &LinkConfig, len: usize, rng: &mut R) -> Fate {
+        draw_fate(&mut self.bad, config, len, rng)
+    }
+}
+
+/// The draws of one packet on one link, as [`LinkState::traverse`] makes them.
+fn draw_fate<R: Rng>(
+    state: &mut Option<bool>,
+    config: &LinkConfig,
+    len: usize,
+    rng: &mut R,
+) -> Fate {
+    // For the models without states, the stationary draw is certain Good: no draw.
+    let mut bad = match *state {
+        Some(bad) => bad,
+        None => chance(rng, config.loss.stationary_bad()),
+    };
+    let lost = config.loss.lose(&mut bad, rng);
+    *state = Some(bad);
+    if lost {
+        return Fate::Lost;
+    }
+    let base = nanos(config.delay);
+    let mut delay = base.saturating_add(draw_jitter(rng, config.jitter));
+    let reordered = chance(rng, config.reorder_probability);
+    if reordered {
+        delay = delay.saturating_add(nanos(config.reorder_delay));
+    }
+    let flip = (len > 0 && chance(rng, config.corrupt_probability))
+        .then(|| rng.gen_range(0..len.saturating_mul(8)));
+    let duplicate = chance(rng, config.duplicate_probability)
+        .then(|| base.saturating_add(draw_jitter(rng, config.jitter)));
+    Fate::Passed {
+        delay,
+        duplicate,
+        flip,
+        reordered,
+    }
+}
+
+/// The generator of one packet's draws on one link: SplitMix64 from a key mixed of the
+/// network seed, the link (node index and direction) and the packet's number, so that a
+/// packet's fate on a link depends on nothing else. Used when a network filters deliveries
+/// (a receiver skips the packets it would drop, and the others must keep their fates).
+pub(super) struct PacketRng {
+    state: u64,
+}
+
+impl PacketRng {
+    pub(super) fn new(seed: u64, stream: (u32, Direction), packet: u64) -> Self {
+        let link = (u64::from(stream.0) << 1) | stream.1 as u64;
+        let key = mix(mix(seed ^ mix(link)) ^ packet);
+        Self { state: key }
+    }
+}
+
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl rand::RngCore for PacketRng {
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(self.state)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        rand_core_fill(self, dest);
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        rand_core_fill(self, dest);
+        Ok(())
+    }
+}
+
+fn rand_core_fill(rng: &mut PacketRng, dest: &mut [u8]) {
+    use rand::RngCore;
+    for chunk in dest.chunks_mut(8) {
+        let bytes = rng.next_u64().to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
 }
 
 /// Uniform in [0, jitter] nanoseconds; no draw when the jitter is zero.
-fn draw_jitter(rng: &mut ChaCha8Rng, jitter: Duration) -> u64 {
+fn draw_jitter<R: Rng>(rng: &mut R, jitter: Duration) -> u64 {
     let max = nanos(jitter);
     if max == 0 {
         0

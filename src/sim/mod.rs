@@ -62,6 +62,69 @@ pub trait Node {
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit>;
     /// When [`Node::handle_timeout`] should next be called, if at all.
     fn poll_timeout(&self) -> Option<Instant>;
+    /// Which tagged datagrams the node would drop unread (see [`Interest`]); read after every
+    /// interaction, as [`Node::poll_timeout`]. A network that filters deliveries
+    /// ([`Network::filter_deliveries`]) does not deliver those. The default takes everything.
+    fn interest(&self) -> Interest {
+        Interest::All
+    }
+}
+
+/// What a network that filters deliveries knows of a datagram, from its classifier
+/// ([`Classifier`]): a datagram of a numbered message in a stream, of one block of it or of
+/// none (a datagram every receiver of the message takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag {
+    /// The stream (for rekeycast: the group id and the SPI).
+    pub stream: u64,
+    /// The message's sequence number in the stream.
+    pub seq: u64,
+    /// The block of the message it belongs to; `None`: every receiver of the message takes it.
+    pub block: Option<u8>,
+}
+
+/// Classifies a datagram's bytes for delivery filtering: `None` for a datagram every node
+/// takes.
+pub type Classifier = fn(&[u8]) -> Option<Tag>;
+
+/// Which tagged datagrams a node takes; untagged ones it always takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Interest {
+    /// Every datagram.
+    #[default]
+    All,
+    /// Of stream `stream`: nothing of a message before `seq`; of message `seq`, the datagrams
+    /// of block `block` and those of no block (when `block` is `None`, all of it); every
+    /// later message. Every datagram of other streams.
+    From {
+        /// The stream it filters.
+        stream: u64,
+        /// The first message it takes.
+        seq: u64,
+        /// The one block of message `seq` it takes, if it knows which.
+        block: Option<u8>,
+    },
+}
+
+impl Interest {
+    /// Whether a node with this interest takes a datagram tagged `tag`.
+    pub fn takes(&self, tag: &Tag) -> bool {
+        match *self {
+            Self::All => true,
+            Self::From { stream, seq, block } => {
+                if tag.stream != stream || tag.seq > seq {
+                    true
+                } else if tag.seq < seq {
+                    false
+                } else {
+                    match (block, tag.block) {
+                        (Some(own), Some(other)) => own == other,
+                        _ => true,
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Everything that can be wrong with a simulator configuration or call.

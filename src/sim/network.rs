@@ -2,13 +2,14 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::binary_heap::PeekMut;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::link::{nanos, Direction, Fate, LinkState};
+use super::{Classifier, Interest, Loss, Tag};
 use super::{Destination, LinkConfig, Node, SimError};
 
 /// The UDP port of every node's address.
@@ -191,6 +192,13 @@ pub struct NetworkStats {
     pub stalled_timers: u64,
     /// Times the per-instant event cap was hit.
     pub livelocks: u64,
+    /// Multicast copies skipped because the receiver's [`Interest`] excludes them (with
+    /// [`Network::filter_deliveries`]): when the datagram is sent (counted before the
+    /// downlink, so copies the downlink would have lost are among them, and so are copies to
+    /// absent nodes still listed in the group), or when it arrives (the receiver's interest
+    /// narrowed in between). Unfiltered, such a copy would have been delivered (or lost) and
+    /// dropped unread by the receiver.
+    pub filtered: u64,
 }
 
 impl NetworkStats {
@@ -315,6 +323,129 @@ pub struct Network<N> {
     /// The instant of the last event processed and how many events ran at it.
     instant_events: (u64, u64),
     stats: NetworkStats,
+    /// Whether each packet draws its fates from its own generator (see
+    /// [`Network::per_packet_draws`]).
+    per_packet: bool,
+    /// Packets routed so far: the number of the next one is this plus one.
+    packets: u64,
+    /// With [`Network::filter_deliveries`]: how datagrams are tagged, and each group's
+    /// listeners by interest.
+    classifier: Option<Classifier>,
+    interests: HashMap<u32, GroupInterests>,
+    /// Scratch list of a filtered multicast's receivers.
+    wanted: Vec<u32>,
+}
+
+/// The listeners of one group by their [`Interest`], to find a tagged datagram's receivers
+/// without visiting the others.
+#[derive(Debug, Default)]
+struct GroupInterests {
+    all: BTreeSet<u32>,
+    /// By (stream, first message).
+    from: BTreeMap<(u64, u64), SeqInterests>,
+}
+
+/// The listeners whose interest starts at one message of one stream.
+#[derive(Debug, Default)]
+struct SeqInterests {
+    /// Those that do not know their block yet.
+    any: BTreeSet<u32>,
+    /// Those that do, by block.
+    blocks: BTreeMap<u8, BTreeSet<u32>>,
+}
+
+impl SeqInterests {
+    fn is_empty(&self) -> bool {
+        self.any.is_empty() && self.blocks.is_empty()
+    }
+
+    fn extend_all(&self, out: &mut Vec<u32>) {
+        out.extend(self.any.iter().copied());
+        for set in self.blocks.values() {
+            out.extend(set.iter().copied());
+        }
+    }
+}
+
+impl GroupInterests {
+    fn insert(&mut self, index: u32, interest: Interest) {
+        match interest {
+            Interest::All => {
+                self.all.insert(index);
+            }
+            Interest::From { stream, seq, block } => {
+                let entry = self.from.entry((stream, seq)).or_default();
+                match block {
+                    None => entry.any.insert(index),
+                    Some(block) => entry.blocks.entry(block).or_default().insert(index),
+                };
+            }
+        }
+    }
+
+    fn remove(&mut self, index: u32, interest: Interest) {
+        match interest {
+            Interest::All => {
+                self.all.remove(&index);
+            }
+            Interest::From { stream, seq, block } => {
+                let Some(entry) = self.from.get_mut(&(stream, seq)) else {
+                    return;
+                };
+                match block {
+                    None => {
+                        entry.any.remove(&index);
+                    }
+                    Some(block) => {
+                        if let Some(set) = entry.blocks.get_mut(&block) {
+                            set.remove(&index);
+                            if set.is_empty() {
+                                entry.blocks.remove(&block);
+                            }
+                        }
+                    }
+                }
+                if entry.is_empty() {
+                    self.from.remove(&(stream, seq));
+                }
+            }
+        }
+    }
+
+    /// The listeners that take a datagram tagged `tag`, ascending, into `out` (cleared).
+    fn wanted(&self, tag: &Tag, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend(self.all.iter().copied());
+        for (&(stream, seq), entry) in &self.from {
+            if stream != tag.stream || tag.seq > seq {
+                entry.extend_all(out);
+            } else if tag.seq == seq {
+                out.extend(entry.any.iter().copied());
+                match tag.block {
+                    None => {
+                        for set in entry.blocks.values() {
+                            out.extend(set.iter().copied());
+                        }
+                    }
+                    Some(block) => {
+                        if let Some(set) = entry.blocks.get(&block) {
+                            out.extend(set.iter().copied());
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+    }
+
+    fn len(&self) -> usize {
+        self.all.len()
+            + self
+                .from
+                .values()
+                .map(|e| e.any.len() + e.blocks.values().map(BTreeSet::len).sum::<usize>())
+                .sum::<usize>()
+    }
 }
 
 /// Everything the network keeps per node index.
@@ -328,6 +459,8 @@ struct Slot<N> {
     listen_group: u32,
     timer: TimerState,
     stats: NodeStats,
+    /// The node's interest as last read (with a classifier only), as indexed in its group.
+    interest: Interest,
 }
 
 /// The lazily invalidated timer of one node.
@@ -353,6 +486,8 @@ struct Arrival {
     /// Node index, or [`EXTERNAL`] | index into the table of external sources.
     from: u32,
     payload: Arc<[u8]>,
+    /// The classifier's tag of a filtered multicast's copy: checked again on arrival.
+    tag: Option<Tag>,
 }
 
 /// One receiver's copy of a multicast datagram, in a [`Fanout`].
@@ -372,6 +507,8 @@ struct FanoutCopy {
 struct Fanout {
     from: u32,
     payload: Arc<[u8]>,
+    /// The classifier's tag (with filtered deliveries).
+    tag: Option<Tag>,
     base: u64,
     /// Sorted by (time, sequence), the next at `next`.
     copies: Vec<FanoutCopy>,
@@ -470,7 +607,59 @@ impl<N: Node> Network<N> {
             scratch,
             instant_events: (0, 0),
             stats: NetworkStats::default(),
+            per_packet: false,
+            packets: 0,
+            classifier: None,
+            interests: HashMap::new(),
+            wanted: Vec::new(),
         }
+    }
+
+    /// Makes every packet draw its fate on each link (loss, delay, reordering, duplication,
+    /// corruption) from a generator of its own, keyed by the network's seed, the link and the
+    /// packet's number (datagrams sent or injected, in order), instead of from the link's one
+    /// stream: a packet's fate then does not depend on which other packets crossed the link.
+    /// The figures of a seeded run differ from those of the default draws (same
+    /// distributions, other samples). Only on a network without nodes yet.
+    pub fn per_packet_draws(&mut self) -> Result<(), SimError> {
+        if !self.slots.is_empty() {
+            return Err(SimError::InvalidConfig {
+                field: "per_packet_draws",
+                reason: "must be chosen before any node is added",
+            });
+        }
+        self.per_packet = true;
+        Ok(())
+    }
+
+    /// Filters deliveries: a multicast datagram that `classifier` tags goes only to the
+    /// listeners whose [`Node::interest`] takes it; the others would have dropped it unread.
+    /// The senders' figures are those of an unfiltered run (nothing changes on the senders'
+    /// side); receivers do not see (nor count) the datagrams they would have dropped;
+    /// [`NetworkStats::filtered`] counts the copies skipped. Per-packet draws
+    /// ([`Network::per_packet_draws`]) are switched on, so that the datagrams a node does take
+    /// have the fates they would have had unfiltered, and a run filtered and one not filtered
+    /// (both with per-packet draws) deliver the same datagrams at the same times to every node,
+    /// as long as a node that drops a datagram by its interest when it is sent would still
+    /// drop it when it arrives. The interest is checked again on arrival (with the one the
+    /// node has then), so a copy sent before the node knew its block is skipped too.
+    /// Links must then have memoryless loss (a Gilbert-Elliott link's state would advance
+    /// only with the packets it carries). Unicast datagrams are never filtered. Only on a
+    /// network without nodes yet.
+    pub fn filter_deliveries(&mut self, classifier: Classifier) -> Result<(), SimError> {
+        self.per_packet_draws()?;
+        if self
+            .links
+            .iter()
+            .any(|c| matches!(c.loss, Loss::GilbertElliott { .. }))
+        {
+            return Err(SimError::InvalidConfig {
+                field: "loss",
+                reason: "filtered deliveries need memoryless loss on every link",
+            });
+        }
+        self.classifier = Some(classifier);
+        Ok(())
     }
 
     /// The settings.
@@ -521,10 +710,18 @@ impl<N: Node> Network<N> {
             listen_group: 0,
             timer: TimerState::default(),
             stats: NodeStats::default(),
+            interest: Interest::All,
         });
         self.present += 1;
         self.listeners.entry(0).or_default().push(index);
+        if self.classifier.is_some() {
+            self.interests
+                .entry(0)
+                .or_default()
+                .insert(index, Interest::All);
+        }
         self.refresh_timer(index as usize, false);
+        self.refresh_interest(index as usize);
         Ok(NodeId(index))
     }
 
@@ -542,12 +739,22 @@ impl<N: Node> Network<N> {
         slot.send_group = send;
         slot.listen_group = listen;
         if old != listen {
+            let interest = slot.interest;
             if let Some(list) = self.listeners.get_mut(&old) {
                 list.retain(|&i| i != index);
             }
             let list = self.listeners.entry(listen).or_default();
             let at = list.partition_point(|&i| i < index);
             list.insert(at, index);
+            if self.classifier.is_some() {
+                if let Some(group) = self.interests.get_mut(&old) {
+                    group.remove(index, interest);
+                }
+                self.interests
+                    .entry(listen)
+                    .or_default()
+                    .insert(index, interest);
+            }
         }
         Ok(())
     }
@@ -658,6 +865,7 @@ impl<N: Node> Network<N> {
             self.present += 1;
         }
         self.refresh_timer(id.index(), false);
+        self.refresh_interest(id.index());
         Ok(old)
     }
 
@@ -783,6 +991,12 @@ impl<N: Node> Network<N> {
     /// among the last few (nodes added in a loop usually share one).
     fn intern(&mut self, config: LinkConfig) -> Result<u32, SimError> {
         config.validate()?;
+        if self.classifier.is_some() && matches!(config.loss, Loss::GilbertElliott { .. }) {
+            return Err(SimError::InvalidConfig {
+                field: "loss",
+                reason: "filtered deliveries need memoryless loss on every link",
+            });
+        }
         let recent = self.links.len().saturating_sub(4);
         let index = match self.links[recent..].iter().position(|c| *c == config) {
             Some(position) => recent + position,
@@ -897,6 +1111,7 @@ impl<N: Node> Network<N> {
                     to: copy.to,
                     from: fanout.from,
                     payload: Arc::clone(&fanout.payload),
+                    tag: fanout.tag,
                 };
                 match fanout.head() {
                     // Dropping `top` moves the fanout to its place for its next copy.
@@ -921,6 +1136,14 @@ impl<N: Node> Network<N> {
             self.stats.dropped_absent += 1;
             return;
         };
+        // The receiver's interest may have narrowed since the copy was sent (it learned its
+        // block): skip what it now drops unread.
+        if let Some(tag) = &arrival.tag {
+            if !slot.interest.takes(tag) {
+                self.stats.filtered += 1;
+                return;
+            }
+        }
         node.handle_datagram(now, from, &arrival.payload);
         let len = arrival.payload.len() as u64;
         slot.stats.datagrams_received += 1;
@@ -967,6 +1190,28 @@ impl<N: Node> Network<N> {
     fn interacted(&mut self, index: usize, after_fire: bool) {
         self.drain(index);
         self.refresh_timer(index, after_fire);
+        self.refresh_interest(index);
+    }
+
+    /// Re-reads a node's interest (when deliveries are filtered) and re-indexes it.
+    fn refresh_interest(&mut self, index: usize) {
+        if self.classifier.is_none() {
+            return;
+        }
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        let Some(node) = slot.node.as_ref() else {
+            return;
+        };
+        let interest = node.interest();
+        if interest == slot.interest {
+            return;
+        }
+        let old = std::mem::replace(&mut slot.interest, interest);
+        let group = self.interests.entry(slot.listen_group).or_default();
+        group.remove(index as u32, old);
+        group.insert(index as u32, interest);
     }
 
     fn drain(&mut self, index: usize) {
@@ -1079,6 +1324,8 @@ impl<N: Node> Network<N> {
         destination: Destination,
         bytes: &[u8],
     ) {
+        self.packets += 1;
+        let packet = self.per_packet.then_some(self.packets);
         // Resolve a unicast target before the uplink: the switch drops unknown ones, and the
         // uplink's draws need not depend on it.
         let target = match destination {
@@ -1105,6 +1352,7 @@ impl<N: Node> Network<N> {
                 bytes.len(),
                 self.config.seed,
                 (sender, Direction::Up),
+                packet.map(|p| p << 1),
             );
             match self.apply(fate, self.now, payload) {
                 Some(copies) => copies,
@@ -1113,26 +1361,50 @@ impl<N: Node> Network<N> {
         } else {
             [Some((self.now, payload)), None]
         };
-        for (at, payload) in copies.into_iter().flatten() {
+        let tag = match (target, self.classifier) {
+            (None, Some(classify)) => classify(bytes),
+            _ => None,
+        };
+        for (copy, (at, payload)) in copies.into_iter().flatten().enumerate() {
+            // Each copy leaving the uplink has draws of its own on the downlinks.
+            let packet = packet.map(|p| (p << 1) | copy as u64);
             match target {
-                Some(target) => self.downlink(target, sender, at, &payload, None),
+                Some(target) => self.downlink(target, sender, at, &payload, None, packet),
                 None => {
-                    let Some(listeners) = self.listeners.remove(&group) else {
-                        continue;
+                    let listeners = match (tag, self.interests.get(&group)) {
+                        (Some(tag), Some(index)) => {
+                            let mut wanted = std::mem::take(&mut self.wanted);
+                            index.wanted(&tag, &mut wanted);
+                            self.stats.filtered += (index.len() - wanted.len()) as u64;
+                            Some(wanted)
+                        }
+                        _ => None,
+                    };
+                    let (listeners, filtered) = match listeners {
+                        Some(wanted) => (wanted, true),
+                        None => match self.listeners.remove(&group) {
+                            Some(list) => (list, false),
+                            None => continue,
+                        },
                     };
                     let mut fanout = self.batch_multicast.then(|| Fanout {
                         from: sender,
                         payload: Arc::clone(&payload),
+                        tag,
                         base: self.sequence + 1,
                         copies: Vec::with_capacity(listeners.len()),
                         next: 0,
                     });
                     for &receiver in &listeners {
                         if receiver != sender && self.slots[receiver as usize].node.is_some() {
-                            self.downlink(receiver, sender, at, &payload, fanout.as_mut());
+                            self.downlink(receiver, sender, at, &payload, fanout.as_mut(), packet);
                         }
                     }
-                    self.listeners.insert(group, listeners);
+                    if filtered {
+                        self.wanted = listeners;
+                    } else {
+                        self.listeners.insert(group, listeners);
+                    }
                     let Some(mut fanout) = fanout else {
                         continue;
                     };
@@ -1158,6 +1430,7 @@ impl<N: Node> Network<N> {
         at: u64,
         payload: &Arc<[u8]>,
         mut fanout: Option<&mut Fanout>,
+        packet: Option<u64>,
     ) {
         let index = receiver as usize;
         let config = &self.links[self.slots[index].downlink.config as usize];
@@ -1167,6 +1440,7 @@ impl<N: Node> Network<N> {
             payload.len(),
             self.config.seed,
             (receiver, Direction::Down),
+            packet,
         );
         let Some(copies) = self.apply(fate, at, Arc::clone(payload)) else {
             return;
@@ -1191,6 +1465,7 @@ impl<N: Node> Network<N> {
                 to: receiver,
                 from: sender,
                 payload: copy,
+                tag: None,
             }));
         }
     }

@@ -46,7 +46,7 @@ use super::endpoint::{
     answer_fetch, EndpointNode, EndpointNodeCounters, MemGcksStorage, MemMemberStorage, NoStorage,
     PortMap, SharedStorage,
 };
-use super::{LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Transmit};
+use super::{Interest, LinkConfig, Network, NetworkStats, Node, NodeId, SimError, Tag, Transmit};
 use crate::gsa::WrapAlgorithm;
 use crate::lkh::{Degree, KeyRng, MemberId, RegistrationBundle, RelayContact, RelayDirectory};
 use crate::relay::RelayConfig;
@@ -164,6 +164,69 @@ pub struct ScenarioConfig {
     /// bootstrapped, and at every second of virtual time; for progress lines (it may read
     /// the wall clock and the process's memory; the scenario does not).
     pub progress: Option<fn(&Progress)>,
+    /// How the network draws link fates and whether it hands members the datagrams they
+    /// drop unread.
+    pub deliveries: Deliveries,
+}
+
+/// How a scenario's network delivers ([`ScenarioConfig::deliveries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deliveries {
+    /// Every datagram to every listener; each link draws from its own stream (the seeded
+    /// figures of the scenario tests and benches).
+    #[default]
+    Streams,
+    /// Every datagram to every listener; each packet draws its fates from a generator of its
+    /// own ([`Network::per_packet_draws`]): the reference [`Deliveries::Filtered`] must
+    /// match.
+    PerPacket,
+    /// As [`Deliveries::PerPacket`], but a member is not handed the symbols its session
+    /// drops unread at the cost of a header read ([`crate::session::DropFilter`]: other
+    /// blocks than its own once the manifest named it, finished messages), as if its socket
+    /// had dropped them ([`Network::filter_deliveries`]). Every member still receives its
+    /// own block, the manifests, heartbeats and NACKs, and verifies everything it uses as
+    /// before (no verification is shared or skipped): the members' keys, outcomes and times
+    /// are those of [`Deliveries::PerPacket`]; only the receivers' drop counters and the
+    /// network's delivery count differ (the skipped copies are counted in
+    /// [`NetworkStats::filtered`]). Relays and the GCKS take everything.
+    Filtered,
+}
+
+/// Tags the datagrams a member's session may drop unread: symbol datagrams, by (group id and
+/// SPI, sequence number, chunk block or none for a manifest symbol).
+pub fn classify(bytes: &[u8]) -> Option<Tag> {
+    use crate::wire::{self, DatagramType, ObjectKind, Packet};
+    let packet = Packet::new_checked(bytes).ok()?;
+    if packet.datagram_type() != DatagramType::Symbol {
+        return None;
+    }
+    let symbol = wire::symbol::Packet::new_checked(packet.body()).ok()?;
+    let block = match symbol.object() {
+        ObjectKind::Chunks => Some(symbol.sbn()),
+        ObjectKind::Manifest => None,
+    };
+    Some(Tag {
+        stream: stream_of(packet.group_id(), packet.spi()),
+        seq: packet.seq(),
+        block,
+    })
+}
+
+/// The stream of a group's Rekey SA, as tags and interests name it.
+fn stream_of(group_id: u32, spi: u32) -> u64 {
+    (u64::from(group_id) << 32) | u64::from(spi)
+}
+
+/// What a member's session drops unread, as an interest.
+fn member_interest(member: &MemberEndpoint) -> Interest {
+    match member.session().drop_filter() {
+        Some(filter) => Interest::From {
+            stream: stream_of(filter.group_id, filter.spi),
+            seq: filter.next_seq,
+            block: filter.own_block,
+        },
+        None => Interest::All,
+    }
 }
 
 /// How many members are admitted (or bootstrapped) between two [`ScenarioConfig::progress`]
@@ -173,7 +236,9 @@ pub const PROGRESS_MEMBERS: usize = 50_000;
 /// Where a scenario run is, handed to [`ScenarioConfig::progress`].
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// What the run is doing: `"admitting"`, `"bootstrapping"` or `"running"`.
+    /// What the run is doing: `"admitting"`, `"bootstrapping"`, `"running"` (at each new
+    /// second of virtual time) or `"tick"` (at every other service tick while running: a
+    /// callback that prints should rate-limit these by the wall clock).
     pub phase: &'static str,
     /// Virtual time since the start.
     pub virtual_time: Duration,
@@ -185,6 +250,8 @@ pub struct Progress {
     pub delivered: u64,
     /// Datagrams in flight.
     pub in_flight: usize,
+    /// Copies skipped by filtered deliveries so far ([`NetworkStats::filtered`]).
+    pub filtered: u64,
 }
 
 /// When the GCKS crashes and how long it stays down.
@@ -275,6 +342,7 @@ impl ScenarioConfig {
             roll_signing_key: None,
             hostile_relay: None,
             progress: None,
+            deliveries: Deliveries::Streams,
         }
     }
 }
@@ -362,6 +430,25 @@ pub struct ScenarioReport {
     pub chunk_repairs_sent: u64,
     /// Where members received from, their moves and the killed relay's members' recovery.
     pub failover: FailoverReport,
+    /// Each final member's outcome, by slot (the order members were added).
+    pub member_outcomes: Vec<MemberOutcome>,
+}
+
+/// How one final member of a scenario ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberOutcome {
+    /// The last message it applied.
+    pub last_seq: u64,
+    /// Its group key's version, and the first bytes of the key (none without a key).
+    pub group_key: Option<(u32, [u8; 8])>,
+    /// Messages it applied from its own source symbol, from a decoded block, by resync.
+    pub applied: [u64; 3],
+    /// NACKs it sent.
+    pub nacks_sent: u64,
+    /// Times it found itself out of sync.
+    pub out_of_sync: u64,
+    /// Signature checks it made.
+    pub signature_checks: u64,
 }
 
 /// Members' relays and failover in a scenario.
@@ -424,6 +511,8 @@ pub struct GcksReport {
     pub reused_seqs: u64,
     /// Joins the GCKS refused or could not answer with a bundle.
     pub join_failures: u64,
+    /// Batches whose message could not be built or committed (each attempt counts).
+    pub batch_failures: u64,
     /// Whether the GCKS poisoned itself.
     pub poisoned: bool,
     /// Whether the message the GCKS crashed after ([`ScenarioConfig::restart_gcks`]) had
@@ -549,6 +638,13 @@ impl Node for SimNode {
             Self::Relay(node) => node.poll_timeout(),
         }
     }
+
+    fn interest(&self) -> Interest {
+        match self {
+            Self::Member(member) => member.node.interest(),
+            Self::Gcks(_) | Self::Relay(_) => Interest::All,
+        }
+    }
 }
 
 /// What the endpoints' hooks record for the scenario.
@@ -560,6 +656,7 @@ struct Shared {
     /// Bundles the GCKS answered joins with, not yet admitted.
     bundles: Vec<RegistrationBundle>,
     join_failures: u64,
+    batch_failures: u64,
     /// Messages whose initial transmission is done.
     sent: BTreeSet<u64>,
     poisoned: bool,
@@ -665,6 +762,11 @@ impl<'c> Scenario<'c> {
         };
         let tree_rng = KeyRng::seeded_for_simulation(rng.gen());
         let mut net = Network::with_config(super::NetworkConfig::new(rng.gen()))?;
+        match config.deliveries {
+            Deliveries::Streams => {}
+            Deliveries::PerPacket => net.per_packet_draws()?,
+            Deliveries::Filtered => net.filter_deliveries(classify)?,
+        }
         let start = net.start();
         let instance: u32 = rng.gen();
         let hostile_rng = ChaCha8Rng::seed_from_u64(rng.gen());
@@ -1282,7 +1384,8 @@ impl<'c> Scenario<'c> {
             member_event_hook(&self.shared, initial_index),
             fetch_hook(&self.shared, id),
         )
-        .with_progress(|member| member.session().next_seq());
+        .with_progress(|member| member.session().next_seq())
+        .with_interest(member_interest);
         let node = SimNode::Member(Box::new(MemberNode {
             node,
             initial_index,
@@ -1359,9 +1462,7 @@ impl<'c> Scenario<'c> {
             now = next;
             self.serve(now)?;
             self.follow_failover()?;
-            if new_second {
-                self.progress("running");
-            }
+            self.progress(if new_second { "running" } else { "tick" });
         }
         Ok(())
     }
@@ -1375,6 +1476,7 @@ impl<'c> Scenario<'c> {
                 messages: self.messages,
                 members_added: self.slots.len(),
                 delivered: self.net.stats().delivered,
+                filtered: self.net.stats().filtered,
                 in_flight: self.net.in_flight(),
             });
         }
@@ -1572,12 +1674,30 @@ impl<'c> Scenario<'c> {
         .find(|key| KeyId::of(key) == gcks_key)
         .map_or([0; 32], |key| key.to_bytes());
         let mut stale_saved_keys = 0;
+        let mut member_outcomes = Vec::with_capacity(self.current.len());
         for &slot in &self.current {
             let Some(SimNode::Member(member)) = self.net.node(self.slots[slot].1) else {
                 continue;
             };
             let endpoint = member.node.endpoint();
             let session = endpoint.session();
+            let counters = session.counters();
+            member_outcomes.push(MemberOutcome {
+                last_seq: session.keys().last_seq(),
+                group_key: session.group_key().map(|k| {
+                    let mut head = [0; 8];
+                    head.copy_from_slice(&k.key.as_bytes()[..8]);
+                    (k.version, head)
+                }),
+                applied: [
+                    counters.applied_from_source,
+                    counters.applied_from_decode,
+                    counters.applied_from_resync,
+                ],
+                nacks_sent: counters.nacks_sent,
+                out_of_sync: counters.out_of_sync,
+                signature_checks: session.message_counters().signature_checks,
+            });
             add_counters(&mut receivers, session.counters());
             signature_checks += session.message_counters().signature_checks;
             signature_failures += session.message_counters().signature_failures;
@@ -1696,6 +1816,7 @@ impl<'c> Scenario<'c> {
                 committed_seq: storage.last_committed(),
                 reused_seqs: storage.reused_seqs(),
                 join_failures: shared.join_failures,
+                batch_failures: shared.batch_failures,
                 poisoned: shared.poisoned,
                 crashed_after_sent: self.crashed_after_sent,
                 stale_saved_keys,
@@ -1706,6 +1827,7 @@ impl<'c> Scenario<'c> {
             nacks_per_lost_block,
             chunk_repairs_sent,
             failover,
+            member_outcomes,
         }
     }
 }
@@ -1747,6 +1869,7 @@ fn gcks_node(
                 shared.sent.insert(seq);
             }
             GcksEvent::Poisoned { .. } => shared.poisoned = true,
+            GcksEvent::BatchFailed { .. } => shared.batch_failures += 1,
             _ => {}
         }
     });

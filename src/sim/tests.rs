@@ -35,6 +35,8 @@ struct Toy {
     log: Option<FireLog>,
     /// Every delivery across nodes, in the order the network made them.
     deliveries: Option<DeliveryLog>,
+    /// What it tells the network it takes.
+    interest: Interest,
 }
 
 /// A shared log of deliveries across nodes: (time, receiving node tag, source, bytes).
@@ -101,6 +103,10 @@ impl Node for Toy {
             destination,
             len: bytes.len(),
         })
+    }
+
+    fn interest(&self) -> Interest {
+        self.interest
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
@@ -1062,4 +1068,125 @@ fn group_datagrams_reach_only_the_listeners_of_the_senders_group() {
     assert!(net
         .set_groups(NodeId::from_index(99).unwrap(), 0, 0)
         .is_err());
+}
+
+/// Tags a toy payload as block `n % 4` of message 0 of stream 0.
+fn toy_tag(bytes: &[u8]) -> Option<Tag> {
+    (bytes.len() >= 4).then(|| Tag {
+        stream: 0,
+        seq: 0,
+        block: Some((seq_of(bytes) % 4) as u8),
+    })
+}
+
+/// 40 receivers each taking one block of four over a memoryless impaired link; `filter`:
+/// the network filters deliveries, else it only draws per packet. Returns each receiver's
+/// datagrams (time, bytes), its block, and the counters.
+/// Each receiver's block and the datagrams it got: (time since the start, bytes).
+type ByBlock = Vec<(u8, Vec<(Duration, Vec<u8>)>)>;
+
+fn filtered_run(filter: bool) -> (ByBlock, NetworkStats) {
+    let mut net = Network::new(99);
+    if filter {
+        net.filter_deliveries(toy_tag).unwrap();
+    } else {
+        net.per_packet_draws().unwrap();
+    }
+    let link = LinkConfig {
+        loss: Loss::Bernoulli { p: 0.1 },
+        ..impaired()
+    };
+    let sender = net
+        .add_node(
+            Toy::new(),
+            LinkConfig::lossy(Loss::Bernoulli { p: 0.05 }, MS),
+            link.clone(),
+        )
+        .unwrap();
+    let mut receivers = Vec::new();
+    for r in 0..40u8 {
+        let toy = Toy {
+            interest: Interest::From {
+                stream: 0,
+                seq: 0,
+                block: Some(r % 4),
+            },
+            ..Toy::new()
+        };
+        receivers.push((
+            r % 4,
+            net.add_node(toy, LinkConfig::ideal(), link.clone())
+                .unwrap(),
+        ));
+    }
+    periodic(&mut net, sender, 400, MS / 4, Destination::Group);
+    net.run_until(net.start() + Duration::from_secs(2));
+    let start = net.start();
+    let received = receivers
+        .iter()
+        .map(|&(block, id)| {
+            let toy = net.node(id).unwrap();
+            let got = toy
+                .received
+                .iter()
+                .map(|(t, _, b)| (*t - start, b.clone()))
+                .collect();
+            (block, got)
+        })
+        .collect();
+    (received, net.stats().clone())
+}
+
+#[test]
+fn filtered_deliveries_are_the_unfiltered_ones_a_receiver_takes() {
+    let (filtered, filtered_stats) = filtered_run(true);
+    let (all, all_stats) = filtered_run(false);
+    assert_eq!(filtered_stats.group_sent, all_stats.group_sent);
+    assert!(filtered_stats.filtered > 0);
+    assert!(filtered_stats.delivered < all_stats.delivered / 2);
+    let mut taken = 0;
+    for ((block, got), (_, every)) in filtered.iter().zip(&all) {
+        // What the receiver takes of the unfiltered run: its block, also from a corrupted
+        // copy whose tag was read off the bytes as sent.
+        let expected: Vec<_> = every
+            .iter()
+            .filter(|(_, bytes)| {
+                let n = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+                let m = seq_of(bytes);
+                n % 4 == u32::from(*block) || m % 4 == u32::from(*block)
+            })
+            .cloned()
+            .collect();
+        assert!(!got.is_empty());
+        // Everything delivered filtered was delivered unfiltered, at the same time.
+        for item in got {
+            assert!(
+                expected.contains(item),
+                "{item:?} not in the unfiltered run"
+            );
+        }
+        // And every uncorrupted copy of its block delivered unfiltered was delivered filtered.
+        for item in &expected {
+            if item.1 == payload(seq_of(&item.1)) && seq_of(&item.1) % 4 == u32::from(*block) {
+                assert!(got.contains(item), "{item:?} missing from the filtered run");
+                taken += 1;
+            }
+        }
+    }
+    assert!(taken > 1_000);
+}
+
+#[test]
+fn filtering_refuses_stateful_loss_and_late_switching() {
+    let mut net: Network<Toy> = Network::new(1);
+    net.filter_deliveries(toy_tag).unwrap();
+    let bursty = LinkConfig::lossy(Loss::BURSTY_5_PERCENT, MS);
+    assert!(matches!(
+        net.add_node(Toy::new(), LinkConfig::ideal(), bursty),
+        Err(SimError::InvalidConfig { field: "loss", .. })
+    ));
+    net.add_node(Toy::new(), LinkConfig::ideal(), LinkConfig::ideal())
+        .unwrap();
+    assert!(net.per_packet_draws().is_err());
+    assert!(net.filter_deliveries(toy_tag).is_err());
 }

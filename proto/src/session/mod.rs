@@ -27,7 +27,7 @@ pub mod stored;
 pub mod unicast;
 
 pub use receiver::{
-    ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
+    DropFilter, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
 };
 pub use sender::{PreparedMessage, SenderConfig, SenderCounters, SenderSession};
 pub use stored::StoredMessage;

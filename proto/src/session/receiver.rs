@@ -398,6 +398,34 @@ struct Incoming {
     decode_failures: u32,
 }
 
+/// The symbol datagrams a member's session drops unread ([`ReceiverSession::drop_filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropFilter {
+    /// The Rekey SA's group id: symbols of other groups are not dropped by this filter.
+    pub group_id: u32,
+    /// The Rekey SA's SPI: symbols of other SAs are not dropped by this filter.
+    pub spi: u32,
+    /// Symbols of messages below this one are dropped (finished).
+    pub next_seq: u64,
+    /// Chunk symbols of message `next_seq` in another block than this one are dropped
+    /// (manifest symbols never are); `None`: no chunk symbol of it is dropped.
+    pub own_block: Option<u8>,
+}
+
+impl DropFilter {
+    /// Whether the session drops a symbol datagram of this group, SPI and sequence number,
+    /// of the chunk block `sbn` (`None`: a manifest symbol).
+    pub fn drops(&self, group_id: u32, spi: u32, seq: u64, sbn: Option<u8>) -> bool {
+        if group_id != self.group_id || spi != self.spi {
+            return false;
+        }
+        if seq != self.next_seq {
+            return seq < self.next_seq;
+        }
+        matches!((self.own_block, sbn), (Some(own), Some(sbn)) if own != sbn)
+    }
+}
+
 /// One block of the current message and what is known of it.
 #[derive(Debug)]
 struct BlockState {
@@ -675,6 +703,35 @@ impl ReceiverSession {
     /// the first datagram heard. Later calls change nothing.
     pub fn start(&mut self, now: Instant) {
         self.last_heard.get_or_insert(now);
+    }
+
+    /// What the session would drop before the MAC at the cost of a header read, for a
+    /// driver or simulator that can skip such datagrams without handing them over: the
+    /// symbol datagrams of the Rekey SA ([`DropFilter::group_id`], [`DropFilter::spi`]) with a
+    /// sequence number below [`DropFilter::next_seq`], and, for that message, chunk symbols of
+    /// blocks other than [`DropFilter::own_block`] once the verified manifest named it.
+    /// Skipping them changes nothing but the drop counters. `None` when the session must see
+    /// every datagram: before it first heard anything or was started (the first datagram
+    /// arms its silence timer), once it must re-register, or for a relay (it keeps whole
+    /// messages).
+    pub fn drop_filter(&self) -> Option<DropFilter> {
+        if self.last_heard.is_none()
+            || self.phase == Phase::MustReregister
+            || self.scope != Scope::OwnBlock
+        {
+            return None;
+        }
+        let sa = self.keys.rekey_sa();
+        Some(DropFilter {
+            group_id: sa.group_id,
+            spi: sa.spi,
+            next_seq: self.next_seq,
+            own_block: self
+                .current
+                .as_ref()
+                .and_then(|c| c.blocks.first())
+                .map(|b| b.sbn),
+        })
     }
 
     /// Makes the session decode and verify whole messages (a relay): call before any input.
