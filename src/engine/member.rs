@@ -442,6 +442,7 @@ fn endpoint_parts(config: &MemberConfig) -> (MemberEndpointConfig, ChaCha8Rng) {
         persist_keys: config.state_file.is_some(),
         directory: Default::default(),
         failover: config.failover.clone(),
+        key_life: Default::default(),
     };
     (endpoint, ChaCha8Rng::seed_from_u64(seed))
 }

@@ -24,6 +24,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zeroize::Zeroizing;
 
+pub mod traffic;
+
 use super::directive::{DirectiveError, RelayDirective};
 use super::failover::{Attachment, Failover, FailoverConfig, FailoverCounters, MoveReason};
 use super::resync_policy::{ResyncConfig, ResyncCounters, ResyncEvent, ResyncPolicy};
@@ -34,6 +36,7 @@ use super::{
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::lkh::{MemberKeys, RegistrationBundle, RelayDirectory};
+use traffic::{KeyLifeConfig, TrafficKeys};
 use crate::session::receiver::{ResyncError, StateVerdict};
 use crate::session::{
     ConfigError, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
@@ -60,6 +63,8 @@ pub struct MemberEndpointConfig {
     pub directory: RelayDirectory,
     /// When the member gives up on a contact and how moves are spaced.
     pub failover: FailoverConfig,
+    /// The Data SAs' soft lifetime and the re-registration window ([`traffic`]).
+    pub key_life: KeyLifeConfig,
 }
 
 impl MemberEndpointConfig {
@@ -73,6 +78,7 @@ impl MemberEndpointConfig {
             persist_keys: false,
             directory: RelayDirectory::default(),
             failover: FailoverConfig::default(),
+            key_life: KeyLifeConfig::default(),
         }
     }
 }
@@ -215,6 +221,14 @@ pub struct MemberEndpoint {
     /// The endpoint of each fetch running (with a directory): a connection failure to the
     /// current relay's moves the member.
     fetching: Vec<(FetchId, super::ResyncEndpoint)>,
+    /// The traffic keys: which SA to send under, which to accept, their lifetimes.
+    traffic: TrafficKeys,
+    /// The re-registration window, and the generator of its jitter.
+    reregister_window: std::time::Duration,
+    reregister_rng: ChaCha8Rng,
+    /// When [`ReceiverEvent::ReregisterNow`] is due, once the member must re-register.
+    reregister_at: Option<Instant>,
+    reregister_raised: bool,
 }
 
 impl MemberEndpoint {
@@ -230,6 +244,7 @@ impl MemberEndpoint {
         if config.directory.is_empty() {
             config.directory = bundle.directory.clone();
         }
+        config.key_life.validate()?;
         let session = ReceiverSession::new(bundle, config.receiver.clone())?;
         Ok(Self::with_session(session, config, rng, now))
     }
@@ -242,6 +257,7 @@ impl MemberEndpoint {
         rng: ChaCha8Rng,
         now: Instant,
     ) -> Result<Self, ConfigError> {
+        config.key_life.validate()?;
         let session = ReceiverSession::resume(keys, config.receiver.clone())?;
         Ok(Self::with_session(session, config, rng, now))
     }
@@ -261,7 +277,10 @@ impl MemberEndpoint {
             .group_size
             .max(config.receiver.scheduler.group_size);
         let mut rng = rng;
-        let failover_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+        let failover_seed: u64 = rng.gen();
+        let failover_rng = ChaCha8Rng::seed_from_u64(failover_seed);
+        // Derived from the same draw, so the policy's and failover's draws stay as they were.
+        let reregister_rng = ChaCha8Rng::seed_from_u64(failover_seed ^ 0x7265_7265_6769_7374);
         let failover = Failover::new(config.directory, config.failover, failover_rng, now);
         let mut resync = config.resync;
         let mut group = config.group;
@@ -272,6 +291,11 @@ impl MemberEndpoint {
         let mut policy = ResyncPolicy::new(resync, rng);
         policy.set_group_size(group_size);
         let mut endpoint = Self {
+            traffic: TrafficKeys::new(config.key_life),
+            reregister_window: config.key_life.reregister_window,
+            reregister_rng,
+            reregister_at: None,
+            reregister_raised: false,
             failover,
             session_feedback: config.receiver.feedback_addr,
             directive_issued: None,
@@ -299,6 +323,18 @@ impl MemberEndpoint {
     /// The receiver session.
     pub fn session(&self) -> &ReceiverSession {
         &self.session
+    }
+
+    /// The traffic keys: the Data SA to send under ([`TrafficKeys::sending`]), those to
+    /// accept ([`TrafficKeys::receiving`]), the next one's activation.
+    pub fn traffic_keys(&self) -> &TrafficKeys {
+        &self.traffic
+    }
+
+    /// When [`ReceiverEvent::ReregisterNow`] is (or was) due, once the member must
+    /// re-register.
+    pub fn reregister_at(&self) -> Option<Instant> {
+        self.reregister_at
     }
 
     /// The resync policy.
@@ -439,11 +475,47 @@ impl MemberEndpoint {
             if !self.stopping {
                 self.policy.handle_event(now, &event, &self.session);
             }
+            match &event {
+                ReceiverEvent::NewDataSa { data_sa, .. } => {
+                    self.traffic.install(now, data_sa.clone());
+                }
+                ReceiverEvent::MustReregister if self.reregister_at.is_none() => {
+                    let window = self.reregister_window;
+                    let delay = if window.is_zero() {
+                        std::time::Duration::ZERO
+                    } else {
+                        window.mul_f64(self.reregister_rng.gen::<f64>())
+                    };
+                    self.reregister_at = Some(now + delay);
+                }
+                _ => {}
+            }
             self.held.push_back(event);
+            self.timed_events(now);
         }
+        self.timed_events(now);
         self.save_keys();
         if self.saving.is_none() {
             self.ready.append(&mut self.held);
+        }
+    }
+
+    /// Moves the traffic keys' events that are due at `now` (and a due re-registration) to the
+    /// held events; a soft lifetime with no replacement makes the member check state.
+    fn timed_events(&mut self, now: Instant) {
+        self.traffic.handle_timeout(now);
+        while let Some(event) = self.traffic.poll_event() {
+            if matches!(event, ReceiverEvent::DataSaSoftLifetime { .. }) && !self.stopping {
+                let check = ReceiverEvent::StateCheckNeeded {
+                    claimed_seq: self.session.next_seq(),
+                };
+                self.policy.handle_event(now, &check, &self.session);
+            }
+            self.held.push_back(event);
+        }
+        if !self.reregister_raised && self.reregister_at.is_some_and(|at| at <= now) {
+            self.reregister_raised = true;
+            self.held.push_back(ReceiverEvent::ReregisterNow);
         }
     }
 
@@ -653,6 +725,8 @@ impl Endpoint for MemberEndpoint {
             self.session.poll_timeout(),
             self.policy.poll_timeout(),
             self.failover.as_ref().and_then(Failover::poll_timeout),
+            self.traffic.poll_timeout(),
+            self.reregister_at.filter(|_| !self.reregister_raised),
         ]
         .into_iter()
         .flatten()

@@ -149,7 +149,9 @@ fn keys_are_saved_before_the_events_of_the_message_that_made_them() {
             released[..],
             [
                 ReceiverEvent::GroupKeyUpdated { seq: 1, .. },
-                ReceiverEvent::NewDataSa { seq: 1, .. }
+                ReceiverEvent::NewDataSa { seq: 1, .. },
+                // The member's first Data SA is sent under at once.
+                ReceiverEvent::DataSaActivated { .. }
             ]
         ),
         "{released:?}"
@@ -172,7 +174,8 @@ fn a_failed_save_is_counted_and_the_events_are_released() {
     };
     member.handle_stored(now, id, Err(error));
     assert_eq!(member.figures().state_save_failures, 1);
-    assert_eq!(events(&mut member).len(), 2);
+    // Key update, new Data SA, its activation.
+    assert_eq!(events(&mut member).len(), 3);
     // Stopping with nothing new to save stops at once.
     member.handle_command(now, MemberCommand::Stop);
     assert!(member.is_stopped());
