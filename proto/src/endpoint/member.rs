@@ -505,13 +505,17 @@ impl MemberEndpoint {
     fn timed_events(&mut self, now: Instant) {
         self.traffic.handle_timeout(now);
         while let Some(event) = self.traffic.poll_event() {
-            if matches!(event, ReceiverEvent::DataSaSoftLifetime { .. }) && !self.stopping {
+            let soft = matches!(event, ReceiverEvent::DataSaSoftLifetime { .. });
+            self.held.push_back(event);
+            if soft && !self.stopping && self.session.reregister_reason().is_none() {
+                // As after a silence: the policy asks a resync endpoint, and a product that
+                // resyncs the member itself hears it.
                 let check = ReceiverEvent::StateCheckNeeded {
                     claimed_seq: self.session.next_seq(),
                 };
                 self.policy.handle_event(now, &check, &self.session);
+                self.held.push_back(check);
             }
-            self.held.push_back(event);
         }
         if !self.reregister_raised && self.reregister_at.is_some_and(|at| at <= now) {
             self.reregister_raised = true;

@@ -17,8 +17,9 @@
 //!
 //! Lifetimes (RFC 4046 section 3, requirement 3) run from receipt too: at the soft lifetime
 //! ([`KeyLifeConfig::soft_lifetime_percent`] of the SA's lifetime) with no newer SA the member
-//! raises [`ReceiverEvent::DataSaSoftLifetime`] (and the endpoint checks the group's state: a
-//! missed refresh shows up there); at the hard lifetime [`ReceiverEvent::DataSaExpired`].
+//! raises [`ReceiverEvent::DataSaSoftLifetime`] (and the endpoint checks the group's state, as
+//! after a silence, with a [`ReceiverEvent::StateCheckNeeded`]: a missed refresh shows up
+//! there); at the hard lifetime [`ReceiverEvent::DataSaExpired`].
 //!
 //! It owns no clock: time is an argument, and [`TrafficKeys::poll_timeout`] says when it next
 //! has something to do.
