@@ -23,11 +23,14 @@
 
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::gsa::{DataSaTiming, DataSaTimingError};
 
 /// A soft and a hard lifetime, seconds. Past the soft one the key is replaced; past the hard
-/// one it must not be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// one it must not be used. In a configuration file, a table with both fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SoftHard {
     /// Seconds after issue at which the key is replaced.
     pub soft_secs: u32,
@@ -37,7 +40,12 @@ pub struct SoftHard {
 
 /// The lifetimes and takeover delays of a GCKS's keys. The Data SA's hard lifetime is the
 /// configuration's `data_sa_lifetime_secs` (it travels in every Data SA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In a configuration file, a table whose fields may each be left out (the default: no
+/// refresh on time, no limit, zero delays); `group_key` and `signing_key` are [`SoftHard`]
+/// tables and `timing` a [`DataSaTiming`] table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LifetimeConfig {
     /// The Data SA's soft lifetime, seconds: the GCKS refreshes when the latest Data SA is this
     /// old. `None`: Data SAs are replaced only by rekeys for membership changes or commands.
@@ -49,6 +57,38 @@ pub struct LifetimeConfig {
     pub signing_key: Option<SoftHard>,
     /// The takeover delays every new Data SA carries.
     pub timing: DataSaTiming,
+}
+
+impl LifetimeError {
+    /// The configuration field at fault (relative to the [`LifetimeConfig`] table, or the
+    /// GCKS's `data_sa_lifetime_secs`) and the rule it breaks, for a configuration error.
+    pub fn field_and_rule(&self) -> (&'static str, &'static str) {
+        let key_field = |key: &LifetimeKey, soft: &'static str, hard: &'static str| match key {
+            LifetimeKey::DataSa => ("data_sa_soft_secs", soft),
+            LifetimeKey::GroupKey => ("group_key", hard),
+            LifetimeKey::SigningKey => ("signing_key", hard),
+        };
+        match self {
+            Self::Zero { key, .. } => key_field(key, "must be at least 1", "must be at least 1"),
+            Self::SoftNotBelowHard { key, .. } => key_field(
+                key,
+                "must be shorter than data_sa_lifetime_secs",
+                "soft_secs must be shorter than hard_secs",
+            ),
+            Self::Timing(_) => (
+                "timing.deactivation_delay_secs",
+                "must be at least timing.activation_delay_secs",
+            ),
+            Self::ActivationAfterRefresh { .. } => (
+                "timing.activation_delay_secs",
+                "must be shorter than data_sa_soft_secs",
+            ),
+            Self::DeactivationPastLifetime { .. } => (
+                "timing.deactivation_delay_secs",
+                "must be shorter than data_sa_lifetime_secs",
+            ),
+        }
+    }
 }
 
 /// Which key a lifetime belongs to.

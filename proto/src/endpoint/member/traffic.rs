@@ -27,11 +27,16 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::gsa::DataSa;
 use crate::session::ReceiverEvent;
 
-/// How a member treats its keys' lifetimes and a re-registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a member treats its keys' lifetimes and a re-registration. In a configuration file, a
+/// table whose fields may each be left out ([`KeyLifeConfig::default`]); the window is whole
+/// milliseconds in `reregister_window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct KeyLifeConfig {
     /// The soft lifetime of a Data SA, in percent of its lifetime (1 to 99): past it with no
     /// newer SA, the member raises [`ReceiverEvent::DataSaSoftLifetime`] and checks state.
@@ -40,6 +45,7 @@ pub struct KeyLifeConfig {
     /// [`ReceiverEvent::MustReregister`], [`ReceiverEvent::ReregisterNow`] comes after a
     /// delay drawn uniformly from `[0, window)`, so that a mass exclusion is not a flood of
     /// registrations. Zero: at once.
+    #[serde(rename = "reregister_window_ms", with = "rekeycast_nack::duration_ms")]
     pub reregister_window: Duration,
 }
 
