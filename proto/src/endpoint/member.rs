@@ -36,7 +36,12 @@ use super::{
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::lkh::{MemberKeys, RegistrationBundle, RelayDirectory};
-use traffic::{KeyLifeConfig, TrafficKeys};
+use traffic::{KeyLifeConfig, SpiSeen, TrafficKeys};
+
+/// The shortest time between two state checks that traffic naming a later Data SA starts
+/// ([`MemberEndpoint::handle_traffic_spi`]): such traffic is unauthenticated (any insider can
+/// send it), so it buys at most this many checks and never changes a key.
+pub const TRAFFIC_STATE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::session::receiver::{ResyncError, StateVerdict};
 use crate::session::{
     ConfigError, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
@@ -188,6 +193,12 @@ pub struct MemberFigures {
     pub relay: Option<u16>,
     /// Failover's figures (moves, and why).
     pub failover: FailoverCounters,
+    /// Traffic SPIs reported that named a later Data SA than the member's
+    /// ([`MemberEndpoint::handle_traffic_spi`]).
+    pub later_spis_seen: u64,
+    /// Of those, the ones that started a state check (the others fell within
+    /// [`TRAFFIC_STATE_CHECK_INTERVAL`] of the previous one).
+    pub later_spi_state_checks: u64,
 }
 
 /// One member's rekey receiver and resync policy. See the [module docs](self).
@@ -229,6 +240,11 @@ pub struct MemberEndpoint {
     /// When [`ReceiverEvent::ReregisterNow`] is due, once the member must re-register.
     reregister_at: Option<Instant>,
     reregister_raised: bool,
+    /// When traffic naming a later SA last started a state check, and the counts of
+    /// [`MemberFigures::later_spis_seen`] and [`MemberFigures::later_spi_state_checks`].
+    later_spi_checked_at: Option<Instant>,
+    later_spis_seen: u64,
+    later_spi_state_checks: u64,
 }
 
 impl MemberEndpoint {
@@ -296,6 +312,9 @@ impl MemberEndpoint {
             reregister_rng,
             reregister_at: None,
             reregister_raised: false,
+            later_spi_checked_at: None,
+            later_spis_seen: 0,
+            later_spi_state_checks: 0,
             failover,
             session_feedback: config.receiver.feedback_addr,
             directive_issued: None,
@@ -329,6 +348,37 @@ impl MemberEndpoint {
     /// accept ([`TrafficKeys::receiving`]), the next one's activation.
     pub fn traffic_keys(&self) -> &TrafficKeys {
         &self.traffic
+    }
+
+    /// The product saw traffic (or a datagram) under the Data SA `spi` at `now`: a later SA
+    /// than the member's newest means it missed a rekey. That costs no signature: the claim is
+    /// unauthenticated (an insider can send anything under any SPI), so it starts at most one
+    /// state check per [`TRAFFIC_STATE_CHECK_INTERVAL`] (a [`ReceiverEvent::StateCheckNeeded`]
+    /// and the resync policy's check, whose answer is a signed manifest) and never changes a
+    /// key. Returns what the SPI says.
+    pub fn handle_traffic_spi(&mut self, now: Instant, spi: u32) -> SpiSeen {
+        let seen = self.traffic.classify(spi);
+        if seen != SpiSeen::Later
+            || self.stopping
+            || self.session.reregister_reason().is_some()
+        {
+            return seen;
+        }
+        self.later_spis_seen += 1;
+        let due = self
+            .later_spi_checked_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= TRAFFIC_STATE_CHECK_INTERVAL);
+        if due {
+            self.later_spi_checked_at = Some(now);
+            self.later_spi_state_checks += 1;
+            let check = ReceiverEvent::StateCheckNeeded {
+                claimed_seq: self.session.next_seq(),
+            };
+            self.policy.handle_event(now, &check, &self.session);
+            self.held.push_back(check);
+            self.pump(now);
+        }
+        seen
     }
 
     /// When [`ReceiverEvent::ReregisterNow`] is (or was) due, once the member must
@@ -366,6 +416,8 @@ impl MemberEndpoint {
                 .as_ref()
                 .map(|f| *f.counters())
                 .unwrap_or_default(),
+            later_spis_seen: self.later_spis_seen,
+            later_spi_state_checks: self.later_spi_state_checks,
         }
     }
 

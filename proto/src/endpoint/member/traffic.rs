@@ -72,6 +72,25 @@ impl KeyLifeConfig {
     }
 }
 
+/// What a Data SA's SPI seen in the group's traffic says about the member's keys
+/// ([`TrafficKeys::classify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SpiSeen {
+    /// One of the SAs installed for receiving.
+    Installed,
+    /// A later SA than the member's newest (the one its newest announced as next, or one
+    /// after it): the member missed a rekey. Unauthenticated: it only justifies a
+    /// rate-limited state check.
+    Later,
+    /// An older SA, or no SA yet to compare with: nothing to learn.
+    Unknown,
+}
+
+/// The longest run of SPIs after the newest SA's that still counts as later (SPIs are
+/// compared in serial-number arithmetic: they increase by one per rekey and wrap).
+pub const LATER_SPI_WINDOW: u32 = 1 << 30;
+
 /// A member's traffic keys. See the [module docs](self).
 #[derive(Debug)]
 pub struct TrafficKeys {
@@ -126,6 +145,31 @@ impl TrafficKeys {
     /// Whether the SA named `spi` is installed for receiving.
     pub fn accepts(&self, spi: u32) -> bool {
         self.receiving().any(|sa| sa.spi == spi)
+    }
+
+    /// What the SPI `spi`, seen in the group's traffic (or named by a datagram), says: one of
+    /// the SAs installed, a later one (the announced next SPI, or within
+    /// [`LATER_SPI_WINDOW`] after the newest SA's), or nothing.
+    pub fn classify(&self, spi: u32) -> SpiSeen {
+        if self.accepts(spi) {
+            return SpiSeen::Installed;
+        }
+        let newest = self
+            .pending
+            .as_ref()
+            .map(|(sa, _)| sa)
+            .or(self.sending.as_ref());
+        let Some(newest) = newest else {
+            return SpiSeen::Unknown;
+        };
+        let ahead = spi.wrapping_sub(newest.spi);
+        if (newest.next_spi != 0 && spi == newest.next_spi)
+            || (ahead != 0 && ahead < LATER_SPI_WINDOW)
+        {
+            SpiSeen::Later
+        } else {
+            SpiSeen::Unknown
+        }
     }
 
     /// The newest SA, installed for receiving and not active yet, and when it activates.
