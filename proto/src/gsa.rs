@@ -430,9 +430,7 @@ mod tests {
         assert_eq!(bytes.len(), WRAPPED_DATA_SA_V2_LEN);
         assert_eq!(
             &bytes[..25],
-            &[
-                2, 0, 0, 0, 77, 0, 0, 0x0e, 0x10, 0, 0, 0, 5, 0, 0, 0, 9, 0, 0, 0, 78, 0, 0, 0, 12
-            ]
+            &[2, 0, 0, 0, 77, 0, 0, 0x0e, 0x10, 0, 0, 0, 5, 0, 0, 0, 9, 0, 0, 0, 78, 0, 0, 0, 12]
         );
         let parsed = WrappedDataSa::parse(&bytes).unwrap();
         assert_eq!(parsed, wrapped);

@@ -151,7 +151,11 @@ impl Harness {
             Box::new(|_, _| {}),
         );
         let gcks = net
-            .add_node(LifeNode::Gcks(Box::new(gcks_node)), gcks_link.clone(), gcks_link)
+            .add_node(
+                LifeNode::Gcks(Box::new(gcks_node)),
+                gcks_link.clone(),
+                gcks_link,
+            )
             .unwrap();
         let mut harness = Self {
             net,
@@ -166,7 +170,10 @@ impl Harness {
         harness.gcks_command(GcksCommand::RekeyNow);
         // A big batch's answers go out a slice per turn.
         while harness.seen.borrow().bundles.len() < setup.members {
-            let at = harness.net.next_event_time().expect("the GCKS answers every join");
+            let at = harness
+                .net
+                .next_event_time()
+                .expect("the GCKS answers every join");
             harness.net.run_until(at);
         }
         let bundles = std::mem::take(&mut harness.seen.borrow_mut().bundles);
@@ -209,8 +216,7 @@ impl Harness {
             ..MemberEndpointConfig::new(group, gcks_addr)
         };
         let endpoint =
-            MemberEndpoint::new(bundle, config, ChaCha8Rng::seed_from_u64(rng.gen()), now)
-                .unwrap();
+            MemberEndpoint::new(bundle, config, ChaCha8Rng::seed_from_u64(rng.gen()), now).unwrap();
         let events = Rc::clone(&self.seen);
         let on_event = Box::new(move |now: Instant, event: ReceiverEvent| {
             if !matches!(event, ReceiverEvent::NewDataSa { .. }) {
@@ -381,10 +387,9 @@ fn keys_past_their_soft_lifetime_with_no_refresh_make_members_check_state() {
             events.get(soft + 1),
             Some((_, ReceiverEvent::StateCheckNeeded { claimed_seq: 2 }))
         ));
-        assert!(events
-            .iter()
-            .any(|(at, e)| matches!(e, ReceiverEvent::DataSaExpired { spi: 1 })
-                && *at >= secs(100)));
+        assert!(events.iter().any(
+            |(at, e)| matches!(e, ReceiverEvent::DataSaExpired { spi: 1 }) && *at >= secs(100)
+        ));
         assert!(sim.member(index).policy().counters().state_checks_started >= 1);
     }
 }
@@ -431,7 +436,11 @@ fn takeover_gaps(timing: DataSaTiming) -> (u64, u64) {
     }
     for index in 0..setup.members {
         let member = sim.member(index);
-        assert_eq!(member.session().next_seq(), 7, "member {index} got every rekey");
+        assert_eq!(
+            member.session().next_seq(),
+            7,
+            "member {index} got every rekey"
+        );
         assert_eq!(member.traffic_keys().sending().map(|sa| sa.spi), Some(6));
     }
     (gaps, checks)

@@ -358,16 +358,14 @@ impl MemberEndpoint {
     /// key. Returns what the SPI says.
     pub fn handle_traffic_spi(&mut self, now: Instant, spi: u32) -> SpiSeen {
         let seen = self.traffic.classify(spi);
-        if seen != SpiSeen::Later
-            || self.stopping
-            || self.session.reregister_reason().is_some()
-        {
+        if seen != SpiSeen::Later || self.stopping || self.session.reregister_reason().is_some() {
             return seen;
         }
         self.later_spis_seen += 1;
-        let due = self
-            .later_spi_checked_at
-            .is_none_or(|at| now.saturating_duration_since(at) >= TRAFFIC_STATE_CHECK_INTERVAL);
+        let due = match self.later_spi_checked_at {
+            Some(at) => now.saturating_duration_since(at) >= TRAFFIC_STATE_CHECK_INTERVAL,
+            None => true,
+        };
         if due {
             self.later_spi_checked_at = Some(now);
             self.later_spi_state_checks += 1;

@@ -191,7 +191,14 @@ impl MemberKeys {
             })
             .collect();
         let data_sa = body.data_sa.map(
-            |(spi, lifetime_secs, activation_delay_secs, deactivation_delay_secs, next_spi, tek)| {
+            |(
+                spi,
+                lifetime_secs,
+                activation_delay_secs,
+                deactivation_delay_secs,
+                next_spi,
+                tek,
+            )| {
                 DataSa {
                     spi,
                     lifetime_secs,
@@ -228,19 +235,16 @@ impl MemberKeys {
                 .map(|entry| entry.as_ref().map(|k| (k.version, *k.key.as_bytes())))
                 .collect(),
             last_seq: self.last_seq,
-            data_sa: self
-                .data_sa
-                .as_ref()
-                .map(|sa| {
-                    (
-                        sa.spi,
-                        sa.lifetime_secs,
-                        sa.timing.activation_delay_secs,
-                        sa.timing.deactivation_delay_secs,
-                        sa.next_spi,
-                        *sa.tek.as_bytes(),
-                    )
-                }),
+            data_sa: self.data_sa.as_ref().map(|sa| {
+                (
+                    sa.spi,
+                    sa.lifetime_secs,
+                    sa.timing.activation_delay_secs,
+                    sa.timing.deactivation_delay_secs,
+                    sa.next_spi,
+                    *sa.tek.as_bytes(),
+                )
+            }),
         }
     }
 }
@@ -370,7 +374,10 @@ mod tests {
         let loaded = MemberKeys::from_state_bytes(&file).unwrap();
         let expected = keys.data_sa().unwrap();
         let got = loaded.data_sa().unwrap();
-        assert_eq!((got.spi, got.lifetime_secs), (expected.spi, expected.lifetime_secs));
+        assert_eq!(
+            (got.spi, got.lifetime_secs),
+            (expected.spi, expected.lifetime_secs)
+        );
         assert_eq!(got.tek, expected.tek);
         assert_eq!(got.timing, DataSaTiming::default());
         assert_eq!(got.next_spi, 0);

@@ -978,4 +978,3 @@ impl RekeyBatch {
 pub(crate) fn next_spi_after(spi: u32) -> u32 {
     spi.checked_add(1).unwrap_or(1)
 }
-

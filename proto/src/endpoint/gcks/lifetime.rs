@@ -317,7 +317,11 @@ impl LifetimeClock {
         let mut passed = Vec::new();
         let mut refresh = false;
         if let Some(last) = self.last_rekey {
-            if !self.refresh_asked && self.config.refresh_interval().is_some_and(|i| now >= last + i)
+            if !self.refresh_asked
+                && self
+                    .config
+                    .refresh_interval()
+                    .is_some_and(|i| now >= last + i)
             {
                 self.refresh_asked = true;
                 refresh = true;
@@ -369,6 +373,12 @@ fn secs(secs: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any instant will do as the origin: time goes on only as the test advances it.
+    #[allow(clippy::disallowed_methods)]
+    fn origin() -> Instant {
+        Instant::now()
+    }
 
     fn config() -> LifetimeConfig {
         LifetimeConfig {
@@ -463,7 +473,7 @@ mod tests {
 
     #[test]
     fn refresh_is_due_once_per_rekey_at_the_shorter_soft_lifetime() {
-        let start = Instant::now();
+        let start = origin();
         let mut clock = LifetimeClock::new(config(), 100, start, false);
         assert_eq!(clock.next_deadline(), None);
         clock.rekeyed(start);

@@ -2,7 +2,7 @@
 //! the product sends under, when the next one takes over and when the previous one goes, and
 //! when the newest one reaches its soft and hard lifetimes without a replacement.
 //!
-//! Each new Data SA carries its takeover delays ([`DataSaTiming`], the ATD and DTD of RFC
+//! Each new Data SA carries its takeover delays ([`DataSaTiming`](crate::gsa::DataSaTiming), the ATD and DTD of RFC
 //! 9838), counted from the moment the member applied the message that brought it. The
 //! sequence a product follows is the order of the events:
 //!
@@ -276,6 +276,12 @@ fn secs(secs: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any instant will do as the origin: time goes on only as the test advances it.
+    #[allow(clippy::disallowed_methods)]
+    fn origin() -> Instant {
+        Instant::now()
+    }
     use crate::gsa::DataSaTiming;
     use crate::lkh::Key;
 
@@ -298,35 +304,50 @@ mod tests {
 
     #[test]
     fn install_activate_retire_in_order() {
-        let start = Instant::now();
+        let start = origin();
         let mut keys = TrafficKeys::new(KeyLifeConfig::default());
         keys.install(start, sa(1, 2, 5));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaActivated { spi: 1 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaActivated { spi: 1 }]
+        );
         keys.install(start + secs(10), sa(2, 2, 5));
         assert!(drain(&mut keys).is_empty());
         assert_eq!(keys.sending().map(|s| s.spi), Some(1));
         assert!(keys.accepts(1) && keys.accepts(2));
         assert_eq!(keys.poll_timeout(), Some(start + secs(12)));
         keys.handle_timeout(start + secs(12));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaActivated { spi: 2 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaActivated { spi: 2 }]
+        );
         assert_eq!(keys.sending().map(|s| s.spi), Some(2));
         assert!(keys.accepts(1));
         assert_eq!(keys.poll_timeout(), Some(start + secs(15)));
         keys.handle_timeout(start + secs(15));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaRetired { spi: 1 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaRetired { spi: 1 }]
+        );
         assert!(!keys.accepts(1));
         // 90 % of 100 s after SA 2 arrived, nothing newer: soft, then hard lifetime.
         assert_eq!(keys.poll_timeout(), Some(start + secs(100)));
         keys.handle_timeout(start + secs(100));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaSoftLifetime { spi: 2 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaSoftLifetime { spi: 2 }]
+        );
         keys.handle_timeout(start + secs(110));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaExpired { spi: 2 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaExpired { spi: 2 }]
+        );
         assert_eq!(keys.poll_timeout(), None);
     }
 
     #[test]
     fn zero_delays_replace_at_once_and_superseded_sas_never_activate() {
-        let start = Instant::now();
+        let start = origin();
         let mut keys = TrafficKeys::new(KeyLifeConfig::default());
         keys.install(start, sa(1, 0, 0));
         keys.install(start, sa(2, 0, 0));
@@ -342,7 +363,10 @@ mod tests {
         keys.install(start + secs(2), sa(4, 5, 8));
         assert!(drain(&mut keys).is_empty());
         keys.handle_timeout(start + secs(7));
-        assert_eq!(drain(&mut keys), vec![ReceiverEvent::DataSaActivated { spi: 4 }]);
+        assert_eq!(
+            drain(&mut keys),
+            vec![ReceiverEvent::DataSaActivated { spi: 4 }]
+        );
         keys.handle_timeout(start + secs(10));
         assert_eq!(
             drain(&mut keys),
