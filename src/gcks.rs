@@ -117,6 +117,13 @@ pub struct GcksConfig {
     /// their NACKs are answered by the same path ([`crate::relay::uplink`]). A table
     /// (`[gcks.unicast_relays]`: `relays = ["192.0.2.7:7402"]`, `unicast_only = false`).
     pub unicast_relays: crate::relay::uplink::UnicastRelays,
+    /// The relays members are assigned to, and the GCKS's own contact, as registration
+    /// bundles list them (a table, `[gcks.relay_directory]`; see
+    /// [`crate::relay::directory::RelayDirectoryConfig`]). Not empty, each joining member's
+    /// bundle lists its least-loaded relay first, the other relays after it and the GCKS's
+    /// contact last: where it fails over to. Empty (the default): bundles list no relay.
+    #[serde(skip_serializing_if = "crate::relay::directory::RelayDirectoryConfig::is_empty")]
+    pub relay_directory: crate::relay::directory::RelayDirectoryConfig,
 }
 
 /// The multicast group of [`GcksConfig::default`] (and of the configuration files' examples):
@@ -191,6 +198,7 @@ impl GcksConfig {
             key_seed: None,
             feedback_limit: None,
             unicast_relays: crate::relay::uplink::UnicastRelays::default(),
+            relay_directory: crate::relay::directory::RelayDirectoryConfig::default(),
         }
     }
 }
@@ -201,7 +209,8 @@ impl GcksConfig {
     /// FEC symbols whose datagrams fit `sender.datagram_size`, a non-zero batch interval,
     /// batch size and Data SA lifetime, a non-empty state directory when set, distinct resync
     /// listen addresses, the resync limits, the feedback limit, and unicast relays with
-    /// distinct unicast addresses of `bind`'s family (at least one when unicast only).
+    /// distinct unicast addresses of `bind`'s family (at least one when unicast only), and a
+    /// relay directory within a bundle's bounds.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         check_multicast("multicast", &self.multicast)?;
         check_bind("bind", self.bind, self.multicast.group)?;
@@ -257,7 +266,8 @@ impl GcksConfig {
             .validate()
             .map_err(|error| InvalidConfig::limits("resync_limits", error))?;
         check_feedback_limit("feedback_limit", self.feedback_limit.as_ref())?;
-        check_unicast_relays("unicast_relays", &self.unicast_relays, self.bind)
+        check_unicast_relays("unicast_relays", &self.unicast_relays, self.bind)?;
+        self.relay_directory.validate("relay_directory")
     }
 }
 

@@ -406,6 +406,33 @@ mod tests {
     }
 
     #[test]
+    fn a_server_file_lists_the_relays_its_bundles_carry() {
+        let text = "[[gcks.relay_directory.relays]]\nid = 1\ngroup = \"239.255.77.2:7400\"\n\
+                    feedback = \"192.0.2.7:7403\"\nresync = [\"tcp://192.0.2.7:7404\"]\n\
+                    [[gcks.relay_directory.relays]]\nid = 2\ngroup = \"239.255.77.3:7400\"\n\
+                    feedback = \"192.0.2.8:7403\"\n";
+        let config = ServerConfig::from_toml_str(text).unwrap();
+        let directory = config.gcks.relay_directory.directory();
+        assert_eq!(directory.relays.len(), 2);
+        assert_eq!(directory.relays[1].id, 2);
+        assert_eq!(
+            directory.relays[0].resync,
+            vec![ResyncEndpoint {
+                protocol: ResyncProtocol::Tcp,
+                addr: "192.0.2.7:7404".parse().unwrap(),
+            }]
+        );
+        let again = ServerConfig::from_toml_str(&toml::to_string(&config).unwrap()).unwrap();
+        assert_eq!(again.gcks.relay_directory, config.gcks.relay_directory);
+        // Two relays of one number cannot both be named in directives.
+        let twice = text.replace("id = 2", "id = 1");
+        invalid(
+            ServerConfig::from_toml_str(&twice),
+            "gcks.relay_directory.relays[1].id",
+        );
+    }
+
+    #[test]
     fn an_ipv6_group_without_bind_says_the_default_is_ipv4_and_what_to_set() {
         let member = MemberConfig::from_toml_str(
             "[member.multicast]\ngroup = \"[ff15::7]:7400\"\ninterface = \"2\"\n\

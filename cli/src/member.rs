@@ -255,7 +255,9 @@ fn write_status(status: &mut Option<StatusFile>, member: &Member, must_reregiste
 /// `state_checks`, `out_of_sync`, `resyncs_started`, `resyncs_failed`), its authentication
 /// work (`signature_checks`, `signature_failures`, `manifests_verified`, `chunks_verified`),
 /// the datagrams it received and rejected (`bad_mac` among them), whether it must register
-/// again and why (`reregister_reason`, null while it need not), and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
+/// again and why (`reregister_reason`, null while it need not), its relay failover (`relay`:
+/// the relay it receives from, null for the GCKS or without a directory; `failover_moves` and
+/// each reason's moves; `listen_moves`: moves of its group socket), and `applied`: `[seq, unix_us]` of the newest applied messages, oldest first.
 pub fn status_json(
     member: Option<u64>,
     stats: &MemberStats,
@@ -265,6 +267,7 @@ pub fn status_json(
     let r = &stats.receiver;
     let m = &stats.messages;
     let d = &stats.datagrams;
+    let f = &stats.failover;
     json!({
         "member": member,
         "pid": std::process::id(),
@@ -297,6 +300,13 @@ pub fn status_json(
         "state_checks_started": stats.state_checks_started,
         "resyncs_failed": stats.resyncs_failed,
         "state_save_failures": stats.state_save_failures,
+        "relay": stats.relay,
+        "failover_moves": f.nack_moves + f.silence_moves + f.ordered_moves + f.unreachable_moves,
+        "nack_moves": f.nack_moves,
+        "silence_moves": f.silence_moves,
+        "unreachable_moves": f.unreachable_moves,
+        "ordered_moves": f.ordered_moves,
+        "listen_moves": stats.listen_moves,
         "must_reregister": must_reregister,
         "reregister_reason": stats.must_reregister.map(|reason| reason.to_string()),
         "applied": applied,

@@ -93,7 +93,19 @@ pub struct TopologySpec {
     /// `fabric = "bridge"` (the impairment switch forwards IPv4 only) and no flood.
     #[serde(default)]
     pub ipv6: bool,
+    /// Whether the GCKS is configured with the relays' directory (`[gcks.relay_directory]`):
+    /// each relay member's registration bundle lists its least-loaded relay first and the
+    /// others after it, the member listens to the relay its bundle lists first (its report
+    /// group is that relay's, whatever its host's name) and fails over to the next one when
+    /// its relay goes silent (a silence of [`FAILOVER_IDLE_SILENCE_MS`]). Needs 2 relays or
+    /// more.
+    #[serde(default)]
+    pub failover: bool,
 }
+
+/// The members' failover idle silence in a `failover` topology, milliseconds: four times the
+/// relays' longest heartbeat interval (250 ms), so only a dead relay is that silent.
+pub const FAILOVER_IDLE_SILENCE_MS: u64 = 1_000;
 
 /// What joins the hosts in the switch namespace.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +304,11 @@ pub struct Expect {
     /// An upper bound on the 99th percentile of time to key over all members and rekeys,
     /// in milliseconds.
     pub max_time_to_key_p99_ms: Option<u64>,
+    /// With a `failover` topology: every member of a relay killed for good ends on another
+    /// relay, holds each message triggered after the kill within this many milliseconds of
+    /// its trigger, and none of them resyncs from the GCKS (the GCKS serves no message by
+    /// resync from the kill on: what a member lacks comes from its new relay).
+    pub failover_within_ms: Option<u64>,
 }
 
 impl Default for Expect {
@@ -306,6 +323,7 @@ impl Default for Expect {
             min_flood_datagrams: None,
             min_rejected_datagrams: None,
             max_time_to_key_p99_ms: None,
+            failover_within_ms: None,
         }
     }
 }
@@ -427,6 +445,18 @@ impl Scenario {
             return Err(invalid(
                 "topology",
                 format!("{hosts} hosts, at most {MAX_HOSTS}"),
+            ));
+        }
+        if topology.failover && topology.relays < 2 {
+            return Err(invalid(
+                "topology.failover",
+                "needs at least 2 relays to fail over between".into(),
+            ));
+        }
+        if self.expect.failover_within_ms.is_some() && !topology.failover {
+            return Err(invalid(
+                "expect.failover_within_ms",
+                "needs topology.failover".into(),
             ));
         }
         if self.schedule.rekeys == 0 {

@@ -334,3 +334,15 @@ fn ipv6_unicast_uplinks_carry_every_rekey_to_the_relays_members() {
     assert_eq!(total.applied, total.expected, "{}", report.table);
     assert_eq!(total.applied_by_resync, 0, "{}", report.table);
 }
+
+#[test]
+fn relay_failover_moves_a_dead_relays_members_to_another_relay() {
+    let Some(report) = run("relay_failover.toml", "x") else {
+        return;
+    };
+    let total = total(&report);
+    assert_eq!(total.members, 18);
+    // Every member holds every message, those of the dead relay included (the scenario's
+    // `failover_within_ms` judged them within 3 s on another relay, none by the GCKS's resync).
+    assert_eq!(total.applied, total.expected, "{}", report.table);
+}

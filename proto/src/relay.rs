@@ -62,6 +62,7 @@
 //! [`RelaySession::poll_transmit`] (each transmit says which tier's socket it leaves by),
 //! [`RelaySession::poll_event`], and re-read [`RelaySession::poll_timeout`].
 
+pub mod members;
 pub mod uplink;
 
 use std::collections::VecDeque;
@@ -304,6 +305,8 @@ pub struct RelaySession {
     upstream_first: bool,
     /// The downstream copies for the unicast relays behind this one.
     uplinks: UnicastFanout,
+    /// The members that reached the relay (MAC-checked feedback, resync requests).
+    members: members::MemberTally,
 }
 
 impl RelaySession {
@@ -378,6 +381,7 @@ impl RelaySession {
             counters: RelayCounters::default(),
             upstream_first: true,
             uplinks,
+            members: members::MemberTally::default(),
         }
     }
 
@@ -397,6 +401,10 @@ impl RelaySession {
     /// A datagram arrived on the downstream side: a member's NACK or probe reply (MAC-checked
     /// under the key of its sequence number; anything else is counted and dropped).
     pub fn handle_downstream(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if self.feedback_passes_mac(bytes) {
+            self.members
+                .heard(now, from.ip(), members::Contact::Feedback);
+        }
         if let Some(seq) = self.early_nack(bytes) {
             if self.early_nacks.len() < MAX_EARLY_NACKS {
                 self.counters.early_nacks_held += 1;
@@ -414,6 +422,38 @@ impl RelaySession {
         }
         self.downstream.handle_datagram(now, from, bytes);
         self.pump(now);
+    }
+
+    /// A request from `peer` reached the relay's resync endpoints at `now`: counted among the
+    /// members that reached it ([`RelaySession::members`]).
+    pub fn resync_request(&mut self, now: Instant, peer: std::net::IpAddr) {
+        self.members.heard(now, peer, members::Contact::Resync);
+    }
+
+    /// The distinct member addresses that reached the relay within the tally's window before
+    /// `now` (see [`members::MemberTally`]).
+    pub fn members(&self, now: Instant) -> u64 {
+        self.members.count(now)
+    }
+
+    /// The member tally's counters.
+    pub fn member_counters(&self) -> members::MemberTallyCounters {
+        self.members.counters()
+    }
+
+    /// Whether `bytes` is a datagram of the group and SA whose MAC passes under the key of
+    /// its sequence number (one the relay knows): feedback from a member, not from anyone.
+    fn feedback_passes_mac(&self, bytes: &[u8]) -> bool {
+        let Ok(packet) = crate::wire::Packet::new_checked(bytes) else {
+            return false;
+        };
+        let sa = self.upstream.keys().rekey_sa();
+        if packet.group_id() != sa.group_id || packet.spi() != sa.spi {
+            return false;
+        }
+        self.upstream
+            .mac_key(packet.seq())
+            .is_some_and(|key| key.check(&packet))
     }
 
     /// The sequence number of a NACK for the message the relay is receiving and forwarding

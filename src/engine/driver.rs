@@ -407,6 +407,10 @@ pub struct DriverStats {
     pub recent_lag: LoopLag,
     /// The resync server's counters.
     pub resync: EndpointCounters,
+    /// Moves of [`Port::Listen`] to another group ([`Endpoint::poll_listen`]).
+    pub listen_moves: u64,
+    /// Such moves whose new socket could not be opened (the old group is kept).
+    pub listen_move_failures: u64,
 }
 
 /// The addresses a driver's sockets and listeners are bound to.
@@ -578,6 +582,7 @@ where
         });
         let slot = config.max_datagram_size.max(1);
         let name = config.name.clone();
+        let listen_config = config.listen.clone();
         let gate = send_gate;
         let loop_waker = Arc::clone(&waker);
         let thread = std::thread::Builder::new()
@@ -592,6 +597,7 @@ where
                     endpoint,
                     sockets,
                     groups,
+                    listen: listen_config,
                     backlogs: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
                     unread: [false; 3],
                     more_to_send: false,
@@ -814,6 +820,8 @@ struct Loop<E: Endpoint> {
     sockets: [Option<MulticastSocket>; 3],
     /// Where [`Destination::Group`] goes, per port.
     groups: [Option<SocketAddr>; 3],
+    /// [`Port::Listen`]'s settings, its group being the one listened to now.
+    listen: Option<MulticastConfig>,
     /// Datagrams a socket would not take yet, in order, per port.
     backlogs: [VecDeque<(Vec<u8>, SocketAddr)>; 3],
     /// Ports left readable at the end of a turn (their receive budget ran out).
@@ -873,6 +881,11 @@ where
     fn run(mut self) -> Result<(), DriverError> {
         let mut events = Events::with_capacity(256);
         let mut buf = vec![0u8; 65_536];
+        // Where the endpoint listens from the start (a member's first relay, from its bundle's
+        // directory) may not be the configured group: move before the first datagram.
+        while let Some(group) = self.endpoint.poll_listen() {
+            self.move_listen(group);
+        }
         loop {
             let timer = self.timer();
             let deadline = self.deadline(timer);
@@ -905,6 +918,11 @@ where
                 }
             }
             self.serve_resync(now, None);
+            if let Some(resync) = self.resync.as_mut() {
+                for peer in resync.take_admitted() {
+                    self.endpoint.handle_resync_request(now, peer);
+                }
+            }
             match self.handle_controls(now) {
                 Some(Exit::Stop) => return self.finish(),
                 Some(Exit::Abort) => return self.abort(),
@@ -1088,6 +1106,9 @@ where
 
     /// Drains the endpoint's outputs: store operations, jobs, fetches, datagrams, events.
     fn drain_outputs(&mut self, now: Instant) {
+        while let Some(group) = self.endpoint.poll_listen() {
+            self.move_listen(group);
+        }
         while let Some((id, op)) = self.endpoint.poll_store() {
             self.store(now, id, op);
         }
@@ -1103,6 +1124,52 @@ where
         self.start_fetches(now);
         self.transmit(now);
         self.deliver_events(now);
+    }
+
+    /// Listens to `group` instead of [`Port::Listen`]'s group: opens a socket joined to it
+    /// (bound to it, on Linux), then drops the old socket, which leaves the old group. The
+    /// feedback port's group follows. Without a listen port, or if the new socket cannot be
+    /// opened (counted and logged), nothing changes.
+    fn move_listen(&mut self, group: SocketAddr) {
+        let Some(current) = &self.listen else {
+            return;
+        };
+        if current.group == group {
+            return;
+        }
+        let mut config = current.clone();
+        config.group = group;
+        // A source-specific join names the old group's sender, not the new one's.
+        config.source = None;
+        let opened = match MulticastSocket::receiver(&config) {
+            Ok((mut socket, _)) => self
+                .poll
+                .registry()
+                .register(&mut socket, Token(LISTEN), Interest::READABLE)
+                .map(|()| socket)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
+            Ok(socket) => {
+                if let Some(mut old) = self.sockets[LISTEN].replace(socket) {
+                    let _ = self.poll.registry().deregister(&mut old);
+                }
+                tracing::info!(driver = %self.name, from = %current.group, to = %group,
+                    "listening to another group");
+                self.listen = Some(config);
+                self.groups[FEEDBACK] = self.groups[FEEDBACK].map(|_| group);
+                // Whatever the old socket held is gone with it; the new one is read at the
+                // next readiness event.
+                self.unread[LISTEN] = false;
+                self.stats.listen_moves += 1;
+            }
+            Err(error) => {
+                self.stats.listen_move_failures += 1;
+                tracing::warn!(driver = %self.name, to = %group, error = %error,
+                    "cannot listen to the new group; staying on the old one");
+            }
+        }
     }
 
     fn store(&mut self, now: Instant, id: StoreId, op: E::StoreOp) {
@@ -1696,6 +1763,7 @@ mod tests {
         Fetch(FetchRequest),
         CancelFetch(FetchId),
         TickIn(Duration),
+        Listen(SocketAddr),
         Stop,
     }
 
@@ -1764,6 +1832,8 @@ mod tests {
         tick_at: Option<Instant>,
         stopped: bool,
         history: Option<History>,
+        /// Groups to listen to instead, in order ([`Endpoint::poll_listen`]).
+        listen_to: VecDeque<SocketAddr>,
     }
 
     impl Endpoint for Toy {
@@ -1815,6 +1885,7 @@ mod tests {
                 ToyCommand::Fetch(request) => self.fetches.push_back(request),
                 ToyCommand::CancelFetch(id) => self.cancels.push_back(id),
                 ToyCommand::TickIn(delay) => self.tick_at = Some(now + delay),
+                ToyCommand::Listen(group) => self.listen_to.push_back(group),
                 ToyCommand::Stop => self.stopped = true,
             }
         }
@@ -1860,6 +1931,9 @@ mod tests {
         }
         fn poll_event(&mut self) -> Option<ToyEvent> {
             self.events.pop_front()
+        }
+        fn poll_listen(&mut self) -> Option<SocketAddr> {
+            self.listen_to.pop_front()
         }
         fn poll_timeout(&self) -> Option<Instant> {
             self.tick_at
@@ -2099,6 +2173,63 @@ mod tests {
         assert_eq!((stats.events_delivered, stats.events_dropped), (4, 6));
         let kept: Vec<ToyEvent> = events.try_iter().collect();
         assert_eq!(kept, (0..4).map(ToyEvent::Emitted).collect::<Vec<_>>());
+        handle.stop().unwrap();
+    }
+
+    /// Sends `bytes` to loopback multicast group `group` until `events` shows it arrived on
+    /// [`Port::Listen`] (IGMP joins are not instantaneous), within 20 s; returns the other
+    /// datagrams heard meanwhile.
+    fn multicast_until_heard(
+        events: &Receiver<ToyEvent>,
+        group: SocketAddr,
+        bytes: &[u8],
+    ) -> Vec<Vec<u8>> {
+        let sender = rekeycast_testkit::addr::multicast_sender();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut others = Vec::new();
+        loop {
+            sender.send_to(bytes, group).unwrap();
+            while let Ok(event) = events.recv_timeout(Duration::from_millis(50)) {
+                if let ToyEvent::Datagram { bytes: heard, .. } = event {
+                    if heard == bytes {
+                        return others;
+                    }
+                    others.push(heard);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{bytes:?} never heard on {group}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_endpoint_moves_the_listen_port_to_another_group_from_the_start_and_later() {
+        let (configured, first, second) = (group(20), group(21), group(22));
+        let mut config = DriverConfig::new("test-listen");
+        config.listen = Some(MulticastConfig::loopback_v4(configured));
+        // Its first group is not the configured one, and nothing else wakes the loop: the
+        // move must come before the first datagram.
+        let toy = Toy {
+            listen_to: VecDeque::from([first]),
+            ..Toy::default()
+        };
+        let (mut handle, events, _) = start(toy, config, None, 1_024);
+        multicast_until_heard(&events, first, b"to-first");
+        assert_eq!(handle.stats().unwrap().listen_moves, 1);
+        handle.command(ToyCommand::Listen(second)).unwrap();
+        multicast_until_heard(&events, second, b"to-second");
+        // The old group is left: what is sent there no longer arrives.
+        let sender = rekeycast_testkit::addr::multicast_sender();
+        sender.send_to(b"to-first-again", first).unwrap();
+        let others = multicast_until_heard(&events, second, b"to-second-again");
+        assert!(
+            !others.iter().any(|bytes| bytes == b"to-first-again"),
+            "{others:?}"
+        );
+        let stats = handle.stats().unwrap();
+        assert_eq!((stats.listen_moves, stats.listen_move_failures), (2, 0));
         handle.stop().unwrap();
     }
 

@@ -311,6 +311,12 @@ impl Gcks {
         endpoint
             .set_unicast_relays(config.unicast_relays.clone())
             .map_err(GcksSetupError::Config)?;
+        if !config.relay_directory.is_empty() {
+            let (relays, gcks) = config.relay_directory.contacts();
+            endpoint.set_relay_assignment(
+                rekeycast_proto::endpoint::gcks::assignment::RelayAssignment::new(relays, gcks),
+            );
+        }
         let mut driver_config = DriverConfig::new("rekeycast-gcks");
         driver_config.serve = Some(SenderPort {
             multicast: config.multicast.clone(),

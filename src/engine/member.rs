@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rekeycast_proto::endpoint::failover::FailoverConfig;
+use rekeycast_proto::endpoint::failover::{FailoverConfig, FailoverCounters};
 use rekeycast_proto::endpoint::member::traffic::KeyLifeConfig;
 use rekeycast_proto::endpoint::member::{
     MemberCommand, MemberEndpoint, MemberEndpointConfig, MemberFigures, MemberStoreOp,
@@ -135,9 +135,11 @@ pub struct MemberConfig {
     pub event_capacity: usize,
     /// Relay failover (a table; see [`FailoverConfig`]): when the member gives up on its
     /// relay and how moves are spaced. The relays it moves between are its registration
-    /// bundle's directory. The member listens to the one group it was started on for its
-    /// whole life: a move changes where its NACKs go and whose resync endpoints it asks first
-    /// (relays that serve one segment share its group).
+    /// bundle's directory. A move changes the group it listens to (it leaves the old relay's
+    /// group and joins the new one's, on the interface and with the socket settings of
+    /// `multicast`), where its NACKs go and whose resync endpoints it asks first. With a
+    /// directory, its first contact's group and feedback address replace `multicast.group`
+    /// and `receiver.feedback_addr` from the start.
     pub failover: FailoverConfig,
     /// The Data SAs' soft lifetime (past it with no newer SA the member checks the group's
     /// state) and the window its re-registration is spread over (a table; see
@@ -352,6 +354,13 @@ pub struct MemberStats {
     /// its messages left the history, or its keys cannot open its own chunk
     /// ([`ReceiverEvent::KeysCannotOpen`]). It then takes no traffic and starts no resync.
     pub must_reregister: Option<ReregisterReason>,
+    /// The relay (its number in the directory) the member receives from now; `None`: the
+    /// GCKS, or no directory.
+    pub relay: Option<u16>,
+    /// Failover's figures: moves between contacts, and why.
+    pub failover: FailoverCounters,
+    /// Times the member's group socket moved to another contact's group.
+    pub listen_moves: u64,
 }
 
 impl MemberStats {
@@ -379,6 +388,9 @@ impl MemberStats {
             events_dropped: driver.events_dropped,
             state_save_failures: figures.state_save_failures,
             must_reregister: figures.must_reregister,
+            relay: figures.relay,
+            failover: figures.failover,
+            listen_moves: driver.listen_moves,
         }
     }
 }

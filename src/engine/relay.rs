@@ -393,6 +393,12 @@ pub struct RelayStats {
     pub loop_lag_recent_us: LoopLag,
     /// What went to the unicast relays behind this one (`session.unicast_relays`).
     pub uplinks: crate::relay::uplink::UplinkCounters,
+    /// The distinct member addresses that reached the relay (a MAC-checked NACK or probe
+    /// reply, a resync request) within the last 10 minutes: the members it serves that needed
+    /// it, counted by the relay itself ([`crate::relay::members::MemberTally`]).
+    pub members: u64,
+    /// The member tally's counters (contacts by feedback and by resync, arrivals).
+    pub member_tally: crate::relay::members::MemberTallyCounters,
 }
 
 impl RelayStats {
@@ -420,6 +426,8 @@ impl RelayStats {
             loop_lag_us: driver.lag,
             loop_lag_recent_us: driver.recent_lag,
             uplinks: endpoint.uplinks,
+            members: endpoint.members,
+            member_tally: endpoint.member_tally,
         }
     }
 }
@@ -653,7 +661,17 @@ impl RelayStats {
         let down = &self.downstream;
         let own = &self.own_resync;
         let mut text = String::new();
-        let counters: [(&str, &str, u64); 38] = [
+        let counters: [(&str, &str, u64); 40] = [
+            (
+                "rekeycast_relay_member_arrivals_total",
+                "Member addresses that reached the relay for the first time in the tally's window.",
+                self.member_tally.arrivals,
+            ),
+            (
+                "rekeycast_relay_member_contacts_total",
+                "Contacts of members with the relay (MAC-checked feedback and resync requests).",
+                self.member_tally.feedback_contacts + self.member_tally.resync_contacts,
+            ),
             (
                 "rekeycast_relay_forwarded_total",
                 "Messages forwarded downstream.",
@@ -868,7 +886,12 @@ impl RelayStats {
             text.push_str(&format!("{name}{{cause=\"{cause}\"}} {value}\n"));
         }
         let (latest, oldest) = self.held.unwrap_or((0, 0));
-        let gauges: [(&str, &str, u64); 8] = [
+        let gauges: [(&str, &str, u64); 9] = [
+            (
+                "rekeycast_relay_members",
+                "Distinct member addresses that reached the relay (feedback, resync) in the last 10 minutes.",
+                self.members,
+            ),
             (
                 "rekeycast_relay_next_seq",
                 "The next message the relay needs from upstream.",

@@ -162,7 +162,13 @@ pub(crate) struct Endpoints {
     counters: EndpointCounters,
     /// The counters of the connections closed so far.
     closed_connections: Counters,
+    /// The sources of the requests admitted since the last [`Endpoints::take_admitted`], at
+    /// most [`MAX_ADMITTED_HELD`].
+    admitted: Vec<IpAddr>,
 }
+
+/// Admitted requests' sources held for the loop between two turns, at most.
+const MAX_ADMITTED_HELD: usize = 4_096;
 
 impl Endpoints {
     /// Binds the listeners (either may be absent) and registers them with `registry` under
@@ -230,6 +236,7 @@ impl Endpoints {
             limiter: RateLimiter::new(&limits),
             limits,
             counters: EndpointCounters::default(),
+            admitted: Vec::new(),
             closed_connections: Counters::default(),
         })
     }
@@ -257,6 +264,11 @@ impl Endpoints {
             rejected: connections.rejected,
             ..self.counters
         }
+    }
+
+    /// The sources of the requests admitted since the last call, in order.
+    pub(crate) fn take_admitted(&mut self) -> Vec<IpAddr> {
+        std::mem::take(&mut self.admitted)
     }
 
     /// Handles a readiness event of one of this set's tokens.
@@ -491,10 +503,17 @@ impl Endpoints {
                     }
                     Ok(n) => {
                         // Every request is charged to its source, however many one read holds.
-                        let (limiter, counters, peer) =
-                            (&mut self.limiter, &mut self.counters, connection.peer);
+                        let (limiter, counters, peer, admitted) = (
+                            &mut self.limiter,
+                            &mut self.counters,
+                            connection.peer,
+                            &mut self.admitted,
+                        );
                         let mut admit = || {
                             if limiter.allow(now, peer) {
+                                if admitted.len() < MAX_ADMITTED_HELD {
+                                    admitted.push(peer);
+                                }
                                 Ok(())
                             } else {
                                 counters.rate_limited += 1;

@@ -4,6 +4,8 @@
 
 pub use rekeycast_proto::relay::*;
 
+pub mod directory;
+
 pub use crate::engine::relay::{
     Relay, RelayBuilder, RelayEngineConfig, RelayEngineError, RelayStats,
 };

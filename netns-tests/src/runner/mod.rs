@@ -339,6 +339,18 @@ struct Run<'a> {
     failures: Vec<String>,
     samples: Vec<u64>,
     topology: Topology,
+    /// Relays killed for good in a `failover` topology, each with its members, the first
+    /// message triggered after the kill and the messages the GCKS had served by resync.
+    failovers: Vec<FailoverKill>,
+}
+
+/// A relay killed for good in a `failover` topology: what its members are judged against.
+#[derive(Debug, Clone)]
+struct FailoverKill {
+    relay: u32,
+    members: Vec<u64>,
+    first_seq: u64,
+    gcks_resync_messages: u64,
 }
 
 impl<'a> Run<'a> {
@@ -386,11 +398,23 @@ impl<'a> Run<'a> {
         } else {
             rekeycast::relay::uplink::UnicastRelays::default()
         };
-        let server = Server::start_with_uplinks(
+        let relay_directory = if scenario.topology.failover {
+            let relays = (1..=scenario.topology.relays)
+                .map(|relay| {
+                    let host = topology.host(&format!("r{relay}"))?;
+                    Ok(processes::relay_contact(relay, host.ip()))
+                })
+                .collect::<Result<Vec<_>, RunError>>()?;
+            rekeycast::relay::directory::RelayDirectoryConfig { relays, gcks: None }
+        } else {
+            Default::default()
+        };
+        let server = Server::start_with_relays(
             &options.rekeycast,
             topology.host("gcks")?,
             work_dir,
             uplinks,
+            relay_directory,
         )?;
         Ok(Self {
             scenario,
@@ -409,6 +433,7 @@ impl<'a> Run<'a> {
             failures: Vec::new(),
             samples: Vec::new(),
             topology,
+            failovers: Vec::new(),
         })
     }
 
@@ -493,10 +518,17 @@ impl<'a> Run<'a> {
             self.start_member(id, &format!("m{id}"), "gcks", admitted[&id], &upstream)?;
         }
         for relay in 1..=topology.relays {
-            let upstream = self.relays[relay as usize - 1].upstream_for_members(gcks);
             for id in self.scenario.relay_member_ids(relay) {
+                // With a relay directory the member's relay is the one its bundle lists
+                // first (the GCKS's choice), not the one its host is named after.
+                let assigned = if topology.failover {
+                    self.bundle_relay(id)?
+                } else {
+                    relay
+                };
+                let upstream = self.relays[assigned as usize - 1].upstream_for_members(gcks);
                 let host = format!("r{relay}m{}", id - u64::from(relay) * 1000);
-                let group = format!("relay{relay}");
+                let group = format!("relay{assigned}");
                 self.start_member(id, &host, &group, admitted[&id], &upstream)?;
             }
         }
@@ -522,6 +554,29 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// The relay member `id`'s registration bundle lists first.
+    fn bundle_relay(&self, id: u64) -> Result<u32, RunError> {
+        let path = MemberProcess::bundle_path(&self.work_dir, id);
+        let bundle = rekeycast_cli::bundle::read(&path).map_err(|error| RunError::Config {
+            what: format!("member {id}'s bundle {}", path.display()),
+            message: format!("{error:#}"),
+        })?;
+        match bundle.directory.relays.first() {
+            Some(contact)
+                if (1..=self.scenario.topology.relays).contains(&u32::from(contact.id)) =>
+            {
+                Ok(u32::from(contact.id))
+            }
+            _ => Err(RunError::Config {
+                what: format!("member {id}'s bundle {}", path.display()),
+                message: format!(
+                    "lists no relay of the scenario first: {:?}",
+                    bundle.directory
+                ),
+            }),
+        }
+    }
+
     fn start_member(
         &mut self,
         id: u64,
@@ -538,6 +593,11 @@ impl<'a> Run<'a> {
             upstream: upstream.clone(),
             silence_timeout: MEMBER_SILENCE_TIMEOUT,
             seed: self.scenario.seed,
+            failover_idle_silence: self
+                .scenario
+                .topology
+                .failover
+                .then(|| Duration::from_millis(crate::scenario::FAILOVER_IDLE_SILENCE_MS)),
         };
         let member = MemberProcess::start(&self.options.rekeycast, host, &self.work_dir, &spec)?;
         self.members.push(member);
@@ -827,6 +887,44 @@ impl<'a> Run<'a> {
                     ));
                 }
             }
+            Fault::KillRelay { relay, down_ms, .. } if self.scenario.topology.failover => {
+                let gcks_resync_messages = self.gcks_resync_messages()?;
+                let index = *relay as usize - 1;
+                self.relays[index].kill();
+                let group = format!("relay{relay}");
+                let ids: Vec<u64> = self
+                    .members
+                    .iter()
+                    .filter(|m| m.group == group && !m.left)
+                    .map(|m| m.id)
+                    .collect();
+                if let Some(down_ms) = down_ms {
+                    sleep(Duration::from_millis(*down_ms))?;
+                    self.relays[index].restart()?;
+                    println!(
+                        "fault: relay {relay} killed (SIGKILL) and restarted from its state \
+                         directory after {down_ms} ms"
+                    );
+                } else {
+                    for id in &ids {
+                        self.faulted.insert(*id);
+                        if self.scenario.expect.failover_within_ms.is_none() {
+                            self.excused.insert(*id, (rekey, u32::MAX));
+                        }
+                    }
+                    self.failovers.push(FailoverKill {
+                        relay: *relay,
+                        members: ids.clone(),
+                        first_seq: self.seq + 1,
+                        gcks_resync_messages,
+                    });
+                    println!(
+                        "fault: relay {relay} killed (SIGKILL) for good; its {} members {ids:?} \
+                         must fail over to another relay",
+                        ids.len()
+                    );
+                }
+            }
             Fault::KillRelay { relay, down_ms, .. } => {
                 let index = *relay as usize - 1;
                 self.relays[index].kill();
@@ -868,6 +966,110 @@ impl<'a> Run<'a> {
                     duration.as_millis()
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The messages the GCKS served by resync (its `/metrics`; a scrape of `/metrics` itself
+    /// is a request, not a message served).
+    fn gcks_resync_messages(&self) -> Result<u64, RunError> {
+        let metrics = self.server.metrics()?;
+        Ok(metrics
+            .get("rekeycast_resync_messages_served_total")
+            .copied()
+            .unwrap_or(0.0) as u64)
+    }
+
+    /// Judges the members of the relays killed for good in a `failover` topology: each on
+    /// another relay, each message after the kill held within `within` of its trigger, and
+    /// the GCKS served no message by resync since. Prints the figures.
+    fn judge_failovers(&mut self, within: Option<Duration>) -> Result<(), RunError> {
+        let requests_now = self.gcks_resync_messages()?;
+        for kill in self.failovers.clone() {
+            let mut worst_ms: Vec<(u64, f64)> = Vec::new();
+            let mut relays_now = BTreeMap::new();
+            let mut moves = 0;
+            let mut listen_moves = 0;
+            let mut from_resync = 0;
+            for member in self.members.iter().filter(|m| kill.members.contains(&m.id)) {
+                let Some(status) = member.status() else {
+                    self.failures
+                        .push(format!("member {} wrote no status file", member.id));
+                    continue;
+                };
+                *relays_now.entry(status.relay).or_insert(0u32) += 1;
+                moves += status.failover_moves;
+                listen_moves += status.listen_moves;
+                from_resync += status.applied_from_resync;
+                if status.relay.is_none() || status.relay == u16::try_from(kill.relay).ok() {
+                    self.failures.push(format!(
+                        "member {} of killed relay {} is on {:?}, not on another relay",
+                        member.id, kill.relay, status.relay
+                    ));
+                }
+                let mut worst = 0.0f64;
+                for (&seq, &triggered) in self.triggers.range(kill.first_seq..) {
+                    match status.applied.iter().find(|(s, _)| *s == seq) {
+                        Some(&(_, at)) => {
+                            let ms = at.saturating_sub(triggered) as f64 / 1000.0;
+                            worst = worst.max(ms);
+                            if within.is_some_and(|limit| ms > limit.as_secs_f64() * 1000.0) {
+                                self.failures.push(format!(
+                                    "member {} of killed relay {} held message {seq} {ms:.0} ms \
+                                     after its trigger",
+                                    member.id, kill.relay
+                                ));
+                            }
+                        }
+                        None => self.failures.push(format!(
+                            "member {} of killed relay {} never held message {seq}",
+                            member.id, kill.relay
+                        )),
+                    }
+                }
+                worst_ms.push((member.id, worst));
+            }
+            let served = requests_now.saturating_sub(kill.gcks_resync_messages);
+            if within.is_some() && served > 0 {
+                self.failures.push(format!(
+                    "the GCKS served {served} messages by resync after relay {} was killed",
+                    kill.relay
+                ));
+            }
+            // Each relay they moved to counts them among the members that reached it (their
+            // state check there, their NACKs).
+            for (&relay, &moved) in &relays_now {
+                let Some(number) = relay.map(u32::from) else {
+                    continue;
+                };
+                let counted = self
+                    .relays
+                    .iter()
+                    .find(|r| r.number == number)
+                    .and_then(RelayProcess::metrics)
+                    .and_then(|m| m.get("rekeycast_relay_members").copied())
+                    .unwrap_or(0.0) as u64;
+                println!(
+                    "failover: relay {number} counts {counted} members; {moved} of them moved \
+                     to it"
+                );
+                if within.is_some() && counted < u64::from(moved) {
+                    self.failures.push(format!(
+                        "relay {number} counts {counted} members, {moved} moved to it"
+                    ));
+                }
+            }
+            let slowest = worst_ms.iter().map(|(_, ms)| *ms).fold(0.0, f64::max);
+            println!(
+                "failover: relay {} killed before message {}; its {} members now on relays \
+                 {relays_now:?} after {moves} moves ({listen_moves} group changes); slowest \
+                 time to key of a message after the kill {slowest:.0} ms (per member: \
+                 {worst_ms:?}); messages they applied by resync {from_resync}; messages the GCKS \
+                 served by resync since the kill {served}",
+                kill.relay,
+                kill.first_seq,
+                kill.members.len()
+            );
         }
         Ok(())
     }
@@ -992,6 +1194,9 @@ impl<'a> Run<'a> {
             ));
         }
         let expect = self.scenario.expect.clone();
+        if !self.failovers.is_empty() {
+            self.judge_failovers(expect.failover_within_ms.map(Duration::from_millis))?;
+        }
         let mut rows = Vec::new();
         let killed_relays: BTreeSet<u32> = self
             .relays
@@ -1103,13 +1308,15 @@ impl<'a> Run<'a> {
                 let get = |name: &str| metrics.get(name).copied().unwrap_or(0.0) as u64;
                 table.push_str(&format!(
                     "relay {} /metrics: forwarded {}, applied {}, downstream NACKs {}, \
-                     upstream NACKs {}, signature checks {}\n",
+                     upstream NACKs {}, signature checks {}, members counted {} (contacts {})\n",
                     relay.number,
                     get("rekeycast_relay_forwarded_total"),
                     get("rekeycast_relay_messages_applied_total"),
                     get("rekeycast_relay_downstream_nacks_received_total"),
                     get("rekeycast_relay_upstream_nacks_sent_total"),
                     get("rekeycast_relay_signature_checks_total"),
+                    get("rekeycast_relay_members"),
+                    get("rekeycast_relay_member_contacts_total"),
                 ));
             } else if relay.killed {
                 table.push_str(&format!("relay {}: killed\n", relay.number));

@@ -130,6 +130,18 @@ impl Server {
         dir: &Path,
         unicast_relays: rekeycast::relay::uplink::UnicastRelays,
     ) -> Result<Self, RunError> {
+        Self::start_with_relays(binary, host, dir, unicast_relays, Default::default())
+    }
+
+    /// [`Server::start_with_uplinks`] with a relay directory: the GCKS's registration bundles
+    /// list `relay_directory`'s relays (least-loaded first), where members fail over.
+    pub fn start_with_relays(
+        binary: &Path,
+        host: &Host,
+        dir: &Path,
+        unicast_relays: rekeycast::relay::uplink::UnicastRelays,
+        relay_directory: rekeycast::relay::directory::RelayDirectoryConfig,
+    ) -> Result<Self, RunError> {
         let mut config =
             rekeycast_cli::config::ServerConfig::from_toml_str("").map_err(|error| {
                 RunError::Config {
@@ -155,6 +167,7 @@ impl Server {
         gcks.resync_tcp = Some(SocketAddr::from((address, TCP_RESYNC_PORT)));
         gcks.resync_http = Some(SocketAddr::from((address, HTTP_RESYNC_PORT)));
         gcks.unicast_relays = unicast_relays;
+        gcks.relay_directory = relay_directory;
         config.admin_socket = dir.join("admin.sock");
         let path = dir.join("server.toml");
         write_toml(&path, &config)?;
@@ -426,6 +439,8 @@ pub struct MemberSpec {
     pub silence_timeout: Duration,
     /// The scenario's seed (the member's NACK backoff seed is derived from it and its id).
     pub seed: u64,
+    /// Its failover idle silence (a `failover` topology); `None`: the default.
+    pub failover_idle_silence: Option<Duration>,
 }
 
 /// One member process and its files.
@@ -487,6 +502,13 @@ pub struct MemberStatus {
     pub bad_mac: u64,
     /// Whether the member was told to register again.
     pub must_reregister: bool,
+    /// The relay it receives from (failover's current contact); `None`: the GCKS, or no
+    /// directory.
+    pub relay: Option<u16>,
+    /// Moves between relays.
+    pub failover_moves: u64,
+    /// Moves of its group socket to another relay's group.
+    pub listen_moves: u64,
     /// `[seq, unix_us]` of the newest applied messages.
     pub applied: Vec<(u64, u64)>,
 }
@@ -515,6 +537,11 @@ impl MemberProcess {
         member.resync_endpoints = endpoints(&upstream.resync_endpoints)?;
         member.receiver.state_check_interval = Duration::from_millis(200);
         member.seed = Some(spec.seed ^ id);
+        if let Some(silence) = spec.failover_idle_silence {
+            member.failover.idle_silence = silence;
+            member.failover.nack_silence = silence / 2;
+            member.failover.backoff_initial = silence / 5;
+        }
         config.bundle = dir.join(format!("member-{id}.bundle"));
         if let Ok(filter) = std::env::var(MEMBER_LOG_ENV) {
             config.log.filter = filter;
@@ -745,6 +772,11 @@ impl RelayProcess {
         self.spawn()
     }
 
+    /// The relay as the GCKS's relay directory lists it.
+    pub fn contact(&self) -> rekeycast::relay::directory::RelayContactConfig {
+        relay_contact(self.number, self.address)
+    }
+
     /// The endpoints and group of this relay's members.
     pub fn upstream_for_members(&self, gcks: IpAddr) -> Upstream {
         Upstream {
@@ -789,6 +821,22 @@ impl RelayProcess {
         )
         .ok()
         .map(|text| parse_prometheus(&text))
+    }
+}
+
+/// Relay `number` at `address` as the GCKS's relay directory lists it (numbered as in the
+/// scenario): its group, feedback port and TCP resync endpoint.
+pub fn relay_contact(
+    number: u32,
+    address: IpAddr,
+) -> rekeycast::relay::directory::RelayContactConfig {
+    rekeycast::relay::directory::RelayContactConfig {
+        id: u16::try_from(number).unwrap_or(u16::MAX),
+        group: relay_group_for(number, address),
+        feedback: SocketAddr::from((address, RELAY_FEEDBACK_PORT)),
+        resync: vec![rekeycast::io::resync_client::Endpoint::Tcp(
+            SocketAddr::from((address, RELAY_TCP_PORT)),
+        )],
     }
 }
 

@@ -767,6 +767,11 @@ impl Endpoint for MemberEndpoint {
         self.policy.poll_cancel()
     }
 
+    fn poll_listen(&mut self) -> Option<SocketAddr> {
+        self.poll_attachment()
+            .map(|attachment| attachment.contact.group)
+    }
+
     fn poll_event(&mut self) -> Option<ReceiverEvent> {
         self.ready.pop_front()
     }

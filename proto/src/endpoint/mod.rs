@@ -273,6 +273,18 @@ pub trait Endpoint {
     /// When [`Endpoint::handle_timeout`] must next be called.
     fn poll_timeout(&self) -> Option<Instant>;
 
+    /// The next multicast group to listen to instead of the one [`Port::Listen`] is on (a
+    /// member that failed over to another relay): the driver joins it on a new socket and
+    /// leaves the old group, and [`Port::Feedback`]'s [`Destination::Group`] follows. A group
+    /// equal to the one listened to changes nothing.
+    fn poll_listen(&mut self) -> Option<SocketAddr> {
+        None
+    }
+    /// A request from `peer` was admitted by its resync server (a relay counts the members
+    /// that reach it). Nothing by default.
+    fn handle_resync_request(&mut self, now: Instant, peer: std::net::IpAddr) {
+        let _ = (now, peer);
+    }
     /// What its resync server serves (a GCKS's or a relay's history), if it serves one.
     fn resync_source(&self) -> Option<&dyn ResyncSource> {
         None

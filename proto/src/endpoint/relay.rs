@@ -133,6 +133,12 @@ pub struct RelayEndpointStats {
     /// What went to the unicast relays behind this one
     /// ([`RelayConfig::unicast_relays`](crate::relay::RelayConfig::unicast_relays)).
     pub uplinks: crate::relay::uplink::UplinkCounters,
+    /// The distinct member addresses that reached the relay (MAC-checked feedback, resync
+    /// requests) within the tally's window, as of the latest time the endpoint was handed
+    /// ([`crate::relay::members::MemberTally`]).
+    pub members: u64,
+    /// The member tally's counters.
+    pub member_tally: crate::relay::members::MemberTallyCounters,
 }
 
 /// The relay's timers, indexes of its [`TimerTable`].
@@ -198,6 +204,9 @@ pub struct RelayEndpoint {
     events: VecDeque<(RelayEvent, Option<StoreId>)>,
     store_failures: u64,
     key_save_failures: u64,
+    /// The latest time handed to the endpoint: what [`RelayEndpoint::stats`] counts the
+    /// members as of.
+    latest_now: Instant,
 }
 
 impl RelayEndpoint {
@@ -246,6 +255,7 @@ impl RelayEndpoint {
             events: VecDeque::new(),
             store_failures: 0,
             key_save_failures: 0,
+            latest_now: now,
         };
         // A resumed session may have events already (its history restored).
         endpoint.after_input(now);
@@ -269,6 +279,8 @@ impl RelayEndpoint {
             store_failures: self.store_failures,
             key_save_failures: self.key_save_failures,
             uplinks: *s.uplink_counters(),
+            members: s.members(self.latest_now),
+            member_tally: s.member_counters(),
         }
     }
 
@@ -402,6 +414,7 @@ impl Endpoint for RelayEndpoint {
     type StoreOp = RelayStoreOp;
 
     fn handle_datagram(&mut self, now: Instant, port: Port, from: SocketAddr, bytes: &[u8]) {
+        self.latest_now = self.latest_now.max(now);
         if !self.running() {
             return;
         }
@@ -410,6 +423,11 @@ impl Endpoint for RelayEndpoint {
             Port::Serve => self.session.handle_downstream(now, from, bytes),
         }
         self.after_input(now);
+    }
+
+    fn handle_resync_request(&mut self, now: Instant, peer: std::net::IpAddr) {
+        self.latest_now = self.latest_now.max(now);
+        self.session.resync_request(now, peer);
     }
 
     fn handle_command(&mut self, _now: Instant, command: RelayCommand) {
@@ -473,6 +491,7 @@ impl Endpoint for RelayEndpoint {
     }
 
     fn handle_timeout(&mut self, now: Instant) {
+        self.latest_now = self.latest_now.max(now);
         if !self.running() {
             return;
         }

@@ -1183,3 +1183,43 @@ fn cut_through_forwards_are_paced_by_the_downstream_token_bucket() {
     assert_eq!(h.relay.counters().forwarded, 1);
     assert_only_the_gckss(&h);
 }
+
+#[test]
+fn the_relay_counts_the_members_that_reach_it_and_not_forged_feedback() {
+    let mut h = harness(100);
+    h.run(Duration::from_secs(2), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.members(h.now), 0);
+    let key = crate::auth::mac::MacKey::from_bytes(h.relay.message(1).unwrap().parts().1);
+    let wrong = crate::auth::mac::MacKey::from_bytes([0x55; 32]);
+    let nack = |key: &crate::auth::mac::MacKey| {
+        Harness::sealed(
+            1,
+            BodyRepr::Nack(NackRepr {
+                object: ObjectKind::Chunks,
+                sbn: 0,
+                round: 1,
+                need: 1,
+                receiver_id: 5,
+                echo: None,
+            }),
+            key,
+        )
+    };
+    // Forged feedback from many addresses counts nobody.
+    for last in 10..60 {
+        h.relay.handle_downstream(h.now, addr(last), &nack(&wrong));
+    }
+    assert_eq!(h.relay.members(h.now), 0);
+    // Two members NACK (one twice), a third asks the resync endpoint: three members.
+    h.relay.handle_downstream(h.now, addr(4), &nack(&key));
+    h.relay.handle_downstream(h.now, addr(4), &nack(&key));
+    h.relay.handle_downstream(h.now, addr(5), &nack(&key));
+    h.relay.resync_request(h.now, addr(6).ip());
+    assert_eq!(h.relay.members(h.now), 3);
+    let counters = h.relay.member_counters();
+    assert_eq!(counters.feedback_contacts, 3);
+    assert_eq!(counters.resync_contacts, 1);
+    // Ten minutes later without a word from them, they are no longer counted.
+    let later = h.now + crate::relay::members::DEFAULT_MEMBER_WINDOW;
+    assert_eq!(h.relay.members(later), 0);
+}
