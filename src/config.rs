@@ -692,6 +692,34 @@ mod tests {
             (r#"{"batch_interval_ms": 0}"#, "batch_interval_ms"),
             (r#"{"max_batch": 0}"#, "max_batch"),
             (r#"{"data_sa_lifetime_secs": 0}"#, "data_sa_lifetime_secs"),
+            (
+                r#"{"lifetimes": {"data_sa_soft_secs": 3600}}"#,
+                "lifetimes.data_sa_soft_secs",
+            ),
+            (
+                r#"{"lifetimes": {"data_sa_soft_secs": 0}}"#,
+                "lifetimes.data_sa_soft_secs",
+            ),
+            (
+                r#"{"lifetimes": {"group_key": {"soft_secs": 600, "hard_secs": 300}}}"#,
+                "lifetimes.group_key",
+            ),
+            (
+                r#"{"lifetimes": {"signing_key": {"soft_secs": 0, "hard_secs": 300}}}"#,
+                "lifetimes.signing_key",
+            ),
+            (
+                r#"{"lifetimes": {"timing": {"activation_delay_secs": 5, "deactivation_delay_secs": 2}}}"#,
+                "lifetimes.timing.deactivation_delay_secs",
+            ),
+            (
+                r#"{"lifetimes": {"data_sa_soft_secs": 60, "timing": {"activation_delay_secs": 60, "deactivation_delay_secs": 90}}}"#,
+                "lifetimes.timing.activation_delay_secs",
+            ),
+            (
+                r#"{"lifetimes": {"timing": {"activation_delay_secs": 5, "deactivation_delay_secs": 3600}}}"#,
+                "lifetimes.timing.deactivation_delay_secs",
+            ),
             (r#"{"state_dir": ""}"#, "state_dir"),
             (
                 r#"{"resync_tcp": "127.0.0.1:9", "resync_http": "127.0.0.1:9"}"#,
@@ -754,6 +782,10 @@ mod tests {
             (
                 format!("{{{feedback}}}, \"state_file\": \"\"}}"),
                 "state_file",
+            ),
+            (
+                format!("{{{feedback}}}, \"key_life\": {{\"soft_lifetime_percent\": 100}}}}"),
+                "key_life.soft_lifetime_percent",
             ),
             (
                 format!("{{{feedback}}}, \"event_capacity\": 0}}"),

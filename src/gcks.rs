@@ -59,8 +59,14 @@ pub struct GcksConfig {
     /// the RFC 5649 AES key wrap with padding (G-IKEv2's `KW_5649_256`). Every manifest names
     /// it, and members refuse messages under another than their bundle's.
     pub wrap_algorithm: WrapAlgorithm,
-    /// Lifetime of each Data SA, seconds.
+    /// Lifetime of each Data SA, seconds (its hard lifetime).
     pub data_sa_lifetime_secs: u32,
+    /// Soft lifetimes (a refresh, an empty-batch rekey, when the latest Data SA or group key
+    /// reaches one with no rekey since), the group and signing keys' lifetimes, and the
+    /// activation and deactivation delays of new Data SAs (a table; see
+    /// [`LifetimeConfig`](rekeycast_proto::endpoint::gcks::lifetime::LifetimeConfig)). The
+    /// default refreshes nothing on time and switches Data SAs at once.
+    pub lifetimes: rekeycast_proto::endpoint::gcks::lifetime::LifetimeConfig,
     /// The multicast group, interface, TTL and loopback of the rekey traffic.
     pub multicast: MulticastConfig,
     /// The unicast address the GCKS sends from and takes NACKs on (port 0: any).
@@ -179,6 +185,7 @@ impl GcksConfig {
             degree: Degree::DEFAULT,
             wrap_algorithm: WrapAlgorithm::Aes256Gcm,
             data_sa_lifetime_secs: 3600,
+            lifetimes: Default::default(),
             multicast,
             bind: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
             sender: SenderConfig::default(),
@@ -242,6 +249,10 @@ impl GcksConfig {
                 "data_sa_lifetime_secs",
                 "must be at least 1",
             ));
+        }
+        if let Err(error) = self.lifetimes.validate(self.data_sa_lifetime_secs) {
+            let (field, rule) = error.field_and_rule();
+            return Err(InvalidConfig::new(field, rule).within("lifetimes"));
         }
         if self
             .state_dir

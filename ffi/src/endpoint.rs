@@ -423,6 +423,7 @@ fn endpoint_config(config: &rkc_gcks_config) -> GcksEndpointConfig {
         degree: Degree::DEFAULT,
         wrap_algorithm: WrapAlgorithm::Aes256Gcm,
         data_sa_lifetime_secs: config.data_sa_lifetime_secs,
+        lifetimes: Default::default(),
         sender: Default::default(),
         message: Default::default(),
         schedule: Schedule::new(

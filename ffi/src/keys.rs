@@ -111,6 +111,8 @@ mod tests {
         DataSa {
             spi,
             lifetime_secs,
+            timing: Default::default(),
+            next_spi: spi + 1,
             tek: Tek::from_bytes([byte; 32]),
         }
     }

@@ -115,35 +115,119 @@ impl RekeySa {
 /// A traffic protection key (TEK), zeroized on drop.
 pub type Tek = Key;
 
-/// A Data SA (RFC 4046 6.3): the traffic key the group uses after a rekey, with its SPI and
-/// lifetime. Every rekey message makes a new one.
+/// When a new Data SA takes over from the previous one, as delays after a member receives the
+/// rekey message that carries it (the activation and deactivation time delays, ATD and DTD,
+/// of G-IKEv2, RFC 9838).
+///
+/// A product installs the new TEK for receiving as soon as it arrives, sends under it from
+/// `activation_delay_secs` on, and drops the previous TEK at `deactivation_delay_secs`. With
+/// both zero (the default, and what a record of the first format means) the new SA replaces
+/// the old one at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataSaTiming {
+    /// Seconds after receipt before a member sends under the new SA (ATD).
+    pub activation_delay_secs: u32,
+    /// Seconds after receipt before a member drops the previous SA (DTD); at least the
+    /// activation delay, so no sender still uses a key its receivers dropped.
+    pub deactivation_delay_secs: u32,
+}
+
+/// Why a [`DataSaTiming`] cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataSaTimingError {
+    /// The previous SA would be dropped before the new one is used for sending.
+    #[error(
+        "deactivation delay {deactivation_delay_secs} s is shorter than the activation delay \
+         {activation_delay_secs} s: receivers would drop a key senders still use"
+    )]
+    DeactivationBeforeActivation {
+        /// The activation delay.
+        activation_delay_secs: u32,
+        /// The deactivation delay.
+        deactivation_delay_secs: u32,
+    },
+}
+
+impl DataSaTiming {
+    /// Checks that the previous SA is not dropped before the new one activates.
+    pub fn validate(&self) -> Result<(), DataSaTimingError> {
+        if self.deactivation_delay_secs < self.activation_delay_secs {
+            return Err(DataSaTimingError::DeactivationBeforeActivation {
+                activation_delay_secs: self.activation_delay_secs,
+                deactivation_delay_secs: self.deactivation_delay_secs,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A Data SA (RFC 4046 6.3): the traffic key the group uses after a rekey, with its SPI,
+/// lifetime, the delays of its takeover ([`DataSaTiming`]) and the SPI of the SA that will
+/// follow it. Every rekey message makes a new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataSa {
     /// The SPI that names this SA in the group's traffic.
     pub spi: u32,
     /// Lifetime in seconds from the rekey message that carries it.
     pub lifetime_secs: u32,
+    /// When it takes over from the previous SA.
+    pub timing: DataSaTiming,
+    /// The SPI the next Data SA will have, announced so that traffic or a heartbeat naming it
+    /// tells a member it missed a rekey; 0 when not announced (records of the first format).
+    pub next_spi: u32,
     /// The traffic key.
     pub tek: Tek,
 }
 
-/// Bytes of an encoded [`WrappedDataSa`].
-pub const WRAPPED_DATA_SA_LEN: usize = 12 + SEALED_LEN;
+/// Bytes of an encoded [`WrappedDataSa`] of the current format ([`DataSaFormat::V2`]).
+pub const WRAPPED_DATA_SA_LEN: usize = WRAPPED_DATA_SA_V2_LEN;
 
-/// A Data SA as a rekey message carries it: SPI and lifetime in the clear (and bound to the
-/// ciphertext), the TEK encrypted under the new group key.
+/// Bytes of a [`DataSaFormat::V1`] record: SPI, lifetime, group key version, sealed TEK.
+pub const WRAPPED_DATA_SA_V1_LEN: usize = 12 + SEALED_LEN;
+
+/// Bytes of a [`DataSaFormat::V2`] record: a format byte, SPI, lifetime, activation delay,
+/// deactivation delay, next SPI, group key version, sealed TEK.
+pub const WRAPPED_DATA_SA_V2_LEN: usize = 1 + 24 + SEALED_LEN;
+
+/// The format byte that opens a [`DataSaFormat::V2`] record.
+pub const DATA_SA_FORMAT_V2: u8 = 2;
+
+/// The encoding of a [`WrappedDataSa`]. The two are told apart by their length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DataSaFormat {
+    /// The first format ([`WRAPPED_DATA_SA_V1_LEN`] = 60 bytes): no timing, no next SPI.
+    /// Still read (a stored message of an older GCKS); never written.
+    V1,
+    /// The current format ([`WRAPPED_DATA_SA_V2_LEN`] = 73 bytes), with the timing and the
+    /// next SPI, both bound to the ciphertext.
+    V2,
+}
+
+/// A Data SA as a rekey message carries it: SPI, lifetime, timing and next SPI in the clear
+/// (and bound to the ciphertext), the TEK encrypted under the new group key.
 ///
-/// Layout, [`WRAPPED_DATA_SA_LEN`] = 60 bytes, big-endian: SPI (4), lifetime in seconds (4),
-/// the version of the group key it is encrypted under (4), sealed TEK (32 + 16-byte tag).
-/// The nonce is `u32::MAX || group key version || SPI` (the group key encrypts nothing else,
-/// and has one version per message); the associated data binds the algorithm, group id,
-/// sequence number, SPI, lifetime and group key version.
+/// Layout of [`DataSaFormat::V2`], [`WRAPPED_DATA_SA_V2_LEN`] = 73 bytes, big-endian: format
+/// byte [`DATA_SA_FORMAT_V2`] (1), SPI (4), lifetime in seconds (4), activation delay in
+/// seconds (4), deactivation delay in seconds (4), next SPI (4), the version of the group key it
+/// is encrypted under (4), sealed TEK (32 + 16-byte tag). [`DataSaFormat::V1`] (60 bytes) is
+/// SPI, lifetime, group key version and sealed TEK. The nonce is
+/// `u32::MAX || group key version || SPI` (the group key encrypts nothing else, and has one
+/// version per message); the associated data binds the algorithm, group id, sequence number,
+/// SPI, lifetime and group key version, and in V2 the format byte, the timing and the next SPI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WrappedDataSa {
+    /// The record's format.
+    pub format: DataSaFormat,
     /// The SPI of the Data SA.
     pub spi: u32,
     /// Its lifetime in seconds.
     pub lifetime_secs: u32,
+    /// When it takes over (zero delays in V1).
+    pub timing: DataSaTiming,
+    /// The next Data SA's SPI (0 in V1).
+    pub next_spi: u32,
     /// The version of the group key (root key) the TEK is encrypted under.
     pub group_key_version: u32,
     /// The encrypted TEK and its tag.
@@ -151,16 +235,36 @@ pub struct WrappedDataSa {
 }
 
 impl WrappedDataSa {
-    /// Encrypts `data_sa` under `group_key` (at `group_key_version`) for message `ctx`.
+    /// Encrypts `data_sa` under `group_key` (at `group_key_version`) for message `ctx`, in the
+    /// current format.
     pub fn seal(
         ctx: &RekeyContext,
         data_sa: &DataSa,
         group_key: &Key,
         group_key_version: u32,
     ) -> Self {
+        Self::seal_as(DataSaFormat::V2, ctx, data_sa, group_key, group_key_version)
+    }
+
+    /// Encrypts `data_sa` in `format` (V1 drops the timing and the next SPI: for tests of
+    /// the reading of old records).
+    pub fn seal_as(
+        format: DataSaFormat,
+        ctx: &RekeyContext,
+        data_sa: &DataSa,
+        group_key: &Key,
+        group_key_version: u32,
+    ) -> Self {
+        let (timing, next_spi) = match format {
+            DataSaFormat::V1 => (DataSaTiming::default(), 0),
+            DataSaFormat::V2 => (data_sa.timing, data_sa.next_spi),
+        };
         let mut wrapped = Self {
+            format,
             spi: data_sa.spi,
             lifetime_secs: data_sa.lifetime_secs,
+            timing,
+            next_spi,
             group_key_version,
             sealed: [0; SEALED_LEN],
         };
@@ -186,34 +290,62 @@ impl WrappedDataSa {
         Ok(DataSa {
             spi: self.spi,
             lifetime_secs: self.lifetime_secs,
+            timing: self.timing,
+            next_spi: self.next_spi,
             tek,
         })
     }
 
-    /// The 60-byte encoding.
-    pub fn to_bytes(&self) -> [u8; WRAPPED_DATA_SA_LEN] {
-        let mut bytes = [0u8; WRAPPED_DATA_SA_LEN];
-        bytes[0..4].copy_from_slice(&self.spi.to_be_bytes());
-        bytes[4..8].copy_from_slice(&self.lifetime_secs.to_be_bytes());
-        bytes[8..12].copy_from_slice(&self.group_key_version.to_be_bytes());
-        bytes[12..].copy_from_slice(&self.sealed);
+    /// The encoding in the record's format.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(WRAPPED_DATA_SA_V2_LEN);
+        if self.format == DataSaFormat::V2 {
+            bytes.push(DATA_SA_FORMAT_V2);
+        }
+        bytes.extend_from_slice(&self.spi.to_be_bytes());
+        bytes.extend_from_slice(&self.lifetime_secs.to_be_bytes());
+        if self.format == DataSaFormat::V2 {
+            bytes.extend_from_slice(&self.timing.activation_delay_secs.to_be_bytes());
+            bytes.extend_from_slice(&self.timing.deactivation_delay_secs.to_be_bytes());
+            bytes.extend_from_slice(&self.next_spi.to_be_bytes());
+        }
+        bytes.extend_from_slice(&self.group_key_version.to_be_bytes());
+        bytes.extend_from_slice(&self.sealed);
         bytes
     }
 
-    /// Parses exactly [`WRAPPED_DATA_SA_LEN`] bytes; any other length is an error.
+    /// Parses exactly one record of either format ([`WRAPPED_DATA_SA_V1_LEN`] or
+    /// [`WRAPPED_DATA_SA_V2_LEN`] bytes, the latter opening with [`DATA_SA_FORMAT_V2`]); any
+    /// other length or format byte is an error.
     pub fn parse(bytes: &[u8]) -> Result<Self, WrapError> {
-        let bytes: &[u8; WRAPPED_DATA_SA_LEN] = bytes
-            .try_into()
-            .map_err(|_| WrapError::Length(bytes.len()))?;
-        let u32_at = |at: usize| {
-            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        let u32_at = |at: usize| -> Result<u32, WrapError> {
+            bytes
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or(WrapError::Length(bytes.len()))
         };
+        let (format, timing, next_spi, fixed) = match bytes.len() {
+            WRAPPED_DATA_SA_V1_LEN => (DataSaFormat::V1, DataSaTiming::default(), 0, 12),
+            WRAPPED_DATA_SA_V2_LEN if bytes[0] == DATA_SA_FORMAT_V2 => {
+                let timing = DataSaTiming {
+                    activation_delay_secs: u32_at(9)?,
+                    deactivation_delay_secs: u32_at(13)?,
+                };
+                (DataSaFormat::V2, timing, u32_at(17)?, 25)
+            }
+            other => return Err(WrapError::Length(other)),
+        };
+        let head = usize::from(format == DataSaFormat::V2);
         let mut sealed = [0u8; SEALED_LEN];
-        sealed.copy_from_slice(&bytes[12..]);
+        sealed.copy_from_slice(&bytes[fixed..]);
         Ok(Self {
-            spi: u32_at(0),
-            lifetime_secs: u32_at(4),
-            group_key_version: u32_at(8),
+            format,
+            spi: u32_at(head)?,
+            lifetime_secs: u32_at(head + 4)?,
+            timing,
+            next_spi,
+            group_key_version: u32_at(fixed - 4)?,
             sealed,
         })
     }
@@ -222,8 +354,8 @@ impl WrappedDataSa {
         nonce(NO_NODE, self.group_key_version, self.spi)
     }
 
-    fn associated_data(&self, ctx: &RekeyContext) -> [u8; crate::lkh::wrap::AAD_LEN] {
-        associated_data(
+    fn associated_data(&self, ctx: &RekeyContext) -> Vec<u8> {
+        let base = associated_data(
             ctx,
             Domain::DataSa,
             [
@@ -232,7 +364,15 @@ impl WrappedDataSa {
                 self.group_key_version,
                 NO_NODE,
             ],
-        )
+        );
+        let mut aad = base.to_vec();
+        if self.format == DataSaFormat::V2 {
+            aad.push(DATA_SA_FORMAT_V2);
+            aad.extend_from_slice(&self.timing.activation_delay_secs.to_be_bytes());
+            aad.extend_from_slice(&self.timing.deactivation_delay_secs.to_be_bytes());
+            aad.extend_from_slice(&self.next_spi.to_be_bytes());
+        }
+        aad
     }
 }
 
@@ -279,6 +419,11 @@ mod tests {
         DataSa {
             spi: 77,
             lifetime_secs: 3600,
+            timing: DataSaTiming {
+                activation_delay_secs: 5,
+                deactivation_delay_secs: 9,
+            },
+            next_spi: 78,
             tek: Key::from_bytes([5; 32]),
         }
     }
@@ -288,11 +433,27 @@ mod tests {
         let group_key = Key::from_bytes([1; 32]);
         let wrapped = WrappedDataSa::seal(&ctx(), &data_sa(), &group_key, 12);
         let bytes = wrapped.to_bytes();
-        assert_eq!(&bytes[..12], &[0, 0, 0, 77, 0, 0, 0x0e, 0x10, 0, 0, 0, 12]);
+        assert_eq!(bytes.len(), WRAPPED_DATA_SA_V2_LEN);
+        assert_eq!(
+            &bytes[..25],
+            &[2, 0, 0, 0, 77, 0, 0, 0x0e, 0x10, 0, 0, 0, 5, 0, 0, 0, 9, 0, 0, 0, 78, 0, 0, 0, 12]
+        );
         let parsed = WrappedDataSa::parse(&bytes).unwrap();
         assert_eq!(parsed, wrapped);
         assert_eq!(parsed.open(&ctx(), &group_key).unwrap(), data_sa());
-        assert!(WrappedDataSa::parse(&bytes[..59]).is_err());
+        for len in 0..bytes.len() {
+            match WrappedDataSa::parse(&bytes[..len]) {
+                // A truncation to the first format's length reads as one, and does not open.
+                Ok(parsed) => {
+                    assert_eq!(len, WRAPPED_DATA_SA_V1_LEN);
+                    assert!(parsed.open(&ctx(), &group_key).is_err());
+                }
+                Err(error) => assert_eq!(error, WrapError::Length(len)),
+            }
+        }
+        let mut other_format = bytes.clone();
+        other_format[0] = 3;
+        assert!(WrappedDataSa::parse(&other_format).is_err());
     }
 
     #[test]
@@ -300,14 +461,54 @@ mod tests {
         let group_key = Key::from_bytes([1; 32]);
         let bytes = WrappedDataSa::seal(&ctx(), &data_sa(), &group_key, 12).to_bytes();
         for bit in 0..bytes.len() * 8 {
-            let mut flipped = bytes;
+            let mut flipped = bytes.clone();
             flipped[bit / 8] ^= 1 << (bit % 8);
-            let parsed = WrappedDataSa::parse(&flipped).unwrap();
-            assert!(parsed.open(&ctx(), &group_key).is_err(), "bit {bit}");
+            // A flipped format byte is refused by the parser; every other flip by the AEAD.
+            if let Ok(parsed) = WrappedDataSa::parse(&flipped) {
+                assert!(parsed.open(&ctx(), &group_key).is_err(), "bit {bit}");
+            }
         }
         let parsed = WrappedDataSa::parse(&bytes).unwrap();
         let later = RekeyContext { seq: 10, ..ctx() };
         assert!(parsed.open(&later, &group_key).is_err());
+    }
+
+    #[test]
+    fn first_format_records_are_still_read() {
+        let group_key = Key::from_bytes([1; 32]);
+        let old = WrappedDataSa::seal_as(DataSaFormat::V1, &ctx(), &data_sa(), &group_key, 12);
+        let bytes = old.to_bytes();
+        assert_eq!(bytes.len(), WRAPPED_DATA_SA_V1_LEN);
+        assert_eq!(&bytes[..12], &[0, 0, 0, 77, 0, 0, 0x0e, 0x10, 0, 0, 0, 12]);
+        let parsed = WrappedDataSa::parse(&bytes).unwrap();
+        assert_eq!(parsed.format, DataSaFormat::V1);
+        let opened = parsed.open(&ctx(), &group_key).unwrap();
+        assert_eq!(opened.timing, DataSaTiming::default());
+        assert_eq!(opened.next_spi, 0);
+        assert_eq!(opened.tek, data_sa().tek);
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let parsed = WrappedDataSa::parse(&flipped).unwrap();
+            assert!(parsed.open(&ctx(), &group_key).is_err(), "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn timing_validation() {
+        let ok = DataSaTiming {
+            activation_delay_secs: 3,
+            deactivation_delay_secs: 3,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let bad = DataSaTiming {
+            activation_delay_secs: 4,
+            deactivation_delay_secs: 3,
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(DataSaTimingError::DeactivationBeforeActivation { .. })
+        ));
     }
 
     #[test]

@@ -301,6 +301,7 @@ impl Gcks {
             degree: config.degree,
             wrap_algorithm: config.wrap_algorithm,
             data_sa_lifetime_secs: config.data_sa_lifetime_secs,
+            lifetimes: config.lifetimes,
             sender: config.sender.clone(),
             message: config.message,
             schedule: Schedule::new(config.batch_interval, config.max_batch),

@@ -46,6 +46,7 @@ use crossbeam_channel::Receiver;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rekeycast_proto::endpoint::failover::{FailoverConfig, FailoverCounters};
+use rekeycast_proto::endpoint::member::traffic::KeyLifeConfig;
 use rekeycast_proto::endpoint::member::{
     MemberCommand, MemberEndpoint, MemberEndpointConfig, MemberFigures, MemberStoreOp,
 };
@@ -140,6 +141,10 @@ pub struct MemberConfig {
     /// directory, its first contact's group and feedback address replace `multicast.group`
     /// and `receiver.feedback_addr` from the start.
     pub failover: FailoverConfig,
+    /// The Data SAs' soft lifetime (past it with no newer SA the member checks the group's
+    /// state) and the window its re-registration is spread over (a table; see
+    /// [`KeyLifeConfig`]).
+    pub key_life: KeyLifeConfig,
 }
 
 impl MemberConfig {
@@ -167,6 +172,7 @@ impl MemberConfig {
             seed: None,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             failover: FailoverConfig::default(),
+            key_life: KeyLifeConfig::default(),
         }
     }
 
@@ -192,6 +198,12 @@ impl MemberConfig {
         self.failover
             .validate()
             .map_err(|error| InvalidConfig::session("failover", error))?;
+        if self.key_life.validate().is_err() {
+            return Err(InvalidConfig::new(
+                "key_life.soft_lifetime_percent",
+                "must be between 1 and 99",
+            ));
+        }
         if self.resync_timeout.is_zero() {
             return Err(InvalidConfig::new("resync_timeout_ms", "must not be 0"));
         }
@@ -454,6 +466,7 @@ fn endpoint_parts(config: &MemberConfig) -> (MemberEndpointConfig, ChaCha8Rng) {
         persist_keys: config.state_file.is_some(),
         directory: Default::default(),
         failover: config.failover.clone(),
+        key_life: config.key_life,
     };
     (endpoint, ChaCha8Rng::seed_from_u64(seed))
 }

@@ -32,6 +32,8 @@ mod network;
 pub mod rekey;
 
 #[cfg(test)]
+mod lifetime_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

@@ -753,6 +753,7 @@ impl<'c> Scenario<'c> {
             degree,
             wrap_algorithm: WrapAlgorithm::Aes256Gcm,
             data_sa_lifetime_secs: 3600,
+            lifetimes: Default::default(),
             sender: config.sender.clone(),
             message: config.message,
             // Batches only when the scenario asks (RekeyNow), as the old fixed schedule did.
@@ -1356,6 +1357,7 @@ impl<'c> Scenario<'c> {
             persist_keys: self.config.persist_member_keys,
             directory,
             failover: self.config.failover.clone(),
+            key_life: Default::default(),
         };
         let endpoint = MemberEndpoint::new(
             bundle,

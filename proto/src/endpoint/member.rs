@@ -24,6 +24,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zeroize::Zeroizing;
 
+pub mod traffic;
+
 use super::directive::{DirectiveError, RelayDirective};
 use super::failover::{Attachment, Failover, FailoverConfig, FailoverCounters, MoveReason};
 use super::resync_policy::{ResyncConfig, ResyncCounters, ResyncEvent, ResyncPolicy};
@@ -34,6 +36,12 @@ use super::{
 use crate::auth::datagram::DatagramCounters;
 use crate::auth::message::MessageCounters;
 use crate::lkh::{MemberKeys, RegistrationBundle, RelayDirectory};
+use traffic::{KeyLifeConfig, SpiSeen, TrafficKeys};
+
+/// The shortest time between two state checks that traffic naming a later Data SA starts
+/// ([`MemberEndpoint::handle_traffic_spi`]): such traffic is unauthenticated (any insider can
+/// send it), so it buys at most this many checks and never changes a key.
+pub const TRAFFIC_STATE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::session::receiver::{ResyncError, StateVerdict};
 use crate::session::{
     ConfigError, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverSession, ReregisterReason,
@@ -60,6 +68,8 @@ pub struct MemberEndpointConfig {
     pub directory: RelayDirectory,
     /// When the member gives up on a contact and how moves are spaced.
     pub failover: FailoverConfig,
+    /// The Data SAs' soft lifetime and the re-registration window ([`traffic`]).
+    pub key_life: KeyLifeConfig,
 }
 
 impl MemberEndpointConfig {
@@ -73,6 +83,7 @@ impl MemberEndpointConfig {
             persist_keys: false,
             directory: RelayDirectory::default(),
             failover: FailoverConfig::default(),
+            key_life: KeyLifeConfig::default(),
         }
     }
 }
@@ -182,6 +193,12 @@ pub struct MemberFigures {
     pub relay: Option<u16>,
     /// Failover's figures (moves, and why).
     pub failover: FailoverCounters,
+    /// Traffic SPIs reported that named a later Data SA than the member's
+    /// ([`MemberEndpoint::handle_traffic_spi`]).
+    pub later_spis_seen: u64,
+    /// Of those, the ones that started a state check (the others fell within
+    /// [`TRAFFIC_STATE_CHECK_INTERVAL`] of the previous one).
+    pub later_spi_state_checks: u64,
 }
 
 /// One member's rekey receiver and resync policy. See the [module docs](self).
@@ -218,6 +235,19 @@ pub struct MemberEndpoint {
     /// A unicast member's side of multi-unicast (its bundle's `unicast` flag): deliveries in,
     /// acknowledgements out. `None` for a multicast member.
     unicast: Option<crate::session::unicast::UnicastReceiver>,
+    /// The traffic keys: which SA to send under, which to accept, their lifetimes.
+    traffic: TrafficKeys,
+    /// The re-registration window, and the generator of its jitter.
+    reregister_window: std::time::Duration,
+    reregister_rng: ChaCha8Rng,
+    /// When [`ReceiverEvent::ReregisterNow`] is due, once the member must re-register.
+    reregister_at: Option<Instant>,
+    reregister_raised: bool,
+    /// When traffic naming a later SA last started a state check, and the counts of
+    /// [`MemberFigures::later_spis_seen`] and [`MemberFigures::later_spi_state_checks`].
+    later_spi_checked_at: Option<Instant>,
+    later_spis_seen: u64,
+    later_spi_state_checks: u64,
 }
 
 /// How often a unicast member tells its sender where it is until its first delivery arrives.
@@ -236,6 +266,7 @@ impl MemberEndpoint {
         if config.directory.is_empty() {
             config.directory = bundle.directory.clone();
         }
+        config.key_life.validate()?;
         let session = ReceiverSession::new(bundle, config.receiver.clone())?;
         let mut endpoint = Self::with_session(session, config, rng, now);
         if bundle.unicast {
@@ -277,6 +308,7 @@ impl MemberEndpoint {
         rng: ChaCha8Rng,
         now: Instant,
     ) -> Result<Self, ConfigError> {
+        config.key_life.validate()?;
         let session = ReceiverSession::resume(keys, config.receiver.clone())?;
         Ok(Self::with_session(session, config, rng, now))
     }
@@ -296,7 +328,10 @@ impl MemberEndpoint {
             .group_size
             .max(config.receiver.scheduler.group_size);
         let mut rng = rng;
-        let failover_rng = ChaCha8Rng::seed_from_u64(rng.gen());
+        let failover_seed: u64 = rng.gen();
+        let failover_rng = ChaCha8Rng::seed_from_u64(failover_seed);
+        // Derived from the same draw, so the policy's and failover's draws stay as they were.
+        let reregister_rng = ChaCha8Rng::seed_from_u64(failover_seed ^ 0x7265_7265_6769_7374);
         let failover = Failover::new(config.directory, config.failover, failover_rng, now);
         let mut resync = config.resync;
         let mut group = config.group;
@@ -307,6 +342,14 @@ impl MemberEndpoint {
         let mut policy = ResyncPolicy::new(resync, rng);
         policy.set_group_size(group_size);
         let mut endpoint = Self {
+            traffic: TrafficKeys::new(config.key_life),
+            reregister_window: config.key_life.reregister_window,
+            reregister_rng,
+            reregister_at: None,
+            reregister_raised: false,
+            later_spi_checked_at: None,
+            later_spis_seen: 0,
+            later_spi_state_checks: 0,
             failover,
             session_feedback: config.receiver.feedback_addr,
             directive_issued: None,
@@ -335,6 +378,47 @@ impl MemberEndpoint {
     /// The receiver session.
     pub fn session(&self) -> &ReceiverSession {
         &self.session
+    }
+
+    /// The traffic keys: the Data SA to send under ([`TrafficKeys::sending`]), those to
+    /// accept ([`TrafficKeys::receiving`]), the next one's activation.
+    pub fn traffic_keys(&self) -> &TrafficKeys {
+        &self.traffic
+    }
+
+    /// The product saw traffic (or a datagram) under the Data SA `spi` at `now`: a later SA
+    /// than the member's newest means it missed a rekey. That costs no signature: the claim is
+    /// unauthenticated (an insider can send anything under any SPI), so it starts at most one
+    /// state check per [`TRAFFIC_STATE_CHECK_INTERVAL`] (a [`ReceiverEvent::StateCheckNeeded`]
+    /// and the resync policy's check, whose answer is a signed manifest) and never changes a
+    /// key. Returns what the SPI says.
+    pub fn handle_traffic_spi(&mut self, now: Instant, spi: u32) -> SpiSeen {
+        let seen = self.traffic.classify(spi);
+        if seen != SpiSeen::Later || self.stopping || self.session.reregister_reason().is_some() {
+            return seen;
+        }
+        self.later_spis_seen += 1;
+        let due = match self.later_spi_checked_at {
+            Some(at) => now.saturating_duration_since(at) >= TRAFFIC_STATE_CHECK_INTERVAL,
+            None => true,
+        };
+        if due {
+            self.later_spi_checked_at = Some(now);
+            self.later_spi_state_checks += 1;
+            let check = ReceiverEvent::StateCheckNeeded {
+                claimed_seq: self.session.next_seq(),
+            };
+            self.policy.handle_event(now, &check, &self.session);
+            self.held.push_back(check);
+            self.pump(now);
+        }
+        seen
+    }
+
+    /// When [`ReceiverEvent::ReregisterNow`] is (or was) due, once the member must
+    /// re-register.
+    pub fn reregister_at(&self) -> Option<Instant> {
+        self.reregister_at
     }
 
     /// The resync policy.
@@ -366,6 +450,8 @@ impl MemberEndpoint {
                 .as_ref()
                 .map(|f| *f.counters())
                 .unwrap_or_default(),
+            later_spis_seen: self.later_spis_seen,
+            later_spi_state_checks: self.later_spi_state_checks,
         }
     }
 
@@ -478,11 +564,51 @@ impl MemberEndpoint {
             if !self.stopping {
                 self.policy.handle_event(now, &event, &self.session);
             }
+            match &event {
+                ReceiverEvent::NewDataSa { data_sa, .. } => {
+                    self.traffic.install(now, data_sa.clone());
+                }
+                ReceiverEvent::MustReregister if self.reregister_at.is_none() => {
+                    let window = self.reregister_window;
+                    let delay = if window.is_zero() {
+                        std::time::Duration::ZERO
+                    } else {
+                        window.mul_f64(self.reregister_rng.gen::<f64>())
+                    };
+                    self.reregister_at = Some(now + delay);
+                }
+                _ => {}
+            }
             self.held.push_back(event);
+            self.timed_events(now);
         }
+        self.timed_events(now);
         self.save_keys();
         if self.saving.is_none() {
             self.ready.append(&mut self.held);
+        }
+    }
+
+    /// Moves the traffic keys' events that are due at `now` (and a due re-registration) to the
+    /// held events; a soft lifetime with no replacement makes the member check state.
+    fn timed_events(&mut self, now: Instant) {
+        self.traffic.handle_timeout(now);
+        while let Some(event) = self.traffic.poll_event() {
+            let soft = matches!(event, ReceiverEvent::DataSaSoftLifetime { .. });
+            self.held.push_back(event);
+            if soft && !self.stopping && self.session.reregister_reason().is_none() {
+                // As after a silence: the policy asks a resync endpoint, and a product that
+                // resyncs the member itself hears it.
+                let check = ReceiverEvent::StateCheckNeeded {
+                    claimed_seq: self.session.next_seq(),
+                };
+                self.policy.handle_event(now, &check, &self.session);
+                self.held.push_back(check);
+            }
+        }
+        if !self.reregister_raised && self.reregister_at.is_some_and(|at| at <= now) {
+            self.reregister_raised = true;
+            self.held.push_back(ReceiverEvent::ReregisterNow);
         }
     }
 
@@ -743,6 +869,8 @@ impl Endpoint for MemberEndpoint {
             self.policy.poll_timeout(),
             self.failover.as_ref().and_then(Failover::poll_timeout),
             self.unicast.as_ref().and_then(|u| u.poll_timeout()),
+            self.traffic.poll_timeout(),
+            self.reregister_at.filter(|_| !self.reregister_raised),
         ]
         .into_iter()
         .flatten()

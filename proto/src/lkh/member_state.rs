@@ -4,11 +4,13 @@
 //! # File format
 //!
 //! ```text
-//! magic "RKMEMBR1" (8 bytes) | BLAKE3 hash of the body (32 bytes) | body (postcard)
+//! magic "RKMEMBR2" (8 bytes) | BLAKE3 hash of the body (32 bytes) | body (postcard)
 //! ```
 //!
 //! The body holds the member id, the Rekey SA, the leaf, the path keys with their versions,
-//! the last sequence number applied and the Data SA of that message. The datagram MAC key of
+//! the last sequence number applied and the Data SA of that message (SPI, lifetime, takeover
+//! delays, next SPI, TEK). Files of the first format (magic "RKMEMBR1", [`MAGIC_V1`]: a Data SA
+//! without delays or next SPI) are still read; they are written in the current one. The datagram MAC key of
 //! the next message is not stored: it is derived from the group key on load
 //! ([`MemberKeys::next_mac_key`]). The hash catches corruption; a body that hashes right is
 //! still checked (path length, versions, sequence number) before it is accepted. A corrupt or
@@ -25,10 +27,13 @@ use super::member::{MemberKeys, VersionedKey};
 use super::topology::NodeId;
 use super::tree::MemberId;
 use super::Key;
-use crate::gsa::{DataSa, RekeySa};
+use crate::gsa::{DataSa, DataSaTiming, RekeySa};
 
-/// The first bytes of a member state file.
-pub const MAGIC: &[u8; 8] = b"RKMEMBR1";
+/// The first bytes of a member state file (the current format).
+pub const MAGIC: &[u8; 8] = b"RKMEMBR2";
+
+/// The first bytes of a member state file of the first format, still read.
+pub const MAGIC_V1: &[u8; 8] = b"RKMEMBR1";
 
 /// Why a member's state could not be saved or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +57,23 @@ pub enum MemberStateError {
     Inconsistent(&'static str),
 }
 
+/// A Data SA in a state body: SPI, lifetime, activation delay, deactivation delay, next SPI,
+/// TEK.
+type StoredDataSa = (u32, u32, u32, u32, u32, [u8; 32]);
+
 #[derive(Serialize, Deserialize)]
 struct Body {
+    member: MemberId,
+    sa: RekeySa,
+    leaf: NodeId,
+    path: Vec<Option<(u32, [u8; 32])>>,
+    last_seq: u64,
+    data_sa: Option<StoredDataSa>,
+}
+
+/// The body of a [`MAGIC_V1`] file.
+#[derive(Deserialize)]
+struct BodyV1 {
     member: MemberId,
     sa: RekeySa,
     leaf: NodeId,
@@ -62,12 +82,40 @@ struct Body {
     data_sa: Option<(u32, u32, [u8; 32])>,
 }
 
-impl Drop for Body {
+impl BodyV1 {
+    fn upgrade(mut self) -> Body {
+        let data_sa = self
+            .data_sa
+            .map(|(spi, lifetime, tek)| (spi, lifetime, 0, 0, 0, tek));
+        // The V1 body's own copy of the TEK is zeroized when it drops.
+        Body {
+            member: self.member,
+            sa: self.sa,
+            leaf: self.leaf,
+            path: core::mem::take(&mut self.path),
+            last_seq: self.last_seq,
+            data_sa,
+        }
+    }
+}
+
+impl Drop for BodyV1 {
     fn drop(&mut self) {
         for (_, key) in self.path.iter_mut().flatten() {
             key.zeroize();
         }
         if let Some((_, _, tek)) = &mut self.data_sa {
+            tek.zeroize();
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        for (_, key) in self.path.iter_mut().flatten() {
+            key.zeroize();
+        }
+        if let Some((_, _, _, _, _, tek)) = &mut self.data_sa {
             tek.zeroize();
         }
     }
@@ -85,14 +133,22 @@ impl MemberKeys {
 
     /// Decodes and checks the bytes of a member state file.
     pub fn from_state_bytes(bytes: &[u8]) -> Result<Self, MemberStateError> {
-        if bytes.len() < MAGIC.len() + 32 || &bytes[..MAGIC.len()] != MAGIC {
+        if bytes.len() < MAGIC.len() + 32 {
+            return Err(MemberStateError::BadMagic);
+        }
+        let magic = &bytes[..MAGIC.len()];
+        if magic != MAGIC && magic != MAGIC_V1 {
             return Err(MemberStateError::BadMagic);
         }
         let (hash, body) = bytes[MAGIC.len()..].split_at(32);
         if !constant_time_eq::constant_time_eq(blake3::hash(body).as_bytes(), hash) {
             return Err(MemberStateError::Checksum);
         }
-        let mut body: Body = postcard::from_bytes(body)?;
+        let mut body: Body = if magic == MAGIC_V1 {
+            postcard::from_bytes::<BodyV1>(body)?.upgrade()
+        } else {
+            postcard::from_bytes(body)?
+        };
         let inconsistent = MemberStateError::Inconsistent;
         let degree = body.sa.degree;
         if body.leaf > degree.max_node() {
@@ -134,12 +190,28 @@ impl MemberKeys {
                 })
             })
             .collect();
-        let data_sa = body.data_sa.map(|(spi, lifetime_secs, tek)| DataSa {
-            spi,
-            lifetime_secs,
-            tek: Key::from_bytes(tek),
-        });
-        if let Some((_, _, tek)) = &mut body.data_sa {
+        let data_sa = body.data_sa.map(
+            |(
+                spi,
+                lifetime_secs,
+                activation_delay_secs,
+                deactivation_delay_secs,
+                next_spi,
+                tek,
+            )| {
+                DataSa {
+                    spi,
+                    lifetime_secs,
+                    timing: DataSaTiming {
+                        activation_delay_secs,
+                        deactivation_delay_secs,
+                    },
+                    next_spi,
+                    tek: Key::from_bytes(tek),
+                }
+            },
+        );
+        if let Some((_, _, _, _, _, tek)) = &mut body.data_sa {
             tek.zeroize();
         }
         Ok(MemberKeys {
@@ -163,10 +235,16 @@ impl MemberKeys {
                 .map(|entry| entry.as_ref().map(|k| (k.version, *k.key.as_bytes())))
                 .collect(),
             last_seq: self.last_seq,
-            data_sa: self
-                .data_sa
-                .as_ref()
-                .map(|sa| (sa.spi, sa.lifetime_secs, *sa.tek.as_bytes())),
+            data_sa: self.data_sa.as_ref().map(|sa| {
+                (
+                    sa.spi,
+                    sa.lifetime_secs,
+                    sa.timing.activation_delay_secs,
+                    sa.timing.deactivation_delay_secs,
+                    sa.next_spi,
+                    *sa.tek.as_bytes(),
+                )
+            }),
         }
     }
 }
@@ -263,6 +341,50 @@ mod tests {
         let loaded = MemberKeys::from_state_bytes(&state_file(&keys)).unwrap();
         assert_same(&keys, &loaded);
         assert!(loaded.group_key().is_none() && loaded.next_mac_key().is_none());
+    }
+
+    #[test]
+    fn first_format_files_are_still_read() {
+        #[derive(Serialize)]
+        struct V1<'a> {
+            member: MemberId,
+            sa: RekeySa,
+            leaf: NodeId,
+            path: &'a [Option<(u32, [u8; 32])>],
+            last_seq: u64,
+            data_sa: Option<(u32, u32, [u8; 32])>,
+        }
+        let keys = member_after(2);
+        let current = keys.to_body();
+        let data_sa = current
+            .data_sa
+            .map(|(spi, lifetime, _, _, _, tek)| (spi, lifetime, tek));
+        let body = postcard::to_allocvec(&V1 {
+            member: current.member,
+            sa: current.sa,
+            leaf: current.leaf,
+            path: &current.path,
+            last_seq: current.last_seq,
+            data_sa,
+        })
+        .unwrap();
+        let mut file = MAGIC_V1.to_vec();
+        file.extend_from_slice(blake3::hash(&body).as_bytes());
+        file.extend_from_slice(&body);
+        let loaded = MemberKeys::from_state_bytes(&file).unwrap();
+        let expected = keys.data_sa().unwrap();
+        let got = loaded.data_sa().unwrap();
+        assert_eq!(
+            (got.spi, got.lifetime_secs),
+            (expected.spi, expected.lifetime_secs)
+        );
+        assert_eq!(got.tek, expected.tek);
+        assert_eq!(got.timing, DataSaTiming::default());
+        assert_eq!(got.next_spi, 0);
+        assert_eq!(loaded.last_seq(), keys.last_seq());
+        // A current file keeps the delays and the next SPI.
+        let round = MemberKeys::from_state_bytes(&state_file(&keys)).unwrap();
+        assert_eq!(round.data_sa(), keys.data_sa());
     }
 
     #[test]

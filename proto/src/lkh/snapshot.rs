@@ -25,7 +25,7 @@ use super::topology::{NodeId, ROOT};
 use super::tree::{KeyRng, KeyTree, Kind, LkhError, MemberId};
 use super::Key;
 use crate::auth::mac::MacKey;
-use crate::gsa::{DataSa, RekeySa};
+use crate::gsa::{DataSa, DataSaTiming, RekeySa};
 
 /// The first bytes of a snapshot file.
 pub const MAGIC: &[u8; 8] = b"RKLKHSN1";
@@ -180,9 +180,13 @@ impl KeyTree {
         if body.versions[0] != body.generation {
             return Err(inconsistent("group key not of the latest batch"));
         }
+        // The snapshot keeps no takeover delays (they are configuration: the GCKS sets them
+        // again); the next SPI is the tree's own.
         let data_sa = body.data_sa.map(|(spi, lifetime_secs, tek)| DataSa {
             spi,
             lifetime_secs,
+            timing: DataSaTiming::default(),
+            next_spi: body.next_spi,
             tek: Key::from_bytes(tek),
         });
         if (body.generation == 0) != data_sa.is_none() {
@@ -199,6 +203,7 @@ impl KeyTree {
             seq: body.seq,
             mac_key: MacKey::from_bytes(body.mac_key),
             next_spi: body.next_spi,
+            data_sa_timing: DataSaTiming::default(),
             data_sa,
             rng,
             wrap_threads: 0,

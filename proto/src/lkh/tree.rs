@@ -31,7 +31,7 @@ use super::topology::{Degree, NodeId, ROOT};
 use super::wrap::{RekeyContext, Wrap};
 use super::Key;
 use crate::auth::mac::MacKey;
-use crate::gsa::{datagram_mac_key, DataSa, RekeySa, WrappedDataSa};
+use crate::gsa::{datagram_mac_key, DataSa, DataSaTiming, RekeySa, WrappedDataSa};
 
 /// A member, as the embedding product names it. Opaque to rekeycast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -176,6 +176,8 @@ pub struct KeyTree {
     pub(crate) mac_key: MacKey,
     /// The SPI the next Data SA gets.
     pub(crate) next_spi: u32,
+    /// The takeover delays each new Data SA carries (configuration, not persisted).
+    pub(crate) data_sa_timing: DataSaTiming,
     /// The Data SA of the latest message (`None` before the first).
     pub(crate) data_sa: Option<DataSa>,
     pub(crate) rng: KeyRng,
@@ -260,10 +262,23 @@ impl KeyTree {
             seq: 0,
             mac_key,
             next_spi: 1,
+            data_sa_timing: DataSaTiming::default(),
             data_sa: None,
             rng,
             wrap_threads: 0,
         }
+    }
+
+    /// Sets the takeover delays ([`DataSaTiming`]) every later Data SA carries. A
+    /// configuration value: it is not part of the tree's snapshot, so the GCKS sets it again
+    /// after a restore.
+    pub fn set_data_sa_timing(&mut self, timing: DataSaTiming) {
+        self.data_sa_timing = timing;
+    }
+
+    /// The takeover delays later Data SAs carry.
+    pub fn data_sa_timing(&self) -> DataSaTiming {
+        self.data_sa_timing
     }
 
     /// A copy of the tree to build a batch on: the GCKS applies a batch to a fork and keeps
@@ -283,6 +298,7 @@ impl KeyTree {
             seq: self.seq,
             mac_key: self.mac_key.clone(),
             next_spi: self.next_spi,
+            data_sa_timing: self.data_sa_timing,
             data_sa: self.data_sa.clone(),
             rng: self.rng.clone(),
             wrap_threads: self.wrap_threads,
@@ -315,6 +331,7 @@ impl KeyTree {
         spare.seq = self.seq;
         spare.mac_key = self.mac_key.clone();
         spare.next_spi = self.next_spi;
+        spare.data_sa_timing = self.data_sa_timing;
         spare.data_sa = self.data_sa.clone();
         spare.rng = self.rng.clone();
         spare.wrap_threads = self.wrap_threads;
@@ -582,9 +599,11 @@ impl KeyTree {
         let data_sa = DataSa {
             spi: self.next_spi,
             lifetime_secs: self.sa.data_sa_lifetime_secs,
+            timing: self.data_sa_timing,
+            next_spi: next_spi_after(self.next_spi),
             tek: self.rng.key(),
         };
-        self.next_spi = self.next_spi.checked_add(1).unwrap_or(1);
+        self.next_spi = next_spi_after(self.next_spi);
         let group_key = Key::from_bytes(self.keys[0]);
         let wrapped_data_sa = WrappedDataSa::seal(&ctx, &data_sa, &group_key, generation);
         self.data_sa = Some(data_sa.clone());
@@ -964,4 +983,9 @@ impl RekeyBatch {
             .filter(|&node| node != ROOT)
             .filter_map(move |node| self.wrap_under(node))
     }
+}
+
+/// The SPI that follows `spi`: the next integer, wrapping to 1 (SPI 0 means "none").
+pub(crate) fn next_spi_after(spi: u32) -> u32 {
+    spi.checked_add(1).unwrap_or(1)
 }

@@ -23,7 +23,7 @@ use super::manifest::{ChunkAuth, SIGNATURE_LEN};
 use crate::auth::merkle::HASH_LEN;
 use crate::auth::message::Chunk;
 use crate::auth::Verified;
-use crate::gsa::{WrappedDataSa, WRAPPED_DATA_SA_LEN};
+use crate::gsa::{WrappedDataSa, WRAPPED_DATA_SA_LEN, WRAPPED_DATA_SA_V1_LEN};
 use crate::lkh::{Degree, NodeId, RekeyBatch, Wrap, WrapError, ROOT, WRAP_LEN};
 
 /// Bytes of the wrap count that starts a payload.
@@ -477,7 +477,10 @@ pub fn read_payload(chunk: &Verified<Chunk>) -> Result<(Vec<Wrap>, WrappedDataSa
         .ok_or(LayoutError::MalformedPayload)?;
     let count = usize::from(u16::from_be_bytes([count_bytes[0], count_bytes[1]]));
     let wraps_end = COUNT_LEN + count * WRAP_LEN;
-    if payload.len() != wraps_end + WRAPPED_DATA_SA_LEN {
+    // A Data SA record of the current format, or of the first (a message an older GCKS
+    // stored): the record's parser tells them apart by length.
+    let record_len = payload.len().checked_sub(wraps_end);
+    if record_len != Some(WRAPPED_DATA_SA_LEN) && record_len != Some(WRAPPED_DATA_SA_V1_LEN) {
         return Err(LayoutError::MalformedPayload);
     }
     let wraps = payload[COUNT_LEN..wraps_end]

@@ -218,6 +218,35 @@ pub enum ReceiverEvent {
     /// ([`ReceiverEvent::KeysCannotOpen`], raised just before), or the next message it needs
     /// is signed with a GCKS key no message it received announced.
     MustReregister,
+    /// Send under the Data SA named `spi` from now on (its activation delay passed; a
+    /// member's first Data SA activates at once). Raised by the member endpoint.
+    DataSaActivated {
+        /// The SA's SPI.
+        spi: u32,
+    },
+    /// Drop the Data SA named `spi`: its successor's deactivation delay passed, so no sender
+    /// uses it any more. Raised by the member endpoint.
+    DataSaRetired {
+        /// The SA's SPI.
+        spi: u32,
+    },
+    /// The newest Data SA reached its soft lifetime and no replacement came: the member
+    /// checks the group's state (a refresh may have been missed). Raised by the member
+    /// endpoint.
+    DataSaSoftLifetime {
+        /// The SA's SPI.
+        spi: u32,
+    },
+    /// The newest Data SA reached its hard lifetime with no replacement: it must not be used
+    /// any more. Raised by the member endpoint.
+    DataSaExpired {
+        /// The SA's SPI.
+        spi: u32,
+    },
+    /// Register again now: the jittered moment after [`ReceiverEvent::MustReregister`]
+    /// (drawn over the member endpoint's re-registration window) came. Raised by the member
+    /// endpoint.
+    ReregisterNow,
 }
 
 /// Why a member must register again ([`ReceiverEvent::MustReregister`]).

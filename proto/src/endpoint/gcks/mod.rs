@@ -51,6 +51,7 @@
 
 pub mod assignment;
 mod batch;
+pub mod lifetime;
 pub mod membership;
 pub mod rollover;
 #[cfg(test)]
@@ -65,6 +66,7 @@ use ed25519_dalek::SigningKey;
 use zeroize::Zeroizing;
 
 pub use batch::{BatchJob, BatchOutput, BuildSteps};
+use lifetime::{LifetimeClock, LifetimeConfig, LifetimeError, LifetimePassed};
 use membership::{Membership, Schedule};
 
 use super::{
@@ -91,8 +93,12 @@ pub struct GcksEndpointConfig {
     pub degree: Degree,
     /// How keys are wrapped.
     pub wrap_algorithm: WrapAlgorithm,
-    /// Lifetime of each Data SA, seconds.
+    /// Lifetime of each Data SA, seconds (its hard lifetime).
     pub data_sa_lifetime_secs: u32,
+    /// Soft lifetimes (when the GCKS refreshes with no membership change), the group and
+    /// signing keys' lifetimes, and the takeover delays each new Data SA carries. See
+    /// [`lifetime`].
+    pub lifetimes: LifetimeConfig,
     /// The sender session's configuration.
     pub sender: SenderConfig,
     /// How messages are built (the SPI and the timestamp are set by the endpoint).
@@ -275,6 +281,14 @@ pub enum GcksEvent<T> {
         /// Why.
         reason: PoisonReason,
     },
+    /// The latest Data SA or group key reached its soft lifetime with no rekey since: the
+    /// GCKS asked for a refresh (an empty batch, see [`lifetime`]), whose message follows as
+    /// usual ([`GcksEvent::Rekeyed`]).
+    Refreshing,
+    /// A key reached a lifetime: a hard lifetime means no rekey replaced it in time (the
+    /// refresh keeps failing: the operator must look), the signing key's soft lifetime means
+    /// it is time to roll it over.
+    LifetimePassed(LifetimePassed),
 }
 
 impl<T> GcksEvent<T> {
@@ -325,6 +339,8 @@ impl<T> GcksEvent<T> {
             Self::SigningKeyRolled { from_seq, key_id } => {
                 GcksEvent::SigningKeyRolled { from_seq, key_id }
             }
+            Self::Refreshing => GcksEvent::Refreshing,
+            Self::LifetimePassed(passed) => GcksEvent::LifetimePassed(passed),
         })
     }
 }
@@ -513,6 +529,8 @@ pub struct GcksEndpointStats {
     pub uplinks: crate::relay::uplink::UplinkCounters,
     /// How long the steps of the last batch built took on its worker (wall clock).
     pub last_build_steps: Option<BuildSteps>,
+    /// Refreshes asked because a key reached its soft lifetime ([`GcksEvent::Refreshing`]).
+    pub refreshes: u64,
 }
 
 /// Why a [`GcksEndpoint`] could not be set up.
@@ -538,6 +556,9 @@ pub enum GcksSetupError {
         /// The public key given (hex).
         given: String,
     },
+    /// The lifetimes are inconsistent.
+    #[error(transparent)]
+    Lifetime(#[from] LifetimeError),
     /// A restored message cannot be put back in the sender's history.
     #[error("restored message {seq}")]
     Message {
@@ -638,6 +659,9 @@ pub struct GcksEndpoint<T> {
     events: VecDeque<GcksEvent<T>>,
     timers: TimerTable<TIMERS>,
     stopped: bool,
+    /// When keys were issued, and so when the next refresh is due.
+    lifetimes: LifetimeClock,
+    refreshes: u64,
 }
 
 impl<T> std::fmt::Debug for GcksEndpoint<T> {
@@ -737,7 +761,8 @@ const TIMER_BATCH: usize = 1;
 const TIMER_ADMISSION: usize = 2;
 const TIMER_ANSWERS: usize = 3;
 const TIMER_UNICAST: usize = 4;
-const TIMERS: usize = 5;
+const TIMER_LIFETIME: usize = 5;
+const TIMERS: usize = 6;
 
 impl<T: Clone> GcksEndpoint<T> {
     /// A GCKS with an empty key tree keyed by `rng` (the operating system's RNG in a
@@ -751,6 +776,7 @@ impl<T: Clone> GcksEndpoint<T> {
         clock: WallClock,
         now: Instant,
     ) -> Result<Self, GcksSetupError> {
+        config.lifetimes.validate(config.data_sa_lifetime_secs)?;
         let tree = KeyTree::with_rng(config.rekey_sa(signing_key.verifying_key()), rng);
         let session = SenderSession::with_instance(
             config.sender.clone(),
@@ -784,6 +810,7 @@ impl<T: Clone> GcksEndpoint<T> {
             journal_leaves,
             unreleased_batch,
         } = restored;
+        config.lifetimes.validate(config.data_sa_lifetime_secs)?;
         let sa = config.rekey_sa(signing_key.verifying_key());
         let tree_sa = tree.rekey_sa();
         if tree_sa.group_id != sa.group_id || tree_sa.spi != sa.spi {
@@ -849,7 +876,7 @@ impl<T: Clone> GcksEndpoint<T> {
         signing_key: SigningKey,
         clock: WallClock,
         session: SenderSession,
-        tree: KeyTree,
+        mut tree: KeyTree,
         now: Instant,
     ) -> Self {
         let unicast = crate::session::unicast::UnicastMembers::new(
@@ -857,7 +884,16 @@ impl<T: Clone> GcksEndpoint<T> {
             config.group_id,
             config.spi,
         );
+        tree.set_data_sa_timing(config.lifetimes.timing);
+        let lifetimes = LifetimeClock::new(
+            config.lifetimes,
+            config.data_sa_lifetime_secs,
+            now,
+            tree.seq() > 0,
+        );
         Self {
+            lifetimes,
+            refreshes: 0,
             membership: Membership::new(config.schedule, now),
             config,
             relay_assignment: None,
@@ -987,6 +1023,7 @@ impl<T: Clone> GcksEndpoint<T> {
             history_not_held: self.session.not_held().count(),
             uplinks: *self.uplinks.counters(),
             last_build_steps: self.last_build_steps,
+            refreshes: self.refreshes,
         }
     }
 
@@ -1375,6 +1412,7 @@ impl<T: Clone> GcksEndpoint<T> {
     /// Takes a built (and, for a durable endpoint, stored) batch: its tree becomes the
     /// committed one; then its release, then its joiners' bundles.
     fn commit(&mut self, now: Instant, built: batch::Built) {
+        self.lifetimes.rekeyed(now);
         let members = built.tree.member_count();
         let replaced = std::mem::replace(&mut self.tree, Arc::new(built.tree));
         self.spare = Arc::try_unwrap(replaced).ok();
@@ -1590,6 +1628,20 @@ impl<T: Clone> GcksEndpoint<T> {
         }
     }
 
+    /// A lifetime deadline passed: asks for a refresh (RFC 4046 section 3, requirement 3) and
+    /// reports the lifetimes that passed.
+    fn lifetime_due(&mut self, now: Instant) {
+        let (refresh, passed) = self.lifetimes.poll(now);
+        if refresh && !self.stopped && self.membership.poisoned().is_none() {
+            self.refreshes += 1;
+            self.membership.request_rekey(now);
+            self.events.push_back(GcksEvent::Refreshing);
+        }
+        for passed in passed {
+            self.events.push_back(GcksEvent::LifetimePassed(passed));
+        }
+    }
+
     /// Re-reads every deadline into the timer table.
     fn refresh_timers(&mut self) {
         let stopped = self.stopped || self.membership.poisoned().is_some();
@@ -1614,6 +1666,10 @@ impl<T: Clone> GcksEndpoint<T> {
         match self.unicast.poll_timeout() {
             Some(at) if !stopped => self.timers.set(TIMER_UNICAST, at),
             _ => self.timers.stop(TIMER_UNICAST),
+        }
+        match self.lifetimes.next_deadline() {
+            Some(at) if !stopped => self.timers.set(TIMER_LIFETIME, at),
+            _ => self.timers.stop(TIMER_LIFETIME),
         }
     }
 
@@ -1746,6 +1802,7 @@ impl<T: Clone> Endpoint for GcksEndpoint<T> {
                     // A member given up on resyncs by itself: nothing for the GCKS to do.
                     while self.unicast.poll_event().is_some() {}
                 }
+                TIMER_LIFETIME => self.lifetime_due(now),
                 // TIMER_BATCH: `after_input` polls the schedule.
                 _ => {}
             }

@@ -207,6 +207,8 @@ impl<T: Clone> GcksEndpoint<T> {
         let seq = self.tree.seq();
         if seq >= rollover.from_seq {
             self.signing_key = Arc::clone(&rollover.next);
+            // The new key's soft and hard lifetimes count from now.
+            self.lifetimes.signing_key_replaced(now);
             let from_seq = rollover.from_seq;
             self.rollover = None;
             self.events.push_back(GcksEvent::SigningKeyRolled {

@@ -104,6 +104,7 @@ fn config(durable: bool) -> GcksEndpointConfig {
         degree: Degree::DEFAULT,
         wrap_algorithm: WrapAlgorithm::Aes256Gcm,
         data_sa_lifetime_secs: 60,
+        lifetimes: Default::default(),
         sender: SenderConfig::default(),
         message: MessageParams {
             signing_threads: 1,

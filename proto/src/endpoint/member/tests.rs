@@ -149,7 +149,9 @@ fn keys_are_saved_before_the_events_of_the_message_that_made_them() {
             released[..],
             [
                 ReceiverEvent::GroupKeyUpdated { seq: 1, .. },
-                ReceiverEvent::NewDataSa { seq: 1, .. }
+                ReceiverEvent::NewDataSa { seq: 1, .. },
+                // The member's first Data SA is sent under at once.
+                ReceiverEvent::DataSaActivated { .. }
             ]
         ),
         "{released:?}"
@@ -172,7 +174,8 @@ fn a_failed_save_is_counted_and_the_events_are_released() {
     };
     member.handle_stored(now, id, Err(error));
     assert_eq!(member.figures().state_save_failures, 1);
-    assert_eq!(events(&mut member).len(), 2);
+    // Key update, new Data SA, its activation.
+    assert_eq!(events(&mut member).len(), 3);
     // Stopping with nothing new to save stops at once.
     member.handle_command(now, MemberCommand::Stop);
     assert!(member.is_stopped());
@@ -463,4 +466,47 @@ fn regression_a_fetch_running_when_the_member_moves_passes_to_the_new_relay_not_
     let next = next_fetch(&mut member, &mut now, Duration::from_secs(5));
     assert_eq!(next.endpoint, tcp(3));
     let _ = order_key;
+}
+
+#[test]
+fn traffic_naming_a_later_spi_buys_a_rate_limited_state_check_and_no_key() {
+    use super::traffic::SpiSeen;
+    let mut now = origin();
+    let (gcks, bundle) = Gcks::new(now);
+    let mut member = member(&bundle, now, false);
+    let item = gcks.item(1, member.session().order_key());
+    assert_eq!(member.apply_resync(now, &[item]), Ok(1));
+    let _ = events(&mut member);
+    let spi = member.traffic_keys().sending().unwrap().spi;
+    let next = member.traffic_keys().sending().unwrap().next_spi;
+    assert_eq!(next, spi + 1, "the next SPI is announced");
+    assert_eq!(member.handle_traffic_spi(now, spi), SpiSeen::Installed);
+    assert_eq!(member.handle_traffic_spi(now, spi - 1), SpiSeen::Unknown);
+    assert!(events(&mut member).is_empty());
+    let checks = member.policy().counters().state_checks_started;
+    // A flood of forged traffic under the next SPI: one state check per interval.
+    for _ in 0..1000 {
+        assert_eq!(member.handle_traffic_spi(now, next), SpiSeen::Later);
+    }
+    assert_eq!(
+        events(&mut member),
+        vec![ReceiverEvent::StateCheckNeeded { claimed_seq: 2 }]
+    );
+    // The policy asks after its spreading delay: one state fetch, nothing else.
+    let fetch = next_fetch(&mut member, &mut now, Duration::from_secs(60));
+    assert_eq!(fetch.what, FetchWhat::State);
+    assert_eq!(member.policy().counters().state_checks_started, checks + 1);
+    now += TRAFFIC_STATE_CHECK_INTERVAL;
+    assert_eq!(member.handle_traffic_spi(now, next + 5), SpiSeen::Later);
+    assert_eq!(events(&mut member).len(), 1);
+    let figures = member.figures();
+    assert_eq!(figures.later_spis_seen, 1001);
+    assert_eq!(figures.later_spi_state_checks, 2);
+    // No key changed: still at message 1, sending under the same SA.
+    assert_eq!(figures.next_seq, 2);
+    assert_eq!(member.traffic_keys().sending().unwrap().spi, spi);
+    let signatures = figures.messages.signature_checks;
+    now += TRAFFIC_STATE_CHECK_INTERVAL;
+    member.handle_traffic_spi(now, next);
+    assert_eq!(member.figures().messages.signature_checks, signatures);
 }
