@@ -62,6 +62,7 @@
 //! [`RelaySession::poll_transmit`] (each transmit says which tier's socket it leaves by),
 //! [`RelaySession::poll_event`], and re-read [`RelaySession::poll_timeout`].
 
+mod early_repair;
 pub mod members;
 pub mod uplink;
 
@@ -265,6 +266,13 @@ pub struct RelayCounters {
     pub early_nacks_held: u64,
     /// Such NACKs dropped because the holding buffer was full.
     pub early_nacks_dropped: u64,
+    /// Downstream NACKs for a block of the message being received that the relay answered
+    /// with its own repair symbols once it held that block whole, not holding them until
+    /// the whole message is.
+    pub early_nacks_answered: u64,
+    /// Repair symbols the relay encoded from a whole block of the message being received
+    /// and sent downstream (through the downstream token bucket).
+    pub early_repair_sent: u64,
 }
 
 /// Downstream NACKs held for the message in progress, at most.
@@ -279,6 +287,9 @@ struct HeldNack {
     /// Source symbols of its block that a decode had reconstructed and the relay had
     /// forwarded when it came: those forwarded after it answer it in part.
     recovered_before: u32,
+    /// Source symbols of its block the relay had taken for forwarding (received or
+    /// reconstructed) when it came.
+    forwarded_before: u32,
 }
 
 /// One relay. See the [module docs](self).
@@ -303,6 +314,9 @@ pub struct RelaySession {
     counters: RelayCounters,
     /// Which side `poll_transmit` asks first: alternates so neither starves the other.
     upstream_first: bool,
+    /// The source symbols of the message in progress and the repair the relay sends for
+    /// its whole blocks before the message is whole.
+    early_repair: early_repair::EarlyRepair,
     /// The downstream copies for the unicast relays behind this one.
     uplinks: UnicastFanout,
     /// The members that reached the relay (MAC-checked feedback, resync requests).
@@ -380,6 +394,7 @@ impl RelaySession {
             events: VecDeque::new(),
             counters: RelayCounters::default(),
             upstream_first: true,
+            early_repair: early_repair::EarlyRepair::default(),
             uplinks,
             members: members::MemberTally::default(),
         }
@@ -406,14 +421,32 @@ impl RelaySession {
                 .heard(now, from.ip(), members::Contact::Feedback);
         }
         if let Some(seq) = self.early_nack(bytes) {
+            self.take_forwards();
+            let block = nack_block(bytes);
+            if let Some((sbn, need)) = block.zip(nack_need(bytes)) {
+                if self.early_repair.is_whole(seq, sbn) {
+                    // Nothing more of this block is coming but what is queued to forward.
+                    let queued = self
+                        .forwards
+                        .iter()
+                        .filter(|f| f.seq == seq && f.object == crate::wire::ObjectKind::Chunks)
+                        .filter(|f| f.sbn == sbn)
+                        .count();
+                    let need = u32::from(need).saturating_sub(queued as u32);
+                    self.answer_early(seq, sbn, need);
+                    return;
+                }
+            }
             if self.early_nacks.len() < MAX_EARLY_NACKS {
                 self.counters.early_nacks_held += 1;
-                let recovered_before = self.recovered_in(seq, nack_block(bytes));
+                let recovered_before = self.recovered_in(seq, block);
+                let forwarded_before = block.map_or(0, |sbn| self.early_repair.forwarded(seq, sbn));
                 self.early_nacks.push(HeldNack {
                     seq,
                     from,
                     bytes: bytes.to_vec(),
                     recovered_before,
+                    forwarded_before,
                 });
             } else {
                 self.counters.early_nacks_dropped += 1;
@@ -500,6 +533,7 @@ impl RelaySession {
                     let mut uplinks = std::mem::take(&mut self.uplinks);
                     let transmit = uplinks.poll_transmit(buf, |buf| {
                         self.forward_next(now, buf)
+                            .or_else(|| self.early_repair_next(now, buf))
                             .or_else(|| self.downstream.poll_transmit(now, buf))
                     });
                     self.uplinks = uplinks;
@@ -557,12 +591,62 @@ impl RelaySession {
         None
     }
 
+    /// The next early repair symbol ([`early_repair`]), sealed into `buf`, when the
+    /// downstream token bucket has a token for it (after the cut-through forwards).
+    fn early_repair_next(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<crate::session::Transmit> {
+        if !self.early_repair.is_pending() || !self.forwards.is_empty() {
+            return None;
+        }
+        if !self.downstream.take_send_token(now) {
+            self.counters.cut_through_paced += 1;
+            return None;
+        }
+        let sa = *self.upstream.keys().rekey_sa();
+        let len = self.early_repair.next((sa.group_id, sa.spi), buf)?;
+        self.counters.early_repair_sent = self.early_repair.sent;
+        Some(crate::session::Transmit {
+            destination: Destination::Group,
+            len,
+        })
+    }
+
+    /// A downstream member needs `need` more symbols of block `sbn` of message `seq`, which
+    /// the relay holds whole: queues its own repair symbols for it.
+    fn answer_early(&mut self, seq: u64, sbn: u8, need: u32) {
+        self.counters.early_nacks_answered += 1;
+        self.early_repair.request(seq, sbn, need);
+    }
+
+    /// Block `sbn` of message `seq` became whole at the relay: the held NACKs for it are
+    /// answered now, less the source symbols of the block forwarded since each came.
+    fn block_whole(&mut self, seq: u64, sbn: u8) {
+        let forwarded = self.early_repair.forwarded(seq, sbn);
+        let held = std::mem::take(&mut self.early_nacks);
+        for nack in held {
+            let block = nack_block(&nack.bytes);
+            if nack.seq != seq || block != Some(sbn) {
+                self.early_nacks.push(nack);
+                continue;
+            }
+            let need = nack_need(&nack.bytes).map_or(0, u32::from);
+            let since = forwarded.saturating_sub(nack.forwarded_before);
+            self.answer_early(seq, sbn, need.saturating_sub(since));
+        }
+    }
+
     /// Moves the upstream side's verified pieces into the forwarding queue, counting the
     /// reconstructed ones per block (cut-through only: store and forward drops them).
     fn take_forwards(&mut self) {
         while let Some(forward) = self.upstream.take_forward() {
             if !self.cut_through {
                 continue;
+            }
+            if let Some(sbn) = self.early_repair.take(&forward) {
+                self.block_whole(forward.seq, sbn);
             }
             if forward.recovered {
                 if self.recovered.0 != forward.seq {
@@ -593,7 +677,8 @@ impl RelaySession {
     /// The next deadline of either side, and of the forwards waiting for a token.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let forwards = (!self.forwards.is_empty()).then(|| self.downstream.send_token_at());
+        let forwards = (!self.forwards.is_empty() || self.early_repair.is_pending())
+            .then(|| self.downstream.send_token_at());
         [
             self.upstream.poll_timeout(),
             self.downstream.poll_timeout(),
@@ -794,6 +879,15 @@ fn nack_block(bytes: &[u8]) -> Option<u8> {
     use crate::wire::{BodyRepr, DatagramRepr, ObjectKind};
     match DatagramRepr::parse(bytes).ok()?.body {
         BodyRepr::Nack(nack) if nack.object == ObjectKind::Chunks => Some(nack.sbn),
+        _ => None,
+    }
+}
+
+/// The symbols a chunk NACK asks for, if `bytes` is one.
+fn nack_need(bytes: &[u8]) -> Option<u16> {
+    use crate::wire::{BodyRepr, DatagramRepr, ObjectKind};
+    match DatagramRepr::parse(bytes).ok()?.body {
+        BodyRepr::Nack(nack) if nack.object == ObjectKind::Chunks => Some(nack.need),
         _ => None,
     }
 }

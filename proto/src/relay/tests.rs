@@ -42,7 +42,16 @@ fn harness(members: u64) -> Harness {
 
 /// [`harness`] whose first message has blocks of at most `max_block_symbols` chunks.
 fn harness_in_blocks(members: u64, max_block_symbols: u32) -> Harness {
-    let mut h = harness_with_queue(members, |_| {}, |_| {}, false);
+    harness_in_blocks_with(members, max_block_symbols, |_| {})
+}
+
+/// [`harness_in_blocks`] with the relay's configuration changed by `configure` first.
+fn harness_in_blocks_with(
+    members: u64,
+    max_block_symbols: u32,
+    configure: impl FnOnce(&mut RelayConfig),
+) -> Harness {
+    let mut h = harness_with_queue(members, |_| {}, configure, false);
     let params = crate::session::layout::MessageParams {
         spi: SPI,
         max_block_symbols,
@@ -902,7 +911,7 @@ fn repair_after_adoption(held_need: Option<u16>) -> (usize, u64) {
         .count();
     (
         beyond_source,
-        h.relay.downstream_counters().repair_symbols_sent,
+        h.relay.downstream_counters().repair_symbols_sent + h.relay.counters().early_repair_sent,
     )
 }
 
@@ -917,8 +926,9 @@ fn a_held_nack_asks_only_for_what_the_adoption_does_not_send() {
         (beyond_without, repair_without),
         "a NACK the adoption covers costs nothing"
     );
-    // Asking for more than the adoption sends gets the rest as repair: at least the 3
-    // missing, and no more than the repair policy's margin on a lone NACK beyond them.
+    // Asking for more than the adoption sends gets the rest as repair (the relay's own, from
+    // block 0 once it decoded it, before the message was whole): at least the 3 missing, and
+    // no more than the repair policy's margin on a lone NACK beyond them.
     let (_, repair_more) = repair_after_adoption(Some(7));
     assert!(
         (repair_without + 3..=repair_without + 3 + 2).contains(&repair_more),
@@ -1226,4 +1236,209 @@ fn the_relay_counts_the_members_that_reach_it_and_not_forged_feedback() {
     // Ten minutes later without a word from them, they are no longer counted.
     let later = h.now + crate::relay::members::DEFAULT_MEMBER_WINDOW;
     assert_eq!(h.relay.members(later), 0);
+}
+
+/// Drops every symbol of block 1 on its way to the relay: the message is never whole.
+fn without_block_1(bytes: &[u8]) -> Option<Vec<u8>> {
+    let repr = DatagramRepr::parse(bytes).ok()?;
+    if let BodyRepr::Symbol(symbol) = &repr.body {
+        if symbol.object == ObjectKind::Chunks && symbol.sbn == 1 {
+            return None;
+        }
+    }
+    Some(bytes.to_vec())
+}
+
+/// A downstream member's NACK of message 1, block 0, for `need` symbols.
+fn block_0_nack(h: &Harness, need: u16) -> Vec<u8> {
+    let (key, _, _) = gcks_parts(h);
+    Harness::sealed(
+        1,
+        BodyRepr::Nack(NackRepr {
+            object: ObjectKind::Chunks,
+            sbn: 0,
+            round: 1,
+            need,
+            receiver_id: 77,
+            echo: None,
+        }),
+        &key,
+    )
+}
+
+/// The symbols of message 1, block 0, beyond its source symbols, that the relay sent
+/// downstream: (ESI, data).
+fn block_0_repair(h: &Harness, k0: u32) -> Vec<(u32, Vec<u8>)> {
+    let mut repair: Vec<(u32, Vec<u8>)> = symbols(&h.downstream)
+        .into_iter()
+        .filter(|&((seq, object, sbn, esi), _)| {
+            seq == 1 && object == ObjectKind::Chunks as u8 && sbn == 0 && esi >= k0
+        })
+        .map(|((_, _, _, esi), data)| (esi, data))
+        .collect();
+    repair.sort();
+    repair
+}
+
+#[test]
+fn a_nack_for_a_whole_block_is_answered_before_the_message_is_whole() {
+    // Block 0 arrives whole, block 1 never does: a member's NACK for block 0 is answered at
+    // once with repair symbols the relay encodes from block 0, which decode block 0.
+    let mut h = harness_in_blocks(300, 8);
+    let (_, info, source) = gcks_parts(&h);
+    let k0 = info.partition().block_len(0).unwrap();
+    h.run(Duration::from_millis(20), without_block_1);
+    assert!(block_0_repair(&h, k0).is_empty(), "no repair asked yet");
+    let nack = block_0_nack(&h, 3);
+    h.relay.handle_downstream(h.now, addr(9), &nack);
+    h.run(Duration::from_millis(20), without_block_1);
+    assert_eq!(h.relay.counters().forwarded, 0, "the message is not whole");
+    let repair = block_0_repair(&h, k0);
+    assert_eq!(
+        repair.len(),
+        3,
+        "the NACK for the whole block 0 was answered before the message was whole"
+    );
+    assert!(repair
+        .iter()
+        .all(|&(esi, _)| esi >= early_repair::FIRST_ESI));
+    assert_eq!(h.relay.counters().early_repair_sent, 3);
+    assert_eq!(h.relay.counters().early_nacks_answered, 1);
+    assert_eq!(h.relay.counters().early_nacks_held, 0);
+    // They are block 0's RaptorQ repair symbols: with 3 source symbols lost, they decode it.
+    let t = info.symbol_size();
+    let mut decoder =
+        rekeycast_fec::BlockDecoder::new(0, k0, t, &rekeycast_fec::Limits::default()).unwrap();
+    let mut decoded = false;
+    for esi in 3..k0 {
+        let at = esi as usize * usize::from(t);
+        let _ = decoder.push(esi, &source[at..at + usize::from(t)]).unwrap();
+    }
+    for (esi, data) in &repair {
+        decoded |= decoder.push(*esi, data).unwrap() == rekeycast_fec::Progress::Decoded;
+    }
+    assert!(decoded);
+    assert_eq!(
+        decoder.block().unwrap(),
+        &source[..k0 as usize * usize::from(t)]
+    );
+    // After the adoption, the downstream side's own repair never reuses those ESIs.
+    h.run(Duration::from_secs(5), |bytes| Some(bytes.to_vec()));
+    assert_eq!(h.relay.counters().forwarded, 1);
+    let nack = block_0_nack(&h, 5);
+    h.relay.handle_downstream(h.now, addr(9), &nack);
+    h.run(Duration::from_secs(5), |bytes| Some(bytes.to_vec()));
+    let after = block_0_repair(&h, k0);
+    assert!(after.len() >= 3 + 5, "{} symbols", after.len());
+    let mut esis: Vec<u32> = after.iter().map(|&(esi, _)| esi).collect();
+    esis.dedup();
+    assert_eq!(esis.len(), after.len(), "an ESI was sent twice");
+}
+
+#[test]
+fn a_nack_held_until_its_block_is_whole_is_answered_then_less_what_came_since() {
+    // Block 0 lacks source symbols 0 and 1 at the relay until a repair round; a NACK for 5
+    // that came before is answered once block 0 decodes, less the 2 recovered forwards.
+    let mut h = harness_in_blocks(300, 8);
+    let (_, info, _) = gcks_parts(&h);
+    let k0 = info.partition().block_len(0).unwrap();
+    let mut lost = |bytes: &[u8]| {
+        let repr = DatagramRepr::parse(bytes).ok()?;
+        if let BodyRepr::Symbol(symbol) = &repr.body {
+            if symbol.object == ObjectKind::Chunks && symbol.sbn <= 1 {
+                return None;
+            }
+        }
+        Some(bytes.to_vec())
+    };
+    h.run(Duration::from_millis(3), &mut lost);
+    let nack = block_0_nack(&h, 5);
+    h.relay.handle_downstream(h.now, addr(9), &nack);
+    assert_eq!(h.relay.counters().early_nacks_held, 1);
+    h.run(Duration::from_secs(5), without_block_1);
+    assert_eq!(h.relay.counters().forwarded, 0, "the message is not whole");
+    // All k0 source symbols of block 0 were forwarded after the NACK came: nothing is left
+    // to ask for beyond them when k0 >= 5.
+    assert!(k0 >= 5);
+    assert_eq!(h.relay.counters().early_repair_sent, 0);
+    let nack = block_0_nack(&h, 2);
+    h.relay.handle_downstream(h.now, addr(9), &nack);
+    h.run(Duration::from_millis(20), without_block_1);
+    assert_eq!(h.relay.counters().early_repair_sent, 2);
+}
+
+#[test]
+fn a_member_behind_the_relay_decodes_its_block_from_the_relays_early_repair() {
+    // The member hears none of block 0's source symbols from the relay; the relay never holds
+    // the message whole (block 1 is lost upstream). The member applies the message from the
+    // relay's own repair symbols of block 0 (ESIs far above the source), sent for its NACK.
+    let mut h = harness_in_blocks(300, 8);
+    let (_, info, _) = gcks_parts(&h);
+    let k0 = info.partition().block_len(0).unwrap();
+    let manifest = {
+        let (_, _, manifest, _) = h.gcks.sender.message(1).unwrap().parts();
+        crate::session::manifest::SignedManifest::parse(manifest)
+            .unwrap()
+            .manifest
+    };
+    let mut member = (2..300)
+        .map(|id| {
+            let bundle = h.gcks.tree.join(MemberId(id)).unwrap();
+            ReceiverSession::new(&bundle, ReceiverConfig::new(addr(1))).unwrap()
+        })
+        .find(|member| manifest.block_of(member.order_key()) == Some(0))
+        .expect("a member in block 0");
+    let mut buf = vec![0u8; 65_536];
+    let mut fed = 0;
+    let end = h.now + Duration::from_secs(30);
+    while h.now < end && member.next_seq() == 1 {
+        h.run(Duration::from_millis(10), without_block_1);
+        for bytes in &h.downstream[fed..] {
+            let source_of_block_0 = DatagramRepr::parse(bytes).is_ok_and(|repr| {
+                matches!(repr.body, BodyRepr::Symbol(symbol)
+                    if symbol.object == ObjectKind::Chunks && symbol.sbn == 0 && symbol.esi < k0)
+            });
+            if !source_of_block_0 {
+                member.handle_datagram(h.now, addr(1), bytes);
+            }
+        }
+        fed = h.downstream.len();
+        if member.poll_timeout().is_some_and(|at| at <= h.now) {
+            member.handle_timeout(h.now);
+        }
+        while let Some(transmit) = member.poll_transmit(h.now, &mut buf) {
+            h.relay
+                .handle_downstream(h.now, addr(9), &buf[..transmit.len]);
+        }
+        while member.poll_event().is_some() {}
+    }
+    assert_eq!(member.next_seq(), 2, "the member applied message 1");
+    assert_eq!(
+        h.relay.counters().forwarded,
+        0,
+        "the relay never held it whole"
+    );
+    assert!(h.relay.counters().early_repair_sent >= u64::from(k0));
+}
+
+#[test]
+fn early_repair_is_paced_by_the_downstream_token_bucket() {
+    let mut h = harness_in_blocks_with(300, 8, |config| {
+        config.downstream.burst = 4;
+        config.downstream.send_rate = 1_000.0;
+    });
+    h.run(Duration::from_secs(1), without_block_1);
+    let before = h.relay.counters().downstream_sent;
+    let nack = block_0_nack(&h, 40);
+    h.relay.handle_downstream(h.now, addr(9), &nack);
+    h.run(Duration::from_millis(10), without_block_1);
+    let sent = h.relay.counters().early_repair_sent;
+    assert!(
+        sent <= 4 + 10 + 1,
+        "{sent} early repair symbols in 10 ms at 1,000/s after a burst of 4"
+    );
+    assert!(h.relay.counters().downstream_sent - before <= 4 + 10 + 1);
+    h.run(Duration::from_secs(1), without_block_1);
+    assert_eq!(h.relay.counters().early_repair_sent, 40);
+    assert_eq!(h.relay.counters().forwarded, 0);
 }
