@@ -171,6 +171,37 @@ pub enum KeyFileError {
     },
 }
 
+/// Fails with [`KeyFileError::MissingKey`] when the signing key file is missing but the
+/// state directory holds a GCKS state, before anything reads that state: an operator who
+/// deleted the key beside a kept (or damaged) state hears about the key, and no new key is
+/// generated over it.
+pub fn require_key_beside_state(state_dir: &Path) -> Result<(), KeyFileError> {
+    let path = state_dir.join(SIGNING_KEY_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(KeyFileError::Io {
+                action: "inspecting",
+                path,
+                source,
+            })
+        }
+    }
+    let holds_state =
+        crate::resync::store::holds_state(state_dir).map_err(|source| KeyFileError::State {
+            state_dir: state_dir.to_path_buf(),
+            source,
+        })?;
+    if holds_state {
+        return Err(KeyFileError::MissingKey {
+            path,
+            state_dir: state_dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Loads the GCKS's signing key from `state_dir/gcks-signing-key.pem` if that file exists,
 /// else generates one with the OS random number generator and writes it there with mode 0600
 /// (creating `state_dir`, mode 0700, if it is missing).

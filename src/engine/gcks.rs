@@ -334,6 +334,11 @@ impl Gcks {
                 )
             }
             Some(dir) => {
+                if given.is_none() {
+                    // Before the state is read: a missing key beside a state is the error to
+                    // report, whatever the state holds.
+                    crate::keyfile::require_key_beside_state(dir)?;
+                }
                 let (storage, restored) = GcksStorage::open(dir, config.sender.history, rng()?)?;
                 lost = storage.lost().to_vec();
                 // The stored tree names the key that signed its latest message: the key files
