@@ -84,7 +84,8 @@ proptest! {
 
     /// A receiver that hears (before its timer fires) a NACK or advertisement for the same
     /// block and round asking for at least its own need never sends its NACK; one that hears
-    /// only smaller needs does send it.
+    /// only smaller needs does send it (within the backoff window and the one GRTT a receiver
+    /// needing more than it heard waits for a raised count).
     #[test]
     fn smaller_need_than_heard_is_suppressed(
         seed in any::<u64>(),
@@ -104,7 +105,7 @@ proptest! {
             seed,
             ..SchedulerConfig::default()
         };
-        let run = |heard_need: u16| {
+        let run = |heard_need: u16, window: u32| {
             let mut s = NackScheduler::new(config.clone()).unwrap();
             let key = block(3, 0);
             s.handle_expected_complete(t0, key, 0, need);
@@ -119,20 +120,22 @@ proptest! {
                 }
             }
             let mut nacks = Vec::new();
-            let end = t0 + grtt * 4;
+            let end = t0 + grtt * window;
             while let Some(at) = s.poll_timeout().filter(|&at| at <= end) {
                 s.handle_timeout(at);
                 nacks.extend(std::iter::from_fn(|| s.poll_nack()));
             }
             (nacks, fire)
         };
-        let (suppressed, fire) = run(need.saturating_add(extra));
+        // The round's backoff window (4 GRTTs); a receiver needing more than it heard waits
+        // one GRTT more for a raised count before it sends.
+        let (suppressed, fire) = run(need.saturating_add(extra), 4);
         let heard = t0 + (fire - t0).mul_f64(heard_at_fraction);
         if heard < fire || heard == t0 {
             prop_assert!(suppressed.is_empty(), "NACK sent despite a larger need heard");
         }
         if need > 1 {
-            let (sent, _) = run(need - 1 - extra.min(need - 2));
+            let (sent, _) = run(need - 1 - extra.min(need - 2), 5);
             prop_assert_eq!(sent.len(), 1);
             prop_assert_eq!(sent[0].need, need);
         }

@@ -79,9 +79,13 @@ fn identical_losses_match_the_analytic_suppression_model() {
 
 #[test]
 fn grtt_estimate_tracks_the_largest_round_trip() {
+    // The estimate starts low and rises at most twofold per probe interval (20 GRTTs here,
+    // the insider bound): the run must span enough intervals to climb to the group's round
+    // trip. Repair rounds answered at once end 4 messages too soon for that (16 ms of 60 at
+    // seed 3); 8 span them.
     let config = SimConfig {
         receivers: 300,
-        messages: 4,
+        messages: 8,
         min_delay: Duration::from_millis(2),
         max_delay: Duration::from_millis(30),
         seed: 3,
