@@ -176,17 +176,8 @@ pub enum KeyFileError {
 /// deleted the key beside a kept (or damaged) state hears about the key, and no new key is
 /// generated over it.
 pub fn require_key_beside_state(state_dir: &Path) -> Result<(), KeyFileError> {
-    let path = state_dir.join(SIGNING_KEY_FILE);
-    match fs::symlink_metadata(&path) {
-        Ok(_) => return Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(KeyFileError::Io {
-                action: "inspecting",
-                path,
-                source,
-            })
-        }
+    if key_file_present(state_dir)? {
+        return Ok(());
     }
     let holds_state =
         crate::resync::store::holds_state(state_dir).map_err(|source| KeyFileError::State {
@@ -195,11 +186,26 @@ pub fn require_key_beside_state(state_dir: &Path) -> Result<(), KeyFileError> {
         })?;
     if holds_state {
         return Err(KeyFileError::MissingKey {
-            path,
+            path: state_dir.join(SIGNING_KEY_FILE),
             state_dir: state_dir.to_path_buf(),
         });
     }
     Ok(())
+}
+
+/// Whether the signing key file of `state_dir` exists (as anything: a non-file is refused
+/// when it is loaded).
+fn key_file_present(state_dir: &Path) -> Result<bool, KeyFileError> {
+    let path = state_dir.join(SIGNING_KEY_FILE);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(KeyFileError::Io {
+            action: "inspecting",
+            path,
+            source,
+        }),
+    }
 }
 
 /// Loads the GCKS's signing key from `state_dir/gcks-signing-key.pem` if that file exists,
@@ -215,28 +221,10 @@ pub fn require_key_beside_state(state_dir: &Path) -> Result<(), KeyFileError> {
 /// one key is written and both return it.
 pub fn load_or_generate(state_dir: &Path) -> Result<(SigningKey, KeyOrigin), KeyFileError> {
     let path = state_dir.join(SIGNING_KEY_FILE);
-    match fs::symlink_metadata(&path) {
-        Ok(_) => return load(&path).map(|key| (key, KeyOrigin::Loaded)),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(KeyFileError::Io {
-                action: "inspecting",
-                path,
-                source,
-            })
-        }
+    if key_file_present(state_dir)? {
+        return load(&path).map(|key| (key, KeyOrigin::Loaded));
     }
-    let holds_state =
-        crate::resync::store::holds_state(state_dir).map_err(|source| KeyFileError::State {
-            state_dir: state_dir.to_path_buf(),
-            source,
-        })?;
-    if holds_state {
-        return Err(KeyFileError::MissingKey {
-            path,
-            state_dir: state_dir.to_path_buf(),
-        });
-    }
+    require_key_beside_state(state_dir)?;
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
